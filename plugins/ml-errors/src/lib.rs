@@ -1,0 +1,61 @@
+//! Handler for ML failures: records each one in `ml_processing_errors`.
+//!
+//! Two shapes are accepted (see `wire-format.md`):
+//! - the seed's contract on `ml-error-results`: `correlationId`, `error`, `status` (`FAILED`);
+//! - what the real Python services wrote to `ai-processing-dlq`: `originalMessageId`,
+//!   `originalData` (a Python repr, kept as text), `serviceName`, `error`, `errorType`,
+//!   `retryCount`, `timestamp` (epoch seconds). This plugin reads that stream too, so those
+//!   failures are no longer invisible to the backend.
+//!
+//! The row is keyed by the source stream and entry id, so it is written once however often the
+//! entry is delivered.
+
+use kaleidoscope_plugin_sdk::{self as sdk, Command, Entry, Failure, Fields, Handler, Manifest};
+
+/// The seed's error stream.
+pub const ERROR_STREAM: &str = "ml-error-results";
+/// The real ML services' own dead-letter stream.
+pub const PRODUCER_DLQ_STREAM: &str = "ai-processing-dlq";
+
+struct MlErrors;
+
+impl Handler for MlErrors {
+    fn manifest() -> Manifest {
+        sdk::manifest(
+            "ml-errors",
+            env!("CARGO_PKG_VERSION"),
+            &[ERROR_STREAM, PRODUCER_DLQ_STREAM],
+        )
+    }
+
+    fn handle(entry: Entry) -> Result<Vec<Command>, Failure> {
+        to_commands(&entry.source, &entry.id, &Fields::new(&entry))
+    }
+}
+
+sdk::export_handler!(MlErrors);
+
+/// One insert of the error, ignored if this entry was recorded before.
+pub fn to_commands(stream: &str, entry_id: &str, fields: &Fields) -> Result<Vec<Command>, Failure> {
+    let error = fields.required("error")?;
+    let occurred_at = fields
+        .i64("timestamp")
+        .ok()
+        .flatten()
+        .map(|seconds| seconds.to_string());
+    Ok(vec![
+        sdk::insert("ml_processing_errors")
+            .value("source_stream", stream)
+            .value("entry_id", entry_id)
+            .value_some("correlation_id", fields.get("correlationId"))
+            .value("error", error)
+            .value("status", fields.get("status").unwrap_or("FAILED"))
+            .value_some("service_name", fields.get("serviceName"))
+            .value_some("error_type", fields.get("errorType"))
+            .value_some("retry_count", fields.i64("retryCount")?)
+            .value_some("original_message_id", fields.get("originalMessageId"))
+            .value_some("original_data", fields.get("originalData"))
+            .value_some("producer_timestamp", occurred_at.or(fields.get("timestamp").map(str::to_string)))
+            .into(),
+    ])
+}
