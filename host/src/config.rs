@@ -1,0 +1,484 @@
+//! Configuration: defaults, then an optional TOML file, then environment variables (environment
+//! wins), then command-line flags.
+//!
+//! Every setting is declared once in [`SETTINGS`]; the TOML keys, the environment variables, the
+//! `--help` text and the README's configuration reference all follow from that table, so they
+//! cannot drift apart. Unknown TOML keys, unknown `KALEIDOSCOPE_*` variables and invalid values are
+//! errors that name the key or variable they came from.
+
+use anyhow::{Context, Result, bail};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One configurable setting: its TOML key, its environment variable and what it means.
+pub struct Setting {
+    /// Key in the TOML file.
+    pub key: &'static str,
+    /// Environment variable (the seed's names where the seed has one).
+    pub env: &'static str,
+    /// Default, as shown to users.
+    pub default: &'static str,
+    /// One line for `--help` and the README.
+    pub help: &'static str,
+}
+
+/// Every setting the host reads. The order is the order of the documentation.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        key: "redis_url",
+        env: "REDIS_URL",
+        default: "redis://127.0.0.1:6379",
+        help: "Redis connection URL; a database index (`/3`) selects that database. Overrides redis_host/redis_port/redis_password.",
+    },
+    Setting {
+        key: "redis_host",
+        env: "REDIS_HOST",
+        default: "127.0.0.1",
+        help: "Redis host, used when no URL is given (seed variable).",
+    },
+    Setting {
+        key: "redis_port",
+        env: "REDIS_PORT",
+        default: "6379",
+        help: "Redis port, used when no URL is given (seed variable).",
+    },
+    Setting {
+        key: "redis_password",
+        env: "REDIS_PASSWORD",
+        default: "",
+        help: "Redis password, used when no URL is given (seed variable).",
+    },
+    Setting {
+        key: "database_url",
+        env: "DATABASE_URL",
+        default: "postgres://postgres@127.0.0.1:5432/kaleidoscope",
+        help: "PostgreSQL connection URL. The database is created if it does not exist.",
+    },
+    Setting {
+        key: "retry_attempts",
+        env: "ML_RETRY_ATTEMPTS",
+        default: "3",
+        help: "Deliveries of an entry before it is dead-lettered as retries-exhausted (seed variable).",
+    },
+    Setting {
+        key: "timeout_seconds",
+        env: "ML_TIMEOUT_SECONDS",
+        default: "30",
+        help: "ML timeout in seconds; also the default deadline of one plugin call (seed variable).",
+    },
+    Setting {
+        key: "processing_enabled",
+        env: "ML_PROCESSING_ENABLED",
+        default: "true",
+        help: "Whether requests are published to the ML services (seed variable).",
+    },
+    Setting {
+        key: "plugins_dir",
+        env: "KALEIDOSCOPE_PLUGINS_DIR",
+        default: "target/plugins",
+        help: "Directory of handler plugins (`*.wasm` components).",
+    },
+    Setting {
+        key: "consumer_group",
+        env: "KALEIDOSCOPE_CONSUMER_GROUP",
+        default: "backend-group",
+        help: "Consumer group joined on every inbound stream.",
+    },
+    Setting {
+        key: "consumer_name",
+        env: "KALEIDOSCOPE_CONSUMER_NAME",
+        default: "<host name>",
+        help: "This instance's consumer name; keep it stable across restarts so the instance finds its own pending entries.",
+    },
+    Setting {
+        key: "reclaim_idle_ms",
+        env: "KALEIDOSCOPE_RECLAIM_IDLE_MS",
+        default: "60000",
+        help: "Idle time after which a pending entry (of any consumer) is reclaimed and retried.",
+    },
+    Setting {
+        key: "dlq_stream",
+        env: "KALEIDOSCOPE_DLQ_STREAM",
+        default: "ml-results-dlq",
+        help: "Dead-letter stream.",
+    },
+    Setting {
+        key: "batch_size",
+        env: "KALEIDOSCOPE_BATCH_SIZE",
+        default: "10",
+        help: "Entries read per stream per XREADGROUP (seed: batch-size).",
+    },
+    Setting {
+        key: "poll_timeout_ms",
+        env: "KALEIDOSCOPE_POLL_TIMEOUT_MS",
+        default: "1000",
+        help: "How long one XREADGROUP blocks waiting for entries (seed: poll-timeout).",
+    },
+    Setting {
+        key: "stream_prefix",
+        env: "KALEIDOSCOPE_STREAM_PREFIX",
+        default: "",
+        help: "Prefix added to every Redis stream key the host touches (namespacing; tests use it for isolation).",
+    },
+    Setting {
+        key: "plugin_timeout_ms",
+        env: "KALEIDOSCOPE_PLUGIN_TIMEOUT_MS",
+        default: "timeout_seconds × 1000",
+        help: "Deadline of one handler call; a plugin past it is stopped and the entry fails as `timeout`.",
+    },
+    Setting {
+        key: "plugin_memory_mib",
+        env: "KALEIDOSCOPE_PLUGIN_MEMORY_MIB",
+        default: "64",
+        help: "Linear-memory cap of one handler instance, in MiB.",
+    },
+    Setting {
+        key: "migrate",
+        env: "KALEIDOSCOPE_MIGRATE",
+        default: "true",
+        help: "Whether `run` applies database migrations at start-up.",
+    },
+];
+
+/// The resolved configuration of one host process.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub redis_url: String,
+    pub database_url: String,
+    pub retry_attempts: u32,
+    pub timeout_seconds: u64,
+    pub processing_enabled: bool,
+    pub plugins_dir: PathBuf,
+    pub consumer_group: String,
+    pub consumer_name: String,
+    pub reclaim_idle: Duration,
+    pub dlq_stream: String,
+    pub batch_size: usize,
+    pub poll_timeout: Duration,
+    pub stream_prefix: String,
+    pub plugin_timeout: Duration,
+    pub plugin_memory_bytes: usize,
+    pub migrate: bool,
+}
+
+impl Config {
+    /// The Redis key of a logical stream name (applies [`Config::stream_prefix`]).
+    pub fn stream_key(&self, stream: &str) -> String {
+        format!("{}{}", self.stream_prefix, stream)
+    }
+
+    /// The Redis key of the dead-letter stream.
+    pub fn dlq_key(&self) -> String {
+        self.stream_key(&self.dlq_stream)
+    }
+
+    /// Loads the configuration from `file` (if any) and the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Config> {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        Self::from_sources(file, &env, &BTreeMap::new())
+    }
+
+    /// Resolves the configuration from a file, an environment and flag overrides (keyed by TOML
+    /// key). Separate from [`Config::load`] so tests need not mutate the process environment.
+    pub fn from_sources(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+        flags: &BTreeMap<&'static str, String>,
+    ) -> Result<Config> {
+        let mut raw = RawSettings::default();
+        if let Some(path) = file {
+            raw.read_file(path)?;
+        }
+        raw.read_env(env)?;
+        for (key, value) in flags {
+            raw.set(key, value.clone(), Origin::Flag(key));
+        }
+        raw.resolve()
+    }
+}
+
+/// Where a raw value came from, so an error can name it.
+#[derive(Clone, Debug)]
+enum Origin {
+    File(PathBuf),
+    Env(&'static str),
+    Flag(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(path) => write!(f, "in {}", path.display()),
+            Origin::Env(var) => write!(f, "from environment variable {var}"),
+            Origin::Flag(key) => write!(f, "from flag --{}", key.replace('_', "-")),
+        }
+    }
+}
+
+#[derive(Default)]
+struct RawSettings {
+    values: BTreeMap<&'static str, (String, Origin)>,
+}
+
+impl RawSettings {
+    fn set(&mut self, key: &'static str, value: String, origin: Origin) {
+        self.values.insert(key, (value, origin));
+    }
+
+    fn read_file(&mut self, path: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read configuration file {}", path.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .with_context(|| format!("configuration file {} is not valid TOML", path.display()))?;
+        for (key, value) in table {
+            let setting = SETTINGS.iter().find(|s| s.key == key).with_context(|| {
+                format!(
+                    "unknown key `{key}` in {} (known keys: {})",
+                    path.display(),
+                    SETTINGS.iter().map(|s| s.key).collect::<Vec<_>>().join(", ")
+                )
+            })?;
+            let text = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => bail!(
+                    "key `{key}` in {}: expected a string, number or boolean, got {}",
+                    path.display(),
+                    other.type_str()
+                ),
+            };
+            self.set(setting.key, text, Origin::File(path.to_path_buf()));
+        }
+        Ok(())
+    }
+
+    fn read_env(&mut self, env: &BTreeMap<String, String>) -> Result<()> {
+        for (name, value) in env {
+            match SETTINGS.iter().find(|s| s.env == name) {
+                Some(setting) => self.set(setting.key, value.clone(), Origin::Env(setting.env)),
+                None if name.starts_with("KALEIDOSCOPE_") && !IGNORED_ENV.contains(&name.as_str()) => {
+                    bail!(
+                        "unknown environment variable {name} (known: {})",
+                        SETTINGS
+                            .iter()
+                            .map(|s| s.env)
+                            .filter(|e| e.starts_with("KALEIDOSCOPE_"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Option<&(String, Origin)> {
+        self.values.get(key)
+    }
+
+    fn string(&self, key: &str, default: &str) -> String {
+        self.get(key)
+            .map_or_else(|| default.to_string(), |(v, _)| v.clone())
+    }
+
+    fn parse<T: std::str::FromStr>(&self, key: &str, default: T, expected: &str) -> Result<T> {
+        match self.get(key) {
+            None => Ok(default),
+            Some((value, origin)) => value
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("invalid value {value:?} for `{key}` {origin}: expected {expected}")),
+        }
+    }
+
+    fn positive<T>(&self, key: &str, default: T) -> Result<T>
+    where
+        T: std::str::FromStr + PartialOrd + From<u8>,
+    {
+        let value = self.parse(key, default, "a positive integer")?;
+        if value < T::from(1) {
+            let (text, origin) = self.get(key).map(|(v, o)| (v.clone(), o.to_string())).unwrap_or_default();
+            bail!("invalid value {text:?} for `{key}` {origin}: expected a positive integer");
+        }
+        Ok(value)
+    }
+
+    fn boolean(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some((value, origin)) => match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => bail!("invalid value {value:?} for `{key}` {origin}: expected true or false"),
+            },
+        }
+    }
+
+    fn non_empty(&self, key: &str, default: String) -> Result<String> {
+        let value = self.get(key).map_or(default, |(v, _)| v.trim().to_string());
+        if value.is_empty() {
+            let origin = self.get(key).map(|(_, o)| o.to_string()).unwrap_or_default();
+            bail!("invalid value \"\" for `{key}` {origin}: must not be empty");
+        }
+        Ok(value)
+    }
+
+    /// The Redis URL: `REDIS_URL` from the environment, else the seed's host/port/password
+    /// variables, else the file's URL, else the file's parts, else the default.
+    fn redis_url(&self) -> Result<String> {
+        let from_env = |key: &str| matches!(self.get(key), Some((_, Origin::Env(_)) | (_, Origin::Flag(_))));
+        let parts_from_env = ["redis_host", "redis_port", "redis_password"].iter().any(|k| from_env(k));
+        let url_given = self.get("redis_url").is_some();
+        if url_given && (from_env("redis_url") || !parts_from_env) {
+            let url = self.string("redis_url", "");
+            redis::parse_redis_url(&url).with_context(|| {
+                let origin = self.get("redis_url").map(|(_, o)| o.to_string()).unwrap_or_default();
+                format!("invalid value {url:?} for `redis_url` {origin}: not a redis:// URL")
+            })?;
+            return Ok(url);
+        }
+        let host = self.non_empty("redis_host", "127.0.0.1".into())?;
+        let port: u16 = self.parse("redis_port", 6379, "a port number (1-65535)")?;
+        let password = self.string("redis_password", "");
+        Ok(if password.is_empty() {
+            format!("redis://{host}:{port}")
+        } else {
+            format!("redis://:{}@{host}:{port}", percent_encode(&password))
+        })
+    }
+
+    fn resolve(&self) -> Result<Config> {
+        let timeout_seconds: u64 = self.positive("timeout_seconds", 30)?;
+        let plugin_timeout_ms: u64 = self.positive("plugin_timeout_ms", timeout_seconds * 1000)?;
+        let plugin_memory_mib: usize = self.positive("plugin_memory_mib", 64)?;
+        Ok(Config {
+            redis_url: self.redis_url()?,
+            database_url: self.non_empty(
+                "database_url",
+                "postgres://postgres@127.0.0.1:5432/kaleidoscope".into(),
+            )?,
+            retry_attempts: self.positive("retry_attempts", 3)?,
+            timeout_seconds,
+            processing_enabled: self.boolean("processing_enabled", true)?,
+            plugins_dir: PathBuf::from(self.non_empty("plugins_dir", "target/plugins".into())?),
+            consumer_group: self.non_empty("consumer_group", "backend-group".into())?,
+            consumer_name: self.non_empty("consumer_name", default_consumer_name())?,
+            reclaim_idle: Duration::from_millis(self.positive("reclaim_idle_ms", 60_000)?),
+            dlq_stream: self.non_empty("dlq_stream", "ml-results-dlq".into())?,
+            batch_size: self.positive("batch_size", 10)?,
+            poll_timeout: Duration::from_millis(self.positive("poll_timeout_ms", 1000)?),
+            stream_prefix: self.string("stream_prefix", ""),
+            plugin_timeout: Duration::from_millis(plugin_timeout_ms),
+            plugin_memory_bytes: plugin_memory_mib
+                .checked_mul(1 << 20)
+                .context("`plugin_memory_mib` is too large")?,
+            migrate: self.boolean("migrate", true)?,
+        })
+    }
+}
+
+/// `KALEIDOSCOPE_*` variables that are not settings but are read elsewhere (the CLI's
+/// `--config` default), and so must not be reported as unknown.
+const IGNORED_ENV: &[&str] = &["KALEIDOSCOPE_CONFIG", "KALEIDOSCOPE_LOG_FORMAT"];
+
+/// The host name: stable across restarts of one instance, distinct between machines.
+fn default_consumer_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "kaleidoscope".to_string())
+}
+
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The environment-variable reference shown at the end of `kaleidoscope run --help`.
+pub fn env_help() -> String {
+    let mut text = String::from("Configuration (environment wins over the --config file; flags win over both):\n");
+    for s in SETTINGS {
+        text.push_str(&format!("  {:<32} {:<18} [default: {}]\n      {}\n", s.env, s.key, if s.default.is_empty() { "none" } else { s.default }, s.help));
+    }
+    text.push_str("  KALEIDOSCOPE_CONFIG              path of the TOML file (same as --config)\n");
+    text.push_str("  RUST_LOG                         log filter, e.g. `info,kaleidoscope=debug`\n");
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Config> {
+        Config::from_sources(None, &env(pairs), &BTreeMap::new())
+    }
+
+    #[test]
+    fn seed_defaults() {
+        let config = load(&[]).unwrap();
+        assert_eq!(config.batch_size, 10);
+        assert_eq!(config.poll_timeout, Duration::from_millis(1000));
+        assert_eq!(config.consumer_group, "backend-group");
+        assert_eq!(config.retry_attempts, 3);
+        assert_eq!(config.reclaim_idle, Duration::from_secs(60));
+        assert_eq!(config.plugin_timeout, Duration::from_secs(30));
+        assert_eq!(config.dlq_stream, "ml-results-dlq");
+        assert_eq!(config.redis_url, "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn seed_redis_variables_build_the_url() {
+        let config = load(&[("REDIS_HOST", "cache"), ("REDIS_PORT", "6380"), ("REDIS_PASSWORD", "p@ss")]).unwrap();
+        assert_eq!(config.redis_url, "redis://:p%40ss@cache:6380");
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable() {
+        let error = load(&[("KALEIDOSCOPE_BATCH_SIZE", "ten")]).unwrap_err().to_string();
+        assert!(error.contains("KALEIDOSCOPE_BATCH_SIZE") && error.contains("ten"), "{error}");
+        let error = load(&[("ML_RETRY_ATTEMPTS", "0")]).unwrap_err().to_string();
+        assert!(error.contains("ML_RETRY_ATTEMPTS"), "{error}");
+    }
+
+    #[test]
+    fn unknown_variables_and_keys_are_errors() {
+        let error = load(&[("KALEIDOSCOPE_BACTH_SIZE", "5")]).unwrap_err().to_string();
+        assert!(error.contains("KALEIDOSCOPE_BACTH_SIZE"), "{error}");
+
+        let dir = std::env::temp_dir().join(format!("kaleidoscope-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, "batch_size = 5\npoll_timeout = 3\n").unwrap();
+        let error = Config::from_sources(Some(&file), &env(&[]), &BTreeMap::new()).unwrap_err().to_string();
+        assert!(error.contains("poll_timeout") && error.contains("bad.toml"), "{error}");
+    }
+
+    #[test]
+    fn environment_wins_over_file() {
+        let dir = std::env::temp_dir().join(format!("kaleidoscope-config-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("ok.toml");
+        std::fs::write(&file, "batch_size = 5\nconsumer_group = \"from-file\"\n").unwrap();
+        let config = Config::from_sources(Some(&file), &env(&[("KALEIDOSCOPE_BATCH_SIZE", "7")]), &BTreeMap::new()).unwrap();
+        assert_eq!(config.batch_size, 7);
+        assert_eq!(config.consumer_group, "from-file");
+    }
+}

@@ -1,0 +1,23 @@
+//! Kaleidoscope Host: reads the ML result streams of the Kaleidoscope backend from Redis Streams,
+//! hands each entry to the WebAssembly handler plugin that declares its stream, and persists the
+//! commands the handler returns into PostgreSQL — exactly once, acknowledging an entry only after
+//! its effects have committed.
+//!
+//! Where things happen:
+//! - [`consumer`]: one task per stream reads (`XREADGROUP`) and reclaims (`XAUTOCLAIM`) entries;
+//! - [`delivery`]: the delivery protocol for one batch — dispatch to the plugin, validate,
+//!   persist with the ledger in one transaction, publish, acknowledge;
+//! - [`plugin`]: loading and sandboxing handler components;
+//! - [`persist`]: the database — schema catalogue, command validation and execution, ledger,
+//!   outbox;
+//! - [`streams`]: the Redis Streams commands the host uses;
+//! - [`config`]: settings from file and environment.
+
+pub mod config;
+pub mod consumer;
+pub mod deadletter;
+pub mod delivery;
+pub mod host;
+pub mod persist;
+pub mod plugin;
+pub mod streams;

@@ -1,0 +1,313 @@
+//! Runs checked statements as parameterised SQL.
+//!
+//! Identifiers come from the live catalogue (the validator only lets through names that exist) and
+//! are quoted anyway; every value is a bound parameter cast to its column's type. Nothing from an
+//! entry is ever interpolated into SQL text.
+
+use super::validate::{Param, SetOp, SetParam, Statement};
+use crate::plugin::wit;
+use sqlx::postgres::{PgArguments, PgDatabaseError};
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, query::Query};
+
+/// Why a statement (and so its entry) failed inside the database.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// May succeed later: a referenced row does not exist yet (foreign key), an `update` with
+    /// `if-missing = retry` found no row, or a serialisation conflict / deadlock.
+    #[error("{0}")]
+    Retry(String),
+    /// Can never succeed as written (constraint or data error, `if-missing = fail`, insert
+    /// conflict with `on-conflict = error`).
+    #[error("{0}")]
+    Permanent(String),
+    /// The database itself is unreachable or failing; the whole batch is abandoned unacknowledged.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+}
+
+/// Runs one statement inside the caller's transaction. `Emit` statements are not SQL and must be
+/// handled by the caller (they go to the outbox).
+pub async fn execute(conn: &mut PgConnection, statement: &Statement) -> Result<(), ExecError> {
+    match statement {
+        Statement::Upsert { table, key, set } => {
+            let (sql, binds) = upsert_sql(table, key, set);
+            run(conn, sql, binds).await.map(drop)
+        }
+        Statement::Update {
+            table,
+            key,
+            set,
+            if_missing,
+        } => {
+            let (sql, binds) = update_sql(table, key, set);
+            let rows = run(conn, sql, binds).await?;
+            if rows > 0 {
+                return Ok(());
+            }
+            let which = describe_key(table, key);
+            match if_missing {
+                wit::IfMissing::Skip => Ok(()),
+                wit::IfMissing::Retry => Err(ExecError::Retry(format!("no row in {which} yet"))),
+                wit::IfMissing::Fail => Err(ExecError::Permanent(format!("no row in {which}"))),
+            }
+        }
+        Statement::Insert {
+            table,
+            values,
+            ignore_conflict,
+        } => {
+            let (sql, binds) = insert_sql(table, values, *ignore_conflict);
+            run(conn, sql, binds).await.map(drop)
+        }
+        Statement::Delete { table, key } => {
+            let mut binds = Vec::new();
+            let sql = format!("DELETE FROM {} WHERE {}", ident(table), where_clause(key, &mut binds));
+            run(conn, sql, binds).await.map(drop)
+        }
+        Statement::Emit { .. } => Ok(()),
+    }
+}
+
+/// Sorts a database error into retry, permanent or unavailable, keeping PostgreSQL's message and
+/// detail (which names the table, constraint and key).
+pub fn classify(error: sqlx::Error) -> ExecError {
+    let sqlx::Error::Database(db) = &error else {
+        return ExecError::Unavailable(error);
+    };
+    let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+    let detail = db
+        .try_downcast_ref::<PgDatabaseError>()
+        .and_then(|e| e.detail())
+        .map(|d| format!(" ({d})"))
+        .unwrap_or_default();
+    let message = format!("{}{detail} [SQLSTATE {code}]", db.message());
+    match code.as_str() {
+        // foreign_key_violation: the referenced row (e.g. the media) may appear later.
+        // serialization_failure, deadlock_detected, lock_not_available: transient contention.
+        "23503" | "40001" | "40P01" | "55P03" => ExecError::Retry(message),
+        // connection exceptions, operator intervention, insufficient resources, system errors.
+        c if c.starts_with("08") || c.starts_with("57") || c.starts_with("53") || c.starts_with("58") || c.starts_with("XX") => {
+            ExecError::Unavailable(error)
+        }
+        _ => ExecError::Permanent(message),
+    }
+}
+
+/// A value to bind, owned so the query can outlive the statement borrow.
+enum Bind {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+    TextArray(Vec<String>),
+    FloatArray(Vec<f64>),
+}
+
+impl From<&wit::Value> for Bind {
+    fn from(value: &wit::Value) -> Self {
+        match value {
+            wit::Value::Null => Bind::Null,
+            wit::Value::Boolean(b) => Bind::Bool(*b),
+            wit::Value::Integer(i) => Bind::Int(*i),
+            wit::Value::Float(f) => Bind::Float(*f),
+            wit::Value::Text(s) | wit::Value::Json(s) | wit::Value::Timestamp(s) => Bind::Text(s.clone()),
+            wit::Value::TextArray(items) => Bind::TextArray(items.clone()),
+            wit::Value::FloatArray(items) => Bind::FloatArray(items.clone()),
+        }
+    }
+}
+
+async fn run(conn: &mut PgConnection, sql: String, binds: Vec<Bind>) -> Result<u64, ExecError> {
+    // Audited: identifiers come from the live catalogue (validated, then quoted), types from
+    // `format_type`, and every value is a bound parameter.
+    let mut query: Query<'_, Postgres, PgArguments> = sqlx::query(AssertSqlSafe(sql));
+    for bind in binds {
+        query = match bind {
+            Bind::Null => query.bind(None::<String>),
+            Bind::Bool(b) => query.bind(b),
+            Bind::Int(i) => query.bind(i),
+            Bind::Float(f) => query.bind(f),
+            Bind::Text(s) => query.bind(s),
+            Bind::TextArray(items) => query.bind(items),
+            Bind::FloatArray(items) => query.bind(items),
+        };
+    }
+    query
+        .execute(conn)
+        .await
+        .map(|done| done.rows_affected())
+        .map_err(classify)
+}
+
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Adds a parameter and returns its placeholder, cast to the column's type.
+fn placeholder(binds: &mut Vec<Bind>, bind: Bind, sql_type: &str) -> String {
+    binds.push(bind);
+    format!("CAST(${} AS {sql_type})", binds.len())
+}
+
+/// The order-preserving union of an existing `text[]` column and new items.
+fn union(existing: &str, added: &str) -> String {
+    format!(
+        "ARRAY(SELECT u.item FROM unnest(coalesce({existing}, '{{}}') || {added}) WITH ORDINALITY AS u(item, n) \
+         GROUP BY u.item ORDER BY min(u.n))"
+    )
+}
+
+fn dedup(items: &[String]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    items.iter().filter(|item| seen.insert(item.as_str())).cloned().collect()
+}
+
+fn where_clause(key: &[Param], binds: &mut Vec<Bind>) -> String {
+    key.iter()
+        .map(|p| format!("{} = {}", ident(&p.column), placeholder(binds, (&p.value).into(), &p.sql_type)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+fn upsert_sql(table: &str, key: &[Param], set: &[SetParam]) -> (String, Vec<Bind>) {
+    let mut binds = Vec::new();
+    let mut columns = Vec::new();
+    let mut values = Vec::new();
+    for p in key {
+        columns.push(ident(&p.column));
+        values.push(placeholder(&mut binds, (&p.value).into(), &p.sql_type));
+    }
+    for s in set {
+        columns.push(ident(&s.column));
+        let bind = match &s.op {
+            SetOp::Assign(value) => value.into(),
+            SetOp::AppendUnique(items) => Bind::TextArray(dedup(items)),
+        };
+        values.push(placeholder(&mut binds, bind, &s.sql_type));
+    }
+    let conflict = key.iter().map(|p| ident(&p.column)).collect::<Vec<_>>().join(", ");
+    let action = if set.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        let assignments = set
+            .iter()
+            .map(|s| {
+                let column = ident(&s.column);
+                match s.op {
+                    SetOp::Assign(_) => format!("{column} = EXCLUDED.{column}"),
+                    SetOp::AppendUnique(_) => {
+                        format!("{column} = {}", union(&format!("target.{column}"), &format!("EXCLUDED.{column}")))
+                    }
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("DO UPDATE SET {assignments}")
+    };
+    let sql = format!(
+        "INSERT INTO {} AS target ({}) VALUES ({}) ON CONFLICT ({conflict}) {action}",
+        ident(table),
+        columns.join(", "),
+        values.join(", ")
+    );
+    (sql, binds)
+}
+
+fn update_sql(table: &str, key: &[Param], set: &[SetParam]) -> (String, Vec<Bind>) {
+    let mut binds = Vec::new();
+    let assignments = set
+        .iter()
+        .map(|s| {
+            let column = ident(&s.column);
+            match &s.op {
+                SetOp::Assign(value) => format!("{column} = {}", placeholder(&mut binds, value.into(), &s.sql_type)),
+                SetOp::AppendUnique(items) => {
+                    let added = placeholder(&mut binds, Bind::TextArray(dedup(items)), &s.sql_type);
+                    format!("{column} = {}", union(&format!("target.{column}"), &added))
+                }
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let condition = where_clause(key, &mut binds);
+    let sql = format!("UPDATE {} AS target SET {assignments} WHERE {condition}", ident(table));
+    (sql, binds)
+}
+
+fn insert_sql(table: &str, values: &[Param], ignore_conflict: bool) -> (String, Vec<Bind>) {
+    let mut binds = Vec::new();
+    let conflict = if ignore_conflict { " ON CONFLICT DO NOTHING" } else { "" };
+    if values.is_empty() {
+        return (format!("INSERT INTO {} DEFAULT VALUES{conflict}", ident(table)), binds);
+    }
+    let columns = values.iter().map(|p| ident(&p.column)).collect::<Vec<_>>().join(", ");
+    let placeholders = values
+        .iter()
+        .map(|p| placeholder(&mut binds, (&p.value).into(), &p.sql_type))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (
+        format!("INSERT INTO {} ({columns}) VALUES ({placeholders}){conflict}", ident(table)),
+        binds,
+    )
+}
+
+/// `table(col=value, ...)` for messages.
+fn describe_key(table: &str, key: &[Param]) -> String {
+    let parts = key
+        .iter()
+        .map(|p| format!("{}={}", p.column, short_value(&p.value)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("`{table}` with {parts}")
+}
+
+fn short_value(value: &wit::Value) -> String {
+    match value {
+        wit::Value::Integer(i) => i.to_string(),
+        wit::Value::Text(s) => format!("{s:?}"),
+        other => format!("{other:?}").chars().take(60).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn param(column: &str, sql_type: &str, value: wit::Value) -> Param {
+        Param {
+            column: column.into(),
+            sql_type: sql_type.into(),
+            value,
+        }
+    }
+
+    #[test]
+    fn upsert_merges_arrays_and_assigns_columns() {
+        let (sql, binds) = upsert_sql(
+            "media_ai_insights",
+            &[param("media_id", "bigint", wit::Value::Integer(1))],
+            &[
+                SetParam {
+                    column: "caption".into(),
+                    sql_type: "text".into(),
+                    op: SetOp::Assign(wit::Value::Text("x".into())),
+                },
+                SetParam {
+                    column: "services_completed".into(),
+                    sql_type: "text[]".into(),
+                    op: SetOp::AppendUnique(vec!["a".into(), "a".into()]),
+                },
+            ],
+        );
+        assert_eq!(binds.len(), 3);
+        assert!(sql.starts_with("INSERT INTO \"media_ai_insights\" AS target (\"media_id\", \"caption\", \"services_completed\") VALUES (CAST($1 AS bigint), CAST($2 AS text), CAST($3 AS text[])) ON CONFLICT (\"media_id\") DO UPDATE SET \"caption\" = EXCLUDED.\"caption\", \"services_completed\" = ARRAY("), "{sql}");
+        assert!(matches!(&binds[2], Bind::TextArray(items) if items.len() == 1));
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(ident("we\"ird"), "\"we\"\"ird\"");
+    }
+}

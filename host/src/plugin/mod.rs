@@ -1,0 +1,25 @@
+//! Handler plugins: WebAssembly components implementing `wit/handler.wit`.
+//!
+//! - [`runtime`] compiles components and calls them inside the sandbox (fresh instance per call,
+//!   epoch deadline, memory cap, no file system, network or environment).
+//! - [`registry`] holds the set of loaded plugins, swappable as a whole so a reload never
+//!   disturbs a batch in flight.
+
+pub mod registry;
+pub mod runtime;
+
+/// Bindings generated from `wit/handler.wit`; the types of the contract (entries, commands,
+/// values, failures) as the host sees them.
+#[allow(missing_docs, clippy::all)]
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "result-handler",
+    });
+}
+
+/// The contract's data types, re-exported under a short name for the rest of the host.
+pub use bindings::kaleidoscope::handler::types as wit;
+
+pub use registry::{LoadFailure, PluginRegistry, PluginSet};
+pub use runtime::{HandlerOutcome, Plugin, PluginRuntime, SandboxLimits};

@@ -1,0 +1,415 @@
+//! Compiling plugin components and calling them inside the sandbox.
+//!
+//! Every call gets a fresh store and instance (about 9 µs with the pooling allocator), so a trap,
+//! a timeout or a memory-limit hit can only ever spoil the one entry being handled, and nothing a
+//! handler does can leak into the next entry. Calls are synchronous and run on blocking threads;
+//! the async runtime's workers never execute guest code.
+
+use super::bindings::kaleidoscope::handler::log::{self as wit_log, Level};
+use super::bindings::{ResultHandler, ResultHandlerPre};
+use super::wit;
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+/// How often the engine's epoch advances; the granularity of call deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// How much of a trapped plugin's stderr (its panic message) is kept for the dead letter.
+const STDERR_CAPTURE_BYTES: usize = 16 * 1024;
+/// Log lines one call may write before the host stops forwarding them (a chatty plugin must not
+/// flood the host's log).
+const LOG_LINES_PER_CALL: u32 = 100;
+/// The longest log line forwarded from a plugin.
+const LOG_LINE_BYTES: usize = 4096;
+/// Table growth allowed per instance (function references; generous for any real handler).
+const TABLE_ELEMENTS_LIMIT: usize = 100_000;
+
+/// The resource limits applied to every plugin call.
+#[derive(Clone, Copy, Debug)]
+pub struct SandboxLimits {
+    /// Wall-clock deadline of one `handle` or `manifest` call.
+    pub call_timeout: Duration,
+    /// Maximum linear memory of one instance, in bytes.
+    pub memory_bytes: usize,
+}
+
+/// What one `handle` call came to. The host maps each case onto the delivery protocol.
+#[derive(Debug)]
+pub enum HandlerOutcome {
+    /// The commands that persist the entry.
+    Commands(Vec<wit::Command>),
+    /// The handler says the entry can never succeed.
+    Malformed(String),
+    /// The handler says the entry may succeed later.
+    Retry(String),
+    /// The plugin trapped (panic, unreachable, bad instantiation); the message includes its
+    /// stderr (the panic message) when there is one.
+    Trap(String),
+    /// The call ran past its deadline and was interrupted.
+    Timeout(Duration),
+    /// The plugin tried to grow its memory beyond the cap.
+    MemoryLimit {
+        /// The memory size the plugin asked for, in bytes.
+        requested: usize,
+    },
+}
+
+/// Compiles components and owns the engine, linker and epoch ticker they share.
+pub struct PluginRuntime {
+    engine: Engine,
+    linker: Arc<Linker<CallState>>,
+    limits: SandboxLimits,
+}
+
+impl PluginRuntime {
+    /// Creates the engine (pooling allocator, epoch interruption) and starts its epoch ticker.
+    pub fn new(limits: SandboxLimits) -> Result<Self> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(256)
+            .total_core_instances(1024)
+            .total_memories(512)
+            .total_tables(512)
+            // The pool's slots hold the cap plus room for the one failing growth attempt, which
+            // the limiter below refuses and records.
+            .max_memory_size(limits.memory_bytes.saturating_mul(2).max(16 << 20));
+        let mut config = wasmtime::Config::new();
+        config
+            .epoch_interruption(true)
+            .wasm_component_model(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)
+            .map_err(anyhow::Error::from)
+            .context("cannot create the WebAssembly engine")?;
+
+        let mut linker = Linker::<CallState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("cannot link WASI")?;
+        ResultHandler::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| state)
+            .map_err(anyhow::Error::from)
+            .context("cannot link the handler's log interface")?;
+
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .context("cannot start the epoch ticker thread")?;
+
+        Ok(Self {
+            engine,
+            linker: Arc::new(linker),
+            limits,
+        })
+    }
+
+    /// The limits every call runs under.
+    pub fn limits(&self) -> SandboxLimits {
+        self.limits
+    }
+
+    /// Reads, compiles and validates the plugin in `path`. Blocking and CPU-heavy (tens to
+    /// hundreds of milliseconds): call it from a blocking thread.
+    pub fn load(&self, path: &Path) -> Result<Plugin> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        self.load_bytes(&bytes, path)
+    }
+
+    /// Compiles and validates a plugin from bytes; `path` names it in errors and status.
+    pub fn load_bytes(&self, bytes: &[u8], path: &Path) -> Result<Plugin> {
+        if !bytes.starts_with(b"\0asm") {
+            bail!("not a WebAssembly file (no `\\0asm` header)");
+        }
+        let started = Instant::now();
+        let component = Component::new(&self.engine, bytes)
+            .map_err(anyhow::Error::from)
+            .context("not a valid WebAssembly component (build it with `--target wasm32-wasip2`)")?;
+        let compile_time = started.elapsed();
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .context("the component imports something the host does not provide (only WASI and `kaleidoscope:handler/log` are available)")?;
+        let pre = ResultHandlerPre::new(instance_pre)
+            .map_err(anyhow::Error::from)
+            .context("the component does not export the `result-handler` world (`manifest` and `handle`)")?;
+
+        let mut plugin = Plugin {
+            name: String::new(),
+            version: String::new(),
+            streams: Vec::new(),
+            file: path.to_path_buf(),
+            sha256: hex(&Sha256::digest(bytes)),
+            size: bytes.len(),
+            compile_time,
+            pre,
+            engine: self.engine.clone(),
+            limits: self.limits,
+        };
+        let manifest = plugin.call_manifest()?;
+        validate_manifest(&manifest)?;
+        plugin.name = manifest.name;
+        plugin.version = manifest.version;
+        plugin.streams = manifest.streams;
+        Ok(plugin)
+    }
+}
+
+/// A loaded, validated plugin, ready to handle entries of its streams.
+pub struct Plugin {
+    /// Name from the manifest.
+    pub name: String,
+    /// Version from the manifest.
+    pub version: String,
+    /// Streams from the manifest (logical names, without the host's stream prefix).
+    pub streams: Vec<String>,
+    /// The file it was loaded from.
+    pub file: PathBuf,
+    /// SHA-256 of the file's bytes, hex.
+    pub sha256: String,
+    /// File size in bytes.
+    pub size: usize,
+    /// How long compiling the component took.
+    pub compile_time: Duration,
+    pre: ResultHandlerPre<CallState>,
+    engine: Engine,
+    limits: SandboxLimits,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("streams", &self.streams)
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    /// Runs `handle` on a fresh instance. Blocking: call it from a blocking thread.
+    pub fn handle(&self, entry: &wit::Entry) -> HandlerOutcome {
+        let context = LogContext {
+            plugin: format!("{}@{}", self.name, self.version),
+            stream: entry.source.clone(),
+            entry_id: entry.id.clone(),
+        };
+        let (mut store, stderr) = self.new_store(context);
+        let result = self
+            .pre
+            .instantiate(&mut store)
+            .and_then(|instance| instance.call_handle(&mut store, entry));
+        match result {
+            Ok(Ok(commands)) => HandlerOutcome::Commands(commands),
+            Ok(Err(wit::Failure::Malformed(reason))) => HandlerOutcome::Malformed(reason),
+            Ok(Err(wit::Failure::Retry(reason))) => HandlerOutcome::Retry(reason),
+            Err(error) => self.classify(error, &store, &stderr),
+        }
+    }
+
+    fn call_manifest(&self) -> Result<wit::Manifest> {
+        let context = LogContext {
+            plugin: self.file.display().to_string(),
+            stream: String::new(),
+            entry_id: "manifest".into(),
+        };
+        let (mut store, stderr) = self.new_store(context);
+        let result = self
+            .pre
+            .instantiate(&mut store)
+            .and_then(|instance| instance.call_manifest(&mut store));
+        match result {
+            Ok(manifest) => Ok(manifest),
+            Err(error) => match self.classify(error, &store, &stderr) {
+                HandlerOutcome::Timeout(after) => bail!("`manifest()` did not return within {after:?}"),
+                HandlerOutcome::MemoryLimit { requested } => bail!(
+                    "`manifest()` exceeded the memory cap ({requested} bytes requested, cap {})",
+                    self.limits.memory_bytes
+                ),
+                HandlerOutcome::Trap(message) => bail!("`manifest()` trapped: {message}"),
+                other => bail!("`manifest()` failed: {other:?}"),
+            },
+        }
+    }
+
+    fn new_store(&self, context: LogContext) -> (Store<CallState>, MemoryOutputPipe) {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE_BYTES);
+        // No arguments, no environment, no preopened directories, no sockets: WasiCtx's defaults.
+        let wasi = WasiCtx::builder().stderr(stderr.clone()).build();
+        let state = CallState {
+            wasi,
+            table: ResourceTable::new(),
+            cap: MemoryCap {
+                limit: self.limits.memory_bytes,
+                exceeded: None,
+            },
+            log: context,
+            log_lines: 0,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.cap);
+        let ticks = self.limits.call_timeout.as_millis() / EPOCH_TICK.as_millis() + 1;
+        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+        store.epoch_deadline_trap();
+        (store, stderr)
+    }
+
+    fn classify(
+        &self,
+        error: wasmtime::Error,
+        store: &Store<CallState>,
+        stderr: &MemoryOutputPipe,
+    ) -> HandlerOutcome {
+        if let Some(requested) = store.data().cap.exceeded {
+            return HandlerOutcome::MemoryLimit { requested };
+        }
+        if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            return HandlerOutcome::Timeout(self.limits.call_timeout);
+        }
+        let error = anyhow::Error::from(error);
+        let mut message = format!("{error:#}");
+        let captured = stderr.contents();
+        let captured = String::from_utf8_lossy(&captured);
+        let captured = captured.trim();
+        if !captured.is_empty() {
+            message.push_str("; plugin stderr: ");
+            message.push_str(captured);
+        }
+        HandlerOutcome::Trap(message)
+    }
+}
+
+fn validate_manifest(manifest: &wit::Manifest) -> Result<()> {
+    let valid_name = |name: &str| {
+        !name.is_empty()
+            && name.len() <= 128
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    };
+    if !valid_name(&manifest.name) {
+        bail!(
+            "manifest name {:?} is not a valid plugin name (letters, digits, `-`, `_`, `.`, `:`)",
+            manifest.name
+        );
+    }
+    if manifest.version.trim().is_empty() {
+        bail!("manifest of {:?} has an empty version", manifest.name);
+    }
+    if manifest.streams.is_empty() {
+        bail!("manifest of {:?} declares no streams", manifest.name);
+    }
+    for stream in &manifest.streams {
+        if !valid_name(stream) {
+            bail!(
+                "manifest of {:?} declares an invalid stream name {stream:?}",
+                manifest.name
+            );
+        }
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Which entry a call belongs to, for the plugin's log lines.
+struct LogContext {
+    plugin: String,
+    stream: String,
+    entry_id: String,
+}
+
+/// Refuses memory growth past the cap and remembers that it did, so the failure can be reported
+/// as a memory-limit hit rather than as the trap the guest's allocator turns it into.
+struct MemoryCap {
+    limit: usize,
+    exceeded: Option<usize>,
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.exceeded = Some(desired);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= TABLE_ELEMENTS_LIMIT)
+    }
+}
+
+/// The store data of one call.
+struct CallState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    cap: MemoryCap,
+    log: LogContext,
+    log_lines: u32,
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl super::bindings::kaleidoscope::handler::types::Host for CallState {}
+
+impl wit_log::Host for CallState {
+    fn log(&mut self, level: Level, message: String) {
+        self.log_lines += 1;
+        if self.log_lines > LOG_LINES_PER_CALL {
+            if self.log_lines == LOG_LINES_PER_CALL + 1 {
+                tracing::warn!(plugin = %self.log.plugin, stream = %self.log.stream, entry = %self.log.entry_id,
+                    "plugin wrote more than {LOG_LINES_PER_CALL} log lines for one entry; dropping the rest");
+            }
+            return;
+        }
+        let mut message = message;
+        if message.len() > LOG_LINE_BYTES {
+            let mut cut = LOG_LINE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        let LogContext { plugin, stream, entry_id } = &self.log;
+        match level {
+            Level::Trace => tracing::trace!(target: "plugin", %plugin, %stream, entry = %entry_id, "{message}"),
+            Level::Debug => tracing::debug!(target: "plugin", %plugin, %stream, entry = %entry_id, "{message}"),
+            Level::Info => tracing::info!(target: "plugin", %plugin, %stream, entry = %entry_id, "{message}"),
+            Level::Warn => tracing::warn!(target: "plugin", %plugin, %stream, entry = %entry_id, "{message}"),
+            Level::Error => tracing::error!(target: "plugin", %plugin, %stream, entry = %entry_id, "{message}"),
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The Redis Streams commands the host uses, with replies parsed into plain types.
+//!
+//! Replies are parsed by hand rather than through the `redis` crate's stream types because those
+//! keep fields in a hash map: the handler contract promises fields in the order the producer wrote
+//! them, and values as raw bytes so non-UTF-8 input can be reported instead of mangled.
+
+use anyhow::{Context, Result, anyhow, bail};
+use redis::Value;
+use redis::aio::ConnectionLike;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// One entry as read from a stream.
+#[derive(Clone, Debug)]
+pub struct StreamEntry {
+    pub id: String,
+    /// Field names and raw values, in the producer's order.
+    pub fields: Vec<(String, Vec<u8>)>,
+    /// How many times the group has delivered this entry, including this delivery.
+    pub deliveries: u32,
+}
+
+/// Errors a caller reacts to differently from "Redis failed".
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The consumer group (or the stream) vanished; recreate it.
+    #[error("consumer group missing on {0}")]
+    NoGroup(String),
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected reply from Redis: {0}")]
+    Protocol(String),
+}
+
+impl StreamError {
+    fn from_redis(error: redis::RedisError, key: &str) -> Self {
+        if error.code() == Some("NOGROUP") {
+            StreamError::NoGroup(key.to_string())
+        } else {
+            StreamError::Redis(error)
+        }
+    }
+}
+
+/// Creates the consumer group at id 0 (so entries written before the group existed are read),
+/// creating the stream if needed. An existing group is left as it is.
+pub async fn ensure_group<C: ConnectionLike>(conn: &mut C, key: &str, group: &str) -> Result<()> {
+    let result: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(key)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match result {
+        Ok(()) => {
+            tracing::info!(stream = key, group, "created consumer group");
+            Ok(())
+        }
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot create consumer group {group:?} on stream {key:?}")),
+    }
+}
+
+/// Reads up to `count` new entries for `consumer`, blocking up to `block`.
+pub async fn read_new<C: ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    group: &str,
+    consumer: &str,
+    count: usize,
+    block: Duration,
+) -> Result<Vec<StreamEntry>, StreamError> {
+    let reply: Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("BLOCK")
+        .arg(block.as_millis() as u64)
+        .arg("STREAMS")
+        .arg(key)
+        .arg(">")
+        .query_async(conn)
+        .await
+        .map_err(|e| StreamError::from_redis(e, key))?;
+    let streams = match reply {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(streams) => streams,
+        Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+        other => return Err(StreamError::Protocol(format!("XREADGROUP returned {other:?}"))),
+    };
+    let mut entries = Vec::new();
+    for stream in streams {
+        let items = match stream {
+            Value::Array(mut pair) if pair.len() == 2 => pair.remove(1),
+            other => other,
+        };
+        if let Value::Array(items) = items {
+            for item in items {
+                if let Some(entry) = parse_entry(item, 1)? {
+                    entries.push(entry);
+                }
+            }
+        }
+    }
+    Ok(entries)
+}
+
+/// What one XAUTOCLAIM round returned.
+pub struct Claimed {
+    /// Where the next round starts; `0-0` when the scan is complete.
+    pub next: String,
+    pub entries: Vec<StreamEntry>,
+    /// Pending ids whose entries were trimmed from the stream; Redis has dropped them from the
+    /// pending list.
+    pub deleted: Vec<String>,
+}
+
+/// Claims up to `count` entries pending for longer than `min_idle` (from any consumer, including
+/// crashed ones and this one), and looks up their delivery counts.
+pub async fn autoclaim<C: ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    group: &str,
+    consumer: &str,
+    min_idle: Duration,
+    start: &str,
+    count: usize,
+) -> Result<Claimed, StreamError> {
+    let reply: Value = redis::cmd("XAUTOCLAIM")
+        .arg(key)
+        .arg(group)
+        .arg(consumer)
+        .arg(min_idle.as_millis() as u64)
+        .arg(start)
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await
+        .map_err(|e| StreamError::from_redis(e, key))?;
+    let Value::Array(mut parts) = reply else {
+        return Err(StreamError::Protocol(format!("XAUTOCLAIM returned {reply:?}")));
+    };
+    if parts.len() < 2 {
+        return Err(StreamError::Protocol("XAUTOCLAIM reply too short".into()));
+    }
+    let deleted = if parts.len() >= 3 {
+        match parts.remove(2) {
+            Value::Array(ids) => ids.into_iter().filter_map(|v| text(&v)).collect(),
+            _ => Vec::new(),
+        }
+    } else {
+        Vec::new()
+    };
+    let items = parts.remove(1);
+    let next = text(&parts[0]).ok_or_else(|| StreamError::Protocol("XAUTOCLAIM cursor".into()))?;
+    let mut entries = Vec::new();
+    if let Value::Array(items) = items {
+        for item in items {
+            if let Some(entry) = parse_entry(item, 0)? {
+                entries.push(entry);
+            }
+        }
+    }
+    if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
+        let counts = delivery_counts(conn, key, group, consumer, &first.id, &last.id, entries.len()).await?;
+        for entry in &mut entries {
+            // XAUTOCLAIM has just incremented the count; an entry missing from XPENDING was acked
+            // meanwhile by someone else, and at least this delivery happened.
+            entry.deliveries = counts.get(&entry.id).copied().unwrap_or(2).max(1);
+        }
+    }
+    Ok(Claimed { next, entries, deleted })
+}
+
+async fn delivery_counts<C: ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    group: &str,
+    consumer: &str,
+    first: &str,
+    last: &str,
+    count: usize,
+) -> Result<HashMap<String, u32>, StreamError> {
+    let reply: Value = redis::cmd("XPENDING")
+        .arg(key)
+        .arg(group)
+        .arg(first)
+        .arg(last)
+        .arg(count * 2 + 16)
+        .arg(consumer)
+        .query_async(conn)
+        .await
+        .map_err(|e| StreamError::from_redis(e, key))?;
+    let mut counts = HashMap::new();
+    if let Value::Array(rows) = reply {
+        for row in rows {
+            if let Value::Array(cols) = row
+                && cols.len() >= 4
+                && let (Some(id), Value::Int(n)) = (text(&cols[0]), &cols[3])
+            {
+                counts.insert(id, u32::try_from(*n).unwrap_or(u32::MAX));
+            }
+        }
+    }
+    Ok(counts)
+}
+
+/// Acknowledges entries.
+pub async fn ack<C: ConnectionLike>(conn: &mut C, key: &str, group: &str, ids: &[String]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let _: i64 = redis::cmd("XACK")
+        .arg(key)
+        .arg(group)
+        .arg(ids)
+        .query_async(conn)
+        .await
+        .with_context(|| format!("XACK on {key:?} failed"))?;
+    Ok(())
+}
+
+/// Appends one entry to a stream and returns its id.
+pub async fn add<C: ConnectionLike>(conn: &mut C, key: &str, fields: &[(String, String)]) -> Result<String> {
+    if fields.is_empty() {
+        bail!("cannot add an entry without fields to {key:?}");
+    }
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(key).arg("*");
+    for (k, v) in fields {
+        cmd.arg(k).arg(v);
+    }
+    cmd.query_async(conn)
+        .await
+        .with_context(|| format!("XADD to {key:?} failed"))
+}
+
+/// Publishes messages and then acknowledges entries, in one round trip (a pipeline keeps the
+/// order: every XADD runs before the XACK).
+pub async fn publish_then_ack<C: ConnectionLike>(
+    conn: &mut C,
+    messages: &[(String, Vec<(String, String)>)],
+    key: &str,
+    group: &str,
+    ids: &[String],
+) -> Result<()> {
+    let mut pipe = redis::pipe();
+    for (stream_key, fields) in messages {
+        let cmd = pipe.cmd("XADD").arg(stream_key).arg("*");
+        for (k, v) in fields {
+            cmd.arg(k).arg(v);
+        }
+        cmd.ignore();
+    }
+    if !ids.is_empty() {
+        pipe.cmd("XACK").arg(key).arg(group).arg(ids).ignore();
+    }
+    if messages.is_empty() && ids.is_empty() {
+        return Ok(());
+    }
+    let _: () = pipe
+        .query_async(conn)
+        .await
+        .with_context(|| format!("publishing {} message(s) and acknowledging {} entr(ies) of {key:?} failed", messages.len(), ids.len()))?;
+    Ok(())
+}
+
+fn parse_entry(item: Value, deliveries: u32) -> Result<Option<StreamEntry>, StreamError> {
+    let Value::Array(mut parts) = item else {
+        return Err(StreamError::Protocol(format!("stream entry is {item:?}")));
+    };
+    if parts.len() != 2 {
+        return Err(StreamError::Protocol("stream entry is not [id, fields]".into()));
+    }
+    let raw_fields = parts.remove(1);
+    let id = text(&parts[0]).ok_or_else(|| anyhow!("entry id")).map_err(|e| StreamError::Protocol(e.to_string()))?;
+    let values = match raw_fields {
+        // A pending entry trimmed from the stream.
+        Value::Nil => return Ok(None),
+        Value::Array(values) => values,
+        Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+        other => return Err(StreamError::Protocol(format!("fields of {id} are {other:?}"))),
+    };
+    let mut fields = Vec::with_capacity(values.len() / 2);
+    let mut values = values.into_iter();
+    while let (Some(name), Some(value)) = (values.next(), values.next()) {
+        let name = String::from_utf8_lossy(&bytes(name)).into_owned();
+        fields.push((name, bytes(value)));
+    }
+    Ok(Some(StreamEntry { id, fields, deliveries }))
+}
+
+fn bytes(value: Value) -> Vec<u8> {
+    match value {
+        Value::BulkString(bytes) => bytes,
+        Value::SimpleString(s) => s.into_bytes(),
+        Value::Int(i) => i.to_string().into_bytes(),
+        Value::Okay => b"OK".to_vec(),
+        _ => Vec::new(),
+    }
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
