@@ -19,6 +19,17 @@ CREATE TABLE IF NOT EXISTS post_media (
     media_url TEXT
 );
 
+-- The text the insights search column indexes. array_to_string is only STABLE in general, but
+-- for text[] it is immutable, which a generated column requires.
+CREATE FUNCTION kaleidoscope_insights_search(tags TEXT[], scenes TEXT[], objects TEXT[], caption TEXT)
+RETURNS TSVECTOR LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT to_tsvector('simple'::regconfig,
+        coalesce(array_to_string(tags, ' '), '') || ' ' ||
+        coalesce(array_to_string(scenes, ' '), '') || ' ' ||
+        coalesce(array_to_string(objects, ' '), '') || ' ' ||
+        coalesce(caption, ''))
+$$;
+
 -- One row per media, merged from every insights message and face-detection result for it.
 CREATE TABLE media_ai_insights (
     media_id              BIGINT PRIMARY KEY REFERENCES post_media (media_id) ON DELETE CASCADE,
@@ -44,11 +55,7 @@ CREATE TABLE media_ai_insights (
     updated_at            TIMESTAMPTZ NOT NULL DEFAULT now(),
     -- The seed's "update search index", maintained by the database itself.
     search_vector         TSVECTOR GENERATED ALWAYS AS (
-        to_tsvector('simple',
-            coalesce(array_to_string(tags, ' '), '') || ' ' ||
-            coalesce(array_to_string(scenes, ' '), '') || ' ' ||
-            coalesce(array_to_string(detected_objects, ' '), '') || ' ' ||
-            coalesce(caption, ''))
+        kaleidoscope_insights_search(tags, scenes, detected_objects, caption)
     ) STORED
 );
 

@@ -173,7 +173,7 @@ impl Delivery {
                 }
                 Some(Decision::Retry(kind, reason)) => {
                     report.retrying += 1;
-                    info!(stream, entry = %entry.id, correlation_id, kind = %kind, deliveries = entry.deliveries,
+                    info!(stream, entry = %entry.id, correlation_id, gives_up_as = %kind, deliveries = entry.deliveries,
                         attempts = self.config.retry_attempts, "will retry after the reclaim idle time: {reason}");
                 }
                 None => {}

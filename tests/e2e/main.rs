@@ -1,1 +1,13 @@
+//! End-to-end tests: the real host, real Redis, real PostgreSQL and real plugin components.
+//!
+//! Every test gets its own database and stream prefix (see `support`), so they run in parallel.
+//! Build the plugins first (`./scripts/build-plugins`); `./scripts/test` does both.
 
+mod support;
+
+mod cli;
+mod face_detection;
+mod face_recognition;
+mod insights;
+mod ml_errors;
+mod protocol;

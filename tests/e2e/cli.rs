@@ -1,0 +1,92 @@
+//! The `kaleidoscope` binary: `run` against an empty database, `--help`, configuration errors.
+
+use crate::support::{Options, TestEnv, eventually, unique};
+use kaleidoscope::config::SETTINGS;
+use std::process::{Command, Stdio};
+
+fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kaleidoscope"))
+}
+
+#[test]
+fn help_documents_every_flag_and_variable() {
+    let output = binary().args(["run", "--help"]).output().unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    for setting in SETTINGS {
+        assert!(help.contains(setting.env), "`run --help` does not mention {}", setting.env);
+    }
+    for flag in ["--config", "--plugins-dir", "--consumer-name", "--no-migrate"] {
+        assert!(help.contains(flag), "`run --help` does not mention {flag}");
+    }
+}
+
+#[test]
+fn invalid_configuration_is_an_error_naming_the_variable() {
+    let output = binary().arg("run").env("KALEIDOSCOPE_BATCH_SIZE", "ten").output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("KALEIDOSCOPE_BATCH_SIZE") && stderr.contains("ten"), "{stderr}");
+
+    let output = binary().arg("run").env("KALEIDOSCOPE_BATCH_SIZ", "5").output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown environment variable KALEIDOSCOPE_BATCH_SIZ"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_against_an_empty_database_migrates_it_and_serves() {
+    // The harness only provides the stream prefix, plugins and cleanup here: the binary gets a
+    // database name that does not exist yet, and must create and migrate it.
+    let env = TestEnv::prepare(Options::new(&["insights"])).await;
+    let database = unique("kt_empty");
+    let url = format!("postgres://postgres@127.0.0.1:5432/{database}");
+    let child = binary()
+        .arg("run")
+        .env("DATABASE_URL", &url)
+        .env("REDIS_URL", crate::support::REDIS_URL)
+        .env("KALEIDOSCOPE_STREAM_PREFIX", &env.prefix)
+        .env("KALEIDOSCOPE_PLUGINS_DIR", &env.plugins_dir)
+        .env("KALEIDOSCOPE_POLL_TIMEOUT_MS", "200")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let pool = eventually("the binary to create the database", || async {
+        sqlx::PgPool::connect(&url).await.ok()
+    })
+    .await;
+    eventually("the binary to migrate the database", || async {
+        let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM information_schema.tables WHERE table_name IN ('media_ai_insights', 'processed_entries')")
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+        (tables == 2).then_some(())
+    })
+    .await;
+    sqlx::query("INSERT INTO posts (post_id) VALUES (1)").execute(&pool).await.unwrap();
+    sqlx::query("INSERT INTO post_media (media_id, post_id) VALUES (1, 1)").execute(&pool).await.unwrap();
+    let id = env.publish("ml-insights-results", &[("mediaId", "1"), ("service", "image_captioning"), ("caption", "served")]).await;
+    let caption: String = eventually("the binary to process an entry", || async {
+        sqlx::query_scalar("SELECT caption FROM media_ai_insights WHERE media_id = 1").fetch_optional(&pool).await.ok().flatten()
+    })
+    .await;
+    assert_eq!(caption, "served");
+    let ledger: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_entries WHERE entry_id = $1").bind(&id).fetch_one(&pool).await.unwrap();
+    assert_eq!(ledger, 1);
+
+    let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(status.success());
+    let child = std::sync::Mutex::new(child);
+    let exit = eventually("the binary to exit after SIGTERM", || {
+        let exited = child.lock().unwrap().try_wait().ok().flatten();
+        async move { exited }
+    })
+    .await;
+    assert!(exit.success(), "exit status {exit:?}");
+    pool.close().await;
+    if let Ok(admin) = sqlx::PgPool::connect(crate::support::ADMIN_URL).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"))).execute(&admin).await;
+    }
+    env.finish().await;
+}

@@ -1,0 +1,361 @@
+//! The test harness: a real host against the real Redis and PostgreSQL of this machine, with real
+//! plugin components, isolated per test by a unique stream prefix and a fresh database.
+//!
+//! Plugins must have been built with `./scripts/build-plugins` (the test command does that once
+//! per run).
+
+#![allow(dead_code)]
+
+use kaleidoscope::config::Config;
+use kaleidoscope::host::RunningHost;
+use redis::aio::MultiplexedConnection;
+use sqlx::PgPool;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long any awaited condition may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(45);
+/// The admin connection used to create and drop test databases.
+pub const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this test in this run (process id, counter, clock).
+pub fn unique(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{tag}_{}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), nanos % 1_000_000)
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A built plugin component: a shipped one from `target/plugins`, or a test fixture from
+/// `target/test-plugins`.
+pub fn plugin_file(name: &str) -> PathBuf {
+    for dir in ["target/plugins", "target/test-plugins"] {
+        let file = workspace().join(dir).join(format!("{name}.wasm"));
+        if file.exists() {
+            return file;
+        }
+    }
+    panic!("plugin {name}.wasm is not built: run ./scripts/build-plugins first (the test command does)");
+}
+
+/// Polls `probe` until it yields `Some`, failing the test after [`DEADLINE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        if start.elapsed() > DEADLINE {
+            panic!("timed out after {DEADLINE:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Settings a test may change before the host starts.
+pub struct Options {
+    pub plugins: Vec<&'static str>,
+    pub env: BTreeMap<String, String>,
+}
+
+impl Options {
+    pub fn new(plugins: &[&'static str]) -> Self {
+        let mut env = BTreeMap::new();
+        env.insert("KALEIDOSCOPE_POLL_TIMEOUT_MS".into(), "200".into());
+        env.insert("KALEIDOSCOPE_CONSUMER_NAME".into(), "test-host".into());
+        Self {
+            plugins: plugins.to_vec(),
+            env,
+        }
+    }
+
+    /// Sets a configuration variable (as the environment would).
+    pub fn set(mut self, name: &str, value: impl ToString) -> Self {
+        self.env.insert(name.into(), value.to_string());
+        self
+    }
+
+    /// Fast retries: reclaim after `idle_ms`, dead-letter after `attempts` deliveries.
+    pub fn retries(self, attempts: u32, idle_ms: u64) -> Self {
+        self.set("ML_RETRY_ATTEMPTS", attempts).set("KALEIDOSCOPE_RECLAIM_IDLE_MS", idle_ms)
+    }
+}
+
+/// One isolated environment: database, stream prefix, plugins directory, and a running host.
+pub struct TestEnv {
+    pub prefix: String,
+    pub database: String,
+    pub database_url: String,
+    pub plugins_dir: PathBuf,
+    pub config: Config,
+    pub pool: PgPool,
+    pub redis: MultiplexedConnection,
+    pub host: Option<RunningHost>,
+}
+
+impl TestEnv {
+    /// Creates the database and plugins directory, migrates, and starts the host.
+    pub async fn start(options: Options) -> TestEnv {
+        let env = Self::prepare(options).await;
+        env.with_host().await
+    }
+
+    /// Like [`TestEnv::start`] but without starting the host (for tests that run the binary or
+    /// need rows in place first).
+    pub async fn prepare(options: Options) -> TestEnv {
+        let name = unique("kt");
+        let prefix = format!("{name}:");
+        let database = name.clone();
+        let database_url = format!("postgres://postgres@127.0.0.1:5432/{database}");
+        let plugins_dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&plugins_dir).expect("create the plugins directory");
+        for plugin in &options.plugins {
+            std::fs::copy(plugin_file(plugin), plugins_dir.join(format!("{plugin}.wasm"))).expect("copy plugin");
+        }
+
+        let mut env = options.env.clone();
+        env.insert("DATABASE_URL".into(), database_url.clone());
+        env.insert("REDIS_URL".into(), REDIS_URL.into());
+        env.insert("KALEIDOSCOPE_STREAM_PREFIX".into(), prefix.clone());
+        env.insert("KALEIDOSCOPE_PLUGINS_DIR".into(), plugins_dir.display().to_string());
+        let config = Config::from_sources(None, &env, &BTreeMap::new()).expect("test configuration");
+
+        let pool = kaleidoscope::persist::connect(&database_url, 4).await.expect("create the test database");
+        kaleidoscope::persist::migrate(&pool).await.expect("migrate the test database");
+        let redis = redis::Client::open(REDIS_URL)
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to Redis");
+        TestEnv {
+            prefix,
+            database,
+            database_url,
+            plugins_dir,
+            config,
+            pool,
+            redis,
+            host: None,
+        }
+    }
+
+    /// Starts the in-process host.
+    pub async fn with_host(mut self) -> TestEnv {
+        let host = RunningHost::start(self.config.clone()).await.expect("start the host");
+        self.host = Some(host);
+        self
+    }
+
+    /// The Redis key of a logical stream.
+    pub fn key(&self, stream: &str) -> String {
+        format!("{}{stream}", self.prefix)
+    }
+
+    /// Adds an entry to a logical stream and returns its id.
+    pub async fn publish(&self, stream: &str, fields: &[(&str, &str)]) -> String {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(self.key(stream)).arg("*");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(*v);
+        }
+        cmd.query_async(&mut self.redis.clone()).await.expect("XADD")
+    }
+
+    /// Adds an entry whose field values are raw bytes.
+    pub async fn publish_bytes(&self, stream: &str, fields: &[(&str, &[u8])]) -> String {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(self.key(stream)).arg("*");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(*v);
+        }
+        cmd.query_async(&mut self.redis.clone()).await.expect("XADD")
+    }
+
+    /// The group's pending count on a logical stream.
+    pub async fn pending(&self, stream: &str) -> i64 {
+        let reply: redis::Value = redis::cmd("XPENDING")
+            .arg(self.key(stream))
+            .arg(&self.config.consumer_group)
+            .query_async(&mut self.redis.clone())
+            .await
+            .expect("XPENDING");
+        match reply {
+            redis::Value::Array(parts) => match parts.first() {
+                Some(redis::Value::Int(n)) => *n,
+                _ => 0,
+            },
+            _ => 0,
+        }
+    }
+
+    /// Waits until the group has nothing pending on `stream`.
+    pub async fn await_no_pending(&self, stream: &str) {
+        eventually(&format!("no pending entries on {stream}"), || async {
+            (self.pending(stream).await == 0).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until the group has read every entry of `stream` and has nothing pending: the host
+    /// is done with the stream.
+    pub async fn await_drained(&self, stream: &str) {
+        eventually(&format!("{stream} drained"), || async {
+            let last: redis::Value = redis::cmd("XREVRANGE")
+                .arg(self.key(stream))
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut self.redis.clone())
+                .await
+                .ok()?;
+            let last_id = match last {
+                redis::Value::Array(items) => match items.into_iter().next() {
+                    Some(redis::Value::Array(mut entry)) if !entry.is_empty() => text(entry.swap_remove(0)),
+                    _ => String::new(),
+                },
+                _ => String::new(),
+            };
+            let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(self.key(stream))
+                .query_async(&mut self.redis.clone())
+                .await
+                .ok()?;
+            let group = groups
+                .into_iter()
+                .find(|g| g.get("name").map(|v| text(v.clone())) == Some(self.config.consumer_group.clone()))?;
+            let delivered = group.get("last-delivered-id").map(|v| text(v.clone()))?;
+            let pending = match group.get("pending") {
+                Some(redis::Value::Int(n)) => *n,
+                _ => -1,
+            };
+            (delivered == last_id && pending == 0).then_some(())
+        })
+        .await;
+    }
+
+    /// The entries of the dead-letter stream, as field maps.
+    pub async fn dead_letters(&self) -> Vec<HashMap<String, String>> {
+        let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+            .arg(self.key(&self.config.dlq_stream))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut self.redis.clone())
+            .await
+            .expect("XRANGE on the dead-letter stream");
+        entries.into_iter().map(|(_, fields)| fields).collect()
+    }
+
+    /// Waits for the dead letter of `entry_id` of `stream` and returns it. (Entry ids are only
+    /// unique within a stream.)
+    pub async fn await_dead_letter(&self, stream: &str, entry_id: &str) -> HashMap<String, String> {
+        eventually(&format!("a dead letter for {stream} {entry_id}"), || async {
+            self.dead_letters().await.into_iter().find(|d| {
+                d.get("sourceId").map(String::as_str) == Some(entry_id) && d.get("sourceStream").map(String::as_str) == Some(stream)
+            })
+        })
+        .await
+    }
+
+    /// Whether the ledger has `entry_id` of `stream`, and with which outcome.
+    pub async fn ledger_outcome(&self, stream: &str, entry_id: &str) -> Option<String> {
+        sqlx::query_scalar("SELECT outcome FROM processed_entries WHERE stream = $1 AND entry_id = $2")
+            .bind(stream)
+            .bind(entry_id)
+            .fetch_optional(&self.pool)
+            .await
+            .expect("ledger query")
+    }
+
+    /// Waits until the ledger records `entry_id` as processed.
+    pub async fn await_processed(&self, stream: &str, entry_id: &str) {
+        eventually(&format!("{stream} entry {entry_id} processed"), || async {
+            match self.ledger_outcome(stream, entry_id).await.as_deref() {
+                Some("processed") => Some(()),
+                Some(other) => panic!("{stream} entry {entry_id} ended as {other}, expected processed"),
+                None => None,
+            }
+        })
+        .await;
+    }
+
+    /// Creates a user, a post and media rows (the backend's job in production).
+    pub async fn seed_media(&self, post_id: i64, media_ids: &[i64]) {
+        sqlx::query("INSERT INTO users (user_id, username) VALUES (1, 'author') ON CONFLICT DO NOTHING")
+            .execute(&self.pool)
+            .await
+            .expect("seed user");
+        sqlx::query("INSERT INTO posts (post_id, author_id) VALUES ($1, 1) ON CONFLICT DO NOTHING")
+            .bind(post_id)
+            .execute(&self.pool)
+            .await
+            .expect("seed post");
+        for media_id in media_ids {
+            sqlx::query("INSERT INTO post_media (media_id, post_id, media_url) VALUES ($1, $2, 'https://cdn/x.jpg') ON CONFLICT DO NOTHING")
+                .bind(media_id)
+                .bind(post_id)
+                .execute(&self.pool)
+                .await
+                .expect("seed media");
+        }
+    }
+
+    /// Creates a user.
+    pub async fn seed_user(&self, user_id: i64, username: &str) {
+        sqlx::query("INSERT INTO users (user_id, username) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(user_id)
+            .bind(username)
+            .execute(&self.pool)
+            .await
+            .expect("seed user");
+    }
+
+    /// Stops the host and removes the database, the streams and the plugins directory.
+    pub async fn finish(mut self) {
+        if let Some(host) = self.host.take() {
+            host.shutdown().await;
+        }
+        self.pool.close().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query_async(&mut self.redis)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut self.redis).await;
+        }
+        if let Ok(admin) = PgPool::connect(ADMIN_URL).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database)))
+                .execute(&admin)
+                .await;
+            admin.close().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.plugins_dir);
+    }
+}
+
+fn text(value: redis::Value) -> String {
+    match value {
+        redis::Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        redis::Value::SimpleString(s) => s,
+        redis::Value::Int(i) => i.to_string(),
+        _ => String::new(),
+    }
+}
