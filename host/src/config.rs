@@ -238,7 +238,11 @@ impl RawSettings {
                 format!(
                     "unknown key `{key}` in {} (known keys: {})",
                     path.display(),
-                    SETTINGS.iter().map(|s| s.key).collect::<Vec<_>>().join(", ")
+                    SETTINGS
+                        .iter()
+                        .map(|s| s.key)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             })?;
             let text = match value {
@@ -261,7 +265,9 @@ impl RawSettings {
         for (name, value) in env {
             match SETTINGS.iter().find(|s| s.env == name) {
                 Some(setting) => self.set(setting.key, value.clone(), Origin::Env(setting.env)),
-                None if name.starts_with("KALEIDOSCOPE_") && !IGNORED_ENV.contains(&name.as_str()) => {
+                None if name.starts_with("KALEIDOSCOPE_")
+                    && !IGNORED_ENV.contains(&name.as_str()) =>
+                {
                     bail!(
                         "unknown environment variable {name} (known: {})",
                         SETTINGS
@@ -290,10 +296,9 @@ impl RawSettings {
     fn parse<T: std::str::FromStr>(&self, key: &str, default: T, expected: &str) -> Result<T> {
         match self.get(key) {
             None => Ok(default),
-            Some((value, origin)) => value
-                .trim()
-                .parse()
-                .map_err(|_| anyhow::anyhow!("invalid value {value:?} for `{key}` {origin}: expected {expected}")),
+            Some((value, origin)) => value.trim().parse().map_err(|_| {
+                anyhow::anyhow!("invalid value {value:?} for `{key}` {origin}: expected {expected}")
+            }),
         }
     }
 
@@ -303,7 +308,10 @@ impl RawSettings {
     {
         let value = self.parse(key, default, "a positive integer")?;
         if value < T::from(1) {
-            let (text, origin) = self.get(key).map(|(v, o)| (v.clone(), o.to_string())).unwrap_or_default();
+            let (text, origin) = self
+                .get(key)
+                .map(|(v, o)| (v.clone(), o.to_string()))
+                .unwrap_or_default();
             bail!("invalid value {text:?} for `{key}` {origin}: expected a positive integer");
         }
         Ok(value)
@@ -323,7 +331,10 @@ impl RawSettings {
     fn non_empty(&self, key: &str, default: String) -> Result<String> {
         let value = self.get(key).map_or(default, |(v, _)| v.trim().to_string());
         if value.is_empty() {
-            let origin = self.get(key).map(|(_, o)| o.to_string()).unwrap_or_default();
+            let origin = self
+                .get(key)
+                .map(|(_, o)| o.to_string())
+                .unwrap_or_default();
             bail!("invalid value \"\" for `{key}` {origin}: must not be empty");
         }
         Ok(value)
@@ -332,13 +343,23 @@ impl RawSettings {
     /// The Redis URL: `REDIS_URL` from the environment, else the seed's host/port/password
     /// variables, else the file's URL, else the file's parts, else the default.
     fn redis_url(&self) -> Result<String> {
-        let from_env = |key: &str| matches!(self.get(key), Some((_, Origin::Env(_)) | (_, Origin::Flag(_))));
-        let parts_from_env = ["redis_host", "redis_port", "redis_password"].iter().any(|k| from_env(k));
+        let from_env = |key: &str| {
+            matches!(
+                self.get(key),
+                Some((_, Origin::Env(_)) | (_, Origin::Flag(_)))
+            )
+        };
+        let parts_from_env = ["redis_host", "redis_port", "redis_password"]
+            .iter()
+            .any(|k| from_env(k));
         let url_given = self.get("redis_url").is_some();
         if url_given && (from_env("redis_url") || !parts_from_env) {
             let url = self.string("redis_url", "");
             redis::parse_redis_url(&url).with_context(|| {
-                let origin = self.get("redis_url").map(|(_, o)| o.to_string()).unwrap_or_default();
+                let origin = self
+                    .get("redis_url")
+                    .map(|(_, o)| o.to_string())
+                    .unwrap_or_default();
                 format!("invalid value {url:?} for `redis_url` {origin}: not a redis:// URL")
             })?;
             return Ok(url);
@@ -410,12 +431,24 @@ fn percent_encode(text: &str) -> String {
 
 /// The environment-variable reference shown at the end of `kaleidoscope run --help`.
 pub fn env_help() -> String {
-    let mut text = String::from("Configuration (environment wins over the --config file; flags win over both):\n");
+    let mut text = String::from(
+        "Configuration (environment wins over the --config file; flags win over both):\n",
+    );
     for s in SETTINGS {
-        text.push_str(&format!("  {:<32} {:<18} [default: {}]\n      {}\n", s.env, s.key, if s.default.is_empty() { "none" } else { s.default }, s.help));
+        let default = if s.default.is_empty() {
+            "none"
+        } else {
+            s.default
+        };
+        text.push_str(&format!(
+            "  {} (file key `{}`, default: {default})\n      {}\n",
+            s.env, s.key, s.help
+        ));
     }
-    text.push_str("  KALEIDOSCOPE_CONFIG              path of the TOML file (same as --config)\n");
-    text.push_str("  RUST_LOG                         log filter, e.g. `info,kaleidoscope=debug`\n");
+    text.push_str("  KALEIDOSCOPE_CONFIG\n      Path of the TOML file (same as --config).\n");
+    text.push_str(
+        "  RUST_LOG\n      Log filter, e.g. `info,kaleidoscope=debug` (default: info).\n",
+    );
     text
 }
 
@@ -424,7 +457,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn load(pairs: &[(&str, &str)]) -> Result<Config> {
@@ -446,38 +482,61 @@ mod tests {
 
     #[test]
     fn seed_redis_variables_build_the_url() {
-        let config = load(&[("REDIS_HOST", "cache"), ("REDIS_PORT", "6380"), ("REDIS_PASSWORD", "p@ss")]).unwrap();
+        let config = load(&[
+            ("REDIS_HOST", "cache"),
+            ("REDIS_PORT", "6380"),
+            ("REDIS_PASSWORD", "p@ss"),
+        ])
+        .unwrap();
         assert_eq!(config.redis_url, "redis://:p%40ss@cache:6380");
     }
 
     #[test]
     fn invalid_values_name_the_variable() {
-        let error = load(&[("KALEIDOSCOPE_BATCH_SIZE", "ten")]).unwrap_err().to_string();
-        assert!(error.contains("KALEIDOSCOPE_BATCH_SIZE") && error.contains("ten"), "{error}");
+        let error = load(&[("KALEIDOSCOPE_BATCH_SIZE", "ten")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("KALEIDOSCOPE_BATCH_SIZE") && error.contains("ten"),
+            "{error}"
+        );
         let error = load(&[("ML_RETRY_ATTEMPTS", "0")]).unwrap_err().to_string();
         assert!(error.contains("ML_RETRY_ATTEMPTS"), "{error}");
     }
 
     #[test]
     fn unknown_variables_and_keys_are_errors() {
-        let error = load(&[("KALEIDOSCOPE_BACTH_SIZE", "5")]).unwrap_err().to_string();
+        let error = load(&[("KALEIDOSCOPE_BACTH_SIZE", "5")])
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("KALEIDOSCOPE_BACTH_SIZE"), "{error}");
 
         let dir = std::env::temp_dir().join(format!("kaleidoscope-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("bad.toml");
         std::fs::write(&file, "batch_size = 5\npoll_timeout = 3\n").unwrap();
-        let error = Config::from_sources(Some(&file), &env(&[]), &BTreeMap::new()).unwrap_err().to_string();
-        assert!(error.contains("poll_timeout") && error.contains("bad.toml"), "{error}");
+        let error = Config::from_sources(Some(&file), &env(&[]), &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("poll_timeout") && error.contains("bad.toml"),
+            "{error}"
+        );
     }
 
     #[test]
     fn environment_wins_over_file() {
-        let dir = std::env::temp_dir().join(format!("kaleidoscope-config-env-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("kaleidoscope-config-env-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("ok.toml");
         std::fs::write(&file, "batch_size = 5\nconsumer_group = \"from-file\"\n").unwrap();
-        let config = Config::from_sources(Some(&file), &env(&[("KALEIDOSCOPE_BATCH_SIZE", "7")]), &BTreeMap::new()).unwrap();
+        let config = Config::from_sources(
+            Some(&file),
+            &env(&[("KALEIDOSCOPE_BATCH_SIZE", "7")]),
+            &BTreeMap::new(),
+        )
+        .unwrap();
         assert_eq!(config.batch_size, 7);
         assert_eq!(config.consumer_group, "from-file");
     }

@@ -22,10 +22,16 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Consumes `stream` (a logical name) until `stop` turns true. The batch in progress when the
 /// signal arrives is finished first.
-pub async fn consume(delivery: Arc<Delivery>, client: Client, stream: String, mut stop: watch::Receiver<bool>) {
+pub async fn consume(
+    delivery: Arc<Delivery>,
+    client: Client,
+    stream: String,
+    mut stop: watch::Receiver<bool>,
+) {
     let config = delivery.config.clone();
     let key = config.stream_key(&stream);
-    let reclaim_every = (config.reclaim_idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let reclaim_every =
+        (config.reclaim_idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
     let mut next_reclaim = Instant::now();
     let mut backoff = FIRST_BACKOFF;
     let mut connection: Option<MultiplexedConnection> = None;
@@ -87,7 +93,11 @@ pub async fn consume(delivery: Arc<Delivery>, client: Client, stream: String, mu
 }
 
 /// Reclaims every entry idle for longer than the reclaim time and runs it through the protocol.
-async fn reclaim(delivery: &Delivery, conn: &mut MultiplexedConnection, stream: &str) -> Result<()> {
+async fn reclaim(
+    delivery: &Delivery,
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+) -> Result<()> {
     let config = &delivery.config;
     let key = config.stream_key(stream);
     let mut cursor = "0-0".to_string();
@@ -107,7 +117,11 @@ async fn reclaim(delivery: &Delivery, conn: &mut MultiplexedConnection, stream: 
             warn!(stream, entry = %id, "pending entry was trimmed from the stream before it was processed; Redis dropped it from the pending list");
         }
         if !claimed.entries.is_empty() {
-            info!(stream, count = claimed.entries.len(), "reclaimed pending entries");
+            info!(
+                stream,
+                count = claimed.entries.len(),
+                "reclaimed pending entries"
+            );
             delivery.process_batch(stream, claimed.entries).await?;
         }
         if claimed.next == "0-0" {

@@ -89,8 +89,14 @@ impl DeadLetter {
             ("plugin".into(), self.plugin.clone()),
             ("pluginVersion".into(), self.plugin_version.clone()),
             ("deliveries".into(), self.deliveries.to_string()),
-            ("failedAt".into(), humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
-            ("fields".into(), serde_json::Value::Object(original).to_string()),
+            (
+                "failedAt".into(),
+                humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            ),
+            (
+                "fields".into(),
+                serde_json::Value::Object(original).to_string(),
+            ),
         ]
     }
 }

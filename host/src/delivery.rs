@@ -118,11 +118,19 @@ impl Delivery {
     /// Runs the protocol on `entries` of `stream` (a logical stream name). An `Err` means the
     /// infrastructure failed (database or Redis unreachable): nothing of the batch was
     /// acknowledged and its entries stay pending.
-    pub async fn process_batch(&self, stream: &str, entries: Vec<StreamEntry>) -> Result<BatchReport> {
+    pub async fn process_batch(
+        &self,
+        stream: &str,
+        entries: Vec<StreamEntry>,
+    ) -> Result<BatchReport> {
         let key = self.config.stream_key(stream);
         let mut report = BatchReport::default();
         let Some(plugin) = self.registry.snapshot().for_stream(stream) else {
-            warn!(stream, count = entries.len(), "no plugin handles this stream any more; entries stay pending");
+            warn!(
+                stream,
+                count = entries.len(),
+                "no plugin handles this stream any more; entries stay pending"
+            );
             return Ok(report);
         };
 
@@ -180,8 +188,10 @@ impl Delivery {
             }
         }
 
-        let to_publish: Vec<(String, Vec<(String, String)>)> =
-            messages.iter().map(|m| (m.stream_key.clone(), m.fields.clone())).collect();
+        let to_publish: Vec<(String, Vec<(String, String)>)> = messages
+            .iter()
+            .map(|m| (m.stream_key.clone(), m.fields.clone()))
+            .collect();
         let mut redis = self.redis.clone();
         streams::publish_then_ack(&mut redis, &to_publish, &key, &self.config.consumer_group, &acks)
             .await
@@ -240,7 +250,12 @@ impl Delivery {
 
     /// Calls the handler for every undecided entry (on a blocking thread) and validates the
     /// commands it returns.
-    async fn run_handlers(&self, stream: &str, plugin: &Arc<Plugin>, items: &mut [Item]) -> Result<()> {
+    async fn run_handlers(
+        &self,
+        stream: &str,
+        plugin: &Arc<Plugin>,
+        items: &mut [Item],
+    ) -> Result<()> {
         let inputs: Vec<(usize, wit::Entry)> = items
             .iter()
             .enumerate()
@@ -322,19 +337,34 @@ impl Delivery {
     }
 
     /// The batch transaction. Returns the outbox messages to publish after commit.
-    async fn commit(&self, stream: &str, plugin: &Plugin, items: &mut [Item]) -> Result<Vec<OutboxMessage>> {
-        let needs_db = items
-            .iter()
-            .any(|item| matches!(item.decision, Some(Decision::Persist(_) | Decision::DeadLetter(..))));
+    async fn commit(
+        &self,
+        stream: &str,
+        plugin: &Plugin,
+        items: &mut [Item],
+    ) -> Result<Vec<OutboxMessage>> {
+        let needs_db = items.iter().any(|item| {
+            matches!(
+                item.decision,
+                Some(Decision::Persist(_) | Decision::DeadLetter(..))
+            )
+        });
         if !needs_db {
             return Ok(Vec::new());
         }
-        let mut tx = self.pool.begin().await.context("cannot begin the batch transaction")?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("cannot begin the batch transaction")?;
         let mut messages = Vec::new();
         for item in items.iter_mut() {
             if let Some(Decision::Persist(statements)) = &item.decision {
                 savepoint(&mut tx, "SAVEPOINT entry").await?;
-                match self.persist_entry(&mut tx, stream, plugin, &item.entry.id, statements).await {
+                match self
+                    .persist_entry(&mut tx, stream, plugin, &item.entry.id, statements)
+                    .await
+                {
                     Ok(Some(emitted)) => {
                         savepoint(&mut tx, "RELEASE SAVEPOINT entry").await?;
                         messages.extend(emitted);
@@ -344,11 +374,17 @@ impl Delivery {
                         item.decision = Some(Decision::Redelivered);
                     }
                     Err(ExecError::Unavailable(error)) => {
-                        return Err(error).context("the database failed during the batch; nothing was acknowledged");
+                        return Err(error).context(
+                            "the database failed during the batch; nothing was acknowledged",
+                        );
                     }
                     Err(ExecError::Retry(reason)) => {
                         savepoint(&mut tx, "ROLLBACK TO SAVEPOINT entry").await?;
-                        item.decision = Some(self.retry_or_give_up(FailureKind::RetriesExhausted, reason, item.entry.deliveries));
+                        item.decision = Some(self.retry_or_give_up(
+                            FailureKind::RetriesExhausted,
+                            reason,
+                            item.entry.deliveries,
+                        ));
                     }
                     Err(ExecError::Permanent(reason)) => {
                         savepoint(&mut tx, "ROLLBACK TO SAVEPOINT entry").await?;
@@ -357,9 +393,16 @@ impl Delivery {
                 }
             }
             if let Some(Decision::DeadLetter(kind, reason)) = &item.decision {
-                let recorded = ledger::record(&mut tx, stream, &item.entry.id, &plugin.name, &plugin.version, Outcome::DeadLettered)
-                    .await
-                    .context("cannot record a dead letter in the ledger")?;
+                let recorded = ledger::record(
+                    &mut tx,
+                    stream,
+                    &item.entry.id,
+                    &plugin.name,
+                    &plugin.version,
+                    Outcome::DeadLettered,
+                )
+                .await
+                .context("cannot record a dead letter in the ledger")?;
                 if !recorded {
                     item.decision = Some(Decision::Redelivered);
                     continue;
@@ -374,13 +417,16 @@ impl Delivery {
                     deliveries: item.entry.deliveries,
                     fields: item.fields.clone(),
                 };
-                let message = ledger::enqueue(&mut tx, &self.config.dlq_key(), letter.to_stream_fields())
-                    .await
-                    .context("cannot write a dead letter to the outbox")?;
+                let message =
+                    ledger::enqueue(&mut tx, &self.config.dlq_key(), letter.to_stream_fields())
+                        .await
+                        .context("cannot write a dead letter to the outbox")?;
                 messages.push(message);
             }
         }
-        tx.commit().await.context("cannot commit the batch transaction")?;
+        tx.commit()
+            .await
+            .context("cannot commit the batch transaction")?;
         Ok(messages)
     }
 
@@ -393,9 +439,16 @@ impl Delivery {
         entry_id: &str,
         statements: &[Statement],
     ) -> Result<Option<Vec<OutboxMessage>>, ExecError> {
-        let recorded = ledger::record(conn, stream, entry_id, &plugin.name, &plugin.version, Outcome::Processed)
-            .await
-            .map_err(execute::classify)?;
+        let recorded = ledger::record(
+            conn,
+            stream,
+            entry_id,
+            &plugin.name,
+            &plugin.version,
+            Outcome::Processed,
+        )
+        .await
+        .map_err(execute::classify)?;
         if !recorded {
             return Ok(None);
         }
@@ -403,9 +456,10 @@ impl Delivery {
         for statement in statements {
             match statement {
                 Statement::Emit { target, fields } => {
-                    let message = ledger::enqueue(conn, &self.config.stream_key(target), fields.clone())
-                        .await
-                        .map_err(execute::classify)?;
+                    let message =
+                        ledger::enqueue(conn, &self.config.stream_key(target), fields.clone())
+                            .await
+                            .map_err(execute::classify)?;
                     emitted.push(message);
                 }
                 other => execute::execute(conn, other).await?,

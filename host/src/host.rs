@@ -49,11 +49,21 @@ impl RunningHost {
             .set_response_timeout(Some(Duration::from_secs(10)));
         let mut redis = ConnectionManager::new_with_config(client.clone(), manager_config)
             .await
-            .with_context(|| format!("cannot connect to Redis at {}", persist::redact(&config.redis_url)))?;
+            .with_context(|| {
+                format!(
+                    "cannot connect to Redis at {}",
+                    persist::redact(&config.redis_url)
+                )
+            })?;
         let _: () = redis::cmd("PING")
             .query_async(&mut redis)
             .await
-            .with_context(|| format!("Redis at {} does not answer PING", persist::redact(&config.redis_url)))?;
+            .with_context(|| {
+                format!(
+                    "Redis at {} does not answer PING",
+                    persist::redact(&config.redis_url)
+                )
+            })?;
 
         let runtime = Arc::new(PluginRuntime::new(SandboxLimits {
             call_timeout: config.plugin_timeout,
@@ -70,7 +80,13 @@ impl RunningHost {
             warn!(dir = %config.plugins_dir.display(), "no plugin loaded; no stream will be consumed");
         }
         let registry = Arc::new(PluginRegistry::new(plugins));
-        let delivery = Arc::new(Delivery::new(config.clone(), pool, redis, registry, catalog));
+        let delivery = Arc::new(Delivery::new(
+            config.clone(),
+            pool,
+            redis,
+            registry,
+            catalog,
+        ));
 
         let (stop, _) = watch::channel(false);
         let relay = tokio::spawn(relay_outbox(delivery.clone(), stop.subscribe()));
@@ -96,8 +112,12 @@ impl RunningHost {
                 continue;
             }
             let mut redis = self.delivery.redis.clone();
-            streams::ensure_group(&mut redis, &self.delivery.config.stream_key(stream), &self.delivery.config.consumer_group)
-                .await?;
+            streams::ensure_group(
+                &mut redis,
+                &self.delivery.config.stream_key(stream),
+                &self.delivery.config.consumer_group,
+            )
+            .await?;
             let task = tokio::spawn(consumer::consume(
                 self.delivery.clone(),
                 self.client.clone(),
@@ -106,10 +126,18 @@ impl RunningHost {
             ));
             self.consumers.insert(stream.clone(), task);
         }
-        let gone: Vec<String> = self.consumers.keys().filter(|s| !wanted.contains(s)).cloned().collect();
+        let gone: Vec<String> = self
+            .consumers
+            .keys()
+            .filter(|s| !wanted.contains(s))
+            .cloned()
+            .collect();
         for stream in gone {
             if let Some(task) = self.consumers.remove(&stream) {
-                info!(stream, "no plugin handles this stream any more; its entries wait in Redis");
+                info!(
+                    stream,
+                    "no plugin handles this stream any more; its entries wait in Redis"
+                );
                 task.abort();
             }
         }
@@ -184,6 +212,9 @@ async fn relay_once(delivery: &Delivery) -> Result<()> {
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    info!(count = ids.len(), "relayed outbox messages left unpublished");
+    info!(
+        count = ids.len(),
+        "relayed outbox messages left unpublished"
+    );
     Ok(())
 }

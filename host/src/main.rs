@@ -50,7 +50,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -96,7 +99,10 @@ async fn execute(cli: Cli) -> Result<()> {
     }
 }
 
-fn load_config(file: Option<&std::path::Path>, flags: &BTreeMap<&'static str, String>) -> Result<Config> {
+fn load_config(
+    file: Option<&std::path::Path>,
+    flags: &BTreeMap<&'static str, String>,
+) -> Result<Config> {
     let env: BTreeMap<String, String> = std::env::vars().collect();
     Config::from_sources(file, &env, flags)
 }

@@ -59,7 +59,8 @@ pub async fn ensure_group<C: ConnectionLike>(conn: &mut C, key: &str, group: &st
             Ok(())
         }
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("cannot create consumer group {group:?} on stream {key:?}")),
+        Err(e) => Err(e)
+            .with_context(|| format!("cannot create consumer group {group:?} on stream {key:?}")),
     }
 }
 
@@ -90,7 +91,11 @@ pub async fn read_new<C: ConnectionLike>(
         Value::Nil => return Ok(Vec::new()),
         Value::Array(streams) => streams,
         Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
-        other => return Err(StreamError::Protocol(format!("XREADGROUP returned {other:?}"))),
+        other => {
+            return Err(StreamError::Protocol(format!(
+                "XREADGROUP returned {other:?}"
+            )));
+        }
     };
     let mut entries = Vec::new();
     for stream in streams {
@@ -142,7 +147,9 @@ pub async fn autoclaim<C: ConnectionLike>(
         .await
         .map_err(|e| StreamError::from_redis(e, key))?;
     let Value::Array(mut parts) = reply else {
-        return Err(StreamError::Protocol(format!("XAUTOCLAIM returned {reply:?}")));
+        return Err(StreamError::Protocol(format!(
+            "XAUTOCLAIM returned {reply:?}"
+        )));
     };
     if parts.len() < 2 {
         return Err(StreamError::Protocol("XAUTOCLAIM reply too short".into()));
@@ -166,14 +173,27 @@ pub async fn autoclaim<C: ConnectionLike>(
         }
     }
     if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
-        let counts = delivery_counts(conn, key, group, consumer, &first.id, &last.id, entries.len()).await?;
+        let counts = delivery_counts(
+            conn,
+            key,
+            group,
+            consumer,
+            &first.id,
+            &last.id,
+            entries.len(),
+        )
+        .await?;
         for entry in &mut entries {
             // XAUTOCLAIM has just incremented the count; an entry missing from XPENDING was acked
             // meanwhile by someone else, and at least this delivery happened.
             entry.deliveries = counts.get(&entry.id).copied().unwrap_or(2).max(1);
         }
     }
-    Ok(Claimed { next, entries, deleted })
+    Ok(Claimed {
+        next,
+        entries,
+        deleted,
+    })
 }
 
 async fn delivery_counts<C: ConnectionLike>(
@@ -210,7 +230,12 @@ async fn delivery_counts<C: ConnectionLike>(
 }
 
 /// Acknowledges entries.
-pub async fn ack<C: ConnectionLike>(conn: &mut C, key: &str, group: &str, ids: &[String]) -> Result<()> {
+pub async fn ack<C: ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    group: &str,
+    ids: &[String],
+) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
@@ -225,7 +250,11 @@ pub async fn ack<C: ConnectionLike>(conn: &mut C, key: &str, group: &str, ids: &
 }
 
 /// Appends one entry to a stream and returns its id.
-pub async fn add<C: ConnectionLike>(conn: &mut C, key: &str, fields: &[(String, String)]) -> Result<String> {
+pub async fn add<C: ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    fields: &[(String, String)],
+) -> Result<String> {
     if fields.is_empty() {
         bail!("cannot add an entry without fields to {key:?}");
     }
@@ -262,10 +291,13 @@ pub async fn publish_then_ack<C: ConnectionLike>(
     if messages.is_empty() && ids.is_empty() {
         return Ok(());
     }
-    let _: () = pipe
-        .query_async(conn)
-        .await
-        .with_context(|| format!("publishing {} message(s) and acknowledging {} entr(ies) of {key:?} failed", messages.len(), ids.len()))?;
+    let _: () = pipe.query_async(conn).await.with_context(|| {
+        format!(
+            "publishing {} message(s) and acknowledging {} entr(ies) of {key:?} failed",
+            messages.len(),
+            ids.len()
+        )
+    })?;
     Ok(())
 }
 
@@ -274,16 +306,24 @@ fn parse_entry(item: Value, deliveries: u32) -> Result<Option<StreamEntry>, Stre
         return Err(StreamError::Protocol(format!("stream entry is {item:?}")));
     };
     if parts.len() != 2 {
-        return Err(StreamError::Protocol("stream entry is not [id, fields]".into()));
+        return Err(StreamError::Protocol(
+            "stream entry is not [id, fields]".into(),
+        ));
     }
     let raw_fields = parts.remove(1);
-    let id = text(&parts[0]).ok_or_else(|| anyhow!("entry id")).map_err(|e| StreamError::Protocol(e.to_string()))?;
+    let id = text(&parts[0])
+        .ok_or_else(|| anyhow!("entry id"))
+        .map_err(|e| StreamError::Protocol(e.to_string()))?;
     let values = match raw_fields {
         // A pending entry trimmed from the stream.
         Value::Nil => return Ok(None),
         Value::Array(values) => values,
         Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
-        other => return Err(StreamError::Protocol(format!("fields of {id} are {other:?}"))),
+        other => {
+            return Err(StreamError::Protocol(format!(
+                "fields of {id} are {other:?}"
+            )));
+        }
     };
     let mut fields = Vec::with_capacity(values.len() / 2);
     let mut values = values.into_iter();
@@ -291,7 +331,11 @@ fn parse_entry(item: Value, deliveries: u32) -> Result<Option<StreamEntry>, Stre
         let name = String::from_utf8_lossy(&bytes(name)).into_owned();
         fields.push((name, bytes(value)));
     }
-    Ok(Some(StreamEntry { id, fields, deliveries }))
+    Ok(Some(StreamEntry {
+        id,
+        fields,
+        deliveries,
+    }))
 }
 
 fn bytes(value: Value) -> Vec<u8> {

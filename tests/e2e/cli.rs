@@ -14,23 +14,46 @@ fn help_documents_every_flag_and_variable() {
     assert!(output.status.success());
     let help = String::from_utf8(output.stdout).unwrap();
     for setting in SETTINGS {
-        assert!(help.contains(setting.env), "`run --help` does not mention {}", setting.env);
+        assert!(
+            help.contains(setting.env),
+            "`run --help` does not mention {}",
+            setting.env
+        );
     }
-    for flag in ["--config", "--plugins-dir", "--consumer-name", "--no-migrate"] {
+    for flag in [
+        "--config",
+        "--plugins-dir",
+        "--consumer-name",
+        "--no-migrate",
+    ] {
         assert!(help.contains(flag), "`run --help` does not mention {flag}");
     }
 }
 
 #[test]
 fn invalid_configuration_is_an_error_naming_the_variable() {
-    let output = binary().arg("run").env("KALEIDOSCOPE_BATCH_SIZE", "ten").output().unwrap();
+    let output = binary()
+        .arg("run")
+        .env("KALEIDOSCOPE_BATCH_SIZE", "ten")
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("KALEIDOSCOPE_BATCH_SIZE") && stderr.contains("ten"), "{stderr}");
+    assert!(
+        stderr.contains("KALEIDOSCOPE_BATCH_SIZE") && stderr.contains("ten"),
+        "{stderr}"
+    );
 
-    let output = binary().arg("run").env("KALEIDOSCOPE_BATCH_SIZ", "5").output().unwrap();
+    let output = binary()
+        .arg("run")
+        .env("KALEIDOSCOPE_BATCH_SIZ", "5")
+        .output()
+        .unwrap();
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown environment variable KALEIDOSCOPE_BATCH_SIZ"));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("unknown environment variable KALEIDOSCOPE_BATCH_SIZ")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,18 +87,46 @@ async fn run_against_an_empty_database_migrates_it_and_serves() {
         (tables == 2).then_some(())
     })
     .await;
-    sqlx::query("INSERT INTO posts (post_id) VALUES (1)").execute(&pool).await.unwrap();
-    sqlx::query("INSERT INTO post_media (media_id, post_id) VALUES (1, 1)").execute(&pool).await.unwrap();
-    let id = env.publish("ml-insights-results", &[("mediaId", "1"), ("service", "image_captioning"), ("caption", "served")]).await;
+    sqlx::query("INSERT INTO posts (post_id) VALUES (1)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO post_media (media_id, post_id) VALUES (1, 1)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let id = env
+        .publish(
+            "ml-insights-results",
+            &[
+                ("mediaId", "1"),
+                ("service", "image_captioning"),
+                ("caption", "served"),
+            ],
+        )
+        .await;
     let caption: String = eventually("the binary to process an entry", || async {
-        sqlx::query_scalar("SELECT caption FROM media_ai_insights WHERE media_id = 1").fetch_optional(&pool).await.ok().flatten()
+        sqlx::query_scalar("SELECT caption FROM media_ai_insights WHERE media_id = 1")
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten()
     })
     .await;
     assert_eq!(caption, "served");
-    let ledger: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_entries WHERE entry_id = $1").bind(&id).fetch_one(&pool).await.unwrap();
+    let ledger: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM processed_entries WHERE entry_id = $1")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(ledger, 1);
 
-    let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     assert!(status.success());
     let child = std::sync::Mutex::new(child);
     let exit = eventually("the binary to exit after SIGTERM", || {
@@ -86,7 +137,24 @@ async fn run_against_an_empty_database_migrates_it_and_serves() {
     assert!(exit.success(), "exit status {exit:?}");
     pool.close().await;
     if let Ok(admin) = sqlx::PgPool::connect(crate::support::ADMIN_URL).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"))).execute(&admin).await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await;
     }
     env.finish().await;
+}
+
+#[test]
+fn readme_documents_every_setting() {
+    let readme = std::fs::read_to_string(crate::support::workspace().join("README.md")).unwrap();
+    for setting in SETTINGS {
+        assert!(
+            readme.contains(&format!("`{}` | `{}`", setting.env, setting.key)),
+            "README's configuration table lacks {} / {}",
+            setting.env,
+            setting.key
+        );
+    }
 }

@@ -4,7 +4,19 @@ use crate::support::{Options, TestEnv};
 
 const STREAM: &str = "face-detection-results";
 
-type FaceRow = (String, f64, f64, f64, f64, Option<f64>, Option<i32>, Option<String>, Option<String>, Option<i32>, String);
+type FaceRow = (
+    String,
+    f64,
+    f64,
+    f64,
+    f64,
+    Option<f64>,
+    Option<i32>,
+    Option<String>,
+    Option<String>,
+    Option<i32>,
+    String,
+);
 
 async fn faces(env: &TestEnv, media_id: i64) -> Vec<FaceRow> {
     sqlx::query_as(
@@ -37,7 +49,18 @@ async fn real_shape_stores_corner_boxes_as_x_y_width_height() {
             {{"faceId": "9b2f-bbbb", "bbox": [300, 40, 350, 100], "embedding": {zeros}, "confidence": 0.5}}]"#
     );
     let id = env
-        .publish(STREAM, &[("mediaId", "10"), ("postId", "2"), ("facesDetected", "2"), ("faces", &faces_json), ("correlationId", "c-9"), ("timestamp", "2026-04-15T08:04:56Z"), ("version", "1")])
+        .publish(
+            STREAM,
+            &[
+                ("mediaId", "10"),
+                ("postId", "2"),
+                ("facesDetected", "2"),
+                ("faces", &faces_json),
+                ("correlationId", "c-9"),
+                ("timestamp", "2026-04-15T08:04:56Z"),
+                ("version", "1"),
+            ],
+        )
         .await;
     env.await_processed(STREAM, &id).await;
 
@@ -45,13 +68,22 @@ async fn real_shape_stores_corner_boxes_as_x_y_width_height() {
     assert_eq!(rows.len(), 2);
     let first = &rows[0];
     assert_eq!(first.0, "9b2f-aaaa");
-    assert_eq!((first.1, first.2, first.3, first.4), (10.0, 20.0, 100.0, 200.0));
+    assert_eq!(
+        (first.1, first.2, first.3, first.4),
+        (10.0, 20.0, 100.0, 200.0)
+    );
     assert_eq!(first.5, Some(0.9731));
     assert_eq!(first.9, Some(1408));
     assert_eq!(first.10, "UNIDENTIFIED");
     let second = &rows[1];
-    assert_eq!((second.1, second.2, second.3, second.4), (300.0, 40.0, 50.0, 60.0));
-    assert_eq!(second.9, None, "an all-zero embedding means the detector could not embed the face");
+    assert_eq!(
+        (second.1, second.2, second.3, second.4),
+        (300.0, 40.0, 50.0, 60.0)
+    );
+    assert_eq!(
+        second.9, None,
+        "an all-zero embedding means the detector could not embed the face"
+    );
 
     let (state, count, services) = status(&env, 10).await;
     assert_eq!(state, "COMPLETED");
@@ -65,7 +97,18 @@ async fn real_shape_stores_corner_boxes_as_x_y_width_height() {
 async fn zero_faces_is_a_completed_result() {
     let env = TestEnv::start(Options::new(&["face-detection"])).await;
     env.seed_media(2, &[11]).await;
-    let id = env.publish(STREAM, &[("mediaId", "11"), ("postId", "2"), ("facesDetected", "0"), ("faces", "[]"), ("correlationId", "")]).await;
+    let id = env
+        .publish(
+            STREAM,
+            &[
+                ("mediaId", "11"),
+                ("postId", "2"),
+                ("facesDetected", "0"),
+                ("faces", "[]"),
+                ("correlationId", ""),
+            ],
+        )
+        .await;
     env.await_processed(STREAM, &id).await;
     assert!(faces(&env, 11).await.is_empty());
     let (state, count, services) = status(&env, 11).await;
@@ -81,7 +124,11 @@ async fn seed_shape_gets_deterministic_face_ids_and_repeats_do_not_double() {
     env.seed_media(2, &[12]).await;
     let faces_json = r#"[{"boundingBoxX": 1.5, "boundingBoxY": 2, "boundingBoxWidth": 30, "boundingBoxHeight": 40,
                           "confidence": 0.8, "estimatedAge": 31, "estimatedGender": "female", "dominantEmotion": "happy"}]"#;
-    let fields = [("mediaId", "12"), ("faces", faces_json), ("correlationId", "seed-1")];
+    let fields = [
+        ("mediaId", "12"),
+        ("faces", faces_json),
+        ("correlationId", "seed-1"),
+    ];
     let first = env.publish(STREAM, &fields).await;
     env.await_processed(STREAM, &first).await;
     // The same result published again (a second message, not a redelivery) updates the same face.
@@ -93,7 +140,10 @@ async fn seed_shape_gets_deterministic_face_ids_and_repeats_do_not_double() {
     let face = &rows[0];
     assert_eq!(face.0, "12:1.5:2:30:40");
     assert_eq!((face.1, face.2, face.3, face.4), (1.5, 2.0, 30.0, 40.0));
-    assert_eq!((face.6, face.7.as_deref(), face.8.as_deref()), (Some(31), Some("female"), Some("happy")));
+    assert_eq!(
+        (face.6, face.7.as_deref(), face.8.as_deref()),
+        (Some(31), Some("female"), Some("happy"))
+    );
     assert_eq!(status(&env, 12).await.1, Some(1));
     env.await_no_pending(STREAM).await;
     env.finish().await;

@@ -7,7 +7,8 @@ const RECOGNITION: &str = "face-recognition-results";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recognition_before_its_detection_succeeds_once_the_face_is_stored() {
-    let env = TestEnv::start(Options::new(&["face-detection", "face-recognition"]).retries(5, 300)).await;
+    let env =
+        TestEnv::start(Options::new(&["face-detection", "face-recognition"]).retries(5, 300)).await;
     env.seed_media(2, &[20]).await;
     env.seed_user(77, "alice").await;
 
@@ -15,7 +16,15 @@ async fn recognition_before_its_detection_succeeds_once_the_face_is_stored() {
     let recognition = env
         .publish(
             RECOGNITION,
-            &[("mediaId", "20"), ("postId", "2"), ("faceId", "face-b"), ("suggestedUserId", "77"), ("matchedUsername", "alice"), ("confidenceScore", "0.91"), ("correlationId", "c-20")],
+            &[
+                ("mediaId", "20"),
+                ("postId", "2"),
+                ("faceId", "face-b"),
+                ("suggestedUserId", "77"),
+                ("matchedUsername", "alice"),
+                ("confidenceScore", "0.91"),
+                ("correlationId", "c-20"),
+            ],
         )
         .await;
     // The recognition is waiting for a retry: pending, not in the ledger, not dead-lettered.
@@ -45,8 +54,20 @@ async fn recognition_before_its_detection_succeeds_once_the_face_is_stored() {
     .fetch_all(&env.pool)
     .await
     .unwrap();
-    assert_eq!(rows[0], ("face-a".into(), None, None, None, "UNIDENTIFIED".into()));
-    assert_eq!(rows[1], ("face-b".into(), Some(77), Some("alice".into()), Some(0.91), "SUGGESTED".into()));
+    assert_eq!(
+        rows[0],
+        ("face-a".into(), None, None, None, "UNIDENTIFIED".into())
+    );
+    assert_eq!(
+        rows[1],
+        (
+            "face-b".into(),
+            Some(77),
+            Some("alice".into()),
+            Some(0.91),
+            "SUGGESTED".into()
+        )
+    );
     env.await_no_pending(RECOGNITION).await;
     assert!(env.dead_letters().await.is_empty());
     env.finish().await;

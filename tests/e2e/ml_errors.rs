@@ -5,13 +5,25 @@ use crate::support::{Options, TestEnv};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_error_shape_and_producer_dlq_shape_are_recorded() {
     let env = TestEnv::start(Options::new(&["ml-errors"])).await;
-    let seed = env.publish("ml-error-results", &[("correlationId", "req-9"), ("error", "model crashed"), ("status", "FAILED")]).await;
+    let seed = env
+        .publish(
+            "ml-error-results",
+            &[
+                ("correlationId", "req-9"),
+                ("error", "model crashed"),
+                ("status", "FAILED"),
+            ],
+        )
+        .await;
     let producer = env
         .publish(
             "ai-processing-dlq",
             &[
                 ("originalMessageId", "1712345678901-0"),
-                ("originalData", "{b'mediaId': b'42', b'imageUrl': b'https://x'}"),
+                (
+                    "originalData",
+                    "{b'mediaId': b'42', b'imageUrl': b'https://x'}",
+                ),
                 ("serviceName", "tagging"),
                 ("error", "CUDA out of memory"),
                 ("errorType", "RuntimeError"),
@@ -33,10 +45,19 @@ async fn seed_error_shape_and_producer_dlq_shape_are_recorded() {
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0].0, "ml-error-results");
     assert_eq!(rows[0].1, seed);
-    assert_eq!((rows[0].2.as_deref(), rows[0].3.as_str(), rows[0].4.as_str()), (Some("req-9"), "model crashed", "FAILED"));
+    assert_eq!(
+        (rows[0].2.as_deref(), rows[0].3.as_str(), rows[0].4.as_str()),
+        (Some("req-9"), "model crashed", "FAILED")
+    );
     assert_eq!(rows[1].0, "ai-processing-dlq");
-    assert_eq!((rows[1].5.as_deref(), rows[1].6.as_deref(), rows[1].7), (Some("tagging"), Some("RuntimeError"), Some(3)));
-    assert_eq!((rows[1].8.as_deref(), rows[1].9.as_deref()), (Some("1712345678901-0"), Some("1712345679")));
+    assert_eq!(
+        (rows[1].5.as_deref(), rows[1].6.as_deref(), rows[1].7),
+        (Some("tagging"), Some("RuntimeError"), Some(3))
+    );
+    assert_eq!(
+        (rows[1].8.as_deref(), rows[1].9.as_deref()),
+        (Some("1712345678901-0"), Some("1712345679"))
+    );
     env.await_no_pending("ml-error-results").await;
     env.await_no_pending("ai-processing-dlq").await;
     env.finish().await;

@@ -7,16 +7,34 @@ const DETECTION: &str = "face-detection-results";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_sentinels_are_acknowledged_and_never_dead_lettered() {
-    let env = TestEnv::start(Options::new(&["insights", "face-detection", "face-recognition", "ml-errors"])).await;
-    let streams = ["ml-insights-results", "face-detection-results", "face-recognition-results", "ml-error-results", "ai-processing-dlq"];
+    let env = TestEnv::start(Options::new(&[
+        "insights",
+        "face-detection",
+        "face-recognition",
+        "ml-errors",
+    ]))
+    .await;
+    let streams = [
+        "ml-insights-results",
+        "face-detection-results",
+        "face-recognition-results",
+        "ml-error-results",
+        "ai-processing-dlq",
+    ];
     for stream in streams {
         env.publish(stream, &[("init", "true")]).await;
     }
     for stream in streams {
         env.await_drained(stream).await;
     }
-    assert!(env.dead_letters().await.is_empty(), "a sentinel is not a failure");
-    let ledger: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_entries").fetch_one(&env.pool).await.unwrap();
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "a sentinel is not a failure"
+    );
+    let ledger: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_entries")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
     assert_eq!(ledger, 0, "sentinels carry no result and are not recorded");
     env.finish().await;
 }
@@ -24,11 +42,29 @@ async fn init_sentinels_are_acknowledged_and_never_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_entries_are_dead_lettered_at_once_naming_the_field() {
     let env = TestEnv::start(Options::new(&["insights", "face-detection"])).await;
-    let bad_id = env.publish(INSIGHTS, &[("mediaId", "abc"), ("service", "moderation"), ("isSafe", "true"), ("correlationId", "c-bad")]).await;
-    let bad_box = env
-        .publish(DETECTION, &[("mediaId", "1"), ("faces", r#"[{"faceId": "f", "bbox": [10, 10, 5]}]"#)])
+    let bad_id = env
+        .publish(
+            INSIGHTS,
+            &[
+                ("mediaId", "abc"),
+                ("service", "moderation"),
+                ("isSafe", "true"),
+                ("correlationId", "c-bad"),
+            ],
+        )
         .await;
-    let not_utf8 = env.publish_bytes(INSIGHTS, &[("mediaId", b"1"), ("caption", b"caf\xe9")]).await;
+    let bad_box = env
+        .publish(
+            DETECTION,
+            &[
+                ("mediaId", "1"),
+                ("faces", r#"[{"faceId": "f", "bbox": [10, 10, 5]}]"#),
+            ],
+        )
+        .await;
+    let not_utf8 = env
+        .publish_bytes(INSIGHTS, &[("mediaId", b"1"), ("caption", b"caf\xe9")])
+        .await;
 
     let letter = env.await_dead_letter(INSIGHTS, &bad_id).await;
     assert_eq!(letter["failureKind"], "malformed");
@@ -44,39 +80,87 @@ async fn malformed_entries_are_dead_lettered_at_once_naming_the_field() {
 
     let letter = env.await_dead_letter(DETECTION, &bad_box).await;
     assert_eq!(letter["failureKind"], "malformed");
-    assert!(letter["error"].contains("faces[0].bbox"), "{}", letter["error"]);
+    assert!(
+        letter["error"].contains("faces[0].bbox"),
+        "{}",
+        letter["error"]
+    );
 
     let letter = env.await_dead_letter(INSIGHTS, &not_utf8).await;
     assert_eq!(letter["failureKind"], "malformed");
-    assert!(letter["error"].contains("`caption`") && letter["error"].contains("UTF-8"), "{}", letter["error"]);
+    assert!(
+        letter["error"].contains("`caption`") && letter["error"].contains("UTF-8"),
+        "{}",
+        letter["error"]
+    );
 
     env.await_no_pending(INSIGHTS).await;
     env.await_no_pending(DETECTION).await;
-    assert_eq!(env.ledger_outcome(INSIGHTS, &bad_id).await.as_deref(), Some("dead-lettered"));
+    assert_eq!(
+        env.ledger_outcome(INSIGHTS, &bad_id).await.as_deref(),
+        Some("dead-lettered")
+    );
     env.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_for_unknown_media_is_retried_then_dead_lettered_as_retries_exhausted() {
     let env = TestEnv::start(Options::new(&["insights"]).retries(3, 200)).await;
-    let id = env.publish(INSIGHTS, &[("mediaId", "999"), ("postId", "1"), ("service", "image_captioning"), ("caption", "ghost")]).await;
+    let id = env
+        .publish(
+            INSIGHTS,
+            &[
+                ("mediaId", "999"),
+                ("postId", "1"),
+                ("service", "image_captioning"),
+                ("caption", "ghost"),
+            ],
+        )
+        .await;
 
     let letter = env.await_dead_letter(INSIGHTS, &id).await;
     assert_eq!(letter["failureKind"], "retries-exhausted");
-    assert_eq!(letter["deliveries"], "3", "dead-lettered after ML_RETRY_ATTEMPTS deliveries");
-    assert!(letter["error"].contains("post_media"), "the reason names the missing row: {}", letter["error"]);
+    assert_eq!(
+        letter["deliveries"], "3",
+        "dead-lettered after ML_RETRY_ATTEMPTS deliveries"
+    );
+    assert!(
+        letter["error"].contains("post_media"),
+        "the reason names the missing row: {}",
+        letter["error"]
+    );
     env.await_no_pending(INSIGHTS).await;
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM media_ai_insights").fetch_one(&env.pool).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM media_ai_insights")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
     assert_eq!(rows, 0);
-    assert_eq!(env.dead_letters().await.len(), 1, "dead-lettered exactly once");
+    assert_eq!(
+        env.dead_letters().await.len(),
+        1,
+        "dead-lettered exactly once"
+    );
     env.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_whose_media_appears_later_succeeds_on_retry() {
     let env = TestEnv::start(Options::new(&["insights"]).retries(10, 200)).await;
-    let id = env.publish(INSIGHTS, &[("mediaId", "31"), ("postId", "3"), ("service", "image_captioning"), ("caption", "late")]).await;
-    eventually("the first delivery to fail", || async { (env.pending(INSIGHTS).await == 1).then_some(()) }).await;
+    let id = env
+        .publish(
+            INSIGHTS,
+            &[
+                ("mediaId", "31"),
+                ("postId", "3"),
+                ("service", "image_captioning"),
+                ("caption", "late"),
+            ],
+        )
+        .await;
+    eventually("the first delivery to fail", || async {
+        (env.pending(INSIGHTS).await == 1).then_some(())
+    })
+    .await;
     env.seed_media(3, &[31]).await;
     env.await_processed(INSIGHTS, &id).await;
     env.await_no_pending(INSIGHTS).await;
@@ -91,7 +175,15 @@ async fn redelivered_entries_change_nothing_and_double_no_face() {
     for media in ["40", "41"] {
         env.publish(DETECTION, &[("mediaId", media), ("postId", "4"), ("faces", r#"[{"faceId": "a", "bbox": [0, 0, 1, 1]}, {"faceId": "b", "bbox": [2, 2, 3, 3]}]"#)])
             .await;
-        env.publish(INSIGHTS, &[("mediaId", media), ("service", "tagging"), ("tags", "[\"x\"]")]).await;
+        env.publish(
+            INSIGHTS,
+            &[
+                ("mediaId", media),
+                ("service", "tagging"),
+                ("tags", "[\"x\"]"),
+            ],
+        )
+        .await;
     }
     env.await_drained(DETECTION).await;
     env.await_drained(INSIGHTS).await;
@@ -99,19 +191,31 @@ async fn redelivered_entries_change_nothing_and_double_no_face() {
                            (SELECT string_agg(media_id || ':' || updated_at || ':' || array_to_string(services_completed, ','), ';' ORDER BY media_id) FROM media_ai_insights),
                            (SELECT string_agg(face_id || ':' || updated_at, ';' ORDER BY media_id, face_id) FROM media_detected_faces),
                            (SELECT count(*) FROM processed_entries)";
-    let before: (i64, String, String, i64) = sqlx::query_as(snapshot).fetch_one(&env.pool).await.unwrap();
+    let before: (i64, String, String, i64) =
+        sqlx::query_as(snapshot).fetch_one(&env.pool).await.unwrap();
     assert_eq!(before.0, 4);
 
     // Rewind the group: every entry is delivered again.
     let mut redis = env.redis.clone();
     for stream in [DETECTION, INSIGHTS] {
-        let _: () = redis::cmd("XGROUP").arg("SETID").arg(env.key(stream)).arg(&env.config.consumer_group).arg("0").query_async(&mut redis).await.unwrap();
+        let _: () = redis::cmd("XGROUP")
+            .arg("SETID")
+            .arg(env.key(stream))
+            .arg(&env.config.consumer_group)
+            .arg("0")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
     }
     env.await_drained(DETECTION).await;
     env.await_drained(INSIGHTS).await;
 
-    let after: (i64, String, String, i64) = sqlx::query_as(snapshot).fetch_one(&env.pool).await.unwrap();
-    assert_eq!(before, after, "redelivery must not run the commands again (not even touch updated_at)");
+    let after: (i64, String, String, i64) =
+        sqlx::query_as(snapshot).fetch_one(&env.pool).await.unwrap();
+    assert_eq!(
+        before, after,
+        "redelivery must not run the commands again (not even touch updated_at)"
+    );
     assert!(env.dead_letters().await.is_empty());
     env.finish().await;
 }
@@ -120,10 +224,25 @@ async fn redelivered_entries_change_nothing_and_double_no_face() {
 async fn a_trapping_plugin_fails_only_its_own_entry() {
     let env = TestEnv::start(Options::new(&["scripted", "insights"]).retries(2, 200)).await;
     env.seed_media(5, &[50]).await;
-    let before = env.publish("scripted", &[("action", "ok"), ("note", "before")]).await;
-    let trap = env.publish("scripted", &[("action", "panic"), ("note", "boom-42")]).await;
-    let after = env.publish("scripted", &[("action", "ok"), ("note", "after")]).await;
-    let other_stream = env.publish(INSIGHTS, &[("mediaId", "50"), ("service", "image_captioning"), ("caption", "fine")]).await;
+    let before = env
+        .publish("scripted", &[("action", "ok"), ("note", "before")])
+        .await;
+    let trap = env
+        .publish("scripted", &[("action", "panic"), ("note", "boom-42")])
+        .await;
+    let after = env
+        .publish("scripted", &[("action", "ok"), ("note", "after")])
+        .await;
+    let other_stream = env
+        .publish(
+            INSIGHTS,
+            &[
+                ("mediaId", "50"),
+                ("service", "image_captioning"),
+                ("caption", "fine"),
+            ],
+        )
+        .await;
 
     env.await_processed("scripted", &before).await;
     env.await_processed("scripted", &after).await;
@@ -132,11 +251,19 @@ async fn a_trapping_plugin_fails_only_its_own_entry() {
     let letter = env.await_dead_letter("scripted", &trap).await;
     assert_eq!(letter["failureKind"], "plugin-trap");
     assert_eq!(letter["deliveries"], "2");
-    assert!(letter["error"].contains("boom-42"), "the panic message reaches the dead letter: {}", letter["error"]);
+    assert!(
+        letter["error"].contains("boom-42"),
+        "the panic message reaches the dead letter: {}",
+        letter["error"]
+    );
     assert_eq!(letter["plugin"], "scripted");
     env.await_no_pending("scripted").await;
     env.await_no_pending(INSIGHTS).await;
-    let notes: Vec<String> = sqlx::query_scalar("SELECT error FROM ml_processing_errors ORDER BY id").fetch_all(&env.pool).await.unwrap();
+    let notes: Vec<String> =
+        sqlx::query_scalar("SELECT error FROM ml_processing_errors ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
     assert_eq!(notes, ["before", "after"]);
     env.finish().await;
 }

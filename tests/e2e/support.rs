@@ -30,7 +30,12 @@ pub fn unique(tag: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("{tag}_{}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), nanos % 1_000_000)
+    format!(
+        "{tag}_{}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        nanos % 1_000_000
+    )
 }
 
 /// The workspace root.
@@ -47,7 +52,9 @@ pub fn plugin_file(name: &str) -> PathBuf {
             return file;
         }
     }
-    panic!("plugin {name}.wasm is not built: run ./scripts/build-plugins first (the test command does)");
+    panic!(
+        "plugin {name}.wasm is not built: run ./scripts/build-plugins first (the test command does)"
+    );
 }
 
 /// Polls `probe` until it yields `Some`, failing the test after [`DEADLINE`].
@@ -93,7 +100,8 @@ impl Options {
 
     /// Fast retries: reclaim after `idle_ms`, dead-letter after `attempts` deliveries.
     pub fn retries(self, attempts: u32, idle_ms: u64) -> Self {
-        self.set("ML_RETRY_ATTEMPTS", attempts).set("KALEIDOSCOPE_RECLAIM_IDLE_MS", idle_ms)
+        self.set("ML_RETRY_ATTEMPTS", attempts)
+            .set("KALEIDOSCOPE_RECLAIM_IDLE_MS", idle_ms)
     }
 }
 
@@ -126,18 +134,30 @@ impl TestEnv {
         let plugins_dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&plugins_dir).expect("create the plugins directory");
         for plugin in &options.plugins {
-            std::fs::copy(plugin_file(plugin), plugins_dir.join(format!("{plugin}.wasm"))).expect("copy plugin");
+            std::fs::copy(
+                plugin_file(plugin),
+                plugins_dir.join(format!("{plugin}.wasm")),
+            )
+            .expect("copy plugin");
         }
 
         let mut env = options.env.clone();
         env.insert("DATABASE_URL".into(), database_url.clone());
         env.insert("REDIS_URL".into(), REDIS_URL.into());
         env.insert("KALEIDOSCOPE_STREAM_PREFIX".into(), prefix.clone());
-        env.insert("KALEIDOSCOPE_PLUGINS_DIR".into(), plugins_dir.display().to_string());
-        let config = Config::from_sources(None, &env, &BTreeMap::new()).expect("test configuration");
+        env.insert(
+            "KALEIDOSCOPE_PLUGINS_DIR".into(),
+            plugins_dir.display().to_string(),
+        );
+        let config =
+            Config::from_sources(None, &env, &BTreeMap::new()).expect("test configuration");
 
-        let pool = kaleidoscope::persist::connect(&database_url, 4).await.expect("create the test database");
-        kaleidoscope::persist::migrate(&pool).await.expect("migrate the test database");
+        let pool = kaleidoscope::persist::connect(&database_url, 4)
+            .await
+            .expect("create the test database");
+        kaleidoscope::persist::migrate(&pool)
+            .await
+            .expect("migrate the test database");
         let redis = redis::Client::open(REDIS_URL)
             .expect("redis url")
             .get_multiplexed_async_connection()
@@ -157,7 +177,9 @@ impl TestEnv {
 
     /// Starts the in-process host.
     pub async fn with_host(mut self) -> TestEnv {
-        let host = RunningHost::start(self.config.clone()).await.expect("start the host");
+        let host = RunningHost::start(self.config.clone())
+            .await
+            .expect("start the host");
         self.host = Some(host);
         self
     }
@@ -174,7 +196,9 @@ impl TestEnv {
         for (k, v) in fields {
             cmd.arg(*k).arg(*v);
         }
-        cmd.query_async(&mut self.redis.clone()).await.expect("XADD")
+        cmd.query_async(&mut self.redis.clone())
+            .await
+            .expect("XADD")
     }
 
     /// Adds an entry whose field values are raw bytes.
@@ -184,7 +208,9 @@ impl TestEnv {
         for (k, v) in fields {
             cmd.arg(*k).arg(*v);
         }
-        cmd.query_async(&mut self.redis.clone()).await.expect("XADD")
+        cmd.query_async(&mut self.redis.clone())
+            .await
+            .expect("XADD")
     }
 
     /// The group's pending count on a logical stream.
@@ -227,7 +253,9 @@ impl TestEnv {
                 .ok()?;
             let last_id = match last {
                 redis::Value::Array(items) => match items.into_iter().next() {
-                    Some(redis::Value::Array(mut entry)) if !entry.is_empty() => text(entry.swap_remove(0)),
+                    Some(redis::Value::Array(mut entry)) if !entry.is_empty() => {
+                        text(entry.swap_remove(0))
+                    }
                     _ => String::new(),
                 },
                 _ => String::new(),
@@ -238,9 +266,9 @@ impl TestEnv {
                 .query_async(&mut self.redis.clone())
                 .await
                 .ok()?;
-            let group = groups
-                .into_iter()
-                .find(|g| g.get("name").map(|v| text(v.clone())) == Some(self.config.consumer_group.clone()))?;
+            let group = groups.into_iter().find(|g| {
+                g.get("name").map(|v| text(v.clone())) == Some(self.config.consumer_group.clone())
+            })?;
             let delivered = group.get("last-delivered-id").map(|v| text(v.clone()))?;
             let pending = match group.get("pending") {
                 Some(redis::Value::Int(n)) => *n,
@@ -266,22 +294,28 @@ impl TestEnv {
     /// Waits for the dead letter of `entry_id` of `stream` and returns it. (Entry ids are only
     /// unique within a stream.)
     pub async fn await_dead_letter(&self, stream: &str, entry_id: &str) -> HashMap<String, String> {
-        eventually(&format!("a dead letter for {stream} {entry_id}"), || async {
-            self.dead_letters().await.into_iter().find(|d| {
-                d.get("sourceId").map(String::as_str) == Some(entry_id) && d.get("sourceStream").map(String::as_str) == Some(stream)
-            })
-        })
+        eventually(
+            &format!("a dead letter for {stream} {entry_id}"),
+            || async {
+                self.dead_letters().await.into_iter().find(|d| {
+                    d.get("sourceId").map(String::as_str) == Some(entry_id)
+                        && d.get("sourceStream").map(String::as_str) == Some(stream)
+                })
+            },
+        )
         .await
     }
 
     /// Whether the ledger has `entry_id` of `stream`, and with which outcome.
     pub async fn ledger_outcome(&self, stream: &str, entry_id: &str) -> Option<String> {
-        sqlx::query_scalar("SELECT outcome FROM processed_entries WHERE stream = $1 AND entry_id = $2")
-            .bind(stream)
-            .bind(entry_id)
-            .fetch_optional(&self.pool)
-            .await
-            .expect("ledger query")
+        sqlx::query_scalar(
+            "SELECT outcome FROM processed_entries WHERE stream = $1 AND entry_id = $2",
+        )
+        .bind(stream)
+        .bind(entry_id)
+        .fetch_optional(&self.pool)
+        .await
+        .expect("ledger query")
     }
 
     /// Waits until the ledger records `entry_id` as processed.
@@ -289,7 +323,9 @@ impl TestEnv {
         eventually(&format!("{stream} entry {entry_id} processed"), || async {
             match self.ledger_outcome(stream, entry_id).await.as_deref() {
                 Some("processed") => Some(()),
-                Some(other) => panic!("{stream} entry {entry_id} ended as {other}, expected processed"),
+                Some(other) => {
+                    panic!("{stream} entry {entry_id} ended as {other}, expected processed")
+                }
                 None => None,
             }
         })
@@ -298,10 +334,12 @@ impl TestEnv {
 
     /// Creates a user, a post and media rows (the backend's job in production).
     pub async fn seed_media(&self, post_id: i64, media_ids: &[i64]) {
-        sqlx::query("INSERT INTO users (user_id, username) VALUES (1, 'author') ON CONFLICT DO NOTHING")
-            .execute(&self.pool)
-            .await
-            .expect("seed user");
+        sqlx::query(
+            "INSERT INTO users (user_id, username) VALUES (1, 'author') ON CONFLICT DO NOTHING",
+        )
+        .execute(&self.pool)
+        .await
+        .expect("seed user");
         sqlx::query("INSERT INTO posts (post_id, author_id) VALUES ($1, 1) ON CONFLICT DO NOTHING")
             .bind(post_id)
             .execute(&self.pool)
@@ -339,12 +377,18 @@ impl TestEnv {
             .await
             .unwrap_or_default();
         if !keys.is_empty() {
-            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut self.redis).await;
+            let _: Result<(), _> = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut self.redis)
+                .await;
         }
         if let Ok(admin) = PgPool::connect(ADMIN_URL).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database)))
-                .execute(&admin)
-                .await;
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.database
+            )))
+            .execute(&admin)
+            .await;
             admin.close().await;
         }
         let _ = std::fs::remove_dir_all(&self.plugins_dir);

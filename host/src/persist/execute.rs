@@ -61,7 +61,11 @@ pub async fn execute(conn: &mut PgConnection, statement: &Statement) -> Result<(
         }
         Statement::Delete { table, key } => {
             let mut binds = Vec::new();
-            let sql = format!("DELETE FROM {} WHERE {}", ident(table), where_clause(key, &mut binds));
+            let sql = format!(
+                "DELETE FROM {} WHERE {}",
+                ident(table),
+                where_clause(key, &mut binds)
+            );
             run(conn, sql, binds).await.map(drop)
         }
         Statement::Emit { .. } => Ok(()),
@@ -86,7 +90,12 @@ pub fn classify(error: sqlx::Error) -> ExecError {
         // serialization_failure, deadlock_detected, lock_not_available: transient contention.
         "23503" | "40001" | "40P01" | "55P03" => ExecError::Retry(message),
         // connection exceptions, operator intervention, insufficient resources, system errors.
-        c if c.starts_with("08") || c.starts_with("57") || c.starts_with("53") || c.starts_with("58") || c.starts_with("XX") => {
+        c if c.starts_with("08")
+            || c.starts_with("57")
+            || c.starts_with("53")
+            || c.starts_with("58")
+            || c.starts_with("XX") =>
+        {
             ExecError::Unavailable(error)
         }
         _ => ExecError::Permanent(message),
@@ -111,7 +120,9 @@ impl From<&wit::Value> for Bind {
             wit::Value::Boolean(b) => Bind::Bool(*b),
             wit::Value::Integer(i) => Bind::Int(*i),
             wit::Value::Float(f) => Bind::Float(*f),
-            wit::Value::Text(s) | wit::Value::Json(s) | wit::Value::Timestamp(s) => Bind::Text(s.clone()),
+            wit::Value::Text(s) | wit::Value::Json(s) | wit::Value::Timestamp(s) => {
+                Bind::Text(s.clone())
+            }
             wit::Value::TextArray(items) => Bind::TextArray(items.clone()),
             wit::Value::FloatArray(items) => Bind::FloatArray(items.clone()),
         }
@@ -160,12 +171,22 @@ fn union(existing: &str, added: &str) -> String {
 
 fn dedup(items: &[String]) -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
-    items.iter().filter(|item| seen.insert(item.as_str())).cloned().collect()
+    items
+        .iter()
+        .filter(|item| seen.insert(item.as_str()))
+        .cloned()
+        .collect()
 }
 
 fn where_clause(key: &[Param], binds: &mut Vec<Bind>) -> String {
     key.iter()
-        .map(|p| format!("{} = {}", ident(&p.column), placeholder(binds, (&p.value).into(), &p.sql_type)))
+        .map(|p| {
+            format!(
+                "{} = {}",
+                ident(&p.column),
+                placeholder(binds, (&p.value).into(), &p.sql_type)
+            )
+        })
         .collect::<Vec<_>>()
         .join(" AND ")
 }
@@ -186,7 +207,11 @@ fn upsert_sql(table: &str, key: &[Param], set: &[SetParam]) -> (String, Vec<Bind
         };
         values.push(placeholder(&mut binds, bind, &s.sql_type));
     }
-    let conflict = key.iter().map(|p| ident(&p.column)).collect::<Vec<_>>().join(", ");
+    let conflict = key
+        .iter()
+        .map(|p| ident(&p.column))
+        .collect::<Vec<_>>()
+        .join(", ");
     let action = if set.is_empty() {
         "DO NOTHING".to_string()
     } else {
@@ -197,7 +222,10 @@ fn upsert_sql(table: &str, key: &[Param], set: &[SetParam]) -> (String, Vec<Bind
                 match s.op {
                     SetOp::Assign(_) => format!("{column} = EXCLUDED.{column}"),
                     SetOp::AppendUnique(_) => {
-                        format!("{column} = {}", union(&format!("target.{column}"), &format!("EXCLUDED.{column}")))
+                        format!(
+                            "{column} = {}",
+                            union(&format!("target.{column}"), &format!("EXCLUDED.{column}"))
+                        )
                     }
                 }
             })
@@ -221,7 +249,10 @@ fn update_sql(table: &str, key: &[Param], set: &[SetParam]) -> (String, Vec<Bind
         .map(|s| {
             let column = ident(&s.column);
             match &s.op {
-                SetOp::Assign(value) => format!("{column} = {}", placeholder(&mut binds, value.into(), &s.sql_type)),
+                SetOp::Assign(value) => format!(
+                    "{column} = {}",
+                    placeholder(&mut binds, value.into(), &s.sql_type)
+                ),
                 SetOp::AppendUnique(items) => {
                     let added = placeholder(&mut binds, Bind::TextArray(dedup(items)), &s.sql_type);
                     format!("{column} = {}", union(&format!("target.{column}"), &added))
@@ -231,24 +262,41 @@ fn update_sql(table: &str, key: &[Param], set: &[SetParam]) -> (String, Vec<Bind
         .collect::<Vec<_>>()
         .join(", ");
     let condition = where_clause(key, &mut binds);
-    let sql = format!("UPDATE {} AS target SET {assignments} WHERE {condition}", ident(table));
+    let sql = format!(
+        "UPDATE {} AS target SET {assignments} WHERE {condition}",
+        ident(table)
+    );
     (sql, binds)
 }
 
 fn insert_sql(table: &str, values: &[Param], ignore_conflict: bool) -> (String, Vec<Bind>) {
     let mut binds = Vec::new();
-    let conflict = if ignore_conflict { " ON CONFLICT DO NOTHING" } else { "" };
+    let conflict = if ignore_conflict {
+        " ON CONFLICT DO NOTHING"
+    } else {
+        ""
+    };
     if values.is_empty() {
-        return (format!("INSERT INTO {} DEFAULT VALUES{conflict}", ident(table)), binds);
+        return (
+            format!("INSERT INTO {} DEFAULT VALUES{conflict}", ident(table)),
+            binds,
+        );
     }
-    let columns = values.iter().map(|p| ident(&p.column)).collect::<Vec<_>>().join(", ");
+    let columns = values
+        .iter()
+        .map(|p| ident(&p.column))
+        .collect::<Vec<_>>()
+        .join(", ");
     let placeholders = values
         .iter()
         .map(|p| placeholder(&mut binds, (&p.value).into(), &p.sql_type))
         .collect::<Vec<_>>()
         .join(", ");
     (
-        format!("INSERT INTO {} ({columns}) VALUES ({placeholders}){conflict}", ident(table)),
+        format!(
+            "INSERT INTO {} ({columns}) VALUES ({placeholders}){conflict}",
+            ident(table)
+        ),
         binds,
     )
 }

@@ -42,17 +42,22 @@ pub struct OutboxMessage {
 }
 
 /// The ids among `entry_ids` of `stream` that the ledger already has.
-pub async fn already_finished(pool: &PgPool, stream: &str, entry_ids: &[String]) -> Result<HashSet<String>> {
+pub async fn already_finished(
+    pool: &PgPool,
+    stream: &str,
+    entry_ids: &[String],
+) -> Result<HashSet<String>> {
     if entry_ids.is_empty() {
         return Ok(HashSet::new());
     }
-    let rows: Vec<(String,)> =
-        sqlx::query_as("SELECT entry_id FROM processed_entries WHERE stream = $1 AND entry_id = ANY($2)")
-            .bind(stream)
-            .bind(entry_ids)
-            .fetch_all(pool)
-            .await
-            .context("cannot read the processed-entry ledger")?;
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT entry_id FROM processed_entries WHERE stream = $1 AND entry_id = ANY($2)",
+    )
+    .bind(stream)
+    .bind(entry_ids)
+    .fetch_all(pool)
+    .await
+    .context("cannot read the processed-entry ledger")?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
@@ -88,11 +93,13 @@ pub async fn enqueue(
     fields: Vec<(String, String)>,
 ) -> Result<OutboxMessage, sqlx::Error> {
     let json = serde_json::to_string(&fields).unwrap_or_else(|_| "[]".into());
-    let (id,): (i64,) = sqlx::query_as("INSERT INTO outbox (stream, fields) VALUES ($1, CAST($2 AS jsonb)) RETURNING id")
-        .bind(stream_key)
-        .bind(json)
-        .fetch_one(conn)
-        .await?;
+    let (id,): (i64,) = sqlx::query_as(
+        "INSERT INTO outbox (stream, fields) VALUES ($1, CAST($2 AS jsonb)) RETURNING id",
+    )
+    .bind(stream_key)
+    .bind(json)
+    .fetch_one(conn)
+    .await?;
     Ok(OutboxMessage {
         id,
         stream_key: stream_key.to_string(),
@@ -115,7 +122,11 @@ pub async fn remove(pool: &PgPool, ids: &[i64]) -> Result<()> {
 
 /// Messages older than `age` (left behind by a crash or a failed publish), locked for this
 /// transaction so two hosts do not publish the same rows at once.
-pub async fn claim_stale(conn: &mut PgConnection, age: Duration, limit: i64) -> Result<Vec<OutboxMessage>> {
+pub async fn claim_stale(
+    conn: &mut PgConnection,
+    age: Duration,
+    limit: i64,
+) -> Result<Vec<OutboxMessage>> {
     let rows: Vec<(i64, String, String)> = sqlx::query_as(
         "SELECT id, stream, fields::text FROM outbox
           WHERE created_at < now() - make_interval(secs => $1)

@@ -193,7 +193,11 @@ impl Checker<'_> {
 
     fn table(&self, what: &str, name: &str) -> Result<&Table, String> {
         if HOST_TABLES.contains(&name) {
-            return Err(self.fail(what, name, "the table belongs to the host and cannot be written by plugins"));
+            return Err(self.fail(
+                what,
+                name,
+                "the table belongs to the host and cannot be written by plugins",
+            ));
         }
         self.catalog
             .table(name)
@@ -201,23 +205,35 @@ impl Checker<'_> {
     }
 
     fn column<'t>(&self, what: &str, table: &'t Table, name: &str) -> Result<&'t Column, String> {
-        let column = table
-            .columns
-            .get(name)
-            .ok_or_else(|| self.fail(what, &table.name, format!("column `{name}` does not exist")))?;
+        let column = table.columns.get(name).ok_or_else(|| {
+            self.fail(what, &table.name, format!("column `{name}` does not exist"))
+        })?;
         if column.generated {
-            return Err(self.fail(what, &table.name, format!("column `{name}` is generated and cannot be written")));
+            return Err(self.fail(
+                what,
+                &table.name,
+                format!("column `{name}` is generated and cannot be written"),
+            ));
         }
         Ok(column)
     }
 
-    fn params(&self, what: &str, table: &Table, values: Vec<wit::ColumnValue>) -> Result<Vec<Param>, String> {
+    fn params(
+        &self,
+        what: &str,
+        table: &Table,
+        values: Vec<wit::ColumnValue>,
+    ) -> Result<Vec<Param>, String> {
         let mut seen = BTreeSet::new();
         values
             .into_iter()
             .map(|cv| {
                 if !seen.insert(cv.column.clone()) {
-                    return Err(self.fail(what, &table.name, format!("column `{}` appears twice", cv.column)));
+                    return Err(self.fail(
+                        what,
+                        &table.name,
+                        format!("column `{}` appears twice", cv.column),
+                    ));
                 }
                 let column = self.column(what, table, &cv.column)?;
                 self.fits(what, table, column, &cv.value)?;
@@ -230,13 +246,22 @@ impl Checker<'_> {
             .collect()
     }
 
-    fn key(&self, what: &str, table: &Table, key: Vec<wit::ColumnValue>) -> Result<Vec<Param>, String> {
+    fn key(
+        &self,
+        what: &str,
+        table: &Table,
+        key: Vec<wit::ColumnValue>,
+    ) -> Result<Vec<Param>, String> {
         if key.is_empty() {
             return Err(self.fail(what, &table.name, "the key is empty"));
         }
         let params = self.params(what, table, key)?;
         if let Some(null) = params.iter().find(|p| matches!(p.value, wit::Value::Null)) {
-            return Err(self.fail(what, &table.name, format!("key column `{}` is null", null.column)));
+            return Err(self.fail(
+                what,
+                &table.name,
+                format!("key column `{}` is null", null.column),
+            ));
         }
         Ok(params)
     }
@@ -252,10 +277,18 @@ impl Checker<'_> {
         set.into_iter()
             .map(|cs| {
                 if key_columns.contains(&cs.column) {
-                    return Err(self.fail(what, &table.name, format!("column `{}` is both in the key and in `set`", cs.column)));
+                    return Err(self.fail(
+                        what,
+                        &table.name,
+                        format!("column `{}` is both in the key and in `set`", cs.column),
+                    ));
                 }
                 if !seen.insert(cs.column.clone()) {
-                    return Err(self.fail(what, &table.name, format!("column `{}` appears twice in `set`", cs.column)));
+                    return Err(self.fail(
+                        what,
+                        &table.name,
+                        format!("column `{}` appears twice in `set`", cs.column),
+                    ));
                 }
                 let column = self.column(what, table, &cs.column)?;
                 let op = match cs.op {
@@ -268,11 +301,21 @@ impl Checker<'_> {
                             return Err(self.fail(
                                 what,
                                 &table.name,
-                                format!("append-unique needs a text[] column, but `{}` is {}", column.name, column.sql_type),
+                                format!(
+                                    "append-unique needs a text[] column, but `{}` is {}",
+                                    column.name, column.sql_type
+                                ),
                             ));
                         }
                         if let Some(item) = items.iter().find(|s| s.contains('\0')) {
-                            return Err(self.fail(what, &table.name, format!("column `{}`: {item:?} contains a NUL character", column.name)));
+                            return Err(self.fail(
+                                what,
+                                &table.name,
+                                format!(
+                                    "column `{}`: {item:?} contains a NUL character",
+                                    column.name
+                                ),
+                            ));
                         }
                         SetOp::AppendUnique(items)
                     }
@@ -286,10 +329,20 @@ impl Checker<'_> {
             .collect()
     }
 
-    fn fits(&self, what: &str, table: &Table, column: &Column, value: &wit::Value) -> Result<(), String> {
+    fn fits(
+        &self,
+        what: &str,
+        table: &Table,
+        column: &Column,
+        value: &wit::Value,
+    ) -> Result<(), String> {
         use wit::Value as V;
         let mismatch = |detail: String| {
-            Err(self.fail(what, &table.name, format!("column `{}` ({}): {detail}", column.name, column.sql_type)))
+            Err(self.fail(
+                what,
+                &table.name,
+                format!("column `{}` ({}): {detail}", column.name, column.sql_type),
+            ))
         };
         let has_nul = |s: &str| s.contains('\0');
         match (value, column.kind) {
@@ -316,9 +369,10 @@ impl Checker<'_> {
                     return mismatch("text contains a NUL character".into());
                 }
                 match max_chars {
-                    Some(max) if s.chars().count() > max => {
-                        mismatch(format!("text of {} characters is longer than {max}", s.chars().count()))
-                    }
+                    Some(max) if s.chars().count() > max => mismatch(format!(
+                        "text of {} characters is longer than {max}",
+                        s.chars().count()
+                    )),
                     _ => Ok(()),
                 }
             }
@@ -335,10 +389,12 @@ impl Checker<'_> {
                     Ok(())
                 }
             }
-            (V::FloatArray(items), ColumnKind::FloatArray) => match items.iter().position(|f| !f.is_finite()) {
-                Some(index) => mismatch(format!("item {index} is not a finite number")),
-                None => Ok(()),
-            },
+            (V::FloatArray(items), ColumnKind::FloatArray) => {
+                match items.iter().position(|f| !f.is_finite()) {
+                    Some(index) => mismatch(format!("item {index} is not a finite number")),
+                    None => Ok(()),
+                }
+            }
             (V::Timestamp(s), ColumnKind::Timestamp) => {
                 if s.trim().is_empty() || has_nul(s) {
                     mismatch(format!("{s:?} is not a timestamp"))

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap,
+};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -122,7 +124,8 @@ impl PluginRuntime {
     /// Reads, compiles and validates the plugin in `path`. Blocking and CPU-heavy (tens to
     /// hundreds of milliseconds): call it from a blocking thread.
     pub fn load(&self, path: &Path) -> Result<Plugin> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         self.load_bytes(&bytes, path)
     }
 
@@ -134,7 +137,9 @@ impl PluginRuntime {
         let started = Instant::now();
         let component = Component::new(&self.engine, bytes)
             .map_err(anyhow::Error::from)
-            .context("not a valid WebAssembly component (build it with `--target wasm32-wasip2`)")?;
+            .context(
+                "not a valid WebAssembly component (build it with `--target wasm32-wasip2`)",
+            )?;
         let compile_time = started.elapsed();
         let instance_pre = self
             .linker
@@ -233,7 +238,9 @@ impl Plugin {
         match result {
             Ok(manifest) => Ok(manifest),
             Err(error) => match self.classify(error, &store, &stderr) {
-                HandlerOutcome::Timeout(after) => bail!("`manifest()` did not return within {after:?}"),
+                HandlerOutcome::Timeout(after) => {
+                    bail!("`manifest()` did not return within {after:?}")
+                }
                 HandlerOutcome::MemoryLimit { requested } => bail!(
                     "`manifest()` exceeded the memory cap ({requested} bytes requested, cap {})",
                     self.limits.memory_bytes
@@ -403,13 +410,27 @@ impl wit_log::Host for CallState {
             message.truncate(cut);
             message.push('…');
         }
-        let LogContext { plugin, stream, entry_id } = &self.log;
+        let LogContext {
+            plugin,
+            stream,
+            entry_id,
+        } = &self.log;
         match level {
-            Level::Trace => tracing::trace!(target: "plugin", %plugin, %stream, entry = %entry_id, "{message}"),
-            Level::Debug => tracing::debug!(target: "plugin", %plugin, %stream, entry = %entry_id, "{message}"),
-            Level::Info => tracing::info!(target: "plugin", %plugin, %stream, entry = %entry_id, "{message}"),
-            Level::Warn => tracing::warn!(target: "plugin", %plugin, %stream, entry = %entry_id, "{message}"),
-            Level::Error => tracing::error!(target: "plugin", %plugin, %stream, entry = %entry_id, "{message}"),
+            Level::Trace => {
+                tracing::trace!(target: "plugin", %plugin, %stream, entry = %entry_id, "{message}")
+            }
+            Level::Debug => {
+                tracing::debug!(target: "plugin", %plugin, %stream, entry = %entry_id, "{message}")
+            }
+            Level::Info => {
+                tracing::info!(target: "plugin", %plugin, %stream, entry = %entry_id, "{message}")
+            }
+            Level::Warn => {
+                tracing::warn!(target: "plugin", %plugin, %stream, entry = %entry_id, "{message}")
+            }
+            Level::Error => {
+                tracing::error!(target: "plugin", %plugin, %stream, entry = %entry_id, "{message}")
+            }
         }
     }
 }

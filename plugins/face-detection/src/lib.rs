@@ -121,7 +121,9 @@ pub fn parse_face(media_id: i64, index: usize, item: &Json) -> Result<Face, Fail
         ))
     })?;
     let (x, y, width, height) = match face.get("bbox") {
-        Some(bbox) => corner_box(bbox).map_err(|why| malformed(format!("`{}`: {why}", at("bbox"))))?,
+        Some(bbox) => {
+            corner_box(bbox).map_err(|why| malformed(format!("`{}`: {why}", at("bbox"))))?
+        }
         None => (
             number(face, "boundingBoxX", &at)?.ok_or_else(|| missing_box(index))?,
             number(face, "boundingBoxY", &at)?.ok_or_else(|| missing_box(index))?,
@@ -155,7 +157,10 @@ pub fn parse_face(media_id: i64, index: usize, item: &Json) -> Result<Face, Fail
                 .enumerate()
                 .map(|(i, v)| {
                     v.as_f64().filter(|n| n.is_finite()).ok_or_else(|| {
-                        malformed(format!("`{}`: item {i} is not a finite number", at("embedding")))
+                        malformed(format!(
+                            "`{}`: item {i} is not a finite number",
+                            at("embedding")
+                        ))
                     })
                 })
                 .collect::<Result<Vec<f64>, _>>()?;
@@ -199,7 +204,9 @@ fn corner_box(bbox: &Json) -> Result<(f64, f64, f64, f64), String> {
     }
     let [xmin, ymin, xmax, ymax] = numbers;
     if xmax < xmin || ymax < ymin {
-        return Err(format!("corners out of order (xmax < xmin or ymax < ymin): {bbox}"));
+        return Err(format!(
+            "corners out of order (xmax < xmin or ymax < ymin): {bbox}"
+        ));
     }
     Ok((xmin, ymin, xmax - xmin, ymax - ymin))
 }
@@ -255,7 +262,10 @@ mod tests {
     #[test]
     fn corner_boxes_become_x_y_width_height() {
         let face = parse_face(7, 0, &json!({"faceId": "f1", "bbox": [10, 20, 110, 220]})).unwrap();
-        assert_eq!((face.x, face.y, face.width, face.height), (10.0, 20.0, 100.0, 200.0));
+        assert_eq!(
+            (face.x, face.y, face.width, face.height),
+            (10.0, 20.0, 100.0, 200.0)
+        );
         assert_eq!(face.face_id, "f1");
     }
 
@@ -270,7 +280,12 @@ mod tests {
 
     #[test]
     fn zero_embeddings_are_dropped() {
-        let face = parse_face(1, 0, &json!({"bbox": [0, 0, 1, 1], "embedding": [0.0, 0.0]})).unwrap();
+        let face = parse_face(
+            1,
+            0,
+            &json!({"bbox": [0, 0, 1, 1], "embedding": [0.0, 0.0]}),
+        )
+        .unwrap();
         assert_eq!(face.embedding, None);
     }
 }

@@ -55,7 +55,10 @@ pub fn to_commands(stream: &str, entry_id: &str, fields: &Fields) -> Result<Vec<
             .value_some("retry_count", fields.i64("retryCount")?)
             .value_some("original_message_id", fields.get("originalMessageId"))
             .value_some("original_data", fields.get("originalData"))
-            .value_some("producer_timestamp", occurred_at.or(fields.get("timestamp").map(str::to_string)))
+            .value_some(
+                "producer_timestamp",
+                occurred_at.or(fields.get("timestamp").map(str::to_string)),
+            )
             .into(),
     ])
 }

@@ -79,7 +79,9 @@ impl<'a> Fields<'a> {
     /// An optional list of strings: JSON text (`["a", "b"]`), or comma-separated text as the
     /// original Java consumer accepted (`a, b`).
     pub fn string_list(&self, name: &str) -> Result<Option<Vec<String>>, Failure> {
-        self.get(name).map(|v| parse_string_list(name, v)).transpose()
+        self.get(name)
+            .map(|v| parse_string_list(name, v))
+            .transpose()
     }
 
     /// An optional JSON list of numbers (e.g. an embedding).
@@ -92,7 +94,10 @@ impl<'a> Fields<'a> {
         self.get(name)
             .map(|v| {
                 serde_json::from_str(v).map_err(|e| {
-                    malformed(format!("field `{name}`: not valid JSON ({e}): {}", quote(v)))
+                    malformed(format!(
+                        "field `{name}`: not valid JSON ({e}): {}",
+                        quote(v)
+                    ))
                 })
             })
             .transpose()
@@ -101,10 +106,12 @@ impl<'a> Fields<'a> {
 
 /// Parses an integer sent as text; the error names `field`.
 pub fn parse_i64(field: &str, value: &str) -> Result<i64, Failure> {
-    value
-        .trim()
-        .parse::<i64>()
-        .map_err(|_| malformed(format!("field `{field}`: expected an integer, got {}", quote(value))))
+    value.trim().parse::<i64>().map_err(|_| {
+        malformed(format!(
+            "field `{field}`: expected an integer, got {}",
+            quote(value)
+        ))
+    })
 }
 
 /// Parses a finite floating-point number sent as text (exponent form allowed); the error names
@@ -223,7 +230,9 @@ mod tests {
     #[test]
     fn missing_required_field_names_the_field() {
         let fields = pairs(&[]);
-        let error = Fields::from_pairs(&fields).required_i64("mediaId").unwrap_err();
+        let error = Fields::from_pairs(&fields)
+            .required_i64("mediaId")
+            .unwrap_err();
         assert_eq!(reason(error), "missing field `mediaId`");
     }
 

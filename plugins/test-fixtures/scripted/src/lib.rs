@@ -18,7 +18,11 @@ struct Scripted;
 
 impl Handler for Scripted {
     fn manifest() -> Manifest {
-        sdk::manifest("scripted", env!("CARGO_PKG_VERSION"), &["scripted", "scripted-2"])
+        sdk::manifest(
+            "scripted",
+            env!("CARGO_PKG_VERSION"),
+            &["scripted", "scripted-2"],
+        )
     }
 
     fn handle(entry: Entry) -> Result<Vec<Command>, Failure> {
@@ -64,7 +68,9 @@ impl Handler for Scripted {
                     .value(fields.required("column")?, note.as_str())
                     .into(),
             ]),
-            other => Err(sdk::malformed(format!("field `action`: unknown action {other:?}"))),
+            other => Err(sdk::malformed(format!(
+                "field `action`: unknown action {other:?}"
+            ))),
         }
     }
 }
