@@ -7,7 +7,7 @@
 //! errors that name the key or variable they came from.
 
 use anyhow::{Context, Result, bail};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -140,7 +140,35 @@ pub const SETTINGS: &[Setting] = &[
         default: "true",
         help: "Whether `run` applies database migrations at start-up.",
     },
+    Setting {
+        key: "watch_plugins",
+        env: "KALEIDOSCOPE_WATCH_PLUGINS",
+        default: "true",
+        help: "Whether `run` watches the plugins directory and swaps changed plugins in without a restart.",
+    },
+    Setting {
+        key: "cache_dir",
+        env: "KALEIDOSCOPE_CACHE_DIR",
+        default: "target/plugin-cache",
+        help: "Directory of compiled plugins, keyed by content hash, so restarts and reloads of unchanged files do not recompile. Only the host should write it.",
+    },
 ];
+
+/// The shipped plugins' grants and limits (`config/default-plugins.toml`).
+const DEFAULT_PLUGINS: &str = include_str!("../../config/default-plugins.toml");
+
+/// What the operator allows one plugin, and its sandbox limits if they differ from the defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PluginPolicy {
+    /// Tables the plugin may write (upsert, update, insert, delete).
+    pub tables: BTreeSet<String>,
+    /// Streams the plugin may `emit` to (logical names).
+    pub emit: BTreeSet<String>,
+    /// Deadline of one call, overriding `plugin_timeout_ms`.
+    pub timeout: Option<Duration>,
+    /// Memory cap in bytes, overriding `plugin_memory_mib`.
+    pub memory_bytes: Option<usize>,
+}
 
 /// The resolved configuration of one host process.
 #[derive(Clone, Debug)]
@@ -161,6 +189,10 @@ pub struct Config {
     pub plugin_timeout: Duration,
     pub plugin_memory_bytes: usize,
     pub migrate: bool,
+    pub watch_plugins: bool,
+    pub cache_dir: PathBuf,
+    /// Grants and limits per plugin name; a plugin without an entry may write nothing.
+    pub plugins: BTreeMap<String, PluginPolicy>,
 }
 
 impl Config {
@@ -172,6 +204,11 @@ impl Config {
     /// The Redis key of the dead-letter stream.
     pub fn dlq_key(&self) -> String {
         self.stream_key(&self.dlq_stream)
+    }
+
+    /// The grants and limits of the plugin called `name` (empty grants if it has none).
+    pub fn policy(&self, name: &str) -> PluginPolicy {
+        self.plugins.get(name).cloned().unwrap_or_default()
     }
 
     /// Loads the configuration from `file` (if any) and the process environment.
@@ -188,6 +225,7 @@ impl Config {
         flags: &BTreeMap<&'static str, String>,
     ) -> Result<Config> {
         let mut raw = RawSettings::default();
+        raw.read_plugins_table(&DEFAULT_PLUGINS.parse().context("config/default-plugins.toml is not valid TOML")?, Path::new("config/default-plugins.toml"))?;
         if let Some(path) = file {
             raw.read_file(path)?;
         }
@@ -220,6 +258,7 @@ impl fmt::Display for Origin {
 #[derive(Default)]
 struct RawSettings {
     values: BTreeMap<&'static str, (String, Origin)>,
+    plugins: BTreeMap<String, PluginPolicy>,
 }
 
 impl RawSettings {
@@ -233,7 +272,11 @@ impl RawSettings {
         let table: toml::Table = text
             .parse()
             .with_context(|| format!("configuration file {} is not valid TOML", path.display()))?;
+        self.read_plugins_table(&table, path)?;
         for (key, value) in table {
+            if key == "plugins" {
+                continue;
+            }
             let setting = SETTINGS.iter().find(|s| s.key == key).with_context(|| {
                 format!(
                     "unknown key `{key}` in {} (known keys: {})",
@@ -257,6 +300,56 @@ impl RawSettings {
                 ),
             };
             self.set(setting.key, text, Origin::File(path.to_path_buf()));
+        }
+        Ok(())
+    }
+
+    /// Reads `[plugins.<name>]` sections; each key given replaces that key of the plugin's
+    /// current policy (so an operator can change one limit and keep the shipped grants).
+    fn read_plugins_table(&mut self, table: &toml::Table, path: &Path) -> Result<()> {
+        let Some(plugins) = table.get("plugins") else {
+            return Ok(());
+        };
+        let plugins = plugins
+            .as_table()
+            .with_context(|| format!("`plugins` in {} must be a table of [plugins.<name>] sections", path.display()))?;
+        for (name, section) in plugins {
+            let section = section
+                .as_table()
+                .with_context(|| format!("`plugins.{name}` in {} must be a table", path.display()))?;
+            let policy = self.plugins.entry(name.clone()).or_default();
+            for (key, value) in section {
+                let at = || format!("`plugins.{name}.{key}` in {}", path.display());
+                let list = || -> Result<BTreeSet<String>> {
+                    value
+                        .as_array()
+                        .and_then(|items| items.iter().map(|i| i.as_str().map(str::to_string)).collect::<Option<BTreeSet<_>>>())
+                        .with_context(|| format!("{}: expected a list of strings", at()))
+                };
+                let positive = || -> Result<u64> {
+                    value
+                        .as_integer()
+                        .and_then(|i| u64::try_from(i).ok())
+                        .filter(|i| *i > 0)
+                        .with_context(|| format!("{}: expected a positive integer", at()))
+                };
+                match key.as_str() {
+                    "tables" => {
+                        let tables = list()?;
+                        if let Some(host) = tables.iter().find(|t| crate::persist::validate::HOST_TABLES.contains(&t.as_str())) {
+                            bail!("{}: table `{host}` belongs to the host and cannot be granted", at());
+                        }
+                        policy.tables = tables;
+                    }
+                    "emit" => policy.emit = list()?,
+                    "timeout_ms" => policy.timeout = Some(Duration::from_millis(positive()?)),
+                    "memory_mib" => {
+                        let mib = usize::try_from(positive()?).ok().and_then(|m| m.checked_mul(1 << 20)).with_context(|| format!("{}: too large", at()))?;
+                        policy.memory_bytes = Some(mib);
+                    }
+                    _ => bail!("unknown key {} (known: tables, emit, timeout_ms, memory_mib)", at()),
+                }
+            }
         }
         Ok(())
     }
@@ -400,6 +493,9 @@ impl RawSettings {
                 .checked_mul(1 << 20)
                 .context("`plugin_memory_mib` is too large")?,
             migrate: self.boolean("migrate", true)?,
+            watch_plugins: self.boolean("watch_plugins", true)?,
+            cache_dir: PathBuf::from(self.non_empty("cache_dir", "target/plugin-cache".into())?),
+            plugins: self.plugins.clone(),
         })
     }
 }
@@ -522,6 +618,30 @@ mod tests {
             error.contains("poll_timeout") && error.contains("bad.toml"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn shipped_plugins_have_default_grants_that_a_file_can_extend() {
+        let config = load(&[]).unwrap();
+        assert!(config.policy("insights").tables.contains("media_ai_insights"));
+        assert!(config.policy("unknown-plugin").tables.is_empty());
+
+        let dir = std::env::temp_dir().join(format!("kaleidoscope-config-grants-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("grants.toml");
+        std::fs::write(&file, "[plugins.insights]\ntimeout_ms = 250\n[plugins.mine]\ntables = [\"t\"]\nemit = [\"s\"]\n").unwrap();
+        let config = Config::from_sources(Some(&file), &env(&[]), &BTreeMap::new()).unwrap();
+        let insights = config.policy("insights");
+        assert!(insights.tables.contains("media_ai_insights"), "a partial section keeps the shipped grants");
+        assert_eq!(insights.timeout, Some(Duration::from_millis(250)));
+        assert_eq!(config.policy("mine").emit.iter().collect::<Vec<_>>(), ["s"]);
+
+        std::fs::write(&file, "[plugins.mine]\ntables = [\"outbox\"]\n").unwrap();
+        let error = Config::from_sources(Some(&file), &env(&[]), &BTreeMap::new()).unwrap_err().to_string();
+        assert!(error.contains("plugins.mine.tables") && error.contains("outbox"), "{error}");
+        std::fs::write(&file, "[plugins.mine]\ntabels = [\"t\"]\n").unwrap();
+        let error = Config::from_sources(Some(&file), &env(&[]), &BTreeMap::new()).unwrap_err().to_string();
+        assert!(error.contains("plugins.mine.tabels"), "{error}");
     }
 
     #[test]

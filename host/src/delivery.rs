@@ -286,14 +286,15 @@ impl Delivery {
         .context("the plugin call thread failed")?;
 
         let mut catalog = self.catalog();
+        let policy = self.config.policy(&plugin.name);
         for (index, outcome) in outcomes {
             let deliveries = items[index].entry.deliveries;
             let decision = match outcome {
                 HandlerOutcome::Commands(commands) => {
-                    let mut checked = validate::validate(&plugin.name, commands.clone(), &catalog);
+                    let mut checked = validate::validate(&plugin.name, &policy, commands.clone(), &catalog);
                     if matches!(&checked, Err(reason) if reason.contains("does not exist")) && self.refresh_catalog().await? {
                         catalog = self.catalog();
-                        checked = validate::validate(&plugin.name, commands, &catalog);
+                        checked = validate::validate(&plugin.name, &policy, commands, &catalog);
                     }
                     match checked {
                         Ok(statements) => Decision::Persist(statements),
@@ -314,7 +315,7 @@ impl Delivery {
                     FailureKind::MemoryLimit,
                     format!(
                         "plugin tried to grow its memory to {requested} bytes, over the cap of {} bytes",
-                        self.config.plugin_memory_bytes
+                        plugin.limits().memory_bytes
                     ),
                     deliveries,
                 ),

@@ -1,34 +1,56 @@
-//! Starting and stopping the host: connections, migrations, plugins, one consumer task per
-//! stream, and the outbox relay.
+//! Starting and stopping the host: connections, migrations, plugins and their hot reload, one
+//! consumer task per stream, the outbox relay and the status heartbeat.
 
 use crate::config::Config;
 use crate::consumer;
 use crate::delivery::Delivery;
 use crate::persist::{self, ledger, schema::Catalog};
-use crate::plugin::{PluginRegistry, PluginRuntime, PluginSet, SandboxLimits};
+use crate::plugin::{PluginRegistry, PluginRuntime, PluginSet, SandboxLimits, watch};
+use crate::status;
 use crate::streams;
 use anyhow::{Context, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::watch;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{Mutex, watch as signal};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// How often the relay looks for outbox messages that were not published after their commit.
 const RELAY_INTERVAL: Duration = Duration::from_secs(5);
 /// How old an outbox message must be before the relay takes it over from the host that wrote it.
 const RELAY_MIN_AGE: Duration = Duration::from_secs(30);
+/// Quiet time after a file event before the plugins directory is rescanned (a copy produces
+/// several events).
+const RELOAD_DEBOUNCE: Duration = Duration::from_millis(250);
+/// Rescan the plugins directory this often even without events (missed events, network file
+/// systems). Cheap: unchanged files are only hashed.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
 
-/// A started host. Dropping it does not stop it; call [`RunningHost::shutdown`].
-pub struct RunningHost {
+/// One running consumer task and the switch that stops it.
+struct Consumer {
+    stop: signal::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// The parts of a running host that reloads and shutdown act on.
+struct Supervisor {
     delivery: Arc<Delivery>,
     runtime: Arc<PluginRuntime>,
     client: redis::Client,
-    stop: watch::Sender<bool>,
-    consumers: BTreeMap<String, JoinHandle<()>>,
-    relay: JoinHandle<()>,
+    consumers: Mutex<BTreeMap<String, Consumer>>,
+    /// Serialises reloads (a watch event and the periodic rescan may coincide).
+    reloading: Mutex<()>,
+    started_at: SystemTime,
+}
+
+/// A started host. Dropping it does not stop it; call [`RunningHost::shutdown`].
+pub struct RunningHost {
+    supervisor: Arc<Supervisor>,
+    stop: signal::Sender<bool>,
+    background: Vec<JoinHandle<()>>,
+    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 impl RunningHost {
@@ -49,142 +71,216 @@ impl RunningHost {
             .set_response_timeout(Some(Duration::from_secs(10)));
         let mut redis = ConnectionManager::new_with_config(client.clone(), manager_config)
             .await
-            .with_context(|| {
-                format!(
-                    "cannot connect to Redis at {}",
-                    persist::redact(&config.redis_url)
-                )
-            })?;
+            .with_context(|| format!("cannot connect to Redis at {}", persist::redact(&config.redis_url)))?;
         let _: () = redis::cmd("PING")
             .query_async(&mut redis)
             .await
-            .with_context(|| {
-                format!(
-                    "Redis at {} does not answer PING",
-                    persist::redact(&config.redis_url)
-                )
-            })?;
+            .with_context(|| format!("Redis at {} does not answer PING", persist::redact(&config.redis_url)))?;
 
-        let runtime = Arc::new(PluginRuntime::new(SandboxLimits {
-            call_timeout: config.plugin_timeout,
-            memory_bytes: config.plugin_memory_bytes,
-        })?);
+        let runtime = Arc::new(PluginRuntime::new(
+            SandboxLimits {
+                call_timeout: config.plugin_timeout,
+                memory_bytes: config.plugin_memory_bytes,
+            },
+            config.plugins.values().filter_map(|p| p.memory_bytes).max().unwrap_or(0),
+            Some(&config.cache_dir),
+        )?);
         let plugins = {
             let runtime = runtime.clone();
-            let dir = config.plugins_dir.clone();
-            tokio::task::spawn_blocking(move || PluginSet::load_dir(&runtime, &dir))
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || PluginSet::load_dir(&runtime, &config.plugins_dir, &|name| limits_for(&config, name)))
                 .await
                 .context("the plugin loading thread failed")??
         };
         if plugins.plugins().is_empty() {
-            warn!(dir = %config.plugins_dir.display(), "no plugin loaded; no stream will be consumed");
+            warn!(dir = %config.plugins_dir.display(), "no plugin loaded; no stream will be consumed until one is added");
         }
         let registry = Arc::new(PluginRegistry::new(plugins));
-        let delivery = Arc::new(Delivery::new(
-            config.clone(),
-            pool,
-            redis,
-            registry,
-            catalog,
-        ));
+        let delivery = Arc::new(Delivery::new(config.clone(), pool, redis, registry, catalog));
 
-        let (stop, _) = watch::channel(false);
-        let relay = tokio::spawn(relay_outbox(delivery.clone(), stop.subscribe()));
-        let mut host = RunningHost {
-            delivery,
+        let supervisor = Arc::new(Supervisor {
+            delivery: delivery.clone(),
             runtime,
             client,
-            stop,
-            consumers: BTreeMap::new(),
-            relay,
-        };
-        host.reconcile_consumers().await?;
-        Ok(host)
-    }
+            consumers: Mutex::new(BTreeMap::new()),
+            reloading: Mutex::new(()),
+            started_at: SystemTime::now(),
+        });
+        supervisor.reconcile_consumers().await?;
+        supervisor.publish_status().await;
 
-    /// Starts a consumer for every stream a loaded plugin declares that has none yet (creating
-    /// its group), and stops consumers of streams no plugin declares any more.
-    pub async fn reconcile_consumers(&mut self) -> Result<()> {
-        let snapshot = self.delivery.registry.snapshot();
-        let wanted: Vec<String> = snapshot.streams().map(str::to_string).collect();
-        for stream in &wanted {
-            if self.consumers.contains_key(stream) {
-                continue;
-            }
-            let mut redis = self.delivery.redis.clone();
-            streams::ensure_group(
-                &mut redis,
-                &self.delivery.config.stream_key(stream),
-                &self.delivery.config.consumer_group,
-            )
-            .await?;
-            let task = tokio::spawn(consumer::consume(
-                self.delivery.clone(),
-                self.client.clone(),
-                stream.clone(),
-                self.stop.subscribe(),
-            ));
-            self.consumers.insert(stream.clone(), task);
+        let (stop, _) = signal::channel(false);
+        let mut background = vec![
+            tokio::spawn(relay_outbox(delivery.clone(), stop.subscribe())),
+            tokio::spawn(heartbeat(supervisor.clone(), stop.subscribe())),
+        ];
+        let mut watcher = None;
+        if config.watch_plugins {
+            let (plugin_watcher, changes) = watch::watch(&config.plugins_dir)?;
+            watcher = Some(plugin_watcher);
+            background.push(tokio::spawn(watch_plugins(supervisor.clone(), changes, stop.subscribe())));
         }
-        let gone: Vec<String> = self
-            .consumers
-            .keys()
-            .filter(|s| !wanted.contains(s))
-            .cloned()
-            .collect();
-        for stream in gone {
-            if let Some(task) = self.consumers.remove(&stream) {
-                info!(
-                    stream,
-                    "no plugin handles this stream any more; its entries wait in Redis"
-                );
-                task.abort();
-            }
-        }
-        Ok(())
+        Ok(RunningHost {
+            supervisor,
+            stop,
+            background,
+            _watcher: watcher,
+        })
     }
 
     /// The streams being consumed (logical names).
-    pub fn streams(&self) -> Vec<String> {
-        self.consumers.keys().cloned().collect()
+    pub async fn streams(&self) -> Vec<String> {
+        self.supervisor.consumers.lock().await.keys().cloned().collect()
     }
 
     /// The shared protocol state (configuration, pool, registry).
     pub fn delivery(&self) -> &Arc<Delivery> {
-        &self.delivery
+        &self.supervisor.delivery
     }
 
-    /// The plugin runtime (for loading further plugins).
-    pub fn runtime(&self) -> &Arc<PluginRuntime> {
-        &self.runtime
+    /// Rescans the plugins directory now (the watcher does this on its own; tests and operators
+    /// may want it synchronously).
+    pub async fn reload_plugins(&self) -> Result<()> {
+        self.supervisor.reload().await
     }
 
     /// Stops reading, lets every batch in flight finish (commit and acknowledge), then returns.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for (stream, task) in self.consumers {
-            if let Err(error) = task.await {
+        let consumers = std::mem::take(&mut *self.supervisor.consumers.lock().await);
+        for consumer in consumers.values() {
+            let _ = consumer.stop.send(true);
+        }
+        for (stream, consumer) in consumers {
+            if let Err(error) = consumer.task.await {
                 warn!(stream, "consumer task ended abnormally: {error}");
             }
         }
-        let _ = self.relay.await;
-        self.delivery.pool.close().await;
+        for task in self.background {
+            let _ = task.await;
+        }
+        status::withdraw(&self.supervisor.delivery).await;
+        self.supervisor.delivery.pool.close().await;
+    }
+}
+
+impl Supervisor {
+    /// Rescans the plugins directory, swaps the new set in, and starts or stops consumers for
+    /// streams that appeared or disappeared.
+    async fn reload(&self) -> Result<()> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let current = self.delivery.registry.snapshot();
+        let runtime = self.runtime.clone();
+        let config = self.delivery.config.clone();
+        let next = tokio::task::spawn_blocking(move || {
+            PluginSet::rescan(&runtime, &config.plugins_dir, &current, &|name| limits_for(&config, name))
+        })
+        .await
+        .context("the plugin loading thread failed")??;
+        self.delivery.registry.replace(next);
+        self.reconcile_consumers().await?;
+        self.publish_status().await;
+        Ok(())
+    }
+
+    /// Starts a consumer for every stream a loaded plugin declares that has none yet (creating
+    /// its group), and stops consumers of streams no plugin declares any more. A stopped
+    /// consumer finishes its batch in flight first.
+    async fn reconcile_consumers(&self) -> Result<()> {
+        let snapshot = self.delivery.registry.snapshot();
+        let wanted: Vec<String> = snapshot.streams().map(str::to_string).collect();
+        let config = &self.delivery.config;
+        let mut consumers = self.consumers.lock().await;
+        for stream in &wanted {
+            if consumers.contains_key(stream) {
+                continue;
+            }
+            let mut redis = self.delivery.redis.clone();
+            streams::ensure_group(&mut redis, &config.stream_key(stream), &config.consumer_group).await?;
+            let (stop, stopped) = signal::channel(false);
+            let task = tokio::spawn(consumer::consume(self.delivery.clone(), self.client.clone(), stream.clone(), stopped));
+            consumers.insert(stream.clone(), Consumer { stop, task });
+        }
+        let gone: Vec<String> = consumers.keys().filter(|s| !wanted.contains(s)).cloned().collect();
+        for stream in gone {
+            if let Some(consumer) = consumers.remove(&stream) {
+                info!(stream, "no plugin handles this stream any more; its entries wait in Redis");
+                let _ = consumer.stop.send(true);
+                if let Err(error) = consumer.task.await {
+                    warn!(stream, "consumer task ended abnormally: {error}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish_status(&self) {
+        let streams: Vec<String> = self.consumers.lock().await.keys().cloned().collect();
+        status::publish(&self.delivery, &streams, self.started_at).await;
+    }
+}
+
+/// The sandbox limits of the plugin called `name`: its policy's overrides, else the defaults.
+fn limits_for(config: &Config, name: &str) -> SandboxLimits {
+    let policy = config.policy(name);
+    SandboxLimits {
+        call_timeout: policy.timeout.unwrap_or(config.plugin_timeout),
+        memory_bytes: policy.memory_bytes.unwrap_or(config.plugin_memory_bytes),
     }
 }
 
 /// Runs the host until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     let host = RunningHost::start(config).await?;
-    info!(streams = ?host.streams(), "host is serving");
+    info!(streams = ?host.streams().await, "host is serving");
     shutdown.await;
     info!("shutting down: finishing the batches in flight");
     host.shutdown().await;
     Ok(())
 }
 
+/// Reloads the plugins after file events (debounced) and every [`RESCAN_INTERVAL`].
+async fn watch_plugins(
+    supervisor: Arc<Supervisor>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<()>,
+    mut stop: signal::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            event = changes.recv() => {
+                if event.is_none() {
+                    return;
+                }
+                // Let the writer finish: wait until the events stop for a moment.
+                loop {
+                    tokio::select! {
+                        more = changes.recv() => if more.is_none() { return },
+                        _ = tokio::time::sleep(RELOAD_DEBOUNCE) => break,
+                    }
+                }
+            }
+            _ = tokio::time::sleep(RESCAN_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(error) = supervisor.reload().await {
+            error!("reloading plugins failed: {error:#}");
+        }
+    }
+}
+
+/// Keeps this host's status entry fresh for `kaleidoscope status`.
+async fn heartbeat(supervisor: Arc<Supervisor>, mut stop: signal::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(status::HEARTBEAT) => supervisor.publish_status().await,
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 /// Publishes outbox messages whose host did not publish them after commit (it crashed, or Redis
 /// failed at that moment).
-async fn relay_outbox(delivery: Arc<Delivery>, mut stop: watch::Receiver<bool>) {
+async fn relay_outbox(delivery: Arc<Delivery>, mut stop: signal::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(RELAY_INTERVAL) => {}
@@ -212,9 +308,6 @@ async fn relay_once(delivery: &Delivery) -> Result<()> {
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    info!(
-        count = ids.len(),
-        "relayed outbox messages left unpublished"
-    );
+    info!(count = ids.len(), "relayed outbox messages left unpublished");
     Ok(())
 }

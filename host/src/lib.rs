@@ -11,7 +11,9 @@
 //! - [`persist`]: the database — schema catalogue, command validation and execution, ledger,
 //!   outbox;
 //! - [`streams`]: the Redis Streams commands the host uses;
-//! - [`config`]: settings from file and environment.
+//! - [`config`]: settings from file and environment;
+//! - [`status`]: what `kaleidoscope status` reports, and the heartbeat hosts publish for it;
+//! - [`toolkit`]: `kaleidoscope plugin check` and `plugin exec` for plugin authors.
 
 pub mod config;
 pub mod consumer;
@@ -20,4 +22,6 @@ pub mod delivery;
 pub mod host;
 pub mod persist;
 pub mod plugin;
+pub mod status;
 pub mod streams;
+pub mod toolkit;

@@ -1,8 +1,10 @@
 //! The `kaleidoscope` command line.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kaleidoscope::config::{self, Config};
+use kaleidoscope::{status, toolkit};
+use std::time::Duration;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +41,48 @@ enum Command {
     /// Apply the database migrations and exit.
     #[command(after_long_help = config::env_help())]
     Migrate,
+    /// Show streams (length, lag, pending, oldest pending, consumers), dead letters by kind,
+    /// running hosts with their plugins, and failed plugin loads. Exits 1 when unhealthy.
+    #[command(after_long_help = config::env_help())]
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// A stream whose oldest pending entry is older than this many seconds is unhealthy.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+        max_pending_age: u64,
+    },
+    /// Tools for plugin authors.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Load a plugin file exactly as the host would and print its manifest, streams, imports,
+    /// size, compile time, limits and grants. Exits 1 if the host would refuse it.
+    Check {
+        /// The `.wasm` component.
+        file: PathBuf,
+    },
+    /// Run a plugin's `handle` on one entry and print the commands it returns (or its failure) as
+    /// JSON, without touching Redis or the database. Exits 2 when the handler fails.
+    Exec {
+        /// The `.wasm` component.
+        file: PathBuf,
+        /// An entry field, `name=value`; repeat for each field.
+        #[arg(long = "field", short = 'f', value_name = "NAME=VALUE")]
+        fields: Vec<String>,
+        /// The stream the entry comes from (default: the plugin's first stream).
+        #[arg(long)]
+        stream: Option<String>,
+        /// The entry id.
+        #[arg(long, default_value = "0-1")]
+        id: String,
+        /// The delivery count the handler sees.
+        #[arg(long, default_value_t = 1)]
+        deliveries: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,7 +105,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(execute(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
@@ -69,7 +113,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn execute(cli: Cli) -> Result<()> {
+async fn execute(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run {
             plugins_dir,
@@ -87,14 +131,75 @@ async fn execute(cli: Cli) -> Result<()> {
                 flags.insert("migrate", "false".to_string());
             }
             let config = load_config(cli.config.as_deref(), &flags)?;
-            kaleidoscope::host::run(config, shutdown_signal()).await
+            kaleidoscope::host::run(config, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
             let config = load_config(cli.config.as_deref(), &BTreeMap::new())?;
             let pool = kaleidoscope::persist::connect(&config.database_url, 2).await?;
             kaleidoscope::persist::migrate(&pool).await?;
             tracing::info!("migrations applied");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status {
+            json,
+            max_pending_age,
+        } => {
+            let config = load_config(cli.config.as_deref(), &BTreeMap::new())?;
+            let client = redis::Client::open(config.redis_url.as_str())
+                .with_context(|| format!("invalid Redis URL {}", kaleidoscope::persist::redact(&config.redis_url)))?;
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .with_context(|| format!("cannot connect to Redis at {}", kaleidoscope::persist::redact(&config.redis_url)))?;
+            let report = status::collect(&mut conn, &config, Duration::from_secs(max_pending_age)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", status::render(&report));
+            }
+            Ok(if report.healthy { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Plugin(command) => {
+            let config_file = cli.config.clone();
+            tokio::task::spawn_blocking(move || plugin_command(config_file.as_deref(), command))
+                .await
+                .context("the plugin command thread failed")?
+        }
+    }
+}
+
+/// `plugin check` and `plugin exec`. Plugin calls are synchronous and must not run on an async
+/// runtime worker thread (WASI's synchronous bindings block on the runtime), so the caller runs
+/// this on a blocking thread, as the host does.
+fn plugin_command(config_file: Option<&std::path::Path>, command: PluginCommand) -> Result<ExitCode> {
+    match command {
+        PluginCommand::Check { file } => {
+            let config = load_config(config_file, &BTreeMap::new())?;
+            let plugin = toolkit::load(&config, &file).with_context(|| format!("{} would not load", file.display()))?;
+            println!("{}", serde_json::to_string_pretty(&toolkit::describe(&config, &plugin))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Exec {
+            file,
+            fields,
+            stream,
+            id,
+            deliveries,
+        } => {
+            let config = load_config(config_file, &BTreeMap::new())?;
+            let fields = fields
+                .iter()
+                .map(|pair| {
+                    pair.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .with_context(|| format!("--field {pair:?} is not NAME=VALUE"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let plugin = toolkit::load(&config, &file).with_context(|| format!("{} would not load", file.display()))?;
+            let (outcome, ok) = toolkit::exec(&config, &plugin, stream.as_deref(), &id, deliveries, fields)?;
+            println!("{}", serde_json::to_string_pretty(&outcome)?);
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
     }
 }

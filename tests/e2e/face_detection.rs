@@ -115,6 +115,7 @@ async fn zero_faces_is_a_completed_result() {
     assert_eq!((state.as_str(), count), ("COMPLETED", Some(0)));
     assert_eq!(services, ["face_detection"]);
     assert!(env.dead_letters().await.is_empty());
+    env.await_no_pending(STREAM).await;
     env.finish().await;
 }
 

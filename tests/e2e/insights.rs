@@ -188,5 +188,6 @@ async fn tags_that_are_not_json_are_split_on_commas() {
             .await
             .unwrap();
     assert_eq!(tags, ["beach", "sunset", "sea"]);
+    env.await_no_pending(STREAM).await;
     env.finish().await;
 }

@@ -75,10 +75,22 @@ where
     }
 }
 
+/// Grants for the test fixtures (the shipped plugins have theirs built in). The trespasser gets
+/// none on purpose.
+const FIXTURE_GRANTS: &[(&str, &str)] = &[
+    ("scripted", "tables = [\"ml_processing_errors\"]\nemit = [\"scripted-out\"]"),
+    ("panicking", "tables = [\"ml_processing_errors\"]"),
+    ("looping", "tables = [\"ml_processing_errors\"]"),
+    ("memory-hog", "tables = [\"ml_processing_errors\"]"),
+    ("slow", "tables = [\"ml_processing_errors\"]"),
+];
+
 /// Settings a test may change before the host starts.
 pub struct Options {
     pub plugins: Vec<&'static str>,
     pub env: BTreeMap<String, String>,
+    /// `[plugins.<name>]` sections of the configuration file: lines per plugin.
+    pub plugin_sections: BTreeMap<String, Vec<String>>,
 }
 
 impl Options {
@@ -86,10 +98,33 @@ impl Options {
         let mut env = BTreeMap::new();
         env.insert("KALEIDOSCOPE_POLL_TIMEOUT_MS".into(), "200".into());
         env.insert("KALEIDOSCOPE_CONSUMER_NAME".into(), "test-host".into());
+        // Compiled components are shared between tests (content-addressed, written atomically).
+        env.insert(
+            "KALEIDOSCOPE_CACHE_DIR".into(),
+            workspace().join("target/test-plugin-cache").display().to_string(),
+        );
         Self {
             plugins: plugins.to_vec(),
             env,
+            plugin_sections: FIXTURE_GRANTS
+                .iter()
+                .map(|(name, lines)| (name.to_string(), vec![lines.to_string()]))
+                .collect(),
         }
+    }
+
+    /// Adds a line (e.g. `timeout_ms = 300`) to the `[plugins.<plugin>]` section.
+    pub fn plugin_setting(mut self, plugin: &str, line: &str) -> Self {
+        self.plugin_sections.entry(plugin.to_string()).or_default().push(line.to_string());
+        self
+    }
+
+    fn config_toml(&self) -> String {
+        self.plugin_sections
+            .iter()
+            .map(|(name, lines)| format!("[plugins.{name}]\n{}\n", lines.join("\n")))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Sets a configuration variable (as the environment would).
@@ -111,6 +146,7 @@ pub struct TestEnv {
     pub database: String,
     pub database_url: String,
     pub plugins_dir: PathBuf,
+    pub config_file: PathBuf,
     pub config: Config,
     pub pool: PgPool,
     pub redis: MultiplexedConnection,
@@ -141,16 +177,19 @@ impl TestEnv {
             .expect("copy plugin");
         }
 
+        let config_file = plugins_dir.with_extension("toml");
+        std::fs::write(&config_file, options.config_toml())
+            .expect("write the configuration file");
         let mut env = options.env.clone();
         env.insert("DATABASE_URL".into(), database_url.clone());
-        env.insert("REDIS_URL".into(), REDIS_URL.into());
+        let redis_url = env.entry("REDIS_URL".into()).or_insert_with(|| REDIS_URL.into()).clone();
         env.insert("KALEIDOSCOPE_STREAM_PREFIX".into(), prefix.clone());
         env.insert(
             "KALEIDOSCOPE_PLUGINS_DIR".into(),
             plugins_dir.display().to_string(),
         );
         let config =
-            Config::from_sources(None, &env, &BTreeMap::new()).expect("test configuration");
+            Config::from_sources(Some(&config_file), &env, &BTreeMap::new()).expect("test configuration");
 
         let pool = kaleidoscope::persist::connect(&database_url, 4)
             .await
@@ -158,7 +197,7 @@ impl TestEnv {
         kaleidoscope::persist::migrate(&pool)
             .await
             .expect("migrate the test database");
-        let redis = redis::Client::open(REDIS_URL)
+        let redis = redis::Client::open(redis_url.as_str())
             .expect("redis url")
             .get_multiplexed_async_connection()
             .await
@@ -168,6 +207,7 @@ impl TestEnv {
             database,
             database_url,
             plugins_dir,
+            config_file,
             config,
             pool,
             redis,
@@ -182,6 +222,69 @@ impl TestEnv {
             .expect("start the host");
         self.host = Some(host);
         self
+    }
+
+    /// The running in-process host.
+    pub fn host(&self) -> &RunningHost {
+        self.host.as_ref().expect("the host is running")
+    }
+
+    /// Copies the built plugin `plugin` into the plugins directory as `<file_name>.wasm`,
+    /// atomically (write elsewhere, then rename), as a deployment would.
+    pub fn install_plugin(&self, plugin: &str, file_name: &str) {
+        let staging = self.plugins_dir.join(format!(".{file_name}.partial"));
+        std::fs::copy(plugin_file(plugin), &staging).expect("stage the plugin");
+        std::fs::rename(&staging, self.plugins_dir.join(format!("{file_name}.wasm"))).expect("install the plugin");
+    }
+
+    /// The name and version of the plugin serving `stream` right now, if any.
+    pub fn serving(&self, stream: &str) -> Option<(String, String)> {
+        self.host()
+            .delivery()
+            .registry
+            .snapshot()
+            .for_stream(stream)
+            .map(|p| (p.name.clone(), p.version.clone()))
+    }
+
+    /// Waits until `stream` is served by `version` of a plugin.
+    pub async fn await_serving(&self, stream: &str, version: &str) {
+        eventually(&format!("{stream} to be served by version {version}"), || async {
+            (self.serving(stream).map(|(_, v)| v).as_deref() == Some(version)).then_some(())
+        })
+        .await;
+    }
+
+    /// The plugin version the ledger recorded for an entry.
+    pub async fn ledger_version(&self, stream: &str, entry_id: &str) -> Option<String> {
+        sqlx::query_scalar("SELECT plugin_version FROM processed_entries WHERE stream = $1 AND entry_id = $2")
+            .bind(stream)
+            .bind(entry_id)
+            .fetch_optional(&self.pool)
+            .await
+            .expect("ledger query")
+    }
+
+    /// Runs the `kaleidoscope` binary with this environment's configuration.
+    pub fn command(&self, args: &[&str]) -> std::process::Output {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kaleidoscope"));
+        command
+            .args(args)
+            .env("KALEIDOSCOPE_CONFIG", &self.config_file)
+            .env("DATABASE_URL", &self.database_url)
+            .env("KALEIDOSCOPE_STREAM_PREFIX", &self.prefix)
+            .env("KALEIDOSCOPE_PLUGINS_DIR", &self.plugins_dir)
+            .env("KALEIDOSCOPE_CONSUMER_NAME", &self.config.consumer_name)
+            .env("REDIS_URL", &self.config.redis_url);
+        command.output().expect("run kaleidoscope")
+    }
+
+    /// `kaleidoscope status --json` for this environment, with its exit status.
+    pub fn status(&self) -> (serde_json::Value, bool) {
+        let output = self.command(&["status", "--json"]);
+        let report = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("status --json printed no JSON ({e}): {}", String::from_utf8_lossy(&output.stderr)));
+        (report, output.status.success())
     }
 
     /// The Redis key of a logical stream.
@@ -392,6 +495,7 @@ impl TestEnv {
             admin.close().await;
         }
         let _ = std::fs::remove_dir_all(&self.plugins_dir);
+        let _ = std::fs::remove_file(&self.config_file);
     }
 }
 

@@ -1,12 +1,14 @@
 //! Checks a plugin's commands against the live schema before anything runs.
 //!
-//! A command passes when its table exists and is not one of the host's own tables, every column
+//! A command passes when the operator granted the plugin its table (or, for `emit`, its target
+//! stream), the table exists and is not one of the host's own tables, every column
 //! exists and is writable, every value fits its column's type, an upsert's key matches a unique
 //! key, and an emit names a valid stream. Anything else rejects the whole entry with a reason that
 //! names the plugin, the command, the table and the column — the entry is then dead-lettered as
 //! `forbidden-command` instead of failing somewhere inside PostgreSQL.
 
 use super::schema::{Catalog, Column, ColumnKind, Table};
+use crate::config::PluginPolicy;
 use crate::plugin::wit;
 use std::collections::BTreeSet;
 
@@ -72,6 +74,7 @@ pub enum Statement {
 /// Checks every command of one entry; the first rejection wins.
 pub fn validate(
     plugin: &str,
+    policy: &PluginPolicy,
     commands: Vec<wit::Command>,
     catalog: &Catalog,
 ) -> Result<Vec<Statement>, String> {
@@ -87,6 +90,7 @@ pub fn validate(
         .map(|(index, command)| {
             let checker = Checker {
                 plugin,
+                policy,
                 index,
                 catalog,
             };
@@ -97,6 +101,7 @@ pub fn validate(
 
 struct Checker<'a> {
     plugin: &'a str,
+    policy: &'a PluginPolicy,
     index: usize,
     catalog: &'a Catalog,
 }
@@ -177,6 +182,12 @@ impl Checker<'_> {
                         self.plugin, self.index, emit.target
                     ));
                 }
+                if !self.policy.emit.contains(&emit.target) {
+                    return Err(format!(
+                        "plugin `{}` command {} (emit): plugin is not granted stream `{}` (grant it with `emit` in [plugins.{}])",
+                        self.plugin, self.index, emit.target, self.plugin
+                    ));
+                }
                 if emit.fields.is_empty() {
                     return Err(format!(
                         "plugin `{}` command {} (emit to `{}`): a stream entry needs at least one field",
@@ -197,6 +208,16 @@ impl Checker<'_> {
                 what,
                 name,
                 "the table belongs to the host and cannot be written by plugins",
+            ));
+        }
+        if !self.policy.tables.contains(name) {
+            return Err(self.fail(
+                what,
+                name,
+                format_args!(
+                    "plugin is not granted this table (grant it with `tables` in [plugins.{}])",
+                    self.plugin
+                ),
             ));
         }
         self.catalog

@@ -3,10 +3,12 @@
 //! - [`runtime`] compiles components and calls them inside the sandbox (fresh instance per call,
 //!   epoch deadline, memory cap, no file system, network or environment).
 //! - [`registry`] holds the set of loaded plugins, swappable as a whole so a reload never
-//!   disturbs a batch in flight.
+//!   disturbs a batch in flight, and computes the next set when files change;
+//! - [`watch`] notices those changes.
 
 pub mod registry;
 pub mod runtime;
+pub mod watch;
 
 /// Bindings generated from `wit/handler.wit`; the types of the contract (entries, commands,
 /// values, failures) as the host sees them.

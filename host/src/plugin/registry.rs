@@ -4,11 +4,15 @@
 //! when it starts and keeps using that plugin version until it finishes, while a reload builds a
 //! new snapshot and swaps it in atomically. Readers never wait for a compile.
 
-use super::runtime::{Plugin, PluginRuntime};
+use super::runtime::{Plugin, PluginRuntime, SandboxLimits};
 use anyhow::Result;
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+
+/// The largest plugin file the host will load.
+pub const MAX_PLUGIN_BYTES: usize = 64 << 20;
 
 /// A plugin file that could not be loaded, and why.
 #[derive(Clone, Debug)]
@@ -17,6 +21,9 @@ pub struct LoadFailure {
     pub file: PathBuf,
     /// The reason, with its causes.
     pub reason: String,
+    /// SHA-256 of the file's content when it was read, so an unchanged broken file is not
+    /// retried on every scan.
+    pub sha256: Option<String>,
 }
 
 /// An immutable snapshot of the loaded plugins.
@@ -43,16 +50,22 @@ impl PluginSet {
         &self.plugins
     }
 
-    /// The files that failed to load.
+    /// The files that failed to load (the previous version of such a file, if any, is still
+    /// serving).
     pub fn failures(&self) -> &[LoadFailure] {
         &self.failures
     }
 
+    fn from_file(&self, file: &Path) -> Option<&Arc<Plugin>> {
+        self.plugins.iter().find(|p| p.file == file)
+    }
+
     /// Adds `plugin` unless its name or one of its streams is already taken.
-    pub fn insert(&mut self, plugin: Plugin) -> Result<(), LoadFailure> {
+    pub fn insert(&mut self, plugin: Arc<Plugin>) -> Result<(), LoadFailure> {
         let clash = |reason: String| LoadFailure {
             file: plugin.file.clone(),
             reason,
+            sha256: Some(plugin.sha256.clone()),
         };
         if let Some(other) = self.plugins.iter().find(|p| p.name == plugin.name) {
             return Err(clash(format!(
@@ -70,22 +83,38 @@ impl PluginSet {
                 )));
             }
         }
-        let plugin = Arc::new(plugin);
         for stream in &plugin.streams {
             self.by_stream.insert(stream.clone(), plugin.clone());
         }
         self.plugins.push(plugin);
+        self.plugins.sort_by(|a, b| a.file.cmp(&b.file));
         Ok(())
     }
 
-    /// Records a file that failed to load.
-    pub fn record_failure(&mut self, failure: LoadFailure) {
+    fn fail(&mut self, failure: LoadFailure) {
+        tracing::error!(file = %failure.file.display(), reason = %failure.reason, "plugin failed to load; the previous version (if any) keeps serving");
         self.failures.push(failure);
     }
 
-    /// Loads every `*.wasm` file of `dir` in name order. A file that fails is recorded (and
-    /// logged) and the others still load. Blocking: compiles components.
-    pub fn load_dir(runtime: &PluginRuntime, dir: &Path) -> Result<PluginSet> {
+    /// Loads every `*.wasm` file of `dir`. Blocking: compiles components.
+    pub fn load_dir(
+        runtime: &PluginRuntime,
+        dir: &Path,
+        limits_for: &dyn Fn(&str) -> SandboxLimits,
+    ) -> Result<PluginSet> {
+        Self::rescan(runtime, dir, &PluginSet::default(), limits_for)
+    }
+
+    /// The set that should serve after the files in `dir` changed, given the `current` one:
+    /// unchanged files keep their loaded plugin (no recompilation), new and changed files are
+    /// loaded and validated, removed files are unloaded. A file that fails any check is recorded
+    /// with the reason, and its previous version, if any, keeps serving. Blocking.
+    pub fn rescan(
+        runtime: &PluginRuntime,
+        dir: &Path,
+        current: &PluginSet,
+        limits_for: &dyn Fn(&str) -> SandboxLimits,
+    ) -> Result<PluginSet> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| {
                 anyhow::anyhow!(
@@ -98,31 +127,97 @@ impl PluginSet {
             .collect();
         files.sort();
 
-        let mut set = PluginSet::default();
+        let mut next = PluginSet::default();
+        let mut changed = Vec::new();
+        // Unchanged files first, so a new file can never take a stream from a serving plugin.
         for file in files {
-            let outcome = runtime
-                .load(&file)
-                .map_err(|error| LoadFailure {
+            let bytes = match std::fs::read(&file) {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    changed.push((file, Err(format!("cannot read the file: {error}")), None));
+                    continue;
+                }
+            };
+            let sha256 = hex(&Sha256::digest(&bytes));
+            match current.from_file(&file) {
+                Some(old) if old.sha256 == sha256 => {
+                    if let Err(failure) = next.insert(old.clone()) {
+                        next.fail(failure);
+                    }
+                }
+                _ => changed.push((file, Ok(bytes), Some(sha256))),
+            }
+        }
+        for (file, bytes, sha256) in changed {
+            let old = current.from_file(&file).cloned();
+            let known_failure = current
+                .failures
+                .iter()
+                .find(|f| f.file == file && f.sha256.is_some() && f.sha256 == sha256);
+            let outcome = match (known_failure, bytes) {
+                // Unchanged since it last failed: report it again without recompiling.
+                (Some(failure), _) => Err(failure.clone()),
+                (None, Err(reason)) => Err(LoadFailure { file: file.clone(), reason, sha256 }),
+                (None, Ok(bytes)) if bytes.len() > MAX_PLUGIN_BYTES => Err(LoadFailure {
                     file: file.clone(),
-                    reason: format!("{error:#}"),
-                })
-                .and_then(|plugin| {
-                    let summary = format!(
-                        "{}@{} streams={:?} compiled in {:?}",
-                        plugin.name, plugin.version, plugin.streams, plugin.compile_time
-                    );
-                    set.insert(plugin).map(|()| summary)
-                });
+                    reason: format!("file of {} bytes is larger than the limit of {MAX_PLUGIN_BYTES} bytes", bytes.len()),
+                    sha256,
+                }),
+                (None, Ok(bytes)) => runtime
+                    .load_bytes(&bytes, &file, limits_for)
+                    .map_err(|error| LoadFailure {
+                        file: file.clone(),
+                        reason: format!("{error:#}"),
+                        sha256: sha256.clone(),
+                    })
+                    .and_then(|plugin| {
+                        let plugin = Arc::new(plugin);
+                        next.insert(plugin.clone()).map(|()| plugin)
+                    }),
+            };
             match outcome {
-                Ok(summary) => tracing::info!(file = %file.display(), "loaded plugin {summary}"),
+                Ok(plugin) => {
+                    let how = if plugin.from_cache { "loaded from the compiled cache" } else { "compiled" };
+                    match &old {
+                        Some(old) => tracing::info!(file = %file.display(), "replaced plugin {}@{} with {}@{} streams={:?} ({how} in {:?})",
+                            old.name, old.version, plugin.name, plugin.version, plugin.streams, plugin.load_time),
+                        None => tracing::info!(file = %file.display(), "loaded plugin {}@{} streams={:?} ({how} in {:?})",
+                            plugin.name, plugin.version, plugin.streams, plugin.load_time),
+                    }
+                }
                 Err(failure) => {
-                    tracing::error!(file = %failure.file.display(), reason = %failure.reason, "plugin failed to load");
-                    set.record_failure(failure);
+                    let already_reported = known_failure_reported(current, &failure);
+                    if already_reported {
+                        next.failures.push(failure);
+                    } else {
+                        next.fail(failure);
+                    }
+                    if let Some(old) = old
+                        && let Err(clash) = next.insert(old)
+                    {
+                        next.fail(clash);
+                    }
                 }
             }
         }
-        Ok(set)
+        for old in &current.plugins {
+            if next.from_file(&old.file).is_none() && !old.file.exists() {
+                tracing::info!(file = %old.file.display(), "unloaded plugin {}@{} (file removed); its streams {:?} wait in Redis", old.name, old.version, old.streams);
+            }
+        }
+        Ok(next)
     }
+}
+
+fn known_failure_reported(current: &PluginSet, failure: &LoadFailure) -> bool {
+    current
+        .failures
+        .iter()
+        .any(|f| f.file == failure.file && f.sha256 == failure.sha256 && f.reason == failure.reason)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The current [`PluginSet`], replaceable as a whole.

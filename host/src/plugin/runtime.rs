@@ -10,6 +10,7 @@ use super::bindings::{ResultHandler, ResultHandlerPre};
 use super::wit;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,11 +68,31 @@ pub struct PluginRuntime {
     engine: Engine,
     linker: Arc<Linker<CallState>>,
     limits: SandboxLimits,
+    cache: Option<CompiledCache>,
+}
+
+/// Compiled components on disk, named by the component's SHA-256 and a hash of the engine's
+/// settings, so a restart or a reload of an unchanged file skips compilation (tens to hundreds of
+/// milliseconds each) and a change of wasmtime or its settings never loads a stale artefact.
+///
+/// Deserialising trusts the directory's contents: only the host must be able to write it.
+struct CompiledCache {
+    dir: PathBuf,
+    engine_key: u64,
+}
+
+impl CompiledCache {
+    fn path(&self, sha256: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}-{:016x}.cwasm", self.engine_key))
+    }
 }
 
 impl PluginRuntime {
     /// Creates the engine (pooling allocator, epoch interruption) and starts its epoch ticker.
-    pub fn new(limits: SandboxLimits) -> Result<Self> {
+    /// `limits` are the defaults; `max_memory_bytes` is the largest cap any plugin may get (the
+    /// pool's memory slots are sized for it). With a `cache_dir`, compiled components are cached
+    /// there.
+    pub fn new(limits: SandboxLimits, max_memory_bytes: usize, cache_dir: Option<&Path>) -> Result<Self> {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(256)
             .total_core_instances(1024)
@@ -79,7 +100,7 @@ impl PluginRuntime {
             .total_tables(512)
             // The pool's slots hold the cap plus room for the one failing growth attempt, which
             // the limiter below refuses and records.
-            .max_memory_size(limits.memory_bytes.saturating_mul(2).max(16 << 20));
+            .max_memory_size(max_memory_bytes.max(limits.memory_bytes).saturating_mul(2).max(16 << 20));
         let mut config = wasmtime::Config::new();
         config
             .epoch_interruption(true)
@@ -109,11 +130,59 @@ impl PluginRuntime {
             })
             .context("cannot start the epoch ticker thread")?;
 
+        let cache = match cache_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create the compiled-plugin cache directory {}", dir.display()))?;
+                let mut hasher = DefaultHasher::new();
+                engine.precompile_compatibility_hash().hash(&mut hasher);
+                Some(CompiledCache {
+                    dir: dir.to_path_buf(),
+                    engine_key: hasher.finish(),
+                })
+            }
+            None => None,
+        };
+
         Ok(Self {
             engine,
             linker: Arc::new(linker),
             limits,
+            cache,
         })
+    }
+
+    /// The component for `bytes`: from the cache when it has it, else compiled (and cached).
+    /// Returns whether it came from the cache.
+    fn component(&self, bytes: &[u8], sha256: &str) -> Result<(Component, bool)> {
+        let cached = self.cache.as_ref().map(|cache| cache.path(sha256));
+        if let Some(path) = cached.as_deref().filter(|p| p.exists()) {
+            // SAFETY: the file was written by `Component::serialize` of this engine configuration
+            // (its name carries the content hash and the engine key) into a directory only the
+            // host writes; wasmtime also checks the header's compatibility and errors otherwise.
+            match unsafe { Component::deserialize_file(&self.engine, path) } {
+                Ok(component) => return Ok((component, true)),
+                Err(error) => tracing::warn!(file = %path.display(), "ignoring an unusable compiled plugin: {error:#}"),
+            }
+        }
+        let component = Component::new(&self.engine, bytes)
+            .map_err(anyhow::Error::from)
+            .context("not a valid WebAssembly component (build it with `--target wasm32-wasip2`)")?;
+        if let Some(path) = cached {
+            let written = component
+                .serialize()
+                .map_err(anyhow::Error::from)
+                .and_then(|artefact| {
+                    let partial = path.with_extension(format!("tmp{}", std::process::id()));
+                    std::fs::write(&partial, artefact)?;
+                    std::fs::rename(&partial, &path)?;
+                    Ok(())
+                });
+            if let Err(error) = written {
+                tracing::warn!(file = %path.display(), "cannot cache the compiled plugin: {error:#}");
+            }
+        }
+        Ok((component, false))
     }
 
     /// The limits every call runs under.
@@ -122,25 +191,30 @@ impl PluginRuntime {
     }
 
     /// Reads, compiles and validates the plugin in `path`. Blocking and CPU-heavy (tens to
-    /// hundreds of milliseconds): call it from a blocking thread.
-    pub fn load(&self, path: &Path) -> Result<Plugin> {
+    /// hundreds of milliseconds unless cached): call it from a blocking thread. `limits_for`
+    /// gives the limits of a plugin by its manifest name.
+    pub fn load(&self, path: &Path, limits_for: &dyn Fn(&str) -> SandboxLimits) -> Result<Plugin> {
         let bytes =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        self.load_bytes(&bytes, path)
+        self.load_bytes(&bytes, path, limits_for)
     }
 
     /// Compiles and validates a plugin from bytes; `path` names it in errors and status.
-    pub fn load_bytes(&self, bytes: &[u8], path: &Path) -> Result<Plugin> {
+    pub fn load_bytes(
+        &self,
+        bytes: &[u8],
+        path: &Path,
+        limits_for: &dyn Fn(&str) -> SandboxLimits,
+    ) -> Result<Plugin> {
         if !bytes.starts_with(b"\0asm") {
-            bail!("not a WebAssembly file (no `\\0asm` header)");
+            bail!(
+                "not a WebAssembly file (no `\\0asm` header; half-written, or not built for wasm32-wasip2?)"
+            );
         }
         let started = Instant::now();
-        let component = Component::new(&self.engine, bytes)
-            .map_err(anyhow::Error::from)
-            .context(
-                "not a valid WebAssembly component (build it with `--target wasm32-wasip2`)",
-            )?;
-        let compile_time = started.elapsed();
+        let sha256 = hex(&Sha256::digest(bytes));
+        let (component, from_cache) = self.component(bytes, &sha256)?;
+        let load_time = started.elapsed();
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
@@ -150,20 +224,28 @@ impl PluginRuntime {
             .map_err(anyhow::Error::from)
             .context("the component does not export the `result-handler` world (`manifest` and `handle`)")?;
 
+        let imports = component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
         let mut plugin = Plugin {
+            imports,
             name: String::new(),
             version: String::new(),
             streams: Vec::new(),
             file: path.to_path_buf(),
-            sha256: hex(&Sha256::digest(bytes)),
+            sha256,
             size: bytes.len(),
-            compile_time,
+            load_time,
+            from_cache,
             pre,
             engine: self.engine.clone(),
             limits: self.limits,
         };
         let manifest = plugin.call_manifest()?;
         validate_manifest(&manifest)?;
+        plugin.limits = limits_for(&manifest.name);
         plugin.name = manifest.name;
         plugin.version = manifest.version;
         plugin.streams = manifest.streams;
@@ -185,8 +267,12 @@ pub struct Plugin {
     pub sha256: String,
     /// File size in bytes.
     pub size: usize,
-    /// How long compiling the component took.
-    pub compile_time: Duration,
+    /// How long compiling (or loading from the cache) took.
+    pub load_time: Duration,
+    /// Whether the compiled component came from the on-disk cache.
+    pub from_cache: bool,
+    /// The component's imports (WASI interfaces and the host's log interface).
+    pub imports: Vec<String>,
     pre: ResultHandlerPre<CallState>,
     engine: Engine,
     limits: SandboxLimits,
@@ -204,6 +290,11 @@ impl std::fmt::Debug for Plugin {
 }
 
 impl Plugin {
+    /// The limits this plugin's calls run under.
+    pub fn limits(&self) -> SandboxLimits {
+        self.limits
+    }
+
     /// Runs `handle` on a fresh instance. Blocking: call it from a blocking thread.
     pub fn handle(&self, entry: &wit::Entry) -> HandlerOutcome {
         let context = LogContext {

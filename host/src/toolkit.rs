@@ -1,0 +1,157 @@
+//! The plugin author's toolkit: `kaleidoscope plugin check` and `kaleidoscope plugin exec`.
+//!
+//! Both load a component exactly as the host does (same engine, same sandbox, same validation),
+//! so "it passes `check`" means "the host will load it", and `exec` shows precisely the commands
+//! the host would receive — without touching Redis or the database.
+
+use crate::config::Config;
+use crate::plugin::{HandlerOutcome, Plugin, PluginRuntime, SandboxLimits, wit};
+use anyhow::{Result, bail};
+use serde_json::{Value as Json, json};
+use std::path::Path;
+
+/// Loads `file` the way the host would (without the compiled cache, so compile time is real).
+pub fn load(config: &Config, file: &Path) -> Result<Plugin> {
+    let runtime = PluginRuntime::new(
+        SandboxLimits {
+            call_timeout: config.plugin_timeout,
+            memory_bytes: config.plugin_memory_bytes,
+        },
+        config.plugins.values().filter_map(|p| p.memory_bytes).max().unwrap_or(0),
+        None,
+    )?;
+    runtime.load(file, &|name| {
+        let policy = config.policy(name);
+        SandboxLimits {
+            call_timeout: policy.timeout.unwrap_or(config.plugin_timeout),
+            memory_bytes: policy.memory_bytes.unwrap_or(config.plugin_memory_bytes),
+        }
+    })
+}
+
+/// What `plugin check` prints about a loadable plugin.
+pub fn describe(config: &Config, plugin: &Plugin) -> Json {
+    let policy = config.policy(&plugin.name);
+    json!({
+        "file": plugin.file.display().to_string(),
+        "name": plugin.name,
+        "version": plugin.version,
+        "streams": plugin.streams,
+        "size_bytes": plugin.size,
+        "sha256": plugin.sha256,
+        "compile_ms": (plugin.load_time.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
+        "imports": plugin.imports,
+        "limits": {
+            "timeout_ms": plugin.limits().call_timeout.as_millis() as u64,
+            "memory_mib": plugin.limits().memory_bytes >> 20,
+        },
+        "grants": {
+            "tables": policy.tables,
+            "emit": policy.emit,
+        },
+    })
+}
+
+/// Runs `handle` on an entry built from `fields` and describes the outcome. Returns the JSON and
+/// whether the handler produced commands.
+pub fn exec(
+    config: &Config,
+    plugin: &Plugin,
+    stream: Option<&str>,
+    id: &str,
+    deliveries: u32,
+    fields: Vec<(String, String)>,
+) -> Result<(Json, bool)> {
+    let source = match stream {
+        Some(stream) if plugin.streams.iter().any(|s| s == stream) => stream.to_string(),
+        Some(stream) => bail!(
+            "plugin {} does not handle stream {stream:?} (its streams: {:?})",
+            plugin.name,
+            plugin.streams
+        ),
+        None => plugin.streams[0].clone(),
+    };
+    let entry = wit::Entry {
+        source,
+        id: id.to_string(),
+        fields,
+        deliveries,
+    };
+    let policy = config.policy(&plugin.name);
+    let outcome = plugin.handle(&entry);
+    let (described, ok) = match outcome {
+        HandlerOutcome::Commands(commands) => {
+            let mut warnings = Vec::new();
+            for command in &commands {
+                match command {
+                    wit::Command::Upsert(wit::Upsert { table, .. })
+                    | wit::Command::Update(wit::Update { table, .. })
+                    | wit::Command::Insert(wit::Insert { table, .. })
+                    | wit::Command::Delete(wit::Delete { table, .. }) => {
+                        if !policy.tables.contains(table) {
+                            warnings.push(format!("table `{table}` is not granted to plugin `{}`: the host would dead-letter this entry as forbidden-command", plugin.name));
+                        }
+                    }
+                    wit::Command::Emit(emit) => {
+                        if !policy.emit.contains(&emit.target) {
+                            warnings.push(format!("stream `{}` is not granted to plugin `{}` for emit: the host would dead-letter this entry as forbidden-command", emit.target, plugin.name));
+                        }
+                    }
+                }
+            }
+            let mut out = json!({"outcome": "commands", "commands": commands.iter().map(command_json).collect::<Vec<_>>()});
+            if !warnings.is_empty() {
+                out["warnings"] = json!(warnings);
+            }
+            (out, true)
+        }
+        HandlerOutcome::Malformed(reason) => (json!({"outcome": "malformed", "reason": reason, "host_would": "dead-letter at once as malformed"}), false),
+        HandlerOutcome::Retry(reason) => (json!({"outcome": "retry", "reason": reason, "host_would": "retry after the reclaim idle time, then dead-letter as retries-exhausted"}), false),
+        HandlerOutcome::Trap(message) => (json!({"outcome": "plugin-trap", "reason": message}), false),
+        HandlerOutcome::Timeout(after) => (json!({"outcome": "timeout", "reason": format!("did not return within {after:?}")}), false),
+        HandlerOutcome::MemoryLimit { requested } => (json!({"outcome": "memory-limit", "reason": format!("tried to grow memory to {requested} bytes")}), false),
+    };
+    Ok((described, ok))
+}
+
+/// A command as readable JSON.
+pub fn command_json(command: &wit::Command) -> Json {
+    let columns = |values: &[wit::ColumnValue]| -> Json {
+        Json::Object(values.iter().map(|cv| (cv.column.clone(), value_json(&cv.value))).collect())
+    };
+    let set = |sets: &[wit::ColumnSet]| -> Json {
+        Json::Object(
+            sets.iter()
+                .map(|cs| {
+                    let op = match &cs.op {
+                        wit::ColumnOp::Assign(value) => value_json(value),
+                        wit::ColumnOp::AppendUnique(items) => json!({"append_unique": items}),
+                    };
+                    (cs.column.clone(), op)
+                })
+                .collect(),
+        )
+    };
+    match command {
+        wit::Command::Upsert(u) => json!({"upsert": {"table": u.table, "key": columns(&u.key), "set": set(&u.set)}}),
+        wit::Command::Update(u) => json!({"update": {"table": u.table, "key": columns(&u.key), "set": set(&u.set), "if_missing": format!("{:?}", u.if_missing).to_lowercase()}}),
+        wit::Command::Insert(i) => json!({"insert": {"table": i.table, "values": columns(&i.values), "on_conflict": format!("{:?}", i.on_conflict).to_lowercase()}}),
+        wit::Command::Delete(d) => json!({"delete": {"table": d.table, "key": columns(&d.key)}}),
+        wit::Command::Emit(e) => json!({"emit": {"target": e.target, "fields": Json::Object(e.fields.iter().map(|(k, v)| (k.clone(), Json::String(v.clone()))).collect())}}),
+    }
+}
+
+/// A value as JSON: plain where the JSON type says it all, tagged for `json` and `timestamp`.
+pub fn value_json(value: &wit::Value) -> Json {
+    match value {
+        wit::Value::Null => Json::Null,
+        wit::Value::Boolean(b) => json!(b),
+        wit::Value::Integer(i) => json!(i),
+        wit::Value::Float(f) => json!(f),
+        wit::Value::Text(s) => json!(s),
+        wit::Value::Json(s) => json!({"json": serde_json::from_str::<Json>(s).unwrap_or(Json::String(s.clone()))}),
+        wit::Value::TextArray(items) => json!(items),
+        wit::Value::FloatArray(items) => json!(items),
+        wit::Value::Timestamp(s) => json!({"timestamp": s}),
+    }
+}

@@ -1,0 +1,88 @@
+//! TEST FIXTURE — never deploy. The behaviours the mock plugins are built from, so end-to-end
+//! tests can drive traps, loops, memory hogs, slow calls and ungranted writes through the real
+//! host. Each mock plugin crate is a manifest plus one call of [`perform`].
+//!
+//! Actions:
+//! - `ok`: insert `ml_processing_errors(source_stream, entry_id, error = <note field>)`;
+//! - `panic`: panic with the `note` field in the message (a trap in the host);
+//! - `loop`: spin forever (the host's epoch deadline must stop it);
+//! - `grow`: allocate without bound (the host's memory cap must stop it);
+//! - `sleep`: busy-wait `millis` milliseconds (default 200), then behave like `ok`;
+//! - `malformed` / `retry`: return that failure with the `note`;
+//! - `write-table`: insert into the table named by `table` with column `column` = `note`;
+//! - `emit`: emit `note` to the stream named by `target`;
+//! - `probe-sandbox`: like `ok`, with the note describing what the sandbox let through
+//!   (environment variables, the file system, the network).
+
+use kaleidoscope_plugin_sdk::{self as sdk, Command, Entry, Failure, Fields};
+use std::time::{Duration, Instant};
+
+/// Does what `action` says for `entry`.
+pub fn perform(action: &str, entry: &Entry) -> Result<Vec<Command>, Failure> {
+    let fields = Fields::new(entry);
+    let note = fields.get("note").unwrap_or("").to_string();
+    let ok = || -> Vec<Command> {
+        vec![
+            sdk::insert("ml_processing_errors")
+                .value("source_stream", entry.source.as_str())
+                .value("entry_id", entry.id.as_str())
+                .value("error", note.as_str())
+                .into(),
+        ]
+    };
+    match action {
+        "ok" => Ok(ok()),
+        "panic" => panic!("scripted panic: {note}"),
+        "loop" => {
+            let mut counter: u64 = 0;
+            loop {
+                counter = std::hint::black_box(counter.wrapping_add(1));
+            }
+        }
+        "grow" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        "sleep" => {
+            let millis = fields.i64("millis")?.unwrap_or(200).max(0) as u64;
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_millis(millis) {
+                std::hint::spin_loop();
+            }
+            Ok(ok())
+        }
+        "malformed" => Err(sdk::malformed(note)),
+        "retry" => Err(sdk::retry(note)),
+        "write-table" => Ok(vec![
+            sdk::insert(fields.required("table")?)
+                .value(fields.required("column")?, note.as_str())
+                .into(),
+        ]),
+        "emit" => Ok(vec![sdk::emit(fields.required("target")?, [("note", note.as_str())])]),
+        "probe-sandbox" => {
+            let env = std::env::vars().count();
+            let fs = match std::fs::read_dir("/") {
+                Ok(_) => "open",
+                Err(_) => "denied",
+            };
+            let net = match std::net::TcpStream::connect("127.0.0.1:6379") {
+                Ok(_) => "open",
+                Err(_) => "denied",
+            };
+            let report = format!("env={env} fs={fs} net={net}");
+            Ok(vec![
+                sdk::insert("ml_processing_errors")
+                    .value("source_stream", entry.source.as_str())
+                    .value("entry_id", entry.id.as_str())
+                    .value("error", report.as_str())
+                    .into(),
+            ])
+        }
+        other => Err(sdk::malformed(format!(
+            "field `action`: unknown action {other:?}"
+        ))),
+    }
+}
