@@ -225,7 +225,12 @@ impl Config {
         flags: &BTreeMap<&'static str, String>,
     ) -> Result<Config> {
         let mut raw = RawSettings::default();
-        raw.read_plugins_table(&DEFAULT_PLUGINS.parse().context("config/default-plugins.toml is not valid TOML")?, Path::new("config/default-plugins.toml"))?;
+        raw.read_plugins_table(
+            &DEFAULT_PLUGINS
+                .parse()
+                .context("config/default-plugins.toml is not valid TOML")?,
+            Path::new("config/default-plugins.toml"),
+        )?;
         if let Some(path) = file {
             raw.read_file(path)?;
         }
@@ -310,20 +315,28 @@ impl RawSettings {
         let Some(plugins) = table.get("plugins") else {
             return Ok(());
         };
-        let plugins = plugins
-            .as_table()
-            .with_context(|| format!("`plugins` in {} must be a table of [plugins.<name>] sections", path.display()))?;
+        let plugins = plugins.as_table().with_context(|| {
+            format!(
+                "`plugins` in {} must be a table of [plugins.<name>] sections",
+                path.display()
+            )
+        })?;
         for (name, section) in plugins {
-            let section = section
-                .as_table()
-                .with_context(|| format!("`plugins.{name}` in {} must be a table", path.display()))?;
+            let section = section.as_table().with_context(|| {
+                format!("`plugins.{name}` in {} must be a table", path.display())
+            })?;
             let policy = self.plugins.entry(name.clone()).or_default();
             for (key, value) in section {
                 let at = || format!("`plugins.{name}.{key}` in {}", path.display());
                 let list = || -> Result<BTreeSet<String>> {
                     value
                         .as_array()
-                        .and_then(|items| items.iter().map(|i| i.as_str().map(str::to_string)).collect::<Option<BTreeSet<_>>>())
+                        .and_then(|items| {
+                            items
+                                .iter()
+                                .map(|i| i.as_str().map(str::to_string))
+                                .collect::<Option<BTreeSet<_>>>()
+                        })
                         .with_context(|| format!("{}: expected a list of strings", at()))
                 };
                 let positive = || -> Result<u64> {
@@ -336,18 +349,30 @@ impl RawSettings {
                 match key.as_str() {
                     "tables" => {
                         let tables = list()?;
-                        if let Some(host) = tables.iter().find(|t| crate::persist::validate::HOST_TABLES.contains(&t.as_str())) {
-                            bail!("{}: table `{host}` belongs to the host and cannot be granted", at());
+                        if let Some(host) = tables
+                            .iter()
+                            .find(|t| crate::persist::validate::HOST_TABLES.contains(&t.as_str()))
+                        {
+                            bail!(
+                                "{}: table `{host}` belongs to the host and cannot be granted",
+                                at()
+                            );
                         }
                         policy.tables = tables;
                     }
                     "emit" => policy.emit = list()?,
                     "timeout_ms" => policy.timeout = Some(Duration::from_millis(positive()?)),
                     "memory_mib" => {
-                        let mib = usize::try_from(positive()?).ok().and_then(|m| m.checked_mul(1 << 20)).with_context(|| format!("{}: too large", at()))?;
+                        let mib = usize::try_from(positive()?)
+                            .ok()
+                            .and_then(|m| m.checked_mul(1 << 20))
+                            .with_context(|| format!("{}: too large", at()))?;
                         policy.memory_bytes = Some(mib);
                     }
-                    _ => bail!("unknown key {} (known: tables, emit, timeout_ms, memory_mib)", at()),
+                    _ => bail!(
+                        "unknown key {} (known: tables, emit, timeout_ms, memory_mib)",
+                        at()
+                    ),
                 }
             }
         }
@@ -623,24 +648,40 @@ mod tests {
     #[test]
     fn shipped_plugins_have_default_grants_that_a_file_can_extend() {
         let config = load(&[]).unwrap();
-        assert!(config.policy("insights").tables.contains("media_ai_insights"));
+        assert!(
+            config
+                .policy("insights")
+                .tables
+                .contains("media_ai_insights")
+        );
         assert!(config.policy("unknown-plugin").tables.is_empty());
 
-        let dir = std::env::temp_dir().join(format!("kaleidoscope-config-grants-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("kaleidoscope-config-grants-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("grants.toml");
         std::fs::write(&file, "[plugins.insights]\ntimeout_ms = 250\n[plugins.mine]\ntables = [\"t\"]\nemit = [\"s\"]\n").unwrap();
         let config = Config::from_sources(Some(&file), &env(&[]), &BTreeMap::new()).unwrap();
         let insights = config.policy("insights");
-        assert!(insights.tables.contains("media_ai_insights"), "a partial section keeps the shipped grants");
+        assert!(
+            insights.tables.contains("media_ai_insights"),
+            "a partial section keeps the shipped grants"
+        );
         assert_eq!(insights.timeout, Some(Duration::from_millis(250)));
         assert_eq!(config.policy("mine").emit.iter().collect::<Vec<_>>(), ["s"]);
 
         std::fs::write(&file, "[plugins.mine]\ntables = [\"outbox\"]\n").unwrap();
-        let error = Config::from_sources(Some(&file), &env(&[]), &BTreeMap::new()).unwrap_err().to_string();
-        assert!(error.contains("plugins.mine.tables") && error.contains("outbox"), "{error}");
+        let error = Config::from_sources(Some(&file), &env(&[]), &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("plugins.mine.tables") && error.contains("outbox"),
+            "{error}"
+        );
         std::fs::write(&file, "[plugins.mine]\ntabels = [\"t\"]\n").unwrap();
-        let error = Config::from_sources(Some(&file), &env(&[]), &BTreeMap::new()).unwrap_err().to_string();
+        let error = Config::from_sources(Some(&file), &env(&[]), &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("plugins.mine.tabels"), "{error}");
     }
 

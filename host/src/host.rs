@@ -71,32 +71,57 @@ impl RunningHost {
             .set_response_timeout(Some(Duration::from_secs(10)));
         let mut redis = ConnectionManager::new_with_config(client.clone(), manager_config)
             .await
-            .with_context(|| format!("cannot connect to Redis at {}", persist::redact(&config.redis_url)))?;
+            .with_context(|| {
+                format!(
+                    "cannot connect to Redis at {}",
+                    persist::redact(&config.redis_url)
+                )
+            })?;
         let _: () = redis::cmd("PING")
             .query_async(&mut redis)
             .await
-            .with_context(|| format!("Redis at {} does not answer PING", persist::redact(&config.redis_url)))?;
+            .with_context(|| {
+                format!(
+                    "Redis at {} does not answer PING",
+                    persist::redact(&config.redis_url)
+                )
+            })?;
 
         let runtime = Arc::new(PluginRuntime::new(
             SandboxLimits {
                 call_timeout: config.plugin_timeout,
                 memory_bytes: config.plugin_memory_bytes,
             },
-            config.plugins.values().filter_map(|p| p.memory_bytes).max().unwrap_or(0),
+            config
+                .plugins
+                .values()
+                .filter_map(|p| p.memory_bytes)
+                .max()
+                .unwrap_or(0),
             Some(&config.cache_dir),
         )?);
         let plugins = {
             let runtime = runtime.clone();
             let config = config.clone();
-            tokio::task::spawn_blocking(move || PluginSet::load_dir(&runtime, &config.plugins_dir, &|name| limits_for(&config, name)))
-                .await
-                .context("the plugin loading thread failed")??
+            tokio::task::spawn_blocking(move || {
+                PluginSet::load_dir(&runtime, &config.plugins_dir, &|name| {
+                    limits_for(&config, name)
+                })
+            })
+            .await
+            .context("the plugin loading thread failed")??
         };
         if plugins.plugins().is_empty() {
             warn!(dir = %config.plugins_dir.display(), "no plugin loaded; no stream will be consumed until one is added");
         }
         let registry = Arc::new(PluginRegistry::new(plugins));
-        let delivery = Arc::new(Delivery::new(config.clone(), pool, redis, registry, catalog));
+        let delivery = Arc::new(Delivery::new(
+            config.clone(),
+            pool,
+            redis,
+            registry,
+            catalog,
+        ));
 
         let supervisor = Arc::new(Supervisor {
             delivery: delivery.clone(),
@@ -118,7 +143,11 @@ impl RunningHost {
         if config.watch_plugins {
             let (plugin_watcher, changes) = watch::watch(&config.plugins_dir)?;
             watcher = Some(plugin_watcher);
-            background.push(tokio::spawn(watch_plugins(supervisor.clone(), changes, stop.subscribe())));
+            background.push(tokio::spawn(watch_plugins(
+                supervisor.clone(),
+                changes,
+                stop.subscribe(),
+            )));
         }
         Ok(RunningHost {
             supervisor,
@@ -130,7 +159,13 @@ impl RunningHost {
 
     /// The streams being consumed (logical names).
     pub async fn streams(&self) -> Vec<String> {
-        self.supervisor.consumers.lock().await.keys().cloned().collect()
+        self.supervisor
+            .consumers
+            .lock()
+            .await
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// The shared protocol state (configuration, pool, registry).
@@ -173,7 +208,9 @@ impl Supervisor {
         let runtime = self.runtime.clone();
         let config = self.delivery.config.clone();
         let next = tokio::task::spawn_blocking(move || {
-            PluginSet::rescan(&runtime, &config.plugins_dir, &current, &|name| limits_for(&config, name))
+            PluginSet::rescan(&runtime, &config.plugins_dir, &current, &|name| {
+                limits_for(&config, name)
+            })
         })
         .await
         .context("the plugin loading thread failed")??;
@@ -196,15 +233,32 @@ impl Supervisor {
                 continue;
             }
             let mut redis = self.delivery.redis.clone();
-            streams::ensure_group(&mut redis, &config.stream_key(stream), &config.consumer_group).await?;
+            streams::ensure_group(
+                &mut redis,
+                &config.stream_key(stream),
+                &config.consumer_group,
+            )
+            .await?;
             let (stop, stopped) = signal::channel(false);
-            let task = tokio::spawn(consumer::consume(self.delivery.clone(), self.client.clone(), stream.clone(), stopped));
+            let task = tokio::spawn(consumer::consume(
+                self.delivery.clone(),
+                self.client.clone(),
+                stream.clone(),
+                stopped,
+            ));
             consumers.insert(stream.clone(), Consumer { stop, task });
         }
-        let gone: Vec<String> = consumers.keys().filter(|s| !wanted.contains(s)).cloned().collect();
+        let gone: Vec<String> = consumers
+            .keys()
+            .filter(|s| !wanted.contains(s))
+            .cloned()
+            .collect();
         for stream in gone {
             if let Some(consumer) = consumers.remove(&stream) {
-                info!(stream, "no plugin handles this stream any more; its entries wait in Redis");
+                info!(
+                    stream,
+                    "no plugin handles this stream any more; its entries wait in Redis"
+                );
                 let _ = consumer.stop.send(true);
                 if let Err(error) = consumer.task.await {
                     warn!(stream, "consumer task ended abnormally: {error}");
@@ -308,6 +362,9 @@ async fn relay_once(delivery: &Delivery) -> Result<()> {
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    info!(count = ids.len(), "relayed outbox messages left unpublished");
+    info!(
+        count = ids.len(),
+        "relayed outbox messages left unpublished"
+    );
     Ok(())
 }

@@ -4,10 +4,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kaleidoscope::config::{self, Config};
 use kaleidoscope::{status, toolkit};
-use std::time::Duration;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// Kaleidoscope Host: persists the ML result streams of the Kaleidoscope backend from Redis
 /// Streams into PostgreSQL through hot-swappable WebAssembly handler plugins.
@@ -146,19 +146,33 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             max_pending_age,
         } => {
             let config = load_config(cli.config.as_deref(), &BTreeMap::new())?;
-            let client = redis::Client::open(config.redis_url.as_str())
-                .with_context(|| format!("invalid Redis URL {}", kaleidoscope::persist::redact(&config.redis_url)))?;
+            let client = redis::Client::open(config.redis_url.as_str()).with_context(|| {
+                format!(
+                    "invalid Redis URL {}",
+                    kaleidoscope::persist::redact(&config.redis_url)
+                )
+            })?;
             let mut conn = client
                 .get_multiplexed_async_connection()
                 .await
-                .with_context(|| format!("cannot connect to Redis at {}", kaleidoscope::persist::redact(&config.redis_url)))?;
-            let report = status::collect(&mut conn, &config, Duration::from_secs(max_pending_age)).await?;
+                .with_context(|| {
+                    format!(
+                        "cannot connect to Redis at {}",
+                        kaleidoscope::persist::redact(&config.redis_url)
+                    )
+                })?;
+            let report =
+                status::collect(&mut conn, &config, Duration::from_secs(max_pending_age)).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", status::render(&report));
             }
-            Ok(if report.healthy { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if report.healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Plugin(command) => {
             let config_file = cli.config.clone();
@@ -172,12 +186,19 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
 /// `plugin check` and `plugin exec`. Plugin calls are synchronous and must not run on an async
 /// runtime worker thread (WASI's synchronous bindings block on the runtime), so the caller runs
 /// this on a blocking thread, as the host does.
-fn plugin_command(config_file: Option<&std::path::Path>, command: PluginCommand) -> Result<ExitCode> {
+fn plugin_command(
+    config_file: Option<&std::path::Path>,
+    command: PluginCommand,
+) -> Result<ExitCode> {
     match command {
         PluginCommand::Check { file } => {
             let config = load_config(config_file, &BTreeMap::new())?;
-            let plugin = toolkit::load(&config, &file).with_context(|| format!("{} would not load", file.display()))?;
-            println!("{}", serde_json::to_string_pretty(&toolkit::describe(&config, &plugin))?);
+            let plugin = toolkit::load(&config, &file)
+                .with_context(|| format!("{} would not load", file.display()))?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&toolkit::describe(&config, &plugin))?
+            );
             Ok(ExitCode::SUCCESS)
         }
         PluginCommand::Exec {
@@ -196,10 +217,16 @@ fn plugin_command(config_file: Option<&std::path::Path>, command: PluginCommand)
                         .with_context(|| format!("--field {pair:?} is not NAME=VALUE"))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let plugin = toolkit::load(&config, &file).with_context(|| format!("{} would not load", file.display()))?;
-            let (outcome, ok) = toolkit::exec(&config, &plugin, stream.as_deref(), &id, deliveries, fields)?;
+            let plugin = toolkit::load(&config, &file)
+                .with_context(|| format!("{} would not load", file.display()))?;
+            let (outcome, ok) =
+                toolkit::exec(&config, &plugin, stream.as_deref(), &id, deliveries, fields)?;
             println!("{}", serde_json::to_string_pretty(&outcome)?);
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
     }
 }

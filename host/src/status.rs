@@ -65,7 +65,10 @@ pub struct FailedLoad {
 }
 
 fn host_key(config: &Config, consumer: &str) -> String {
-    format!("{}kaleidoscope:hosts:{}:{consumer}", config.stream_prefix, config.consumer_group)
+    format!(
+        "{}kaleidoscope:hosts:{}:{consumer}",
+        config.stream_prefix, config.consumer_group
+    )
 }
 
 fn now_rfc3339() -> String {
@@ -176,26 +179,43 @@ pub struct DeadLetterReport {
 
 /// Collects the report. `max_pending_age` marks a stream unhealthy when its oldest pending entry
 /// is older.
-pub async fn collect<C: ConnectionLike + Send>(conn: &mut C, config: &Config, max_pending_age: Duration) -> Result<Report> {
+pub async fn collect<C: ConnectionLike + Send>(
+    conn: &mut C,
+    config: &Config,
+    max_pending_age: Duration,
+) -> Result<Report> {
     let mut problems = Vec::new();
     let hosts = read_hosts(conn, config).await?;
     if hosts.is_empty() {
-        problems.push(format!("no host of group {:?} is running (no status heartbeat)", config.consumer_group));
+        problems.push(format!(
+            "no host of group {:?} is running (no status heartbeat)",
+            config.consumer_group
+        ));
     }
     for host in &hosts {
         for failure in &host.failed_loads {
-            problems.push(format!("host {}: plugin {} failed to load: {}", host.consumer, failure.file, failure.reason));
+            problems.push(format!(
+                "host {}: plugin {} failed to load: {}",
+                host.consumer, failure.file, failure.reason
+            ));
         }
     }
-    let mut stream_names: BTreeSet<String> = DEFAULT_STREAMS.iter().map(|s| s.to_string()).collect();
-    let served: BTreeSet<String> = hosts.iter().flat_map(|h| h.streams.iter().cloned()).collect();
+    let mut stream_names: BTreeSet<String> =
+        DEFAULT_STREAMS.iter().map(|s| s.to_string()).collect();
+    let served: BTreeSet<String> = hosts
+        .iter()
+        .flat_map(|h| h.streams.iter().cloned())
+        .collect();
     stream_names.extend(served.iter().cloned());
 
     let mut streams = Vec::new();
     for stream in stream_names {
         let report = stream_report(conn, config, &stream).await?;
         if served.contains(&stream) && !report.group_exists {
-            problems.push(format!("stream {stream}: consumer group {:?} is missing", config.consumer_group));
+            problems.push(format!(
+                "stream {stream}: consumer group {:?} is missing",
+                config.consumer_group
+            ));
         }
         if let Some(age) = report.oldest_pending_age_ms
             && age > max_pending_age.as_millis() as u64
@@ -207,7 +227,9 @@ pub async fn collect<C: ConnectionLike + Send>(conn: &mut C, config: &Config, ma
             ));
         }
         if !served.contains(&stream) && report.length > 0 && !hosts.is_empty() {
-            problems.push(format!("stream {stream}: has entries but no loaded plugin handles it"));
+            problems.push(format!(
+                "stream {stream}: has entries but no loaded plugin handles it"
+            ));
         }
         streams.push(report);
     }
@@ -221,8 +243,14 @@ pub async fn collect<C: ConnectionLike + Send>(conn: &mut C, config: &Config, ma
     })
 }
 
-async fn read_hosts<C: ConnectionLike + Send>(conn: &mut C, config: &Config) -> Result<Vec<HostStatus>> {
-    let pattern = format!("{}kaleidoscope:hosts:{}:*", config.stream_prefix, config.consumer_group);
+async fn read_hosts<C: ConnectionLike + Send>(
+    conn: &mut C,
+    config: &Config,
+) -> Result<Vec<HostStatus>> {
+    let pattern = format!(
+        "{}kaleidoscope:hosts:{}:*",
+        config.stream_prefix, config.consumer_group
+    );
     let mut cursor = 0u64;
     let mut keys = Vec::new();
     loop {
@@ -252,7 +280,11 @@ async fn read_hosts<C: ConnectionLike + Send>(conn: &mut C, config: &Config) -> 
     Ok(hosts)
 }
 
-async fn stream_report<C: ConnectionLike + Send>(conn: &mut C, config: &Config, stream: &str) -> Result<StreamReport> {
+async fn stream_report<C: ConnectionLike + Send>(
+    conn: &mut C,
+    config: &Config,
+    stream: &str,
+) -> Result<StreamReport> {
     let key = config.stream_key(stream);
     let length: i64 = redis::cmd("XLEN").arg(&key).query_async(conn).await?;
     let mut report = StreamReport {
@@ -271,20 +303,37 @@ async fn stream_report<C: ConnectionLike + Send>(conn: &mut C, config: &Config, 
             return Ok(report);
         }
     }
-    let groups: Vec<HashMap<String, Value>> = redis::cmd("XINFO").arg("GROUPS").arg(&key).query_async(conn).await?;
-    let Some(group) = groups.into_iter().find(|g| g.get("name").and_then(text).as_deref() == Some(config.consumer_group.as_str())) else {
+    let groups: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&key)
+        .query_async(conn)
+        .await?;
+    let Some(group) = groups
+        .into_iter()
+        .find(|g| g.get("name").and_then(text).as_deref() == Some(config.consumer_group.as_str()))
+    else {
         return Ok(report);
     };
     report.group_exists = true;
     report.lag = group.get("lag").and_then(int);
     report.pending = group.get("pending").and_then(int).unwrap_or(0);
     if report.pending > 0 {
-        let summary: Value = redis::cmd("XPENDING").arg(&key).arg(&config.consumer_group).query_async(conn).await?;
+        let summary: Value = redis::cmd("XPENDING")
+            .arg(&key)
+            .arg(&config.consumer_group)
+            .query_async(conn)
+            .await?;
         if let Value::Array(parts) = summary
             && let Some(oldest) = parts.get(1).and_then(text)
-            && let Some(millis) = oldest.split('-').next().and_then(|ms| ms.parse::<u64>().ok())
+            && let Some(millis) = oldest
+                .split('-')
+                .next()
+                .and_then(|ms| ms.parse::<u64>().ok())
         {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
             report.oldest_pending_age_ms = Some(now.saturating_sub(millis));
         }
     }
@@ -305,7 +354,10 @@ async fn stream_report<C: ConnectionLike + Send>(conn: &mut C, config: &Config, 
     Ok(report)
 }
 
-async fn dead_letter_report<C: ConnectionLike + Send>(conn: &mut C, config: &Config) -> Result<DeadLetterReport> {
+async fn dead_letter_report<C: ConnectionLike + Send>(
+    conn: &mut C,
+    config: &Config,
+) -> Result<DeadLetterReport> {
     let key = config.dlq_key();
     let length: i64 = redis::cmd("XLEN").arg(&key).query_async(conn).await?;
     let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
@@ -318,7 +370,10 @@ async fn dead_letter_report<C: ConnectionLike + Send>(conn: &mut C, config: &Con
         .await?;
     let mut by_kind = BTreeMap::new();
     for (_, fields) in &entries {
-        let kind = fields.get("failureKind").cloned().unwrap_or_else(|| "unknown".into());
+        let kind = fields
+            .get("failureKind")
+            .cloned()
+            .unwrap_or_else(|| "unknown".into());
         *by_kind.entry(kind).or_insert(0) += 1;
     }
     Ok(DeadLetterReport {
@@ -332,7 +387,10 @@ async fn dead_letter_report<C: ConnectionLike + Send>(conn: &mut C, config: &Con
 /// The report as a human-readable table.
 pub fn render(report: &Report) -> String {
     let mut out = String::new();
-    out.push_str(&format!("health: {}\n", if report.healthy { "ok" } else { "UNHEALTHY" }));
+    out.push_str(&format!(
+        "health: {}\n",
+        if report.healthy { "ok" } else { "UNHEALTHY" }
+    ));
     for problem in &report.problems {
         out.push_str(&format!("  ! {problem}\n"));
     }
@@ -343,19 +401,31 @@ pub fn render(report: &Report) -> String {
     ));
     for s in &report.streams {
         let lag = s.lag.map_or("-".to_string(), |l| l.to_string());
-        let oldest = s
-            .oldest_pending_age_ms
-            .map_or("-".to_string(), |ms| humantime::format_duration(Duration::from_millis(ms / 1000 * 1000)).to_string());
+        let oldest = s.oldest_pending_age_ms.map_or("-".to_string(), |ms| {
+            humantime::format_duration(Duration::from_millis(ms / 1000 * 1000)).to_string()
+        });
         let consumers = if !s.group_exists {
             "(no group)".to_string()
         } else {
             s.consumers
                 .iter()
-                .map(|c| format!("{} ({}/{})", c.name, c.pending, humantime::format_duration(Duration::from_millis(c.idle_ms.max(0) as u64 / 1000 * 1000))))
+                .map(|c| {
+                    format!(
+                        "{} ({}/{})",
+                        c.name,
+                        c.pending,
+                        humantime::format_duration(Duration::from_millis(
+                            c.idle_ms.max(0) as u64 / 1000 * 1000
+                        ))
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        out.push_str(&format!("  {:<40} {:>8} {:>6} {:>8} {:>14}  {}\n", s.stream, s.length, lag, s.pending, oldest, consumers));
+        out.push_str(&format!(
+            "  {:<40} {:>8} {:>6} {:>8} {:>14}  {}\n",
+            s.stream, s.length, lag, s.pending, oldest, consumers
+        ));
     }
     let kinds = report
         .dead_letters
@@ -364,13 +434,19 @@ pub fn render(report: &Report) -> String {
         .map(|(k, n)| format!("{k}={n}"))
         .collect::<Vec<_>>()
         .join(" ");
-    out.push_str(&format!("\ndead letters ({}): {} {}\n", report.dead_letters.stream, report.dead_letters.length, kinds));
+    out.push_str(&format!(
+        "\ndead letters ({}): {} {}\n",
+        report.dead_letters.stream, report.dead_letters.length, kinds
+    ));
     out.push_str("\nhosts:\n");
     if report.hosts.is_empty() {
         out.push_str("  (none running)\n");
     }
     for host in &report.hosts {
-        out.push_str(&format!("  {} (pid {}, up since {}, plugins from {})\n", host.consumer, host.pid, host.started_at, host.plugins_dir));
+        out.push_str(&format!(
+            "  {} (pid {}, up since {}, plugins from {})\n",
+            host.consumer, host.pid, host.started_at, host.plugins_dir
+        ));
         for p in &host.plugins {
             out.push_str(&format!(
                 "    {:<24} {:<10} {}  {:?}{}\n",

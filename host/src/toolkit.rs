@@ -17,7 +17,12 @@ pub fn load(config: &Config, file: &Path) -> Result<Plugin> {
             call_timeout: config.plugin_timeout,
             memory_bytes: config.plugin_memory_bytes,
         },
-        config.plugins.values().filter_map(|p| p.memory_bytes).max().unwrap_or(0),
+        config
+            .plugins
+            .values()
+            .filter_map(|p| p.memory_bytes)
+            .max()
+            .unwrap_or(0),
         None,
     )?;
     runtime.load(file, &|name| {
@@ -105,11 +110,25 @@ pub fn exec(
             }
             (out, true)
         }
-        HandlerOutcome::Malformed(reason) => (json!({"outcome": "malformed", "reason": reason, "host_would": "dead-letter at once as malformed"}), false),
-        HandlerOutcome::Retry(reason) => (json!({"outcome": "retry", "reason": reason, "host_would": "retry after the reclaim idle time, then dead-letter as retries-exhausted"}), false),
-        HandlerOutcome::Trap(message) => (json!({"outcome": "plugin-trap", "reason": message}), false),
-        HandlerOutcome::Timeout(after) => (json!({"outcome": "timeout", "reason": format!("did not return within {after:?}")}), false),
-        HandlerOutcome::MemoryLimit { requested } => (json!({"outcome": "memory-limit", "reason": format!("tried to grow memory to {requested} bytes")}), false),
+        HandlerOutcome::Malformed(reason) => (
+            json!({"outcome": "malformed", "reason": reason, "host_would": "dead-letter at once as malformed"}),
+            false,
+        ),
+        HandlerOutcome::Retry(reason) => (
+            json!({"outcome": "retry", "reason": reason, "host_would": "retry after the reclaim idle time, then dead-letter as retries-exhausted"}),
+            false,
+        ),
+        HandlerOutcome::Trap(message) => {
+            (json!({"outcome": "plugin-trap", "reason": message}), false)
+        }
+        HandlerOutcome::Timeout(after) => (
+            json!({"outcome": "timeout", "reason": format!("did not return within {after:?}")}),
+            false,
+        ),
+        HandlerOutcome::MemoryLimit { requested } => (
+            json!({"outcome": "memory-limit", "reason": format!("tried to grow memory to {requested} bytes")}),
+            false,
+        ),
     };
     Ok((described, ok))
 }
@@ -117,7 +136,12 @@ pub fn exec(
 /// A command as readable JSON.
 pub fn command_json(command: &wit::Command) -> Json {
     let columns = |values: &[wit::ColumnValue]| -> Json {
-        Json::Object(values.iter().map(|cv| (cv.column.clone(), value_json(&cv.value))).collect())
+        Json::Object(
+            values
+                .iter()
+                .map(|cv| (cv.column.clone(), value_json(&cv.value)))
+                .collect(),
+        )
     };
     let set = |sets: &[wit::ColumnSet]| -> Json {
         Json::Object(
@@ -133,11 +157,19 @@ pub fn command_json(command: &wit::Command) -> Json {
         )
     };
     match command {
-        wit::Command::Upsert(u) => json!({"upsert": {"table": u.table, "key": columns(&u.key), "set": set(&u.set)}}),
-        wit::Command::Update(u) => json!({"update": {"table": u.table, "key": columns(&u.key), "set": set(&u.set), "if_missing": format!("{:?}", u.if_missing).to_lowercase()}}),
-        wit::Command::Insert(i) => json!({"insert": {"table": i.table, "values": columns(&i.values), "on_conflict": format!("{:?}", i.on_conflict).to_lowercase()}}),
+        wit::Command::Upsert(u) => {
+            json!({"upsert": {"table": u.table, "key": columns(&u.key), "set": set(&u.set)}})
+        }
+        wit::Command::Update(u) => {
+            json!({"update": {"table": u.table, "key": columns(&u.key), "set": set(&u.set), "if_missing": format!("{:?}", u.if_missing).to_lowercase()}})
+        }
+        wit::Command::Insert(i) => {
+            json!({"insert": {"table": i.table, "values": columns(&i.values), "on_conflict": format!("{:?}", i.on_conflict).to_lowercase()}})
+        }
         wit::Command::Delete(d) => json!({"delete": {"table": d.table, "key": columns(&d.key)}}),
-        wit::Command::Emit(e) => json!({"emit": {"target": e.target, "fields": Json::Object(e.fields.iter().map(|(k, v)| (k.clone(), Json::String(v.clone()))).collect())}}),
+        wit::Command::Emit(e) => {
+            json!({"emit": {"target": e.target, "fields": Json::Object(e.fields.iter().map(|(k, v)| (k.clone(), Json::String(v.clone()))).collect())}})
+        }
     }
 }
 
@@ -149,7 +181,9 @@ pub fn value_json(value: &wit::Value) -> Json {
         wit::Value::Integer(i) => json!(i),
         wit::Value::Float(f) => json!(f),
         wit::Value::Text(s) => json!(s),
-        wit::Value::Json(s) => json!({"json": serde_json::from_str::<Json>(s).unwrap_or(Json::String(s.clone()))}),
+        wit::Value::Json(s) => {
+            json!({"json": serde_json::from_str::<Json>(s).unwrap_or(Json::String(s.clone()))})
+        }
         wit::Value::TextArray(items) => json!(items),
         wit::Value::FloatArray(items) => json!(items),
         wit::Value::Timestamp(s) => json!({"timestamp": s}),

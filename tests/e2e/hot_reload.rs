@@ -17,7 +17,18 @@ async fn swapping_a_plugin_under_load_loses_and_doubles_nothing() {
             for m in range {
                 let media = m.to_string();
                 let caption = format!("caption {m}");
-                ids.push((m, env.publish(INSIGHTS, &[("mediaId", &media), ("service", "image_captioning"), ("caption", &caption)]).await));
+                ids.push((
+                    m,
+                    env.publish(
+                        INSIGHTS,
+                        &[
+                            ("mediaId", &media),
+                            ("service", "image_captioning"),
+                            ("caption", &caption),
+                        ],
+                    )
+                    .await,
+                ));
             }
             ids
         }
@@ -32,18 +43,38 @@ async fn swapping_a_plugin_under_load_loses_and_doubles_nothing() {
     for (_, id) in before.iter().chain(&after) {
         env.await_processed(INSIGHTS, id).await;
     }
-    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT media_id, caption FROM media_ai_insights ORDER BY media_id").fetch_all(&env.pool).await.unwrap();
+    let rows: Vec<(i64, String)> =
+        sqlx::query_as("SELECT media_id, caption FROM media_ai_insights ORDER BY media_id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
     assert_eq!(rows.len(), 300, "every entry's effect exists exactly once");
     for (media_id, caption) in &rows {
         assert_eq!(caption, &format!("caption {media_id}"));
     }
-    let ledger: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_entries WHERE stream = $1").bind(INSIGHTS).fetch_one(&env.pool).await.unwrap();
+    let ledger: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM processed_entries WHERE stream = $1")
+            .bind(INSIGHTS)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
     assert_eq!(ledger, 300);
     for (_, id) in &after {
-        assert_eq!(env.ledger_version(INSIGHTS, id).await.as_deref(), Some("0.2.0"), "entries after the swap are handled by the new version");
+        assert_eq!(
+            env.ledger_version(INSIGHTS, id).await.as_deref(),
+            Some("0.2.0"),
+            "entries after the swap are handled by the new version"
+        );
     }
-    let old: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_entries WHERE plugin_version = '0.1.0'").fetch_one(&env.pool).await.unwrap();
-    assert!(old > 0, "entries before the swap were handled by the old version");
+    let old: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM processed_entries WHERE plugin_version = '0.1.0'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert!(
+        old > 0,
+        "entries before the swap were handled by the old version"
+    );
     assert!(env.dead_letters().await.is_empty());
     env.await_no_pending(INSIGHTS).await;
     env.finish().await;
@@ -55,7 +86,11 @@ async fn a_broken_file_leaves_the_old_version_serving_and_shows_in_status() {
     env.seed_media(1, &[1, 2]).await;
     // A half-written copy of a new version.
     let full = std::fs::read(crate::support::plugin_file("insights-next")).unwrap();
-    std::fs::write(env.plugins_dir.join("insights.wasm"), &full[..full.len() / 2]).unwrap();
+    std::fs::write(
+        env.plugins_dir.join("insights.wasm"),
+        &full[..full.len() / 2],
+    )
+    .unwrap();
     // A component whose manifest() traps, and one that claims a stream already served.
     env.install_plugin("manifest-trap", "manifest-trap");
     std::fs::write(env.plugins_dir.join("not-wasm.wasm"), b"hello").unwrap();
@@ -63,7 +98,9 @@ async fn a_broken_file_leaves_the_old_version_serving_and_shows_in_status() {
 
     let (report, healthy) = eventually("status to report the failed loads", || async {
         let (report, healthy) = env.status();
-        let failures = report["hosts"][0]["failed_loads"].as_array().map_or(0, Vec::len);
+        let failures = report["hosts"][0]["failed_loads"]
+            .as_array()
+            .map_or(0, Vec::len);
         (failures == 3).then_some((report, healthy))
     })
     .await;
@@ -76,24 +113,63 @@ async fn a_broken_file_leaves_the_old_version_serving_and_shows_in_status() {
             .map(|f| f["reason"].as_str().unwrap().to_string())
             .unwrap_or_else(|| panic!("no failure reported for {file}: {failures:?}"))
     };
-    assert!(reason("insights.wasm").contains("component"), "{}", reason("insights.wasm"));
-    assert!(reason("manifest-trap.wasm").contains("manifest()"), "{}", reason("manifest-trap.wasm"));
-    assert!(reason("not-wasm.wasm").contains("not a WebAssembly file"), "{}", reason("not-wasm.wasm"));
+    assert!(
+        reason("insights.wasm").contains("component"),
+        "{}",
+        reason("insights.wasm")
+    );
+    assert!(
+        reason("manifest-trap.wasm").contains("manifest()"),
+        "{}",
+        reason("manifest-trap.wasm")
+    );
+    assert!(
+        reason("not-wasm.wasm").contains("not a WebAssembly file"),
+        "{}",
+        reason("not-wasm.wasm")
+    );
     let problems = report["problems"].to_string();
     assert!(problems.contains("failed to load"), "{problems}");
 
     // The old version still serves.
-    assert_eq!(env.serving(INSIGHTS), Some(("insights".into(), "0.1.0".into())));
-    let id = env.publish(INSIGHTS, &[("mediaId", "1"), ("service", "image_captioning"), ("caption", "still served")]).await;
+    assert_eq!(
+        env.serving(INSIGHTS),
+        Some(("insights".into(), "0.1.0".into()))
+    );
+    let id = env
+        .publish(
+            INSIGHTS,
+            &[
+                ("mediaId", "1"),
+                ("service", "image_captioning"),
+                ("caption", "still served"),
+            ],
+        )
+        .await;
     env.await_processed(INSIGHTS, &id).await;
-    assert_eq!(env.ledger_version(INSIGHTS, &id).await.as_deref(), Some("0.1.0"));
+    assert_eq!(
+        env.ledger_version(INSIGHTS, &id).await.as_deref(),
+        Some("0.1.0")
+    );
 
     // Finishing the write swaps the new version in.
     env.install_plugin("insights-next", "insights");
     env.await_serving(INSIGHTS, "0.2.0").await;
-    let id = env.publish(INSIGHTS, &[("mediaId", "2"), ("service", "image_captioning"), ("caption", "new")]).await;
+    let id = env
+        .publish(
+            INSIGHTS,
+            &[
+                ("mediaId", "2"),
+                ("service", "image_captioning"),
+                ("caption", "new"),
+            ],
+        )
+        .await;
     env.await_processed(INSIGHTS, &id).await;
-    assert_eq!(env.ledger_version(INSIGHTS, &id).await.as_deref(), Some("0.2.0"));
+    assert_eq!(
+        env.ledger_version(INSIGHTS, &id).await.as_deref(),
+        Some("0.2.0")
+    );
     env.finish().await;
 }
 
@@ -104,9 +180,16 @@ async fn a_plugin_claiming_a_served_stream_is_refused() {
     env.install_plugin("insights-next", "zz-insights-copy");
     env.host().reload_plugins().await.unwrap();
     let snapshot = env.host().delivery().registry.snapshot();
-    let failure = snapshot.failures().iter().find(|f| f.file.ends_with("zz-insights-copy.wasm")).expect("the clash is reported");
+    let failure = snapshot
+        .failures()
+        .iter()
+        .find(|f| f.file.ends_with("zz-insights-copy.wasm"))
+        .expect("the clash is reported");
     assert!(failure.reason.contains("insights"), "{}", failure.reason);
-    assert_eq!(env.serving(INSIGHTS), Some(("insights".into(), "0.1.0".into())));
+    assert_eq!(
+        env.serving(INSIGHTS),
+        Some(("insights".into(), "0.1.0".into()))
+    );
     env.finish().await;
 }
 
@@ -122,7 +205,17 @@ async fn removing_a_plugin_parks_its_stream_until_it_returns() {
 
     let mut ids = Vec::new();
     for m in ["1", "2", "3"] {
-        ids.push(env.publish(INSIGHTS, &[("mediaId", m), ("service", "image_captioning"), ("caption", "waited")]).await);
+        ids.push(
+            env.publish(
+                INSIGHTS,
+                &[
+                    ("mediaId", m),
+                    ("service", "image_captioning"),
+                    ("caption", "waited"),
+                ],
+            )
+            .await,
+        );
     }
     // Nobody reads them: not delivered, not processed, not dead-lettered.
     assert_eq!(env.pending(INSIGHTS).await, 0);
@@ -144,10 +237,16 @@ async fn a_plugin_for_a_new_stream_is_consumed_without_a_restart() {
     let env = TestEnv::start(Options::new(&["insights"])).await;
     env.install_plugin("scripted", "scripted");
     eventually("the scripted stream to be consumed", || async {
-        env.host().streams().await.contains(&"scripted".to_string()).then_some(())
+        env.host()
+            .streams()
+            .await
+            .contains(&"scripted".to_string())
+            .then_some(())
     })
     .await;
-    let id = env.publish("scripted", &[("action", "ok"), ("note", "hello")]).await;
+    let id = env
+        .publish("scripted", &[("action", "ok"), ("note", "hello")])
+        .await;
     env.await_processed("scripted", &id).await;
     env.finish().await;
 }
@@ -155,19 +254,46 @@ async fn a_plugin_for_a_new_stream_is_consumed_without_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_with_unchanged_plugins_does_not_recompile() {
     let cache = std::env::temp_dir().join(crate::support::unique("cache"));
-    let options = Options::new(&["insights", "face-detection"]).set("KALEIDOSCOPE_CACHE_DIR", cache.display());
+    let options = Options::new(&["insights", "face-detection"])
+        .set("KALEIDOSCOPE_CACHE_DIR", cache.display());
     let env = TestEnv::start(options).await;
-    let first: Vec<bool> = env.host().delivery().registry.snapshot().plugins().iter().map(|p| p.from_cache).collect();
+    let first: Vec<bool> = env
+        .host()
+        .delivery()
+        .registry
+        .snapshot()
+        .plugins()
+        .iter()
+        .map(|p| p.from_cache)
+        .collect();
     assert_eq!(first, [false, false], "a fresh cache compiles");
     let env = {
         let mut env = env;
         env.host.take().unwrap().shutdown().await;
         env.with_host().await
     };
-    let second: Vec<bool> = env.host().delivery().registry.snapshot().plugins().iter().map(|p| p.from_cache).collect();
-    assert_eq!(second, [true, true], "a restart loads the compiled components from the cache");
+    let second: Vec<bool> = env
+        .host()
+        .delivery()
+        .registry
+        .snapshot()
+        .plugins()
+        .iter()
+        .map(|p| p.from_cache)
+        .collect();
+    assert_eq!(
+        second,
+        [true, true],
+        "a restart loads the compiled components from the cache"
+    );
     let (report, _) = env.status();
-    assert!(report["hosts"][0]["plugins"].as_array().unwrap().iter().all(|p| p["from_cache"] == true));
+    assert!(
+        report["hosts"][0]["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["from_cache"] == true)
+    );
     env.finish().await;
     let _ = std::fs::remove_dir_all(cache);
 }

@@ -270,13 +270,32 @@ async fn a_trapping_plugin_fails_only_its_own_entry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_index_in_the_redis_url_is_used() {
-    let env = TestEnv::start(Options::new(&["insights"]).set("REDIS_URL", "redis://127.0.0.1:6379/7")).await;
+    let env =
+        TestEnv::start(Options::new(&["insights"]).set("REDIS_URL", "redis://127.0.0.1:6379/7"))
+            .await;
     env.seed_media(6, &[60]).await;
     // The harness's own connection uses the same URL, so this entry lands in database 7.
-    let id = env.publish(INSIGHTS, &[("mediaId", "60"), ("service", "image_captioning"), ("caption", "db seven")]).await;
+    let id = env
+        .publish(
+            INSIGHTS,
+            &[
+                ("mediaId", "60"),
+                ("service", "image_captioning"),
+                ("caption", "db seven"),
+            ],
+        )
+        .await;
     env.await_processed(INSIGHTS, &id).await;
-    let mut default_db = redis::Client::open(crate::support::REDIS_URL).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let exists: i64 = redis::cmd("EXISTS").arg(env.key(INSIGHTS)).query_async(&mut default_db).await.unwrap();
+    let mut default_db = redis::Client::open(crate::support::REDIS_URL)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(env.key(INSIGHTS))
+        .query_async(&mut default_db)
+        .await
+        .unwrap();
     assert_eq!(exists, 0, "the stream must live in database 7, not 0");
     env.await_no_pending(INSIGHTS).await;
     env.finish().await;

@@ -78,7 +78,10 @@ where
 /// Grants for the test fixtures (the shipped plugins have theirs built in). The trespasser gets
 /// none on purpose.
 const FIXTURE_GRANTS: &[(&str, &str)] = &[
-    ("scripted", "tables = [\"ml_processing_errors\"]\nemit = [\"scripted-out\"]"),
+    (
+        "scripted",
+        "tables = [\"ml_processing_errors\"]\nemit = [\"scripted-out\"]",
+    ),
     ("panicking", "tables = [\"ml_processing_errors\"]"),
     ("looping", "tables = [\"ml_processing_errors\"]"),
     ("memory-hog", "tables = [\"ml_processing_errors\"]"),
@@ -101,7 +104,10 @@ impl Options {
         // Compiled components are shared between tests (content-addressed, written atomically).
         env.insert(
             "KALEIDOSCOPE_CACHE_DIR".into(),
-            workspace().join("target/test-plugin-cache").display().to_string(),
+            workspace()
+                .join("target/test-plugin-cache")
+                .display()
+                .to_string(),
         );
         Self {
             plugins: plugins.to_vec(),
@@ -115,7 +121,10 @@ impl Options {
 
     /// Adds a line (e.g. `timeout_ms = 300`) to the `[plugins.<plugin>]` section.
     pub fn plugin_setting(mut self, plugin: &str, line: &str) -> Self {
-        self.plugin_sections.entry(plugin.to_string()).or_default().push(line.to_string());
+        self.plugin_sections
+            .entry(plugin.to_string())
+            .or_default()
+            .push(line.to_string());
         self
     }
 
@@ -178,18 +187,20 @@ impl TestEnv {
         }
 
         let config_file = plugins_dir.with_extension("toml");
-        std::fs::write(&config_file, options.config_toml())
-            .expect("write the configuration file");
+        std::fs::write(&config_file, options.config_toml()).expect("write the configuration file");
         let mut env = options.env.clone();
         env.insert("DATABASE_URL".into(), database_url.clone());
-        let redis_url = env.entry("REDIS_URL".into()).or_insert_with(|| REDIS_URL.into()).clone();
+        let redis_url = env
+            .entry("REDIS_URL".into())
+            .or_insert_with(|| REDIS_URL.into())
+            .clone();
         env.insert("KALEIDOSCOPE_STREAM_PREFIX".into(), prefix.clone());
         env.insert(
             "KALEIDOSCOPE_PLUGINS_DIR".into(),
             plugins_dir.display().to_string(),
         );
-        let config =
-            Config::from_sources(Some(&config_file), &env, &BTreeMap::new()).expect("test configuration");
+        let config = Config::from_sources(Some(&config_file), &env, &BTreeMap::new())
+            .expect("test configuration");
 
         let pool = kaleidoscope::persist::connect(&database_url, 4)
             .await
@@ -234,7 +245,8 @@ impl TestEnv {
     pub fn install_plugin(&self, plugin: &str, file_name: &str) {
         let staging = self.plugins_dir.join(format!(".{file_name}.partial"));
         std::fs::copy(plugin_file(plugin), &staging).expect("stage the plugin");
-        std::fs::rename(&staging, self.plugins_dir.join(format!("{file_name}.wasm"))).expect("install the plugin");
+        std::fs::rename(&staging, self.plugins_dir.join(format!("{file_name}.wasm")))
+            .expect("install the plugin");
     }
 
     /// The name and version of the plugin serving `stream` right now, if any.
@@ -249,20 +261,25 @@ impl TestEnv {
 
     /// Waits until `stream` is served by `version` of a plugin.
     pub async fn await_serving(&self, stream: &str, version: &str) {
-        eventually(&format!("{stream} to be served by version {version}"), || async {
-            (self.serving(stream).map(|(_, v)| v).as_deref() == Some(version)).then_some(())
-        })
+        eventually(
+            &format!("{stream} to be served by version {version}"),
+            || async {
+                (self.serving(stream).map(|(_, v)| v).as_deref() == Some(version)).then_some(())
+            },
+        )
         .await;
     }
 
     /// The plugin version the ledger recorded for an entry.
     pub async fn ledger_version(&self, stream: &str, entry_id: &str) -> Option<String> {
-        sqlx::query_scalar("SELECT plugin_version FROM processed_entries WHERE stream = $1 AND entry_id = $2")
-            .bind(stream)
-            .bind(entry_id)
-            .fetch_optional(&self.pool)
-            .await
-            .expect("ledger query")
+        sqlx::query_scalar(
+            "SELECT plugin_version FROM processed_entries WHERE stream = $1 AND entry_id = $2",
+        )
+        .bind(stream)
+        .bind(entry_id)
+        .fetch_optional(&self.pool)
+        .await
+        .expect("ledger query")
     }
 
     /// Runs the `kaleidoscope` binary with this environment's configuration.
@@ -282,8 +299,12 @@ impl TestEnv {
     /// `kaleidoscope status --json` for this environment, with its exit status.
     pub fn status(&self) -> (serde_json::Value, bool) {
         let output = self.command(&["status", "--json"]);
-        let report = serde_json::from_slice(&output.stdout)
-            .unwrap_or_else(|e| panic!("status --json printed no JSON ({e}): {}", String::from_utf8_lossy(&output.stderr)));
+        let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "status --json printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
         (report, output.status.success())
     }
 

@@ -4,7 +4,10 @@ use crate::support::plugin_file;
 use std::process::Command;
 
 fn kaleidoscope(args: &[&str]) -> (serde_json::Value, std::process::Output) {
-    let output = Command::new(env!("CARGO_BIN_EXE_kaleidoscope")).args(args).output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_kaleidoscope"))
+        .args(args)
+        .output()
+        .unwrap();
     let json = serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
     (json, output)
 }
@@ -13,15 +16,28 @@ fn kaleidoscope(args: &[&str]) -> (serde_json::Value, std::process::Output) {
 fn check_prints_manifest_streams_imports_size_and_compile_time() {
     let file = plugin_file("insights");
     let (report, output) = kaleidoscope(&["plugin", "check", file.to_str().unwrap()]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(report["name"], "insights");
     assert_eq!(report["version"], "0.1.0");
-    assert_eq!(report["streams"], serde_json::json!(["ml-insights-results"]));
+    assert_eq!(
+        report["streams"],
+        serde_json::json!(["ml-insights-results"])
+    );
     assert!(report["size_bytes"].as_u64().unwrap() > 1000);
     assert!(report["compile_ms"].as_f64().unwrap() > 0.0);
     let imports = report["imports"].to_string();
-    assert!(imports.contains("kaleidoscope:handler/types") && imports.contains("wasi:cli/environment"), "{imports}");
-    assert_eq!(report["grants"]["tables"], serde_json::json!(["media_ai_insights"]));
+    assert!(
+        imports.contains("kaleidoscope:handler/types") && imports.contains("wasi:cli/environment"),
+        "{imports}"
+    );
+    assert_eq!(
+        report["grants"]["tables"],
+        serde_json::json!(["media_ai_insights"])
+    );
 }
 
 #[test]
@@ -30,7 +46,10 @@ fn check_refuses_what_the_host_would_refuse() {
     let (_, output) = kaleidoscope(&["plugin", "check", file.to_str().unwrap()]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("manifest-trap.wasm") && stderr.contains("manifest()"), "{stderr}");
+    assert!(
+        stderr.contains("manifest-trap.wasm") && stderr.contains("manifest()"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -45,20 +64,33 @@ fn exec_prints_the_commands_for_an_entry() {
         "--field",
         r#"faces=[{"faceId": "f1", "bbox": [10, 20, 30, 60]}]"#,
     ]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(report["outcome"], "commands");
     let face = &report["commands"][1]["upsert"];
     assert_eq!(face["table"], "media_detected_faces");
     assert_eq!(face["key"]["face_id"], "f1");
     assert_eq!(face["set"]["bbox_width"], 20.0);
     assert_eq!(face["set"]["bbox_height"], 40.0);
-    assert_eq!(report["commands"][0]["upsert"]["set"]["services_completed"]["append_unique"], serde_json::json!(["face_detection"]));
+    assert_eq!(
+        report["commands"][0]["upsert"]["set"]["services_completed"]["append_unique"],
+        serde_json::json!(["face_detection"])
+    );
 }
 
 #[test]
 fn exec_reports_a_failure_with_exit_code_2() {
     let file = plugin_file("insights");
-    let (report, output) = kaleidoscope(&["plugin", "exec", file.to_str().unwrap(), "--field", "mediaId=abc"]);
+    let (report, output) = kaleidoscope(&[
+        "plugin",
+        "exec",
+        file.to_str().unwrap(),
+        "--field",
+        "mediaId=abc",
+    ]);
     assert_eq!(output.status.code(), Some(2));
     assert_eq!(report["outcome"], "malformed");
     assert!(report["reason"].as_str().unwrap().contains("mediaId"));

@@ -56,7 +56,7 @@ impl PluginSet {
         &self.failures
     }
 
-    fn from_file(&self, file: &Path) -> Option<&Arc<Plugin>> {
+    fn loaded_from(&self, file: &Path) -> Option<&Arc<Plugin>> {
         self.plugins.iter().find(|p| p.file == file)
     }
 
@@ -139,7 +139,7 @@ impl PluginSet {
                 }
             };
             let sha256 = hex(&Sha256::digest(&bytes));
-            match current.from_file(&file) {
+            match current.loaded_from(&file) {
                 Some(old) if old.sha256 == sha256 => {
                     if let Err(failure) = next.insert(old.clone()) {
                         next.fail(failure);
@@ -149,7 +149,7 @@ impl PluginSet {
             }
         }
         for (file, bytes, sha256) in changed {
-            let old = current.from_file(&file).cloned();
+            let old = current.loaded_from(&file).cloned();
             let known_failure = current
                 .failures
                 .iter()
@@ -157,10 +157,17 @@ impl PluginSet {
             let outcome = match (known_failure, bytes) {
                 // Unchanged since it last failed: report it again without recompiling.
                 (Some(failure), _) => Err(failure.clone()),
-                (None, Err(reason)) => Err(LoadFailure { file: file.clone(), reason, sha256 }),
+                (None, Err(reason)) => Err(LoadFailure {
+                    file: file.clone(),
+                    reason,
+                    sha256,
+                }),
                 (None, Ok(bytes)) if bytes.len() > MAX_PLUGIN_BYTES => Err(LoadFailure {
                     file: file.clone(),
-                    reason: format!("file of {} bytes is larger than the limit of {MAX_PLUGIN_BYTES} bytes", bytes.len()),
+                    reason: format!(
+                        "file of {} bytes is larger than the limit of {MAX_PLUGIN_BYTES} bytes",
+                        bytes.len()
+                    ),
                     sha256,
                 }),
                 (None, Ok(bytes)) => runtime
@@ -177,12 +184,20 @@ impl PluginSet {
             };
             match outcome {
                 Ok(plugin) => {
-                    let how = if plugin.from_cache { "loaded from the compiled cache" } else { "compiled" };
+                    let how = if plugin.from_cache {
+                        "loaded from the compiled cache"
+                    } else {
+                        "compiled"
+                    };
                     match &old {
-                        Some(old) => tracing::info!(file = %file.display(), "replaced plugin {}@{} with {}@{} streams={:?} ({how} in {:?})",
-                            old.name, old.version, plugin.name, plugin.version, plugin.streams, plugin.load_time),
-                        None => tracing::info!(file = %file.display(), "loaded plugin {}@{} streams={:?} ({how} in {:?})",
-                            plugin.name, plugin.version, plugin.streams, plugin.load_time),
+                        Some(old) => {
+                            tracing::info!(file = %file.display(), "replaced plugin {}@{} with {}@{} streams={:?} ({how} in {:?})",
+                            old.name, old.version, plugin.name, plugin.version, plugin.streams, plugin.load_time)
+                        }
+                        None => {
+                            tracing::info!(file = %file.display(), "loaded plugin {}@{} streams={:?} ({how} in {:?})",
+                            plugin.name, plugin.version, plugin.streams, plugin.load_time)
+                        }
                     }
                 }
                 Err(failure) => {
@@ -201,7 +216,7 @@ impl PluginSet {
             }
         }
         for old in &current.plugins {
-            if next.from_file(&old.file).is_none() && !old.file.exists() {
+            if next.loaded_from(&old.file).is_none() && !old.file.exists() {
                 tracing::info!(file = %old.file.display(), "unloaded plugin {}@{} (file removed); its streams {:?} wait in Redis", old.name, old.version, old.streams);
             }
         }

@@ -83,7 +83,8 @@ struct CompiledCache {
 
 impl CompiledCache {
     fn path(&self, sha256: &str) -> PathBuf {
-        self.dir.join(format!("{sha256}-{:016x}.cwasm", self.engine_key))
+        self.dir
+            .join(format!("{sha256}-{:016x}.cwasm", self.engine_key))
     }
 }
 
@@ -92,7 +93,11 @@ impl PluginRuntime {
     /// `limits` are the defaults; `max_memory_bytes` is the largest cap any plugin may get (the
     /// pool's memory slots are sized for it). With a `cache_dir`, compiled components are cached
     /// there.
-    pub fn new(limits: SandboxLimits, max_memory_bytes: usize, cache_dir: Option<&Path>) -> Result<Self> {
+    pub fn new(
+        limits: SandboxLimits,
+        max_memory_bytes: usize,
+        cache_dir: Option<&Path>,
+    ) -> Result<Self> {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(256)
             .total_core_instances(1024)
@@ -100,7 +105,12 @@ impl PluginRuntime {
             .total_tables(512)
             // The pool's slots hold the cap plus room for the one failing growth attempt, which
             // the limiter below refuses and records.
-            .max_memory_size(max_memory_bytes.max(limits.memory_bytes).saturating_mul(2).max(16 << 20));
+            .max_memory_size(
+                max_memory_bytes
+                    .max(limits.memory_bytes)
+                    .saturating_mul(2)
+                    .max(16 << 20),
+            );
         let mut config = wasmtime::Config::new();
         config
             .epoch_interruption(true)
@@ -132,8 +142,12 @@ impl PluginRuntime {
 
         let cache = match cache_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("cannot create the compiled-plugin cache directory {}", dir.display()))?;
+                std::fs::create_dir_all(dir).with_context(|| {
+                    format!(
+                        "cannot create the compiled-plugin cache directory {}",
+                        dir.display()
+                    )
+                })?;
                 let mut hasher = DefaultHasher::new();
                 engine.precompile_compatibility_hash().hash(&mut hasher);
                 Some(CompiledCache {
@@ -162,12 +176,16 @@ impl PluginRuntime {
             // host writes; wasmtime also checks the header's compatibility and errors otherwise.
             match unsafe { Component::deserialize_file(&self.engine, path) } {
                 Ok(component) => return Ok((component, true)),
-                Err(error) => tracing::warn!(file = %path.display(), "ignoring an unusable compiled plugin: {error:#}"),
+                Err(error) => {
+                    tracing::warn!(file = %path.display(), "ignoring an unusable compiled plugin: {error:#}")
+                }
             }
         }
         let component = Component::new(&self.engine, bytes)
             .map_err(anyhow::Error::from)
-            .context("not a valid WebAssembly component (build it with `--target wasm32-wasip2`)")?;
+            .context(
+                "not a valid WebAssembly component (build it with `--target wasm32-wasip2`)",
+            )?;
         if let Some(path) = cached {
             let written = component
                 .serialize()

@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 /// as long as events are wanted.
 pub fn watch(dir: &Path) -> Result<(RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        match event {
+    let mut watcher =
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
             Ok(event) => {
                 let relevant = !matches!(event.kind, EventKind::Access(_))
                     && event
@@ -24,9 +24,8 @@ pub fn watch(dir: &Path) -> Result<(RecommendedWatcher, mpsc::UnboundedReceiver<
                 }
             }
             Err(error) => tracing::warn!("plugin directory watch error: {error}"),
-        }
-    })
-    .context("cannot create a file watcher")?;
+        })
+        .context("cannot create a file watcher")?;
     watcher
         .watch(dir, RecursiveMode::NonRecursive)
         .with_context(|| format!("cannot watch the plugins directory {}", dir.display()))?;

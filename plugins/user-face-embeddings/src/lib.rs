@@ -24,7 +24,9 @@ impl Handler for UserFaceEmbeddings {
             .f64_list("faceEmbedding")?
             .ok_or_else(|| sdk::malformed("missing field `faceEmbedding`"))?;
         if embedding.is_empty() {
-            sdk::log::info(format!("no face found in the profile picture of user {user_id}"));
+            sdk::log::info(format!(
+                "no face found in the profile picture of user {user_id}"
+            ));
             return Ok(Vec::new());
         }
         Ok(vec![

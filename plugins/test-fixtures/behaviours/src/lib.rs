@@ -61,7 +61,10 @@ pub fn perform(action: &str, entry: &Entry) -> Result<Vec<Command>, Failure> {
                 .value(fields.required("column")?, note.as_str())
                 .into(),
         ]),
-        "emit" => Ok(vec![sdk::emit(fields.required("target")?, [("note", note.as_str())])]),
+        "emit" => Ok(vec![sdk::emit(
+            fields.required("target")?,
+            [("note", note.as_str())],
+        )]),
         "probe-sandbox" => {
             let env = std::env::vars().count();
             let fs = match std::fs::read_dir("/") {

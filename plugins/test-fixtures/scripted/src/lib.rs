@@ -7,11 +7,18 @@ struct Scripted;
 
 impl Handler for Scripted {
     fn manifest() -> Manifest {
-        sdk::manifest("scripted", env!("CARGO_PKG_VERSION"), &["scripted", "scripted-2"])
+        sdk::manifest(
+            "scripted",
+            env!("CARGO_PKG_VERSION"),
+            &["scripted", "scripted-2"],
+        )
     }
 
     fn handle(entry: Entry) -> Result<Vec<Command>, Failure> {
-        let action = Fields::new(&entry).get("action").unwrap_or("ok").to_string();
+        let action = Fields::new(&entry)
+            .get("action")
+            .unwrap_or("ok")
+            .to_string();
         behaviours::perform(&action, &entry)
     }
 }
