@@ -147,6 +147,18 @@ pub const SETTINGS: &[Setting] = &[
         help: "Whether `run` watches the plugins directory and swaps changed plugins in without a restart.",
     },
     Setting {
+        key: "shutdown_timeout_ms",
+        env: "KALEIDOSCOPE_SHUTDOWN_TIMEOUT_MS",
+        default: "10000",
+        help: "On SIGTERM/Ctrl-C, how long batches in flight may take to finish before the host exits anyway (their entries stay pending). A second signal exits at once.",
+    },
+    Setting {
+        key: "consumer_expiry_ms",
+        env: "KALEIDOSCOPE_CONSUMER_EXPIRY_MS",
+        default: "3600000",
+        help: "Consumers of the group idle for longer than this with no pending entries (hosts gone for good) are removed.",
+    },
+    Setting {
         key: "cache_dir",
         env: "KALEIDOSCOPE_CACHE_DIR",
         default: "target/plugin-cache",
@@ -190,6 +202,8 @@ pub struct Config {
     pub plugin_memory_bytes: usize,
     pub migrate: bool,
     pub watch_plugins: bool,
+    pub shutdown_timeout: Duration,
+    pub consumer_expiry: Duration,
     pub cache_dir: PathBuf,
     /// Grants and limits per plugin name; a plugin without an entry may write nothing.
     pub plugins: BTreeMap<String, PluginPolicy>,
@@ -519,6 +533,8 @@ impl RawSettings {
                 .context("`plugin_memory_mib` is too large")?,
             migrate: self.boolean("migrate", true)?,
             watch_plugins: self.boolean("watch_plugins", true)?,
+            shutdown_timeout: Duration::from_millis(self.positive("shutdown_timeout_ms", 10_000)?),
+            consumer_expiry: Duration::from_millis(self.positive("consumer_expiry_ms", 3_600_000)?),
             cache_dir: PathBuf::from(self.non_empty("cache_dir", "target/plugin-cache".into())?),
             plugins: self.plugins.clone(),
         })

@@ -6,7 +6,8 @@
 //! A slow or failing plugin on one stream therefore never delays another stream.
 
 use crate::delivery::Delivery;
-use crate::streams::{self, StreamError};
+use crate::health::{self, Dependency};
+use crate::streams::{self, StreamEntry, StreamError};
 use anyhow::{Context, Result};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client};
@@ -19,6 +20,10 @@ use tracing::{error, info, warn};
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The first pause after a failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// How often each consumer task looks for consumers of the group that are gone for good.
+const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// How often a consumer holding an unfinished batch checks whether PostgreSQL is back.
+const OUTAGE_POLL: Duration = Duration::from_millis(200);
 
 /// Consumes `stream` (a logical name) until `stop` turns true. The batch in progress when the
 /// signal arrives is finished first.
@@ -35,17 +40,56 @@ pub async fn consume(
     let mut next_reclaim = Instant::now();
     let mut backoff = FIRST_BACKOFF;
     let mut connection: Option<MultiplexedConnection> = None;
+    let mut next_expiry = Instant::now();
+    let name = connection_name(&[&config.consumer_name, &stream]);
+    let expiry_every =
+        (config.consumer_expiry / 2).clamp(Duration::from_millis(50), EXPIRY_CHECK_INTERVAL);
+    // A batch abandoned because PostgreSQL or Redis failed: retried as it is (same delivery
+    // counts) once the database is back, so an outage never uses up an entry's retry attempts.
+    let mut unfinished: Option<Vec<StreamEntry>> = None;
 
     info!(stream, key, group = %config.consumer_group, consumer = %config.consumer_name, "consuming");
     while !*stop.borrow() {
         let outcome = async {
+            if let Some(entries) = unfinished.take() {
+                if delivery.health.outage(Dependency::Database).is_some() {
+                    unfinished = Some(entries);
+                    tokio::select! {
+                        _ = tokio::time::sleep(OUTAGE_POLL) => {}
+                        _ = stop.changed() => {}
+                    }
+                    return Ok(());
+                }
+                return process(&delivery, &stream, entries, &mut unfinished).await;
+            }
             let conn = match connection.as_mut() {
                 Some(conn) => conn,
-                None => connection.insert(read_connection(&client, config.poll_timeout).await?),
+                None => {
+                    connection.insert(read_connection(&client, config.poll_timeout, &name).await?)
+                }
             };
             if Instant::now() >= next_reclaim {
-                reclaim(&delivery, conn, &stream).await?;
+                reclaim(&delivery, conn, &stream, &mut unfinished).await?;
                 next_reclaim = Instant::now() + reclaim_every;
+            }
+            if Instant::now() >= next_expiry {
+                next_expiry = Instant::now() + expiry_every;
+                for consumer in expire_idle_consumers(
+                    conn,
+                    &key,
+                    &config.consumer_group,
+                    &config.consumer_name,
+                    config.consumer_expiry,
+                )
+                .await?
+                {
+                    info!(
+                        stream,
+                        consumer,
+                        "removed a consumer idle for longer than {:?} with no pending entries",
+                        config.consumer_expiry
+                    );
+                }
             }
             // Only the wait for new entries is cut short by a stop signal; a batch that has been
             // read is always finished, committed and acknowledged.
@@ -70,15 +114,22 @@ pub async fn consume(
                 other => other.with_context(|| format!("XREADGROUP on {key:?} failed"))?,
             };
             if !entries.is_empty() {
-                let report = delivery.process_batch(&stream, entries).await?;
-                tracing::debug!(stream, ?report, "batch done");
+                process(&delivery, &stream, entries, &mut unfinished).await?;
             }
             anyhow::Ok(())
         }
         .await;
         match outcome {
-            Ok(()) => backoff = FIRST_BACKOFF,
+            Ok(()) => {
+                backoff = FIRST_BACKOFF;
+                if delivery.health.recovered(Dependency::Redis) {
+                    info!(stream, "Redis is reachable again");
+                }
+            }
             Err(error) => {
+                if let Some(dependency) = health::blame(&error) {
+                    delivery.health.failed(dependency, &format!("{error:#}"));
+                }
                 error!(stream, retry_in = ?backoff, "{error:#}");
                 connection = None;
                 tokio::select! {
@@ -92,11 +143,35 @@ pub async fn consume(
     info!(stream, "stopped consuming");
 }
 
+/// Runs one batch through the protocol; keeps it in `unfinished` when that fails.
+async fn process(
+    delivery: &Delivery,
+    stream: &str,
+    entries: Vec<StreamEntry>,
+    unfinished: &mut Option<Vec<StreamEntry>>,
+) -> Result<()> {
+    let kept = entries.clone();
+    match delivery.process_batch(stream, entries).await {
+        Ok(report) => {
+            tracing::debug!(stream, ?report, "batch done");
+            if delivery.health.recovered(Dependency::Database) {
+                info!(stream, "PostgreSQL is reachable again");
+            }
+            Ok(())
+        }
+        Err(error) => {
+            *unfinished = Some(kept);
+            Err(error)
+        }
+    }
+}
+
 /// Reclaims every entry idle for longer than the reclaim time and runs it through the protocol.
 async fn reclaim(
     delivery: &Delivery,
     conn: &mut MultiplexedConnection,
     stream: &str,
+    unfinished: &mut Option<Vec<StreamEntry>>,
 ) -> Result<()> {
     let config = &delivery.config;
     let key = config.stream_key(stream);
@@ -113,8 +188,13 @@ async fn reclaim(
         )
         .await
         .with_context(|| format!("XAUTOCLAIM on {key:?} failed"))?;
-        for id in &claimed.deleted {
-            warn!(stream, entry = %id, "pending entry was trimmed from the stream before it was processed; Redis dropped it from the pending list");
+        if !claimed.deleted.is_empty() {
+            for id in &claimed.deleted {
+                warn!(stream, entry = %id, "pending entry was trimmed from the stream (MAXLEN) before it was processed; acknowledging it, its content is gone");
+            }
+            // Redis 7 already dropped them from the pending list; older versions return them
+            // without fields and keep them pending until acknowledged.
+            streams::ack(conn, &key, &config.consumer_group, &claimed.deleted).await?;
         }
         if !claimed.entries.is_empty() {
             info!(
@@ -122,7 +202,7 @@ async fn reclaim(
                 count = claimed.entries.len(),
                 "reclaimed pending entries"
             );
-            delivery.process_batch(stream, claimed.entries).await?;
+            process(delivery, stream, claimed.entries, unfinished).await?;
         }
         if claimed.next == "0-0" {
             return Ok(());
@@ -132,12 +212,73 @@ async fn reclaim(
 }
 
 /// A connection for blocking reads: its response timeout must outlast the poll.
-async fn read_connection(client: &Client, poll_timeout: Duration) -> Result<MultiplexedConnection> {
+/// The connection is named `kaleidoscope:<consumer>:<stream>` so operators (and the fault tests)
+/// can find it in `CLIENT LIST`.
+async fn read_connection(
+    client: &Client,
+    poll_timeout: Duration,
+    name: &str,
+) -> Result<MultiplexedConnection> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(poll_timeout + Duration::from_secs(10)));
-    client
+    let mut conn = client
         .get_multiplexed_async_connection_with_config(&config)
         .await
-        .context("cannot connect to Redis")
+        .context("cannot connect to Redis")?;
+    let _: () = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(name)
+        .query_async(&mut conn)
+        .await
+        .context("CLIENT SETNAME failed")?;
+    Ok(conn)
+}
+
+/// A Redis client name made of `parts` (client names may not contain spaces).
+pub fn connection_name(parts: &[&str]) -> String {
+    let mut name = String::from("kaleidoscope");
+    for part in parts {
+        name.push(':');
+        name.extend(
+            part.chars()
+                .map(|c| if c.is_whitespace() { '_' } else { c }),
+        );
+    }
+    name
+}
+
+/// Removes consumers of the group that have held no pending entry and done nothing for longer
+/// than `expiry` (hosts that are gone for good), never this one. Atomic in Redis, so a consumer
+/// that receives entries meanwhile is never removed with them.
+async fn expire_idle_consumers(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+    group: &str,
+    me: &str,
+    expiry: Duration,
+) -> Result<Vec<String>> {
+    const SCRIPT: &str = r#"
+        local removed = {}
+        for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+            local info = {}
+            for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+            if info['name'] ~= ARGV[2] and tonumber(info['pending']) == 0 and tonumber(info['idle']) > tonumber(ARGV[3]) then
+                redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+                table.insert(removed, info['name'])
+            end
+        end
+        return removed
+    "#;
+    let removed: Vec<String> = redis::cmd("EVAL")
+        .arg(SCRIPT)
+        .arg(1)
+        .arg(key)
+        .arg(group)
+        .arg(me)
+        .arg(expiry.as_millis() as u64)
+        .query_async(conn)
+        .await
+        .with_context(|| format!("cannot expire idle consumers on {key:?}"))?;
+    Ok(removed)
 }

@@ -36,6 +36,8 @@ const CATALOG_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 /// What the protocol needs, shared by every stream's consumer task.
 pub struct Delivery {
     pub config: Arc<Config>,
+    /// Outages of PostgreSQL and Redis, for readiness.
+    pub health: crate::health::Health,
     pub pool: PgPool,
     pub redis: ConnectionManager,
     pub registry: Arc<PluginRegistry>,
@@ -84,6 +86,7 @@ impl Delivery {
     ) -> Self {
         Self {
             config,
+            health: crate::health::Health::default(),
             pool,
             redis,
             registry,

@@ -4,6 +4,7 @@
 use crate::config::Config;
 use crate::consumer;
 use crate::delivery::Delivery;
+use crate::health::{self, Dependency};
 use crate::persist::{self, ledger, schema::Catalog};
 use crate::plugin::{PluginRegistry, PluginRuntime, PluginSet, SandboxLimits, watch};
 use crate::status;
@@ -138,6 +139,7 @@ impl RunningHost {
         let mut background = vec![
             tokio::spawn(relay_outbox(delivery.clone(), stop.subscribe())),
             tokio::spawn(heartbeat(supervisor.clone(), stop.subscribe())),
+            tokio::spawn(probe(supervisor.clone(), stop.subscribe())),
         ];
         let mut watcher = None;
         if config.watch_plugins {
@@ -283,14 +285,32 @@ fn limits_for(config: &Config, name: &str) -> SandboxLimits {
     }
 }
 
-/// Runs the host until `shutdown` completes.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+/// Runs the host until `shutdown` completes, then stops gracefully: no new reads, batches in
+/// flight finish, commit and are acknowledged. Gives up (with an error) when that takes longer
+/// than the configured shutdown timeout or when `force` completes (a second signal); entries not
+/// finished then simply stay pending for this or another consumer.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+    force: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let timeout = config.shutdown_timeout;
     let host = RunningHost::start(config).await?;
     info!(streams = ?host.streams().await, "host is serving");
     shutdown.await;
-    info!("shutting down: finishing the batches in flight");
-    host.shutdown().await;
-    Ok(())
+    info!(timeout = ?timeout, "shutting down: finishing the batches in flight (signal again to exit at once)");
+    tokio::select! {
+        _ = host.shutdown() => {
+            info!("shut down cleanly");
+            Ok(())
+        }
+        _ = tokio::time::sleep(timeout) => Err(anyhow::anyhow!(
+            "batches in flight did not finish within {timeout:?}; exiting anyway (their entries stay pending and will be reclaimed)"
+        )),
+        _ = force => Err(anyhow::anyhow!(
+            "second signal: exiting at once (entries not finished stay pending and will be reclaimed)"
+        )),
+    }
 }
 
 /// Reloads the plugins after file events (debounced) and every [`RESCAN_INTERVAL`].
@@ -328,6 +348,79 @@ async fn heartbeat(supervisor: Arc<Supervisor>, mut stop: signal::Receiver<bool>
         tokio::select! {
             _ = tokio::time::sleep(status::HEARTBEAT) => supervisor.publish_status().await,
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Checks PostgreSQL and Redis every [`health::PROBE_INTERVAL`] so readiness reflects an outage
+/// even without traffic; publishes the status when readiness changes.
+async fn probe(supervisor: Arc<Supervisor>, mut stop: signal::Receiver<bool>) {
+    let delivery = &supervisor.delivery;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(health::PROBE_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        let before = delivery.health.problems().len();
+        let database = tokio::time::timeout(
+            health::PROBE_INTERVAL,
+            sqlx::query("SELECT 1").execute(&delivery.pool),
+        )
+        .await;
+        match database {
+            Ok(Ok(_)) => {
+                if delivery.health.recovered(Dependency::Database) {
+                    info!("PostgreSQL is reachable again");
+                }
+            }
+            Ok(Err(error)) => {
+                if delivery
+                    .health
+                    .failed(Dependency::Database, &error.to_string())
+                {
+                    warn!("PostgreSQL is unavailable: {error}");
+                }
+            }
+            Err(_) => {
+                if delivery
+                    .health
+                    .failed(Dependency::Database, "no answer within the probe interval")
+                {
+                    warn!("PostgreSQL does not answer");
+                }
+            }
+        }
+        let mut redis = delivery.redis.clone();
+        let ping = tokio::time::timeout(
+            health::PROBE_INTERVAL,
+            redis::cmd("PING").query_async::<()>(&mut redis),
+        )
+        .await;
+        match ping {
+            Ok(Ok(())) => {
+                if delivery.health.recovered(Dependency::Redis) {
+                    info!("Redis is reachable again");
+                }
+            }
+            Ok(Err(error)) => {
+                if delivery
+                    .health
+                    .failed(Dependency::Redis, &error.to_string())
+                {
+                    warn!("Redis is unavailable: {error}");
+                }
+            }
+            Err(_) => {
+                if delivery
+                    .health
+                    .failed(Dependency::Redis, "no answer within the probe interval")
+                {
+                    warn!("Redis does not answer");
+                }
+            }
+        }
+        if delivery.health.problems().len() != before {
+            supervisor.publish_status().await;
         }
     }
 }

@@ -12,6 +12,8 @@
 //!   outbox;
 //! - [`streams`]: the Redis Streams commands the host uses;
 //! - [`config`]: settings from file and environment;
+//! - [`health`]: readiness (PostgreSQL and Redis reachable);
+//! - [`dlq`]: listing and replaying dead letters;
 //! - [`status`]: what `kaleidoscope status` reports, and the heartbeat hosts publish for it;
 //! - [`toolkit`]: `kaleidoscope plugin check` and `plugin exec` for plugin authors.
 
@@ -19,6 +21,8 @@ pub mod config;
 pub mod consumer;
 pub mod deadletter;
 pub mod delivery;
+pub mod dlq;
+pub mod health;
 pub mod host;
 pub mod persist;
 pub mod plugin;

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kaleidoscope::config::{self, Config};
-use kaleidoscope::{status, toolkit};
+use kaleidoscope::{dlq, status, toolkit};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +55,49 @@ enum Command {
     /// Tools for plugin authors.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Inspect and replay dead letters.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters, oldest first.
+    #[command(after_long_help = config::env_help())]
+    List {
+        /// Only dead letters from this source stream.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Only this failure kind (malformed, retries-exhausted, plugin-trap, timeout,
+        /// memory-limit, forbidden-command, database).
+        #[arg(long)]
+        kind: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-publish dead letters onto their source stream (new entry ids), then delete them from
+    /// the dead-letter stream. Select them by id, or with --stream/--kind, or all with --all.
+    #[command(after_long_help = config::env_help())]
+    Replay {
+        /// Dead-letter ids (as shown by `dlq list`).
+        ids: Vec<String>,
+        /// All dead letters from this source stream.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Only this failure kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Every dead letter (required when no id or --stream is given).
+        #[arg(long)]
+        all: bool,
+        /// Print JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -104,7 +147,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(cli)) {
+    let outcome = runtime.block_on(execute(cli));
+    // Do not wait for blocking threads: one may be inside a plugin call until its deadline.
+    runtime.shutdown_background();
+    match outcome {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -131,7 +177,17 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 flags.insert("migrate", "false".to_string());
             }
             let config = load_config(cli.config.as_deref(), &flags)?;
-            kaleidoscope::host::run(config, shutdown_signal()).await?;
+            let (first, second) = signals()?;
+            kaleidoscope::host::run(
+                config,
+                async {
+                    let _ = first.await;
+                },
+                async {
+                    let _ = second.await;
+                },
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
@@ -146,21 +202,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             max_pending_age,
         } => {
             let config = load_config(cli.config.as_deref(), &BTreeMap::new())?;
-            let client = redis::Client::open(config.redis_url.as_str()).with_context(|| {
-                format!(
-                    "invalid Redis URL {}",
-                    kaleidoscope::persist::redact(&config.redis_url)
-                )
-            })?;
-            let mut conn = client
-                .get_multiplexed_async_connection()
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot connect to Redis at {}",
-                        kaleidoscope::persist::redact(&config.redis_url)
-                    )
-                })?;
+            let mut conn = redis_connection(&config).await?;
             let report =
                 status::collect(&mut conn, &config, Duration::from_secs(max_pending_age)).await?;
             if json {
@@ -173,6 +215,67 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Dlq(command) => {
+            let config = load_config(cli.config.as_deref(), &BTreeMap::new())?;
+            let mut conn = redis_connection(&config).await?;
+            match command {
+                DlqCommand::List {
+                    stream,
+                    kind,
+                    limit,
+                    json,
+                } => {
+                    let filter = dlq::Filter {
+                        ids: Vec::new(),
+                        stream,
+                        kind,
+                    };
+                    let entries = dlq::list(&mut conn, &config, &filter, limit).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&entries)?);
+                    } else {
+                        print!("{}", dlq::render(&entries));
+                    }
+                }
+                DlqCommand::Replay {
+                    ids,
+                    stream,
+                    kind,
+                    all,
+                    json,
+                } => {
+                    if ids.is_empty() && stream.is_none() && !all {
+                        anyhow::bail!(
+                            "say which dead letters to replay: ids, --stream STREAM, or --all"
+                        );
+                    }
+                    let filter = dlq::Filter {
+                        ids: ids.clone(),
+                        stream,
+                        kind,
+                    };
+                    let entries = dlq::list(&mut conn, &config, &filter, usize::MAX).await?;
+                    if let Some(missing) =
+                        ids.iter().find(|id| !entries.iter().any(|e| &e.id == *id))
+                    {
+                        anyhow::bail!(
+                            "no dead letter with id {missing} (matching the filters) in {:?}",
+                            config.dlq_key()
+                        );
+                    }
+                    let replayed = dlq::replay(&mut conn, &config, &entries).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&replayed)?);
+                    } else {
+                        for r in &replayed {
+                            println!("{} -> {} {}", r.dead_letter_id, r.source_stream, r.new_id);
+                        }
+                        println!("replayed {} dead letter(s)", replayed.len());
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Plugin(command) => {
             let config_file = cli.config.clone();
@@ -231,6 +334,15 @@ fn plugin_command(
     }
 }
 
+async fn redis_connection(config: &Config) -> Result<redis::aio::MultiplexedConnection> {
+    let url = kaleidoscope::persist::redact(&config.redis_url);
+    redis::Client::open(config.redis_url.as_str())
+        .with_context(|| format!("invalid Redis URL {url}"))?
+        .get_multiplexed_async_connection()
+        .await
+        .with_context(|| format!("cannot connect to Redis at {url}"))
+}
+
 fn load_config(
     file: Option<&std::path::Path>,
     flags: &BTreeMap<&'static str, String>,
@@ -239,25 +351,30 @@ fn load_config(
     Config::from_sources(file, &env, flags)
 }
 
-/// Completes on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
+/// Two futures: the first completes on the first SIGTERM or Ctrl-C, the second on the next one.
+fn signals() -> Result<(
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::sync::oneshot::Receiver<()>,
+)> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let (first_tx, first) = tokio::sync::oneshot::channel();
+    let (second_tx, second) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut senders = [Some(first_tx), Some(second_tx)].into_iter().flatten();
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+            match senders.next() {
+                Some(sender) => {
+                    let _ = sender.send(());
+                }
+                None => return,
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    });
+    Ok((first, second))
 }

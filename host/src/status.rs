@@ -39,6 +39,12 @@ pub struct HostStatus {
     pub started_at: String,
     pub updated_at: String,
     pub plugins_dir: String,
+    /// False while PostgreSQL or Redis is unavailable to this host.
+    #[serde(default)]
+    pub ready: bool,
+    /// Why the host is not ready.
+    #[serde(default)]
+    pub not_ready: Vec<String>,
     pub streams: Vec<String>,
     pub plugins: Vec<PluginStatus>,
     pub failed_loads: Vec<FailedLoad>,
@@ -86,6 +92,8 @@ pub async fn publish(delivery: &Delivery, streams: &[String], started_at: System
         started_at: humantime::format_rfc3339_millis(started_at).to_string(),
         updated_at: now_rfc3339(),
         plugins_dir: config.plugins_dir.display().to_string(),
+        ready: delivery.health.problems().is_empty(),
+        not_ready: delivery.health.problems(),
         streams: streams.to_vec(),
         plugins: snapshot
             .plugins()
@@ -193,6 +201,9 @@ pub async fn collect<C: ConnectionLike + Send>(
         ));
     }
     for host in &hosts {
+        for reason in &host.not_ready {
+            problems.push(format!("host {} is not ready: {reason}", host.consumer));
+        }
         for failure in &host.failed_loads {
             problems.push(format!(
                 "host {}: plugin {} failed to load: {}",
@@ -444,8 +455,12 @@ pub fn render(report: &Report) -> String {
     }
     for host in &report.hosts {
         out.push_str(&format!(
-            "  {} (pid {}, up since {}, plugins from {})\n",
-            host.consumer, host.pid, host.started_at, host.plugins_dir
+            "  {} (pid {}, up since {}, plugins from {}){}\n",
+            host.consumer,
+            host.pid,
+            host.started_at,
+            host.plugins_dir,
+            if host.ready { "" } else { "  NOT READY" }
         ));
         for p in &host.plugins {
             out.push_str(&format!(

@@ -105,7 +105,8 @@ pub async fn read_new<C: ConnectionLike>(
         };
         if let Value::Array(items) = items {
             for item in items {
-                if let Some(entry) = parse_entry(item, 1)? {
+                // `>` only returns entries that exist.
+                if let Ok(entry) = parse_entry(item, 1)? {
                     entries.push(entry);
                 }
             }
@@ -162,13 +163,16 @@ pub async fn autoclaim<C: ConnectionLike>(
     } else {
         Vec::new()
     };
+    let mut deleted = deleted;
     let items = parts.remove(1);
     let next = text(&parts[0]).ok_or_else(|| StreamError::Protocol("XAUTOCLAIM cursor".into()))?;
     let mut entries = Vec::new();
     if let Value::Array(items) = items {
         for item in items {
-            if let Some(entry) = parse_entry(item, 0)? {
-                entries.push(entry);
+            match parse_entry(item, 0)? {
+                Ok(entry) => entries.push(entry),
+                // Redis before 7 returns trimmed entries with no fields.
+                Err(trimmed_id) => deleted.push(trimmed_id),
             }
         }
     }
@@ -301,7 +305,9 @@ pub async fn publish_then_ack<C: ConnectionLike>(
     Ok(())
 }
 
-fn parse_entry(item: Value, deliveries: u32) -> Result<Option<StreamEntry>, StreamError> {
+/// Parses `[id, [field, value, ...]]`; an entry without fields (trimmed while pending) is
+/// `Ok(Err(id))`.
+fn parse_entry(item: Value, deliveries: u32) -> Result<Result<StreamEntry, String>, StreamError> {
     let Value::Array(mut parts) = item else {
         return Err(StreamError::Protocol(format!("stream entry is {item:?}")));
     };
@@ -316,7 +322,7 @@ fn parse_entry(item: Value, deliveries: u32) -> Result<Option<StreamEntry>, Stre
         .map_err(|e| StreamError::Protocol(e.to_string()))?;
     let values = match raw_fields {
         // A pending entry trimmed from the stream.
-        Value::Nil => return Ok(None),
+        Value::Nil => return Ok(Err(id)),
         Value::Array(values) => values,
         Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
         other => {
@@ -331,7 +337,7 @@ fn parse_entry(item: Value, deliveries: u32) -> Result<Option<StreamEntry>, Stre
         let name = String::from_utf8_lossy(&bytes(name)).into_owned();
         fields.push((name, bytes(value)));
     }
-    Ok(Some(StreamEntry {
+    Ok(Ok(StreamEntry {
         id,
         fields,
         deliveries,

@@ -8,8 +8,12 @@
 mod support;
 
 mod cli;
+mod dead_letters;
 mod face_detection;
 mod face_recognition;
+mod faults;
+mod fuzz;
+mod hostile;
 mod hot_reload;
 mod insights;
 mod ml_errors;

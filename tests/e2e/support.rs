@@ -100,7 +100,6 @@ impl Options {
     pub fn new(plugins: &[&'static str]) -> Self {
         let mut env = BTreeMap::new();
         env.insert("KALEIDOSCOPE_POLL_TIMEOUT_MS".into(), "200".into());
-        env.insert("KALEIDOSCOPE_CONSUMER_NAME".into(), "test-host".into());
         // Compiled components are shared between tests (content-addressed, written atomically).
         env.insert(
             "KALEIDOSCOPE_CACHE_DIR".into(),
@@ -189,6 +188,9 @@ impl TestEnv {
         let config_file = plugins_dir.with_extension("toml");
         std::fs::write(&config_file, options.config_toml()).expect("write the configuration file");
         let mut env = options.env.clone();
+        // Unique, so fault tests can find this host's Redis connections by name.
+        env.entry("KALEIDOSCOPE_CONSUMER_NAME".into())
+            .or_insert_with(|| format!("host-{name}"));
         env.insert("DATABASE_URL".into(), database_url.clone());
         let redis_url = env
             .entry("REDIS_URL".into())
@@ -208,9 +210,12 @@ impl TestEnv {
         kaleidoscope::persist::migrate(&pool)
             .await
             .expect("migrate the test database");
+        // Patient: fault tests pause Redis for everyone for a moment.
+        let patient =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
         let redis = redis::Client::open(redis_url.as_str())
             .expect("redis url")
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&patient)
             .await
             .expect("connect to Redis");
         TestEnv {
@@ -282,8 +287,8 @@ impl TestEnv {
         .expect("ledger query")
     }
 
-    /// Runs the `kaleidoscope` binary with this environment's configuration.
-    pub fn command(&self, args: &[&str]) -> std::process::Output {
+    /// The `kaleidoscope` binary set up with this environment's configuration.
+    pub fn binary(&self, args: &[&str]) -> std::process::Command {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kaleidoscope"));
         command
             .args(args)
@@ -292,8 +297,69 @@ impl TestEnv {
             .env("KALEIDOSCOPE_STREAM_PREFIX", &self.prefix)
             .env("KALEIDOSCOPE_PLUGINS_DIR", &self.plugins_dir)
             .env("KALEIDOSCOPE_CONSUMER_NAME", &self.config.consumer_name)
+            .env("KALEIDOSCOPE_CACHE_DIR", &self.config.cache_dir)
+            .env(
+                "KALEIDOSCOPE_POLL_TIMEOUT_MS",
+                self.config.poll_timeout.as_millis().to_string(),
+            )
+            .env(
+                "KALEIDOSCOPE_RECLAIM_IDLE_MS",
+                self.config.reclaim_idle.as_millis().to_string(),
+            )
+            .env("ML_RETRY_ATTEMPTS", self.config.retry_attempts.to_string())
             .env("REDIS_URL", &self.config.redis_url);
-        command.output().expect("run kaleidoscope")
+        command
+    }
+
+    /// Runs the `kaleidoscope` binary with this environment's configuration.
+    pub fn command(&self, args: &[&str]) -> std::process::Output {
+        self.binary(args).output().expect("run kaleidoscope")
+    }
+
+    /// Starts `kaleidoscope run` as a separate process with its own consumer name; its log goes
+    /// to a file next to the plugins directory (kept for a failed test's post-mortem).
+    pub fn spawn_host(&self, consumer: &str) -> std::process::Child {
+        let log = std::fs::File::create(self.plugins_dir.with_extension(format!("{consumer}.log")))
+            .expect("host log file");
+        self.binary(&["run"])
+            .env("KALEIDOSCOPE_CONSUMER_NAME", consumer)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start a host process")
+    }
+
+    /// Number of entries the ledger has for `stream`.
+    pub async fn ledger_count(&self, stream: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM processed_entries WHERE stream = $1")
+            .bind(stream)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(-1)
+    }
+
+    /// Publishes many entries in pipelined chunks; returns their ids in order.
+    pub async fn publish_many(
+        &self,
+        stream: &str,
+        entries: &[Vec<(String, String)>],
+    ) -> Vec<String> {
+        let mut ids = Vec::with_capacity(entries.len());
+        for chunk in entries.chunks(100) {
+            let mut pipe = redis::pipe();
+            for fields in chunk {
+                let cmd = pipe.cmd("XADD").arg(self.key(stream)).arg("*");
+                for (k, v) in fields {
+                    cmd.arg(k).arg(v);
+                }
+            }
+            let chunk_ids: Vec<String> = pipe
+                .query_async(&mut self.redis.clone())
+                .await
+                .expect("XADD pipeline");
+            ids.extend(chunk_ids);
+        }
+        ids
     }
 
     /// `kaleidoscope status --json` for this environment, with its exit status.

@@ -175,6 +175,16 @@ pub fn parse_face(media_id: i64, index: usize, item: &Json) -> Result<Face, Fail
             )));
         }
     };
+    let estimated_age = match number(face, "estimatedAge", &at)? {
+        Some(age) if (0.0..=150.0).contains(&age) => Some(age.round() as i64),
+        Some(age) => {
+            return Err(malformed(format!(
+                "`{}`: {age} is not an age (0 to 150)",
+                at("estimatedAge")
+            )));
+        }
+        None => None,
+    };
     Ok(Face {
         face_id,
         x,
@@ -182,7 +192,7 @@ pub fn parse_face(media_id: i64, index: usize, item: &Json) -> Result<Face, Fail
         width,
         height,
         confidence: number(face, "confidence", &at)?,
-        estimated_age: number(face, "estimatedAge", &at)?.map(|age| age.round() as i64),
+        estimated_age,
         estimated_gender: text(face, "estimatedGender"),
         dominant_emotion: text(face, "dominantEmotion"),
         embedding,

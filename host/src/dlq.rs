@@ -1,0 +1,187 @@
+//! `kaleidoscope dlq list` and `kaleidoscope dlq replay`: inspecting dead letters and re-running
+//! them on their source stream (typically after a fixed plugin has been deployed).
+//!
+//! A replayed entry is re-published with its original fields (a new entry id) and only then
+//! removed from the dead-letter stream, so a failure in between can duplicate a dead letter but
+//! never lose one.
+
+use crate::config::Config;
+use anyhow::{Context, Result};
+use redis::aio::ConnectionLike;
+use serde::Serialize;
+use std::collections::HashMap;
+
+/// Entries read per XRANGE page.
+const PAGE: usize = 500;
+
+/// One dead letter as stored on the dead-letter stream.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeadLetterEntry {
+    /// The dead letter's own id on the dead-letter stream.
+    pub id: String,
+    pub source_stream: String,
+    pub source_id: String,
+    pub failure_kind: String,
+    pub error: String,
+    pub plugin: String,
+    pub plugin_version: String,
+    pub deliveries: String,
+    pub failed_at: String,
+    /// The original entry's fields.
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Which dead letters to act on.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Only these dead-letter ids (empty: any).
+    pub ids: Vec<String>,
+    /// Only dead letters from this source stream.
+    pub stream: Option<String>,
+    /// Only this failure kind.
+    pub kind: Option<String>,
+}
+
+impl Filter {
+    fn matches(&self, entry: &DeadLetterEntry) -> bool {
+        (self.ids.is_empty() || self.ids.contains(&entry.id))
+            && self
+                .stream
+                .as_ref()
+                .is_none_or(|s| *s == entry.source_stream)
+            && self.kind.as_ref().is_none_or(|k| *k == entry.failure_kind)
+    }
+}
+
+/// The dead letters matching `filter`, oldest first (at most `limit`).
+pub async fn list<C: ConnectionLike + Send>(
+    conn: &mut C,
+    config: &Config,
+    filter: &Filter,
+    limit: usize,
+) -> Result<Vec<DeadLetterEntry>> {
+    let key = config.dlq_key();
+    let mut found = Vec::new();
+    let mut start = "-".to_string();
+    loop {
+        let page: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(PAGE)
+            .query_async(conn)
+            .await
+            .with_context(|| format!("cannot read the dead-letter stream {key:?}"))?;
+        let done = page.len() < PAGE;
+        if let Some((last, _)) = page.last() {
+            start = format!("({last}");
+        }
+        for (id, fields) in page {
+            let entry = parse(id, fields);
+            if filter.matches(&entry) {
+                found.push(entry);
+                if found.len() >= limit {
+                    return Ok(found);
+                }
+            }
+        }
+        if done {
+            return Ok(found);
+        }
+    }
+}
+
+fn parse(id: String, mut fields: HashMap<String, String>) -> DeadLetterEntry {
+    let mut take = |name: &str| fields.remove(name).unwrap_or_default();
+    let original = take("fields");
+    DeadLetterEntry {
+        id,
+        source_stream: take("sourceStream"),
+        source_id: take("sourceId"),
+        failure_kind: take("failureKind"),
+        error: take("error"),
+        plugin: take("plugin"),
+        plugin_version: take("pluginVersion"),
+        deliveries: take("deliveries"),
+        failed_at: take("failedAt"),
+        fields: serde_json::from_str(&original).unwrap_or_default(),
+    }
+}
+
+/// The outcome of replaying one dead letter.
+#[derive(Debug, Serialize)]
+pub struct Replayed {
+    pub dead_letter_id: String,
+    pub source_stream: String,
+    /// The id of the re-published entry.
+    pub new_id: String,
+}
+
+/// Re-publishes each dead letter's original fields onto its source stream, then deletes the
+/// dead letter. Stops at the first failure (what was replayed so far stays replayed).
+pub async fn replay<C: ConnectionLike + Send>(
+    conn: &mut C,
+    config: &Config,
+    entries: &[DeadLetterEntry],
+) -> Result<Vec<Replayed>> {
+    let dlq = config.dlq_key();
+    let mut replayed = Vec::new();
+    for entry in entries {
+        if entry.source_stream.is_empty() || entry.fields.is_empty() {
+            anyhow::bail!(
+                "dead letter {} has no source stream or no original fields; cannot replay it",
+                entry.id
+            );
+        }
+        let fields: Vec<(String, String)> = entry
+            .fields
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_str().map_or_else(|| v.to_string(), str::to_string),
+                )
+            })
+            .collect();
+        let target = config.stream_key(&entry.source_stream);
+        let new_id = crate::streams::add(conn, &target, &fields)
+            .await
+            .with_context(|| format!("cannot re-publish dead letter {} to {target:?}", entry.id))?;
+        let _: i64 = redis::cmd("XDEL")
+            .arg(&dlq)
+            .arg(&entry.id)
+            .query_async(conn)
+            .await
+            .with_context(|| {
+                format!(
+                    "re-published dead letter {} as {new_id}, but cannot delete it from {dlq:?}",
+                    entry.id
+                )
+            })?;
+        tracing::info!(dead_letter = %entry.id, stream = %entry.source_stream, %new_id, "replayed");
+        replayed.push(Replayed {
+            dead_letter_id: entry.id.clone(),
+            source_stream: entry.source_stream.clone(),
+            new_id,
+        });
+    }
+    Ok(replayed)
+}
+
+/// Dead letters as a human-readable table.
+pub fn render(entries: &[DeadLetterEntry]) -> String {
+    let mut out = format!(
+        "{:<17} {:<28} {:<17} {:<18} {:>4}  {:<24} error\n",
+        "id", "source stream", "source id", "kind", "tries", "failed at"
+    );
+    for e in entries {
+        let error: String = e.error.chars().take(100).collect();
+        out.push_str(&format!(
+            "{:<17} {:<28} {:<17} {:<18} {:>4}  {:<24} {}\n",
+            e.id, e.source_stream, e.source_id, e.failure_kind, e.deliveries, e.failed_at, error
+        ));
+    }
+    out.push_str(&format!("{} dead letter(s)\n", entries.len()));
+    out
+}

@@ -1,0 +1,110 @@
+//! Whether this host can do its work right now: PostgreSQL and Redis reachable, plugins loaded.
+//!
+//! Consumers report failures as they hit them, and a probe checks both services every
+//! [`PROBE_INTERVAL`], so an outage shows even when no traffic arrives. `kaleidoscope status`
+//! shows the result (and the HTTP readiness endpoint, where enabled, answers from it).
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+/// How often the probe checks PostgreSQL and Redis.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A dependency that is failing, since when, and how.
+#[derive(Clone, Debug)]
+pub struct Outage {
+    pub since: SystemTime,
+    pub error: String,
+}
+
+/// The dependencies a host needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dependency {
+    Database,
+    Redis,
+}
+
+/// Current outages, shared by every task of the host.
+#[derive(Default, Debug)]
+pub struct Health {
+    database: Mutex<Option<Outage>>,
+    redis: Mutex<Option<Outage>>,
+}
+
+impl Health {
+    fn slot(&self, dependency: Dependency) -> &Mutex<Option<Outage>> {
+        match dependency {
+            Dependency::Database => &self.database,
+            Dependency::Redis => &self.redis,
+        }
+    }
+
+    /// Records a failure; returns true when this starts an outage.
+    pub fn failed(&self, dependency: Dependency, error: &str) -> bool {
+        let mut slot = self
+            .slot(dependency)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let started = slot.is_none();
+        if started {
+            *slot = Some(Outage {
+                since: SystemTime::now(),
+                error: error.to_string(),
+            });
+        }
+        started
+    }
+
+    /// Records a success; returns true when this ends an outage.
+    pub fn recovered(&self, dependency: Dependency) -> bool {
+        self.slot(dependency)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .is_some()
+    }
+
+    /// The current outage of `dependency`, if any.
+    pub fn outage(&self, dependency: Dependency) -> Option<Outage> {
+        self.slot(dependency)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Human-readable reasons why the host is not ready; empty when it is.
+    pub fn problems(&self) -> Vec<String> {
+        [
+            (Dependency::Database, "PostgreSQL"),
+            (Dependency::Redis, "Redis"),
+        ]
+        .into_iter()
+        .filter_map(|(dependency, name)| {
+            self.outage(dependency).map(|outage| {
+                format!(
+                    "{name} unavailable since {}: {}",
+                    humantime::format_rfc3339_seconds(outage.since),
+                    outage.error
+                )
+            })
+        })
+        .collect()
+    }
+}
+
+/// Which dependency an error chain comes from, if it is a database or Redis error.
+pub fn blame(error: &anyhow::Error) -> Option<Dependency> {
+    error.chain().find_map(|cause| {
+        if cause.downcast_ref::<sqlx::Error>().is_some() {
+            Some(Dependency::Database)
+        } else if cause.downcast_ref::<redis::RedisError>().is_some()
+            || cause
+                .downcast_ref::<crate::streams::StreamError>()
+                .is_some()
+        {
+            Some(Dependency::Redis)
+        } else {
+            None
+        }
+    })
+}

@@ -1,0 +1,155 @@
+//! `kaleidoscope dlq list` and `dlq replay`, and consumer-group hygiene.
+
+use crate::support::{Options, TestEnv, eventually};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_replayed_after_the_plugin_is_fixed() {
+    let env = TestEnv::start(Options::new(&["panicking", "insights"]).retries(1, 200)).await;
+    let first = env.publish("mock-panic", &[("note", "one")]).await;
+    let second = env.publish("mock-panic", &[("note", "two")]).await;
+    env.await_dead_letter("mock-panic", &first).await;
+    env.await_dead_letter("mock-panic", &second).await;
+    let malformed = env
+        .publish("ml-insights-results", &[("mediaId", "x")])
+        .await;
+    env.await_dead_letter("ml-insights-results", &malformed)
+        .await;
+
+    let listed = env.command(&["dlq", "list", "--stream", "mock-panic", "--json"]);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "filtered by source stream: {listed:?}");
+    assert!(
+        listed
+            .iter()
+            .all(|d| d["failure_kind"] == "plugin-trap" && d["plugin_version"] == "0.1.0")
+    );
+    let table =
+        String::from_utf8(env.command(&["dlq", "list", "--kind", "malformed"]).stdout).unwrap();
+    assert!(
+        table.contains(&malformed) && table.contains("1 dead letter(s)"),
+        "{table}"
+    );
+
+    // Deploy the fix, then replay what failed under the old version.
+    env.install_plugin("panicking-fixed", "panicking");
+    env.await_serving("mock-panic", "0.2.0").await;
+    let replay = env.command(&["dlq", "replay", "--stream", "mock-panic", "--json"]);
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let replayed: serde_json::Value = serde_json::from_slice(&replay.stdout).unwrap();
+    let new_ids: Vec<String> = replayed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["new_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(new_ids.len(), 2);
+    for id in &new_ids {
+        env.await_processed("mock-panic", id).await;
+        assert_eq!(
+            env.ledger_version("mock-panic", id).await.as_deref(),
+            Some("0.2.0")
+        );
+    }
+    let notes: Vec<String> =
+        sqlx::query_scalar("SELECT error FROM ml_processing_errors ORDER BY error")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(notes, ["one", "two"]);
+    // Replayed dead letters are gone; the others stay.
+    let left: Vec<String> = env
+        .dead_letters()
+        .await
+        .into_iter()
+        .map(|d| d["sourceStream"].clone())
+        .collect();
+    assert_eq!(left, ["ml-insights-results"]);
+
+    let refused = env.command(&["dlq", "replay"]);
+    assert!(
+        !refused.status.success(),
+        "replay without a selection must refuse"
+    );
+    env.await_no_pending("mock-panic").await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_gone_for_good_are_removed_but_never_one_holding_entries() {
+    let env =
+        TestEnv::start(Options::new(&["scripted"]).set("KALEIDOSCOPE_CONSUMER_EXPIRY_MS", 300))
+            .await;
+    let key = env.key("scripted");
+    let group = env.config.consumer_group.clone();
+    let mut redis = env.redis.clone();
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(&key)
+        .arg(&group)
+        .arg("ghost")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // A crashed consumer still holding an entry: one waiting for a retry (reclaim idle is the
+    // default minute) handed over to it.
+    let held = env
+        .publish("scripted", &[("action", "retry"), ("note", "later")])
+        .await;
+    eventually("the entry to wait for a retry", || async {
+        (env.pending("scripted").await == 1).then_some(())
+    })
+    .await;
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(&key)
+        .arg(&group)
+        .arg("crashed")
+        .arg(0)
+        .arg(&held)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    let names = || async {
+        let consumers: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&key)
+            .arg(&group)
+            .query_async(&mut env.redis.clone())
+            .await
+            .unwrap();
+        consumers
+            .iter()
+            .filter_map(|c| match c.get("name") {
+                Some(redis::Value::BulkString(name)) => {
+                    Some(String::from_utf8_lossy(name).into_owned())
+                }
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    eventually(
+        "the idle consumer without entries to be removed",
+        || async { (!names().await.contains(&"ghost".to_string())).then_some(()) },
+    )
+    .await;
+    let remaining = names().await;
+    assert!(
+        remaining.contains(&"crashed".to_string()),
+        "a consumer holding entries is kept: {remaining:?}"
+    );
+    assert!(
+        remaining.contains(&env.config.consumer_name),
+        "this host is kept: {remaining:?}"
+    );
+    env.finish().await;
+}

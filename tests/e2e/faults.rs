@@ -1,0 +1,322 @@
+//! Faults done for real: a host killed with SIGKILL, SIGTERM under load, Redis connections
+//! killed and Redis paused, PostgreSQL refusing connections.
+
+use crate::support::{ADMIN_URL, Options, TestEnv, eventually};
+use std::process::Command;
+use std::time::Duration;
+
+const DETECTION: &str = "face-detection-results";
+const INSIGHTS: &str = "ml-insights-results";
+
+/// A face-detection result with two faces for `media`.
+fn detection(media: i64) -> Vec<(String, String)> {
+    vec![
+        ("mediaId".into(), media.to_string()),
+        ("postId".into(), "1".into()),
+        ("facesDetected".into(), "2".into()),
+        (
+            "faces".into(),
+            format!(
+                r#"[{{"faceId": "{media}-a", "bbox": [0, 0, 10, 10], "confidence": 0.9}}, {{"faceId": "{media}-b", "bbox": [20, 20, 40, 40], "confidence": 0.8}}]"#
+            ),
+        ),
+        ("correlationId".into(), format!("c-{media}")),
+    ]
+}
+
+fn caption(media: i64) -> Vec<(String, String)> {
+    vec![
+        ("mediaId".into(), media.to_string()),
+        ("service".into(), "image_captioning".into()),
+        ("caption".into(), format!("caption {media}")),
+    ]
+}
+
+fn signal(child: &std::process::Child, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} failed");
+}
+
+/// Asserts every detection for media `1..=count` is stored exactly once.
+async fn assert_detections_exactly_once(env: &TestEnv, count: i64) {
+    assert_eq!(
+        env.ledger_count(DETECTION).await,
+        count,
+        "ledger count equals entries published"
+    );
+    let faces: i64 = sqlx::query_scalar("SELECT count(*) FROM media_detected_faces")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(faces, 2 * count, "two faces per media, none doubled");
+    let wrong: i64 = sqlx::query_scalar("SELECT count(*) FROM media_ai_insights WHERE faces_detected <> 2 OR face_detection_status <> 'COMPLETED'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(wrong, 0);
+    env.await_no_pending(DETECTION).await;
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "no dead letters: {:?}",
+        env.dead_letters().await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_share_a_group_and_survive_a_sigkill_of_one() {
+    const COUNT: i64 = 2000;
+    let env = TestEnv::prepare(Options::new(&["face-detection"]).retries(5, 1500)).await;
+    let media: Vec<i64> = (1..=COUNT).collect();
+    env.seed_media(1, &media).await;
+    let mut victim = env.spawn_host("host-a");
+    let mut survivor = env.spawn_host("host-b");
+
+    // Continuous load: chunks published while both hosts work.
+    let all: Vec<Vec<(String, String)>> = media.iter().map(|m| detection(*m)).collect();
+    let (first, rest) = all.split_at(600);
+    env.publish_many(DETECTION, first).await;
+    eventually("both hosts to have processed some entries", || async {
+        (env.ledger_count(DETECTION).await > 200).then_some(())
+    })
+    .await;
+    signal(&victim, "KILL");
+    let _ = victim.wait();
+    for chunk in rest.chunks(200) {
+        env.publish_many(DETECTION, chunk).await;
+    }
+
+    eventually("every entry to be processed", || async {
+        (env.ledger_count(DETECTION).await == COUNT).then_some(())
+    })
+    .await;
+    assert_detections_exactly_once(&env, COUNT).await;
+    // The survivor reclaimed what the victim held.
+    let victim_pending: i64 = {
+        let consumers: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(env.key(DETECTION))
+            .arg(&env.config.consumer_group)
+            .query_async(&mut env.redis.clone())
+            .await
+            .unwrap();
+        consumers
+            .iter()
+            .filter(
+                |c| matches!(c.get("name"), Some(redis::Value::BulkString(n)) if n == b"host-a"),
+            )
+            .map(|c| match c.get("pending") {
+                Some(redis::Value::Int(n)) => *n,
+                _ => 0,
+            })
+            .sum()
+    };
+    assert_eq!(victim_pending, 0);
+
+    signal(&survivor, "TERM");
+    assert!(survivor.wait().unwrap().success());
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_zero_with_nothing_half_done() {
+    const COUNT: i64 = 3000;
+    let env = TestEnv::prepare(Options::new(&["insights"])).await;
+    let media: Vec<i64> = (1..=COUNT).collect();
+    env.seed_media(1, &media).await;
+    let mut host = env.spawn_host("host-term");
+    let all: Vec<Vec<(String, String)>> = media.iter().map(|m| caption(*m)).collect();
+    env.publish_many(INSIGHTS, &all).await;
+    eventually("the host to be busy", || async {
+        (env.ledger_count(INSIGHTS).await > 50).then_some(())
+    })
+    .await;
+    signal(&host, "TERM");
+    let status = host.wait().unwrap();
+    assert!(
+        status.success(),
+        "graceful shutdown exits 0, got {status:?}"
+    );
+
+    // Nothing half-done: everything it read is committed and acknowledged (none left pending), and
+    // the ledger holds exactly the entries the group delivered.
+    assert_eq!(
+        env.pending(INSIGHTS).await,
+        0,
+        "every entry read was finished before exiting"
+    );
+    let delivered: i64 = {
+        let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(env.key(INSIGHTS))
+            .query_async(&mut env.redis.clone())
+            .await
+            .unwrap();
+        match groups[0].get("entries-read") {
+            Some(redis::Value::Int(n)) => *n,
+            other => panic!("entries-read missing: {other:?}"),
+        }
+    };
+    assert_eq!(env.ledger_count(INSIGHTS).await, delivered);
+    assert!(
+        delivered < COUNT,
+        "the test must stop the host mid-load (it read all {COUNT} first)"
+    );
+
+    // Another instance finishes the rest.
+    let mut next = env.spawn_host("host-next");
+    eventually("the rest to be processed", || async {
+        (env.ledger_count(INSIGHTS).await == COUNT).then_some(())
+    })
+    .await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM media_ai_insights")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, COUNT);
+    signal(&next, "TERM");
+    assert!(next.wait().unwrap().success());
+    env.await_no_pending(INSIGHTS).await;
+    env.finish().await;
+}
+
+/// The ids of this host's named Redis connections.
+async fn host_connections(env: &TestEnv) -> Vec<String> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut env.redis.clone())
+        .await
+        .unwrap();
+    let prefix = format!("name=kaleidoscope:{}:", env.config.consumer_name);
+    list.lines()
+        .filter(|line| line.split(' ').any(|f| f.starts_with(&prefix)))
+        .filter_map(|line| {
+            line.split(' ')
+                .find_map(|f| f.strip_prefix("id="))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_redis_connections_and_a_paused_redis_lose_and_double_nothing() {
+    const COUNT: i64 = 600;
+    let env = TestEnv::start(Options::new(&["insights"])).await;
+    let media: Vec<i64> = (1..=COUNT).collect();
+    env.seed_media(1, &media).await;
+    let all: Vec<Vec<(String, String)>> = media.iter().map(|m| caption(*m)).collect();
+
+    for (round, chunk) in all.chunks(150).enumerate() {
+        env.publish_many(INSIGHTS, chunk).await;
+        if round % 2 == 0 {
+            let ids = eventually("the host's named connections", || async {
+                let ids = host_connections(&env).await;
+                (!ids.is_empty()).then_some(ids)
+            })
+            .await;
+            for id in ids {
+                let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("ID")
+                    .arg(&id)
+                    .query_async(&mut env.redis.clone())
+                    .await;
+            }
+        } else {
+            let _: () = redis::cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(700)
+                .arg("WRITE")
+                .query_async(&mut env.redis.clone())
+                .await
+                .unwrap();
+        }
+    }
+    eventually("every entry to be processed", || async {
+        (env.ledger_count(INSIGHTS).await == COUNT).then_some(())
+    })
+    .await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM media_ai_insights")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, COUNT);
+    env.await_no_pending(INSIGHTS).await;
+    assert!(env.dead_letters().await.is_empty());
+    env.finish().await;
+}
+
+async fn set_connections_allowed(database: &str, allowed: bool) {
+    let admin = sqlx::PgPool::connect(ADMIN_URL).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {allowed}"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    if !allowed {
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+            .bind(database)
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    admin.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refusing_connections_delays_but_loses_and_doubles_nothing() {
+    const COUNT: i64 = 400;
+    let env = TestEnv::start(Options::new(&["insights"]).retries(3, 500)).await;
+    let media: Vec<i64> = (1..=COUNT).collect();
+    env.seed_media(1, &media).await;
+    let all: Vec<Vec<(String, String)>> = media.iter().map(|m| caption(*m)).collect();
+    let (first, second) = all.split_at(200);
+    env.publish_many(INSIGHTS, first).await;
+    eventually("some entries processed", || async {
+        (env.ledger_count(INSIGHTS).await > 20).then_some(())
+    })
+    .await;
+
+    set_connections_allowed(&env.database, false).await;
+    env.publish_many(INSIGHTS, second).await;
+    // Readiness reports the outage.
+    let report = eventually("status to report the host not ready", || async {
+        let (report, healthy) = env.status();
+        (report["hosts"][0]["ready"] == false && !healthy).then_some(report)
+    })
+    .await;
+    assert!(
+        report["hosts"][0]["not_ready"]
+            .to_string()
+            .contains("PostgreSQL"),
+        "{report}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await; // let the outage outlast several retries of the host (not a synchronisation)
+    set_connections_allowed(&env.database, true).await;
+
+    eventually("every entry to be processed", || async {
+        (env.ledger_count(INSIGHTS).await == COUNT).then_some(())
+    })
+    .await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM media_ai_insights")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, COUNT);
+    env.await_no_pending(INSIGHTS).await;
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "an outage must not use up retry attempts: {:?}",
+        env.dead_letters().await
+    );
+    eventually("status to report the host ready again", || async {
+        let (report, _) = env.status();
+        (report["hosts"][0]["ready"] == true).then_some(())
+    })
+    .await;
+    env.finish().await;
+}

@@ -1,0 +1,235 @@
+//! Poison and hostile input: every entry ends processed or dead-lettered with a reason, within
+//! the limits, and the stream keeps flowing.
+
+use crate::support::{Options, TestEnv};
+
+const INSIGHTS: &str = "ml-insights-results";
+const DETECTION: &str = "face-detection-results";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_entries_are_processed_or_dead_lettered_and_never_stop_the_stream() {
+    let env = TestEnv::start(Options::new(&["insights", "face-detection"])).await;
+    env.seed_media(1, &[1, 2, 3]).await;
+    let huge_caption = "x".repeat(3 << 20);
+    let huge_garbage = "\u{1F600}".repeat(1 << 20);
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let many_faces = format!(
+        "[{}]",
+        (0..3000)
+            .map(|i| format!(r#"{{"faceId": "f{i}", "bbox": [{i}, 0, {}, 10]}}"#, i + 5))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    // (stream, fields, expected failure kind or None for "processed")
+    let cases: Vec<(&str, Vec<(&str, &str)>, Option<&str>)> = vec![
+        (
+            INSIGHTS,
+            vec![("service", "tagging"), ("tags", "[\"a\"]")],
+            Some("malformed"),
+        ), // missing mediaId
+        (
+            INSIGHTS,
+            vec![("mediaId", ""), ("service", "tagging"), ("tags", "[]")],
+            Some("malformed"),
+        ), // empty mediaId
+        (
+            INSIGHTS,
+            vec![
+                ("mediaId", "99999999999999999999999"),
+                ("service", "tagging"),
+                ("tags", "[]"),
+            ],
+            Some("malformed"),
+        ),
+        (
+            INSIGHTS,
+            vec![
+                ("mediaId", "1"),
+                ("service", "moderation"),
+                ("isSafe", "perhaps"),
+            ],
+            Some("malformed"),
+        ),
+        (
+            INSIGHTS,
+            vec![
+                ("mediaId", "1"),
+                ("service", "moderation"),
+                ("isSafe", "true"),
+                ("moderationConfidence", "1e400"),
+            ],
+            Some("malformed"),
+        ),
+        (
+            INSIGHTS,
+            vec![
+                ("mediaId", "1"),
+                ("service", "tagging"),
+                ("tags", deep.as_str()),
+            ],
+            Some("malformed"),
+        ),
+        (
+            INSIGHTS,
+            vec![
+                ("mediaId", "1"),
+                ("service", "tagging"),
+                ("tags", "[1, {\"a\": 2}]"),
+            ],
+            Some("malformed"),
+        ),
+        (
+            INSIGHTS,
+            vec![
+                ("mediaId", "1"),
+                ("service", "image_embedding"),
+                ("imageEmbedding", "[1, \"two\"]"),
+            ],
+            Some("malformed"),
+        ),
+        (
+            INSIGHTS,
+            vec![
+                ("mediaId", "2"),
+                ("service", "image_captioning"),
+                ("caption", huge_caption.as_str()),
+            ],
+            None,
+        ),
+        (
+            INSIGHTS,
+            vec![
+                ("mediaId", "3"),
+                ("service", "tagging"),
+                ("tags", huge_garbage.as_str()),
+            ],
+            None,
+        ),
+        (
+            INSIGHTS,
+            vec![
+                ("mediaId", "1"),
+                ("service", "image_captioning"),
+                ("caption", "nul \u{0} inside"),
+            ],
+            Some("forbidden-command"),
+        ),
+        (
+            DETECTION,
+            vec![("mediaId", "1"), ("faces", deep.as_str())],
+            Some("malformed"),
+        ),
+        (
+            DETECTION,
+            vec![("mediaId", "1"), ("faces", "{\"not\": \"a list\"}")],
+            Some("malformed"),
+        ),
+        (
+            DETECTION,
+            vec![
+                ("mediaId", "1"),
+                ("faces", "[{\"bbox\": [0, 0, 1e400, 1]}]"),
+            ],
+            Some("malformed"),
+        ),
+        (
+            DETECTION,
+            vec![
+                ("mediaId", "1"),
+                ("faces", "[{\"faceId\": \"x\", \"bbox\": [5, 5, 1, 1]}]"),
+            ],
+            Some("malformed"),
+        ),
+        (
+            DETECTION,
+            vec![
+                ("mediaId", "1"),
+                (
+                    "faces",
+                    "[{\"boundingBoxX\": 1, \"boundingBoxY\": 1, \"boundingBoxWidth\": 2, \"boundingBoxHeight\": 2, \"estimatedAge\": 1e9}]",
+                ),
+            ],
+            Some("malformed"),
+        ),
+        (
+            DETECTION,
+            vec![("mediaId", "2"), ("faces", many_faces.as_str())],
+            None,
+        ),
+    ];
+    let mut published = Vec::new();
+    for (stream, fields, expected) in &cases {
+        published.push((*stream, env.publish(stream, fields).await, *expected));
+    }
+    // The streams keep flowing afterwards.
+    let after = env
+        .publish(
+            INSIGHTS,
+            &[
+                ("mediaId", "1"),
+                ("service", "image_captioning"),
+                ("caption", "still flowing"),
+            ],
+        )
+        .await;
+    env.await_processed(INSIGHTS, &after).await;
+
+    for (stream, id, expected) in published {
+        match expected {
+            None => env.await_processed(stream, &id).await,
+            Some(kind) => {
+                let letter = env.await_dead_letter(stream, &id).await;
+                assert_eq!(
+                    letter["failureKind"], kind,
+                    "{stream} {id}: {}",
+                    letter["error"]
+                );
+                assert!(!letter["error"].is_empty());
+            }
+        }
+    }
+    let faces: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM media_detected_faces WHERE media_id = 2")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(faces, 3000, "thousands of faces in one message are stored");
+    let caption_length: i32 =
+        sqlx::query_scalar("SELECT length(caption) FROM media_ai_insights WHERE media_id = 2")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(caption_length, 3 << 20);
+    env.await_no_pending(INSIGHTS).await;
+    env.await_no_pending(DETECTION).await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_trimmed_while_pending_is_acknowledged_not_looped_on() {
+    let env = TestEnv::start(Options::new(&["scripted"]).retries(5, 200)).await;
+    let id = env
+        .publish("scripted", &[("action", "retry"), ("note", "not yet")])
+        .await;
+    crate::support::eventually("the entry to wait for a retry", || async {
+        (env.pending("scripted").await == 1).then_some(())
+    })
+    .await;
+    // The producer trims its stream (MAXLEN ~) while the entry is still pending.
+    let _: i64 = redis::cmd("XDEL")
+        .arg(env.key("scripted"))
+        .arg(&id)
+        .query_async(&mut env.redis.clone())
+        .await
+        .unwrap();
+    env.await_no_pending("scripted").await;
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "a trimmed entry has no content to dead-letter"
+    );
+    // And the stream keeps working.
+    let next = env.publish("scripted", &[("action", "ok")]).await;
+    env.await_processed("scripted", &next).await;
+    env.finish().await;
+}
