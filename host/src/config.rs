@@ -147,6 +147,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "Whether `run` watches the plugins directory and swaps changed plugins in without a restart.",
     },
     Setting {
+        key: "critical_streams",
+        env: "KALEIDOSCOPE_CRITICAL_STREAMS",
+        default: "post-image-processing,profile-picture-processing",
+        help: "Request streams whose publishing failure is an error to the caller (comma-separated); failures on other streams are logged and retried by the request tracker.",
+    },
+    Setting {
         key: "shutdown_timeout_ms",
         env: "KALEIDOSCOPE_SHUTDOWN_TIMEOUT_MS",
         default: "10000",
@@ -204,6 +210,7 @@ pub struct Config {
     pub watch_plugins: bool,
     pub shutdown_timeout: Duration,
     pub consumer_expiry: Duration,
+    pub critical_streams: Vec<String>,
     pub cache_dir: PathBuf,
     /// Grants and limits per plugin name; a plugin without an entry may write nothing.
     pub plugins: BTreeMap<String, PluginPolicy>,
@@ -534,6 +541,13 @@ impl RawSettings {
             migrate: self.boolean("migrate", true)?,
             watch_plugins: self.boolean("watch_plugins", true)?,
             shutdown_timeout: Duration::from_millis(self.positive("shutdown_timeout_ms", 10_000)?),
+            critical_streams: self
+                .string("critical_streams", "post-image-processing,profile-picture-processing")
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
             consumer_expiry: Duration::from_millis(self.positive("consumer_expiry_ms", 3_600_000)?),
             cache_dir: PathBuf::from(self.non_empty("cache_dir", "target/plugin-cache".into())?),
             plugins: self.plugins.clone(),

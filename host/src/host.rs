@@ -6,6 +6,7 @@ use crate::consumer;
 use crate::delivery::Delivery;
 use crate::health::{self, Dependency};
 use crate::persist::{self, ledger, schema::Catalog};
+use crate::publish;
 use crate::plugin::{PluginRegistry, PluginRuntime, PluginSet, SandboxLimits, watch};
 use crate::status;
 use crate::streams;
@@ -140,6 +141,7 @@ impl RunningHost {
             tokio::spawn(relay_outbox(delivery.clone(), stop.subscribe())),
             tokio::spawn(heartbeat(supervisor.clone(), stop.subscribe())),
             tokio::spawn(probe(supervisor.clone(), stop.subscribe())),
+            tokio::spawn(track_requests(delivery.clone(), stop.subscribe())),
         ];
         let mut watcher = None;
         if config.watch_plugins {
@@ -421,6 +423,24 @@ async fn probe(supervisor: Arc<Supervisor>, mut stop: signal::Receiver<bool>) {
         }
         if delivery.health.problems().len() != before {
             supervisor.publish_status().await;
+        }
+    }
+}
+
+/// Republishes requests without results and times them out (see [`publish::sweep`]).
+async fn track_requests(delivery: Arc<Delivery>, mut stop: signal::Receiver<bool>) {
+    let config = &delivery.config;
+    let every = (Duration::from_secs(config.timeout_seconds) / 4).clamp(Duration::from_millis(250), Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        if !config.processing_enabled {
+            continue;
+        }
+        if let Err(error) = publish::sweep(&delivery.pool, &delivery.redis, config).await {
+            warn!("request tracker: {error:#}");
         }
     }
 }

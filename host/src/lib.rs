@@ -11,6 +11,8 @@
 //! - [`persist`]: the database — schema catalogue, command validation and execution, ledger,
 //!   outbox;
 //! - [`streams`]: the Redis Streams commands the host uses;
+//! - [`publish`]: the other direction — publishing requests to the ML services and tracking
+//!   them until their results arrive; [`simulate`]: a reference ML service for demos and tests;
 //! - [`config`]: settings from file and environment;
 //! - [`health`]: readiness (PostgreSQL and Redis reachable);
 //! - [`dlq`]: listing and replaying dead letters;
@@ -26,6 +28,8 @@ pub mod health;
 pub mod host;
 pub mod persist;
 pub mod plugin;
+pub mod publish;
+pub mod simulate;
 pub mod status;
 pub mod streams;
 pub mod toolkit;

@@ -3,7 +3,8 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kaleidoscope::config::{self, Config};
-use kaleidoscope::{dlq, status, toolkit};
+use kaleidoscope::{dlq, publish, simulate, status, toolkit};
+use std::sync::Arc;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +59,55 @@ enum Command {
     /// Inspect and replay dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Publish a processing request to the ML services (the seed's producer side) and record it
+    /// for tracking. Exits non-zero, naming the stream, when a critical stream cannot be reached.
+    #[command(subcommand, after_long_help = config::env_help())]
+    Publish(PublishCommand),
+    /// Run a reference ML service: consume the request streams and publish results in the real
+    /// producers' shapes, until SIGTERM or Ctrl-C.
+    #[command(name = "simulate-ml", after_long_help = config::env_help())]
+    SimulateMl {
+        /// Fraction of requests (0.0 to 1.0) answered with an error instead of results.
+        #[arg(long, default_value_t = 0.0)]
+        error_rate: f64,
+        /// Length of the embeddings it sends (the real services send 1408).
+        #[arg(long, default_value_t = 1408)]
+        embedding_dims: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum PublishCommand {
+    /// A new post image (`post-image-processing`).
+    PostImage(ImageArgs),
+    /// A new profile picture (`profile-picture-processing`).
+    ProfilePicture {
+        #[arg(long)]
+        user_id: i64,
+        #[arg(long)]
+        image_url: String,
+        /// Correlation id (generated when absent).
+        #[arg(long)]
+        correlation_id: Option<String>,
+    },
+    /// An updated post image (`post-update-processing`).
+    PostUpdate(ImageArgs),
+}
+
+#[derive(clap::Args)]
+struct ImageArgs {
+    #[arg(long)]
+    post_id: i64,
+    #[arg(long)]
+    media_id: i64,
+    /// Where the ML service fetches the image (`mediaUrl` on the wire).
+    #[arg(long)]
+    media_url: String,
+    #[arg(long)]
+    uploader_id: Option<i64>,
+    /// Correlation id (generated when absent).
+    #[arg(long)]
+    correlation_id: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -275,6 +325,56 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                     }
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Publish(command) => {
+            let config = Arc::new(load_config(cli.config.as_deref(), &BTreeMap::new())?);
+            let (request, correlation_id) = match command {
+                PublishCommand::PostImage(args) => (
+                    publish::Request::PostImage { post_id: args.post_id, media_id: args.media_id, media_url: args.media_url, uploader_id: args.uploader_id },
+                    args.correlation_id,
+                ),
+                PublishCommand::PostUpdate(args) => (
+                    publish::Request::PostUpdate { post_id: args.post_id, media_id: args.media_id, media_url: args.media_url, uploader_id: args.uploader_id },
+                    args.correlation_id,
+                ),
+                PublishCommand::ProfilePicture { user_id, image_url, correlation_id } => {
+                    (publish::Request::ProfilePicture { user_id, image_url }, correlation_id)
+                }
+            };
+            let pool = kaleidoscope::persist::connect(&config.database_url, 2).await?;
+            kaleidoscope::persist::migrate(&pool).await?;
+            let redis = redis::aio::ConnectionManager::new(
+                redis::Client::open(config.redis_url.as_str()).context("invalid Redis URL")?,
+            )
+            .await
+            .with_context(|| format!("cannot connect to Redis at {}", kaleidoscope::persist::redact(&config.redis_url)))?;
+            let publisher = publish::Publisher::new(config.clone(), redis, pool);
+            match publisher.publish(&request, correlation_id).await? {
+                Some(published) => println!(
+                    "published to {} as {} correlationId={}",
+                    published.stream,
+                    published.entry_id.unwrap_or_default(),
+                    published.correlation_id
+                ),
+                None => println!("not published (see the log)"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SimulateMl { error_rate, embedding_dims } => {
+            if !(0.0..=1.0).contains(&error_rate) {
+                anyhow::bail!("--error-rate must be between 0 and 1, got {error_rate}");
+            }
+            let config = load_config(cli.config.as_deref(), &BTreeMap::new())?;
+            let options = simulate::SimulatorOptions { error_rate, embedding_dims, ..Default::default() };
+            let (first, _second) = signals()?;
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                let _ = first.await;
+                let _ = stop.send(true);
+            });
+            let stats = simulate::run(&config, &options, stopped).await?;
+            tracing::info!(?stats, "simulator stopped");
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugin(command) => {

@@ -73,8 +73,22 @@ pub async fn read_new<C: ConnectionLike>(
     count: usize,
     block: Duration,
 ) -> Result<Vec<StreamEntry>, StreamError> {
-    let reply: Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
+    let entries = read_new_from(conn, &[key.to_string()], group, consumer, count, block).await?;
+    Ok(entries.into_iter().map(|(_, entry)| entry).collect())
+}
+
+/// Reads up to `count` new entries per stream from several streams at once; each entry comes
+/// with the key of its stream.
+pub async fn read_new_from<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &[String],
+    group: &str,
+    consumer: &str,
+    count: usize,
+    block: Duration,
+) -> Result<Vec<(String, StreamEntry)>, StreamError> {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
         .arg(group)
         .arg(consumer)
         .arg("COUNT")
@@ -82,32 +96,35 @@ pub async fn read_new<C: ConnectionLike>(
         .arg("BLOCK")
         .arg(block.as_millis() as u64)
         .arg("STREAMS")
-        .arg(key)
-        .arg(">")
+        .arg(keys);
+    for _ in keys {
+        cmd.arg(">");
+    }
+    let reply: Value = cmd
         .query_async(conn)
         .await
-        .map_err(|e| StreamError::from_redis(e, key))?;
+        .map_err(|e| StreamError::from_redis(e, &keys.join(" ")))?;
     let streams = match reply {
         Value::Nil => return Ok(Vec::new()),
         Value::Array(streams) => streams,
-        Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
-        other => {
-            return Err(StreamError::Protocol(format!(
-                "XREADGROUP returned {other:?}"
-            )));
-        }
+        Value::Map(pairs) => pairs.into_iter().map(|(k, v)| Value::Array(vec![k, v])).collect(),
+        other => return Err(StreamError::Protocol(format!("XREADGROUP returned {other:?}"))),
     };
     let mut entries = Vec::new();
     for stream in streams {
-        let items = match stream {
-            Value::Array(mut pair) if pair.len() == 2 => pair.remove(1),
-            other => other,
+        let Value::Array(mut pair) = stream else {
+            return Err(StreamError::Protocol("XREADGROUP stream is not [key, entries]".into()));
         };
+        if pair.len() != 2 {
+            return Err(StreamError::Protocol("XREADGROUP stream is not [key, entries]".into()));
+        }
+        let items = pair.remove(1);
+        let key = text(&pair[0]).unwrap_or_default();
         if let Value::Array(items) = items {
             for item in items {
                 // `>` only returns entries that exist.
                 if let Ok(entry) = parse_entry(item, 1)? {
-                    entries.push(entry);
+                    entries.push((key.clone(), entry));
                 }
             }
         }

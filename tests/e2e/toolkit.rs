@@ -36,7 +36,7 @@ fn check_prints_manifest_streams_imports_size_and_compile_time() {
     );
     assert_eq!(
         report["grants"]["tables"],
-        serde_json::json!(["media_ai_insights"])
+        serde_json::json!(["media_ai_insights", "ml_requests"])
     );
 }
 

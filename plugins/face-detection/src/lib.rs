@@ -31,7 +31,10 @@ impl Handler for FaceDetection {
         let fields = Fields::new(&entry);
         let commands = to_commands(&fields)?;
         if let Some(announced) = fields.i64("facesDetected")? {
-            let listed = commands.len() - 1;
+            let listed = commands
+                .iter()
+                .filter(|c| matches!(c, Command::Upsert(u) if u.table == "media_detected_faces"))
+                .count();
             if usize::try_from(announced).ok() != Some(listed) {
                 log::warn(format!(
                     "facesDetected is {announced} but the faces list has {listed}; storing the list"
@@ -107,6 +110,9 @@ pub fn to_commands(fields: &Fields) -> Result<Vec<Command>, Failure> {
                 .set("embedding", face.embedding)
                 .into(),
         );
+    }
+    if let Some(correlation_id) = fields.get("correlationId") {
+        commands.push(sdk::request_result(correlation_id, "face_detection"));
     }
     Ok(commands)
 }

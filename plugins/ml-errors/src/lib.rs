@@ -38,12 +38,7 @@ sdk::export_handler!(MlErrors);
 /// One insert of the error, ignored if this entry was recorded before.
 pub fn to_commands(stream: &str, entry_id: &str, fields: &Fields) -> Result<Vec<Command>, Failure> {
     let error = fields.required("error")?;
-    let occurred_at = fields
-        .i64("timestamp")
-        .ok()
-        .flatten()
-        .map(|seconds| seconds.to_string());
-    Ok(vec![
+    let mut commands = vec![
         sdk::insert("ml_processing_errors")
             .value("source_stream", stream)
             .value("entry_id", entry_id)
@@ -55,10 +50,21 @@ pub fn to_commands(stream: &str, entry_id: &str, fields: &Fields) -> Result<Vec<
             .value_some("retry_count", fields.i64("retryCount")?)
             .value_some("original_message_id", fields.get("originalMessageId"))
             .value_some("original_data", fields.get("originalData"))
-            .value_some(
-                "producer_timestamp",
-                occurred_at.or(fields.get("timestamp").map(str::to_string)),
-            )
+            .value_some("producer_timestamp", fields.get("timestamp"))
             .into(),
-    ])
+    ];
+    // A failure answers the request it belongs to (if this host published it and it is still
+    // waiting).
+    if let Some(correlation_id) = fields.get("correlationId") {
+        commands.push(
+            sdk::update("ml_requests")
+                .key("correlation_id", correlation_id)
+                .key("status", "PENDING")
+                .set("status", "FAILED")
+                .set("error", error)
+                .if_missing(sdk::IfMissing::Skip)
+                .into(),
+        );
+    }
+    Ok(commands)
 }

@@ -72,6 +72,18 @@ pub fn manifest(name: &str, version: &str, streams: &[&str]) -> Manifest {
     }
 }
 
+/// The command that records, on the request tracked under `correlation_id` (table
+/// `ml_requests`), that the result `result` has arrived. Requests this host did not publish are
+/// not tracked: then the command does nothing. The database completes the request once every
+/// expected result is in.
+pub fn request_result(correlation_id: &str, result: &str) -> Command {
+    update("ml_requests")
+        .key("correlation_id", correlation_id)
+        .append_unique("results_received", [result])
+        .if_missing(IfMissing::Skip)
+        .into()
+}
+
 /// A failure for an entry that can never succeed; the host dead-letters it at once as `malformed`.
 /// Name the field and what was wrong with it.
 pub fn malformed(reason: impl Into<String>) -> Failure {

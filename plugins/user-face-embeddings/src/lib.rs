@@ -3,7 +3,7 @@
 //!
 //! Fields: `userId`, `faceEmbedding` (JSON list of floats, `[]` when no face was found),
 //! `correlationId`. An empty list is a complete result with nothing to store: the entry is
-//! acknowledged without a write.
+//! acknowledged without writing an embedding (only the request it answers is marked).
 
 use kaleidoscope_plugin_sdk::{self as sdk, Command, Entry, Failure, Fields, Handler, Manifest};
 

@@ -1,0 +1,364 @@
+//! The other direction: publishing processing requests to the ML services, and tracking each one
+//! until its results arrive.
+//!
+//! Every request is recorded in `ml_requests` (correlation id, stream, subject ids, the published
+//! fields, status, attempts). Result plugins mark what arrived; the database completes the
+//! request when all expected results are in; [`sweep`] republishes requests that stay pending past
+//! `ML_TIMEOUT_SECONDS` and gives up (status `TIMED_OUT`) after `ML_RETRY_ATTEMPTS` publications.
+//!
+//! Two ways to publish:
+//! - [`Publisher::publish`] right away, with the seed's semantics: retries with exponential
+//!   backoff up to `ML_RETRY_ATTEMPTS`; a failure on a critical stream is an error, on the others
+//!   it is logged (the tracker republishes it later);
+//! - [`Publisher::enqueue`] inside the caller's own transaction, then [`Publisher::flush`] after
+//!   the commit. The request exists only if the rows it refers to were committed — the original
+//!   backend published before committing, and the ML side could not find the rows.
+
+use crate::config::Config;
+use crate::persist::ledger;
+use crate::streams;
+use anyhow::{Context, Result, bail};
+use redis::aio::ConnectionManager;
+use sqlx::{PgConnection, PgPool};
+use std::io::Read;
+use std::time::{Duration, SystemTime};
+use tracing::{info, warn};
+
+/// The request streams (backend → ML services).
+pub const POST_IMAGE_STREAM: &str = "post-image-processing";
+pub const PROFILE_PICTURE_STREAM: &str = "profile-picture-processing";
+pub const POST_UPDATE_STREAM: &str = "post-update-processing";
+
+/// First pause between publishing attempts; doubled after each failure.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
+
+/// One processing request, as the seed's events describe them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Request {
+    /// A new post image (`post-image-processing`).
+    PostImage {
+        post_id: i64,
+        media_id: i64,
+        media_url: String,
+        uploader_id: Option<i64>,
+    },
+    /// A new profile picture (`profile-picture-processing`).
+    ProfilePicture { user_id: i64, image_url: String },
+    /// An updated post image (`post-update-processing`, same shape as a post image).
+    PostUpdate {
+        post_id: i64,
+        media_id: i64,
+        media_url: String,
+        uploader_id: Option<i64>,
+    },
+}
+
+impl Request {
+    /// The logical stream this request goes to.
+    pub fn stream(&self) -> &'static str {
+        match self {
+            Request::PostImage { .. } => POST_IMAGE_STREAM,
+            Request::ProfilePicture { .. } => PROFILE_PICTURE_STREAM,
+            Request::PostUpdate { .. } => POST_UPDATE_STREAM,
+        }
+    }
+
+    /// The results that complete this request (names the result plugins record).
+    pub fn expected_results(&self) -> Vec<String> {
+        let names: &[&str] = match self {
+            Request::PostImage { .. } | Request::PostUpdate { .. } => &[
+                "moderation",
+                "tagging",
+                "scene_recognition",
+                "image_captioning",
+                "image_embedding",
+                "face_detection",
+            ],
+            Request::ProfilePicture { .. } => &["profile_face_embedding"],
+        };
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// The fields as the real producers write them (wire-format page, outbound section).
+    pub fn fields(&self, correlation_id: &str) -> Vec<(String, String)> {
+        let timestamp = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+        let mut fields: Vec<(String, String)> = match self {
+            Request::PostImage {
+                post_id,
+                media_id,
+                media_url,
+                uploader_id,
+            }
+            | Request::PostUpdate {
+                post_id,
+                media_id,
+                media_url,
+                uploader_id,
+            } => {
+                let mut fields = vec![
+                    ("postId".to_string(), post_id.to_string()),
+                    ("mediaId".to_string(), media_id.to_string()),
+                    ("mediaUrl".to_string(), media_url.clone()),
+                ];
+                if let Some(uploader) = uploader_id {
+                    fields.push(("uploaderId".to_string(), uploader.to_string()));
+                }
+                fields.push(("timestamp".to_string(), timestamp));
+                fields
+            }
+            Request::ProfilePicture { user_id, image_url } => vec![
+                ("userId".to_string(), user_id.to_string()),
+                ("imageUrl".to_string(), image_url.clone()),
+            ],
+        };
+        fields.push(("correlationId".to_string(), correlation_id.to_string()));
+        fields
+    }
+
+    fn subject(&self) -> (Option<i64>, Option<i64>, Option<i64>) {
+        match self {
+            Request::PostImage {
+                post_id,
+                media_id,
+                uploader_id,
+                ..
+            }
+            | Request::PostUpdate {
+                post_id,
+                media_id,
+                uploader_id,
+                ..
+            } => (Some(*post_id), Some(*media_id), *uploader_id),
+            Request::ProfilePicture { user_id, .. } => (None, None, Some(*user_id)),
+        }
+    }
+}
+
+/// A request that was published (or enqueued).
+#[derive(Clone, Debug)]
+pub struct Published {
+    pub stream: String,
+    pub correlation_id: String,
+    /// The stream entry id, once published.
+    pub entry_id: Option<String>,
+    /// The outbox row, for an enqueued request not flushed yet.
+    pub outbox_id: Option<i64>,
+}
+
+/// Publishes requests and records them for tracking.
+#[derive(Clone)]
+pub struct Publisher {
+    config: std::sync::Arc<Config>,
+    redis: ConnectionManager,
+    pool: PgPool,
+}
+
+impl Publisher {
+    /// A publisher using the given connections.
+    pub fn new(config: std::sync::Arc<Config>, redis: ConnectionManager, pool: PgPool) -> Self {
+        Self { config, redis, pool }
+    }
+
+    fn critical(&self, stream: &str) -> bool {
+        self.config.critical_streams.iter().any(|s| s == stream)
+    }
+
+    /// Publishes `request` now (with retries) and records it. Returns `None` when publishing is
+    /// disabled (`ML_PROCESSING_ENABLED=false`) or when a non-critical stream could not be
+    /// reached (the request is still recorded, and the tracker republishes it).
+    pub async fn publish(&self, request: &Request, correlation_id: Option<String>) -> Result<Option<Published>> {
+        let stream = request.stream();
+        if !self.config.processing_enabled {
+            info!(stream, "ML processing is disabled (ML_PROCESSING_ENABLED=false); not publishing the request");
+            return Ok(None);
+        }
+        let correlation_id = correlation_id.filter(|c| !c.is_empty()).unwrap_or_else(new_correlation_id);
+        let fields = request.fields(&correlation_id);
+        record(&self.pool, request, &correlation_id, &fields, false)
+            .await
+            .with_context(|| format!("cannot record request {correlation_id} for {stream}"))?;
+
+        let key = self.config.stream_key(stream);
+        let mut delay = FIRST_RETRY_DELAY;
+        let attempts = self.config.retry_attempts;
+        for attempt in 1..=attempts {
+            let mut redis = self.redis.clone();
+            match streams::add(&mut redis, &key, &fields).await {
+                Ok(entry_id) => {
+                    mark_published(&self.pool, &correlation_id).await?;
+                    info!(stream, %entry_id, correlation_id, "published request");
+                    return Ok(Some(Published {
+                        stream: stream.to_string(),
+                        correlation_id,
+                        entry_id: Some(entry_id),
+                        outbox_id: None,
+                    }));
+                }
+                Err(error) if attempt < attempts => {
+                    warn!(stream, correlation_id, attempt, retry_in = ?delay, "publishing failed: {error:#}");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(error) if self.critical(stream) => {
+                    return Err(error).with_context(|| {
+                        format!("failed to publish request {correlation_id} to critical stream {stream:?} after {attempts} attempts")
+                    });
+                }
+                Err(error) => {
+                    warn!(stream, correlation_id, "giving up publishing after {attempts} attempts (not a critical stream; the request tracker republishes it): {error:#}");
+                    return Ok(None);
+                }
+            }
+        }
+        bail!("ML_RETRY_ATTEMPTS must be at least 1")
+    }
+
+    /// Records `request` and its message inside the caller's transaction; nothing is published
+    /// until the caller commits and calls [`Publisher::flush`] (or, if the caller dies first, the
+    /// host's outbox relay publishes it). Returns `None` when publishing is disabled.
+    pub async fn enqueue(&self, tx: &mut PgConnection, request: &Request, correlation_id: Option<String>) -> Result<Option<Published>> {
+        let stream = request.stream();
+        if !self.config.processing_enabled {
+            info!(stream, "ML processing is disabled (ML_PROCESSING_ENABLED=false); not enqueuing the request");
+            return Ok(None);
+        }
+        let correlation_id = correlation_id.filter(|c| !c.is_empty()).unwrap_or_else(new_correlation_id);
+        let fields = request.fields(&correlation_id);
+        record(&mut *tx, request, &correlation_id, &fields, true)
+            .await
+            .with_context(|| format!("cannot record request {correlation_id} for {stream}"))?;
+        let message = ledger::enqueue(tx, &self.config.stream_key(stream), fields)
+            .await
+            .with_context(|| format!("cannot enqueue request {correlation_id} for {stream}"))?;
+        Ok(Some(Published {
+            stream: stream.to_string(),
+            correlation_id,
+            entry_id: None,
+            outbox_id: Some(message.id),
+        }))
+    }
+
+    /// Publishes requests enqueued by a transaction that has committed.
+    pub async fn flush(&self, enqueued: &[Published]) -> Result<()> {
+        let ids: Vec<i64> = enqueued.iter().filter_map(|p| p.outbox_id).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(i64, String, String)> = sqlx::query_as("SELECT id, stream, fields::text FROM outbox WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await
+            .context("cannot read enqueued requests (was the transaction committed?)")?;
+        let mut redis = self.redis.clone();
+        for (id, key, fields) in rows {
+            let fields: Vec<(String, String)> = serde_json::from_str(&fields).unwrap_or_default();
+            streams::add(&mut redis, &key, &fields).await?;
+            ledger::remove(&self.pool, &[id]).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn record<'c, E: sqlx::PgExecutor<'c>>(
+    executor: E,
+    request: &Request,
+    correlation_id: &str,
+    fields: &[(String, String)],
+    published: bool,
+) -> Result<()> {
+    let (post_id, media_id, user_id) = request.subject();
+    sqlx::query(
+        "INSERT INTO ml_requests (correlation_id, stream, post_id, media_id, user_id, fields, expected_results, attempts, last_published_at)
+         VALUES ($1, $2, $3, $4, $5, CAST($6 AS jsonb), $7, $8, CASE WHEN $9 THEN now() END)",
+    )
+    .bind(correlation_id)
+    .bind(request.stream())
+    .bind(post_id)
+    .bind(media_id)
+    .bind(user_id)
+    .bind(serde_json::to_string(fields).unwrap_or_else(|_| "[]".into()))
+    .bind(request.expected_results())
+    .bind(i32::from(published))
+    .bind(published)
+    .execute(executor)
+    .await
+    .map_err(|e| match &e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+            anyhow::anyhow!("a request with correlation id {correlation_id:?} already exists")
+        }
+        _ => anyhow::Error::from(e),
+    })?;
+    Ok(())
+}
+
+async fn mark_published(pool: &PgPool, correlation_id: &str) -> Result<()> {
+    sqlx::query("UPDATE ml_requests SET attempts = attempts + 1, last_published_at = now() WHERE correlation_id = $1")
+        .bind(correlation_id)
+        .execute(pool)
+        .await
+        .context("cannot record the publication of a request")?;
+    Ok(())
+}
+
+/// A fresh correlation id (a random UUID, version 4).
+pub fn new_correlation_id() -> String {
+    let mut bytes = [0u8; 16];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_err() {
+        // Fall back to time and process id: unique enough for tracing.
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        bytes[..16].copy_from_slice(&(nanos ^ (u128::from(std::process::id()) << 96)).to_le_bytes());
+    }
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
+/// What one [`sweep`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    pub republished: usize,
+    pub timed_out: usize,
+}
+
+/// Republishes requests that have waited longer than `ML_TIMEOUT_SECONDS` for their results
+/// (or were never published), and marks those published `ML_RETRY_ATTEMPTS` times as timed out.
+/// Safe to run on several hosts at once (rows are locked with SKIP LOCKED).
+pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) -> Result<Sweep> {
+    let mut tx = pool.begin().await?;
+    let due: Vec<(String, String, String, i32)> = sqlx::query_as(
+        "SELECT correlation_id, stream, fields::text, attempts FROM ml_requests
+          WHERE status = 'PENDING'
+            AND coalesce(last_published_at, created_at) < now() - make_interval(secs => $1)
+          ORDER BY coalesce(last_published_at, created_at)
+          LIMIT 200 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(config.timeout_seconds as f64)
+    .fetch_all(&mut *tx)
+    .await
+    .context("cannot read pending requests")?;
+    let mut sweep = Sweep::default();
+    let mut redis = redis.clone();
+    for (correlation_id, stream, fields, attempts) in due {
+        if attempts >= config.retry_attempts as i32 {
+            sqlx::query("UPDATE ml_requests SET status = 'TIMED_OUT', error = $2 WHERE correlation_id = $1")
+                .bind(&correlation_id)
+                .bind(format!("no complete result within {} s after {attempts} publication(s)", config.timeout_seconds))
+                .execute(&mut *tx)
+                .await?;
+            warn!(stream, correlation_id, attempts, "request timed out");
+            sweep.timed_out += 1;
+            continue;
+        }
+        let fields: Vec<(String, String)> = serde_json::from_str(&fields).unwrap_or_default();
+        streams::add(&mut redis, &config.stream_key(&stream), &fields).await?;
+        sqlx::query("UPDATE ml_requests SET attempts = attempts + 1, last_published_at = now() WHERE correlation_id = $1")
+            .bind(&correlation_id)
+            .execute(&mut *tx)
+            .await?;
+        info!(stream, correlation_id, attempt = attempts + 1, "republished a request without a result");
+        sweep.republished += 1;
+    }
+    tx.commit().await?;
+    Ok(sweep)
+}
