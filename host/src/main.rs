@@ -344,12 +344,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             };
             let pool = kaleidoscope::persist::connect(&config.database_url, 2).await?;
             kaleidoscope::persist::migrate(&pool).await?;
-            let redis = redis::aio::ConnectionManager::new(
-                redis::Client::open(config.redis_url.as_str()).context("invalid Redis URL")?,
-            )
-            .await
-            .with_context(|| format!("cannot connect to Redis at {}", kaleidoscope::persist::redact(&config.redis_url)))?;
-            let publisher = publish::Publisher::new(config.clone(), redis, pool);
+            let publisher = publish::Publisher::new(config.clone(), pool)?;
             match publisher.publish(&request, correlation_id).await? {
                 Some(published) => println!(
                     "published to {} as {} correlationId={}",

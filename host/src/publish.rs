@@ -149,14 +149,40 @@ pub struct Published {
 #[derive(Clone)]
 pub struct Publisher {
     config: std::sync::Arc<Config>,
-    redis: ConnectionManager,
+    client: redis::Client,
+    /// Connected on first use, so an unreachable Redis is one of the publishing attempts (and
+    /// its error names the stream) rather than a failure to construct the publisher.
+    redis: std::sync::Arc<tokio::sync::OnceCell<ConnectionManager>>,
     pool: PgPool,
 }
 
 impl Publisher {
-    /// A publisher using the given connections.
-    pub fn new(config: std::sync::Arc<Config>, redis: ConnectionManager, pool: PgPool) -> Self {
-        Self { config, redis, pool }
+    /// A publisher for the Redis of `config` and the database behind `pool`.
+    pub fn new(config: std::sync::Arc<Config>, pool: PgPool) -> Result<Self> {
+        let client = redis::Client::open(config.redis_url.as_str())
+            .with_context(|| format!("invalid Redis URL {}", crate::persist::redact(&config.redis_url)))?;
+        Ok(Self {
+            config,
+            client,
+            redis: Default::default(),
+            pool,
+        })
+    }
+
+    async fn redis(&self) -> Result<ConnectionManager> {
+        let manager = self
+            .redis
+            .get_or_try_init(|| async {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(5)))
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(self.client.clone(), config)
+                    .await
+                    .with_context(|| format!("cannot connect to Redis at {}", crate::persist::redact(&self.config.redis_url)))
+            })
+            .await?;
+        Ok(manager.clone())
     }
 
     fn critical(&self, stream: &str) -> bool {
@@ -182,8 +208,11 @@ impl Publisher {
         let mut delay = FIRST_RETRY_DELAY;
         let attempts = self.config.retry_attempts;
         for attempt in 1..=attempts {
-            let mut redis = self.redis.clone();
-            match streams::add(&mut redis, &key, &fields).await {
+            let added = match self.redis().await {
+                Ok(mut redis) => streams::add(&mut redis, &key, &fields).await,
+                Err(error) => Err(error),
+            };
+            match added {
                 Ok(entry_id) => {
                     mark_published(&self.pool, &correlation_id).await?;
                     info!(stream, %entry_id, correlation_id, "published request");
@@ -249,7 +278,7 @@ impl Publisher {
             .fetch_all(&self.pool)
             .await
             .context("cannot read enqueued requests (was the transaction committed?)")?;
-        let mut redis = self.redis.clone();
+        let mut redis = self.redis().await?;
         for (id, key, fields) in rows {
             let fields: Vec<(String, String)> = serde_json::from_str(&fields).unwrap_or_default();
             streams::add(&mut redis, &key, &fields).await?;

@@ -18,6 +18,7 @@ mod hot_reload;
 mod insights;
 mod ml_errors;
 mod protocol;
+mod requests;
 mod sandbox;
 mod toolkit;
 mod user_face_embeddings;

@@ -23,19 +23,25 @@ impl Handler for UserFaceEmbeddings {
         let embedding = fields
             .f64_list("faceEmbedding")?
             .ok_or_else(|| sdk::malformed("missing field `faceEmbedding`"))?;
+        let mut commands = Vec::new();
         if embedding.is_empty() {
             sdk::log::info(format!(
                 "no face found in the profile picture of user {user_id}"
             ));
-            return Ok(Vec::new());
+        } else {
+            commands.push(
+                sdk::upsert("user_face_embeddings")
+                    .key("user_id", user_id)
+                    .set("embedding", embedding)
+                    .set_some("correlation_id", fields.get("correlationId"))
+                    .into(),
+            );
         }
-        Ok(vec![
-            sdk::upsert("user_face_embeddings")
-                .key("user_id", user_id)
-                .set("embedding", embedding)
-                .set_some("correlation_id", fields.get("correlationId"))
-                .into(),
-        ])
+        // The result answers the request it belongs to, also when no face was found.
+        if let Some(correlation_id) = fields.get("correlationId") {
+            commands.push(sdk::request_result(correlation_id, "profile_face_embedding"));
+        }
+        Ok(commands)
     }
 }
 
