@@ -147,6 +147,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "Whether `run` watches the plugins directory and swaps changed plugins in without a restart.",
     },
     Setting {
+        key: "http_addr",
+        env: "KALEIDOSCOPE_HTTP_ADDR",
+        default: "",
+        help: "Address for /metrics, /healthz and /readyz (e.g. 127.0.0.1:9464); no HTTP endpoint when empty.",
+    },
+    Setting {
         key: "critical_streams",
         env: "KALEIDOSCOPE_CRITICAL_STREAMS",
         default: "post-image-processing,profile-picture-processing",
@@ -211,6 +217,7 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub consumer_expiry: Duration,
     pub critical_streams: Vec<String>,
+    pub http_addr: Option<String>,
     pub cache_dir: PathBuf,
     /// Grants and limits per plugin name; a plugin without an entry may write nothing.
     pub plugins: BTreeMap<String, PluginPolicy>,
@@ -541,8 +548,13 @@ impl RawSettings {
             migrate: self.boolean("migrate", true)?,
             watch_plugins: self.boolean("watch_plugins", true)?,
             shutdown_timeout: Duration::from_millis(self.positive("shutdown_timeout_ms", 10_000)?),
+            http_addr: Some(self.string("http_addr", "").trim().to_string())
+                .filter(|a| !a.is_empty()),
             critical_streams: self
-                .string("critical_streams", "post-image-processing,profile-picture-processing")
+                .string(
+                    "critical_streams",
+                    "post-image-processing,profile-picture-processing",
+                )
                 .split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())

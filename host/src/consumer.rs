@@ -130,6 +130,13 @@ pub async fn consume(
                 if let Some(dependency) = health::blame(&error) {
                     delivery.health.failed(dependency, &format!("{error:#}"));
                 }
+                if unfinished.is_some() {
+                    delivery.metrics.add(
+                        "kaleidoscope_batch_failures_total",
+                        crate::metrics::labels(&[("stream", &stream)]),
+                        1,
+                    );
+                }
                 error!(stream, retry_in = ?backoff, "{error:#}");
                 connection = None;
                 tokio::select! {

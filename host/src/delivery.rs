@@ -16,6 +16,7 @@
 
 use crate::config::Config;
 use crate::deadletter::{DeadLetter, FailureKind};
+use crate::metrics::{Metrics, labels};
 use crate::persist::execute::{self, ExecError};
 use crate::persist::ledger::{self, OutboxMessage, Outcome};
 use crate::persist::schema::Catalog;
@@ -27,7 +28,7 @@ use redis::aio::ConnectionManager;
 use sqlx::{PgConnection, PgPool};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 /// How often the catalogue may be re-read when a command names an unknown table or column
 /// (a migration may have added it since start-up).
@@ -38,6 +39,8 @@ pub struct Delivery {
     pub config: Arc<Config>,
     /// Outages of PostgreSQL and Redis, for readiness.
     pub health: crate::health::Health,
+    /// Counters and latency histograms for `/metrics`.
+    pub metrics: Metrics,
     pub pool: PgPool,
     pub redis: ConnectionManager,
     pub registry: Arc<PluginRegistry>,
@@ -87,6 +90,7 @@ impl Delivery {
         Self {
             config,
             health: crate::health::Health::default(),
+            metrics: Metrics::default(),
             pool,
             redis,
             registry,
@@ -126,16 +130,37 @@ impl Delivery {
         stream: &str,
         entries: Vec<StreamEntry>,
     ) -> Result<BatchReport> {
-        let key = self.config.stream_key(stream);
-        let mut report = BatchReport::default();
+        let started = Instant::now();
         let Some(plugin) = self.registry.snapshot().for_stream(stream) else {
             warn!(
                 stream,
                 count = entries.len(),
                 "no plugin handles this stream any more; entries stay pending"
             );
-            return Ok(report);
+            return Ok(BatchReport::default());
         };
+        let span = tracing::info_span!("batch", stream, plugin = %plugin.name, version = %plugin.version, size = entries.len());
+        let report = self
+            .run_protocol(stream, &plugin, entries)
+            .instrument(span)
+            .await?;
+        self.metrics.observe(
+            "kaleidoscope_batch_duration_seconds",
+            labels(&[("stream", stream)]),
+            started.elapsed(),
+        );
+        Ok(report)
+    }
+
+    /// [`Delivery::process_batch`] once the plugin is known.
+    async fn run_protocol(
+        &self,
+        stream: &str,
+        plugin: &Arc<Plugin>,
+        entries: Vec<StreamEntry>,
+    ) -> Result<BatchReport> {
+        let key = self.config.stream_key(stream);
+        let mut report = BatchReport::default();
 
         let mut acks = Vec::new();
         let mut items = Vec::new();
@@ -160,12 +185,13 @@ impl Delivery {
             }
         }
 
-        self.run_handlers(stream, &plugin, &mut items).await?;
-        let messages = self.commit(stream, &plugin, &mut items).await?;
+        self.run_handlers(stream, plugin, &mut items).await?;
+        let messages = self.commit(stream, plugin, &mut items).await?;
 
         for item in &items {
             let entry = &item.entry;
             let correlation_id = item.correlation_id.as_str();
+            let _entry = tracing::info_span!("entry", entry = %entry.id, correlation_id).entered();
             match &item.decision {
                 Some(Decision::Persist(_)) => {
                     report.processed += 1;
@@ -204,7 +230,51 @@ impl Delivery {
             // Harmless: the relay publishes them again later (at-least-once).
             warn!("{error:#}");
         }
+        self.count(stream, plugin, &items, report.sentinels);
         Ok(report)
+    }
+
+    /// Updates the counters once a batch is acknowledged.
+    fn count(&self, stream: &str, plugin: &Plugin, items: &[Item], sentinels: usize) {
+        let m = &self.metrics;
+        m.add(
+            "kaleidoscope_sentinels_total",
+            labels(&[("stream", stream)]),
+            sentinels as u64,
+        );
+        for item in items {
+            match &item.decision {
+                Some(Decision::Persist(_)) => m.add(
+                    "kaleidoscope_entries_processed_total",
+                    labels(&[("stream", stream), ("plugin", &plugin.name)]),
+                    1,
+                ),
+                Some(Decision::Redelivered) => m.add(
+                    "kaleidoscope_entries_redelivered_total",
+                    labels(&[("stream", stream)]),
+                    1,
+                ),
+                Some(Decision::DeadLetter(kind, _)) => m.add(
+                    "kaleidoscope_entries_dead_lettered_total",
+                    labels(&[
+                        ("stream", stream),
+                        ("plugin", &plugin.name),
+                        ("kind", kind.as_str()),
+                    ]),
+                    1,
+                ),
+                Some(Decision::Retry(kind, _)) => m.add(
+                    "kaleidoscope_entries_retried_total",
+                    labels(&[
+                        ("stream", stream),
+                        ("plugin", &plugin.name),
+                        ("kind", kind.as_str()),
+                    ]),
+                    1,
+                ),
+                None => {}
+            }
+        }
     }
 
     /// Decodes an entry and decides what needs no handler: non-UTF-8 values and entries delivered
@@ -279,10 +349,17 @@ impl Delivery {
             return Ok(());
         }
         let handler = plugin.clone();
+        let batch_span = tracing::Span::current();
         let outcomes = tokio::task::spawn_blocking(move || {
             inputs
                 .into_iter()
-                .map(|(index, entry)| (index, handler.handle(&entry)))
+                .map(|(index, entry)| {
+                    let correlation_id = entry.fields.iter().find(|(k, _)| k == "correlationId").map(|(_, v)| v.as_str()).unwrap_or("");
+                    let _entry = tracing::info_span!(parent: &batch_span, "entry", entry = %entry.id, correlation_id).entered();
+                    let started = Instant::now();
+                    let outcome = handler.handle(&entry);
+                    (index, outcome, started.elapsed())
+                })
                 .collect::<Vec<_>>()
         })
         .await
@@ -290,7 +367,12 @@ impl Delivery {
 
         let mut catalog = self.catalog();
         let policy = self.config.policy(&plugin.name);
-        for (index, outcome) in outcomes {
+        for (index, outcome, elapsed) in outcomes {
+            self.metrics.observe(
+                "kaleidoscope_handler_duration_seconds",
+                labels(&[("plugin", &plugin.name)]),
+                elapsed,
+            );
             let deliveries = items[index].entry.deliveries;
             let decision = match outcome {
                 HandlerOutcome::Commands(commands) => {

@@ -6,8 +6,8 @@ use crate::consumer;
 use crate::delivery::Delivery;
 use crate::health::{self, Dependency};
 use crate::persist::{self, ledger, schema::Catalog};
-use crate::publish;
 use crate::plugin::{PluginRegistry, PluginRuntime, PluginSet, SandboxLimits, watch};
+use crate::publish;
 use crate::status;
 use crate::streams;
 use anyhow::{Context, Result};
@@ -50,6 +50,7 @@ struct Supervisor {
 /// A started host. Dropping it does not stop it; call [`RunningHost::shutdown`].
 pub struct RunningHost {
     supervisor: Arc<Supervisor>,
+    http_addr: Option<std::net::SocketAddr>,
     stop: signal::Sender<bool>,
     background: Vec<JoinHandle<()>>,
     _watcher: Option<notify::RecommendedWatcher>,
@@ -143,6 +144,17 @@ impl RunningHost {
             tokio::spawn(probe(supervisor.clone(), stop.subscribe())),
             tokio::spawn(track_requests(delivery.clone(), stop.subscribe())),
         ];
+        let mut http_addr = None;
+        if let Some(addr) = &config.http_addr {
+            let listener = crate::http::bind(addr).await?;
+            http_addr = Some(listener.local_addr()?);
+            info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+            background.push(tokio::spawn(crate::http::serve(
+                listener,
+                delivery.clone(),
+                stop.subscribe(),
+            )));
+        }
         let mut watcher = None;
         if config.watch_plugins {
             let (plugin_watcher, changes) = watch::watch(&config.plugins_dir)?;
@@ -155,6 +167,7 @@ impl RunningHost {
         }
         Ok(RunningHost {
             supervisor,
+            http_addr,
             stop,
             background,
             _watcher: watcher,
@@ -170,6 +183,11 @@ impl RunningHost {
             .keys()
             .cloned()
             .collect()
+    }
+
+    /// Where the HTTP endpoint listens, when enabled.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http_addr
     }
 
     /// The shared protocol state (configuration, pool, registry).
@@ -211,6 +229,7 @@ impl Supervisor {
         let current = self.delivery.registry.snapshot();
         let runtime = self.runtime.clone();
         let config = self.delivery.config.clone();
+        let previous = current.clone();
         let next = tokio::task::spawn_blocking(move || {
             PluginSet::rescan(&runtime, &config.plugins_dir, &current, &|name| {
                 limits_for(&config, name)
@@ -218,6 +237,21 @@ impl Supervisor {
         })
         .await
         .context("the plugin loading thread failed")??;
+        let new_failures = next
+            .failures()
+            .iter()
+            .filter(|f| {
+                !previous
+                    .failures()
+                    .iter()
+                    .any(|old| old.file == f.file && old.sha256 == f.sha256)
+            })
+            .count();
+        self.delivery.metrics.add(
+            "kaleidoscope_plugin_load_failures_total",
+            Vec::new(),
+            new_failures as u64,
+        );
         self.delivery.registry.replace(next);
         self.reconcile_consumers().await?;
         self.publish_status().await;
@@ -430,7 +464,8 @@ async fn probe(supervisor: Arc<Supervisor>, mut stop: signal::Receiver<bool>) {
 /// Republishes requests without results and times them out (see [`publish::sweep`]).
 async fn track_requests(delivery: Arc<Delivery>, mut stop: signal::Receiver<bool>) {
     let config = &delivery.config;
-    let every = (Duration::from_secs(config.timeout_seconds) / 4).clamp(Duration::from_millis(250), Duration::from_secs(10));
+    let every = (Duration::from_secs(config.timeout_seconds) / 4)
+        .clamp(Duration::from_millis(250), Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

@@ -14,7 +14,8 @@
 //! - [`publish`]: the other direction — publishing requests to the ML services and tracking
 //!   them until their results arrive; [`simulate`]: a reference ML service for demos and tests;
 //! - [`config`]: settings from file and environment;
-//! - [`health`]: readiness (PostgreSQL and Redis reachable);
+//! - [`health`]: readiness (PostgreSQL and Redis reachable); [`metrics`] and [`http`]:
+//!   `/metrics`, `/healthz`, `/readyz`;
 //! - [`dlq`]: listing and replaying dead letters;
 //! - [`status`]: what `kaleidoscope status` reports, and the heartbeat hosts publish for it;
 //! - [`toolkit`]: `kaleidoscope plugin check` and `plugin exec` for plugin authors.
@@ -26,6 +27,8 @@ pub mod delivery;
 pub mod dlq;
 pub mod health;
 pub mod host;
+pub mod http;
+pub mod metrics;
 pub mod persist;
 pub mod plugin;
 pub mod publish;

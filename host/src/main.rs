@@ -4,10 +4,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kaleidoscope::config::{self, Config};
 use kaleidoscope::{dlq, publish, simulate, status, toolkit};
-use std::sync::Arc;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Kaleidoscope Host: persists the ML result streams of the Kaleidoscope backend from Redis
@@ -19,8 +19,19 @@ struct Cli {
     #[arg(long, global = true, env = "KALEIDOSCOPE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 
+    /// Log format on stderr: `text` for people, `json` (one object per line, with the span
+    /// fields stream, entry, plugin, version and correlation_id) for log pipelines.
+    #[arg(long, global = true, env = "KALEIDOSCOPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -179,14 +190,20 @@ enum PluginCommand {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -253,8 +270,22 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
         } => {
             let config = load_config(cli.config.as_deref(), &BTreeMap::new())?;
             let mut conn = redis_connection(&config).await?;
-            let report =
-                status::collect(&mut conn, &config, Duration::from_secs(max_pending_age)).await?;
+            // Requests by status come from the database; status still works without it.
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(3))
+                .connect(&config.database_url)
+                .await;
+            if let Err(error) = &pool {
+                tracing::warn!("cannot reach PostgreSQL for request counts: {error}");
+            }
+            let report = status::collect(
+                &mut conn,
+                &config,
+                pool.as_ref().ok(),
+                Duration::from_secs(max_pending_age),
+            )
+            .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -331,16 +362,31 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             let config = Arc::new(load_config(cli.config.as_deref(), &BTreeMap::new())?);
             let (request, correlation_id) = match command {
                 PublishCommand::PostImage(args) => (
-                    publish::Request::PostImage { post_id: args.post_id, media_id: args.media_id, media_url: args.media_url, uploader_id: args.uploader_id },
+                    publish::Request::PostImage {
+                        post_id: args.post_id,
+                        media_id: args.media_id,
+                        media_url: args.media_url,
+                        uploader_id: args.uploader_id,
+                    },
                     args.correlation_id,
                 ),
                 PublishCommand::PostUpdate(args) => (
-                    publish::Request::PostUpdate { post_id: args.post_id, media_id: args.media_id, media_url: args.media_url, uploader_id: args.uploader_id },
+                    publish::Request::PostUpdate {
+                        post_id: args.post_id,
+                        media_id: args.media_id,
+                        media_url: args.media_url,
+                        uploader_id: args.uploader_id,
+                    },
                     args.correlation_id,
                 ),
-                PublishCommand::ProfilePicture { user_id, image_url, correlation_id } => {
-                    (publish::Request::ProfilePicture { user_id, image_url }, correlation_id)
-                }
+                PublishCommand::ProfilePicture {
+                    user_id,
+                    image_url,
+                    correlation_id,
+                } => (
+                    publish::Request::ProfilePicture { user_id, image_url },
+                    correlation_id,
+                ),
             };
             let pool = kaleidoscope::persist::connect(&config.database_url, 2).await?;
             kaleidoscope::persist::migrate(&pool).await?;
@@ -356,12 +402,19 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::SimulateMl { error_rate, embedding_dims } => {
+        Command::SimulateMl {
+            error_rate,
+            embedding_dims,
+        } => {
             if !(0.0..=1.0).contains(&error_rate) {
                 anyhow::bail!("--error-rate must be between 0 and 1, got {error_rate}");
             }
             let config = load_config(cli.config.as_deref(), &BTreeMap::new())?;
-            let options = simulate::SimulatorOptions { error_rate, embedding_dims, ..Default::default() };
+            let options = simulate::SimulatorOptions {
+                error_rate,
+                embedding_dims,
+                ..Default::default()
+            };
             let (first, _second) = signals()?;
             let (stop, stopped) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {

@@ -159,8 +159,12 @@ pub struct Publisher {
 impl Publisher {
     /// A publisher for the Redis of `config` and the database behind `pool`.
     pub fn new(config: std::sync::Arc<Config>, pool: PgPool) -> Result<Self> {
-        let client = redis::Client::open(config.redis_url.as_str())
-            .with_context(|| format!("invalid Redis URL {}", crate::persist::redact(&config.redis_url)))?;
+        let client = redis::Client::open(config.redis_url.as_str()).with_context(|| {
+            format!(
+                "invalid Redis URL {}",
+                crate::persist::redact(&config.redis_url)
+            )
+        })?;
         Ok(Self {
             config,
             client,
@@ -179,7 +183,12 @@ impl Publisher {
                     .set_number_of_retries(1);
                 ConnectionManager::new_with_config(self.client.clone(), config)
                     .await
-                    .with_context(|| format!("cannot connect to Redis at {}", crate::persist::redact(&self.config.redis_url)))
+                    .with_context(|| {
+                        format!(
+                            "cannot connect to Redis at {}",
+                            crate::persist::redact(&self.config.redis_url)
+                        )
+                    })
             })
             .await?;
         Ok(manager.clone())
@@ -192,13 +201,22 @@ impl Publisher {
     /// Publishes `request` now (with retries) and records it. Returns `None` when publishing is
     /// disabled (`ML_PROCESSING_ENABLED=false`) or when a non-critical stream could not be
     /// reached (the request is still recorded, and the tracker republishes it).
-    pub async fn publish(&self, request: &Request, correlation_id: Option<String>) -> Result<Option<Published>> {
+    pub async fn publish(
+        &self,
+        request: &Request,
+        correlation_id: Option<String>,
+    ) -> Result<Option<Published>> {
         let stream = request.stream();
         if !self.config.processing_enabled {
-            info!(stream, "ML processing is disabled (ML_PROCESSING_ENABLED=false); not publishing the request");
+            info!(
+                stream,
+                "ML processing is disabled (ML_PROCESSING_ENABLED=false); not publishing the request"
+            );
             return Ok(None);
         }
-        let correlation_id = correlation_id.filter(|c| !c.is_empty()).unwrap_or_else(new_correlation_id);
+        let correlation_id = correlation_id
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(new_correlation_id);
         let fields = request.fields(&correlation_id);
         record(&self.pool, request, &correlation_id, &fields, false)
             .await
@@ -234,7 +252,11 @@ impl Publisher {
                     });
                 }
                 Err(error) => {
-                    warn!(stream, correlation_id, "giving up publishing after {attempts} attempts (not a critical stream; the request tracker republishes it): {error:#}");
+                    warn!(
+                        stream,
+                        correlation_id,
+                        "giving up publishing after {attempts} attempts (not a critical stream; the request tracker republishes it): {error:#}"
+                    );
                     return Ok(None);
                 }
             }
@@ -245,13 +267,23 @@ impl Publisher {
     /// Records `request` and its message inside the caller's transaction; nothing is published
     /// until the caller commits and calls [`Publisher::flush`] (or, if the caller dies first, the
     /// host's outbox relay publishes it). Returns `None` when publishing is disabled.
-    pub async fn enqueue(&self, tx: &mut PgConnection, request: &Request, correlation_id: Option<String>) -> Result<Option<Published>> {
+    pub async fn enqueue(
+        &self,
+        tx: &mut PgConnection,
+        request: &Request,
+        correlation_id: Option<String>,
+    ) -> Result<Option<Published>> {
         let stream = request.stream();
         if !self.config.processing_enabled {
-            info!(stream, "ML processing is disabled (ML_PROCESSING_ENABLED=false); not enqueuing the request");
+            info!(
+                stream,
+                "ML processing is disabled (ML_PROCESSING_ENABLED=false); not enqueuing the request"
+            );
             return Ok(None);
         }
-        let correlation_id = correlation_id.filter(|c| !c.is_empty()).unwrap_or_else(new_correlation_id);
+        let correlation_id = correlation_id
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(new_correlation_id);
         let fields = request.fields(&correlation_id);
         record(&mut *tx, request, &correlation_id, &fields, true)
             .await
@@ -273,11 +305,12 @@ impl Publisher {
         if ids.is_empty() {
             return Ok(());
         }
-        let rows: Vec<(i64, String, String)> = sqlx::query_as("SELECT id, stream, fields::text FROM outbox WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&self.pool)
-            .await
-            .context("cannot read enqueued requests (was the transaction committed?)")?;
+        let rows: Vec<(i64, String, String)> =
+            sqlx::query_as("SELECT id, stream, fields::text FROM outbox WHERE id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&self.pool)
+                .await
+                .context("cannot read enqueued requests (was the transaction committed?)")?;
         let mut redis = self.redis().await?;
         for (id, key, fields) in rows {
             let fields: Vec<(String, String)> = serde_json::from_str(&fields).unwrap_or_default();
@@ -332,15 +365,29 @@ async fn mark_published(pool: &PgPool, correlation_id: &str) -> Result<()> {
 /// A fresh correlation id (a random UUID, version 4).
 pub fn new_correlation_id() -> String {
     let mut bytes = [0u8; 16];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_err() {
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_err()
+    {
         // Fall back to time and process id: unique enough for tracing.
-        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        bytes[..16].copy_from_slice(&(nanos ^ (u128::from(std::process::id()) << 96)).to_le_bytes());
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes[..16]
+            .copy_from_slice(&(nanos ^ (u128::from(std::process::id()) << 96)).to_le_bytes());
     }
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
 
 /// What one [`sweep`] did.
@@ -370,11 +417,16 @@ pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) ->
     let mut redis = redis.clone();
     for (correlation_id, stream, fields, attempts) in due {
         if attempts >= config.retry_attempts as i32 {
-            sqlx::query("UPDATE ml_requests SET status = 'TIMED_OUT', error = $2 WHERE correlation_id = $1")
-                .bind(&correlation_id)
-                .bind(format!("no complete result within {} s after {attempts} publication(s)", config.timeout_seconds))
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE ml_requests SET status = 'TIMED_OUT', error = $2 WHERE correlation_id = $1",
+            )
+            .bind(&correlation_id)
+            .bind(format!(
+                "no complete result within {} s after {attempts} publication(s)",
+                config.timeout_seconds
+            ))
+            .execute(&mut *tx)
+            .await?;
             warn!(stream, correlation_id, attempts, "request timed out");
             sweep.timed_out += 1;
             continue;
@@ -385,7 +437,12 @@ pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) ->
             .bind(&correlation_id)
             .execute(&mut *tx)
             .await?;
-        info!(stream, correlation_id, attempt = attempts + 1, "republished a request without a result");
+        info!(
+            stream,
+            correlation_id,
+            attempt = attempts + 1,
+            "republished a request without a result"
+        );
         sweep.republished += 1;
     }
     tx.commit().await?;

@@ -50,24 +50,40 @@ pub struct SimulatorStats {
 }
 
 /// Runs until `stop` turns true.
-pub async fn run(config: &Config, options: &SimulatorOptions, mut stop: watch::Receiver<bool>) -> Result<SimulatorStats> {
+pub async fn run(
+    config: &Config,
+    options: &SimulatorOptions,
+    mut stop: watch::Receiver<bool>,
+) -> Result<SimulatorStats> {
     let client = redis::Client::open(config.redis_url.as_str()).context("invalid Redis URL")?;
-    let connection_config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(15)));
+    let connection_config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(15)));
     let mut conn = client
         .get_multiplexed_async_connection_with_config(&connection_config)
         .await
         .context("the simulator cannot connect to Redis")?;
-    let keys: Vec<String> = [POST_IMAGE_STREAM, PROFILE_PICTURE_STREAM, POST_UPDATE_STREAM]
-        .iter()
-        .map(|s| config.stream_key(s))
-        .collect();
+    let keys: Vec<String> = [
+        POST_IMAGE_STREAM,
+        PROFILE_PICTURE_STREAM,
+        POST_UPDATE_STREAM,
+    ]
+    .iter()
+    .map(|s| config.stream_key(s))
+    .collect();
     for key in &keys {
         streams::ensure_group(&mut conn, key, &options.group).await?;
     }
     info!(group = %options.group, error_rate = options.error_rate, "ML simulator consuming requests");
     let mut stats = SimulatorStats::default();
     while !*stop.borrow() {
-        let read = streams::read_new_from(&mut conn, &keys, &options.group, &options.consumer, 50, Duration::from_millis(500));
+        let read = streams::read_new_from(
+            &mut conn,
+            &keys,
+            &options.group,
+            &options.consumer,
+            50,
+            Duration::from_millis(500),
+        );
         let entries = tokio::select! {
             entries = read => entries,
             _ = stop.changed() => break,
@@ -82,7 +98,13 @@ pub async fn run(config: &Config, options: &SimulatorOptions, mut stop: watch::R
         };
         for (key, entry) in entries {
             answer(&mut conn, config, options, &key, &entry, &mut stats).await?;
-            streams::ack(&mut conn, &key, &options.group, std::slice::from_ref(&entry.id)).await?;
+            streams::ack(
+                &mut conn,
+                &key,
+                &options.group,
+                std::slice::from_ref(&entry.id),
+            )
+            .await?;
         }
     }
     Ok(stats)
@@ -105,7 +127,9 @@ async fn answer(
     let get = |name: &str| fields.get(name).cloned().unwrap_or_default();
     let correlation_id = get("correlationId");
     let profile = key == config.stream_key(PROFILE_PICTURE_STREAM);
-    let subject: i64 = get(if profile { "userId" } else { "mediaId" }).parse().unwrap_or(0);
+    let subject: i64 = get(if profile { "userId" } else { "mediaId" })
+        .parse()
+        .unwrap_or(0);
     let mut rng = Rng::new(subject as u64 ^ if profile { 0xA11CE } else { 0 });
     stats.requests += 1;
 
@@ -115,12 +139,22 @@ async fn answer(
             "ml-error-results",
             vec![
                 ("correlationId".into(), correlation_id.clone()),
-                ("error".into(), format!("simulated failure processing {} {subject}", if profile { "user" } else { "media" })),
+                (
+                    "error".into(),
+                    format!(
+                        "simulated failure processing {} {subject}",
+                        if profile { "user" } else { "media" }
+                    ),
+                ),
                 ("status".into(), "FAILED".into()),
             ],
         )]
     } else if profile {
-        let embedding = if rng.chance(0.2) { "[]".to_string() } else { floats(&mut rng, options.embedding_dims) };
+        let embedding = if rng.chance(0.2) {
+            "[]".to_string()
+        } else {
+            floats(&mut rng, options.embedding_dims)
+        };
         vec![(
             "user-profile-face-embedding-results",
             vec![
@@ -130,27 +164,65 @@ async fn answer(
             ],
         )]
     } else {
-        image_results(&mut rng, options, &get("postId"), subject, &get("uploaderId"), &correlation_id)
+        image_results(
+            &mut rng,
+            options,
+            &get("postId"),
+            subject,
+            &get("uploaderId"),
+            &correlation_id,
+        )
     };
     stats.results += messages.len() as u64;
     let mut pipe = redis::pipe();
     for (stream, fields) in &messages {
-        let cmd = pipe.cmd("XADD").arg(config.stream_key(stream)).arg("MAXLEN").arg("~").arg(100_000).arg("*");
+        let cmd = pipe
+            .cmd("XADD")
+            .arg(config.stream_key(stream))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(100_000)
+            .arg("*");
         for (k, v) in fields {
             cmd.arg(k).arg(v);
         }
         cmd.ignore();
     }
-    let _: () = pipe.query_async(conn).await.context("the simulator cannot publish results")?;
+    let _: () = pipe
+        .query_async(conn)
+        .await
+        .context("the simulator cannot publish results")?;
     Ok(())
 }
 
-const TAGS: [&str; 12] = ["beach", "sunset", "people", "dog", "city", "mountain", "food", "car", "tree", "snow", "party", "sea"];
+const TAGS: [&str; 12] = [
+    "beach", "sunset", "people", "dog", "city", "mountain", "food", "car", "tree", "snow", "party",
+    "sea",
+];
 const SCENES: [&str; 6] = ["outdoor", "indoor", "urban", "nature", "night", "coast"];
-const SUBJECTS: [&str; 5] = ["A group of people", "A dog", "Two friends", "A plate of food", "A quiet street"];
-const PLACES: [&str; 5] = ["at a beach", "in a park", "at night", "in the snow", "by the sea"];
+const SUBJECTS: [&str; 5] = [
+    "A group of people",
+    "A dog",
+    "Two friends",
+    "A plate of food",
+    "A quiet street",
+];
+const PLACES: [&str; 5] = [
+    "at a beach",
+    "in a park",
+    "at night",
+    "in the snow",
+    "by the sea",
+];
 
-fn image_results(rng: &mut Rng, options: &SimulatorOptions, post_id: &str, media_id: i64, uploader_id: &str, correlation_id: &str) -> Vec<(&'static str, Vec<(String, String)>)> {
+fn image_results(
+    rng: &mut Rng,
+    options: &SimulatorOptions,
+    post_id: &str,
+    media_id: i64,
+    uploader_id: &str,
+    correlation_id: &str,
+) -> Vec<(&'static str, Vec<(String, String)>)> {
     let timestamp = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
     let common = |service: &str| -> Vec<(String, String)> {
         vec![
@@ -166,15 +238,53 @@ fn image_results(rng: &mut Rng, options: &SimulatorOptions, post_id: &str, media
         fields.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
         fields
     };
-    let tags: Vec<&str> = (0..2 + rng.below(3)).map(|_| TAGS[rng.below(TAGS.len())]).collect();
-    let scenes: Vec<&str> = (0..rng.below(3)).map(|_| SCENES[rng.below(SCENES.len())]).collect();
-    let caption = format!("{} {}", SUBJECTS[rng.below(SUBJECTS.len())], PLACES[rng.below(PLACES.len())]);
+    let tags: Vec<&str> = (0..2 + rng.below(3))
+        .map(|_| TAGS[rng.below(TAGS.len())])
+        .collect();
+    let scenes: Vec<&str> = (0..rng.below(3))
+        .map(|_| SCENES[rng.below(SCENES.len())])
+        .collect();
+    let caption = format!(
+        "{} {}",
+        SUBJECTS[rng.below(SUBJECTS.len())],
+        PLACES[rng.below(PLACES.len())]
+    );
     let mut messages = vec![
-        ("ml-insights-results", with(common("moderation"), vec![("isSafe", (!rng.chance(0.1)).to_string()), ("moderationConfidence", format!("{:.4}", 0.5 + rng.unit() / 2.0))])),
-        ("ml-insights-results", with(common("tagging"), vec![("tags", json_strings(&tags))])),
-        ("ml-insights-results", with(common("scene_recognition"), vec![("scenes", json_strings(&scenes))])),
-        ("ml-insights-results", with(common("image_captioning"), vec![("caption", caption)])),
-        ("ml-insights-results", with(common("image_embedding"), vec![("imageEmbedding", floats(rng, options.embedding_dims))])),
+        (
+            "ml-insights-results",
+            with(
+                common("moderation"),
+                vec![
+                    ("isSafe", (!rng.chance(0.1)).to_string()),
+                    (
+                        "moderationConfidence",
+                        format!("{:.4}", 0.5 + rng.unit() / 2.0),
+                    ),
+                ],
+            ),
+        ),
+        (
+            "ml-insights-results",
+            with(common("tagging"), vec![("tags", json_strings(&tags))]),
+        ),
+        (
+            "ml-insights-results",
+            with(
+                common("scene_recognition"),
+                vec![("scenes", json_strings(&scenes))],
+            ),
+        ),
+        (
+            "ml-insights-results",
+            with(common("image_captioning"), vec![("caption", caption)]),
+        ),
+        (
+            "ml-insights-results",
+            with(
+                common("image_embedding"),
+                vec![("imageEmbedding", floats(rng, options.embedding_dims))],
+            ),
+        ),
     ];
 
     let face_count = rng.below(4);
@@ -184,7 +294,11 @@ fn image_results(rng: &mut Rng, options: &SimulatorOptions, post_id: &str, media
         let face_id = uuid(rng);
         let (x, y) = (rng.below(800), rng.below(600));
         let (w, h) = (40 + rng.below(200), 40 + rng.below(200));
-        let embedding = if rng.chance(0.1) { format!("[{}]", vec!["0.0"; options.embedding_dims].join(", ")) } else { floats(rng, options.embedding_dims) };
+        let embedding = if rng.chance(0.1) {
+            format!("[{}]", vec!["0.0"; options.embedding_dims].join(", "))
+        } else {
+            floats(rng, options.embedding_dims)
+        };
         faces.push(format!(
             r#"{{"faceId": "{face_id}", "bbox": [{x}, {y}, {}, {}], "embedding": {embedding}, "confidence": {:.4}}}"#,
             x + w,
@@ -216,7 +330,10 @@ fn image_results(rng: &mut Rng, options: &SimulatorOptions, post_id: &str, media
                         ("faceId".into(), face_id),
                         ("suggestedUserId".into(), uploader_id.to_string()),
                         ("matchedUsername".into(), format!("user{uploader_id}")),
-                        ("confidenceScore".into(), format!("{:.4}", 0.7 + rng.unit() * 0.3)),
+                        (
+                            "confidenceScore".into(),
+                            format!("{:.4}", 0.7 + rng.unit() * 0.3),
+                        ),
                         ("correlationId".into(), correlation_id.to_string()),
                     ],
                 ));
@@ -227,17 +344,33 @@ fn image_results(rng: &mut Rng, options: &SimulatorOptions, post_id: &str, media
 }
 
 fn json_strings(items: &[&str]) -> String {
-    format!("[{}]", items.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", "))
+    format!(
+        "[{}]",
+        items
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 fn floats(rng: &mut Rng, dims: usize) -> String {
-    let values: Vec<String> = (0..dims).map(|_| format!("{:.6}", rng.unit() * 2.0 - 1.0)).collect();
+    let values: Vec<String> = (0..dims)
+        .map(|_| format!("{:.6}", rng.unit() * 2.0 - 1.0))
+        .collect();
     format!("[{}]", values.join(", "))
 }
 
 fn uuid(rng: &mut Rng) -> String {
     let hex = format!("{:016x}{:016x}", rng.next(), rng.next());
-    format!("{}-{}-4{}-a{}-{}", &hex[0..8], &hex[8..12], &hex[13..16], &hex[17..20], &hex[20..32])
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[17..20],
+        &hex[20..32]
+    )
 }
 
 /// splitmix64: deterministic per subject id.

@@ -143,11 +143,23 @@ pub async fn withdraw(delivery: &Delivery) {
         .await;
 }
 
+/// Tracked ML requests by status (`ml_requests`).
+pub async fn requests_by_status(pool: &sqlx::PgPool) -> Result<BTreeMap<String, i64>> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM ml_requests GROUP BY status")
+            .fetch_all(pool)
+            .await
+            .context("cannot count requests by status")?;
+    Ok(rows.into_iter().collect())
+}
+
 /// Everything `kaleidoscope status` reports.
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub healthy: bool,
     pub problems: Vec<String>,
+    /// Tracked ML requests by status; absent when the database could not be asked.
+    pub requests: Option<BTreeMap<String, i64>>,
     pub hosts: Vec<HostStatus>,
     pub streams: Vec<StreamReport>,
     pub dead_letters: DeadLetterReport,
@@ -190,6 +202,7 @@ pub struct DeadLetterReport {
 pub async fn collect<C: ConnectionLike + Send>(
     conn: &mut C,
     config: &Config,
+    pool: Option<&sqlx::PgPool>,
     max_pending_age: Duration,
 ) -> Result<Report> {
     let mut problems = Vec::new();
@@ -245,9 +258,20 @@ pub async fn collect<C: ConnectionLike + Send>(
         streams.push(report);
     }
     let dead_letters = dead_letter_report(conn, config).await?;
+    let requests = match pool {
+        Some(pool) => match requests_by_status(pool).await {
+            Ok(requests) => Some(requests),
+            Err(error) => {
+                problems.push(format!("requests: {error:#}"));
+                None
+            }
+        },
+        None => None,
+    };
     Ok(Report {
         healthy: problems.is_empty(),
         problems,
+        requests,
         hosts,
         streams,
         dead_letters,
@@ -291,7 +315,8 @@ async fn read_hosts<C: ConnectionLike + Send>(
     Ok(hosts)
 }
 
-async fn stream_report<C: ConnectionLike + Send>(
+/// What Redis knows about one stream and the group on it.
+pub async fn stream_report<C: ConnectionLike + Send>(
     conn: &mut C,
     config: &Config,
     stream: &str,
@@ -449,6 +474,42 @@ pub fn render(report: &Report) -> String {
         "\ndead letters ({}): {} {}\n",
         report.dead_letters.stream, report.dead_letters.length, kinds
     ));
+    match &report.requests {
+        Some(requests) => {
+            let counts = requests
+                .iter()
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            out.push_str(&format!(
+                "requests: {}\n",
+                if counts.is_empty() {
+                    "none".to_string()
+                } else {
+                    counts
+                }
+            ));
+        }
+        None => out.push_str("requests: (database unavailable)\n"),
+    }
+    match &report.requests {
+        Some(requests) => {
+            let counts = requests
+                .iter()
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            out.push_str(&format!(
+                "requests: {}\n",
+                if counts.is_empty() {
+                    "none".to_string()
+                } else {
+                    counts
+                }
+            ));
+        }
+        None => out.push_str("requests: (database unavailable)\n"),
+    }
     out.push_str("\nhosts:\n");
     if report.hosts.is_empty() {
         out.push_str("  (none running)\n");

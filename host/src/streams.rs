@@ -107,16 +107,27 @@ pub async fn read_new_from<C: ConnectionLike>(
     let streams = match reply {
         Value::Nil => return Ok(Vec::new()),
         Value::Array(streams) => streams,
-        Value::Map(pairs) => pairs.into_iter().map(|(k, v)| Value::Array(vec![k, v])).collect(),
-        other => return Err(StreamError::Protocol(format!("XREADGROUP returned {other:?}"))),
+        Value::Map(pairs) => pairs
+            .into_iter()
+            .map(|(k, v)| Value::Array(vec![k, v]))
+            .collect(),
+        other => {
+            return Err(StreamError::Protocol(format!(
+                "XREADGROUP returned {other:?}"
+            )));
+        }
     };
     let mut entries = Vec::new();
     for stream in streams {
         let Value::Array(mut pair) = stream else {
-            return Err(StreamError::Protocol("XREADGROUP stream is not [key, entries]".into()));
+            return Err(StreamError::Protocol(
+                "XREADGROUP stream is not [key, entries]".into(),
+            ));
         };
         if pair.len() != 2 {
-            return Err(StreamError::Protocol("XREADGROUP stream is not [key, entries]".into()));
+            return Err(StreamError::Protocol(
+                "XREADGROUP stream is not [key, entries]".into(),
+            ));
         }
         let items = pair.remove(1);
         let key = text(&pair[0]).unwrap_or_default();

@@ -17,6 +17,7 @@ mod hostile;
 mod hot_reload;
 mod insights;
 mod ml_errors;
+mod observability;
 mod protocol;
 mod requests;
 mod sandbox;

@@ -6,7 +6,13 @@ use kaleidoscope::publish::{Publisher, Request};
 use kaleidoscope::simulate::{self, SimulatorOptions};
 use std::sync::Arc;
 
-const ALL_PLUGINS: [&str; 5] = ["insights", "face-detection", "face-recognition", "ml-errors", "user-face-embeddings"];
+const ALL_PLUGINS: [&str; 5] = [
+    "insights",
+    "face-detection",
+    "face-recognition",
+    "ml-errors",
+    "user-face-embeddings",
+];
 
 fn post_image(media_id: i64, uploader: i64) -> Request {
     Request::PostImage {
@@ -18,7 +24,13 @@ fn post_image(media_id: i64, uploader: i64) -> Request {
 }
 
 /// Starts the simulator in the background; send `true` to stop it.
-fn start_simulator(env: &TestEnv, error_rate: f64) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<simulate::SimulatorStats>) {
+fn start_simulator(
+    env: &TestEnv,
+    error_rate: f64,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<simulate::SimulatorStats>,
+) {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let config = env.config.clone();
     let options = SimulatorOptions {
@@ -26,12 +38,19 @@ fn start_simulator(env: &TestEnv, error_rate: f64) -> (tokio::sync::watch::Sende
         embedding_dims: 16,
         ..Default::default()
     };
-    let task = tokio::spawn(async move { simulate::run(&config, &options, stopped).await.expect("the simulator failed") });
+    let task = tokio::spawn(async move {
+        simulate::run(&config, &options, stopped)
+            .await
+            .expect("the simulator failed")
+    });
     (stop, task)
 }
 
 async fn statuses(env: &TestEnv) -> Vec<(String, String)> {
-    sqlx::query_as("SELECT correlation_id, status FROM ml_requests ORDER BY correlation_id").fetch_all(&env.pool).await.unwrap()
+    sqlx::query_as("SELECT correlation_id, status FROM ml_requests ORDER BY correlation_id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,44 +62,105 @@ async fn published_requests_are_answered_by_the_simulator_and_completed() {
 
     // Two through the command line, the rest through the library.
     for media in ["1", "2"] {
-        let output = env.command(&["publish", "post-image", "--post-id", "1", "--media-id", media, "--media-url", "https://cdn.example/x.jpg", "--uploader-id", "1"]);
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let output = env.command(&[
+            "publish",
+            "post-image",
+            "--post-id",
+            "1",
+            "--media-id",
+            media,
+            "--media-url",
+            "https://cdn.example/x.jpg",
+            "--uploader-id",
+            "1",
+        ]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         assert!(String::from_utf8_lossy(&output.stdout).contains("correlationId="));
     }
     let publisher = Publisher::new(Arc::new(env.config.clone()), env.pool.clone()).unwrap();
     for media in [3, 4] {
-        publisher.publish(&post_image(media, 2), None).await.unwrap().expect("published");
+        publisher
+            .publish(&post_image(media, 2), None)
+            .await
+            .unwrap()
+            .expect("published");
     }
     let profile = publisher
-        .publish(&Request::ProfilePicture { user_id: 2, image_url: "https://cdn.example/bob.jpg".into() }, Some("profile-bob".into()))
+        .publish(
+            &Request::ProfilePicture {
+                user_id: 2,
+                image_url: "https://cdn.example/bob.jpg".into(),
+            },
+            Some("profile-bob".into()),
+        )
         .await
         .unwrap()
         .expect("published");
     assert_eq!(profile.correlation_id, "profile-bob");
 
     // The request's wire shape is the real producers'.
-    let requests: Vec<(String, std::collections::HashMap<String, String>)> =
-        redis::cmd("XRANGE").arg(env.key("post-image-processing")).arg("-").arg("+").query_async(&mut env.redis.clone()).await.unwrap();
+    let requests: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(env.key("post-image-processing"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut env.redis.clone())
+        .await
+        .unwrap();
     let fields = &requests[0].1;
-    for name in ["postId", "mediaId", "mediaUrl", "uploaderId", "timestamp", "correlationId"] {
-        assert!(fields.contains_key(name), "post-image request lacks {name}: {fields:?}");
+    for name in [
+        "postId",
+        "mediaId",
+        "mediaUrl",
+        "uploaderId",
+        "timestamp",
+        "correlationId",
+    ] {
+        assert!(
+            fields.contains_key(name),
+            "post-image request lacks {name}: {fields:?}"
+        );
     }
 
     eventually("every request to be completed", || async {
-        let all: Vec<(String, String, Vec<String>)> =
-            sqlx::query_as("SELECT correlation_id, status, results_received FROM ml_requests ORDER BY 1").fetch_all(&env.pool).await.unwrap();
+        let all: Vec<(String, String, Vec<String>)> = sqlx::query_as(
+            "SELECT correlation_id, status, results_received FROM ml_requests ORDER BY 1",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
         (all.len() == 5 && all.iter().all(|(_, s, _)| s == "COMPLETED")).then_some(())
     })
     .await;
-    let services: Vec<Vec<String>> = sqlx::query_scalar("SELECT services_completed FROM media_ai_insights ORDER BY media_id").fetch_all(&env.pool).await.unwrap();
+    let services: Vec<Vec<String>> =
+        sqlx::query_scalar("SELECT services_completed FROM media_ai_insights ORDER BY media_id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
     assert_eq!(services.len(), 4);
     for s in &services {
-        assert_eq!(s.len(), 6, "five insights services and face detection: {s:?}");
+        assert_eq!(
+            s.len(),
+            6,
+            "five insights services and face detection: {s:?}"
+        );
     }
-    for stream in ["ml-insights-results", "face-detection-results", "face-recognition-results", "user-profile-face-embedding-results"] {
+    for stream in [
+        "ml-insights-results",
+        "face-detection-results",
+        "face-recognition-results",
+        "user-profile-face-embedding-results",
+    ] {
         env.await_no_pending(stream).await;
     }
-    assert!(env.dead_letters().await.is_empty(), "{:?}", env.dead_letters().await);
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "{:?}",
+        env.dead_letters().await
+    );
     let _ = stop.send(true);
     let stats = simulator.await.unwrap();
     assert_eq!(stats.requests, 5);
@@ -99,15 +179,38 @@ async fn requests_answered_with_an_error_are_marked_failed() {
     }
     eventually("every request to be answered", || async {
         let all = statuses(&env).await;
-        (all.len() == 12 && all.iter().all(|(_, s)| s == "COMPLETED" || s == "FAILED")).then_some(())
+        (all.len() == 12 && all.iter().all(|(_, s)| s == "COMPLETED" || s == "FAILED"))
+            .then_some(())
     })
     .await;
-    let failed: Vec<String> = sqlx::query_scalar("SELECT correlation_id FROM ml_requests WHERE status = 'FAILED' ORDER BY 1").fetch_all(&env.pool).await.unwrap();
-    let errors: Vec<String> = sqlx::query_scalar("SELECT correlation_id FROM ml_processing_errors ORDER BY 1").fetch_all(&env.pool).await.unwrap();
-    assert!(!failed.is_empty() && failed.len() < 12, "the error rate must fail some and not all: {failed:?}");
-    assert_eq!(failed, errors, "exactly the requests answered with an error are failed");
-    let reasons: Vec<Option<String>> = sqlx::query_scalar("SELECT error FROM ml_requests WHERE status = 'FAILED'").fetch_all(&env.pool).await.unwrap();
-    assert!(reasons.iter().all(|r| r.as_deref().is_some_and(|r| r.contains("simulated failure"))));
+    let failed: Vec<String> = sqlx::query_scalar(
+        "SELECT correlation_id FROM ml_requests WHERE status = 'FAILED' ORDER BY 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let errors: Vec<String> =
+        sqlx::query_scalar("SELECT correlation_id FROM ml_processing_errors ORDER BY 1")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert!(
+        !failed.is_empty() && failed.len() < 12,
+        "the error rate must fail some and not all: {failed:?}"
+    );
+    assert_eq!(
+        failed, errors,
+        "exactly the requests answered with an error are failed"
+    );
+    let reasons: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT error FROM ml_requests WHERE status = 'FAILED'")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert!(reasons.iter().all(|r| {
+        r.as_deref()
+            .is_some_and(|r| r.contains("simulated failure"))
+    }));
     let _ = stop.send(true);
     assert_eq!(simulator.await.unwrap().errors as usize, failed.len());
     env.finish().await;
@@ -115,7 +218,12 @@ async fn requests_answered_with_an_error_are_marked_failed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_answers_requests_are_republished_then_timed_out() {
-    let env = TestEnv::start(Options::new(&ALL_PLUGINS).set("ML_TIMEOUT_SECONDS", 1).set("ML_RETRY_ATTEMPTS", 2)).await;
+    let env = TestEnv::start(
+        Options::new(&ALL_PLUGINS)
+            .set("ML_TIMEOUT_SECONDS", 1)
+            .set("ML_RETRY_ATTEMPTS", 2),
+    )
+    .await;
     env.seed_media(1, &[1, 2]).await;
     let publisher = Publisher::new(Arc::new(env.config.clone()), env.pool.clone()).unwrap();
     for m in [1, 2] {
@@ -126,9 +234,16 @@ async fn without_answers_requests_are_republished_then_timed_out() {
         (all.len() == 2 && all.iter().all(|(_, s)| s == "TIMED_OUT")).then_some(())
     })
     .await;
-    let attempts: Vec<i32> = sqlx::query_scalar("SELECT attempts FROM ml_requests").fetch_all(&env.pool).await.unwrap();
+    let attempts: Vec<i32> = sqlx::query_scalar("SELECT attempts FROM ml_requests")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
     assert_eq!(attempts, [2, 2], "published ML_RETRY_ATTEMPTS times");
-    let published: i64 = redis::cmd("XLEN").arg(env.key("post-image-processing")).query_async(&mut env.redis.clone()).await.unwrap();
+    let published: i64 = redis::cmd("XLEN")
+        .arg(env.key("post-image-processing"))
+        .query_async(&mut env.redis.clone())
+        .await
+        .unwrap();
     assert_eq!(published, 4, "each request was republished once");
     env.finish().await;
 }
@@ -138,29 +253,61 @@ async fn enqueued_requests_are_published_only_after_their_transaction_commits() 
     let env = TestEnv::start(Options::new(&["insights"])).await;
     let publisher = Publisher::new(Arc::new(env.config.clone()), env.pool.clone()).unwrap();
     let xlen = || async {
-        redis::cmd("XLEN").arg(env.key("post-image-processing")).query_async::<i64>(&mut env.redis.clone()).await.unwrap()
+        redis::cmd("XLEN")
+            .arg(env.key("post-image-processing"))
+            .query_async::<i64>(&mut env.redis.clone())
+            .await
+            .unwrap()
     };
 
     // The backend creates the media row and the request in one transaction that rolls back.
     let mut tx = env.pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO posts (post_id) VALUES (7)").execute(&mut *tx).await.unwrap();
-    sqlx::query("INSERT INTO post_media (media_id, post_id) VALUES (70, 7)").execute(&mut *tx).await.unwrap();
-    publisher.enqueue(&mut tx, &post_image(70, 1), Some("rolled-back".into())).await.unwrap();
+    sqlx::query("INSERT INTO posts (post_id) VALUES (7)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO post_media (media_id, post_id) VALUES (70, 7)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    publisher
+        .enqueue(&mut tx, &post_image(70, 1), Some("rolled-back".into()))
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
     assert_eq!(xlen().await, 0);
-    assert!(statuses(&env).await.is_empty(), "a rolled-back request does not exist");
+    assert!(
+        statuses(&env).await.is_empty(),
+        "a rolled-back request does not exist"
+    );
 
     // The same, committed: published after the commit, when the rows exist.
     let mut tx = env.pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO posts (post_id) VALUES (7)").execute(&mut *tx).await.unwrap();
-    sqlx::query("INSERT INTO post_media (media_id, post_id) VALUES (70, 7)").execute(&mut *tx).await.unwrap();
-    let enqueued = publisher.enqueue(&mut tx, &post_image(70, 1), Some("committed".into())).await.unwrap().unwrap();
+    sqlx::query("INSERT INTO posts (post_id) VALUES (7)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO post_media (media_id, post_id) VALUES (70, 7)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let enqueued = publisher
+        .enqueue(&mut tx, &post_image(70, 1), Some("committed".into()))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(xlen().await, 0, "nothing is published before the commit");
     tx.commit().await.unwrap();
     publisher.flush(&[enqueued]).await.unwrap();
     assert_eq!(xlen().await, 1);
-    assert_eq!(statuses(&env).await, [("committed".to_string(), "PENDING".to_string())]);
-    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(
+        statuses(&env).await,
+        [("committed".to_string(), "PENDING".to_string())]
+    );
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
     assert_eq!(outbox, 0);
     env.finish().await;
 }
@@ -175,17 +322,51 @@ async fn publishing_failures_are_errors_only_on_critical_streams() {
             .output()
             .unwrap()
     };
-    let critical = unreachable(&["publish", "post-image", "--post-id", "1", "--media-id", "1", "--media-url", "u"]);
+    let critical = unreachable(&[
+        "publish",
+        "post-image",
+        "--post-id",
+        "1",
+        "--media-id",
+        "1",
+        "--media-url",
+        "u",
+    ]);
     assert!(!critical.status.success());
     let stderr = String::from_utf8_lossy(&critical.stderr);
-    assert!(stderr.contains("post-image-processing") && stderr.contains("critical"), "{stderr}");
+    assert!(
+        stderr.contains("post-image-processing") && stderr.contains("critical"),
+        "{stderr}"
+    );
 
-    let other = unreachable(&["publish", "post-update", "--post-id", "1", "--media-id", "1", "--media-url", "u"]);
-    assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
+    let other = unreachable(&[
+        "publish",
+        "post-update",
+        "--post-id",
+        "1",
+        "--media-id",
+        "1",
+        "--media-url",
+        "u",
+    ]);
+    assert!(
+        other.status.success(),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
     assert!(String::from_utf8_lossy(&other.stdout).contains("not published"));
 
     let disabled = env
-        .binary(&["publish", "post-image", "--post-id", "1", "--media-id", "1", "--media-url", "u"])
+        .binary(&[
+            "publish",
+            "post-image",
+            "--post-id",
+            "1",
+            "--media-id",
+            "1",
+            "--media-url",
+            "u",
+        ])
         .env("ML_PROCESSING_ENABLED", "false")
         .output()
         .unwrap();

@@ -1,0 +1,198 @@
+//! The host's small HTTP endpoint: `/metrics` (Prometheus), `/healthz` (the process is alive) and
+//! `/readyz` (PostgreSQL and Redis reachable, plugins loaded). Enabled by `KALEIDOSCOPE_HTTP_ADDR`.
+//!
+//! Three GET routes do not justify an HTTP framework in the dependency tree: requests are read up
+//! to the end of their headers and answered with `Connection: close`.
+
+use crate::delivery::Delivery;
+use crate::metrics::{Labels, labels};
+use crate::status;
+use anyhow::{Context, Result};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// The largest request head accepted.
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// How long a client may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds `addr` (so the caller learns the port, e.g. for `:0`) and serves until `stop`.
+pub async fn bind(addr: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on KALEIDOSCOPE_HTTP_ADDR {addr:?}"))
+}
+
+/// Answers requests on `listener` until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    delivery: Arc<Delivery>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let delivery = delivery.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = answer(stream, &delivery).await {
+                        tracing::debug!("HTTP request failed: {error:#}");
+                    }
+                });
+            }
+            Err(error) => {
+                tracing::warn!("HTTP accept failed: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, delivery: &Delivery) -> Result<()> {
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let read = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buffer))
+            .await
+            .context("request timed out")??;
+        if read == 0 || head.len() > MAX_REQUEST_BYTES {
+            break;
+        }
+        head.extend_from_slice(&buffer[..read]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET", "/readyz") => {
+            let problems = not_ready(delivery);
+            if problems.is_empty() {
+                ("200 OK", "text/plain", "ready\n".to_string())
+            } else {
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    format!("not ready:\n{}\n", problems.join("\n")),
+                )
+            }
+        }
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            metrics(delivery).await,
+        ),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "not found: try /metrics, /healthz or /readyz\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_string(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await?;
+    Ok(())
+}
+
+/// Why the host is not ready (empty when it is).
+pub fn not_ready(delivery: &Delivery) -> Vec<String> {
+    let mut problems = delivery.health.problems();
+    if delivery.registry.snapshot().plugins().is_empty() {
+        problems.push("no plugin is loaded".to_string());
+    }
+    problems
+}
+
+async fn metrics(delivery: &Delivery) -> String {
+    let snapshot = delivery.registry.snapshot();
+    let mut gauges: Vec<(&str, &str, Vec<(Labels, f64)>)> = vec![
+        (
+            "kaleidoscope_ready",
+            "1 when PostgreSQL and Redis are reachable and plugins are loaded.",
+            vec![(
+                Vec::new(),
+                if not_ready(delivery).is_empty() {
+                    1.0
+                } else {
+                    0.0
+                },
+            )],
+        ),
+        (
+            "kaleidoscope_plugins_loaded",
+            "Plugins currently loaded.",
+            vec![(Vec::new(), snapshot.plugins().len() as f64)],
+        ),
+        (
+            "kaleidoscope_plugin_load_failures",
+            "Plugin files that currently fail to load.",
+            vec![(Vec::new(), snapshot.failures().len() as f64)],
+        ),
+    ];
+    let mut pending = Vec::new();
+    let mut lag = Vec::new();
+    let mut length = Vec::new();
+    let mut redis = delivery.redis.clone();
+    for stream in snapshot.streams() {
+        if let Ok(report) = status::stream_report(&mut redis, &delivery.config, stream).await {
+            pending.push((labels(&[("stream", stream)]), report.pending as f64));
+            length.push((labels(&[("stream", stream)]), report.length as f64));
+            if let Some(l) = report.lag {
+                lag.push((labels(&[("stream", stream)]), l as f64));
+            }
+        }
+    }
+    gauges.push((
+        "kaleidoscope_stream_pending",
+        "Entries delivered to the group and not yet acknowledged.",
+        pending,
+    ));
+    gauges.push((
+        "kaleidoscope_stream_lag",
+        "Entries not yet delivered to the group.",
+        lag,
+    ));
+    gauges.push((
+        "kaleidoscope_stream_length",
+        "Entries in the stream.",
+        length,
+    ));
+    let dead: Option<i64> = redis::cmd("XLEN")
+        .arg(delivery.config.dlq_key())
+        .query_async(&mut redis)
+        .await
+        .ok();
+    gauges.push((
+        "kaleidoscope_dead_letters",
+        "Entries in the dead-letter stream.",
+        dead.map(|n| vec![(Vec::new(), n as f64)])
+            .unwrap_or_default(),
+    ));
+    let requests = status::requests_by_status(&delivery.pool)
+        .await
+        .unwrap_or_default();
+    gauges.push((
+        "kaleidoscope_requests",
+        "Tracked ML requests by status.",
+        requests
+            .into_iter()
+            .map(|(status, n)| (vec![("status", status)], n as f64))
+            .collect(),
+    ));
+    delivery.metrics.render(&gauges)
+}

@@ -1,0 +1,252 @@
+//! Prometheus metrics, kept in-process and rendered in the text exposition format.
+//!
+//! Counters and histograms are updated by the delivery protocol as it works; gauges that describe
+//! the outside world (pending entries, lag, requests by status) are read at scrape time by the
+//! HTTP endpoint, so they are never stale. A small hand-written registry keeps the dependency
+//! tree lean; the format is simple and stable.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Histogram bucket upper bounds, in seconds (0.25 ms to 10 s).
+const BUCKETS: [f64; 14] = [
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Label pairs, in a fixed order.
+pub type Labels = Vec<(&'static str, String)>;
+
+#[derive(Default, Clone)]
+struct Histogram {
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// Every metric family's help text, so the rendering can describe what it exposes.
+const HELP: &[(&str, &str, &str)] = &[
+    (
+        "kaleidoscope_entries_processed_total",
+        "counter",
+        "Entries whose commands were committed.",
+    ),
+    (
+        "kaleidoscope_entries_redelivered_total",
+        "counter",
+        "Entries delivered again after they were finished (acknowledged without running again).",
+    ),
+    (
+        "kaleidoscope_entries_retried_total",
+        "counter",
+        "Entries left pending for another delivery, by the failure that will be reported if retries run out.",
+    ),
+    (
+        "kaleidoscope_entries_dead_lettered_total",
+        "counter",
+        "Entries sent to the dead-letter stream, by failure kind.",
+    ),
+    (
+        "kaleidoscope_sentinels_total",
+        "counter",
+        "`init` sentinel entries acknowledged and skipped.",
+    ),
+    (
+        "kaleidoscope_batch_failures_total",
+        "counter",
+        "Batches abandoned unacknowledged because PostgreSQL or Redis failed.",
+    ),
+    (
+        "kaleidoscope_plugin_load_failures_total",
+        "counter",
+        "Plugin files that failed to load.",
+    ),
+    (
+        "kaleidoscope_batch_duration_seconds",
+        "histogram",
+        "Time to run one batch through the delivery protocol (handlers, commit, publish, acknowledge).",
+    ),
+    (
+        "kaleidoscope_handler_duration_seconds",
+        "histogram",
+        "Time of one plugin `handle` call, including instantiation.",
+    ),
+];
+
+/// The host's metrics registry.
+#[derive(Default)]
+pub struct Metrics {
+    counters: Mutex<BTreeMap<(&'static str, Labels), u64>>,
+    histograms: Mutex<BTreeMap<(&'static str, Labels), Histogram>>,
+}
+
+impl Metrics {
+    /// Adds `by` to a counter.
+    pub fn add(&self, name: &'static str, labels: Labels, by: u64) {
+        if by == 0 {
+            return;
+        }
+        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        *counters.entry((name, labels)).or_insert(0) += by;
+    }
+
+    /// Records one observation of a histogram.
+    pub fn observe(&self, name: &'static str, labels: Labels, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let mut histograms = self.histograms.lock().unwrap_or_else(|p| p.into_inner());
+        let histogram = histograms.entry((name, labels)).or_default();
+        for (slot, bound) in histogram.buckets.iter_mut().zip(BUCKETS) {
+            if seconds <= bound {
+                *slot += 1;
+            }
+        }
+        histogram.count += 1;
+        histogram.sum += seconds;
+    }
+
+    /// The current value of a counter (for tests and the demo's summary).
+    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        counters
+            .iter()
+            .filter(|((n, l), _)| {
+                *n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, value)| value)
+            .sum()
+    }
+
+    /// Counters and histograms in the Prometheus text format, followed by `gauges`
+    /// (name, help, samples) measured by the caller.
+    pub fn render(&self, gauges: &[(&str, &str, Vec<(Labels, f64)>)]) -> String {
+        let mut out = String::new();
+        let counters = self
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let histograms = self
+            .histograms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (name, kind, help) in HELP {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            if *kind == "counter" {
+                for ((_, labels), value) in counters.iter().filter(|((n, _), _)| n == name) {
+                    let _ = writeln!(out, "{name}{} {value}", format_labels(labels, None));
+                }
+            } else {
+                for ((_, labels), h) in histograms.iter().filter(|((n, _), _)| n == name) {
+                    for (bound, count) in BUCKETS.iter().zip(h.buckets) {
+                        let _ = writeln!(
+                            out,
+                            "{name}_bucket{} {count}",
+                            format_labels(labels, Some(&bound.to_string()))
+                        );
+                    }
+                    let _ = writeln!(
+                        out,
+                        "{name}_bucket{} {}",
+                        format_labels(labels, Some("+Inf")),
+                        h.count
+                    );
+                    let _ = writeln!(out, "{name}_sum{} {}", format_labels(labels, None), h.sum);
+                    let _ = writeln!(
+                        out,
+                        "{name}_count{} {}",
+                        format_labels(labels, None),
+                        h.count
+                    );
+                }
+            }
+        }
+        for (name, help, samples) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{} {value}", format_labels(labels, None));
+            }
+        }
+        out
+    }
+}
+
+fn format_labels(labels: &Labels, le: Option<&str>) -> String {
+    let mut parts: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{k}=\"{}\"",
+                v.replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n")
+            )
+        })
+        .collect();
+    if let Some(le) = le {
+        parts.push(format!("le=\"{le}\""));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("{{{}}}", parts.join(","))
+    }
+}
+
+/// `[("stream", s)]`-style label lists without the noise.
+pub fn labels(pairs: &[(&'static str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histograms_and_gauges() {
+        let metrics = Metrics::default();
+        metrics.add(
+            "kaleidoscope_entries_processed_total",
+            labels(&[("stream", "s"), ("plugin", "p")]),
+            3,
+        );
+        metrics.observe(
+            "kaleidoscope_batch_duration_seconds",
+            labels(&[("stream", "s")]),
+            Duration::from_millis(3),
+        );
+        let text = metrics.render(&[("kaleidoscope_ready", "Ready.", vec![(Vec::new(), 1.0)])]);
+        assert!(
+            text.contains("kaleidoscope_entries_processed_total{stream=\"s\",plugin=\"p\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "kaleidoscope_batch_duration_seconds_bucket{stream=\"s\",le=\"0.0025\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "kaleidoscope_batch_duration_seconds_bucket{stream=\"s\",le=\"0.005\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("kaleidoscope_batch_duration_seconds_count{stream=\"s\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE kaleidoscope_ready gauge\nkaleidoscope_ready 1"),
+            "{text}"
+        );
+        assert_eq!(
+            metrics.counter("kaleidoscope_entries_processed_total", &[("stream", "s")]),
+            3
+        );
+    }
+}

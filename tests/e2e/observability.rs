@@ -1,0 +1,212 @@
+//! What operators see: `/metrics`, `/healthz`, `/readyz`, `status --json`, JSON logs.
+
+use crate::support::{Options, TestEnv, eventually};
+use kaleidoscope::publish::{Publisher, Request};
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_readiness_are_served_over_http() {
+    let env =
+        TestEnv::start(Options::new(&["insights"]).set("KALEIDOSCOPE_HTTP_ADDR", "127.0.0.1:0"))
+            .await;
+    let addr = env.host().http_addr().expect("HTTP is enabled");
+    env.seed_media(1, &[1, 2]).await;
+    let ok = env
+        .publish(
+            "ml-insights-results",
+            &[
+                ("mediaId", "1"),
+                ("service", "image_captioning"),
+                ("caption", "x"),
+            ],
+        )
+        .await;
+    let bad = env
+        .publish("ml-insights-results", &[("mediaId", "nope")])
+        .await;
+    env.await_processed("ml-insights-results", &ok).await;
+    env.await_dead_letter("ml-insights-results", &bad).await;
+    let publisher = Publisher::new(Arc::new(env.config.clone()), env.pool.clone()).unwrap();
+    publisher
+        .publish(
+            &Request::PostImage {
+                post_id: 1,
+                media_id: 2,
+                media_url: "u".into(),
+                uploader_id: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(get(addr, "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(get(addr, "/readyz").0, 200);
+    let (status, metrics) = eventually("the counters to include both entries", || async move {
+        let (status, body) = get(addr, "/metrics");
+        body.contains("kaleidoscope_entries_dead_lettered_total")
+            .then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, 200);
+    for expected in [
+        "kaleidoscope_entries_processed_total{stream=\"ml-insights-results\",plugin=\"insights\"} 1",
+        "kaleidoscope_entries_dead_lettered_total{stream=\"ml-insights-results\",plugin=\"insights\",kind=\"malformed\"} 1",
+        "kaleidoscope_batch_duration_seconds_count{stream=\"ml-insights-results\"}",
+        "kaleidoscope_handler_duration_seconds_bucket{plugin=\"insights\",le=\"+Inf\"} 2",
+        "kaleidoscope_stream_pending{stream=\"ml-insights-results\"} 0",
+        "kaleidoscope_stream_lag{stream=\"ml-insights-results\"} 0",
+        "kaleidoscope_requests{status=\"PENDING\"} 1",
+        "kaleidoscope_plugin_load_failures 0",
+        "kaleidoscope_dead_letters 1",
+        "kaleidoscope_ready 1",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "/metrics lacks `{expected}`:\n{metrics}"
+        );
+    }
+    assert_eq!(get(addr, "/nowhere").0, 404);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_reports_streams_dead_letters_requests_and_plugins() {
+    let env = TestEnv::start(Options::new(&["insights", "scripted"]).retries(5, 60_000)).await;
+    env.seed_media(1, &[1]).await;
+    let ok = env
+        .publish(
+            "ml-insights-results",
+            &[
+                ("mediaId", "1"),
+                ("service", "image_captioning"),
+                ("caption", "x"),
+            ],
+        )
+        .await;
+    let bad = env
+        .publish("ml-insights-results", &[("mediaId", "nope")])
+        .await;
+    env.await_processed("ml-insights-results", &ok).await;
+    env.await_dead_letter("ml-insights-results", &bad).await;
+    let publisher = Publisher::new(Arc::new(env.config.clone()), env.pool.clone()).unwrap();
+    publisher
+        .publish(
+            &Request::ProfilePicture {
+                user_id: 1,
+                image_url: "u".into(),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+
+    let (report, healthy) = env.status();
+    assert!(healthy, "{report}");
+    let insights = report["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stream"] == "ml-insights-results")
+        .unwrap();
+    assert_eq!(insights["length"], 2);
+    assert_eq!(insights["pending"], 0);
+    assert_eq!(insights["lag"], 0);
+    assert_eq!(
+        insights["consumers"][0]["name"],
+        env.config.consumer_name.as_str()
+    );
+    assert_eq!(report["dead_letters"]["by_kind"]["malformed"], 1);
+    assert_eq!(report["requests"]["PENDING"], 1);
+    let plugins = report["hosts"][0]["plugins"].as_array().unwrap();
+    let insights_plugin = plugins.iter().find(|p| p["name"] == "insights").unwrap();
+    assert_eq!(insights_plugin["version"], "0.1.0");
+    assert_eq!(insights_plugin["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(
+        insights_plugin["streams"],
+        serde_json::json!(["ml-insights-results"])
+    );
+
+    // An entry waiting for a retry (reclaimed only after a minute here) makes the stream's
+    // oldest pending entry age grow: unhealthy past the threshold.
+    env.publish("scripted", &[("action", "retry"), ("note", "later")])
+        .await;
+    eventually("the retry to be pending", || async {
+        (env.pending("scripted").await == 1).then_some(())
+    })
+    .await;
+    let output = env.command(&["status", "--max-pending-age", "0"]);
+    assert_eq!(output.status.code(), Some(1));
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        table.contains("UNHEALTHY") && table.contains("oldest pending entry"),
+        "{table}"
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_entry_span_with_its_correlation_id() {
+    let env = TestEnv::prepare(Options::new(&["insights"])).await;
+    env.seed_media(1, &[1]).await;
+    let log = env.plugins_dir.with_extension("json.log");
+    let mut host = env
+        .binary(&["run"])
+        .env("KALEIDOSCOPE_LOG_FORMAT", "json")
+        .env("RUST_LOG", "kaleidoscope=debug")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let id = env
+        .publish(
+            "ml-insights-results",
+            &[
+                ("mediaId", "1"),
+                ("service", "image_captioning"),
+                ("caption", "x"),
+                ("correlationId", "c-json-7"),
+            ],
+        )
+        .await;
+    env.await_processed("ml-insights-results", &id).await;
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(host.id().to_string())
+        .status()
+        .unwrap();
+    assert!(host.wait().unwrap().success());
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let processed = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "processed")
+        .unwrap_or_else(|| panic!("no `processed` line in:\n{text}"));
+    let spans = processed["spans"].to_string();
+    assert!(
+        spans.contains("c-json-7")
+            && spans.contains(&id)
+            && spans.contains("\"version\":\"0.1.0\"")
+            && spans.contains("ml-insights-results"),
+        "{processed}"
+    );
+    let _ = std::fs::remove_file(log);
+    env.finish().await;
+}
