@@ -5,7 +5,7 @@
 //! to the end of their headers and answered with `Connection: close`.
 
 use crate::delivery::Delivery;
-use crate::metrics::{Labels, labels};
+use crate::metrics::{Gauge, labels};
 use crate::status;
 use anyhow::{Context, Result};
 use std::sync::Arc;
@@ -120,28 +120,26 @@ pub fn not_ready(delivery: &Delivery) -> Vec<String> {
 
 async fn metrics(delivery: &Delivery) -> String {
     let snapshot = delivery.registry.snapshot();
-    let mut gauges: Vec<(&str, &str, Vec<(Labels, f64)>)> = vec![
-        (
+    let ready = if not_ready(delivery).is_empty() {
+        1.0
+    } else {
+        0.0
+    };
+    let mut gauges = vec![
+        Gauge::single(
             "kaleidoscope_ready",
             "1 when PostgreSQL and Redis are reachable and plugins are loaded.",
-            vec![(
-                Vec::new(),
-                if not_ready(delivery).is_empty() {
-                    1.0
-                } else {
-                    0.0
-                },
-            )],
+            ready,
         ),
-        (
+        Gauge::single(
             "kaleidoscope_plugins_loaded",
             "Plugins currently loaded.",
-            vec![(Vec::new(), snapshot.plugins().len() as f64)],
+            snapshot.plugins().len() as f64,
         ),
-        (
+        Gauge::single(
             "kaleidoscope_plugin_load_failures",
             "Plugin files that currently fail to load.",
-            vec![(Vec::new(), snapshot.failures().len() as f64)],
+            snapshot.failures().len() as f64,
         ),
     ];
     let mut pending = Vec::new();
@@ -157,42 +155,42 @@ async fn metrics(delivery: &Delivery) -> String {
             }
         }
     }
-    gauges.push((
-        "kaleidoscope_stream_pending",
-        "Entries delivered to the group and not yet acknowledged.",
-        pending,
-    ));
-    gauges.push((
-        "kaleidoscope_stream_lag",
-        "Entries not yet delivered to the group.",
-        lag,
-    ));
-    gauges.push((
-        "kaleidoscope_stream_length",
-        "Entries in the stream.",
-        length,
-    ));
-    let dead: Option<i64> = redis::cmd("XLEN")
+    gauges.push(Gauge {
+        name: "kaleidoscope_stream_pending",
+        help: "Entries delivered to the group and not yet acknowledged.",
+        samples: pending,
+    });
+    gauges.push(Gauge {
+        name: "kaleidoscope_stream_lag",
+        help: "Entries not yet delivered to the group.",
+        samples: lag,
+    });
+    gauges.push(Gauge {
+        name: "kaleidoscope_stream_length",
+        help: "Entries in the stream.",
+        samples: length,
+    });
+    if let Ok(dead) = redis::cmd("XLEN")
         .arg(delivery.config.dlq_key())
-        .query_async(&mut redis)
+        .query_async::<i64>(&mut redis)
         .await
-        .ok();
-    gauges.push((
-        "kaleidoscope_dead_letters",
-        "Entries in the dead-letter stream.",
-        dead.map(|n| vec![(Vec::new(), n as f64)])
-            .unwrap_or_default(),
-    ));
+    {
+        gauges.push(Gauge::single(
+            "kaleidoscope_dead_letters",
+            "Entries in the dead-letter stream.",
+            dead as f64,
+        ));
+    }
     let requests = status::requests_by_status(&delivery.pool)
         .await
         .unwrap_or_default();
-    gauges.push((
-        "kaleidoscope_requests",
-        "Tracked ML requests by status.",
-        requests
+    gauges.push(Gauge {
+        name: "kaleidoscope_requests",
+        help: "Tracked ML requests by status.",
+        samples: requests
             .into_iter()
             .map(|(status, n)| (vec![("status", status)], n as f64))
             .collect(),
-    ));
+    });
     delivery.metrics.render(&gauges)
 }

@@ -74,6 +74,24 @@ const HELP: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// A gauge measured at scrape time by the caller of [`Metrics::render`].
+pub struct Gauge {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub samples: Vec<(Labels, f64)>,
+}
+
+impl Gauge {
+    /// A gauge with one unlabelled sample.
+    pub fn single(name: &'static str, help: &'static str, value: f64) -> Self {
+        Self {
+            name,
+            help,
+            samples: vec![(Vec::new(), value)],
+        }
+    }
+}
+
 /// The host's metrics registry.
 #[derive(Default)]
 pub struct Metrics {
@@ -122,7 +140,7 @@ impl Metrics {
 
     /// Counters and histograms in the Prometheus text format, followed by `gauges`
     /// (name, help, samples) measured by the caller.
-    pub fn render(&self, gauges: &[(&str, &str, Vec<(Labels, f64)>)]) -> String {
+    pub fn render(&self, gauges: &[Gauge]) -> String {
         let mut out = String::new();
         let counters = self
             .counters
@@ -165,7 +183,12 @@ impl Metrics {
                 }
             }
         }
-        for (name, help, samples) in gauges {
+        for Gauge {
+            name,
+            help,
+            samples,
+        } in gauges
+        {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             for (labels, value) in samples {
                 let _ = writeln!(out, "{name}{} {value}", format_labels(labels, None));
@@ -219,7 +242,7 @@ mod tests {
             labels(&[("stream", "s")]),
             Duration::from_millis(3),
         );
-        let text = metrics.render(&[("kaleidoscope_ready", "Ready.", vec![(Vec::new(), 1.0)])]);
+        let text = metrics.render(&[Gauge::single("kaleidoscope_ready", "Ready.", 1.0)]);
         assert!(
             text.contains("kaleidoscope_entries_processed_total{stream=\"s\",plugin=\"p\"} 3"),
             "{text}"
