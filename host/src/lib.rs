@@ -16,7 +16,7 @@
 //! - [`config`]: settings from file and environment;
 //! - [`health`]: readiness (PostgreSQL and Redis reachable); [`metrics`] and [`http`]:
 //!   `/metrics`, `/healthz`, `/readyz`;
-//! - [`dlq`]: listing and replaying dead letters;
+//! - [`dlq`]: listing and replaying dead letters; [`demo`]: everything at once, for newcomers;
 //! - [`status`]: what `kaleidoscope status` reports, and the heartbeat hosts publish for it;
 //! - [`toolkit`]: `kaleidoscope plugin check` and `plugin exec` for plugin authors.
 
@@ -24,6 +24,7 @@ pub mod config;
 pub mod consumer;
 pub mod deadletter;
 pub mod delivery;
+pub mod demo;
 pub mod dlq;
 pub mod health;
 pub mod host;

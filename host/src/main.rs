@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kaleidoscope::config::{self, Config};
-use kaleidoscope::{dlq, publish, simulate, status, toolkit};
+use kaleidoscope::{demo, dlq, publish, simulate, status, toolkit};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,6 +74,31 @@ enum Command {
     /// for tracking. Exits non-zero, naming the stream, when a critical stream cannot be reached.
     #[command(subcommand, after_long_help = config::env_help())]
     Publish(PublishCommand),
+    /// Show the whole system at work: recreate a demo database, create sample users, posts and
+    /// media, publish their requests, run the ML simulator and the host in-process until every
+    /// request is answered, and print what was stored. The demo database is dropped and
+    /// recreated; its name must contain "demo".
+    #[command(after_long_help = config::env_help())]
+    Demo {
+        #[arg(long, default_value_t = 5)]
+        users: i64,
+        #[arg(long, default_value_t = 20)]
+        posts: i64,
+        #[arg(long, default_value_t = 3)]
+        media_per_post: i64,
+        /// Fraction of requests the simulator answers with an error.
+        #[arg(long, default_value_t = 0.05)]
+        error_rate: f64,
+        /// The demo database (default: DATABASE_URL with the database `kaleidoscope_demo`).
+        #[arg(long)]
+        database_url: Option<String>,
+        /// Prefix of the demo's streams (their keys are deleted first).
+        #[arg(long, default_value = "kaleidoscope-demo:")]
+        stream_prefix: String,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a reference ML service: consume the request streams and publish results in the real
     /// producers' shapes, until SIGTERM or Ctrl-C.
     #[command(name = "simulate-ml", after_long_help = config::env_help())]
@@ -191,8 +216,14 @@ enum PluginCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo draws a progress bar; only warnings would interrupt it.
+    let default_filter = if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -402,6 +433,41 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Demo {
+            users,
+            posts,
+            media_per_post,
+            error_rate,
+            database_url,
+            stream_prefix,
+            json,
+        } => {
+            if users < 1 || posts < 1 || media_per_post < 1 {
+                anyhow::bail!("--users, --posts and --media-per-post must be at least 1");
+            }
+            if !(0.0..=1.0).contains(&error_rate) {
+                anyhow::bail!("--error-rate must be between 0 and 1, got {error_rate}");
+            }
+            let config = load_config(cli.config.as_deref(), &BTreeMap::new())?;
+            let database_url = database_url
+                .unwrap_or_else(|| with_database(&config.database_url, "kaleidoscope_demo"));
+            let options = demo::DemoOptions {
+                users,
+                posts,
+                media_per_post,
+                error_rate,
+                database_url,
+                stream_prefix,
+                deadline: Duration::from_secs(55),
+            };
+            let summary = demo::run(&config, &options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print!("{}", summary.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::SimulateMl {
             error_rate,
             embedding_dims,
@@ -479,6 +545,22 @@ fn plugin_command(
                 ExitCode::from(2)
             })
         }
+    }
+}
+
+/// `url` with its database name replaced.
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{database}?{query}"),
+        None => format!("{base}/{database}"),
     }
 }
 

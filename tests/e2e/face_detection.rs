@@ -44,9 +44,11 @@ async fn real_shape_stores_corner_boxes_as_x_y_width_height() {
     env.seed_media(2, &[10]).await;
     let embedding = format!("[{}]", vec!["0.25"; 1408].join(", "));
     let zeros = format!("[{}]", vec!["0.0"; 1408].join(", "));
+    // The face without a usable embedding first: its NULL must not shape the statement the next
+    // face's embedding is bound to (a regression: PostgreSQL read the array's bytes as text).
     let faces_json = format!(
-        r#"[{{"faceId": "9b2f-aaaa", "bbox": [10, 20, 110, 220], "embedding": {embedding}, "confidence": 0.9731}},
-            {{"faceId": "9b2f-bbbb", "bbox": [300, 40, 350, 100], "embedding": {zeros}, "confidence": 0.5}}]"#
+        r#"[{{"faceId": "9b2f-bbbb", "bbox": [300, 40, 350, 100], "embedding": {zeros}, "confidence": 0.5}},
+            {{"faceId": "9b2f-aaaa", "bbox": [10, 20, 110, 220], "embedding": {embedding}, "confidence": 0.9731}}]"#
     );
     let id = env
         .publish(

@@ -9,6 +9,7 @@ mod support;
 
 mod cli;
 mod dead_letters;
+mod demo;
 mod face_detection;
 mod face_recognition;
 mod faults;

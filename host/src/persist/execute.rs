@@ -135,7 +135,8 @@ async fn run(conn: &mut PgConnection, sql: String, binds: Vec<Bind>) -> Result<u
     let mut query: Query<'_, Postgres, PgArguments> = sqlx::query(AssertSqlSafe(sql));
     for bind in binds {
         query = match bind {
-            Bind::Null => query.bind(None::<String>),
+            // Written as a literal by `placeholder`; never bound.
+            Bind::Null => query,
             Bind::Bool(b) => query.bind(b),
             Bind::Int(i) => query.bind(i),
             Bind::Float(f) => query.bind(f),
@@ -156,9 +157,23 @@ fn ident(name: &str) -> String {
 }
 
 /// Adds a parameter and returns its placeholder, cast to the column's type.
+///
+/// The placeholder names the type it is bound with (`$3::float8`), and NULL is written as a
+/// literal: statements are prepared and cached by their text, so two commands of the same shape
+/// whose values have different types (an integer and a float for one column, NULL and an array)
+/// must never share a prepared statement — PostgreSQL would read one type's bytes as the other's.
 fn placeholder(binds: &mut Vec<Bind>, bind: Bind, sql_type: &str) -> String {
+    let bound_as = match &bind {
+        Bind::Null => return format!("CAST(NULL AS {sql_type})"),
+        Bind::Bool(_) => "bool",
+        Bind::Int(_) => "int8",
+        Bind::Float(_) => "float8",
+        Bind::Text(_) => "text",
+        Bind::TextArray(_) => "text[]",
+        Bind::FloatArray(_) => "float8[]",
+    };
     binds.push(bind);
-    format!("CAST(${} AS {sql_type})", binds.len())
+    format!("CAST(${}::{bound_as} AS {sql_type})", binds.len())
 }
 
 /// The order-preserving union of an existing `text[]` column and new items.
@@ -350,8 +365,42 @@ mod tests {
             ],
         );
         assert_eq!(binds.len(), 3);
-        assert!(sql.starts_with("INSERT INTO \"media_ai_insights\" AS target (\"media_id\", \"caption\", \"services_completed\") VALUES (CAST($1 AS bigint), CAST($2 AS text), CAST($3 AS text[])) ON CONFLICT (\"media_id\") DO UPDATE SET \"caption\" = EXCLUDED.\"caption\", \"services_completed\" = ARRAY("), "{sql}");
+        assert!(sql.starts_with("INSERT INTO \"media_ai_insights\" AS target (\"media_id\", \"caption\", \"services_completed\") VALUES (CAST($1::int8 AS bigint), CAST($2::text AS text), CAST($3::text[] AS text[])) ON CONFLICT (\"media_id\") DO UPDATE SET \"caption\" = EXCLUDED.\"caption\", \"services_completed\" = ARRAY("), "{sql}");
         assert!(matches!(&binds[2], Bind::TextArray(items) if items.len() == 1));
+    }
+
+    #[test]
+    fn values_of_different_types_never_share_a_statement() {
+        let column = |value| SetParam {
+            column: "embedding".into(),
+            sql_type: "real[]".into(),
+            op: SetOp::Assign(value),
+        };
+        let key = [param("id", "bigint", wit::Value::Integer(1))];
+        let (null, null_binds) = upsert_sql("t", &key, &[column(wit::Value::Null)]);
+        let (array, _) = upsert_sql("t", &key, &[column(wit::Value::FloatArray(vec![1.0]))]);
+        let (int, _) = update_sql(
+            "t",
+            &key,
+            &[SetParam {
+                column: "x".into(),
+                sql_type: "double precision".into(),
+                op: SetOp::Assign(wit::Value::Integer(1)),
+            }],
+        );
+        let (float, _) = update_sql(
+            "t",
+            &key,
+            &[SetParam {
+                column: "x".into(),
+                sql_type: "double precision".into(),
+                op: SetOp::Assign(wit::Value::Float(1.0)),
+            }],
+        );
+        assert_ne!(null, array);
+        assert_ne!(int, float);
+        assert!(null.contains("CAST(NULL AS real[])"), "{null}");
+        assert_eq!(null_binds.len(), 1, "NULL is not bound");
     }
 
     #[test]

@@ -108,7 +108,10 @@ pub fn to_commands(fields: &Fields) -> Result<Vec<Command>, Failure> {
     let mut commands = vec![upsert.into()];
     if let Some(correlation_id) = fields.get("correlationId") {
         // The seed's all-in-one message stands for all five services.
-        commands.push(sdk::request_result(correlation_id, service.unwrap_or("insights")));
+        commands.push(sdk::request_result(
+            correlation_id,
+            service.unwrap_or("insights"),
+        ));
     }
     Ok(commands)
 }

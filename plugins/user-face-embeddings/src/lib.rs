@@ -39,7 +39,10 @@ impl Handler for UserFaceEmbeddings {
         }
         // The result answers the request it belongs to, also when no face was found.
         if let Some(correlation_id) = fields.get("correlationId") {
-            commands.push(sdk::request_result(correlation_id, "profile_face_embedding"));
+            commands.push(sdk::request_result(
+                correlation_id,
+                "profile_face_embedding",
+            ));
         }
         Ok(commands)
     }

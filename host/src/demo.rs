@@ -1,0 +1,339 @@
+//! `kaleidoscope demo`: the whole system in one command, for a newcomer right after cloning.
+//!
+//! It recreates a demo database, creates sample users, posts and media, enqueues their processing
+//! requests in the same transaction (published after the commit), runs the ML simulator and the
+//! host in-process, shows progress until every request is answered and every result stream is
+//! drained, and ends with a summary read back from the database.
+
+use crate::config::Config;
+use crate::host::RunningHost;
+use crate::publish::{Publisher, Request};
+use crate::simulate::{self, SimulatorOptions};
+use crate::{persist, status};
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, PgPool};
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How big the demo is, and where it runs.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    pub users: i64,
+    pub posts: i64,
+    pub media_per_post: i64,
+    pub error_rate: f64,
+    /// The demo database; dropped and recreated. Its name must contain `demo`.
+    pub database_url: String,
+    /// Prefix of every stream the demo touches; its keys are deleted first.
+    pub stream_prefix: String,
+    /// Give up after this long.
+    pub deadline: Duration,
+}
+
+/// What the demo stored, read back from the database and Redis.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub users: i64,
+    pub posts: i64,
+    pub media: i64,
+    pub requests: BTreeMap<String, i64>,
+    pub insights: i64,
+    pub faces: i64,
+    pub recognised_faces: i64,
+    pub profile_embeddings: i64,
+    pub ml_errors: i64,
+    pub dead_letters: i64,
+    pub entries_processed: i64,
+    /// The whole demo, set-up included.
+    pub seconds: f64,
+    /// From publishing the requests to the last result stored.
+    pub processing_seconds: f64,
+    /// Result entries per second of processing (read, handle, commit, acknowledge).
+    pub entries_per_second: f64,
+}
+
+impl Summary {
+    /// A short human-readable account.
+    pub fn render(&self) -> String {
+        let requests = self
+            .requests
+            .iter()
+            .map(|(k, n)| format!("{n} {}", k.to_lowercase()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "Kaleidoscope demo finished in {:.1} s\n\
+             \x20 sample data      {} users, {} posts, {} media\n\
+             \x20 requests         {requests}\n\
+             \x20 insights         {} media with merged AI insights\n\
+             \x20 faces            {} detected, {} linked to a suggested user\n\
+             \x20 profiles         {} face embeddings of profile pictures\n\
+             \x20 ML errors        {} recorded\n\
+             \x20 dead letters     {}\n\
+             \x20 throughput       {} result entries stored in {:.1} s = {:.0} entries/s end to end\n\
+             Look around: kaleidoscope status --json, or psql on the demo database.\n",
+            self.seconds,
+            self.users,
+            self.posts,
+            self.media,
+            self.insights,
+            self.faces,
+            self.recognised_faces,
+            self.profile_embeddings,
+            self.ml_errors,
+            self.dead_letters,
+            self.entries_processed,
+            self.processing_seconds,
+            self.entries_per_second,
+        )
+    }
+}
+
+/// Runs the demo and returns its summary.
+pub async fn run(base: &Config, options: &DemoOptions) -> Result<Summary> {
+    let started = Instant::now();
+    let connect = PgConnectOptions::from_str(&options.database_url)
+        .with_context(|| format!("invalid demo database URL {:?}", options.database_url))?;
+    let name = connect.get_database().unwrap_or_default().to_string();
+    if !name.contains("demo") {
+        bail!(
+            "refusing to drop and recreate database {name:?}: the demo database's name must contain \"demo\""
+        );
+    }
+    let mut admin = connect
+        .clone()
+        .database("postgres")
+        .disable_statement_logging()
+        .connect()
+        .await
+        .context("cannot connect to PostgreSQL to recreate the demo database")?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+        name.replace('"', "\"\"")
+    )))
+    .execute(&mut admin)
+    .await
+    .with_context(|| format!("cannot drop the demo database {name:?}"))?;
+
+    let mut config = base.clone();
+    config.database_url = options.database_url.clone();
+    config.stream_prefix = options.stream_prefix.clone();
+    config.consumer_name = "demo-host".into();
+    config.reclaim_idle = Duration::from_millis(1000);
+    config.poll_timeout = Duration::from_millis(200);
+    config.watch_plugins = false;
+    config.http_addr = None;
+    config.migrate = true;
+    config.processing_enabled = true;
+    clear_streams(&config).await?;
+
+    let host = RunningHost::start(config.clone()).await?;
+    let pool = persist::connect(&config.database_url, 4).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let simulator_config = config.clone();
+    let simulator_options = SimulatorOptions {
+        error_rate: options.error_rate,
+        ..Default::default()
+    };
+    let simulator =
+        tokio::spawn(
+            async move { simulate::run(&simulator_config, &simulator_options, stopped).await },
+        );
+
+    let media = seed_and_request(&pool, &config, options).await?;
+    let processing = Instant::now();
+    let outcome = wait_for_answers(&pool, &config, options, started).await;
+    let processing = processing.elapsed();
+    let _ = stop.send(true);
+    host.shutdown().await;
+    match simulator.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => return Err(error.context("the ML simulator failed")),
+        Err(error) => bail!("the ML simulator task failed: {error}"),
+    }
+    outcome?;
+    let summary = summarise(
+        &pool,
+        &config,
+        options,
+        media,
+        started.elapsed(),
+        processing,
+    )
+    .await;
+    pool.close().await;
+    summary
+}
+
+async fn clear_streams(config: &Config) -> Result<()> {
+    let client = redis::Client::open(config.redis_url.as_str()).context("invalid Redis URL")?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .context("cannot connect to Redis")?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", config.stream_prefix))
+        .query_async(&mut conn)
+        .await?;
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+    }
+    Ok(())
+}
+
+/// Creates users, posts and media and enqueues their requests in the same transaction; the
+/// requests are published once it has committed.
+async fn seed_and_request(pool: &PgPool, config: &Config, options: &DemoOptions) -> Result<i64> {
+    let publisher = Publisher::new(Arc::new(config.clone()), pool.clone())?;
+    let mut tx = pool.begin().await?;
+    let mut enqueued = Vec::new();
+    for user in 1..=options.users {
+        sqlx::query("INSERT INTO users (user_id, username) VALUES ($1, $2)")
+            .bind(user)
+            .bind(format!("user{user}"))
+            .execute(&mut *tx)
+            .await?;
+        let request = Request::ProfilePicture {
+            user_id: user,
+            image_url: format!("https://cdn.example/profiles/{user}.jpg"),
+        };
+        enqueued.extend(publisher.enqueue(&mut tx, &request, None).await?);
+    }
+    let mut media_id = 0;
+    for post in 1..=options.posts {
+        let author = (post - 1) % options.users + 1;
+        sqlx::query("INSERT INTO posts (post_id, author_id) VALUES ($1, $2)")
+            .bind(post)
+            .bind(author)
+            .execute(&mut *tx)
+            .await?;
+        for _ in 0..options.media_per_post {
+            media_id += 1;
+            let url = format!("https://cdn.example/posts/{post}/{media_id}.jpg");
+            sqlx::query(
+                "INSERT INTO post_media (media_id, post_id, media_url) VALUES ($1, $2, $3)",
+            )
+            .bind(media_id)
+            .bind(post)
+            .bind(&url)
+            .execute(&mut *tx)
+            .await?;
+            let request = Request::PostImage {
+                post_id: post,
+                media_id,
+                media_url: url,
+                uploader_id: Some(author),
+            };
+            enqueued.extend(publisher.enqueue(&mut tx, &request, None).await?);
+        }
+    }
+    tx.commit().await?;
+    publisher.flush(&enqueued).await?;
+    Ok(media_id)
+}
+
+/// Waits until every request is answered and every result stream is drained, showing progress.
+async fn wait_for_answers(
+    pool: &PgPool,
+    config: &Config,
+    options: &DemoOptions,
+    started: Instant,
+) -> Result<()> {
+    let client = redis::Client::open(config.redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let terminal = std::io::stderr().is_terminal();
+    let mut last_line = Instant::now();
+    loop {
+        let requests = status::requests_by_status(pool).await?;
+        let total: i64 = requests.values().sum();
+        let answered: i64 = requests
+            .iter()
+            .filter(|(s, _)| *s != "PENDING")
+            .map(|(_, n)| n)
+            .sum();
+        let mut backlog = 0;
+        for stream in [
+            "ml-insights-results",
+            "face-detection-results",
+            "face-recognition-results",
+            "ml-error-results",
+            "user-profile-face-embedding-results",
+        ] {
+            let report = status::stream_report(&mut conn, config, stream).await?;
+            backlog += report.pending + report.lag.unwrap_or(report.length);
+        }
+        let done = total > 0 && answered == total && backlog == 0;
+        if terminal {
+            let width = 30;
+            let filled = if total == 0 {
+                0
+            } else {
+                (answered * width / total) as usize
+            };
+            eprint!(
+                "\r[{}{}] {answered}/{total} requests answered, {backlog} results in flight   ",
+                "#".repeat(filled),
+                "-".repeat(width as usize - filled)
+            );
+            if done {
+                eprintln!();
+            }
+        } else if done || last_line.elapsed() >= Duration::from_secs(2) {
+            eprintln!("{answered}/{total} requests answered, {backlog} results in flight");
+            last_line = Instant::now();
+        }
+        if done {
+            return Ok(());
+        }
+        if started.elapsed() > options.deadline {
+            bail!(
+                "the demo did not finish within {:?} ({answered}/{total} requests answered, {backlog} results in flight)",
+                options.deadline
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn summarise(
+    pool: &PgPool,
+    config: &Config,
+    options: &DemoOptions,
+    media: i64,
+    elapsed: Duration,
+    processing: Duration,
+) -> Result<Summary> {
+    let count =
+        |sql: &'static str| async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await };
+    let client = redis::Client::open(config.redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let dead_letters: i64 = redis::cmd("XLEN")
+        .arg(config.dlq_key())
+        .query_async(&mut conn)
+        .await?;
+    let entries_processed = count("SELECT count(*) FROM processed_entries").await?;
+    Ok(Summary {
+        users: options.users,
+        posts: options.posts,
+        media,
+        requests: status::requests_by_status(pool).await?,
+        insights: count("SELECT count(*) FROM media_ai_insights").await?,
+        faces: count("SELECT count(*) FROM media_detected_faces").await?,
+        recognised_faces: count(
+            "SELECT count(*) FROM media_detected_faces WHERE status = 'SUGGESTED'",
+        )
+        .await?,
+        profile_embeddings: count("SELECT count(*) FROM user_face_embeddings").await?,
+        ml_errors: count("SELECT count(*) FROM ml_processing_errors").await?,
+        dead_letters,
+        entries_processed,
+        seconds: elapsed.as_secs_f64(),
+        processing_seconds: processing.as_secs_f64(),
+        entries_per_second: entries_processed as f64 / processing.as_secs_f64().max(0.001),
+    })
+}
