@@ -122,9 +122,7 @@ pub async fn consume(
         match outcome {
             Ok(()) => {
                 backoff = FIRST_BACKOFF;
-                if delivery.health.recovered(Dependency::Redis) {
-                    info!(stream, "Redis is reachable again");
-                }
+                delivery.health.observe(Dependency::Redis, Ok(()));
             }
             Err(error) => {
                 if let Some(dependency) = health::blame(&error) {
@@ -161,9 +159,7 @@ async fn process(
     match delivery.process_batch(stream, entries).await {
         Ok(report) => {
             tracing::debug!(stream, ?report, "batch done");
-            if delivery.health.recovered(Dependency::Database) {
-                info!(stream, "PostgreSQL is reachable again");
-            }
+            delivery.health.observe(Dependency::Database, Ok(()));
             Ok(())
         }
         Err(error) => {

@@ -24,6 +24,16 @@ pub enum Dependency {
     Redis,
 }
 
+impl Dependency {
+    /// The name operators know it by.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dependency::Database => "PostgreSQL",
+            Dependency::Redis => "Redis",
+        }
+    }
+}
+
 /// Current outages, shared by every task of the host.
 #[derive(Default, Debug)]
 pub struct Health {
@@ -62,6 +72,22 @@ impl Health {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .is_some()
+    }
+
+    /// Records the outcome of using `dependency`, logging when an outage starts or ends.
+    pub fn observe(&self, dependency: Dependency, outcome: Result<(), String>) {
+        match outcome {
+            Ok(()) => {
+                if self.recovered(dependency) {
+                    tracing::info!("{} is reachable again", dependency.name());
+                }
+            }
+            Err(error) => {
+                if self.failed(dependency, &error) {
+                    tracing::warn!("{} is unavailable: {error}", dependency.name());
+                }
+            }
+        }
     }
 
     /// The current outage of `dependency`, if any.

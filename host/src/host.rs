@@ -90,25 +90,13 @@ impl RunningHost {
                 )
             })?;
 
-        let runtime = Arc::new(PluginRuntime::new(
-            SandboxLimits {
-                call_timeout: config.plugin_timeout,
-                memory_bytes: config.plugin_memory_bytes,
-            },
-            config
-                .plugins
-                .values()
-                .filter_map(|p| p.memory_bytes)
-                .max()
-                .unwrap_or(0),
-            Some(&config.cache_dir),
-        )?);
+        let runtime = Arc::new(PluginRuntime::for_config(&config, Some(&config.cache_dir))?);
         let plugins = {
             let runtime = runtime.clone();
             let config = config.clone();
             tokio::task::spawn_blocking(move || {
                 PluginSet::load_dir(&runtime, &config.plugins_dir, &|name| {
-                    limits_for(&config, name)
+                    SandboxLimits::for_plugin(&config, name)
                 })
             })
             .await
@@ -232,7 +220,7 @@ impl Supervisor {
         let previous = current.clone();
         let next = tokio::task::spawn_blocking(move || {
             PluginSet::rescan(&runtime, &config.plugins_dir, &current, &|name| {
-                limits_for(&config, name)
+                SandboxLimits::for_plugin(&config, name)
             })
         })
         .await
@@ -309,15 +297,6 @@ impl Supervisor {
     async fn publish_status(&self) {
         let streams: Vec<String> = self.consumers.lock().await.keys().cloned().collect();
         status::publish(&self.delivery, &streams, self.started_at).await;
-    }
-}
-
-/// The sandbox limits of the plugin called `name`: its policy's overrides, else the defaults.
-fn limits_for(config: &Config, name: &str) -> SandboxLimits {
-    let policy = config.policy(name);
-    SandboxLimits {
-        call_timeout: policy.timeout.unwrap_or(config.plugin_timeout),
-        memory_bytes: policy.memory_bytes.unwrap_or(config.plugin_memory_bytes),
     }
 }
 
@@ -398,63 +377,24 @@ async fn probe(supervisor: Arc<Supervisor>, mut stop: signal::Receiver<bool>) {
             _ = stop.changed() => return,
         }
         let before = delivery.health.problems().len();
+        let unanswered = |_| "no answer within the probe interval".to_string();
         let database = tokio::time::timeout(
             health::PROBE_INTERVAL,
             sqlx::query("SELECT 1").execute(&delivery.pool),
         )
-        .await;
-        match database {
-            Ok(Ok(_)) => {
-                if delivery.health.recovered(Dependency::Database) {
-                    info!("PostgreSQL is reachable again");
-                }
-            }
-            Ok(Err(error)) => {
-                if delivery
-                    .health
-                    .failed(Dependency::Database, &error.to_string())
-                {
-                    warn!("PostgreSQL is unavailable: {error}");
-                }
-            }
-            Err(_) => {
-                if delivery
-                    .health
-                    .failed(Dependency::Database, "no answer within the probe interval")
-                {
-                    warn!("PostgreSQL does not answer");
-                }
-            }
-        }
+        .await
+        .map_err(unanswered)
+        .and_then(|done| done.map(drop).map_err(|e| e.to_string()));
+        delivery.health.observe(Dependency::Database, database);
         let mut redis = delivery.redis.clone();
         let ping = tokio::time::timeout(
             health::PROBE_INTERVAL,
             redis::cmd("PING").query_async::<()>(&mut redis),
         )
-        .await;
-        match ping {
-            Ok(Ok(())) => {
-                if delivery.health.recovered(Dependency::Redis) {
-                    info!("Redis is reachable again");
-                }
-            }
-            Ok(Err(error)) => {
-                if delivery
-                    .health
-                    .failed(Dependency::Redis, &error.to_string())
-                {
-                    warn!("Redis is unavailable: {error}");
-                }
-            }
-            Err(_) => {
-                if delivery
-                    .health
-                    .failed(Dependency::Redis, "no answer within the probe interval")
-                {
-                    warn!("Redis does not answer");
-                }
-            }
-        }
+        .await
+        .map_err(unanswered)
+        .and_then(|done| done.map_err(|e| e.to_string()));
+        delivery.health.observe(Dependency::Redis, ping);
         if delivery.health.problems().len() != before {
             supervisor.publish_status().await;
         }

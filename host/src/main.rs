@@ -130,6 +130,34 @@ enum PublishCommand {
     PostUpdate(ImageArgs),
 }
 
+impl ImageArgs {
+    /// The request (a post update or a new post image) and its correlation id.
+    fn into_request(self, update: bool) -> (publish::Request, Option<String>) {
+        let (post_id, media_id, media_url, uploader_id) = (
+            self.post_id,
+            self.media_id,
+            self.media_url,
+            self.uploader_id,
+        );
+        let request = if update {
+            publish::Request::PostUpdate {
+                post_id,
+                media_id,
+                media_url,
+                uploader_id,
+            }
+        } else {
+            publish::Request::PostImage {
+                post_id,
+                media_id,
+                media_url,
+                uploader_id,
+            }
+        };
+        (request, self.correlation_id)
+    }
+}
+
 #[derive(clap::Args)]
 struct ImageArgs {
     #[arg(long)]
@@ -392,24 +420,8 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Publish(command) => {
             let config = Arc::new(load_config(cli.config.as_deref(), &BTreeMap::new())?);
             let (request, correlation_id) = match command {
-                PublishCommand::PostImage(args) => (
-                    publish::Request::PostImage {
-                        post_id: args.post_id,
-                        media_id: args.media_id,
-                        media_url: args.media_url,
-                        uploader_id: args.uploader_id,
-                    },
-                    args.correlation_id,
-                ),
-                PublishCommand::PostUpdate(args) => (
-                    publish::Request::PostUpdate {
-                        post_id: args.post_id,
-                        media_id: args.media_id,
-                        media_url: args.media_url,
-                        uploader_id: args.uploader_id,
-                    },
-                    args.correlation_id,
-                ),
+                PublishCommand::PostImage(args) => args.into_request(false),
+                PublishCommand::PostUpdate(args) => args.into_request(true),
                 PublishCommand::ProfilePicture {
                     user_id,
                     image_url,

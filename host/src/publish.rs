@@ -194,6 +194,27 @@ impl Publisher {
         Ok(manager.clone())
     }
 
+    /// The correlation id (given, or a new one) and the fields to publish; `None`, with a log
+    /// line, when publishing is disabled.
+    fn prepare(
+        &self,
+        request: &Request,
+        correlation_id: Option<String>,
+    ) -> Option<(String, Vec<(String, String)>)> {
+        if !self.config.processing_enabled {
+            info!(
+                stream = request.stream(),
+                "ML processing is disabled (ML_PROCESSING_ENABLED=false); not publishing the request"
+            );
+            return None;
+        }
+        let correlation_id = correlation_id
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(new_correlation_id);
+        let fields = request.fields(&correlation_id);
+        Some((correlation_id, fields))
+    }
+
     fn critical(&self, stream: &str) -> bool {
         self.config.critical_streams.iter().any(|s| s == stream)
     }
@@ -207,17 +228,9 @@ impl Publisher {
         correlation_id: Option<String>,
     ) -> Result<Option<Published>> {
         let stream = request.stream();
-        if !self.config.processing_enabled {
-            info!(
-                stream,
-                "ML processing is disabled (ML_PROCESSING_ENABLED=false); not publishing the request"
-            );
+        let Some((correlation_id, fields)) = self.prepare(request, correlation_id) else {
             return Ok(None);
-        }
-        let correlation_id = correlation_id
-            .filter(|c| !c.is_empty())
-            .unwrap_or_else(new_correlation_id);
-        let fields = request.fields(&correlation_id);
+        };
         record(&self.pool, request, &correlation_id, &fields, false)
             .await
             .with_context(|| format!("cannot record request {correlation_id} for {stream}"))?;
@@ -274,17 +287,9 @@ impl Publisher {
         correlation_id: Option<String>,
     ) -> Result<Option<Published>> {
         let stream = request.stream();
-        if !self.config.processing_enabled {
-            info!(
-                stream,
-                "ML processing is disabled (ML_PROCESSING_ENABLED=false); not enqueuing the request"
-            );
+        let Some((correlation_id, fields)) = self.prepare(request, correlation_id) else {
             return Ok(None);
-        }
-        let correlation_id = correlation_id
-            .filter(|c| !c.is_empty())
-            .unwrap_or_else(new_correlation_id);
-        let fields = request.fields(&correlation_id);
+        };
         record(&mut *tx, request, &correlation_id, &fields, true)
             .await
             .with_context(|| format!("cannot record request {correlation_id} for {stream}"))?;

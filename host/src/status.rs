@@ -463,51 +463,14 @@ pub fn render(report: &Report) -> String {
             s.stream, s.length, lag, s.pending, oldest, consumers
         ));
     }
-    let kinds = report
-        .dead_letters
-        .by_kind
-        .iter()
-        .map(|(k, n)| format!("{k}={n}"))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let kinds = counts(&report.dead_letters.by_kind);
     out.push_str(&format!(
         "\ndead letters ({}): {} {}\n",
         report.dead_letters.stream, report.dead_letters.length, kinds
     ));
     match &report.requests {
-        Some(requests) => {
-            let counts = requests
-                .iter()
-                .map(|(k, n)| format!("{k}={n}"))
-                .collect::<Vec<_>>()
-                .join(" ");
-            out.push_str(&format!(
-                "requests: {}\n",
-                if counts.is_empty() {
-                    "none".to_string()
-                } else {
-                    counts
-                }
-            ));
-        }
-        None => out.push_str("requests: (database unavailable)\n"),
-    }
-    match &report.requests {
-        Some(requests) => {
-            let counts = requests
-                .iter()
-                .map(|(k, n)| format!("{k}={n}"))
-                .collect::<Vec<_>>()
-                .join(" ");
-            out.push_str(&format!(
-                "requests: {}\n",
-                if counts.is_empty() {
-                    "none".to_string()
-                } else {
-                    counts
-                }
-            ));
-        }
+        Some(requests) if requests.is_empty() => out.push_str("requests: none\n"),
+        Some(requests) => out.push_str(&format!("requests: {}\n", counts(requests))),
         None => out.push_str("requests: (database unavailable)\n"),
     }
     out.push_str("\nhosts:\n");
@@ -538,6 +501,15 @@ pub fn render(report: &Report) -> String {
         }
     }
     out
+}
+
+/// `name=count name=count ...`
+fn counts<N: std::fmt::Display>(counts: &BTreeMap<String, N>) -> String {
+    counts
+        .iter()
+        .map(|(name, n)| format!("{name}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn text(value: &Value) -> Option<String> {

@@ -12,26 +12,8 @@ use std::path::Path;
 
 /// Loads `file` the way the host would (without the compiled cache, so compile time is real).
 pub fn load(config: &Config, file: &Path) -> Result<Plugin> {
-    let runtime = PluginRuntime::new(
-        SandboxLimits {
-            call_timeout: config.plugin_timeout,
-            memory_bytes: config.plugin_memory_bytes,
-        },
-        config
-            .plugins
-            .values()
-            .filter_map(|p| p.memory_bytes)
-            .max()
-            .unwrap_or(0),
-        None,
-    )?;
-    runtime.load(file, &|name| {
-        let policy = config.policy(name);
-        SandboxLimits {
-            call_timeout: policy.timeout.unwrap_or(config.plugin_timeout),
-            memory_bytes: policy.memory_bytes.unwrap_or(config.plugin_memory_bytes),
-        }
-    })
+    PluginRuntime::for_config(config, None)?
+        .load(file, &|name| SandboxLimits::for_plugin(config, name))
 }
 
 /// What `plugin check` prints about a loadable plugin.

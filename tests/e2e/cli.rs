@@ -122,12 +122,7 @@ async fn run_against_an_empty_database_migrates_it_and_serves() {
             .unwrap();
     assert_eq!(ledger, 1);
 
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    crate::support::signal(&child, "TERM");
     let child = std::sync::Mutex::new(child);
     let exit = eventually("the binary to exit after SIGTERM", || {
         let exited = child.lock().unwrap().try_wait().ok().flatten();

@@ -1,8 +1,7 @@
 //! Faults done for real: a host killed with SIGKILL, SIGTERM under load, Redis connections
 //! killed and Redis paused, PostgreSQL refusing connections.
 
-use crate::support::{ADMIN_URL, Options, TestEnv, eventually};
-use std::process::Command;
+use crate::support::{ADMIN_URL, Options, TestEnv, eventually, signal};
 use std::time::Duration;
 
 const DETECTION: &str = "face-detection-results";
@@ -32,15 +31,6 @@ fn caption(media: i64) -> Vec<(String, String)> {
     ]
 }
 
-fn signal(child: &std::process::Child, signal: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} failed");
-}
-
 /// Asserts every detection for media `1..=count` is stored exactly once.
 async fn assert_detections_exactly_once(env: &TestEnv, count: i64) {
     assert_eq!(
@@ -48,15 +38,9 @@ async fn assert_detections_exactly_once(env: &TestEnv, count: i64) {
         count,
         "ledger count equals entries published"
     );
-    let faces: i64 = sqlx::query_scalar("SELECT count(*) FROM media_detected_faces")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let faces = env.count("SELECT count(*) FROM media_detected_faces").await;
     assert_eq!(faces, 2 * count, "two faces per media, none doubled");
-    let wrong: i64 = sqlx::query_scalar("SELECT count(*) FROM media_ai_insights WHERE faces_detected <> 2 OR face_detection_status <> 'COMPLETED'")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let wrong = env.count("SELECT count(*) FROM media_ai_insights WHERE faces_detected <> 2 OR face_detection_status <> 'COMPLETED'").await;
     assert_eq!(wrong, 0);
     env.await_no_pending(DETECTION).await;
     assert!(
@@ -172,10 +156,7 @@ async fn sigterm_under_load_exits_zero_with_nothing_half_done() {
         (env.ledger_count(INSIGHTS).await == COUNT).then_some(())
     })
     .await;
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM media_ai_insights")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let rows = env.count("SELECT count(*) FROM media_ai_insights").await;
     assert_eq!(rows, COUNT);
     signal(&next, "TERM");
     assert!(next.wait().unwrap().success());
@@ -239,10 +220,7 @@ async fn killed_redis_connections_and_a_paused_redis_lose_and_double_nothing() {
         (env.ledger_count(INSIGHTS).await == COUNT).then_some(())
     })
     .await;
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM media_ai_insights")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let rows = env.count("SELECT count(*) FROM media_ai_insights").await;
     assert_eq!(rows, COUNT);
     env.await_no_pending(INSIGHTS).await;
     assert!(env.dead_letters().await.is_empty());
@@ -302,10 +280,7 @@ async fn postgres_refusing_connections_delays_but_loses_and_doubles_nothing() {
         (env.ledger_count(INSIGHTS).await == COUNT).then_some(())
     })
     .await;
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM media_ai_insights")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let rows = env.count("SELECT count(*) FROM media_ai_insights").await;
     assert_eq!(rows, COUNT);
     env.await_no_pending(INSIGHTS).await;
     assert!(

@@ -208,21 +208,14 @@ fn face(rng: &mut Rng, depth: usize) -> String {
 }
 
 fn fuzz(plugin: &str, names: &[&str], seed: u64) {
-    let runtime = PluginRuntime::new(
-        SandboxLimits {
-            call_timeout: Duration::from_secs(10),
-            memory_bytes: 64 << 20,
-        },
-        0,
-        None,
-    )
-    .unwrap();
-    let limits = |_: &str| SandboxLimits {
-        call_timeout: Duration::from_secs(10),
+    // The shipped defaults: a trap, a 30 s timeout or the 64 MiB cap would fail the test.
+    let limits = SandboxLimits {
+        call_timeout: Duration::from_secs(30),
         memory_bytes: 64 << 20,
     };
+    let runtime = PluginRuntime::new(limits, 0, None).unwrap();
     let loaded = runtime
-        .load(&crate::support::plugin_file(plugin), &limits)
+        .load(&crate::support::plugin_file(plugin), &|_| limits)
         .unwrap();
     let mut rng = Rng(seed);
     let mut outcomes = [0usize; 3];

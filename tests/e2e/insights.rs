@@ -93,16 +93,10 @@ async fn five_real_services_for_one_media_merge_into_one_row() {
     );
     assert_eq!(row.8.as_deref(), Some("c-1"));
 
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM media_ai_insights")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let rows = env.count("SELECT count(*) FROM media_ai_insights").await;
     assert_eq!(rows, 1, "all five services merge into one row");
     // The search column indexes the merged tags and caption.
-    let found: i64 = sqlx::query_scalar("SELECT count(*) FROM media_ai_insights WHERE search_vector @@ to_tsquery('simple', 'beach & a')")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let found = env.count("SELECT count(*) FROM media_ai_insights WHERE search_vector @@ to_tsquery('simple', 'beach & a')").await;
     assert_eq!(found, 1);
     env.await_no_pending(STREAM).await;
     assert!(env.dead_letters().await.is_empty());

@@ -18,12 +18,8 @@ fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_health_and_readiness_are_served_over_http() {
-    let env =
-        TestEnv::start(Options::new(&["insights"]).set("KALEIDOSCOPE_HTTP_ADDR", "127.0.0.1:0"))
-            .await;
-    let addr = env.host().http_addr().expect("HTTP is enabled");
+/// One processed entry, one dead letter, and one tracked request.
+async fn some_traffic(env: &TestEnv, request: Request) {
     env.seed_media(1, &[1, 2]).await;
     let ok = env
         .publish(
@@ -42,17 +38,28 @@ async fn metrics_health_and_readiness_are_served_over_http() {
     env.await_dead_letter("ml-insights-results", &bad).await;
     let publisher = Publisher::new(Arc::new(env.config.clone()), env.pool.clone()).unwrap();
     publisher
-        .publish(
-            &Request::PostImage {
-                post_id: 1,
-                media_id: 2,
-                media_url: "u".into(),
-                uploader_id: None,
-            },
-            None,
-        )
+        .publish(&request, None)
         .await
-        .unwrap();
+        .unwrap()
+        .expect("published");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_readiness_are_served_over_http() {
+    let env =
+        TestEnv::start(Options::new(&["insights"]).set("KALEIDOSCOPE_HTTP_ADDR", "127.0.0.1:0"))
+            .await;
+    let addr = env.host().http_addr().expect("HTTP is enabled");
+    some_traffic(
+        &env,
+        Request::PostImage {
+            post_id: 1,
+            media_id: 2,
+            media_url: "u".into(),
+            uploader_id: None,
+        },
+    )
+    .await;
 
     assert_eq!(get(addr, "/healthz"), (200, "ok\n".to_string()));
     assert_eq!(get(addr, "/readyz").0, 200);
@@ -87,33 +94,14 @@ async fn metrics_health_and_readiness_are_served_over_http() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_json_reports_streams_dead_letters_requests_and_plugins() {
     let env = TestEnv::start(Options::new(&["insights", "scripted"]).retries(5, 60_000)).await;
-    env.seed_media(1, &[1]).await;
-    let ok = env
-        .publish(
-            "ml-insights-results",
-            &[
-                ("mediaId", "1"),
-                ("service", "image_captioning"),
-                ("caption", "x"),
-            ],
-        )
-        .await;
-    let bad = env
-        .publish("ml-insights-results", &[("mediaId", "nope")])
-        .await;
-    env.await_processed("ml-insights-results", &ok).await;
-    env.await_dead_letter("ml-insights-results", &bad).await;
-    let publisher = Publisher::new(Arc::new(env.config.clone()), env.pool.clone()).unwrap();
-    publisher
-        .publish(
-            &Request::ProfilePicture {
-                user_id: 1,
-                image_url: "u".into(),
-            },
-            None,
-        )
-        .await
-        .unwrap();
+    some_traffic(
+        &env,
+        Request::ProfilePicture {
+            user_id: 1,
+            image_url: "u".into(),
+        },
+    )
+    .await;
 
     let (report, healthy) = env.status();
     assert!(healthy, "{report}");
@@ -183,11 +171,7 @@ async fn json_logs_carry_the_entry_span_with_its_correlation_id() {
         )
         .await;
     env.await_processed("ml-insights-results", &id).await;
-    std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(host.id().to_string())
-        .status()
-        .unwrap();
+    crate::support::signal(&host, "TERM");
     assert!(host.wait().unwrap().success());
 
     let text = std::fs::read_to_string(&log).unwrap();

@@ -31,10 +31,7 @@ async fn init_sentinels_are_acknowledged_and_never_dead_lettered() {
         env.dead_letters().await.is_empty(),
         "a sentinel is not a failure"
     );
-    let ledger: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_entries")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let ledger = env.count("SELECT count(*) FROM processed_entries").await;
     assert_eq!(ledger, 0, "sentinels carry no result and are not recorded");
     env.finish().await;
 }
@@ -130,10 +127,7 @@ async fn a_result_for_unknown_media_is_retried_then_dead_lettered_as_retries_exh
         letter["error"]
     );
     env.await_no_pending(INSIGHTS).await;
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM media_ai_insights")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let rows = env.count("SELECT count(*) FROM media_ai_insights").await;
     assert_eq!(rows, 0);
     assert_eq!(
         env.dead_letters().await.len(),

@@ -304,10 +304,7 @@ async fn enqueued_requests_are_published_only_after_their_transaction_commits() 
         statuses(&env).await,
         [("committed".to_string(), "PENDING".to_string())]
     );
-    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let outbox = env.count("SELECT count(*) FROM outbox").await;
     assert_eq!(outbox, 0);
     env.finish().await;
 }

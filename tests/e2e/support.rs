@@ -277,14 +277,15 @@ impl TestEnv {
 
     /// The plugin version the ledger recorded for an entry.
     pub async fn ledger_version(&self, stream: &str, entry_id: &str) -> Option<String> {
-        sqlx::query_scalar(
-            "SELECT plugin_version FROM processed_entries WHERE stream = $1 AND entry_id = $2",
-        )
-        .bind(stream)
-        .bind(entry_id)
-        .fetch_optional(&self.pool)
-        .await
-        .expect("ledger query")
+        self.ledger_field("plugin_version", stream, entry_id).await
+    }
+
+    /// A value of the test database that a `SELECT count(*) ...` returns.
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
     /// The `kaleidoscope` binary set up with this environment's configuration.
@@ -498,14 +499,27 @@ impl TestEnv {
 
     /// Whether the ledger has `entry_id` of `stream`, and with which outcome.
     pub async fn ledger_outcome(&self, stream: &str, entry_id: &str) -> Option<String> {
-        sqlx::query_scalar(
-            "SELECT outcome FROM processed_entries WHERE stream = $1 AND entry_id = $2",
-        )
-        .bind(stream)
-        .bind(entry_id)
-        .fetch_optional(&self.pool)
-        .await
-        .expect("ledger query")
+        self.ledger_field("outcome", stream, entry_id).await
+    }
+
+    async fn ledger_field(
+        &self,
+        column: &'static str,
+        stream: &str,
+        entry_id: &str,
+    ) -> Option<String> {
+        let sql = match column {
+            "outcome" => {
+                "SELECT outcome FROM processed_entries WHERE stream = $1 AND entry_id = $2"
+            }
+            _ => "SELECT plugin_version FROM processed_entries WHERE stream = $1 AND entry_id = $2",
+        };
+        sqlx::query_scalar(sql)
+            .bind(stream)
+            .bind(entry_id)
+            .fetch_optional(&self.pool)
+            .await
+            .expect("ledger query")
     }
 
     /// Waits until the ledger records `entry_id` as processed.
@@ -584,6 +598,16 @@ impl TestEnv {
         let _ = std::fs::remove_dir_all(&self.plugins_dir);
         let _ = std::fs::remove_file(&self.config_file);
     }
+}
+
+/// Sends `signal` (e.g. `TERM`, `KILL`) to a child process.
+pub fn signal(child: &std::process::Child, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} failed");
 }
 
 fn text(value: redis::Value) -> String {

@@ -42,6 +42,18 @@ pub struct SandboxLimits {
     pub memory_bytes: usize,
 }
 
+impl SandboxLimits {
+    /// The limits of the plugin called `name` under `config`: its `[plugins.<name>]` overrides,
+    /// else the defaults.
+    pub fn for_plugin(config: &crate::config::Config, name: &str) -> Self {
+        let policy = config.policy(name);
+        SandboxLimits {
+            call_timeout: policy.timeout.unwrap_or(config.plugin_timeout),
+            memory_bytes: policy.memory_bytes.unwrap_or(config.plugin_memory_bytes),
+        }
+    }
+}
+
 /// What one `handle` call came to. The host maps each case onto the delivery protocol.
 #[derive(Debug)]
 pub enum HandlerOutcome {
@@ -201,6 +213,22 @@ impl PluginRuntime {
             }
         }
         Ok((component, false))
+    }
+
+    /// A runtime for `config`: its default limits, memory slots large enough for every plugin's
+    /// own cap, and compiled components cached in `cache_dir` when given.
+    pub fn for_config(config: &crate::config::Config, cache_dir: Option<&Path>) -> Result<Self> {
+        let defaults = SandboxLimits {
+            call_timeout: config.plugin_timeout,
+            memory_bytes: config.plugin_memory_bytes,
+        };
+        let largest = config
+            .plugins
+            .values()
+            .filter_map(|p| p.memory_bytes)
+            .max()
+            .unwrap_or(0);
+        Self::new(defaults, largest, cache_dir)
     }
 
     /// The limits every call runs under.
