@@ -95,3 +95,50 @@ fn exec_reports_a_failure_with_exit_code_2() {
     assert_eq!(report["outcome"], "malformed");
     assert!(report["reason"].as_str().unwrap().contains("mediaId"));
 }
+
+/// The plugin author guide walks through the shipped `user-face-embeddings` plugin; its code
+/// blocks must be the real files (whose behaviour the end-to-end tests check), so following the
+/// guide literally produces a working plugin.
+#[test]
+fn the_plugin_guide_matches_the_plugin_it_builds() {
+    let root = crate::support::workspace();
+    let guide = std::fs::read_to_string(root.join("docs/plugins.md")).unwrap();
+    let block_after = |marker: &str| -> String {
+        let start = guide
+            .find(marker)
+            .unwrap_or_else(|| panic!("the guide lost its `{marker}` step"));
+        let fence = guide[start..].find("```").unwrap() + start;
+        let body = guide[fence..].find('\n').unwrap() + fence + 1;
+        let end = guide[body..].find("```").unwrap() + body;
+        guide[body..end].to_string()
+    };
+    // Comments and layout may differ (rustfmt, doc comments); the code may not.
+    let code = |text: &str| -> String {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with("//") && !l.starts_with("--"))
+            .collect::<String>()
+            .split_whitespace()
+            .collect::<String>()
+            .replace(",)", ")")
+            .replace(",]", "]")
+            .replace(",}", "}")
+    };
+    let file = |path: &str| std::fs::read_to_string(root.join(path)).unwrap();
+
+    assert_eq!(
+        code(&block_after("`plugins/user-face-embeddings/Cargo.toml`:")),
+        code(&file("plugins/user-face-embeddings/Cargo.toml"))
+    );
+    let shipped = code(&file("plugins/user-face-embeddings/src/lib.rs"));
+    let shown = code(&block_after("`plugins/user-face-embeddings/src/lib.rs`:"));
+    assert_eq!(
+        shown, shipped,
+        "docs/plugins.md step 3 differs from the shipped plugin"
+    );
+    let migration = code(&file("migrations/20261126000003_user_face_embeddings.sql"));
+    assert!(migration.contains(&code(&block_after(
+        "`migrations/20261126000003_user_face_embeddings.sql`:"
+    ))));
+    assert!(file("plugins/Cargo.toml").contains("\"user-face-embeddings\""));
+}
