@@ -295,3 +295,43 @@ async fn postgres_refusing_connections_delays_but_loses_and_doubles_nothing() {
     .await;
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_consumer_group_is_recreated_and_nothing_runs_twice() {
+    let env = TestEnv::start(Options::new(&["insights"])).await;
+    env.seed_media(1, &[1, 2]).await;
+    let first = env
+        .publish(
+            INSIGHTS,
+            &[
+                ("mediaId", "1"),
+                ("service", "image_captioning"),
+                ("caption", "one"),
+            ],
+        )
+        .await;
+    env.await_processed(INSIGHTS, &first).await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(env.key(INSIGHTS))
+        .arg(&env.config.consumer_group)
+        .query_async(&mut env.redis.clone())
+        .await
+        .unwrap();
+    let second = env
+        .publish(
+            INSIGHTS,
+            &[
+                ("mediaId", "2"),
+                ("service", "image_captioning"),
+                ("caption", "two"),
+            ],
+        )
+        .await;
+    env.await_processed(INSIGHTS, &second).await;
+    // The recreated group starts at 0: the first entry is delivered again and recognised.
+    env.await_drained(INSIGHTS).await;
+    assert_eq!(env.ledger_count(INSIGHTS).await, 2);
+    assert!(env.dead_letters().await.is_empty());
+    env.finish().await;
+}
