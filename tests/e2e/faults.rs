@@ -335,3 +335,97 @@ async fn a_vanished_consumer_group_is_recreated_and_nothing_runs_twice() {
     assert!(env.dead_letters().await.is_empty());
     env.finish().await;
 }
+
+/// Starts a host whose `mock-loop` plugin never returns (deadline 10 minutes) and waits until a
+/// batch is stuck in it. The host's log goes to the returned file.
+async fn host_stuck_in_a_batch(
+    env: &TestEnv,
+    consumer: &str,
+    extra: &[(&str, &str)],
+    pending_when_stuck: i64,
+) -> (std::process::Child, std::path::PathBuf) {
+    let log = env.plugins_dir.with_extension(format!("{consumer}.log"));
+    let mut command = env.binary(&["run"]);
+    command
+        .env("KALEIDOSCOPE_CONSUMER_NAME", consumer)
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (name, value) in extra {
+        command.env(name, value);
+    }
+    let host = command.spawn().unwrap();
+    env.publish("mock-loop", &[("note", "forever")]).await;
+    eventually("the batch to be stuck in the plugin", || async {
+        let serving = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("host is serving");
+        (serving && env.pending("mock-loop").await == pending_when_stuck).then_some(())
+    })
+    .await;
+    (host, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_or_the_shutdown_timeout_ends_a_stuck_shutdown() {
+    let env = TestEnv::prepare(
+        Options::new(&["looping"]).plugin_setting("looping", "timeout_ms = 600000"),
+    )
+    .await;
+
+    // Shutdown waits for the batch in flight; a second signal exits at once, non-zero. (If it did
+    // not, the host would wait for the plugin's 10-minute deadline and the test would time out.)
+    let (mut host, log) = host_stuck_in_a_batch(
+        &env,
+        "host-twice",
+        &[("KALEIDOSCOPE_SHUTDOWN_TIMEOUT_MS", "600000")],
+        1,
+    )
+    .await;
+    signal(&host, "TERM");
+    eventually("the host to begin its shutdown", || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("shutting down")
+            .then_some(())
+    })
+    .await;
+    signal(&host, "TERM");
+    let status = await_exit(&mut host).await;
+    assert!(
+        !status.success(),
+        "a forced exit is not a clean one: {status:?}"
+    );
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("second signal")
+    );
+
+    // The shutdown timeout does the same without a second signal.
+    let (mut host, log) = host_stuck_in_a_batch(
+        &env,
+        "host-timeout",
+        &[("KALEIDOSCOPE_SHUTDOWN_TIMEOUT_MS", "300")],
+        2,
+    )
+    .await;
+    signal(&host, "TERM");
+    let status = await_exit(&mut host).await;
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("did not finish within")
+    );
+    // Nothing was lost: both entries are still pending, for another consumer to reclaim.
+    assert_eq!(env.pending("mock-loop").await, 2);
+    env.finish().await;
+}
+
+async fn await_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let child = std::sync::Mutex::new(child);
+    eventually("the host process to exit", || {
+        let exited = child.lock().unwrap().try_wait().unwrap();
+        async move { exited }
+    })
+    .await
+}

@@ -404,14 +404,15 @@ impl TestEnv {
             .expect("XADD")
     }
 
-    /// The group's pending count on a logical stream.
+    /// The group's pending count on a logical stream (0 while the group does not exist).
     pub async fn pending(&self, stream: &str) -> i64 {
         let reply: redis::Value = redis::cmd("XPENDING")
             .arg(self.key(stream))
             .arg(&self.config.consumer_group)
             .query_async(&mut self.redis.clone())
             .await
-            .expect("XPENDING");
+            // No group yet (a host still starting): nothing is pending.
+            .unwrap_or(redis::Value::Nil);
         match reply {
             redis::Value::Array(parts) => match parts.first() {
                 Some(redis::Value::Int(n)) => *n,
@@ -596,7 +597,15 @@ impl TestEnv {
             admin.close().await;
         }
         let _ = std::fs::remove_dir_all(&self.plugins_dir);
-        let _ = std::fs::remove_file(&self.config_file);
+        // The configuration file and host logs next to it (`<name>.toml`, `<name>.<host>.log`).
+        if let (Some(dir), Some(name)) = (self.plugins_dir.parent(), self.plugins_dir.file_name()) {
+            let prefix = format!("{}.", name.to_string_lossy());
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
     }
 }
 
