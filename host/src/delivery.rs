@@ -429,6 +429,31 @@ impl Delivery {
         plugin: &Plugin,
         items: &mut [Item],
     ) -> Result<Vec<OutboxMessage>> {
+        // Optimistically all entries in one go; only when one of them fails inside the database
+        // is the batch run again with a savepoint per entry (two more round trips per entry), so
+        // that the failing entry is rolled back alone.
+        if let Some(messages) = self.commit_pass(stream, plugin, items, false).await? {
+            return Ok(messages);
+        }
+        debug!(
+            stream,
+            "an entry failed inside the batch; running it again with one savepoint per entry"
+        );
+        self.commit_pass(stream, plugin, items, true)
+            .await?
+            .context("the isolated pass asked for isolation")
+    }
+
+    /// One attempt at the batch transaction. Without `isolate`, returns `None` (and rolls back)
+    /// as soon as an entry fails inside the database; with it, each entry runs in a savepoint
+    /// and a failing entry is rolled back alone and decided (retry or dead letter).
+    async fn commit_pass(
+        &self,
+        stream: &str,
+        plugin: &Plugin,
+        items: &mut [Item],
+        isolate: bool,
+    ) -> Result<Option<Vec<OutboxMessage>>> {
         let needs_db = items.iter().any(|item| {
             matches!(
                 item.decision,
@@ -436,7 +461,7 @@ impl Delivery {
             )
         });
         if !needs_db {
-            return Ok(Vec::new());
+            return Ok(Some(Vec::new()));
         }
         let mut tx = self
             .pool
@@ -446,23 +471,34 @@ impl Delivery {
         let mut messages = Vec::new();
         for item in items.iter_mut() {
             if let Some(Decision::Persist(statements)) = &item.decision {
-                savepoint(&mut tx, "SAVEPOINT entry").await?;
-                match self
+                if isolate {
+                    savepoint(&mut tx, "SAVEPOINT entry").await?;
+                }
+                let outcome = self
                     .persist_entry(&mut tx, stream, plugin, &item.entry.id, statements)
-                    .await
-                {
+                    .await;
+                match outcome {
                     Ok(Some(emitted)) => {
-                        savepoint(&mut tx, "RELEASE SAVEPOINT entry").await?;
+                        if isolate {
+                            savepoint(&mut tx, "RELEASE SAVEPOINT entry").await?;
+                        }
                         messages.extend(emitted);
                     }
+                    // Already in the ledger: nothing of this entry was written.
                     Ok(None) => {
-                        savepoint(&mut tx, "ROLLBACK TO SAVEPOINT entry").await?;
+                        if isolate {
+                            savepoint(&mut tx, "RELEASE SAVEPOINT entry").await?;
+                        }
                         item.decision = Some(Decision::Redelivered);
                     }
                     Err(ExecError::Unavailable(error)) => {
                         return Err(error).context(
                             "the database failed during the batch; nothing was acknowledged",
                         );
+                    }
+                    // The transaction is aborted; dropping it rolls back.
+                    Err(ExecError::Retry(_) | ExecError::Permanent(_)) if !isolate => {
+                        return Ok(None);
                     }
                     Err(ExecError::Retry(reason)) => {
                         savepoint(&mut tx, "ROLLBACK TO SAVEPOINT entry").await?;
@@ -513,7 +549,7 @@ impl Delivery {
         tx.commit()
             .await
             .context("cannot commit the batch transaction")?;
-        Ok(messages)
+        Ok(Some(messages))
     }
 
     /// Ledger row, statements and emits of one entry. `Ok(None)`: the ledger already had it.

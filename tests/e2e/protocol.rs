@@ -294,3 +294,59 @@ async fn a_database_index_in_the_redis_url_is_used() {
     env.await_no_pending(INSIGHTS).await;
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_failing_in_the_database_does_not_fail_its_batch_neighbours() {
+    // Published before the host starts, so the three entries arrive in one batch.
+    let env = TestEnv::prepare(Options::new(&["insights"]).retries(1, 200)).await;
+    env.seed_media(7, &[71, 73]).await;
+    let first = env
+        .publish(
+            INSIGHTS,
+            &[
+                ("mediaId", "71"),
+                ("service", "image_captioning"),
+                ("caption", "one"),
+            ],
+        )
+        .await;
+    let orphan = env
+        .publish(
+            INSIGHTS,
+            &[
+                ("mediaId", "72"),
+                ("service", "image_captioning"),
+                ("caption", "no media"),
+            ],
+        )
+        .await;
+    let third = env
+        .publish(
+            INSIGHTS,
+            &[
+                ("mediaId", "73"),
+                ("service", "image_captioning"),
+                ("caption", "three"),
+            ],
+        )
+        .await;
+    let env = env.with_host().await;
+
+    env.await_processed(INSIGHTS, &first).await;
+    env.await_processed(INSIGHTS, &third).await;
+    let letter = env.await_dead_letter(INSIGHTS, &orphan).await;
+    assert_eq!(letter["failureKind"], "retries-exhausted");
+    assert!(
+        letter["error"].contains("post_media"),
+        "{}",
+        letter["error"]
+    );
+    let captions: Vec<String> =
+        sqlx::query_scalar("SELECT caption FROM media_ai_insights ORDER BY media_id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(captions, ["one", "three"]);
+    env.await_no_pending(INSIGHTS).await;
+    env.finish().await;
+}
