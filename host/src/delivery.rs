@@ -5,8 +5,9 @@
 //! 3. Every other entry goes to the handler plugin of its stream, on a blocking thread, each on a
 //!    fresh instance: a trap, timeout or memory-limit hit fails that entry only.
 //! 4. Commands are validated against the live schema.
-//! 5. One transaction: per entry, inside a savepoint, the ledger row, the commands and the outbox
-//!    messages (emits). A database error rolls back that entry's savepoint only. Dead letters are
+//! 5. One transaction: per entry, the ledger row, the commands and the outbox messages (emits).
+//!    When an entry fails inside the database, the transaction is rolled back and run again with
+//!    a savepoint per entry, so the error rolls back that entry only. Dead letters are
 //!    written to the ledger and the outbox in the same transaction.
 //! 6. After commit: outbox messages are published, then the finished entries are acknowledged.
 //!
