@@ -55,6 +55,8 @@ pub struct Summary {
     pub processing_seconds: f64,
     /// Result entries per second of processing (read, handle, commit, acknowledge).
     pub entries_per_second: f64,
+    /// Where the demo's streams are.
+    pub stream_prefix: String,
 }
 
 impl Summary {
@@ -76,7 +78,7 @@ impl Summary {
              \x20 ML errors        {} recorded\n\
              \x20 dead letters     {}\n\
              \x20 throughput       {} result entries stored in {:.1} s = {:.0} entries/s end to end\n\
-             Look around: kaleidoscope status --json, or psql on the demo database.\n",
+             Look around: psql on the demo database; its streams are prefixed {}.\n",
             self.seconds,
             self.users,
             self.posts,
@@ -90,6 +92,7 @@ impl Summary {
             self.entries_processed,
             self.processing_seconds,
             self.entries_per_second,
+            self.stream_prefix,
         )
     }
 }
@@ -335,5 +338,6 @@ async fn summarise(
         seconds: elapsed.as_secs_f64(),
         processing_seconds: processing.as_secs_f64(),
         entries_per_second: entries_processed as f64 / processing.as_secs_f64().max(0.001),
+        stream_prefix: config.stream_prefix.clone(),
     })
 }
