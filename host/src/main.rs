@@ -87,7 +87,7 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         media_per_post: i64,
         /// Fraction of requests the simulator answers with an error.
-        #[arg(long, default_value_t = 0.05)]
+        #[arg(long, default_value_t = 0.05, value_parser = fraction)]
         error_rate: f64,
         /// The demo database (default: DATABASE_URL with the database `kaleidoscope_demo`).
         #[arg(long)]
@@ -104,7 +104,7 @@ enum Command {
     #[command(name = "simulate-ml", after_long_help = config::env_help())]
     SimulateMl {
         /// Fraction of requests (0.0 to 1.0) answered with an error instead of results.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = fraction)]
         error_rate: f64,
         /// Length of the embeddings it sends (the real services send 1408).
         #[arg(long, default_value_t = 1408)]
@@ -457,9 +457,6 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             if users < 1 || posts < 1 || media_per_post < 1 {
                 anyhow::bail!("--users, --posts and --media-per-post must be at least 1");
             }
-            if !(0.0..=1.0).contains(&error_rate) {
-                anyhow::bail!("--error-rate must be between 0 and 1, got {error_rate}");
-            }
             let config = load_config(cli.config.as_deref(), &BTreeMap::new())?;
             let database_url = database_url
                 .unwrap_or_else(|| with_database(&config.database_url, "kaleidoscope_demo"));
@@ -484,9 +481,6 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             error_rate,
             embedding_dims,
         } => {
-            if !(0.0..=1.0).contains(&error_rate) {
-                anyhow::bail!("--error-rate must be between 0 and 1, got {error_rate}");
-            }
             let config = load_config(cli.config.as_deref(), &BTreeMap::new())?;
             let options = simulate::SimulatorOptions {
                 error_rate,
@@ -557,6 +551,14 @@ fn plugin_command(
                 ExitCode::from(2)
             })
         }
+    }
+}
+
+/// A fraction from 0 to 1 (an error rate).
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err(format!("expected a number from 0 to 1, got {text:?}")),
     }
 }
 

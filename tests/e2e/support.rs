@@ -382,14 +382,8 @@ impl TestEnv {
 
     /// Adds an entry to a logical stream and returns its id.
     pub async fn publish(&self, stream: &str, fields: &[(&str, &str)]) -> String {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(self.key(stream)).arg("*");
-        for (k, v) in fields {
-            cmd.arg(*k).arg(*v);
-        }
-        cmd.query_async(&mut self.redis.clone())
-            .await
-            .expect("XADD")
+        let fields: Vec<(&str, &[u8])> = fields.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+        self.publish_bytes(stream, &fields).await
     }
 
     /// Adds an entry whose field values are raw bytes.
