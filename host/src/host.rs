@@ -445,10 +445,7 @@ async fn relay_once(delivery: &Delivery) -> Result<()> {
         streams::add(&mut redis, &message.stream_key, &message.fields).await?;
     }
     let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
-    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await?;
+    ledger::remove(&mut *tx, &ids).await?;
     tx.commit().await?;
     info!(
         count = ids.len(),

@@ -310,17 +310,13 @@ impl Publisher {
         if ids.is_empty() {
             return Ok(());
         }
-        let rows: Vec<(i64, String, String)> =
-            sqlx::query_as("SELECT id, stream, fields::text FROM outbox WHERE id = ANY($1)")
-                .bind(&ids)
-                .fetch_all(&self.pool)
-                .await
-                .context("cannot read enqueued requests (was the transaction committed?)")?;
+        let messages = ledger::fetch(&self.pool, &ids)
+            .await
+            .context("cannot read enqueued requests (was the transaction committed?)")?;
         let mut redis = self.redis().await?;
-        for (id, key, fields) in rows {
-            let fields: Vec<(String, String)> = serde_json::from_str(&fields).unwrap_or_default();
-            streams::add(&mut redis, &key, &fields).await?;
-            ledger::remove(&self.pool, &[id]).await?;
+        for message in messages {
+            streams::add(&mut redis, &message.stream_key, &message.fields).await?;
+            ledger::remove(&self.pool, &[message.id]).await?;
         }
         Ok(())
     }

@@ -63,7 +63,7 @@ async fn run_against_an_empty_database_migrates_it_and_serves() {
     let env = TestEnv::prepare(Options::new(&["insights"])).await;
     let database = unique("kt_empty");
     let url = format!("postgres://postgres@127.0.0.1:5432/{database}");
-    let child = binary()
+    let mut child = binary()
         .arg("run")
         .env("DATABASE_URL", &url)
         .env("REDIS_URL", crate::support::REDIS_URL)
@@ -123,12 +123,7 @@ async fn run_against_an_empty_database_migrates_it_and_serves() {
     assert_eq!(ledger, 1);
 
     crate::support::signal(&child, "TERM");
-    let child = std::sync::Mutex::new(child);
-    let exit = eventually("the binary to exit after SIGTERM", || {
-        let exited = child.lock().unwrap().try_wait().ok().flatten();
-        async move { exited }
-    })
-    .await;
+    let exit = crate::support::await_exit(&mut child).await;
     assert!(exit.success(), "exit status {exit:?}");
     pool.close().await;
     if let Ok(admin) = sqlx::PgPool::connect(crate::support::ADMIN_URL).await {

@@ -1,7 +1,7 @@
 //! Faults done for real: a host killed with SIGKILL, SIGTERM under load, Redis connections
 //! killed and Redis paused, PostgreSQL refusing connections.
 
-use crate::support::{ADMIN_URL, Options, TestEnv, eventually, signal};
+use crate::support::{ADMIN_URL, Options, TestEnv, await_exit, eventually, signal};
 use std::time::Duration;
 
 const DETECTION: &str = "face-detection-results";
@@ -419,13 +419,4 @@ async fn a_second_signal_or_the_shutdown_timeout_ends_a_stuck_shutdown() {
     // Nothing was lost: both entries are still pending, for another consumer to reclaim.
     assert_eq!(env.pending("mock-loop").await, 2);
     env.finish().await;
-}
-
-async fn await_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let child = std::sync::Mutex::new(child);
-    eventually("the host process to exit", || {
-        let exited = child.lock().unwrap().try_wait().unwrap();
-        async move { exited }
-    })
-    .await
 }

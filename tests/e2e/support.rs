@@ -613,6 +613,16 @@ pub fn signal(child: &std::process::Child, signal: &str) {
     assert!(status.success(), "kill -{signal} failed");
 }
 
+/// Waits (up to [`DEADLINE`]) for a child process to exit.
+pub async fn await_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let child = std::sync::Mutex::new(child);
+    eventually("the host process to exit", || {
+        let exited = child.lock().unwrap().try_wait().unwrap();
+        async move { exited }
+    })
+    .await
+}
+
 fn text(value: redis::Value) -> String {
     match value {
         redis::Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),

@@ -108,13 +108,13 @@ pub async fn enqueue(
 }
 
 /// Removes published messages.
-pub async fn remove(pool: &PgPool, ids: &[i64]) -> Result<()> {
+pub async fn remove<'c, E: sqlx::PgExecutor<'c>>(executor: E, ids: &[i64]) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
     sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
         .bind(ids)
-        .execute(pool)
+        .execute(executor)
         .await
         .context("cannot delete published outbox messages")?;
     Ok(())
@@ -137,12 +137,27 @@ pub async fn claim_stale(
     .fetch_all(conn)
     .await
     .context("cannot read the outbox")?;
-    Ok(rows
-        .into_iter()
+    Ok(to_messages(rows))
+}
+
+/// The outbox messages with these ids (those of a committed transaction).
+pub async fn fetch(pool: &PgPool, ids: &[i64]) -> Result<Vec<OutboxMessage>> {
+    let rows: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT id, stream, fields::text FROM outbox WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+    .context("cannot read the outbox")?;
+    Ok(to_messages(rows))
+}
+
+fn to_messages(rows: Vec<(i64, String, String)>) -> Vec<OutboxMessage> {
+    rows.into_iter()
         .map(|(id, stream_key, fields)| OutboxMessage {
             id,
             stream_key,
             fields: serde_json::from_str(&fields).unwrap_or_default(),
         })
-        .collect())
+        .collect()
 }
