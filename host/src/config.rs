@@ -108,7 +108,19 @@ pub const SETTINGS: &[Setting] = &[
         key: "batch_size",
         env: "KALEIDOSCOPE_BATCH_SIZE",
         default: "10",
-        help: "Entries read per stream per XREADGROUP (seed: batch-size).",
+        help: "Entries asked for by the first XREADGROUP of a stream (seed: batch-size); while reads come back full (a backlog), each read asks for twice as many, up to max_batch_size.",
+    },
+    Setting {
+        key: "max_batch_size",
+        env: "KALEIDOSCOPE_MAX_BATCH_SIZE",
+        default: "500",
+        help: "The most entries one read (and so one batch transaction) takes when a stream has a backlog.",
+    },
+    Setting {
+        key: "max_in_flight",
+        env: "KALEIDOSCOPE_MAX_IN_FLIGHT",
+        default: "3",
+        help: "Batches per stream between read and acknowledgement at once: the next batch is read and handled while earlier ones commit.",
     },
     Setting {
         key: "poll_timeout_ms",
@@ -171,6 +183,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "Consumers of the group idle for longer than this with no pending entries (hosts gone for good) are removed.",
     },
     Setting {
+        key: "ledger_retention_ms",
+        env: "KALEIDOSCOPE_LEDGER_RETENTION_MS",
+        default: "86400000",
+        help: "How long the processed-entry ledger remembers a finished entry (it makes redelivery harmless). Older rows are pruned in small chunks, except those of entries still pending in their group.",
+    },
+    Setting {
         key: "cache_dir",
         env: "KALEIDOSCOPE_CACHE_DIR",
         default: "target/plugin-cache",
@@ -208,6 +226,8 @@ pub struct Config {
     pub reclaim_idle: Duration,
     pub dlq_stream: String,
     pub batch_size: usize,
+    pub max_batch_size: usize,
+    pub max_in_flight: usize,
     pub poll_timeout: Duration,
     pub stream_prefix: String,
     pub plugin_timeout: Duration,
@@ -216,6 +236,7 @@ pub struct Config {
     pub watch_plugins: bool,
     pub shutdown_timeout: Duration,
     pub consumer_expiry: Duration,
+    pub ledger_retention: Duration,
     pub critical_streams: Vec<String>,
     pub http_addr: Option<String>,
     pub cache_dir: PathBuf,
@@ -539,6 +560,8 @@ impl RawSettings {
             reclaim_idle: Duration::from_millis(self.positive("reclaim_idle_ms", 60_000)?),
             dlq_stream: self.non_empty("dlq_stream", "ml-results-dlq".into())?,
             batch_size: self.positive("batch_size", 10)?,
+            max_batch_size: self.positive("max_batch_size", 500)?,
+            max_in_flight: self.positive("max_in_flight", 3)?,
             poll_timeout: Duration::from_millis(self.positive("poll_timeout_ms", 1000)?),
             stream_prefix: self.string("stream_prefix", ""),
             plugin_timeout: Duration::from_millis(plugin_timeout_ms),
@@ -561,6 +584,9 @@ impl RawSettings {
                 .map(str::to_string)
                 .collect(),
             consumer_expiry: Duration::from_millis(self.positive("consumer_expiry_ms", 3_600_000)?),
+            ledger_retention: Duration::from_millis(
+                self.positive("ledger_retention_ms", 86_400_000)?,
+            ),
             cache_dir: PathBuf::from(self.non_empty("cache_dir", "target/plugin-cache".into())?),
             plugins: self.plugins.clone(),
         })

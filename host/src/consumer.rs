@@ -5,7 +5,7 @@
 //! the whole poll; acknowledgements and publishing go through the shared connection manager.
 //! A slow or failing plugin on one stream therefore never delays another stream.
 
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, PreparedBatch};
 use crate::health::{self, Dependency};
 use crate::streams::{self, StreamEntry, StreamError};
 use anyhow::{Context, Result};
@@ -13,7 +13,8 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 /// The longest pause between attempts after failures (Redis or PostgreSQL unreachable).
@@ -22,11 +23,17 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// How often each consumer task looks for consumers of the group that are gone for good.
 const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(60);
-/// How often a consumer holding an unfinished batch checks whether PostgreSQL is back.
+/// How often a batch waiting out a PostgreSQL outage checks whether it is back.
 const OUTAGE_POLL: Duration = Duration::from_millis(200);
 
-/// Consumes `stream` (a logical name) until `stop` turns true. The batch in progress when the
-/// signal arrives is finished first.
+/// Consumes `stream` (a logical name) until `stop` turns true. Batches already read are
+/// finished first.
+///
+/// The stages overlap: while one batch commits, the next is read and handled. Up to
+/// `max_in_flight` batches are between read and acknowledgement at once; each is committed by a
+/// task of its own, which keeps retrying through an outage (with the same delivery counts, so an
+/// outage never uses up an entry's retry attempts) until it succeeds or the host stops. When all
+/// of them are stuck, reading pauses.
 pub async fn consume(
     delivery: Arc<Delivery>,
     client: Client,
@@ -44,24 +51,15 @@ pub async fn consume(
     let name = connection_name(&[&config.consumer_name, &stream]);
     let expiry_every =
         (config.consumer_expiry / 2).clamp(Duration::from_millis(50), EXPIRY_CHECK_INTERVAL);
-    // A batch abandoned because PostgreSQL or Redis failed: retried as it is (same delivery
-    // counts) once the database is back, so an outage never uses up an entry's retry attempts.
-    let mut unfinished: Option<Vec<StreamEntry>> = None;
+    let mut read_size = ReadSize::new(config.batch_size, config.max_batch_size);
+    let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
+    let mut finishing = JoinSet::new();
 
     info!(stream, key, group = %config.consumer_group, consumer = %config.consumer_name, "consuming");
     while !*stop.borrow() {
+        // Reap the batches that are done, so the set does not grow.
+        while finishing.try_join_next().is_some() {}
         let outcome = async {
-            if let Some(entries) = unfinished.take() {
-                if delivery.health.outage(Dependency::Database).is_some() {
-                    unfinished = Some(entries);
-                    tokio::select! {
-                        _ = tokio::time::sleep(OUTAGE_POLL) => {}
-                        _ = stop.changed() => {}
-                    }
-                    return Ok(());
-                }
-                return process(&delivery, &stream, entries, &mut unfinished).await;
-            }
             let conn = match connection.as_mut() {
                 Some(conn) => conn,
                 None => {
@@ -69,7 +67,7 @@ pub async fn consume(
                 }
             };
             if Instant::now() >= next_reclaim {
-                reclaim(&delivery, conn, &stream, &mut unfinished).await?;
+                reclaim(&delivery, conn, &stream, &in_flight, &mut finishing, &stop).await?;
                 next_reclaim = Instant::now() + reclaim_every;
             }
             if Instant::now() >= next_expiry {
@@ -91,6 +89,11 @@ pub async fn consume(
                     );
                 }
             }
+            // A slot for the batch about to be read; waits while every slot is taken.
+            let permit = tokio::select! {
+                permit = in_flight.clone().acquire_owned() => permit.context("the in-flight limit was closed")?,
+                _ = stop.changed() => return Ok(()),
+            };
             // Only the wait for new entries is cut short by a stop signal; a batch that has been
             // read is always finished, committed and acknowledged.
             let read = streams::read_new(
@@ -98,7 +101,7 @@ pub async fn consume(
                 &key,
                 &config.consumer_group,
                 &config.consumer_name,
-                config.batch_size,
+                read_size.get(),
                 config.poll_timeout,
             );
             let entries = tokio::select! {
@@ -113,8 +116,9 @@ pub async fn consume(
                 }
                 other => other.with_context(|| format!("XREADGROUP on {key:?} failed"))?,
             };
+            read_size.observe(entries.len());
             if !entries.is_empty() {
-                process(&delivery, &stream, entries, &mut unfinished).await?;
+                start_batch(&delivery, &stream, entries, permit, &mut finishing, &stop).await?;
             }
             anyhow::Ok(())
         }
@@ -128,13 +132,6 @@ pub async fn consume(
                 if let Some(dependency) = health::blame(&error) {
                     delivery.health.failed(dependency, &format!("{error:#}"));
                 }
-                if unfinished.is_some() {
-                    delivery.metrics.add(
-                        "kaleidoscope_batch_failures_total",
-                        crate::metrics::labels(&[("stream", &stream)]),
-                        1,
-                    );
-                }
                 error!(stream, retry_in = ?backoff, "{error:#}");
                 connection = None;
                 tokio::select! {
@@ -145,41 +142,133 @@ pub async fn consume(
             }
         }
     }
+    while finishing.join_next().await.is_some() {}
     info!(stream, "stopped consuming");
 }
 
-/// Runs one batch through the protocol; keeps it in `unfinished` when that fails.
-async fn process(
-    delivery: &Delivery,
+/// How many entries the next read asks for: it starts at `batch_size`, doubles while reads come
+/// back full (a backlog) up to `max_batch_size`, and falls back when the backlog is gone. A read
+/// returns as soon as any entry is there, so a large size never delays an idle stream.
+struct ReadSize {
+    current: usize,
+    min: usize,
+    max: usize,
+}
+
+impl ReadSize {
+    fn new(min: usize, max: usize) -> Self {
+        let max = max.max(min);
+        Self {
+            current: min,
+            min,
+            max,
+        }
+    }
+
+    fn get(&self) -> usize {
+        self.current
+    }
+
+    fn observe(&mut self, read: usize) {
+        self.current = if read >= self.current {
+            (self.current * 2).min(self.max)
+        } else {
+            self.min
+        };
+    }
+}
+
+/// Handles `entries` (the first half of the protocol) and hands the batch to a task of its own
+/// for the commit and acknowledgement, holding `permit` until it is done.
+async fn start_batch(
+    delivery: &Arc<Delivery>,
     stream: &str,
     entries: Vec<StreamEntry>,
-    unfinished: &mut Option<Vec<StreamEntry>>,
+    permit: OwnedSemaphorePermit,
+    finishing: &mut JoinSet<()>,
+    stop: &watch::Receiver<bool>,
 ) -> Result<()> {
-    let kept = entries.clone();
-    match delivery.process_batch(stream, entries).await {
-        Ok(report) => {
-            tracing::debug!(stream, ?report, "batch done");
-            delivery.health.observe(Dependency::Database, Ok(()));
-            Ok(())
+    let Some(batch) = delivery.prepare(stream, entries).await? else {
+        return Ok(());
+    };
+    let delivery = delivery.clone();
+    let stop = stop.clone();
+    finishing.spawn(async move {
+        finish_until_done(&delivery, batch, stop).await;
+        drop(permit);
+    });
+    Ok(())
+}
+
+/// Commits and acknowledges `batch`, retrying through outages until it succeeds or the host
+/// stops (its entries then stay pending, to be delivered again).
+async fn finish_until_done(
+    delivery: &Delivery,
+    mut batch: PreparedBatch,
+    mut stop: watch::Receiver<bool>,
+) {
+    let stream = batch.stream().to_string();
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        match delivery.finish(&mut batch).await {
+            Ok(report) => {
+                tracing::debug!(stream, ?report, "batch done");
+                delivery.health.observe(Dependency::Database, Ok(()));
+                return;
+            }
+            Err(error) => {
+                if let Some(dependency) = health::blame(&error) {
+                    delivery.health.failed(dependency, &format!("{error:#}"));
+                }
+                delivery.metrics.add(
+                    "kaleidoscope_batch_failures_total",
+                    crate::metrics::labels(&[("stream", &stream)]),
+                    1,
+                );
+                error!(stream, retry_in = ?backoff, entries = batch.len(), "{error:#}");
+            }
         }
-        Err(error) => {
-            *unfinished = Some(kept);
-            Err(error)
+        if *stop.borrow() {
+            warn!(
+                stream,
+                entries = batch.len(),
+                "stopping with a batch unfinished; its entries stay pending"
+            );
+            return;
         }
+        // Wait for the backoff, and while PostgreSQL is known to be down, for it to come back.
+        let waited = async {
+            tokio::time::sleep(backoff).await;
+            while delivery.health.outage(Dependency::Database).is_some() {
+                tokio::time::sleep(OUTAGE_POLL).await;
+            }
+        };
+        tokio::select! {
+            _ = waited => {}
+            _ = stop.changed() => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
 /// Reclaims every entry idle for longer than the reclaim time and runs it through the protocol.
 async fn reclaim(
-    delivery: &Delivery,
+    delivery: &Arc<Delivery>,
     conn: &mut MultiplexedConnection,
     stream: &str,
-    unfinished: &mut Option<Vec<StreamEntry>>,
+    in_flight: &Arc<Semaphore>,
+    finishing: &mut JoinSet<()>,
+    stop: &watch::Receiver<bool>,
 ) -> Result<()> {
     let config = &delivery.config;
     let key = config.stream_key(stream);
     let mut cursor = "0-0".to_string();
     loop {
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .context("the in-flight limit was closed")?;
         let claimed = streams::autoclaim(
             conn,
             &key,
@@ -205,7 +294,7 @@ async fn reclaim(
                 count = claimed.entries.len(),
                 "reclaimed pending entries"
             );
-            process(delivery, stream, claimed.entries, unfinished).await?;
+            start_batch(delivery, stream, claimed.entries, permit, finishing, stop).await?;
         }
         if claimed.next == "0-0" {
             return Ok(());

@@ -18,8 +18,10 @@
 use crate::config::Config;
 use crate::deadletter::{DeadLetter, FailureKind};
 use crate::metrics::{Metrics, labels};
+use crate::persist::batch::{self, PlanFailure};
 use crate::persist::execute::{self, ExecError};
 use crate::persist::ledger::{self, OutboxMessage, Outcome};
+use crate::persist::plan::{self, Stage};
 use crate::persist::schema::Catalog;
 use crate::persist::validate::{self, Statement};
 use crate::plugin::{HandlerOutcome, Plugin, PluginRegistry, wit};
@@ -58,6 +60,31 @@ pub struct BatchReport {
     pub retrying: usize,
 }
 
+/// How many set-based attempts a batch gets (each one decides at least one entry whose update
+/// found no row) before it is run entry by entry.
+const SET_BASED_ATTEMPTS: usize = 4;
+
+/// How a set-based attempt at the batch transaction ended.
+enum SetBased {
+    /// Committed; these outbox messages are to be published.
+    Committed(Vec<OutboxMessage>),
+    /// Rolled back: these entries (batch positions) need a row that is not there.
+    Missing(Vec<(usize, ExecError)>),
+    /// Rolled back: a statement failed inside the database, entry unknown.
+    Failed(String),
+}
+
+/// An error from a set-based step: an outage stops the batch, anything else sends it to the
+/// entry-by-entry pass.
+fn set_based_error(error: ExecError, step: &str) -> Result<SetBased> {
+    match error {
+        ExecError::Unavailable(error) => Err(error).with_context(|| {
+            format!("the database failed while writing {step}; nothing was acknowledged")
+        }),
+        ExecError::Retry(reason) | ExecError::Permanent(reason) => Ok(SetBased::Failed(reason)),
+    }
+}
+
 /// What the protocol decided for one entry.
 enum Decision {
     /// Run these statements (and record the entry as processed).
@@ -68,6 +95,34 @@ enum Decision {
     Retry(FailureKind, String),
     /// Acknowledge without doing anything (already in the ledger).
     Redelivered,
+}
+
+/// A batch whose handlers have run, waiting for its transaction and acknowledgement.
+pub struct PreparedBatch {
+    stream: String,
+    plugin: Arc<Plugin>,
+    items: Vec<Item>,
+    /// Ids of `init` sentinels, acknowledged with the rest.
+    sentinels: Vec<String>,
+    started: Instant,
+    span: tracing::Span,
+}
+
+impl PreparedBatch {
+    /// The stream the batch was read from (logical name).
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// How many entries the batch holds.
+    pub fn len(&self) -> usize {
+        self.items.len() + self.sentinels.len()
+    }
+
+    /// Whether the batch holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One entry on its way through the batch.
@@ -123,14 +178,31 @@ impl Delivery {
         Ok(true)
     }
 
-    /// Runs the protocol on `entries` of `stream` (a logical stream name). An `Err` means the
-    /// infrastructure failed (database or Redis unreachable): nothing of the batch was
-    /// acknowledged and its entries stay pending.
+    /// Runs the protocol on `entries` of `stream` (a logical stream name): [`Delivery::prepare`]
+    /// then [`Delivery::finish`]. An `Err` means the infrastructure failed (database or Redis
+    /// unreachable): nothing of the batch was acknowledged and its entries stay pending.
     pub async fn process_batch(
         &self,
         stream: &str,
         entries: Vec<StreamEntry>,
     ) -> Result<BatchReport> {
+        match self.prepare(stream, entries).await? {
+            Some(mut batch) => self.finish(&mut batch).await,
+            None => Ok(BatchReport::default()),
+        }
+    }
+
+    /// The first half of the protocol, which needs no database: triage, then the handlers and
+    /// the validation of their commands. `None` when no plugin handles the stream (any more);
+    /// the entries then stay pending for when one does.
+    ///
+    /// Separate from [`Delivery::finish`] so that a consumer can prepare the next batch while
+    /// the previous one commits.
+    pub async fn prepare(
+        &self,
+        stream: &str,
+        entries: Vec<StreamEntry>,
+    ) -> Result<Option<PreparedBatch>> {
         let started = Instant::now();
         let Some(plugin) = self.registry.snapshot().for_stream(stream) else {
             warn!(
@@ -138,58 +210,60 @@ impl Delivery {
                 count = entries.len(),
                 "no plugin handles this stream any more; entries stay pending"
             );
-            return Ok(BatchReport::default());
+            return Ok(None);
         };
         let span = tracing::info_span!("batch", stream, plugin = %plugin.name, version = %plugin.version, size = entries.len());
-        let report = self
-            .run_protocol(stream, &plugin, entries)
-            .instrument(span)
-            .await?;
-        self.metrics.observe(
-            "kaleidoscope_batch_duration_seconds",
-            labels(&[("stream", stream)]),
-            started.elapsed(),
-        );
-        Ok(report)
-    }
-
-    /// [`Delivery::process_batch`] once the plugin is known.
-    async fn run_protocol(
-        &self,
-        stream: &str,
-        plugin: &Arc<Plugin>,
-        entries: Vec<StreamEntry>,
-    ) -> Result<BatchReport> {
-        let key = self.config.stream_key(stream);
-        let mut report = BatchReport::default();
-
-        let mut acks = Vec::new();
+        let mut sentinels = Vec::new();
         let mut items = Vec::new();
         for entry in entries {
             if is_init_sentinel(&entry) {
-                report.sentinels += 1;
-                acks.push(entry.id);
+                sentinels.push(entry.id);
                 continue;
             }
             items.push(self.triage(entry));
         }
+        self.run_handlers(stream, &plugin, &mut items)
+            .instrument(span.clone())
+            .await?;
+        Ok(Some(PreparedBatch {
+            stream: stream.to_string(),
+            plugin,
+            items,
+            sentinels,
+            started,
+            span,
+        }))
+    }
 
-        let undecided: Vec<String> = items
-            .iter()
-            .filter(|item| item.decision.is_none())
-            .map(|item| item.entry.id.clone())
-            .collect();
-        let finished = ledger::already_finished(&self.pool, stream, &undecided).await?;
-        for item in &mut items {
-            if item.decision.is_none() && finished.contains(&item.entry.id) {
-                item.decision = Some(Decision::Redelivered);
-            }
-        }
+    /// The second half: the batch transaction, then publishing its outbox messages and
+    /// acknowledging what is finished. May be called again for the same batch after an `Err`
+    /// (an outage): decisions already taken stay valid, and the ledger turns whatever did
+    /// commit into redeliveries.
+    pub async fn finish(&self, batch: &mut PreparedBatch) -> Result<BatchReport> {
+        let span = batch.span.clone();
+        let report = self.commit_and_ack(batch).instrument(span).await?;
+        self.metrics.observe(
+            "kaleidoscope_batch_duration_seconds",
+            labels(&[("stream", &batch.stream)]),
+            batch.started.elapsed(),
+        );
+        Ok(report)
+    }
 
-        self.run_handlers(stream, plugin, &mut items).await?;
-        let messages = self.commit(stream, plugin, &mut items).await?;
+    /// [`Delivery::finish`] inside the batch's span.
+    async fn commit_and_ack(&self, batch: &mut PreparedBatch) -> Result<BatchReport> {
+        let stream = batch.stream.as_str();
+        let plugin = &batch.plugin;
+        let key = self.config.stream_key(stream);
+        let mut report = BatchReport {
+            sentinels: batch.sentinels.len(),
+            ..BatchReport::default()
+        };
+        let mut acks = batch.sentinels.clone();
+        let messages = self.commit(stream, plugin, &mut batch.items).await?;
+        let items = &batch.items;
 
-        for item in &items {
+        for item in items {
             let entry = &item.entry;
             let correlation_id = item.correlation_id.as_str();
             let _entry = tracing::info_span!("entry", entry = %entry.id, correlation_id).entered();
@@ -231,7 +305,7 @@ impl Delivery {
             // Harmless: the relay publishes them again later (at-least-once).
             warn!("{error:#}");
         }
-        self.count(stream, plugin, &items, report.sentinels);
+        self.count(stream, plugin, items, report.sentinels);
         Ok(report)
     }
 
@@ -424,25 +498,161 @@ impl Delivery {
     }
 
     /// The batch transaction. Returns the outbox messages to publish after commit.
+    ///
+    /// First set-based (see [`crate::persist::plan`]): a constant number of statements however
+    /// large the batch. When updates that need their row find none, those entries are decided
+    /// (retry or dead letter) and the batch runs again without them. When a statement fails
+    /// inside the database, the batch is run entry by entry with a savepoint each, so that the
+    /// failing entry is rolled back alone and decided.
     async fn commit(
         &self,
         stream: &str,
         plugin: &Plugin,
         items: &mut [Item],
     ) -> Result<Vec<OutboxMessage>> {
-        // Optimistically all entries in one go; only when one of them fails inside the database
-        // is the batch run again with a savepoint per entry (two more round trips per entry), so
-        // that the failing entry is rolled back alone.
-        if let Some(messages) = self.commit_pass(stream, plugin, items, false).await? {
-            return Ok(messages);
+        for _ in 0..SET_BASED_ATTEMPTS {
+            match self.commit_set_based(stream, plugin, items).await? {
+                SetBased::Committed(messages) => return Ok(messages),
+                SetBased::Missing(culprits) => {
+                    for (index, error) in culprits {
+                        let deliveries = items[index].entry.deliveries;
+                        items[index].decision = Some(match error {
+                            ExecError::Permanent(reason) => {
+                                Decision::DeadLetter(FailureKind::Database, reason)
+                            }
+                            ExecError::Retry(reason) => self.retry_or_give_up(
+                                FailureKind::RetriesExhausted,
+                                reason,
+                                deliveries,
+                            ),
+                            ExecError::Unavailable(error) => self.retry_or_give_up(
+                                FailureKind::RetriesExhausted,
+                                error.to_string(),
+                                deliveries,
+                            ),
+                        });
+                    }
+                }
+                SetBased::Failed(reason) => {
+                    debug!(
+                        stream,
+                        "a set-based statement failed ({reason}); running the batch again entry by entry"
+                    );
+                    break;
+                }
+            }
         }
-        debug!(
-            stream,
-            "an entry failed inside the batch; running it again with one savepoint per entry"
-        );
         self.commit_pass(stream, plugin, items, true)
             .await?
             .context("the isolated pass asked for isolation")
+    }
+
+    /// One set-based attempt at the batch transaction: claim the ledger rows, run the plan, write
+    /// the outbox, commit. Entries the ledger already had become [`Decision::Redelivered`].
+    async fn commit_set_based(
+        &self,
+        stream: &str,
+        plugin: &Plugin,
+        items: &mut [Item],
+    ) -> Result<SetBased> {
+        let claims: Vec<(String, Outcome)> = items
+            .iter()
+            .filter_map(|item| match item.decision {
+                Some(Decision::Persist(_)) => Some((item.entry.id.clone(), Outcome::Processed)),
+                Some(Decision::DeadLetter(..)) => {
+                    Some((item.entry.id.clone(), Outcome::DeadLettered))
+                }
+                _ => None,
+            })
+            .collect();
+        if claims.is_empty() {
+            return Ok(SetBased::Committed(Vec::new()));
+        }
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("cannot begin the batch transaction")?;
+        let claimed =
+            match ledger::claim(&mut tx, stream, &plugin.name, &plugin.version, &claims).await {
+                Ok(claimed) => claimed,
+                Err(error) => return set_based_error(execute::classify(error), "the ledger"),
+            };
+        for item in items.iter_mut() {
+            let finished = matches!(
+                item.decision,
+                Some(Decision::Persist(_) | Decision::DeadLetter(..))
+            );
+            if finished && !claimed.contains(&item.entry.id) {
+                item.decision = Some(Decision::Redelivered);
+            }
+        }
+
+        let (plan, emits) =
+            plan::plan(
+                items
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(index, item)| match &item.decision {
+                        Some(Decision::Persist(statements)) => Some((index, statements.as_slice())),
+                        _ => None,
+                    }),
+            );
+        let outcome = match batch::lock_tables(&mut tx, plan.tables()).await {
+            Ok(()) => batch::run(&mut tx, &plan).await,
+            Err(error) => Err(PlanFailure::from(error)),
+        };
+        match outcome {
+            Ok(()) => {}
+            Err(PlanFailure::Unavailable(error)) => {
+                return Err(error)
+                    .context("the database failed during the batch; nothing was acknowledged");
+            }
+            Err(PlanFailure::Failed(reason)) => return Ok(SetBased::Failed(reason)),
+            Err(PlanFailure::Missing(mut culprits)) => {
+                // Without deletes or single statements, an entry's missing row cannot have been
+                // removed by a neighbour, so every culprit would miss its row on its own too.
+                // Otherwise only the first one is certain; the next attempt finds the others.
+                let exact = !plan
+                    .stages
+                    .iter()
+                    .any(|s| matches!(s, Stage::Delete { .. } | Stage::Single { .. }));
+                culprits.sort_by_key(|(index, _)| *index);
+                culprits.dedup_by_key(|(index, _)| *index);
+                if !exact {
+                    culprits.truncate(1);
+                }
+                return Ok(SetBased::Missing(culprits));
+            }
+        }
+
+        let mut outbox = Vec::new();
+        for emit in emits {
+            outbox.push((self.config.stream_key(&emit.target), emit.fields));
+        }
+        for item in items.iter() {
+            if let Some(Decision::DeadLetter(kind, reason)) = &item.decision {
+                let letter = DeadLetter {
+                    source_stream: stream.to_string(),
+                    source_id: item.entry.id.clone(),
+                    kind: *kind,
+                    error: reason.clone(),
+                    plugin: plugin.name.clone(),
+                    plugin_version: plugin.version.clone(),
+                    deliveries: item.entry.deliveries,
+                    fields: item.fields.clone(),
+                };
+                outbox.push((self.config.dlq_key(), letter.to_stream_fields()));
+            }
+        }
+        let messages = match ledger::enqueue_all(&mut tx, outbox).await {
+            Ok(messages) => messages,
+            Err(error) => return set_based_error(execute::classify(error), "the outbox"),
+        };
+        tx.commit()
+            .await
+            .context("cannot commit the batch transaction")?;
+        Ok(SetBased::Committed(messages))
     }
 
     /// One attempt at the batch transaction. Without `isolate`, returns `None` (and rolls back)
@@ -469,6 +679,24 @@ impl Delivery {
             .begin()
             .await
             .context("cannot begin the batch transaction")?;
+        // The same table locks as the set-based pass, so the two never wait on each other's rows.
+        let tables = items.iter().flat_map(|item| match &item.decision {
+            Some(Decision::Persist(statements)) => statements
+                .iter()
+                .filter(|s| !matches!(s, Statement::Emit { .. }))
+                .map(plan::statement_table)
+                .collect::<Vec<_>>(),
+            _ => Vec::new(),
+        });
+        if let Err(error) = batch::lock_tables(&mut tx, tables).await {
+            return match error {
+                ExecError::Unavailable(error) => Err(error)
+                    .context("the database failed during the batch; nothing was acknowledged"),
+                ExecError::Retry(reason) | ExecError::Permanent(reason) => {
+                    Err(anyhow::anyhow!("cannot lock the batch's tables: {reason}"))
+                }
+            };
+        }
         let mut messages = Vec::new();
         for item in items.iter_mut() {
             if let Some(Decision::Persist(statements)) = &item.decision {

@@ -26,6 +26,8 @@ const RELAY_MIN_AGE: Duration = Duration::from_secs(30);
 /// Quiet time after a file event before the plugins directory is rescanned (a copy produces
 /// several events).
 const RELOAD_DEBOUNCE: Duration = Duration::from_millis(250);
+/// The longest pause between two rounds of ledger pruning.
+const LEDGER_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// Rescan the plugins directory this often even without events (missed events, network file
 /// systems). Cheap: unchanged files are only hashed.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
@@ -131,6 +133,7 @@ impl RunningHost {
             tokio::spawn(heartbeat(supervisor.clone(), stop.subscribe())),
             tokio::spawn(probe(supervisor.clone(), stop.subscribe())),
             tokio::spawn(track_requests(delivery.clone(), stop.subscribe())),
+            tokio::spawn(prune_ledger(delivery.clone(), stop.subscribe())),
         ];
         let mut http_addr = None;
         if let Some(addr) = &config.http_addr {
@@ -417,6 +420,48 @@ async fn track_requests(delivery: Arc<Delivery>, mut stop: signal::Receiver<bool
         if let Err(error) = publish::sweep(&delivery.pool, &delivery.redis, config).await {
             warn!("request tracker: {error:#}");
         }
+    }
+}
+
+/// Keeps the processed-entry ledger to its retention window (see [`ledger::prune`]): every
+/// interval, deletes old rows chunk by chunk, yielding between chunks.
+async fn prune_ledger(delivery: Arc<Delivery>, mut stop: signal::Receiver<bool>) {
+    let retention = delivery.config.ledger_retention;
+    let every = (retention / 4).clamp(Duration::from_millis(100), LEDGER_PRUNE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        match prune_once(&delivery, &mut stop).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::debug!(pruned, "pruned the processed-entry ledger"),
+            Err(error) => warn!("ledger pruning: {error:#}"),
+        }
+    }
+}
+
+async fn prune_once(delivery: &Delivery, stop: &mut signal::Receiver<bool>) -> Result<u64> {
+    let config = &delivery.config;
+    let mut redis = delivery.redis.clone();
+    let mut oldest_pending = Vec::new();
+    for stream in ledger::streams(&delivery.pool).await? {
+        let key = config.stream_key(&stream);
+        if let Some(oldest) =
+            streams::oldest_pending(&mut redis, &key, &config.consumer_group).await?
+        {
+            oldest_pending.push((stream, oldest));
+        }
+    }
+    let mut total = 0;
+    loop {
+        let pruned =
+            ledger::prune(&delivery.pool, config.ledger_retention, &oldest_pending).await?;
+        total += pruned;
+        if pruned < ledger::PRUNE_CHUNK as u64 || *stop.borrow() {
+            return Ok(total);
+        }
+        tokio::task::yield_now().await;
     }
 }
 

@@ -16,10 +16,12 @@
 //! - [`config`]: settings from file and environment;
 //! - [`health`]: readiness (PostgreSQL and Redis reachable); [`metrics`] and [`http`]:
 //!   `/metrics`, `/healthz`, `/readyz`;
+//! - [`bench`]: `kaleidoscope bench`, throughput and latency against a reference consumer;
 //! - [`dlq`]: listing and replaying dead letters; [`demo`]: everything at once, for newcomers;
 //! - [`status`]: what `kaleidoscope status` reports, and the heartbeat hosts publish for it;
 //! - [`toolkit`]: `kaleidoscope plugin check` and `plugin exec` for plugin authors.
 
+pub mod bench;
 pub mod config;
 pub mod consumer;
 pub mod deadletter;

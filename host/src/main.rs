@@ -99,6 +99,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure the host: load entries into fresh streams and a fresh database, drain them with
+    /// the host's defaults (as a child process), verify the rows, and print entries/s, latency,
+    /// peak memory and the share of time in plugins. With --baseline, a hand-written reference
+    /// consumer (bench/baseline/consumer.py, in a Python virtual environment it creates) does the
+    /// same work in the same run. The bench database is dropped and recreated; its name must
+    /// contain "bench".
+    #[command(after_long_help = config::env_help())]
+    Bench {
+        /// How many entries to load.
+        #[arg(long, default_value_t = 200_000)]
+        entries: usize,
+        /// Offer this many entries per second while the host runs (and report XADD → commit
+        /// latency), instead of pre-loading them.
+        #[arg(long, value_name = "ENTRIES_PER_SECOND")]
+        rate: Option<u64>,
+        /// Also run the reference consumer on the same entries and print the ratio.
+        #[arg(long)]
+        baseline: bool,
+        /// Which messages to generate.
+        #[arg(long, value_enum, default_value_t = kaleidoscope::bench::Mix::Mixed)]
+        mix: kaleidoscope::bench::Mix,
+        /// Length of the generated embeddings (the real services send 1408).
+        #[arg(long, default_value_t = 1408)]
+        embedding_dims: usize,
+        /// The bench database (default: DATABASE_URL with the database `kaleidoscope_bench`).
+        #[arg(long)]
+        database_url: Option<String>,
+        /// Give up on a subject that has not finished after this many seconds.
+        #[arg(long, default_value_t = 1800)]
+        timeout: u64,
+        /// Print the figures as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a reference ML service: consume the request streams and publish results in the real
     /// producers' shapes, until SIGTERM or Ctrl-C.
     #[command(name = "simulate-ml", after_long_help = config::env_help())]
@@ -315,6 +349,42 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             )
             .await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            entries,
+            rate,
+            baseline,
+            mix,
+            embedding_dims,
+            database_url,
+            timeout,
+            json,
+        } => {
+            let config = load_config(cli.config.as_deref(), &BTreeMap::new())?;
+            let options = kaleidoscope::bench::BenchOptions {
+                entries,
+                rate: rate.filter(|r| *r > 0),
+                baseline,
+                mix,
+                embedding_dims,
+                database_url: database_url
+                    .unwrap_or_else(|| with_database(&config.database_url, "kaleidoscope_bench")),
+                redis_url: config.redis_url.clone(),
+                host_binary: std::env::current_exe()
+                    .context("cannot find this executable to start the host")?,
+                timeout: Duration::from_secs(timeout),
+            };
+            let results = kaleidoscope::bench::run(&options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+            } else {
+                print!("{}", kaleidoscope::bench::render(&options, &results));
+            }
+            Ok(if results.iter().all(|r| r.verified.is_ok()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Migrate => {
             let config = load_config(cli.config.as_deref(), &BTreeMap::new())?;

@@ -261,6 +261,35 @@ async fn delivery_counts<C: ConnectionLike>(
     Ok(counts)
 }
 
+/// The millisecond part of the id of the oldest entry pending in `group` on `key`; `None` when
+/// nothing is pending (or the stream or group does not exist).
+pub async fn oldest_pending<C: ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    group: &str,
+) -> Result<Option<i64>> {
+    let reply: Value = match redis::cmd("XPENDING")
+        .arg(key)
+        .arg(group)
+        .query_async(conn)
+        .await
+    {
+        Ok(reply) => reply,
+        Err(error) if error.code() == Some("NOGROUP") => return Ok(None),
+        Err(error) => {
+            return Err(error).with_context(|| format!("XPENDING on {key:?} failed"));
+        }
+    };
+    let Value::Array(parts) = reply else {
+        return Ok(None);
+    };
+    let oldest = match (parts.first(), parts.get(1)) {
+        (Some(Value::Int(count)), Some(id)) if *count > 0 => text(id),
+        _ => None,
+    };
+    Ok(oldest.and_then(|id| id.split('-').next().and_then(|ms| ms.parse().ok())))
+}
+
 /// Acknowledges entries.
 pub async fn ack<C: ConnectionLike>(
     conn: &mut C,

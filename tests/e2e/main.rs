@@ -7,6 +7,7 @@
 #![allow(clippy::type_complexity)]
 mod support;
 
+mod batches;
 mod cli;
 mod dead_letters;
 mod demo;
@@ -17,6 +18,7 @@ mod fuzz;
 mod hostile;
 mod hot_reload;
 mod insights;
+mod ledger;
 mod ml_errors;
 mod observability;
 mod protocol;

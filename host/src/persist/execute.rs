@@ -152,7 +152,7 @@ async fn run(conn: &mut PgConnection, sql: String, binds: Vec<Bind>) -> Result<u
         .map_err(classify)
 }
 
-fn ident(name: &str) -> String {
+pub(super) fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
@@ -177,14 +177,14 @@ fn placeholder(binds: &mut Vec<Bind>, bind: Bind, sql_type: &str) -> String {
 }
 
 /// The order-preserving union of an existing `text[]` column and new items.
-fn union(existing: &str, added: &str) -> String {
+pub(super) fn union(existing: &str, added: &str) -> String {
     format!(
         "ARRAY(SELECT u.item FROM unnest(coalesce({existing}, '{{}}') || {added}) WITH ORDINALITY AS u(item, n) \
          GROUP BY u.item ORDER BY min(u.n))"
     )
 }
 
-fn dedup(items: &[String]) -> Vec<String> {
+pub(super) fn dedup(items: &[String]) -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
     items
         .iter()
@@ -317,7 +317,7 @@ fn insert_sql(table: &str, values: &[Param], ignore_conflict: bool) -> (String, 
 }
 
 /// `table(col=value, ...)` for messages.
-fn describe_key(table: &str, key: &[Param]) -> String {
+pub(super) fn describe_key(table: &str, key: &[Param]) -> String {
     let parts = key
         .iter()
         .map(|p| format!("{}={}", p.column, short_value(&p.value)))

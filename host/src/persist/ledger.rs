@@ -1,5 +1,9 @@
 //! The processed-entry ledger and the transactional outbox.
 //!
+//! The ledger only has to remember an entry while Redis may deliver it again, that is while it
+//! is in its group's pending list (or an operator rewinds the group): [`prune`] removes rows older
+//! than the retention setting that no pending entry still needs.
+//!
 //! The ledger is what makes redelivery harmless: an entry is recorded in the same transaction as
 //! its effects, so "effects committed" and "recorded as done" are one fact. An entry found in the
 //! ledger is acknowledged without running its commands again; two hosts racing on the same entry
@@ -84,6 +88,135 @@ pub async fn record(
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// Claims the ledger rows of a whole batch in one statement: `(entry id, outcome)` pairs in, the
+/// ids that were newly recorded out. An id not returned was finished before (an earlier delivery,
+/// or another host that won the race): its effects must not be applied again. Ids are inserted in
+/// sorted order so concurrent batches lock ledger rows in the same order.
+pub async fn claim(
+    conn: &mut PgConnection,
+    stream: &str,
+    plugin: &str,
+    plugin_version: &str,
+    entries: &[(String, Outcome)],
+) -> Result<HashSet<String>, sqlx::Error> {
+    if entries.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut sorted: Vec<&(String, Outcome)> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let ids: Vec<&str> = sorted.iter().map(|(id, _)| id.as_str()).collect();
+    let outcomes: Vec<&str> = sorted.iter().map(|(_, o)| o.as_str()).collect();
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "INSERT INTO processed_entries (stream, entry_id, plugin, plugin_version, outcome)
+         SELECT $1, u.id, $2, $3, u.outcome
+           FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS u(id, outcome, n)
+          ORDER BY u.n
+         ON CONFLICT (stream, entry_id) DO NOTHING
+         RETURNING entry_id",
+    )
+    .bind(stream)
+    .bind(plugin)
+    .bind(plugin_version)
+    .bind(ids)
+    .bind(outcomes)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// Writes many messages to the outbox in one statement, in the caller's transaction; returns
+/// them with their ids, in the order given.
+pub async fn enqueue_all(
+    conn: &mut PgConnection,
+    messages: Vec<(String, Vec<(String, String)>)>,
+) -> Result<Vec<OutboxMessage>, sqlx::Error> {
+    if messages.is_empty() {
+        return Ok(Vec::new());
+    }
+    let streams: Vec<&str> = messages.iter().map(|(s, _)| s.as_str()).collect();
+    let fields: Vec<String> = messages
+        .iter()
+        .map(|(_, f)| serde_json::to_string(f).unwrap_or_else(|_| "[]".into()))
+        .collect();
+    let mut ids: Vec<(i64,)> = sqlx::query_as(
+        "INSERT INTO outbox (stream, fields)
+         SELECT u.stream, CAST(u.fields AS jsonb)
+           FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(stream, fields, n)
+          ORDER BY u.n
+         RETURNING id",
+    )
+    .bind(streams)
+    .bind(fields)
+    .fetch_all(conn)
+    .await?;
+    // Ids come from one sequence in insertion order, so sorted ids follow the order given.
+    ids.sort_unstable();
+    Ok(ids
+        .into_iter()
+        .zip(messages)
+        .map(|((id,), (stream_key, fields))| OutboxMessage {
+            id,
+            stream_key,
+            fields,
+        })
+        .collect())
+}
+
+/// How many ledger rows one pruning statement deletes at most; small, so pruning never holds
+/// many locks or competes with the delivery path for long.
+pub const PRUNE_CHUNK: i64 = 5_000;
+
+/// The streams the ledger has rows for. A loose index scan over the primary key: one probe per
+/// stream, however many rows there are.
+pub async fn streams(pool: &PgPool) -> Result<Vec<String>> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "WITH RECURSIVE s(stream) AS (
+             (SELECT stream FROM processed_entries ORDER BY stream LIMIT 1)
+             UNION ALL
+             SELECT (SELECT p.stream FROM processed_entries p WHERE p.stream > s.stream
+                      ORDER BY p.stream LIMIT 1)
+               FROM s WHERE s.stream IS NOT NULL)
+         SELECT stream FROM s WHERE stream IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await
+    .context("cannot list the ledger's streams")?;
+    Ok(rows.into_iter().map(|(s,)| s).collect())
+}
+
+/// Deletes up to [`PRUNE_CHUNK`] ledger rows older than `retention`, except rows of entries that
+/// may still be delivered again: `oldest_pending` gives, per stream, the millisecond part of its
+/// oldest pending entry id, and no row of that stream at or after it is touched. Returns how many
+/// rows went.
+pub async fn prune(
+    pool: &PgPool,
+    retention: Duration,
+    oldest_pending: &[(String, i64)],
+) -> Result<u64> {
+    let streams: Vec<&str> = oldest_pending.iter().map(|(s, _)| s.as_str()).collect();
+    let oldest: Vec<i64> = oldest_pending.iter().map(|(_, ms)| *ms).collect();
+    let done = sqlx::query(
+        "DELETE FROM processed_entries WHERE ctid = ANY(ARRAY(
+             SELECT l.ctid FROM processed_entries l
+              WHERE l.processed_at < now() - make_interval(secs => $1)
+                AND NOT EXISTS (
+                    SELECT 1 FROM unnest($2::text[], $3::int8[]) AS p(stream, oldest)
+                     WHERE p.stream = l.stream
+                       AND (l.entry_id !~ '^[0-9]+-[0-9]+$'
+                            OR split_part(l.entry_id, '-', 1)::int8 >= p.oldest))
+              LIMIT $4
+              FOR UPDATE SKIP LOCKED))",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(streams)
+    .bind(oldest)
+    .bind(PRUNE_CHUNK)
+    .execute(pool)
+    .await
+    .context("cannot prune the processed-entry ledger")?;
+    Ok(done.rows_affected())
 }
 
 /// Writes a message to the outbox in the caller's transaction.

@@ -4,11 +4,17 @@
 //!   against;
 //! - [`validate`]: turns a plugin's commands into checked statements, or rejects them naming
 //!   plugin, table and column;
-//! - [`execute`]: runs checked statements (parameterised SQL, identifiers from the catalogue);
+//! - [`plan`]: gathers the statements of a whole batch into a few set-based stages, equal in
+//!   effect to running the entries one by one;
+//! - [`batch`]: runs a plan as one statement per stage and column shape, rows passed as arrays;
+//! - [`execute`]: runs single checked statements (parameterised SQL, identifiers from the
+//!   catalogue) — the per-entry fallback when a set-based statement fails;
 //! - [`ledger`]: the processed-entry ledger and the transactional outbox.
 
+pub mod batch;
 pub mod execute;
 pub mod ledger;
+pub mod plan;
 pub mod schema;
 pub mod validate;
 
@@ -27,6 +33,9 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
     let options = PgConnectOptions::from_str(url)
         .with_context(|| format!("DATABASE_URL {url:?} is not a valid PostgreSQL URL"))?;
     ensure_database(&options).await?;
+    // Batches wait for each other's table locks by design; sqlx would log each wait over a
+    // second as a "slow statement" warning. Statement timing lives in the metrics instead.
+    let options = options.disable_statement_logging();
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))

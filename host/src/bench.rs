@@ -1,0 +1,855 @@
+//! `kaleidoscope bench`: end-to-end throughput and latency on this machine, with the host's
+//! defaults, against a hand-written reference consumer measured in the same run.
+//!
+//! Each subject (the host, then the baseline) gets a fresh database and stream prefix, the same
+//! generated entries, and runs as a child process so its memory is its own. The bench waits
+//! until the ledger holds every entry, checks what was stored, and prints one table.
+//!
+//! - Pre-loaded (default): every entry is in Redis before the subject starts; the drain rate is
+//!   entries / time from the first to the last committed entry.
+//! - `--rate R`: the subject runs first and entries are added at R per second; the latency from
+//!   XADD (the entry id's time) to the entry's ledger row (written in the batch transaction) is
+//!   what counts.
+
+use crate::persist;
+use anyhow::{Context, Result, bail};
+use redis::aio::MultiplexedConnection;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, PgPool};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// The reference consumer (`bench/baseline/consumer.py`), embedded so the bench runs from any
+/// directory.
+const BASELINE_SCRIPT: &str = include_str!("../../bench/baseline/consumer.py");
+/// Where the baseline's Python environment is created on first use.
+const BASELINE_VENV: &str = "target/bench-venv";
+const INSIGHTS: &str = "ml-insights-results";
+const FACES: &str = "face-detection-results";
+const ERRORS: &str = "ml-error-results";
+/// The per-service messages of the real producers, in the order they are generated.
+const SERVICES: [&str; 5] = [
+    "moderation",
+    "tagging",
+    "scene_recognition",
+    "image_captioning",
+    "image_embedding",
+];
+
+/// Which messages the bench generates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mix {
+    /// 35% seed all-in-one insights, 45% real per-service insights (embeddings included), 15%
+    /// face detections with 0–3 faces and their embeddings, 5% errors.
+    Mixed,
+    /// Only the seed's all-in-one insights message (the shape of the first measurements).
+    SeedInsights,
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub entries: usize,
+    /// Entries per second to offer instead of pre-loading.
+    pub rate: Option<u64>,
+    pub baseline: bool,
+    pub mix: Mix,
+    pub embedding_dims: usize,
+    /// The bench database (dropped and recreated for each subject).
+    pub database_url: String,
+    pub redis_url: String,
+    /// The host binary (this executable).
+    pub host_binary: PathBuf,
+    /// Give up on a subject after this long.
+    pub timeout: Duration,
+}
+
+/// The figures of one subject.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Figures {
+    pub subject: String,
+    pub entries: usize,
+    pub entries_per_second: f64,
+    pub seconds: f64,
+    pub latency_ms: Option<[f64; 3]>,
+    pub peak_rss_mb: Option<f64>,
+    /// Share of the drain time spent inside plugin calls (host only).
+    pub plugin_share: Option<f64>,
+    /// What was stored, checked against what the entries say.
+    pub verified: Result<String, String>,
+    /// Deadlocks PostgreSQL reported while the subject ran.
+    pub deadlocks: i64,
+}
+
+/// Runs the bench and returns the figures of each subject (the host first).
+pub async fn run(options: &BenchOptions) -> Result<Vec<Figures>> {
+    let data = Generated::new(options.entries, options.mix, options.embedding_dims);
+    let mut results = vec![run_subject(options, &data, Subject::Host).await?];
+    if options.baseline {
+        results.push(run_subject(options, &data, Subject::Baseline).await?);
+    }
+    Ok(results)
+}
+
+/// Renders the figures as a table, with the ratio to the baseline when there is one.
+pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
+    let mut out = String::new();
+    let mode = match options.rate {
+        Some(rate) => format!("{rate} entries/s offered"),
+        None => "pre-loaded".into(),
+    };
+    out.push_str(&format!(
+        "{} entries ({:?} mix, {mode}), {} cores\n\n",
+        options.entries,
+        options.mix,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    ));
+    out.push_str(&format!(
+        "{:<14} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9}  {}\n",
+        "subject",
+        "entries/s",
+        "seconds",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "peak RSS",
+        "plugins",
+        "deadlocks",
+        "rows"
+    ));
+    for r in results {
+        let latency = |i: usize| {
+            r.latency_ms
+                .map_or("-".to_string(), |l| format!("{:.1}", l[i]))
+        };
+        out.push_str(&format!(
+            "{:<14} {:>10.0} {:>9.2} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9}  {}\n",
+            r.subject,
+            r.entries_per_second,
+            r.seconds,
+            latency(0),
+            latency(1),
+            latency(2),
+            r.peak_rss_mb
+                .map_or("-".to_string(), |m| format!("{m:.0} MB")),
+            r.plugin_share
+                .map_or("-".to_string(), |s| format!("{:.1}%", s * 100.0)),
+            r.deadlocks,
+            match &r.verified {
+                Ok(summary) => format!("ok ({summary})"),
+                Err(problem) => format!("WRONG: {problem}"),
+            }
+        ));
+    }
+    if let [host, baseline] = results {
+        out.push_str(&format!(
+            "\nhost / baseline: {:.2}x the entries/s\n",
+            host.entries_per_second / baseline.entries_per_second.max(f64::MIN_POSITIVE)
+        ));
+    }
+    out
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Subject {
+    Host,
+    Baseline,
+}
+
+impl Subject {
+    fn name(self) -> &'static str {
+        match self {
+            Subject::Host => "kaleidoscope",
+            Subject::Baseline => "baseline",
+        }
+    }
+}
+
+async fn run_subject(
+    options: &BenchOptions,
+    data: &Generated,
+    subject: Subject,
+) -> Result<Figures> {
+    let prefix = format!("bench-{}-{}:", std::process::id(), subject.name());
+    let pool = fresh_database(&options.database_url).await?;
+    data.seed(&pool).await?;
+    let client = redis::Client::open(options.redis_url.as_str()).context("invalid Redis URL")?;
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .context("cannot connect to Redis")?;
+    delete_keys(&mut redis, &prefix).await?;
+    let deadlocks_before = deadlocks(&pool).await?;
+
+    if options.rate.is_none() {
+        add_entries(&mut redis, &prefix, data, None, subject).await?;
+    }
+    let metrics_port = free_port()?;
+    let log = std::env::temp_dir().join(format!("kaleidoscope-bench-{}.log", subject.name()));
+    let mut child = spawn(options, subject, &prefix, metrics_port, &log)?;
+    let outcome = async {
+        if let Some(rate) = options.rate {
+            wait_for_groups(&mut redis, &prefix, subject, &mut child).await?;
+            add_entries(&mut redis, &prefix, data, Some(rate), subject).await?;
+        }
+        drain(
+            options,
+            &pool,
+            data.entries.len(),
+            subject,
+            &mut child,
+            &log,
+        )
+        .await
+    }
+    .await;
+    let peak_rss_mb = peak_rss_mb(&child);
+    let plugin_seconds = match subject {
+        Subject::Host => scrape_plugin_seconds(metrics_port).await,
+        Subject::Baseline => None,
+    };
+    stop(&mut child);
+    let (seconds, first_to_last) = outcome?;
+
+    let latency_ms = match options.rate {
+        Some(_) => Some(latency_percentiles(&pool).await?),
+        None => None,
+    };
+    let verified = data.verify(&pool, &mut redis, &prefix, subject).await;
+    let deadlocks = deadlocks(&pool).await? - deadlocks_before;
+    delete_keys(&mut redis, &prefix).await?;
+    pool.close().await;
+    let drain = if options.rate.is_some() {
+        seconds
+    } else {
+        first_to_last
+    };
+    Ok(Figures {
+        subject: subject.name().into(),
+        entries: data.entries.len(),
+        entries_per_second: data.entries.len() as f64 / drain.max(1e-9),
+        seconds: drain,
+        latency_ms,
+        peak_rss_mb,
+        plugin_share: plugin_seconds.map(|s| s / drain.max(1e-9)),
+        verified,
+        deadlocks,
+    })
+}
+
+/// Drops and recreates the bench database, migrated. Refuses names without "bench".
+async fn fresh_database(url: &str) -> Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)
+        .with_context(|| format!("invalid bench database URL {url:?}"))?;
+    let name = options.get_database().unwrap_or_default().to_string();
+    if !name.contains("bench") {
+        bail!(
+            "refusing to drop and recreate database {name:?}: the bench database's name must contain \"bench\""
+        );
+    }
+    let mut admin = options
+        .clone()
+        .database("postgres")
+        .disable_statement_logging()
+        .connect()
+        .await
+        .context("cannot connect to PostgreSQL to recreate the bench database")?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+        name.replace('"', "\"\"")
+    )))
+    .execute(&mut admin)
+    .await
+    .with_context(|| format!("cannot drop the bench database {name:?}"))?;
+    let pool = persist::connect(url, 4).await?;
+    persist::migrate(&pool).await?;
+    Ok(pool)
+}
+
+async fn delete_keys(redis: &mut MultiplexedConnection, prefix: &str) -> Result<()> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(redis)
+        .await
+        .context("KEYS failed")?;
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(redis)
+            .await
+            .context("DEL failed")?;
+    }
+    Ok(())
+}
+
+async fn deadlocks(pool: &PgPool) -> Result<i64> {
+    let (n,): (i64,) =
+        sqlx::query_as("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+            .fetch_one(pool)
+            .await
+            .context("cannot read pg_stat_database")?;
+    Ok(n)
+}
+
+fn free_port() -> Result<u16> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free local port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Starts the subject as a child process, its stderr to `log`.
+fn spawn(
+    options: &BenchOptions,
+    subject: Subject,
+    prefix: &str,
+    metrics_port: u16,
+    log: &Path,
+) -> Result<Child> {
+    let log_file =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let mut command = match subject {
+        Subject::Host => {
+            let mut command = Command::new(&options.host_binary);
+            command
+                .arg("run")
+                .env(
+                    "KALEIDOSCOPE_HTTP_ADDR",
+                    format!("127.0.0.1:{metrics_port}"),
+                )
+                .env("KALEIDOSCOPE_CONSUMER_NAME", "bench")
+                .env("KALEIDOSCOPE_WATCH_PLUGINS", "false")
+                .env("KALEIDOSCOPE_LOG_FORMAT", "text");
+            command
+        }
+        Subject::Baseline => {
+            let python = baseline_python()?;
+            let script = std::env::temp_dir().join("kaleidoscope-bench-baseline.py");
+            std::fs::write(&script, BASELINE_SCRIPT)
+                .with_context(|| format!("cannot write {}", script.display()))?;
+            let mut command = Command::new(python);
+            command.arg(script);
+            command
+        }
+    };
+    command
+        .env("DATABASE_URL", &options.database_url)
+        .env("REDIS_URL", &options.redis_url)
+        .env("KALEIDOSCOPE_STREAM_PREFIX", prefix)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    command
+        .spawn()
+        .with_context(|| format!("cannot start the {} subject", subject.name()))
+}
+
+/// The baseline's Python, from a virtual environment created (with `redis` and `psycopg`) on
+/// first use.
+fn baseline_python() -> Result<PathBuf> {
+    let venv = PathBuf::from(BASELINE_VENV);
+    let python = venv.join("bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", "import redis, psycopg"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ready {
+        return Ok(python);
+    }
+    eprintln!("setting up the baseline's Python environment in {BASELINE_VENV} (once)");
+    let created = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .context("cannot run python3 (the baseline needs Python 3.9 or newer)")?;
+    if !created.success() {
+        bail!("`python3 -m venv {BASELINE_VENV}` failed");
+    }
+    let installed = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "redis>=5", "psycopg[binary]>=3.1"])
+        .status()
+        .context("cannot run pip in the baseline's environment")?;
+    if !installed.success() {
+        bail!("installing redis and psycopg into {BASELINE_VENV} failed");
+    }
+    Ok(python)
+}
+
+/// Waits until the subject has created its consumer groups (it is ready to read).
+async fn wait_for_groups(
+    redis: &mut MultiplexedConnection,
+    prefix: &str,
+    subject: Subject,
+    child: &mut Child,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut ready = true;
+        for stream in [INSIGHTS, FACES, ERRORS] {
+            let groups: redis::RedisResult<Vec<redis::Value>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(format!("{prefix}{stream}"))
+                .query_async(redis)
+                .await;
+            ready &= groups.is_ok_and(|g| !g.is_empty());
+        }
+        if ready {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the {} subject exited at start-up ({status})",
+                subject.name()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the {} subject did not join its streams within 60 s",
+                subject.name()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Adds the generated entries, all at once (pipelined) or at `rate` per second.
+async fn add_entries(
+    redis: &mut MultiplexedConnection,
+    prefix: &str,
+    data: &Generated,
+    rate: Option<u64>,
+    subject: Subject,
+) -> Result<()> {
+    let total = data.entries.len();
+    let started = Instant::now();
+    let mut sent = 0;
+    let chunk = match rate {
+        Some(rate) => (rate / 100).max(1) as usize,
+        None => 500,
+    };
+    while sent < total {
+        if let Some(rate) = rate {
+            let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let end = (sent + chunk).min(total);
+        let mut pipe = redis::pipe();
+        for (stream, fields) in &data.entries[sent..end] {
+            let cmd = pipe.cmd("XADD").arg(format!("{prefix}{stream}")).arg("*");
+            for (k, v) in fields {
+                cmd.arg(k).arg(v);
+            }
+            cmd.ignore();
+        }
+        let _: () = pipe
+            .query_async(redis)
+            .await
+            .context("XADD of the bench entries failed")?;
+        sent = end;
+        let verb = if rate.is_some() {
+            "offering"
+        } else {
+            "loading"
+        };
+        progress(subject, verb, sent, total, started.elapsed());
+    }
+    Ok(())
+}
+
+/// Waits until the ledger holds every entry. Returns (seconds since the subject started,
+/// seconds from the first to the last committed entry).
+async fn drain(
+    options: &BenchOptions,
+    pool: &PgPool,
+    total: usize,
+    subject: Subject,
+    child: &mut Child,
+    log: &Path,
+) -> Result<(f64, f64)> {
+    let started = Instant::now();
+    let mut first_commit = None;
+    loop {
+        let (done,): (i64,) = sqlx::query_as("SELECT count(*) FROM processed_entries")
+            .fetch_one(pool)
+            .await
+            .context("cannot count the ledger")?;
+        let done = usize::try_from(done).unwrap_or(0);
+        if done > 0 && first_commit.is_none() {
+            first_commit = Some(Instant::now());
+        }
+        progress(subject, "draining", done, total, started.elapsed());
+        if done >= total {
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                eprintln!();
+            }
+            let first = first_commit.unwrap_or(started);
+            return Ok((
+                started.elapsed().as_secs_f64(),
+                first.elapsed().as_secs_f64(),
+            ));
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the {} subject exited ({status}) with {done} of {total} entries done; see {}",
+                subject.name(),
+                log.display()
+            );
+        }
+        if started.elapsed() > options.timeout {
+            bail!(
+                "the {} subject did not finish within {:?} ({done} of {total}); see {}",
+                subject.name(),
+                options.timeout,
+                log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A progress line on stderr: redrawn in place on a terminal (at most ten times a second), else
+/// written every five seconds.
+fn progress(subject: Subject, verb: &str, done: usize, total: usize, elapsed: Duration) {
+    use std::io::IsTerminal;
+    use std::sync::Mutex;
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    const WIDTH: usize = 30;
+    let terminal = std::io::stderr().is_terminal();
+    let finished = done >= total;
+    {
+        let mut last = LAST.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let every = if terminal {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(5)
+        };
+        if !finished && last.is_some_and(|at| at.elapsed() < every) {
+            return;
+        }
+        *last = if finished { None } else { Some(Instant::now()) };
+    }
+    let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH);
+    let rate = done as f64 / elapsed.as_secs_f64().max(1e-9);
+    eprint!(
+        "{}{:<13} {verb:<9} [{}{}] {done:>8}/{total} {rate:>8.0}/s",
+        if terminal { "\r" } else { "" },
+        subject.name(),
+        "#".repeat(filled),
+        ".".repeat(WIDTH - filled)
+    );
+    if !terminal || (verb != "draining" && finished) {
+        eprintln!();
+    }
+    let _ = std::io::stderr().flush();
+}
+
+/// The child's peak resident memory (VmHWM), in MB.
+fn peak_rss_mb(child: &Child) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Seconds spent in plugin calls, from the host's `/metrics`.
+async fn scrape_plugin_seconds(port: u16) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    let sum = body
+        .lines()
+        .filter(|l| l.starts_with("kaleidoscope_handler_duration_seconds_sum"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Some(sum)
+}
+
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// p50, p95 and p99 of XADD → ledger row, in milliseconds.
+async fn latency_percentiles(pool: &PgPool) -> Result<[f64; 3]> {
+    let row: (Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
+        "WITH l AS (
+             SELECT extract(epoch FROM processed_at) * 1000 - split_part(entry_id, '-', 1)::float8 AS ms
+               FROM processed_entries)
+         SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),
+                percentile_cont(0.95) WITHIN GROUP (ORDER BY ms),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
+           FROM l",
+    )
+    .fetch_one(pool)
+    .await
+    .context("cannot compute latencies")?;
+    Ok([
+        row.0.unwrap_or(0.0),
+        row.1.unwrap_or(0.0),
+        row.2.unwrap_or(0.0),
+    ])
+}
+
+/// The generated entries and what they must leave in the database.
+struct Generated {
+    entries: Vec<(&'static str, Vec<(String, String)>)>,
+    media: i64,
+    faces: i64,
+    errors: i64,
+}
+
+/// A small deterministic generator (xorshift), so every subject gets the same entries.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+const WORDS: [&str; 12] = [
+    "beach", "sunset", "dog", "people", "city", "food", "mountain", "car", "tree", "night",
+    "party", "snow",
+];
+
+impl Generated {
+    fn new(count: usize, mix: Mix, dims: usize) -> Generated {
+        let mut random = Random(0x9e37_79b9_7f4a_7c15);
+        // About three messages per media, as the real services send several per image.
+        let media = (count as i64 / 3).max(1);
+        let mut entries = Vec::with_capacity(count);
+        let (mut faces, mut errors) = (0, 0);
+        let words = |random: &mut Random, n: u64| {
+            let picked: Vec<String> = (0..1 + random.below(n))
+                .map(|_| format!("\"{}\"", WORDS[random.below(WORDS.len() as u64) as usize]))
+                .collect();
+            format!("[{}]", picked.join(", "))
+        };
+        let embedding = |random: &mut Random| {
+            let values: Vec<String> = (0..dims)
+                .map(|_| format!("{:.4}", random.unit() * 2.0 - 1.0))
+                .collect();
+            format!("[{}]", values.join(", "))
+        };
+        for i in 0..count {
+            let media_id = 1 + random.below(media as u64) as i64;
+            let post_id = 1 + (media_id - 1) / 3;
+            let mut fields = vec![
+                ("mediaId".to_string(), media_id.to_string()),
+                ("postId".to_string(), post_id.to_string()),
+            ];
+            let correlation = ("correlationId".to_string(), format!("c-{media_id}"));
+            let slot = if mix == Mix::SeedInsights { 0 } else { i % 20 };
+            let stream = match slot {
+                0..=6 => {
+                    fields.extend([
+                        ("detectedObjects".into(), words(&mut random, 4)),
+                        ("scenes".into(), words(&mut random, 2)),
+                        ("colors".into(), words(&mut random, 3)),
+                        ("qualityScore".into(), format!("{:.3}", random.unit())),
+                        ("hasAdultContent".into(), "false".into()),
+                        (
+                            "hasViolentContent".into(),
+                            (random.below(10) == 0).to_string(),
+                        ),
+                        correlation,
+                    ]);
+                    INSIGHTS
+                }
+                7..=15 => {
+                    let service = SERVICES[random.below(5) as usize];
+                    fields.push(("service".into(), service.into()));
+                    fields.push(("timestamp".into(), "2026-04-15T08:04:56.123456Z".into()));
+                    match service {
+                        "moderation" => {
+                            fields.push(("isSafe".into(), (random.below(20) != 0).to_string()));
+                            fields.push((
+                                "moderationConfidence".into(),
+                                format!("{:.3}", random.unit()),
+                            ));
+                        }
+                        "tagging" => fields.push(("tags".into(), words(&mut random, 5))),
+                        "scene_recognition" => {
+                            fields.push(("scenes".into(), words(&mut random, 2)))
+                        }
+                        "image_captioning" => fields.push((
+                            "caption".into(),
+                            format!("A {} at the {}", WORDS[i % 12], WORDS[(i / 12) % 12]),
+                        )),
+                        _ => fields.push(("imageEmbedding".into(), embedding(&mut random))),
+                    }
+                    fields.push(correlation);
+                    fields.push(("version".into(), "1".into()));
+                    INSIGHTS
+                }
+                16..=18 => {
+                    let n = random.below(4);
+                    let listed: Vec<String> = (0..n)
+                        .map(|k| {
+                            let x = random.below(800);
+                            let y = random.below(600);
+                            format!(
+                                "{{\"faceId\": \"f-{i}-{k}\", \"bbox\": [{x}, {y}, {}, {}], \"embedding\": {}, \"confidence\": {:.4}}}",
+                                x + 40 + random.below(100),
+                                y + 40 + random.below(100),
+                                embedding(&mut random),
+                                0.5 + random.unit() / 2.0
+                            )
+                        })
+                        .collect();
+                    faces += n as i64;
+                    fields.extend([
+                        ("facesDetected".into(), n.to_string()),
+                        ("faces".into(), format!("[{}]", listed.join(", "))),
+                        correlation,
+                        ("timestamp".into(), "2026-04-15T08:04:56Z".into()),
+                        ("version".into(), "1".into()),
+                    ]);
+                    FACES
+                }
+                _ => {
+                    errors += 1;
+                    fields = vec![
+                        correlation,
+                        ("error".into(), "model server unavailable".into()),
+                        ("status".into(), "FAILED".into()),
+                    ];
+                    ERRORS
+                }
+            };
+            entries.push((stream, fields));
+        }
+        // Media that no message named are not expected in media_ai_insights.
+        let named: std::collections::HashSet<&str> = entries
+            .iter()
+            .filter(|(stream, _)| *stream != ERRORS)
+            .filter_map(|(_, fields)| fields.first().map(|(_, v)| v.as_str()))
+            .collect();
+        Generated {
+            media: named.len() as i64,
+            entries,
+            faces,
+            errors,
+        }
+    }
+
+    /// The rows the backend would have: a user, posts, media, and the requests being answered.
+    async fn seed(&self, pool: &PgPool) -> Result<()> {
+        let media = (self.entries.len() as i64 / 3).max(1);
+        sqlx::query("INSERT INTO users (user_id, username) VALUES (1, 'bench')")
+            .execute(pool)
+            .await
+            .context("cannot seed the bench user")?;
+        sqlx::query(
+            "INSERT INTO posts (post_id, author_id) SELECT g, 1 FROM generate_series(1, ($1 + 2) / 3) g",
+        )
+        .bind(media)
+        .execute(pool)
+        .await
+        .context("cannot seed the bench posts")?;
+        sqlx::query(
+            "INSERT INTO post_media (media_id, post_id, media_url)
+             SELECT g, 1 + (g - 1) / 3, 'https://cdn.example/' || g || '.jpg' FROM generate_series(1, $1) g",
+        )
+        .bind(media)
+        .execute(pool)
+        .await
+        .context("cannot seed the bench media")?;
+        sqlx::query(
+            "INSERT INTO ml_requests (correlation_id, stream, post_id, media_id, fields, expected_results, attempts, last_published_at)
+             SELECT 'c-' || g, 'post-image-processing', 1 + (g - 1) / 3, g, '{}',
+                    ARRAY['moderation', 'tagging', 'scene_recognition', 'image_captioning', 'image_embedding', 'face_detection'],
+                    1, now()
+               FROM generate_series(1, $1) g",
+        )
+        .bind(media)
+        .execute(pool)
+        .await
+        .context("cannot seed the bench requests")?;
+        Ok(())
+    }
+
+    /// Checks the ledger, the stored rows and the pending lists against the entries.
+    async fn verify(
+        &self,
+        pool: &PgPool,
+        redis: &mut MultiplexedConnection,
+        prefix: &str,
+        subject: Subject,
+    ) -> Result<String, String> {
+        let count = |sql: &'static str| async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(pool)
+                .await
+                .map_err(|e| format!("{sql}: {e}"))
+        };
+        let ledger = count("SELECT count(*) FROM processed_entries").await?;
+        let media = count("SELECT count(*) FROM media_ai_insights").await?;
+        let faces = count("SELECT count(*) FROM media_detected_faces").await?;
+        let errors = count("SELECT count(*) FROM ml_processing_errors").await?;
+        let expect = |what: &str, got: i64, want: i64| {
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("{what}: {got} rows, expected {want}"))
+            }
+        };
+        expect("ledger", ledger, self.entries.len() as i64)?;
+        expect("media_ai_insights", media, self.media)?;
+        expect("media_detected_faces", faces, self.faces)?;
+        expect("ml_processing_errors", errors, self.errors)?;
+        let group = match subject {
+            Subject::Host => "backend-group",
+            Subject::Baseline => "baseline-group",
+        };
+        for stream in [INSIGHTS, FACES, ERRORS] {
+            let reply: redis::Value = redis::cmd("XPENDING")
+                .arg(format!("{prefix}{stream}"))
+                .arg(group)
+                .query_async(redis)
+                .await
+                .unwrap_or(redis::Value::Nil);
+            if let redis::Value::Array(parts) = reply
+                && let Some(redis::Value::Int(n)) = parts.first()
+                && *n > 0
+            {
+                return Err(format!("{n} entries still pending on {stream}"));
+            }
+        }
+        Ok(format!("{media} media, {faces} faces, {errors} errors"))
+    }
+}

@@ -1,0 +1,550 @@
+//! Runs a [`Plan`] as set-based SQL: one statement per stage and column shape, the rows passed
+//! as arrays and spread out with `unnest`.
+//!
+//! Every value is still a bound parameter: each column travels as one array whose element type
+//! is spelled out in the SQL (`$2::float8[]`), and is cast to the column's type in the statement,
+//! so statements prepared for one set of value types are never reused for another. Array values
+//! (a `text[]` or `real[]` column) travel as their text form, because PostgreSQL has no arrays of
+//! arrays of different lengths.
+
+use super::execute::{self, ExecError, dedup, ident, union};
+use super::plan::{InsertRow, KeyedRow, Plan, Stage};
+use super::validate::{Param, SetOp, SetParam};
+use crate::plugin::wit;
+use sqlx::postgres::PgArguments;
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, query::Query};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Why a plan did not run to the end. The transaction must be rolled back in every case.
+#[derive(Debug)]
+pub enum PlanFailure {
+    /// `update`s with `if-missing = retry` or `fail` found no row: these entries (batch positions)
+    /// must be decided on their own, with the error each would have had.
+    Missing(Vec<(usize, ExecError)>),
+    /// A statement failed inside the database; which entry is to blame is not known.
+    Failed(String),
+    /// The database is unreachable or failing as a whole.
+    Unavailable(sqlx::Error),
+}
+
+impl From<ExecError> for PlanFailure {
+    fn from(error: ExecError) -> Self {
+        match error {
+            ExecError::Unavailable(error) => PlanFailure::Unavailable(error),
+            ExecError::Retry(reason) | ExecError::Permanent(reason) => PlanFailure::Failed(reason),
+        }
+    }
+}
+
+/// Takes the host's transaction-scoped lock on each of `tables`, in name order.
+///
+/// Batches lock rows of a table in key order within each statement, but a stage may need several
+/// statements (one per column shape), and rows created by one batch can be touched by another in
+/// between: two batches could each hold a row the other needs, which PostgreSQL only resolves
+/// after `deadlock_timeout` by failing one of them. Writing a table is therefore one batch at a
+/// time across all hosts; batches of different tables still commit side by side, and reading and
+/// handling the next batch never waits for this lock.
+pub async fn lock_tables<'t>(
+    conn: &mut PgConnection,
+    tables: impl IntoIterator<Item = &'t str>,
+) -> Result<(), ExecError> {
+    let tables: BTreeSet<&str> = tables.into_iter().collect();
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = tables.into_iter().collect();
+    sqlx::query(
+        "SELECT count(pg_advisory_xact_lock(hashtextextended('kaleidoscope.table.' || t.name, 0)))
+           FROM unnest($1::text[]) AS t(name)",
+    )
+    .bind(names)
+    .execute(conn)
+    .await
+    .map(drop)
+    .map_err(execute::classify)
+}
+
+/// Runs every stage of `plan`, in order, inside the caller's transaction.
+pub async fn run(conn: &mut PgConnection, plan: &Plan) -> Result<(), PlanFailure> {
+    for stage in &plan.stages {
+        match stage {
+            Stage::Upsert {
+                table,
+                key_columns,
+                rows,
+            } => {
+                for group in by_shape(rows) {
+                    let (sql, arrays) = upsert_sql(table, key_columns, &group);
+                    run_sql(conn, sql, arrays).await?;
+                }
+            }
+            Stage::Update {
+                table,
+                key_columns,
+                if_missing,
+                rows,
+                ..
+            } => {
+                let mut missing = Vec::new();
+                for group in by_shape(rows) {
+                    let want_rows = !matches!(if_missing, wit::IfMissing::Skip);
+                    let (sql, arrays) = update_sql(table, key_columns, &group, want_rows);
+                    if !want_rows {
+                        run_sql(conn, sql, arrays).await?;
+                        continue;
+                    }
+                    let found: BTreeSet<i64> = fetch_positions(conn, sql, arrays).await?;
+                    for (position, row) in group.iter().enumerate() {
+                        if found.contains(&(position as i64 + 1)) {
+                            continue;
+                        }
+                        let which = execute::describe_key(table, &row.key);
+                        for &entry in &row.entries {
+                            missing.push((
+                                entry,
+                                match if_missing {
+                                    wit::IfMissing::Fail => {
+                                        ExecError::Permanent(format!("no row in {which}"))
+                                    }
+                                    _ => ExecError::Retry(format!("no row in {which} yet")),
+                                },
+                            ));
+                        }
+                    }
+                }
+                if !missing.is_empty() {
+                    return Err(PlanFailure::Missing(missing));
+                }
+            }
+            Stage::Delete {
+                table,
+                key_columns,
+                rows,
+            } => {
+                let refs: Vec<&KeyedRow> = rows.iter().collect();
+                let (sql, arrays) = delete_sql(table, key_columns, &refs);
+                run_sql(conn, sql, arrays).await?;
+            }
+            Stage::Insert {
+                table,
+                columns,
+                ignore_conflict,
+                rows,
+            } => {
+                let (sql, arrays) = insert_sql(table, columns, *ignore_conflict, rows);
+                run_sql(conn, sql, arrays).await?;
+            }
+            Stage::Single { statement, .. } => execute::execute(conn, statement).await?,
+        }
+    }
+    Ok(())
+}
+
+/// The rows of a stage grouped by which columns they set and how (each group is one statement),
+/// in a fixed order of shapes, rows keeping their (key) order within a group.
+fn by_shape(rows: &[KeyedRow]) -> Vec<Vec<&KeyedRow>> {
+    let mut groups: BTreeMap<Vec<(String, bool)>, Vec<&KeyedRow>> = BTreeMap::new();
+    for row in rows {
+        let mut shape: Vec<(String, bool)> = row
+            .set
+            .iter()
+            .map(|s| (s.column.clone(), matches!(s.op, SetOp::AppendUnique(_))))
+            .collect();
+        shape.sort();
+        groups.entry(shape).or_default().push(row);
+    }
+    groups.into_values().collect()
+}
+
+/// One column's values across the rows of a statement, as one array of a single element type.
+enum Array {
+    Bool(Vec<Option<bool>>),
+    Int(Vec<Option<i64>>),
+    Float(Vec<Option<f64>>),
+    Text(Vec<Option<String>>),
+}
+
+impl Array {
+    /// The narrowest array that carries all `values` exactly: a native one when they are all of
+    /// one scalar kind, else their text forms (which PostgreSQL casts to the column's type).
+    fn of(values: &[&wit::Value]) -> Array {
+        use wit::Value as V;
+        let non_null = || values.iter().filter(|v| !matches!(v, V::Null));
+        if non_null().all(|v| matches!(v, V::Boolean(_))) {
+            return Array::Bool(
+                values
+                    .iter()
+                    .map(|v| match v {
+                        V::Boolean(b) => Some(*b),
+                        _ => None,
+                    })
+                    .collect(),
+            );
+        }
+        if non_null().all(|v| matches!(v, V::Integer(_))) {
+            return Array::Int(
+                values
+                    .iter()
+                    .map(|v| match v {
+                        V::Integer(i) => Some(*i),
+                        _ => None,
+                    })
+                    .collect(),
+            );
+        }
+        if non_null().all(|v| matches!(v, V::Float(_))) {
+            return Array::Float(
+                values
+                    .iter()
+                    .map(|v| match v {
+                        V::Float(f) => Some(*f),
+                        _ => None,
+                    })
+                    .collect(),
+            );
+        }
+        Array::Text(values.iter().map(|v| text_form(v)).collect())
+    }
+
+    fn sql_type(&self) -> &'static str {
+        match self {
+            Array::Bool(_) => "bool[]",
+            Array::Int(_) => "int8[]",
+            Array::Float(_) => "float8[]",
+            Array::Text(_) => "text[]",
+        }
+    }
+}
+
+/// A value as PostgreSQL's text input for it (`None` for NULL).
+fn text_form(value: &wit::Value) -> Option<String> {
+    use wit::Value as V;
+    Some(match value {
+        V::Null => return None,
+        V::Boolean(b) => b.to_string(),
+        V::Integer(i) => i.to_string(),
+        // `{:?}` is the shortest text that reads back as the same f64.
+        V::Float(f) => format!("{f:?}"),
+        V::Text(s) | V::Json(s) | V::Timestamp(s) => s.clone(),
+        V::TextArray(items) => array_literal(items.iter().map(|s| s.as_str())),
+        V::FloatArray(items) => {
+            let texts: Vec<String> = items.iter().map(|f| format!("{f:?}")).collect();
+            array_literal(texts.iter().map(|s| s.as_str()))
+        }
+    })
+}
+
+/// `{"a","b \"c\""}`: every element quoted, so no element is read as NULL or split.
+fn array_literal<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    let mut out = String::from("{");
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in item.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+/// The arrays of a statement and the `unnest(...) AS u(c0, c1, ...)` that spreads them.
+#[derive(Default)]
+struct Columns {
+    arrays: Vec<Array>,
+}
+
+impl Columns {
+    /// Adds a column; returns the expression that reads it, cast to `sql_type`.
+    fn add(&mut self, values: &[&wit::Value], sql_type: &str) -> String {
+        let array = Array::of(values);
+        self.arrays.push(array);
+        format!("CAST(u.c{} AS {sql_type})", self.arrays.len() - 1)
+    }
+
+    fn unnest(&self, ordinality: bool) -> String {
+        let params = self
+            .arrays
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("${}::{}", i + 1, a.sql_type()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut names: Vec<String> = (0..self.arrays.len()).map(|i| format!("c{i}")).collect();
+        if ordinality {
+            names.push("n".into());
+            format!(
+                "unnest({params}) WITH ORDINALITY AS u({})",
+                names.join(", ")
+            )
+        } else {
+            format!("unnest({params}) AS u({})", names.join(", "))
+        }
+    }
+}
+
+/// What a `set` column contributes to one row: the assigned value, or the items to append.
+fn set_value(set: &SetParam) -> wit::Value {
+    match &set.op {
+        SetOp::Assign(value) => value.clone(),
+        SetOp::AppendUnique(items) => wit::Value::TextArray(dedup(items)),
+    }
+}
+
+/// Adds the key columns of `rows` and returns them with their read expressions.
+fn key_columns_of(
+    columns: &mut Columns,
+    key_columns: &[String],
+    rows: &[&KeyedRow],
+) -> Vec<(String, String)> {
+    key_columns
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let values: Vec<&wit::Value> = rows.iter().map(|r| &r.key[i].value).collect();
+            let sql_type = &rows[0].key[i].sql_type;
+            (name.clone(), columns.add(&values, sql_type))
+        })
+        .collect()
+}
+
+/// The set columns of a group (all rows share their shape), with their read expressions.
+fn set_columns_of<'r>(columns: &mut Columns, rows: &[&'r KeyedRow]) -> Vec<(&'r SetParam, String)> {
+    let first = rows[0];
+    let mut sets: Vec<&SetParam> = first.set.iter().collect();
+    sets.sort_by(|a, b| a.column.cmp(&b.column));
+    sets.into_iter()
+        .map(|set| {
+            let values: Vec<wit::Value> = rows
+                .iter()
+                .map(|row| {
+                    row.set
+                        .iter()
+                        .find(|s| s.column == set.column)
+                        .map(set_value)
+                        .unwrap_or(wit::Value::Null)
+                })
+                .collect();
+            let refs: Vec<&wit::Value> = values.iter().collect();
+            let read = columns.add(&refs, &set.sql_type);
+            (set, read)
+        })
+        .collect()
+}
+
+fn upsert_sql(table: &str, key_columns: &[String], rows: &[&KeyedRow]) -> (String, Vec<Array>) {
+    let mut columns = Columns::default();
+    let keys = key_columns_of(&mut columns, key_columns, rows);
+    let sets = set_columns_of(&mut columns, rows);
+    let names: Vec<String> = keys
+        .iter()
+        .map(|(name, _)| ident(name))
+        .chain(sets.iter().map(|(set, _)| ident(&set.column)))
+        .collect();
+    let reads: Vec<&str> = keys
+        .iter()
+        .map(|(_, read)| read.as_str())
+        .chain(sets.iter().map(|(_, read)| read.as_str()))
+        .collect();
+    let conflict = key_columns
+        .iter()
+        .map(|c| ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let action = if sets.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        let assignments = sets
+            .iter()
+            .map(|(set, _)| {
+                let column = ident(&set.column);
+                match set.op {
+                    SetOp::Assign(_) => format!("{column} = EXCLUDED.{column}"),
+                    SetOp::AppendUnique(_) => format!(
+                        "{column} = {}",
+                        union(&format!("target.{column}"), &format!("EXCLUDED.{column}"))
+                    ),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("DO UPDATE SET {assignments}")
+    };
+    let sql = format!(
+        "INSERT INTO {} AS target ({}) SELECT {} FROM {} ON CONFLICT ({conflict}) {action}",
+        ident(table),
+        names.join(", "),
+        reads.join(", "),
+        columns.unnest(false),
+    );
+    (sql, columns.arrays)
+}
+
+fn update_sql(
+    table: &str,
+    key_columns: &[String],
+    rows: &[&KeyedRow],
+    returning: bool,
+) -> (String, Vec<Array>) {
+    let mut columns = Columns::default();
+    let keys = key_columns_of(&mut columns, key_columns, rows);
+    let sets = set_columns_of(&mut columns, rows);
+    let assignments = sets
+        .iter()
+        .map(|(set, read)| {
+            let column = ident(&set.column);
+            match set.op {
+                SetOp::Assign(_) => format!("{column} = {read}"),
+                SetOp::AppendUnique(_) => {
+                    format!("{column} = {}", union(&format!("target.{column}"), read))
+                }
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let condition = keys
+        .iter()
+        .map(|(name, read)| format!("target.{} = {read}", ident(name)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let sql = format!(
+        "UPDATE {} AS target SET {assignments} FROM {} WHERE {condition}{}",
+        ident(table),
+        columns.unnest(true),
+        if returning { " RETURNING u.n" } else { "" }
+    );
+    (sql, columns.arrays)
+}
+
+fn delete_sql(table: &str, key_columns: &[String], rows: &[&KeyedRow]) -> (String, Vec<Array>) {
+    let mut columns = Columns::default();
+    let keys = key_columns_of(&mut columns, key_columns, rows);
+    let condition = keys
+        .iter()
+        .map(|(name, read)| format!("target.{} = {read}", ident(name)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let sql = format!(
+        "DELETE FROM {} AS target USING {} WHERE {condition}",
+        ident(table),
+        columns.unnest(false)
+    );
+    (sql, columns.arrays)
+}
+
+fn insert_sql(
+    table: &str,
+    names: &[String],
+    ignore_conflict: bool,
+    rows: &[InsertRow],
+) -> (String, Vec<Array>) {
+    let mut columns = Columns::default();
+    let reads: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            let values: Vec<&wit::Value> = rows.iter().map(|r| &r.values[i].value).collect();
+            let sql_type = param_type(&rows[0].values[i]);
+            columns.add(&values, sql_type)
+        })
+        .collect();
+    let sql = format!(
+        "INSERT INTO {} ({}) SELECT {} FROM {} ORDER BY u.n{}",
+        ident(table),
+        names
+            .iter()
+            .map(|c| ident(c))
+            .collect::<Vec<_>>()
+            .join(", "),
+        reads.join(", "),
+        columns.unnest(true),
+        if ignore_conflict {
+            " ON CONFLICT DO NOTHING"
+        } else {
+            ""
+        }
+    );
+    (sql, columns.arrays)
+}
+
+fn param_type(param: &Param) -> &str {
+    &param.sql_type
+}
+
+fn query(sql: String, arrays: Vec<Array>) -> Query<'static, Postgres, PgArguments> {
+    // Audited: identifiers come from the live catalogue (validated, then quoted), types from
+    // `format_type`, and every value is inside a bound array.
+    let mut query: Query<'static, Postgres, PgArguments> = sqlx::query(AssertSqlSafe(sql));
+    for array in arrays {
+        query = match array {
+            Array::Bool(values) => query.bind(values),
+            Array::Int(values) => query.bind(values),
+            Array::Float(values) => query.bind(values),
+            Array::Text(values) => query.bind(values),
+        };
+    }
+    query
+}
+
+async fn run_sql(
+    conn: &mut PgConnection,
+    sql: String,
+    arrays: Vec<Array>,
+) -> Result<(), ExecError> {
+    query(sql, arrays)
+        .execute(conn)
+        .await
+        .map(drop)
+        .map_err(execute::classify)
+}
+
+/// Runs an update `RETURNING u.n` and collects the (1-based) positions of the rows that matched.
+async fn fetch_positions(
+    conn: &mut PgConnection,
+    sql: String,
+    arrays: Vec<Array>,
+) -> Result<BTreeSet<i64>, ExecError> {
+    use sqlx::Row;
+    let rows = query(sql, arrays)
+        .fetch_all(conn)
+        .await
+        .map_err(execute::classify)?;
+    rows.iter()
+        .map(|row| row.try_get::<i64, _>(0).map_err(execute::classify))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn array_literals_quote_every_element() {
+        assert_eq!(
+            array_literal(["a", "b \"c\"", "d\\e", "NULL", ""].into_iter()),
+            r#"{"a","b \"c\"","d\\e","NULL",""}"#
+        );
+        assert_eq!(array_literal(std::iter::empty()), "{}");
+    }
+
+    #[test]
+    fn one_kind_of_value_travels_natively_and_a_mix_as_text() {
+        let int = wit::Value::Integer(2);
+        let float = wit::Value::Float(0.1);
+        let null = wit::Value::Null;
+        assert!(matches!(Array::of(&[&int, &null]), Array::Int(v) if v == [Some(2), None]));
+        assert!(
+            matches!(Array::of(&[&int, &float]), Array::Text(v) if v == [Some("2".to_string()), Some("0.1".to_string())])
+        );
+        let floats = wit::Value::FloatArray(vec![1.5, 2.0]);
+        assert!(
+            matches!(Array::of(&[&floats]), Array::Text(v) if v == [Some("{\"1.5\",\"2.0\"}".to_string())])
+        );
+    }
+}
