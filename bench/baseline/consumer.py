@@ -45,7 +45,8 @@ COLUMNS = [
     ("has_adult_content", "hasAdultContent", lambda v: v == "true", "boolean"),
     ("has_violent_content", "hasViolentContent", lambda v: v == "true", "boolean"),
     ("dominant_emotion", "dominantEmotion", str, "text"),
-    ("image_embedding", "imageEmbedding", json.loads, "real[]"),
+    # Kept as its JSON text; PostgreSQL turns `[...]` into `{...}` and parses it.
+    ("image_embedding", "imageEmbedding", str, "real[]"),
     ("correlation_id", "correlationId", str, "text"),
 ]
 TYPES = {c: t for c, _, _, t in COLUMNS}
@@ -71,6 +72,10 @@ def upsert_insights(cur, rows):
         select = ["u.c0", "CAST(u.c1 AS text[])"]
         for i, column in enumerate(shape, start=2):
             values = [cols[column] for _, cols, _ in group]
+            if column == "image_embedding":
+                select.append(f"CAST(translate(u.c{i}, '[]', '{{}}') AS real[])")
+                arrays.append(values)
+                continue
             if TYPES[column].endswith("[]"):
                 values = [literal(v) for v in values]
             else:
@@ -138,7 +143,7 @@ def handle(cur, stream, entries):
             for face in listed:
                 x0, y0, x1, y1 = face["bbox"]
                 emb = face.get("embedding")
-                emb = literal(emb) if emb and any(emb) else None
+                emb = json.dumps(emb) if emb and any(emb) else None
                 faces[(media_id, face["faceId"])] = (cols.get("post_id"), x0, y0, x1 - x0, y1 - y0, face.get("confidence"), emb)
             result(f, "face_detection")
         upsert_insights(cur, rows)
@@ -147,7 +152,7 @@ def handle(cur, stream, entries):
             cols = list(zip(*(faces[k] for k in keys)))
             cur.execute(
                 "INSERT INTO media_detected_faces AS target (media_id, face_id, post_id, bbox_x, bbox_y, bbox_width, bbox_height, confidence, embedding) "
-                "SELECT m, f, p, x, y, w, h, c, CAST(e AS real[]) FROM unnest(%s::int8[], %s::text[], %s::int8[], %s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::text[]) AS u(m, f, p, x, y, w, h, c, e) "
+                "SELECT m, f, p, x, y, w, h, c, CAST(translate(e, '[]', '{}') AS real[]) FROM unnest(%s::int8[], %s::text[], %s::int8[], %s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::text[]) AS u(m, f, p, x, y, w, h, c, e) "
                 "ON CONFLICT (media_id, face_id) DO UPDATE SET post_id = EXCLUDED.post_id, bbox_x = EXCLUDED.bbox_x, bbox_y = EXCLUDED.bbox_y, "
                 "bbox_width = EXCLUDED.bbox_width, bbox_height = EXCLUDED.bbox_height, confidence = EXCLUDED.confidence, embedding = EXCLUDED.embedding",
                 [[k[0] for k in keys], [k[1] for k in keys], *[list(c) for c in cols[:7]]],

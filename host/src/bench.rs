@@ -82,6 +82,10 @@ pub struct Figures {
     pub verified: Result<String, String>,
     /// Deadlocks PostgreSQL reported while the subject ran.
     pub deadlocks: i64,
+    /// Drain rate over the first and the last tenth of the entries (a rate that falls over the
+    /// run means something grows: the ledger, an index, memory).
+    pub first_tenth_per_second: f64,
+    pub last_tenth_per_second: f64,
 }
 
 /// Runs the bench and returns the figures of each subject (the host first).
@@ -144,6 +148,13 @@ pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
             }
         ));
     }
+    out.push('\n');
+    for r in results {
+        out.push_str(&format!(
+            "{}: first tenth of the entries {:.0}/s, last tenth {:.0}/s\n",
+            r.subject, r.first_tenth_per_second, r.last_tenth_per_second
+        ));
+    }
     if let [host, baseline] = results {
         out.push_str(&format!(
             "\nhost / baseline: {:.2}x the entries/s\n",
@@ -195,15 +206,7 @@ async fn run_subject(
             wait_for_groups(&mut redis, &prefix, subject, &mut child).await?;
             add_entries(&mut redis, &prefix, data, Some(rate), subject).await?;
         }
-        drain(
-            options,
-            &pool,
-            data.entries.len(),
-            subject,
-            &mut child,
-            &log,
-        )
-        .await
+        drain(options, &pool, data.len(), subject, &mut child, &log).await
     }
     .await;
     let peak_rss_mb = peak_rss_mb(&child);
@@ -212,7 +215,8 @@ async fn run_subject(
         Subject::Baseline => None,
     };
     stop(&mut child);
-    let (seconds, first_to_last) = outcome?;
+    let drained = outcome?;
+    let (seconds, first_to_last) = (drained.since_start, drained.first_to_last);
 
     let latency_ms = match options.rate {
         Some(_) => Some(latency_percentiles(&pool).await?),
@@ -229,15 +233,48 @@ async fn run_subject(
     };
     Ok(Figures {
         subject: subject.name().into(),
-        entries: data.entries.len(),
-        entries_per_second: data.entries.len() as f64 / drain.max(1e-9),
+        entries: data.len(),
+        entries_per_second: data.len() as f64 / drain.max(1e-9),
         seconds: drain,
         latency_ms,
         peak_rss_mb,
         plugin_share: plugin_seconds.map(|s| s / drain.max(1e-9)),
         verified,
         deadlocks,
+        first_tenth_per_second: drained.first_tenth,
+        last_tenth_per_second: drained.last_tenth,
     })
+}
+
+/// How a drain went.
+struct Drained {
+    /// Seconds from the subject's start to the last entry.
+    since_start: f64,
+    /// Seconds from the first committed entry to the last.
+    first_to_last: f64,
+    /// Entries per second over the first and the last tenth of the entries.
+    first_tenth: f64,
+    last_tenth: f64,
+}
+
+impl Drained {
+    /// From `(time, ledger count)` samples taken while draining `total` entries.
+    fn from_samples(started: Instant, samples: &[(Instant, usize)], total: usize) -> Drained {
+        let end = samples.last().map_or(started, |s| s.0);
+        let first = samples.iter().find(|s| s.1 > 0).map_or(started, |s| s.0);
+        let tenth = (total / 10).max(1);
+        let reached = |count: usize| samples.iter().find(|s| s.1 >= count).copied();
+        let rate = |from: Option<(Instant, usize)>, to: Option<(Instant, usize)>| match (from, to) {
+            (Some(a), Some(b)) if b.0 > a.0 => (b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64(),
+            _ => 0.0,
+        };
+        Drained {
+            since_start: (end - started).as_secs_f64(),
+            first_to_last: (end - first).as_secs_f64(),
+            first_tenth: rate(Some((first, 0)), reached(tenth)),
+            last_tenth: rate(reached(total - tenth), samples.last().copied()),
+        }
+    }
 }
 
 /// Drops and recreates the bench database, migrated. Refuses names without "bench".
@@ -423,7 +460,7 @@ async fn add_entries(
     rate: Option<u64>,
     subject: Subject,
 ) -> Result<()> {
-    let total = data.entries.len();
+    let total = data.len();
     let started = Instant::now();
     let mut sent = 0;
     let chunk = match rate {
@@ -437,9 +474,10 @@ async fn add_entries(
         }
         let end = (sent + chunk).min(total);
         let mut pipe = redis::pipe();
-        for (stream, fields) in &data.entries[sent..end] {
+        for i in sent..end {
+            let (stream, fields) = data.entry(i);
             let cmd = pipe.cmd("XADD").arg(format!("{prefix}{stream}")).arg("*");
-            for (k, v) in fields {
+            for (k, v) in &fields {
                 cmd.arg(k).arg(v);
             }
             cmd.ignore();
@@ -459,8 +497,7 @@ async fn add_entries(
     Ok(())
 }
 
-/// Waits until the ledger holds every entry. Returns (seconds since the subject started,
-/// seconds from the first to the last committed entry).
+/// Waits until the ledger holds every entry.
 async fn drain(
     options: &BenchOptions,
     pool: &PgPool,
@@ -468,28 +505,22 @@ async fn drain(
     subject: Subject,
     child: &mut Child,
     log: &Path,
-) -> Result<(f64, f64)> {
+) -> Result<Drained> {
     let started = Instant::now();
-    let mut first_commit = None;
+    let mut samples = Vec::new();
     loop {
         let (done,): (i64,) = sqlx::query_as("SELECT count(*) FROM processed_entries")
             .fetch_one(pool)
             .await
             .context("cannot count the ledger")?;
         let done = usize::try_from(done).unwrap_or(0);
-        if done > 0 && first_commit.is_none() {
-            first_commit = Some(Instant::now());
-        }
+        samples.push((Instant::now(), done));
         progress(subject, "draining", done, total, started.elapsed());
         if done >= total {
             if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 eprintln!();
             }
-            let first = first_commit.unwrap_or(started);
-            return Ok((
-                started.elapsed().as_secs_f64(),
-                first.elapsed().as_secs_f64(),
-            ));
+            return Ok(Drained::from_samples(started, &samples, total));
         }
         if let Some(status) = child.try_wait()? {
             bail!(
@@ -613,9 +644,17 @@ async fn latency_percentiles(pool: &PgPool) -> Result<[f64; 3]> {
     ])
 }
 
-/// The generated entries and what they must leave in the database.
+/// The entries of a run, made on demand from their position (so 200,000 entries with embeddings
+/// never sit in memory at once), and what they must leave in the database.
 struct Generated {
-    entries: Vec<(&'static str, Vec<(String, String)>)>,
+    count: usize,
+    mix: Mix,
+    /// Media ids range over `1..=media_range`.
+    media_range: i64,
+    /// A few embeddings (JSON text), shared by all entries: their values do not matter, their
+    /// size does.
+    embeddings: Vec<String>,
+    /// Distinct media named by a result (rows expected in `media_ai_insights`).
     media: i64,
     faces: i64,
     errors: i64,
@@ -625,6 +664,14 @@ struct Generated {
 struct Random(u64);
 
 impl Random {
+    /// The generator of entry `i`: the same for every subject.
+    fn for_entry(i: usize) -> Random {
+        let mut random =
+            Random(0x9e37_79b9_7f4a_7c15 ^ (i as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9));
+        random.next();
+        random
+    }
+
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
@@ -646,13 +693,84 @@ const WORDS: [&str; 12] = [
     "party", "snow",
 ];
 
+/// What entry `i` is, decided by cheap draws only.
+enum Kind {
+    SeedInsights,
+    Service(&'static str),
+    Faces(u64),
+    Error,
+}
+
 impl Generated {
     fn new(count: usize, mix: Mix, dims: usize) -> Generated {
-        let mut random = Random(0x9e37_79b9_7f4a_7c15);
-        // About three messages per media, as the real services send several per image.
-        let media = (count as i64 / 3).max(1);
-        let mut entries = Vec::with_capacity(count);
-        let (mut faces, mut errors) = (0, 0);
+        let mut random = Random(0x2545_f491_4f6c_dd1d);
+        let embeddings = (0..16)
+            .map(|_| {
+                let values: Vec<String> = (0..dims)
+                    .map(|_| format!("{:.4}", random.unit() * 2.0 - 1.0))
+                    .collect();
+                format!("[{}]", values.join(", "))
+            })
+            .collect();
+        let mut generated = Generated {
+            count,
+            mix,
+            // About three messages per media, as the real services send several per image.
+            media_range: (count as i64 / 3).max(1),
+            embeddings,
+            media: 0,
+            faces: 0,
+            errors: 0,
+        };
+        let mut named = std::collections::HashSet::new();
+        for i in 0..count {
+            let (media_id, kind, _) = generated.draw(i);
+            match kind {
+                Kind::Error => generated.errors += 1,
+                Kind::Faces(n) => {
+                    generated.faces += n as i64;
+                    named.insert(media_id);
+                }
+                _ => {
+                    named.insert(media_id);
+                }
+            }
+        }
+        generated.media = named.len() as i64;
+        generated
+    }
+
+    fn len(&self) -> usize {
+        self.count
+    }
+
+    /// The media and kind of entry `i`, and its generator positioned after those draws.
+    fn draw(&self, i: usize) -> (i64, Kind, Random) {
+        let mut random = Random::for_entry(i);
+        let media_id = 1 + random.below(self.media_range as u64) as i64;
+        let slot = if self.mix == Mix::SeedInsights {
+            0
+        } else {
+            i % 20
+        };
+        let kind = match slot {
+            0..=6 => Kind::SeedInsights,
+            7..=15 => Kind::Service(SERVICES[random.below(5) as usize]),
+            16..=18 => Kind::Faces(random.below(4)),
+            _ => Kind::Error,
+        };
+        (media_id, kind, random)
+    }
+
+    /// Entry `i`: its stream and fields.
+    fn entry(&self, i: usize) -> (&'static str, Vec<(String, String)>) {
+        let (media_id, kind, mut random) = self.draw(i);
+        let post_id = 1 + (media_id - 1) / 3;
+        let mut fields = vec![
+            ("mediaId".to_string(), media_id.to_string()),
+            ("postId".to_string(), post_id.to_string()),
+        ];
+        let correlation = ("correlationId".to_string(), format!("c-{media_id}"));
         let words = |random: &mut Random, n: u64| {
             let picked: Vec<String> = (0..1 + random.below(n))
                 .map(|_| format!("\"{}\"", WORDS[random.below(WORDS.len() as u64) as usize]))
@@ -660,116 +778,85 @@ impl Generated {
             format!("[{}]", picked.join(", "))
         };
         let embedding = |random: &mut Random| {
-            let values: Vec<String> = (0..dims)
-                .map(|_| format!("{:.4}", random.unit() * 2.0 - 1.0))
-                .collect();
-            format!("[{}]", values.join(", "))
+            self.embeddings[random.below(self.embeddings.len() as u64) as usize].clone()
         };
-        for i in 0..count {
-            let media_id = 1 + random.below(media as u64) as i64;
-            let post_id = 1 + (media_id - 1) / 3;
-            let mut fields = vec![
-                ("mediaId".to_string(), media_id.to_string()),
-                ("postId".to_string(), post_id.to_string()),
-            ];
-            let correlation = ("correlationId".to_string(), format!("c-{media_id}"));
-            let slot = if mix == Mix::SeedInsights { 0 } else { i % 20 };
-            let stream = match slot {
-                0..=6 => {
-                    fields.extend([
-                        ("detectedObjects".into(), words(&mut random, 4)),
-                        ("scenes".into(), words(&mut random, 2)),
-                        ("colors".into(), words(&mut random, 3)),
-                        ("qualityScore".into(), format!("{:.3}", random.unit())),
-                        ("hasAdultContent".into(), "false".into()),
-                        (
-                            "hasViolentContent".into(),
-                            (random.below(10) == 0).to_string(),
-                        ),
-                        correlation,
-                    ]);
-                    INSIGHTS
-                }
-                7..=15 => {
-                    let service = SERVICES[random.below(5) as usize];
-                    fields.push(("service".into(), service.into()));
-                    fields.push(("timestamp".into(), "2026-04-15T08:04:56.123456Z".into()));
-                    match service {
-                        "moderation" => {
-                            fields.push(("isSafe".into(), (random.below(20) != 0).to_string()));
-                            fields.push((
-                                "moderationConfidence".into(),
-                                format!("{:.3}", random.unit()),
-                            ));
-                        }
-                        "tagging" => fields.push(("tags".into(), words(&mut random, 5))),
-                        "scene_recognition" => {
-                            fields.push(("scenes".into(), words(&mut random, 2)))
-                        }
-                        "image_captioning" => fields.push((
-                            "caption".into(),
-                            format!("A {} at the {}", WORDS[i % 12], WORDS[(i / 12) % 12]),
-                        )),
-                        _ => fields.push(("imageEmbedding".into(), embedding(&mut random))),
+        let stream = match kind {
+            Kind::SeedInsights => {
+                fields.extend([
+                    ("detectedObjects".into(), words(&mut random, 4)),
+                    ("scenes".into(), words(&mut random, 2)),
+                    ("colors".into(), words(&mut random, 3)),
+                    ("qualityScore".into(), format!("{:.3}", random.unit())),
+                    ("hasAdultContent".into(), "false".into()),
+                    (
+                        "hasViolentContent".into(),
+                        (random.below(10) == 0).to_string(),
+                    ),
+                    correlation,
+                ]);
+                INSIGHTS
+            }
+            Kind::Service(service) => {
+                fields.push(("service".into(), service.into()));
+                fields.push(("timestamp".into(), "2026-04-15T08:04:56.123456Z".into()));
+                match service {
+                    "moderation" => {
+                        fields.push(("isSafe".into(), (random.below(20) != 0).to_string()));
+                        fields.push((
+                            "moderationConfidence".into(),
+                            format!("{:.3}", random.unit()),
+                        ));
                     }
-                    fields.push(correlation);
-                    fields.push(("version".into(), "1".into()));
-                    INSIGHTS
+                    "tagging" => fields.push(("tags".into(), words(&mut random, 5))),
+                    "scene_recognition" => fields.push(("scenes".into(), words(&mut random, 2))),
+                    "image_captioning" => fields.push((
+                        "caption".into(),
+                        format!("A {} at the {}", WORDS[i % 12], WORDS[(i / 12) % 12]),
+                    )),
+                    _ => fields.push(("imageEmbedding".into(), embedding(&mut random))),
                 }
-                16..=18 => {
-                    let n = random.below(4);
-                    let listed: Vec<String> = (0..n)
-                        .map(|k| {
-                            let x = random.below(800);
-                            let y = random.below(600);
-                            format!(
-                                "{{\"faceId\": \"f-{i}-{k}\", \"bbox\": [{x}, {y}, {}, {}], \"embedding\": {}, \"confidence\": {:.4}}}",
-                                x + 40 + random.below(100),
-                                y + 40 + random.below(100),
-                                embedding(&mut random),
-                                0.5 + random.unit() / 2.0
-                            )
-                        })
-                        .collect();
-                    faces += n as i64;
-                    fields.extend([
-                        ("facesDetected".into(), n.to_string()),
-                        ("faces".into(), format!("[{}]", listed.join(", "))),
-                        correlation,
-                        ("timestamp".into(), "2026-04-15T08:04:56Z".into()),
-                        ("version".into(), "1".into()),
-                    ]);
-                    FACES
-                }
-                _ => {
-                    errors += 1;
-                    fields = vec![
-                        correlation,
-                        ("error".into(), "model server unavailable".into()),
-                        ("status".into(), "FAILED".into()),
-                    ];
-                    ERRORS
-                }
-            };
-            entries.push((stream, fields));
-        }
-        // Media that no message named are not expected in media_ai_insights.
-        let named: std::collections::HashSet<&str> = entries
-            .iter()
-            .filter(|(stream, _)| *stream != ERRORS)
-            .filter_map(|(_, fields)| fields.first().map(|(_, v)| v.as_str()))
-            .collect();
-        Generated {
-            media: named.len() as i64,
-            entries,
-            faces,
-            errors,
-        }
+                fields.push(correlation);
+                fields.push(("version".into(), "1".into()));
+                INSIGHTS
+            }
+            Kind::Faces(n) => {
+                let listed: Vec<String> = (0..n)
+                    .map(|k| {
+                        let x = random.below(800);
+                        let y = random.below(600);
+                        format!(
+                            "{{\"faceId\": \"f-{i}-{k}\", \"bbox\": [{x}, {y}, {}, {}], \"embedding\": {}, \"confidence\": {:.4}}}",
+                            x + 40 + random.below(100),
+                            y + 40 + random.below(100),
+                            embedding(&mut random),
+                            0.5 + random.unit() / 2.0
+                        )
+                    })
+                    .collect();
+                fields.extend([
+                    ("facesDetected".into(), n.to_string()),
+                    ("faces".into(), format!("[{}]", listed.join(", "))),
+                    correlation,
+                    ("timestamp".into(), "2026-04-15T08:04:56Z".into()),
+                    ("version".into(), "1".into()),
+                ]);
+                FACES
+            }
+            Kind::Error => {
+                fields = vec![
+                    correlation,
+                    ("error".into(), "model server unavailable".into()),
+                    ("status".into(), "FAILED".into()),
+                ];
+                ERRORS
+            }
+        };
+        (stream, fields)
     }
 
     /// The rows the backend would have: a user, posts, media, and the requests being answered.
     async fn seed(&self, pool: &PgPool) -> Result<()> {
-        let media = (self.entries.len() as i64 / 3).max(1);
+        let media = self.media_range;
         sqlx::query("INSERT INTO users (user_id, username) VALUES (1, 'bench')")
             .execute(pool)
             .await
@@ -828,7 +915,7 @@ impl Generated {
                 Err(format!("{what}: {got} rows, expected {want}"))
             }
         };
-        expect("ledger", ledger, self.entries.len() as i64)?;
+        expect("ledger", ledger, self.count as i64)?;
         expect("media_ai_insights", media, self.media)?;
         expect("media_detected_faces", faces, self.faces)?;
         expect("ml_processing_errors", errors, self.errors)?;

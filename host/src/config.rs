@@ -113,13 +113,13 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "max_batch_size",
         env: "KALEIDOSCOPE_MAX_BATCH_SIZE",
-        default: "500",
+        default: "250",
         help: "The most entries one read (and so one batch transaction) takes when a stream has a backlog.",
     },
     Setting {
         key: "max_in_flight",
         env: "KALEIDOSCOPE_MAX_IN_FLIGHT",
-        default: "3",
+        default: "2",
         help: "Batches per stream between read and acknowledgement at once: the next batch is read and handled while earlier ones commit.",
     },
     Setting {
@@ -560,8 +560,8 @@ impl RawSettings {
             reclaim_idle: Duration::from_millis(self.positive("reclaim_idle_ms", 60_000)?),
             dlq_stream: self.non_empty("dlq_stream", "ml-results-dlq".into())?,
             batch_size: self.positive("batch_size", 10)?,
-            max_batch_size: self.positive("max_batch_size", 500)?,
-            max_in_flight: self.positive("max_in_flight", 3)?,
+            max_batch_size: self.positive("max_batch_size", 250)?,
+            max_in_flight: self.positive("max_in_flight", 2)?,
             poll_timeout: Duration::from_millis(self.positive("poll_timeout_ms", 1000)?),
             stream_prefix: self.string("stream_prefix", ""),
             plugin_timeout: Duration::from_millis(plugin_timeout_ms),

@@ -5,8 +5,9 @@
 //! the whole poll; acknowledgements and publishing go through the shared connection manager.
 //! A slow or failing plugin on one stream therefore never delays another stream.
 
-use crate::delivery::{Delivery, PreparedBatch};
+use crate::delivery::PreparedBatch;
 use crate::health::{self, Dependency};
+use crate::state::HostState;
 use crate::streams::{self, StreamEntry, StreamError};
 use anyhow::{Context, Result};
 use redis::aio::MultiplexedConnection;
@@ -35,7 +36,7 @@ const OUTAGE_POLL: Duration = Duration::from_millis(200);
 /// outage never uses up an entry's retry attempts) until it succeeds or the host stops. When all
 /// of them are stuck, reading pauses.
 pub async fn consume(
-    delivery: Arc<Delivery>,
+    delivery: Arc<HostState>,
     client: Client,
     stream: String,
     mut stop: watch::Receiver<bool>,
@@ -181,7 +182,7 @@ impl ReadSize {
 /// Handles `entries` (the first half of the protocol) and hands the batch to a task of its own
 /// for the commit and acknowledgement, holding `permit` until it is done.
 async fn start_batch(
-    delivery: &Arc<Delivery>,
+    delivery: &Arc<HostState>,
     stream: &str,
     entries: Vec<StreamEntry>,
     permit: OwnedSemaphorePermit,
@@ -203,7 +204,7 @@ async fn start_batch(
 /// Commits and acknowledges `batch`, retrying through outages until it succeeds or the host
 /// stops (its entries then stay pending, to be delivered again).
 async fn finish_until_done(
-    delivery: &Delivery,
+    delivery: &HostState,
     mut batch: PreparedBatch,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -253,7 +254,7 @@ async fn finish_until_done(
 
 /// Reclaims every entry idle for longer than the reclaim time and runs it through the protocol.
 async fn reclaim(
-    delivery: &Arc<Delivery>,
+    delivery: &Arc<HostState>,
     conn: &mut MultiplexedConnection,
     stream: &str,
     in_flight: &Arc<Semaphore>,

@@ -3,11 +3,11 @@
 
 use crate::config::Config;
 use crate::consumer;
-use crate::delivery::Delivery;
 use crate::health::{self, Dependency};
 use crate::persist::{self, ledger, schema::Catalog};
 use crate::plugin::{PluginRegistry, PluginRuntime, PluginSet, SandboxLimits, watch};
 use crate::publish;
+use crate::state::HostState;
 use crate::status;
 use crate::streams;
 use anyhow::{Context, Result};
@@ -40,7 +40,7 @@ struct Consumer {
 
 /// The parts of a running host that reloads and shutdown act on.
 struct Supervisor {
-    delivery: Arc<Delivery>,
+    delivery: Arc<HostState>,
     runtime: Arc<PluginRuntime>,
     client: redis::Client,
     consumers: Mutex<BTreeMap<String, Consumer>>,
@@ -108,7 +108,7 @@ impl RunningHost {
             warn!(dir = %config.plugins_dir.display(), "no plugin loaded; no stream will be consumed until one is added");
         }
         let registry = Arc::new(PluginRegistry::new(plugins));
-        let delivery = Arc::new(Delivery::new(
+        let delivery = Arc::new(HostState::new(
             config.clone(),
             pool,
             redis,
@@ -182,7 +182,7 @@ impl RunningHost {
     }
 
     /// The shared protocol state (configuration, pool, registry).
-    pub fn delivery(&self) -> &Arc<Delivery> {
+    pub fn delivery(&self) -> &Arc<HostState> {
         &self.supervisor.delivery
     }
 
@@ -405,7 +405,7 @@ async fn probe(supervisor: Arc<Supervisor>, mut stop: signal::Receiver<bool>) {
 }
 
 /// Republishes requests without results and times them out (see [`publish::sweep`]).
-async fn track_requests(delivery: Arc<Delivery>, mut stop: signal::Receiver<bool>) {
+async fn track_requests(delivery: Arc<HostState>, mut stop: signal::Receiver<bool>) {
     let config = &delivery.config;
     let every = (Duration::from_secs(config.timeout_seconds) / 4)
         .clamp(Duration::from_millis(250), Duration::from_secs(10));
@@ -425,7 +425,7 @@ async fn track_requests(delivery: Arc<Delivery>, mut stop: signal::Receiver<bool
 
 /// Keeps the processed-entry ledger to its retention window (see [`ledger::prune`]): every
 /// interval, deletes old rows chunk by chunk, yielding between chunks.
-async fn prune_ledger(delivery: Arc<Delivery>, mut stop: signal::Receiver<bool>) {
+async fn prune_ledger(delivery: Arc<HostState>, mut stop: signal::Receiver<bool>) {
     let retention = delivery.config.ledger_retention;
     let every = (retention / 4).clamp(Duration::from_millis(100), LEDGER_PRUNE_INTERVAL);
     loop {
@@ -441,7 +441,7 @@ async fn prune_ledger(delivery: Arc<Delivery>, mut stop: signal::Receiver<bool>)
     }
 }
 
-async fn prune_once(delivery: &Delivery, stop: &mut signal::Receiver<bool>) -> Result<u64> {
+async fn prune_once(delivery: &HostState, stop: &mut signal::Receiver<bool>) -> Result<u64> {
     let config = &delivery.config;
     let mut redis = delivery.redis.clone();
     let mut oldest_pending = Vec::new();
@@ -467,7 +467,7 @@ async fn prune_once(delivery: &Delivery, stop: &mut signal::Receiver<bool>) -> R
 
 /// Publishes outbox messages whose host did not publish them after commit (it crashed, or Redis
 /// failed at that moment).
-async fn relay_outbox(delivery: Arc<Delivery>, mut stop: signal::Receiver<bool>) {
+async fn relay_outbox(delivery: Arc<HostState>, mut stop: signal::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(RELAY_INTERVAL) => {}
@@ -479,7 +479,7 @@ async fn relay_outbox(delivery: Arc<Delivery>, mut stop: signal::Receiver<bool>)
     }
 }
 
-async fn relay_once(delivery: &Delivery) -> Result<()> {
+async fn relay_once(delivery: &HostState) -> Result<()> {
     let mut tx = delivery.pool.begin().await?;
     let messages = ledger::claim_stale(&mut tx, RELAY_MIN_AGE, 100).await?;
     if messages.is_empty() {

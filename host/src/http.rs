@@ -4,8 +4,8 @@
 //! Three GET routes do not justify an HTTP framework in the dependency tree: requests are read up
 //! to the end of their headers and answered with `Connection: close`.
 
-use crate::delivery::Delivery;
 use crate::metrics::{Gauge, labels};
+use crate::state::HostState;
 use crate::status;
 use anyhow::{Context, Result};
 use std::sync::Arc;
@@ -29,7 +29,7 @@ pub async fn bind(addr: &str) -> Result<TcpListener> {
 /// Answers requests on `listener` until `stop` turns true.
 pub async fn serve(
     listener: TcpListener,
-    delivery: Arc<Delivery>,
+    delivery: Arc<HostState>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -54,7 +54,7 @@ pub async fn serve(
     }
 }
 
-async fn answer(mut stream: TcpStream, delivery: &Delivery) -> Result<()> {
+async fn answer(mut stream: TcpStream, delivery: &HostState) -> Result<()> {
     let mut head = Vec::new();
     let mut buffer = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -110,7 +110,7 @@ async fn answer(mut stream: TcpStream, delivery: &Delivery) -> Result<()> {
 }
 
 /// Why the host is not ready (empty when it is).
-pub fn not_ready(delivery: &Delivery) -> Vec<String> {
+pub fn not_ready(delivery: &HostState) -> Vec<String> {
     let mut problems = delivery.health.problems();
     if delivery.registry.snapshot().plugins().is_empty() {
         problems.push("no plugin is loaded".to_string());
@@ -118,7 +118,7 @@ pub fn not_ready(delivery: &Delivery) -> Vec<String> {
     problems
 }
 
-async fn metrics(delivery: &Delivery) -> String {
+async fn metrics(delivery: &HostState) -> String {
     let snapshot = delivery.registry.snapshot();
     let ready = if not_ready(delivery).is_empty() {
         1.0

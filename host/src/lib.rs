@@ -5,8 +5,10 @@
 //!
 //! Where things happen:
 //! - [`consumer`]: one task per stream reads (`XREADGROUP`) and reclaims (`XAUTOCLAIM`) entries;
-//! - [`delivery`]: the delivery protocol for one batch — dispatch to the plugin, validate,
-//!   persist with the ledger in one transaction, publish, acknowledge;
+//! - [`delivery`]: the delivery protocol for one batch, one module per step — triage, dispatch
+//!   to the plugin, commit (with [`persist::plan`]), acknowledge;
+//! - [`state`]: what a running host shares — configuration, connections, plugins, health,
+//!   metrics, schema catalogue;
 //! - [`plugin`]: loading and sandboxing handler components;
 //! - [`persist`]: the database — schema catalogue, command validation and execution, ledger,
 //!   outbox;
@@ -36,6 +38,7 @@ pub mod persist;
 pub mod plugin;
 pub mod publish;
 pub mod simulate;
+pub mod state;
 pub mod status;
 pub mod streams;
 pub mod toolkit;

@@ -7,7 +7,7 @@
 //! group lag, pending entries, consumers) and the dead-letter stream.
 
 use crate::config::Config;
-use crate::delivery::Delivery;
+use crate::state::HostState;
 use anyhow::{Context, Result};
 use redis::Value;
 use redis::aio::ConnectionLike;
@@ -82,7 +82,7 @@ fn now_rfc3339() -> String {
 }
 
 /// Writes this host's status document (best effort: status must never stop the host).
-pub async fn publish(delivery: &Delivery, streams: &[String], started_at: SystemTime) {
+pub async fn publish(delivery: &HostState, streams: &[String], started_at: SystemTime) {
     let config = &delivery.config;
     let snapshot = delivery.registry.snapshot();
     let status = HostStatus {
@@ -135,7 +135,7 @@ pub async fn publish(delivery: &Delivery, streams: &[String], started_at: System
 }
 
 /// Removes this host's status document at shutdown.
-pub async fn withdraw(delivery: &Delivery) {
+pub async fn withdraw(delivery: &HostState) {
     let mut redis = delivery.redis.clone();
     let _: redis::RedisResult<()> = redis::cmd("DEL")
         .arg(host_key(&delivery.config, &delivery.config.consumer_name))

@@ -8,6 +8,7 @@
 mod support;
 
 mod batches;
+mod bench;
 mod cli;
 mod dead_letters;
 mod demo;

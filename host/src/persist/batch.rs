@@ -223,13 +223,25 @@ fn text_form(value: &wit::Value) -> Option<String> {
         V::Null => return None,
         V::Boolean(b) => b.to_string(),
         V::Integer(i) => i.to_string(),
-        // `{:?}` is the shortest text that reads back as the same f64.
-        V::Float(f) => format!("{f:?}"),
+        // The shortest text that reads back as the same f64 (validation let only finite ones
+        // through).
+        V::Float(f) => ryu::Buffer::new().format_finite(*f).to_string(),
         V::Text(s) | V::Json(s) | V::Timestamp(s) => s.clone(),
         V::TextArray(items) => array_literal(items.iter().map(|s| s.as_str())),
+        // Embeddings: 1408 numbers each, so written straight into one string (numbers need no
+        // quoting in an array literal).
         V::FloatArray(items) => {
-            let texts: Vec<String> = items.iter().map(|f| format!("{f:?}")).collect();
-            array_literal(texts.iter().map(|s| s.as_str()))
+            let mut out = String::with_capacity(items.len() * 12 + 2);
+            let mut buffer = ryu::Buffer::new();
+            out.push('{');
+            for (i, f) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(buffer.format_finite(*f));
+            }
+            out.push('}');
+            out
         }
     })
 }
@@ -544,7 +556,7 @@ mod tests {
         );
         let floats = wit::Value::FloatArray(vec![1.5, 2.0]);
         assert!(
-            matches!(Array::of(&[&floats]), Array::Text(v) if v == [Some("{\"1.5\",\"2.0\"}".to_string())])
+            matches!(Array::of(&[&floats]), Array::Text(v) if v == [Some("{1.5,2.0}".to_string())])
         );
     }
 }

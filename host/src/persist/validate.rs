@@ -71,6 +71,43 @@ pub enum Statement {
     },
 }
 
+/// Whether every table and column the commands name is in the catalogue (a cheap look-up, to
+/// decide whether the catalogue should be read again before [`validate`]).
+pub fn all_known(commands: &[wit::Command], catalog: &Catalog) -> bool {
+    let known = |table: &str, columns: &mut dyn Iterator<Item = &str>| {
+        let Some(table) = catalog.table(table) else {
+            return false;
+        };
+        for column in columns {
+            if !table.columns.contains_key(column) {
+                return false;
+            }
+        }
+        true
+    };
+    commands.iter().all(|command| match command {
+        wit::Command::Upsert(u) => known(
+            &u.table,
+            &mut u
+                .key
+                .iter()
+                .map(|c| c.column.as_str())
+                .chain(u.set.iter().map(|c| c.column.as_str())),
+        ),
+        wit::Command::Update(u) => known(
+            &u.table,
+            &mut u
+                .key
+                .iter()
+                .map(|c| c.column.as_str())
+                .chain(u.set.iter().map(|c| c.column.as_str())),
+        ),
+        wit::Command::Insert(i) => known(&i.table, &mut i.values.iter().map(|c| c.column.as_str())),
+        wit::Command::Delete(d) => known(&d.table, &mut d.key.iter().map(|c| c.column.as_str())),
+        wit::Command::Emit(_) => true,
+    })
+}
+
 /// Checks every command of one entry; the first rejection wins.
 pub fn validate(
     plugin: &str,

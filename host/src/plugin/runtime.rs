@@ -111,6 +111,12 @@ impl PluginRuntime {
         cache_dir: Option<&Path>,
     ) -> Result<Self> {
         let mut pool = PoolingAllocationConfig::default();
+        // A fresh instance per call: resetting a slot with the kernel's pagemap scan and keeping
+        // its first MiB resident costs a few microseconds instead of tens (measured; see
+        // ../shared/reference/wasmtime-notes.md).
+        pool.linear_memory_keep_resident(1 << 20)
+            .table_keep_resident(64 << 10)
+            .pagemap_scan(wasmtime::Enabled::Auto);
         pool.total_component_instances(256)
             .total_core_instances(1024)
             .total_memories(512)

@@ -1,0 +1,119 @@
+//! Step 5: after commit, publish the outbox and acknowledge what is finished.
+
+use super::{BatchReport, Decision, Item, PreparedBatch};
+use crate::metrics::labels;
+use crate::persist::ledger::{self, OutboxMessage};
+use crate::plugin::Plugin;
+use crate::state::HostState;
+use crate::streams;
+use anyhow::{Context as _, Result};
+use tracing::{debug, info, warn};
+
+impl HostState {
+    /// After commit: logs each entry's outcome, publishes the outbox messages, acknowledges what
+    /// is finished in one pipelined round trip, and deletes the published outbox rows. Entries to
+    /// be retried are left pending.
+    pub(super) async fn acknowledge(
+        &self,
+        batch: &PreparedBatch,
+        messages: Vec<OutboxMessage>,
+    ) -> Result<BatchReport> {
+        let stream = batch.stream.as_str();
+        let plugin = &batch.plugin;
+        let key = self.config.stream_key(stream);
+        let mut report = BatchReport {
+            sentinels: batch.sentinels.len(),
+            ..BatchReport::default()
+        };
+        let mut acks = batch.sentinels.clone();
+        let items = &batch.items;
+
+        for item in items {
+            let entry = &item.entry;
+            let correlation_id = item.correlation_id.as_str();
+            let _entry = tracing::info_span!("entry", entry = %entry.id, correlation_id).entered();
+            match &item.decision {
+                Some(Decision::Persist(_)) => {
+                    report.processed += 1;
+                    acks.push(entry.id.clone());
+                    debug!(stream, entry = %entry.id, correlation_id, plugin = %plugin.name, version = %plugin.version, "processed");
+                }
+                Some(Decision::Redelivered) => {
+                    report.redelivered += 1;
+                    acks.push(entry.id.clone());
+                    debug!(stream, entry = %entry.id, correlation_id, "already processed; acknowledged without running again");
+                }
+                Some(Decision::DeadLetter(kind, reason)) => {
+                    report.dead_lettered += 1;
+                    acks.push(entry.id.clone());
+                    warn!(stream, entry = %entry.id, correlation_id, kind = %kind, deliveries = entry.deliveries, "dead-lettered: {reason}");
+                }
+                Some(Decision::Retry(kind, reason)) => {
+                    report.retrying += 1;
+                    info!(stream, entry = %entry.id, correlation_id, gives_up_as = %kind, deliveries = entry.deliveries,
+                        attempts = self.config.retry_attempts, "will retry after the reclaim idle time: {reason}");
+                }
+                None => {}
+            }
+        }
+
+        let to_publish: Vec<(String, Vec<(String, String)>)> = messages
+            .iter()
+            .map(|m| (m.stream_key.clone(), m.fields.clone()))
+            .collect();
+        let mut redis = self.redis.clone();
+        streams::publish_then_ack(&mut redis, &to_publish, &key, &self.config.consumer_group, &acks)
+            .await
+            .context("entries are committed; their outbox messages will be published by the relay and the entries acknowledged on redelivery")?;
+        let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
+        if let Err(error) = ledger::remove(&self.pool, &ids).await {
+            // Harmless: the relay publishes them again later (at-least-once).
+            warn!("{error:#}");
+        }
+        self.count(stream, plugin, items, report.sentinels);
+        Ok(report)
+    }
+
+    /// Updates the counters once a batch is acknowledged.
+    fn count(&self, stream: &str, plugin: &Plugin, items: &[Item], sentinels: usize) {
+        let m = &self.metrics;
+        m.add(
+            "kaleidoscope_sentinels_total",
+            labels(&[("stream", stream)]),
+            sentinels as u64,
+        );
+        for item in items {
+            match &item.decision {
+                Some(Decision::Persist(_)) => m.add(
+                    "kaleidoscope_entries_processed_total",
+                    labels(&[("stream", stream), ("plugin", &plugin.name)]),
+                    1,
+                ),
+                Some(Decision::Redelivered) => m.add(
+                    "kaleidoscope_entries_redelivered_total",
+                    labels(&[("stream", stream)]),
+                    1,
+                ),
+                Some(Decision::DeadLetter(kind, _)) => m.add(
+                    "kaleidoscope_entries_dead_lettered_total",
+                    labels(&[
+                        ("stream", stream),
+                        ("plugin", &plugin.name),
+                        ("kind", kind.as_str()),
+                    ]),
+                    1,
+                ),
+                Some(Decision::Retry(kind, _)) => m.add(
+                    "kaleidoscope_entries_retried_total",
+                    labels(&[
+                        ("stream", stream),
+                        ("plugin", &plugin.name),
+                        ("kind", kind.as_str()),
+                    ]),
+                    1,
+                ),
+                None => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! Step 4: the batch transaction — set-based first, entry by entry when a statement fails.
+
+use super::{Decision, Item};
+use crate::deadletter::{DeadLetter, FailureKind};
+use crate::persist::batch::{self, PlanFailure};
+use crate::persist::execute::{self, ExecError};
+use crate::persist::ledger::{self, OutboxMessage, Outcome};
+use crate::persist::plan::{self, Stage};
+use crate::persist::validate::Statement;
+use crate::plugin::Plugin;
+use crate::state::HostState;
+use anyhow::{Context as _, Result};
+use sqlx::PgConnection;
+use tracing::debug;
+
+/// How many set-based attempts a batch gets (each one decides at least one entry whose update
+/// found no row) before it is run entry by entry.
+const SET_BASED_ATTEMPTS: usize = 4;
+
+/// How a set-based attempt at the batch transaction ended.
+enum SetBased {
+    /// Committed; these outbox messages are to be published.
+    Committed(Vec<OutboxMessage>),
+    /// Rolled back: these entries (batch positions) need a row that is not there.
+    Missing(Vec<(usize, ExecError)>),
+    /// Rolled back: a statement failed inside the database, entry unknown.
+    Failed(String),
+}
+
+/// An error from a set-based step: an outage stops the batch, anything else sends it to the
+/// entry-by-entry pass.
+fn set_based_error(error: ExecError, step: &str) -> Result<SetBased> {
+    match error {
+        ExecError::Unavailable(error) => Err(error).with_context(|| {
+            format!("the database failed while writing {step}; nothing was acknowledged")
+        }),
+        ExecError::Retry(reason) | ExecError::Permanent(reason) => Ok(SetBased::Failed(reason)),
+    }
+}
+
+impl HostState {
+    /// The batch transaction. Returns the outbox messages to publish after commit.
+    ///
+    /// First set-based (see [`crate::persist::plan`]): a constant number of statements however
+    /// large the batch. When updates that need their row find none, those entries are decided
+    /// (retry or dead letter) and the batch runs again without them. When a statement fails
+    /// inside the database, the batch is run entry by entry with a savepoint each, so that the
+    /// failing entry is rolled back alone and decided.
+    pub(super) async fn commit(
+        &self,
+        stream: &str,
+        plugin: &Plugin,
+        items: &mut [Item],
+    ) -> Result<Vec<OutboxMessage>> {
+        for _ in 0..SET_BASED_ATTEMPTS {
+            match self.commit_set_based(stream, plugin, items).await? {
+                SetBased::Committed(messages) => return Ok(messages),
+                SetBased::Missing(culprits) => {
+                    for (index, error) in culprits {
+                        let deliveries = items[index].entry.deliveries;
+                        items[index].decision = Some(match error {
+                            ExecError::Permanent(reason) => {
+                                Decision::DeadLetter(FailureKind::Database, reason)
+                            }
+                            ExecError::Retry(reason) => self.retry_or_give_up(
+                                FailureKind::RetriesExhausted,
+                                reason,
+                                deliveries,
+                            ),
+                            ExecError::Unavailable(error) => self.retry_or_give_up(
+                                FailureKind::RetriesExhausted,
+                                error.to_string(),
+                                deliveries,
+                            ),
+                        });
+                    }
+                }
+                SetBased::Failed(reason) => {
+                    debug!(
+                        stream,
+                        "a set-based statement failed ({reason}); running the batch again entry by entry"
+                    );
+                    break;
+                }
+            }
+        }
+        self.commit_pass(stream, plugin, items, true)
+            .await?
+            .context("the isolated pass asked for isolation")
+    }
+
+    /// One set-based attempt at the batch transaction: claim the ledger rows, run the plan, write
+    /// the outbox, commit. Entries the ledger already had become [`Decision::Redelivered`].
+    async fn commit_set_based(
+        &self,
+        stream: &str,
+        plugin: &Plugin,
+        items: &mut [Item],
+    ) -> Result<SetBased> {
+        let claims: Vec<(String, Outcome)> = items
+            .iter()
+            .filter_map(|item| match item.decision {
+                Some(Decision::Persist(_)) => Some((item.entry.id.clone(), Outcome::Processed)),
+                Some(Decision::DeadLetter(..)) => {
+                    Some((item.entry.id.clone(), Outcome::DeadLettered))
+                }
+                _ => None,
+            })
+            .collect();
+        if claims.is_empty() {
+            return Ok(SetBased::Committed(Vec::new()));
+        }
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("cannot begin the batch transaction")?;
+        let claimed =
+            match ledger::claim(&mut tx, stream, &plugin.name, &plugin.version, &claims).await {
+                Ok(claimed) => claimed,
+                Err(error) => return set_based_error(execute::classify(error), "the ledger"),
+            };
+        for item in items.iter_mut() {
+            let finished = matches!(
+                item.decision,
+                Some(Decision::Persist(_) | Decision::DeadLetter(..))
+            );
+            if finished && !claimed.contains(&item.entry.id) {
+                item.decision = Some(Decision::Redelivered);
+            }
+        }
+
+        let (plan, emits) =
+            plan::plan(
+                items
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(index, item)| match &item.decision {
+                        Some(Decision::Persist(statements)) => Some((index, statements.as_slice())),
+                        _ => None,
+                    }),
+            );
+        let outcome = match batch::lock_tables(&mut tx, plan.tables()).await {
+            Ok(()) => batch::run(&mut tx, &plan).await,
+            Err(error) => Err(PlanFailure::from(error)),
+        };
+        match outcome {
+            Ok(()) => {}
+            Err(PlanFailure::Unavailable(error)) => {
+                return Err(error)
+                    .context("the database failed during the batch; nothing was acknowledged");
+            }
+            Err(PlanFailure::Failed(reason)) => return Ok(SetBased::Failed(reason)),
+            Err(PlanFailure::Missing(mut culprits)) => {
+                // Without deletes or single statements, an entry's missing row cannot have been
+                // removed by a neighbour, so every culprit would miss its row on its own too.
+                // Otherwise only the first one is certain; the next attempt finds the others.
+                let exact = !plan
+                    .stages
+                    .iter()
+                    .any(|s| matches!(s, Stage::Delete { .. } | Stage::Single { .. }));
+                culprits.sort_by_key(|(index, _)| *index);
+                culprits.dedup_by_key(|(index, _)| *index);
+                if !exact {
+                    culprits.truncate(1);
+                }
+                return Ok(SetBased::Missing(culprits));
+            }
+        }
+
+        let mut outbox = Vec::new();
+        for emit in emits {
+            outbox.push((self.config.stream_key(&emit.target), emit.fields));
+        }
+        for item in items.iter() {
+            if let Some(Decision::DeadLetter(kind, reason)) = &item.decision {
+                let letter = DeadLetter {
+                    source_stream: stream.to_string(),
+                    source_id: item.entry.id.clone(),
+                    kind: *kind,
+                    error: reason.clone(),
+                    plugin: plugin.name.clone(),
+                    plugin_version: plugin.version.clone(),
+                    deliveries: item.entry.deliveries,
+                    fields: item.fields.clone(),
+                };
+                outbox.push((self.config.dlq_key(), letter.to_stream_fields()));
+            }
+        }
+        let messages = match ledger::enqueue_all(&mut tx, outbox).await {
+            Ok(messages) => messages,
+            Err(error) => return set_based_error(execute::classify(error), "the outbox"),
+        };
+        tx.commit()
+            .await
+            .context("cannot commit the batch transaction")?;
+        Ok(SetBased::Committed(messages))
+    }
+
+    /// One attempt at the batch transaction. Without `isolate`, returns `None` (and rolls back)
+    /// as soon as an entry fails inside the database; with it, each entry runs in a savepoint
+    /// and a failing entry is rolled back alone and decided (retry or dead letter).
+    async fn commit_pass(
+        &self,
+        stream: &str,
+        plugin: &Plugin,
+        items: &mut [Item],
+        isolate: bool,
+    ) -> Result<Option<Vec<OutboxMessage>>> {
+        let needs_db = items.iter().any(|item| {
+            matches!(
+                item.decision,
+                Some(Decision::Persist(_) | Decision::DeadLetter(..))
+            )
+        });
+        if !needs_db {
+            return Ok(Some(Vec::new()));
+        }
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("cannot begin the batch transaction")?;
+        // The same table locks as the set-based pass, so the two never wait on each other's rows.
+        let tables = items.iter().flat_map(|item| match &item.decision {
+            Some(Decision::Persist(statements)) => statements
+                .iter()
+                .filter(|s| !matches!(s, Statement::Emit { .. }))
+                .map(plan::statement_table)
+                .collect::<Vec<_>>(),
+            _ => Vec::new(),
+        });
+        if let Err(error) = batch::lock_tables(&mut tx, tables).await {
+            return match error {
+                ExecError::Unavailable(error) => Err(error)
+                    .context("the database failed during the batch; nothing was acknowledged"),
+                ExecError::Retry(reason) | ExecError::Permanent(reason) => {
+                    Err(anyhow::anyhow!("cannot lock the batch's tables: {reason}"))
+                }
+            };
+        }
+        let mut messages = Vec::new();
+        for item in items.iter_mut() {
+            if let Some(Decision::Persist(statements)) = &item.decision {
+                if isolate {
+                    savepoint(&mut tx, "SAVEPOINT entry").await?;
+                }
+                let outcome = self
+                    .persist_entry(&mut tx, stream, plugin, &item.entry.id, statements)
+                    .await;
+                match outcome {
+                    Ok(Some(emitted)) => {
+                        if isolate {
+                            savepoint(&mut tx, "RELEASE SAVEPOINT entry").await?;
+                        }
+                        messages.extend(emitted);
+                    }
+                    // Already in the ledger: nothing of this entry was written.
+                    Ok(None) => {
+                        if isolate {
+                            savepoint(&mut tx, "RELEASE SAVEPOINT entry").await?;
+                        }
+                        item.decision = Some(Decision::Redelivered);
+                    }
+                    Err(ExecError::Unavailable(error)) => {
+                        return Err(error).context(
+                            "the database failed during the batch; nothing was acknowledged",
+                        );
+                    }
+                    // The transaction is aborted; dropping it rolls back.
+                    Err(ExecError::Retry(_) | ExecError::Permanent(_)) if !isolate => {
+                        return Ok(None);
+                    }
+                    Err(ExecError::Retry(reason)) => {
+                        savepoint(&mut tx, "ROLLBACK TO SAVEPOINT entry").await?;
+                        item.decision = Some(self.retry_or_give_up(
+                            FailureKind::RetriesExhausted,
+                            reason,
+                            item.entry.deliveries,
+                        ));
+                    }
+                    Err(ExecError::Permanent(reason)) => {
+                        savepoint(&mut tx, "ROLLBACK TO SAVEPOINT entry").await?;
+                        item.decision = Some(Decision::DeadLetter(FailureKind::Database, reason));
+                    }
+                }
+            }
+            if let Some(Decision::DeadLetter(kind, reason)) = &item.decision {
+                let recorded = ledger::record(
+                    &mut tx,
+                    stream,
+                    &item.entry.id,
+                    &plugin.name,
+                    &plugin.version,
+                    Outcome::DeadLettered,
+                )
+                .await
+                .context("cannot record a dead letter in the ledger")?;
+                if !recorded {
+                    item.decision = Some(Decision::Redelivered);
+                    continue;
+                }
+                let letter = DeadLetter {
+                    source_stream: stream.to_string(),
+                    source_id: item.entry.id.clone(),
+                    kind: *kind,
+                    error: reason.clone(),
+                    plugin: plugin.name.clone(),
+                    plugin_version: plugin.version.clone(),
+                    deliveries: item.entry.deliveries,
+                    fields: item.fields.clone(),
+                };
+                let message =
+                    ledger::enqueue(&mut tx, &self.config.dlq_key(), letter.to_stream_fields())
+                        .await
+                        .context("cannot write a dead letter to the outbox")?;
+                messages.push(message);
+            }
+        }
+        tx.commit()
+            .await
+            .context("cannot commit the batch transaction")?;
+        Ok(Some(messages))
+    }
+
+    /// Ledger row, statements and emits of one entry. `Ok(None)`: the ledger already had it.
+    async fn persist_entry(
+        &self,
+        conn: &mut PgConnection,
+        stream: &str,
+        plugin: &Plugin,
+        entry_id: &str,
+        statements: &[Statement],
+    ) -> Result<Option<Vec<OutboxMessage>>, ExecError> {
+        let recorded = ledger::record(
+            conn,
+            stream,
+            entry_id,
+            &plugin.name,
+            &plugin.version,
+            Outcome::Processed,
+        )
+        .await
+        .map_err(execute::classify)?;
+        if !recorded {
+            return Ok(None);
+        }
+        let mut emitted = Vec::new();
+        for statement in statements {
+            match statement {
+                Statement::Emit { target, fields } => {
+                    let message =
+                        ledger::enqueue(conn, &self.config.stream_key(target), fields.clone())
+                            .await
+                            .map_err(execute::classify)?;
+                    emitted.push(message);
+                }
+                other => execute::execute(conn, other).await?,
+            }
+        }
+        Ok(Some(emitted))
+    }
+}
+
+async fn savepoint(conn: &mut PgConnection, sql: &'static str) -> Result<()> {
+    sqlx::query(sql)
+        .execute(conn)
+        .await
+        .with_context(|| format!("`{sql}` failed"))?;
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! Step 2: the handler plugin turns each entry into commands, which are checked before anything
+//! runs.
+
+use super::{Decision, Item};
+use crate::deadletter::FailureKind;
+use crate::metrics::labels;
+use crate::persist::validate;
+use crate::plugin::{HandlerOutcome, Plugin, wit};
+use crate::state::HostState;
+use anyhow::{Context as _, Result};
+use std::sync::Arc;
+use std::time::Instant;
+
+impl HostState {
+    /// Calls the handler for every entry not decided by triage (on a blocking thread) and
+    /// validates the commands it returns against the live schema and the plugin's grants.
+    pub(super) async fn dispatch(
+        &self,
+        stream: &str,
+        plugin: &Arc<Plugin>,
+        items: &mut [Item],
+    ) -> Result<()> {
+        // The fields move into the call and back out, so large values (1408-float embeddings)
+        // are never copied on the host side.
+        let inputs: Vec<(usize, wit::Entry)> = items
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, item)| item.decision.is_none())
+            .map(|(index, item)| {
+                (
+                    index,
+                    wit::Entry {
+                        source: stream.to_string(),
+                        id: item.entry.id.clone(),
+                        fields: std::mem::take(&mut item.fields),
+                        deliveries: item.entry.deliveries,
+                    },
+                )
+            })
+            .collect();
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        let handler = plugin.clone();
+        let batch_span = tracing::Span::current();
+        let calls = tokio::task::spawn_blocking(move || {
+            inputs
+                .into_iter()
+                .map(|(index, entry)| {
+                    let correlation_id = entry.fields.iter().find(|(k, _)| k == "correlationId").map(|(_, v)| v.as_str()).unwrap_or("");
+                    let _entry = tracing::info_span!(parent: &batch_span, "entry", entry = %entry.id, correlation_id).entered();
+                    let started = Instant::now();
+                    let outcome = handler.handle(&entry);
+                    (index, entry.fields, outcome, started.elapsed())
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .context("the plugin call thread failed")?;
+        let mut outcomes = Vec::with_capacity(calls.len());
+        for (index, fields, outcome, elapsed) in calls {
+            items[index].fields = fields;
+            outcomes.push((index, outcome, elapsed));
+        }
+
+        let mut catalog = self.catalog();
+        let policy = self.config.policy(&plugin.name);
+        for (index, outcome, elapsed) in outcomes {
+            self.metrics.observe(
+                "kaleidoscope_handler_duration_seconds",
+                labels(&[("plugin", &plugin.name)]),
+                elapsed,
+            );
+            let deliveries = items[index].entry.deliveries;
+            let decision = match outcome {
+                HandlerOutcome::Commands(commands) => {
+                    // A table or column the catalogue does not know may have been created since
+                    // it was read (a migration, or a plugin author's new table): read it again
+                    // first, so the commands are checked once, without copying them.
+                    if !validate::all_known(&commands, &catalog) && self.refresh_catalog().await? {
+                        catalog = self.catalog();
+                    }
+                    match validate::validate(&plugin.name, &policy, commands, &catalog) {
+                        Ok(statements) => Decision::Persist(statements),
+                        Err(reason) => Decision::DeadLetter(FailureKind::ForbiddenCommand, reason),
+                    }
+                }
+                HandlerOutcome::Malformed(reason) => Decision::DeadLetter(FailureKind::Malformed, reason),
+                HandlerOutcome::Retry(reason) => self.retry_or_give_up(FailureKind::RetriesExhausted, reason, deliveries),
+                HandlerOutcome::Trap(message) => {
+                    self.retry_or_give_up(FailureKind::PluginTrap, format!("plugin trapped: {message}"), deliveries)
+                }
+                HandlerOutcome::Timeout(after) => self.retry_or_give_up(
+                    FailureKind::Timeout,
+                    format!("plugin did not return within {after:?}"),
+                    deliveries,
+                ),
+                HandlerOutcome::MemoryLimit { requested } => self.retry_or_give_up(
+                    FailureKind::MemoryLimit,
+                    format!(
+                        "plugin tried to grow its memory to {requested} bytes, over the cap of {} bytes",
+                        plugin.limits().memory_bytes
+                    ),
+                    deliveries,
+                ),
+            };
+            items[index].decision = Some(decision);
+        }
+        Ok(())
+    }
+}

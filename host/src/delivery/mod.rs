@@ -1,0 +1,189 @@
+//! The delivery protocol for one batch of entries from one stream (BRIEF §3), in the order of its
+//! steps. Reading is [`crate::consumer`]'s job; from there a batch goes through
+//!
+//! 1. [`triage`]: `init` sentinels are set aside (acknowledged, never recorded); entries with
+//!    non-UTF-8 values or delivered more often than allowed are decided without a handler;
+//! 2. [`dispatch`]: every other entry goes to the handler plugin of its stream, on a blocking
+//!    thread, each on a fresh instance (a trap, timeout or memory-limit hit fails that entry
+//!    only), and the commands it returns are validated against the live schema;
+//! 3. plan ([`crate::persist::plan`]): the commands of all entries become a few set-based stages;
+//! 4. [`commit`]: one transaction claims the ledger rows (an entry already there is a
+//!    redelivery and runs nothing), runs the plan and writes the outbox (emits and dead letters);
+//!    a database error in one entry falls back to a savepoint per entry, so it fails alone;
+//! 5. [`ack`]: after commit, outbox messages are published and the finished entries acknowledged.
+//!
+//! Steps 1–2 ([`HostState::prepare`]) need no database, so a consumer runs them for the next batch
+//! while steps 3–5 ([`HostState::finish`]) run for the previous one. Entries that should be
+//! retried are not acknowledged; they stay pending and the reclaim loop delivers them again after
+//! the idle time, until `ML_RETRY_ATTEMPTS` deliveries, when they are dead-lettered with their
+//! last error.
+
+mod ack;
+mod commit;
+mod dispatch;
+mod triage;
+
+use crate::deadletter::FailureKind;
+use crate::metrics::labels;
+use crate::persist::validate::Statement;
+use crate::plugin::Plugin;
+use crate::state::HostState;
+use crate::streams::StreamEntry;
+use anyhow::Result;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{Instrument, warn};
+
+/// Counts of what happened to one batch (for logs and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    pub sentinels: usize,
+    pub processed: usize,
+    pub redelivered: usize,
+    pub dead_lettered: usize,
+    pub retrying: usize,
+}
+
+/// What the protocol decided for one entry.
+enum Decision {
+    /// Run these statements (and record the entry as processed).
+    Persist(Vec<Statement>),
+    /// Send to the dead-letter stream.
+    DeadLetter(FailureKind, String),
+    /// Leave pending for another delivery.
+    Retry(FailureKind, String),
+    /// Acknowledge without doing anything (already in the ledger).
+    Redelivered,
+}
+
+/// A batch whose handlers have run, waiting for its transaction and acknowledgement.
+pub struct PreparedBatch {
+    stream: String,
+    plugin: Arc<Plugin>,
+    items: Vec<Item>,
+    /// Ids of `init` sentinels, acknowledged with the rest.
+    sentinels: Vec<String>,
+    started: Instant,
+    span: tracing::Span,
+}
+
+impl PreparedBatch {
+    /// The stream the batch was read from (logical name).
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// How many entries the batch holds.
+    pub fn len(&self) -> usize {
+        self.items.len() + self.sentinels.len()
+    }
+
+    /// Whether the batch holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One entry on its way through the batch.
+struct Item {
+    entry: StreamEntry,
+    /// Decoded fields (lossy for dead letters of non-UTF-8 entries).
+    fields: Vec<(String, String)>,
+    correlation_id: String,
+    decision: Option<Decision>,
+}
+
+impl HostState {
+    /// Runs the protocol on `entries` of `stream` (a logical stream name): [`HostState::prepare`]
+    /// then [`HostState::finish`]. An `Err` means the infrastructure failed (database or Redis
+    /// unreachable): nothing of the batch was acknowledged and its entries stay pending.
+    pub async fn process_batch(
+        &self,
+        stream: &str,
+        entries: Vec<StreamEntry>,
+    ) -> Result<BatchReport> {
+        match self.prepare(stream, entries).await? {
+            Some(mut batch) => self.finish(&mut batch).await,
+            None => Ok(BatchReport::default()),
+        }
+    }
+
+    /// The first half of the protocol, which needs no database: triage, then the handlers and
+    /// the validation of their commands. `None` when no plugin handles the stream (any more);
+    /// the entries then stay pending for when one does.
+    ///
+    /// Separate from [`HostState::finish`] so that a consumer can prepare the next batch while
+    /// the previous one commits.
+    pub async fn prepare(
+        &self,
+        stream: &str,
+        entries: Vec<StreamEntry>,
+    ) -> Result<Option<PreparedBatch>> {
+        let started = Instant::now();
+        let Some(plugin) = self.registry.snapshot().for_stream(stream) else {
+            warn!(
+                stream,
+                count = entries.len(),
+                "no plugin handles this stream any more; entries stay pending"
+            );
+            return Ok(None);
+        };
+        let span = tracing::info_span!("batch", stream, plugin = %plugin.name, version = %plugin.version, size = entries.len());
+        let mut sentinels = Vec::new();
+        let mut items = Vec::new();
+        for entry in entries {
+            if triage::is_init_sentinel(&entry) {
+                sentinels.push(entry.id);
+                continue;
+            }
+            items.push(self.triage(entry));
+        }
+        self.dispatch(stream, &plugin, &mut items)
+            .instrument(span.clone())
+            .await?;
+        Ok(Some(PreparedBatch {
+            stream: stream.to_string(),
+            plugin,
+            items,
+            sentinels,
+            started,
+            span,
+        }))
+    }
+
+    /// The second half: the batch transaction, then publishing its outbox messages and
+    /// acknowledging what is finished. May be called again for the same batch after an `Err`
+    /// (an outage): decisions already taken stay valid, and the ledger turns whatever did
+    /// commit into redeliveries.
+    pub async fn finish(&self, batch: &mut PreparedBatch) -> Result<BatchReport> {
+        let span = batch.span.clone();
+        let report = self.commit_and_ack(batch).instrument(span).await?;
+        self.metrics.observe(
+            "kaleidoscope_batch_duration_seconds",
+            labels(&[("stream", &batch.stream)]),
+            batch.started.elapsed(),
+        );
+        Ok(report)
+    }
+
+    /// [`HostState::finish`] inside the batch's span: [`commit`](HostState::commit), then
+    /// [`acknowledge`](HostState::acknowledge).
+    async fn commit_and_ack(&self, batch: &mut PreparedBatch) -> Result<BatchReport> {
+        let messages = self
+            .commit(&batch.stream, &batch.plugin, &mut batch.items)
+            .await?;
+        self.acknowledge(batch, messages).await
+    }
+
+    /// A retry while attempts remain, else a dead letter of `kind` with the last error.
+    fn retry_or_give_up(&self, kind: FailureKind, reason: String, deliveries: u32) -> Decision {
+        if deliveries >= self.config.retry_attempts {
+            Decision::DeadLetter(
+                kind,
+                format!("{reason} (gave up after {deliveries} deliveries)"),
+            )
+        } else {
+            Decision::Retry(kind, reason)
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The shared state of a running host: configuration, connections, loaded plugins, health,
+//! metrics and the live schema catalogue. One value, behind an `Arc`, is shared by every
+//! consumer task, the HTTP endpoint, the heartbeat and the background loops; the delivery
+//! protocol ([`crate::delivery`]) is written as its methods.
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::persist::schema::Catalog;
+use crate::plugin::PluginRegistry;
+use anyhow::Result;
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// How often the catalogue may be re-read when a command names an unknown table or column
+/// (a migration may have added it since start-up).
+const CATALOG_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What every part of a running host shares.
+pub struct HostState {
+    pub config: Arc<Config>,
+    /// Outages of PostgreSQL and Redis, for readiness.
+    pub health: crate::health::Health,
+    /// Counters and latency histograms for `/metrics`.
+    pub metrics: Metrics,
+    pub pool: PgPool,
+    pub redis: ConnectionManager,
+    pub registry: Arc<PluginRegistry>,
+    catalog: RwLock<(Arc<Catalog>, Instant)>,
+}
+
+impl HostState {
+    /// Shares the connections, configuration, plugins and catalogue among consumer tasks.
+    pub fn new(
+        config: Arc<Config>,
+        pool: PgPool,
+        redis: ConnectionManager,
+        registry: Arc<PluginRegistry>,
+        catalog: Catalog,
+    ) -> Self {
+        Self {
+            config,
+            health: crate::health::Health::default(),
+            metrics: Metrics::default(),
+            pool,
+            redis,
+            registry,
+            catalog: RwLock::new((Arc::new(catalog), Instant::now())),
+        }
+    }
+
+    /// The live catalogue that commands are checked against.
+    pub(crate) fn catalog(&self) -> Arc<Catalog> {
+        match self.catalog.read() {
+            Ok(guard) => guard.0.clone(),
+            Err(poisoned) => poisoned.into_inner().0.clone(),
+        }
+    }
+
+    /// Re-reads the catalogue unless that happened recently; returns whether it did.
+    pub(crate) async fn refresh_catalog(&self) -> Result<bool> {
+        let stale = match self.catalog.read() {
+            Ok(guard) => guard.1.elapsed() >= CATALOG_REFRESH_INTERVAL,
+            Err(_) => true,
+        };
+        if !stale {
+            return Ok(false);
+        }
+        let fresh = Arc::new(Catalog::load(&self.pool).await?);
+        match self.catalog.write() {
+            Ok(mut guard) => *guard = (fresh, Instant::now()),
+            Err(poisoned) => *poisoned.into_inner() = (fresh, Instant::now()),
+        }
+        Ok(true)
+    }
+}
