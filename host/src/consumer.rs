@@ -55,6 +55,8 @@ pub async fn consume(
     let mut read_size = ReadSize::new(config.batch_size, config.max_batch_size);
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
     let mut finishing = JoinSet::new();
+    // The ids of the entries in those batches, kept fresh in the pending list (see `reclaim`).
+    let working: Working = Arc::default();
 
     info!(stream, key, group = %config.consumer_group, consumer = %config.consumer_name, "consuming");
     while !*stop.borrow() {
@@ -68,7 +70,8 @@ pub async fn consume(
                 }
             };
             if Instant::now() >= next_reclaim {
-                reclaim(&delivery, conn, &stream, &in_flight, &mut finishing, &stop).await?;
+                reclaim(&delivery, conn, &stream, &in_flight, &working, &mut finishing, &stop)
+                    .await?;
                 next_reclaim = Instant::now() + reclaim_every;
             }
             if Instant::now() >= next_expiry {
@@ -95,20 +98,18 @@ pub async fn consume(
                 permit = in_flight.clone().acquire_owned() => permit.context("the in-flight limit was closed")?,
                 _ = stop.changed() => return Ok(()),
             };
-            // Only the wait for new entries is cut short by a stop signal; a batch that has been
-            // read is always finished, committed and acknowledged.
-            let read = streams::read_new(
+            // A read is never cut short by a stop signal: Redis may already have handed its
+            // entries to this consumer, and a batch that has been read is always finished,
+            // committed and acknowledged. A stop waits at most one poll timeout for it.
+            let entries = streams::read_new(
                 conn,
                 &key,
                 &config.consumer_group,
                 &config.consumer_name,
                 read_size.get(),
                 config.poll_timeout,
-            );
-            let entries = tokio::select! {
-                entries = read => entries,
-                _ = stop.changed() => return Ok(()),
-            };
+            )
+            .await;
             let entries = match entries {
                 Err(StreamError::NoGroup(_)) => {
                     warn!(stream, "consumer group vanished; recreating it");
@@ -119,7 +120,7 @@ pub async fn consume(
             };
             read_size.observe(entries.len());
             if !entries.is_empty() {
-                start_batch(&delivery, &stream, entries, permit, &mut finishing, &stop).await?;
+                start_batch(&delivery, &stream, entries, permit, &working, &mut finishing, &stop);
             }
             anyhow::Ok(())
         }
@@ -179,26 +180,74 @@ impl ReadSize {
     }
 }
 
-/// Handles `entries` (the first half of the protocol) and hands the batch to a task of its own
-/// for the commit and acknowledgement, holding `permit` until it is done.
-async fn start_batch(
+/// Hands `entries` to a task of its own, which runs the whole protocol on them (handlers, then
+/// commit and acknowledgement) holding `permit` until it is done; the consumer goes straight
+/// back to reading. Batches in flight therefore overlap in every step: one runs its handlers
+/// while another commits.
+fn start_batch(
     delivery: &Arc<HostState>,
     stream: &str,
     entries: Vec<StreamEntry>,
     permit: OwnedSemaphorePermit,
+    working: &Working,
     finishing: &mut JoinSet<()>,
     stop: &watch::Receiver<bool>,
-) -> Result<()> {
-    let Some(batch) = delivery.prepare(stream, entries).await? else {
-        return Ok(());
-    };
+) {
     let delivery = delivery.clone();
     let stop = stop.clone();
+    let stream = stream.to_string();
+    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    lock(working).extend(ids.iter().cloned());
+    // Released when the task ends, however it ends.
+    let working = InFlight {
+        working: working.clone(),
+        ids,
+    };
     finishing.spawn(async move {
-        finish_until_done(&delivery, batch, stop).await;
+        let count = entries.len();
+        match delivery.prepare(&stream, entries).await {
+            Ok(Some(batch)) => finish_until_done(&delivery, batch, stop).await,
+            Ok(None) => {}
+            // Nothing was written or acknowledged: the entries stay pending and are reclaimed
+            // after the idle time.
+            Err(error) => {
+                if let Some(dependency) = health::blame(&error) {
+                    delivery.health.failed(dependency, &format!("{error:#}"));
+                }
+                error!(
+                    stream,
+                    entries = count,
+                    "cannot handle the batch; its entries stay pending: {error:#}"
+                );
+            }
+        }
+        drop(working);
         drop(permit);
     });
-    Ok(())
+}
+
+/// Entries registered in [`Working`] for as long as this value lives.
+struct InFlight {
+    working: Working,
+    ids: Vec<String>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut working = lock(&self.working);
+        for id in &self.ids {
+            working.remove(id);
+        }
+    }
+}
+
+/// The ids of the entries this consumer has read and not yet finished.
+type Working = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+
+fn lock(working: &Working) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+    working
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Commits and acknowledges `batch`, retrying through outages until it succeeds or the host
@@ -253,16 +302,31 @@ async fn finish_until_done(
 }
 
 /// Reclaims every entry idle for longer than the reclaim time and runs it through the protocol.
+///
+/// Entries of this consumer's own batches in flight are touched first, so a batch that takes
+/// longer than the reclaim time (a slow plugin, an outage being waited out) is never reclaimed
+/// and run a second time beside itself, and its delivery counts do not grow while it waits.
 async fn reclaim(
     delivery: &Arc<HostState>,
     conn: &mut MultiplexedConnection,
     stream: &str,
     in_flight: &Arc<Semaphore>,
+    working: &Working,
     finishing: &mut JoinSet<()>,
     stop: &watch::Receiver<bool>,
 ) -> Result<()> {
     let config = &delivery.config;
     let key = config.stream_key(stream);
+    let mine: Vec<String> = lock(working).iter().cloned().collect();
+    streams::touch(
+        conn,
+        &key,
+        &config.consumer_group,
+        &config.consumer_name,
+        &mine,
+    )
+    .await
+    .with_context(|| format!("XCLAIM (keeping entries in flight) on {key:?} failed"))?;
     let mut cursor = "0-0".to_string();
     loop {
         let permit = in_flight
@@ -295,7 +359,15 @@ async fn reclaim(
                 count = claimed.entries.len(),
                 "reclaimed pending entries"
             );
-            start_batch(delivery, stream, claimed.entries, permit, finishing, stop).await?;
+            start_batch(
+                delivery,
+                stream,
+                claimed.entries,
+                permit,
+                working,
+                finishing,
+                stop,
+            );
         }
         if claimed.next == "0-0" {
             return Ok(());

@@ -143,6 +143,32 @@ pub async fn read_new_from<C: ConnectionLike>(
     Ok(entries)
 }
 
+/// Resets the idle time of entries this consumer is still working on (`XCLAIM ... JUSTID`, which
+/// leaves their delivery counts alone), so that no reclaim — this host's or another's — takes
+/// them over while a long batch is still committing.
+pub async fn touch<C: ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    group: &str,
+    consumer: &str,
+    ids: &[String],
+) -> Result<(), StreamError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let _: Value = redis::cmd("XCLAIM")
+        .arg(key)
+        .arg(group)
+        .arg(consumer)
+        .arg(0)
+        .arg(ids)
+        .arg("JUSTID")
+        .query_async(conn)
+        .await
+        .map_err(|e| StreamError::from_redis(e, key))?;
+    Ok(())
+}
+
 /// What one XAUTOCLAIM round returned.
 pub struct Claimed {
     /// Where the next round starts; `0-0` when the scan is complete.

@@ -2,7 +2,7 @@
 
 use super::{Decision, Item};
 use crate::deadletter::{DeadLetter, FailureKind};
-use crate::persist::batch::{self, PlanFailure};
+use crate::persist::batch::{self, PlanFailure, TableLock};
 use crate::persist::execute::{self, ExecError};
 use crate::persist::ledger::{self, OutboxMessage, Outcome};
 use crate::persist::plan::{self, Stage};
@@ -140,7 +140,7 @@ impl HostState {
                         _ => None,
                     }),
             );
-        let outcome = match batch::lock_tables(&mut tx, plan.tables()).await {
+        let outcome = match batch::lock_tables(&mut tx, &batch::table_locks(&plan)).await {
             Ok(()) => batch::run(&mut tx, &plan).await,
             Err(error) => Err(PlanFailure::from(error)),
         };
@@ -221,7 +221,7 @@ impl HostState {
             .begin()
             .await
             .context("cannot begin the batch transaction")?;
-        // The same table locks as the set-based pass, so the two never wait on each other's rows.
+        // Entry by entry, rows are not locked in key order: every table is taken exclusively.
         let tables = items.iter().flat_map(|item| match &item.decision {
             Some(Decision::Persist(statements)) => statements
                 .iter()
@@ -230,7 +230,8 @@ impl HostState {
                 .collect::<Vec<_>>(),
             _ => Vec::new(),
         });
-        if let Err(error) = batch::lock_tables(&mut tx, tables).await {
+        let locks = tables.map(|table| (table, TableLock::Exclusive)).collect();
+        if let Err(error) = batch::lock_tables(&mut tx, &locks).await {
             return match error {
                 ExecError::Unavailable(error) => Err(error)
                     .context("the database failed during the batch; nothing was acknowledged"),

@@ -36,28 +36,80 @@ impl From<ExecError> for PlanFailure {
     }
 }
 
-/// Takes the host's transaction-scoped lock on each of `tables`, in name order.
+/// How a batch locks a table it writes (see [`lock_tables`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableLock {
+    /// The batch writes the table with one statement, its rows in key order: batches doing the
+    /// same can run side by side, as their row locks are taken in one global order.
+    Shared,
+    /// The batch writes the table with several statements (several column shapes or stages),
+    /// or entry by entry: it must have the table to itself.
+    Exclusive,
+}
+
+/// The lock each table of `plan` needs: shared where the plan writes it with one statement,
+/// exclusive otherwise.
+pub fn table_locks(plan: &Plan) -> BTreeMap<&str, TableLock> {
+    let mut statements: BTreeMap<&str, usize> = BTreeMap::new();
+    for stage in &plan.stages {
+        let count = match stage {
+            Stage::Upsert { rows, .. } | Stage::Update { rows, .. } => by_shape(rows).len(),
+            Stage::Delete { .. } | Stage::Insert { .. } | Stage::Single { .. } => 1,
+        };
+        *statements.entry(stage_table(stage)).or_default() += count;
+    }
+    statements
+        .into_iter()
+        .map(|(table, count)| {
+            let lock = if count == 1 {
+                TableLock::Shared
+            } else {
+                TableLock::Exclusive
+            };
+            (table, lock)
+        })
+        .collect()
+}
+
+fn stage_table(stage: &Stage) -> &str {
+    match stage {
+        Stage::Upsert { table, .. }
+        | Stage::Update { table, .. }
+        | Stage::Delete { table, .. }
+        | Stage::Insert { table, .. } => table,
+        Stage::Single { statement, .. } => super::plan::statement_table(statement),
+    }
+}
+
+/// Takes the host's transaction-scoped advisory lock on each table, in name order.
 ///
-/// Batches lock rows of a table in key order within each statement, but a stage may need several
-/// statements (one per column shape), and rows created by one batch can be touched by another in
-/// between: two batches could each hold a row the other needs, which PostgreSQL only resolves
-/// after `deadlock_timeout` by failing one of them. Writing a table is therefore one batch at a
-/// time across all hosts; batches of different tables still commit side by side, and reading and
-/// handling the next batch never waits for this lock.
-pub async fn lock_tables<'t>(
+/// Within one statement a batch locks rows in key order, so two batches that each write a table
+/// with one statement never wait on each other in a cycle. A batch that needs several statements
+/// for a table (one per column shape) could hold a row another batch needs while waiting for
+/// one that batch holds — which PostgreSQL resolves only after `deadlock_timeout`, by failing
+/// one of them. Such a batch takes the table's lock exclusively; single-statement batches share
+/// it. Reading and handling the next batch never waits for these locks.
+pub async fn lock_tables(
     conn: &mut PgConnection,
-    tables: impl IntoIterator<Item = &'t str>,
+    locks: &BTreeMap<&str, TableLock>,
 ) -> Result<(), ExecError> {
-    let tables: BTreeSet<&str> = tables.into_iter().collect();
-    if tables.is_empty() {
+    if locks.is_empty() {
         return Ok(());
     }
-    let names: Vec<&str> = tables.into_iter().collect();
+    let names: Vec<&str> = locks.keys().copied().collect();
+    let exclusive: Vec<bool> = locks
+        .values()
+        .map(|lock| *lock == TableLock::Exclusive)
+        .collect();
     sqlx::query(
-        "SELECT count(pg_advisory_xact_lock(hashtextextended('kaleidoscope.table.' || t.name, 0)))
-           FROM unnest($1::text[]) AS t(name)",
+        "SELECT count(CASE WHEN t.exclusive
+                          THEN pg_advisory_xact_lock(hashtextextended('kaleidoscope.table.' || t.name, 0))
+                          ELSE pg_advisory_xact_lock_shared(hashtextextended('kaleidoscope.table.' || t.name, 0))
+                      END)
+           FROM unnest($1::text[], $2::bool[]) AS t(name, exclusive)",
     )
     .bind(names)
+    .bind(exclusive)
     .execute(conn)
     .await
     .map(drop)

@@ -66,13 +66,6 @@ pub enum Stage {
     Single { entry: usize, statement: Statement },
 }
 
-impl Plan {
-    /// The tables the plan writes.
-    pub fn tables(&self) -> impl Iterator<Item = &str> {
-        self.stages.iter().map(Stage::table)
-    }
-}
-
 impl Stage {
     fn table(&self) -> &str {
         match self {
