@@ -76,6 +76,9 @@ pub struct Figures {
     pub seconds: f64,
     pub latency_ms: Option<[f64; 3]>,
     pub peak_rss_mb: Option<f64>,
+    /// CPU time the subject's own process used per entry, in microseconds (user + system):
+    /// steadier than entries/s on a shared machine, and blind to the database's share.
+    pub cpu_us_per_entry: Option<f64>,
     /// Share of the drain time spent inside plugin calls (host only).
     pub plugin_share: Option<f64>,
     /// What was stored, checked against what the entries say.
@@ -84,8 +87,9 @@ pub struct Figures {
     pub deadlocks: i64,
     /// Drain rate over the first and the last tenth of the entries (a rate that falls over the
     /// run means something grows: the ledger, an index, memory).
-    pub first_tenth_per_second: f64,
-    pub last_tenth_per_second: f64,
+    /// Only when pre-loaded (offered at a rate, the rate decides).
+    pub first_tenth_per_second: Option<f64>,
+    pub last_tenth_per_second: Option<f64>,
 }
 
 /// Runs the bench and returns the figures of each subject (the host first).
@@ -112,7 +116,7 @@ pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     ));
     out.push_str(&format!(
-        "{:<14} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9}  {}\n",
+        "{:<14} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9}  {}\n",
         "subject",
         "entries/s",
         "seconds",
@@ -120,6 +124,7 @@ pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
         "p95 ms",
         "p99 ms",
         "peak RSS",
+        "CPU/entry",
         "plugins",
         "deadlocks",
         "rows"
@@ -130,7 +135,7 @@ pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
                 .map_or("-".to_string(), |l| format!("{:.1}", l[i]))
         };
         out.push_str(&format!(
-            "{:<14} {:>10.0} {:>9.2} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9}  {}\n",
+            "{:<14} {:>10.0} {:>9.2} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9}  {}\n",
             r.subject,
             r.entries_per_second,
             r.seconds,
@@ -139,6 +144,8 @@ pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
             latency(2),
             r.peak_rss_mb
                 .map_or("-".to_string(), |m| format!("{m:.0} MB")),
+            r.cpu_us_per_entry
+                .map_or("-".to_string(), |us| format!("{us:.0} µs")),
             r.plugin_share
                 .map_or("-".to_string(), |s| format!("{:.1}%", s * 100.0)),
             r.deadlocks,
@@ -150,10 +157,12 @@ pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
     }
     out.push('\n');
     for r in results {
-        out.push_str(&format!(
-            "{}: first tenth of the entries {:.0}/s, last tenth {:.0}/s\n",
-            r.subject, r.first_tenth_per_second, r.last_tenth_per_second
-        ));
+        if let (Some(first), Some(last)) = (r.first_tenth_per_second, r.last_tenth_per_second) {
+            out.push_str(&format!(
+                "{}: first tenth of the entries {first:.0}/s, last tenth {last:.0}/s\n",
+                r.subject
+            ));
+        }
     }
     if let [host, baseline] = results {
         out.push_str(&format!(
@@ -209,9 +218,11 @@ async fn run_subject(
     let metrics_port = free_port()?;
     let log = std::env::temp_dir().join(format!("kaleidoscope-bench-{}.log", subject.name()));
     let mut child = spawn(options, subject, &prefix, metrics_port, &log)?;
+    let mut offered_at = None;
     let outcome = async {
         if let Some(rate) = options.rate {
             wait_for_groups(&mut redis, &prefix, subject, &mut child).await?;
+            offered_at = Some(Instant::now());
             add_entries(&mut redis, &prefix, data, Some(rate), subject).await?;
         }
         drain(
@@ -227,13 +238,14 @@ async fn run_subject(
     }
     .await;
     let peak_rss_mb = peak_rss_mb(&child);
+    let cpu_seconds = cpu_seconds(&child);
     let plugin_seconds = match subject {
         Subject::Host => scrape_plugin_seconds(metrics_port).await,
         Subject::Baseline => None,
     };
     stop(&mut child);
     let drained = outcome?;
-    let (seconds, first_to_last) = (drained.since_start, drained.first_to_last);
+    let first_to_last = drained.first_to_last;
 
     let latency_ms = match options.rate {
         Some(_) => Some(latency_percentiles(&pool).await?),
@@ -243,10 +255,14 @@ async fn run_subject(
     let deadlocks = deadlocks(&pool).await? - deadlocks_before;
     delete_keys(&mut redis, &prefix).await?;
     pool.close().await;
-    let drain = if options.rate.is_some() {
-        seconds
-    } else {
-        first_to_last
+    // Offered at a rate: from the first entry offered to the last one finished (the rate
+    // itself, if the subject keeps up). Pre-loaded: from the first entry finished to the last.
+    let (drain, tenths) = match offered_at {
+        Some(at) => (at.elapsed().as_secs_f64(), None),
+        None => (
+            first_to_last,
+            Some((drained.first_tenth, drained.last_tenth)),
+        ),
     };
     Ok(Figures {
         subject: subject.name().into(),
@@ -255,18 +271,17 @@ async fn run_subject(
         seconds: drain,
         latency_ms,
         peak_rss_mb,
+        cpu_us_per_entry: cpu_seconds.map(|s| s * 1e6 / data.len().max(1) as f64),
         plugin_share: plugin_seconds.map(|s| s / drain.max(1e-9)),
         verified,
         deadlocks,
-        first_tenth_per_second: drained.first_tenth,
-        last_tenth_per_second: drained.last_tenth,
+        first_tenth_per_second: tenths.map(|t| t.0),
+        last_tenth_per_second: tenths.map(|t| t.1),
     })
 }
 
 /// How a drain went.
 struct Drained {
-    /// Seconds from the subject's start to the last entry.
-    since_start: f64,
     /// Seconds from the first committed entry to the last.
     first_to_last: f64,
     /// Entries per second over the first and the last tenth of the entries.
@@ -286,7 +301,6 @@ impl Drained {
             _ => 0.0,
         };
         Drained {
-            since_start: (end - started).as_secs_f64(),
             first_to_last: (end - first).as_secs_f64(),
             first_tenth: rate(Some((first, 0)), reached(tenth)),
             last_tenth: rate(reached(total - tenth), samples.last().copied()),
@@ -638,6 +652,18 @@ fn peak_rss_mb(child: &Child) -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// The CPU time the child has used so far (user + system), in seconds.
+fn cpu_seconds(child: &Child) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // Clock ticks; 100 per second on Linux.
+    Some((utime + stime) / 100.0)
 }
 
 /// Seconds spent in plugin calls, from the host's `/metrics`.

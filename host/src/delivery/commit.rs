@@ -174,16 +174,7 @@ impl HostState {
         }
         for item in items.iter() {
             if let Some(Decision::DeadLetter(kind, reason)) = &item.decision {
-                let letter = DeadLetter {
-                    source_stream: stream.to_string(),
-                    source_id: item.entry.id.clone(),
-                    kind: *kind,
-                    error: reason.clone(),
-                    plugin: plugin.name.clone(),
-                    plugin_version: plugin.version.clone(),
-                    deliveries: item.entry.deliveries,
-                    fields: item.fields.clone(),
-                };
+                let letter = dead_letter(stream, plugin, item, *kind, reason);
                 outbox.push((self.config.dlq_key(), letter.to_stream_fields()));
             }
         }
@@ -301,16 +292,7 @@ impl HostState {
                     item.decision = Some(Decision::Redelivered);
                     continue;
                 }
-                let letter = DeadLetter {
-                    source_stream: stream.to_string(),
-                    source_id: item.entry.id.clone(),
-                    kind: *kind,
-                    error: reason.clone(),
-                    plugin: plugin.name.clone(),
-                    plugin_version: plugin.version.clone(),
-                    deliveries: item.entry.deliveries,
-                    fields: item.fields.clone(),
-                };
+                let letter = dead_letter(stream, plugin, item, *kind, reason);
                 let message =
                     ledger::enqueue(&mut tx, &self.config.dlq_key(), letter.to_stream_fields())
                         .await
@@ -360,6 +342,26 @@ impl HostState {
             }
         }
         Ok(Some(emitted))
+    }
+}
+
+/// The dead letter of `item`.
+fn dead_letter(
+    stream: &str,
+    plugin: &Plugin,
+    item: &Item,
+    kind: FailureKind,
+    reason: &str,
+) -> DeadLetter {
+    DeadLetter {
+        source_stream: stream.to_string(),
+        source_id: item.entry.id.clone(),
+        kind,
+        error: reason.to_string(),
+        plugin: plugin.name.clone(),
+        plugin_version: plugin.version.clone(),
+        deliveries: item.entry.deliveries,
+        fields: item.fields.clone(),
     }
 }
 

@@ -221,39 +221,23 @@ impl Array {
     /// one scalar kind, else their text forms (which PostgreSQL casts to the column's type).
     fn of(values: &[&wit::Value]) -> Array {
         use wit::Value as V;
-        let non_null = || values.iter().filter(|v| !matches!(v, V::Null));
-        if non_null().all(|v| matches!(v, V::Boolean(_))) {
-            return Array::Bool(
-                values
-                    .iter()
-                    .map(|v| match v {
-                        V::Boolean(b) => Some(*b),
-                        _ => None,
-                    })
-                    .collect(),
-            );
+        if let Some(v) = all_of(values, |v| match v {
+            V::Boolean(b) => Some(*b),
+            _ => None,
+        }) {
+            return Array::Bool(v);
         }
-        if non_null().all(|v| matches!(v, V::Integer(_))) {
-            return Array::Int(
-                values
-                    .iter()
-                    .map(|v| match v {
-                        V::Integer(i) => Some(*i),
-                        _ => None,
-                    })
-                    .collect(),
-            );
+        if let Some(v) = all_of(values, |v| match v {
+            V::Integer(i) => Some(*i),
+            _ => None,
+        }) {
+            return Array::Int(v);
         }
-        if non_null().all(|v| matches!(v, V::Float(_))) {
-            return Array::Float(
-                values
-                    .iter()
-                    .map(|v| match v {
-                        V::Float(f) => Some(*f),
-                        _ => None,
-                    })
-                    .collect(),
-            );
+        if let Some(v) = all_of(values, |v| match v {
+            V::Float(f) => Some(*f),
+            _ => None,
+        }) {
+            return Array::Float(v);
         }
         Array::Text(values.iter().map(|v| text_form(v)).collect())
     }
@@ -266,6 +250,20 @@ impl Array {
             Array::Text(_) => "text[]",
         }
     }
+}
+
+/// The values as one native array when `pick` takes every one that is not NULL.
+fn all_of<T>(
+    values: &[&wit::Value],
+    pick: impl Fn(&wit::Value) -> Option<T>,
+) -> Option<Vec<Option<T>>> {
+    values
+        .iter()
+        .map(|v| match v {
+            wit::Value::Null => Some(None),
+            other => pick(other).map(Some),
+        })
+        .collect()
 }
 
 /// A value as PostgreSQL's text input for it (`None` for NULL).
@@ -421,25 +419,7 @@ fn upsert_sql(table: &str, key_columns: &[String], rows: &[&KeyedRow]) -> (Strin
         .map(|c| ident(c))
         .collect::<Vec<_>>()
         .join(", ");
-    let action = if sets.is_empty() {
-        "DO NOTHING".to_string()
-    } else {
-        let assignments = sets
-            .iter()
-            .map(|(set, _)| {
-                let column = ident(&set.column);
-                match set.op {
-                    SetOp::Assign(_) => format!("{column} = EXCLUDED.{column}"),
-                    SetOp::AppendUnique(_) => format!(
-                        "{column} = {}",
-                        union(&format!("target.{column}"), &format!("EXCLUDED.{column}"))
-                    ),
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        format!("DO UPDATE SET {assignments}")
-    };
+    let action = execute::conflict_action(sets.iter().map(|(set, _)| *set));
     let sql = format!(
         "INSERT INTO {} AS target ({}) SELECT {} FROM {} ON CONFLICT ({conflict}) {action}",
         ident(table),

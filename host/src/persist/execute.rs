@@ -227,27 +227,7 @@ fn upsert_sql(table: &str, key: &[Param], set: &[SetParam]) -> (String, Vec<Bind
         .map(|p| ident(&p.column))
         .collect::<Vec<_>>()
         .join(", ");
-    let action = if set.is_empty() {
-        "DO NOTHING".to_string()
-    } else {
-        let assignments = set
-            .iter()
-            .map(|s| {
-                let column = ident(&s.column);
-                match s.op {
-                    SetOp::Assign(_) => format!("{column} = EXCLUDED.{column}"),
-                    SetOp::AppendUnique(_) => {
-                        format!(
-                            "{column} = {}",
-                            union(&format!("target.{column}"), &format!("EXCLUDED.{column}"))
-                        )
-                    }
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        format!("DO UPDATE SET {assignments}")
-    };
+    let action = conflict_action(set.iter());
     let sql = format!(
         "INSERT INTO {} AS target ({}) VALUES ({}) ON CONFLICT ({conflict}) {action}",
         ident(table),
@@ -255,6 +235,28 @@ fn upsert_sql(table: &str, key: &[Param], set: &[SetParam]) -> (String, Vec<Bind
         values.join(", ")
     );
     (sql, binds)
+}
+
+/// An upsert's `ON CONFLICT` action: assign each `set` column from the proposed row, or merge it
+/// into the existing array for `append-unique`; nothing to do when there is no `set`.
+pub(super) fn conflict_action<'s>(set: impl Iterator<Item = &'s SetParam>) -> String {
+    let assignments = set
+        .map(|s| {
+            let column = ident(&s.column);
+            match s.op {
+                SetOp::Assign(_) => format!("{column} = EXCLUDED.{column}"),
+                SetOp::AppendUnique(_) => format!(
+                    "{column} = {}",
+                    union(&format!("target.{column}"), &format!("EXCLUDED.{column}"))
+                ),
+            }
+        })
+        .collect::<Vec<_>>();
+    if assignments.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        format!("DO UPDATE SET {}", assignments.join(", "))
+    }
 }
 
 fn update_sql(table: &str, key: &[Param], set: &[SetParam]) -> (String, Vec<Bind>) {
