@@ -1,5 +1,7 @@
 //! One consumer task per inbound stream: reclaim what is overdue, read what is new, hand each
-//! batch to the delivery protocol, repeat.
+//! batch to a task of its own that runs the delivery protocol on it, repeat. Up to
+//! `max_in_flight` batches per stream are between read and acknowledgement at once, so reading,
+//! running handlers and committing overlap; the read size grows while reads come back full.
 //!
 //! Each task has its own Redis connection because `XREADGROUP ... BLOCK` holds a connection for
 //! the whole poll; acknowledgements and publishing go through the shared connection manager.
