@@ -14,12 +14,10 @@
 use crate::persist;
 use anyhow::{Context, Result, bail};
 use redis::aio::MultiplexedConnection;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::PgPool;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 /// The reference consumer (`bench/baseline/consumer.py`), embedded so the bench runs from any
@@ -310,28 +308,7 @@ impl Drained {
 
 /// Drops and recreates the bench database, migrated. Refuses names without "bench".
 async fn fresh_database(url: &str) -> Result<PgPool> {
-    let options = PgConnectOptions::from_str(url)
-        .with_context(|| format!("invalid bench database URL {url:?}"))?;
-    let name = options.get_database().unwrap_or_default().to_string();
-    if !name.contains("bench") {
-        bail!(
-            "refusing to drop and recreate database {name:?}: the bench database's name must contain \"bench\""
-        );
-    }
-    let mut admin = options
-        .clone()
-        .database("postgres")
-        .disable_statement_logging()
-        .connect()
-        .await
-        .context("cannot connect to PostgreSQL to recreate the bench database")?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-        name.replace('"', "\"\"")
-    )))
-    .execute(&mut admin)
-    .await
-    .with_context(|| format!("cannot drop the bench database {name:?}"))?;
+    persist::drop_database(url, "bench").await?;
     let pool = persist::connect(url, 4).await?;
     persist::migrate(&pool).await?;
     Ok(pool)

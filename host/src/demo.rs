@@ -12,11 +12,9 @@ use crate::simulate::{self, SimulatorOptions};
 use crate::{persist, status};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::PgPool;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -100,28 +98,7 @@ impl Summary {
 /// Runs the demo and returns its summary.
 pub async fn run(base: &Config, options: &DemoOptions) -> Result<Summary> {
     let started = Instant::now();
-    let connect = PgConnectOptions::from_str(&options.database_url)
-        .with_context(|| format!("invalid demo database URL {:?}", options.database_url))?;
-    let name = connect.get_database().unwrap_or_default().to_string();
-    if !name.contains("demo") {
-        bail!(
-            "refusing to drop and recreate database {name:?}: the demo database's name must contain \"demo\""
-        );
-    }
-    let mut admin = connect
-        .clone()
-        .database("postgres")
-        .disable_statement_logging()
-        .connect()
-        .await
-        .context("cannot connect to PostgreSQL to recreate the demo database")?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-        name.replace('"', "\"\"")
-    )))
-    .execute(&mut admin)
-    .await
-    .with_context(|| format!("cannot drop the demo database {name:?}"))?;
+    persist::drop_database(&options.database_url, "demo").await?;
 
     let mut config = base.clone();
     config.database_url = options.database_url.clone();

@@ -56,7 +56,7 @@ pub fn table_locks(plan: &Plan) -> BTreeMap<&str, TableLock> {
             Stage::Upsert { rows, .. } | Stage::Update { rows, .. } => by_shape(rows).len(),
             Stage::Delete { .. } | Stage::Insert { .. } | Stage::Single { .. } => 1,
         };
-        *statements.entry(stage_table(stage)).or_default() += count;
+        *statements.entry(stage.table()).or_default() += count;
     }
     statements
         .into_iter()
@@ -69,16 +69,6 @@ pub fn table_locks(plan: &Plan) -> BTreeMap<&str, TableLock> {
             (table, lock)
         })
         .collect()
-}
-
-fn stage_table(stage: &Stage) -> &str {
-    match stage {
-        Stage::Upsert { table, .. }
-        | Stage::Update { table, .. }
-        | Stage::Delete { table, .. }
-        | Stage::Insert { table, .. } => table,
-        Stage::Single { statement, .. } => super::plan::statement_table(statement),
-    }
 }
 
 /// Takes the host's transaction-scoped advisory lock on each table, in name order.
@@ -138,8 +128,8 @@ pub async fn run(conn: &mut PgConnection, plan: &Plan) -> Result<(), PlanFailure
                 ..
             } => {
                 let mut missing = Vec::new();
+                let want_rows = !matches!(if_missing, wit::IfMissing::Skip);
                 for group in by_shape(rows) {
-                    let want_rows = !matches!(if_missing, wit::IfMissing::Skip);
                     let (sql, arrays) = update_sql(table, key_columns, &group, want_rows);
                     if !want_rows {
                         run_sql(conn, sql, arrays).await?;

@@ -52,6 +52,38 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
         .context("cannot apply database migrations")
 }
 
+/// Drops the database of `url` (if it exists) so the next [`connect`] creates it afresh. For the
+/// demo and the bench, which start from nothing every time: refuses a database whose name does
+/// not contain `guard` (`"demo"`, `"bench"`), so a mistyped URL can never drop real data.
+pub async fn drop_database(url: &str, guard: &str) -> Result<()> {
+    let options = PgConnectOptions::from_str(url)
+        .with_context(|| format!("invalid {guard} database URL {url:?}"))?;
+    let name = options.get_database().unwrap_or_default().to_string();
+    if !name.contains(guard) {
+        anyhow::bail!(
+            "refusing to drop and recreate database {name:?}: the {guard} database's name must contain \"{guard}\""
+        );
+    }
+    let mut admin = options
+        .database("postgres")
+        .disable_statement_logging()
+        .connect()
+        .await
+        .with_context(|| {
+            format!("cannot connect to PostgreSQL to recreate the {guard} database")
+        })?;
+    // Audited: the name is quoted as an identifier.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+        name.replace('"', "\"\"")
+    )))
+    .execute(&mut admin)
+    .await
+    .with_context(|| format!("cannot drop the {guard} database {name:?}"))?;
+    let _ = admin.close().await;
+    Ok(())
+}
+
 async fn ensure_database(options: &PgConnectOptions) -> Result<()> {
     let Some(name) = options.get_database().map(str::to_string) else {
         return Ok(());

@@ -67,7 +67,8 @@ pub enum Stage {
 }
 
 impl Stage {
-    fn table(&self) -> &str {
+    /// The table the stage writes.
+    pub fn table(&self) -> &str {
         match self {
             Stage::Upsert { table, .. }
             | Stage::Update { table, .. }
