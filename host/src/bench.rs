@@ -309,7 +309,7 @@ impl Drained {
 /// Drops and recreates the bench database, migrated. Refuses names without "bench".
 async fn fresh_database(url: &str) -> Result<PgPool> {
     persist::drop_database(url, "bench").await?;
-    let pool = persist::connect(url, 4).await?;
+    let pool = persist::connect(url, 4, &persist::Timeouts::default()).await?;
     persist::migrate(&pool).await?;
     Ok(pool)
 }

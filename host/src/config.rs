@@ -189,6 +189,30 @@ pub const SETTINGS: &[Setting] = &[
         help: "How long the processed-entry ledger remembers a finished entry (it makes redelivery harmless). Older rows are pruned in small chunks, except those of entries still pending in their group.",
     },
     Setting {
+        key: "pg_statement_timeout_ms",
+        env: "KALEIDOSCOPE_PG_STATEMENT_TIMEOUT_MS",
+        default: "30000",
+        help: "PostgreSQL `statement_timeout` of the host's connections: a statement running longer is cancelled, and its entries are retried (a bounded number of times) like any other failed statement. The host also gives up on a batch whose database work gets no answer within four times this (a half-open connection) and retries it as an outage.",
+    },
+    Setting {
+        key: "pg_lock_timeout_ms",
+        env: "KALEIDOSCOPE_PG_LOCK_TIMEOUT_MS",
+        default: "10000",
+        help: "PostgreSQL `lock_timeout`: a batch waiting longer for a row or table lock fails that statement, and is retried.",
+    },
+    Setting {
+        key: "pg_idle_in_transaction_timeout_ms",
+        env: "KALEIDOSCOPE_PG_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+        default: "60000",
+        help: "PostgreSQL `idle_in_transaction_session_timeout`: the server ends a session of this host that sits in an open transaction this long (a stuck host never holds locks for good).",
+    },
+    Setting {
+        key: "pg_keepalive_idle_ms",
+        env: "KALEIDOSCOPE_PG_KEEPALIVE_IDLE_MS",
+        default: "30000",
+        help: "TCP keepalive of the host's PostgreSQL sessions (`tcp_keepalives_idle`, then 3 probes 10 s apart): the server notices a host that vanished and releases its locks.",
+    },
+    Setting {
         key: "cache_dir",
         env: "KALEIDOSCOPE_CACHE_DIR",
         default: "target/plugin-cache",
@@ -237,6 +261,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub consumer_expiry: Duration,
     pub ledger_retention: Duration,
+    /// Session timeouts and keepalive of every PostgreSQL connection the host opens.
+    pub database_timeouts: crate::persist::Timeouts,
     pub critical_streams: Vec<String>,
     pub http_addr: Option<String>,
     pub cache_dir: PathBuf,
@@ -587,6 +613,16 @@ impl RawSettings {
             ledger_retention: Duration::from_millis(
                 self.positive("ledger_retention_ms", 86_400_000)?,
             ),
+            database_timeouts: crate::persist::Timeouts {
+                statement: Duration::from_millis(self.positive("pg_statement_timeout_ms", 30_000)?),
+                lock: Duration::from_millis(self.positive("pg_lock_timeout_ms", 10_000)?),
+                idle_in_transaction: Duration::from_millis(
+                    self.positive("pg_idle_in_transaction_timeout_ms", 60_000)?,
+                ),
+                keepalive_idle: Duration::from_millis(
+                    self.positive("pg_keepalive_idle_ms", 30_000)?,
+                ),
+            },
             cache_dir: PathBuf::from(self.non_empty("cache_dir", "target/plugin-cache".into())?),
             plugins: self.plugins.clone(),
         })

@@ -10,7 +10,7 @@
 use crate::delivery::PreparedBatch;
 use crate::health::{self, Dependency};
 use crate::state::HostState;
-use crate::streams::{self, StreamEntry, StreamError};
+use crate::streams::{self, StreamEntry};
 use anyhow::{Context, Result};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client};
@@ -26,6 +26,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// How often each consumer task looks for consumers of the group that are gone for good.
 const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// How often a batch is retried after failures that are not outages before it is committed entry
+/// by entry.
+const FINISH_ATTEMPTS: u32 = 3;
 /// How often a batch waiting out a PostgreSQL outage checks whether it is back.
 const OUTAGE_POLL: Duration = Duration::from_millis(200);
 
@@ -112,14 +115,7 @@ pub async fn consume(
                 config.poll_timeout,
             )
             .await;
-            let entries = match entries {
-                Err(StreamError::NoGroup(_)) => {
-                    warn!(stream, "consumer group vanished; recreating it");
-                    streams::ensure_group(conn, &key, &config.consumer_group).await?;
-                    return Ok(());
-                }
-                other => other.with_context(|| format!("XREADGROUP on {key:?} failed"))?,
-            };
+            let entries = entries.with_context(|| format!("XREADGROUP on {key:?} failed"))?;
             read_size.observe(entries.len());
             if !entries.is_empty() {
                 start_batch(&delivery, &stream, entries, permit, &working, &mut finishing, &stop);
@@ -132,11 +128,38 @@ pub async fn consume(
                 backoff = FIRST_BACKOFF;
                 delivery.health.observe(Dependency::Redis, Ok(()));
             }
+            // Whichever command noticed it (a read, a reclaim, keeping entries in flight): the
+            // group is gone, because Redis lost its data (a restart without persistence) or
+            // someone deleted it. Recreate it at once, or nothing new is ever read again.
+            Err(error) if streams::is_no_group(&error) => {
+                warn!(stream, key, group = %config.consumer_group,
+                    "the consumer group is missing (Redis lost its data, or the group was deleted); recreating it: {}", crate::text::causes(&error));
+                delivery.metrics.add(
+                    "kaleidoscope_consumer_groups_recreated_total",
+                    crate::metrics::labels(&[("stream", &stream)]),
+                    1,
+                );
+                let recreated = match connection.as_mut() {
+                    Some(conn) => streams::ensure_group(conn, &key, &config.consumer_group).await,
+                    None => Err(anyhow::anyhow!("no connection to Redis")),
+                };
+                if let Err(error) = recreated {
+                    error!(stream, retry_in = ?backoff, "cannot recreate the consumer group: {}", crate::text::causes(&error));
+                    connection = None;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
             Err(error) => {
                 if let Some(dependency) = health::blame(&error) {
-                    delivery.health.failed(dependency, &format!("{error:#}"));
+                    delivery
+                        .health
+                        .failed(dependency, &crate::text::causes(&error));
                 }
-                error!(stream, retry_in = ?backoff, "{error:#}");
+                error!(stream, retry_in = ?backoff, "{}", crate::text::causes(&error));
                 connection = None;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -214,12 +237,15 @@ fn start_batch(
             // after the idle time.
             Err(error) => {
                 if let Some(dependency) = health::blame(&error) {
-                    delivery.health.failed(dependency, &format!("{error:#}"));
+                    delivery
+                        .health
+                        .failed(dependency, &crate::text::causes(&error));
                 }
                 error!(
                     stream,
                     entries = count,
-                    "cannot handle the batch; its entries stay pending: {error:#}"
+                    "cannot handle the batch; its entries stay pending: {}",
+                    crate::text::causes(&error)
                 );
             }
         }
@@ -252,32 +278,85 @@ fn lock(working: &Working) -> std::sync::MutexGuard<'_, std::collections::HashSe
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Commits and acknowledges `batch`, retrying through outages until it succeeds or the host
-/// stops (its entries then stay pending, to be delivered again).
+/// Commits and acknowledges `batch`. Through an outage (PostgreSQL or Redis unreachable, see
+/// [`health::blame`]) it retries until it succeeds or the host stops (its entries then stay
+/// pending, to be delivered again). Any other failure is retried [`FINISH_ATTEMPTS`] times, then
+/// the batch is committed entry by entry, each in a transaction of its own, so that the entry
+/// at fault is dead-lettered alone; if even that fails, the batch is given up and its entries
+/// stay pending, to be delivered again (counting against their attempts) after the reclaim time.
 async fn finish_until_done(
     delivery: &HostState,
     mut batch: PreparedBatch,
     mut stop: watch::Receiver<bool>,
 ) {
     let stream = batch.stream().to_string();
+    let deadline = delivery.config.database_timeouts.response_deadline();
     let mut backoff = FIRST_BACKOFF;
+    let mut failures = 0;
     loop {
-        match delivery.finish(&mut batch).await {
+        let isolate = failures >= FINISH_ATTEMPTS;
+        let attempt = async {
+            if isolate {
+                delivery.finish_isolated(&mut batch).await
+            } else {
+                delivery.finish(&mut batch).await
+            }
+        };
+        let outcome = match tokio::time::timeout(deadline, attempt).await {
+            Ok(outcome) => outcome,
+            // A statement would have been cancelled by the server long ago: the connection is
+            // lost without an error (a half-open connection). That is an outage.
+            Err(_) => Err(anyhow::Error::new(Unanswered(deadline))),
+        };
+        match outcome {
             Ok(report) => {
                 tracing::debug!(stream, ?report, "batch done");
                 delivery.health.observe(Dependency::Database, Ok(()));
                 return;
             }
             Err(error) => {
-                if let Some(dependency) = health::blame(&error) {
-                    delivery.health.failed(dependency, &format!("{error:#}"));
-                }
                 delivery.metrics.add(
                     "kaleidoscope_batch_failures_total",
                     crate::metrics::labels(&[("stream", &stream)]),
                     1,
                 );
-                error!(stream, retry_in = ?backoff, entries = batch.len(), "{error:#}");
+                let outage = health::blame(&error).or_else(|| {
+                    error
+                        .downcast_ref::<Unanswered>()
+                        .map(|_| Dependency::Database)
+                });
+                match outage {
+                    Some(dependency) => {
+                        delivery
+                            .health
+                            .failed(dependency, &crate::text::causes(&error));
+                        error!(stream, retry_in = ?backoff, entries = batch.len(), "{}", crate::text::causes(&error));
+                    }
+                    None if isolate => {
+                        error!(
+                            stream,
+                            entries = batch.len(),
+                            "giving up on the batch after {failures} attempts and an entry-by-entry pass; its entries stay pending and are delivered again after the reclaim idle time: {}",
+                            crate::text::causes(&error)
+                        );
+                        return;
+                    }
+                    None => {
+                        failures += 1;
+                        let next = if failures >= FINISH_ATTEMPTS {
+                            "committing it entry by entry next"
+                        } else {
+                            "retrying it"
+                        };
+                        warn!(
+                            stream,
+                            entries = batch.len(),
+                            attempt = failures,
+                            "the batch failed, {next}: {}",
+                            crate::text::causes(&error)
+                        );
+                    }
+                }
             }
         }
         if *stop.borrow() {
@@ -302,6 +381,14 @@ async fn finish_until_done(
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
+
+/// A batch's work got no answer within the deadline, long after the server would have cancelled
+/// any one statement: the connection is lost without an error (half-open). An outage.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "PostgreSQL gave no answer to the batch's work within {0:?}; the connection is presumed lost and nothing was acknowledged"
+)]
+struct Unanswered(Duration);
 
 /// Reclaims every entry idle for longer than the reclaim time and runs it through the protocol.
 ///

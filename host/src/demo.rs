@@ -113,7 +113,7 @@ pub async fn run(base: &Config, options: &DemoOptions) -> Result<Summary> {
     clear_streams(&config).await?;
 
     let host = RunningHost::start(config.clone()).await?;
-    let pool = persist::connect(&config.database_url, 4).await?;
+    let pool = persist::connect(&config.database_url, 4, &config.database_timeouts).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let simulator_config = config.clone();
     let simulator_options = SimulatorOptions {

@@ -118,19 +118,35 @@ impl Health {
     }
 }
 
-/// Which dependency an error chain comes from, if it is a database or Redis error.
+/// Which dependency is out, if `error`'s chain says one cannot be reached: a lost or refused
+/// connection to PostgreSQL ([`crate::persist::execute::is_outage`]) or to Redis (I/O errors,
+/// refused or dropped connections, timeouts). Any other error — a statement PostgreSQL rejected,
+/// a command Redis refused — is about the work, not the dependency, and blames nothing.
 pub fn blame(error: &anyhow::Error) -> Option<Dependency> {
     error.chain().find_map(|cause| {
-        if cause.downcast_ref::<sqlx::Error>().is_some() {
-            Some(Dependency::Database)
-        } else if cause.downcast_ref::<redis::RedisError>().is_some()
-            || cause
-                .downcast_ref::<crate::streams::StreamError>()
-                .is_some()
+        if let Some(error) = cause.downcast_ref::<sqlx::Error>() {
+            crate::persist::execute::is_outage(error).then_some(Dependency::Database)
+        } else if let Some(error) = cause.downcast_ref::<redis::RedisError>() {
+            redis_outage(error).then_some(Dependency::Redis)
+        } else if let Some(crate::streams::StreamError::Redis(error)) =
+            cause.downcast_ref::<crate::streams::StreamError>()
         {
-            Some(Dependency::Redis)
+            redis_outage(error).then_some(Dependency::Redis)
         } else {
             None
         }
     })
+}
+
+/// Whether a Redis error means Redis cannot be reached (rather than that it refused a command).
+fn redis_outage(error: &redis::RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_refusal()
+        || error.is_connection_dropped()
+        || error.is_timeout()
+        || error.is_unrecoverable_error()
+        || matches!(
+            error.code(),
+            Some("LOADING" | "MASTERDOWN" | "TRYAGAIN" | "BUSY")
+        )
 }

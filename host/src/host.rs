@@ -44,6 +44,10 @@ struct Supervisor {
     runtime: Arc<PluginRuntime>,
     client: redis::Client,
     consumers: Mutex<BTreeMap<String, Consumer>>,
+    /// Consumers told to stop (their stream lost its plugin) that may still be finishing their
+    /// batches; shutdown waits for them. Nothing else ever waits for a consumer, so a stuck one
+    /// cannot hold up a reload or the heartbeat.
+    stopping: Mutex<Vec<(String, JoinHandle<()>)>>,
     /// Serialises reloads (a watch event and the periodic rescan may coincide).
     reloading: Mutex<()>,
     started_at: SystemTime,
@@ -63,7 +67,7 @@ impl RunningHost {
     /// unless disabled, loads the plugins, creates the consumer groups and starts consuming.
     pub async fn start(config: Config) -> Result<RunningHost> {
         let config = Arc::new(config);
-        let pool = persist::connect(&config.database_url, 16).await?;
+        let pool = persist::connect(&config.database_url, 16, &config.database_timeouts).await?;
         if config.migrate {
             persist::migrate(&pool).await?;
         }
@@ -121,6 +125,7 @@ impl RunningHost {
             runtime,
             client,
             consumers: Mutex::new(BTreeMap::new()),
+            stopping: Mutex::new(Vec::new()),
             reloading: Mutex::new(()),
             started_at: SystemTime::now(),
         });
@@ -165,15 +170,24 @@ impl RunningHost {
         })
     }
 
-    /// The streams being consumed (logical names).
+    /// The streams being consumed (logical names), including those whose consumer was told to
+    /// stop and is still finishing its last read or batch.
     pub async fn streams(&self) -> Vec<String> {
-        self.supervisor
+        let mut streams: Vec<String> = self
+            .supervisor
             .consumers
             .lock()
             .await
             .keys()
             .cloned()
-            .collect()
+            .collect();
+        for (stream, task) in self.supervisor.stopping.lock().await.iter() {
+            if !task.is_finished() && !streams.contains(stream) {
+                streams.push(stream.clone());
+            }
+        }
+        streams.sort();
+        streams
     }
 
     /// Where the HTTP endpoint listens, when enabled.
@@ -199,8 +213,13 @@ impl RunningHost {
         for consumer in consumers.values() {
             let _ = consumer.stop.send(true);
         }
-        for (stream, consumer) in consumers {
-            if let Err(error) = consumer.task.await {
+        let stopping = std::mem::take(&mut *self.supervisor.stopping.lock().await);
+        let tasks = consumers
+            .into_iter()
+            .map(|(stream, consumer)| (stream, consumer.task))
+            .chain(stopping);
+        for (stream, task) in tasks {
+            if let Err(error) = task.await {
                 warn!(stream, "consumer task ended abnormally: {error}");
             }
         }
@@ -250,21 +269,46 @@ impl Supervisor {
     }
 
     /// Starts a consumer for every stream a loaded plugin declares that has none yet (creating
-    /// its group), and stops consumers of streams no plugin declares any more. A stopped
-    /// consumer finishes its batch in flight first.
+    /// its group), and tells consumers of streams no plugin declares any more to stop; they
+    /// finish their batches in flight on their own. No lock is held across a Redis call or a
+    /// wait for a consumer.
     async fn reconcile_consumers(&self) -> Result<()> {
         let snapshot = self.delivery.registry.snapshot();
         let wanted: Vec<String> = snapshot.streams().map(str::to_string).collect();
         let config = &self.delivery.config;
-        let mut consumers = self.consumers.lock().await;
-        for stream in &wanted {
-            if consumers.contains_key(stream) {
-                continue;
-            }
+        let (missing, gone) = {
+            let mut consumers = self.consumers.lock().await;
+            let missing: Vec<String> = wanted
+                .iter()
+                .filter(|s| !consumers.contains_key(*s))
+                .cloned()
+                .collect();
+            let gone_streams: Vec<String> = consumers
+                .keys()
+                .filter(|s| !wanted.contains(s))
+                .cloned()
+                .collect();
+            let gone: Vec<(String, Consumer)> = gone_streams
+                .into_iter()
+                .filter_map(|s| consumers.remove(&s).map(|c| (s, c)))
+                .collect();
+            (missing, gone)
+        };
+        for (stream, consumer) in gone {
+            info!(
+                stream,
+                "no plugin handles this stream any more; its entries wait in Redis"
+            );
+            let _ = consumer.stop.send(true);
+            let mut stopping = self.stopping.lock().await;
+            stopping.retain(|(_, task)| !task.is_finished());
+            stopping.push((stream, consumer.task));
+        }
+        for stream in missing {
             let mut redis = self.delivery.redis.clone();
             streams::ensure_group(
                 &mut redis,
-                &config.stream_key(stream),
+                &config.stream_key(&stream),
                 &config.consumer_group,
             )
             .await?;
@@ -275,24 +319,10 @@ impl Supervisor {
                 stream.clone(),
                 stopped,
             ));
-            consumers.insert(stream.clone(), Consumer { stop, task });
-        }
-        let gone: Vec<String> = consumers
-            .keys()
-            .filter(|s| !wanted.contains(s))
-            .cloned()
-            .collect();
-        for stream in gone {
-            if let Some(consumer) = consumers.remove(&stream) {
-                info!(
-                    stream,
-                    "no plugin handles this stream any more; its entries wait in Redis"
-                );
-                let _ = consumer.stop.send(true);
-                if let Err(error) = consumer.task.await {
-                    warn!(stream, "consumer task ended abnormally: {error}");
-                }
-            }
+            self.consumers
+                .lock()
+                .await
+                .insert(stream, Consumer { stop, task });
         }
         Ok(())
     }
@@ -355,7 +385,7 @@ async fn watch_plugins(
             _ = stop.changed() => return,
         }
         if let Err(error) = supervisor.reload().await {
-            error!("reloading plugins failed: {error:#}");
+            error!("reloading plugins failed: {}", crate::text::causes(&error));
         }
     }
 }
@@ -418,7 +448,7 @@ async fn track_requests(delivery: Arc<HostState>, mut stop: signal::Receiver<boo
             continue;
         }
         if let Err(error) = publish::sweep(&delivery.pool, &delivery.redis, config).await {
-            warn!("request tracker: {error:#}");
+            warn!("request tracker: {}", crate::text::causes(&error));
         }
     }
 }
@@ -436,7 +466,7 @@ async fn prune_ledger(delivery: Arc<HostState>, mut stop: signal::Receiver<bool>
         match prune_once(&delivery, &mut stop).await {
             Ok(0) => {}
             Ok(pruned) => tracing::debug!(pruned, "pruned the processed-entry ledger"),
-            Err(error) => warn!("ledger pruning: {error:#}"),
+            Err(error) => warn!("ledger pruning: {}", crate::text::causes(&error)),
         }
     }
 }
@@ -474,7 +504,7 @@ async fn relay_outbox(delivery: Arc<HostState>, mut stop: signal::Receiver<bool>
             _ = stop.changed() => return,
         }
         if let Err(error) = relay_once(&delivery).await {
-            warn!("outbox relay: {error:#}");
+            warn!("outbox relay: {}", crate::text::causes(&error));
         }
     }
 }

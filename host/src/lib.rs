@@ -21,6 +21,7 @@
 //! - [`bench`]: `kaleidoscope bench`, throughput and latency against a reference consumer;
 //! - [`dlq`]: listing and replaying dead letters; [`demo`]: everything at once, for newcomers;
 //! - [`status`]: what `kaleidoscope status` reports, and the heartbeat hosts publish for it;
+//! - [`text`]: making outside text (plugin reasons, log lines) safe to store;
 //! - [`toolkit`]: `kaleidoscope plugin check` and `plugin exec` for plugin authors.
 
 pub mod bench;
@@ -41,4 +42,5 @@ pub mod simulate;
 pub mod state;
 pub mod status;
 pub mod streams;
+pub mod text;
 pub mod toolkit;

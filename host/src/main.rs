@@ -313,7 +313,7 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", kaleidoscope::text::causes(&error));
             ExitCode::FAILURE
         }
     }
@@ -388,7 +388,9 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
         }
         Command::Migrate => {
             let config = load_config(cli.config.as_deref(), &BTreeMap::new())?;
-            let pool = kaleidoscope::persist::connect(&config.database_url, 2).await?;
+            let pool =
+                kaleidoscope::persist::connect(&config.database_url, 2, &config.database_timeouts)
+                    .await?;
             kaleidoscope::persist::migrate(&pool).await?;
             tracing::info!("migrations applied");
             Ok(ExitCode::SUCCESS)
@@ -501,7 +503,9 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                     correlation_id,
                 ),
             };
-            let pool = kaleidoscope::persist::connect(&config.database_url, 2).await?;
+            let pool =
+                kaleidoscope::persist::connect(&config.database_url, 2, &config.database_timeouts)
+                    .await?;
             kaleidoscope::persist::migrate(&pool).await?;
             let publisher = publish::Publisher::new(config.clone(), pool)?;
             match publisher.publish(&request, correlation_id).await? {

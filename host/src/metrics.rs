@@ -55,7 +55,12 @@ const HELP: &[(&str, &str, &str)] = &[
     (
         "kaleidoscope_batch_failures_total",
         "counter",
-        "Batches abandoned unacknowledged because PostgreSQL or Redis failed.",
+        "Failed attempts to commit and acknowledge a batch (outages and other errors); the batch is retried.",
+    ),
+    (
+        "kaleidoscope_consumer_groups_recreated_total",
+        "counter",
+        "Consumer groups found missing (Redis lost its data, or the group was deleted) and created again.",
     ),
     (
         "kaleidoscope_plugin_load_failures_total",

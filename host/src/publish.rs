@@ -255,7 +255,7 @@ impl Publisher {
                     }));
                 }
                 Err(error) if attempt < attempts => {
-                    warn!(stream, correlation_id, attempt, retry_in = ?delay, "publishing failed: {error:#}");
+                    warn!(stream, correlation_id, attempt, retry_in = ?delay, "publishing failed: {}", crate::text::causes(&error));
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }
@@ -268,7 +268,8 @@ impl Publisher {
                     warn!(
                         stream,
                         correlation_id,
-                        "giving up publishing after {attempts} attempts (not a critical stream; the request tracker republishes it): {error:#}"
+                        "giving up publishing after {attempts} attempts (not a critical stream; the request tracker republishes it): {}",
+                        crate::text::causes(&error)
                     );
                     return Ok(None);
                 }

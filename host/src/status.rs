@@ -262,7 +262,7 @@ pub async fn collect<C: ConnectionLike + Send>(
         Some(pool) => match requests_by_status(pool).await {
             Ok(requests) => Some(requests),
             Err(error) => {
-                problems.push(format!("requests: {error:#}"));
+                problems.push(format!("requests: {}", crate::text::causes(&error)));
                 None
             }
         },

@@ -42,6 +42,19 @@ impl StreamError {
     }
 }
 
+/// Whether `error`'s chain says a consumer group (or its stream) does not exist (`NOGROUP`),
+/// whichever command hit it.
+pub fn is_no_group(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<StreamError>(),
+            Some(StreamError::NoGroup(_))
+        ) || cause
+            .downcast_ref::<redis::RedisError>()
+            .is_some_and(|e| e.code() == Some("NOGROUP"))
+    })
+}
+
 /// Creates the consumer group at id 0 (so entries written before the group existed are read),
 /// creating the stream if needed. An existing group is left as it is.
 pub async fn ensure_group<C: ConnectionLike>(conn: &mut C, key: &str, group: &str) -> Result<()> {
@@ -230,21 +243,14 @@ pub async fn autoclaim<C: ConnectionLike>(
             }
         }
     }
-    if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
-        let counts = delivery_counts(
-            conn,
-            key,
-            group,
-            consumer,
-            &first.id,
-            &last.id,
-            entries.len(),
-        )
-        .await?;
+    if !entries.is_empty() {
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        let counts = delivery_counts(conn, key, group, consumer, &ids).await?;
         for entry in &mut entries {
-            // XAUTOCLAIM has just incremented the count; an entry missing from XPENDING was acked
-            // meanwhile by someone else, and at least this delivery happened.
-            entry.deliveries = counts.get(&entry.id).copied().unwrap_or(2).max(1);
+            // XAUTOCLAIM has just incremented the count. An entry missing from XPENDING was
+            // acknowledged meanwhile by someone else, so it is in the ledger and will only be
+            // acknowledged; its count is unknown, and taken as past any cap rather than under it.
+            entry.deliveries = counts.get(&entry.id).copied().unwrap_or(u32::MAX).max(1);
         }
     }
     Ok(Claimed {
@@ -254,27 +260,32 @@ pub async fn autoclaim<C: ConnectionLike>(
     })
 }
 
+/// The exact delivery count of each of `ids` pending for `consumer`: one `XPENDING` per id, all
+/// in one round trip, so no other pending entry of the consumer can crowd one out.
 async fn delivery_counts<C: ConnectionLike>(
     conn: &mut C,
     key: &str,
     group: &str,
     consumer: &str,
-    first: &str,
-    last: &str,
-    count: usize,
+    ids: &[&str],
 ) -> Result<HashMap<String, u32>, StreamError> {
-    let reply: Value = redis::cmd("XPENDING")
-        .arg(key)
-        .arg(group)
-        .arg(first)
-        .arg(last)
-        .arg(count * 2 + 16)
-        .arg(consumer)
+    let mut pipe = redis::pipe();
+    for id in ids {
+        pipe.cmd("XPENDING")
+            .arg(key)
+            .arg(group)
+            .arg(*id)
+            .arg(*id)
+            .arg(1)
+            .arg(consumer);
+    }
+    let replies: Vec<Value> = pipe
         .query_async(conn)
         .await
         .map_err(|e| StreamError::from_redis(e, key))?;
     let mut counts = HashMap::new();
-    if let Value::Array(rows) = reply {
+    for reply in replies {
+        let Value::Array(rows) = reply else { continue };
         for row in rows {
             if let Value::Array(cols) = row
                 && cols.len() >= 4

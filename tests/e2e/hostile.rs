@@ -113,7 +113,8 @@ async fn hostile_entries_are_processed_or_dead_lettered_and_never_stop_the_strea
                 ("service", "image_captioning"),
                 ("caption", "nul \u{0} inside"),
             ],
-            Some("forbidden-command"),
+            // A producer's NUL is bad input, named by the host before any handler runs.
+            Some("malformed"),
         ),
         (
             DETECTION,

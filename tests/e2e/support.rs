@@ -204,7 +204,7 @@ impl TestEnv {
         let config = Config::from_sources(Some(&config_file), &env, &BTreeMap::new())
             .expect("test configuration");
 
-        let pool = kaleidoscope::persist::connect(&database_url, 4)
+        let pool = kaleidoscope::persist::connect(&database_url, 4, &Default::default())
             .await
             .expect("create the test database");
         kaleidoscope::persist::migrate(&pool)

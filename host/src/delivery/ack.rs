@@ -68,7 +68,7 @@ impl HostState {
         let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
         if let Err(error) = ledger::remove(&self.pool, &ids).await {
             // Harmless: the relay publishes them again later (at-least-once).
-            warn!("{error:#}");
+            warn!("{}", crate::text::causes(&error));
         }
         self.count(stream, plugin, items, report.sentinels);
         Ok(report)

@@ -182,10 +182,56 @@ impl HostState {
             Ok(messages) => messages,
             Err(error) => return set_based_error(execute::classify(error), "the outbox"),
         };
-        tx.commit()
-            .await
-            .context("cannot commit the batch transaction")?;
-        Ok(SetBased::Committed(messages))
+        // COMMIT can fail for reasons of the batch's own (a deferred constraint, a serialisation
+        // failure): like any other statement, that sends the batch to the entry-by-entry pass.
+        match tx.commit().await {
+            Ok(()) => Ok(SetBased::Committed(messages)),
+            Err(error) => set_based_error(execute::classify(error), "COMMIT"),
+        }
+    }
+
+    /// The last resort for a batch whose transaction keeps failing for a reason no single
+    /// statement was blamed for (say an error at COMMIT, or a dead letter that cannot be
+    /// written): every entry gets a transaction of its own. An entry whose own transaction still
+    /// fails is dead-lettered as `database` with the error, so the rest commit and the stream goes
+    /// on. Only an outage (PostgreSQL unreachable) stops the pass; what committed before it stays
+    /// committed, and the ledger makes it a redelivery next time.
+    pub(super) async fn commit_isolated(
+        &self,
+        stream: &str,
+        plugin: &Plugin,
+        items: &mut [Item],
+    ) -> Result<Vec<OutboxMessage>> {
+        let mut messages = Vec::new();
+        for index in 0..items.len() {
+            let item = &mut items[index..=index];
+            let error = match self.commit_pass(stream, plugin, item, true).await {
+                Ok(committed) => {
+                    messages.extend(committed.unwrap_or_default());
+                    continue;
+                }
+                Err(error) if crate::health::blame(&error).is_some() => return Err(error),
+                Err(error) => error,
+            };
+            let reason = crate::text::sanitize(format!(
+                "the entry's own transaction failed: {}",
+                crate::text::causes(&error)
+            ));
+            tracing::warn!(stream, entry = %item[0].entry.id, "{reason}; dead-lettering it");
+            item[0].decision = Some(Decision::DeadLetter(FailureKind::Database, reason.clone()));
+            match self.commit_pass(stream, plugin, item, true).await {
+                Ok(committed) => messages.extend(committed.unwrap_or_default()),
+                Err(error) if crate::health::blame(&error).is_some() => return Err(error),
+                // Not even its dead letter can be written: it stays pending, and is delivered
+                // again after the reclaim idle time.
+                Err(error) => {
+                    tracing::error!(stream, entry = %item[0].entry.id,
+                        "cannot dead-letter the entry either, it stays pending: {}", crate::text::causes(&error));
+                    item[0].decision = Some(Decision::Retry(FailureKind::Database, reason));
+                }
+            }
+        }
+        Ok(messages)
     }
 
     /// One attempt at the batch transaction. Without `isolate`, returns `None` (and rolls back)

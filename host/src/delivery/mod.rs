@@ -166,6 +166,21 @@ impl HostState {
         Ok(report)
     }
 
+    /// [`HostState::finish`] for a batch that failed it repeatedly for a reason other than an
+    /// outage: each entry is committed in a transaction of its own, and an entry that fails alone
+    /// is dead-lettered with the error, so one bad entry cannot hold up the rest.
+    pub async fn finish_isolated(&self, batch: &mut PreparedBatch) -> Result<BatchReport> {
+        let span = batch.span.clone();
+        async {
+            let messages = self
+                .commit_isolated(&batch.stream, &batch.plugin, &mut batch.items)
+                .await?;
+            self.acknowledge(batch, messages).await
+        }
+        .instrument(span)
+        .await
+    }
+
     /// [`HostState::finish`] inside the batch's span: [`commit`](HostState::commit), then
     /// [`acknowledge`](HostState::acknowledge).
     async fn commit_and_ack(&self, batch: &mut PreparedBatch) -> Result<BatchReport> {

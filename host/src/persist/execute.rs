@@ -72,11 +72,34 @@ pub async fn execute(conn: &mut PgConnection, statement: &Statement) -> Result<(
     }
 }
 
+/// Whether `error` means PostgreSQL cannot be reached: the connection failed or was lost, or the
+/// server is shutting down or refuses connections. Only this is an outage, waited out without
+/// limit; every other error is about the work itself and is retried a bounded number of times.
+pub fn is_outage(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // connection_exception; admin_shutdown, crash_shutdown, cannot_connect_now;
+            // too_many_connections.
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
+    }
+}
+
 /// Sorts a database error into retry, permanent or unavailable, keeping PostgreSQL's message and
-/// detail (which names the table, constraint and key).
+/// detail (which names the table, constraint and key). Unavailable is [`is_outage`] only.
 pub fn classify(error: sqlx::Error) -> ExecError {
-    let sqlx::Error::Database(db) = &error else {
+    if is_outage(&error) {
         return ExecError::Unavailable(error);
+    }
+    let sqlx::Error::Database(db) = &error else {
+        return ExecError::Retry(format!("{error}"));
     };
     let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
     let detail = db
@@ -84,19 +107,16 @@ pub fn classify(error: sqlx::Error) -> ExecError {
         .and_then(|e| e.detail())
         .map(|d| format!(" ({d})"))
         .unwrap_or_default();
-    let message = format!("{}{detail} [SQLSTATE {code}]", db.message());
+    let message = crate::text::sanitize(format!("{}{detail} [SQLSTATE {code}]", db.message()));
     match code.as_str() {
         // foreign_key_violation: the referenced row (e.g. the media) may appear later.
         // serialization_failure, deadlock_detected, lock_not_available: transient contention.
-        "23503" | "40001" | "40P01" | "55P03" => ExecError::Retry(message),
-        // connection exceptions, operator intervention, insufficient resources, system errors.
-        c if c.starts_with("08")
-            || c.starts_with("57")
-            || c.starts_with("53")
-            || c.starts_with("58")
-            || c.starts_with("XX") =>
-        {
-            ExecError::Unavailable(error)
+        // query_canceled (statement_timeout), idle_in_transaction_session_timeout, and the
+        // server's own trouble (insufficient resources, system errors, internal errors): may
+        // pass, but each retry counts against the entry's attempts.
+        "23503" | "40001" | "40P01" | "55P03" | "57014" | "25P03" => ExecError::Retry(message),
+        c if c.starts_with("53") || c.starts_with("58") || c.starts_with("XX") => {
+            ExecError::Retry(message)
         }
         _ => ExecError::Permanent(message),
     }

@@ -142,7 +142,7 @@ pub async fn enqueue_all(
         .collect();
     let mut ids: Vec<(i64,)> = sqlx::query_as(
         "INSERT INTO outbox (stream, fields)
-         SELECT u.stream, CAST(u.fields AS jsonb)
+         SELECT u.stream, CAST(u.fields AS json)
            FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(stream, fields, n)
           ORDER BY u.n
          RETURNING id",
@@ -227,7 +227,7 @@ pub async fn enqueue(
 ) -> Result<OutboxMessage, sqlx::Error> {
     let json = serde_json::to_string(&fields).unwrap_or_else(|_| "[]".into());
     let (id,): (i64,) = sqlx::query_as(
-        "INSERT INTO outbox (stream, fields) VALUES ($1, CAST($2 AS jsonb)) RETURNING id",
+        "INSERT INTO outbox (stream, fields) VALUES ($1, CAST($2 AS json)) RETURNING id",
     )
     .bind(stream_key)
     .bind(json)

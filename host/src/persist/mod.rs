@@ -27,15 +27,74 @@ use std::time::Duration;
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
+/// The session limits of the host's PostgreSQL connections, so that no lock wait, runaway
+/// statement, forgotten transaction or vanished peer can hold a batch (or another host's batch)
+/// without limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// `statement_timeout`.
+    pub statement: Duration,
+    /// `lock_timeout`.
+    pub lock: Duration,
+    /// `idle_in_transaction_session_timeout`.
+    pub idle_in_transaction: Duration,
+    /// `tcp_keepalives_idle` (probes then go out every 10 s, 3 at most).
+    pub keepalive_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            statement: Duration::from_secs(30),
+            lock: Duration::from_secs(10),
+            idle_in_transaction: Duration::from_secs(60),
+            keepalive_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Timeouts {
+    /// How long a batch's database work may go without an answer before the host assumes the
+    /// connection is lost: well past the point where the server would have cancelled any one
+    /// statement.
+    pub fn response_deadline(&self) -> Duration {
+        self.statement * 4 + self.lock
+    }
+
+    fn session_options(&self) -> [(&'static str, String); 6] {
+        [
+            ("statement_timeout", self.statement.as_millis().to_string()),
+            ("lock_timeout", self.lock.as_millis().to_string()),
+            (
+                "idle_in_transaction_session_timeout",
+                self.idle_in_transaction.as_millis().to_string(),
+            ),
+            (
+                "tcp_keepalives_idle",
+                self.keepalive_idle.as_secs().max(1).to_string(),
+            ),
+            ("tcp_keepalives_interval", "10".to_string()),
+            ("tcp_keepalives_count", "3".to_string()),
+        ]
+    }
+}
+
 /// Connects to the database of `url`, creating the database first if it does not exist (so a
-/// fresh machine needs no manual set-up).
-pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
-    let options = PgConnectOptions::from_str(url)
-        .with_context(|| format!("DATABASE_URL {url:?} is not a valid PostgreSQL URL"))?;
+/// fresh machine needs no manual set-up). Every session gets `timeouts`.
+pub async fn connect(url: &str, max_connections: u32, timeouts: &Timeouts) -> Result<PgPool> {
+    let options = PgConnectOptions::from_str(url).map_err(|error| {
+        anyhow::anyhow!(
+            "DATABASE_URL {} is not a valid PostgreSQL URL: {}",
+            redact(url),
+            redact(&error.to_string())
+        )
+    })?;
     ensure_database(&options).await?;
     // Batches wait for each other's table locks by design; sqlx would log each wait over a
     // second as a "slow statement" warning. Statement timing lives in the metrics instead.
-    let options = options.disable_statement_logging();
+    let options = options
+        .disable_statement_logging()
+        .options(timeouts.session_options());
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
@@ -123,21 +182,52 @@ async fn ensure_database(options: &PgConnectOptions) -> Result<()> {
     }
 }
 
-/// The URL without its password, for messages.
+/// The URL (or any text containing it) without its password, for messages: the password of the
+/// user part and any `password=` parameter become `***`. Errs on the side of hiding too much.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &credentials[..colon],
-                    &url[at..]
-                ),
-                None => url.to_string(),
-            }
+    let mut out = url.to_string();
+    if let (Some(scheme), Some(at)) = (out.find("://"), out.rfind('@')) {
+        let start = scheme + 3;
+        if at > start
+            && let Some(colon) = out[start..at].find(':')
+        {
+            out.replace_range(start + colon + 1..at, "***");
         }
-        _ => url.to_string(),
+    }
+    let mut search = 0;
+    while let Some(found) = out[search..].to_ascii_lowercase().find("password=") {
+        let value = search + found + "password=".len();
+        let end = out[value..]
+            .find(['&', ' ', '"', '\'', '#'])
+            .map_or(out.len(), |i| value + i);
+        out.replace_range(value..end, "***");
+        search = value + 3;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_passwords_in_the_user_part_and_in_parameters() {
+        assert_eq!(
+            redact("postgres://postgres:S3cret@db:5432/k?sslmode=bogus"),
+            "postgres://postgres:***@db:5432/k?sslmode=bogus"
+        );
+        assert_eq!(
+            redact("postgres://u@db/k?sslmode=require&password=S3cret&x=1"),
+            "postgres://u@db/k?sslmode=require&password=***&x=1"
+        );
+        assert_eq!(
+            redact("error in \"postgres://db/k?Password=S3cret\": bad"),
+            "error in \"postgres://db/k?Password=***\": bad"
+        );
+        assert_eq!(
+            redact("redis://:p@ss@host:6379/0"),
+            "redis://:***@host:6379/0"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }

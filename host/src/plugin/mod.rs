@@ -17,6 +17,9 @@ pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "result-handler",
+        // Calls are async so that a plugin blocked inside a host call (a WASI sleep or poll) can
+        // be cut off at its deadline: the call is a future the host stops polling.
+        exports: { default: async },
     });
 }
 

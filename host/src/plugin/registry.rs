@@ -174,7 +174,7 @@ impl PluginSet {
                     .load_bytes(&bytes, &file, limits_for)
                     .map_err(|error| LoadFailure {
                         file: file.clone(),
-                        reason: format!("{error:#}"),
+                        reason: crate::text::causes(&error),
                         sha256: sha256.clone(),
                     })
                     .and_then(|plugin| {

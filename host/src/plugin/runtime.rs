@@ -2,12 +2,18 @@
 //!
 //! Every call gets a fresh store and instance (about 9 µs with the pooling allocator), so a trap,
 //! a timeout or a memory-limit hit can only ever spoil the one entry being handled, and nothing a
-//! handler does can leak into the next entry. Calls are synchronous and run on blocking threads;
-//! the async runtime's workers never execute guest code.
+//! handler does can leak into the next entry.
+//!
+//! A call ends by its deadline whatever the plugin does. Running Wasm code is stopped by the
+//! engine's epoch deadline; a plugin blocked inside a host call (a WASI sleep or poll, which the
+//! epoch cannot interrupt) is stopped because calls are async: the call is a future under a timer,
+//! and the host simply stops polling it and drops its store. The futures run on blocking threads
+//! ([`Plugin::handle`] blocks on one), so the async runtime's workers never execute guest code.
 
 use super::bindings::kaleidoscope::handler::log::{self as wit_log, Level};
 use super::bindings::{ResultHandler, ResultHandlerPre};
 use super::wit;
+use crate::text;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -139,7 +145,7 @@ impl PluginRuntime {
             .context("cannot create the WebAssembly engine")?;
 
         let mut linker = Linker::<CallState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
             .context("cannot link WASI")?;
         ResultHandler::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| state)
@@ -347,23 +353,37 @@ impl Plugin {
         self.limits
     }
 
-    /// Runs `handle` on a fresh instance. Blocking: call it from a blocking thread.
+    /// Runs `handle` on a fresh instance. Blocking: call it from a blocking thread (or from a
+    /// thread outside any async runtime), never from an async task.
     pub fn handle(&self, entry: &wit::Entry) -> HandlerOutcome {
+        match block_on(self.call_handle(entry)) {
+            Ok(outcome) => outcome,
+            Err(error) => HandlerOutcome::Trap(format!("{error:#}")),
+        }
+    }
+
+    /// `handle` on a fresh instance, ended at the deadline wherever the plugin is.
+    async fn call_handle(&self, entry: &wit::Entry) -> HandlerOutcome {
         let context = LogContext {
             plugin: format!("{}@{}", self.name, self.version),
             stream: entry.source.clone(),
             entry_id: entry.id.clone(),
         };
         let (mut store, stderr) = self.new_store(context);
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|instance| instance.call_handle(&mut store, entry));
-        match result {
-            Ok(Ok(commands)) => HandlerOutcome::Commands(commands),
-            Ok(Err(wit::Failure::Malformed(reason))) => HandlerOutcome::Malformed(reason),
-            Ok(Err(wit::Failure::Retry(reason))) => HandlerOutcome::Retry(reason),
-            Err(error) => self.classify(error, &store, &stderr),
+        let call = async {
+            let instance = self.pre.instantiate_async(&mut store).await?;
+            instance.call_handle(&mut store, entry).await
+        };
+        match tokio::time::timeout(self.limits.call_timeout, call).await {
+            Err(_) => HandlerOutcome::Timeout(self.limits.call_timeout),
+            Ok(Ok(Ok(commands))) => HandlerOutcome::Commands(commands),
+            Ok(Ok(Err(wit::Failure::Malformed(reason)))) => {
+                HandlerOutcome::Malformed(text::sanitize(reason))
+            }
+            Ok(Ok(Err(wit::Failure::Retry(reason)))) => {
+                HandlerOutcome::Retry(text::sanitize(reason))
+            }
+            Ok(Err(error)) => self.classify(error, &store, &stderr),
         }
     }
 
@@ -374,23 +394,27 @@ impl Plugin {
             entry_id: "manifest".into(),
         };
         let (mut store, stderr) = self.new_store(context);
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|instance| instance.call_manifest(&mut store));
-        match result {
-            Ok(manifest) => Ok(manifest),
-            Err(error) => match self.classify(error, &store, &stderr) {
-                HandlerOutcome::Timeout(after) => {
-                    bail!("`manifest()` did not return within {after:?}")
-                }
-                HandlerOutcome::MemoryLimit { requested } => bail!(
-                    "`manifest()` exceeded the memory cap ({requested} bytes requested, cap {})",
-                    self.limits.memory_bytes
-                ),
-                HandlerOutcome::Trap(message) => bail!("`manifest()` trapped: {message}"),
-                other => bail!("`manifest()` failed: {other:?}"),
-            },
+        let call = async {
+            let instance = self.pre.instantiate_async(&mut store).await?;
+            instance.call_manifest(&mut store).await
+        };
+        let timeout = self.limits.call_timeout;
+        // The timer is made inside the future: only there is a runtime (and its clock) at hand.
+        let outcome = match block_on(async { tokio::time::timeout(timeout, call).await })? {
+            Err(_) => HandlerOutcome::Timeout(timeout),
+            Ok(Ok(manifest)) => return Ok(manifest),
+            Ok(Err(error)) => self.classify(error, &store, &stderr),
+        };
+        match outcome {
+            HandlerOutcome::Timeout(after) => {
+                bail!("`manifest()` did not return within {after:?}")
+            }
+            HandlerOutcome::MemoryLimit { requested } => bail!(
+                "`manifest()` exceeded the memory cap ({requested} bytes requested, cap {})",
+                self.limits.memory_bytes
+            ),
+            HandlerOutcome::Trap(message) => bail!("`manifest()` trapped: {message}"),
+            other => bail!("`manifest()` failed: {other:?}"),
         }
     }
 
@@ -437,8 +461,27 @@ impl Plugin {
             message.push_str("; plugin stderr: ");
             message.push_str(captured);
         }
-        HandlerOutcome::Trap(message)
+        HandlerOutcome::Trap(text::sanitize(message))
     }
+}
+
+/// Runs `future` to completion on this thread. Inside the host (a blocking thread of its
+/// runtime) the runtime's timers drive the call's deadline; elsewhere (a test, a tool) a
+/// current-thread runtime of this thread's own does.
+fn block_on<F: std::future::Future>(future: F) -> Result<F::Output> {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        return Ok(runtime.block_on(future));
+    }
+    thread_local! {
+        static RUNTIME: std::io::Result<tokio::runtime::Runtime> =
+            tokio::runtime::Builder::new_current_thread().enable_time().build();
+    }
+    RUNTIME.with(|runtime| match runtime {
+        Ok(runtime) => Ok(runtime.block_on(future)),
+        Err(error) => Err(anyhow::anyhow!(
+            "cannot start a runtime to call the plugin in: {error}"
+        )),
+    })
 }
 
 fn validate_manifest(manifest: &wit::Manifest) -> Result<()> {
@@ -457,6 +500,13 @@ fn validate_manifest(manifest: &wit::Manifest) -> Result<()> {
     }
     if manifest.version.trim().is_empty() {
         bail!("manifest of {:?} has an empty version", manifest.name);
+    }
+    if manifest.version.len() > 128 || manifest.version.chars().any(char::is_control) {
+        bail!(
+            "manifest of {:?} has version {:?}: a version is at most 128 characters, without control characters",
+            manifest.name,
+            manifest.version
+        );
     }
     if manifest.streams.is_empty() {
         bail!("manifest of {:?} declares no streams", manifest.name);
@@ -544,7 +594,7 @@ impl wit_log::Host for CallState {
             }
             return;
         }
-        let mut message = message;
+        let mut message = text::sanitize(message);
         if message.len() > LOG_LINE_BYTES {
             let mut cut = LOG_LINE_BYTES;
             while !message.is_char_boundary(cut) {

@@ -8,7 +8,12 @@
 //! - `loop`: spin forever (the host's epoch deadline must stop it);
 //! - `grow`: allocate without bound (the host's memory cap must stop it);
 //! - `sleep`: busy-wait `millis` milliseconds (default 200), then behave like `ok`;
+//! - `block`: sleep through WASI (`std::thread::sleep`, a host call the epoch deadline cannot
+//!   interrupt) for `millis` milliseconds (default 600,000), then behave like `ok`;
 //! - `malformed` / `retry`: return that failure with the `note`;
+//! - `nul`: put a NUL character everywhere a plugin hands the host a string: a log line, then a
+//!   `malformed` reason (`bad \0 reason: <note>`);
+//! - `emit-nul`: emit `a\0b` in field `note` to the stream named by `target`, and behave like `ok`;
 //! - `write-table`: insert into the table named by `table` with column `column` = `note`;
 //! - `emit`: emit `note` to the stream named by `target`;
 //! - `probe-sandbox`: like `ok`, with the note describing what the sandbox let through
@@ -53,6 +58,20 @@ pub fn perform(action: &str, entry: &Entry) -> Result<Vec<Command>, Failure> {
                 std::hint::spin_loop();
             }
             Ok(ok())
+        }
+        "block" => {
+            let millis = fields.i64("millis")?.unwrap_or(600_000).max(0) as u64;
+            std::thread::sleep(Duration::from_millis(millis));
+            Ok(ok())
+        }
+        "nul" => {
+            sdk::log::warn(format!("a log line with a \0 in it: {note}"));
+            Err(sdk::malformed(format!("bad \0 reason: {note}")))
+        }
+        "emit-nul" => {
+            let mut commands = ok();
+            commands.push(sdk::emit(fields.required("target")?, [("note", "a\0b")]));
+            Ok(commands)
         }
         "malformed" => Err(sdk::malformed(note)),
         "retry" => Err(sdk::retry(note)),

@@ -1,0 +1,65 @@
+//! Text that comes from outside the host (plugins, producers) made safe to store and log.
+//!
+//! PostgreSQL's `text` and `jsonb` cannot hold a NUL character: a reason, log line or message
+//! containing one would fail every attempt to write it and so block its stream for good.
+
+/// `text` with every NUL character replaced by U+FFFD (the replacement character, which the
+/// host also uses for bytes that are not UTF-8). Messages for people (failure reasons, trap
+/// messages, log lines) go through here before they are stored or logged.
+pub fn sanitize(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sanitize;
+
+    #[test]
+    fn sanitize_replaces_nul_and_keeps_everything_else() {
+        assert_eq!(sanitize("bad \0 reason".into()), "bad \u{FFFD} reason");
+        assert_eq!(sanitize("ünïcode\n\t".into()), "ünïcode\n\t");
+    }
+}
+
+/// `error` with its causes, each said once: `context: cause: cause`, like `{:#}`, but a cause
+/// whose message the previous one already ends with (many errors repeat their source's message,
+/// which made lines like "Connection refused (os error 111): Connection refused (os error 111)")
+/// is left out.
+pub fn causes(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut previous = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if !previous.is_empty() && previous.ends_with(&message) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&message);
+        previous = message;
+    }
+    out
+}
+
+#[cfg(test)]
+mod causes_tests {
+    use super::causes;
+
+    #[test]
+    fn causes_says_each_cause_once() {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused (os error 111)",
+        );
+        let error = anyhow::Error::new(sqlx::Error::Io(io)).context("cannot connect");
+        assert_eq!(
+            causes(&error),
+            "cannot connect: error communicating with database: refused (os error 111)"
+        );
+    }
+}

@@ -1,0 +1,356 @@
+//! Nothing a plugin, a producer or a dependency does may stall a stream for good: each case below
+//! ends with the culprit retried and dead-lettered (or recovered), the rest processed, and the
+//! group's pending list empty.
+
+use crate::support::{Options, TestEnv, eventually};
+use kaleidoscope::health::Dependency;
+
+const SCRIPTED: &str = "scripted";
+
+/// Publishes a harmless entry after the culprit and waits until it is stored: the stream goes on.
+async fn stream_goes_on(env: &TestEnv) {
+    let next = env
+        .publish(SCRIPTED, &[("action", "ok"), ("note", "after")])
+        .await;
+    env.await_processed(SCRIPTED, &next).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_blocked_in_a_host_call_is_cut_off_at_its_deadline() {
+    let options = Options::new(&[SCRIPTED])
+        .retries(2, 200)
+        .plugin_setting(SCRIPTED, "timeout_ms = 500");
+    let env = TestEnv::start(options).await;
+    // `std::thread::sleep` is a WASI poll: the host call blocks, no Wasm code runs, and the
+    // epoch deadline alone would never fire.
+    let blocked = env
+        .publish(SCRIPTED, &[("action", "block"), ("millis", "600000")])
+        .await;
+    let letter = env.await_dead_letter(SCRIPTED, &blocked).await;
+    assert_eq!(letter["failureKind"], "timeout", "{letter:?}");
+    assert_eq!(letter["deliveries"], "2");
+    assert!(letter["error"].contains("500ms"), "{}", letter["error"]);
+    stream_goes_on(&env).await;
+    env.await_no_pending(SCRIPTED).await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_characters_from_a_plugin_never_block_the_stream() {
+    let env = TestEnv::start(Options::new(&[SCRIPTED])).await;
+    // A NUL in a log line and in the failure reason: the reason is stored with U+FFFD.
+    let bad = env
+        .publish(SCRIPTED, &[("action", "nul"), ("note", "n1")])
+        .await;
+    let letter = env.await_dead_letter(SCRIPTED, &bad).await;
+    assert_eq!(letter["failureKind"], "malformed");
+    assert_eq!(letter["error"], "bad \u{FFFD} reason: n1");
+    // A NUL in an emitted field is data: the outbox carries it to the target stream unchanged.
+    let emitting = env
+        .publish(
+            SCRIPTED,
+            &[("action", "emit-nul"), ("target", "scripted-out")],
+        )
+        .await;
+    env.await_processed(SCRIPTED, &emitting).await;
+    let out_key = env.key("scripted-out");
+    let emitted: Vec<(String, Vec<(String, Vec<u8>)>)> = eventually("the emitted message", || {
+        let mut redis = env.redis.clone();
+        let key = out_key.clone();
+        async move {
+            let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut redis)
+                .await
+                .ok()?;
+            (!entries.is_empty()).then_some(entries)
+        }
+    })
+    .await;
+    assert_eq!(emitted[0].1, vec![("note".to_string(), b"a\0b".to_vec())]);
+    stream_goes_on(&env).await;
+    env.await_no_pending(SCRIPTED).await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producers_nul_is_malformed_and_names_the_field() {
+    let env = TestEnv::start(Options::new(&[SCRIPTED])).await;
+    let bad = env
+        .publish_bytes(SCRIPTED, &[("action", b"ok"), ("note", b"a\0b")])
+        .await;
+    let letter = env.await_dead_letter(SCRIPTED, &bad).await;
+    assert_eq!(letter["failureKind"], "malformed", "{letter:?}");
+    assert!(
+        letter["error"].contains("`note`") && letter["error"].contains("NUL"),
+        "{}",
+        letter["error"]
+    );
+    stream_goes_on(&env).await;
+    env.finish().await;
+}
+
+/// A deferred constraint fails at COMMIT, where no statement is to blame, for the set-based
+/// transaction and for the entry-by-entry one alike: only a transaction per entry finds the
+/// culprit. It is dead-lettered as `database`; its neighbours commit; PostgreSQL is never
+/// reported unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_at_commit_dead_letters_the_culprit_and_commits_the_rest() {
+    let env = TestEnv::prepare(Options::new(&[SCRIPTED])).await;
+    for sql in [
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.error = 'poison' THEN RAISE EXCEPTION 'poison refused at commit'; END IF;
+           RETURN NEW;
+         END $$",
+        "CREATE CONSTRAINT TRIGGER refuse_poison AFTER INSERT ON ml_processing_errors
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    ] {
+        sqlx::query(sql).execute(&env.pool).await.expect(sql);
+    }
+    let mut good = Vec::new();
+    for n in 0..3 {
+        good.push(
+            env.publish(SCRIPTED, &[("action", "ok"), ("note", &format!("g{n}"))])
+                .await,
+        );
+    }
+    let poison = env
+        .publish(SCRIPTED, &[("action", "ok"), ("note", "poison")])
+        .await;
+    for n in 3..6 {
+        good.push(
+            env.publish(SCRIPTED, &[("action", "ok"), ("note", &format!("g{n}"))])
+                .await,
+        );
+    }
+    let env = env.with_host().await;
+    let letter = env.await_dead_letter(SCRIPTED, &poison).await;
+    assert_eq!(letter["failureKind"], "database", "{letter:?}");
+    assert!(
+        letter["error"].contains("poison refused at commit"),
+        "{}",
+        letter["error"]
+    );
+    for id in &good {
+        env.await_processed(SCRIPTED, id).await;
+    }
+    env.await_no_pending(SCRIPTED).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM ml_processing_errors").await,
+        6
+    );
+    let state = env.host().delivery();
+    assert!(state.health.outage(Dependency::Database).is_none());
+    assert!(
+        state
+            .metrics
+            .counter("kaleidoscope_batch_failures_total", &[("stream", SCRIPTED)])
+            >= 3,
+        "the batch was retried before it was split"
+    );
+    env.finish().await;
+}
+
+/// A statement cancelled by `statement_timeout` is about the entry, not an outage: it is retried
+/// like any failed statement, then dead-lettered, and the rest of the stream flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_timeout_is_retried_then_dead_lettered_not_waited_out() {
+    let options = Options::new(&[SCRIPTED])
+        .retries(2, 200)
+        .set("KALEIDOSCOPE_PG_STATEMENT_TIMEOUT_MS", 300);
+    let env = TestEnv::prepare(options).await;
+    for sql in [
+        "CREATE FUNCTION dawdle() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.error = 'slow' THEN PERFORM pg_sleep(5); END IF;
+           RETURN NEW;
+         END $$",
+        "CREATE TRIGGER dawdle BEFORE INSERT ON ml_processing_errors
+         FOR EACH ROW EXECUTE FUNCTION dawdle()",
+    ] {
+        sqlx::query(sql).execute(&env.pool).await.expect(sql);
+    }
+    let env = env.with_host().await;
+    let slow = env
+        .publish(SCRIPTED, &[("action", "ok"), ("note", "slow")])
+        .await;
+    let letter = env.await_dead_letter(SCRIPTED, &slow).await;
+    assert_eq!(letter["failureKind"], "retries-exhausted", "{letter:?}");
+    assert!(letter["error"].contains("57014"), "{}", letter["error"]);
+    stream_goes_on(&env).await;
+    env.await_no_pending(SCRIPTED).await;
+    assert!(
+        env.host()
+            .delivery()
+            .health
+            .outage(Dependency::Database)
+            .is_none()
+    );
+    env.finish().await;
+}
+
+/// Redis restarted without persistence: the stream and its group are gone. Whichever command of
+/// the consumer meets `NOGROUP` first (with a short reclaim time, the reclaim), the group is
+/// recreated and new entries flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_consumer_group_is_recreated_and_reported() {
+    let env = TestEnv::start(Options::new(&[SCRIPTED]).retries(3, 200)).await;
+    let first = env
+        .publish(SCRIPTED, &[("action", "ok"), ("note", "before")])
+        .await;
+    env.await_processed(SCRIPTED, &first).await;
+    let _: () = redis::cmd("DEL")
+        .arg(env.key(SCRIPTED))
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("DEL");
+    let after = env
+        .publish(SCRIPTED, &[("action", "ok"), ("note", "after")])
+        .await;
+    env.await_processed(SCRIPTED, &after).await;
+    env.await_no_pending(SCRIPTED).await;
+    assert!(
+        env.host().delivery().metrics.counter(
+            "kaleidoscope_consumer_groups_recreated_total",
+            &[("stream", SCRIPTED)]
+        ) >= 1
+    );
+    env.finish().await;
+}
+
+/// A consumer busy with a long plugin call must not hold up a reload (nor the heartbeat, which
+/// needs the same list of consumers): the reload that removes its plugin returns while the call
+/// is still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_consumer_does_not_hold_up_a_reload() {
+    let options = Options::new(&[SCRIPTED])
+        .set("KALEIDOSCOPE_WATCH_PLUGINS", "false")
+        .plugin_setting(SCRIPTED, "timeout_ms = 20000");
+    let env = TestEnv::start(options).await;
+    let busy = env
+        .publish(SCRIPTED, &[("action", "block"), ("millis", "15000")])
+        .await;
+    eventually("the blocking call to start", || async {
+        (env.pending(SCRIPTED).await == 1).then_some(())
+    })
+    .await;
+    std::fs::remove_file(env.plugins_dir.join("scripted.wasm")).expect("remove the plugin");
+    env.host().reload_plugins().await.expect("reload");
+    assert_eq!(
+        env.ledger_outcome(SCRIPTED, &busy).await,
+        None,
+        "the reload returned before the busy call ended"
+    );
+    // The stopped consumer still finishes its batch.
+    env.await_processed(SCRIPTED, &busy).await;
+    env.finish().await;
+}
+
+/// The delivery counts of reclaimed entries are read exactly, however many other entries the
+/// consumer has pending between them: an over-delivered entry cannot pass for a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaimed_entries_get_their_exact_delivery_counts() {
+    let env = TestEnv::prepare(Options::new(&[SCRIPTED]).retries(3, 60_000)).await;
+    let key = env.key(SCRIPTED);
+    let (group, consumer) = (&env.config.consumer_group, &env.config.consumer_name);
+    let mut redis = env.redis.clone();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&key)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut redis)
+        .await
+        .expect("XGROUP CREATE");
+    let first = env
+        .publish(SCRIPTED, &[("action", "ok"), ("note", "first")])
+        .await;
+    for n in 0..100 {
+        env.publish(
+            SCRIPTED,
+            &[("action", "ok"), ("note", &format!("filler {n}"))],
+        )
+        .await;
+    }
+    let last = env
+        .publish(SCRIPTED, &[("action", "ok"), ("note", "last")])
+        .await;
+    // Everything is delivered to this host's consumer; the fillers stay fresh (not reclaimed),
+    // the first and last look like entries delivered five times long ago.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(200)
+        .arg("STREAMS")
+        .arg(&key)
+        .arg(">")
+        .query_async(&mut redis)
+        .await
+        .expect("XREADGROUP");
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(&key)
+        .arg(group)
+        .arg(consumer)
+        .arg(0)
+        .arg(&first)
+        .arg(&last)
+        .arg("IDLE")
+        .arg(120_000)
+        .arg("RETRYCOUNT")
+        .arg(5)
+        .arg("JUSTID")
+        .query_async(&mut redis)
+        .await
+        .expect("XCLAIM");
+    let env = env.with_host().await;
+    for id in [&first, &last] {
+        let letter = env.await_dead_letter(SCRIPTED, id).await;
+        assert_eq!(letter["failureKind"], "retries-exhausted", "{letter:?}");
+        assert_eq!(letter["deliveries"], "6", "{letter:?}");
+    }
+    env.finish().await;
+}
+
+/// A graceful stop never cuts a read short: an entry Redis hands out while the host is stopping
+/// is finished, not left pending to a consumer that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_leaves_no_entry_delivered_and_unfinished() {
+    let options = Options::new(&[SCRIPTED]).set("KALEIDOSCOPE_POLL_TIMEOUT_MS", 2000);
+    let mut env = TestEnv::start(options).await;
+    let warm = env
+        .publish(SCRIPTED, &[("action", "ok"), ("note", "warm")])
+        .await;
+    env.await_processed(SCRIPTED, &warm).await;
+    // The consumer is now blocked in XREADGROUP for up to two seconds.
+    let host = env.host.take().expect("the host is running");
+    let stopping = tokio::spawn(host.shutdown());
+    let late = env
+        .publish(SCRIPTED, &[("action", "ok"), ("note", "late")])
+        .await;
+    stopping.await.expect("shutdown");
+    assert_eq!(env.pending(SCRIPTED).await, 0, "nothing is left pending");
+    let delivered: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(env.key(SCRIPTED))
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("XINFO GROUPS");
+    let last_delivered = match delivered[0].get("last-delivered-id") {
+        Some(redis::Value::BulkString(id)) => String::from_utf8_lossy(id).into_owned(),
+        other => panic!("last-delivered-id: {other:?}"),
+    };
+    if last_delivered == late {
+        assert_eq!(
+            env.ledger_outcome(SCRIPTED, &late).await.as_deref(),
+            Some("processed"),
+            "an entry read during the stop was finished"
+        );
+    }
+    env.finish().await;
+}
