@@ -10,6 +10,7 @@ use crate::state::HostState;
 use anyhow::{Context as _, Result};
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::Instrument;
 
 impl HostState {
     /// Calls the handler for every entry not decided by triage (on a blocking thread) and
@@ -43,17 +44,26 @@ impl HostState {
         }
         let handler = plugin.clone();
         let batch_span = tracing::Span::current();
+        // One blocking thread runs the batch's calls one after the other; the runtime's timers
+        // drive their deadlines.
+        let runtime = tokio::runtime::Handle::current();
         let calls = tokio::task::spawn_blocking(move || {
-            inputs
-                .into_iter()
-                .map(|(index, entry)| {
-                    let correlation_id = entry.fields.iter().find(|(k, _)| k == "correlationId").map(|(_, v)| v.as_str()).unwrap_or("");
-                    let _entry = tracing::info_span!(parent: &batch_span, "entry", entry = %entry.id, correlation_id).entered();
+            runtime.block_on(async move {
+                let mut calls = Vec::with_capacity(inputs.len());
+                for (index, entry) in inputs {
+                    let correlation_id = entry
+                        .fields
+                        .iter()
+                        .find(|(k, _)| k == "correlationId")
+                        .map(|(_, v)| v.as_str())
+                        .unwrap_or("");
+                    let span = tracing::info_span!(parent: &batch_span, "entry", entry = %entry.id, correlation_id);
                     let started = Instant::now();
-                    let outcome = handler.handle(&entry);
-                    (index, entry.fields, outcome, started.elapsed())
-                })
-                .collect::<Vec<_>>()
+                    let outcome = handler.call_handle(&entry).instrument(span).await;
+                    calls.push((index, entry.fields, outcome, started.elapsed()));
+                }
+                calls
+            })
         })
         .await
         .context("the plugin call thread failed")?;

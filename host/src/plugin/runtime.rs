@@ -362,8 +362,9 @@ impl Plugin {
         }
     }
 
-    /// `handle` on a fresh instance, ended at the deadline wherever the plugin is.
-    async fn call_handle(&self, entry: &wit::Entry) -> HandlerOutcome {
+    /// `handle` on a fresh instance, ended at the deadline wherever the plugin is. The future
+    /// runs guest code when polled: poll it on a blocking thread (see [`Plugin::handle`]).
+    pub async fn call_handle(&self, entry: &wit::Entry) -> HandlerOutcome {
         let context = LogContext {
             plugin: format!("{}@{}", self.name, self.version),
             stream: entry.source.clone(),
