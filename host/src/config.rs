@@ -276,6 +276,12 @@ impl Config {
         format!("{}{}", self.stream_prefix, stream)
     }
 
+    /// The Redis key holding this deployment's ledger identity (under the stream prefix, so each
+    /// prefix and each Redis database is a deployment of its own).
+    pub fn source_identity_key(&self) -> String {
+        self.stream_key("kaleidoscope:ledger-source")
+    }
+
     /// The Redis key of the dead-letter stream.
     pub fn dlq_key(&self) -> String {
         self.stream_key(&self.dlq_stream)

@@ -140,7 +140,24 @@ pub async fn consume(
                     1,
                 );
                 let recreated = match connection.as_mut() {
-                    Some(conn) => streams::ensure_group(conn, &key, &config.consumer_group).await,
+                    Some(conn) => {
+                        // Redis lost its data: the ledger identity went with it. Put this host's
+                        // back, so hosts starting now share it instead of making another.
+                        let identity_key = config.source_identity_key();
+                        let kept: redis::RedisResult<Option<String>> = redis::cmd("SET")
+                            .arg(&identity_key)
+                            .arg(&delivery.source)
+                            .arg("NX")
+                            .query_async(conn)
+                            .await;
+                        if let Err(error) = kept {
+                            warn!(
+                                key = identity_key,
+                                "cannot restore the ledger identity: {error}"
+                            );
+                        }
+                        streams::ensure_group(conn, &key, &config.consumer_group).await
+                    }
                     None => Err(anyhow::anyhow!("no connection to Redis")),
                 };
                 if let Err(error) = recreated {

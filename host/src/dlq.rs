@@ -3,9 +3,12 @@
 //!
 //! A replayed entry is re-published with its original fields (a new entry id) and only then
 //! removed from the dead-letter stream, so a failure in between can duplicate a dead letter but
-//! never lose one.
+//! never lose one. It also carries the id of the entry that was dead-lettered
+//! ([`REPLAY_OF_FIELD`]), under which the host records it in the ledger: however many copies of
+//! one dead letter are replayed, however often, it is applied once.
 
 use crate::config::Config;
+use crate::delivery::REPLAY_OF_FIELD;
 use anyhow::{Context, Result};
 use redis::aio::ConnectionLike;
 use serde::Serialize;
@@ -134,7 +137,7 @@ pub async fn replay<C: ConnectionLike + Send>(
                 entry.id
             );
         }
-        let fields: Vec<(String, String)> = entry
+        let mut fields: Vec<(String, String)> = entry
             .fields
             .iter()
             .map(|(k, v)| {
@@ -144,6 +147,7 @@ pub async fn replay<C: ConnectionLike + Send>(
                 )
             })
             .collect();
+        fields.push((REPLAY_OF_FIELD.to_string(), entry.source_id.clone()));
         let target = config.stream_key(&entry.source_stream);
         let new_id = crate::streams::add(conn, &target, &fields)
             .await

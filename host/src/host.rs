@@ -96,6 +96,15 @@ impl RunningHost {
                 )
             })?;
 
+        let source = streams::source_identity(&mut redis, &config.source_identity_key()).await?;
+        let adopted = crate::persist::ledger::adopt_legacy_rows(&pool, &source).await?;
+        if adopted > 0 {
+            info!(
+                adopted,
+                source, "adopted ledger rows written before the ledger recorded their source"
+            );
+        }
+
         let runtime = Arc::new(PluginRuntime::for_config(&config, Some(&config.cache_dir))?);
         let plugins = {
             let runtime = runtime.clone();
@@ -114,6 +123,7 @@ impl RunningHost {
         let registry = Arc::new(PluginRegistry::new(plugins));
         let delivery = Arc::new(HostState::new(
             config.clone(),
+            source,
             pool,
             redis,
             registry,
@@ -475,7 +485,7 @@ async fn prune_once(delivery: &HostState, stop: &mut signal::Receiver<bool>) -> 
     let config = &delivery.config;
     let mut redis = delivery.redis.clone();
     let mut oldest_pending = Vec::new();
-    for stream in ledger::streams(&delivery.pool).await? {
+    for stream in ledger::streams(&delivery.pool, &delivery.source).await? {
         let key = config.stream_key(&stream);
         if let Some(oldest) =
             streams::oldest_pending(&mut redis, &key, &config.consumer_group).await?
@@ -485,8 +495,13 @@ async fn prune_once(delivery: &HostState, stop: &mut signal::Receiver<bool>) -> 
     }
     let mut total = 0;
     loop {
-        let pruned =
-            ledger::prune(&delivery.pool, config.ledger_retention, &oldest_pending).await?;
+        let pruned = ledger::prune(
+            &delivery.pool,
+            &delivery.source,
+            config.ledger_retention,
+            &oldest_pending,
+        )
+        .await?;
         total += pruned;
         if pruned < ledger::PRUNE_CHUNK as u64 || *stop.borrow() {
             return Ok(total);

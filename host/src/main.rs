@@ -239,7 +239,7 @@ enum DlqCommand {
         /// Only this failure kind.
         #[arg(long)]
         kind: Option<String>,
-        /// Every dead letter (required when no id or --stream is given).
+        /// Every dead letter (required when no id, --stream or --kind is given).
         #[arg(long)]
         all: bool,
         /// Print JSON instead of a summary.
@@ -457,9 +457,9 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                     all,
                     json,
                 } => {
-                    if ids.is_empty() && stream.is_none() && !all {
+                    if ids.is_empty() && stream.is_none() && kind.is_none() && !all {
                         anyhow::bail!(
-                            "say which dead letters to replay: ids, --stream STREAM, or --all"
+                            "say which dead letters to replay: ids, --stream STREAM, --kind KIND, or --all"
                         );
                     }
                     let filter = dlq::Filter {

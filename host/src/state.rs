@@ -20,6 +20,9 @@ const CATALOG_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 /// What every part of a running host shares.
 pub struct HostState {
     pub config: Arc<Config>,
+    /// This deployment's identity in the processed-entry ledger (see
+    /// [`crate::streams::source_identity`]): entries are recorded as (source, stream, id).
+    pub source: String,
     /// Outages of PostgreSQL and Redis, for readiness.
     pub health: crate::health::Health,
     /// Counters and latency histograms for `/metrics`.
@@ -34,6 +37,7 @@ impl HostState {
     /// Shares the connections, configuration, plugins and catalogue among consumer tasks.
     pub fn new(
         config: Arc<Config>,
+        source: String,
         pool: PgPool,
         redis: ConnectionManager,
         registry: Arc<PluginRegistry>,
@@ -41,6 +45,7 @@ impl HostState {
     ) -> Self {
         Self {
             config,
+            source,
             health: crate::health::Health::default(),
             metrics: Metrics::default(),
             pool,

@@ -42,6 +42,38 @@ impl StreamError {
     }
 }
 
+/// This deployment's identity in the processed-entry ledger: a random id kept in Redis at `key`
+/// (under the stream prefix). Every host reading the same Redis database with the same prefix
+/// shares it; a deployment on another Redis, database or prefix has its own, so two deployments
+/// sharing one PostgreSQL never take each other's entries for processed. If Redis loses its
+/// data, a new identity is made: the entries of the old one are gone with it.
+pub async fn source_identity<C: ConnectionLike>(conn: &mut C, key: &str) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let seed = format!(
+        "{:?} {} {key}",
+        std::time::SystemTime::now(),
+        std::process::id()
+    );
+    let candidate: String = Sha256::digest(seed.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let _: Option<String> = redis::cmd("SET")
+        .arg(key)
+        .arg(&candidate)
+        .arg("NX")
+        .query_async(conn)
+        .await
+        .with_context(|| format!("cannot create the ledger identity at {key:?}"))?;
+    let identity: Option<String> = redis::cmd("GET")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .with_context(|| format!("cannot read the ledger identity at {key:?}"))?;
+    Ok(identity.unwrap_or(candidate))
+}
+
 /// Whether `error`'s chain says a consumer group (or its stream) does not exist (`NOGROUP`),
 /// whichever command hit it.
 pub fn is_no_group(error: &anyhow::Error) -> bool {

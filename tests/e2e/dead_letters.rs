@@ -53,10 +53,12 @@ async fn dead_letters_are_listed_and_replayed_after_the_plugin_is_fixed() {
         .map(|r| r["new_id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(new_ids.len(), 2);
-    for id in &new_ids {
-        env.await_processed("mock-panic", id).await;
+    // A replay is recorded under the identity of the entry it replays.
+    for id in [&first, &second] {
+        let replay = format!("{id}/replay");
+        env.await_processed("mock-panic", &replay).await;
         assert_eq!(
-            env.ledger_version("mock-panic", id).await.as_deref(),
+            env.ledger_version("mock-panic", &replay).await.as_deref(),
             Some("0.2.0")
         );
     }

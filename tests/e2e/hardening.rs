@@ -354,3 +354,108 @@ async fn stopping_leaves_no_entry_delivered_and_unfinished() {
     }
     env.finish().await;
 }
+
+/// Two copies of one dead letter (the relay republished it after a crash, or an operator replayed
+/// twice) are applied once: a replay carries the identity of the entry it replays, and the
+/// ledger knows it. A kind alone selects what to replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_replayed_twice_is_applied_once() {
+    let env = TestEnv::start(Options::new(&["panicking"]).retries(1, 200)).await;
+    let failed = env.publish("mock-panic", &[("note", "once")]).await;
+    let letter = env.await_dead_letter("mock-panic", &failed).await;
+    // The copy a crash between the relay's XADD and its DELETE leaves behind.
+    let mut copy = redis::cmd("XADD");
+    copy.arg(env.key(&env.config.dlq_stream)).arg("*");
+    for (k, v) in &letter {
+        copy.arg(k).arg(v);
+    }
+    let _: String = copy
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("XADD the copy");
+
+    env.install_plugin("panicking-fixed", "panicking");
+    env.await_serving("mock-panic", "0.2.0").await;
+    let replay = env.command(&["dlq", "replay", "--kind", "plugin-trap", "--json"]);
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let replayed: serde_json::Value = serde_json::from_slice(&replay.stdout).unwrap();
+    let new_ids: Vec<String> = replayed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["new_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(new_ids.len(), 2, "both copies were replayed: {replayed}");
+    env.await_processed("mock-panic", &format!("{failed}/replay"))
+        .await;
+    env.await_drained("mock-panic").await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM ml_processing_errors").await,
+        1,
+        "applied once"
+    );
+    assert!(
+        env.host().delivery().metrics.counter(
+            "kaleidoscope_entries_redelivered_total",
+            &[("stream", "mock-panic")]
+        ) >= 1,
+        "the second copy was recognised"
+    );
+    env.finish().await;
+}
+
+/// The ledger tells deployments apart: two hosts with different stream prefixes sharing one
+/// PostgreSQL each process their own entry with the same stream and id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_sharing_a_database_do_not_take_each_others_entries_for_processed() {
+    let options = || {
+        let mut options = Options::new(&[SCRIPTED]);
+        options.plugin_sections.insert(
+            SCRIPTED.to_string(),
+            vec!["tables = [\"deployment_notes\"]".to_string()],
+        );
+        options
+    };
+    let first = TestEnv::prepare(options()).await;
+    sqlx::query("CREATE TABLE deployment_notes (id bigserial PRIMARY KEY, note text NOT NULL)")
+        .execute(&first.pool)
+        .await
+        .expect("create the notes table");
+    let first = first.with_host().await;
+    // A second deployment: its own prefix (and so its own ledger identity), the same database.
+    let mut second = TestEnv::prepare(options()).await;
+    second.config.database_url = first.database_url.clone();
+    let second = second.with_host().await;
+    let id = "1700000000000-0";
+    for env in [&first, &second] {
+        let _: String = redis::cmd("XADD")
+            .arg(env.key(SCRIPTED))
+            .arg(id)
+            .arg("action")
+            .arg("write-table")
+            .arg("table")
+            .arg("deployment_notes")
+            .arg("column")
+            .arg("note")
+            .arg("note")
+            .arg(&env.prefix)
+            .query_async(&mut env.redis.clone())
+            .await
+            .expect("XADD with an explicit id");
+    }
+    first.await_drained(SCRIPTED).await;
+    second.await_drained(SCRIPTED).await;
+    let notes: Vec<String> = sqlx::query_scalar("SELECT note FROM deployment_notes ORDER BY note")
+        .fetch_all(&first.pool)
+        .await
+        .expect("notes");
+    let mut expected = vec![first.prefix.clone(), second.prefix.clone()];
+    expected.sort();
+    assert_eq!(notes, expected, "each deployment processed its own entry");
+    second.finish().await;
+    first.finish().await;
+}

@@ -100,9 +100,9 @@ impl HostState {
         let claims: Vec<(String, Outcome)> = items
             .iter()
             .filter_map(|item| match item.decision {
-                Some(Decision::Persist(_)) => Some((item.entry.id.clone(), Outcome::Processed)),
+                Some(Decision::Persist(_)) => Some((item.ledger_id.clone(), Outcome::Processed)),
                 Some(Decision::DeadLetter(..)) => {
-                    Some((item.entry.id.clone(), Outcome::DeadLettered))
+                    Some((item.ledger_id.clone(), Outcome::DeadLettered))
                 }
                 _ => None,
             })
@@ -115,17 +115,25 @@ impl HostState {
             .begin()
             .await
             .context("cannot begin the batch transaction")?;
-        let claimed =
-            match ledger::claim(&mut tx, stream, &plugin.name, &plugin.version, &claims).await {
-                Ok(claimed) => claimed,
-                Err(error) => return set_based_error(execute::classify(error), "the ledger"),
-            };
+        let claimed = match ledger::claim(
+            &mut tx,
+            &self.source,
+            stream,
+            &plugin.name,
+            &plugin.version,
+            &claims,
+        )
+        .await
+        {
+            Ok(claimed) => claimed,
+            Err(error) => return set_based_error(execute::classify(error), "the ledger"),
+        };
         for item in items.iter_mut() {
             let finished = matches!(
                 item.decision,
                 Some(Decision::Persist(_) | Decision::DeadLetter(..))
             );
-            if finished && !claimed.contains(&item.entry.id) {
+            if finished && !claimed.contains(&item.ledger_id) {
                 item.decision = Some(Decision::Redelivered);
             }
         }
@@ -284,7 +292,7 @@ impl HostState {
                     savepoint(&mut tx, "SAVEPOINT entry").await?;
                 }
                 let outcome = self
-                    .persist_entry(&mut tx, stream, plugin, &item.entry.id, statements)
+                    .persist_entry(&mut tx, stream, plugin, &item.ledger_id, statements)
                     .await;
                 match outcome {
                     Ok(Some(emitted)) => {
@@ -326,8 +334,9 @@ impl HostState {
             if let Some(Decision::DeadLetter(kind, reason)) = &item.decision {
                 let recorded = ledger::record(
                     &mut tx,
+                    &self.source,
                     stream,
-                    &item.entry.id,
+                    &item.ledger_id,
                     &plugin.name,
                     &plugin.version,
                     Outcome::DeadLettered,
@@ -352,7 +361,8 @@ impl HostState {
         Ok(Some(messages))
     }
 
-    /// Ledger row, statements and emits of one entry. `Ok(None)`: the ledger already had it.
+    /// Ledger row (under `entry_id`, the entry's ledger identity), statements and emits of one
+    /// entry. `Ok(None)`: the ledger already had it.
     async fn persist_entry(
         &self,
         conn: &mut PgConnection,
@@ -363,6 +373,7 @@ impl HostState {
     ) -> Result<Option<Vec<OutboxMessage>>, ExecError> {
         let recorded = ledger::record(
             conn,
+            &self.source,
             stream,
             entry_id,
             &plugin.name,

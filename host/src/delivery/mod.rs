@@ -23,6 +23,8 @@ mod commit;
 mod dispatch;
 mod triage;
 
+pub use triage::REPLAY_OF_FIELD;
+
 use crate::deadletter::FailureKind;
 use crate::metrics::labels;
 use crate::persist::validate::Statement;
@@ -87,6 +89,10 @@ impl PreparedBatch {
 /// One entry on its way through the batch.
 struct Item {
     entry: StreamEntry,
+    /// The entry's identity in the ledger: its id, or for a replayed dead letter the identity of
+    /// the entry it replays (see [`triage`]), so the same dead letter replayed twice is applied
+    /// once.
+    ledger_id: String,
     /// Decoded fields (lossy for dead letters of non-UTF-8 entries).
     fields: Vec<(String, String)>,
     correlation_id: String,

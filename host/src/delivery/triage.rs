@@ -30,6 +30,18 @@ impl HostState {
                 }
             })
             .collect();
+        // A replayed dead letter carries the id of the entry it replays; it is recorded in the
+        // ledger under that identity (not under its own new id), and the marker is not the
+        // handler's business.
+        let mut fields = fields;
+        let replay_of = fields
+            .iter()
+            .position(|(k, _)| k == REPLAY_OF_FIELD)
+            .map(|at| fields.remove(at).1);
+        let ledger_id = match replay_of {
+            Some(original) if is_entry_id(&original) => format!("{original}/replay"),
+            _ => entry.id.clone(),
+        };
         let correlation_id = fields
             .iter()
             .find(|(k, _)| k == "correlationId")
@@ -58,11 +70,26 @@ impl HostState {
         };
         Item {
             entry,
+            ledger_id,
             fields,
             correlation_id,
             decision,
         }
     }
+}
+
+/// The field with which `dlq replay` marks a re-published dead letter: the id of the entry that
+/// was dead-lettered.
+pub const REPLAY_OF_FIELD: &str = "kaleidoscope-replay-of";
+
+/// Whether `id` looks like a Redis stream entry id (`<ms>-<seq>`).
+fn is_entry_id(id: &str) -> bool {
+    id.split_once('-').is_some_and(|(ms, seq)| {
+        !ms.is_empty()
+            && !seq.is_empty()
+            && ms.bytes().all(|b| b.is_ascii_digit())
+            && seq.bytes().all(|b| b.is_ascii_digit())
+    })
 }
 
 /// The Java backend wrote `init = "true"` into empty streams at start-up; such an entry carries

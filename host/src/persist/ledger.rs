@@ -45,31 +45,12 @@ pub struct OutboxMessage {
     pub fields: Vec<(String, String)>,
 }
 
-/// The ids among `entry_ids` of `stream` that the ledger already has.
-pub async fn already_finished(
-    pool: &PgPool,
-    stream: &str,
-    entry_ids: &[String],
-) -> Result<HashSet<String>> {
-    if entry_ids.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let rows: Vec<(String,)> = sqlx::query_as(
-        "SELECT entry_id FROM processed_entries WHERE stream = $1 AND entry_id = ANY($2)",
-    )
-    .bind(stream)
-    .bind(entry_ids)
-    .fetch_all(pool)
-    .await
-    .context("cannot read the processed-entry ledger")?;
-    Ok(rows.into_iter().map(|(id,)| id).collect())
-}
-
 /// Records an entry as finished. Returns `false` when it was already recorded (by an earlier
 /// delivery or by another host that won the race), in which case the caller must not apply its
 /// effects.
 pub async fn record(
     conn: &mut PgConnection,
+    source: &str,
     stream: &str,
     entry_id: &str,
     plugin: &str,
@@ -77,14 +58,15 @@ pub async fn record(
     outcome: Outcome,
 ) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
-        "INSERT INTO processed_entries (stream, entry_id, plugin, plugin_version, outcome)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (stream, entry_id) DO NOTHING",
+        "INSERT INTO processed_entries (source, stream, entry_id, plugin, plugin_version, outcome)
+         VALUES ($6, $1, $2, $3, $4, $5) ON CONFLICT (source, stream, entry_id) DO NOTHING",
     )
     .bind(stream)
     .bind(entry_id)
     .bind(plugin)
     .bind(plugin_version)
     .bind(outcome.as_str())
+    .bind(source)
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -96,6 +78,7 @@ pub async fn record(
 /// sorted order so concurrent batches lock ledger rows in the same order.
 pub async fn claim(
     conn: &mut PgConnection,
+    source: &str,
     stream: &str,
     plugin: &str,
     plugin_version: &str,
@@ -109,11 +92,11 @@ pub async fn claim(
     let ids: Vec<&str> = sorted.iter().map(|(id, _)| id.as_str()).collect();
     let outcomes: Vec<&str> = sorted.iter().map(|(_, o)| o.as_str()).collect();
     let rows: Vec<(String,)> = sqlx::query_as(
-        "INSERT INTO processed_entries (stream, entry_id, plugin, plugin_version, outcome)
-         SELECT $1, u.id, $2, $3, u.outcome
+        "INSERT INTO processed_entries (source, stream, entry_id, plugin, plugin_version, outcome)
+         SELECT $6, $1, u.id, $2, $3, u.outcome
            FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS u(id, outcome, n)
           ORDER BY u.n
-         ON CONFLICT (stream, entry_id) DO NOTHING
+         ON CONFLICT (source, stream, entry_id) DO NOTHING
          RETURNING entry_id",
     )
     .bind(stream)
@@ -121,6 +104,7 @@ pub async fn claim(
     .bind(plugin_version)
     .bind(ids)
     .bind(outcomes)
+    .bind(source)
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
@@ -168,18 +152,32 @@ pub async fn enqueue_all(
 /// many locks or competes with the delivery path for long.
 pub const PRUNE_CHUNK: i64 = 5_000;
 
-/// The streams the ledger has rows for. A loose index scan over the primary key: one probe per
-/// stream, however many rows there are.
-pub async fn streams(pool: &PgPool) -> Result<Vec<String>> {
+/// Takes over the ledger rows written before rows had a source (an upgrade from a ledger
+/// without the column): the first host to start afterwards claims them for its deployment.
+/// Returns how many it took.
+pub async fn adopt_legacy_rows(pool: &PgPool, source: &str) -> Result<u64> {
+    let done = sqlx::query("UPDATE processed_entries SET source = $1 WHERE source = ''")
+        .bind(source)
+        .execute(pool)
+        .await
+        .context("cannot adopt the ledger rows written before sources were recorded")?;
+    Ok(done.rows_affected())
+}
+
+/// The streams the ledger has rows of `source` for. A loose index scan over the primary key: one
+/// probe per stream, however many rows there are.
+pub async fn streams(pool: &PgPool, source: &str) -> Result<Vec<String>> {
     let rows: Vec<(String,)> = sqlx::query_as(
         "WITH RECURSIVE s(stream) AS (
-             (SELECT stream FROM processed_entries ORDER BY stream LIMIT 1)
+             (SELECT stream FROM processed_entries WHERE source = $1 ORDER BY stream LIMIT 1)
              UNION ALL
-             SELECT (SELECT p.stream FROM processed_entries p WHERE p.stream > s.stream
+             SELECT (SELECT p.stream FROM processed_entries p
+                      WHERE p.source = $1 AND p.stream > s.stream
                       ORDER BY p.stream LIMIT 1)
                FROM s WHERE s.stream IS NOT NULL)
          SELECT stream FROM s WHERE stream IS NOT NULL",
     )
+    .bind(source)
     .fetch_all(pool)
     .await
     .context("cannot list the ledger's streams")?;
@@ -192,6 +190,7 @@ pub async fn streams(pool: &PgPool) -> Result<Vec<String>> {
 /// rows went.
 pub async fn prune(
     pool: &PgPool,
+    source: &str,
     retention: Duration,
     oldest_pending: &[(String, i64)],
 ) -> Result<u64> {
@@ -200,11 +199,12 @@ pub async fn prune(
     let done = sqlx::query(
         "DELETE FROM processed_entries WHERE ctid = ANY(ARRAY(
              SELECT l.ctid FROM processed_entries l
-              WHERE l.processed_at < now() - make_interval(secs => $1)
+              WHERE l.source = $5
+                AND l.processed_at < now() - make_interval(secs => $1)
                 AND NOT EXISTS (
                     SELECT 1 FROM unnest($2::text[], $3::int8[]) AS p(stream, oldest)
                      WHERE p.stream = l.stream
-                       AND (l.entry_id !~ '^[0-9]+-[0-9]+$'
+                       AND (l.entry_id !~ '^[0-9]+-[0-9]+'
                             OR split_part(l.entry_id, '-', 1)::int8 >= p.oldest))
               LIMIT $4
               FOR UPDATE SKIP LOCKED))",
@@ -213,6 +213,7 @@ pub async fn prune(
     .bind(streams)
     .bind(oldest)
     .bind(PRUNE_CHUNK)
+    .bind(source)
     .execute(pool)
     .await
     .context("cannot prune the processed-entry ledger")?;
