@@ -148,3 +148,44 @@ fn readme_documents_every_setting() {
         );
     }
 }
+
+#[test]
+fn passwords_never_appear_in_error_messages() {
+    for (variable, url) in [
+        (
+            "DATABASE_URL",
+            "postgres://postgres:S3cret@127.0.0.1:5432/kaleidoscope?sslmode=bogus",
+        ),
+        (
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:1/kaleidoscope?password=S3cret",
+        ),
+        ("REDIS_URL", "redis://:S3cret@127.0.0.1:1"),
+    ] {
+        let command = if variable == "REDIS_URL" {
+            "status"
+        } else {
+            "migrate"
+        };
+        let output = binary()
+            .arg(command)
+            .env(variable, url)
+            .env_remove("KALEIDOSCOPE_CONFIG")
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{command} with {url} must fail");
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            !printed.contains("S3cret") && printed.contains("error"),
+            "{command} with {url} printed: {printed}"
+        );
+        assert!(
+            !printed.contains("(os error 111): Connection refused"),
+            "each cause once: {printed}"
+        );
+    }
+}

@@ -62,3 +62,50 @@ async fn seed_error_shape_and_producer_dlq_shape_are_recorded() {
     env.await_no_pending("ai-processing-dlq").await;
     env.finish().await;
 }
+
+/// The real services' DLQ entries name their request only inside `originalData` (a Python repr
+/// of the original message): the request still fails at once, naming the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_dlq_entry_fails_its_request_through_original_data() {
+    let env = TestEnv::start(Options::new(&["ml-errors"])).await;
+    sqlx::query(
+        "INSERT INTO ml_requests (correlation_id, stream, media_id, fields, expected_results)
+         VALUES ('c-77', 'post-image-processing', 502, '[]', ARRAY['moderation'])",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let failed = env
+        .publish(
+            "ai-processing-dlq",
+            &[
+                ("originalMessageId", "1712345678901-0"),
+                (
+                    "originalData",
+                    "{b'postId': b'7', b'mediaId': b'502', b'correlationId': b'c-77'}",
+                ),
+                ("serviceName", "moderation"),
+                ("error", "model unavailable"),
+                ("errorType", "RuntimeError"),
+                ("retryCount", "3"),
+                ("timestamp", "1712345679"),
+            ],
+        )
+        .await;
+    env.await_processed("ai-processing-dlq", &failed).await;
+    let (status, error): (String, Option<String>) =
+        sqlx::query_as("SELECT status, error FROM ml_requests WHERE correlation_id = 'c-77'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "FAILED");
+    assert_eq!(error.as_deref(), Some("moderation: model unavailable"));
+    let recorded: Option<String> =
+        sqlx::query_scalar("SELECT correlation_id FROM ml_processing_errors WHERE entry_id = $1")
+            .bind(&failed)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(recorded.as_deref(), Some("c-77"));
+    env.finish().await;
+}

@@ -7,8 +7,14 @@
 //!   `retryCount`, `timestamp` (epoch seconds). This plugin reads that stream too, so those
 //!   failures are no longer invisible to the backend.
 //!
+//! The real services' entries carry no top-level `correlationId`: it is inside `originalData`,
+//! which [`repr::parse_dict`] reads (a literal reader, never an evaluator), so their failures
+//! fail their request at once instead of leaving it to time out.
+//!
 //! The row is keyed by the source stream and entry id, so it is written once however often the
 //! entry is delivered.
+
+pub mod repr;
 
 use kaleidoscope_plugin_sdk::{self as sdk, Command, Entry, Failure, Fields, Handler, Manifest};
 
@@ -35,17 +41,34 @@ impl Handler for MlErrors {
 
 sdk::export_handler!(MlErrors);
 
-/// One insert of the error, ignored if this entry was recorded before.
+/// One insert of the error, ignored if this entry was recorded before, and the failure of the
+/// request it answers.
 pub fn to_commands(stream: &str, entry_id: &str, fields: &Fields) -> Result<Vec<Command>, Failure> {
     let error = fields.required("error")?;
+    // The producers' DLQ shape keeps the original message's fields in `originalData`.
+    let original = fields
+        .get("originalData")
+        .and_then(repr::parse_dict)
+        .unwrap_or_default();
+    let from_original = |name: &str| {
+        original
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let correlation_id = fields
+        .get("correlationId")
+        .or_else(|| from_original("correlationId"))
+        .filter(|c| !c.is_empty());
+    let service = fields.get("serviceName");
     let mut commands = vec![
         sdk::insert("ml_processing_errors")
             .value("source_stream", stream)
             .value("entry_id", entry_id)
-            .value_some("correlation_id", fields.get("correlationId"))
+            .value_some("correlation_id", correlation_id)
             .value("error", error)
             .value("status", fields.get("status").unwrap_or("FAILED"))
-            .value_some("service_name", fields.get("serviceName"))
+            .value_some("service_name", service)
             .value_some("error_type", fields.get("errorType"))
             .value_some("retry_count", fields.i64("retryCount")?)
             .value_some("original_message_id", fields.get("originalMessageId"))
@@ -54,14 +77,18 @@ pub fn to_commands(stream: &str, entry_id: &str, fields: &Fields) -> Result<Vec<
             .into(),
     ];
     // A failure answers the request it belongs to (if this host published it and it is still
-    // waiting).
-    if let Some(correlation_id) = fields.get("correlationId") {
+    // waiting), naming the service that failed.
+    if let Some(correlation_id) = correlation_id {
+        let reason = match service {
+            Some(service) => format!("{service}: {error}"),
+            None => error.to_string(),
+        };
         commands.push(
             sdk::update("ml_requests")
                 .key("correlation_id", correlation_id)
                 .key("status", "PENDING")
                 .set("status", "FAILED")
-                .set("error", error)
+                .set("error", reason.as_str())
                 .if_missing(sdk::IfMissing::Skip)
                 .into(),
         );
