@@ -1,4 +1,5 @@
-//! Whether this host can do its work right now: PostgreSQL and Redis reachable, plugins loaded.
+//! Whether PostgreSQL and Redis are reachable right now. (Readiness as a whole — these, and
+//! plugins loaded — is [`crate::state::HostState::not_ready`].)
 //!
 //! Consumers report failures as they hit them, and a probe checks both services every
 //! [`PROBE_INTERVAL`], so an outage shows even when no traffic arrives. `kaleidoscope status`

@@ -73,7 +73,7 @@ async fn answer(mut stream: TcpStream, delivery: &HostState) -> Result<()> {
     let (status, content_type, body) = match (method, path) {
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         ("GET", "/readyz") => {
-            let problems = not_ready(delivery);
+            let problems = delivery.not_ready();
             if problems.is_empty() {
                 ("200 OK", "text/plain", "ready\n".to_string())
             } else {
@@ -109,18 +109,9 @@ async fn answer(mut stream: TcpStream, delivery: &HostState) -> Result<()> {
     Ok(())
 }
 
-/// Why the host is not ready (empty when it is).
-pub fn not_ready(delivery: &HostState) -> Vec<String> {
-    let mut problems = delivery.health.problems();
-    if delivery.registry.snapshot().plugins().is_empty() {
-        problems.push("no plugin is loaded".to_string());
-    }
-    problems
-}
-
 async fn metrics(delivery: &HostState) -> String {
     let snapshot = delivery.registry.snapshot();
-    let ready = if not_ready(delivery).is_empty() {
+    let ready = if delivery.not_ready().is_empty() {
         1.0
     } else {
         0.0

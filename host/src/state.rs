@@ -55,6 +55,17 @@ impl HostState {
         }
     }
 
+    /// Why this host is not ready to do its work (empty when it is): PostgreSQL or Redis out, or
+    /// no plugin loaded. The one readiness of the host: `/readyz`, the `kaleidoscope_ready`
+    /// gauge and the heartbeat that `kaleidoscope status` reads all answer from it.
+    pub fn not_ready(&self) -> Vec<String> {
+        let mut problems = self.health.problems();
+        if self.registry.snapshot().plugins().is_empty() {
+            problems.push("no plugin is loaded".to_string());
+        }
+        problems
+    }
+
     /// The live catalogue that commands are checked against.
     pub(crate) fn catalog(&self) -> Arc<Catalog> {
         match self.catalog.read() {

@@ -85,6 +85,7 @@ fn now_rfc3339() -> String {
 pub async fn publish(delivery: &HostState, streams: &[String], started_at: SystemTime) {
     let config = &delivery.config;
     let snapshot = delivery.registry.snapshot();
+    let not_ready = delivery.not_ready();
     let status = HostStatus {
         consumer: config.consumer_name.clone(),
         group: config.consumer_group.clone(),
@@ -92,8 +93,8 @@ pub async fn publish(delivery: &HostState, streams: &[String], started_at: Syste
         started_at: humantime::format_rfc3339_millis(started_at).to_string(),
         updated_at: now_rfc3339(),
         plugins_dir: config.plugins_dir.display().to_string(),
-        ready: delivery.health.problems().is_empty(),
-        not_ready: delivery.health.problems(),
+        ready: not_ready.is_empty(),
+        not_ready,
         streams: streams.to_vec(),
         plugins: snapshot
             .plugins()

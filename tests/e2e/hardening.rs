@@ -459,3 +459,20 @@ async fn deployments_sharing_a_database_do_not_take_each_others_entries_for_proc
     second.finish().await;
     first.finish().await;
 }
+
+/// One readiness: a host with no plugin is not ready, and `/readyz`, the metrics gauge and the
+/// heartbeat `status` reads all say so (the heartbeat used to say ready).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_one_answer_everywhere() {
+    let env = TestEnv::start(Options::new(&[])).await;
+    let state = env.host().delivery();
+    assert_eq!(state.not_ready(), ["no plugin is loaded"]);
+    let (report, ok) = env.status();
+    assert!(!ok, "status exits non-zero for a host that is not ready");
+    assert_eq!(report["hosts"][0]["ready"], false, "{report}");
+    assert_eq!(
+        report["hosts"][0]["not_ready"],
+        serde_json::json!(["no plugin is loaded"])
+    );
+    env.finish().await;
+}
