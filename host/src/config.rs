@@ -228,6 +228,10 @@ const DEFAULT_PLUGINS: &str = include_str!("../../config/default-plugins.toml");
 pub struct PluginPolicy {
     /// Tables the plugin may write (upsert, update, insert, delete).
     pub tables: BTreeSet<String>,
+    /// Tables the plugin may only `update`, and the columns it may set there. How a result
+    /// plugin marks the request it answers without being able to forge requests (a row it could
+    /// insert in `ml_requests` would be published by the request tracker).
+    pub update_columns: BTreeMap<String, BTreeSet<String>>,
     /// Streams the plugin may `emit` to (logical names).
     pub emit: BTreeSet<String>,
     /// Deadline of one call, overriding `plugin_timeout_ms`.
@@ -268,6 +272,13 @@ pub struct Config {
     pub cache_dir: PathBuf,
     /// Grants and limits per plugin name; a plugin without an entry may write nothing.
     pub plugins: BTreeMap<String, PluginPolicy>,
+}
+
+impl PluginPolicy {
+    /// Whether the plugin may write `table` at all (fully, or by updating granted columns).
+    pub fn grants_table(&self, table: &str) -> bool {
+        self.tables.contains(table) || self.update_columns.contains_key(table)
+    }
 }
 
 impl Config {
@@ -441,6 +452,37 @@ impl RawSettings {
                         }
                         policy.tables = tables;
                     }
+                    "update_columns" => {
+                        let grants = value.as_table().with_context(|| {
+                            format!("{}: expected a table of `table = [columns]`", at())
+                        })?;
+                        let mut update_columns = BTreeMap::new();
+                        for (table, columns) in grants {
+                            if crate::persist::validate::HOST_TABLES.contains(&table.as_str()) {
+                                bail!(
+                                    "{}: table `{table}` belongs to the host and cannot be granted",
+                                    at()
+                                );
+                            }
+                            let columns = columns
+                                .as_array()
+                                .and_then(|items| {
+                                    items
+                                        .iter()
+                                        .map(|i| i.as_str().map(str::to_string))
+                                        .collect::<Option<BTreeSet<_>>>()
+                                })
+                                .filter(|columns| !columns.is_empty())
+                                .with_context(|| {
+                                    format!(
+                                        "{}.{table}: expected a non-empty list of column names",
+                                        at()
+                                    )
+                                })?;
+                            update_columns.insert(table.clone(), columns);
+                        }
+                        policy.update_columns = update_columns;
+                    }
                     "emit" => policy.emit = list()?,
                     "timeout_ms" => policy.timeout = Some(Duration::from_millis(positive()?)),
                     "memory_mib" => {
@@ -451,7 +493,7 @@ impl RawSettings {
                         policy.memory_bytes = Some(mib);
                     }
                     _ => bail!(
-                        "unknown key {} (known: tables, emit, timeout_ms, memory_mib)",
+                        "unknown key {} (known: tables, update_columns, emit, timeout_ms, memory_mib)",
                         at()
                     ),
                 }

@@ -397,6 +397,30 @@ pub fn new_correlation_id() -> String {
 pub struct Sweep {
     pub republished: usize,
     pub timed_out: usize,
+    /// Rows that cannot be a request of this host (a stream that is not a request stream, or
+    /// fields that are not a list of pairs): marked `FAILED` with the reason, never published.
+    pub refused: usize,
+}
+
+/// Why a pending request row cannot be republished, if it cannot: the sweeper only ever
+/// publishes to the request streams, and only fields it can read. Such a row can only have been
+/// forged (a plugin granted the whole table) or damaged.
+fn unpublishable(stream: &str, fields: &str) -> Result<Vec<(String, String)>, String> {
+    if ![
+        POST_IMAGE_STREAM,
+        PROFILE_PICTURE_STREAM,
+        POST_UPDATE_STREAM,
+    ]
+    .contains(&stream)
+    {
+        return Err(format!(
+            "not republished: {stream:?} is not a request stream"
+        ));
+    }
+    match serde_json::from_str::<Vec<(String, String)>>(fields) {
+        Ok(fields) if !fields.is_empty() => Ok(fields),
+        _ => Err("not republished: its fields are not a list of name/value pairs".to_string()),
+    }
 }
 
 /// Republishes requests that have waited longer than `ML_TIMEOUT_SECONDS` for their results
@@ -416,6 +440,7 @@ pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) ->
     .await
     .context("cannot read pending requests")?;
     let mut sweep = Sweep::default();
+    let mut failed = None;
     let mut redis = redis.clone();
     for (correlation_id, stream, fields, attempts) in due {
         if attempts >= config.retry_attempts as i32 {
@@ -433,8 +458,30 @@ pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) ->
             sweep.timed_out += 1;
             continue;
         }
-        let fields: Vec<(String, String)> = serde_json::from_str(&fields).unwrap_or_default();
-        streams::add(&mut redis, &config.stream_key(&stream), &fields).await?;
+        let fields = match unpublishable(&stream, &fields) {
+            Ok(fields) => fields,
+            Err(reason) => {
+                sqlx::query(
+                    "UPDATE ml_requests SET status = 'FAILED', error = $2 WHERE correlation_id = $1",
+                )
+                .bind(&correlation_id)
+                .bind(&reason)
+                .execute(&mut *tx)
+                .await?;
+                warn!(
+                    stream,
+                    correlation_id, "refused a pending request: {reason}"
+                );
+                sweep.refused += 1;
+                continue;
+            }
+        };
+        // A Redis failure ends the sweep, but what was published so far is recorded, so it is
+        // not published again next time.
+        if let Err(error) = streams::add(&mut redis, &config.stream_key(&stream), &fields).await {
+            failed = Some(error);
+            break;
+        }
         sqlx::query("UPDATE ml_requests SET attempts = attempts + 1, last_published_at = now() WHERE correlation_id = $1")
             .bind(&correlation_id)
             .execute(&mut *tx)
@@ -448,5 +495,8 @@ pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) ->
         sweep.republished += 1;
     }
     tx.commit().await?;
-    Ok(sweep)
+    match failed {
+        Some(error) => Err(error.context("republishing pending requests stopped")),
+        None => Ok(sweep),
+    }
 }

@@ -34,6 +34,7 @@ pub fn describe(config: &Config, plugin: &Plugin) -> Json {
         },
         "grants": {
             "tables": policy.tables,
+            "update_columns": policy.update_columns,
             "emit": policy.emit,
         },
     })
@@ -75,7 +76,7 @@ pub fn exec(
                     | wit::Command::Update(wit::Update { table, .. })
                     | wit::Command::Insert(wit::Insert { table, .. })
                     | wit::Command::Delete(wit::Delete { table, .. }) => {
-                        if !policy.tables.contains(table) {
+                        if !policy.grants_table(table) {
                             warnings.push(format!("table `{table}` is not granted to plugin `{}`: the host would dead-letter this entry as forbidden-command", plugin.name));
                         }
                     }

@@ -36,7 +36,11 @@ fn check_prints_manifest_streams_imports_size_and_compile_time() {
     );
     assert_eq!(
         report["grants"]["tables"],
-        serde_json::json!(["media_ai_insights", "ml_requests"])
+        serde_json::json!(["media_ai_insights"])
+    );
+    assert_eq!(
+        report["grants"]["update_columns"],
+        serde_json::json!({"ml_requests": ["results_received"]})
     );
 }
 

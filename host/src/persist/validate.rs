@@ -183,6 +183,19 @@ impl Checker<'_> {
                 if set.is_empty() {
                     return Err(self.fail("update", &table.name, "`set` is empty"));
                 }
+                if !self.policy.tables.contains(&table.name)
+                    && let Some(granted) = self.policy.update_columns.get(&table.name)
+                    && let Some(column) = set.iter().find(|s| !granted.contains(&s.column))
+                {
+                    return Err(self.fail(
+                        "update",
+                        &table.name,
+                        format_args!(
+                            "column `{}` is not granted (granted: {granted:?}, `update_columns` in [plugins.{}])",
+                            column.column, self.plugin
+                        ),
+                    ));
+                }
                 Ok(Statement::Update {
                     table: table.name.clone(),
                     key,
@@ -249,14 +262,27 @@ impl Checker<'_> {
             ));
         }
         if !self.policy.tables.contains(name) {
-            return Err(self.fail(
-                what,
-                name,
-                format_args!(
-                    "plugin is not granted this table (grant it with `tables` in [plugins.{}])",
-                    self.plugin
-                ),
-            ));
+            if let Some(columns) = self.policy.update_columns.get(name) {
+                if what != "update" {
+                    return Err(self.fail(
+                        what,
+                        name,
+                        format_args!(
+                            "plugin may only update this table, and only columns {columns:?} (`update_columns` in [plugins.{}])",
+                            self.plugin
+                        ),
+                    ));
+                }
+            } else {
+                return Err(self.fail(
+                    what,
+                    name,
+                    format_args!(
+                        "plugin is not granted this table (grant it with `tables` in [plugins.{}])",
+                        self.plugin
+                    ),
+                ));
+            }
         }
         self.catalog
             .table(name)
