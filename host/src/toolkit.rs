@@ -23,6 +23,7 @@ pub fn describe(config: &Config, plugin: &Plugin) -> Json {
         "file": plugin.file.display().to_string(),
         "name": plugin.name,
         "version": plugin.version,
+        "contract": plugin.contract(),
         "streams": plugin.streams,
         "size_bytes": plugin.size,
         "sha256": plugin.sha256,

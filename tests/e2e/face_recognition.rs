@@ -72,3 +72,70 @@ async fn recognition_before_its_detection_succeeds_once_the_face_is_stored() {
     assert!(env.dead_letters().await.is_empty());
     env.finish().await;
 }
+
+/// A face a person confirmed is theirs: a late recognition neither downgrades it to a
+/// suggestion nor changes whom it names, and is not retried for it (the guarded update is a
+/// no-op). A face not confirmed is updated as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_recognition_never_changes_a_confirmed_face() {
+    let env =
+        TestEnv::start(Options::new(&["face-detection", "face-recognition"]).retries(2, 300)).await;
+    env.seed_media(3, &[30]).await;
+    env.seed_user(77, "alice").await;
+    env.seed_user(88, "bob").await;
+    let detection = env
+        .publish(
+            DETECTION,
+            &[
+                ("mediaId", "30"),
+                ("postId", "3"),
+                ("facesDetected", "2"),
+                ("faces", r#"[{"faceId": "mine", "bbox": [0, 0, 10, 10]}, {"faceId": "open", "bbox": [20, 20, 30, 30]}]"#),
+            ],
+        )
+        .await;
+    env.await_processed(DETECTION, &detection).await;
+    sqlx::query(
+        "UPDATE media_detected_faces SET status = 'CONFIRMED', suggested_user_id = 77
+          WHERE media_id = 30 AND face_id = 'mine'",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let mut recognitions = Vec::new();
+    for face in ["mine", "open"] {
+        recognitions.push(
+            env.publish(
+                RECOGNITION,
+                &[
+                    ("mediaId", "30"),
+                    ("faceId", face),
+                    ("suggestedUserId", "88"),
+                    ("matchedUsername", "bob"),
+                    ("confidenceScore", "0.8"),
+                ],
+            )
+            .await,
+        );
+    }
+    for id in &recognitions {
+        env.await_processed(RECOGNITION, id).await;
+    }
+    let rows: Vec<(String, Option<i64>, String)> = sqlx::query_as(
+        "SELECT face_id, suggested_user_id, status FROM media_detected_faces
+          WHERE media_id = 30 ORDER BY face_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("mine".to_string(), Some(77), "CONFIRMED".to_string()),
+            ("open".to_string(), Some(88), "SUGGESTED".to_string()),
+        ]
+    );
+    assert!(env.dead_letters().await.is_empty());
+    env.await_no_pending(RECOGNITION).await;
+    env.finish().await;
+}

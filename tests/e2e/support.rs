@@ -86,6 +86,7 @@ const FIXTURE_GRANTS: &[(&str, &str)] = &[
     ("looping", "tables = [\"ml_processing_errors\"]"),
     ("memory-hog", "tables = [\"ml_processing_errors\"]"),
     ("slow", "tables = [\"ml_processing_errors\"]"),
+    ("contract-v0-1", "tables = [\"ml_processing_errors\"]"),
 ];
 
 /// Settings a test may change before the host starts.

@@ -4,7 +4,7 @@
 //! are quoted anyway; every value is a bound parameter cast to its column's type. Nothing from an
 //! entry is ever interpolated into SQL text.
 
-use super::validate::{Param, SetOp, SetParam, Statement};
+use super::validate::{Condition, Param, SetOp, SetParam, Statement};
 use crate::plugin::wit;
 use sqlx::postgres::{PgArguments, PgDatabaseError};
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, query::Query};
@@ -38,10 +38,18 @@ pub async fn execute(conn: &mut PgConnection, statement: &Statement) -> Result<(
             key,
             set,
             if_missing,
+            only_if,
         } => {
-            let (sql, binds) = update_sql(table, key, set);
-            let rows = run(conn, sql, binds).await?;
-            if rows > 0 {
+            let matched = if only_if.is_empty() {
+                let (sql, binds) = update_sql(table, key, set);
+                run(conn, sql, binds).await?
+            } else {
+                // Rows with the key, locked, and among them those the guard lets through: a row
+                // the guard excludes is a no-op, not a missing row.
+                let (sql, binds) = guarded_update_sql(table, key, set, only_if);
+                count(conn, sql, binds).await?
+            };
+            if matched > 0 {
                 return Ok(());
             }
             let which = describe_key(table, key);
@@ -170,6 +178,25 @@ async fn run(conn: &mut PgConnection, sql: String, binds: Vec<Bind>) -> Result<u
         .await
         .map(|done| done.rows_affected())
         .map_err(classify)
+}
+
+/// Runs a statement that returns one count (`SELECT count(*) ...`), with `binds` as in [`run`].
+async fn count(conn: &mut PgConnection, sql: String, binds: Vec<Bind>) -> Result<u64, ExecError> {
+    // Audited: as in `run`.
+    let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
+    for bind in binds {
+        query = match bind {
+            Bind::Null => query,
+            Bind::Bool(b) => query.bind(b),
+            Bind::Int(i) => query.bind(i),
+            Bind::Float(f) => query.bind(f),
+            Bind::Text(s) => query.bind(s),
+            Bind::TextArray(items) => query.bind(items),
+            Bind::FloatArray(items) => query.bind(items),
+        };
+    }
+    let counted = query.fetch_one(conn).await.map_err(classify)?;
+    Ok(u64::try_from(counted).unwrap_or(0))
 }
 
 pub(super) fn ident(name: &str) -> String {
@@ -301,6 +328,38 @@ fn update_sql(table: &str, key: &[Param], set: &[SetParam]) -> (String, Vec<Bind
     let condition = where_clause(key, &mut binds);
     let sql = format!(
         "UPDATE {} AS target SET {assignments} WHERE {condition}",
+        ident(table)
+    );
+    (sql, binds)
+}
+
+/// A guarded update: rows with the key are locked, those meeting every condition are updated,
+/// and the statement returns how many rows had the key (so that a row the guard excludes is told
+/// apart from a missing one).
+fn guarded_update_sql(
+    table: &str,
+    key: &[Param],
+    set: &[SetParam],
+    only_if: &[Condition],
+) -> (String, Vec<Bind>) {
+    let (update, mut binds) = update_sql(table, key, set);
+    let guard = only_if
+        .iter()
+        .map(|c| {
+            format!(
+                "target.{} IS {}DISTINCT FROM {}",
+                ident(&c.param.column),
+                if c.equals { "NOT " } else { "" },
+                placeholder(&mut binds, (&c.param.value).into(), &c.param.sql_type)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let condition = where_clause(key, &mut binds);
+    let sql = format!(
+        "WITH matched AS (SELECT 1 FROM {} WHERE {condition} FOR UPDATE),
+              changed AS ({update} AND {guard} RETURNING 1)
+         SELECT count(*) FROM matched",
         ident(table)
     );
     (sql, binds)

@@ -180,6 +180,7 @@ impl Builder {
                 key,
                 set,
                 if_missing,
+                only_if,
             } => {
                 // Key columns the update also sets (`SET status = 'FAILED' WHERE status =
                 // 'PENDING'`): rows are then told apart by the key columns it leaves alone.
@@ -193,7 +194,9 @@ impl Builder {
                     .filter(|k| !changed_key.contains(&k.column))
                     .cloned()
                     .collect();
-                if identity.is_empty() || !identity.iter().all(canonical_key) {
+                // A guarded update must tell "no row" from "the guard said no": it runs alone.
+                if identity.is_empty() || !identity.iter().all(canonical_key) || !only_if.is_empty()
+                {
                     self.open(Stage::Single {
                         entry,
                         statement: statement.clone(),
@@ -545,6 +548,7 @@ mod tests {
             }],
             set: vec![assign("status", wit::Value::Text("FAILED".into()))],
             if_missing: wit::IfMissing::Skip,
+            only_if: Vec::new(),
         }];
         let (plan, _) = plan([(0, &a[..]), (1, &b[..])]);
         let Stage::Upsert { rows, .. } = &plan.stages[0] else {
@@ -579,6 +583,7 @@ mod tests {
             ],
             set: vec![assign("status", wit::Value::Text("FAILED".into()))],
             if_missing: wit::IfMissing::Skip,
+            only_if: Vec::new(),
         };
         let a = [fail("a")];
         let b = [fail("b")];

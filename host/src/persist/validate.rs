@@ -42,6 +42,14 @@ pub struct SetParam {
     pub op: SetOp,
 }
 
+/// One condition of a guarded update: the column's current value equals (or differs from) the
+/// parameter's value; NULL compares as a value (`IS [NOT] DISTINCT FROM`).
+#[derive(Clone, Debug)]
+pub struct Condition {
+    pub param: Param,
+    pub equals: bool,
+}
+
 /// A command that passed every check; safe to turn into SQL.
 #[derive(Clone, Debug)]
 pub enum Statement {
@@ -55,6 +63,8 @@ pub enum Statement {
         key: Vec<Param>,
         set: Vec<SetParam>,
         if_missing: wit::IfMissing,
+        /// The guard: the update applies to a matched row only if all of these hold.
+        only_if: Vec<Condition>,
     },
     Insert {
         table: String,
@@ -196,11 +206,29 @@ impl Checker<'_> {
                         ),
                     ));
                 }
+                let mut only_if = Vec::with_capacity(update.only_if.len());
+                for condition in update.only_if {
+                    let (value, equals) = match condition {
+                        wit::Condition::Equals(value) => (value, true),
+                        wit::Condition::Differs(value) => (value, false),
+                    };
+                    let column = self.column("update", table, &value.column)?;
+                    self.fits("update", table, column, &value.value)?;
+                    only_if.push(Condition {
+                        param: Param {
+                            column: column.name.clone(),
+                            sql_type: column.sql_type.clone(),
+                            value: value.value,
+                        },
+                        equals,
+                    });
+                }
                 Ok(Statement::Update {
                     table: table.name.clone(),
                     key,
                     set,
                     if_missing: update.if_missing,
+                    only_if,
                 })
             }
             wit::Command::Insert(insert) => {

@@ -8,6 +8,7 @@
 
 pub mod registry;
 pub mod runtime;
+mod v0_1;
 pub mod watch;
 
 /// Bindings generated from `wit/handler.wit`; the types of the contract (entries, commands,
@@ -19,6 +20,17 @@ pub mod bindings {
         world: "result-handler",
         // Calls are async so that a plugin blocked inside a host call (a WASI sleep or poll) can
         // be cut off at its deadline: the call is a future the host stops polling.
+        exports: { default: async },
+    });
+}
+
+/// Bindings of the 0.1.0 contract (`wit/v0.1.0/handler.wit`), so plugins built against it keep
+/// loading unchanged; [`v0_1`] turns their values into the current contract's.
+#[allow(missing_docs, clippy::all)]
+pub mod bindings_v0_1 {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.1.0",
+        world: "result-handler",
         exports: { default: async },
     });
 }

@@ -12,7 +12,10 @@
 
 use super::bindings::kaleidoscope::handler::log::{self as wit_log, Level};
 use super::bindings::{ResultHandler, ResultHandlerPre};
-use super::wit;
+use super::bindings_v0_1::{
+    ResultHandler as ResultHandlerV0_1, ResultHandlerPre as ResultHandlerPreV0_1,
+};
+use super::{v0_1, wit};
 use crate::text;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
@@ -151,6 +154,11 @@ impl PluginRuntime {
         ResultHandler::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| state)
             .map_err(anyhow::Error::from)
             .context("cannot link the handler's log interface")?;
+        ResultHandlerV0_1::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| {
+            state
+        })
+        .map_err(anyhow::Error::from)
+        .context("cannot link the handler's log interface (contract 0.1.0)")?;
 
         let weak = engine.weak();
         std::thread::Builder::new()
@@ -278,9 +286,18 @@ impl PluginRuntime {
             .instantiate_pre(&component)
             .map_err(anyhow::Error::from)
             .context("the component imports something the host does not provide (only WASI and `kaleidoscope:handler/log` are available)")?;
-        let pre = ResultHandlerPre::new(instance_pre)
-            .map_err(anyhow::Error::from)
-            .context("the component does not export the `result-handler` world (`manifest` and `handle`)")?;
+        // The current contract first, then the older ones still supported.
+        let pre = match ResultHandlerPre::new(instance_pre.clone()) {
+            Ok(pre) => Contract::Current(pre),
+            Err(current) => match ResultHandlerPreV0_1::new(instance_pre) {
+                Ok(pre) => Contract::V0_1(pre),
+                Err(_) => {
+                    return Err(anyhow::Error::from(current)).context(
+                        "the component does not export the `result-handler` world (`manifest` and `handle`) of contract 0.2.0 or 0.1.0",
+                    );
+                }
+            },
+        };
 
         let imports = component
             .component_type()
@@ -311,6 +328,23 @@ impl PluginRuntime {
     }
 }
 
+/// Which version of the contract a plugin was built against, with its pre-linked instance.
+enum Contract {
+    /// `wit/handler.wit`.
+    Current(ResultHandlerPre<CallState>),
+    /// `wit/v0.1.0/handler.wit`.
+    V0_1(ResultHandlerPreV0_1<CallState>),
+}
+
+impl Contract {
+    fn version(&self) -> &'static str {
+        match self {
+            Contract::Current(_) => "0.2.0",
+            Contract::V0_1(_) => "0.1.0",
+        }
+    }
+}
+
 /// A loaded, validated plugin, ready to handle entries of its streams.
 pub struct Plugin {
     /// Name from the manifest.
@@ -331,7 +365,7 @@ pub struct Plugin {
     pub from_cache: bool,
     /// The component's imports (WASI interfaces and the host's log interface).
     pub imports: Vec<String>,
-    pre: ResultHandlerPre<CallState>,
+    pre: Contract,
     engine: Engine,
     limits: SandboxLimits,
 }
@@ -353,6 +387,11 @@ impl Plugin {
         self.limits
     }
 
+    /// The version of the contract (`kaleidoscope:handler`) the plugin was built against.
+    pub fn contract(&self) -> &'static str {
+        self.pre.version()
+    }
+
     /// Runs `handle` on a fresh instance. Blocking: call it from a blocking thread (or from a
     /// thread outside any async runtime), never from an async task.
     pub fn handle(&self, entry: &wit::Entry) -> HandlerOutcome {
@@ -372,8 +411,21 @@ impl Plugin {
         };
         let (mut store, stderr) = self.new_store(context);
         let call = async {
-            let instance = self.pre.instantiate_async(&mut store).await?;
-            instance.call_handle(&mut store, entry).await
+            match &self.pre {
+                Contract::Current(pre) => {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    instance.call_handle(&mut store, entry).await
+                }
+                Contract::V0_1(pre) => {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    let result = instance
+                        .call_handle(&mut store, &v0_1::entry(entry))
+                        .await?;
+                    Ok(result
+                        .map(|commands| commands.into_iter().map(v0_1::command).collect())
+                        .map_err(v0_1::failure))
+                }
+            }
         };
         match tokio::time::timeout(self.limits.call_timeout, call).await {
             Err(_) => HandlerOutcome::Timeout(self.limits.call_timeout),
@@ -396,8 +448,16 @@ impl Plugin {
         };
         let (mut store, stderr) = self.new_store(context);
         let call = async {
-            let instance = self.pre.instantiate_async(&mut store).await?;
-            instance.call_manifest(&mut store).await
+            match &self.pre {
+                Contract::Current(pre) => {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    instance.call_manifest(&mut store).await
+                }
+                Contract::V0_1(pre) => {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    Ok(v0_1::manifest(instance.call_manifest(&mut store).await?))
+                }
+            }
         };
         let timeout = self.limits.call_timeout;
         // The timer is made inside the future: only there is a runtime (and its clock) at hand.
@@ -584,6 +644,25 @@ impl WasiView for CallState {
 }
 
 impl super::bindings::kaleidoscope::handler::types::Host for CallState {}
+impl super::bindings_v0_1::kaleidoscope::handler::types::Host for CallState {}
+
+impl super::bindings_v0_1::kaleidoscope::handler::log::Host for CallState {
+    fn log(
+        &mut self,
+        level: super::bindings_v0_1::kaleidoscope::handler::log::Level,
+        message: String,
+    ) {
+        use super::bindings_v0_1::kaleidoscope::handler::log::Level as Old;
+        let level = match level {
+            Old::Trace => Level::Trace,
+            Old::Debug => Level::Debug,
+            Old::Info => Level::Info,
+            Old::Warn => Level::Warn,
+            Old::Error => Level::Error,
+        };
+        wit_log::Host::log(self, level, message);
+    }
+}
 
 impl wit_log::Host for CallState {
     fn log(&mut self, level: Level, message: String) {

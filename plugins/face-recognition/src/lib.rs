@@ -4,6 +4,10 @@
 //! original consumer's guesses (parsing it as a number, or picking the most confident face of the
 //! media) linked wrong faces. A recognition can overtake the detection of its face: the update
 //! then finds no row and the entry is retried until the detection has been stored.
+//!
+//! A face a person has `CONFIRMED` is theirs: a late recognition never changes it (neither its
+//! status nor its suggestion). The update is guarded (contract 0.2.0), so for such a face it is a
+//! no-op rather than a retry.
 
 use kaleidoscope_plugin_sdk::{self as sdk, Command, Entry, Failure, Fields, Handler, Manifest};
 
@@ -24,7 +28,7 @@ impl Handler for FaceRecognition {
 
 sdk::export_handler!(FaceRecognition);
 
-/// One update of the face, retried while the face is not stored yet.
+/// One update of the face (unless it is confirmed), retried while the face is not stored yet.
 pub fn to_commands(fields: &Fields) -> Result<Vec<Command>, Failure> {
     let media_id = fields.required_i64("mediaId")?;
     let face_id = fields.required("faceId")?;
@@ -37,6 +41,7 @@ pub fn to_commands(fields: &Fields) -> Result<Vec<Command>, Failure> {
             .set_some("matched_username", fields.get("matchedUsername"))
             .set_some("match_confidence", fields.f64("confidenceScore")?)
             .set("status", "SUGGESTED")
+            .unless("status", "CONFIRMED")
             .if_missing(sdk::IfMissing::Retry)
             .into(),
     ])

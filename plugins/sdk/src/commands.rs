@@ -12,8 +12,8 @@
 //! booleans, strings, string and float vectors, and `Option` of those, `None` being SQL NULL).
 
 use crate::bindings::kaleidoscope::handler::types::{
-    ColumnOp, ColumnSet, ColumnValue, Command, Delete, Emit, IfMissing, Insert, OnConflict, Update,
-    Upsert, Value,
+    ColumnOp, ColumnSet, ColumnValue, Command, Condition, Delete, Emit, IfMissing, Insert,
+    OnConflict, Update, Upsert, Value,
 };
 
 impl From<i64> for Value {
@@ -161,6 +161,7 @@ pub fn update(table: &str) -> UpdateBuilder {
         key: Vec::new(),
         set: Vec::new(),
         if_missing: IfMissing::Retry,
+        only_if: Vec::new(),
     })
 }
 
@@ -201,6 +202,24 @@ impl UpdateBuilder {
     /// What to do when no row matches the key (default [`IfMissing::Retry`]).
     pub fn if_missing(mut self, if_missing: IfMissing) -> Self {
         self.0.if_missing = if_missing;
+        self
+    }
+
+    /// Guards the update: it applies only where `column` currently equals `value`. A row with
+    /// the key that fails the guard is left as it is (a no-op, not a missing row).
+    pub fn only_if_equals(mut self, column: &str, value: impl Into<Value>) -> Self {
+        self.0
+            .only_if
+            .push(Condition::Equals(column_value(column, value)));
+        self
+    }
+
+    /// Guards the update: it applies only where `column` currently differs from `value` (NULL
+    /// counts as different), e.g. `.unless("status", "CONFIRMED")`.
+    pub fn unless(mut self, column: &str, value: impl Into<Value>) -> Self {
+        self.0
+            .only_if
+            .push(Condition::Differs(column_value(column, value)));
         self
     }
 }

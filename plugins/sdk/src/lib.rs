@@ -51,8 +51,8 @@ pub mod bindings {
 pub use bindings::Guest as Handler;
 pub use bindings::export_handler;
 pub use bindings::kaleidoscope::handler::types::{
-    ColumnOp, ColumnSet, ColumnValue, Command, Delete, Emit, Entry, Failure, IfMissing, Insert,
-    Manifest, OnConflict, Update, Upsert, Value,
+    ColumnOp, ColumnSet, ColumnValue, Command, Condition, Delete, Emit, Entry, Failure, IfMissing,
+    Insert, Manifest, OnConflict, Update, Upsert, Value,
 };
 pub use commands::{
     DeleteBuilder, InsertBuilder, UpdateBuilder, UpsertBuilder, delete, emit, insert, update,
