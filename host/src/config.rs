@@ -421,14 +421,7 @@ impl RawSettings {
             for (key, value) in section {
                 let at = || format!("`plugins.{name}.{key}` in {}", path.display());
                 let list = || -> Result<BTreeSet<String>> {
-                    value
-                        .as_array()
-                        .and_then(|items| {
-                            items
-                                .iter()
-                                .map(|i| i.as_str().map(str::to_string))
-                                .collect::<Option<BTreeSet<_>>>()
-                        })
+                    string_set(value)
                         .with_context(|| format!("{}: expected a list of strings", at()))
                 };
                 let positive = || -> Result<u64> {
@@ -464,14 +457,7 @@ impl RawSettings {
                                     at()
                                 );
                             }
-                            let columns = columns
-                                .as_array()
-                                .and_then(|items| {
-                                    items
-                                        .iter()
-                                        .map(|i| i.as_str().map(str::to_string))
-                                        .collect::<Option<BTreeSet<_>>>()
-                                })
+                            let columns = string_set(columns)
                                 .filter(|columns| !columns.is_empty())
                                 .with_context(|| {
                                     format!(
@@ -675,6 +661,16 @@ impl RawSettings {
             plugins: self.plugins.clone(),
         })
     }
+}
+
+/// A TOML list of strings as a set; `None` if it is anything else.
+fn string_set(value: &toml::Value) -> Option<BTreeSet<String>> {
+    value.as_array().and_then(|items| {
+        items
+            .iter()
+            .map(|i| i.as_str().map(str::to_string))
+            .collect()
+    })
 }
 
 /// `KALEIDOSCOPE_*` variables that are not settings but are read elsewhere (the CLI's

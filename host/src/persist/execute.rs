@@ -7,7 +7,7 @@
 use super::validate::{Condition, Param, SetOp, SetParam, Statement};
 use crate::plugin::wit;
 use sqlx::postgres::{PgArguments, PgDatabaseError};
-use sqlx::{AssertSqlSafe, PgConnection, Postgres, query::Query};
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row, query::Query};
 
 /// Why a statement (and so its entry) failed inside the database.
 #[derive(Debug, thiserror::Error)]
@@ -157,10 +157,11 @@ impl From<&wit::Value> for Bind {
     }
 }
 
-async fn run(conn: &mut PgConnection, sql: String, binds: Vec<Bind>) -> Result<u64, ExecError> {
+/// The statement `sql` with `binds` bound in order.
+fn bound(sql: String, binds: Vec<Bind>) -> Query<'static, Postgres, PgArguments> {
     // Audited: identifiers come from the live catalogue (validated, then quoted), types from
     // `format_type`, and every value is a bound parameter.
-    let mut query: Query<'_, Postgres, PgArguments> = sqlx::query(AssertSqlSafe(sql));
+    let mut query: Query<'static, Postgres, PgArguments> = sqlx::query(AssertSqlSafe(sql));
     for bind in binds {
         query = match bind {
             // Written as a literal by `placeholder`; never bound.
@@ -174,28 +175,21 @@ async fn run(conn: &mut PgConnection, sql: String, binds: Vec<Bind>) -> Result<u
         };
     }
     query
+}
+
+/// Runs a statement; returns how many rows it affected.
+async fn run(conn: &mut PgConnection, sql: String, binds: Vec<Bind>) -> Result<u64, ExecError> {
+    bound(sql, binds)
         .execute(conn)
         .await
         .map(|done| done.rows_affected())
         .map_err(classify)
 }
 
-/// Runs a statement that returns one count (`SELECT count(*) ...`), with `binds` as in [`run`].
+/// Runs a statement that returns one count (`SELECT count(*) ...`).
 async fn count(conn: &mut PgConnection, sql: String, binds: Vec<Bind>) -> Result<u64, ExecError> {
-    // Audited: as in `run`.
-    let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
-    for bind in binds {
-        query = match bind {
-            Bind::Null => query,
-            Bind::Bool(b) => query.bind(b),
-            Bind::Int(i) => query.bind(i),
-            Bind::Float(f) => query.bind(f),
-            Bind::Text(s) => query.bind(s),
-            Bind::TextArray(items) => query.bind(items),
-            Bind::FloatArray(items) => query.bind(items),
-        };
-    }
-    let counted = query.fetch_one(conn).await.map_err(classify)?;
+    let row = bound(sql, binds).fetch_one(conn).await.map_err(classify)?;
+    let counted: i64 = row.try_get(0).map_err(classify)?;
     Ok(u64::try_from(counted).unwrap_or(0))
 }
 
