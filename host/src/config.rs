@@ -1,10 +1,12 @@
 //! Configuration: defaults, then an optional TOML file, then environment variables (environment
 //! wins), then command-line flags.
 //!
-//! Every setting is declared once in [`SETTINGS`]; the TOML keys, the environment variables, the
-//! `--help` text and the README's configuration reference all follow from that table, so they
-//! cannot drift apart. Unknown TOML keys, unknown `KALEIDOSCOPE_*` variables and invalid values are
-//! errors that name the key or variable they came from.
+//! Every setting is declared once in [`SETTINGS`], default included; the TOML keys, the
+//! environment variables, the `--help` text, the README's configuration reference and the values
+//! used when nothing is set all follow from that table, so they cannot drift apart. (Two defaults
+//! are computed: the consumer name and the plugin deadline.) Unknown TOML keys, unknown
+//! `KALEIDOSCOPE_*` variables and invalid values are errors that name the key or variable they
+//! came from.
 
 use anyhow::{Context, Result, bail};
 use std::collections::{BTreeMap, BTreeSet};
@@ -303,14 +305,8 @@ impl Config {
         self.plugins.get(name).cloned().unwrap_or_default()
     }
 
-    /// Loads the configuration from `file` (if any) and the process environment.
-    pub fn load(file: Option<&Path>) -> Result<Config> {
-        let env: BTreeMap<String, String> = std::env::vars().collect();
-        Self::from_sources(file, &env, &BTreeMap::new())
-    }
-
     /// Resolves the configuration from a file, an environment and flag overrides (keyed by TOML
-    /// key). Separate from [`Config::load`] so tests need not mutate the process environment.
+    /// key), passed in so tests need not mutate the process environment.
     pub fn from_sources(
         file: Option<&Path>,
         env: &BTreeMap<String, String>,
@@ -515,53 +511,54 @@ impl RawSettings {
         self.values.get(key)
     }
 
-    fn string(&self, key: &str, default: &str) -> String {
-        self.get(key)
-            .map_or_else(|| default.to_string(), |(v, _)| v.clone())
-    }
-
-    fn parse<T: std::str::FromStr>(&self, key: &str, default: T, expected: &str) -> Result<T> {
+    /// The value of `key` and where it came from: as set, else its default as declared in
+    /// [`SETTINGS`]. `None` only for a setting whose default is computed.
+    fn value(&self, key: &str) -> Option<(String, String)> {
         match self.get(key) {
-            None => Ok(default),
-            Some((value, origin)) => value.trim().parse().map_err(|_| {
-                anyhow::anyhow!("invalid value {value:?} for `{key}` {origin}: expected {expected}")
-            }),
+            Some((value, origin)) => Some((value.clone(), origin.to_string())),
+            None => declared_default(key)
+                .map(|default| (default.to_string(), "(the built-in default)".to_string())),
         }
     }
 
-    fn positive<T>(&self, key: &str, default: T) -> Result<T>
+    fn string(&self, key: &str) -> String {
+        self.value(key).map(|(v, _)| v).unwrap_or_default()
+    }
+
+    fn parse<T: std::str::FromStr>(&self, key: &str, expected: &str) -> Result<T> {
+        let Some((value, origin)) = self.value(key) else {
+            bail!("`{key}` has no value and no default");
+        };
+        value.trim().parse().map_err(|_| {
+            anyhow::anyhow!("invalid value {value:?} for `{key}` {origin}: expected {expected}")
+        })
+    }
+
+    fn positive<T>(&self, key: &str) -> Result<T>
     where
         T: std::str::FromStr + PartialOrd + From<u8>,
     {
-        let value = self.parse(key, default, "a positive integer")?;
+        let value: T = self.parse(key, "a positive integer")?;
         if value < T::from(1) {
-            let (text, origin) = self
-                .get(key)
-                .map(|(v, o)| (v.clone(), o.to_string()))
-                .unwrap_or_default();
+            let (text, origin) = self.value(key).unwrap_or_default();
             bail!("invalid value {text:?} for `{key}` {origin}: expected a positive integer");
         }
         Ok(value)
     }
 
-    fn boolean(&self, key: &str, default: bool) -> Result<bool> {
-        match self.get(key) {
-            None => Ok(default),
-            Some((value, origin)) => match value.trim().to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => Ok(true),
-                "false" | "0" | "no" | "off" => Ok(false),
-                _ => bail!("invalid value {value:?} for `{key}` {origin}: expected true or false"),
-            },
+    fn boolean(&self, key: &str) -> Result<bool> {
+        let (value, origin) = self.value(key).unwrap_or_default();
+        match value.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => bail!("invalid value {value:?} for `{key}` {origin}: expected true or false"),
         }
     }
 
-    fn non_empty(&self, key: &str, default: String) -> Result<String> {
-        let value = self.get(key).map_or(default, |(v, _)| v.trim().to_string());
+    fn non_empty(&self, key: &str) -> Result<String> {
+        let (value, origin) = self.value(key).unwrap_or_default();
+        let value = value.trim().to_string();
         if value.is_empty() {
-            let origin = self
-                .get(key)
-                .map(|(_, o)| o.to_string())
-                .unwrap_or_default();
             bail!("invalid value \"\" for `{key}` {origin}: must not be empty");
         }
         Ok(value)
@@ -581,7 +578,7 @@ impl RawSettings {
             .any(|k| from_env(k));
         let url_given = self.get("redis_url").is_some();
         if url_given && (from_env("redis_url") || !parts_from_env) {
-            let url = self.string("redis_url", "");
+            let url = self.string("redis_url");
             redis::parse_redis_url(&url).with_context(|| {
                 let origin = self
                     .get("redis_url")
@@ -591,9 +588,9 @@ impl RawSettings {
             })?;
             return Ok(url);
         }
-        let host = self.non_empty("redis_host", "127.0.0.1".into())?;
-        let port: u16 = self.parse("redis_port", 6379, "a port number (1-65535)")?;
-        let password = self.string("redis_password", "");
+        let host = self.non_empty("redis_host")?;
+        let port: u16 = self.parse("redis_port", "a port number (1-65535)")?;
+        let password = self.string("redis_password");
         Ok(if password.is_empty() {
             format!("redis://{host}:{port}")
         } else {
@@ -602,62 +599,57 @@ impl RawSettings {
     }
 
     fn resolve(&self) -> Result<Config> {
-        let timeout_seconds: u64 = self.positive("timeout_seconds", 30)?;
-        let plugin_timeout_ms: u64 = self.positive("plugin_timeout_ms", timeout_seconds * 1000)?;
-        let plugin_memory_mib: usize = self.positive("plugin_memory_mib", 64)?;
+        let timeout_seconds: u64 = self.positive("timeout_seconds")?;
+        let plugin_timeout_ms: u64 = match self.get("plugin_timeout_ms") {
+            Some(_) => self.positive("plugin_timeout_ms")?,
+            None => timeout_seconds * 1000,
+        };
+        let plugin_memory_mib: usize = self.positive("plugin_memory_mib")?;
         Ok(Config {
             redis_url: self.redis_url()?,
-            database_url: self.non_empty(
-                "database_url",
-                "postgres://postgres@127.0.0.1:5432/kaleidoscope".into(),
-            )?,
-            retry_attempts: self.positive("retry_attempts", 3)?,
+            database_url: self.non_empty("database_url")?,
+            retry_attempts: self.positive("retry_attempts")?,
             timeout_seconds,
-            processing_enabled: self.boolean("processing_enabled", true)?,
-            plugins_dir: PathBuf::from(self.non_empty("plugins_dir", "target/plugins".into())?),
-            consumer_group: self.non_empty("consumer_group", "backend-group".into())?,
-            consumer_name: self.non_empty("consumer_name", default_consumer_name())?,
-            reclaim_idle: Duration::from_millis(self.positive("reclaim_idle_ms", 60_000)?),
-            dlq_stream: self.non_empty("dlq_stream", "ml-results-dlq".into())?,
-            batch_size: self.positive("batch_size", 10)?,
-            max_batch_size: self.positive("max_batch_size", 250)?,
-            max_in_flight: self.positive("max_in_flight", 2)?,
-            poll_timeout: Duration::from_millis(self.positive("poll_timeout_ms", 1000)?),
-            stream_prefix: self.string("stream_prefix", ""),
+            processing_enabled: self.boolean("processing_enabled")?,
+            plugins_dir: PathBuf::from(self.non_empty("plugins_dir")?),
+            consumer_group: self.non_empty("consumer_group")?,
+            consumer_name: match self.get("consumer_name") {
+                Some(_) => self.non_empty("consumer_name")?,
+                None => default_consumer_name(),
+            },
+            reclaim_idle: Duration::from_millis(self.positive("reclaim_idle_ms")?),
+            dlq_stream: self.non_empty("dlq_stream")?,
+            batch_size: self.positive("batch_size")?,
+            max_batch_size: self.positive("max_batch_size")?,
+            max_in_flight: self.positive("max_in_flight")?,
+            poll_timeout: Duration::from_millis(self.positive("poll_timeout_ms")?),
+            stream_prefix: self.string("stream_prefix"),
             plugin_timeout: Duration::from_millis(plugin_timeout_ms),
             plugin_memory_bytes: plugin_memory_mib
                 .checked_mul(1 << 20)
                 .context("`plugin_memory_mib` is too large")?,
-            migrate: self.boolean("migrate", true)?,
-            watch_plugins: self.boolean("watch_plugins", true)?,
-            shutdown_timeout: Duration::from_millis(self.positive("shutdown_timeout_ms", 10_000)?),
-            http_addr: Some(self.string("http_addr", "").trim().to_string())
-                .filter(|a| !a.is_empty()),
+            migrate: self.boolean("migrate")?,
+            watch_plugins: self.boolean("watch_plugins")?,
+            shutdown_timeout: Duration::from_millis(self.positive("shutdown_timeout_ms")?),
+            http_addr: Some(self.string("http_addr").trim().to_string()).filter(|a| !a.is_empty()),
             critical_streams: self
-                .string(
-                    "critical_streams",
-                    "post-image-processing,profile-picture-processing",
-                )
+                .string("critical_streams")
                 .split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .map(str::to_string)
                 .collect(),
-            consumer_expiry: Duration::from_millis(self.positive("consumer_expiry_ms", 3_600_000)?),
-            ledger_retention: Duration::from_millis(
-                self.positive("ledger_retention_ms", 86_400_000)?,
-            ),
+            consumer_expiry: Duration::from_millis(self.positive("consumer_expiry_ms")?),
+            ledger_retention: Duration::from_millis(self.positive("ledger_retention_ms")?),
             database_timeouts: crate::persist::Timeouts {
-                statement: Duration::from_millis(self.positive("pg_statement_timeout_ms", 30_000)?),
-                lock: Duration::from_millis(self.positive("pg_lock_timeout_ms", 10_000)?),
+                statement: Duration::from_millis(self.positive("pg_statement_timeout_ms")?),
+                lock: Duration::from_millis(self.positive("pg_lock_timeout_ms")?),
                 idle_in_transaction: Duration::from_millis(
-                    self.positive("pg_idle_in_transaction_timeout_ms", 60_000)?,
+                    self.positive("pg_idle_in_transaction_timeout_ms")?,
                 ),
-                keepalive_idle: Duration::from_millis(
-                    self.positive("pg_keepalive_idle_ms", 30_000)?,
-                ),
+                keepalive_idle: Duration::from_millis(self.positive("pg_keepalive_idle_ms")?),
             },
-            cache_dir: PathBuf::from(self.non_empty("cache_dir", "target/plugin-cache".into())?),
+            cache_dir: PathBuf::from(self.non_empty("cache_dir")?),
             plugins: self.plugins.clone(),
         })
     }
@@ -671,6 +663,16 @@ fn string_set(value: &toml::Value) -> Option<BTreeSet<String>> {
             .map(|i| i.as_str().map(str::to_string))
             .collect()
     })
+}
+
+/// The default of `key` as declared in [`SETTINGS`], when it is a value; `None` when it is
+/// computed (written as `<host name>` or as a formula such as `timeout_seconds × 1000`).
+fn declared_default(key: &str) -> Option<&'static str> {
+    SETTINGS
+        .iter()
+        .find(|s| s.key == key)
+        .map(|s| s.default)
+        .filter(|d| !d.starts_with('<') && !d.contains(' '))
 }
 
 /// `KALEIDOSCOPE_*` variables that are not settings but are read elsewhere (the CLI's
@@ -734,6 +736,33 @@ mod tests {
 
     fn load(pairs: &[(&str, &str)]) -> Result<Config> {
         Config::from_sources(None, &env(pairs), &BTreeMap::new())
+    }
+
+    #[test]
+    fn every_default_is_declared_once_and_valid() {
+        // Only these two are computed; every other default is a value in SETTINGS, and an empty
+        // configuration resolves to exactly those values.
+        let computed: Vec<&str> = SETTINGS
+            .iter()
+            .filter(|s| super::declared_default(s.key).is_none())
+            .map(|s| s.key)
+            .collect();
+        assert_eq!(computed, ["consumer_name", "plugin_timeout_ms"]);
+        let config = load(&[]).unwrap();
+        assert_eq!(config.plugin_timeout, Duration::from_secs(30));
+        assert_eq!(config.consumer_group, "backend-group");
+        assert_eq!(config.max_batch_size, 250);
+        assert_eq!(config.ledger_retention, Duration::from_millis(86_400_000));
+        assert_eq!(
+            config.critical_streams,
+            ["post-image-processing", "profile-picture-processing"]
+        );
+        assert_eq!(config.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(
+            config.database_timeouts,
+            crate::persist::Timeouts::default()
+        );
+        assert!(config.http_addr.is_none());
     }
 
     #[test]

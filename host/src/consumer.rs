@@ -4,7 +4,8 @@
 //! running handlers and committing overlap; the read size grows while reads come back full.
 //!
 //! Each task has its own Redis connection because `XREADGROUP ... BLOCK` holds a connection for
-//! the whole poll; acknowledgements and publishing go through the shared connection manager.
+//! the whole poll; the reclaim loop's commands (XAUTOCLAIM, XCLAIM, the XACK of trimmed entries)
+//! use it too, while batches acknowledge and publish through the shared connection manager.
 //! A slow or failing plugin on one stream therefore never delays another stream.
 
 use crate::delivery::PreparedBatch;

@@ -27,17 +27,6 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    /// Every kind, for documentation and filters.
-    pub const ALL: [FailureKind; 7] = [
-        FailureKind::Malformed,
-        FailureKind::RetriesExhausted,
-        FailureKind::PluginTrap,
-        FailureKind::Timeout,
-        FailureKind::MemoryLimit,
-        FailureKind::ForbiddenCommand,
-        FailureKind::Database,
-    ];
-
     /// The name written to the `failureKind` field.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -19,7 +19,8 @@ const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Binds `addr` (so the caller learns the port, e.g. for `:0`) and serves until `stop`.
+/// Binds `addr`, so the caller learns the port (e.g. for `:0`) and a busy port fails before
+/// anything else starts; [`serve`] then answers on it.
 pub async fn bind(addr: &str) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await

@@ -1,8 +1,9 @@
-//! The delivery protocol for one batch of entries from one stream (BRIEF §3), in the order of its
-//! steps. Reading is [`crate::consumer`]'s job; from there a batch goes through
+//! The delivery protocol for one batch of entries from one stream, in the order of its steps.
+//! Reading is [`crate::consumer`]'s job; from there a batch goes through
 //!
 //! 1. [`triage`]: `init` sentinels are set aside (acknowledged, never recorded); entries with
-//!    non-UTF-8 values or delivered more often than allowed are decided without a handler;
+//!    non-UTF-8 or NUL values or delivered more often than allowed are decided without a handler,
+//!    and a replayed dead letter gets the ledger identity of the entry it replays;
 //! 2. [`dispatch`]: every other entry goes to the handler plugin of its stream, on a blocking
 //!    thread, each on a fresh instance (a trap, timeout or memory-limit hit fails that entry
 //!    only), and the commands it returns are validated against the live schema;

@@ -251,11 +251,6 @@ impl PluginRuntime {
         Self::new(defaults, largest, cache_dir)
     }
 
-    /// The limits every call runs under.
-    pub fn limits(&self) -> SandboxLimits {
-        self.limits
-    }
-
     /// Reads, compiles and validates the plugin in `path`. Blocking and CPU-heavy (tens to
     /// hundreds of milliseconds unless cached): call it from a blocking thread. `limits_for`
     /// gives the limits of a plugin by its manifest name.
