@@ -432,7 +432,7 @@ impl RawSettings {
                         let tables = list()?;
                         if let Some(host) = tables
                             .iter()
-                            .find(|t| crate::persist::validate::HOST_TABLES.contains(&t.as_str()))
+                            .find(|t| crate::persist::schema::HOST_TABLES.contains(&t.as_str()))
                         {
                             bail!(
                                 "{}: table `{host}` belongs to the host and cannot be granted",
@@ -447,7 +447,7 @@ impl RawSettings {
                         })?;
                         let mut update_columns = BTreeMap::new();
                         for (table, columns) in grants {
-                            if crate::persist::validate::HOST_TABLES.contains(&table.as_str()) {
+                            if crate::persist::schema::HOST_TABLES.contains(&table.as_str()) {
                                 bail!(
                                     "{}: table `{table}` belongs to the host and cannot be granted",
                                     at()

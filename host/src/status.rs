@@ -8,6 +8,7 @@
 
 use crate::config::Config;
 use crate::state::HostState;
+use crate::streams::text;
 use anyhow::{Context, Result};
 use redis::Value;
 use redis::aio::ConnectionLike;
@@ -511,14 +512,6 @@ fn counts<N: std::fmt::Display>(counts: &BTreeMap<String, N>) -> String {
         .map(|(name, n)| format!("{name}={n}"))
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn text(value: &Value) -> Option<String> {
-    match value {
-        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
 }
 
 fn int(value: &Value) -> Option<i64> {

@@ -480,7 +480,8 @@ fn bytes(value: Value) -> Vec<u8> {
     }
 }
 
-fn text(value: &Value) -> Option<String> {
+/// A Redis string reply as text (`None` for anything else or for bytes that are not UTF-8).
+pub(crate) fn text(value: &Value) -> Option<String> {
     match value {
         Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),

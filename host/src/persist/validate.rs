@@ -7,13 +7,11 @@
 //! names the plugin, the command, the table and the column — the entry is then dead-lettered as
 //! `forbidden-command` instead of failing somewhere inside PostgreSQL.
 
+use super::schema::HOST_TABLES;
 use super::schema::{Catalog, Column, ColumnKind, Table};
 use crate::config::PluginPolicy;
 use crate::plugin::wit;
 use std::collections::BTreeSet;
-
-/// Tables that only the host writes; no plugin command may name them.
-pub const HOST_TABLES: &[&str] = &["processed_entries", "outbox", "_sqlx_migrations"];
 
 /// The most commands one entry may produce.
 pub const MAX_COMMANDS_PER_ENTRY: usize = 100_000;

@@ -39,4 +39,14 @@ pub mod bindings_v0_1 {
 pub use bindings::kaleidoscope::handler::types as wit;
 
 pub use registry::{LoadFailure, PluginRegistry, PluginSet};
+
+/// The SHA-256 of a plugin file, hex: how plugins are told apart (unchanged files are not
+/// reloaded, compiled components are cached under it, status shows it).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 pub use runtime::{HandlerOutcome, Plugin, PluginRuntime, SandboxLimits};

@@ -6,7 +6,6 @@
 
 use super::runtime::{Plugin, PluginRuntime, SandboxLimits};
 use anyhow::Result;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -138,7 +137,7 @@ impl PluginSet {
                     continue;
                 }
             };
-            let sha256 = hex(&Sha256::digest(&bytes));
+            let sha256 = super::sha256_hex(&bytes);
             match current.loaded_from(&file) {
                 Some(old) if old.sha256 == sha256 => {
                     if let Err(failure) = next.insert(old.clone()) {
@@ -171,7 +170,7 @@ impl PluginSet {
                     sha256,
                 }),
                 (None, Ok(bytes)) => runtime
-                    .load_bytes(&bytes, &file, limits_for)
+                    .load_bytes(&bytes, sha256.clone(), &file, limits_for)
                     .map_err(|error| LoadFailure {
                         file: file.clone(),
                         reason: crate::text::causes(&error),
@@ -229,10 +228,6 @@ fn known_failure_reported(current: &PluginSet, failure: &LoadFailure) -> bool {
         .failures
         .iter()
         .any(|f| f.file == failure.file && f.sha256 == failure.sha256 && f.reason == failure.reason)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The current [`PluginSet`], replaceable as a whole.

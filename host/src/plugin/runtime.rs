@@ -18,7 +18,6 @@ use super::bindings_v0_1::{
 use super::{v0_1, wit};
 use crate::text;
 use anyhow::{Context, Result, bail};
-use sha2::{Digest, Sha256};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -257,13 +256,15 @@ impl PluginRuntime {
     pub fn load(&self, path: &Path, limits_for: &dyn Fn(&str) -> SandboxLimits) -> Result<Plugin> {
         let bytes =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        self.load_bytes(&bytes, path, limits_for)
+        self.load_bytes(&bytes, None, path, limits_for)
     }
 
     /// Compiles and validates a plugin from bytes; `path` names it in errors and status.
+    /// `sha256` is the bytes' [`super::sha256_hex`] when the caller has it already.
     pub fn load_bytes(
         &self,
         bytes: &[u8],
+        sha256: Option<String>,
         path: &Path,
         limits_for: &dyn Fn(&str) -> SandboxLimits,
     ) -> Result<Plugin> {
@@ -273,7 +274,7 @@ impl PluginRuntime {
             );
         }
         let started = Instant::now();
-        let sha256 = hex(&Sha256::digest(bytes));
+        let sha256 = sha256.unwrap_or_else(|| super::sha256_hex(bytes));
         let (component, from_cache) = self.component(bytes, &sha256)?;
         let load_time = started.elapsed();
         let instance_pre = self
@@ -576,10 +577,6 @@ fn validate_manifest(manifest: &wit::Manifest) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Which entry a call belongs to, for the plugin's log lines.
