@@ -125,7 +125,9 @@ impl Health {
 /// a command Redis refused — is about the work, not the dependency, and blames nothing.
 pub fn blame(error: &anyhow::Error) -> Option<Dependency> {
     error.chain().find_map(|cause| {
-        if let Some(error) = cause.downcast_ref::<sqlx::Error>() {
+        if let Some(KnownOutage(dependency, _)) = cause.downcast_ref::<KnownOutage>() {
+            Some(*dependency)
+        } else if let Some(error) = cause.downcast_ref::<sqlx::Error>() {
             crate::persist::execute::is_outage(error).then_some(Dependency::Database)
         } else if let Some(error) = cause.downcast_ref::<redis::RedisError>() {
             redis_outage(error).then_some(Dependency::Redis)
@@ -138,6 +140,12 @@ pub fn blame(error: &anyhow::Error) -> Option<Dependency> {
         }
     })
 }
+
+/// A dependency found not answering (a failed probe), whatever the error it gave: an outage
+/// even if its cause is not one [`blame`] would recognise.
+#[derive(Debug, thiserror::Error)]
+#[error("{name} does not answer: {detail}", name = .0.name(), detail = .1)]
+pub struct KnownOutage(pub Dependency, pub String);
 
 /// Whether a Redis error means Redis cannot be reached (rather than that it refused a command).
 fn redis_outage(error: &redis::RedisError) -> bool {

@@ -221,6 +221,18 @@ impl HostState {
                 Err(error) if crate::health::blame(&error).is_some() => return Err(error),
                 Err(error) => error,
             };
+            // Before blaming the entry, make sure the database itself answers: an error no
+            // classification foresaw may still be an outage, and an outage must never cost an
+            // entry its place.
+            if let Err(probe) = sqlx::query("SELECT 1").execute(&self.pool).await {
+                return Err(anyhow::Error::new(crate::health::KnownOutage(
+                    crate::health::Dependency::Database,
+                    format!(
+                        "{probe} (the batch waits; its last error: {})",
+                        crate::text::causes(&error)
+                    ),
+                )));
+            }
             let reason = crate::text::sanitize(format!(
                 "the entry's own transaction failed: {}",
                 crate::text::causes(&error)

@@ -93,8 +93,15 @@ pub fn is_outage(error: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // connection_exception; admin_shutdown, crash_shutdown, cannot_connect_now;
-            // too_many_connections.
-            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+            // too_many_connections; and what refuses a new connection: authentication failed,
+            // the database does not exist, or does not accept connections (`ALLOW_CONNECTIONS
+            // false`, SQLSTATE 55000 with that message).
+            code.starts_with("08")
+                || matches!(
+                    &*code,
+                    "57P01" | "57P02" | "57P03" | "53300" | "28000" | "28P01" | "3D000"
+                )
+                || (code == "55000" && db.message().contains("accepting connections"))
         }),
         _ => false,
     }
