@@ -202,11 +202,7 @@ async fn run_subject(
     let prefix = format!("bench-{}-{}:", std::process::id(), subject.name());
     let pool = fresh_database(&options.database_url).await?;
     data.seed(&pool).await?;
-    let client = redis::Client::open(options.redis_url.as_str()).context("invalid Redis URL")?;
-    let mut redis = client
-        .get_multiplexed_async_connection()
-        .await
-        .context("cannot connect to Redis")?;
+    let mut redis = crate::redis_connection::open(&options.redis_url).await?;
     delete_keys(&mut redis, &prefix).await?;
     let deadlocks_before = deadlocks(&pool).await?;
 

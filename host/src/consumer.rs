@@ -10,11 +10,12 @@
 
 use crate::delivery::PreparedBatch;
 use crate::health::{self, Dependency};
+use crate::redis_connection;
 use crate::state::HostState;
 use crate::streams::{self, StreamEntry};
 use anyhow::{Context, Result};
+use redis::Client;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -491,13 +492,9 @@ async fn read_connection(
     poll_timeout: Duration,
     name: &str,
 ) -> Result<MultiplexedConnection> {
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(poll_timeout + Duration::from_secs(10)));
-    let mut conn = client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .context("cannot connect to Redis")?;
+    let mut conn =
+        redis_connection::dedicated(client, poll_timeout + redis_connection::RESPONSE_TIMEOUT)
+            .await?;
     let _: () = redis::cmd("CLIENT")
         .arg("SETNAME")
         .arg(name)

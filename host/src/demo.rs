@@ -9,8 +9,8 @@ use crate::config::Config;
 use crate::host::RunningHost;
 use crate::publish::{Publisher, Request};
 use crate::simulate::{self, SimulatorOptions};
-use crate::{persist, status};
-use anyhow::{Context, Result, bail};
+use crate::{persist, redis_connection, status};
+use anyhow::{Result, bail};
 use serde::Serialize;
 use sqlx::PgPool;
 use std::collections::BTreeMap;
@@ -151,11 +151,7 @@ pub async fn run(base: &Config, options: &DemoOptions) -> Result<Summary> {
 }
 
 async fn clear_streams(config: &Config) -> Result<()> {
-    let client = redis::Client::open(config.redis_url.as_str()).context("invalid Redis URL")?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .context("cannot connect to Redis")?;
+    let mut conn = redis_connection::open(&config.redis_url).await?;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{}*", config.stream_prefix))
         .query_async(&mut conn)
@@ -224,8 +220,7 @@ async fn wait_for_answers(
     options: &DemoOptions,
     started: Instant,
 ) -> Result<()> {
-    let client = redis::Client::open(config.redis_url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = redis_connection::open(&config.redis_url).await?;
     let terminal = std::io::stderr().is_terminal();
     let mut last_line = Instant::now();
     loop {
@@ -290,8 +285,7 @@ async fn summarise(
 ) -> Result<Summary> {
     let count =
         |sql: &'static str| async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await };
-    let client = redis::Client::open(config.redis_url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = redis_connection::open(&config.redis_url).await?;
     let dead_letters: i64 = redis::cmd("XLEN")
         .arg(config.dlq_key())
         .query_async(&mut conn)

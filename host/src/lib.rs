@@ -3,41 +3,50 @@
 //! commands the handler returns into PostgreSQL — exactly once, acknowledging an entry only after
 //! its effects have committed.
 //!
-//! Where things happen:
-//! - [`consumer`]: one task per stream reads (`XREADGROUP`) and reclaims (`XAUTOCLAIM`) entries;
-//! - [`delivery`]: the delivery protocol for one batch, one module per step — triage, dispatch
-//!   to the plugin, commit (with [`persist::plan`]), acknowledge;
+//! One entry's way through the code:
+//! 1. **read** — [`consumer`]: one task per stream reads (`XREADGROUP`) and reclaims
+//!    (`XAUTOCLAIM`) entries, using the commands in [`streams`];
+//! 2. **triage** — `delivery/triage.rs`: entries already in the ledger, unreadable, or replayed;
+//! 3. **dispatch** — `delivery/dispatch.rs`: the plugin's `handle` runs in its sandbox
+//!    ([`plugin`]);
+//! 4. **commit** — `delivery/commit.rs`: the batch's commands are checked
+//!    ([`persist::validate`]), planned ([`persist::plan`]) and executed ([`persist::batch`])
+//!    in one transaction with the [`persist::ledger`] rows and [`persist::outbox`] messages;
+//!    failures become retries or [`dead_letter`]s;
+//! 5. **ack** — `delivery/ack.rs`: outbox messages are published, then the entries acknowledged.
+//!
+//! Around it:
+//! - [`host`]: start-up, shutdown, plugin **reload** and the consumers that follow it, and the
+//!   background chores (heartbeat, probe, request tracker, ledger pruning, **outbox relay**);
 //! - [`state`]: what a running host shares — configuration, connections, plugins, health,
 //!   metrics, schema catalogue;
-//! - [`plugin`]: loading and sandboxing handler components;
-//! - [`persist`]: the database — schema catalogue, command validation and execution, ledger,
-//!   outbox;
-//! - [`streams`]: the Redis Streams commands the host uses;
-//! - [`publish`]: the other direction — publishing requests to the ML services and tracking
-//!   them until their results arrive; [`simulate`]: a reference ML service for demos and tests;
-//! - [`config`]: settings from file and environment;
-//! - [`health`]: readiness (PostgreSQL and Redis reachable); [`metrics`] and [`http`]:
-//!   `/metrics`, `/healthz`, `/readyz`;
-//! - [`bench`]: `kaleidoscope bench`, throughput and latency against a reference consumer;
-//! - [`dlq`]: listing and replaying dead letters; [`demo`]: everything at once, for newcomers;
-//! - [`status`]: what `kaleidoscope status` reports, and the heartbeat hosts publish for it;
-//! - [`text`]: making outside text (plugin reasons, log lines) safe to store;
-//! - [`toolkit`]: `kaleidoscope plugin check` and `plugin exec` for plugin authors.
+//! - [`config`]: settings from file, environment and flags; [`redis_connection`] and
+//!   [`persist::connect`]: the one way to open connections;
+//! - [`heartbeat`]: the document each host keeps fresh in Redis; [`status`]: what
+//!   `kaleidoscope status` makes of those and of the streams; [`health`]: whether PostgreSQL and
+//!   Redis answer; [`metrics`] and [`http`]: `/metrics`, `/healthz`, `/readyz`;
+//! - [`publish`]: the other direction — publishing requests to the ML services and tracking them
+//!   until their results arrive; [`simulate`]: a reference ML service for demos and tests;
+//! - **CLI** — [`cli`]: one function per subcommand; [`dead_letter::admin`] (`dlq list/replay`),
+//!   [`toolkit`] (`plugin check/exec`), [`bench`](mod@bench), [`demo`];
+//! - [`text`]: making outside text (plugin reasons, log lines) safe to store.
 
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod consumer;
-pub mod deadletter;
+pub mod dead_letter;
 pub mod delivery;
 pub mod demo;
-pub mod dlq;
 pub mod health;
+pub mod heartbeat;
 pub mod host;
 pub mod http;
 pub mod metrics;
 pub mod persist;
 pub mod plugin;
 pub mod publish;
+pub mod redis_connection;
 pub mod simulate;
 pub mod state;
 pub mod status;

@@ -15,7 +15,7 @@
 //!   backend published before committing, and the ML side could not find the rows.
 
 use crate::config::Config;
-use crate::persist::ledger;
+use crate::persist::outbox;
 use crate::streams;
 use anyhow::{Context, Result, bail};
 use redis::aio::ConnectionManager;
@@ -159,12 +159,7 @@ pub struct Publisher {
 impl Publisher {
     /// A publisher for the Redis of `config` and the database behind `pool`.
     pub fn new(config: std::sync::Arc<Config>, pool: PgPool) -> Result<Self> {
-        let client = redis::Client::open(config.redis_url.as_str()).with_context(|| {
-            format!(
-                "invalid Redis URL {}",
-                crate::persist::redact(&config.redis_url)
-            )
-        })?;
+        let client = crate::redis_connection::client(&config.redis_url)?;
         Ok(Self {
             config,
             client,
@@ -176,20 +171,7 @@ impl Publisher {
     async fn redis(&self) -> Result<ConnectionManager> {
         let manager = self
             .redis
-            .get_or_try_init(|| async {
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_secs(5)))
-                    .set_number_of_retries(1);
-                ConnectionManager::new_with_config(self.client.clone(), config)
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "cannot connect to Redis at {}",
-                            crate::persist::redact(&self.config.redis_url)
-                        )
-                    })
-            })
+            .get_or_try_init(|| crate::redis_connection::shared(&self.client))
             .await?;
         Ok(manager.clone())
     }
@@ -294,7 +276,7 @@ impl Publisher {
         record(&mut *tx, request, &correlation_id, &fields, true)
             .await
             .with_context(|| format!("cannot record request {correlation_id} for {stream}"))?;
-        let message = ledger::enqueue(tx, &self.config.stream_key(stream), fields)
+        let message = outbox::enqueue(tx, &self.config.stream_key(stream), fields)
             .await
             .with_context(|| format!("cannot enqueue request {correlation_id} for {stream}"))?;
         Ok(Some(Published {
@@ -311,13 +293,13 @@ impl Publisher {
         if ids.is_empty() {
             return Ok(());
         }
-        let messages = ledger::fetch(&self.pool, &ids)
+        let messages = outbox::fetch(&self.pool, &ids)
             .await
             .context("cannot read enqueued requests (was the transaction committed?)")?;
         let mut redis = self.redis().await?;
         for message in messages {
             streams::add(&mut redis, &message.stream_key, &message.fields).await?;
-            ledger::remove(&self.pool, &[message.id]).await?;
+            outbox::remove(&self.pool, &[message.id]).await?;
         }
         Ok(())
     }

@@ -55,11 +55,8 @@ pub async fn run(
     options: &SimulatorOptions,
     mut stop: watch::Receiver<bool>,
 ) -> Result<SimulatorStats> {
-    let client = redis::Client::open(config.redis_url.as_str()).context("invalid Redis URL")?;
-    let connection_config =
-        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(15)));
-    let mut conn = client
-        .get_multiplexed_async_connection_with_config(&connection_config)
+    // Its reads block for half a second at most; the usual response timeout covers that.
+    let mut conn = crate::redis_connection::open(&config.redis_url)
         .await
         .context("the simulator cannot connect to Redis")?;
     let keys: Vec<String> = [

@@ -4,6 +4,7 @@
 //! protocol ([`crate::delivery`]) is written as its methods.
 
 use crate::config::Config;
+use crate::health::{Dependency, PROBE_INTERVAL};
 use crate::metrics::Metrics;
 use crate::persist::schema::Catalog;
 use crate::plugin::PluginRegistry;
@@ -64,6 +65,30 @@ impl HostState {
             problems.push("no plugin is loaded".to_string());
         }
         problems
+    }
+
+    /// Asks PostgreSQL and Redis whether they answer (within [`PROBE_INTERVAL`] each) and
+    /// records the result in [`Self::health`], so readiness reflects an outage even when no
+    /// traffic arrives to hit it. Returns whether readiness changed.
+    pub async fn probe_dependencies(&self) -> bool {
+        let before = self.health.problems().len();
+        let unanswered = |_| "no answer within the probe interval".to_string();
+        let database =
+            tokio::time::timeout(PROBE_INTERVAL, sqlx::query("SELECT 1").execute(&self.pool))
+                .await
+                .map_err(unanswered)
+                .and_then(|done| done.map(drop).map_err(|e| e.to_string()));
+        self.health.observe(Dependency::Database, database);
+        let mut redis = self.redis.clone();
+        let ping = tokio::time::timeout(
+            PROBE_INTERVAL,
+            redis::cmd("PING").query_async::<()>(&mut redis),
+        )
+        .await
+        .map_err(unanswered)
+        .and_then(|done| done.map_err(|e| e.to_string()));
+        self.health.observe(Dependency::Redis, ping);
+        self.health.problems().len() != before
     }
 
     /// The live catalogue that commands are checked against.

@@ -2,7 +2,7 @@
 
 use super::{BatchReport, Decision, Item, PreparedBatch};
 use crate::metrics::labels;
-use crate::persist::ledger::{self, OutboxMessage};
+use crate::persist::outbox::{self, OutboxMessage};
 use crate::plugin::Plugin;
 use crate::state::HostState;
 use crate::streams;
@@ -66,7 +66,7 @@ impl HostState {
             .await
             .context("entries are committed; their outbox messages will be published by the relay and the entries acknowledged on redelivery")?;
         let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
-        if let Err(error) = ledger::remove(&self.pool, &ids).await {
+        if let Err(error) = outbox::remove(&self.pool, &ids).await {
             // Harmless: the relay publishes them again later (at-least-once).
             warn!("{}", crate::text::causes(&error));
         }

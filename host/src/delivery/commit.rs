@@ -1,10 +1,11 @@
 //! Step 4: the batch transaction — set-based first, entry by entry when a statement fails.
 
 use super::{Decision, Item};
-use crate::deadletter::{DeadLetter, FailureKind};
+use crate::dead_letter::{DeadLetter, FailureKind};
 use crate::persist::batch::{self, PlanFailure, TableLock};
 use crate::persist::execute::{self, ExecError};
-use crate::persist::ledger::{self, OutboxMessage, Outcome};
+use crate::persist::ledger::{self, Outcome};
+use crate::persist::outbox::{self, OutboxMessage};
 use crate::persist::plan::{self, Stage};
 use crate::persist::validate::Statement;
 use crate::plugin::Plugin;
@@ -186,7 +187,7 @@ impl HostState {
                 outbox.push((self.config.dlq_key(), letter.to_stream_fields()));
             }
         }
-        let messages = match ledger::enqueue_all(&mut tx, outbox).await {
+        let messages = match outbox::enqueue_all(&mut tx, outbox).await {
             Ok(messages) => messages,
             Err(error) => return set_based_error(execute::classify(error), "the outbox"),
         };
@@ -361,7 +362,7 @@ impl HostState {
                 }
                 let letter = dead_letter(stream, plugin, item, *kind, reason);
                 let message =
-                    ledger::enqueue(&mut tx, &self.config.dlq_key(), letter.to_stream_fields())
+                    outbox::enqueue(&mut tx, &self.config.dlq_key(), letter.to_stream_fields())
                         .await
                         .context("cannot write a dead letter to the outbox")?;
                 messages.push(message);
@@ -402,7 +403,7 @@ impl HostState {
             match statement {
                 Statement::Emit { target, fields } => {
                     let message =
-                        ledger::enqueue(conn, &self.config.stream_key(target), fields.clone())
+                        outbox::enqueue(conn, &self.config.stream_key(target), fields.clone())
                             .await
                             .map_err(execute::classify)?;
                     emitted.push(message);

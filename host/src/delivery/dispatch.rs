@@ -2,7 +2,7 @@
 //! runs.
 
 use super::{Decision, Item};
-use crate::deadletter::FailureKind;
+use crate::dead_letter::FailureKind;
 use crate::metrics::labels;
 use crate::persist::validate;
 use crate::plugin::{HandlerOutcome, Plugin, wit};

@@ -1,17 +1,17 @@
 //! The delivery protocol for one batch of entries from one stream, in the order of its steps.
 //! Reading is [`crate::consumer`]'s job; from there a batch goes through
 //!
-//! 1. [`triage`]: `init` sentinels are set aside (acknowledged, never recorded); entries with
+//! 1. `triage.rs`: `init` sentinels are set aside (acknowledged, never recorded); entries with
 //!    non-UTF-8 or NUL values or delivered more often than allowed are decided without a handler,
 //!    and a replayed dead letter gets the ledger identity of the entry it replays;
-//! 2. [`dispatch`]: every other entry goes to the handler plugin of its stream, on a blocking
+//! 2. `dispatch.rs`: every other entry goes to the handler plugin of its stream, on a blocking
 //!    thread, each on a fresh instance (a trap, timeout or memory-limit hit fails that entry
 //!    only), and the commands it returns are validated against the live schema;
 //! 3. plan ([`crate::persist::plan`]): the commands of all entries become a few set-based stages;
-//! 4. [`commit`]: one transaction claims the ledger rows (an entry already there is a
+//! 4. `commit.rs`: one transaction claims the ledger rows (an entry already there is a
 //!    redelivery and runs nothing), runs the plan and writes the outbox (emits and dead letters);
 //!    a database error in one entry falls back to a savepoint per entry, so it fails alone;
-//! 5. [`ack`]: after commit, outbox messages are published and the finished entries acknowledged.
+//! 5. `ack.rs`: after commit, outbox messages are published and the finished entries acknowledged.
 //!
 //! Steps 1–2 ([`HostState::prepare`]) need no database, so a consumer runs them for the next batch
 //! while steps 3–5 ([`HostState::finish`]) run for the previous one. Entries that should be
@@ -26,7 +26,7 @@ mod triage;
 
 pub use triage::REPLAY_OF_FIELD;
 
-use crate::deadletter::FailureKind;
+use crate::dead_letter::FailureKind;
 use crate::metrics::labels;
 use crate::persist::validate::Statement;
 use crate::plugin::Plugin;

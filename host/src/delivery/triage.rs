@@ -1,7 +1,7 @@
 //! Step 1: what can be decided about an entry without its handler.
 
 use super::{Decision, Item};
-use crate::deadletter::FailureKind;
+use crate::dead_letter::FailureKind;
 use crate::state::HostState;
 use crate::streams::StreamEntry;
 use crate::text;

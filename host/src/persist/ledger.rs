@@ -1,4 +1,4 @@
-//! The processed-entry ledger and the transactional outbox.
+//! The processed-entry ledger.
 //!
 //! The ledger only has to remember an entry while Redis may deliver it again, that is while it
 //! is in its group's pending list (or an operator rewinds the group): [`prune`] removes rows older
@@ -9,9 +9,7 @@
 //! ledger is acknowledged without running its commands again; two hosts racing on the same entry
 //! serialise on the ledger's primary key and only one of them writes.
 //!
-//! The outbox is what makes publishing after commit safe: messages (plugin `emit`s and dead
-//! letters) are rows written in the entry's transaction and sent to Redis afterwards, then
-//! deleted. A crash in between leaves the rows for [`claim_stale`] to publish.
+//! Its companion, the transactional outbox, is [`super::outbox`].
 
 use anyhow::{Context, Result};
 use sqlx::{PgConnection, PgPool};
@@ -34,15 +32,6 @@ impl Outcome {
             Outcome::DeadLettered => "dead-lettered",
         }
     }
-}
-
-/// A message waiting in the outbox.
-#[derive(Clone, Debug)]
-pub struct OutboxMessage {
-    pub id: i64,
-    /// The Redis key of the target stream (prefix applied).
-    pub stream_key: String,
-    pub fields: Vec<(String, String)>,
 }
 
 /// Records an entry as finished. Returns `false` when it was already recorded (by an earlier
@@ -108,44 +97,6 @@ pub async fn claim(
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
-}
-
-/// Writes many messages to the outbox in one statement, in the caller's transaction; returns
-/// them with their ids, in the order given.
-pub async fn enqueue_all(
-    conn: &mut PgConnection,
-    messages: Vec<(String, Vec<(String, String)>)>,
-) -> Result<Vec<OutboxMessage>, sqlx::Error> {
-    if messages.is_empty() {
-        return Ok(Vec::new());
-    }
-    let streams: Vec<&str> = messages.iter().map(|(s, _)| s.as_str()).collect();
-    let fields: Vec<String> = messages
-        .iter()
-        .map(|(_, f)| serde_json::to_string(f).unwrap_or_else(|_| "[]".into()))
-        .collect();
-    let mut ids: Vec<(i64,)> = sqlx::query_as(
-        "INSERT INTO outbox (stream, fields)
-         SELECT u.stream, CAST(u.fields AS json)
-           FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(stream, fields, n)
-          ORDER BY u.n
-         RETURNING id",
-    )
-    .bind(streams)
-    .bind(fields)
-    .fetch_all(conn)
-    .await?;
-    // Ids come from one sequence in insertion order, so sorted ids follow the order given.
-    ids.sort_unstable();
-    Ok(ids
-        .into_iter()
-        .zip(messages)
-        .map(|((id,), (stream_key, fields))| OutboxMessage {
-            id,
-            stream_key,
-            fields,
-        })
-        .collect())
 }
 
 /// How many ledger rows one pruning statement deletes at most; small, so pruning never holds
@@ -218,80 +169,4 @@ pub async fn prune(
     .await
     .context("cannot prune the processed-entry ledger")?;
     Ok(done.rows_affected())
-}
-
-/// Writes a message to the outbox in the caller's transaction.
-pub async fn enqueue(
-    conn: &mut PgConnection,
-    stream_key: &str,
-    fields: Vec<(String, String)>,
-) -> Result<OutboxMessage, sqlx::Error> {
-    let json = serde_json::to_string(&fields).unwrap_or_else(|_| "[]".into());
-    let (id,): (i64,) = sqlx::query_as(
-        "INSERT INTO outbox (stream, fields) VALUES ($1, CAST($2 AS json)) RETURNING id",
-    )
-    .bind(stream_key)
-    .bind(json)
-    .fetch_one(conn)
-    .await?;
-    Ok(OutboxMessage {
-        id,
-        stream_key: stream_key.to_string(),
-        fields,
-    })
-}
-
-/// Removes published messages.
-pub async fn remove<'c, E: sqlx::PgExecutor<'c>>(executor: E, ids: &[i64]) -> Result<()> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-        .bind(ids)
-        .execute(executor)
-        .await
-        .context("cannot delete published outbox messages")?;
-    Ok(())
-}
-
-/// Messages older than `age` (left behind by a crash or a failed publish), locked for this
-/// transaction so two hosts do not publish the same rows at once.
-pub async fn claim_stale(
-    conn: &mut PgConnection,
-    age: Duration,
-    limit: i64,
-) -> Result<Vec<OutboxMessage>> {
-    let rows: Vec<(i64, String, String)> = sqlx::query_as(
-        "SELECT id, stream, fields::text FROM outbox
-          WHERE created_at < now() - make_interval(secs => $1)
-          ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(age.as_secs_f64())
-    .bind(limit)
-    .fetch_all(conn)
-    .await
-    .context("cannot read the outbox")?;
-    Ok(to_messages(rows))
-}
-
-/// The outbox messages with these ids (those of a committed transaction).
-pub async fn fetch(pool: &PgPool, ids: &[i64]) -> Result<Vec<OutboxMessage>> {
-    let rows: Vec<(i64, String, String)> = sqlx::query_as(
-        "SELECT id, stream, fields::text FROM outbox WHERE id = ANY($1) ORDER BY id",
-    )
-    .bind(ids)
-    .fetch_all(pool)
-    .await
-    .context("cannot read the outbox")?;
-    Ok(to_messages(rows))
-}
-
-fn to_messages(rows: Vec<(i64, String, String)>) -> Vec<OutboxMessage> {
-    rows.into_iter()
-        .map(|(id, stream_key, fields)| OutboxMessage {
-            id,
-            stream_key,
-            fields: serde_json::from_str(&fields).unwrap_or_default(),
-        })
-        .collect()
 }

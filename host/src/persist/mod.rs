@@ -9,11 +9,13 @@
 //! - [`batch`]: runs a plan as one statement per stage and column shape, rows passed as arrays;
 //! - [`execute`]: runs single checked statements (parameterised SQL, identifiers from the
 //!   catalogue) — the per-entry fallback when a set-based statement fails;
-//! - [`ledger`]: the processed-entry ledger and the transactional outbox.
+//! - [`ledger`]: the processed-entry ledger, which makes redelivery harmless;
+//! - [`outbox`]: the transactional outbox, which makes publishing after commit safe, and its relay.
 
 pub mod batch;
 pub mod execute;
 pub mod ledger;
+pub mod outbox;
 pub mod plan;
 pub mod schema;
 pub mod validate;
@@ -101,6 +103,44 @@ pub async fn connect(url: &str, max_connections: u32, timeouts: &Timeouts) -> Re
         .connect_with(options)
         .await
         .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))
+}
+
+/// A small pool on an existing database, for tools that only read (`kaleidoscope status`):
+/// never creates the database, and gives up within seconds so the tool can carry on without it.
+pub async fn connect_existing(url: &str, timeouts: &Timeouts) -> Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|error| {
+            anyhow::anyhow!(
+                "DATABASE_URL {} is not a valid PostgreSQL URL: {}",
+                redact(url),
+                redact(&error.to_string())
+            )
+        })?
+        .disable_statement_logging()
+        .options(timeouts.session_options());
+    PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_with(options)
+        .await
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))
+}
+
+/// `url` with its database name replaced (the demo and the bench derive their own database from
+/// `DATABASE_URL` this way, keeping host, user and parameters).
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{database}?{query}"),
+        None => format!("{base}/{database}"),
+    }
 }
 
 /// Applies the embedded migrations.
@@ -208,7 +248,17 @@ pub fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{redact, with_database};
+
+    #[test]
+    fn with_database_replaces_only_the_database_name() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/app?sslmode=disable", "demo"),
+            "postgres://u:p@h:5432/demo?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "demo"), "postgres://h/demo");
+        assert_eq!(with_database("postgres://h/", "demo"), "postgres://h/demo");
+    }
 
     #[test]
     fn redact_hides_passwords_in_the_user_part_and_in_parameters() {

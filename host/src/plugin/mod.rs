@@ -25,7 +25,7 @@ pub mod bindings {
 }
 
 /// Bindings of the 0.1.0 contract (`wit/v0.1.0/handler.wit`), so plugins built against it keep
-/// loading unchanged; [`v0_1`] turns their values into the current contract's.
+/// loading unchanged; `v0_1.rs` turns their values into the current contract's.
 #[allow(missing_docs, clippy::all)]
 pub mod bindings_v0_1 {
     wasmtime::component::bindgen!({

@@ -7,6 +7,7 @@
 //! ([`REPLAY_OF_FIELD`]), under which the host records it in the ledger: however many copies of
 //! one dead letter are replayed, however often, it is applied once.
 
+use super::StoredDeadLetter;
 use crate::config::Config;
 use crate::delivery::REPLAY_OF_FIELD;
 use anyhow::{Context, Result};
@@ -16,23 +17,6 @@ use std::collections::HashMap;
 
 /// Entries read per XRANGE page.
 const PAGE: usize = 500;
-
-/// One dead letter as stored on the dead-letter stream.
-#[derive(Clone, Debug, Serialize)]
-pub struct DeadLetterEntry {
-    /// The dead letter's own id on the dead-letter stream.
-    pub id: String,
-    pub source_stream: String,
-    pub source_id: String,
-    pub failure_kind: String,
-    pub error: String,
-    pub plugin: String,
-    pub plugin_version: String,
-    pub deliveries: String,
-    pub failed_at: String,
-    /// The original entry's fields.
-    pub fields: serde_json::Map<String, serde_json::Value>,
-}
 
 /// Which dead letters to act on.
 #[derive(Clone, Debug, Default)]
@@ -46,7 +30,21 @@ pub struct Filter {
 }
 
 impl Filter {
-    fn matches(&self, entry: &DeadLetterEntry) -> bool {
+    /// A filter, refusing a `kind` that is not a failure kind (naming the kinds there are), so a
+    /// typo does not quietly match nothing.
+    pub fn new(ids: Vec<String>, stream: Option<String>, kind: Option<String>) -> Result<Filter> {
+        if let Some(kind) = &kind {
+            super::FailureKind::parse(kind).map_err(anyhow::Error::msg)?;
+        }
+        Ok(Filter { ids, stream, kind })
+    }
+
+    /// Whether the filter names nothing at all (every dead letter would match).
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty() && self.stream.is_none() && self.kind.is_none()
+    }
+
+    fn matches(&self, entry: &StoredDeadLetter) -> bool {
         (self.ids.is_empty() || self.ids.contains(&entry.id))
             && self
                 .stream
@@ -62,7 +60,7 @@ pub async fn list<C: ConnectionLike + Send>(
     config: &Config,
     filter: &Filter,
     limit: usize,
-) -> Result<Vec<DeadLetterEntry>> {
+) -> Result<Vec<StoredDeadLetter>> {
     let key = config.dlq_key();
     let mut found = Vec::new();
     let mut start = "-".to_string();
@@ -81,7 +79,7 @@ pub async fn list<C: ConnectionLike + Send>(
             start = format!("({last}");
         }
         for (id, fields) in page {
-            let entry = parse(id, fields);
+            let entry = StoredDeadLetter::from_stream_fields(id, fields);
             if filter.matches(&entry) {
                 found.push(entry);
                 if found.len() >= limit {
@@ -95,21 +93,32 @@ pub async fn list<C: ConnectionLike + Send>(
     }
 }
 
-fn parse(id: String, mut fields: HashMap<String, String>) -> DeadLetterEntry {
-    let mut take = |name: &str| fields.remove(name).unwrap_or_default();
-    let original = take("fields");
-    DeadLetterEntry {
-        id,
-        source_stream: take("sourceStream"),
-        source_id: take("sourceId"),
-        failure_kind: take("failureKind"),
-        error: take("error"),
-        plugin: take("plugin"),
-        plugin_version: take("pluginVersion"),
-        deliveries: take("deliveries"),
-        failed_at: take("failedAt"),
-        fields: serde_json::from_str(&original).unwrap_or_default(),
+/// The dead letters a replay should act on. Refuses an empty filter unless `all` is set (a
+/// replay of everything must be asked for), and an id that matches no dead letter (a typo must
+/// not pass as "replayed 0").
+pub async fn select_for_replay<C: ConnectionLike + Send>(
+    conn: &mut C,
+    config: &Config,
+    filter: &Filter,
+    all: bool,
+) -> Result<Vec<StoredDeadLetter>> {
+    if filter.is_empty() && !all {
+        anyhow::bail!(
+            "say which dead letters to replay: ids, --stream STREAM, --kind KIND, or --all"
+        );
     }
+    let entries = list(conn, config, filter, usize::MAX).await?;
+    if let Some(missing) = filter
+        .ids
+        .iter()
+        .find(|id| !entries.iter().any(|e| &e.id == *id))
+    {
+        anyhow::bail!(
+            "no dead letter with id {missing} (matching the filters) in {:?}",
+            config.dlq_key()
+        );
+    }
+    Ok(entries)
 }
 
 /// The outcome of replaying one dead letter.
@@ -126,7 +135,7 @@ pub struct Replayed {
 pub async fn replay<C: ConnectionLike + Send>(
     conn: &mut C,
     config: &Config,
-    entries: &[DeadLetterEntry],
+    entries: &[StoredDeadLetter],
 ) -> Result<Vec<Replayed>> {
     let dlq = config.dlq_key();
     let mut replayed = Vec::new();
@@ -174,7 +183,7 @@ pub async fn replay<C: ConnectionLike + Send>(
 }
 
 /// Dead letters as a human-readable table.
-pub fn render(entries: &[DeadLetterEntry]) -> String {
+pub fn render(entries: &[StoredDeadLetter]) -> String {
     let mut out = format!(
         "{:<17} {:<28} {:<17} {:<18} {:>4}  {:<24} error\n",
         "id", "source stream", "source id", "kind", "tries", "failed at"

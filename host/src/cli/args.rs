@@ -1,0 +1,287 @@
+//! The command line's grammar: subcommands, their flags and help texts (clap derive). What each
+//! subcommand does is in [`super::commands`].
+
+use crate::config;
+use crate::publish;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Kaleidoscope Host: persists the ML result streams of the Kaleidoscope backend from Redis
+/// Streams into PostgreSQL through hot-swappable WebAssembly handler plugins.
+#[derive(Parser)]
+#[command(name = "kaleidoscope", version, after_long_help = config::env_help())]
+pub struct Cli {
+    /// TOML configuration file; environment variables override its values.
+    #[arg(long, global = true, env = "KALEIDOSCOPE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Log format on stderr: `text` for people, `json` (one object per line, with the span
+    /// fields stream, entry, plugin, version and correlation_id) for log pipelines.
+    #[arg(long, global = true, env = "KALEIDOSCOPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How log lines are written on stderr.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The subcommands.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the host: join the consumer group on every stream a plugin declares and persist
+    /// results until SIGTERM or Ctrl-C. Applies migrations first unless told not to.
+    #[command(after_long_help = config::env_help())]
+    Run {
+        /// Directory of handler plugins (overrides KALEIDOSCOPE_PLUGINS_DIR).
+        #[arg(long, value_name = "DIR")]
+        plugins_dir: Option<PathBuf>,
+        /// This instance's consumer name (overrides KALEIDOSCOPE_CONSUMER_NAME).
+        #[arg(long, value_name = "NAME")]
+        consumer_name: Option<String>,
+        /// Do not apply database migrations at start-up (overrides KALEIDOSCOPE_MIGRATE).
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Apply the database migrations and exit.
+    #[command(after_long_help = config::env_help())]
+    Migrate,
+    /// Show streams (length, lag, pending, oldest pending, consumers), dead letters by kind,
+    /// running hosts with their plugins, and failed plugin loads. Exits 1 when unhealthy.
+    #[command(after_long_help = config::env_help())]
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// A stream whose oldest pending entry is older than this many seconds is unhealthy.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+        max_pending_age: u64,
+    },
+    /// Tools for plugin authors.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Inspect and replay dead letters.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Publish a processing request to the ML services (the seed's producer side) and record it
+    /// for tracking. Exits non-zero, naming the stream, when a critical stream cannot be reached.
+    #[command(subcommand, after_long_help = config::env_help())]
+    Publish(PublishCommand),
+    /// Show the whole system at work: recreate a demo database, create sample users, posts and
+    /// media, publish their requests, run the ML simulator and the host in-process until every
+    /// request is answered, and print what was stored. The demo database is dropped and
+    /// recreated; its name must contain "demo".
+    #[command(after_long_help = config::env_help())]
+    Demo {
+        #[arg(long, default_value_t = 5)]
+        users: i64,
+        #[arg(long, default_value_t = 20)]
+        posts: i64,
+        #[arg(long, default_value_t = 3)]
+        media_per_post: i64,
+        /// Fraction of requests the simulator answers with an error.
+        #[arg(long, default_value_t = 0.05, value_parser = fraction)]
+        error_rate: f64,
+        /// The demo database (default: DATABASE_URL with the database `kaleidoscope_demo`).
+        #[arg(long)]
+        database_url: Option<String>,
+        /// Prefix of the demo's streams (their keys are deleted first).
+        #[arg(long, default_value = "kaleidoscope-demo:")]
+        stream_prefix: String,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the host: load entries into fresh streams and a fresh database, drain them with
+    /// the host's defaults (as a child process), verify the rows, and print entries/s, latency,
+    /// peak memory and the share of time in plugins. With --baseline, a hand-written reference
+    /// consumer (bench/baseline/consumer.py, in a Python virtual environment it creates) does the
+    /// same work in the same run. The bench database is dropped and recreated; its name must
+    /// contain "bench".
+    #[command(after_long_help = config::env_help())]
+    Bench {
+        /// How many entries to load.
+        #[arg(long, default_value_t = 200_000)]
+        entries: usize,
+        /// Offer this many entries per second while the host runs (and report XADD → commit
+        /// latency), instead of pre-loading them.
+        #[arg(long, value_name = "ENTRIES_PER_SECOND")]
+        rate: Option<u64>,
+        /// Also run the reference consumer on the same entries and print the ratio.
+        #[arg(long)]
+        baseline: bool,
+        /// Which messages to generate.
+        #[arg(long, value_enum, default_value_t = crate::bench::Mix::Mixed)]
+        mix: crate::bench::Mix,
+        /// Length of the generated embeddings (the real services send 1408).
+        #[arg(long, default_value_t = 1408)]
+        embedding_dims: usize,
+        /// The bench database (default: DATABASE_URL with the database `kaleidoscope_bench`).
+        #[arg(long)]
+        database_url: Option<String>,
+        /// Give up on a subject that has not finished after this many seconds.
+        #[arg(long, default_value_t = 1800)]
+        timeout: u64,
+        /// Print the figures as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a reference ML service: consume the request streams and publish results in the real
+    /// producers' shapes, until SIGTERM or Ctrl-C.
+    #[command(name = "simulate-ml", after_long_help = config::env_help())]
+    SimulateMl {
+        /// Fraction of requests (0.0 to 1.0) answered with an error instead of results.
+        #[arg(long, default_value_t = 0.0, value_parser = fraction)]
+        error_rate: f64,
+        /// Length of the embeddings it sends (the real services send 1408).
+        #[arg(long, default_value_t = 1408)]
+        embedding_dims: usize,
+    },
+}
+
+/// `kaleidoscope publish …`: one request kind each.
+#[derive(Subcommand)]
+pub enum PublishCommand {
+    /// A new post image (`post-image-processing`).
+    PostImage(ImageArgs),
+    /// A new profile picture (`profile-picture-processing`).
+    ProfilePicture {
+        #[arg(long)]
+        user_id: i64,
+        #[arg(long)]
+        image_url: String,
+        /// Correlation id (generated when absent).
+        #[arg(long)]
+        correlation_id: Option<String>,
+    },
+    /// An updated post image (`post-update-processing`).
+    PostUpdate(ImageArgs),
+}
+
+impl ImageArgs {
+    /// The request (a post update or a new post image) and its correlation id.
+    pub fn into_request(self, update: bool) -> (publish::Request, Option<String>) {
+        let (post_id, media_id, media_url, uploader_id) = (
+            self.post_id,
+            self.media_id,
+            self.media_url,
+            self.uploader_id,
+        );
+        let request = if update {
+            publish::Request::PostUpdate {
+                post_id,
+                media_id,
+                media_url,
+                uploader_id,
+            }
+        } else {
+            publish::Request::PostImage {
+                post_id,
+                media_id,
+                media_url,
+                uploader_id,
+            }
+        };
+        (request, self.correlation_id)
+    }
+}
+
+/// The flags of a post-image request (new or updated).
+#[derive(clap::Args)]
+pub struct ImageArgs {
+    #[arg(long)]
+    pub post_id: i64,
+    #[arg(long)]
+    pub media_id: i64,
+    /// Where the ML service fetches the image (`mediaUrl` on the wire).
+    #[arg(long)]
+    pub media_url: String,
+    #[arg(long)]
+    pub uploader_id: Option<i64>,
+    /// Correlation id (generated when absent).
+    #[arg(long)]
+    pub correlation_id: Option<String>,
+}
+
+/// `kaleidoscope dlq …`.
+#[derive(Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first.
+    #[command(after_long_help = config::env_help())]
+    List {
+        /// Only dead letters from this source stream.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Only this failure kind (malformed, retries-exhausted, plugin-trap, timeout,
+        /// memory-limit, forbidden-command, database).
+        #[arg(long)]
+        kind: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-publish dead letters onto their source stream (new entry ids), then delete them from
+    /// the dead-letter stream. Select them by id, or with --stream/--kind, or all with --all.
+    #[command(after_long_help = config::env_help())]
+    Replay {
+        /// Dead-letter ids (as shown by `dlq list`).
+        ids: Vec<String>,
+        /// All dead letters from this source stream.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Only this failure kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Every dead letter (required when no id, --stream or --kind is given).
+        #[arg(long)]
+        all: bool,
+        /// Print JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `kaleidoscope plugin …`.
+#[derive(Subcommand)]
+pub enum PluginCommand {
+    /// Load a plugin file exactly as the host would and print its manifest, streams, imports,
+    /// size, compile time, limits and grants. Exits 1 if the host would refuse it.
+    Check {
+        /// The `.wasm` component.
+        file: PathBuf,
+    },
+    /// Run a plugin's `handle` on one entry and print the commands it returns (or its failure) as
+    /// JSON, without touching Redis or the database. Exits 2 when the handler fails.
+    Exec {
+        /// The `.wasm` component.
+        file: PathBuf,
+        /// An entry field, `name=value`; repeat for each field.
+        #[arg(long = "field", short = 'f', value_name = "NAME=VALUE")]
+        fields: Vec<String>,
+        /// The stream the entry comes from (default: the plugin's first stream).
+        #[arg(long)]
+        stream: Option<String>,
+        /// The entry id.
+        #[arg(long, default_value = "0-1")]
+        id: String,
+        /// The delivery count the handler sees.
+        #[arg(long, default_value_t = 1)]
+        deliveries: u32,
+    },
+}
+
+/// A fraction from 0 to 1 (an error rate).
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err(format!("expected a number from 0 to 1, got {text:?}")),
+    }
+}

@@ -1,0 +1,281 @@
+//! One function per subcommand: each reads its configuration, calls the module that does the
+//! work, prints the result (a table, or JSON with `--json`) and returns the exit code.
+
+use super::args::{DlqCommand, PluginCommand, PublishCommand};
+use super::{load_config, load_config_with};
+use crate::config::Config;
+use crate::dead_letter::admin as dlq;
+use crate::{bench, demo, persist, publish, redis_connection, simulate, status, toolkit};
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `kaleidoscope run`: the host, until SIGTERM or Ctrl-C (a second signal exits at once).
+pub(super) async fn run(
+    file: Option<&Path>,
+    plugins_dir: Option<PathBuf>,
+    consumer_name: Option<String>,
+    no_migrate: bool,
+) -> Result<ExitCode> {
+    let mut flags = BTreeMap::new();
+    if let Some(dir) = plugins_dir {
+        flags.insert("plugins_dir", dir.display().to_string());
+    }
+    if let Some(name) = consumer_name {
+        flags.insert("consumer_name", name);
+    }
+    if no_migrate {
+        flags.insert("migrate", "false".to_string());
+    }
+    let config = load_config_with(file, &flags)?;
+    let (first, second) = signals()?;
+    crate::host::run(
+        config,
+        async {
+            let _ = first.await;
+        },
+        async {
+            let _ = second.await;
+        },
+    )
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kaleidoscope migrate`.
+pub(super) async fn migrate(config: &Config) -> Result<ExitCode> {
+    let pool = persist::connect(&config.database_url, 2, &config.database_timeouts).await?;
+    persist::migrate(&pool).await?;
+    tracing::info!("migrations applied");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kaleidoscope status`: exit code 1 when anything is unhealthy.
+pub(super) async fn status(config: &Config, json: bool, max_pending_age: u64) -> Result<ExitCode> {
+    let mut conn = redis_connection::open(&config.redis_url).await?;
+    // Requests by status come from the database; status still works without it.
+    let pool = persist::connect_existing(&config.database_url, &config.database_timeouts).await;
+    if let Err(error) = &pool {
+        tracing::warn!(
+            "cannot reach PostgreSQL for request counts: {}",
+            crate::text::causes(error)
+        );
+    }
+    let report = status::collect(
+        &mut conn,
+        config,
+        pool.as_ref().ok(),
+        Duration::from_secs(max_pending_age),
+    )
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", status::render(&report));
+    }
+    Ok(if report.healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `kaleidoscope dlq list` and `dlq replay`.
+pub(super) async fn dlq(config: &Config, command: DlqCommand) -> Result<ExitCode> {
+    let mut conn = redis_connection::open(&config.redis_url).await?;
+    match command {
+        DlqCommand::List {
+            stream,
+            kind,
+            limit,
+            json,
+        } => {
+            let filter = dlq::Filter::new(Vec::new(), stream, kind)?;
+            let entries = dlq::list(&mut conn, config, &filter, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                print!("{}", dlq::render(&entries));
+            }
+        }
+        DlqCommand::Replay {
+            ids,
+            stream,
+            kind,
+            all,
+            json,
+        } => {
+            let filter = dlq::Filter::new(ids, stream, kind)?;
+            let entries = dlq::select_for_replay(&mut conn, config, &filter, all).await?;
+            let replayed = dlq::replay(&mut conn, config, &entries).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&replayed)?);
+            } else {
+                for r in &replayed {
+                    println!("{} -> {} {}", r.dead_letter_id, r.source_stream, r.new_id);
+                }
+                println!("replayed {} dead letter(s)", replayed.len());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kaleidoscope publish …`: one processing request, recorded for tracking.
+pub(super) async fn publish(config: Config, command: PublishCommand) -> Result<ExitCode> {
+    let config = Arc::new(config);
+    let (request, correlation_id) = match command {
+        PublishCommand::PostImage(args) => args.into_request(false),
+        PublishCommand::PostUpdate(args) => args.into_request(true),
+        PublishCommand::ProfilePicture {
+            user_id,
+            image_url,
+            correlation_id,
+        } => (
+            publish::Request::ProfilePicture { user_id, image_url },
+            correlation_id,
+        ),
+    };
+    let pool = persist::connect(&config.database_url, 2, &config.database_timeouts).await?;
+    persist::migrate(&pool).await?;
+    let publisher = publish::Publisher::new(config.clone(), pool)?;
+    match publisher.publish(&request, correlation_id).await? {
+        Some(published) => println!(
+            "published to {} as {} correlationId={}",
+            published.stream,
+            published.entry_id.unwrap_or_default(),
+            published.correlation_id
+        ),
+        None => println!("not published (see the log)"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kaleidoscope demo`.
+pub(super) async fn demo(
+    config: &Config,
+    options: &demo::DemoOptions,
+    json: bool,
+) -> Result<ExitCode> {
+    if options.users < 1 || options.posts < 1 || options.media_per_post < 1 {
+        anyhow::bail!("--users, --posts and --media-per-post must be at least 1");
+    }
+    let summary = demo::run(config, options).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{}", summary.render());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kaleidoscope bench`: exit code 1 when a subject's rows did not verify.
+pub(super) async fn bench(options: &bench::BenchOptions, json: bool) -> Result<ExitCode> {
+    let results = bench::run(options).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print!("{}", bench::render(options, &results));
+    }
+    Ok(if results.iter().all(|r| r.verified.is_ok()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `kaleidoscope simulate-ml`: the reference ML service, until SIGTERM or Ctrl-C.
+pub(super) async fn simulate_ml(
+    config: &Config,
+    error_rate: f64,
+    embedding_dims: usize,
+) -> Result<ExitCode> {
+    let options = simulate::SimulatorOptions {
+        error_rate,
+        embedding_dims,
+        ..Default::default()
+    };
+    let (first, _second) = signals()?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _ = first.await;
+        let _ = stop.send(true);
+    });
+    let stats = simulate::run(config, &options, stopped).await?;
+    tracing::info!(?stats, "simulator stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `plugin check` (exit 1 when the host would refuse the file) and `plugin exec` (exit 2 when
+/// the handler fails). Plugin calls block, so the caller runs this on a blocking thread.
+pub(super) fn plugin(config_file: Option<&Path>, command: PluginCommand) -> Result<ExitCode> {
+    let config = load_config(config_file)?;
+    match command {
+        PluginCommand::Check { file } => {
+            let plugin = toolkit::load(&config, &file)
+                .with_context(|| format!("{} would not load", file.display()))?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&toolkit::describe(&config, &plugin))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Exec {
+            file,
+            fields,
+            stream,
+            id,
+            deliveries,
+        } => {
+            let fields = fields
+                .iter()
+                .map(|pair| {
+                    pair.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .with_context(|| format!("--field {pair:?} is not NAME=VALUE"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let plugin = toolkit::load(&config, &file)
+                .with_context(|| format!("{} would not load", file.display()))?;
+            let (outcome, ok) =
+                toolkit::exec(&config, &plugin, stream.as_deref(), &id, deliveries, fields)?;
+            println!("{}", serde_json::to_string_pretty(&outcome)?);
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+    }
+}
+
+/// Two futures: the first completes on the first SIGTERM or Ctrl-C, the second on the next one.
+fn signals() -> Result<(
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::sync::oneshot::Receiver<()>,
+)> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let (first_tx, first) = tokio::sync::oneshot::channel();
+    let (second_tx, second) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut senders = [Some(first_tx), Some(second_tx)].into_iter().flatten();
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            match senders.next() {
+                Some(sender) => {
+                    let _ = sender.send(());
+                }
+                None => return,
+            }
+        }
+    });
+    Ok((first, second))
+}

@@ -1,0 +1,156 @@
+//! The `kaleidoscope` command line: `args.rs` is its grammar, `commands.rs` has one function per
+//! subcommand, and [`main`] sets up logging and the async runtime, runs one, and turns its result
+//! into an exit code and a one-line error.
+
+mod args;
+mod commands;
+
+pub use args::Cli;
+
+use crate::config::Config;
+use anyhow::{Context, Result};
+use args::{Command, LogFormat};
+use clap::Parser;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Parses the command line, runs the subcommand, and reports its error with every cause.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(execute(cli));
+    // Do not wait for blocking threads: one may be inside a plugin call until its deadline.
+    runtime.shutdown_background();
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {}", crate::text::causes(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr, as text or JSON; `RUST_LOG` overrides the level.
+fn init_logging(cli: &Cli) {
+    // The demo draws a progress bar; only warnings would interrupt it.
+    let default_filter = if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
+}
+
+/// Runs one subcommand.
+async fn execute(cli: Cli) -> Result<ExitCode> {
+    let file = cli.config.as_deref();
+    match cli.command {
+        Command::Run {
+            plugins_dir,
+            consumer_name,
+            no_migrate,
+        } => commands::run(file, plugins_dir, consumer_name, no_migrate).await,
+        Command::Migrate => commands::migrate(&load_config(file)?).await,
+        Command::Status {
+            json,
+            max_pending_age,
+        } => commands::status(&load_config(file)?, json, max_pending_age).await,
+        Command::Dlq(command) => commands::dlq(&load_config(file)?, command).await,
+        Command::Publish(command) => commands::publish(load_config(file)?, command).await,
+        Command::Demo {
+            users,
+            posts,
+            media_per_post,
+            error_rate,
+            database_url,
+            stream_prefix,
+            json,
+        } => {
+            let config = load_config(file)?;
+            let options = crate::demo::DemoOptions {
+                users,
+                posts,
+                media_per_post,
+                error_rate,
+                database_url: database_url.unwrap_or_else(|| {
+                    crate::persist::with_database(&config.database_url, "kaleidoscope_demo")
+                }),
+                stream_prefix,
+                deadline: std::time::Duration::from_secs(55),
+            };
+            commands::demo(&config, &options, json).await
+        }
+        Command::Bench {
+            entries,
+            rate,
+            baseline,
+            mix,
+            embedding_dims,
+            database_url,
+            timeout,
+            json,
+        } => {
+            let config = load_config(file)?;
+            let options = crate::bench::BenchOptions {
+                entries,
+                rate: rate.filter(|r| *r > 0),
+                baseline,
+                mix,
+                embedding_dims,
+                database_url: database_url.unwrap_or_else(|| {
+                    crate::persist::with_database(&config.database_url, "kaleidoscope_bench")
+                }),
+                redis_url: config.redis_url.clone(),
+                host_binary: std::env::current_exe()
+                    .context("cannot find this executable to start the host")?,
+                timeout: std::time::Duration::from_secs(timeout),
+            };
+            commands::bench(&options, json).await
+        }
+        Command::SimulateMl {
+            error_rate,
+            embedding_dims,
+        } => commands::simulate_ml(&load_config(file)?, error_rate, embedding_dims).await,
+        Command::Plugin(command) => {
+            let file = file.map(Path::to_path_buf);
+            // Plugin calls block; run them where blocking is allowed, as the host does.
+            tokio::task::spawn_blocking(move || commands::plugin(file.as_deref(), command))
+                .await
+                .context("the plugin command thread failed")?
+        }
+    }
+}
+
+/// The configuration from `file` and the environment, with no command-line overrides.
+fn load_config(file: Option<&Path>) -> Result<Config> {
+    load_config_with(file, &BTreeMap::new())
+}
+
+/// The configuration from `file`, the environment, and the command-line `flags` (which win).
+fn load_config_with(file: Option<&Path>, flags: &BTreeMap<&'static str, String>) -> Result<Config> {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    Config::from_sources(file, &env, flags)
+}

@@ -1,0 +1,227 @@
+//! Dead letters: entries that will not be processed, with the reason, on a stream of their own.
+//!
+//! Every dead letter carries enough to understand and replay it: where it came from, what kind of
+//! failure it was, the message, which plugin version failed it, how often it was delivered, when,
+//! and the original fields as a JSON object. This file is the format — [`DeadLetter`] is written
+//! by the delivery protocol, [`StoredDeadLetter`] is read back by the tools — so writer and reader
+//! cannot drift apart; [`admin`] lists and replays them (`kaleidoscope dlq`).
+
+pub mod admin;
+
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::time::SystemTime;
+
+/// The field names of a dead-letter stream entry (camelCase, like the seed's DTOs; operators'
+/// scripts read them).
+pub mod field {
+    pub const SOURCE_STREAM: &str = "sourceStream";
+    pub const SOURCE_ID: &str = "sourceId";
+    pub const FAILURE_KIND: &str = "failureKind";
+    pub const ERROR: &str = "error";
+    pub const PLUGIN: &str = "plugin";
+    pub const PLUGIN_VERSION: &str = "pluginVersion";
+    pub const DELIVERIES: &str = "deliveries";
+    pub const FAILED_AT: &str = "failedAt";
+    /// The original entry's fields as one JSON object.
+    pub const FIELDS: &str = "fields";
+}
+
+/// Why an entry was dead-lettered. The names are part of the operator interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The entry can never be processed (the handler said so, or a field is not UTF-8).
+    Malformed,
+    /// It asked for retries (or its data was not there yet) until `ML_RETRY_ATTEMPTS` ran out.
+    RetriesExhausted,
+    /// The plugin trapped on every attempt.
+    PluginTrap,
+    /// The plugin ran past its deadline on every attempt.
+    Timeout,
+    /// The plugin hit its memory cap on every attempt.
+    MemoryLimit,
+    /// A command failed validation (table, column, type, key).
+    ForbiddenCommand,
+    /// PostgreSQL rejected the entry's commands for good (constraint or data error).
+    Database,
+}
+
+impl FailureKind {
+    /// Every kind, in the order operators see them listed.
+    pub const ALL: [FailureKind; 7] = [
+        FailureKind::Malformed,
+        FailureKind::RetriesExhausted,
+        FailureKind::PluginTrap,
+        FailureKind::Timeout,
+        FailureKind::MemoryLimit,
+        FailureKind::ForbiddenCommand,
+        FailureKind::Database,
+    ];
+
+    /// The kind named `name` (as written in `failureKind`), or an error listing the kinds, for
+    /// `--kind` arguments.
+    pub fn parse(name: &str) -> Result<FailureKind, String> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
+                format!(
+                    "unknown dead-letter kind {name:?}; the kinds are {}",
+                    names.join(", ")
+                )
+            })
+    }
+
+    /// The name written to the `failureKind` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Malformed => "malformed",
+            FailureKind::RetriesExhausted => "retries-exhausted",
+            FailureKind::PluginTrap => "plugin-trap",
+            FailureKind::Timeout => "timeout",
+            FailureKind::MemoryLimit => "memory-limit",
+            FailureKind::ForbiddenCommand => "forbidden-command",
+            FailureKind::Database => "database",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One dead letter, before it is written.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    /// The logical source stream (without the host's stream prefix), so a replay can target it.
+    pub source_stream: String,
+    pub source_id: String,
+    pub kind: FailureKind,
+    pub error: String,
+    pub plugin: String,
+    pub plugin_version: String,
+    pub deliveries: u32,
+    /// The original fields; values that are not UTF-8 are shown with replacement characters.
+    pub fields: Vec<(String, String)>,
+}
+
+impl DeadLetter {
+    /// The fields of the dead-letter stream entry.
+    pub fn to_stream_fields(&self) -> Vec<(String, String)> {
+        let original: serde_json::Map<String, serde_json::Value> = self
+            .fields
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        vec![
+            (field::SOURCE_STREAM.into(), self.source_stream.clone()),
+            (field::SOURCE_ID.into(), self.source_id.clone()),
+            (field::FAILURE_KIND.into(), self.kind.as_str().into()),
+            (field::ERROR.into(), self.error.clone()),
+            (field::PLUGIN.into(), self.plugin.clone()),
+            (field::PLUGIN_VERSION.into(), self.plugin_version.clone()),
+            (field::DELIVERIES.into(), self.deliveries.to_string()),
+            (
+                field::FAILED_AT.into(),
+                humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            ),
+            (
+                field::FIELDS.into(),
+                serde_json::Value::Object(original).to_string(),
+            ),
+        ]
+    }
+}
+
+/// One dead letter as read back from the dead-letter stream. Lenient: a field that is missing
+/// or unreadable (a letter written by hand, or by another version) reads as empty, so one odd
+/// letter never stops `dlq list`.
+#[derive(Clone, Debug, Serialize)]
+pub struct StoredDeadLetter {
+    /// The dead letter's own id on the dead-letter stream.
+    pub id: String,
+    pub source_stream: String,
+    pub source_id: String,
+    pub failure_kind: String,
+    pub error: String,
+    pub plugin: String,
+    pub plugin_version: String,
+    pub deliveries: u32,
+    pub failed_at: String,
+    /// The original entry's fields.
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+impl StoredDeadLetter {
+    /// Reads the entry `id` of the dead-letter stream.
+    pub fn from_stream_fields(id: String, mut fields: HashMap<String, String>) -> Self {
+        let mut take = |name: &str| fields.remove(name).unwrap_or_default();
+        let original = take(field::FIELDS);
+        StoredDeadLetter {
+            id,
+            source_stream: take(field::SOURCE_STREAM),
+            source_id: take(field::SOURCE_ID),
+            failure_kind: take(field::FAILURE_KIND),
+            error: take(field::ERROR),
+            plugin: take(field::PLUGIN),
+            plugin_version: take(field::PLUGIN_VERSION),
+            deliveries: take(field::DELIVERIES).parse().unwrap_or(0),
+            failed_at: take(field::FAILED_AT),
+            fields: serde_json::from_str(&original).unwrap_or_default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_dead_letter_reads_back_field_for_field() {
+        let letter = DeadLetter {
+            source_stream: "ml-insights-results".into(),
+            source_id: "1-2".into(),
+            kind: FailureKind::PluginTrap,
+            error: "boom".into(),
+            plugin: "insights".into(),
+            plugin_version: "1.2.3".into(),
+            deliveries: 3,
+            fields: vec![
+                ("mediaId".into(), "7".into()),
+                ("odd".into(), "a\"b".into()),
+            ],
+        };
+        let stored = StoredDeadLetter::from_stream_fields(
+            "9-0".into(),
+            letter.to_stream_fields().into_iter().collect(),
+        );
+        assert_eq!(stored.id, "9-0");
+        assert_eq!(stored.source_stream, "ml-insights-results");
+        assert_eq!(stored.source_id, "1-2");
+        assert_eq!(stored.failure_kind, "plugin-trap");
+        assert_eq!(stored.error, "boom");
+        assert_eq!(stored.plugin, "insights");
+        assert_eq!(stored.plugin_version, "1.2.3");
+        assert_eq!(stored.deliveries, 3);
+        assert!(!stored.failed_at.is_empty());
+        assert_eq!(stored.fields["mediaId"], "7");
+        assert_eq!(stored.fields["odd"], "a\"b");
+    }
+
+    #[test]
+    fn every_kind_parses_from_its_name_and_a_wrong_name_lists_them() {
+        for kind in FailureKind::ALL {
+            assert_eq!(FailureKind::parse(kind.as_str()), Ok(kind));
+        }
+        let error = FailureKind::parse("bogus").unwrap_err();
+        assert!(error.contains("\"bogus\""), "{error}");
+        assert!(
+            error.contains("plugin-trap") && error.contains("database"),
+            "{error}"
+        );
+    }
+}

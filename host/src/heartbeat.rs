@@ -1,0 +1,169 @@
+//! The heartbeat: each running host keeps a small JSON document about itself in Redis — its
+//! plugins with versions and hashes, failed plugin loads, the streams it consumes, whether it is
+//! ready — refreshed every [`HEARTBEAT`] and after every plugin reload, and expiring when the host
+//! stops refreshing it. It is how `kaleidoscope status` (and `plugin deploy`-style tooling) learns
+//! what the hosts of a group are doing without talking to them.
+
+use crate::config::Config;
+use crate::state::HostState;
+use anyhow::{Context, Result};
+use redis::aio::ConnectionLike;
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, SystemTime};
+
+/// How often a host refreshes its heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// How long a heartbeat outlives its last refresh: long enough to survive a missed refresh or
+/// two, short enough that a host killed without withdrawing it disappears within a minute.
+const HEARTBEAT_TTL_SECONDS: u64 = 45;
+
+/// One host's view of itself.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub consumer: String,
+    pub group: String,
+    pub pid: u32,
+    pub started_at: String,
+    pub updated_at: String,
+    pub plugins_dir: String,
+    /// False while PostgreSQL or Redis is unavailable to this host.
+    #[serde(default)]
+    pub ready: bool,
+    /// Why the host is not ready.
+    #[serde(default)]
+    pub not_ready: Vec<String>,
+    pub streams: Vec<String>,
+    pub plugins: Vec<PluginStatus>,
+    pub failed_loads: Vec<FailedLoad>,
+}
+
+/// A loaded plugin.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PluginStatus {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    pub streams: Vec<String>,
+    pub file: String,
+    pub size: usize,
+    pub from_cache: bool,
+    pub load_ms: f64,
+}
+
+/// A plugin file that failed to load.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FailedLoad {
+    pub file: String,
+    pub reason: String,
+}
+
+/// The Redis key of one consumer's heartbeat (`*` as the consumer gives the SCAN pattern).
+fn host_key(config: &Config, consumer: &str) -> String {
+    format!(
+        "{}kaleidoscope:hosts:{}:{consumer}",
+        config.stream_prefix, config.consumer_group
+    )
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Writes this host's heartbeat (best effort: reporting must never stop the host).
+pub async fn write(delivery: &HostState, streams: &[String], started_at: SystemTime) {
+    let config = &delivery.config;
+    let snapshot = delivery.registry.snapshot();
+    let not_ready = delivery.not_ready();
+    let status = HostStatus {
+        consumer: config.consumer_name.clone(),
+        group: config.consumer_group.clone(),
+        pid: std::process::id(),
+        started_at: humantime::format_rfc3339_millis(started_at).to_string(),
+        updated_at: now_rfc3339(),
+        plugins_dir: config.plugins_dir.display().to_string(),
+        ready: not_ready.is_empty(),
+        not_ready,
+        streams: streams.to_vec(),
+        plugins: snapshot
+            .plugins()
+            .iter()
+            .map(|p| PluginStatus {
+                name: p.name.clone(),
+                version: p.version.clone(),
+                sha256: p.sha256.clone(),
+                streams: p.streams.clone(),
+                file: p.file.display().to_string(),
+                size: p.size,
+                from_cache: p.from_cache,
+                load_ms: p.load_time.as_secs_f64() * 1000.0,
+            })
+            .collect(),
+        failed_loads: snapshot
+            .failures()
+            .iter()
+            .map(|f| FailedLoad {
+                file: f.file.display().to_string(),
+                reason: f.reason.clone(),
+            })
+            .collect(),
+    };
+    let Ok(json) = serde_json::to_string(&status) else {
+        return;
+    };
+    let mut redis = delivery.redis.clone();
+    let written: redis::RedisResult<()> = redis::cmd("SET")
+        .arg(host_key(config, &config.consumer_name))
+        .arg(json)
+        .arg("EX")
+        .arg(HEARTBEAT_TTL_SECONDS)
+        .query_async(&mut redis)
+        .await;
+    if let Err(error) = written {
+        tracing::warn!("cannot publish the host status: {error}");
+    }
+}
+
+/// Removes this host's heartbeat at shutdown, so `status` stops listing it at once.
+pub async fn withdraw(delivery: &HostState) {
+    let mut redis = delivery.redis.clone();
+    let _: redis::RedisResult<()> = redis::cmd("DEL")
+        .arg(host_key(&delivery.config, &delivery.config.consumer_name))
+        .query_async(&mut redis)
+        .await;
+}
+
+/// Every live heartbeat of the configured group, sorted by consumer name; documents that do not
+/// parse (another version's) are skipped.
+pub async fn read_all<C: ConnectionLike + Send>(
+    conn: &mut C,
+    config: &Config,
+) -> Result<Vec<HostStatus>> {
+    let pattern = host_key(config, "*");
+    let mut cursor = 0u64;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(500)
+            .query_async(conn)
+            .await
+            .context("SCAN for host heartbeats failed")?;
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut hosts = Vec::new();
+    for key in keys {
+        let json: Option<String> = redis::cmd("GET").arg(&key).query_async(conn).await?;
+        if let Some(status) = json.and_then(|j| serde_json::from_str::<HostStatus>(&j).ok()) {
+            hosts.push(status);
+        }
+    }
+    hosts.sort_by(|a, b| a.consumer.cmp(&b.consumer));
+    Ok(hosts)
+}

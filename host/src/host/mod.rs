@@ -1,0 +1,220 @@
+//! Starting and stopping the host: connections, migrations, plugins, one consumer task per
+//! stream, and the background chores.
+//!
+//! - this file: [`RunningHost::start`], [`RunningHost::shutdown`] and [`run`] (start, wait for a
+//!   signal, stop gracefully);
+//! - `supervisor.rs`: plugin reloads and the consumer tasks that follow them;
+//! - `background.rs`: the heartbeat, dependency probe, request tracker, ledger pruning and outbox
+//!   relay, each run every so often until the host stops.
+
+mod background;
+mod supervisor;
+
+use crate::config::Config;
+use crate::heartbeat;
+use crate::persist::{self, ledger, schema::Catalog};
+use crate::plugin::{PluginRegistry, PluginRuntime, PluginSet, SandboxLimits, watch};
+use crate::redis_connection;
+use crate::state::HostState;
+use crate::streams;
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+use supervisor::Supervisor;
+use tokio::sync::{Mutex, watch as signal};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+/// A started host. Dropping it does not stop it; call [`RunningHost::shutdown`].
+pub struct RunningHost {
+    supervisor: Arc<Supervisor>,
+    http_addr: Option<std::net::SocketAddr>,
+    stop: signal::Sender<bool>,
+    background: Vec<JoinHandle<()>>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl RunningHost {
+    /// Connects to PostgreSQL (creating the database if needed) and Redis, applies migrations
+    /// unless disabled, loads the plugins, creates the consumer groups and starts consuming.
+    pub async fn start(config: Config) -> Result<RunningHost> {
+        let config = Arc::new(config);
+        let pool = persist::connect(&config.database_url, 16, &config.database_timeouts).await?;
+        if config.migrate {
+            persist::migrate(&pool).await?;
+        }
+        let catalog = Catalog::load(&pool).await?;
+        let client = redis_connection::client(&config.redis_url)?;
+        let mut redis = redis_connection::shared(&client).await?;
+        let source = streams::source_identity(&mut redis, &config.source_identity_key()).await?;
+        let adopted = ledger::adopt_legacy_rows(&pool, &source).await?;
+        if adopted > 0 {
+            info!(
+                adopted,
+                source, "adopted ledger rows written before the ledger recorded their source"
+            );
+        }
+        let runtime = Arc::new(PluginRuntime::for_config(&config, Some(&config.cache_dir))?);
+        let plugins = load_plugins(&runtime, &config).await?;
+        let registry = Arc::new(PluginRegistry::new(plugins));
+        let delivery = Arc::new(HostState::new(
+            config.clone(),
+            source,
+            pool,
+            redis,
+            registry,
+            catalog,
+        ));
+        let supervisor = Arc::new(Supervisor {
+            delivery: delivery.clone(),
+            runtime,
+            client,
+            consumers: Mutex::new(BTreeMap::new()),
+            stopping: Mutex::new(Vec::new()),
+            reloading: Mutex::new(()),
+            started_at: SystemTime::now(),
+        });
+        supervisor.reconcile_consumers().await?;
+        supervisor.write_heartbeat().await;
+
+        let (stop, _) = signal::channel(false);
+        let mut background = background::spawn_all(&supervisor, &stop);
+        let mut http_addr = None;
+        if let Some(addr) = &config.http_addr {
+            let listener = crate::http::bind(addr).await?;
+            http_addr = Some(listener.local_addr()?);
+            info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+            background.push(tokio::spawn(crate::http::serve(
+                listener,
+                delivery.clone(),
+                stop.subscribe(),
+            )));
+        }
+        let mut watcher = None;
+        if config.watch_plugins {
+            let (plugin_watcher, changes) = watch::watch(&config.plugins_dir)?;
+            watcher = Some(plugin_watcher);
+            background.push(tokio::spawn(supervisor::watch_plugins(
+                supervisor.clone(),
+                changes,
+                stop.subscribe(),
+            )));
+        }
+        Ok(RunningHost {
+            supervisor,
+            http_addr,
+            stop,
+            background,
+            _watcher: watcher,
+        })
+    }
+
+    /// The streams being consumed (logical names), including those whose consumer was told to
+    /// stop and is still finishing its last read or batch.
+    pub async fn streams(&self) -> Vec<String> {
+        let mut streams: Vec<String> = self
+            .supervisor
+            .consumers
+            .lock()
+            .await
+            .keys()
+            .cloned()
+            .collect();
+        for (stream, task) in self.supervisor.stopping.lock().await.iter() {
+            if !task.is_finished() && !streams.contains(stream) {
+                streams.push(stream.clone());
+            }
+        }
+        streams.sort();
+        streams
+    }
+
+    /// Where the HTTP endpoint listens, when enabled.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http_addr
+    }
+
+    /// The shared protocol state (configuration, pool, registry).
+    pub fn delivery(&self) -> &Arc<HostState> {
+        &self.supervisor.delivery
+    }
+
+    /// Rescans the plugins directory now (the watcher does this on its own; tests and operators
+    /// may want it synchronously).
+    pub async fn reload_plugins(&self) -> Result<()> {
+        self.supervisor.reload().await
+    }
+
+    /// Stops reading, lets every batch in flight finish (commit and acknowledge), then returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let consumers = std::mem::take(&mut *self.supervisor.consumers.lock().await);
+        for consumer in consumers.values() {
+            let _ = consumer.stop.send(true);
+        }
+        let stopping = std::mem::take(&mut *self.supervisor.stopping.lock().await);
+        let tasks = consumers
+            .into_iter()
+            .map(|(stream, consumer)| (stream, consumer.task))
+            .chain(stopping);
+        for (stream, task) in tasks {
+            if let Err(error) = task.await {
+                warn!(stream, "consumer task ended abnormally: {error}");
+            }
+        }
+        for task in self.background {
+            let _ = task.await;
+        }
+        heartbeat::withdraw(&self.supervisor.delivery).await;
+        self.supervisor.delivery.pool.close().await;
+    }
+}
+
+/// Runs the host until `shutdown` completes, then stops gracefully: no new reads, batches in
+/// flight finish, commit and are acknowledged. Gives up (with an error) when that takes longer
+/// than the configured shutdown timeout or when `force` completes (a second signal); entries not
+/// finished then simply stay pending for this or another consumer.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+    force: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let timeout = config.shutdown_timeout;
+    let host = RunningHost::start(config).await?;
+    info!(streams = ?host.streams().await, "host is serving");
+    shutdown.await;
+    info!(timeout = ?timeout, "shutting down: finishing the batches in flight (signal again to exit at once)");
+    tokio::select! {
+        _ = host.shutdown() => {
+            info!("shut down cleanly");
+            Ok(())
+        }
+        _ = tokio::time::sleep(timeout) => Err(anyhow::anyhow!(
+            "batches in flight did not finish within {timeout:?}; exiting anyway (their entries stay pending and will be reclaimed)"
+        )),
+        _ = force => Err(anyhow::anyhow!(
+            "second signal: exiting at once (entries not finished stay pending and will be reclaimed)"
+        )),
+    }
+}
+
+/// Loads every plugin in the configured directory (on a blocking thread: compiling a component
+/// takes seconds of CPU), warning when there is none.
+async fn load_plugins(runtime: &Arc<PluginRuntime>, config: &Arc<Config>) -> Result<PluginSet> {
+    let plugins = {
+        let runtime = runtime.clone();
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            PluginSet::load_dir(&runtime, &config.plugins_dir, &|name| {
+                SandboxLimits::for_plugin(&config, name)
+            })
+        })
+        .await
+        .context("the plugin loading thread failed")??
+    };
+    if plugins.plugins().is_empty() {
+        warn!(dir = %config.plugins_dir.display(), "no plugin loaded; no stream will be consumed until one is added");
+    }
+    Ok(plugins)
+}

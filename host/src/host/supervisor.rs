@@ -1,0 +1,175 @@
+//! Plugin reloads and the consumer tasks that follow them: the part of a running host that
+//! changes while it runs.
+
+use crate::consumer;
+use crate::heartbeat;
+use crate::plugin::{PluginRuntime, PluginSet, SandboxLimits};
+use crate::state::HostState;
+use crate::streams;
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{Mutex, watch as signal};
+use tokio::task::JoinHandle;
+use tracing::{error, info};
+
+/// Quiet time after a file event before the plugins directory is rescanned (a copy produces
+/// several events).
+const RELOAD_DEBOUNCE: Duration = Duration::from_millis(250);
+/// Rescan the plugins directory this often even without events (missed events, network file
+/// systems). Cheap: unchanged files are only hashed.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One running consumer task and the switch that stops it.
+pub(super) struct Consumer {
+    pub(super) stop: signal::Sender<bool>,
+    pub(super) task: JoinHandle<()>,
+}
+
+/// The parts of a running host that reloads and shutdown act on.
+pub(super) struct Supervisor {
+    pub(super) delivery: Arc<HostState>,
+    pub(super) runtime: Arc<PluginRuntime>,
+    pub(super) client: redis::Client,
+    pub(super) consumers: Mutex<BTreeMap<String, Consumer>>,
+    /// Consumers told to stop (their stream lost its plugin) that may still be finishing their
+    /// batches; shutdown waits for them. Nothing else ever waits for a consumer, so a stuck one
+    /// cannot hold up a reload or the heartbeat.
+    pub(super) stopping: Mutex<Vec<(String, JoinHandle<()>)>>,
+    /// Serialises reloads (a watch event and the periodic rescan may coincide).
+    pub(super) reloading: Mutex<()>,
+    pub(super) started_at: SystemTime,
+}
+
+impl Supervisor {
+    /// Rescans the plugins directory, swaps the new set in, and starts or stops consumers for
+    /// streams that appeared or disappeared.
+    pub(super) async fn reload(&self) -> Result<()> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let current = self.delivery.registry.snapshot();
+        let runtime = self.runtime.clone();
+        let config = self.delivery.config.clone();
+        let previous = current.clone();
+        let next = tokio::task::spawn_blocking(move || {
+            PluginSet::rescan(&runtime, &config.plugins_dir, &current, &|name| {
+                SandboxLimits::for_plugin(&config, name)
+            })
+        })
+        .await
+        .context("the plugin loading thread failed")??;
+        let new_failures = next
+            .failures()
+            .iter()
+            .filter(|f| {
+                !previous
+                    .failures()
+                    .iter()
+                    .any(|old| old.file == f.file && old.sha256 == f.sha256)
+            })
+            .count();
+        self.delivery.metrics.add(
+            "kaleidoscope_plugin_load_failures_total",
+            Vec::new(),
+            new_failures as u64,
+        );
+        self.delivery.registry.replace(next);
+        self.reconcile_consumers().await?;
+        self.write_heartbeat().await;
+        Ok(())
+    }
+
+    /// Starts a consumer for every stream a loaded plugin declares that has none yet (creating
+    /// its group), and tells consumers of streams no plugin declares any more to stop; they
+    /// finish their batches in flight on their own. No lock is held across a Redis call or a
+    /// wait for a consumer.
+    pub(super) async fn reconcile_consumers(&self) -> Result<()> {
+        let snapshot = self.delivery.registry.snapshot();
+        let wanted: Vec<String> = snapshot.streams().map(str::to_string).collect();
+        let config = &self.delivery.config;
+        let (missing, gone) = {
+            let mut consumers = self.consumers.lock().await;
+            let missing: Vec<String> = wanted
+                .iter()
+                .filter(|s| !consumers.contains_key(*s))
+                .cloned()
+                .collect();
+            let gone_streams: Vec<String> = consumers
+                .keys()
+                .filter(|s| !wanted.contains(s))
+                .cloned()
+                .collect();
+            let gone: Vec<(String, Consumer)> = gone_streams
+                .into_iter()
+                .filter_map(|s| consumers.remove(&s).map(|c| (s, c)))
+                .collect();
+            (missing, gone)
+        };
+        for (stream, consumer) in gone {
+            info!(
+                stream,
+                "no plugin handles this stream any more; its entries wait in Redis"
+            );
+            let _ = consumer.stop.send(true);
+            let mut stopping = self.stopping.lock().await;
+            stopping.retain(|(_, task)| !task.is_finished());
+            stopping.push((stream, consumer.task));
+        }
+        for stream in missing {
+            let mut redis = self.delivery.redis.clone();
+            streams::ensure_group(
+                &mut redis,
+                &config.stream_key(&stream),
+                &config.consumer_group,
+            )
+            .await?;
+            let (stop, stopped) = signal::channel(false);
+            let task = tokio::spawn(consumer::consume(
+                self.delivery.clone(),
+                self.client.clone(),
+                stream.clone(),
+                stopped,
+            ));
+            self.consumers
+                .lock()
+                .await
+                .insert(stream, Consumer { stop, task });
+        }
+        Ok(())
+    }
+
+    /// Writes this host's heartbeat with the streams it consumes now.
+    pub(super) async fn write_heartbeat(&self) {
+        let streams: Vec<String> = self.consumers.lock().await.keys().cloned().collect();
+        heartbeat::write(&self.delivery, &streams, self.started_at).await;
+    }
+}
+
+/// Reloads the plugins after file events (debounced) and every [`RESCAN_INTERVAL`].
+pub(super) async fn watch_plugins(
+    supervisor: Arc<Supervisor>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<()>,
+    mut stop: signal::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            event = changes.recv() => {
+                if event.is_none() {
+                    return;
+                }
+                // Let the writer finish: wait until the events stop for a moment.
+                loop {
+                    tokio::select! {
+                        more = changes.recv() => if more.is_none() { return },
+                        _ = tokio::time::sleep(RELOAD_DEBOUNCE) => break,
+                    }
+                }
+            }
+            _ = tokio::time::sleep(RESCAN_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(error) = supervisor.reload().await {
+            error!("reloading plugins failed: {}", crate::text::causes(&error));
+        }
+    }
+}

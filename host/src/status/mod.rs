@@ -1,0 +1,277 @@
+//! What `kaleidoscope status` reports: the hosts' [heartbeats](crate::heartbeat) combined with
+//! what Redis knows about each stream (length, group lag, pending entries, consumers), the
+//! dead-letter stream, and the tracked requests. Shared by the CLI, `/status`-style HTTP views and
+//! the demo; [`render`] turns a report into a table for people.
+
+mod render;
+
+pub use render::render;
+
+use crate::config::Config;
+use crate::heartbeat::{self, HostStatus};
+use crate::streams::text;
+use anyhow::{Context, Result};
+use redis::Value;
+use redis::aio::ConnectionLike;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How many dead letters `status` reads to count them by kind.
+const DLQ_SCAN_LIMIT: usize = 10_000;
+
+/// The streams reported even when no host is running (the seed's inbound streams).
+pub const DEFAULT_STREAMS: [&str; 4] = [
+    "ml-insights-results",
+    "face-detection-results",
+    "face-recognition-results",
+    "ml-error-results",
+];
+
+/// Tracked ML requests by status (`ml_requests`).
+pub async fn requests_by_status(pool: &sqlx::PgPool) -> Result<BTreeMap<String, i64>> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM ml_requests GROUP BY status")
+            .fetch_all(pool)
+            .await
+            .context("cannot count requests by status")?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Everything `kaleidoscope status` reports.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub healthy: bool,
+    pub problems: Vec<String>,
+    /// Tracked ML requests by status; absent when the database could not be asked.
+    pub requests: Option<BTreeMap<String, i64>>,
+    pub hosts: Vec<HostStatus>,
+    pub streams: Vec<StreamReport>,
+    pub dead_letters: DeadLetterReport,
+}
+
+/// One inbound stream as Redis sees it.
+#[derive(Debug, Serialize)]
+pub struct StreamReport {
+    pub stream: String,
+    pub key: String,
+    pub length: i64,
+    pub group_exists: bool,
+    pub lag: Option<i64>,
+    pub pending: i64,
+    /// Age of the oldest pending entry (from its id's timestamp), in milliseconds.
+    pub oldest_pending_age_ms: Option<u64>,
+    pub consumers: Vec<ConsumerReport>,
+}
+
+/// One consumer of the group on a stream.
+#[derive(Debug, Serialize)]
+pub struct ConsumerReport {
+    pub name: String,
+    pub pending: i64,
+    pub idle_ms: i64,
+}
+
+/// The dead-letter stream.
+#[derive(Debug, Serialize)]
+pub struct DeadLetterReport {
+    pub stream: String,
+    pub length: i64,
+    /// Counts by `failureKind` over the newest entries (at most `scanned`).
+    pub by_kind: BTreeMap<String, u64>,
+    pub scanned: usize,
+}
+
+/// Collects the report. `max_pending_age` marks a stream unhealthy when its oldest pending entry
+/// is older.
+pub async fn collect<C: ConnectionLike + Send>(
+    conn: &mut C,
+    config: &Config,
+    pool: Option<&sqlx::PgPool>,
+    max_pending_age: Duration,
+) -> Result<Report> {
+    let mut problems = Vec::new();
+    let hosts = heartbeat::read_all(conn, config).await?;
+    if hosts.is_empty() {
+        problems.push(format!(
+            "no host of group {:?} is running (no status heartbeat)",
+            config.consumer_group
+        ));
+    }
+    for host in &hosts {
+        for reason in &host.not_ready {
+            problems.push(format!("host {} is not ready: {reason}", host.consumer));
+        }
+        for failure in &host.failed_loads {
+            problems.push(format!(
+                "host {}: plugin {} failed to load: {}",
+                host.consumer, failure.file, failure.reason
+            ));
+        }
+    }
+    let mut stream_names: BTreeSet<String> =
+        DEFAULT_STREAMS.iter().map(|s| s.to_string()).collect();
+    let served: BTreeSet<String> = hosts
+        .iter()
+        .flat_map(|h| h.streams.iter().cloned())
+        .collect();
+    stream_names.extend(served.iter().cloned());
+
+    let mut streams = Vec::new();
+    for stream in stream_names {
+        let report = stream_report(conn, config, &stream).await?;
+        if served.contains(&stream) && !report.group_exists {
+            problems.push(format!(
+                "stream {stream}: consumer group {:?} is missing",
+                config.consumer_group
+            ));
+        }
+        if let Some(age) = report.oldest_pending_age_ms
+            && age > max_pending_age.as_millis() as u64
+        {
+            problems.push(format!(
+                "stream {stream}: oldest pending entry is {} old (threshold {})",
+                humantime::format_duration(Duration::from_millis(age / 1000 * 1000)),
+                humantime::format_duration(max_pending_age)
+            ));
+        }
+        if !served.contains(&stream) && report.length > 0 && !hosts.is_empty() {
+            problems.push(format!(
+                "stream {stream}: has entries but no loaded plugin handles it"
+            ));
+        }
+        streams.push(report);
+    }
+    let dead_letters = dead_letter_report(conn, config).await?;
+    let requests = match pool {
+        Some(pool) => match requests_by_status(pool).await {
+            Ok(requests) => Some(requests),
+            Err(error) => {
+                problems.push(format!("requests: {}", crate::text::causes(&error)));
+                None
+            }
+        },
+        None => None,
+    };
+    Ok(Report {
+        healthy: problems.is_empty(),
+        problems,
+        requests,
+        hosts,
+        streams,
+        dead_letters,
+    })
+}
+
+/// What Redis knows about one stream and the group on it.
+pub async fn stream_report<C: ConnectionLike + Send>(
+    conn: &mut C,
+    config: &Config,
+    stream: &str,
+) -> Result<StreamReport> {
+    let key = config.stream_key(stream);
+    let length: i64 = redis::cmd("XLEN").arg(&key).query_async(conn).await?;
+    let mut report = StreamReport {
+        stream: stream.to_string(),
+        key: key.clone(),
+        length,
+        group_exists: false,
+        lag: None,
+        pending: 0,
+        oldest_pending_age_ms: None,
+        consumers: Vec::new(),
+    };
+    if length == 0 {
+        let exists: i64 = redis::cmd("EXISTS").arg(&key).query_async(conn).await?;
+        if exists == 0 {
+            return Ok(report);
+        }
+    }
+    let groups: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&key)
+        .query_async(conn)
+        .await?;
+    let Some(group) = groups
+        .into_iter()
+        .find(|g| g.get("name").and_then(text).as_deref() == Some(config.consumer_group.as_str()))
+    else {
+        return Ok(report);
+    };
+    report.group_exists = true;
+    report.lag = group.get("lag").and_then(int);
+    report.pending = group.get("pending").and_then(int).unwrap_or(0);
+    if report.pending > 0 {
+        let summary: Value = redis::cmd("XPENDING")
+            .arg(&key)
+            .arg(&config.consumer_group)
+            .query_async(conn)
+            .await?;
+        if let Value::Array(parts) = summary
+            && let Some(oldest) = parts.get(1).and_then(text)
+            && let Some(millis) = oldest
+                .split('-')
+                .next()
+                .and_then(|ms| ms.parse::<u64>().ok())
+        {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            report.oldest_pending_age_ms = Some(now.saturating_sub(millis));
+        }
+    }
+    let consumers: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(&key)
+        .arg(&config.consumer_group)
+        .query_async(conn)
+        .await?;
+    report.consumers = consumers
+        .into_iter()
+        .map(|c| ConsumerReport {
+            name: c.get("name").and_then(text).unwrap_or_default(),
+            pending: c.get("pending").and_then(int).unwrap_or(0),
+            idle_ms: c.get("idle").and_then(int).unwrap_or(0),
+        })
+        .collect();
+    Ok(report)
+}
+
+async fn dead_letter_report<C: ConnectionLike + Send>(
+    conn: &mut C,
+    config: &Config,
+) -> Result<DeadLetterReport> {
+    let key = config.dlq_key();
+    let length: i64 = redis::cmd("XLEN").arg(&key).query_async(conn).await?;
+    let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
+        .arg(&key)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(DLQ_SCAN_LIMIT)
+        .query_async(conn)
+        .await?;
+    let mut by_kind = BTreeMap::new();
+    for (_, fields) in &entries {
+        let kind = fields
+            .get(crate::dead_letter::field::FAILURE_KIND)
+            .cloned()
+            .unwrap_or_else(|| "unknown".into());
+        *by_kind.entry(kind).or_insert(0) += 1;
+    }
+    Ok(DeadLetterReport {
+        stream: config.dlq_stream.clone(),
+        length,
+        by_kind,
+        scanned: entries.len(),
+    })
+}
+
+fn int(value: &Value) -> Option<i64> {
+    match value {
+        Value::Int(i) => Some(*i),
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
+        _ => None,
+    }
+}

@@ -1,0 +1,97 @@
+//! `kaleidoscope status` as a table for people.
+
+use super::Report;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// The report as a human-readable table.
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "health: {}\n",
+        if report.healthy { "ok" } else { "UNHEALTHY" }
+    ));
+    for problem in &report.problems {
+        out.push_str(&format!("  ! {problem}\n"));
+    }
+    out.push_str("\nstreams:\n");
+    out.push_str(&format!(
+        "  {:<40} {:>8} {:>6} {:>8} {:>14}  consumers (pending/idle)\n",
+        "stream", "length", "lag", "pending", "oldest pending"
+    ));
+    for s in &report.streams {
+        let lag = s.lag.map_or("-".to_string(), |l| l.to_string());
+        let oldest = s.oldest_pending_age_ms.map_or("-".to_string(), |ms| {
+            humantime::format_duration(Duration::from_millis(ms / 1000 * 1000)).to_string()
+        });
+        let consumers = if !s.group_exists {
+            "(no group)".to_string()
+        } else {
+            s.consumers
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} ({}/{})",
+                        c.name,
+                        c.pending,
+                        humantime::format_duration(Duration::from_millis(
+                            c.idle_ms.max(0) as u64 / 1000 * 1000
+                        ))
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!(
+            "  {:<40} {:>8} {:>6} {:>8} {:>14}  {}\n",
+            s.stream, s.length, lag, s.pending, oldest, consumers
+        ));
+    }
+    let kinds = counts(&report.dead_letters.by_kind);
+    out.push_str(&format!(
+        "\ndead letters ({}): {} {}\n",
+        report.dead_letters.stream, report.dead_letters.length, kinds
+    ));
+    match &report.requests {
+        Some(requests) if requests.is_empty() => out.push_str("requests: none\n"),
+        Some(requests) => out.push_str(&format!("requests: {}\n", counts(requests))),
+        None => out.push_str("requests: (database unavailable)\n"),
+    }
+    out.push_str("\nhosts:\n");
+    if report.hosts.is_empty() {
+        out.push_str("  (none running)\n");
+    }
+    for host in &report.hosts {
+        out.push_str(&format!(
+            "  {} (pid {}, up since {}, plugins from {}){}\n",
+            host.consumer,
+            host.pid,
+            host.started_at,
+            host.plugins_dir,
+            if host.ready { "" } else { "  NOT READY" }
+        ));
+        for p in &host.plugins {
+            out.push_str(&format!(
+                "    {:<24} {:<10} {}  {:?}{}\n",
+                p.name,
+                p.version,
+                &p.sha256[..p.sha256.len().min(12)],
+                p.streams,
+                if p.from_cache { "  (cached)" } else { "" }
+            ));
+        }
+        for f in &host.failed_loads {
+            out.push_str(&format!("    FAILED {}: {}\n", f.file, f.reason));
+        }
+    }
+    out
+}
+
+/// `name=count name=count ...`
+fn counts<N: std::fmt::Display>(counts: &BTreeMap<String, N>) -> String {
+    counts
+        .iter()
+        .map(|(name, n)| format!("{name}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
