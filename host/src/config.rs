@@ -8,8 +8,10 @@
 //! `KALEIDOSCOPE_*` variables and invalid values are errors that name the key or variable they
 //! came from.
 
+use crate::plugin::policy;
+pub use crate::plugin::policy::PluginPolicy;
 use anyhow::{Context, Result, bail};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -225,23 +227,6 @@ pub const SETTINGS: &[Setting] = &[
 /// The shipped plugins' grants and limits (`config/default-plugins.toml`).
 const DEFAULT_PLUGINS: &str = include_str!("../../config/default-plugins.toml");
 
-/// What the operator allows one plugin, and its sandbox limits if they differ from the defaults.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PluginPolicy {
-    /// Tables the plugin may write (upsert, update, insert, delete).
-    pub tables: BTreeSet<String>,
-    /// Tables the plugin may only `update`, and the columns it may set there. How a result
-    /// plugin marks the request it answers without being able to forge requests (a row it could
-    /// insert in `ml_requests` would be published by the request tracker).
-    pub update_columns: BTreeMap<String, BTreeSet<String>>,
-    /// Streams the plugin may `emit` to (logical names).
-    pub emit: BTreeSet<String>,
-    /// Deadline of one call, overriding `plugin_timeout_ms`.
-    pub timeout: Option<Duration>,
-    /// Memory cap in bytes, overriding `plugin_memory_mib`.
-    pub memory_bytes: Option<usize>,
-}
-
 /// The resolved configuration of one host process.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -276,13 +261,6 @@ pub struct Config {
     pub plugins: BTreeMap<String, PluginPolicy>,
 }
 
-impl PluginPolicy {
-    /// Whether the plugin may write `table` at all (fully, or by updating granted columns).
-    pub fn grants_table(&self, table: &str) -> bool {
-        self.tables.contains(table) || self.update_columns.contains_key(table)
-    }
-}
-
 impl Config {
     /// The Redis key of a logical stream name (applies [`Config::stream_prefix`]).
     pub fn stream_key(&self, stream: &str) -> String {
@@ -313,7 +291,8 @@ impl Config {
         flags: &BTreeMap<&'static str, String>,
     ) -> Result<Config> {
         let mut raw = RawSettings::default();
-        raw.read_plugins_table(
+        policy::read_plugins_table(
+            &mut raw.plugins,
             &DEFAULT_PLUGINS
                 .parse()
                 .context("config/default-plugins.toml is not valid TOML")?,
@@ -365,7 +344,7 @@ impl RawSettings {
         let table: toml::Table = text
             .parse()
             .with_context(|| format!("configuration file {} is not valid TOML", path.display()))?;
-        self.read_plugins_table(&table, path)?;
+        policy::read_plugins_table(&mut self.plugins, &table, path)?;
         for (key, value) in table {
             if key == "plugins" {
                 continue;
@@ -393,93 +372,6 @@ impl RawSettings {
                 ),
             };
             self.set(setting.key, text, Origin::File(path.to_path_buf()));
-        }
-        Ok(())
-    }
-
-    /// Reads `[plugins.<name>]` sections; each key given replaces that key of the plugin's
-    /// current policy (so an operator can change one limit and keep the shipped grants).
-    fn read_plugins_table(&mut self, table: &toml::Table, path: &Path) -> Result<()> {
-        let Some(plugins) = table.get("plugins") else {
-            return Ok(());
-        };
-        let plugins = plugins.as_table().with_context(|| {
-            format!(
-                "`plugins` in {} must be a table of [plugins.<name>] sections",
-                path.display()
-            )
-        })?;
-        for (name, section) in plugins {
-            let section = section.as_table().with_context(|| {
-                format!("`plugins.{name}` in {} must be a table", path.display())
-            })?;
-            let policy = self.plugins.entry(name.clone()).or_default();
-            for (key, value) in section {
-                let at = || format!("`plugins.{name}.{key}` in {}", path.display());
-                let list = || -> Result<BTreeSet<String>> {
-                    string_set(value)
-                        .with_context(|| format!("{}: expected a list of strings", at()))
-                };
-                let positive = || -> Result<u64> {
-                    value
-                        .as_integer()
-                        .and_then(|i| u64::try_from(i).ok())
-                        .filter(|i| *i > 0)
-                        .with_context(|| format!("{}: expected a positive integer", at()))
-                };
-                match key.as_str() {
-                    "tables" => {
-                        let tables = list()?;
-                        if let Some(host) = tables
-                            .iter()
-                            .find(|t| crate::persist::schema::HOST_TABLES.contains(&t.as_str()))
-                        {
-                            bail!(
-                                "{}: table `{host}` belongs to the host and cannot be granted",
-                                at()
-                            );
-                        }
-                        policy.tables = tables;
-                    }
-                    "update_columns" => {
-                        let grants = value.as_table().with_context(|| {
-                            format!("{}: expected a table of `table = [columns]`", at())
-                        })?;
-                        let mut update_columns = BTreeMap::new();
-                        for (table, columns) in grants {
-                            if crate::persist::schema::HOST_TABLES.contains(&table.as_str()) {
-                                bail!(
-                                    "{}: table `{table}` belongs to the host and cannot be granted",
-                                    at()
-                                );
-                            }
-                            let columns = string_set(columns)
-                                .filter(|columns| !columns.is_empty())
-                                .with_context(|| {
-                                    format!(
-                                        "{}.{table}: expected a non-empty list of column names",
-                                        at()
-                                    )
-                                })?;
-                            update_columns.insert(table.clone(), columns);
-                        }
-                        policy.update_columns = update_columns;
-                    }
-                    "emit" => policy.emit = list()?,
-                    "timeout_ms" => policy.timeout = Some(Duration::from_millis(positive()?)),
-                    "memory_mib" => {
-                        let mib = usize::try_from(positive()?)
-                            .ok()
-                            .and_then(|m| m.checked_mul(1 << 20))
-                            .with_context(|| format!("{}: too large", at()))?;
-                        policy.memory_bytes = Some(mib);
-                    }
-                    _ => bail!(
-                        "unknown key {} (known: tables, update_columns, emit, timeout_ms, memory_mib)",
-                        at()
-                    ),
-                }
-            }
         }
         Ok(())
     }
@@ -653,16 +545,6 @@ impl RawSettings {
             plugins: self.plugins.clone(),
         })
     }
-}
-
-/// A TOML list of strings as a set; `None` if it is anything else.
-fn string_set(value: &toml::Value) -> Option<BTreeSet<String>> {
-    value.as_array().and_then(|items| {
-        items
-            .iter()
-            .map(|i| i.as_str().map(str::to_string))
-            .collect()
-    })
 }
 
 /// The default of `key` as declared in [`SETTINGS`], when it is a value; `None` when it is

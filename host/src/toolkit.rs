@@ -5,7 +5,7 @@
 //! the host would receive — without touching Redis or the database.
 
 use crate::config::Config;
-use crate::plugin::{HandlerOutcome, Plugin, PluginRuntime, SandboxLimits, wit};
+use crate::plugin::{Plugin, PluginRuntime, SandboxLimits, wit};
 use anyhow::{Result, bail};
 use serde_json::{Value as Json, json};
 use std::path::Path;
@@ -68,53 +68,59 @@ pub fn exec(
     };
     let policy = config.policy(&plugin.name);
     let outcome = plugin.handle(&entry);
-    let (described, ok) = match outcome {
-        HandlerOutcome::Commands(commands) => {
-            let mut warnings = Vec::new();
-            for command in &commands {
-                match command {
-                    wit::Command::Upsert(wit::Upsert { table, .. })
-                    | wit::Command::Update(wit::Update { table, .. })
-                    | wit::Command::Insert(wit::Insert { table, .. })
-                    | wit::Command::Delete(wit::Delete { table, .. }) => {
-                        if !policy.grants_table(table) {
-                            warnings.push(format!("table `{table}` is not granted to plugin `{}`: the host would dead-letter this entry as forbidden-command", plugin.name));
-                        }
-                    }
-                    wit::Command::Emit(emit) => {
-                        if !policy.emit.contains(&emit.target) {
-                            warnings.push(format!("stream `{}` is not granted to plugin `{}` for emit: the host would dead-letter this entry as forbidden-command", emit.target, plugin.name));
-                        }
-                    }
-                }
-            }
+    let (described, ok) = match outcome.into_commands(plugin.limits().memory_bytes) {
+        Ok(commands) => {
+            let warnings = grant_warnings(plugin, &policy, &commands);
             let mut out = json!({"outcome": "commands", "commands": commands.iter().map(command_json).collect::<Vec<_>>()});
             if !warnings.is_empty() {
                 out["warnings"] = json!(warnings);
             }
             (out, true)
         }
-        HandlerOutcome::Malformed(reason) => (
-            json!({"outcome": "malformed", "reason": reason, "host_would": "dead-letter at once as malformed"}),
-            false,
-        ),
-        HandlerOutcome::Retry(reason) => (
-            json!({"outcome": "retry", "reason": reason, "host_would": "retry after the reclaim idle time, then dead-letter as retries-exhausted"}),
-            false,
-        ),
-        HandlerOutcome::Trap(message) => {
-            (json!({"outcome": "plugin-trap", "reason": message}), false)
+        Err(failure) => {
+            let host_would = if failure.retryable {
+                format!(
+                    "retry after the reclaim idle time, up to ML_RETRY_ATTEMPTS deliveries, then dead-letter as {}",
+                    failure.kind
+                )
+            } else {
+                format!("dead-letter at once as {}", failure.kind)
+            };
+            (
+                json!({"outcome": failure.kind.as_str(), "reason": failure.reason, "host_would": host_would}),
+                false,
+            )
         }
-        HandlerOutcome::Timeout(after) => (
-            json!({"outcome": "timeout", "reason": format!("did not return within {after:?}")}),
-            false,
-        ),
-        HandlerOutcome::MemoryLimit { requested } => (
-            json!({"outcome": "memory-limit", "reason": format!("tried to grow memory to {requested} bytes")}),
-            false,
-        ),
     };
     Ok((described, ok))
+}
+
+/// What the host would refuse for want of a grant (the full check against the schema needs a
+/// database; the host does it on every entry).
+fn grant_warnings(
+    plugin: &Plugin,
+    policy: &crate::config::PluginPolicy,
+    commands: &[wit::Command],
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for command in commands {
+        match command {
+            wit::Command::Upsert(wit::Upsert { table, .. })
+            | wit::Command::Update(wit::Update { table, .. })
+            | wit::Command::Insert(wit::Insert { table, .. })
+            | wit::Command::Delete(wit::Delete { table, .. }) => {
+                if !policy.grants_table(table) {
+                    warnings.push(format!("table `{table}` is not granted to plugin `{}`: the host would dead-letter this entry as forbidden-command", plugin.name));
+                }
+            }
+            wit::Command::Emit(emit) => {
+                if !policy.emit.contains(&emit.target) {
+                    warnings.push(format!("stream `{}` is not granted to plugin `{}` for emit: the host would dead-letter this entry as forbidden-command", emit.target, plugin.name));
+                }
+            }
+        }
+    }
+    warnings
 }
 
 /// A command as readable JSON.

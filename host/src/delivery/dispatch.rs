@@ -5,7 +5,7 @@ use super::{Decision, Item};
 use crate::dead_letter::FailureKind;
 use crate::metrics::labels;
 use crate::persist::validate;
-use crate::plugin::{HandlerOutcome, Plugin, wit};
+use crate::plugin::{Plugin, wit};
 use crate::state::HostState;
 use anyhow::{Context as _, Result};
 use std::sync::Arc;
@@ -82,8 +82,8 @@ impl HostState {
                 elapsed,
             );
             let deliveries = items[index].entry.deliveries;
-            let decision = match outcome {
-                HandlerOutcome::Commands(commands) => {
+            let decision = match outcome.into_commands(plugin.limits().memory_bytes) {
+                Ok(commands) => {
                     // A table or column the catalogue does not know may have been created since
                     // it was read (a migration, or a plugin author's new table): read it again
                     // first, so the commands are checked once, without copying them.
@@ -92,27 +92,16 @@ impl HostState {
                     }
                     match validate::validate(&plugin.name, &policy, commands, &catalog) {
                         Ok(statements) => Decision::Persist(statements),
-                        Err(reason) => Decision::DeadLetter(FailureKind::ForbiddenCommand, reason),
+                        Err(rejection) => Decision::DeadLetter(
+                            FailureKind::ForbiddenCommand,
+                            rejection.to_string(),
+                        ),
                     }
                 }
-                HandlerOutcome::Malformed(reason) => Decision::DeadLetter(FailureKind::Malformed, reason),
-                HandlerOutcome::Retry(reason) => self.retry_or_give_up(FailureKind::RetriesExhausted, reason, deliveries),
-                HandlerOutcome::Trap(message) => {
-                    self.retry_or_give_up(FailureKind::PluginTrap, format!("plugin trapped: {message}"), deliveries)
+                Err(failure) if failure.retryable => {
+                    self.retry_or_give_up(failure.kind, failure.reason, deliveries)
                 }
-                HandlerOutcome::Timeout(after) => self.retry_or_give_up(
-                    FailureKind::Timeout,
-                    format!("plugin did not return within {after:?}"),
-                    deliveries,
-                ),
-                HandlerOutcome::MemoryLimit { requested } => self.retry_or_give_up(
-                    FailureKind::MemoryLimit,
-                    format!(
-                        "plugin tried to grow its memory to {requested} bytes, over the cap of {} bytes",
-                        plugin.limits().memory_bytes
-                    ),
-                    deliveries,
-                ),
+                Err(failure) => Decision::DeadLetter(failure.kind, failure.reason),
             };
             items[index].decision = Some(decision);
         }

@@ -126,6 +126,14 @@ impl Catalog {
         Ok(Catalog { tables })
     }
 
+    /// A catalogue of the given tables, for unit tests of what is checked against it.
+    #[cfg(test)]
+    pub(crate) fn from_tables(tables: Vec<Table>) -> Catalog {
+        Catalog {
+            tables: tables.into_iter().map(|t| (t.name.clone(), t)).collect(),
+        }
+    }
+
     /// The table called `name`, if the schema has it.
     pub fn table(&self, name: &str) -> Option<&Table> {
         self.tables.get(name)

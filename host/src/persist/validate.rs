@@ -16,6 +16,59 @@ use std::collections::BTreeSet;
 /// The most commands one entry may produce.
 pub const MAX_COMMANDS_PER_ENTRY: usize = 100_000;
 
+/// Why a command was refused: the rule it broke, for callers and tests that branch on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// More than [`MAX_COMMANDS_PER_ENTRY`] commands for one entry.
+    TooManyCommands,
+    /// The table belongs to the host (ledger, outbox, migrations).
+    HostTable,
+    /// The plugin has no grant for the table.
+    TableNotGranted,
+    /// The plugin may only `update` the table (an `update_columns` grant).
+    UpdateOnly,
+    /// An `update` sets a column its `update_columns` grant does not list.
+    ColumnNotGranted,
+    /// The table is not in the live schema.
+    UnknownTable,
+    /// The column is not in the live schema.
+    UnknownColumn,
+    /// The column is generated and cannot be written.
+    GeneratedColumn,
+    /// A column appears twice among the values, the key or `set`.
+    DuplicateColumn,
+    /// The key is empty.
+    EmptyKey,
+    /// A key column is null.
+    NullKey,
+    /// An upsert's key is not a primary key or unique constraint.
+    NotAUniqueKey,
+    /// An upsert sets a column of its own key.
+    KeyInSet,
+    /// An `update` sets nothing.
+    EmptySet,
+    /// A value does not fit its column (type, range, NUL, length, JSON).
+    TypeMismatch,
+    /// An `emit` to an invalid or ungranted stream, or without fields.
+    Emit,
+}
+
+/// A refused command: the rule it broke and a message naming plugin, command, table and column
+/// (stored as the dead letter's reason).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub kind: Rejected,
+    pub message: String,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Rejection {}
+
 /// A column with a value checked against its type.
 #[derive(Clone, Debug)]
 pub struct Param {
@@ -122,12 +175,15 @@ pub fn validate(
     policy: &PluginPolicy,
     commands: Vec<wit::Command>,
     catalog: &Catalog,
-) -> Result<Vec<Statement>, String> {
+) -> Result<Vec<Statement>, Rejection> {
     if commands.len() > MAX_COMMANDS_PER_ENTRY {
-        return Err(format!(
-            "plugin `{plugin}` returned {} commands for one entry (limit {MAX_COMMANDS_PER_ENTRY})",
-            commands.len()
-        ));
+        return Err(Rejection {
+            kind: Rejected::TooManyCommands,
+            message: format!(
+                "plugin `{plugin}` returned {} commands for one entry (limit {MAX_COMMANDS_PER_ENTRY})",
+                commands.len()
+            ),
+        });
     }
     commands
         .into_iter()
@@ -152,21 +208,43 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    fn fail(&self, what: &str, table: &str, problem: impl std::fmt::Display) -> String {
-        format!(
-            "plugin `{}` command {} ({what} on table `{table}`): {problem}",
-            self.plugin, self.index
-        )
+    fn fail(
+        &self,
+        kind: Rejected,
+        what: &str,
+        table: &str,
+        problem: impl std::fmt::Display,
+    ) -> Rejection {
+        Rejection {
+            kind,
+            message: format!(
+                "plugin `{}` command {} ({what} on table `{table}`): {problem}",
+                self.plugin, self.index
+            ),
+        }
     }
 
-    fn command(&self, command: wit::Command) -> Result<Statement, String> {
+    /// A rejection of an `emit` command (which has a target stream, not a table).
+    fn fail_emit(&self, target: &str, problem: impl std::fmt::Display) -> Rejection {
+        Rejection {
+            kind: Rejected::Emit,
+            message: format!(
+                "plugin `{}` command {} (emit to `{}`): {problem}",
+                self.plugin,
+                self.index,
+                target.escape_debug()
+            ),
+        }
+    }
+
+    fn command(&self, command: wit::Command) -> Result<Statement, Rejection> {
         match command {
             wit::Command::Upsert(upsert) => {
                 let table = self.table("upsert", &upsert.table)?;
                 let key = self.key("upsert", table, upsert.key)?;
                 let key_columns: BTreeSet<String> = key.iter().map(|p| p.column.clone()).collect();
                 if !table.unique_keys.contains(&key_columns) {
-                    return Err(self.fail(
+                    return Err(self.fail(Rejected::NotAUniqueKey,
                         "upsert",
                         &table.name,
                         format!(
@@ -189,13 +267,18 @@ impl Checker<'_> {
                 // status = 'PENDING'`); only an upsert's conflict key must stay out of `set`.
                 let set = self.set("update", table, update.set, &BTreeSet::new())?;
                 if set.is_empty() {
-                    return Err(self.fail("update", &table.name, "`set` is empty"));
+                    return Err(self.fail(
+                        Rejected::EmptySet,
+                        "update",
+                        &table.name,
+                        "`set` is empty",
+                    ));
                 }
                 if !self.policy.tables.contains(&table.name)
                     && let Some(granted) = self.policy.update_columns.get(&table.name)
                     && let Some(column) = set.iter().find(|s| !granted.contains(&s.column))
                 {
-                    return Err(self.fail(
+                    return Err(self.fail(Rejected::ColumnNotGranted,
                         "update",
                         &table.name,
                         format_args!(
@@ -254,22 +337,21 @@ impl Checker<'_> {
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
                 if !valid {
-                    return Err(format!(
-                        "plugin `{}` command {} (emit): invalid target stream {:?}",
-                        self.plugin, self.index, emit.target
-                    ));
+                    return Err(self.fail_emit(&emit.target, "invalid target stream name"));
                 }
                 if !self.policy.emit.contains(&emit.target) {
-                    return Err(format!(
-                        "plugin `{}` command {} (emit): plugin is not granted stream `{}` (grant it with `emit` in [plugins.{}])",
-                        self.plugin, self.index, emit.target, self.plugin
+                    return Err(self.fail_emit(
+                        &emit.target,
+                        format_args!(
+                            "plugin is not granted this stream (grant it with `emit` in [plugins.{}])",
+                            self.plugin
+                        ),
                     ));
                 }
                 if emit.fields.is_empty() {
-                    return Err(format!(
-                        "plugin `{}` command {} (emit to `{}`): a stream entry needs at least one field",
-                        self.plugin, self.index, emit.target
-                    ));
+                    return Err(
+                        self.fail_emit(&emit.target, "a stream entry needs at least one field")
+                    );
                 }
                 Ok(Statement::Emit {
                     target: emit.target,
@@ -279,9 +361,10 @@ impl Checker<'_> {
         }
     }
 
-    fn table(&self, what: &str, name: &str) -> Result<&Table, String> {
+    fn table(&self, what: &str, name: &str) -> Result<&Table, Rejection> {
         if HOST_TABLES.contains(&name) {
             return Err(self.fail(
+                Rejected::HostTable,
                 what,
                 name,
                 "the table belongs to the host and cannot be written by plugins",
@@ -290,7 +373,7 @@ impl Checker<'_> {
         if !self.policy.tables.contains(name) {
             if let Some(columns) = self.policy.update_columns.get(name) {
                 if what != "update" {
-                    return Err(self.fail(
+                    return Err(self.fail(Rejected::UpdateOnly,
                         what,
                         name,
                         format_args!(
@@ -301,6 +384,7 @@ impl Checker<'_> {
                 }
             } else {
                 return Err(self.fail(
+                    Rejected::TableNotGranted,
                     what,
                     name,
                     format_args!(
@@ -310,17 +394,33 @@ impl Checker<'_> {
                 ));
             }
         }
-        self.catalog
-            .table(name)
-            .ok_or_else(|| self.fail(what, name, "the table does not exist"))
+        self.catalog.table(name).ok_or_else(|| {
+            self.fail(
+                Rejected::UnknownTable,
+                what,
+                name,
+                "the table does not exist",
+            )
+        })
     }
 
-    fn column<'t>(&self, what: &str, table: &'t Table, name: &str) -> Result<&'t Column, String> {
+    fn column<'t>(
+        &self,
+        what: &str,
+        table: &'t Table,
+        name: &str,
+    ) -> Result<&'t Column, Rejection> {
         let column = table.columns.get(name).ok_or_else(|| {
-            self.fail(what, &table.name, format!("column `{name}` does not exist"))
+            self.fail(
+                Rejected::UnknownColumn,
+                what,
+                &table.name,
+                format!("column `{name}` does not exist"),
+            )
         })?;
         if column.generated {
             return Err(self.fail(
+                Rejected::GeneratedColumn,
                 what,
                 &table.name,
                 format!("column `{name}` is generated and cannot be written"),
@@ -334,13 +434,14 @@ impl Checker<'_> {
         what: &str,
         table: &Table,
         values: Vec<wit::ColumnValue>,
-    ) -> Result<Vec<Param>, String> {
+    ) -> Result<Vec<Param>, Rejection> {
         let mut seen = BTreeSet::new();
         values
             .into_iter()
             .map(|cv| {
                 if !seen.insert(cv.column.clone()) {
                     return Err(self.fail(
+                        Rejected::DuplicateColumn,
                         what,
                         &table.name,
                         format!("column `{}` appears twice", cv.column),
@@ -362,13 +463,14 @@ impl Checker<'_> {
         what: &str,
         table: &Table,
         key: Vec<wit::ColumnValue>,
-    ) -> Result<Vec<Param>, String> {
+    ) -> Result<Vec<Param>, Rejection> {
         if key.is_empty() {
-            return Err(self.fail(what, &table.name, "the key is empty"));
+            return Err(self.fail(Rejected::EmptyKey, what, &table.name, "the key is empty"));
         }
         let params = self.params(what, table, key)?;
         if let Some(null) = params.iter().find(|p| matches!(p.value, wit::Value::Null)) {
             return Err(self.fail(
+                Rejected::NullKey,
                 what,
                 &table.name,
                 format!("key column `{}` is null", null.column),
@@ -383,12 +485,13 @@ impl Checker<'_> {
         table: &Table,
         set: Vec<wit::ColumnSet>,
         key_columns: &BTreeSet<String>,
-    ) -> Result<Vec<SetParam>, String> {
+    ) -> Result<Vec<SetParam>, Rejection> {
         let mut seen = BTreeSet::new();
         set.into_iter()
             .map(|cs| {
                 if key_columns.contains(&cs.column) {
                     return Err(self.fail(
+                        Rejected::KeyInSet,
                         what,
                         &table.name,
                         format!("column `{}` is both in the key and in `set`", cs.column),
@@ -396,6 +499,7 @@ impl Checker<'_> {
                 }
                 if !seen.insert(cs.column.clone()) {
                     return Err(self.fail(
+                        Rejected::DuplicateColumn,
                         what,
                         &table.name,
                         format!("column `{}` appears twice in `set`", cs.column),
@@ -410,6 +514,7 @@ impl Checker<'_> {
                     wit::ColumnOp::AppendUnique(items) => {
                         if column.kind != ColumnKind::TextArray {
                             return Err(self.fail(
+                                Rejected::TypeMismatch,
                                 what,
                                 &table.name,
                                 format!(
@@ -420,6 +525,7 @@ impl Checker<'_> {
                         }
                         if let Some(item) = items.iter().find(|s| s.contains('\0')) {
                             return Err(self.fail(
+                                Rejected::TypeMismatch,
                                 what,
                                 &table.name,
                                 format!(
@@ -446,10 +552,11 @@ impl Checker<'_> {
         table: &Table,
         column: &Column,
         value: &wit::Value,
-    ) -> Result<(), String> {
+    ) -> Result<(), Rejection> {
         use wit::Value as V;
         let mismatch = |detail: String| {
             Err(self.fail(
+                Rejected::TypeMismatch,
                 what,
                 &table.name,
                 format!("column `{}` ({}): {detail}", column.name, column.sql_type),
@@ -529,5 +636,399 @@ fn value_kind(value: &wit::Value) -> &'static str {
         wit::Value::TextArray(_) => "text-array",
         wit::Value::FloatArray(_) => "float-array",
         wit::Value::Timestamp(_) => "timestamp",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, HashMap};
+    use wit::{ColumnOp, ColumnSet, ColumnValue, Command, Value as V};
+
+    fn column(name: &str, sql_type: &str, kind: ColumnKind, nullable: bool) -> Column {
+        Column {
+            name: name.into(),
+            sql_type: sql_type.into(),
+            kind,
+            nullable,
+            generated: false,
+        }
+    }
+
+    /// `media(id bigint primary key, caption varchar(5), score float8, tags text[],
+    /// embedding float8[], data jsonb, at timestamptz, flag bool, small int2, other uuid,
+    /// total generated)`, `requests(id bigint primary key, status text, payload text)`, and the
+    /// host's `outbox`.
+    fn catalog() -> Catalog {
+        let int8 = ColumnKind::Integer {
+            min: i64::MIN,
+            max: i64::MAX,
+        };
+        let mut media = vec![
+            column("id", "bigint", int8, false),
+            column(
+                "caption",
+                "character varying(5)",
+                ColumnKind::Text { max_chars: Some(5) },
+                true,
+            ),
+            column("score", "double precision", ColumnKind::Float, true),
+            column("tags", "text[]", ColumnKind::TextArray, true),
+            column(
+                "embedding",
+                "double precision[]",
+                ColumnKind::FloatArray,
+                true,
+            ),
+            column("data", "jsonb", ColumnKind::Json, true),
+            column(
+                "at",
+                "timestamp with time zone",
+                ColumnKind::Timestamp,
+                true,
+            ),
+            column("flag", "boolean", ColumnKind::Boolean, false),
+            column(
+                "small",
+                "smallint",
+                ColumnKind::Integer {
+                    min: i16::MIN.into(),
+                    max: i16::MAX.into(),
+                },
+                true,
+            ),
+            column("other", "uuid", ColumnKind::Other, true),
+        ];
+        let mut total = column("total", "bigint", int8, true);
+        total.generated = true;
+        media.push(total);
+        let table = |name: &str, columns: Vec<Column>| Table {
+            name: name.into(),
+            columns: columns
+                .into_iter()
+                .map(|c| (c.name.clone(), c))
+                .collect::<HashMap<_, _>>(),
+            unique_keys: vec![BTreeSet::from(["id".to_string()])],
+        };
+        Catalog::from_tables(vec![
+            table("media", media),
+            table(
+                "requests",
+                vec![
+                    column("id", "bigint", int8, false),
+                    column("status", "text", ColumnKind::Text { max_chars: None }, true),
+                    column(
+                        "payload",
+                        "text",
+                        ColumnKind::Text { max_chars: None },
+                        true,
+                    ),
+                ],
+            ),
+            table("outbox", vec![column("id", "bigint", int8, false)]),
+        ])
+    }
+
+    fn policy() -> PluginPolicy {
+        PluginPolicy {
+            tables: BTreeSet::from(["media".to_string(), "outbox".to_string()]),
+            update_columns: BTreeMap::from([(
+                "requests".to_string(),
+                BTreeSet::from(["status".to_string()]),
+            )]),
+            emit: BTreeSet::from(["out".to_string()]),
+            ..Default::default()
+        }
+    }
+
+    fn cv(column: &str, value: V) -> ColumnValue {
+        ColumnValue {
+            column: column.into(),
+            value,
+        }
+    }
+
+    fn assign(column: &str, value: V) -> ColumnSet {
+        ColumnSet {
+            column: column.into(),
+            op: ColumnOp::Assign(value),
+        }
+    }
+
+    fn upsert(table: &str, key: Vec<ColumnValue>, set: Vec<ColumnSet>) -> Command {
+        Command::Upsert(wit::Upsert {
+            table: table.into(),
+            key,
+            set,
+        })
+    }
+
+    fn update(table: &str, set: Vec<ColumnSet>) -> Command {
+        Command::Update(wit::Update {
+            table: table.into(),
+            key: vec![cv("id", V::Integer(1))],
+            set,
+            if_missing: wit::IfMissing::Skip,
+            only_if: Vec::new(),
+        })
+    }
+
+    fn emit(target: &str, fields: &[(&str, &str)]) -> Command {
+        Command::Emit(wit::Emit {
+            target: target.into(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+    }
+
+    /// The value `value` set into media's `column` by an upsert of row 1.
+    fn set_media(column: &str, value: V) -> Command {
+        upsert(
+            "media",
+            vec![cv("id", V::Integer(1))],
+            vec![assign(column, value)],
+        )
+    }
+
+    fn check(commands: Vec<Command>) -> Result<Vec<Statement>, Rejection> {
+        validate("p", &policy(), commands, &catalog())
+    }
+
+    fn rejected(command: Command) -> Rejection {
+        match check(vec![command]) {
+            Ok(statements) => panic!("accepted: {statements:?}"),
+            Err(rejection) => rejection,
+        }
+    }
+
+    #[test]
+    fn every_value_that_fits_its_column_is_accepted() {
+        for (column, value) in [
+            ("caption", V::Text("12345".into())),
+            ("caption", V::Null),
+            ("score", V::Float(0.5)),
+            ("score", V::Integer(3)),
+            ("tags", V::TextArray(vec!["a".into()])),
+            ("embedding", V::FloatArray(vec![0.1, 0.2])),
+            ("data", V::Json(r#"{"a": 1}"#.into())),
+            ("at", V::Timestamp("2026-11-26T00:00:00Z".into())),
+            ("flag", V::Boolean(true)),
+            ("small", V::Integer(i16::MAX.into())),
+            (
+                "other",
+                V::Text("0b0c7c4e-0000-4000-8000-000000000000".into()),
+            ),
+        ] {
+            check(vec![set_media(column, value.clone())])
+                .unwrap_or_else(|r| panic!("{column} = {value:?}: {r}"));
+        }
+        let append = upsert(
+            "media",
+            vec![cv("id", V::Integer(1))],
+            vec![ColumnSet {
+                column: "tags".into(),
+                op: ColumnOp::AppendUnique(vec!["x".into()]),
+            }],
+        );
+        let statements = check(vec![
+            append,
+            update("requests", vec![assign("status", V::Text("DONE".into()))]),
+            emit("out", &[("a", "b")]),
+        ])
+        .expect("valid commands");
+        assert_eq!(statements.len(), 3);
+    }
+
+    #[test]
+    fn every_value_that_does_not_fit_its_column_is_a_type_mismatch_naming_the_column() {
+        for (column, value, detail) in [
+            ("caption", V::Text("123456".into()), "longer than 5"),
+            ("caption", V::Text("a\0b".into()), "NUL"),
+            ("caption", V::Integer(1), "integer value does not fit"),
+            ("flag", V::Null, "NOT NULL"),
+            ("flag", V::Text("yes".into()), "text value does not fit"),
+            ("small", V::Integer(40_000), "out of range"),
+            ("small", V::Float(1.0), "float value does not fit"),
+            ("score", V::Float(f64::NAN), "not a finite number"),
+            ("score", V::Text("1".into()), "text value does not fit"),
+            ("data", V::Json("{".into()), "not valid JSON"),
+            ("data", V::Json(r#""\u0000""#.into()), "NUL"),
+            ("data", V::Text("{}".into()), "text value does not fit"),
+            ("tags", V::TextArray(vec!["a\0".into()]), "NUL"),
+            (
+                "tags",
+                V::FloatArray(vec![1.0]),
+                "float-array value does not fit",
+            ),
+            (
+                "embedding",
+                V::FloatArray(vec![1.0, f64::INFINITY]),
+                "item 1",
+            ),
+            (
+                "embedding",
+                V::TextArray(vec![]),
+                "text-array value does not fit",
+            ),
+            ("at", V::Timestamp(" ".into()), "not a timestamp"),
+            (
+                "at",
+                V::Text("2026-01-01".into()),
+                "text value does not fit",
+            ),
+            ("other", V::Text("a\0".into()), "text value does not fit"),
+        ] {
+            let rejection = rejected(set_media(column, value.clone()));
+            assert_eq!(
+                rejection.kind,
+                Rejected::TypeMismatch,
+                "{column} = {value:?}"
+            );
+            assert!(
+                rejection.message.contains(&format!("column `{column}`"))
+                    && rejection.message.contains(detail)
+                    && rejection
+                        .message
+                        .contains("plugin `p` command 0 (upsert on table `media`)"),
+                "{column} = {value:?}: {rejection}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_rule_of_tables_keys_and_columns_rejects_with_its_own_kind() {
+        let id = || vec![cv("id", V::Integer(1))];
+        let mut generated = set_media("total", V::Integer(1));
+        if let Command::Upsert(u) = &mut generated {
+            u.set[0].column = "total".into();
+        }
+        for (command, kind, words) in [
+            (
+                set_media("nope", V::Null),
+                Rejected::UnknownColumn,
+                "column `nope` does not exist",
+            ),
+            (generated, Rejected::GeneratedColumn, "generated"),
+            (
+                upsert("ghost", id(), vec![]),
+                Rejected::TableNotGranted,
+                "not granted",
+            ),
+            (
+                upsert("outbox", id(), vec![]),
+                Rejected::HostTable,
+                "belongs to the host",
+            ),
+            (
+                upsert("requests", id(), vec![assign("status", V::Null)]),
+                Rejected::UpdateOnly,
+                "may only update",
+            ),
+            (
+                update("requests", vec![assign("payload", V::Null)]),
+                Rejected::ColumnNotGranted,
+                "column `payload` is not granted",
+            ),
+            (
+                upsert("media", vec![], vec![]),
+                Rejected::EmptyKey,
+                "key is empty",
+            ),
+            (
+                upsert("media", vec![cv("score", V::Null)], vec![]),
+                Rejected::NullKey,
+                "key column `score` is null",
+            ),
+            (
+                upsert("media", vec![cv("score", V::Float(1.0))], vec![]),
+                Rejected::NotAUniqueKey,
+                "not a primary key",
+            ),
+            (
+                upsert("media", id(), vec![assign("id", V::Integer(2))]),
+                Rejected::KeyInSet,
+                "both in the key and in `set`",
+            ),
+            (
+                upsert(
+                    "media",
+                    id(),
+                    vec![assign("score", V::Null), assign("score", V::Null)],
+                ),
+                Rejected::DuplicateColumn,
+                "appears twice in `set`",
+            ),
+            (
+                Command::Insert(wit::Insert {
+                    table: "media".into(),
+                    values: vec![cv("id", V::Integer(1)), cv("id", V::Integer(2))],
+                    on_conflict: wit::OnConflict::Error,
+                }),
+                Rejected::DuplicateColumn,
+                "appears twice",
+            ),
+            (
+                update("media", vec![]),
+                Rejected::EmptySet,
+                "`set` is empty",
+            ),
+            (
+                upsert(
+                    "media",
+                    id(),
+                    vec![ColumnSet {
+                        column: "caption".into(),
+                        op: ColumnOp::AppendUnique(vec!["x".into()]),
+                    }],
+                ),
+                Rejected::TypeMismatch,
+                "append-unique needs a text[] column",
+            ),
+            (
+                emit("bad name", &[("a", "b")]),
+                Rejected::Emit,
+                "invalid target",
+            ),
+            (
+                emit("elsewhere", &[("a", "b")]),
+                Rejected::Emit,
+                "not granted",
+            ),
+            (emit("out", &[]), Rejected::Emit, "at least one field"),
+        ] {
+            let rejection = rejected(command);
+            assert_eq!(rejection.kind, kind, "{rejection}");
+            assert!(rejection.message.contains(words), "{kind:?}: {rejection}");
+        }
+        let unknown = validate(
+            "p",
+            &PluginPolicy {
+                tables: BTreeSet::from(["ghost".to_string()]),
+                ..Default::default()
+            },
+            vec![upsert("ghost", id(), vec![])],
+            &catalog(),
+        )
+        .expect_err("unknown table");
+        assert_eq!(unknown.kind, Rejected::UnknownTable);
+    }
+
+    #[test]
+    fn the_first_rejected_command_is_named_by_its_index_and_too_many_commands_are_refused() {
+        let rejection = match check(vec![
+            set_media("score", V::Null),
+            set_media("nope", V::Null),
+        ]) {
+            Err(rejection) => rejection,
+            Ok(_) => panic!("accepted"),
+        };
+        assert!(rejection.message.contains("command 1"), "{rejection}");
+        let many = vec![emit("out", &[("a", "b")]); MAX_COMMANDS_PER_ENTRY + 1];
+        assert_eq!(
+            check(many).expect_err("too many").kind,
+            Rejected::TooManyCommands
+        );
     }
 }

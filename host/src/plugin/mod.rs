@@ -4,8 +4,10 @@
 //!   epoch deadline, memory cap, no file system, network or environment).
 //! - [`registry`] holds the set of loaded plugins, swappable as a whole so a reload never
 //!   disturbs a batch in flight, and computes the next set when files change;
-//! - [`watch`] notices those changes.
+//! - [`watch`] notices those changes;
+//! - [`policy`] is what the operator allows each plugin (grants and limits).
 
+pub mod policy;
 pub mod registry;
 pub mod runtime;
 mod v0_1;
@@ -49,4 +51,4 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
-pub use runtime::{HandlerOutcome, Plugin, PluginRuntime, SandboxLimits};
+pub use runtime::{HandlerFailure, HandlerOutcome, Plugin, PluginRuntime, SandboxLimits};

@@ -83,6 +83,54 @@ pub enum HandlerOutcome {
     },
 }
 
+/// A handler call that produced no commands, as the host treats it. The one mapping from
+/// [`HandlerOutcome`] to a failure kind, shared by delivery and `plugin exec`, so what a plugin
+/// author sees is what the host does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandlerFailure {
+    pub kind: crate::dead_letter::FailureKind,
+    /// The reason as it is logged and stored in the dead letter.
+    pub reason: String,
+    /// Whether another delivery may succeed (the entry is retried until `ML_RETRY_ATTEMPTS`),
+    /// or the entry is dead-lettered at once.
+    pub retryable: bool,
+}
+
+impl HandlerOutcome {
+    /// The commands, or the failure as the host treats it; `memory_cap` (the plugin's cap, in
+    /// bytes) goes into the reason of a memory-limit failure.
+    pub fn into_commands(self, memory_cap: usize) -> Result<Vec<wit::Command>, HandlerFailure> {
+        use crate::dead_letter::FailureKind;
+        let (kind, reason, retryable) = match self {
+            HandlerOutcome::Commands(commands) => return Ok(commands),
+            HandlerOutcome::Malformed(reason) => (FailureKind::Malformed, reason, false),
+            HandlerOutcome::Retry(reason) => (FailureKind::RetriesExhausted, reason, true),
+            HandlerOutcome::Trap(message) => (
+                FailureKind::PluginTrap,
+                format!("plugin trapped: {message}"),
+                true,
+            ),
+            HandlerOutcome::Timeout(after) => (
+                FailureKind::Timeout,
+                format!("plugin did not return within {after:?}"),
+                true,
+            ),
+            HandlerOutcome::MemoryLimit { requested } => (
+                FailureKind::MemoryLimit,
+                format!(
+                    "plugin tried to grow its memory to {requested} bytes, over the cap of {memory_cap} bytes"
+                ),
+                true,
+            ),
+        };
+        Err(HandlerFailure {
+            kind,
+            reason,
+            retryable,
+        })
+    }
+}
+
 /// Compiles components and owns the engine, linker and epoch ticker they share.
 pub struct PluginRuntime {
     engine: Engine,
