@@ -760,4 +760,36 @@ mod tests {
         assert_eq!(config.batch_size, 7);
         assert_eq!(config.consumer_group, "from-file");
     }
+
+    #[test]
+    fn flags_win_over_environment_which_wins_over_file_which_wins_over_defaults() {
+        let dir =
+            std::env::temp_dir().join(format!("kaleidoscope-config-flags-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("all.toml");
+        std::fs::write(
+            &file,
+            "consumer_name = \"file\"\nplugins_dir = \"file-dir\"\nbatch_size = 5\n",
+        )
+        .unwrap();
+        let environment = env(&[
+            ("KALEIDOSCOPE_CONSUMER_NAME", "env"),
+            ("KALEIDOSCOPE_PLUGINS_DIR", "env-dir"),
+        ]);
+        let flags = BTreeMap::from([("consumer_name", "flag".to_string())]);
+        let config = Config::from_sources(Some(&file), &environment, &flags).unwrap();
+        assert_eq!(config.consumer_name, "flag");
+        assert_eq!(config.plugins_dir, PathBuf::from("env-dir"));
+        assert_eq!(config.batch_size, 5);
+        assert_eq!(
+            config.consumer_group,
+            declared_default("consumer_group").unwrap()
+        );
+        // A bad flag value is named as a flag.
+        let flags = BTreeMap::from([("migrate", "perhaps".to_string())]);
+        let error = Config::from_sources(None, &env(&[]), &flags)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--migrate"), "{error}");
+    }
 }

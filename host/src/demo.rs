@@ -7,7 +7,7 @@
 
 use crate::config::Config;
 use crate::host::RunningHost;
-use crate::publish::{Publisher, Request};
+use crate::requests::{Publisher, Request};
 use crate::simulate::{self, SimulatorOptions};
 use crate::{persist, redis_connection, status};
 use anyhow::{Result, bail};

@@ -25,7 +25,7 @@
 //! - [`heartbeat`]: the document each host keeps fresh in Redis; [`status`]: what
 //!   `kaleidoscope status` makes of those and of the streams; [`health`]: whether PostgreSQL and
 //!   Redis answer; [`metrics`] and [`http`]: `/metrics`, `/healthz`, `/readyz`;
-//! - [`publish`]: the other direction — publishing requests to the ML services and tracking them
+//! - [`requests`]: the other direction — publishing requests to the ML services and tracking them
 //!   until their results arrive; [`simulate`]: a reference ML service for demos and tests;
 //! - **CLI** — [`cli`]: one function per subcommand; [`dead_letter::admin`] (`dlq list/replay`),
 //!   [`toolkit`] (`plugin check/exec`), [`bench`](mod@bench), [`demo`];
@@ -45,8 +45,8 @@ pub mod http;
 pub mod metrics;
 pub mod persist;
 pub mod plugin;
-pub mod publish;
 pub mod redis_connection;
+pub mod requests;
 pub mod simulate;
 pub mod state;
 pub mod status;

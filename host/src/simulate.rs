@@ -8,7 +8,7 @@
 //! deterministic, derived from its id.
 
 use crate::config::Config;
-use crate::publish::{POST_IMAGE_STREAM, POST_UPDATE_STREAM, PROFILE_PICTURE_STREAM};
+use crate::requests::{POST_IMAGE_STREAM, POST_UPDATE_STREAM, PROFILE_PICTURE_STREAM};
 use crate::streams::{self, StreamEntry};
 use anyhow::{Context, Result};
 use redis::aio::MultiplexedConnection;

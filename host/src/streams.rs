@@ -149,6 +149,12 @@ pub async fn read_new_from<C: ConnectionLike>(
         .query_async(conn)
         .await
         .map_err(|e| StreamError::from_redis(e, &keys.join(" ")))?;
+    parse_read_reply(reply)
+}
+
+/// Parses an `XREADGROUP` reply (RESP2 `[[key, entries]…]` or RESP3 `{key: entries}`) into
+/// `(key, entry)` pairs; `Nil` (the block timed out) is no entries.
+fn parse_read_reply(reply: Value) -> Result<Vec<(String, StreamEntry)>, StreamError> {
     let streams = match reply {
         Value::Nil => return Ok(Vec::new()),
         Value::Array(streams) => streams,
@@ -246,6 +252,32 @@ pub async fn autoclaim<C: ConnectionLike>(
         .query_async(conn)
         .await
         .map_err(|e| StreamError::from_redis(e, key))?;
+    let Claimed {
+        next,
+        mut entries,
+        deleted,
+    } = parse_autoclaim_reply(reply)?;
+    if !entries.is_empty() {
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        let counts = delivery_counts(conn, key, group, consumer, &ids).await?;
+        for entry in &mut entries {
+            // XAUTOCLAIM has just incremented the count. An entry missing from XPENDING was
+            // acknowledged meanwhile by someone else, so it is in the ledger and will only be
+            // acknowledged; its count is unknown, and taken as past any cap rather than under it.
+            entry.deliveries = counts.get(&entry.id).copied().unwrap_or(u32::MAX).max(1);
+        }
+    }
+    Ok(Claimed {
+        next,
+        entries,
+        deleted,
+    })
+}
+
+/// Parses an `XAUTOCLAIM` reply `[next, entries, deleted ids]` (the third part from Redis 7 on;
+/// before, trimmed entries come back without fields and are counted as deleted here). Delivery
+/// counts are left at 0 for the caller to fill in.
+fn parse_autoclaim_reply(reply: Value) -> Result<Claimed, StreamError> {
     let Value::Array(mut parts) = reply else {
         return Err(StreamError::Protocol(format!(
             "XAUTOCLAIM returned {reply:?}"
@@ -273,16 +305,6 @@ pub async fn autoclaim<C: ConnectionLike>(
                 // Redis before 7 returns trimmed entries with no fields.
                 Err(trimmed_id) => deleted.push(trimmed_id),
             }
-        }
-    }
-    if !entries.is_empty() {
-        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-        let counts = delivery_counts(conn, key, group, consumer, &ids).await?;
-        for entry in &mut entries {
-            // XAUTOCLAIM has just incremented the count. An entry missing from XPENDING was
-            // acknowledged meanwhile by someone else, so it is in the ledger and will only be
-            // acknowledged; its count is unknown, and taken as past any cap rather than under it.
-            entry.deliveries = counts.get(&entry.id).copied().unwrap_or(u32::MAX).max(1);
         }
     }
     Ok(Claimed {
@@ -315,6 +337,12 @@ async fn delivery_counts<C: ConnectionLike>(
         .query_async(conn)
         .await
         .map_err(|e| StreamError::from_redis(e, key))?;
+    Ok(parse_delivery_counts(replies))
+}
+
+/// Parses the replies of extended `XPENDING` (`[[id, consumer, idle, deliveries]…]`) into
+/// delivery counts by id; rows of any other shape are skipped.
+fn parse_delivery_counts(replies: Vec<Value>) -> HashMap<String, u32> {
     let mut counts = HashMap::new();
     for reply in replies {
         let Value::Array(rows) = reply else { continue };
@@ -327,7 +355,7 @@ async fn delivery_counts<C: ConnectionLike>(
             }
         }
     }
-    Ok(counts)
+    counts
 }
 
 /// The millisecond part of the id of the oldest entry pending in `group` on `key`; `None` when
@@ -400,7 +428,7 @@ pub async fn add<C: ConnectionLike>(
 
 /// Publishes messages and then acknowledges entries, in one round trip (a pipeline keeps the
 /// order: every XADD runs before the XACK).
-pub async fn publish_then_ack<C: ConnectionLike>(
+pub async fn publish_outbox_then_ack<C: ConnectionLike>(
     conn: &mut C,
     messages: &[(String, Vec<(String, String)>)],
     key: &str,
@@ -486,5 +514,111 @@ pub(crate) fn text(value: &Value) -> Option<String> {
         Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(text: &str) -> Value {
+        Value::BulkString(text.as_bytes().to_vec())
+    }
+
+    fn entry(id: &str, fields: &[(&str, &[u8])]) -> Value {
+        Value::Array(vec![
+            bulk(id),
+            Value::Array(
+                fields
+                    .iter()
+                    .flat_map(|(k, v)| [bulk(k), Value::BulkString(v.to_vec())])
+                    .collect(),
+            ),
+        ])
+    }
+
+    #[test]
+    fn a_read_reply_in_either_protocol_gives_key_entry_pairs_with_bytes_kept() {
+        let resp2 = Value::Array(vec![Value::Array(vec![
+            bulk("s"),
+            Value::Array(vec![
+                entry("1-0", &[("a", b"x"), ("b", &[0xff, 0])]),
+                entry("2-0", &[]),
+            ]),
+        ])]);
+        let resp3 = Value::Map(vec![(
+            bulk("s"),
+            Value::Array(vec![
+                entry("1-0", &[("a", b"x"), ("b", &[0xff, 0])]),
+                entry("2-0", &[]),
+            ]),
+        )]);
+        for reply in [resp2, resp3] {
+            let entries = parse_read_reply(reply).expect("valid reply");
+            assert_eq!(entries.len(), 2);
+            let (key, first) = &entries[0];
+            assert_eq!(key, "s");
+            assert_eq!(first.id, "1-0");
+            assert_eq!(first.deliveries, 1);
+            assert_eq!(
+                first.fields,
+                vec![
+                    ("a".to_string(), b"x".to_vec()),
+                    ("b".to_string(), vec![0xff, 0])
+                ]
+            );
+            assert!(entries[1].1.fields.is_empty());
+        }
+        assert!(parse_read_reply(Value::Nil).expect("timeout").is_empty());
+        assert!(parse_read_reply(Value::Int(1)).is_err());
+        assert!(parse_read_reply(Value::Array(vec![Value::Array(vec![bulk("s")])])).is_err());
+    }
+
+    #[test]
+    fn an_autoclaim_reply_separates_claimed_entries_from_trimmed_ones() {
+        // Redis 7: [next, entries, deleted ids]; Redis 6 returns a trimmed entry without fields.
+        let reply = Value::Array(vec![
+            bulk("5-0"),
+            Value::Array(vec![
+                entry("1-0", &[("a", b"x")]),
+                Value::Array(vec![bulk("2-0"), Value::Nil]),
+            ]),
+            Value::Array(vec![bulk("3-0")]),
+        ]);
+        let claimed = parse_autoclaim_reply(reply).expect("valid reply");
+        assert_eq!(claimed.next, "5-0");
+        assert_eq!(claimed.entries.len(), 1);
+        assert_eq!(claimed.entries[0].id, "1-0");
+        assert_eq!(claimed.deleted, vec!["3-0".to_string(), "2-0".to_string()]);
+
+        let redis6 = Value::Array(vec![bulk("0-0"), Value::Array(vec![])]);
+        let claimed = parse_autoclaim_reply(redis6).expect("valid reply");
+        assert_eq!(claimed.next, "0-0");
+        assert!(claimed.entries.is_empty() && claimed.deleted.is_empty());
+
+        assert!(parse_autoclaim_reply(Value::Array(vec![bulk("0-0")])).is_err());
+        assert!(parse_autoclaim_reply(Value::Nil).is_err());
+    }
+
+    #[test]
+    fn delivery_counts_come_from_extended_xpending_rows_and_odd_rows_are_skipped() {
+        let row = |id: &str, count: i64| {
+            Value::Array(vec![
+                bulk(id),
+                bulk("consumer"),
+                Value::Int(10),
+                Value::Int(count),
+            ])
+        };
+        let counts = parse_delivery_counts(vec![
+            Value::Array(vec![row("1-0", 3)]),
+            Value::Array(vec![]),
+            Value::Array(vec![row("2-0", i64::MAX)]),
+            Value::Array(vec![Value::Array(vec![bulk("4-0")])]),
+            Value::Nil,
+        ]);
+        assert_eq!(counts.len(), 2);
+        assert_eq!(counts["1-0"], 3);
+        assert_eq!(counts["2-0"], u32::MAX);
     }
 }

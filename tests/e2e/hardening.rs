@@ -538,7 +538,7 @@ async fn the_request_tracker_never_publishes_a_forged_or_broken_row() {
         .expect("insert a request row");
     }
     let state = env.host().delivery();
-    let sweep = kaleidoscope::publish::sweep(&state.pool, &state.redis, &state.config)
+    let sweep = kaleidoscope::requests::sweep(&state.pool, &state.redis, &state.config)
         .await
         .expect("sweep");
     assert_eq!((sweep.republished, sweep.refused), (1, 2), "{sweep:?}");

@@ -1,7 +1,7 @@
 //! What operators see: `/metrics`, `/healthz`, `/readyz`, `status --json`, JSON logs.
 
 use crate::support::{Options, TestEnv, eventually};
-use kaleidoscope::publish::{Publisher, Request};
+use kaleidoscope::requests::{Publisher, Request};
 use std::io::{Read, Write};
 use std::sync::Arc;
 

@@ -2,7 +2,7 @@
 //! results arrive (or it fails, or times out).
 
 use crate::support::{Options, TestEnv, eventually};
-use kaleidoscope::publish::{Publisher, Request};
+use kaleidoscope::requests::{Publisher, Request};
 use kaleidoscope::simulate::{self, SimulatorOptions};
 use std::sync::Arc;
 

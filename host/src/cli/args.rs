@@ -2,7 +2,7 @@
 //! subcommand does is in [`super::commands`].
 
 use crate::config;
-use crate::publish;
+use crate::requests;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -165,7 +165,7 @@ pub enum PublishCommand {
 
 impl ImageArgs {
     /// The request (a post update or a new post image) and its correlation id.
-    pub fn into_request(self, update: bool) -> (publish::Request, Option<String>) {
+    pub fn into_request(self, update: bool) -> (requests::Request, Option<String>) {
         let (post_id, media_id, media_url, uploader_id) = (
             self.post_id,
             self.media_id,
@@ -173,14 +173,14 @@ impl ImageArgs {
             self.uploader_id,
         );
         let request = if update {
-            publish::Request::PostUpdate {
+            requests::Request::PostUpdate {
                 post_id,
                 media_id,
                 media_url,
                 uploader_id,
             }
         } else {
-            publish::Request::PostImage {
+            requests::Request::PostImage {
                 post_id,
                 media_id,
                 media_url,

@@ -5,7 +5,7 @@ use super::args::{DlqCommand, PluginCommand, PublishCommand};
 use super::{load_config, load_config_with};
 use crate::config::Config;
 use crate::dead_letter::admin as dlq;
-use crate::{bench, demo, persist, publish, redis_connection, simulate, status, toolkit};
+use crate::{bench, demo, persist, redis_connection, requests, simulate, status, toolkit};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -135,13 +135,13 @@ pub(super) async fn publish(config: Config, command: PublishCommand) -> Result<E
             image_url,
             correlation_id,
         } => (
-            publish::Request::ProfilePicture { user_id, image_url },
+            requests::Request::ProfilePicture { user_id, image_url },
             correlation_id,
         ),
     };
     let pool = persist::connect(&config.database_url, 2, &config.database_timeouts).await?;
     persist::migrate(&pool).await?;
-    let publisher = publish::Publisher::new(config.clone(), pool)?;
+    let publisher = requests::Publisher::new(config.clone(), pool)?;
     match publisher.publish(&request, correlation_id).await? {
         Some(published) => println!(
             "published to {} as {} correlationId={}",

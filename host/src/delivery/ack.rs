@@ -62,7 +62,7 @@ impl HostState {
             .map(|m| (m.stream_key.clone(), m.fields.clone()))
             .collect();
         let mut redis = self.redis.clone();
-        streams::publish_then_ack(&mut redis, &to_publish, &key, &self.config.consumer_group, &acks)
+        streams::publish_outbox_then_ack(&mut redis, &to_publish, &key, &self.config.consumer_group, &acks)
             .await
             .context("entries are committed; their outbox messages will be published by the relay and the entries acknowledged on redelivery")?;
         let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();

@@ -48,6 +48,7 @@ pub struct BatchReport {
 }
 
 /// What the protocol decided for one entry.
+#[derive(Debug)]
 enum Decision {
     /// Run these statements (and record the entry as processed).
     Persist(Vec<Statement>),

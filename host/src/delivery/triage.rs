@@ -7,74 +7,79 @@ use crate::streams::StreamEntry;
 use crate::text;
 
 impl HostState {
-    /// Decodes an entry and decides what needs no handler: values that are not UTF-8 or hold a
-    /// NUL character (which no PostgreSQL text can store), and entries delivered more often than
-    /// allowed (e.g. ones that crashed a host every time).
-    pub(super) fn triage(&self, mut entry: StreamEntry) -> Item {
-        let mut bad_field = None;
-        let mut nul_field = None;
-        // The values move from bytes to text without a copy; the raw bytes are not needed again.
-        let fields: Vec<(String, String)> = std::mem::take(&mut entry.fields)
-            .into_iter()
-            .map(|(name, value)| match String::from_utf8(value) {
-                Ok(text) => {
-                    if text.contains('\0') || name.contains('\0') {
-                        nul_field.get_or_insert_with(|| text::sanitize(name.clone()));
-                    }
-                    (name, text)
+    /// Decodes an entry and decides what needs no handler (see [`triage`]).
+    pub(super) fn triage(&self, entry: StreamEntry) -> Item {
+        triage(entry, self.config.retry_attempts)
+    }
+}
+
+/// Decodes an entry and decides what needs no handler: values that are not UTF-8 or hold a NUL
+/// character (which no PostgreSQL text can store), and entries delivered more often than
+/// `retry_attempts` (e.g. ones that crashed a host every time).
+fn triage(mut entry: StreamEntry, retry_attempts: u32) -> Item {
+    let mut bad_field = None;
+    let mut nul_field = None;
+    // The values move from bytes to text without a copy; the raw bytes are not needed again.
+    let fields: Vec<(String, String)> = std::mem::take(&mut entry.fields)
+        .into_iter()
+        .map(|(name, value)| match String::from_utf8(value) {
+            Ok(text) => {
+                if text.contains('\0') || name.contains('\0') {
+                    nul_field.get_or_insert_with(|| text::sanitize(name.clone()));
                 }
-                Err(error) => {
-                    bad_field.get_or_insert_with(|| name.clone());
-                    let text = String::from_utf8_lossy(error.as_bytes()).into_owned();
-                    (name, text)
-                }
-            })
-            .collect();
-        // A replayed dead letter carries the id of the entry it replays; it is recorded in the
-        // ledger under that identity (not under its own new id), and the marker is not the
-        // handler's business.
-        let mut fields = fields;
-        let replay_of = fields
-            .iter()
-            .position(|(k, _)| k == REPLAY_OF_FIELD)
-            .map(|at| fields.remove(at).1);
-        let ledger_id = match replay_of {
-            Some(original) if is_entry_id(&original) => format!("{original}/replay"),
-            _ => entry.id.clone(),
-        };
-        let correlation_id = fields
-            .iter()
-            .find(|(k, _)| k == "correlationId")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
-        let decision = if let Some(field) = bad_field {
-            Some(Decision::DeadLetter(
-                FailureKind::Malformed,
-                format!("field `{field}` is not valid UTF-8"),
-            ))
-        } else if let Some(field) = nul_field {
-            Some(Decision::DeadLetter(
-                FailureKind::Malformed,
-                format!("field `{field}` contains a NUL character, which no text column can hold"),
-            ))
-        } else if entry.deliveries > self.config.retry_attempts {
-            Some(Decision::DeadLetter(
-                FailureKind::RetriesExhausted,
-                format!(
-                    "delivered {} times, more than ML_RETRY_ATTEMPTS = {}, without being finished (did the host stop while handling it?)",
-                    entry.deliveries, self.config.retry_attempts
-                ),
-            ))
-        } else {
-            None
-        };
-        Item {
-            entry,
-            ledger_id,
-            fields,
-            correlation_id,
-            decision,
-        }
+                (name, text)
+            }
+            Err(error) => {
+                bad_field.get_or_insert_with(|| name.clone());
+                let text = String::from_utf8_lossy(error.as_bytes()).into_owned();
+                (name, text)
+            }
+        })
+        .collect();
+    // A replayed dead letter carries the id of the entry it replays; it is recorded in the
+    // ledger under that identity (not under its own new id), and the marker is not the
+    // handler's business.
+    let mut fields = fields;
+    let replay_of = fields
+        .iter()
+        .position(|(k, _)| k == REPLAY_OF_FIELD)
+        .map(|at| fields.remove(at).1);
+    let ledger_id = match replay_of {
+        Some(original) if is_entry_id(&original) => format!("{original}/replay"),
+        _ => entry.id.clone(),
+    };
+    let correlation_id = fields
+        .iter()
+        .find(|(k, _)| k == "correlationId")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let decision = if let Some(field) = bad_field {
+        Some(Decision::DeadLetter(
+            FailureKind::Malformed,
+            format!("field `{field}` is not valid UTF-8"),
+        ))
+    } else if let Some(field) = nul_field {
+        Some(Decision::DeadLetter(
+            FailureKind::Malformed,
+            format!("field `{field}` contains a NUL character, which no text column can hold"),
+        ))
+    } else if entry.deliveries > retry_attempts {
+        Some(Decision::DeadLetter(
+            FailureKind::RetriesExhausted,
+            format!(
+                "delivered {} times, more than ML_RETRY_ATTEMPTS = {}, without being finished (did the host stop while handling it?)",
+                entry.deliveries, retry_attempts
+            ),
+        ))
+    } else {
+        None
+    };
+    Item {
+        entry,
+        ledger_id,
+        fields,
+        correlation_id,
+        decision,
     }
 }
 
@@ -96,4 +101,86 @@ fn is_entry_id(id: &str) -> bool {
 /// no result.
 pub(super) fn is_init_sentinel(entry: &StreamEntry) -> bool {
     entry.fields.len() == 1 && entry.fields[0].0 == "init"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, fields: &[(&str, &[u8])], deliveries: u32) -> StreamEntry {
+        StreamEntry {
+            id: id.into(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_vec()))
+                .collect(),
+            deliveries,
+        }
+    }
+
+    fn reason(item: &Item) -> (FailureKind, String) {
+        match &item.decision {
+            Some(Decision::DeadLetter(kind, reason)) => (*kind, reason.clone()),
+            other => panic!("expected a dead letter, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_readable_entry_is_left_to_its_handler_with_its_correlation_id() {
+        let item = triage(
+            entry("1-0", &[("mediaId", b"7"), ("correlationId", b"c-1")], 3),
+            3,
+        );
+        assert!(item.decision.is_none());
+        assert_eq!(item.ledger_id, "1-0");
+        assert_eq!(item.correlation_id, "c-1");
+        assert_eq!(item.fields[0], ("mediaId".to_string(), "7".to_string()));
+    }
+
+    #[test]
+    fn bytes_no_text_column_can_hold_make_the_entry_malformed_naming_the_field() {
+        let (kind, why) = reason(&triage(entry("1-0", &[("a", b"ok"), ("b", &[0xff])], 1), 3));
+        assert_eq!(kind, FailureKind::Malformed);
+        assert!(why.contains("`b`") && why.contains("UTF-8"), "{why}");
+        let (kind, why) = reason(&triage(entry("1-0", &[("c", b"x\0y")], 1), 3));
+        assert_eq!(kind, FailureKind::Malformed);
+        assert!(why.contains("`c`") && why.contains("NUL"), "{why}");
+    }
+
+    #[test]
+    fn an_entry_delivered_more_often_than_allowed_is_given_up_without_a_handler() {
+        assert!(
+            triage(entry("1-0", &[("a", b"x")], 3), 3)
+                .decision
+                .is_none()
+        );
+        let (kind, why) = reason(&triage(entry("1-0", &[("a", b"x")], 4), 3));
+        assert_eq!(kind, FailureKind::RetriesExhausted);
+        assert!(why.contains("delivered 4 times"), "{why}");
+    }
+
+    #[test]
+    fn a_replayed_dead_letter_takes_the_ledger_identity_of_the_entry_it_replays() {
+        let item = triage(
+            entry("9-0", &[("a", b"x"), (REPLAY_OF_FIELD, b"1-5")], 1),
+            3,
+        );
+        assert_eq!(item.ledger_id, "1-5/replay");
+        assert_eq!(item.fields, vec![("a".to_string(), "x".to_string())]);
+        // A marker that is not an entry id is dropped and the entry keeps its own identity.
+        let item = triage(entry("9-0", &[(REPLAY_OF_FIELD, b"1-5/replay")], 1), 3);
+        assert_eq!(item.ledger_id, "9-0");
+        assert!(item.fields.is_empty());
+    }
+
+    #[test]
+    fn only_a_lone_init_field_is_the_start_up_sentinel() {
+        assert!(is_init_sentinel(&entry("1-0", &[("init", b"true")], 1)));
+        assert!(!is_init_sentinel(&entry(
+            "1-0",
+            &[("init", b"true"), ("a", b"b")],
+            1
+        )));
+        assert!(!is_init_sentinel(&entry("1-0", &[("mediaId", b"1")], 1)));
+    }
 }

@@ -6,7 +6,7 @@ use super::supervisor::Supervisor;
 use crate::health;
 use crate::heartbeat;
 use crate::persist::{ledger, outbox};
-use crate::publish;
+use crate::requests;
 use crate::state::HostState;
 use crate::streams;
 use anyhow::Result;
@@ -90,13 +90,13 @@ async fn probe(supervisor: Arc<Supervisor>) {
     }
 }
 
-/// Republishes requests without results and times them out (see [`publish::sweep`]).
+/// Republishes requests without results and times them out (see [`requests::sweep`]).
 async fn track_requests(state: Arc<HostState>) {
     let config = &state.config;
     if !config.processing_enabled {
         return;
     }
-    if let Err(error) = publish::sweep(&state.pool, &state.redis, config).await {
+    if let Err(error) = requests::sweep(&state.pool, &state.redis, config).await {
         warn!("request tracker: {}", crate::text::causes(&error));
     }
 }
