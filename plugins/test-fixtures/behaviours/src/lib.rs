@@ -1,6 +1,7 @@
 //! TEST FIXTURE — never deploy. The behaviours the mock plugins are built from, so end-to-end
 //! tests can drive traps, loops, memory hogs, slow calls and ungranted writes through the real
-//! host. Each mock plugin crate is a manifest plus one call of [`perform`].
+//! host. A mock plugin crate is one line of [`mock_plugin!`]: its name, its streams, and the
+//! action it performs on every entry (or `scripted`: the entry's `action` field chooses).
 //!
 //! Actions:
 //! - `ok`: insert `ml_processing_errors(source_stream, entry_id, error = <note field>)`;
@@ -21,6 +22,51 @@
 
 use kaleidoscope_plugin_sdk::{self as sdk, Command, Entry, Failure, Fields};
 use std::time::{Duration, Instant};
+
+/// Defines and exports a mock handler: `mock_plugin!("name", ["stream", …], "action")` performs
+/// `action` on every entry; `mock_plugin!("name", ["stream", …], scripted)` performs the action
+/// named by each entry's `action` field (default `ok`). The version is the crate's.
+#[macro_export]
+macro_rules! mock_plugin {
+    ($name:literal, [$($stream:literal),+ $(,)?], scripted) => {
+        $crate::mock_plugin!(@define $name, [$($stream),+], |entry| {
+            let action = ::kaleidoscope_plugin_sdk::Fields::new(entry)
+                .get("action")
+                .unwrap_or("ok")
+                .to_string();
+            $crate::perform(&action, entry)
+        });
+    };
+    ($name:literal, [$($stream:literal),+ $(,)?], $action:literal) => {
+        $crate::mock_plugin!(@define $name, [$($stream),+], |entry| $crate::perform($action, entry));
+    };
+    (@define $name:literal, [$($stream:literal),+], $perform:expr) => {
+        struct Mock;
+
+        impl ::kaleidoscope_plugin_sdk::Handler for Mock {
+            fn manifest() -> ::kaleidoscope_plugin_sdk::Manifest {
+                ::kaleidoscope_plugin_sdk::manifest($name, env!("CARGO_PKG_VERSION"), &[$($stream),+])
+            }
+
+            fn handle(
+                entry: ::kaleidoscope_plugin_sdk::Entry,
+            ) -> ::core::result::Result<
+                ::std::vec::Vec<::kaleidoscope_plugin_sdk::Command>,
+                ::kaleidoscope_plugin_sdk::Failure,
+            > {
+                let perform: fn(
+                    &::kaleidoscope_plugin_sdk::Entry,
+                ) -> ::core::result::Result<
+                    ::std::vec::Vec<::kaleidoscope_plugin_sdk::Command>,
+                    ::kaleidoscope_plugin_sdk::Failure,
+                > = $perform;
+                perform(&entry)
+            }
+        }
+
+        ::kaleidoscope_plugin_sdk::export_handler!(Mock);
+    };
+}
 
 /// Does what `action` says for `entry`.
 pub fn perform(action: &str, entry: &Entry) -> Result<Vec<Command>, Failure> {

@@ -1,18 +1,4 @@
 //! TEST FIXTURE — never deploy. A handler that never returns.
-//! Stream: `mock-loop`.
+//! See the `behaviours` crate for what each action does.
 
-use kaleidoscope_plugin_sdk::{self as sdk, Command, Entry, Failure, Handler, Manifest};
-
-struct Mock;
-
-impl Handler for Mock {
-    fn manifest() -> Manifest {
-        sdk::manifest("looping", env!("CARGO_PKG_VERSION"), &["mock-loop"])
-    }
-
-    fn handle(entry: Entry) -> Result<Vec<Command>, Failure> {
-        behaviours::perform("loop", &entry)
-    }
-}
-
-sdk::export_handler!(Mock);
+behaviours::mock_plugin!("looping", ["mock-loop"], "loop");

@@ -1,18 +1,4 @@
 //! TEST FIXTURE — never deploy. A handler that panics on every entry.
-//! Stream: `mock-panic`.
+//! See the `behaviours` crate for what each action does.
 
-use kaleidoscope_plugin_sdk::{self as sdk, Command, Entry, Failure, Handler, Manifest};
-
-struct Mock;
-
-impl Handler for Mock {
-    fn manifest() -> Manifest {
-        sdk::manifest("panicking", env!("CARGO_PKG_VERSION"), &["mock-panic"])
-    }
-
-    fn handle(entry: Entry) -> Result<Vec<Command>, Failure> {
-        behaviours::perform("panic", &entry)
-    }
-}
-
-sdk::export_handler!(Mock);
+behaviours::mock_plugin!("panicking", ["mock-panic"], "panic");
