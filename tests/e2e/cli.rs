@@ -30,10 +30,21 @@ fn help_documents_every_flag_and_variable() {
     }
 }
 
+/// `kaleidoscope run` pointed at servers that do not exist: should a bad setting ever be
+/// accepted, the run fails at once on the connection (and the assertion on the message fails)
+/// instead of serving on this machine's real databases and never returning.
+fn run_nowhere() -> Command {
+    let mut command = binary();
+    command
+        .arg("run")
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/nowhere")
+        .env("REDIS_URL", "redis://127.0.0.1:1");
+    command
+}
+
 #[test]
 fn invalid_configuration_is_an_error_naming_the_variable() {
-    let output = binary()
-        .arg("run")
+    let output = run_nowhere()
         .env("KALEIDOSCOPE_BATCH_SIZE", "ten")
         .output()
         .unwrap();
@@ -44,8 +55,7 @@ fn invalid_configuration_is_an_error_naming_the_variable() {
         "{stderr}"
     );
 
-    let output = binary()
-        .arg("run")
+    let output = run_nowhere()
         .env("KALEIDOSCOPE_BATCH_SIZ", "5")
         .output()
         .unwrap();
@@ -63,17 +73,17 @@ async fn run_against_an_empty_database_migrates_it_and_serves() {
     let env = TestEnv::prepare(Options::new(&["insights"])).await;
     let database = unique("kt_empty");
     let url = format!("postgres://postgres@127.0.0.1:5432/{database}");
-    let mut child = binary()
-        .arg("run")
-        .env("DATABASE_URL", &url)
-        .env("REDIS_URL", crate::support::REDIS_URL)
-        .env("KALEIDOSCOPE_STREAM_PREFIX", &env.prefix)
-        .env("KALEIDOSCOPE_PLUGINS_DIR", &env.plugins_dir)
-        .env("KALEIDOSCOPE_POLL_TIMEOUT_MS", "200")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = crate::support::HostProcess::spawn(
+        binary()
+            .arg("run")
+            .env("DATABASE_URL", &url)
+            .env("REDIS_URL", crate::support::REDIS_URL)
+            .env("KALEIDOSCOPE_STREAM_PREFIX", &env.prefix)
+            .env("KALEIDOSCOPE_PLUGINS_DIR", &env.plugins_dir)
+            .env("KALEIDOSCOPE_POLL_TIMEOUT_MS", "200")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
 
     let pool = eventually("the binary to create the database", || async {
         sqlx::PgPool::connect(&url).await.ok()

@@ -94,14 +94,6 @@ async fn consumers_gone_for_good_are_removed_but_never_one_holding_entries() {
     let key = env.key("scripted");
     let group = env.config.consumer_group.clone();
     let mut redis = env.redis.clone();
-    let _: i64 = redis::cmd("XGROUP")
-        .arg("CREATECONSUMER")
-        .arg(&key)
-        .arg(&group)
-        .arg("ghost")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
     // A crashed consumer still holding an entry: one waiting for a retry (reclaim idle is the
     // default minute) handed over to it.
     let held = env
@@ -117,6 +109,17 @@ async fn consumers_gone_for_good_are_removed_but_never_one_holding_entries() {
         .arg("crashed")
         .arg(0)
         .arg(&held)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // An idle consumer without entries, created after `crashed` last acted: by the time a sweep
+    // removes it, `crashed` has been idle longer than the expiry too, and only the entry it holds
+    // can have kept it.
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(&key)
+        .arg(&group)
+        .arg("ghost")
         .query_async(&mut redis)
         .await
         .unwrap();

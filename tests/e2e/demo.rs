@@ -1,6 +1,6 @@
 //! `kaleidoscope demo`, as a newcomer runs it.
 
-use crate::support::{ADMIN_URL, Options, TestEnv, unique};
+use crate::support::{ADMIN_URL, Options, TestEnv, output_within_deadline, unique};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_to_completion_and_its_summary_matches_the_database() {
@@ -15,25 +15,23 @@ async fn the_demo_runs_to_completion_and_its_summary_matches_the_database() {
     let database = unique("kt_demo");
     let url = format!("postgres://postgres@127.0.0.1:5432/{database}");
     let prefix = format!("{}demo:", env.prefix);
-    let output = env
-        .binary(&[
-            "demo",
-            "--database-url",
-            &url,
-            "--stream-prefix",
-            &prefix,
-            "--users",
-            "3",
-            "--posts",
-            "4",
-            "--media-per-post",
-            "2",
-            "--error-rate",
-            "0.3",
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let output = output_within_deadline(&mut env.binary(&[
+        "demo",
+        "--database-url",
+        &url,
+        "--stream-prefix",
+        &prefix,
+        "--users",
+        "3",
+        "--posts",
+        "4",
+        "--media-per-post",
+        "2",
+        "--error-rate",
+        "0.3",
+        "--json",
+    ]))
+    .await;
     assert!(
         output.status.success(),
         "{}",
@@ -51,7 +49,28 @@ async fn the_demo_runs_to_completion_and_its_summary_matches_the_database() {
                 .unwrap()
         }
     };
+    // What the system did, checked against the database independently of the summary: every
+    // answered post-image request has its insights row, every failed request its error row.
     assert_eq!(summary["media"], 8);
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM ml_requests r WHERE r.status = 'COMPLETED' AND r.media_id IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM media_ai_insights i WHERE i.media_id = r.media_id)"
+        )
+        .await,
+        0,
+        "a completed media request without its insights"
+    );
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM ml_requests r WHERE r.status = 'FAILED'
+               AND NOT EXISTS (SELECT 1 FROM ml_processing_errors e WHERE e.correlation_id = r.correlation_id)"
+        )
+        .await,
+        0,
+        "a failed request without its error row"
+    );
+    // The summary reports what is stored.
     assert_eq!(
         summary["insights"],
         count("SELECT count(*) FROM media_ai_insights").await

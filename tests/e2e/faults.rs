@@ -1,7 +1,7 @@
 //! Faults done for real: a host killed with SIGKILL, SIGTERM under load, Redis connections
 //! killed and Redis paused, PostgreSQL refusing connections.
 
-use crate::support::{ADMIN_URL, Options, TestEnv, await_exit, eventually, signal};
+use crate::support::{ADMIN_URL, HostProcess, Options, TestEnv, await_exit, eventually, signal};
 use std::time::Duration;
 
 const DETECTION: &str = "face-detection-results";
@@ -39,7 +39,12 @@ async fn assert_detections_exactly_once(env: &TestEnv, count: i64) {
         "ledger count equals entries published"
     );
     let faces = env.count("SELECT count(*) FROM media_detected_faces").await;
-    assert_eq!(faces, 2 * count, "two faces per media, none doubled");
+    assert_eq!(faces, 2 * count, "two faces per media");
+    assert_eq!(
+        env.rows_written_again("media_detected_faces").await,
+        0,
+        "no face was written by a second application of its entry"
+    );
     let wrong = env.count("SELECT count(*) FROM media_ai_insights WHERE faces_detected <> 2 OR face_detection_status <> 'COMPLETED'").await;
     assert_eq!(wrong, 0);
     env.await_no_pending(DETECTION).await;
@@ -67,9 +72,23 @@ async fn two_hosts_share_a_group_and_survive_a_sigkill_of_one() {
         (env.ledger_count(DETECTION).await > 200).then_some(())
     })
     .await;
+    // Kill the victim while it holds entries, so the survivor has something to reclaim: while it
+    // holds none, feed it more.
+    let mut chunks = rest.chunks(100);
+    let deadline = std::time::Instant::now() + crate::support::DEADLINE;
+    while env.pending_for(DETECTION, "host-a").await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the victim never held an entry"
+        );
+        if let Some(chunk) = chunks.next() {
+            env.publish_many(DETECTION, chunk).await;
+        }
+        tokio::task::yield_now().await;
+    }
     signal(&victim, "KILL");
-    let _ = victim.wait();
-    for chunk in rest.chunks(200) {
+    await_exit(&mut victim).await;
+    for chunk in chunks {
         env.publish_many(DETECTION, chunk).await;
     }
 
@@ -79,29 +98,11 @@ async fn two_hosts_share_a_group_and_survive_a_sigkill_of_one() {
     .await;
     assert_detections_exactly_once(&env, COUNT).await;
     // The survivor reclaimed what the victim held.
-    let victim_pending: i64 = {
-        let consumers: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
-            .arg("CONSUMERS")
-            .arg(env.key(DETECTION))
-            .arg(&env.config.consumer_group)
-            .query_async(&mut env.redis.clone())
-            .await
-            .unwrap();
-        consumers
-            .iter()
-            .filter(
-                |c| matches!(c.get("name"), Some(redis::Value::BulkString(n)) if n == b"host-a"),
-            )
-            .map(|c| match c.get("pending") {
-                Some(redis::Value::Int(n)) => *n,
-                _ => 0,
-            })
-            .sum()
-    };
+    let victim_pending = env.pending_for(DETECTION, "host-a").await;
     assert_eq!(victim_pending, 0);
 
     signal(&survivor, "TERM");
-    assert!(survivor.wait().unwrap().success());
+    assert!(await_exit(&mut survivor).await.success());
     env.finish().await;
 }
 
@@ -119,7 +120,7 @@ async fn sigterm_under_load_exits_zero_with_nothing_half_done() {
     })
     .await;
     signal(&host, "TERM");
-    let status = host.wait().unwrap();
+    let status = await_exit(&mut host).await;
     assert!(
         status.success(),
         "graceful shutdown exits 0, got {status:?}"
@@ -158,9 +159,65 @@ async fn sigterm_under_load_exits_zero_with_nothing_half_done() {
     .await;
     let rows = env.count("SELECT count(*) FROM media_ai_insights").await;
     assert_eq!(rows, COUNT);
+    assert_eq!(
+        env.rows_written_again("media_ai_insights").await,
+        0,
+        "no entry was applied twice"
+    );
     signal(&next, "TERM");
-    assert!(next.wait().unwrap().success());
+    assert!(await_exit(&mut next).await.success());
     env.await_no_pending(INSIGHTS).await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_racing_on_one_entry_apply_it_once() {
+    // Host A takes the entry into a slow handler and is frozen there; host B reclaims it and
+    // finishes it; A then wakes up, finishes its call, and must find the entry in the ledger.
+    let env = TestEnv::prepare(Options::new(&["slow"]).retries(5, 300)).await;
+    let log_a = env.host_log("racer-a");
+    let mut a = HostProcess::spawn(
+        env.binary(&["run"])
+            .env("KALEIDOSCOPE_CONSUMER_NAME", "racer-a")
+            .env("RUST_LOG", "kaleidoscope=debug")
+            .stderr(std::fs::File::create(&log_a).unwrap()),
+    );
+    let id = env
+        .publish("mock-slow", &[("millis", "2000"), ("note", "once")])
+        .await;
+    eventually("racer-a to hold the entry", || async {
+        (env.pending_for("mock-slow", "racer-a").await == 1).then_some(())
+    })
+    .await;
+    signal(&a, "STOP");
+    let mut b = env.spawn_host("racer-b");
+    eventually("racer-b to reclaim and finish the entry", || async {
+        (env.ledger_count("mock-slow").await == 1 && env.pending("mock-slow").await == 0)
+            .then_some(())
+    })
+    .await;
+    signal(&a, "CONT");
+    eventually("racer-a to find the entry already processed", || async {
+        std::fs::read_to_string(&log_a)
+            .unwrap_or_default()
+            .contains("already processed; acknowledged without running again")
+            .then_some(())
+    })
+    .await;
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ml_processing_errors WHERE entry_id = $1")
+            .bind(&id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, 1, "the entry's row was written once");
+    assert_eq!(env.ledger_count("mock-slow").await, 1);
+    env.await_no_pending("mock-slow").await;
+    assert!(env.dead_letters().await.is_empty());
+    for host in [&mut a, &mut b] {
+        signal(host, "TERM");
+        assert!(await_exit(host).await.success());
+    }
     env.finish().await;
 }
 
@@ -222,6 +279,11 @@ async fn killed_redis_connections_and_a_paused_redis_lose_and_double_nothing() {
     .await;
     let rows = env.count("SELECT count(*) FROM media_ai_insights").await;
     assert_eq!(rows, COUNT);
+    assert_eq!(
+        env.rows_written_again("media_ai_insights").await,
+        0,
+        "no entry was applied twice"
+    );
     env.await_no_pending(INSIGHTS).await;
     assert!(env.dead_letters().await.is_empty());
     env.finish().await;
@@ -248,7 +310,9 @@ async fn set_connections_allowed(database: &str, allowed: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_refusing_connections_delays_but_loses_and_doubles_nothing() {
     const COUNT: i64 = 400;
-    let env = TestEnv::start(Options::new(&["insights"]).retries(3, 500)).await;
+    // One attempt: an entry that met the outage and was counted as a failed attempt would be
+    // dead-lettered, and the test would see it.
+    let env = TestEnv::start(Options::new(&["insights"]).retries(1, 500)).await;
     let media: Vec<i64> = (1..=COUNT).collect();
     env.seed_media(1, &media).await;
     let all: Vec<Vec<(String, String)>> = media.iter().map(|m| caption(*m)).collect();
@@ -282,6 +346,11 @@ async fn postgres_refusing_connections_delays_but_loses_and_doubles_nothing() {
     .await;
     let rows = env.count("SELECT count(*) FROM media_ai_insights").await;
     assert_eq!(rows, COUNT);
+    assert_eq!(
+        env.rows_written_again("media_ai_insights").await,
+        0,
+        "no entry was applied twice"
+    );
     env.await_no_pending(INSIGHTS).await;
     assert!(
         env.dead_letters().await.is_empty(),
@@ -332,6 +401,11 @@ async fn a_vanished_consumer_group_is_recreated_and_nothing_runs_twice() {
     // The recreated group starts at 0: the first entry is delivered again and recognised.
     env.await_drained(INSIGHTS).await;
     assert_eq!(env.ledger_count(INSIGHTS).await, 2);
+    assert_eq!(
+        env.rows_written_again("media_ai_insights").await,
+        0,
+        "the first entry, delivered again, changed nothing"
+    );
     assert!(env.dead_letters().await.is_empty());
     env.finish().await;
 }
@@ -343,8 +417,8 @@ async fn host_stuck_in_a_batch(
     consumer: &str,
     extra: &[(&str, &str)],
     pending_when_stuck: i64,
-) -> (std::process::Child, std::path::PathBuf) {
-    let log = env.plugins_dir.with_extension(format!("{consumer}.log"));
+) -> (HostProcess, std::path::PathBuf) {
+    let log = env.host_log(consumer);
     let mut command = env.binary(&["run"]);
     command
         .env("KALEIDOSCOPE_CONSUMER_NAME", consumer)
@@ -352,7 +426,7 @@ async fn host_stuck_in_a_batch(
     for (name, value) in extra {
         command.env(name, value);
     }
-    let host = command.spawn().unwrap();
+    let host = HostProcess::spawn(&mut command);
     env.publish("mock-loop", &[("note", "forever")]).await;
     eventually("the batch to be stuck in the plugin", || async {
         let serving = std::fs::read_to_string(&log)

@@ -5,7 +5,7 @@ use crate::support::{Options, TestEnv, eventually};
 const INSIGHTS: &str = "ml-insights-results";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn swapping_a_plugin_under_load_loses_and_doubles_nothing() {
+async fn swapping_a_plugin_while_entries_arrive_loses_and_doubles_nothing() {
     let env = TestEnv::start(Options::new(&["insights"])).await;
     let media: Vec<i64> = (1..=300).collect();
     env.seed_media(1, &media).await;
@@ -48,7 +48,12 @@ async fn swapping_a_plugin_under_load_loses_and_doubles_nothing() {
             .fetch_all(&env.pool)
             .await
             .unwrap();
-    assert_eq!(rows.len(), 300, "every entry's effect exists exactly once");
+    assert_eq!(rows.len(), 300, "every entry's effect exists");
+    assert_eq!(
+        env.rows_written_again("media_ai_insights").await,
+        0,
+        "no entry was applied twice across the swap"
+    );
     for (media_id, caption) in &rows {
         assert_eq!(caption, &format!("caption {media_id}"));
     }
@@ -195,7 +200,7 @@ async fn a_plugin_claiming_a_served_stream_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_plugin_parks_its_stream_until_it_returns() {
-    let env = TestEnv::start(Options::new(&["insights"])).await;
+    let env = TestEnv::start(Options::new(&["insights", "scripted"])).await;
     env.seed_media(1, &[1, 2, 3]).await;
     std::fs::remove_file(env.plugins_dir.join("insights.wasm")).unwrap();
     eventually("the insights stream to stop being consumed", || async {
@@ -217,8 +222,22 @@ async fn removing_a_plugin_parks_its_stream_until_it_returns() {
             .await,
         );
     }
-    // Nobody reads them: not delivered, not processed, not dead-lettered.
+    // The host goes on working (an entry of another stream, published after them, is done)…
+    let later = env.publish("scripted", &[("action", "ok")]).await;
+    env.await_processed("scripted", &later).await;
+    // …and nobody has read them: not delivered, not processed, not dead-lettered.
     assert_eq!(env.pending(INSIGHTS).await, 0);
+    let read: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(env.key(INSIGHTS))
+        .query_async(&mut env.redis.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        read[0].get("lag"),
+        Some(&redis::Value::Int(3)),
+        "all three wait unread: {read:?}"
+    );
     for id in &ids {
         assert_eq!(env.ledger_outcome(INSIGHTS, id).await, None);
     }

@@ -1,6 +1,6 @@
 //! What operators see: `/metrics`, `/healthz`, `/readyz`, `status --json`, JSON logs.
 
-use crate::support::{Options, TestEnv, eventually};
+use crate::support::{HostProcess, Options, TestEnv, eventually};
 use kaleidoscope::requests::{Publisher, Request};
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -50,6 +50,20 @@ async fn metrics_health_and_readiness_are_served_over_http() {
         TestEnv::start(Options::new(&["insights"]).set("KALEIDOSCOPE_HTTP_ADDR", "127.0.0.1:0"))
             .await;
     let addr = env.host().http_addr().expect("HTTP is enabled");
+    // A result for media that does not exist yet waits (pending) for a retry.
+    env.publish(
+        "ml-insights-results",
+        &[
+            ("mediaId", "99"),
+            ("service", "image_captioning"),
+            ("caption", "early"),
+        ],
+    )
+    .await;
+    eventually("the early result to wait for its retry", || async {
+        (env.pending("ml-insights-results").await == 1).then_some(())
+    })
+    .await;
     some_traffic(
         &env,
         Request::PostImage {
@@ -74,8 +88,8 @@ async fn metrics_health_and_readiness_are_served_over_http() {
         "kaleidoscope_entries_processed_total{stream=\"ml-insights-results\",plugin=\"insights\"} 1",
         "kaleidoscope_entries_dead_lettered_total{stream=\"ml-insights-results\",plugin=\"insights\",kind=\"malformed\"} 1",
         "kaleidoscope_batch_duration_seconds_count{stream=\"ml-insights-results\"}",
-        "kaleidoscope_handler_duration_seconds_bucket{plugin=\"insights\",le=\"+Inf\"} 2",
-        "kaleidoscope_stream_pending{stream=\"ml-insights-results\"} 0",
+        "kaleidoscope_handler_duration_seconds_bucket{plugin=\"insights\",le=\"+Inf\"} 3",
+        "kaleidoscope_stream_pending{stream=\"ml-insights-results\"} 1",
         "kaleidoscope_stream_lag{stream=\"ml-insights-results\"} 0",
         "kaleidoscope_requests{status=\"PENDING\"} 1",
         "kaleidoscope_plugin_load_failures 0",
@@ -88,6 +102,20 @@ async fn metrics_health_and_readiness_are_served_over_http() {
         );
     }
     assert_eq!(get(addr, "/nowhere").0, 404);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_503_with_the_reason_until_a_plugin_is_loaded() {
+    let env = TestEnv::start(Options::new(&[]).set("KALEIDOSCOPE_HTTP_ADDR", "127.0.0.1:0")).await;
+    let addr = env.host().http_addr().expect("HTTP is enabled");
+    let (status, body) = get(addr, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no plugin is loaded"), "{body}");
+    assert_eq!(get(addr, "/healthz").0, 200, "alive, though not ready");
+    env.install_plugin("insights", "insights");
+    env.host().reload_plugins().await.unwrap();
+    assert_eq!(get(addr, "/readyz").0, 200);
     env.finish().await;
 }
 
@@ -152,13 +180,12 @@ async fn json_logs_carry_the_entry_span_with_its_correlation_id() {
     let env = TestEnv::prepare(Options::new(&["insights"])).await;
     env.seed_media(1, &[1]).await;
     let log = env.plugins_dir.with_extension("json.log");
-    let mut host = env
-        .binary(&["run"])
-        .env("KALEIDOSCOPE_LOG_FORMAT", "json")
-        .env("RUST_LOG", "kaleidoscope=debug")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut host = HostProcess::spawn(
+        env.binary(&["run"])
+            .env("KALEIDOSCOPE_LOG_FORMAT", "json")
+            .env("RUST_LOG", "kaleidoscope=debug")
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
     let id = env
         .publish(
             "ml-insights-results",
@@ -172,7 +199,7 @@ async fn json_logs_carry_the_entry_span_with_its_correlation_id() {
         .await;
     env.await_processed("ml-insights-results", &id).await;
     crate::support::signal(&host, "TERM");
-    assert!(host.wait().unwrap().success());
+    assert!(crate::support::await_exit(&mut host).await.success());
 
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<serde_json::Value> = text

@@ -160,6 +160,114 @@ pub struct TestEnv {
     pub pool: PgPool,
     pub redis: MultiplexedConnection,
     pub host: Option<RunningHost>,
+    /// Set by [`TestEnv::finish`]; otherwise (a failed test) dropping the environment removes
+    /// its database, keys and files.
+    cleaned: bool,
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        // A failed assertion unwinds through here: clean up without the test's runtime.
+        let (prefix, database, plugins_dir) = (
+            self.prefix.clone(),
+            self.database.clone(),
+            self.plugins_dir.clone(),
+        );
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                if let Ok(mut redis) = redis::Client::open(REDIS_URL)
+                    .expect("redis url")
+                    .get_multiplexed_async_connection()
+                    .await
+                {
+                    remove_keys(&mut redis, &prefix).await;
+                }
+                drop_database(&database).await;
+            });
+            remove_files(&plugins_dir);
+        })
+        .join();
+    }
+}
+
+/// Deletes every Redis key under `prefix`.
+async fn remove_keys(redis: &mut MultiplexedConnection, prefix: &str) {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(redis)
+        .await
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(redis).await;
+    }
+}
+
+/// Drops a test database, whoever is still connected to it.
+async fn drop_database(database: &str) {
+    if let Ok(admin) = PgPool::connect(ADMIN_URL).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await;
+        admin.close().await;
+    }
+}
+
+/// Removes the plugins directory and the configuration file and host logs next to it
+/// (`<name>.toml`, `<name>.<host>.log`).
+fn remove_files(plugins_dir: &Path) {
+    let _ = std::fs::remove_dir_all(plugins_dir);
+    if let (Some(dir), Some(name)) = (plugins_dir.parent(), plugins_dir.file_name()) {
+        let prefix = format!("{}.", name.to_string_lossy());
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// A `kaleidoscope run` child process that is killed when dropped, so a failed test never leaves
+/// a host running (a looping plugin would keep a core busy).
+pub struct HostProcess(std::process::Child);
+
+impl HostProcess {
+    /// Starts `command` (typically `kaleidoscope run`, built with [`TestEnv::binary`]).
+    pub fn spawn(command: &mut std::process::Command) -> HostProcess {
+        HostProcess(command.spawn().expect("start a host process"))
+    }
+}
+
+impl std::ops::Deref for HostProcess {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for HostProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 impl TestEnv {
@@ -229,6 +337,7 @@ impl TestEnv {
             pool,
             redis,
             host: None,
+            cleaned: false,
         }
     }
 
@@ -320,15 +429,50 @@ impl TestEnv {
 
     /// Starts `kaleidoscope run` as a separate process with its own consumer name; its log goes
     /// to a file next to the plugins directory (kept for a failed test's post-mortem).
-    pub fn spawn_host(&self, consumer: &str) -> std::process::Child {
-        let log = std::fs::File::create(self.plugins_dir.with_extension(format!("{consumer}.log")))
-            .expect("host log file");
-        self.binary(&["run"])
-            .env("KALEIDOSCOPE_CONSUMER_NAME", consumer)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start a host process")
+    pub fn spawn_host(&self, consumer: &str) -> HostProcess {
+        let log = std::fs::File::create(self.host_log(consumer)).expect("host log file");
+        HostProcess::spawn(
+            self.binary(&["run"])
+                .env("KALEIDOSCOPE_CONSUMER_NAME", consumer)
+                .stdout(std::process::Stdio::null())
+                .stderr(log),
+        )
+    }
+
+    /// Where [`TestEnv::spawn_host`] writes the log of host `consumer`.
+    pub fn host_log(&self, consumer: &str) -> PathBuf {
+        self.plugins_dir.with_extension(format!("{consumer}.log"))
+    }
+
+    /// Rows of `table` (one with `created_at` and an `updated_at` trigger) changed after the
+    /// transaction that inserted them: what applying an entry a second time leaves behind, even
+    /// where unique keys keep the row count right. Tests that write each row once expect 0.
+    pub async fn rows_written_again(&self, table: &str) -> i64 {
+        let sql = format!("SELECT count(*) FROM {table} WHERE updated_at <> created_at");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{table}: {e}"))
+    }
+
+    /// How many entries of `stream` are pending for consumer `name` (0 when it has none or the
+    /// group does not exist yet).
+    pub async fn pending_for(&self, stream: &str, name: &str) -> i64 {
+        let consumers: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(self.key(stream))
+            .arg(&self.config.consumer_group)
+            .query_async(&mut self.redis.clone())
+            .await
+            .unwrap_or_default();
+        consumers
+            .iter()
+            .filter(|c| matches!(c.get("name"), Some(redis::Value::BulkString(n)) if n == name.as_bytes()))
+            .map(|c| match c.get("pending") {
+                Some(redis::Value::Int(n)) => *n,
+                _ => 0,
+            })
+            .sum()
     }
 
     /// Number of entries the ledger has for `stream`.
@@ -399,15 +543,20 @@ impl TestEnv {
             .expect("XADD")
     }
 
-    /// The group's pending count on a logical stream (0 while the group does not exist).
+    /// The group's pending count on a logical stream (0 while the group does not exist; any
+    /// other Redis error fails the test rather than passing for "nothing pending").
     pub async fn pending(&self, stream: &str) -> i64 {
-        let reply: redis::Value = redis::cmd("XPENDING")
+        let reply: redis::Value = match redis::cmd("XPENDING")
             .arg(self.key(stream))
             .arg(&self.config.consumer_group)
             .query_async(&mut self.redis.clone())
             .await
+        {
+            Ok(reply) => reply,
             // No group yet (a host still starting): nothing is pending.
-            .unwrap_or(redis::Value::Nil);
+            Err(error) if error.code() == Some("NOGROUP") => redis::Value::Nil,
+            Err(error) => panic!("XPENDING on {stream} failed: {error}"),
+        };
         match reply {
             redis::Value::Array(parts) => match parts.first() {
                 Some(redis::Value::Int(n)) => *n,
@@ -571,37 +720,32 @@ impl TestEnv {
             host.shutdown().await;
         }
         self.pool.close().await;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.prefix))
-            .query_async(&mut self.redis)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<(), _> = redis::cmd("DEL")
-                .arg(&keys)
-                .query_async(&mut self.redis)
-                .await;
-        }
-        if let Ok(admin) = PgPool::connect(ADMIN_URL).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.database
-            )))
-            .execute(&admin)
-            .await;
-            admin.close().await;
-        }
-        let _ = std::fs::remove_dir_all(&self.plugins_dir);
-        // The configuration file and host logs next to it (`<name>.toml`, `<name>.<host>.log`).
-        if let (Some(dir), Some(name)) = (self.plugins_dir.parent(), self.plugins_dir.file_name()) {
-            let prefix = format!("{}.", name.to_string_lossy());
-            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = std::fs::remove_file(entry.path());
-                }
-            }
-        }
+        remove_keys(&mut self.redis, &self.prefix).await;
+        drop_database(&self.database).await;
+        remove_files(&self.plugins_dir);
+        self.cleaned = true;
     }
+}
+
+/// Runs `command` to completion and returns its output, failing the test (and killing the
+/// process) if it has not exited within [`DEADLINE`].
+pub async fn output_within_deadline(command: &mut std::process::Command) -> std::process::Output {
+    let dir = std::env::temp_dir().join(unique("kt_output"));
+    std::fs::create_dir_all(&dir).expect("output directory");
+    let (out, err) = (dir.join("stdout"), dir.join("stderr"));
+    let mut child = HostProcess::spawn(
+        command
+            .stdout(std::fs::File::create(&out).expect("stdout file"))
+            .stderr(std::fs::File::create(&err).expect("stderr file")),
+    );
+    let status = await_exit(&mut child).await;
+    let output = std::process::Output {
+        status,
+        stdout: std::fs::read(&out).unwrap_or_default(),
+        stderr: std::fs::read(&err).unwrap_or_default(),
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    output
 }
 
 /// Sends `signal` (e.g. `TERM`, `KILL`) to a child process.
