@@ -1,6 +1,7 @@
 //! `kaleidoscope dlq list` and `dlq replay`, and consumer-group hygiene.
 
-use crate::support::{Options, TestEnv, eventually};
+use crate::support::{Options, TestEnv, await_exit, eventually, signal};
+use std::collections::HashMap;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_and_replayed_after_the_plugin_is_fixed() {
@@ -156,5 +157,102 @@ async fn consumers_gone_for_good_are_removed_but_never_one_holding_entries() {
         remaining.contains(&env.config.consumer_name),
         "this host is kept: {remaining:?}"
     );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_selects_by_id_by_kind_or_all_and_refuses_to_guess() {
+    // The dead letters are made by a host that then stops, so replayed entries stay where
+    // replay puts them.
+    let env = TestEnv::prepare(Options::new(&["scripted"]).retries(1, 200)).await;
+    let mut host = env.spawn_host("maker");
+    let malformed = [
+        env.publish("scripted", &[("action", "malformed"), ("note", "a")])
+            .await,
+        env.publish("scripted", &[("action", "malformed"), ("note", "b")])
+            .await,
+    ];
+    let retried = env
+        .publish("scripted", &[("action", "retry"), ("note", "c")])
+        .await;
+    for id in malformed.iter().chain([&retried]) {
+        env.await_dead_letter("scripted", id).await;
+    }
+    signal(&host, "TERM");
+    assert!(await_exit(&mut host).await.success());
+
+    let letters: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(env.key(&env.config.dlq_stream))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut env.redis.clone())
+        .await
+        .unwrap();
+    let letter_id = |source: &str| {
+        letters
+            .iter()
+            .find(|(_, fields)| fields["sourceId"] == source)
+            .map(|(id, _)| id.clone())
+            .unwrap_or_else(|| panic!("no dead letter for {source}: {letters:?}"))
+    };
+    let replay = |args: &[&str]| {
+        let mut all = vec!["dlq", "replay", "--json"];
+        all.extend_from_slice(args);
+        env.command(&all)
+    };
+    let replayed_sources = |output: &std::process::Output| -> Vec<String> {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let replayed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        replayed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["dead_letter_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // Nothing selected, an unknown id, an unknown kind: refused, nothing replayed.
+    let refused = replay(&[]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--all"));
+    let refused = replay(&["0-1"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no dead letter with id 0-1"));
+    let refused = replay(&["--kind", "bogus"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("retries-exhausted"));
+    assert_eq!(env.dead_letters().await.len(), 3);
+
+    // By id: exactly that one.
+    let first = letter_id(&malformed[0]);
+    assert_eq!(replayed_sources(&replay(&[&first])), vec![first.clone()]);
+    // By kind: only the retried entry.
+    let by_kind = replayed_sources(&replay(&["--kind", "retries-exhausted"]));
+    assert_eq!(by_kind, vec![letter_id(&retried)]);
+    // All: the one left.
+    let rest = replayed_sources(&replay(&["--all"]));
+    assert_eq!(rest, vec![letter_id(&malformed[1])]);
+    assert!(env.dead_letters().await.is_empty());
+
+    // Each went back onto its stream once, marked with the entry it replays.
+    let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(env.key("scripted"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut env.redis.clone())
+        .await
+        .unwrap();
+    let mut marks: Vec<String> = entries
+        .iter()
+        .filter_map(|(_, fields)| fields.get("kaleidoscope-replay-of").cloned())
+        .collect();
+    marks.sort();
+    let mut expected = vec![malformed[0].clone(), malformed[1].clone(), retried.clone()];
+    expected.sort();
+    assert_eq!(marks, expected);
     env.finish().await;
 }

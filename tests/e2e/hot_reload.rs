@@ -316,3 +316,76 @@ async fn a_restart_with_unchanged_plugins_does_not_recompile() {
     env.finish().await;
     let _ = std::fs::remove_dir_all(cache);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_in_flight_finishes_on_the_version_it_started_with() {
+    let env = TestEnv::start(Options::new(&["slow"])).await;
+    let early = env
+        .publish("mock-slow", &[("millis", "2000"), ("note", "early")])
+        .await;
+    eventually("the early entry to be in the 0.1.0 handler", || async {
+        (env.pending("mock-slow").await == 1).then_some(())
+    })
+    .await;
+    env.install_plugin("slow-next", "slow");
+    env.host().reload_plugins().await.unwrap();
+    env.await_serving("mock-slow", "0.2.0").await;
+    let late = env
+        .publish("mock-slow", &[("millis", "0"), ("note", "late")])
+        .await;
+    env.await_processed("mock-slow", &early).await;
+    env.await_processed("mock-slow", &late).await;
+    assert_eq!(
+        env.ledger_version("mock-slow", &early).await.as_deref(),
+        Some("0.1.0"),
+        "the entry in flight during the swap"
+    );
+    assert_eq!(
+        env.ledger_version("mock-slow", &late).await.as_deref(),
+        Some("0.2.0")
+    );
+    assert!(env.dead_letters().await.is_empty());
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_that_would_stall_loading_are_refused_within_their_limits() {
+    let env =
+        TestEnv::start(Options::new(&["insights"]).set("KALEIDOSCOPE_PLUGIN_TIMEOUT_MS", 500))
+            .await;
+    env.install_plugin("manifest-loop", "manifest-loop");
+    // Larger than the limit (sparse: no disk is spent on it).
+    let huge = std::fs::File::create(env.plugins_dir.join("huge.wasm")).unwrap();
+    huge.set_len(kaleidoscope::plugin::registry::MAX_PLUGIN_BYTES as u64 + 1)
+        .unwrap();
+    drop(huge);
+    env.host().reload_plugins().await.unwrap();
+
+    let failures = env
+        .host()
+        .delivery()
+        .registry
+        .snapshot()
+        .failures()
+        .to_vec();
+    let reason = |file: &str| {
+        failures
+            .iter()
+            .find(|f| f.file.ends_with(file))
+            .map(|f| f.reason.clone())
+            .unwrap_or_else(|| panic!("no failure reported for {file}: {failures:?}"))
+    };
+    let looping = reason("manifest-loop.wasm");
+    assert!(
+        looping.contains("manifest()") && looping.contains("did not return within 500ms"),
+        "{looping}"
+    );
+    let huge = reason("huge.wasm");
+    assert!(huge.contains("larger than the limit"), "{huge}");
+    assert_eq!(
+        env.serving(INSIGHTS).map(|(name, _)| name).as_deref(),
+        Some("insights"),
+        "what was serving still serves"
+    );
+    env.finish().await;
+}

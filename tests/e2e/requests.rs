@@ -371,3 +371,40 @@ async fn publishing_failures_are_errors_only_on_critical_streams() {
     assert!(String::from_utf8_lossy(&disabled.stderr).contains("ML_PROCESSING_ENABLED=false"));
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_publishes_what_a_crashed_writer_left_in_the_outbox() {
+    let env = TestEnv::start(Options::new(&["insights"])).await;
+    // A message committed by a host that crashed before publishing it.
+    sqlx::query(
+        "INSERT INTO outbox (stream, fields, created_at)
+         VALUES ($1, CAST($2 AS json), now() - interval '1 minute')",
+    )
+    .bind(env.key("relayed"))
+    .bind(r#"[["note", "left behind"]]"#)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let entries: Vec<(String, Vec<(String, String)>)> =
+        eventually("the relay to publish the message", || async {
+            let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(env.key("relayed"))
+                .arg("-")
+                .arg("+")
+                .query_async(&mut env.redis.clone())
+                .await
+                .ok()?;
+            (!entries.is_empty()).then_some(entries)
+        })
+        .await;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        entries[0].1,
+        vec![("note".to_string(), "left behind".to_string())]
+    );
+    eventually("the relayed message to leave the outbox", || async {
+        (env.count("SELECT count(*) FROM outbox").await == 0).then_some(())
+    })
+    .await;
+    env.finish().await;
+}

@@ -74,7 +74,16 @@ async fn a_memory_hog_hits_its_cap_and_is_dead_lettered_as_memory_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_writing_an_ungranted_table_is_dead_lettered_as_forbidden_command() {
-    let env = TestEnv::start(Options::new(&["trespasser", "insights"])).await;
+    // Granted other tables, fully and column by column: neither grant reaches `users`.
+    let env = TestEnv::start(
+        Options::new(&["trespasser", "insights"])
+            .plugin_setting("trespasser", "tables = [\"posts\"]")
+            .plugin_setting(
+                "trespasser",
+                "update_columns = { ml_requests = [\"status\"] }",
+            ),
+    )
+    .await;
     let letter = dead_letter_while_others_flow(
         &env,
         "mock-trespass",
