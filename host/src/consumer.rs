@@ -48,148 +48,203 @@ pub async fn consume(
     stream: String,
     mut stop: watch::Receiver<bool>,
 ) {
-    let config = delivery.config.clone();
-    let key = config.stream_key(&stream);
-    let reclaim_every =
-        (config.reclaim_idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
-    let mut next_reclaim = Instant::now();
-    let mut backoff = FIRST_BACKOFF;
-    let mut connection: Option<MultiplexedConnection> = None;
-    let mut next_expiry = Instant::now();
-    let name = connection_name(&[&config.consumer_name, &stream]);
-    let expiry_every =
-        (config.consumer_expiry / 2).clamp(Duration::from_millis(50), EXPIRY_CHECK_INTERVAL);
-    let mut read_size = ReadSize::new(config.batch_size, config.max_batch_size);
-    let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
-    let mut finishing = JoinSet::new();
-    // The ids of the entries in those batches, kept fresh in the pending list (see `reclaim`).
-    let working: Working = Arc::default();
-
-    info!(stream, key, group = %config.consumer_group, consumer = %config.consumer_name, "consuming");
+    let mut consumer = StreamConsumer::new(delivery, client, stream);
+    let config = &consumer.delivery.config;
+    info!(stream = consumer.stream, key = consumer.key, group = %config.consumer_group, consumer = %config.consumer_name, "consuming");
     while !*stop.borrow() {
         // Reap the batches that are done, so the set does not grow.
-        while finishing.try_join_next().is_some() {}
-        let outcome = async {
-            let conn = match connection.as_mut() {
-                Some(conn) => conn,
-                None => {
-                    connection.insert(read_connection(&client, config.poll_timeout, &name).await?)
-                }
-            };
-            if Instant::now() >= next_reclaim {
-                reclaim(&delivery, conn, &stream, &in_flight, &working, &mut finishing, &stop)
-                    .await?;
-                next_reclaim = Instant::now() + reclaim_every;
-            }
-            if Instant::now() >= next_expiry {
-                next_expiry = Instant::now() + expiry_every;
-                for consumer in expire_idle_consumers(
-                    conn,
-                    &key,
-                    &config.consumer_group,
-                    &config.consumer_name,
-                    config.consumer_expiry,
-                )
-                .await?
-                {
-                    info!(
-                        stream,
-                        consumer,
-                        "removed a consumer idle for longer than {:?} with no pending entries",
-                        config.consumer_expiry
-                    );
-                }
-            }
-            // A slot for the batch about to be read; waits while every slot is taken.
-            let permit = tokio::select! {
-                permit = in_flight.clone().acquire_owned() => permit.context("the in-flight limit was closed")?,
-                _ = stop.changed() => return Ok(()),
-            };
-            // A read is never cut short by a stop signal: Redis may already have handed its
-            // entries to this consumer, and a batch that has been read is always finished,
-            // committed and acknowledged. A stop waits at most one poll timeout for it.
-            let entries = streams::read_new(
-                conn,
-                &key,
-                &config.consumer_group,
-                &config.consumer_name,
-                read_size.get(),
-                config.poll_timeout,
-            )
-            .await;
-            let entries = entries.with_context(|| format!("XREADGROUP on {key:?} failed"))?;
-            read_size.observe(entries.len());
-            if !entries.is_empty() {
-                start_batch(&delivery, &stream, entries, permit, &working, &mut finishing, &stop);
-            }
-            anyhow::Ok(())
-        }
-        .await;
-        match outcome {
+        while consumer.finishing.try_join_next().is_some() {}
+        match consumer.round(&mut stop).await {
             Ok(()) => {
-                backoff = FIRST_BACKOFF;
-                delivery.health.observe(Dependency::Redis, Ok(()));
+                consumer.backoff = FIRST_BACKOFF;
+                consumer.delivery.health.observe(Dependency::Redis, Ok(()));
             }
             // Whichever command noticed it (a read, a reclaim, keeping entries in flight): the
             // group is gone, because Redis lost its data (a restart without persistence) or
             // someone deleted it. Recreate it at once, or nothing new is ever read again.
             Err(error) if streams::is_no_group(&error) => {
-                warn!(stream, key, group = %config.consumer_group,
-                    "the consumer group is missing (Redis lost its data, or the group was deleted); recreating it: {}", crate::text::causes(&error));
-                delivery.metrics.add(
-                    "kaleidoscope_consumer_groups_recreated_total",
-                    crate::metrics::labels(&[("stream", &stream)]),
-                    1,
-                );
-                let recreated = match connection.as_mut() {
-                    Some(conn) => {
-                        // Redis lost its data: the ledger identity went with it. Put this host's
-                        // back, so hosts starting now share it instead of making another.
-                        let identity_key = config.source_identity_key();
-                        let kept: redis::RedisResult<Option<String>> = redis::cmd("SET")
-                            .arg(&identity_key)
-                            .arg(&delivery.source)
-                            .arg("NX")
-                            .query_async(conn)
-                            .await;
-                        if let Err(error) = kept {
-                            warn!(
-                                key = identity_key,
-                                "cannot restore the ledger identity: {error}"
-                            );
-                        }
-                        streams::ensure_group(conn, &key, &config.consumer_group).await
-                    }
-                    None => Err(anyhow::anyhow!("no connection to Redis")),
-                };
-                if let Err(error) = recreated {
-                    error!(stream, retry_in = ?backoff, "cannot recreate the consumer group: {}", crate::text::causes(&error));
-                    connection = None;
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.changed() => {}
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                if let Err(error) = consumer.recreate_group(&error).await {
+                    let error = error.context("cannot recreate the consumer group");
+                    consumer.back_off(&error, &mut stop).await;
                 }
             }
             Err(error) => {
                 if let Some(dependency) = health::blame(&error) {
-                    delivery
+                    consumer
+                        .delivery
                         .health
                         .failed(dependency, &crate::text::causes(&error));
                 }
-                error!(stream, retry_in = ?backoff, "{}", crate::text::causes(&error));
-                connection = None;
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                consumer.back_off(&error, &mut stop).await;
             }
         }
     }
-    while finishing.join_next().await.is_some() {}
-    info!(stream, "stopped consuming");
+    while consumer.finishing.join_next().await.is_some() {}
+    info!(stream = consumer.stream, "stopped consuming");
+}
+
+/// One stream's consumer: its connection, its schedule of reclaims and expiry checks, and the
+/// batches it has in flight.
+struct StreamConsumer {
+    delivery: Arc<HostState>,
+    client: Client,
+    stream: String,
+    key: String,
+    /// The Redis client name of its connection (see [`read_connection`]).
+    name: String,
+    connection: Option<MultiplexedConnection>,
+    backoff: Duration,
+    next_reclaim: Instant,
+    reclaim_every: Duration,
+    next_expiry: Instant,
+    expiry_every: Duration,
+    read_size: ReadSize,
+    in_flight: Arc<Semaphore>,
+    finishing: JoinSet<()>,
+    /// The ids of the entries in those batches, kept fresh in the pending list (see `reclaim`).
+    working: Working,
+}
+
+impl StreamConsumer {
+    fn new(delivery: Arc<HostState>, client: Client, stream: String) -> Self {
+        let config = &delivery.config;
+        Self {
+            key: config.stream_key(&stream),
+            name: connection_name(&[&config.consumer_name, &stream]),
+            connection: None,
+            backoff: FIRST_BACKOFF,
+            next_reclaim: Instant::now(),
+            reclaim_every: (config.reclaim_idle / 4)
+                .clamp(Duration::from_millis(50), Duration::from_secs(5)),
+            next_expiry: Instant::now(),
+            expiry_every: (config.consumer_expiry / 2)
+                .clamp(Duration::from_millis(50), EXPIRY_CHECK_INTERVAL),
+            read_size: ReadSize::new(config.batch_size, config.max_batch_size),
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+            finishing: JoinSet::new(),
+            working: Arc::default(),
+            client,
+            stream,
+            delivery,
+        }
+    }
+
+    /// One turn: reclaim overdue entries and remove expired consumers when their time has come,
+    /// then read a batch (waiting for a free slot first) and start finishing it.
+    async fn round(&mut self, stop: &mut watch::Receiver<bool>) -> Result<()> {
+        let config = self.delivery.config.clone();
+        let conn = match self.connection.as_mut() {
+            Some(conn) => conn,
+            None => self
+                .connection
+                .insert(read_connection(&self.client, config.poll_timeout, &self.name).await?),
+        };
+        if Instant::now() >= self.next_reclaim {
+            reclaim(
+                &self.delivery,
+                conn,
+                &self.stream,
+                &self.in_flight,
+                &self.working,
+                &mut self.finishing,
+                stop,
+            )
+            .await?;
+            self.next_reclaim = Instant::now() + self.reclaim_every;
+        }
+        if Instant::now() >= self.next_expiry {
+            self.next_expiry = Instant::now() + self.expiry_every;
+            for consumer in expire_idle_consumers(
+                conn,
+                &self.key,
+                &config.consumer_group,
+                &config.consumer_name,
+                config.consumer_expiry,
+            )
+            .await?
+            {
+                info!(
+                    stream = self.stream,
+                    consumer,
+                    "removed a consumer idle for longer than {:?} with no pending entries",
+                    config.consumer_expiry
+                );
+            }
+        }
+        // A slot for the batch about to be read; waits while every slot is taken.
+        let permit = tokio::select! {
+            permit = self.in_flight.clone().acquire_owned() => permit.context("the in-flight limit was closed")?,
+            _ = stop.changed() => return Ok(()),
+        };
+        // A read is never cut short by a stop signal: Redis may already have handed its entries
+        // to this consumer, and a batch that has been read is always finished, committed and
+        // acknowledged. A stop waits at most one poll timeout for it.
+        let entries = streams::read_new(
+            conn,
+            &self.key,
+            &config.consumer_group,
+            &config.consumer_name,
+            self.read_size.get(),
+            config.poll_timeout,
+        )
+        .await
+        .with_context(|| format!("XREADGROUP on {:?} failed", self.key))?;
+        self.read_size.observe(entries.len());
+        if !entries.is_empty() {
+            start_batch(
+                &self.delivery,
+                &self.stream,
+                entries,
+                permit,
+                &self.working,
+                &mut self.finishing,
+                stop,
+            );
+        }
+        Ok(())
+    }
+
+    /// Recreates the lost consumer group (and the ledger identity Redis lost with it), counting
+    /// and reporting it.
+    async fn recreate_group(&mut self, cause: &anyhow::Error) -> Result<()> {
+        let config = &self.delivery.config;
+        warn!(stream = self.stream, key = self.key, group = %config.consumer_group,
+            "the consumer group is missing (Redis lost its data, or the group was deleted); recreating it: {}", crate::text::causes(cause));
+        self.delivery.metrics.add(
+            "kaleidoscope_consumer_groups_recreated_total",
+            crate::metrics::labels(&[("stream", &self.stream)]),
+            1,
+        );
+        let conn = self.connection.as_mut().context("no connection to Redis")?;
+        // Redis lost its data: the ledger identity went with it. Put this host's back, so hosts
+        // starting now share it instead of making another.
+        let identity_key = config.source_identity_key();
+        let kept: redis::RedisResult<Option<String>> = redis::cmd("SET")
+            .arg(&identity_key)
+            .arg(&self.delivery.source)
+            .arg("NX")
+            .query_async(conn)
+            .await;
+        if let Err(error) = kept {
+            warn!(
+                key = identity_key,
+                "cannot restore the ledger identity: {error}"
+            );
+        }
+        streams::ensure_group(conn, &self.key, &config.consumer_group).await
+    }
+
+    /// Logs `error`, drops the connection (the next round opens a new one) and waits before the
+    /// next round, twice as long each time up to [`MAX_BACKOFF`]; a stop ends the wait.
+    async fn back_off(&mut self, error: &anyhow::Error, stop: &mut watch::Receiver<bool>) {
+        error!(stream = self.stream, retry_in = ?self.backoff, "{}", crate::text::causes(error));
+        self.connection = None;
+        tokio::select! {
+            _ = tokio::time::sleep(self.backoff) => {}
+            _ = stop.changed() => {}
+        }
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
 }
 
 /// How many entries the next read asks for: it starts at `batch_size`, doubles while reads come
