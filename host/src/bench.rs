@@ -816,7 +816,8 @@ impl Generated {
         (media_id, kind, random)
     }
 
-    /// Entry `i`: its stream and fields.
+    /// Entry `i`: its stream and fields. Long on purpose: one arm per message kind of the mix,
+    /// each spelling out the wire shape it generates.
     fn entry(&self, i: usize) -> (&'static str, Vec<(String, String)>) {
         let (media_id, kind, mut random) = self.draw(i);
         let post_id = 1 + (media_id - 1) / 3;

@@ -369,20 +369,7 @@ async fn finish_until_done(
     let mut failures = 0;
     loop {
         let isolate = failures >= FINISH_ATTEMPTS;
-        let attempt = async {
-            if isolate {
-                delivery.finish_isolated(&mut batch).await
-            } else {
-                delivery.finish(&mut batch).await
-            }
-        };
-        let outcome = match tokio::time::timeout(deadline, attempt).await {
-            Ok(outcome) => outcome,
-            // A statement would have been cancelled by the server long ago: the connection is
-            // lost without an error (a half-open connection). That is an outage.
-            Err(_) => Err(anyhow::Error::new(Unanswered(deadline))),
-        };
-        match outcome {
+        match finish_once(delivery, &mut batch, isolate, deadline).await {
             Ok(report) => {
                 tracing::debug!(stream, ?report, "batch done");
                 delivery.health.observe(Dependency::Database, Ok(()));
@@ -441,18 +428,44 @@ async fn finish_until_done(
             );
             return;
         }
-        // Wait for the backoff, and while PostgreSQL is known to be down, for it to come back.
-        let waited = async {
-            tokio::time::sleep(backoff).await;
-            while delivery.health.outage(Dependency::Database).is_some() {
-                tokio::time::sleep(OUTAGE_POLL).await;
-            }
-        };
-        tokio::select! {
-            _ = waited => {}
-            _ = stop.changed() => {}
-        }
+        wait_to_retry(delivery, backoff, &mut stop).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One attempt at finishing `batch`: set-based, or entry by entry when `isolate`. Work that gets
+/// no answer within `deadline` is an [`Unanswered`] error: a statement would have been cancelled
+/// by the server long ago, so the connection is lost without an error (half-open), an outage.
+async fn finish_once(
+    delivery: &HostState,
+    batch: &mut PreparedBatch,
+    isolate: bool,
+    deadline: Duration,
+) -> Result<crate::delivery::BatchReport> {
+    let attempt = async {
+        if isolate {
+            delivery.finish_isolated(batch).await
+        } else {
+            delivery.finish(batch).await
+        }
+    };
+    match tokio::time::timeout(deadline, attempt).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(anyhow::Error::new(Unanswered(deadline))),
+    }
+}
+
+/// Waits `backoff`, then for as long as PostgreSQL is known to be down; a stop ends the wait.
+async fn wait_to_retry(delivery: &HostState, backoff: Duration, stop: &mut watch::Receiver<bool>) {
+    let waited = async {
+        tokio::time::sleep(backoff).await;
+        while delivery.health.outage(Dependency::Database).is_some() {
+            tokio::time::sleep(OUTAGE_POLL).await;
+        }
+    };
+    tokio::select! {
+        _ = waited => {}
+        _ = stop.changed() => {}
     }
 }
 

@@ -21,7 +21,9 @@ pub struct Outage {
 /// The dependencies a host needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dependency {
+    /// PostgreSQL: where results are persisted.
     Database,
+    /// Redis: where entries are read and acknowledged.
     Redis,
 }
 

@@ -24,9 +24,11 @@ use std::io::Read;
 use std::time::{Duration, SystemTime};
 use tracing::{info, warn};
 
-/// The request streams (backend → ML services).
+/// The request stream for a new post image (backend → ML services; the seed's name).
 pub const POST_IMAGE_STREAM: &str = "post-image-processing";
+/// The request stream for a new profile picture.
 pub const PROFILE_PICTURE_STREAM: &str = "profile-picture-processing";
+/// The request stream for an updated post image.
 pub const POST_UPDATE_STREAM: &str = "post-update-processing";
 
 /// First pause between publishing attempts; doubled after each failure.

@@ -108,6 +108,9 @@ pub async fn run(
 }
 
 /// Publishes the results (or the error) for one request.
+///
+/// Long on purpose: one branch per request stream, each writing the producers' real shapes
+/// field by field, reads more plainly than helpers that each build half a message.
 async fn answer(
     conn: &mut MultiplexedConnection,
     config: &Config,
@@ -212,6 +215,8 @@ const PLACES: [&str; 5] = [
     "by the sea",
 ];
 
+/// The five insights results, face detection and recognition for one post image, in the shapes
+/// the real services write. Long on purpose: it is a template of wire messages, one per service.
 fn image_results(
     rng: &mut Rng,
     options: &SimulatorOptions,

@@ -26,8 +26,10 @@ pub enum StreamError {
     /// The consumer group (or the stream) vanished; recreate it.
     #[error("consumer group missing on {0}")]
     NoGroup(String),
+    /// Redis failed or could not be reached (an outage for [`crate::health::blame`]).
     #[error(transparent)]
     Redis(#[from] redis::RedisError),
+    /// Redis answered with a shape this host does not understand (a bug or another server).
     #[error("unexpected reply from Redis: {0}")]
     Protocol(String),
 }

@@ -16,13 +16,21 @@ use std::time::SystemTime;
 /// The field names of a dead-letter stream entry (camelCase, like the seed's DTOs; operators'
 /// scripts read them).
 pub mod field {
+    /// The logical stream the entry came from (where `dlq replay` re-publishes it).
     pub const SOURCE_STREAM: &str = "sourceStream";
+    /// The entry's id on that stream.
     pub const SOURCE_ID: &str = "sourceId";
+    /// One of [`super::FailureKind`]'s names.
     pub const FAILURE_KIND: &str = "failureKind";
+    /// Why, naming plugin, command, table, column or field as far as known.
     pub const ERROR: &str = "error";
+    /// The plugin that failed it (empty when no plugin was involved).
     pub const PLUGIN: &str = "plugin";
+    /// That plugin's version, so a fix can be told from the version that failed.
     pub const PLUGIN_VERSION: &str = "pluginVersion";
+    /// How often the entry was delivered.
     pub const DELIVERIES: &str = "deliveries";
+    /// When it was dead-lettered (RFC 3339).
     pub const FAILED_AT: &str = "failedAt";
     /// The original entry's fields as one JSON object.
     pub const FIELDS: &str = "fields";

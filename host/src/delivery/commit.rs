@@ -98,16 +98,7 @@ impl HostState {
         plugin: &Plugin,
         items: &mut [Item],
     ) -> Result<SetBased> {
-        let claims: Vec<(String, Outcome)> = items
-            .iter()
-            .filter_map(|item| match item.decision {
-                Some(Decision::Persist(_)) => Some((item.ledger_id.clone(), Outcome::Processed)),
-                Some(Decision::DeadLetter(..)) => {
-                    Some((item.ledger_id.clone(), Outcome::DeadLettered))
-                }
-                _ => None,
-            })
-            .collect();
+        let claims = ledger_claims(items);
         if claims.is_empty() {
             return Ok(SetBased::Committed(Vec::new()));
         }
@@ -129,15 +120,7 @@ impl HostState {
             Ok(claimed) => claimed,
             Err(error) => return set_based_error(execute::classify(error), "the ledger"),
         };
-        for item in items.iter_mut() {
-            let finished = matches!(
-                item.decision,
-                Some(Decision::Persist(_) | Decision::DeadLetter(..))
-            );
-            if finished && !claimed.contains(&item.ledger_id) {
-                item.decision = Some(Decision::Redelivered);
-            }
-        }
+        mark_redelivered(items, &claimed);
 
         let (plan, emits) =
             plan::plan(
@@ -160,20 +143,8 @@ impl HostState {
                     .context("the database failed during the batch; nothing was acknowledged");
             }
             Err(PlanFailure::Failed(reason)) => return Ok(SetBased::Failed(reason)),
-            Err(PlanFailure::Missing(mut culprits)) => {
-                // Without deletes or single statements, an entry's missing row cannot have been
-                // removed by a neighbour, so every culprit would miss its row on its own too.
-                // Otherwise only the first one is certain; the next attempt finds the others.
-                let exact = !plan
-                    .stages
-                    .iter()
-                    .any(|s| matches!(s, Stage::Delete { .. } | Stage::Single { .. }));
-                culprits.sort_by_key(|(index, _)| *index);
-                culprits.dedup_by_key(|(index, _)| *index);
-                if !exact {
-                    culprits.truncate(1);
-                }
-                return Ok(SetBased::Missing(culprits));
+            Err(PlanFailure::Missing(culprits)) => {
+                return Ok(SetBased::Missing(certain_culprits(&plan, culprits)));
             }
         }
 
@@ -279,25 +250,7 @@ impl HostState {
             .begin()
             .await
             .context("cannot begin the batch transaction")?;
-        // Entry by entry, rows are not locked in key order: every table is taken exclusively.
-        let tables = items.iter().flat_map(|item| match &item.decision {
-            Some(Decision::Persist(statements)) => statements
-                .iter()
-                .filter(|s| !matches!(s, Statement::Emit { .. }))
-                .map(plan::statement_table)
-                .collect::<Vec<_>>(),
-            _ => Vec::new(),
-        });
-        let locks = tables.map(|table| (table, TableLock::Exclusive)).collect();
-        if let Err(error) = batch::lock_tables(&mut tx, &locks).await {
-            return match error {
-                ExecError::Unavailable(error) => Err(error)
-                    .context("the database failed during the batch; nothing was acknowledged"),
-                ExecError::Retry(reason) | ExecError::Permanent(reason) => {
-                    Err(anyhow::anyhow!("cannot lock the batch's tables: {reason}"))
-                }
-            };
-        }
+        lock_every_table(&mut tx, items).await?;
         let mut messages = Vec::new();
         for item in items.iter_mut() {
             if let Some(Decision::Persist(statements)) = &item.decision {
@@ -344,34 +297,51 @@ impl HostState {
                     }
                 }
             }
-            if let Some(Decision::DeadLetter(kind, reason)) = &item.decision {
-                let recorded = ledger::record(
-                    &mut tx,
-                    &self.source,
-                    stream,
-                    &item.ledger_id,
-                    &plugin.name,
-                    &plugin.version,
-                    Outcome::DeadLettered,
-                )
-                .await
-                .context("cannot record a dead letter in the ledger")?;
-                if !recorded {
-                    item.decision = Some(Decision::Redelivered);
-                    continue;
-                }
-                let letter = dead_letter(stream, plugin, item, *kind, reason);
-                let message =
-                    outbox::enqueue(&mut tx, &self.config.dlq_key(), letter.to_stream_fields())
-                        .await
-                        .context("cannot write a dead letter to the outbox")?;
-                messages.push(message);
+            if matches!(item.decision, Some(Decision::DeadLetter(..))) {
+                messages.extend(
+                    self.record_dead_letter(&mut tx, stream, plugin, item)
+                        .await?,
+                );
             }
         }
         tx.commit()
             .await
             .context("cannot commit the batch transaction")?;
         Ok(Some(messages))
+    }
+
+    /// Records a dead-lettered entry in the ledger and writes its dead letter to the outbox; an
+    /// entry the ledger already had becomes [`Decision::Redelivered`] and writes nothing.
+    async fn record_dead_letter(
+        &self,
+        tx: &mut PgConnection,
+        stream: &str,
+        plugin: &Plugin,
+        item: &mut Item,
+    ) -> Result<Option<OutboxMessage>> {
+        let Some(Decision::DeadLetter(kind, reason)) = &item.decision else {
+            return Ok(None);
+        };
+        let recorded = ledger::record(
+            &mut *tx,
+            &self.source,
+            stream,
+            &item.ledger_id,
+            &plugin.name,
+            &plugin.version,
+            Outcome::DeadLettered,
+        )
+        .await
+        .context("cannot record a dead letter in the ledger")?;
+        if !recorded {
+            item.decision = Some(Decision::Redelivered);
+            return Ok(None);
+        }
+        let letter = dead_letter(stream, plugin, item, *kind, reason);
+        let message = outbox::enqueue(tx, &self.config.dlq_key(), letter.to_stream_fields())
+            .await
+            .context("cannot write a dead letter to the outbox")?;
+        Ok(Some(message))
     }
 
     /// Ledger row (under `entry_id`, the entry's ledger identity), statements and emits of one
@@ -441,4 +411,73 @@ async fn savepoint(conn: &mut PgConnection, sql: &'static str) -> Result<()> {
         .await
         .with_context(|| format!("`{sql}` failed"))?;
     Ok(())
+}
+
+/// The ledger rows a batch claims: every entry decided to be persisted or dead-lettered.
+fn ledger_claims(items: &[Item]) -> Vec<(String, Outcome)> {
+    items
+        .iter()
+        .filter_map(|item| match item.decision {
+            Some(Decision::Persist(_)) => Some((item.ledger_id.clone(), Outcome::Processed)),
+            Some(Decision::DeadLetter(..)) => Some((item.ledger_id.clone(), Outcome::DeadLettered)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Entries whose ledger row was not newly `claimed` were finished before (an earlier delivery,
+/// or another host that won the race): they become [`Decision::Redelivered`] and run nothing.
+fn mark_redelivered(items: &mut [Item], claimed: &std::collections::HashSet<String>) {
+    for item in items.iter_mut() {
+        let finished = matches!(
+            item.decision,
+            Some(Decision::Persist(_) | Decision::DeadLetter(..))
+        );
+        if finished && !claimed.contains(&item.ledger_id) {
+            item.decision = Some(Decision::Redelivered);
+        }
+    }
+}
+
+/// The entries certain to miss their row on their own, among those that missed it in the batch.
+/// Without deletes or single statements, an entry's missing row cannot have been removed by a
+/// neighbour, so every culprit would miss its row alone too; otherwise only the first one is
+/// certain, and the next attempt finds the others.
+fn certain_culprits(
+    plan: &plan::Plan,
+    mut culprits: Vec<(usize, ExecError)>,
+) -> Vec<(usize, ExecError)> {
+    let exact = !plan
+        .stages
+        .iter()
+        .any(|s| matches!(s, Stage::Delete { .. } | Stage::Single { .. }));
+    culprits.sort_by_key(|(index, _)| *index);
+    culprits.dedup_by_key(|(index, _)| *index);
+    if !exact {
+        culprits.truncate(1);
+    }
+    culprits
+}
+
+/// Takes every table the batch writes exclusively: entry by entry, rows are not locked in key
+/// order, so concurrent batches must not interleave on them.
+async fn lock_every_table(tx: &mut PgConnection, items: &[Item]) -> Result<()> {
+    let tables = items.iter().flat_map(|item| match &item.decision {
+        Some(Decision::Persist(statements)) => statements
+            .iter()
+            .filter(|s| !matches!(s, Statement::Emit { .. }))
+            .map(plan::statement_table)
+            .collect::<Vec<_>>(),
+        _ => Vec::new(),
+    });
+    let locks = tables.map(|table| (table, TableLock::Exclusive)).collect();
+    batch::lock_tables(tx, &locks)
+        .await
+        .map_err(|error| match error {
+            ExecError::Unavailable(error) => anyhow::Error::new(error)
+                .context("the database failed during the batch; nothing was acknowledged"),
+            ExecError::Retry(reason) | ExecError::Permanent(reason) => {
+                anyhow::anyhow!("cannot lock the batch's tables: {reason}")
+            }
+        })
 }

@@ -5,7 +5,7 @@ use super::{Decision, Item};
 use crate::dead_letter::FailureKind;
 use crate::metrics::labels;
 use crate::persist::validate;
-use crate::plugin::{Plugin, wit};
+use crate::plugin::{HandlerOutcome, Plugin, wit};
 use crate::state::HostState;
 use anyhow::{Context as _, Result};
 use std::sync::Arc;
@@ -73,6 +73,18 @@ impl HostState {
             outcomes.push((index, outcome, elapsed));
         }
 
+        self.decide(plugin, items, outcomes).await
+    }
+
+    /// Turns each handler outcome into the entry's decision: commands that pass validation are
+    /// persisted, commands that do not are dead-lettered as `forbidden-command`, failures are
+    /// retried or dead-lettered by their kind.
+    async fn decide(
+        &self,
+        plugin: &Plugin,
+        items: &mut [Item],
+        outcomes: Vec<(usize, HandlerOutcome, std::time::Duration)>,
+    ) -> Result<()> {
         let mut catalog = self.catalog();
         let policy = self.config.policy(&plugin.name);
         for (index, outcome, elapsed) in outcomes {

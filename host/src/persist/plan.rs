@@ -151,30 +151,11 @@ struct Builder {
 }
 
 impl Builder {
+    /// Adds one statement of `entry`: to the last stage on its table when that stage takes it,
+    /// else to a new stage (so the order of statements on a table is kept).
     fn add(&mut self, entry: usize, statement: &Statement) {
         match statement {
-            Statement::Upsert { table, key, set } => {
-                let key_columns = columns(key);
-                let stage = self.find(table, |stage| {
-                    matches!(stage, Stage::Upsert { key_columns: k, .. } if *k == key_columns)
-                });
-                let stage = stage.unwrap_or_else(|| {
-                    self.open(Stage::Upsert {
-                        table: table.clone(),
-                        key_columns: key_columns.clone(),
-                        rows: Vec::new(),
-                    })
-                });
-                if !self.fold(stage, entry, key, key, set, true) {
-                    let stage = self.open(Stage::Upsert {
-                        table: table.clone(),
-                        key_columns,
-                        rows: Vec::new(),
-                    });
-                    let folded = self.fold(stage, entry, key, key, set, true);
-                    debug_assert!(folded, "a new stage takes any row");
-                }
-            }
+            Statement::Upsert { table, key, set } => self.add_upsert(entry, table, key, set),
             Statement::Update {
                 table,
                 key,
@@ -182,101 +163,156 @@ impl Builder {
                 if_missing,
                 only_if,
             } => {
-                // Key columns the update also sets (`SET status = 'FAILED' WHERE status =
-                // 'PENDING'`): rows are then told apart by the key columns it leaves alone.
-                let changed_key: Vec<String> = key
-                    .iter()
-                    .filter(|k| set.iter().any(|s| s.column == k.column))
-                    .map(|k| k.column.clone())
-                    .collect();
-                let identity: Vec<Param> = key
-                    .iter()
-                    .filter(|k| !changed_key.contains(&k.column))
-                    .cloned()
-                    .collect();
-                // A guarded update must tell "no row" from "the guard said no": it runs alone.
-                if identity.is_empty() || !identity.iter().all(canonical_key) || !only_if.is_empty()
-                {
-                    self.open(Stage::Single {
-                        entry,
-                        statement: statement.clone(),
-                    });
-                    return;
-                }
-                let key_columns = columns(key);
-                let wanted = |stage: &Stage| {
-                    matches!(stage, Stage::Update { key_columns: k, if_missing: m, changed_key: c, .. }
-                        if *k == key_columns && m == if_missing && *c == changed_key)
-                };
-                let new_stage = || Stage::Update {
-                    table: table.clone(),
-                    key_columns: key_columns.clone(),
-                    if_missing: *if_missing,
-                    changed_key: changed_key.clone(),
-                    rows: Vec::new(),
-                };
-                // A second update that changes the key of the same row would see the first one's
-                // result when run one by one, but not in one statement: never folded.
-                let foldable = changed_key.is_empty();
-                let stage = match self.find(table, wanted) {
-                    Some(stage) => stage,
-                    None => self.open(new_stage()),
-                };
-                if !self.fold(stage, entry, key, &identity, set, foldable) {
-                    let stage = self.open(new_stage());
-                    self.fold(stage, entry, key, &identity, set, foldable);
-                }
+                let guarded = !only_if.is_empty();
+                self.add_update(entry, statement, table, key, set, *if_missing, guarded)
             }
-            Statement::Delete { table, key } => {
-                let key_columns = columns(key);
-                let stage = self
-                    .find(table, |stage| {
-                        matches!(stage, Stage::Delete { key_columns: k, .. } if *k == key_columns)
-                    })
-                    .unwrap_or_else(|| {
-                        self.open(Stage::Delete {
-                            table: table.clone(),
-                            key_columns,
-                            rows: Vec::new(),
-                        })
-                    });
-                // Deleting a key twice is deleting it once.
-                self.fold(stage, entry, key, key, &[], true);
-            }
+            Statement::Delete { table, key } => self.add_delete(entry, table, key),
             Statement::Insert {
                 table,
                 values,
                 ignore_conflict,
-            } => {
-                if values.is_empty() {
-                    self.open(Stage::Single {
-                        entry,
-                        statement: statement.clone(),
-                    });
-                    return;
-                }
-                let insert_columns = columns(values);
-                let stage = self
-                    .find(table, |stage| {
-                        matches!(stage, Stage::Insert { columns: c, ignore_conflict: i, .. }
-                            if *c == insert_columns && i == ignore_conflict)
-                    })
-                    .unwrap_or_else(|| {
-                        self.open(Stage::Insert {
-                            table: table.clone(),
-                            columns: insert_columns,
-                            ignore_conflict: *ignore_conflict,
-                            rows: Vec::new(),
-                        })
-                    });
-                if let Stage::Insert { rows, .. } = &mut self.stages[stage] {
-                    rows.push(InsertRow {
-                        values: values.clone(),
-                        entry,
-                    });
-                }
-            }
+            } => self.add_insert(entry, statement, table, values, *ignore_conflict),
             Statement::Emit { .. } => {}
+        }
+    }
+
+    /// Upserts of one table and key columns share a stage; upserts of one key fold into one row.
+    fn add_upsert(&mut self, entry: usize, table: &str, key: &[Param], set: &[SetParam]) {
+        let key_columns = columns(key);
+        let stage = self.find(
+            table,
+            |stage| matches!(stage, Stage::Upsert { key_columns: k, .. } if *k == key_columns),
+        );
+        let stage = stage.unwrap_or_else(|| {
+            self.open(Stage::Upsert {
+                table: table.to_string(),
+                key_columns: key_columns.clone(),
+                rows: Vec::new(),
+            })
+        });
+        if !self.fold(stage, entry, key, key, set, true) {
+            let stage = self.open(Stage::Upsert {
+                table: table.to_string(),
+                key_columns,
+                rows: Vec::new(),
+            });
+            let folded = self.fold(stage, entry, key, key, set, true);
+            debug_assert!(folded, "a new stage takes any row");
+        }
+    }
+
+    /// Updates share a stage by table, key columns, missing-row rule and changed key columns;
+    /// guarded updates and updates whose rows cannot be told apart run alone.
+    #[allow(clippy::too_many_arguments)]
+    fn add_update(
+        &mut self,
+        entry: usize,
+        statement: &Statement,
+        table: &str,
+        key: &[Param],
+        set: &[SetParam],
+        if_missing: wit::IfMissing,
+        guarded: bool,
+    ) {
+        // Key columns the update also sets (`SET status = 'FAILED' WHERE status =
+        // 'PENDING'`): rows are then told apart by the key columns it leaves alone.
+        let changed_key: Vec<String> = key
+            .iter()
+            .filter(|k| set.iter().any(|s| s.column == k.column))
+            .map(|k| k.column.clone())
+            .collect();
+        let identity: Vec<Param> = key
+            .iter()
+            .filter(|k| !changed_key.contains(&k.column))
+            .cloned()
+            .collect();
+        // A guarded update must tell "no row" from "the guard said no": it runs alone.
+        if identity.is_empty() || !identity.iter().all(canonical_key) || guarded {
+            self.open(Stage::Single {
+                entry,
+                statement: statement.clone(),
+            });
+            return;
+        }
+        let key_columns = columns(key);
+        let wanted = |stage: &Stage| {
+            matches!(stage, Stage::Update { key_columns: k, if_missing: m, changed_key: c, .. }
+                if *k == key_columns && *m == if_missing && *c == changed_key)
+        };
+        let new_stage = || Stage::Update {
+            table: table.to_string(),
+            key_columns: key_columns.clone(),
+            if_missing,
+            changed_key: changed_key.clone(),
+            rows: Vec::new(),
+        };
+        // A second update that changes the key of the same row would see the first one's
+        // result when run one by one, but not in one statement: never folded.
+        let foldable = changed_key.is_empty();
+        let stage = match self.find(table, wanted) {
+            Some(stage) => stage,
+            None => self.open(new_stage()),
+        };
+        if !self.fold(stage, entry, key, &identity, set, foldable) {
+            let stage = self.open(new_stage());
+            self.fold(stage, entry, key, &identity, set, foldable);
+        }
+    }
+
+    /// Deletes of one table and key columns share a stage; deleting a key twice is once.
+    fn add_delete(&mut self, entry: usize, table: &str, key: &[Param]) {
+        let key_columns = columns(key);
+        let stage = self
+            .find(
+                table,
+                |stage| matches!(stage, Stage::Delete { key_columns: k, .. } if *k == key_columns),
+            )
+            .unwrap_or_else(|| {
+                self.open(Stage::Delete {
+                    table: table.to_string(),
+                    key_columns,
+                    rows: Vec::new(),
+                })
+            });
+        // Deleting a key twice is deleting it once.
+        self.fold(stage, entry, key, key, &[], true);
+    }
+
+    /// Inserts of one table, column set and conflict rule share a stage.
+    fn add_insert(
+        &mut self,
+        entry: usize,
+        statement: &Statement,
+        table: &str,
+        values: &[Param],
+        ignore_conflict: bool,
+    ) {
+        if values.is_empty() {
+            self.open(Stage::Single {
+                entry,
+                statement: statement.clone(),
+            });
+            return;
+        }
+        let insert_columns = columns(values);
+        let stage = self
+            .find(table, |stage| {
+                matches!(stage, Stage::Insert { columns: c, ignore_conflict: i, .. }
+                    if *c == insert_columns && *i == ignore_conflict)
+            })
+            .unwrap_or_else(|| {
+                self.open(Stage::Insert {
+                    table: table.to_string(),
+                    columns: insert_columns,
+                    ignore_conflict,
+                    rows: Vec::new(),
+                })
+            });
+        if let Stage::Insert { rows, .. } = &mut self.stages[stage] {
+            rows.push(InsertRow {
+                values: values.to_vec(),
+                entry,
+            });
         }
     }
 

@@ -14,21 +14,29 @@ pub const HOST_TABLES: &[&str] = &["processed_entries", "outbox", "_sqlx_migrati
 /// What kind of value a column accepts, derived from its SQL type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ColumnKind {
+    /// `boolean`.
     Boolean,
     /// Integers with their inclusive range (`smallint`, `integer`, `bigint`).
     Integer {
+        /// The smallest value the type holds.
         min: i64,
+        /// The largest value the type holds.
         max: i64,
     },
     /// `real`, `double precision`, `numeric`.
     Float,
     /// `text`, `varchar(n)`, `char(n)` (with the length limit, if any).
     Text {
+        /// The declared length of `varchar(n)` / `char(n)`, in characters.
         max_chars: Option<usize>,
     },
+    /// `json`, `jsonb`: the value must parse as JSON.
     Json,
+    /// `text[]`, `varchar[]`: the target of `append-unique`.
     TextArray,
+    /// `real[]`, `double precision[]`, `numeric[]` (embeddings).
     FloatArray,
+    /// `timestamp`, `timestamptz`: text that PostgreSQL parses.
     Timestamp,
     /// Any other type (uuid, date, ...): accepts text, converted by PostgreSQL.
     Other,

@@ -81,7 +81,10 @@ pub struct Param {
 /// What a `set` clause does to one column.
 #[derive(Clone, Debug)]
 pub enum SetOp {
+    /// The column becomes the value.
     Assign(wit::Value),
+    /// The items are appended to a `text[]` column, each only if not already there (how
+    /// results from several services accumulate in one row without overwriting each other).
     AppendUnique(Vec<String>),
 }
 
@@ -104,11 +107,13 @@ pub struct Condition {
 /// A command that passed every check; safe to turn into SQL.
 #[derive(Clone, Debug)]
 pub enum Statement {
+    /// Insert the row, or update `set` on the row with the same unique `key`.
     Upsert {
         table: String,
         key: Vec<Param>,
         set: Vec<SetParam>,
     },
+    /// Update `set` on the row with `key`; `if_missing` says what a missing row means.
     Update {
         table: String,
         key: Vec<Param>,
@@ -117,15 +122,15 @@ pub enum Statement {
         /// The guard: the update applies to a matched row only if all of these hold.
         only_if: Vec<Condition>,
     },
+    /// Insert a row; `ignore_conflict` makes a duplicate a no-op.
     Insert {
         table: String,
         values: Vec<Param>,
         ignore_conflict: bool,
     },
-    Delete {
-        table: String,
-        key: Vec<Param>,
-    },
+    /// Delete the row with `key`.
+    Delete { table: String, key: Vec<Param> },
+    /// Publish `fields` to the `target` stream after the transaction commits (via the outbox).
     Emit {
         target: String,
         fields: Vec<(String, String)>,
@@ -239,79 +244,8 @@ impl Checker<'_> {
 
     fn command(&self, command: wit::Command) -> Result<Statement, Rejection> {
         match command {
-            wit::Command::Upsert(upsert) => {
-                let table = self.table("upsert", &upsert.table)?;
-                let key = self.key("upsert", table, upsert.key)?;
-                let key_columns: BTreeSet<String> = key.iter().map(|p| p.column.clone()).collect();
-                if !table.unique_keys.contains(&key_columns) {
-                    return Err(self.fail(Rejected::NotAUniqueKey,
-                        "upsert",
-                        &table.name,
-                        format!(
-                            "key columns {key_columns:?} are not a primary key or unique constraint (unique keys: {:?})",
-                            table.unique_keys
-                        ),
-                    ));
-                }
-                let set = self.set("upsert", table, upsert.set, &key_columns)?;
-                Ok(Statement::Upsert {
-                    table: table.name.clone(),
-                    key,
-                    set,
-                })
-            }
-            wit::Command::Update(update) => {
-                let table = self.table("update", &update.table)?;
-                let key = self.key("update", table, update.key)?;
-                // An update may change a column it selects on (`SET status = 'FAILED' WHERE
-                // status = 'PENDING'`); only an upsert's conflict key must stay out of `set`.
-                let set = self.set("update", table, update.set, &BTreeSet::new())?;
-                if set.is_empty() {
-                    return Err(self.fail(
-                        Rejected::EmptySet,
-                        "update",
-                        &table.name,
-                        "`set` is empty",
-                    ));
-                }
-                if !self.policy.tables.contains(&table.name)
-                    && let Some(granted) = self.policy.update_columns.get(&table.name)
-                    && let Some(column) = set.iter().find(|s| !granted.contains(&s.column))
-                {
-                    return Err(self.fail(Rejected::ColumnNotGranted,
-                        "update",
-                        &table.name,
-                        format_args!(
-                            "column `{}` is not granted (granted: {granted:?}, `update_columns` in [plugins.{}])",
-                            column.column, self.plugin
-                        ),
-                    ));
-                }
-                let mut only_if = Vec::with_capacity(update.only_if.len());
-                for condition in update.only_if {
-                    let (value, equals) = match condition {
-                        wit::Condition::Equals(value) => (value, true),
-                        wit::Condition::Differs(value) => (value, false),
-                    };
-                    let column = self.column("update", table, &value.column)?;
-                    self.fits("update", table, column, &value.value)?;
-                    only_if.push(Condition {
-                        param: Param {
-                            column: column.name.clone(),
-                            sql_type: column.sql_type.clone(),
-                            value: value.value,
-                        },
-                        equals,
-                    });
-                }
-                Ok(Statement::Update {
-                    table: table.name.clone(),
-                    key,
-                    set,
-                    if_missing: update.if_missing,
-                    only_if,
-                })
-            }
+            wit::Command::Upsert(upsert) => self.upsert(upsert),
+            wit::Command::Update(update) => self.update(update),
             wit::Command::Insert(insert) => {
                 let table = self.table("insert", &insert.table)?;
                 let values = self.params("insert", table, insert.values)?;
@@ -329,36 +263,110 @@ impl Checker<'_> {
                     key,
                 })
             }
-            wit::Command::Emit(emit) => {
-                let valid = !emit.target.is_empty()
-                    && emit.target.len() <= 256
-                    && emit
-                        .target
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
-                if !valid {
-                    return Err(self.fail_emit(&emit.target, "invalid target stream name"));
-                }
-                if !self.policy.emit.contains(&emit.target) {
-                    return Err(self.fail_emit(
-                        &emit.target,
-                        format_args!(
-                            "plugin is not granted this stream (grant it with `emit` in [plugins.{}])",
-                            self.plugin
-                        ),
-                    ));
-                }
-                if emit.fields.is_empty() {
-                    return Err(
-                        self.fail_emit(&emit.target, "a stream entry needs at least one field")
-                    );
-                }
-                Ok(Statement::Emit {
-                    target: emit.target,
-                    fields: emit.fields,
-                })
-            }
+            wit::Command::Emit(emit) => self.emit(emit),
         }
+    }
+
+    /// An upsert's key must be a unique key of its table, and stay out of `set`.
+    fn upsert(&self, upsert: wit::Upsert) -> Result<Statement, Rejection> {
+        let table = self.table("upsert", &upsert.table)?;
+        let key = self.key("upsert", table, upsert.key)?;
+        let key_columns: BTreeSet<String> = key.iter().map(|p| p.column.clone()).collect();
+        if !table.unique_keys.contains(&key_columns) {
+            return Err(self.fail(Rejected::NotAUniqueKey,
+                "upsert",
+                &table.name,
+                format!(
+                    "key columns {key_columns:?} are not a primary key or unique constraint (unique keys: {:?})",
+                    table.unique_keys
+                ),
+            ));
+        }
+        let set = self.set("upsert", table, upsert.set, &key_columns)?;
+        Ok(Statement::Upsert {
+            table: table.name.clone(),
+            key,
+            set,
+        })
+    }
+
+    /// An update sets something, only granted columns under an `update_columns` grant, and its
+    /// guard compares columns that exist with values that fit them.
+    fn update(&self, update: wit::Update) -> Result<Statement, Rejection> {
+        let table = self.table("update", &update.table)?;
+        let key = self.key("update", table, update.key)?;
+        // An update may change a column it selects on (`SET status = 'FAILED' WHERE
+        // status = 'PENDING'`); only an upsert's conflict key must stay out of `set`.
+        let set = self.set("update", table, update.set, &BTreeSet::new())?;
+        if set.is_empty() {
+            return Err(self.fail(Rejected::EmptySet, "update", &table.name, "`set` is empty"));
+        }
+        if !self.policy.tables.contains(&table.name)
+            && let Some(granted) = self.policy.update_columns.get(&table.name)
+            && let Some(column) = set.iter().find(|s| !granted.contains(&s.column))
+        {
+            return Err(self.fail(Rejected::ColumnNotGranted,
+                "update",
+                &table.name,
+                format_args!(
+                    "column `{}` is not granted (granted: {granted:?}, `update_columns` in [plugins.{}])",
+                    column.column, self.plugin
+                ),
+            ));
+        }
+        let mut only_if = Vec::with_capacity(update.only_if.len());
+        for condition in update.only_if {
+            let (value, equals) = match condition {
+                wit::Condition::Equals(value) => (value, true),
+                wit::Condition::Differs(value) => (value, false),
+            };
+            let column = self.column("update", table, &value.column)?;
+            self.fits("update", table, column, &value.value)?;
+            only_if.push(Condition {
+                param: Param {
+                    column: column.name.clone(),
+                    sql_type: column.sql_type.clone(),
+                    value: value.value,
+                },
+                equals,
+            });
+        }
+        Ok(Statement::Update {
+            table: table.name.clone(),
+            key,
+            set,
+            if_missing: update.if_missing,
+            only_if,
+        })
+    }
+
+    /// An emit goes to a well-formed, granted stream and carries at least one field.
+    fn emit(&self, emit: wit::Emit) -> Result<Statement, Rejection> {
+        let valid = !emit.target.is_empty()
+            && emit.target.len() <= 256
+            && emit
+                .target
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+        if !valid {
+            return Err(self.fail_emit(&emit.target, "invalid target stream name"));
+        }
+        if !self.policy.emit.contains(&emit.target) {
+            return Err(self.fail_emit(
+                &emit.target,
+                format_args!(
+                    "plugin is not granted this stream (grant it with `emit` in [plugins.{}])",
+                    self.plugin
+                ),
+            ));
+        }
+        if emit.fields.is_empty() {
+            return Err(self.fail_emit(&emit.target, "a stream entry needs at least one field"));
+        }
+        Ok(Statement::Emit {
+            target: emit.target,
+            fields: emit.fields,
+        })
     }
 
     fn table(&self, what: &str, name: &str) -> Result<&Table, Rejection> {

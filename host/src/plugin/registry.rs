@@ -114,26 +114,14 @@ impl PluginSet {
         current: &PluginSet,
         limits_for: &dyn Fn(&str) -> SandboxLimits,
     ) -> Result<PluginSet> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot read the plugins directory {}: {e} (build the plugins with ./scripts/build-plugins, or set KALEIDOSCOPE_PLUGINS_DIR)",
-                    dir.display()
-                )
-            })?
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|path| path.extension().is_some_and(|ext| ext == "wasm") && path.is_file())
-            .collect();
-        files.sort();
-
         let mut next = PluginSet::default();
         let mut changed = Vec::new();
         // Unchanged files first, so a new file can never take a stream from a serving plugin.
-        for file in files {
-            let bytes = match std::fs::read(&file) {
+        for file in wasm_files(dir)? {
+            let bytes = match read_limited(&file) {
                 Ok(bytes) => bytes,
-                Err(error) => {
-                    changed.push((file, Err(format!("cannot read the file: {error}")), None));
+                Err(reason) => {
+                    changed.push((file, Err(reason), None));
                     continue;
                 }
             };
@@ -161,14 +149,6 @@ impl PluginSet {
                     reason,
                     sha256,
                 }),
-                (None, Ok(bytes)) if bytes.len() > MAX_PLUGIN_BYTES => Err(LoadFailure {
-                    file: file.clone(),
-                    reason: format!(
-                        "file of {} bytes is larger than the limit of {MAX_PLUGIN_BYTES} bytes",
-                        bytes.len()
-                    ),
-                    sha256,
-                }),
                 (None, Ok(bytes)) => runtime
                     .load_bytes(&bytes, sha256.clone(), &file, limits_for)
                     .map_err(|error| LoadFailure {
@@ -182,23 +162,7 @@ impl PluginSet {
                     }),
             };
             match outcome {
-                Ok(plugin) => {
-                    let how = if plugin.from_cache {
-                        "loaded from the compiled cache"
-                    } else {
-                        "compiled"
-                    };
-                    match &old {
-                        Some(old) => {
-                            tracing::info!(file = %file.display(), "replaced plugin {}@{} with {}@{} streams={:?} ({how} in {:?})",
-                            old.name, old.version, plugin.name, plugin.version, plugin.streams, plugin.load_time)
-                        }
-                        None => {
-                            tracing::info!(file = %file.display(), "loaded plugin {}@{} streams={:?} ({how} in {:?})",
-                            plugin.name, plugin.version, plugin.streams, plugin.load_time)
-                        }
-                    }
-                }
+                Ok(plugin) => log_loaded(old.as_deref(), &plugin),
                 Err(failure) => {
                     let already_reported = known_failure_reported(current, &failure);
                     if already_reported {
@@ -220,6 +184,54 @@ impl PluginSet {
             }
         }
         Ok(next)
+    }
+}
+
+/// The `.wasm` files of the plugins directory, in name order.
+fn wasm_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the plugins directory {}: {e} (build the plugins with ./scripts/build-plugins, or set KALEIDOSCOPE_PLUGINS_DIR)",
+                dir.display()
+            )
+        })?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "wasm") && path.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The file's bytes, refusing (before reading it) a file over [`MAX_PLUGIN_BYTES`].
+fn read_limited(file: &Path) -> Result<Vec<u8>, String> {
+    let size = std::fs::metadata(file)
+        .map_err(|error| format!("cannot read the file: {error}"))?
+        .len();
+    if size > MAX_PLUGIN_BYTES as u64 {
+        return Err(format!(
+            "file of {size} bytes is larger than the limit of {MAX_PLUGIN_BYTES} bytes"
+        ));
+    }
+    std::fs::read(file).map_err(|error| format!("cannot read the file: {error}"))
+}
+
+/// Logs a plugin loaded, or replacing `old`, and how (compiled or from the cache).
+fn log_loaded(old: Option<&Plugin>, plugin: &Plugin) {
+    let how = if plugin.from_cache {
+        "loaded from the compiled cache"
+    } else {
+        "compiled"
+    };
+    match old {
+        Some(old) => {
+            tracing::info!(file = %plugin.file.display(), "replaced plugin {}@{} with {}@{} streams={:?} ({how} in {:?})",
+            old.name, old.version, plugin.name, plugin.version, plugin.streams, plugin.load_time)
+        }
+        None => {
+            tracing::info!(file = %plugin.file.display(), "loaded plugin {}@{} streams={:?} ({how} in {:?})",
+            plugin.name, plugin.version, plugin.streams, plugin.load_time)
+        }
     }
 }
 

@@ -161,6 +161,9 @@ impl PluginRuntime {
     /// `limits` are the defaults; `max_memory_bytes` is the largest cap any plugin may get (the
     /// pool's memory slots are sized for it). With a `cache_dir`, compiled components are cached
     /// there.
+    ///
+    /// Long on purpose: the engine, pool and linker settings read best in one place, as in
+    /// wasmtime's own examples; each is commented where it is set.
     pub fn new(
         limits: SandboxLimits,
         max_memory_bytes: usize,

@@ -19,33 +19,8 @@ pub fn render(report: &Report) -> String {
         "  {:<40} {:>8} {:>6} {:>8} {:>14}  consumers (pending/idle)\n",
         "stream", "length", "lag", "pending", "oldest pending"
     ));
-    for s in &report.streams {
-        let lag = s.lag.map_or("-".to_string(), |l| l.to_string());
-        let oldest = s.oldest_pending_age_ms.map_or("-".to_string(), |ms| {
-            humantime::format_duration(Duration::from_millis(ms / 1000 * 1000)).to_string()
-        });
-        let consumers = if !s.group_exists {
-            "(no group)".to_string()
-        } else {
-            s.consumers
-                .iter()
-                .map(|c| {
-                    format!(
-                        "{} ({}/{})",
-                        c.name,
-                        c.pending,
-                        humantime::format_duration(Duration::from_millis(
-                            c.idle_ms.max(0) as u64 / 1000 * 1000
-                        ))
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        out.push_str(&format!(
-            "  {:<40} {:>8} {:>6} {:>8} {:>14}  {}\n",
-            s.stream, s.length, lag, s.pending, oldest, consumers
-        ));
+    for stream in &report.streams {
+        out.push_str(&stream_line(stream));
     }
     let kinds = counts(&report.dead_letters.by_kind);
     out.push_str(&format!(
@@ -85,6 +60,36 @@ pub fn render(report: &Report) -> String {
         }
     }
     out
+}
+
+/// One row of the streams table.
+fn stream_line(s: &super::StreamReport) -> String {
+    let lag = s.lag.map_or("-".to_string(), |l| l.to_string());
+    let oldest = s.oldest_pending_age_ms.map_or("-".to_string(), |ms| {
+        humantime::format_duration(Duration::from_millis(ms / 1000 * 1000)).to_string()
+    });
+    let consumers = if !s.group_exists {
+        "(no group)".to_string()
+    } else {
+        s.consumers
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} ({}/{})",
+                    c.name,
+                    c.pending,
+                    humantime::format_duration(Duration::from_millis(
+                        c.idle_ms.max(0) as u64 / 1000 * 1000
+                    ))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "  {:<40} {:>8} {:>6} {:>8} {:>14}  {}\n",
+        s.stream, s.length, lag, s.pending, oldest, consumers
+    )
 }
 
 /// `name=count name=count ...`
