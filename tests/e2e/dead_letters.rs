@@ -181,13 +181,12 @@ async fn dlq_replay_selects_by_id_by_kind_or_all_and_refuses_to_guess() {
     signal(&host, "TERM");
     assert!(await_exit(&mut host).await.success());
 
-    let letters: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
-        .arg(env.key(&env.config.dlq_stream))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut env.redis.clone())
+    let letters: Vec<(String, HashMap<String, String>)> = env
+        .entries(&env.config.dlq_stream)
         .await
-        .unwrap();
+        .into_iter()
+        .map(|(id, fields)| (id, fields.into_iter().collect()))
+        .collect();
     let letter_id = |source: &str| {
         letters
             .iter()
@@ -239,16 +238,16 @@ async fn dlq_replay_selects_by_id_by_kind_or_all_and_refuses_to_guess() {
     assert!(env.dead_letters().await.is_empty());
 
     // Each went back onto its stream once, marked with the entry it replays.
-    let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
-        .arg(env.key("scripted"))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut env.redis.clone())
+    let mut marks: Vec<String> = env
+        .entries("scripted")
         .await
-        .unwrap();
-    let mut marks: Vec<String> = entries
-        .iter()
-        .filter_map(|(_, fields)| fields.get("kaleidoscope-replay-of").cloned())
+        .into_iter()
+        .filter_map(|(_, fields)| {
+            fields
+                .into_iter()
+                .find(|(name, _)| name == "kaleidoscope-replay-of")
+                .map(|(_, value)| value)
+        })
         .collect();
     marks.sort();
     let mut expected = vec![malformed[0].clone(), malformed[1].clone(), retried.clone()];

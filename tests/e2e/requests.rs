@@ -387,13 +387,7 @@ async fn the_relay_publishes_what_a_crashed_writer_left_in_the_outbox() {
     .unwrap();
     let entries: Vec<(String, Vec<(String, String)>)> =
         eventually("the relay to publish the message", || async {
-            let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-                .arg(env.key("relayed"))
-                .arg("-")
-                .arg("+")
-                .query_async(&mut env.redis.clone())
-                .await
-                .ok()?;
+            let entries = env.entries("relayed").await;
             (!entries.is_empty()).then_some(entries)
         })
         .await;

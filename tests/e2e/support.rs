@@ -615,6 +615,17 @@ impl TestEnv {
         .await;
     }
 
+    /// Every entry of a logical stream, oldest first: id and fields in order.
+    pub async fn entries(&self, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
+        redis::cmd("XRANGE")
+            .arg(self.key(stream))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut self.redis.clone())
+            .await
+            .unwrap_or_else(|e| panic!("XRANGE on {stream}: {e}"))
+    }
+
     /// The entries of the dead-letter stream, as field maps.
     pub async fn dead_letters(&self) -> Vec<HashMap<String, String>> {
         let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
