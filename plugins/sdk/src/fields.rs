@@ -71,6 +71,11 @@ impl<'a> Fields<'a> {
         self.get(name).map(|v| parse_f64(name, v)).transpose()
     }
 
+    /// A required floating-point field (finite values only).
+    pub fn required_f64(&self, name: &str) -> Result<f64, Failure> {
+        parse_f64(name, self.required(name)?)
+    }
+
     /// An optional boolean field (`true`/`false`, any case, also `1`/`0`).
     pub fn bool(&self, name: &str) -> Result<Option<bool>, Failure> {
         self.get(name).map(|v| parse_bool(name, v)).transpose()
@@ -225,6 +230,22 @@ mod tests {
         assert_eq!(fields.get("b"), None);
         assert_eq!(fields.get("c"), Some("x"));
         assert_eq!(fields.get("d"), None);
+    }
+
+    #[test]
+    fn required_numbers_parse_or_name_the_field() {
+        let fields = pairs(&[("score", "0.75"), ("bad", "NaN")]);
+        let fields = Fields::from_pairs(&fields);
+        assert_eq!(fields.required_f64("score").ok(), Some(0.75));
+        assert!(reason(fields.required_f64("bad").unwrap_err()).contains("`bad`"));
+        assert!(reason(fields.required_f64("absent").unwrap_err()).contains("`absent`"));
+    }
+
+    #[test]
+    fn logging_works_in_a_native_unit_test() {
+        // Natively there is no host to import `log` from; it must not abort the test binary.
+        crate::log::info("a line from a native test");
+        crate::log::error("and another");
     }
 
     #[test]

@@ -98,7 +98,17 @@ pub fn retry(reason: impl Into<String>) -> Failure {
 
 /// Logging into the host's log. Each line is tagged by the host with plugin, stream and entry id.
 pub mod log {
-    use crate::bindings::kaleidoscope::handler::log::{Level, log};
+    use crate::bindings::kaleidoscope::handler::log::Level;
+
+    /// In the host, the line goes to the host's log (with stream, entry and plugin). Compiled
+    /// natively (a plugin's own `cargo test`), there is no host to import from: the line goes to
+    /// stderr instead, so handlers that log can be unit-tested like any other code.
+    fn log(level: Level, message: &str) {
+        #[cfg(target_arch = "wasm32")]
+        crate::bindings::kaleidoscope::handler::log::log(level, message);
+        #[cfg(not(target_arch = "wasm32"))]
+        eprintln!("[{level:?}] {message}");
+    }
 
     /// Detail useful only while developing a plugin.
     pub fn debug(message: impl AsRef<str>) {
