@@ -100,6 +100,36 @@ fn exec_reports_a_failure_with_exit_code_2() {
     assert!(report["reason"].as_str().unwrap().contains("mediaId"));
 }
 
+#[test]
+fn a_trap_reads_panic_message_first_then_the_plugins_own_frames() {
+    let file = plugin_file("scripted");
+    let (report, output) = kaleidoscope(&[
+        "plugin",
+        "exec",
+        file.to_str().unwrap(),
+        "--field",
+        "action=panic",
+        "--field",
+        "note=kaboom",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(report["outcome"], "plugin-trap");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("plugin trapped: panicked at ")
+            && reason.contains("scripted panic: kaboom"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("in behaviours::perform < handle"),
+        "{reason}"
+    );
+    assert!(
+        !reason.contains('\n') && !reason.contains("RUST_BACKTRACE") && !reason.contains("std::"),
+        "one line, no standard-library frames, no hint that cannot apply: {reason}"
+    );
+}
+
 /// The plugin author guide walks through the shipped `user-face-embeddings` plugin; its code
 /// blocks must be the real files (whose behaviour the end-to-end tests check), so following the
 /// guide literally produces a working plugin.
