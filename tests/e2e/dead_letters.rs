@@ -36,6 +36,33 @@ async fn dead_letters_are_listed_and_replayed_after_the_plugin_is_fixed() {
         table.contains(&malformed) && table.contains("1 dead letter(s)"),
         "{table}"
     );
+    // `dlq show`: one dead letter in full; numbers are numbers in JSON.
+    let id = listed[0]["id"].as_str().unwrap();
+    let shown = env.command(&["dlq", "show", id, "--json"]);
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["id"], id);
+    assert_eq!(shown["deliveries"], 1);
+    assert_eq!(shown["fields"]["note"], "one");
+    let text = String::from_utf8(env.command(&["dlq", "show", id]).stdout).unwrap();
+    let error = shown["error"].as_str().unwrap();
+    let words: Vec<&str> = text
+        .split_once("\nerror\n")
+        .and_then(|(_, rest)| rest.split_once("\nfields\n"))
+        .map(|(error, _)| error.split_whitespace().collect())
+        .unwrap_or_default();
+    assert_eq!(
+        words,
+        error.split_whitespace().collect::<Vec<_>>(),
+        "the whole error, wrapped: {text}"
+    );
+    let missing = env.command(&["dlq", "show", "1-1"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no dead letter with id 1-1"));
 
     // Deploy the fix, then replay what failed under the old version.
     env.install_plugin("panicking-fixed", "panicking");

@@ -228,6 +228,15 @@ pub enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show one dead letter in full: every field, the whole error, the original entry's fields.
+    #[command(after_long_help = config::env_help())]
+    Show {
+        /// The dead letter's id (as shown by `dlq list`).
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-publish dead letters onto their source stream (new entry ids), then delete them from
     /// the dead-letter stream. Select them by id, or with --stream/--kind, or all with --all.
     #[command(after_long_help = config::env_help())]

@@ -83,7 +83,7 @@ pub(super) async fn status(config: &Config, json: bool, max_pending_age: u64) ->
     })
 }
 
-/// `kaleidoscope dlq list` and `dlq replay`.
+/// `kaleidoscope dlq list`, `dlq show` and `dlq replay`.
 pub(super) async fn dlq(config: &Config, command: DlqCommand) -> Result<ExitCode> {
     let mut conn = redis_connection::open(&config.redis_url).await?;
     match command {
@@ -99,6 +99,14 @@ pub(super) async fn dlq(config: &Config, command: DlqCommand) -> Result<ExitCode
                 println!("{}", serde_json::to_string_pretty(&entries)?);
             } else {
                 print!("{}", dlq::render(&entries));
+            }
+        }
+        DlqCommand::Show { id, json } => {
+            let letter = dlq::show(&mut conn, config, &id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letter)?);
+            } else {
+                print!("{}", dlq::render_one(&letter));
             }
         }
         DlqCommand::Replay {

@@ -1,4 +1,4 @@
-//! `kaleidoscope dlq list` and `kaleidoscope dlq replay`: inspecting dead letters and re-running
+//! `kaleidoscope dlq list`, `dlq show` and `dlq replay`: inspecting dead letters and re-running
 //! them on their source stream (typically after a fixed plugin has been deployed).
 //!
 //! A replayed entry is re-published with its original fields (a new entry id) and only then
@@ -182,19 +182,122 @@ pub async fn replay<C: ConnectionLike + Send>(
     Ok(replayed)
 }
 
-/// Dead letters as a human-readable table.
+/// Dead letters as a human-readable table: one line per dead letter, its whole error on the
+/// lines below it (wrapped, never cut), so the reason is readable without `--json`.
 pub fn render(entries: &[StoredDeadLetter]) -> String {
     let mut out = format!(
-        "{:<17} {:<28} {:<17} {:<18} {:>4}  {:<24} error\n",
-        "id", "source stream", "source id", "kind", "tries", "failed at"
+        "{:<17} {:<28} {:<17} {:<18} {:>5}  failed at\n",
+        "id", "source stream", "source id", "kind", "tries"
     );
     for e in entries {
-        let error: String = e.error.chars().take(100).collect();
         out.push_str(&format!(
-            "{:<17} {:<28} {:<17} {:<18} {:>4}  {:<24} {}\n",
-            e.id, e.source_stream, e.source_id, e.failure_kind, e.deliveries, e.failed_at, error
+            "{:<17} {:<28} {:<17} {:<18} {:>5}  {}\n",
+            e.id, e.source_stream, e.source_id, e.failure_kind, e.deliveries, e.failed_at
         ));
+        for line in wrap(&e.error, ERROR_WIDTH) {
+            out.push_str(&format!("    {line}\n"));
+        }
     }
     out.push_str(&format!("{} dead letter(s)\n", entries.len()));
     out
+}
+
+/// One dead letter in full, for `dlq show`: every field, the original entry's fields one per
+/// line.
+pub fn render_one(letter: &StoredDeadLetter) -> String {
+    let mut out = String::new();
+    for (name, value) in [
+        ("id", letter.id.as_str()),
+        ("source stream", &letter.source_stream),
+        ("source id", &letter.source_id),
+        ("kind", &letter.failure_kind),
+        ("plugin", &letter.plugin),
+        ("plugin version", &letter.plugin_version),
+        ("failed at", &letter.failed_at),
+    ] {
+        out.push_str(&format!("{name:<15} {value}\n"));
+    }
+    out.push_str(&format!("{:<15} {}\n", "deliveries", letter.deliveries));
+    out.push_str("error\n");
+    for line in wrap(&letter.error, ERROR_WIDTH) {
+        out.push_str(&format!("    {line}\n"));
+    }
+    out.push_str("fields\n");
+    for (name, value) in &letter.fields {
+        let value = value
+            .as_str()
+            .map_or_else(|| value.to_string(), str::to_string);
+        out.push_str(&format!("    {name} = {value}\n"));
+    }
+    out
+}
+
+/// Width of the wrapped error text.
+const ERROR_WIDTH: usize = 96;
+
+/// `text` in lines of at most `width` characters, broken at spaces where possible (a word longer
+/// than the width is cut).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    for paragraph in text.lines() {
+        let mut line = String::new();
+        for word in paragraph.split(' ') {
+            let mut word = word.to_string();
+            while word.chars().count() > width {
+                if !line.is_empty() {
+                    lines.push(std::mem::take(&mut line));
+                }
+                let head: String = word.chars().take(width).collect();
+                word = word.chars().skip(width).collect();
+                lines.push(head);
+            }
+            if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+                lines.push(std::mem::take(&mut line));
+            }
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(&word);
+        }
+        lines.push(line);
+    }
+    lines
+}
+
+/// The dead letter with id `id`, or an error naming it and the dead-letter stream.
+pub async fn show<C: ConnectionLike + Send>(
+    conn: &mut C,
+    config: &Config,
+    id: &str,
+) -> Result<StoredDeadLetter> {
+    let key = config.dlq_key();
+    let found: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(&key)
+        .arg(id)
+        .arg(id)
+        .query_async(conn)
+        .await
+        .with_context(|| {
+            format!("cannot read dead letter {id:?} from {key:?} (ids look like 1764000000000-0)")
+        })?;
+    found
+        .into_iter()
+        .next()
+        .map(|(id, fields)| StoredDeadLetter::from_stream_fields(id, fields))
+        .with_context(|| format!("no dead letter with id {id} in {key:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wrap;
+
+    #[test]
+    fn errors_are_wrapped_at_spaces_and_never_cut() {
+        let text = "plugin `p` command 3 (upsert on table `media`): column `caption` (text): a long reason";
+        let lines = wrap(text, 30);
+        assert!(lines.iter().all(|l| l.chars().count() <= 30), "{lines:?}");
+        assert_eq!(lines.join(" "), text);
+        assert_eq!(wrap(&"x".repeat(65), 30).concat(), "x".repeat(65));
+        assert_eq!(wrap("two\nlines", 30), vec!["two", "lines"]);
+    }
 }

@@ -7,7 +7,7 @@ use crate::plugin::Plugin;
 use crate::state::HostState;
 use crate::streams;
 use anyhow::{Context as _, Result};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 impl HostState {
     /// After commit: logs each entry's outcome, publishes the outbox messages, acknowledges what
@@ -50,8 +50,10 @@ impl HostState {
                 }
                 Some(Decision::Retry(kind, reason)) => {
                     report.retrying += 1;
-                    info!(stream, entry = %entry.id, correlation_id, gives_up_as = %kind, deliveries = entry.deliveries,
-                        attempts = self.config.retry_attempts, "will retry after the reclaim idle time: {reason}");
+                    warn!(stream, entry = %entry.id, correlation_id, gives_up_as = %kind, deliveries = entry.deliveries,
+                        attempts = self.config.retry_attempts,
+                        "attempt {} of {} failed; retrying after the reclaim idle time ({:?}): {reason}",
+                        entry.deliveries, self.config.retry_attempts, self.config.reclaim_idle);
                 }
                 None => {}
             }
