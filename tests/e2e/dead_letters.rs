@@ -282,3 +282,36 @@ async fn dlq_replay_selects_by_id_by_kind_or_all_and_refuses_to_guess() {
     assert_eq!(marks, expected);
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_whose_bytes_were_lost_is_not_replayed_without_force() {
+    let env = TestEnv::start(Options::new(&["scripted"])).await;
+    let id = env
+        .publish_bytes(
+            "scripted",
+            &[("action", b"ok"), ("note", &[b'a', 0xff, b'b'])],
+        )
+        .await;
+    let letter = env.await_dead_letter("scripted", &id).await;
+    assert_eq!(letter["failureKind"], "malformed");
+    assert_eq!(letter["bytesLost"], "note");
+
+    let refused = env.command(&["dlq", "replay", "--all"]);
+    assert!(!refused.status.success());
+    let error = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        error.contains("`note`") && error.contains("--force") && error.contains(&id),
+        "{error}"
+    );
+    assert_eq!(env.dead_letters().await.len(), 1, "nothing was replayed");
+
+    let forced = env.command(&["dlq", "replay", "--all", "--force", "--json"]);
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    let replayed: serde_json::Value = serde_json::from_slice(&forced.stdout).unwrap();
+    assert_eq!(replayed.as_array().map(Vec::len), Some(1));
+    env.finish().await;
+}

@@ -252,6 +252,10 @@ pub enum DlqCommand {
         /// Every dead letter (required when no id, --stream or --kind is given).
         #[arg(long)]
         all: bool,
+        /// Also replay dead letters whose original bytes were lost (values that were not UTF-8,
+        /// stored with U+FFFD in their place); refused without it.
+        #[arg(long)]
+        force: bool,
         /// Print JSON instead of a summary.
         #[arg(long)]
         json: bool,

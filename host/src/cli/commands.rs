@@ -114,11 +114,12 @@ pub(super) async fn dlq(config: &Config, command: DlqCommand) -> Result<ExitCode
             stream,
             kind,
             all,
+            force,
             json,
         } => {
             let filter = dlq::Filter::new(ids, stream, kind)?;
             let entries = dlq::select_for_replay(&mut conn, config, &filter, all).await?;
-            let replayed = dlq::replay(&mut conn, config, &entries).await?;
+            let replayed = dlq::replay(&mut conn, config, &entries, force).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&replayed)?);
             } else {

@@ -132,11 +132,30 @@ pub struct Replayed {
 
 /// Re-publishes each dead letter's original fields onto its source stream, then deletes the
 /// dead letter. Stops at the first failure (what was replayed so far stays replayed).
+///
+/// Refuses, before replaying anything, a dead letter whose original bytes were lost (a value that
+/// was not UTF-8 is stored with U+FFFD in its place): replaying it would process corrupted text as
+/// if it were the producer's. `force` replays it anyway.
 pub async fn replay<C: ConnectionLike + Send>(
     conn: &mut C,
     config: &Config,
     entries: &[StoredDeadLetter],
+    force: bool,
 ) -> Result<Vec<Replayed>> {
+    if !force && let Some(lossy) = entries.iter().find(|e| !e.bytes_lost.is_empty()) {
+        anyhow::bail!(
+            "dead letter {} (entry {} of {}) lost the original bytes of field(s) {}: they were not UTF-8 and are stored with U+FFFD in their place; replaying would process that text as the producer's. Have the producer send the entry again, or replay with --force",
+            lossy.id,
+            lossy.source_id,
+            lossy.source_stream,
+            lossy
+                .bytes_lost
+                .iter()
+                .map(|f| format!("`{f}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let dlq = config.dlq_key();
     let mut replayed = Vec::new();
     for entry in entries {

@@ -34,6 +34,9 @@ pub mod field {
     pub const FAILED_AT: &str = "failedAt";
     /// The original entry's fields as one JSON object.
     pub const FIELDS: &str = "fields";
+    /// Present only when some original values were not UTF-8: the names of those fields
+    /// (comma-separated), whose bytes `fields` cannot carry (they hold U+FFFD instead).
+    pub const BYTES_LOST: &str = "bytesLost";
 }
 
 /// Why an entry was dead-lettered. The names are part of the operator interface.
@@ -115,6 +118,8 @@ pub struct DeadLetter {
     pub deliveries: u32,
     /// The original fields; values that are not UTF-8 are shown with replacement characters.
     pub fields: Vec<(String, String)>,
+    /// The fields among them whose value was not UTF-8 (their bytes are lost).
+    pub lossy_fields: Vec<String>,
 }
 
 impl DeadLetter {
@@ -125,7 +130,7 @@ impl DeadLetter {
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
             .collect();
-        vec![
+        let mut fields = vec![
             (field::SOURCE_STREAM.into(), self.source_stream.clone()),
             (field::SOURCE_ID.into(), self.source_id.clone()),
             (field::FAILURE_KIND.into(), self.kind.as_str().into()),
@@ -141,7 +146,11 @@ impl DeadLetter {
                 field::FIELDS.into(),
                 serde_json::Value::Object(original).to_string(),
             ),
-        ]
+        ];
+        if !self.lossy_fields.is_empty() {
+            fields.push((field::BYTES_LOST.into(), self.lossy_fields.join(",")));
+        }
+        fields
     }
 }
 
@@ -162,6 +171,8 @@ pub struct StoredDeadLetter {
     pub failed_at: String,
     /// The original entry's fields.
     pub fields: serde_json::Map<String, serde_json::Value>,
+    /// Fields whose original bytes were lost (not UTF-8); empty for almost every dead letter.
+    pub bytes_lost: Vec<String>,
 }
 
 impl StoredDeadLetter {
@@ -180,6 +191,11 @@ impl StoredDeadLetter {
             deliveries: take(field::DELIVERIES).parse().unwrap_or(0),
             failed_at: take(field::FAILED_AT),
             fields: serde_json::from_str(&original).unwrap_or_default(),
+            bytes_lost: take(field::BYTES_LOST)
+                .split(',')
+                .filter(|name| !name.is_empty())
+                .map(str::to_string)
+                .collect(),
         }
     }
 }
@@ -202,6 +218,7 @@ mod tests {
                 ("mediaId".into(), "7".into()),
                 ("odd".into(), "a\"b".into()),
             ],
+            lossy_fields: vec!["odd".into()],
         };
         let stored = StoredDeadLetter::from_stream_fields(
             "9-0".into(),
@@ -218,6 +235,7 @@ mod tests {
         assert!(!stored.failed_at.is_empty());
         assert_eq!(stored.fields["mediaId"], "7");
         assert_eq!(stored.fields["odd"], "a\"b");
+        assert_eq!(stored.bytes_lost, vec!["odd".to_string()]);
     }
 
     #[test]

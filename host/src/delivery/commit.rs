@@ -402,6 +402,7 @@ fn dead_letter(
         plugin_version: plugin.version.clone(),
         deliveries: item.entry.deliveries,
         fields: item.fields.clone(),
+        lossy_fields: item.lossy_fields.clone(),
     }
 }
 

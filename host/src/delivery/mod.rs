@@ -99,6 +99,9 @@ struct Item {
     fields: Vec<(String, String)>,
     correlation_id: String,
     decision: Option<Decision>,
+    /// Fields whose value was not UTF-8: their text in `fields` has U+FFFD where bytes were, and
+    /// the original bytes are gone. A dead letter says so, and replay refuses it.
+    lossy_fields: Vec<String>,
 }
 
 impl HostState {

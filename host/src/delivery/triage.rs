@@ -17,7 +17,7 @@ impl HostState {
 /// character (which no PostgreSQL text can store), and entries delivered more often than
 /// `retry_attempts` (e.g. ones that crashed a host every time).
 fn triage(mut entry: StreamEntry, retry_attempts: u32) -> Item {
-    let mut bad_field = None;
+    let mut lossy_fields = Vec::new();
     let mut nul_field = None;
     // The values move from bytes to text without a copy; the raw bytes are not needed again.
     let fields: Vec<(String, String)> = std::mem::take(&mut entry.fields)
@@ -30,7 +30,7 @@ fn triage(mut entry: StreamEntry, retry_attempts: u32) -> Item {
                 (name, text)
             }
             Err(error) => {
-                bad_field.get_or_insert_with(|| name.clone());
+                lossy_fields.push(name.clone());
                 let text = String::from_utf8_lossy(error.as_bytes()).into_owned();
                 (name, text)
             }
@@ -53,7 +53,7 @@ fn triage(mut entry: StreamEntry, retry_attempts: u32) -> Item {
         .find(|(k, _)| k == "correlationId")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    let decision = if let Some(field) = bad_field {
+    let decision = if let Some(field) = lossy_fields.first() {
         Some(Decision::DeadLetter(
             FailureKind::Malformed,
             format!("field `{field}` is not valid UTF-8"),
@@ -80,6 +80,7 @@ fn triage(mut entry: StreamEntry, retry_attempts: u32) -> Item {
         fields,
         correlation_id,
         decision,
+        lossy_fields,
     }
 }
 
