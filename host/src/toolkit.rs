@@ -38,7 +38,21 @@ pub fn describe(config: &Config, plugin: &Plugin) -> Json {
             "update_columns": policy.update_columns,
             "emit": policy.emit,
         },
+        "warnings": check_warnings(plugin, &policy),
     })
+}
+
+/// What would load but not work: a plugin with no grant at all can write nothing, so every
+/// entry that produces a command would be dead-lettered.
+fn check_warnings(plugin: &Plugin, policy: &crate::config::PluginPolicy) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if policy.tables.is_empty() && policy.update_columns.is_empty() && policy.emit.is_empty() {
+        warnings.push(format!(
+            "plugin `{}` has no grants: every command it returns would be dead-lettered as forbidden-command; grant it tables with `tables = [...]` (or `update_columns`, `emit`) in a [plugins.{}] section of the configuration file",
+            plugin.name, plugin.name
+        ));
+    }
+    warnings
 }
 
 /// Runs `handle` on an entry built from `fields` and describes the outcome. Returns the JSON and

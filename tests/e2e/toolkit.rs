@@ -42,6 +42,19 @@ fn check_prints_manifest_streams_imports_size_and_compile_time() {
         report["grants"]["update_columns"],
         serde_json::json!({"ml_requests": ["results_received"]})
     );
+    assert_eq!(report["warnings"], serde_json::json!([]));
+}
+
+#[test]
+fn check_warns_about_a_plugin_with_no_grants() {
+    let file = plugin_file("trespasser");
+    let (report, output) = kaleidoscope(&["plugin", "check", file.to_str().unwrap()]);
+    assert!(output.status.success(), "it loads; it just cannot write");
+    let warnings = report["warnings"].to_string();
+    assert!(
+        warnings.contains("no grants") && warnings.contains("[plugins.trespasser]"),
+        "{warnings}"
+    );
 }
 
 #[test]

@@ -44,10 +44,12 @@ pub fn main() -> ExitCode {
 /// Logs to stderr, as text or JSON; `RUST_LOG` overrides the level.
 fn init_logging(cli: &Cli) {
     // The demo draws a progress bar; only warnings would interrupt it.
+    // PostgreSQL's notices ("relation … already exists, skipping" on every migration run) are
+    // not news; warnings from the server still show.
     let default_filter = if matches!(cli.command, Command::Demo { .. }) {
         "warn"
     } else {
-        "info"
+        "info,sqlx::postgres::notice=warn"
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));

@@ -45,9 +45,17 @@ pub fn render(report: &Report) -> String {
             host.plugins_dir,
             if host.ready { "" } else { "  NOT READY" }
         ));
+        // Columns as wide as their longest value (pre-release versions are long).
+        let name_width = host.plugins.iter().map(|p| p.name.len()).max().unwrap_or(0);
+        let version_width = host
+            .plugins
+            .iter()
+            .map(|p| p.version.len())
+            .max()
+            .unwrap_or(0);
         for p in &host.plugins {
             out.push_str(&format!(
-                "    {:<24} {:<10} {}  {:?}{}\n",
+                "    {:<name_width$} {:<version_width$} {}  {:?}{}\n",
                 p.name,
                 p.version,
                 &p.sha256[..p.sha256.len().min(12)],
