@@ -5,6 +5,8 @@
 //! the host would receive — without touching Redis or the database.
 
 use crate::config::Config;
+use crate::persist::schema::Catalog;
+use crate::persist::validate;
 use crate::plugin::{Plugin, PluginRuntime, SandboxLimits, wit};
 use anyhow::{Result, bail};
 use serde_json::{Value as Json, json};
@@ -55,16 +57,31 @@ fn check_warnings(plugin: &Plugin, policy: &crate::config::PluginPolicy) -> Vec<
     warnings
 }
 
-/// Runs `handle` on an entry built from `fields` and describes the outcome. Returns the JSON and
-/// whether the handler produced commands.
+/// The entry `plugin exec` hands the plugin.
+pub struct ExecEntry<'a> {
+    /// The stream it comes from (default: the plugin's first stream).
+    pub stream: Option<&'a str>,
+    pub id: &'a str,
+    pub deliveries: u32,
+    pub fields: Vec<(String, String)>,
+}
+
+/// Runs `handle` on `entry` and describes the outcome. With a `catalog` (a live schema), the
+/// commands are validated exactly as the host would (grants, tables, columns, types, keys);
+/// without one, only the grants are looked at. Returns the JSON and whether the host would
+/// persist the entry.
 pub fn exec(
     config: &Config,
     plugin: &Plugin,
-    stream: Option<&str>,
-    id: &str,
-    deliveries: u32,
-    fields: Vec<(String, String)>,
+    entry: ExecEntry<'_>,
+    catalog: Option<&Catalog>,
 ) -> Result<(Json, bool)> {
+    let ExecEntry {
+        stream,
+        id,
+        deliveries,
+        fields,
+    } = entry;
     let source = match stream {
         Some(stream) if plugin.streams.iter().any(|s| s == stream) => stream.to_string(),
         Some(stream) => bail!(
@@ -84,12 +101,28 @@ pub fn exec(
     let outcome = plugin.handle(&entry);
     let (described, ok) = match outcome.into_commands(plugin.limits().memory_bytes) {
         Ok(commands) => {
-            let warnings = grant_warnings(plugin, &policy, &commands);
-            let mut out = json!({"outcome": "commands", "commands": commands.iter().map(command_json).collect::<Vec<_>>()});
-            if !warnings.is_empty() {
-                out["warnings"] = json!(warnings);
+            let described: Vec<Json> = commands.iter().map(command_json).collect();
+            match catalog {
+                Some(catalog) => match validate::validate(&plugin.name, &policy, commands, catalog)
+                {
+                    Ok(_) => (
+                        json!({"outcome": "commands", "commands": described, "checked_against_database": true}),
+                        true,
+                    ),
+                    Err(rejection) => (
+                        json!({"outcome": "forbidden-command", "reason": rejection.message, "commands": described, "host_would": "dead-letter at once as forbidden-command"}),
+                        false,
+                    ),
+                },
+                None => {
+                    let warnings = grant_warnings(plugin, &policy, &commands);
+                    let mut out = json!({"outcome": "commands", "commands": described, "checked_against_database": false});
+                    if !warnings.is_empty() {
+                        out["warnings"] = json!(warnings);
+                    }
+                    (out, true)
+                }
             }
-            (out, true)
         }
         Err(failure) => {
             let host_would = if failure.retryable {

@@ -189,3 +189,51 @@ fn the_plugin_guide_matches_the_plugin_it_builds() {
     ))));
     assert!(file("plugins/Cargo.toml").contains("\"user-face-embeddings\""));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_with_a_database_refuses_what_the_host_would_refuse() {
+    let env = crate::support::TestEnv::prepare(crate::support::Options::new(&["insights"])).await;
+    let file = plugin_file("insights");
+    let exec = |database: Option<&str>| {
+        let mut args = vec![
+            "plugin",
+            "exec",
+            file.to_str().unwrap(),
+            "-f",
+            "mediaId=7",
+            "-f",
+            "service=image_captioning",
+            "-f",
+            "caption=a cat",
+        ];
+        if let Some(url) = database {
+            args.extend(["--database", url]);
+        }
+        let output = env.command(&args);
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
+        (report, output.status.code())
+    };
+    let (report, code) = exec(Some(&env.database_url));
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(report["checked_against_database"], true);
+
+    // The schema of this database lacks a column the plugin writes: the host would refuse it.
+    sqlx::query("ALTER TABLE media_ai_insights DROP COLUMN caption CASCADE")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let (report, code) = exec(Some(&env.database_url));
+    assert_eq!(code, Some(2), "{report}");
+    assert_eq!(report["outcome"], "forbidden-command");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("column `caption` does not exist"),
+        "{reason}"
+    );
+    // Without a database, only grants are checked, and it says so.
+    let (report, code) = exec(None);
+    assert_eq!(code, Some(0));
+    assert_eq!(report["checked_against_database"], false);
+    env.finish().await;
+}

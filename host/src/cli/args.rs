@@ -272,7 +272,8 @@ pub enum PluginCommand {
         file: PathBuf,
     },
     /// Run a plugin's `handle` on one entry and print the commands it returns (or its failure) as
-    /// JSON, without touching Redis or the database. Exits 2 when the handler fails.
+    /// JSON, without touching Redis or writing anything. Exits 2 when the handler fails or the
+    /// host would refuse its commands.
     Exec {
         /// The `.wasm` component.
         file: PathBuf,
@@ -288,6 +289,11 @@ pub enum PluginCommand {
         /// The delivery count the handler sees.
         #[arg(long, default_value_t = 1)]
         deliveries: u32,
+        /// Also check the commands against this database's schema and the configured grants,
+        /// exactly as the host would (nothing is written). Without it only the grants are
+        /// checked.
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
     },
 }
 

@@ -5,6 +5,7 @@ use super::args::{DlqCommand, PluginCommand, PublishCommand};
 use super::{load_config, load_config_with};
 use crate::config::Config;
 use crate::dead_letter::admin as dlq;
+use crate::persist::schema::Catalog;
 use crate::{bench, demo, persist, redis_connection, requests, simulate, status, toolkit};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
@@ -218,9 +219,22 @@ pub(super) async fn simulate_ml(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The schema of the database at `url`, as the host would check commands against it.
+pub(super) async fn live_schema(config: &Config, url: &str) -> Result<Catalog> {
+    let pool = persist::connect_existing(url, &config.database_timeouts).await?;
+    let catalog = Catalog::load(&pool).await;
+    pool.close().await;
+    catalog
+}
+
 /// `plugin check` (exit 1 when the host would refuse the file) and `plugin exec` (exit 2 when
-/// the handler fails). Plugin calls block, so the caller runs this on a blocking thread.
-pub(super) fn plugin(config_file: Option<&Path>, command: PluginCommand) -> Result<ExitCode> {
+/// the handler fails, or when `catalog` is given and the host would refuse its commands).
+/// Plugin calls block, so the caller runs this on a blocking thread.
+pub(super) fn plugin(
+    config_file: Option<&Path>,
+    command: PluginCommand,
+    catalog: Option<&Catalog>,
+) -> Result<ExitCode> {
     let config = load_config(config_file)?;
     match command {
         PluginCommand::Check { file } => {
@@ -238,6 +252,7 @@ pub(super) fn plugin(config_file: Option<&Path>, command: PluginCommand) -> Resu
             stream,
             id,
             deliveries,
+            database: _,
         } => {
             let fields = fields
                 .iter()
@@ -249,8 +264,13 @@ pub(super) fn plugin(config_file: Option<&Path>, command: PluginCommand) -> Resu
                 .collect::<Result<Vec<_>>>()?;
             let plugin = toolkit::load(&config, &file)
                 .with_context(|| format!("{} would not load", file.display()))?;
-            let (outcome, ok) =
-                toolkit::exec(&config, &plugin, stream.as_deref(), &id, deliveries, fields)?;
+            let entry = toolkit::ExecEntry {
+                stream: stream.as_deref(),
+                id: &id,
+                deliveries,
+                fields,
+            };
+            let (outcome, ok) = toolkit::exec(&config, &plugin, entry, catalog)?;
             println!("{}", serde_json::to_string_pretty(&outcome)?);
             Ok(if ok {
                 ExitCode::SUCCESS

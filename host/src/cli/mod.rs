@@ -137,11 +137,22 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             embedding_dims,
         } => commands::simulate_ml(&load_config(file)?, error_rate, embedding_dims).await,
         Command::Plugin(command) => {
+            // The schema to check `plugin exec`'s commands against is read here, where the
+            // database can be awaited.
+            let catalog = match &command {
+                args::PluginCommand::Exec {
+                    database: Some(url),
+                    ..
+                } => Some(commands::live_schema(&load_config(file)?, url).await?),
+                _ => None,
+            };
             let file = file.map(Path::to_path_buf);
             // Plugin calls block; run them where blocking is allowed, as the host does.
-            tokio::task::spawn_blocking(move || commands::plugin(file.as_deref(), command))
-                .await
-                .context("the plugin command thread failed")?
+            tokio::task::spawn_blocking(move || {
+                commands::plugin(file.as_deref(), command, catalog.as_ref())
+            })
+            .await
+            .context("the plugin command thread failed")?
         }
     }
 }
