@@ -257,8 +257,12 @@ pub struct Config {
     pub critical_streams: Vec<String>,
     pub http_addr: Option<String>,
     pub cache_dir: PathBuf,
-    /// Grants and limits per plugin name; a plugin without an entry may write nothing.
+    /// Grants and limits per plugin name; a plugin without an entry may write nothing. (A running
+    /// host re-reads the grants from [`Config::file`] when it changes: see
+    /// [`crate::state::HostState::policy`].)
     pub plugins: BTreeMap<String, PluginPolicy>,
+    /// The configuration file the settings were read from, if any.
+    pub file: Option<PathBuf>,
 }
 
 impl Config {
@@ -305,7 +309,29 @@ impl Config {
         for (key, value) in flags {
             raw.set(key, value.clone(), Origin::Flag(key));
         }
-        raw.resolve()
+        let mut config = raw.resolve()?;
+        config.file = file.map(Path::to_path_buf);
+        Ok(config)
+    }
+
+    /// The plugin grants and limits as `file` says now: the shipped defaults, then its
+    /// `[plugins.<name>]` sections. How a running host picks up a grant without a restart.
+    pub fn read_policies(file: &Path) -> Result<BTreeMap<String, PluginPolicy>> {
+        let mut policies = BTreeMap::new();
+        policy::read_plugins_table(
+            &mut policies,
+            &DEFAULT_PLUGINS
+                .parse()
+                .context("config/default-plugins.toml is not valid TOML")?,
+            Path::new("config/default-plugins.toml"),
+        )?;
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read configuration file {}", file.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .with_context(|| format!("configuration file {} is not valid TOML", file.display()))?;
+        policy::read_plugins_table(&mut policies, &table, file)?;
+        Ok(policies)
     }
 }
 
@@ -543,6 +569,7 @@ impl RawSettings {
             },
             cache_dir: PathBuf::from(self.non_empty("cache_dir")?),
             plugins: self.plugins.clone(),
+            file: None,
         })
     }
 }

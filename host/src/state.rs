@@ -3,7 +3,7 @@
 //! consumer task, the HTTP endpoint, the heartbeat and the background loops; the delivery
 //! protocol ([`crate::delivery`]) is written as its methods.
 
-use crate::config::Config;
+use crate::config::{Config, PluginPolicy};
 use crate::health::{Dependency, PROBE_INTERVAL};
 use crate::metrics::Metrics;
 use crate::persist::schema::Catalog;
@@ -11,6 +11,7 @@ use crate::plugin::PluginRegistry;
 use anyhow::Result;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,9 @@ pub struct HostState {
     pub redis: ConnectionManager,
     pub registry: Arc<PluginRegistry>,
     catalog: RwLock<(Arc<Catalog>, Instant)>,
+    /// The plugins' grants: [`Config::plugins`] at start, then whatever the configuration file
+    /// says after each change (see [`HostState::reload_policies`]).
+    policies: RwLock<Arc<BTreeMap<String, PluginPolicy>>>,
 }
 
 impl HostState {
@@ -45,7 +49,7 @@ impl HostState {
         catalog: Catalog,
     ) -> Self {
         Self {
-            config,
+            policies: RwLock::new(Arc::new(config.plugins.clone())),
             source,
             health: crate::health::Health::default(),
             metrics: Metrics::default(),
@@ -53,7 +57,46 @@ impl HostState {
             redis,
             registry,
             catalog: RwLock::new((Arc::new(catalog), Instant::now())),
+            config,
         }
+    }
+
+    /// What plugin `name` may write now (no grants if it has none).
+    pub fn policy(&self, name: &str) -> PluginPolicy {
+        let policies = match self.policies.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        policies.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Re-reads the grants from the configuration file (when there is one) and applies them to
+    /// the next batches. A file that does not parse is reported and the grants in force stay.
+    /// Returns whether anything changed.
+    pub fn reload_policies(&self) -> bool {
+        let Some(file) = &self.config.file else {
+            return false;
+        };
+        let fresh = match Config::read_policies(file) {
+            Ok(fresh) => fresh,
+            Err(error) => {
+                tracing::error!(
+                    "plugin grants not reloaded, the ones in force stay: {}",
+                    crate::text::causes(&error)
+                );
+                return false;
+            }
+        };
+        let mut guard = match self.policies.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if **guard == fresh {
+            return false;
+        }
+        *guard = Arc::new(fresh);
+        tracing::info!(file = %file.display(), "plugin grants reloaded");
+        true
     }
 
     /// Why this host is not ready to do its work (empty when it is): PostgreSQL or Redis out, or

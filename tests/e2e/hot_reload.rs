@@ -389,3 +389,62 @@ async fn plugins_that_would_stall_loading_are_refused_within_their_limits() {
     );
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_added_to_the_configuration_file_applies_without_a_restart() {
+    let env = TestEnv::start(Options::new(&["scripted"])).await;
+    let refused = env
+        .publish(
+            "scripted",
+            &[
+                ("action", "emit"),
+                ("target", "granted-later"),
+                ("note", "x"),
+            ],
+        )
+        .await;
+    let letter = env.await_dead_letter("scripted", &refused).await;
+    assert_eq!(letter["failureKind"], "forbidden-command");
+
+    // The operator grants the stream in the file the host was started with.
+    let config = std::fs::read_to_string(&env.config_file).unwrap();
+    let granted = config.replace(
+        "emit = [\"scripted-out\"]",
+        "emit = [\"scripted-out\", \"granted-later\"]",
+    );
+    assert_ne!(config, granted, "the fixture grants changed: {config}");
+    std::fs::write(&env.config_file, granted).unwrap();
+    eventually("the host to reload the grants", || async {
+        env.host()
+            .delivery()
+            .policy("scripted")
+            .emit
+            .contains("granted-later")
+            .then_some(())
+    })
+    .await;
+    let allowed = env
+        .publish(
+            "scripted",
+            &[
+                ("action", "emit"),
+                ("target", "granted-later"),
+                ("note", "y"),
+            ],
+        )
+        .await;
+    env.await_processed("scripted", &allowed).await;
+    assert_eq!(env.entries("granted-later").await.len(), 1);
+
+    // A broken file keeps the grants in force.
+    std::fs::write(&env.config_file, "[plugins.scripted\n").unwrap();
+    env.host().reload_plugins().await.unwrap();
+    assert!(
+        env.host()
+            .delivery()
+            .policy("scripted")
+            .emit
+            .contains("granted-later")
+    );
+    env.finish().await;
+}

@@ -86,7 +86,7 @@ impl HostState {
         outcomes: Vec<(usize, HandlerOutcome, std::time::Duration)>,
     ) -> Result<()> {
         let mut catalog = self.catalog();
-        let policy = self.config.policy(&plugin.name);
+        let policy = self.policy(&plugin.name);
         for (index, outcome, elapsed) in outcomes {
             self.metrics.observe(
                 "kaleidoscope_handler_duration_seconds",

@@ -93,7 +93,8 @@ impl RunningHost {
         }
         let mut watcher = None;
         if config.watch_plugins {
-            let (plugin_watcher, changes) = watch::watch(&config.plugins_dir)?;
+            let (plugin_watcher, changes) =
+                watch::watch(&config.plugins_dir, config.file.as_deref())?;
             watcher = Some(plugin_watcher);
             background.push(tokio::spawn(supervisor::watch_plugins(
                 supervisor.clone(),

@@ -44,9 +44,11 @@ pub(super) struct Supervisor {
 
 impl Supervisor {
     /// Rescans the plugins directory, swaps the new set in, and starts or stops consumers for
-    /// streams that appeared or disappeared.
+    /// streams that appeared or disappeared. Grants are re-read from the configuration file first, so a plugin and the grant it needs
+    /// can arrive together.
     pub(super) async fn reload(&self) -> Result<()> {
         let _one_at_a_time = self.reloading.lock().await;
+        self.delivery.reload_policies();
         let current = self.delivery.registry.snapshot();
         let runtime = self.runtime.clone();
         let config = self.delivery.config.clone();
