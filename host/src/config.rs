@@ -217,6 +217,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "TCP keepalive of the host's PostgreSQL sessions (`tcp_keepalives_idle`, then 3 probes 10 s apart): the server notices a host that vanished and releases its locks.",
     },
     Setting {
+        key: "migrations_dir",
+        env: "KALEIDOSCOPE_MIGRATIONS_DIR",
+        default: "",
+        help: "Directory of the operator's own SQL migrations (`*.sql`, applied once each in name order, at start-up, by `migrate` and whenever the plugins are reloaded): how a plugin gets a new table without a new host build. None when empty.",
+    },
+    Setting {
         key: "cache_dir",
         env: "KALEIDOSCOPE_CACHE_DIR",
         default: "target/plugin-cache",
@@ -256,6 +262,8 @@ pub struct Config {
     pub database_timeouts: crate::persist::Timeouts,
     pub critical_streams: Vec<String>,
     pub http_addr: Option<String>,
+    /// The operator's migrations (see [`crate::persist::operator_migrations`]).
+    pub migrations_dir: Option<PathBuf>,
     pub cache_dir: PathBuf,
     /// Grants and limits per plugin name; a plugin without an entry may write nothing. (A running
     /// host re-reads the grants from [`Config::file`] when it changes: see
@@ -550,6 +558,9 @@ impl RawSettings {
             watch_plugins: self.boolean("watch_plugins")?,
             shutdown_timeout: Duration::from_millis(self.positive("shutdown_timeout_ms")?),
             http_addr: Some(self.string("http_addr").trim().to_string()).filter(|a| !a.is_empty()),
+            migrations_dir: Some(self.string("migrations_dir").trim().to_string())
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from),
             critical_streams: self
                 .string("critical_streams")
                 .split(',')

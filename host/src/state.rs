@@ -134,6 +134,24 @@ impl HostState {
         self.health.problems().len() != before
     }
 
+    /// Applies the operator's new migrations (when a directory is configured) and, if any was
+    /// applied, re-reads the catalogue at once, so a plugin's commands on a new table pass as
+    /// soon as the table exists. A failing migration is reported; the host goes on serving.
+    pub async fn apply_operator_migrations(&self) {
+        let Some(dir) = &self.config.migrations_dir else {
+            return;
+        };
+        match crate::persist::operator_migrations::apply(&self.pool, dir).await {
+            Ok(applied) if applied.is_empty() => {}
+            Ok(_) => {
+                if let Err(error) = self.reload_catalog().await {
+                    tracing::warn!("cannot re-read the schema: {}", crate::text::causes(&error));
+                }
+            }
+            Err(error) => tracing::error!("{}", crate::text::causes(&error)),
+        }
+    }
+
     /// The live catalogue that commands are checked against.
     pub(crate) fn catalog(&self) -> Arc<Catalog> {
         match self.catalog.read() {
@@ -151,11 +169,17 @@ impl HostState {
         if !stale {
             return Ok(false);
         }
+        self.reload_catalog().await?;
+        Ok(true)
+    }
+
+    /// Re-reads the catalogue now (after the schema changed under the host's own hands).
+    pub(crate) async fn reload_catalog(&self) -> Result<()> {
         let fresh = Arc::new(Catalog::load(&self.pool).await?);
         match self.catalog.write() {
             Ok(mut guard) => *guard = (fresh, Instant::now()),
             Err(poisoned) => *poisoned.into_inner() = (fresh, Instant::now()),
         }
-        Ok(true)
+        Ok(())
     }
 }

@@ -448,3 +448,73 @@ async fn a_grant_added_to_the_configuration_file_applies_without_a_restart() {
     );
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_table_and_its_grant_reach_a_running_host_without_a_rebuild() {
+    let env = TestEnv::start(Options::new(&["scripted"]).operator_migrations()).await;
+    let write = |note: &'static str| {
+        let env = &env;
+        async move {
+            env.publish(
+                "scripted",
+                &[
+                    ("action", "write-table"),
+                    ("table", "caption_quality"),
+                    ("column", "note"),
+                    ("note", note),
+                ],
+            )
+            .await
+        }
+    };
+    // Neither table nor grant yet.
+    let early = write("too early").await;
+    let letter = env.await_dead_letter("scripted", &early).await;
+    assert_eq!(letter["failureKind"], "forbidden-command");
+
+    // The author's migration and the operator's grant, dropped in while the host runs.
+    std::fs::write(
+        env.migrations_dir().join("0001_caption_quality.sql"),
+        "CREATE TABLE caption_quality (id BIGSERIAL PRIMARY KEY, note TEXT NOT NULL);",
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(&env.config_file).unwrap();
+    std::fs::write(
+        &env.config_file,
+        config.replace(
+            "tables = [\"ml_processing_errors\"]\nemit",
+            "tables = [\"ml_processing_errors\", \"caption_quality\"]\nemit",
+        ),
+    )
+    .unwrap();
+    eventually("the table and the grant to arrive", || async {
+        let granted = env
+            .host()
+            .delivery()
+            .policy("scripted")
+            .tables
+            .contains("caption_quality");
+        let applied = env
+            .count(
+                "SELECT count(*) FROM operator_migrations WHERE name = '0001_caption_quality.sql'",
+            )
+            .await
+            == 1;
+        (granted && applied).then_some(())
+    })
+    .await;
+    let later = write("just right").await;
+    env.await_processed("scripted", &later).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM caption_quality WHERE note = 'just right'")
+            .await,
+        1
+    );
+    // Applied once, whatever the number of reloads since.
+    env.host().reload_plugins().await.unwrap();
+    assert_eq!(
+        env.count("SELECT count(*) FROM operator_migrations").await,
+        1
+    );
+    env.finish().await;
+}

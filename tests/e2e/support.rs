@@ -95,6 +95,8 @@ pub struct Options {
     pub env: BTreeMap<String, String>,
     /// `[plugins.<name>]` sections of the configuration file: lines per plugin.
     pub plugin_sections: BTreeMap<String, Vec<String>>,
+    /// Give the host an operator migrations directory (`<plugins dir>/migrations`).
+    pub operator_migrations: bool,
 }
 
 impl Options {
@@ -116,7 +118,14 @@ impl Options {
                 .iter()
                 .map(|(name, lines)| (name.to_string(), vec![lines.to_string()]))
                 .collect(),
+            operator_migrations: false,
         }
+    }
+
+    /// Gives the host an operator migrations directory, [`TestEnv::migrations_dir`].
+    pub fn operator_migrations(mut self) -> Self {
+        self.operator_migrations = true;
+        self
     }
 
     /// Adds a line (e.g. `timeout_ms = 300`) to the `[plugins.<plugin>]` section.
@@ -306,6 +315,14 @@ impl TestEnv {
             .or_insert_with(|| REDIS_URL.into())
             .clone();
         env.insert("KALEIDOSCOPE_STREAM_PREFIX".into(), prefix.clone());
+        if options.operator_migrations {
+            let dir = plugins_dir.join("migrations");
+            std::fs::create_dir_all(&dir).expect("create the migrations directory");
+            env.insert(
+                "KALEIDOSCOPE_MIGRATIONS_DIR".into(),
+                dir.display().to_string(),
+            );
+        }
         env.insert(
             "KALEIDOSCOPE_PLUGINS_DIR".into(),
             plugins_dir.display().to_string(),
@@ -437,6 +454,11 @@ impl TestEnv {
                 .stdout(std::process::Stdio::null())
                 .stderr(log),
         )
+    }
+
+    /// The operator migrations directory of [`Options::operator_migrations`].
+    pub fn migrations_dir(&self) -> PathBuf {
+        self.plugins_dir.join("migrations")
     }
 
     /// Where [`TestEnv::spawn_host`] writes the log of host `consumer`.

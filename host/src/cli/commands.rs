@@ -50,6 +50,9 @@ pub(super) async fn run(
 pub(super) async fn migrate(config: &Config) -> Result<ExitCode> {
     let pool = persist::connect(&config.database_url, 2, &config.database_timeouts).await?;
     persist::migrate(&pool).await?;
+    if let Some(dir) = &config.migrations_dir {
+        persist::operator_migrations::apply(&pool, dir).await?;
+    }
     tracing::info!("migrations applied");
     Ok(ExitCode::SUCCESS)
 }

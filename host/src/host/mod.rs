@@ -43,6 +43,9 @@ impl RunningHost {
         let pool = persist::connect(&config.database_url, 16, &config.database_timeouts).await?;
         if config.migrate {
             persist::migrate(&pool).await?;
+            if let Some(dir) = &config.migrations_dir {
+                persist::operator_migrations::apply(&pool, dir).await?;
+            }
         }
         let catalog = Catalog::load(&pool).await?;
         let client = redis_connection::client(&config.redis_url)?;
@@ -93,8 +96,11 @@ impl RunningHost {
         }
         let mut watcher = None;
         if config.watch_plugins {
-            let (plugin_watcher, changes) =
-                watch::watch(&config.plugins_dir, config.file.as_deref())?;
+            let (plugin_watcher, changes) = watch::watch(
+                &config.plugins_dir,
+                config.file.as_deref(),
+                config.migrations_dir.as_deref(),
+            )?;
             watcher = Some(plugin_watcher);
             background.push(tokio::spawn(supervisor::watch_plugins(
                 supervisor.clone(),

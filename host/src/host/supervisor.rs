@@ -44,11 +44,13 @@ pub(super) struct Supervisor {
 
 impl Supervisor {
     /// Rescans the plugins directory, swaps the new set in, and starts or stops consumers for
-    /// streams that appeared or disappeared. Grants are re-read from the configuration file first, so a plugin and the grant it needs
-    /// can arrive together.
+    /// streams that appeared or disappeared. Grants are re-read from the configuration file and
+    /// the operator's new migrations applied first, so a plugin, its grant and its table can
+    /// arrive together.
     pub(super) async fn reload(&self) -> Result<()> {
         let _one_at_a_time = self.reloading.lock().await;
         self.delivery.reload_policies();
+        self.delivery.apply_operator_migrations().await;
         let current = self.delivery.registry.snapshot();
         let runtime = self.runtime.clone();
         let config = self.delivery.config.clone();

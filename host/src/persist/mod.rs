@@ -10,11 +10,13 @@
 //! - [`execute`]: runs single checked statements (parameterised SQL, identifiers from the
 //!   catalogue) — the per-entry fallback when a set-based statement fails;
 //! - [`ledger`]: the processed-entry ledger, which makes redelivery harmless;
+//! - [`operator_migrations`]: the operator's own SQL migrations, for plugins' new tables;
 //! - [`outbox`]: the transactional outbox, which makes publishing after commit safe, and its relay.
 
 pub mod batch;
 pub mod execute;
 pub mod ledger;
+pub mod operator_migrations;
 pub mod outbox;
 pub mod plan;
 pub mod schema;

@@ -9,7 +9,12 @@ use std::collections::{BTreeSet, HashMap};
 
 /// Tables that only the host writes (its ledger, outbox and migration record); no plugin command
 /// may name them, and no grant may include them.
-pub const HOST_TABLES: &[&str] = &["processed_entries", "outbox", "_sqlx_migrations"];
+pub const HOST_TABLES: &[&str] = &[
+    "processed_entries",
+    "outbox",
+    "_sqlx_migrations",
+    "operator_migrations",
+];
 
 /// What kind of value a column accepts, derived from its SQL type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,17 +1,20 @@
 //! Watching the plugins directory, so a dropped-in, replaced or deleted `.wasm` file is noticed
-//! without a restart — and the configuration file, so a changed grant is too.
+//! without a restart — and the configuration file and the operator's migrations directory, so a
+//! changed grant or a new table is too.
 
 use anyhow::{Context, Result};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use std::path::{Path, PathBuf};
 use tokio::sync::mpsc;
 
-/// Starts watching `dir` (and `config_file`, when given). Every create, modify, rename or remove
-/// of a `*.wasm` file, or of the configuration file, sends a unit on the returned channel (many
-/// per change; the receiver debounces). Keep the watcher alive for as long as events are wanted.
+/// Starts watching `dir` (and `config_file` and `migrations_dir`, when given). Every create,
+/// modify, rename or remove of a `*.wasm` file, of the configuration file or of a `*.sql` file
+/// sends a unit on the returned channel (many per change; the receiver debounces). Keep the
+/// watcher alive for as long as events are wanted.
 pub fn watch(
     dir: &Path,
     config_file: Option<&Path>,
+    migrations_dir: Option<&Path>,
 ) -> Result<(RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
     let (tx, rx) = mpsc::unbounded_channel();
     // Editors replace a file by renaming a new one over it: watch its directory, match its name.
@@ -25,7 +28,8 @@ pub fn watch(
             Ok(event) => {
                 let relevant = !matches!(event.kind, EventKind::Access(_))
                     && event.paths.iter().any(|p| {
-                        p.extension().is_some_and(|ext| ext == "wasm")
+                        p.extension()
+                            .is_some_and(|ext| ext == "wasm" || ext == "sql")
                             || (config_name.is_some() && p.file_name() == config_name.as_deref())
                     });
                 if relevant {
@@ -45,6 +49,16 @@ pub fn watch(
                 format!(
                     "cannot watch the configuration file's directory {}",
                     parent.display()
+                )
+            })?;
+    }
+    if let Some(migrations) = migrations_dir {
+        watcher
+            .watch(migrations, RecursiveMode::NonRecursive)
+            .with_context(|| {
+                format!(
+                    "cannot watch the migrations directory {}",
+                    migrations.display()
                 )
             })?;
     }

@@ -1,0 +1,71 @@
+//! The operator's own migrations: `*.sql` files in `KALEIDOSCOPE_MIGRATIONS_DIR`, applied once
+//! each, in name order, at start-up, by `kaleidoscope migrate`, and whenever the plugins are
+//! reloaded. How a plugin author's new table reaches a running host without a new host build
+//! (the host's own migrations are compiled in).
+//!
+//! Each file runs in a transaction of its own together with its record in `operator_migrations`
+//! (name and SHA-256), so it is applied exactly once even with several hosts starting at once. A
+//! file whose content changed after it was applied is reported, never run again: write a new
+//! file instead, as with any migration tool.
+
+use anyhow::{Context, Result, bail};
+use sqlx::PgPool;
+use std::path::Path;
+
+/// Applies the files of `dir` not applied yet; returns the names of those it applied.
+pub async fn apply(pool: &PgPool, dir: &Path) -> Result<Vec<String>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the migrations directory {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "sql") && path.is_file())
+        .collect();
+    files.sort();
+    let mut applied = Vec::new();
+    for file in files {
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let sql = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read migration {}", file.display()))?;
+        let sha256 = crate::plugin::sha256_hex(sql.as_bytes());
+        let mut tx = pool.begin().await?;
+        // One host at a time decides about one directory's files.
+        sqlx::query("LOCK TABLE operator_migrations IN EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await
+            .context("cannot lock operator_migrations")?;
+        let recorded: Option<String> =
+            sqlx::query_scalar("SELECT sha256 FROM operator_migrations WHERE name = $1")
+                .bind(&name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        match recorded {
+            Some(hash) if hash == sha256 => continue,
+            Some(_) => bail!(
+                "migration {} was changed after it was applied; it is not run again (add a new file for further changes)",
+                file.display()
+            ),
+            None => {}
+        }
+        // Audited: the operator's own SQL, from a directory only the operator controls.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *tx)
+            .await
+            .with_context(|| {
+                format!(
+                    "migration {} failed; nothing of it was applied",
+                    file.display()
+                )
+            })?;
+        sqlx::query("INSERT INTO operator_migrations (name, sha256) VALUES ($1, $2)")
+            .bind(&name)
+            .bind(&sha256)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(migration = %file.display(), "applied the operator's migration");
+        applied.push(name);
+    }
+    Ok(applied)
+}
