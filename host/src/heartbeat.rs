@@ -55,6 +55,10 @@ pub struct PluginStatus {
 pub struct FailedLoad {
     pub file: String,
     pub reason: String,
+    /// SHA-256 of the file that failed, so `plugin deploy` can tell its own file's failure from
+    /// an older one's.
+    #[serde(default)]
+    pub sha256: Option<String>,
 }
 
 /// The Redis key of one consumer's heartbeat (`*` as the consumer gives the SCAN pattern).
@@ -104,6 +108,7 @@ pub async fn write(delivery: &HostState, streams: &[String], started_at: SystemT
             .map(|f| FailedLoad {
                 file: f.file.display().to_string(),
                 reason: f.reason.clone(),
+                sha256: f.sha256.clone(),
             })
             .collect(),
     };

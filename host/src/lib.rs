@@ -28,7 +28,8 @@
 //! - [`requests`]: the other direction — publishing requests to the ML services and tracking them
 //!   until their results arrive; [`simulate`]: a reference ML service for demos and tests;
 //! - **CLI** — [`cli`]: one function per subcommand; [`dead_letter::admin`] (`dlq list/replay`),
-//!   [`toolkit`] (`plugin check/exec`), [`bench`](mod@bench), [`demo`];
+//!   [`toolkit`] (`plugin check/exec`), [`deploy`] (`plugin deploy`), [`bench`](mod@bench),
+//!   [`demo`];
 //! - [`text`]: making outside text (plugin reasons, log lines) safe to store.
 
 pub mod bench;
@@ -38,6 +39,7 @@ pub mod consumer;
 pub mod dead_letter;
 pub mod delivery;
 pub mod demo;
+pub mod deploy;
 pub mod health;
 pub mod heartbeat;
 pub mod host;

@@ -518,3 +518,38 @@ async fn a_new_table_and_its_grant_reach_a_running_host_without_a_rebuild() {
     );
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_deploy_waits_for_the_hosts_to_report_the_load_or_the_reason() {
+    let env = TestEnv::start(Options::new(&["insights"])).await;
+    let deploy = |plugin: &str| {
+        let file = crate::support::plugin_file(plugin);
+        let output = env.command(&[
+            "plugin",
+            "deploy",
+            file.to_str().unwrap(),
+            "--timeout",
+            "30",
+        ]);
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (ok, text) = deploy("scripted");
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("{}: loaded scripted", env.config.consumer_name)),
+        "{text}"
+    );
+    assert!(env.serving("scripted").is_some(), "the host serves it");
+
+    let (ok, text) = deploy("manifest-trap");
+    assert!(!ok, "a refused plugin fails the deploy: {text}");
+    assert!(
+        text.contains("failed") && text.contains("manifest()"),
+        "{text}"
+    );
+    env.finish().await;
+}

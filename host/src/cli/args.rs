@@ -265,6 +265,17 @@ pub enum DlqCommand {
 /// `kaleidoscope plugin …`.
 #[derive(Subcommand)]
 pub enum PluginCommand {
+    /// Install a plugin file into the plugins directory (atomically: copied beside it, then
+    /// renamed) and wait until every running host of the group reports it loaded — or why it did
+    /// not load (exit 1).
+    #[command(after_long_help = config::env_help())]
+    Deploy {
+        /// The `.wasm` component.
+        file: PathBuf,
+        /// Give up waiting for the hosts after this many seconds (exit 1).
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        timeout: u64,
+    },
     /// Load a plugin file exactly as the host would and print its manifest, streams, imports,
     /// size, compile time, limits and grants. Exits 1 if the host would refuse it.
     Check {

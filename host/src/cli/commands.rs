@@ -222,6 +222,40 @@ pub(super) async fn simulate_ml(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `kaleidoscope plugin deploy`: exit 1 when a host refused the file or did not answer.
+pub(super) async fn deploy(config: &Config, file: &Path, timeout: u64) -> Result<ExitCode> {
+    let (target, sha256) = crate::deploy::install(config, file)?;
+    println!("installed {} (sha256 {})", target.display(), &sha256[..12]);
+    let mut conn = redis_connection::open(&config.redis_url).await?;
+    let hosts = crate::deploy::await_hosts(
+        &mut conn,
+        config,
+        &target,
+        &sha256,
+        Duration::from_secs(timeout),
+    )
+    .await?;
+    let deployed = crate::deploy::Deployed {
+        file: target,
+        sha256,
+        hosts,
+    };
+    if deployed.hosts.is_empty() {
+        println!(
+            "no host of group {:?} is running; the file is in place for the next one",
+            config.consumer_group
+        );
+    }
+    for host in &deployed.hosts {
+        println!("{}: {} {}", host.host, host.outcome, host.detail);
+    }
+    Ok(if deployed.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// The schema of the database at `url`, as the host would check commands against it.
 pub(super) async fn live_schema(config: &Config, url: &str) -> Result<Catalog> {
     let pool = persist::connect_existing(url, &config.database_timeouts).await?;
@@ -240,6 +274,8 @@ pub(super) fn plugin(
 ) -> Result<ExitCode> {
     let config = load_config(config_file)?;
     match command {
+        // Async, so run by `execute` directly.
+        PluginCommand::Deploy { .. } => anyhow::bail!("plugin deploy runs on the async runtime"),
         PluginCommand::Check { file } => {
             let plugin = toolkit::load(&config, &file)
                 .with_context(|| format!("{} would not load", file.display()))?;

@@ -136,6 +136,10 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             error_rate,
             embedding_dims,
         } => commands::simulate_ml(&load_config(file)?, error_rate, embedding_dims).await,
+        Command::Plugin(args::PluginCommand::Deploy {
+            file: plugin,
+            timeout,
+        }) => commands::deploy(&load_config(file)?, &plugin, timeout).await,
         Command::Plugin(command) => {
             // The schema to check `plugin exec`'s commands against is read here, where the
             // database can be awaited.

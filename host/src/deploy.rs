@@ -1,0 +1,126 @@
+//! `kaleidoscope plugin deploy`: put a plugin file where the running hosts pick it up, and wait
+//! for them to say whether they loaded it.
+//!
+//! The file is copied beside the plugins directory's other files under a hidden temporary name
+//! (which no host loads), then renamed into place, so a host never sees it half-written. The
+//! answer comes from the hosts' [heartbeats](crate::heartbeat), which they rewrite right after
+//! every reload: a host has loaded the file when it reports a plugin with the file's SHA-256, and
+//! has refused it when it reports a failed load of that file with that hash.
+
+use crate::config::Config;
+use crate::heartbeat;
+use anyhow::{Context, Result, bail};
+use redis::aio::ConnectionLike;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How often the heartbeats are read while waiting.
+const POLL: Duration = Duration::from_millis(200);
+
+/// What one host made of the deployed file.
+#[derive(Debug, Serialize)]
+pub struct HostAnswer {
+    pub host: String,
+    /// `loaded` or `failed`.
+    pub outcome: &'static str,
+    /// The plugin's name and version when loaded, the reason when not.
+    pub detail: String,
+}
+
+/// The outcome of a deploy.
+#[derive(Debug, Serialize)]
+pub struct Deployed {
+    /// Where the file now is.
+    pub file: PathBuf,
+    pub sha256: String,
+    /// One answer per running host (none when no host is running).
+    pub hosts: Vec<HostAnswer>,
+}
+
+impl Deployed {
+    /// Whether every host that answered loaded the file.
+    pub fn ok(&self) -> bool {
+        self.hosts.iter().all(|h| h.outcome == "loaded")
+    }
+}
+
+/// Copies `source` into the plugins directory atomically.
+pub fn install(config: &Config, source: &Path) -> Result<(PathBuf, String)> {
+    let bytes =
+        std::fs::read(source).with_context(|| format!("cannot read {}", source.display()))?;
+    let Some(name) = source
+        .file_name()
+        .filter(|_| source.extension().is_some_and(|e| e == "wasm"))
+    else {
+        bail!("{} is not a .wasm file", source.display());
+    };
+    let dir = &config.plugins_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the plugins directory {}", dir.display()))?;
+    let target = dir.join(name);
+    let staging = dir.join(format!(".{}.deploying", name.to_string_lossy()));
+    std::fs::write(&staging, &bytes)
+        .with_context(|| format!("cannot write {}", staging.display()))?;
+    std::fs::rename(&staging, &target).with_context(|| {
+        format!(
+            "cannot move {} into place as {}",
+            staging.display(),
+            target.display()
+        )
+    })?;
+    Ok((target, crate::plugin::sha256_hex(&bytes)))
+}
+
+/// Waits until every running host of the group has loaded or refused the file with `sha256`
+/// (or `timeout` passes: an error naming the hosts that have not answered).
+pub async fn await_hosts<C: ConnectionLike + Send>(
+    conn: &mut C,
+    config: &Config,
+    file: &Path,
+    sha256: &str,
+    timeout: Duration,
+) -> Result<Vec<HostAnswer>> {
+    let deadline = Instant::now() + timeout;
+    let file_name = file.file_name().map(|n| n.to_string_lossy().into_owned());
+    loop {
+        let hosts = heartbeat::read_all(conn, config).await?;
+        let mut answers = Vec::new();
+        let mut waiting = Vec::new();
+        for host in &hosts {
+            let loaded = host.plugins.iter().find(|p| p.sha256 == sha256);
+            let failed = host.failed_loads.iter().find(|f| {
+                f.sha256.as_deref() == Some(sha256)
+                    && Path::new(&f.file)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        == file_name
+            });
+            match (loaded, failed) {
+                (Some(plugin), _) => answers.push(HostAnswer {
+                    host: host.consumer.clone(),
+                    outcome: "loaded",
+                    detail: format!("{} {} {:?}", plugin.name, plugin.version, plugin.streams),
+                }),
+                (None, Some(failure)) => answers.push(HostAnswer {
+                    host: host.consumer.clone(),
+                    outcome: "failed",
+                    detail: failure.reason.clone(),
+                }),
+                (None, None) => waiting.push(host.consumer.clone()),
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(answers);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "host(s) {} did not report loading {} within {timeout:?} (is their plugins directory {}?)",
+                waiting.join(", "),
+                file.display(),
+                config.plugins_dir.display()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
