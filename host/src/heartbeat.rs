@@ -48,6 +48,56 @@ pub struct PluginStatus {
     pub size: usize,
     pub from_cache: bool,
     pub load_ms: f64,
+    /// What the plugin may write right now (the grants in force, reloaded with the
+    /// configuration file).
+    #[serde(default)]
+    pub grants: Grants,
+}
+
+/// A plugin's grants as `status` shows them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Grants {
+    pub tables: Vec<String>,
+    pub update_columns: std::collections::BTreeMap<String, Vec<String>>,
+    pub emit: Vec<String>,
+}
+
+impl Grants {
+    fn of(policy: &crate::config::PluginPolicy) -> Grants {
+        Grants {
+            tables: policy.tables.iter().cloned().collect(),
+            update_columns: policy
+                .update_columns
+                .iter()
+                .map(|(table, columns)| (table.clone(), columns.iter().cloned().collect()))
+                .collect(),
+            emit: policy.emit.iter().cloned().collect(),
+        }
+    }
+
+    /// `tables=a,b update=t(c1,c2) emit=s`, or `none`.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.tables.is_empty() {
+            parts.push(format!("tables={}", self.tables.join(",")));
+        }
+        if !self.update_columns.is_empty() {
+            let updates: Vec<String> = self
+                .update_columns
+                .iter()
+                .map(|(table, columns)| format!("{table}({})", columns.join(",")))
+                .collect();
+            parts.push(format!("update={}", updates.join(",")));
+        }
+        if !self.emit.is_empty() {
+            parts.push(format!("emit={}", self.emit.join(",")));
+        }
+        if parts.is_empty() {
+            "no grants".to_string()
+        } else {
+            parts.join(" ")
+        }
+    }
 }
 
 /// A plugin file that failed to load.
@@ -100,6 +150,7 @@ pub async fn write(delivery: &HostState, streams: &[String], started_at: SystemT
                 size: p.size,
                 from_cache: p.from_cache,
                 load_ms: p.load_time.as_secs_f64() * 1000.0,
+                grants: Grants::of(&delivery.policy(&p.name)),
             })
             .collect(),
         failed_loads: snapshot

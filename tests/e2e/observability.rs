@@ -156,6 +156,19 @@ async fn status_json_reports_streams_dead_letters_requests_and_plugins() {
         insights_plugin["streams"],
         serde_json::json!(["ml-insights-results"])
     );
+    assert_eq!(
+        insights_plugin["grants"],
+        serde_json::json!({
+            "tables": ["media_ai_insights"],
+            "update_columns": {"ml_requests": ["results_received"]},
+            "emit": [],
+        })
+    );
+    let table = String::from_utf8(env.command(&["status"]).stdout).unwrap();
+    assert!(
+        table.contains("grants: tables=media_ai_insights update=ml_requests(results_received)"),
+        "{table}"
+    );
 
     // An entry waiting for a retry (reclaimed only after a minute here) makes the stream's
     // oldest pending entry age grow: unhealthy past the threshold.

@@ -52,7 +52,7 @@ pub enum Command {
     #[command(after_long_help = config::env_help())]
     Migrate,
     /// Show streams (length, lag, pending, oldest pending, consumers), dead letters by kind,
-    /// running hosts with their plugins, and failed plugin loads. Exits 1 when unhealthy.
+    /// running hosts with their plugins and grants, and failed plugin loads. Exits 1 when unhealthy.
     #[command(after_long_help = config::env_help())]
     Status {
         /// Print JSON instead of a table.

@@ -55,12 +55,13 @@ pub fn render(report: &Report) -> String {
             .unwrap_or(0);
         for p in &host.plugins {
             out.push_str(&format!(
-                "    {:<name_width$} {:<version_width$} {}  {:?}{}\n",
+                "    {:<name_width$} {:<version_width$} {}  {:?}{}\n      grants: {}\n",
                 p.name,
                 p.version,
                 &p.sha256[..p.sha256.len().min(12)],
                 p.streams,
-                if p.from_cache { "  (cached)" } else { "" }
+                if p.from_cache { "  (cached)" } else { "" },
+                p.grants.summary()
             ));
         }
         for f in &host.failed_loads {
