@@ -8,7 +8,8 @@ use crate::config::Config;
 use crate::persist::schema::Catalog;
 use crate::persist::validate;
 use crate::plugin::{Plugin, PluginRuntime, SandboxLimits, wit};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
 use serde_json::{Value as Json, json};
 use std::path::Path;
 
@@ -225,4 +226,128 @@ pub fn value_json(value: &wit::Value) -> Json {
         wit::Value::FloatArray(items) => json!(items),
         wit::Value::Timestamp(s) => json!({"timestamp": s}),
     }
+}
+
+/// One recorded entry of `plugin test` and how it came out.
+#[derive(Debug, Serialize)]
+pub struct CaseResult {
+    /// `file:line` of the recorded entry.
+    pub case: String,
+    /// `ok`, `differs`, `new` (no expected outcome yet) or `updated`.
+    pub verdict: &'static str,
+    /// What `plugin exec` reports for the entry now.
+    pub actual: Json,
+    /// What the expected file says (absent for `new`).
+    pub expected: Option<Json>,
+}
+
+/// `plugin test`: runs every recorded entry in `dir` (`*.jsonl`, one JSON object per line:
+/// `{"fields": {"name": "value", …}, "stream": …, "id": …, "deliveries": …}`, all but `fields`
+/// optional) and compares what the plugin does with it — the same report as `plugin exec` —
+/// with the line of the same number in `<name>.expected.jsonl`. With `update`, the expected files
+/// are (re)written from what the plugin does now: golden tests for a handler.
+pub fn test_dir(
+    config: &Config,
+    plugin: &Plugin,
+    dir: &Path,
+    update: bool,
+    catalog: Option<&Catalog>,
+) -> Result<Vec<CaseResult>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the test directory {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            path.extension().is_some_and(|ext| ext == "jsonl")
+                && !path.to_string_lossy().ends_with(".expected.jsonl")
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("no recorded entries (*.jsonl) in {}", dir.display());
+    }
+    let mut results = Vec::new();
+    for file in files {
+        let expected_file = file.with_extension("expected.jsonl");
+        let expected: Vec<Json> = match std::fs::read_to_string(&expected_file) {
+            Ok(text) => text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(serde_json::from_str)
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("{} is not JSON lines", expected_file.display()))?,
+            Err(_) => Vec::new(),
+        };
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let mut actuals = Vec::new();
+        for (index, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let case = format!("{}:{}", file.display(), index + 1);
+            let recorded = recorded_entry(line).with_context(|| case.clone())?;
+            let entry = ExecEntry {
+                stream: recorded.stream.as_deref(),
+                id: recorded.id.as_deref().unwrap_or("0-1"),
+                deliveries: recorded.deliveries.unwrap_or(1),
+                fields: recorded.fields,
+            };
+            let (actual, _) = exec(config, plugin, entry, catalog).with_context(|| case.clone())?;
+            let expected = expected.get(actuals.len()).cloned();
+            let verdict = match (&expected, update) {
+                (_, true) => "updated",
+                (None, false) => "new",
+                (Some(expected), false) if *expected == actual => "ok",
+                (Some(_), false) => "differs",
+            };
+            actuals.push(actual.clone());
+            results.push(CaseResult {
+                case,
+                verdict,
+                actual,
+                expected,
+            });
+        }
+        if update {
+            let lines: Vec<String> = actuals.iter().map(Json::to_string).collect();
+            std::fs::write(&expected_file, lines.join("\n") + "\n")
+                .with_context(|| format!("cannot write {}", expected_file.display()))?;
+        }
+    }
+    Ok(results)
+}
+
+/// One line of a recorded-entries file.
+struct Recorded {
+    stream: Option<String>,
+    id: Option<String>,
+    deliveries: Option<u32>,
+    fields: Vec<(String, String)>,
+}
+
+fn recorded_entry(line: &str) -> Result<Recorded> {
+    let value: Json = serde_json::from_str(line).context("not a JSON object")?;
+    let fields = value
+        .get("fields")
+        .and_then(Json::as_object)
+        .context("no `fields` object")?
+        .iter()
+        .map(|(name, value)| {
+            let text = value
+                .as_str()
+                .map_or_else(|| value.to_string(), str::to_string);
+            (name.clone(), text)
+        })
+        .collect();
+    let text = |key: &str| value.get(key).and_then(Json::as_str).map(str::to_string);
+    Ok(Recorded {
+        stream: text("stream"),
+        id: text("id"),
+        deliveries: value
+            .get("deliveries")
+            .and_then(Json::as_u64)
+            .and_then(|d| u32::try_from(d).ok()),
+        fields,
+    })
 }

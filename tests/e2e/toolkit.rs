@@ -237,3 +237,61 @@ async fn exec_with_a_database_refuses_what_the_host_would_refuse() {
     assert_eq!(report["checked_against_database"], false);
     env.finish().await;
 }
+
+#[test]
+fn plugin_test_compares_recorded_entries_with_expected_outcomes() {
+    let dir = std::env::temp_dir().join(crate::support::unique("kt_golden"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("captions.jsonl"),
+        concat!(
+            r#"{"fields": {"mediaId": "7", "service": "image_captioning", "caption": "a cat"}}"#,
+            "\n",
+            r#"{"fields": {"mediaId": "x"}}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let file = plugin_file("insights");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "plugin",
+            "test",
+            file.to_str().unwrap(),
+            dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let output = Command::new(env!("CARGO_BIN_EXE_kaleidoscope"))
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    };
+    let (ok, text) = run(&[]);
+    assert!(
+        !ok && text.contains("new ") && text.contains("--update"),
+        "{text}"
+    );
+    let (ok, text) = run(&["--update"]);
+    assert!(ok, "{text}");
+    let expected = std::fs::read_to_string(dir.join("captions.expected.jsonl")).unwrap();
+    assert_eq!(expected.lines().count(), 2);
+    assert!(expected.contains("\"malformed\""), "{expected}");
+    let (ok, text) = run(&[]);
+    assert!(ok && text.contains("2 case(s), 0 failed"), "{text}");
+    // A changed outcome is caught.
+    std::fs::write(
+        dir.join("captions.expected.jsonl"),
+        expected.replace("a cat", "a dog"),
+    )
+    .unwrap();
+    let (ok, text) = run(&[]);
+    assert!(
+        !ok && text.contains("differs") && text.contains("a dog"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

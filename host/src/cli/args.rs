@@ -276,6 +276,21 @@ pub enum PluginCommand {
         #[arg(long, default_value_t = 60, value_name = "SECONDS")]
         timeout: u64,
     },
+    /// Run a plugin on recorded entries (`DIR/*.jsonl`, one `{"fields": {…}}` per line) and
+    /// compare each outcome (what `plugin exec` prints) with `DIR/<name>.expected.jsonl`. Exits 1
+    /// when one differs or has no expected outcome; `--update` writes the expected files.
+    Test {
+        /// The `.wasm` component.
+        file: PathBuf,
+        /// The directory of recorded entries.
+        dir: PathBuf,
+        /// Write the expected files from what the plugin does now.
+        #[arg(long)]
+        update: bool,
+        /// Also check the commands against this database's schema and the grants.
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
+    },
     /// Load a plugin file exactly as the host would and print its manifest, streams, imports,
     /// size, compile time, limits and grants. Exits 1 if the host would refuse it.
     Check {

@@ -276,6 +276,48 @@ pub(super) fn plugin(
     match command {
         // Async, so run by `execute` directly.
         PluginCommand::Deploy { .. } => anyhow::bail!("plugin deploy runs on the async runtime"),
+        PluginCommand::Test {
+            file,
+            dir,
+            update,
+            database: _,
+        } => {
+            let plugin = toolkit::load(&config, &file)
+                .with_context(|| format!("{} would not load", file.display()))?;
+            let results = toolkit::test_dir(&config, &plugin, &dir, update, catalog)?;
+            let mut passed = true;
+            for result in &results {
+                println!("{:<8} {}", result.verdict, result.case);
+                match result.verdict {
+                    "differs" => {
+                        passed = false;
+                        println!(
+                            "  expected: {}",
+                            result.expected.clone().unwrap_or_default()
+                        );
+                        println!("  actual:   {}", result.actual);
+                    }
+                    "new" => {
+                        passed = false;
+                        println!(
+                            "  actual:   {} (no expected outcome: run with --update)",
+                            result.actual
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            let failed = results
+                .iter()
+                .filter(|r| matches!(r.verdict, "differs" | "new"))
+                .count();
+            println!("{} case(s), {failed} failed", results.len());
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         PluginCommand::Check { file } => {
             let plugin = toolkit::load(&config, &file)
                 .with_context(|| format!("{} would not load", file.display()))?;

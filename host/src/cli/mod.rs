@@ -147,6 +147,10 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 args::PluginCommand::Exec {
                     database: Some(url),
                     ..
+                }
+                | args::PluginCommand::Test {
+                    database: Some(url),
+                    ..
                 } => Some(commands::live_schema(&load_config(file)?, url).await?),
                 _ => None,
             };
