@@ -152,6 +152,12 @@ impl HostState {
         }
     }
 
+    /// Whether the catalogue the host checks commands against has `table` (for tools and tests
+    /// that must know a new table has reached the host, not only the database).
+    pub fn knows_table(&self, table: &str) -> bool {
+        self.catalog().table(table).is_some()
+    }
+
     /// The live catalogue that commands are checked against.
     pub(crate) fn catalog(&self) -> Arc<Catalog> {
         match self.catalog.read() {
