@@ -220,7 +220,7 @@ pub const SETTINGS: &[Setting] = &[
         key: "migrations_dir",
         env: "KALEIDOSCOPE_MIGRATIONS_DIR",
         default: "",
-        help: "Directory of the operator's own SQL migrations (`*.sql`, applied once each in name order, at start-up, by `migrate` and whenever the plugins are reloaded): how a plugin gets a new table without a new host build. None when empty.",
+        help: "Directory of the operator's own SQL migrations (`*.sql`, applied once each in name order, at start-up, by `migrate` and whenever the plugins are reloaded, unless migrations are off): how a plugin gets a new table without a new host build. None when empty.",
     },
     Setting {
         key: "cache_dir",

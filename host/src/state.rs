@@ -134,11 +134,17 @@ impl HostState {
         self.health.problems().len() != before
     }
 
-    /// Applies the operator's new migrations (when a directory is configured) and, if any was
+    /// Applies the operator's new migrations (when a directory is configured and the host
+    /// migrates at all: `KALEIDOSCOPE_MIGRATE=false` leaves the schema alone) and, if any was
     /// applied, re-reads the catalogue at once, so a plugin's commands on a new table pass as
     /// soon as the table exists. A failing migration is reported; the host goes on serving.
     pub async fn apply_operator_migrations(&self) {
-        let Some(dir) = &self.config.migrations_dir else {
+        let Some(dir) = self
+            .config
+            .migrations_dir
+            .as_ref()
+            .filter(|_| self.config.migrate)
+        else {
             return;
         };
         match crate::persist::operator_migrations::apply(&self.pool, dir).await {

@@ -29,6 +29,15 @@ pub async fn apply(pool: &PgPool, dir: &Path) -> Result<Vec<String>> {
         let sql = std::fs::read_to_string(&file)
             .with_context(|| format!("cannot read migration {}", file.display()))?;
         let sha256 = crate::plugin::sha256_hex(sql.as_bytes());
+        // The common case — already applied, unchanged — without taking the lock.
+        let known: Option<String> =
+            sqlx::query_scalar("SELECT sha256 FROM operator_migrations WHERE name = $1")
+                .bind(&name)
+                .fetch_optional(pool)
+                .await?;
+        if known.as_deref() == Some(sha256.as_str()) {
+            continue;
+        }
         let mut tx = pool.begin().await?;
         // One host at a time decides about one directory's files.
         sqlx::query("LOCK TABLE operator_migrations IN EXCLUSIVE MODE")
