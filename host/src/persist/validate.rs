@@ -9,7 +9,7 @@
 
 use super::schema::HOST_TABLES;
 use super::schema::{Catalog, Column, ColumnKind, Table};
-use crate::config::PluginPolicy;
+use crate::plugin::policy::PluginPolicy;
 use crate::plugin::wit;
 use std::collections::BTreeSet;
 
