@@ -64,8 +64,8 @@ impl HostState {
     /// What plugin `name` may write now (no grants if it has none).
     pub fn policy(&self, name: &str) -> PluginPolicy {
         let policies = match self.policies.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
         };
         policies.get(name).cloned().unwrap_or_default()
     }

@@ -99,7 +99,7 @@ pub fn exec(
         deliveries,
     };
     let policy = config.policy(&plugin.name);
-    let outcome = plugin.handle(&entry);
+    let outcome = plugin.handle(&entry, &policy.settings);
     let (described, ok) = match outcome.into_commands(plugin.limits().memory_bytes) {
         Ok(commands) => {
             let described: Vec<Json> = commands.iter().map(command_json).collect();
@@ -225,6 +225,7 @@ pub fn value_json(value: &wit::Value) -> Json {
         wit::Value::TextArray(items) => json!(items),
         wit::Value::FloatArray(items) => json!(items),
         wit::Value::Timestamp(s) => json!({"timestamp": s}),
+        wit::Value::Now => json!({"timestamp": "now"}),
     }
 }
 

@@ -151,3 +151,29 @@ async fn seed_shape_gets_deterministic_face_ids_and_repeats_do_not_double() {
     env.await_no_pending(STREAM).await;
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bbox_setting_reads_boxes_as_x_y_width_height() {
+    let env = TestEnv::start(
+        Options::new(&["face-detection"])
+            .plugin_setting("face-detection", r#"settings = { bbox = "xywh" }"#),
+    )
+    .await;
+    env.seed_media(3, &[30]).await;
+    let id = env
+        .publish(
+            STREAM,
+            &[
+                ("mediaId", "30"),
+                ("faces", r#"[{"faceId": "hf-1", "bbox": [10, 20, 100, 200]}]"#),
+            ],
+        )
+        .await;
+    env.await_processed(STREAM, &id).await;
+    let rows = faces(&env, 30).await;
+    assert_eq!(
+        (rows[0].1, rows[0].2, rows[0].3, rows[0].4),
+        (10.0, 20.0, 100.0, 200.0)
+    );
+    env.finish().await;
+}

@@ -236,7 +236,7 @@ fn fuzz(plugin: &str, names: &[&str], seed: u64) {
             fields: fields.clone(),
             deliveries: 1,
         };
-        match loaded.handle(&entry) {
+        match loaded.handle(&entry, &Default::default()) {
             HandlerOutcome::Commands(_) => outcomes[0] += 1,
             HandlerOutcome::Malformed(_) => outcomes[1] += 1,
             HandlerOutcome::Retry(_) => outcomes[2] += 1,

@@ -578,7 +578,7 @@ async fn a_plugin_built_against_contract_0_1_0_runs_unchanged() {
     );
     assert_eq!(
         plugins.for_stream(SCRIPTED).expect("scripted").contract(),
-        "0.2.0"
+        "0.3.0"
     );
     let id = env.publish("mock-v0-1", &[("note", "old contract")]).await;
     env.await_processed("mock-v0-1", &id).await;

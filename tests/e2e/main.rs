@@ -10,6 +10,7 @@ mod support;
 mod batches;
 mod bench;
 mod cli;
+mod contract;
 mod dead_letters;
 mod demo;
 mod face_detection;

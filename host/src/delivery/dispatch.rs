@@ -43,12 +43,14 @@ impl HostState {
             return Ok(());
         }
         let handler = plugin.clone();
+        let settings = self.policy(&plugin.name).settings;
         let batch_span = tracing::Span::current();
-        // One blocking thread runs the batch's calls one after the other; the runtime's timers
-        // drive their deadlines.
+        // One blocking thread runs the batch's calls one after the other, in one session (one
+        // instance, while calls return normally); the runtime's timers drive their deadlines.
         let runtime = tokio::runtime::Handle::current();
         let calls = tokio::task::spawn_blocking(move || {
             runtime.block_on(async move {
+                let mut session = handler.session();
                 let mut calls = Vec::with_capacity(inputs.len());
                 for (index, entry) in inputs {
                     let correlation_id = entry
@@ -59,7 +61,7 @@ impl HostState {
                         .unwrap_or("");
                     let span = tracing::info_span!(parent: &batch_span, "entry", entry = %entry.id, correlation_id);
                     let started = Instant::now();
-                    let outcome = handler.call_handle(&entry).instrument(span).await;
+                    let outcome = session.handle(&entry, &settings).instrument(span).await;
                     calls.push((index, entry.fields, outcome, started.elapsed()));
                 }
                 calls

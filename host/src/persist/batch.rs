@@ -267,6 +267,8 @@ fn text_form(value: &wit::Value) -> Option<String> {
         // through).
         V::Float(f) => ryu::Buffer::new().format_finite(*f).to_string(),
         V::Text(s) | V::Json(s) | V::Timestamp(s) => s.clone(),
+        // PostgreSQL reads the text `now` as the transaction's start time (`now()`).
+        V::Now => "now".to_string(),
         V::TextArray(items) => array_literal(items.iter().map(|s| s.as_str())),
         // Embeddings: 1408 numbers each, so written straight into one string (numbers need no
         // quoting in an array literal).

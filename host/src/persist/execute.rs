@@ -158,6 +158,8 @@ impl From<&wit::Value> for Bind {
             wit::Value::Text(s) | wit::Value::Json(s) | wit::Value::Timestamp(s) => {
                 Bind::Text(s.clone())
             }
+            // PostgreSQL reads the text `now` as the transaction's start time (`now()`).
+            wit::Value::Now => Bind::Text("now".into()),
             wit::Value::TextArray(items) => Bind::TextArray(items.clone()),
             wit::Value::FloatArray(items) => Bind::FloatArray(items.clone()),
         }

@@ -621,6 +621,7 @@ impl Checker<'_> {
                     None => Ok(()),
                 }
             }
+            (V::Now, ColumnKind::Timestamp) => Ok(()),
             (V::Timestamp(s), ColumnKind::Timestamp) => {
                 if s.trim().is_empty() || has_nul(s) {
                     mismatch(format!("{s:?} is not a timestamp"))
@@ -644,6 +645,7 @@ fn value_kind(value: &wit::Value) -> &'static str {
         wit::Value::TextArray(_) => "text-array",
         wit::Value::FloatArray(_) => "float-array",
         wit::Value::Timestamp(_) => "timestamp",
+        wit::Value::Now => "now",
     }
 }
 

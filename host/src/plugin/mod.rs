@@ -1,7 +1,8 @@
 //! Handler plugins: WebAssembly components implementing `wit/handler.wit`.
 //!
-//! - [`runtime`] compiles components and calls them inside the sandbox (fresh instance per call,
-//!   epoch deadline, memory cap, no file system, network or environment).
+//! - [`runtime`] compiles components and calls them inside the sandbox (epoch deadline, memory
+//!   cap, no file system, network or environment; an instance reused within a batch, fresh after
+//!   any trap);
 //! - [`registry`] holds the set of loaded plugins, swappable as a whole so a reload never
 //!   disturbs a batch in flight, and computes the next set when files change;
 //! - [`watch`] notices those changes;
@@ -10,7 +11,7 @@
 pub mod policy;
 pub mod registry;
 pub mod runtime;
-mod v0_1;
+mod older_contracts;
 pub mod watch;
 
 /// Bindings generated from `wit/handler.wit`; the types of the contract (entries, commands,
@@ -26,8 +27,18 @@ pub mod bindings {
     });
 }
 
-/// Bindings of the 0.1.0 contract (`wit/v0.1.0/handler.wit`), so plugins built against it keep
-/// loading unchanged; `v0_1.rs` turns their values into the current contract's.
+/// Bindings of the 0.2.0 contract (`wit/v0.2.0/handler.wit`), so plugins built against it keep
+/// loading unchanged; `older_contracts.rs` turns their values into the current contract's.
+#[allow(missing_docs, clippy::all)]
+pub mod bindings_v0_2 {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.2.0",
+        world: "result-handler",
+        exports: { default: async },
+    });
+}
+
+/// Bindings of the 0.1.0 contract (`wit/v0.1.0/handler.wit`), likewise.
 #[allow(missing_docs, clippy::all)]
 pub mod bindings_v0_1 {
     wasmtime::component::bindgen!({
@@ -51,4 +62,6 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
-pub use runtime::{HandlerFailure, HandlerOutcome, Plugin, PluginRuntime, SandboxLimits};
+pub use runtime::{
+    CallSession, HandlerFailure, HandlerOutcome, Plugin, PluginRuntime, SandboxLimits, Settings,
+};

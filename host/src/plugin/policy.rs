@@ -25,6 +25,10 @@ pub struct PluginPolicy {
     pub timeout: Option<Duration>,
     /// Memory cap in bytes, overriding `plugin_memory_mib`.
     pub memory_bytes: Option<usize>,
+    /// The operator's settings for the plugin (`[plugins.<name>.settings]`), read by the handler
+    /// through the contract's `config` import: how one build serves producers that differ (e.g.
+    /// the face box's layout) without a rebuild.
+    pub settings: crate::plugin::Settings,
 }
 
 impl PluginPolicy {
@@ -98,6 +102,25 @@ fn read_key(policy: &mut PluginPolicy, key: &str, value: &toml::Value, at: &str)
                 string_set(value).with_context(|| format!("{at}: expected a list of strings"))?
         }
         "timeout_ms" => policy.timeout = Some(Duration::from_millis(positive()?)),
+        "settings" => {
+            let table = value
+                .as_table()
+                .with_context(|| format!("{at}: expected a table of `key = value`"))?;
+            let settings = std::sync::Arc::make_mut(&mut policy.settings);
+            for (key, value) in table {
+                let text = match value {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Integer(_)
+                    | toml::Value::Float(_)
+                    | toml::Value::Boolean(_)
+                    | toml::Value::Datetime(_) => value.to_string(),
+                    toml::Value::Array(_) | toml::Value::Table(_) => bail!(
+                        "{at}.{key}: a setting is one string, number or boolean (a plugin reads it as text)"
+                    ),
+                };
+                settings.insert(key.clone(), text);
+            }
+        }
         "memory_mib" => {
             let mib = usize::try_from(positive()?)
                 .ok()
@@ -106,7 +129,9 @@ fn read_key(policy: &mut PluginPolicy, key: &str, value: &toml::Value, at: &str)
             policy.memory_bytes = Some(mib);
         }
         _ => {
-            bail!("unknown key {at} (known: tables, update_columns, emit, timeout_ms, memory_mib)")
+            bail!(
+                "unknown key {at} (known: tables, update_columns, emit, timeout_ms, memory_mib, settings)"
+            )
         }
     }
     Ok(())
@@ -174,6 +199,24 @@ mod tests {
         assert!(p.emit.contains("s"));
         assert_eq!(p.timeout, Some(Duration::from_millis(500)));
         assert_eq!(p.memory_bytes, Some(2 << 20));
+    }
+
+    #[test]
+    fn settings_are_text_and_merge_key_by_key() {
+        let mut policies =
+            read("[plugins.p.settings]\nbbox = \"xywh\"\nscale = 2\nstrict = true").expect("valid");
+        read_plugins_table(
+            &mut policies,
+            &"[plugins.p.settings]\nscale = 0.5".parse().expect("test TOML"),
+            Path::new("second.toml"),
+        )
+        .expect("valid");
+        let settings = &policies["p"].settings;
+        assert_eq!(settings.get("bbox").map(String::as_str), Some("xywh"));
+        assert_eq!(settings.get("scale").map(String::as_str), Some("0.5"));
+        assert_eq!(settings.get("strict").map(String::as_str), Some("true"));
+        let error = read("[plugins.p.settings]\nlist = [1]").expect_err("a list");
+        assert!(error.to_string().contains("plugins.p.settings"), "{error}");
     }
 
     #[test]

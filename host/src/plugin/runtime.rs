@@ -1,8 +1,12 @@
 //! Compiling plugin components and calling them inside the sandbox.
 //!
-//! Every call gets a fresh store and instance (about 9 µs with the pooling allocator), so a trap,
-//! a timeout or a memory-limit hit can only ever spoil the one entry being handled, and nothing a
-//! handler does can leak into the next entry.
+//! A call runs in a store of its own plugin, under a memory cap and a deadline. Plugins built
+//! against contract 0.3.0 may be called on an instance that handled earlier entries of the same
+//! batch ([`CallSession`]): instantiating a large component (a Python one is ~18 MB) for every
+//! entry would cost more than the handler itself. A trap, a timeout, a memory-limit hit or
+//! anything written to stderr retires the instance, so a failure spoils only the entry being
+//! handled. Plugins built against older contracts, which were promised a fresh instance per call,
+//! get one (about 9 µs with the pooling allocator).
 //!
 //! A call ends by its deadline whatever the plugin does. Running Wasm code is stopped by the
 //! engine's epoch deadline; a plugin blocked inside a host call (a WASI sleep or poll, which the
@@ -15,9 +19,14 @@ use super::bindings::{ResultHandler, ResultHandlerPre};
 use super::bindings_v0_1::{
     ResultHandler as ResultHandlerV0_1, ResultHandlerPre as ResultHandlerPreV0_1,
 };
-use super::{v0_1, wit};
+use super::bindings_v0_2::{
+    ResultHandler as ResultHandlerV0_2, ResultHandlerPre as ResultHandlerPreV0_2,
+};
+use super::older_contracts::{v0_1, v0_2};
+use super::wit;
 use crate::text;
 use anyhow::{Context, Result, bail};
+use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,6 +49,10 @@ const LOG_LINES_PER_CALL: u32 = 100;
 const LOG_LINE_BYTES: usize = 4096;
 /// Table growth allowed per instance (function references; generous for any real handler).
 const TABLE_ELEMENTS_LIMIT: usize = 100_000;
+
+/// The operator's settings for one plugin (`[plugins.<name>.settings]`), as its calls read them
+/// through the contract's `config` import. Shared, because every call of a batch reads the same.
+pub type Settings = Arc<BTreeMap<String, String>>;
 
 /// The resource limits applied to every plugin call.
 #[derive(Clone, Copy, Debug)]
@@ -204,6 +217,11 @@ impl PluginRuntime {
         ResultHandler::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| state)
             .map_err(anyhow::Error::from)
             .context("cannot link the handler's log interface")?;
+        ResultHandlerV0_2::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| {
+            state
+        })
+        .map_err(anyhow::Error::from)
+        .context("cannot link the handler's log interface (contract 0.2.0)")?;
         ResultHandlerV0_1::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| {
             state
         })
@@ -332,17 +350,20 @@ impl PluginRuntime {
             .linker
             .instantiate_pre(&component)
             .map_err(anyhow::Error::from)
-            .context("the component imports something the host does not provide (only WASI and `kaleidoscope:handler/log` are available)")?;
+            .context("the component imports something the host does not provide (only WASI and `kaleidoscope:handler/{log,config}` are available)")?;
         // The current contract first, then the older ones still supported.
         let pre = match ResultHandlerPre::new(instance_pre.clone()) {
             Ok(pre) => Contract::Current(pre),
-            Err(current) => match ResultHandlerPreV0_1::new(instance_pre) {
-                Ok(pre) => Contract::V0_1(pre),
-                Err(_) => {
-                    return Err(anyhow::Error::from(current)).context(
-                        "the component does not export the `result-handler` world (`manifest` and `handle`) of contract 0.2.0 or 0.1.0",
-                    );
-                }
+            Err(current) => match ResultHandlerPreV0_2::new(instance_pre.clone()) {
+                Ok(pre) => Contract::V0_2(pre),
+                Err(_) => match ResultHandlerPreV0_1::new(instance_pre) {
+                    Ok(pre) => Contract::V0_1(pre),
+                    Err(_) => {
+                        return Err(anyhow::Error::from(current)).context(
+                            "the component does not export the `result-handler` world (`manifest` and `handle`) of contract 0.3.0, 0.2.0 or 0.1.0",
+                        );
+                    }
+                },
             },
         };
 
@@ -379,6 +400,8 @@ impl PluginRuntime {
 enum Contract {
     /// `wit/handler.wit`.
     Current(ResultHandlerPre<CallState>),
+    /// `wit/v0.2.0/handler.wit`.
+    V0_2(ResultHandlerPreV0_2<CallState>),
     /// `wit/v0.1.0/handler.wit`.
     V0_1(ResultHandlerPreV0_1<CallState>),
 }
@@ -386,7 +409,8 @@ enum Contract {
 impl Contract {
     fn version(&self) -> &'static str {
         match self {
-            Contract::Current(_) => "0.2.0",
+            Contract::Current(_) => "0.3.0",
+            Contract::V0_2(_) => "0.2.0",
             Contract::V0_1(_) => "0.1.0",
         }
     }
@@ -441,49 +465,18 @@ impl Plugin {
 
     /// Runs `handle` on a fresh instance. Blocking: call it from a blocking thread (or from a
     /// thread outside any async runtime), never from an async task.
-    pub fn handle(&self, entry: &wit::Entry) -> HandlerOutcome {
-        match block_on(self.call_handle(entry)) {
+    pub fn handle(&self, entry: &wit::Entry, settings: &Settings) -> HandlerOutcome {
+        match block_on(self.session().handle(entry, settings)) {
             Ok(outcome) => outcome,
             Err(error) => HandlerOutcome::Trap(format!("{error:#}")),
         }
     }
 
-    /// `handle` on a fresh instance, ended at the deadline wherever the plugin is. The future
-    /// runs guest code when polled: poll it on a blocking thread (see [`Plugin::handle`]).
-    pub async fn call_handle(&self, entry: &wit::Entry) -> HandlerOutcome {
-        let context = LogContext {
-            plugin: format!("{}@{}", self.name, self.version),
-            stream: entry.source.clone(),
-            entry_id: entry.id.clone(),
-        };
-        let (mut store, stderr) = self.new_store(context);
-        let call = async {
-            match &self.pre {
-                Contract::Current(pre) => {
-                    let instance = pre.instantiate_async(&mut store).await?;
-                    instance.call_handle(&mut store, entry).await
-                }
-                Contract::V0_1(pre) => {
-                    let instance = pre.instantiate_async(&mut store).await?;
-                    let result = instance
-                        .call_handle(&mut store, &v0_1::entry(entry))
-                        .await?;
-                    Ok(result
-                        .map(|commands| commands.into_iter().map(v0_1::command).collect())
-                        .map_err(v0_1::failure))
-                }
-            }
-        };
-        match tokio::time::timeout(self.limits.call_timeout, call).await {
-            Err(_) => HandlerOutcome::Timeout(self.limits.call_timeout),
-            Ok(Ok(Ok(commands))) => HandlerOutcome::Commands(commands),
-            Ok(Ok(Err(wit::Failure::Malformed(reason)))) => {
-                HandlerOutcome::Malformed(text::sanitize(reason))
-            }
-            Ok(Ok(Err(wit::Failure::Retry(reason)))) => {
-                HandlerOutcome::Retry(text::sanitize(reason))
-            }
-            Ok(Err(error)) => self.classify(error, &store, &stderr),
+    /// A run of calls that may share one instance (contract 0.3.0): one per batch.
+    pub fn session(&self) -> CallSession<'_> {
+        CallSession {
+            plugin: self,
+            instance: None,
         }
     }
 
@@ -493,12 +486,16 @@ impl Plugin {
             stream: String::new(),
             entry_id: "manifest".into(),
         };
-        let (mut store, stderr) = self.new_store(context);
+        let (mut store, stderr) = self.new_store(context, Settings::default());
         let call = async {
             match &self.pre {
                 Contract::Current(pre) => {
                     let instance = pre.instantiate_async(&mut store).await?;
                     instance.call_manifest(&mut store).await
+                }
+                Contract::V0_2(pre) => {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    Ok(v0_2::manifest(instance.call_manifest(&mut store).await?))
                 }
                 Contract::V0_1(pre) => {
                     let instance = pre.instantiate_async(&mut store).await?;
@@ -526,7 +523,11 @@ impl Plugin {
         }
     }
 
-    fn new_store(&self, context: LogContext) -> (Store<CallState>, MemoryOutputPipe) {
+    fn new_store(
+        &self,
+        context: LogContext,
+        settings: Settings,
+    ) -> (Store<CallState>, MemoryOutputPipe) {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE_BYTES);
         // No arguments, no environment, no preopened directories, no sockets: WasiCtx's defaults.
         let wasi = WasiCtx::builder().stderr(stderr.clone()).build();
@@ -539,13 +540,19 @@ impl Plugin {
             },
             log: context,
             log_lines: 0,
+            settings,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.cap);
-        let ticks = self.limits.call_timeout.as_millis() / EPOCH_TICK.as_millis() + 1;
-        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+        self.arm_deadline(&mut store);
         store.epoch_deadline_trap();
         (store, stderr)
+    }
+
+    /// Sets the epoch deadline of the next call in `store`, counted from now.
+    fn arm_deadline(&self, store: &mut Store<CallState>) {
+        let ticks = self.limits.call_timeout.as_millis() / EPOCH_TICK.as_millis() + 1;
+        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
     }
 
     fn classify(
@@ -565,6 +572,103 @@ impl Plugin {
             &error,
             &String::from_utf8_lossy(&captured),
         )))
+    }
+}
+
+/// Calls of one plugin that may share an instance: the host opens one per batch. Only plugins
+/// built against contract 0.3.0, which allows it, keep their instance between calls; any call
+/// that does not end in a normal return (or that wrote to stderr) retires it.
+pub struct CallSession<'p> {
+    plugin: &'p Plugin,
+    instance: Option<ReusableInstance>,
+}
+
+/// An instance that returned normally from its last call, ready for the next one.
+struct ReusableInstance {
+    store: Store<CallState>,
+    stderr: MemoryOutputPipe,
+    handler: ResultHandler,
+}
+
+impl CallSession<'_> {
+    /// `handle` for `entry` with the plugin's current `settings`, ended at the deadline wherever
+    /// the plugin is. The future runs guest code when polled: poll it on a blocking thread (see
+    /// [`Plugin::handle`]).
+    pub async fn handle(&mut self, entry: &wit::Entry, settings: &Settings) -> HandlerOutcome {
+        let plugin = self.plugin;
+        let context = LogContext {
+            plugin: format!("{}@{}", plugin.name, plugin.version),
+            stream: entry.source.clone(),
+            entry_id: entry.id.clone(),
+        };
+        let (mut store, stderr, reused) = match self.instance.take() {
+            Some(mut kept) => {
+                kept.store.data_mut().begin_call(context, settings.clone());
+                plugin.arm_deadline(&mut kept.store);
+                (kept.store, kept.stderr, Some(kept.handler))
+            }
+            None => {
+                let (store, stderr) = plugin.new_store(context, settings.clone());
+                (store, stderr, None)
+            }
+        };
+        let call = async {
+            match &plugin.pre {
+                Contract::Current(pre) => {
+                    let handler = match reused {
+                        Some(handler) => handler,
+                        None => pre.instantiate_async(&mut store).await?,
+                    };
+                    let result = handler.call_handle(&mut store, entry).await?;
+                    Ok((result, Some(handler)))
+                }
+                Contract::V0_2(pre) => {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    let result = instance
+                        .call_handle(&mut store, &v0_2::entry(entry))
+                        .await?;
+                    let result = result
+                        .map(|commands| commands.into_iter().map(v0_2::command).collect())
+                        .map_err(v0_2::failure);
+                    Ok((result, None))
+                }
+                Contract::V0_1(pre) => {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    let result = instance
+                        .call_handle(&mut store, &v0_1::entry(entry))
+                        .await?;
+                    let result = result
+                        .map(|commands| commands.into_iter().map(v0_1::command).collect())
+                        .map_err(v0_1::failure);
+                    Ok((result, None))
+                }
+            }
+        };
+        let result: Result<_, wasmtime::Error> =
+            match tokio::time::timeout(plugin.limits.call_timeout, call).await {
+                Err(_) => return HandlerOutcome::Timeout(plugin.limits.call_timeout),
+                Ok(result) => result,
+            };
+        let (result, handler) = match result {
+            Ok(returned) => returned,
+            Err(error) => return plugin.classify(error, &store, &stderr),
+        };
+        if let Some(handler) = handler
+            && stderr.contents().is_empty()
+        {
+            self.instance = Some(ReusableInstance {
+                store,
+                stderr,
+                handler,
+            });
+        }
+        match result {
+            Ok(commands) => HandlerOutcome::Commands(commands),
+            Err(wit::Failure::Malformed(reason)) => {
+                HandlerOutcome::Malformed(text::sanitize(reason))
+            }
+            Err(wit::Failure::Retry(reason)) => HandlerOutcome::Retry(text::sanitize(reason)),
+        }
     }
 }
 
@@ -737,13 +841,25 @@ impl ResourceLimiter for MemoryCap {
     }
 }
 
-/// The store data of one call.
+/// The store data of one instance: its WASI context and memory cap, and what the call it is
+/// running belongs to.
 struct CallState {
     wasi: WasiCtx,
     table: ResourceTable,
     cap: MemoryCap,
     log: LogContext,
     log_lines: u32,
+    settings: Settings,
+}
+
+impl CallState {
+    /// Prepares a reused instance's state for the next call.
+    fn begin_call(&mut self, log: LogContext, settings: Settings) {
+        self.log = log;
+        self.log_lines = 0;
+        self.settings = settings;
+        self.cap.exceeded = None;
+    }
 }
 
 impl WasiView for CallState {
@@ -757,6 +873,31 @@ impl WasiView for CallState {
 
 impl super::bindings::kaleidoscope::handler::types::Host for CallState {}
 impl super::bindings_v0_1::kaleidoscope::handler::types::Host for CallState {}
+impl super::bindings_v0_2::kaleidoscope::handler::types::Host for CallState {}
+
+impl super::bindings::kaleidoscope::handler::config::Host for CallState {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.settings.get(&key).cloned()
+    }
+}
+
+impl super::bindings_v0_2::kaleidoscope::handler::log::Host for CallState {
+    fn log(
+        &mut self,
+        level: super::bindings_v0_2::kaleidoscope::handler::log::Level,
+        message: String,
+    ) {
+        use super::bindings_v0_2::kaleidoscope::handler::log::Level as Old;
+        let level = match level {
+            Old::Trace => Level::Trace,
+            Old::Debug => Level::Debug,
+            Old::Info => Level::Info,
+            Old::Warn => Level::Warn,
+            Old::Error => Level::Error,
+        };
+        wit_log::Host::log(self, level, message);
+    }
+}
 
 impl super::bindings_v0_1::kaleidoscope::handler::log::Host for CallState {
     fn log(

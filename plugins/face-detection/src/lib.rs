@@ -11,6 +11,10 @@
 //!   same row instead of adding a face.
 //!
 //! A message with no faces is a complete result: the status becomes `COMPLETED` with 0 faces.
+//!
+//! Setting `bbox` (`[plugins.face-detection.settings]`): how to read a `bbox` list. The Google
+//! path sends corners `[xmin, ymin, xmax, ymax]`, the HuggingFace path's documented contract is
+//! `[x, y, width, height]`: `bbox = "corners"` (the default) or `bbox = "xywh"`.
 
 use kaleidoscope_plugin_sdk::{
     self as sdk, Command, Entry, Failure, Fields, Handler, Manifest, log, malformed,
@@ -29,7 +33,8 @@ impl Handler for FaceDetection {
 
     fn handle(entry: Entry) -> Result<Vec<Command>, Failure> {
         let fields = Fields::new(&entry);
-        let commands = to_commands(&fields)?;
+        let layout = BoxLayout::from_settings()?;
+        let commands = to_commands(&fields, layout)?;
         if let Some(announced) = fields.i64("facesDetected")? {
             let listed = commands
                 .iter()
@@ -47,6 +52,30 @@ impl Handler for FaceDetection {
 
 sdk::export_handler!(FaceDetection);
 
+/// How a `bbox` list is laid out (setting `bbox`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BoxLayout {
+    /// `[xmin, ymin, xmax, ymax]` (the Google path; the default).
+    #[default]
+    Corners,
+    /// `[x, y, width, height]` (the HuggingFace path's documented contract).
+    Xywh,
+}
+
+impl BoxLayout {
+    /// The layout the operator set, or the default. A value that is neither is an operator's
+    /// mistake, not the entry's: the entry is retried (and waits) until the setting is fixed.
+    pub fn from_settings() -> Result<Self, Failure> {
+        match sdk::config::get("bbox").as_deref().map(str::trim) {
+            None | Some("corners") => Ok(BoxLayout::Corners),
+            Some("xywh") => Ok(BoxLayout::Xywh),
+            Some(other) => Err(sdk::retry(format!(
+                "setting `bbox` of plugin face-detection is {other:?}; expected \"corners\" or \"xywh\""
+            ))),
+        }
+    }
+}
+
 /// One face, normalised from either shape.
 #[derive(Debug, PartialEq)]
 pub struct Face {
@@ -63,14 +92,14 @@ pub struct Face {
 }
 
 /// The insights status upsert first (so the media's row exists), then one upsert per face.
-pub fn to_commands(fields: &Fields) -> Result<Vec<Command>, Failure> {
+pub fn to_commands(fields: &Fields, layout: BoxLayout) -> Result<Vec<Command>, Failure> {
     let media_id = fields.required_i64("mediaId")?;
     let post_id = fields.i64("postId")?;
     let faces = match fields.json("faces")? {
         Some(Json::Array(items)) => items
             .iter()
             .enumerate()
-            .map(|(index, item)| parse_face(media_id, index, item))
+            .map(|(index, item)| parse_face(media_id, index, item, layout))
             .collect::<Result<Vec<_>, _>>()?,
         Some(other) => {
             return Err(malformed(format!(
@@ -118,7 +147,12 @@ pub fn to_commands(fields: &Fields) -> Result<Vec<Command>, Failure> {
 }
 
 /// Normalises the face at `index` of the list; errors name `faces[index].<key>`.
-pub fn parse_face(media_id: i64, index: usize, item: &Json) -> Result<Face, Failure> {
+pub fn parse_face(
+    media_id: i64,
+    index: usize,
+    item: &Json,
+    layout: BoxLayout,
+) -> Result<Face, Failure> {
     let at = |key: &str| format!("faces[{index}].{key}");
     let face = item.as_object().ok_or_else(|| {
         malformed(format!(
@@ -128,7 +162,7 @@ pub fn parse_face(media_id: i64, index: usize, item: &Json) -> Result<Face, Fail
     })?;
     let (x, y, width, height) = match face.get("bbox") {
         Some(bbox) => {
-            corner_box(bbox).map_err(|why| malformed(format!("`{}`: {why}", at("bbox"))))?
+            read_box(bbox, layout).map_err(|why| malformed(format!("`{}`: {why}", at("bbox"))))?
         }
         None => (
             number(face, "boundingBoxX", &at)?.ok_or_else(|| missing_box(index))?,
@@ -205,26 +239,34 @@ pub fn parse_face(media_id: i64, index: usize, item: &Json) -> Result<Face, Fail
     })
 }
 
-/// Converts `[xmin, ymin, xmax, ymax]` to `(x, y, width, height)`.
-fn corner_box(bbox: &Json) -> Result<(f64, f64, f64, f64), String> {
-    let corners = bbox
+/// Reads a `bbox` list in `layout` as `(x, y, width, height)`.
+fn read_box(bbox: &Json, layout: BoxLayout) -> Result<(f64, f64, f64, f64), String> {
+    let shape = match layout {
+        BoxLayout::Corners => "[xmin, ymin, xmax, ymax]",
+        BoxLayout::Xywh => "[x, y, width, height] (setting bbox = \"xywh\")",
+    };
+    let items = bbox
         .as_array()
         .filter(|items| items.len() == 4)
-        .ok_or_else(|| format!("expected [xmin, ymin, xmax, ymax], got {bbox}"))?;
+        .ok_or_else(|| format!("expected {shape}, got {bbox}"))?;
     let mut numbers = [0.0; 4];
-    for (slot, item) in numbers.iter_mut().zip(corners) {
+    for (slot, item) in numbers.iter_mut().zip(items) {
         *slot = item
             .as_f64()
             .filter(|n| n.is_finite())
             .ok_or_else(|| format!("expected four finite numbers, got {bbox}"))?;
     }
-    let [xmin, ymin, xmax, ymax] = numbers;
-    if xmax < xmin || ymax < ymin {
-        return Err(format!(
-            "corners out of order (xmax < xmin or ymax < ymin): {bbox}"
-        ));
+    match (layout, numbers) {
+        (BoxLayout::Corners, [xmin, ymin, xmax, ymax]) => {
+            if xmax < xmin || ymax < ymin {
+                return Err(format!(
+                    "corners out of order (xmax < xmin or ymax < ymin): {bbox}"
+                ));
+            }
+            Ok((xmin, ymin, xmax - xmin, ymax - ymin))
+        }
+        (BoxLayout::Xywh, [x, y, width, height]) => Ok((x, y, width, height)),
     }
-    Ok((xmin, ymin, xmax - xmin, ymax - ymin))
 }
 
 fn missing_box(index: usize) -> Failure {
@@ -277,7 +319,13 @@ mod tests {
 
     #[test]
     fn corner_boxes_become_x_y_width_height() {
-        let face = parse_face(7, 0, &json!({"faceId": "f1", "bbox": [10, 20, 110, 220]})).unwrap();
+        let face = parse_face(
+            7,
+            0,
+            &json!({"faceId": "f1", "bbox": [10, 20, 110, 220]}),
+            BoxLayout::Corners,
+        )
+        .unwrap();
         assert_eq!(
             (face.x, face.y, face.width, face.height),
             (10.0, 20.0, 100.0, 200.0)
@@ -286,10 +334,27 @@ mod tests {
     }
 
     #[test]
+    fn the_bbox_setting_chooses_the_layout() {
+        let item = json!({"faceId": "f1", "bbox": [10, 20, 100, 200]});
+        assert_eq!(BoxLayout::from_settings().unwrap(), BoxLayout::Corners);
+        sdk::config::set("bbox", Some("xywh"));
+        let layout = BoxLayout::from_settings().unwrap();
+        let face = parse_face(7, 0, &item, layout).unwrap();
+        assert_eq!(
+            (face.x, face.y, face.width, face.height),
+            (10.0, 20.0, 100.0, 200.0)
+        );
+        sdk::config::set("bbox", Some("diagonal"));
+        let error = BoxLayout::from_settings().unwrap_err();
+        assert!(matches!(error, Failure::Retry(ref why) if why.contains("diagonal")));
+        sdk::config::set("bbox", None);
+    }
+
+    #[test]
     fn seed_faces_get_a_deterministic_id() {
         let item = json!({"boundingBoxX": 1.5, "boundingBoxY": 2, "boundingBoxWidth": 3, "boundingBoxHeight": 4});
-        let a = parse_face(7, 0, &item).unwrap();
-        let b = parse_face(7, 3, &item).unwrap();
+        let a = parse_face(7, 0, &item, BoxLayout::Corners).unwrap();
+        let b = parse_face(7, 3, &item, BoxLayout::Corners).unwrap();
         assert_eq!(a.face_id, "7:1.5:2:3:4");
         assert_eq!(a.face_id, b.face_id);
     }
@@ -300,6 +365,7 @@ mod tests {
             1,
             0,
             &json!({"bbox": [0, 0, 1, 1], "embedding": [0.0, 0.0]}),
+            BoxLayout::Corners,
         )
         .unwrap();
         assert_eq!(face.embedding, None);

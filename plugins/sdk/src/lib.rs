@@ -96,6 +96,43 @@ pub fn retry(reason: impl Into<String>) -> Failure {
     Failure::Retry(reason.into())
 }
 
+/// The operator's settings for this plugin: the `[plugins.<name>.settings]` table of the host's
+/// configuration, reloaded while the host runs (contract 0.3.0). Read a setting on every call
+/// (it is a cheap host call) so a change applies from the next entry on, and fall back to a
+/// documented default when it is not set.
+pub mod config {
+    #[cfg(not(target_arch = "wasm32"))]
+    use std::{cell::RefCell, collections::BTreeMap};
+
+    #[cfg(not(target_arch = "wasm32"))]
+    thread_local! {
+        static NATIVE: RefCell<BTreeMap<String, String>> = const { RefCell::new(BTreeMap::new()) };
+    }
+
+    /// The setting `key` as text (numbers and booleans in their TOML spelling), or `None` when
+    /// the operator did not set it. Compiled natively (a plugin's own `cargo test`), it returns
+    /// what [`set`] gave on this thread.
+    pub fn get(key: &str) -> Option<String> {
+        #[cfg(target_arch = "wasm32")]
+        return crate::bindings::kaleidoscope::handler::config::get(key);
+        #[cfg(not(target_arch = "wasm32"))]
+        NATIVE.with(|settings| settings.borrow().get(key).cloned())
+    }
+
+    /// Natively only (unit tests): sets (`Some`) or clears (`None`) what [`get`] returns for
+    /// `key` on this thread, standing in for the operator's configuration.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn set(key: &str, value: Option<&str>) {
+        NATIVE.with(|settings| {
+            let mut settings = settings.borrow_mut();
+            match value {
+                Some(value) => settings.insert(key.to_string(), value.to_string()),
+                None => settings.remove(key),
+            }
+        });
+    }
+}
+
 /// Logging into the host's log. Each line is tagged by the host with plugin, stream and entry id.
 pub mod log {
     use crate::bindings::kaleidoscope::handler::log::Level;

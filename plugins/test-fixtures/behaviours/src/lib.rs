@@ -18,10 +18,20 @@
 //! - `write-table`: insert into the table named by `table` with column `column` = `note`;
 //! - `emit`: emit `note` to the stream named by `target`;
 //! - `probe-sandbox`: like `ok`, with the note describing what the sandbox let through
-//!   (environment variables, the file system, the network).
+//!   (environment variables, the file system, the network);
+//! - `setting`: like `ok`, with the error being the operator's setting named by `note`
+//!   (`<unset>` when there is none);
+//! - `count`: like `ok`, with the error being how many entries this instance has handled,
+//!   this one included (1 on a fresh instance);
+//! - `touch`: upsert `ml_processing_errors` keyed by (`touched`, `note`), setting `received_at`
+//!   to the contract's `now`.
 
 use kaleidoscope_plugin_sdk::{self as sdk, Command, Entry, Failure, Fields};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// Entries handled by this instance (a static lives as long as the instance).
+static HANDLED: AtomicU64 = AtomicU64::new(0);
 
 /// Defines and exports a mock handler: `mock_plugin!("name", ["stream", …], "action")` performs
 /// `action` on every entry; `mock_plugin!("name", ["stream", …], scripted)` performs the action
@@ -72,17 +82,31 @@ macro_rules! mock_plugin {
 pub fn perform(action: &str, entry: &Entry) -> Result<Vec<Command>, Failure> {
     let fields = Fields::new(entry);
     let note = fields.get("note").unwrap_or("").to_string();
-    let ok = || -> Vec<Command> {
+    let handled = HANDLED.fetch_add(1, Ordering::Relaxed) + 1;
+    let recording = |error: &str| -> Vec<Command> {
         vec![
             sdk::insert("ml_processing_errors")
                 .value("source_stream", entry.source.as_str())
                 .value("entry_id", entry.id.as_str())
-                .value("error", note.as_str())
+                .value("error", error)
                 .into(),
         ]
     };
+    let ok = || recording(&note);
     match action {
         "ok" => Ok(ok()),
+        "setting" => Ok(recording(
+            &sdk::config::get(&note).unwrap_or_else(|| "<unset>".to_string()),
+        )),
+        "count" => Ok(recording(&handled.to_string())),
+        "touch" => Ok(vec![
+            sdk::upsert("ml_processing_errors")
+                .key("source_stream", "touched")
+                .key("entry_id", note.as_str())
+                .set("error", "touched")
+                .set("received_at", sdk::Value::Now)
+                .into(),
+        ]),
         "panic" => panic!("scripted panic: {note}"),
         "loop" => {
             let mut counter: u64 = 0;
