@@ -42,7 +42,11 @@ async fn settings_reach_the_plugin_and_follow_the_configuration_file() {
     assert_ne!(config, changed, "the setting line is missing: {config}");
     std::fs::write(&env.config_file, changed).unwrap();
     eventually("the host to reload the settings", || async {
-        (env.host().delivery().policy(SCRIPTED).settings.get("colour")
+        (env.host()
+            .delivery()
+            .policy(SCRIPTED)
+            .settings
+            .get("colour")
             == Some(&"green".to_string()))
         .then_some(())
     })

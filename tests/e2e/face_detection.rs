@@ -165,7 +165,10 @@ async fn the_bbox_setting_reads_boxes_as_x_y_width_height() {
             STREAM,
             &[
                 ("mediaId", "30"),
-                ("faces", r#"[{"faceId": "hf-1", "bbox": [10, 20, 100, 200]}]"#),
+                (
+                    "faces",
+                    r#"[{"faceId": "hf-1", "bbox": [10, 20, 100, 200]}]"#,
+                ),
             ],
         )
         .await;

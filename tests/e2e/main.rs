@@ -25,6 +25,7 @@ mod ledger;
 mod ml_errors;
 mod observability;
 mod protocol;
+mod python;
 mod requests;
 mod sandbox;
 mod toolkit;

@@ -43,10 +43,10 @@ pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A built plugin component: a shipped one from `target/plugins`, or a test fixture from
-/// `target/test-plugins`.
+/// A built plugin component: a shipped one from `target/plugins`, a test fixture from
+/// `target/test-plugins`, or a Python example from `target/examples`.
 pub fn plugin_file(name: &str) -> PathBuf {
-    for dir in ["target/plugins", "target/test-plugins"] {
+    for dir in ["target/plugins", "target/test-plugins", "target/examples"] {
         let file = workspace().join(dir).join(format!("{name}.wasm"));
         if file.exists() {
             return file;

@@ -8,10 +8,10 @@
 //! - [`watch`] notices those changes;
 //! - [`policy`] is what the operator allows each plugin (grants and limits).
 
+mod older_contracts;
 pub mod policy;
 pub mod registry;
 pub mod runtime;
-mod older_contracts;
 pub mod watch;
 
 /// Bindings generated from `wit/handler.wit`; the types of the contract (entries, commands,

@@ -207,7 +207,9 @@ mod tests {
             read("[plugins.p.settings]\nbbox = \"xywh\"\nscale = 2\nstrict = true").expect("valid");
         read_plugins_table(
             &mut policies,
-            &"[plugins.p.settings]\nscale = 0.5".parse().expect("test TOML"),
+            &"[plugins.p.settings]\nscale = 0.5"
+                .parse()
+                .expect("test TOML"),
             Path::new("second.toml"),
         )
         .expect("valid");

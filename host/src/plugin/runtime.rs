@@ -283,9 +283,9 @@ impl PluginRuntime {
         }
         let component = Component::new(&self.engine, bytes)
             .map_err(anyhow::Error::from)
-            .context(
-                "not a valid WebAssembly component (build it with `--target wasm32-wasip2`)",
-            )?;
+            .context("not a valid WebAssembly component (build it with `--target wasm32-wasip2`)");
+        give_back_compiler_memory();
+        let component = component?;
         if let Some(path) = cached {
             let written = component
                 .serialize()
@@ -744,6 +744,20 @@ fn is_runtime_frame(name: &str) -> bool {
     .iter()
     .any(|prefix| name.starts_with(prefix))
         || name.contains("::panicking::")
+}
+
+/// Returns the memory the compiler freed to the operating system. Compiling a large component
+/// (an 18 MB Python one) peaks at hundreds of MB across the compiler's threads; glibc keeps
+/// freed memory in its arenas, so without this a host that compiled one plugin once stays that
+/// large for good (measured: 349 MB resident with the Python example loaded, against ~60 MB when
+/// the same component comes from the compiled cache).
+fn give_back_compiler_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only releases free memory at the tops and in the middle of the
+    // allocator's arenas; it touches no allocation in use and is safe to call from any thread.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Runs `future` to completion on this thread. Inside the host (a blocking thread of its

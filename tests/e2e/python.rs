@@ -1,0 +1,74 @@
+//! The Python example handler (`plugins/caption-quality`, built with componentize-py): a new
+//! stream and a new table (from its operator migration) through the real host.
+
+use crate::support::{Options, TestEnv, workspace};
+
+const STREAM: &str = "caption-quality-results";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_persists_flags_and_dead_letters_like_any_plugin() {
+    let env = TestEnv::prepare(
+        Options::new(&["caption-quality"])
+            .operator_migrations()
+            .plugin_setting("caption-quality", "tables = [\"caption_quality\"]")
+            .plugin_setting("caption-quality", "settings = { min_score = 0.5 }"),
+    )
+    .await;
+    std::fs::copy(
+        workspace().join("plugins/caption-quality/migrations/0001_caption_quality.sql"),
+        env.migrations_dir().join("0001_caption_quality.sql"),
+    )
+    .expect("copy the example's migration");
+    let env = env.with_host().await;
+    let plugin = env
+        .host()
+        .delivery()
+        .registry
+        .snapshot()
+        .for_stream(STREAM)
+        .expect("the Python plugin is loaded");
+    assert_eq!(
+        (plugin.name.as_str(), plugin.contract()),
+        ("caption-quality", "0.3.0")
+    );
+
+    let good = env
+        .publish(
+            STREAM,
+            &[("mediaId", "7"), ("score", "0.9"), ("model", "m1")],
+        )
+        .await;
+    let low = env
+        .publish(STREAM, &[("mediaId", "8"), ("score", "0.2")])
+        .await;
+    let bad = env
+        .publish(STREAM, &[("mediaId", "9"), ("score", "high")])
+        .await;
+    env.await_processed(STREAM, &good).await;
+    env.await_processed(STREAM, &low).await;
+    let rows: Vec<(i64, f64, Option<String>, bool)> = sqlx::query_as(
+        "SELECT media_id, score, model, flagged FROM caption_quality ORDER BY media_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (7, 0.9, Some("m1".to_string()), false),
+            (8, 0.2, None, true)
+        ]
+    );
+    let letter = env.await_dead_letter(STREAM, &bad).await;
+    assert_eq!(letter["failureKind"], "malformed");
+    assert!(
+        letter["error"].contains("field `score`"),
+        "{:?}",
+        letter["error"]
+    );
+    assert!(
+        letter["plugin"].starts_with("caption-quality"),
+        "{letter:?}"
+    );
+    env.finish().await;
+}
