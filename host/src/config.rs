@@ -597,7 +597,11 @@ fn declared_default(key: &str) -> Option<&'static str> {
 
 /// `KALEIDOSCOPE_*` variables that are not settings but are read elsewhere (the CLI's
 /// `--config` default), and so must not be reported as unknown.
-const IGNORED_ENV: &[&str] = &["KALEIDOSCOPE_CONFIG", "KALEIDOSCOPE_LOG_FORMAT"];
+const IGNORED_ENV: &[&str] = &[
+    "KALEIDOSCOPE_CONFIG",
+    "KALEIDOSCOPE_LOG_FORMAT",
+    "KALEIDOSCOPE_COMPONENTIZE_PY",
+];
 
 /// The host name: stable across restarts of one instance, distinct between machines.
 fn default_consumer_name() -> String {

@@ -32,6 +32,7 @@
 //!   [`demo`];
 //! - [`text`]: making outside text (plugin reasons, log lines) safe to store.
 
+pub mod authoring;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -265,6 +265,44 @@ pub enum DlqCommand {
 /// `kaleidoscope plugin …`.
 #[derive(Subcommand)]
 pub enum PluginCommand {
+    /// Write a complete, buildable plugin project for a new stream (handler, native unit tests,
+    /// recorded entries for `plugin test`, the table's migration, the grant, a README), with the
+    /// contract and the SDK inside it, so it builds outside this repository.
+    New {
+        /// The plugin's name (crate, manifest and grants), e.g. `caption-quality`.
+        name: String,
+        /// The stream it handles.
+        #[arg(long)]
+        stream: String,
+        /// The language of the handler.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: crate::authoring::Language,
+        /// The table the example handler writes (default: the name, `-` as `_`).
+        #[arg(long)]
+        table: Option<String>,
+        /// Where to write the project (default: `./<name>`).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Build the plugin project in DIR into a component (Rust: cargo for `wasm32-wasip2`;
+    /// Python: componentize-py, found through `KALEIDOSCOPE_COMPONENTIZE_PY`, the project's
+    /// `.venv`, or `PATH`) and print its path.
+    Build {
+        /// The project (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Build the project in DIR and deploy it into the running hosts, then again on every save,
+    /// showing what each host made of it and how the plugin's new entries come out.
+    #[command(after_long_help = config::env_help())]
+    Dev {
+        /// The project (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Give up waiting for the hosts after this many seconds per deploy.
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        timeout: u64,
+    },
     /// Install a plugin file into the plugins directory (atomically: copied beside it, then
     /// renamed) and wait until every running host of the group reports it loaded — or why it did
     /// not load (exit 1).
@@ -276,14 +314,16 @@ pub enum PluginCommand {
         #[arg(long, default_value_t = 60, value_name = "SECONDS")]
         timeout: u64,
     },
-    /// Run a plugin on recorded entries (`DIR/*.jsonl`, one `{"fields": {…}}` per line) and
-    /// compare each outcome (what `plugin exec` prints) with `DIR/<name>.expected.jsonl`. Exits 1
-    /// when one differs or has no expected outcome; `--update` writes the expected files.
+    /// Run a plugin on recorded entries (`*.jsonl`, one `{"fields": {…}}` per line) and compare
+    /// each outcome (what `plugin exec` prints) with `<name>.expected.jsonl`. Exits 1 when one
+    /// differs or has no expected outcome; `--update` writes the expected files. Given a project
+    /// folder, builds it and runs its `tests/` (with its `kaleidoscope.toml` as the configuration
+    /// unless one is given).
     Test {
-        /// The `.wasm` component.
+        /// A plugin project folder, or a `.wasm` component.
         file: PathBuf,
-        /// The directory of recorded entries.
-        dir: PathBuf,
+        /// The directory of recorded entries (with a component; a project's is `tests/`).
+        dir: Option<PathBuf>,
         /// Write the expected files from what the plugin does now.
         #[arg(long)]
         update: bool,

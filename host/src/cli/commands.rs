@@ -272,16 +272,57 @@ pub(super) fn plugin(
     command: PluginCommand,
     catalog: Option<&Catalog>,
 ) -> Result<ExitCode> {
-    let config = load_config(config_file)?;
+    // A project's own grants when no configuration is given.
+    let project_config = match &command {
+        PluginCommand::Test { file, .. } if file.is_dir() && config_file.is_none() => {
+            Some(file.join("kaleidoscope.toml")).filter(|f| f.is_file())
+        }
+        _ => None,
+    };
+    let config = load_config(config_file.or(project_config.as_deref()))?;
     match command {
         // Async, so run by `execute` directly.
-        PluginCommand::Deploy { .. } => anyhow::bail!("plugin deploy runs on the async runtime"),
+        PluginCommand::Deploy { .. } | PluginCommand::Dev { .. } => {
+            anyhow::bail!("plugin deploy and dev run on the async runtime")
+        }
+        PluginCommand::New {
+            name,
+            stream,
+            lang,
+            table,
+            dir,
+        } => {
+            let request = crate::authoring::scaffold::NewPlugin {
+                name,
+                stream,
+                table,
+                language: lang,
+                dir,
+            };
+            let dir = crate::authoring::scaffold::create(&request)?;
+            println!("created {} ({:?}); next: see {}", dir.display(), lang, dir.join("README.md").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Build { dir } => {
+            let file = crate::authoring::build(&dir)?;
+            println!("{}", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
         PluginCommand::Test {
             file,
             dir,
             update,
             database: _,
         } => {
+            let (file, dir) = if file.is_dir() {
+                let cases = dir.unwrap_or_else(|| file.join("tests"));
+                (crate::authoring::build(&file)?, cases)
+            } else {
+                let dir = dir.context(
+                    "give the directory of recorded entries after the component (or give a project folder)",
+                )?;
+                (file, dir)
+            };
             let plugin = toolkit::load(&config, &file)
                 .with_context(|| format!("{} would not load", file.display()))?;
             let results = toolkit::test_dir(&config, &plugin, &dir, update, catalog)?;

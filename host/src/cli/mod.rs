@@ -140,6 +140,15 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             file: plugin,
             timeout,
         }) => commands::deploy(&load_config(file)?, &plugin, timeout).await,
+        Command::Plugin(args::PluginCommand::Dev { dir, timeout }) => {
+            crate::authoring::dev::run(
+                &load_config(file)?,
+                &dir,
+                std::time::Duration::from_secs(timeout),
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Plugin(command) => {
             // The schema to check `plugin exec`'s commands against is read here, where the
             // database can be awaited.

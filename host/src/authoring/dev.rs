@@ -1,0 +1,152 @@
+//! `plugin dev DIR`: the inner loop. Builds the project, deploys the component into the running
+//! hosts' plugins directory and shows what each host made of it, then shows how the new entries
+//! of the plugin come out (processed, or dead-lettered with the reason) — and starts again on
+//! every save.
+
+use crate::config::Config;
+use anyhow::{Context, Result};
+use notify::{EventKind, RecursiveMode, Watcher};
+use std::path::{Component, Path};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How long a burst of file events (an editor's save) is let settle before rebuilding.
+const SETTLE: Duration = Duration::from_millis(300);
+/// How often new outcomes are looked for.
+const OUTCOMES_EVERY: Duration = Duration::from_secs(1);
+/// The most outcome lines printed per look, so a backlog does not flood the terminal.
+const OUTCOME_LINES: i64 = 20;
+
+/// Runs until interrupted.
+pub async fn run(config: &Config, dir: &Path, deploy_timeout: Duration) -> Result<()> {
+    let (_watcher, mut changes) = watch_sources(dir)?;
+    let pool = crate::persist::connect_existing(&config.database_url, &config.database_timeouts)
+        .await
+        .ok();
+    if pool.is_none() {
+        println!("(cannot reach {}: entry outcomes will not be shown)", crate::persist::redact(&config.database_url));
+    }
+    loop {
+        let deployed = build_and_deploy(config, dir, deploy_timeout).await;
+        let mut since = chrono_now(pool.as_ref()).await;
+        println!("watching {} for changes (Ctrl-C to stop)", dir.display());
+        loop {
+            tokio::select! {
+                changed = changes.recv() => {
+                    changed.context("the file watcher stopped")?;
+                    // Let the burst of events of one save settle.
+                    tokio::time::sleep(SETTLE).await;
+                    while changes.try_recv().is_ok() {}
+                    break;
+                }
+                _ = tokio::time::sleep(OUTCOMES_EVERY) => {
+                    if let (Some(pool), Some(name)) = (&pool, &deployed) {
+                        since = print_outcomes(pool, name, since).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Builds and deploys; returns the plugin's name when some host loaded it.
+async fn build_and_deploy(config: &Config, dir: &Path, timeout: Duration) -> Option<String> {
+    println!("building {}", dir.display());
+    let project = dir.to_path_buf();
+    let built = tokio::task::spawn_blocking(move || super::build(&project)).await;
+    let file = match built {
+        Ok(Ok(file)) => file,
+        Ok(Err(error)) => {
+            println!("build failed: {error:#}");
+            return None;
+        }
+        Err(error) => {
+            println!("build failed: {error}");
+            return None;
+        }
+    };
+    let deployed = async {
+        let (target, sha256) = crate::deploy::install(config, &file)?;
+        println!("deployed {} (sha256 {})", target.display(), &sha256[..12]);
+        let mut conn = crate::redis_connection::open(&config.redis_url).await?;
+        crate::deploy::await_hosts(&mut conn, config, &target, &sha256, timeout).await
+    };
+    match deployed.await {
+        Ok(hosts) if hosts.is_empty() => {
+            println!("no host of group {:?} is running: start one with `kaleidoscope run`", config.consumer_group);
+            None
+        }
+        Ok(hosts) => {
+            let mut loaded = None;
+            for host in hosts {
+                println!("{}: {} {}", host.host, host.outcome, host.detail);
+                if host.outcome == "loaded" {
+                    loaded = host.detail.split_whitespace().next().map(str::to_string);
+                }
+            }
+            loaded
+        }
+        Err(error) => {
+            println!("deploy failed: {error:#}");
+            None
+        }
+    }
+}
+
+/// The database's clock (the ledger's), or nothing without a database.
+async fn chrono_now(pool: Option<&sqlx::PgPool>) -> Option<String> {
+    let pool = pool?;
+    sqlx::query_scalar("SELECT now()::text").fetch_one(pool).await.ok()
+}
+
+/// Prints the ledger's outcomes for `plugin` after `since`; returns the new `since`.
+async fn print_outcomes(pool: &sqlx::PgPool, plugin: &str, since: Option<String>) -> Option<String> {
+    let since = since?;
+    let rows: Vec<(String, String, String, String, String)> = sqlx::query_as(
+        "SELECT stream, entry_id, plugin_version, outcome, processed_at::text FROM processed_entries
+          WHERE plugin = $1 AND processed_at > $2::timestamptz ORDER BY processed_at LIMIT $3",
+    )
+    .bind(plugin)
+    .bind(&since)
+    .bind(OUTCOME_LINES)
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    let mut latest = since;
+    for (stream, entry_id, version, outcome, at) in rows {
+        let hint = if outcome == "dead-lettered" {
+            format!("  (kaleidoscope dlq list --stream {stream})")
+        } else {
+            String::new()
+        };
+        println!("{stream} {entry_id}: {outcome} by {plugin}@{version}{hint}");
+        latest = at;
+    }
+    Some(latest)
+}
+
+/// Watches the project's sources: every change outside `target/`, `.venv/`, `__pycache__/` and
+/// `.git/` sends a unit.
+fn watch_sources(dir: &Path) -> Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let root = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let ignored = move |path: &Path| {
+        let path = path.strip_prefix(&root).unwrap_or(path);
+        path.components().any(|c| {
+            matches!(c, Component::Normal(name) if [".git", "target", ".venv", "__pycache__"].iter().any(|i| name == *i))
+        }) || path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && !matches!(event.kind, EventKind::Access(_))
+            && event.paths.iter().any(|p| !ignored(p))
+        {
+            let _ = tx.send(());
+        }
+    })
+    .context("cannot create a file watcher")?;
+    watcher
+        .watch(dir, RecursiveMode::Recursive)
+        .with_context(|| format!("cannot watch {}", dir.display()))?;
+    Ok((watcher, rx))
+}
