@@ -60,7 +60,10 @@ async fn follow_the_guide(language: &str, name: &str) {
         run(Command::new("cargo")
             .args(["test", "--quiet", "--manifest-path"])
             .arg(project.join("Cargo.toml"))
-            .env("CARGO_TARGET_DIR", workspace().join("target/guide-projects")));
+            .env(
+                "CARGO_TARGET_DIR",
+                workspace().join("target/guide-projects"),
+            ));
     }
     // 3. A component.
     let built = run(&mut tool(&["plugin", "build", project.to_str().unwrap()]));
@@ -146,6 +149,9 @@ fn the_guide_names_the_commands_the_test_follows() {
         "KALEIDOSCOPE_MIGRATIONS_DIR",
         "--lang python",
     ] {
-        assert!(guide.contains(step), "docs/plugins.md does not mention {step}");
+        assert!(
+            guide.contains(step),
+            "docs/plugins.md does not mention {step}"
+        );
     }
 }

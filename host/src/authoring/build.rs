@@ -53,13 +53,23 @@ fn build_rust(dir: &Path) -> Result<PathBuf> {
     }
     let manifest = dir.join("Cargo.toml");
     let output = Command::new("cargo")
-        .args(["build", "--release", "--target", "wasm32-wasip2", "--message-format=json-render-diagnostics", "--manifest-path"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--message-format=json-render-diagnostics",
+            "--manifest-path",
+        ])
         .arg(&manifest)
         .stderr(Stdio::inherit())
         .output()
         .context("cannot run cargo (is Rust installed? https://rustup.rs)")?;
     if !output.status.success() {
-        bail!("cargo could not build {} (its errors are above)", manifest.display());
+        bail!(
+            "cargo could not build {} (its errors are above)",
+            manifest.display()
+        );
     }
     // The cdylib's `.wasm` among the artefacts cargo reports.
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -127,7 +137,10 @@ fn build_python(dir: &Path) -> Result<PathBuf> {
         std::fs::write(scratch.join("wit/handler.wit"), super::scaffold::WIT)?;
         scratch.join("wit")
     };
-    std::fs::write(scratch.join("kaleidoscope_sdk.py"), super::scaffold::PYTHON_SDK)?;
+    std::fs::write(
+        scratch.join("kaleidoscope_sdk.py"),
+        super::scaffold::PYTHON_SDK,
+    )?;
     let out_dir = dir.join("target");
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
@@ -154,7 +167,6 @@ fn build_python(dir: &Path) -> Result<PathBuf> {
             dir.join("app.py").display()
         );
     }
-    std::fs::rename(&partial, &out)
-        .with_context(|| format!("cannot write {}", out.display()))?;
+    std::fs::rename(&partial, &out).with_context(|| format!("cannot write {}", out.display()))?;
     Ok(out)
 }

@@ -24,7 +24,10 @@ pub async fn run(config: &Config, dir: &Path, deploy_timeout: Duration) -> Resul
         .await
         .ok();
     if pool.is_none() {
-        println!("(cannot reach {}: entry outcomes will not be shown)", crate::persist::redact(&config.database_url));
+        println!(
+            "(cannot reach {}: entry outcomes will not be shown)",
+            crate::persist::redact(&config.database_url)
+        );
     }
     loop {
         let deployed = build_and_deploy(config, dir, deploy_timeout).await;
@@ -73,7 +76,10 @@ async fn build_and_deploy(config: &Config, dir: &Path, timeout: Duration) -> Opt
     };
     match deployed.await {
         Ok(hosts) if hosts.is_empty() => {
-            println!("no host of group {:?} is running: start one with `kaleidoscope run`", config.consumer_group);
+            println!(
+                "no host of group {:?} is running: start one with `kaleidoscope run`",
+                config.consumer_group
+            );
             None
         }
         Ok(hosts) => {
@@ -96,11 +102,18 @@ async fn build_and_deploy(config: &Config, dir: &Path, timeout: Duration) -> Opt
 /// The database's clock (the ledger's), or nothing without a database.
 async fn chrono_now(pool: Option<&sqlx::PgPool>) -> Option<String> {
     let pool = pool?;
-    sqlx::query_scalar("SELECT now()::text").fetch_one(pool).await.ok()
+    sqlx::query_scalar("SELECT now()::text")
+        .fetch_one(pool)
+        .await
+        .ok()
 }
 
 /// Prints the ledger's outcomes for `plugin` after `since`; returns the new `since`.
-async fn print_outcomes(pool: &sqlx::PgPool, plugin: &str, since: Option<String>) -> Option<String> {
+async fn print_outcomes(
+    pool: &sqlx::PgPool,
+    plugin: &str,
+    since: Option<String>,
+) -> Option<String> {
     let since = since?;
     let rows: Vec<(String, String, String, String, String)> = sqlx::query_as(
         "SELECT stream, entry_id, plugin_version, outcome, processed_at::text FROM processed_entries

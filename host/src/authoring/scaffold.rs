@@ -18,32 +18,62 @@ pub const PYTHON_REQUIREMENTS: &str = include_str!("../../../plugins/sdk-python/
 
 /// The Rust SDK's files, vendored into `sdk/` (its bindings read `sdk/wit/`).
 const RUST_SDK: &[(&str, &str)] = &[
-    ("sdk/Cargo.toml", include_str!("../../templates/rust/sdk-Cargo.toml")),
-    ("sdk/src/lib.rs", include_str!("../../../plugins/sdk/src/lib.rs")),
-    ("sdk/src/commands.rs", include_str!("../../../plugins/sdk/src/commands.rs")),
-    ("sdk/src/fields.rs", include_str!("../../../plugins/sdk/src/fields.rs")),
+    (
+        "sdk/Cargo.toml",
+        include_str!("../../templates/rust/sdk-Cargo.toml"),
+    ),
+    (
+        "sdk/src/lib.rs",
+        include_str!("../../../plugins/sdk/src/lib.rs"),
+    ),
+    (
+        "sdk/src/commands.rs",
+        include_str!("../../../plugins/sdk/src/commands.rs"),
+    ),
+    (
+        "sdk/src/fields.rs",
+        include_str!("../../../plugins/sdk/src/fields.rs"),
+    ),
     ("sdk/wit/handler.wit", WIT),
 ];
 
 const RUST_FILES: &[(&str, &str)] = &[
-    ("Cargo.toml", include_str!("../../templates/rust/Cargo.toml")),
-    ("src/lib.rs", include_str!("../../templates/rust/src/lib.rs")),
+    (
+        "Cargo.toml",
+        include_str!("../../templates/rust/Cargo.toml"),
+    ),
+    (
+        "src/lib.rs",
+        include_str!("../../templates/rust/src/lib.rs"),
+    ),
     ("README.md", include_str!("../../templates/rust/README.md")),
     (".gitignore", include_str!("../../templates/rust/gitignore")),
 ];
 
 const PYTHON_FILES: &[(&str, &str)] = &[
     ("app.py", include_str!("../../templates/python/app.py")),
-    ("README.md", include_str!("../../templates/python/README.md")),
-    (".gitignore", include_str!("../../templates/python/gitignore")),
+    (
+        "README.md",
+        include_str!("../../templates/python/README.md"),
+    ),
+    (
+        ".gitignore",
+        include_str!("../../templates/python/gitignore"),
+    ),
     ("kaleidoscope_sdk.py", PYTHON_SDK),
     ("requirements.txt", PYTHON_REQUIREMENTS),
     ("wit/handler.wit", WIT),
 ];
 
 const COMMON_FILES: &[(&str, &str)] = &[
-    ("kaleidoscope.toml", include_str!("../../templates/common/kaleidoscope.toml")),
-    ("tests/entries.jsonl", include_str!("../../templates/common/entries.jsonl")),
+    (
+        "kaleidoscope.toml",
+        include_str!("../../templates/common/kaleidoscope.toml"),
+    ),
+    (
+        "tests/entries.jsonl",
+        include_str!("../../templates/common/entries.jsonl"),
+    ),
 ];
 
 /// What `plugin new` was asked for.
@@ -83,7 +113,10 @@ pub fn create(request: &NewPlugin) -> Result<PathBuf> {
             request.stream
         );
     }
-    let table = request.table.clone().unwrap_or_else(|| name.replace('-', "_"));
+    let table = request
+        .table
+        .clone()
+        .unwrap_or_else(|| name.replace('-', "_"));
     if !identifier(&table) || table.contains('-') {
         bail!("table {table:?}: use lowercase letters, digits and `_`, starting with a letter");
     }
@@ -94,7 +127,10 @@ pub fn create(request: &NewPlugin) -> Result<PathBuf> {
             .next()
             .is_some()
     {
-        bail!("{} exists and is not empty: choose another --dir", dir.display());
+        bail!(
+            "{} exists and is not empty: choose another --dir",
+            dir.display()
+        );
     }
 
     let fill = |text: &str| {
@@ -110,7 +146,10 @@ pub fn create(request: &NewPlugin) -> Result<PathBuf> {
             .chain(RUST_SDK.iter().map(|(path, text)| {
                 // In this repository the SDK reads the contract from `../../wit`; vendored, from
                 // its own `wit/`.
-                (path.to_string(), text.replace("path: \"../../wit\"", "path: \"wit\""))
+                (
+                    path.to_string(),
+                    text.replace("path: \"../../wit\"", "path: \"wit\""),
+                )
             }))
             .collect(),
         Language::Python => PYTHON_FILES
@@ -149,7 +188,10 @@ mod tests {
         let workspace = include_str!("../../../plugins/Cargo.toml");
         let vendored = include_str!("../../templates/rust/sdk-Cargo.toml");
         for line in vendored.lines().filter(|l| l.starts_with("wit-bindgen")) {
-            assert!(workspace.contains(line), "{line} differs from plugins/Cargo.toml");
+            assert!(
+                workspace.contains(line),
+                "{line} differs from plugins/Cargo.toml"
+            );
         }
         assert!(
             include_str!("../../../plugins/sdk/src/lib.rs").contains("path: \"../../wit\""),

@@ -300,7 +300,12 @@ pub(super) fn plugin(
                 dir,
             };
             let dir = crate::authoring::scaffold::create(&request)?;
-            println!("created {} ({:?}); next: see {}", dir.display(), lang, dir.join("README.md").display());
+            println!(
+                "created {} ({:?}); next: see {}",
+                dir.display(),
+                lang,
+                dir.join("README.md").display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         PluginCommand::Build { dir } => {
