@@ -5,7 +5,7 @@
 //! of the new stream landing in the new table. In Rust and in Python.
 
 use crate::support::{Options, TestEnv, eventually, unique, workspace};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Runs `command`, failing the test with its output when it fails; returns its stdout.
@@ -20,58 +20,45 @@ fn run(command: &mut Command) -> String {
     text
 }
 
-/// Follows the guide for a plugin in `language`; `name` is fixed per language so the build
-/// caches of earlier runs apply.
-async fn follow_the_guide(language: &str, name: &str) {
-    let env = TestEnv::start(Options::new(&[]).operator_migrations()).await;
-    let stream = format!("{name}-results");
+/// The `kaleidoscope` binary for `env`, with the build tools the guide's commands use.
+fn tool(env: &TestEnv, args: &[&str]) -> Command {
+    let mut command = env.binary(args);
+    // Built per run otherwise: the Rust projects' dependencies are shared between runs.
+    command.env(
+        "CARGO_TARGET_DIR",
+        workspace().join("target/guide-projects"),
+    );
+    command.env(
+        "KALEIDOSCOPE_COMPONENTIZE_PY",
+        workspace().join("target/python-env/bin/componentize-py"),
+    );
+    command
+}
+
+/// `plugin new` in a folder outside this repository, as a team's own project would be.
+fn new_project(env: &TestEnv, language: &str, name: &str) -> PathBuf {
+    let project = std::env::temp_dir().join(unique("guide")).join(name);
+    run(&mut tool(
+        env,
+        &[
+            "plugin",
+            "new",
+            name,
+            "--stream",
+            &format!("{name}-results"),
+            "--lang",
+            language,
+            "--dir",
+            project.to_str().unwrap(),
+        ],
+    ));
+    project
+}
+
+/// The operator's part (guide step 2.5): the project's grant into the host's configuration, its
+/// table into the migrations directory — while the host runs.
+async fn operator_adds(env: &TestEnv, project: &Path, name: &str) {
     let table = name.replace('-', "_");
-    // Outside this repository, as a team's own project would be.
-    let parent = std::env::temp_dir().join(unique("guide"));
-    let project = parent.join(name);
-    let tool = |args: &[&str]| {
-        let mut command = env.binary(args);
-        // Built per run otherwise: the Rust project's dependencies are shared between runs.
-        command.env(
-            "CARGO_TARGET_DIR",
-            workspace().join("target/guide-projects"),
-        );
-        command.env(
-            "KALEIDOSCOPE_COMPONENTIZE_PY",
-            workspace().join("target/python-env/bin/componentize-py"),
-        );
-        command
-    };
-
-    // 1. A new project.
-    run(&mut tool(&[
-        "plugin",
-        "new",
-        name,
-        "--stream",
-        &stream,
-        "--lang",
-        language,
-        "--dir",
-        project.to_str().unwrap(),
-    ]));
-    // 2. Its own unit tests (Rust: natively, logging included).
-    if language == "rust" {
-        run(Command::new("cargo")
-            .args(["test", "--quiet", "--manifest-path"])
-            .arg(project.join("Cargo.toml"))
-            .env(
-                "CARGO_TARGET_DIR",
-                workspace().join("target/guide-projects"),
-            ));
-    }
-    // 3. A component.
-    let built = run(&mut tool(&["plugin", "build", project.to_str().unwrap()]));
-    let component = PathBuf::from(built.trim());
-    assert!(component.is_file(), "{built}");
-
-    // 4. The operator's part: the grant into the host's configuration, the table into its
-    //    migrations directory — while it runs.
     let grant = std::fs::read_to_string(project.join("kaleidoscope.toml")).unwrap();
     let config = std::fs::read_to_string(&env.config_file).unwrap();
     std::fs::write(&env.config_file, format!("{config}\n{grant}")).unwrap();
@@ -88,6 +75,35 @@ async fn follow_the_guide(language: &str, name: &str) {
         (granted && env.host().delivery().knows_table(&table)).then_some(())
     })
     .await;
+}
+
+/// Follows the guide for a plugin in `language`; `name` is fixed per language so the build
+/// caches of earlier runs apply.
+async fn follow_the_guide(language: &str, name: &str) {
+    let env = TestEnv::start(Options::new(&[]).operator_migrations()).await;
+    let stream = format!("{name}-results");
+    let table = name.replace('-', "_");
+    let tool = |args: &[&str]| tool(&env, args);
+
+    // 1. A new project.
+    let project = new_project(&env, language, name);
+    // 2. Its own unit tests (Rust: natively, logging included).
+    if language == "rust" {
+        run(Command::new("cargo")
+            .args(["test", "--quiet", "--manifest-path"])
+            .arg(project.join("Cargo.toml"))
+            .env(
+                "CARGO_TARGET_DIR",
+                workspace().join("target/guide-projects"),
+            ));
+    }
+    // 3. A component.
+    let built = run(&mut tool(&["plugin", "build", project.to_str().unwrap()]));
+    let component = PathBuf::from(built.trim());
+    assert!(component.is_file(), "{built}");
+
+    // 4. The operator's part: the grant and the table, while the host runs.
+    operator_adds(&env, &project, name).await;
 
     // 5. Golden tests: record, then check (against the live schema too).
     let project_arg = project.to_str().unwrap();
@@ -122,7 +138,7 @@ async fn follow_the_guide(language: &str, name: &str) {
     .await
     .unwrap();
     assert_eq!(label, "cat");
-    let _ = std::fs::remove_dir_all(&parent);
+    let _ = std::fs::remove_dir_all(project.parent().unwrap());
     env.finish().await;
 }
 
@@ -134,6 +150,62 @@ async fn the_guide_takes_a_rust_plugin_from_nothing_to_a_running_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guide_takes_a_python_plugin_from_nothing_to_a_running_host() {
     follow_the_guide("python", "guide-python").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_dev_redeploys_on_save_and_shows_how_entries_come_out() {
+    let name = "guide-dev";
+    let env = TestEnv::start(Options::new(&[]).operator_migrations()).await;
+    let project = new_project(&env, "rust", name);
+    operator_adds(&env, &project, name).await;
+    // A first build outside any deadline (cold, it compiles the SDK's dependencies).
+    run(&mut tool(
+        &env,
+        &["plugin", "build", project.to_str().unwrap()],
+    ));
+    let output = project.parent().unwrap().join("dev.out");
+    let mut dev = tool(&env, &["plugin", "dev", project.to_str().unwrap()])
+        .stdout(std::fs::File::create(&output).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start plugin dev");
+    let printed = |text: String| {
+        let output = output.clone();
+        async move {
+            eventually(&format!("plugin dev to print {text:?}"), || async {
+                std::fs::read_to_string(&output)
+                    .ok()
+                    .filter(|out| out.contains(&text))
+            })
+            .await
+        }
+    };
+    printed(format!("loaded {name} 0.1.0")).await;
+    let id = env
+        .publish(
+            &format!("{name}-results"),
+            &[("mediaId", "1"), ("label", "x")],
+        )
+        .await;
+    printed(format!("{id}: processed by {name}@0.1.0")).await;
+    let bad = env
+        .publish(&format!("{name}-results"), &[("label", "no media")])
+        .await;
+    printed(format!("{bad}: dead-lettered by {name}@0.1.0")).await;
+
+    // A save: rebuilt and redeployed, no host restart.
+    let manifest = project.join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace("version = \"0.1.0\"", "version = \"0.1.1\""),
+    )
+    .unwrap();
+    printed(format!("loaded {name} 0.1.1")).await;
+    let _ = dev.kill();
+    let _ = dev.wait();
+    let _ = std::fs::remove_dir_all(project.parent().unwrap());
+    env.finish().await;
 }
 
 /// A project is where the guide says it is.

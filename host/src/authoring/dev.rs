@@ -31,6 +31,10 @@ pub async fn run(config: &Config, dir: &Path, deploy_timeout: Duration) -> Resul
     }
     loop {
         let deployed = build_and_deploy(config, dir, deploy_timeout).await;
+        // The sources as built (after the build: cargo itself rewrites `Cargo.lock` when the
+        // version changes). Events that leave them so — the build's own writes, an editor
+        // touching a file — do not start another build.
+        let mut built_from = fingerprint(dir);
         let mut since = chrono_now(pool.as_ref()).await;
         println!("watching {} for changes (Ctrl-C to stop)", dir.display());
         loop {
@@ -40,7 +44,11 @@ pub async fn run(config: &Config, dir: &Path, deploy_timeout: Duration) -> Resul
                     // Let the burst of events of one save settle.
                     tokio::time::sleep(SETTLE).await;
                     while changes.try_recv().is_ok() {}
-                    break;
+                    let now = fingerprint(dir);
+                    if now != built_from {
+                        break;
+                    }
+                    built_from = now;
                 }
                 _ = tokio::time::sleep(OUTCOMES_EVERY) => {
                     if let (Some(pool), Some(name)) = (&pool, &deployed) {
@@ -138,17 +146,51 @@ async fn print_outcomes(
     Some(latest)
 }
 
+/// Directories that are not sources: build output, environments, caches, version control.
+const NOT_SOURCES: [&str; 4] = [".git", "target", ".venv", "__pycache__"];
+
+/// Whether `path` (relative to the project) is outside the sources.
+fn not_a_source(path: &Path) -> bool {
+    path.components()
+        .any(|c| matches!(c, Component::Normal(name) if NOT_SOURCES.iter().any(|n| name == *n)))
+        || path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+}
+
+/// A hash of the sources' names, sizes and modification times.
+fn fingerprint(dir: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let mut pending = vec![dir.to_path_buf()];
+    let mut files = Vec::new();
+    while let Some(next) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&next) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if not_a_source(path.strip_prefix(dir).unwrap_or(&path)) {
+                continue;
+            }
+            match entry.metadata() {
+                Ok(meta) if meta.is_dir() => pending.push(path),
+                Ok(meta) => files.push((path, meta.len(), meta.modified().ok())),
+                Err(_) => {}
+            }
+        }
+    }
+    files.sort();
+    files.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// Watches the project's sources: every change outside `target/`, `.venv/`, `__pycache__/` and
 /// `.git/` sends a unit.
 fn watch_sources(dir: &Path) -> Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
     let (tx, rx) = mpsc::unbounded_channel();
     let root = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let ignored = move |path: &Path| {
-        let path = path.strip_prefix(&root).unwrap_or(path);
-        path.components().any(|c| {
-            matches!(c, Component::Normal(name) if [".git", "target", ".venv", "__pycache__"].iter().any(|i| name == *i))
-        }) || path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
-    };
+    let ignored = move |path: &Path| not_a_source(path.strip_prefix(&root).unwrap_or(path));
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
             && !matches!(event.kind, EventKind::Access(_))

@@ -49,12 +49,17 @@ fn init_logging(cli: &Cli) {
     let default_filter = if matches!(cli.command, Command::Demo { .. }) {
         "warn"
     } else {
-        "info,sqlx::postgres::notice=warn"
+        // The file watcher's bookkeeping (a watched directory that vanished) is not news either.
+        "info,sqlx::postgres::notice=warn,notify=warn"
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // Colours only for a person at a terminal: never in a file or a pipe, never with NO_COLOR.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),
