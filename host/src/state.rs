@@ -36,6 +36,9 @@ pub struct HostState {
     /// The plugins' grants: [`Config::plugins`] at start, then whatever the configuration file
     /// says after each change (see [`HostState::reload_policies`]).
     policies: RwLock<Arc<BTreeMap<String, PluginPolicy>>>,
+    /// Every stream this host has consumed since it started: one that loses its plugin stays
+    /// here, so readiness says its entries wait unread.
+    consumed: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl HostState {
@@ -58,7 +61,17 @@ impl HostState {
             registry,
             catalog: RwLock::new((Arc::new(catalog), Instant::now())),
             config,
+            consumed: Default::default(),
         }
+    }
+
+    /// Records that this host consumes `stream` (see [`HostState::not_ready`]).
+    pub fn note_consumed(&self, stream: &str) {
+        let mut consumed = match self.consumed.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        consumed.insert(stream.to_string());
     }
 
     /// What plugin `name` may write now (no grants if it has none).
@@ -99,13 +112,36 @@ impl HostState {
         true
     }
 
-    /// Why this host is not ready to do its work (empty when it is): PostgreSQL or Redis out, or
-    /// no plugin loaded. The one readiness of the host: `/readyz`, the `kaleidoscope_ready`
+    /// Why this host is not ready to do its work (empty when it is): PostgreSQL or Redis out, no
+    /// plugin loaded, a plugin file that did not load (its stream is unread), or a stream this
+    /// host consumed that lost its plugin (its entries wait). The one readiness of the host: `/readyz`, the `kaleidoscope_ready`
     /// gauge and the heartbeat that `kaleidoscope status` reads all answer from it.
     pub fn not_ready(&self) -> Vec<String> {
         let mut problems = self.health.problems();
-        if self.registry.snapshot().plugins().is_empty() {
+        let plugins = self.registry.snapshot();
+        if plugins.plugins().is_empty() {
             problems.push("no plugin is loaded".to_string());
+        }
+        // A file that did not load serves nothing: whatever stream it was meant for is unread.
+        for failure in plugins.failures() {
+            if !plugins.plugins().iter().any(|p| p.file == failure.file) {
+                let reason = failure.reason.lines().next().unwrap_or_default();
+                problems.push(format!(
+                    "plugin file {} did not load: {reason}",
+                    failure.file.display()
+                ));
+            }
+        }
+        let consumed = match self.consumed.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        for stream in consumed {
+            if plugins.for_stream(&stream).is_none() {
+                problems.push(format!(
+                    "stream {stream} has no loaded plugin any more: its entries wait unread"
+                ));
+            }
         }
         problems
     }

@@ -189,6 +189,65 @@ async fn status_json_reports_streams_dead_letters_requests_and_plugins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_false_while_a_stream_lacks_its_plugin() {
+    let env = TestEnv::start(
+        Options::new(&["insights", "scripted"]).set("KALEIDOSCOPE_HTTP_ADDR", "127.0.0.1:0"),
+    )
+    .await;
+    let addr = env.host().http_addr().expect("HTTP is enabled");
+    assert_eq!(get(addr, "/readyz").0, 200);
+
+    // A plugin file that does not load: whatever it was meant to serve is unread.
+    std::fs::write(env.plugins_dir.join("broken.wasm"), b"\0asm not really").unwrap();
+    env.host().reload_plugins().await.unwrap();
+    let (status, body) = get(addr, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("broken.wasm did not load"), "{body}");
+    std::fs::remove_file(env.plugins_dir.join("broken.wasm")).unwrap();
+    env.host().reload_plugins().await.unwrap();
+    assert_eq!(get(addr, "/readyz").0, 200);
+
+    // A consumed stream whose plugin goes away: its entries wait, the host says so.
+    std::fs::remove_file(env.plugins_dir.join("scripted.wasm")).unwrap();
+    env.host().reload_plugins().await.unwrap();
+    let (status, body) = get(addr, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("stream scripted has no loaded plugin"),
+        "{body}"
+    );
+    // The plugin served two streams; both wait.
+    assert_eq!(env.host().delivery().not_ready().len(), 2);
+    env.install_plugin("scripted", "scripted");
+    env.host().reload_plugins().await.unwrap();
+    assert_eq!(get(addr, "/readyz").0, 200);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirected_log_has_no_colour_codes() {
+    let env = TestEnv::prepare(Options::new(&["insights"])).await;
+    let log = env.plugins_dir.with_extension("plain.log");
+    let mut host = HostProcess::spawn(
+        env.binary(&["run"])
+            .env_remove("NO_COLOR")
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    crate::support::eventually("the host to log its start", || async {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|text| text.contains("loaded plugin"))
+    })
+    .await;
+    crate::support::signal(&host, "TERM");
+    assert!(crate::support::await_exit(&mut host).await.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains(" INFO "), "{text}");
+    assert!(!text.contains('\u{1b}'), "colour codes in a file:\n{text}");
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_entry_span_with_its_correlation_id() {
     let env = TestEnv::prepare(Options::new(&["insights"])).await;
     env.seed_media(1, &[1]).await;

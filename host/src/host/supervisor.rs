@@ -127,6 +127,7 @@ impl Supervisor {
                 &config.consumer_group,
             )
             .await?;
+            self.delivery.note_consumed(&stream);
             let (stop, stopped) = signal::channel(false);
             let task = tokio::spawn(consumer::consume(
                 self.delivery.clone(),
