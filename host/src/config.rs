@@ -531,6 +531,12 @@ impl RawSettings {
             None => timeout_seconds * 1000,
         };
         let plugin_memory_mib: usize = self.positive("plugin_memory_mib")?;
+        if plugin_memory_mib > MAX_PLUGIN_MEMORY_MIB {
+            let (text, origin) = self.value("plugin_memory_mib").unwrap_or_default();
+            bail!(
+                "invalid value {text:?} for `plugin_memory_mib` {origin}: at most {MAX_PLUGIN_MEMORY_MIB} (a 32-bit WebAssembly memory cannot grow past 4 GiB)"
+            );
+        }
         Ok(Config {
             redis_url: self.redis_url()?,
             database_url: self.non_empty("database_url")?,
@@ -594,6 +600,10 @@ fn declared_default(key: &str) -> Option<&'static str> {
         .map(|s| s.default)
         .filter(|d| !d.starts_with('<') && !d.contains(' '))
 }
+
+/// The largest memory cap a plugin can have, in MiB: a 32-bit WebAssembly memory (what
+/// `wasm32-wasip2` builds) cannot grow past 4 GiB.
+pub const MAX_PLUGIN_MEMORY_MIB: usize = 4096;
 
 /// `KALEIDOSCOPE_*` variables that are not settings but are read elsewhere (the CLI's
 /// `--config` default), and so must not be reported as unknown.

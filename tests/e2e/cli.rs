@@ -64,6 +64,17 @@ fn invalid_configuration_is_an_error_naming_the_variable() {
         String::from_utf8_lossy(&output.stderr)
             .contains("unknown environment variable KALEIDOSCOPE_BATCH_SIZ")
     );
+
+    let output = run_nowhere()
+        .env("KALEIDOSCOPE_PLUGIN_MEMORY_MIB", "100000")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("KALEIDOSCOPE_PLUGIN_MEMORY_MIB") && stderr.contains("at most 4096"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,7 +23,8 @@ pub struct PluginPolicy {
     pub emit: BTreeSet<String>,
     /// Deadline of one call, overriding `plugin_timeout_ms`.
     pub timeout: Option<Duration>,
-    /// Memory cap in bytes, overriding `plugin_memory_mib`.
+    /// Memory cap in bytes, overriding `plugin_memory_mib` (at most
+    /// [`crate::config::MAX_PLUGIN_MEMORY_MIB`]).
     pub memory_bytes: Option<usize>,
     /// The operator's settings for the plugin (`[plugins.<name>.settings]`), read by the handler
     /// through the contract's `config` import: how one build serves producers that differ (e.g.
@@ -122,10 +123,14 @@ fn read_key(policy: &mut PluginPolicy, key: &str, value: &toml::Value, at: &str)
             }
         }
         "memory_mib" => {
+            let max = crate::config::MAX_PLUGIN_MEMORY_MIB;
             let mib = usize::try_from(positive()?)
                 .ok()
+                .filter(|m| *m <= max)
                 .and_then(|m| m.checked_mul(1 << 20))
-                .with_context(|| format!("{at}: too large"))?;
+                .with_context(|| {
+                    format!("{at}: at most {max} (a 32-bit WebAssembly memory cannot grow past 4 GiB)")
+                })?;
             policy.memory_bytes = Some(mib);
         }
         _ => {
@@ -249,6 +254,7 @@ mod tests {
             ("[plugins.p]\nupdate_columns = { t = [] }", "non-empty list"),
             ("[plugins.p]\ntables = \"a\"", "list of strings"),
             ("[plugins.p]\ntimeout_ms = 0", "positive integer"),
+            ("[plugins.p]\nmemory_mib = 100000", "at most 4096"),
             ("[plugins.p]\ncolour = 1", "unknown key"),
             ("plugins = 1", "must be a table"),
         ] {
