@@ -75,6 +75,18 @@ fn invalid_configuration_is_an_error_naming_the_variable() {
         stderr.contains("KALEIDOSCOPE_PLUGIN_MEMORY_MIB") && stderr.contains("at most 4096"),
         "{stderr}"
     );
+    // The largest cap allowed is one the engine can serve.
+    let output = binary()
+        .args(["plugin", "check"])
+        .arg(crate::support::plugin_file("insights"))
+        .env("KALEIDOSCOPE_PLUGIN_MEMORY_MIB", "4096")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,7 +129,9 @@ fn read_key(policy: &mut PluginPolicy, key: &str, value: &toml::Value, at: &str)
                 .filter(|m| *m <= max)
                 .and_then(|m| m.checked_mul(1 << 20))
                 .with_context(|| {
-                    format!("{at}: at most {max} (a 32-bit WebAssembly memory cannot grow past 4 GiB)")
+                    format!(
+                        "{at}: at most {max} (a 32-bit WebAssembly memory cannot grow past 4 GiB)"
+                    )
                 })?;
             policy.memory_bytes = Some(mib);
         }

@@ -194,12 +194,14 @@ impl PluginRuntime {
             .total_memories(512)
             .total_tables(512)
             // The pool's slots hold the cap plus room for the one failing growth attempt, which
-            // the limiter below refuses and records.
+            // the limiter below refuses and records — up to the 4 GiB a 32-bit memory can reach
+            // (and the engine reserves per memory).
             .max_memory_size(
                 max_memory_bytes
                     .max(limits.memory_bytes)
                     .saturating_mul(2)
-                    .max(16 << 20),
+                    .max(16 << 20)
+                    .min(4 << 30),
             );
         let mut config = wasmtime::Config::new();
         config
