@@ -13,6 +13,9 @@ use std::time::{Duration, SystemTime};
 
 /// How often a host refreshes its heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// A heartbeat older than this says its host is stalled or paused: two missed rewrites and some
+/// slack (it expires altogether after `HEARTBEAT_TTL_SECONDS`).
+pub const STALE_AFTER: Duration = Duration::from_secs(25);
 /// How long a heartbeat outlives its last refresh: long enough to survive a missed refresh or
 /// two, short enough that a host killed without withdrawing it disappears within a minute.
 const HEARTBEAT_TTL_SECONDS: u64 = 45;
@@ -25,6 +28,10 @@ pub struct HostStatus {
     pub pid: u32,
     pub started_at: String,
     pub updated_at: String,
+    /// How old the heartbeat was when read (filled in by the reader, not written by the host):
+    /// a host that stops rewriting it is stalled or paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_age_ms: Option<u64>,
     pub plugins_dir: String,
     /// False while PostgreSQL or Redis is unavailable to this host.
     #[serde(default)]
@@ -134,6 +141,7 @@ pub async fn write(delivery: &HostState, streams: &[String], started_at: SystemT
         pid: std::process::id(),
         started_at: humantime::format_rfc3339_millis(started_at).to_string(),
         updated_at: now_rfc3339(),
+        heartbeat_age_ms: None,
         plugins_dir: config.plugins_dir.display().to_string(),
         ready: not_ready.is_empty(),
         not_ready,
@@ -216,7 +224,12 @@ pub async fn read_all<C: ConnectionLike + Send>(
     let mut hosts = Vec::new();
     for key in keys {
         let json: Option<String> = redis::cmd("GET").arg(&key).query_async(conn).await?;
-        if let Some(status) = json.and_then(|j| serde_json::from_str::<HostStatus>(&j).ok()) {
+        if let Some(mut status) = json.and_then(|j| serde_json::from_str::<HostStatus>(&j).ok()) {
+            // Against this machine's clock: hosts on other machines need their clocks in sync.
+            status.heartbeat_age_ms = humantime::parse_rfc3339_weak(&status.updated_at)
+                .ok()
+                .and_then(|at| SystemTime::now().duration_since(at).ok())
+                .map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
             hosts.push(status);
         }
     }

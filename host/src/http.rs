@@ -137,10 +137,14 @@ async fn metrics(delivery: &HostState) -> String {
     let mut pending = Vec::new();
     let mut lag = Vec::new();
     let mut length = Vec::new();
+    let mut oldest = Vec::new();
     let mut redis = delivery.redis.clone();
     for stream in snapshot.streams() {
         if let Ok(report) = status::stream_report(&mut redis, &delivery.config, stream).await {
             pending.push((labels(&[("stream", stream)]), report.pending as f64));
+            // 0 with nothing pending, so the series exists and an alert can compare it.
+            let age_ms = report.oldest_pending_age_ms.unwrap_or(0);
+            oldest.push((labels(&[("stream", stream)]), age_ms as f64 / 1000.0));
             length.push((labels(&[("stream", stream)]), report.length as f64));
             if let Some(l) = report.lag {
                 lag.push((labels(&[("stream", stream)]), l as f64));
@@ -151,6 +155,11 @@ async fn metrics(delivery: &HostState) -> String {
         name: "kaleidoscope_stream_pending",
         help: "Entries delivered to the group and not yet acknowledged.",
         samples: pending,
+    });
+    gauges.push(Gauge {
+        name: "kaleidoscope_stream_oldest_pending_age_seconds",
+        help: "Age of the oldest entry delivered and not acknowledged (0 when none): the stuck-consumer signal.",
+        samples: oldest,
     });
     gauges.push(Gauge {
         name: "kaleidoscope_stream_lag",

@@ -91,6 +91,7 @@ async fn metrics_health_and_readiness_are_served_over_http() {
         "kaleidoscope_handler_duration_seconds_bucket{plugin=\"insights\",le=\"+Inf\"} 3",
         "kaleidoscope_stream_pending{stream=\"ml-insights-results\"} 1",
         "kaleidoscope_stream_lag{stream=\"ml-insights-results\"} 0",
+        "kaleidoscope_stream_oldest_pending_age_seconds{stream=\"ml-insights-results\"} ",
         "kaleidoscope_requests{status=\"PENDING\"} 1",
         "kaleidoscope_plugin_load_failures 0",
         "kaleidoscope_dead_letters 1",
@@ -221,6 +222,61 @@ async fn readiness_is_false_while_a_stream_lacks_its_plugin() {
     env.install_plugin("scripted", "scripted");
     env.host().reload_plugins().await.unwrap();
     assert_eq!(get(addr, "/readyz").0, 200);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_host_is_seen_as_stale_and_its_lag_against_a_threshold() {
+    let env = TestEnv::prepare(Options::new(&["insights"])).await;
+    let mut host = HostProcess::spawn(&mut env.binary(&["run"]));
+    crate::support::eventually("the host's first heartbeat", || async {
+        let (report, _) = env.status();
+        (report["hosts"].as_array().is_some_and(|h| h.len() == 1)).then_some(())
+    })
+    .await;
+    crate::support::signal(&host, "STOP");
+    // A stream with a group but no plugin: its entries wait undelivered (its lag).
+    let mut redis = env.redis.clone();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(env.key("ml-error-results"))
+        .arg(&env.config.consumer_group)
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    for note in ["1", "2", "3"] {
+        env.publish("ml-error-results", &[("error", note)]).await;
+    }
+    // No timing assertion: the report is awaited until it says so (25 s without a heartbeat).
+    let report = crate::support::eventually("status to see the paused host as stale", || async {
+        let (report, healthy) = env.status();
+        let stale = report["problems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p.as_str().is_some_and(|p| p.contains("stalled or paused")));
+        (stale && !healthy).then_some(report)
+    })
+    .await;
+    assert!(report["hosts"][0]["heartbeat_age_ms"].as_u64().unwrap() > 25_000);
+    let output = env.command(&["status", "--max-lag", "2"]);
+    assert!(!output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("3 entries wait undelivered (threshold 2)"),
+        "{text}"
+    );
+    crate::support::signal(&host, "CONT");
+    crate::support::eventually("the host to be fresh again", || async {
+        let (report, _) = env.status();
+        let age = report["hosts"][0]["heartbeat_age_ms"].as_u64()?;
+        (age < 25_000).then_some(())
+    })
+    .await;
+    crate::support::signal(&host, "TERM");
+    assert!(crate::support::await_exit(&mut host).await.success());
     env.finish().await;
 }
 

@@ -61,6 +61,9 @@ pub enum Command {
         /// A stream whose oldest pending entry is older than this many seconds is unhealthy.
         #[arg(long, value_name = "SECONDS", default_value_t = 300)]
         max_pending_age: u64,
+        /// A stream with more entries than this waiting undelivered (its lag) is unhealthy.
+        #[arg(long, value_name = "ENTRIES")]
+        max_lag: Option<u64>,
     },
     /// Tools for plugin authors.
     #[command(subcommand)]

@@ -58,7 +58,11 @@ pub(super) async fn migrate(config: &Config) -> Result<ExitCode> {
 }
 
 /// `kaleidoscope status`: exit code 1 when anything is unhealthy.
-pub(super) async fn status(config: &Config, json: bool, max_pending_age: u64) -> Result<ExitCode> {
+pub(super) async fn status(
+    config: &Config,
+    json: bool,
+    thresholds: status::Thresholds,
+) -> Result<ExitCode> {
     let mut conn = redis_connection::open(&config.redis_url).await?;
     // Requests by status come from the database; status still works without it.
     let pool = persist::connect_existing(&config.database_url, &config.database_timeouts).await;
@@ -68,13 +72,7 @@ pub(super) async fn status(config: &Config, json: bool, max_pending_age: u64) ->
             crate::text::causes(error)
         );
     }
-    let report = status::collect(
-        &mut conn,
-        config,
-        pool.as_ref().ok(),
-        Duration::from_secs(max_pending_age),
-    )
-    .await?;
+    let report = status::collect(&mut conn, config, pool.as_ref().ok(), thresholds).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

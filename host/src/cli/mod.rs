@@ -84,7 +84,14 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Status {
             json,
             max_pending_age,
-        } => commands::status(&load_config(file)?, json, max_pending_age).await,
+            max_lag,
+        } => {
+            let thresholds = crate::status::Thresholds {
+                max_pending_age: std::time::Duration::from_secs(max_pending_age),
+                max_lag,
+            };
+            commands::status(&load_config(file)?, json, thresholds).await
+        }
         Command::Dlq(command) => commands::dlq(&load_config(file)?, command).await,
         Command::Publish(command) => commands::publish(load_config(file)?, command).await,
         Command::Demo {

@@ -82,14 +82,23 @@ pub struct DeadLetterReport {
     pub scanned: usize,
 }
 
-/// Collects the report. `max_pending_age` marks a stream unhealthy when its oldest pending entry
-/// is older.
+/// When `status` calls a stream unhealthy (its exit code).
+#[derive(Clone, Copy, Debug)]
+pub struct Thresholds {
+    /// The oldest pending entry may be at most this old.
+    pub max_pending_age: Duration,
+    /// At most this many entries may wait undelivered (no limit when `None`).
+    pub max_lag: Option<u64>,
+}
+
+/// Collects the report, with the `thresholds` a stream must keep to be healthy.
 pub async fn collect<C: ConnectionLike + Send>(
     conn: &mut C,
     config: &Config,
     pool: Option<&sqlx::PgPool>,
-    max_pending_age: Duration,
+    thresholds: Thresholds,
 ) -> Result<Report> {
+    let max_pending_age = thresholds.max_pending_age;
     let mut problems = Vec::new();
     let hosts = heartbeat::read_all(conn, config).await?;
     if hosts.is_empty() {
@@ -99,6 +108,16 @@ pub async fn collect<C: ConnectionLike + Send>(
         ));
     }
     for host in &hosts {
+        if let Some(age) = host.heartbeat_age_ms
+            && age > heartbeat::STALE_AFTER.as_millis() as u64
+        {
+            problems.push(format!(
+                "host {}: last heartbeat {} ago (rewritten every {}): the host is stalled or paused",
+                host.consumer,
+                humantime::format_duration(Duration::from_secs(age / 1000)),
+                humantime::format_duration(heartbeat::HEARTBEAT)
+            ));
+        }
         for reason in &host.not_ready {
             problems.push(format!("host {} is not ready: {reason}", host.consumer));
         }
@@ -133,6 +152,13 @@ pub async fn collect<C: ConnectionLike + Send>(
                 "stream {stream}: oldest pending entry is {} old (threshold {})",
                 humantime::format_duration(Duration::from_millis(age / 1000 * 1000)),
                 humantime::format_duration(max_pending_age)
+            ));
+        }
+        if let (Some(max), Some(lag)) = (thresholds.max_lag, report.lag)
+            && u64::try_from(lag).unwrap_or(0) > max
+        {
+            problems.push(format!(
+                "stream {stream}: {lag} entries wait undelivered (threshold {max})"
             ));
         }
         if !served.contains(&stream) && report.length > 0 && !hosts.is_empty() {

@@ -37,8 +37,12 @@ pub fn render(report: &Report) -> String {
         out.push_str("  (none running)\n");
     }
     for host in &report.hosts {
+        let heartbeat = host
+            .heartbeat_age_ms
+            .map(|age| format!(", heartbeat {}s ago", age / 1000))
+            .unwrap_or_default();
         out.push_str(&format!(
-            "  {} (pid {}, up since {}, plugins from {}){}\n",
+            "  {} (pid {}, up since {}{heartbeat}, plugins from {}){}\n",
             host.consumer,
             host.pid,
             host.started_at,
