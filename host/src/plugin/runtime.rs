@@ -200,8 +200,7 @@ impl PluginRuntime {
                 max_memory_bytes
                     .max(limits.memory_bytes)
                     .saturating_mul(2)
-                    .max(16 << 20)
-                    .min(4 << 30),
+                    .clamp(16 << 20, 4 << 30),
             );
         let mut config = wasmtime::Config::new();
         config
