@@ -175,6 +175,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "Request streams whose publishing failure is an error to the caller (comma-separated); failures on other streams are logged and retried by the request tracker.",
     },
     Setting {
+        key: "wait_for_deps_ms",
+        env: "KALEIDOSCOPE_WAIT_FOR_DEPS_MS",
+        default: "0",
+        help: "At start-up, how long to keep trying PostgreSQL and Redis before giving up (0: give up at once). For a container started beside its database; `run --wait-for-deps 60s` sets it.",
+    },
+    Setting {
         key: "shutdown_timeout_ms",
         env: "KALEIDOSCOPE_SHUTDOWN_TIMEOUT_MS",
         default: "10000",
@@ -256,6 +262,8 @@ pub struct Config {
     pub migrate: bool,
     pub watch_plugins: bool,
     pub shutdown_timeout: Duration,
+    /// How long start-up keeps trying PostgreSQL and Redis.
+    pub wait_for_deps: Duration,
     pub consumer_expiry: Duration,
     pub ledger_retention: Duration,
     /// Session timeouts and keepalive of every PostgreSQL connection the host opens.
@@ -563,6 +571,9 @@ impl RawSettings {
             migrate: self.boolean("migrate")?,
             watch_plugins: self.boolean("watch_plugins")?,
             shutdown_timeout: Duration::from_millis(self.positive("shutdown_timeout_ms")?),
+            wait_for_deps: Duration::from_millis(
+                self.parse("wait_for_deps_ms", "a number of milliseconds")?,
+            ),
             http_addr: Some(self.string("http_addr").trim().to_string()).filter(|a| !a.is_empty()),
             migrations_dir: Some(self.string("migrations_dir").trim().to_string())
                 .filter(|d| !d.is_empty())

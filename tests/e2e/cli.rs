@@ -222,3 +222,104 @@ fn passwords_never_appear_in_error_messages() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_http_port_fails_before_anything_is_created() {
+    let env = TestEnv::prepare(Options::new(&["insights"])).await;
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let database = unique("kt_never");
+    let output = crate::support::output_within_deadline(
+        binary()
+            .arg("run")
+            .env(
+                "DATABASE_URL",
+                format!("postgres://postgres@127.0.0.1:5432/{database}"),
+            )
+            .env("REDIS_URL", crate::support::REDIS_URL)
+            .env("KALEIDOSCOPE_STREAM_PREFIX", &env.prefix)
+            .env("KALEIDOSCOPE_PLUGINS_DIR", &env.plugins_dir)
+            .env("KALEIDOSCOPE_HTTP_ADDR", &addr),
+    )
+    .await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("KALEIDOSCOPE_HTTP_ADDR") && stderr.contains(&addr),
+        "{stderr}"
+    );
+    // Nothing was created: no database, no stream or consumer group.
+    let created: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&database)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert!(!created, "the database was created");
+    let mut redis = env.redis.clone();
+    let streams: i64 = redis::cmd("EXISTS")
+        .arg(env.key("ml-insights-results"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(streams, 0, "a stream was created");
+    drop(busy);
+    env.finish().await;
+}
+
+/// Relays every connection to `listener` to the machine's PostgreSQL: a database that appears
+/// on a new port the moment this starts.
+async fn relay_to_postgres(listener: tokio::net::TcpListener) {
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_waits_for_a_database_that_appears_late() {
+    let env = TestEnv::prepare(Options::new(&["insights"])).await;
+    env.seed_media(1, &[1]).await;
+    // A port nothing listens on yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let late_url = env
+        .database_url
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{port}"));
+    let log = env.plugins_dir.with_extension("late.log");
+    let mut host = crate::support::HostProcess::spawn(
+        env.binary(&["run", "--wait-for-deps", "60s"])
+            .env("DATABASE_URL", &late_url)
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    eventually("the host to say it waits for PostgreSQL", || async {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|text| text.contains("waiting for PostgreSQL"))
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(relay_to_postgres(listener));
+    let id = env
+        .publish(
+            "ml-insights-results",
+            &[
+                ("mediaId", "1"),
+                ("service", "image_captioning"),
+                ("caption", "late"),
+            ],
+        )
+        .await;
+    env.await_processed("ml-insights-results", &id).await;
+    crate::support::signal(&host, "TERM");
+    assert!(crate::support::await_exit(&mut host).await.success());
+    env.finish().await;
+}

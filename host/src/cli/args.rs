@@ -47,6 +47,10 @@ pub enum Command {
         /// Do not apply database migrations at start-up (overrides KALEIDOSCOPE_MIGRATE).
         #[arg(long)]
         no_migrate: bool,
+        /// Keep trying PostgreSQL and Redis this long at start-up, e.g. `60s` (overrides
+        /// KALEIDOSCOPE_WAIT_FOR_DEPS_MS).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        wait_for_deps: Option<std::time::Duration>,
     },
     /// Apply the database migrations and exit.
     #[command(after_long_help = config::env_help())]

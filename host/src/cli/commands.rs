@@ -20,6 +20,7 @@ pub(super) async fn run(
     plugins_dir: Option<PathBuf>,
     consumer_name: Option<String>,
     no_migrate: bool,
+    wait_for_deps: Option<Duration>,
 ) -> Result<ExitCode> {
     let mut flags = BTreeMap::new();
     if let Some(dir) = plugins_dir {
@@ -30,6 +31,9 @@ pub(super) async fn run(
     }
     if no_migrate {
         flags.insert("migrate", "false".to_string());
+    }
+    if let Some(wait) = wait_for_deps {
+        flags.insert("wait_for_deps_ms", wait.as_millis().to_string());
     }
     let config = load_config_with(file, &flags)?;
     let (first, second) = signals()?;

@@ -79,7 +79,8 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             plugins_dir,
             consumer_name,
             no_migrate,
-        } => commands::run(file, plugins_dir, consumer_name, no_migrate).await,
+            wait_for_deps,
+        } => commands::run(file, plugins_dir, consumer_name, no_migrate, wait_for_deps).await,
         Command::Migrate => commands::migrate(&load_config(file)?).await,
         Command::Status {
             json,

@@ -38,9 +38,20 @@ pub struct RunningHost {
 impl RunningHost {
     /// Connects to PostgreSQL (creating the database if needed) and Redis, applies migrations
     /// unless disabled, loads the plugins, creates the consumer groups and starts consuming.
+    ///
+    /// The HTTP port is bound first, so a busy port fails before anything is created; with
+    /// `wait_for_deps`, PostgreSQL and Redis are retried until they answer or it runs out.
     pub async fn start(config: Config) -> Result<RunningHost> {
         let config = Arc::new(config);
-        let pool = persist::connect(&config.database_url, 16, &config.database_timeouts).await?;
+        let listener = match &config.http_addr {
+            Some(addr) => Some(crate::http::bind(addr).await?),
+            None => None,
+        };
+        let deadline = std::time::Instant::now() + config.wait_for_deps;
+        let pool = wait_for("PostgreSQL", deadline, || {
+            persist::connect(&config.database_url, 16, &config.database_timeouts)
+        })
+        .await?;
         if config.migrate {
             persist::migrate(&pool).await?;
             if let Some(dir) = &config.migrations_dir {
@@ -49,7 +60,7 @@ impl RunningHost {
         }
         let catalog = Catalog::load(&pool).await?;
         let client = redis_connection::client(&config.redis_url)?;
-        let mut redis = redis_connection::shared(&client).await?;
+        let mut redis = wait_for("Redis", deadline, || redis_connection::shared(&client)).await?;
         let source = streams::source_identity(&mut redis, &config.source_identity_key()).await?;
         let adopted = ledger::adopt_legacy_rows(&pool, &source).await?;
         if adopted > 0 {
@@ -84,8 +95,7 @@ impl RunningHost {
         let (stop, _) = signal::channel(false);
         let mut background = background::spawn_all(&supervisor, &stop);
         let mut http_addr = None;
-        if let Some(addr) = &config.http_addr {
-            let listener = crate::http::bind(addr).await?;
+        if let Some(listener) = listener {
             http_addr = Some(listener.local_addr()?);
             info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
             background.push(tokio::spawn(crate::http::serve(
@@ -224,4 +234,29 @@ async fn load_plugins(runtime: &Arc<PluginRuntime>, config: &Arc<Config>) -> Res
         warn!(dir = %config.plugins_dir.display(), "no plugin loaded; no stream will be consumed until one is added");
     }
     Ok(plugins)
+}
+
+/// Tries `connect` until it succeeds or `deadline` passes (then its last error); `what` names the
+/// dependency in the log. Tried once when the deadline has passed already (no waiting asked for).
+async fn wait_for<T, F, Fut>(what: &str, deadline: std::time::Instant, mut connect: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+    loop {
+        match connect().await {
+            Ok(connected) => return Ok(connected),
+            Err(error) if std::time::Instant::now() + RETRY_EVERY < deadline => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                warn!(
+                    "waiting for {what} ({}s left): {}",
+                    left.as_secs(),
+                    crate::text::causes(&error)
+                );
+                tokio::time::sleep(RETRY_EVERY).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
