@@ -133,7 +133,20 @@ async fn metrics(delivery: &HostState) -> String {
             "Plugin files that currently fail to load.",
             snapshot.failures().len() as f64,
         ),
+        Gauge {
+            name: "kaleidoscope_build_info",
+            help: "The host's version and the versions of the plugin contract it serves (always 1).",
+            samples: vec![(
+                labels(&[
+                    ("version", env!("CARGO_PKG_VERSION")),
+                    ("contract", "0.3.0"),
+                    ("contracts_loaded", "0.1.0,0.2.0,0.3.0"),
+                ]),
+                1.0,
+            )],
+        },
     ];
+    gauges.extend(crate::metrics::process_gauges());
     let mut pending = Vec::new();
     let mut lag = Vec::new();
     let mut length = Vec::new();
@@ -171,20 +184,29 @@ async fn metrics(delivery: &HostState) -> String {
         help: "Entries in the stream.",
         samples: length,
     });
-    if let Ok(dead) = redis::cmd("XLEN")
-        .arg(delivery.config.dlq_key())
-        .query_async::<i64>(&mut redis)
-        .await
-    {
-        gauges.push(Gauge::single(
-            "kaleidoscope_dead_letters",
-            "Entries in the dead-letter stream.",
-            dead as f64,
-        ));
+    if let Ok(dead) = status::dead_letter_report(&mut redis, &delivery.config).await {
+        // Every kind, 0 included, so an alert on one kind has a series from the start.
+        let samples = crate::dead_letter::FailureKind::ALL
+            .iter()
+            .map(|kind| {
+                let n = dead.by_kind.get(kind.as_str()).copied().unwrap_or(0);
+                (labels(&[("kind", kind.as_str())]), n as f64)
+            })
+            .collect();
+        gauges.push(Gauge {
+            name: "kaleidoscope_dead_letters",
+            help: "Entries in the dead-letter stream, by failure kind (of the newest 10,000).",
+            samples,
+        });
     }
-    let requests = status::requests_by_status(&delivery.pool)
-        .await
-        .unwrap_or_default();
+    // While PostgreSQL is down the last counts stand (the series does not vanish).
+    let requests = match status::requests_by_status(&delivery.pool).await {
+        Ok(requests) => {
+            delivery.remember_requests(&requests);
+            requests
+        }
+        Err(_) => delivery.last_requests(),
+    };
     gauges.push(Gauge {
         name: "kaleidoscope_requests",
         help: "Tracked ML requests by status.",

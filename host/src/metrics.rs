@@ -10,9 +10,11 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// Histogram bucket upper bounds, in seconds (0.25 ms to 10 s).
-const BUCKETS: [f64; 14] = [
-    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+/// Histogram bucket upper bounds, in seconds (0.25 ms to 60 s: past the default plugin
+/// deadline of 30 s, so a call cut off at its deadline lands in a bucket of its own).
+const BUCKETS: [f64; 17] = [
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0,
 ];
 
 /// Label pairs, in a fixed order.
@@ -40,7 +42,7 @@ const HELP: &[(&str, &str, &str)] = &[
     (
         "kaleidoscope_entries_retried_total",
         "counter",
-        "Entries left pending for another delivery, by the failure that will be reported if retries run out.",
+        "Entries left pending for another delivery, by reason (`retryable`: the plugin asked to retry, a row it needs is missing, or a statement hit a passing condition such as a lock timeout; otherwise the plugin failure that will be reported if retries run out).",
     ),
     (
         "kaleidoscope_entries_dead_lettered_total",
@@ -65,7 +67,7 @@ const HELP: &[(&str, &str, &str)] = &[
     (
         "kaleidoscope_plugin_load_failures_total",
         "counter",
-        "Plugin files that failed to load.",
+        "Failed loads of plugin files, by file.",
     ),
     (
         "kaleidoscope_batch_duration_seconds",
@@ -112,6 +114,13 @@ impl Metrics {
         }
         let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         *counters.entry((name, labels)).or_insert(0) += by;
+    }
+
+    /// Makes a counter's series exist (at 0) before its first increment, so dashboards and alerts
+    /// (`rate`, `increase`) see it from the start.
+    pub fn touch(&self, name: &'static str, labels: Labels) {
+        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        counters.entry((name, labels)).or_insert(0);
     }
 
     /// Records one observation of a histogram.
@@ -223,6 +232,104 @@ fn format_labels(labels: &Labels, le: Option<&str>) -> String {
     } else {
         format!("{{{}}}", parts.join(","))
     }
+}
+
+/// The `reason` label of a retry: one the plugin asked for, a missing row, or a passing database
+/// condition is an ordinary wait (`retryable`), not yet a failure — only if the attempts run out
+/// does it become `retries-exhausted`; anything else is the plugin failure kind it will be.
+pub fn retry_reason(kind: crate::dead_letter::FailureKind) -> &'static str {
+    match kind {
+        crate::dead_letter::FailureKind::RetriesExhausted => "retryable",
+        other => other.as_str(),
+    }
+}
+
+/// The series a stream served by `plugin` has from the start (at 0): processed, and dead-lettered
+/// by every kind.
+pub fn touch_stream(metrics: &Metrics, stream: &str, plugin: &str) {
+    metrics.touch(
+        "kaleidoscope_entries_processed_total",
+        labels(&[("stream", stream), ("plugin", plugin)]),
+    );
+    for kind in crate::dead_letter::FailureKind::ALL {
+        metrics.touch(
+            "kaleidoscope_entries_dead_lettered_total",
+            labels(&[
+                ("stream", stream),
+                ("plugin", plugin),
+                ("kind", kind.as_str()),
+            ]),
+        );
+    }
+}
+
+/// The standard `process_*` metrics (Linux: read from `/proc/self`); none elsewhere.
+pub fn process_gauges() -> Vec<Gauge> {
+    let mut gauges = Vec::new();
+    let page = page_size();
+    if let Some(rss_pages) = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+    {
+        gauges.push(Gauge::single(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            rss_pages * page,
+        ));
+    }
+    if let Some(stat) = std::fs::read_to_string("/proc/self/stat").ok() {
+        // After the command name (which may contain spaces) in parentheses.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = clock_ticks();
+        let field = |n: usize| fields.get(n).and_then(|f| f.parse::<f64>().ok());
+        // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the name and state.
+        if let (Some(user), Some(system)) = (field(11), field(12)) {
+            gauges.push(Gauge::single(
+                "process_cpu_seconds_total",
+                "Total user and system CPU time spent in seconds.",
+                (user + system) / ticks,
+            ));
+        }
+        if let (Some(start), Some(boot)) = (field(19), boot_time()) {
+            gauges.push(Gauge::single(
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch in seconds.",
+                boot + start / ticks,
+            ));
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        gauges.push(Gauge::single(
+            "process_open_fds",
+            "Number of open file descriptors.",
+            fds.count() as f64,
+        ));
+    }
+    gauges
+}
+
+fn page_size() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 { size as f64 } else { 4096.0 }
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// The boot time (`btime` of `/proc/stat`), which process start times count from.
+fn boot_time() -> Option<f64> {
+    std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("btime "))
+        .and_then(|t| t.trim().parse().ok())
 }
 
 /// `[("stream", s)]`-style label lists without the noise.

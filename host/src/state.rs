@@ -39,6 +39,8 @@ pub struct HostState {
     /// Every stream this host has consumed since it started: one that loses its plugin stays
     /// here, so readiness says its entries wait unread.
     consumed: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The last request counts read, shown while PostgreSQL cannot be asked.
+    requests: std::sync::Mutex<BTreeMap<String, i64>>,
 }
 
 impl HostState {
@@ -62,7 +64,22 @@ impl HostState {
             catalog: RwLock::new((Arc::new(catalog), Instant::now())),
             config,
             consumed: Default::default(),
+            requests: Default::default(),
         }
+    }
+
+    /// Keeps the request counts just read for [`HostState::last_requests`].
+    pub fn remember_requests(&self, counts: &BTreeMap<String, i64>) {
+        let mut kept = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        kept.clone_from(counts);
+    }
+
+    /// The request counts last read.
+    pub fn last_requests(&self) -> BTreeMap<String, i64> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Records that this host consumes `stream` (see [`HostState::not_ready`]).

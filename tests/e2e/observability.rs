@@ -94,7 +94,18 @@ async fn metrics_health_and_readiness_are_served_over_http() {
         "kaleidoscope_stream_oldest_pending_age_seconds{stream=\"ml-insights-results\"} ",
         "kaleidoscope_requests{status=\"PENDING\"} 1",
         "kaleidoscope_plugin_load_failures 0",
-        "kaleidoscope_dead_letters 1",
+        "kaleidoscope_dead_letters{kind=\"malformed\"} 1",
+        // Series exist from the start, at 0.
+        "kaleidoscope_dead_letters{kind=\"timeout\"} 0",
+        "kaleidoscope_entries_dead_lettered_total{stream=\"ml-insights-results\",plugin=\"insights\",kind=\"plugin-trap\"} 0",
+        // A wait for a row that is not there yet is an ordinary retry, not an exhausted one.
+        "kaleidoscope_entries_retried_total{stream=\"ml-insights-results\",plugin=\"insights\",reason=\"retryable\"} 1",
+        // Buckets past the plugin deadline (30 s by default).
+        "kaleidoscope_handler_duration_seconds_bucket{plugin=\"insights\",le=\"60\"} 3",
+        "kaleidoscope_build_info{version=\"",
+        "process_resident_memory_bytes ",
+        "process_cpu_seconds_total ",
+        "process_open_fds ",
         "kaleidoscope_ready 1",
     ] {
         assert!(
@@ -204,6 +215,11 @@ async fn readiness_is_false_while_a_stream_lacks_its_plugin() {
     let (status, body) = get(addr, "/readyz");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("broken.wasm did not load"), "{body}");
+    let (_, metrics) = get(addr, "/metrics");
+    assert!(
+        metrics.contains("kaleidoscope_plugin_load_failures_total{file=\"broken.wasm\"} 1"),
+        "{metrics}"
+    );
     std::fs::remove_file(env.plugins_dir.join("broken.wasm")).unwrap();
     env.host().reload_plugins().await.unwrap();
     assert_eq!(get(addr, "/readyz").0, 200);

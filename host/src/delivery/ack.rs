@@ -110,7 +110,7 @@ impl HostState {
                     labels(&[
                         ("stream", stream),
                         ("plugin", &plugin.name),
-                        ("kind", kind.as_str()),
+                        ("reason", crate::metrics::retry_reason(*kind)),
                     ]),
                     1,
                 ),

@@ -80,6 +80,9 @@ impl RunningHost {
             registry,
             catalog,
         ));
+        for failure in delivery.registry.snapshot().failures() {
+            supervisor::count_load_failure(&delivery, failure);
+        }
         let supervisor = Arc::new(Supervisor {
             delivery: delivery.clone(),
             runtime,

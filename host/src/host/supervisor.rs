@@ -62,21 +62,15 @@ impl Supervisor {
         })
         .await
         .context("the plugin loading thread failed")??;
-        let new_failures = next
-            .failures()
-            .iter()
-            .filter(|f| {
-                !previous
-                    .failures()
-                    .iter()
-                    .any(|old| old.file == f.file && old.sha256 == f.sha256)
-            })
-            .count();
-        self.delivery.metrics.add(
-            "kaleidoscope_plugin_load_failures_total",
-            Vec::new(),
-            new_failures as u64,
-        );
+        let new_failures = next.failures().iter().filter(|f| {
+            !previous
+                .failures()
+                .iter()
+                .any(|old| old.file == f.file && old.sha256 == f.sha256)
+        });
+        for failure in new_failures {
+            count_load_failure(&self.delivery, failure);
+        }
         self.delivery.registry.replace(next);
         self.reconcile_consumers().await?;
         self.write_heartbeat().await;
@@ -128,6 +122,9 @@ impl Supervisor {
             )
             .await?;
             self.delivery.note_consumed(&stream);
+            if let Some(plugin) = snapshot.for_stream(&stream) {
+                crate::metrics::touch_stream(&self.delivery.metrics, &stream, &plugin.name);
+            }
             let (stop, stopped) = signal::channel(false);
             let task = tokio::spawn(consumer::consume(
                 self.delivery.clone(),
@@ -177,4 +174,19 @@ pub(super) async fn watch_plugins(
             error!("reloading plugins failed: {}", crate::text::causes(&error));
         }
     }
+}
+
+/// Counts a failed load of a plugin file, labelled by the file's name (the plugin's own name is
+/// unknown when its manifest could not be read).
+pub(super) fn count_load_failure(delivery: &HostState, failure: &crate::plugin::LoadFailure) {
+    let file = failure
+        .file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    delivery.metrics.add(
+        "kaleidoscope_plugin_load_failures_total",
+        crate::metrics::labels(&[("file", &file)]),
+        1,
+    );
 }

@@ -264,7 +264,8 @@ pub async fn stream_report<C: ConnectionLike + Send>(
     Ok(report)
 }
 
-async fn dead_letter_report<C: ConnectionLike + Send>(
+/// The dead-letter stream's length and its newest entries counted by failure kind.
+pub async fn dead_letter_report<C: ConnectionLike + Send>(
     conn: &mut C,
     config: &Config,
 ) -> Result<DeadLetterReport> {
