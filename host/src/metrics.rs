@@ -277,7 +277,7 @@ pub fn process_gauges() -> Vec<Gauge> {
             rss_pages * page,
         ));
     }
-    if let Some(stat) = std::fs::read_to_string("/proc/self/stat").ok() {
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
         // After the command name (which may contain spaces) in parentheses.
         let fields: Vec<&str> = stat
             .rsplit_once(')')
