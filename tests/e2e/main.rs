@@ -14,6 +14,7 @@ mod cli;
 mod contract;
 mod dead_letters;
 mod demo;
+mod deployment;
 mod face_detection;
 mod face_recognition;
 mod faults;
