@@ -330,6 +330,43 @@ impl Config {
         Ok(config)
     }
 
+    /// Every setting as resolved from `file`, `env` and `flags`, with where its value came from
+    /// (`kaleidoscope config check`). Fails, naming the setting, exactly where the host would.
+    /// Passwords are masked.
+    pub fn resolved_settings(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+        flags: &BTreeMap<&'static str, String>,
+    ) -> Result<Vec<ResolvedSetting>> {
+        // The same sources, the same checks: what resolves here is what the host runs with.
+        Config::from_sources(file, env, flags)?;
+        let mut raw = RawSettings::default();
+        if let Some(path) = file {
+            raw.read_file(path)?;
+        }
+        raw.read_env(env)?;
+        for (key, value) in flags {
+            raw.set(key, value.clone(), Origin::Flag(key));
+        }
+        Ok(SETTINGS
+            .iter()
+            .map(|setting| {
+                let (value, origin) = raw.value(setting.key).unwrap_or_default();
+                let value = match setting.key {
+                    "redis_password" if !value.is_empty() => "***".to_string(),
+                    "redis_url" | "database_url" => crate::persist::redact(&value),
+                    _ => value,
+                };
+                ResolvedSetting {
+                    key: setting.key,
+                    env: setting.env,
+                    value,
+                    origin,
+                }
+            })
+            .collect())
+    }
+
     /// The plugin grants and limits as `file` says now: the shipped defaults, then its
     /// `[plugins.<name>]` sections. How a running host picks up a grant without a restart.
     pub fn read_policies(file: &Path) -> Result<BTreeMap<String, PluginPolicy>> {
@@ -610,6 +647,19 @@ fn declared_default(key: &str) -> Option<&'static str> {
         .find(|s| s.key == key)
         .map(|s| s.default)
         .filter(|d| !d.starts_with('<') && !d.contains(' '))
+}
+
+/// One setting as `kaleidoscope config check` shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct ResolvedSetting {
+    /// The configuration-file key.
+    pub key: &'static str,
+    /// The environment variable.
+    pub env: &'static str,
+    /// The value in force (passwords masked; empty when unset and without default).
+    pub value: String,
+    /// Where it came from: a file, a variable, a flag, or the built-in default.
+    pub origin: String,
 }
 
 /// The largest memory cap a plugin can have, in MiB: a 32-bit WebAssembly memory (what

@@ -323,3 +323,60 @@ async fn run_waits_for_a_database_that_appears_late() {
     assert!(crate::support::await_exit(&mut host).await.success());
     env.finish().await;
 }
+
+#[test]
+fn config_check_prints_every_setting_with_its_origin_or_names_the_bad_one() {
+    let file = std::env::temp_dir().join(format!("{}.toml", unique("kt_config")));
+    std::fs::write(&file, "poll_timeout_ms = 250\n").unwrap();
+    let output = binary()
+        .args(["config", "check", "--json", "--config"])
+        .arg(&file)
+        .env("KALEIDOSCOPE_BATCH_SIZE", "20")
+        .env("REDIS_PASSWORD", "hunter2")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let settings: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(settings.len(), SETTINGS.len());
+    let find = |env: &str| {
+        settings
+            .iter()
+            .find(|s| s["env"] == env)
+            .unwrap_or_else(|| panic!("{env} missing"))
+            .clone()
+    };
+    assert_eq!(find("KALEIDOSCOPE_BATCH_SIZE")["value"], "20");
+    assert_eq!(
+        find("KALEIDOSCOPE_BATCH_SIZE")["origin"],
+        "from environment variable KALEIDOSCOPE_BATCH_SIZE"
+    );
+    assert_eq!(find("KALEIDOSCOPE_POLL_TIMEOUT_MS")["value"], "250");
+    assert!(
+        find("KALEIDOSCOPE_POLL_TIMEOUT_MS")["origin"]
+            .as_str()
+            .unwrap()
+            .contains(file.to_str().unwrap())
+    );
+    assert_eq!(
+        find("ML_RETRY_ATTEMPTS")["origin"],
+        "(the built-in default)"
+    );
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("hunter2"));
+
+    let output = binary()
+        .args(["config", "check"])
+        .env("KALEIDOSCOPE_BATCH_SIZE", "many")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("KALEIDOSCOPE_BATCH_SIZE") && stderr.contains("many"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_file(&file);
+}

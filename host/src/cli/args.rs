@@ -75,6 +75,9 @@ pub enum Command {
     /// Inspect and replay dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Publish a processing request to the ML services (the seed's producer side) and record it
     /// for tracking. Exits non-zero, naming the stream, when a critical stream cannot be reached.
     #[command(subcommand, after_long_help = config::env_help())]
@@ -213,6 +216,19 @@ pub struct ImageArgs {
     /// Correlation id (generated when absent).
     #[arg(long)]
     pub correlation_id: Option<String>,
+}
+
+/// `kaleidoscope config …`.
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Check the configuration (file, environment, defaults) the way the host would, and print
+    /// every setting with its value and where it came from. Exits 1, naming the setting, when
+    /// the host would refuse it.
+    Check {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `kaleidoscope dlq …`.

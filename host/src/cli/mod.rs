@@ -94,6 +94,25 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             commands::status(&load_config(file)?, json, thresholds).await
         }
         Command::Dlq(command) => commands::dlq(&load_config(file)?, command).await,
+        Command::Config(args::ConfigCommand::Check { json }) => {
+            let env: BTreeMap<String, String> = std::env::vars().collect();
+            let settings = Config::resolved_settings(file, &env, &BTreeMap::new())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&settings)?);
+            } else {
+                let width = settings.iter().map(|s| s.env.len()).max().unwrap_or(0);
+                for s in &settings {
+                    let origin = if s.origin.is_empty() {
+                        "(not set)"
+                    } else {
+                        &s.origin
+                    };
+                    println!("{:<width$}  {:<24}  {origin}", s.env, s.value);
+                }
+                println!("configuration ok");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Publish(command) => commands::publish(load_config(file)?, command).await,
         Command::Demo {
             users,
