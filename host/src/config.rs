@@ -11,7 +11,7 @@
 use crate::plugin::policy;
 pub use crate::plugin::policy::PluginPolicy;
 use anyhow::{Context, Result, bail};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -365,6 +365,20 @@ impl Config {
                 }
             })
             .collect())
+    }
+
+    /// The names of the `[plugins.<name>]` sections of `file` (not the shipped defaults).
+    pub fn plugin_section_names(file: &Path) -> Result<BTreeSet<String>> {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .with_context(|| format!("{} is not valid TOML", file.display()))?;
+        Ok(table
+            .get("plugins")
+            .and_then(toml::Value::as_table)
+            .map(|plugins| plugins.keys().cloned().collect())
+            .unwrap_or_default())
     }
 
     /// The plugin grants and limits as `file` says now: the shipped defaults, then its

@@ -32,6 +32,9 @@ pub struct HostStatus {
     /// a host that stops rewriting it is stalled or paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_age_ms: Option<u64>,
+    /// `[plugins.<name>]` sections of its configuration file that name no loaded plugin.
+    #[serde(default)]
+    pub unmatched_plugin_sections: Vec<String>,
     pub plugins_dir: String,
     /// False while PostgreSQL or Redis is unavailable to this host.
     #[serde(default)]
@@ -142,6 +145,7 @@ pub async fn write(delivery: &HostState, streams: &[String], started_at: SystemT
         started_at: humantime::format_rfc3339_millis(started_at).to_string(),
         updated_at: now_rfc3339(),
         heartbeat_age_ms: None,
+        unmatched_plugin_sections: delivery.unmatched_plugin_sections(),
         plugins_dir: config.plugins_dir.display().to_string(),
         ready: not_ready.is_empty(),
         not_ready,

@@ -129,6 +129,45 @@ impl HostState {
         true
     }
 
+    /// `[plugins.<name>]` sections of the operator's configuration file that name no loaded
+    /// plugin: a typo in the name, or a plugin not deployed yet. Reported (heartbeat, `status`,
+    /// a warning at each load), never an error: granting before deploying is the usual order.
+    pub fn unmatched_plugin_sections(&self) -> Vec<String> {
+        let Some(file) = &self.config.file else {
+            return Vec::new();
+        };
+        let Ok(names) = Config::plugin_section_names(file) else {
+            return Vec::new();
+        };
+        let snapshot = self.registry.snapshot();
+        names
+            .into_iter()
+            .filter(|name| !snapshot.plugins().iter().any(|p| &p.name == name))
+            .collect()
+    }
+
+    /// Logs a warning for each of [`HostState::unmatched_plugin_sections`].
+    pub fn warn_unmatched_plugin_sections(&self) {
+        let unmatched = self.unmatched_plugin_sections();
+        if unmatched.is_empty() {
+            return;
+        }
+        let loaded: Vec<String> = self
+            .registry
+            .snapshot()
+            .plugins()
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        for name in unmatched {
+            tracing::warn!(
+                file = %self.config.file.as_deref().map(|f| f.display().to_string()).unwrap_or_default(),
+                "[plugins.{name}] names no loaded plugin (loaded: {}): a typo, or a plugin not deployed yet",
+                loaded.join(", ")
+            );
+        }
+    }
+
     /// Why this host is not ready to do its work (empty when it is): PostgreSQL or Redis out, no
     /// plugin loaded, a plugin file that did not load (its stream is unread), or a stream this
     /// host consumed that lost its plugin (its entries wait). The one readiness of the host: `/readyz`, the `kaleidoscope_ready`

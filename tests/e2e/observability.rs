@@ -297,6 +297,37 @@ async fn a_paused_host_is_seen_as_stale_and_its_lag_against_a_threshold() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_section_for_no_loaded_plugin_is_reported_not_fatal() {
+    let env = TestEnv::start(
+        Options::new(&["insights"]).plugin_setting("insihgts", "tables = [\"media_ai_insights\"]"),
+    )
+    .await;
+    let (report, healthy) = env.status();
+    let unmatched = &report["hosts"][0]["unmatched_plugin_sections"];
+    assert!(
+        unmatched
+            .as_array()
+            .is_some_and(|names| names.iter().any(|n| n == "insihgts")),
+        "{report}"
+    );
+    assert!(
+        !unmatched
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == "insights"),
+        "{report}"
+    );
+    assert!(healthy, "a note, not a failure: {report}");
+    let table = String::from_utf8_lossy(&env.command(&["status"]).stdout).into_owned();
+    assert!(
+        table.contains("[plugins.insihgts] in its configuration names no loaded plugin"),
+        "{table}"
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirected_log_has_no_colour_codes() {
     let env = TestEnv::prepare(Options::new(&["insights"])).await;
     let log = env.plugins_dir.with_extension("plain.log");

@@ -80,6 +80,7 @@ impl RunningHost {
             registry,
             catalog,
         ));
+        delivery.warn_unmatched_plugin_sections();
         for failure in delivery.registry.snapshot().failures() {
             supervisor::count_load_failure(&delivery, failure);
         }

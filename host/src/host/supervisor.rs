@@ -72,6 +72,7 @@ impl Supervisor {
             count_load_failure(&self.delivery, failure);
         }
         self.delivery.registry.replace(next);
+        self.delivery.warn_unmatched_plugin_sections();
         self.reconcile_consumers().await?;
         self.write_heartbeat().await;
         Ok(())

@@ -49,6 +49,11 @@ pub fn render(report: &Report) -> String {
             host.plugins_dir,
             if host.ready { "" } else { "  NOT READY" }
         ));
+        for name in &host.unmatched_plugin_sections {
+            out.push_str(&format!(
+                "    note: [plugins.{name}] in its configuration names no loaded plugin (a typo, or not deployed yet)\n"
+            ));
+        }
         // Columns as wide as their longest value (pre-release versions are long).
         let name_width = host.plugins.iter().map(|p| p.name.len()).max().unwrap_or(0);
         let version_width = host
