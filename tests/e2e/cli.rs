@@ -380,3 +380,33 @@ fn config_check_prints_every_setting_with_its_origin_or_names_the_bad_one() {
     );
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn subcommand_help_shows_its_flags_and_points_to_the_settings() {
+    for args in [
+        vec!["status", "--help"],
+        vec!["demo", "--help"],
+        vec!["publish", "post-image", "--help"],
+        vec!["plugin", "deploy", "--help"],
+    ] {
+        let output = binary().args(&args).output().unwrap();
+        let help = String::from_utf8(output.stdout).unwrap();
+        assert!(
+            help.contains("kaleidoscope config check"),
+            "{args:?}: {help}"
+        );
+        // Not the ~50 settings again.
+        assert!(
+            !help.contains("KALEIDOSCOPE_MAX_IN_FLIGHT"),
+            "{args:?}: {help}"
+        );
+        // Every flag described.
+        let undescribed: Vec<&str> = help
+            .lines()
+            .zip(help.lines().skip(1))
+            .filter(|(flag, next)| flag.trim_start().starts_with("--") && next.trim().is_empty())
+            .map(|(flag, _)| flag)
+            .collect();
+        assert!(undescribed.is_empty(), "{args:?}: {undescribed:?}");
+    }
+}

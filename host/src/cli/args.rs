@@ -9,7 +9,7 @@ use std::path::PathBuf;
 /// Kaleidoscope Host: persists the ML result streams of the Kaleidoscope backend from Redis
 /// Streams into PostgreSQL through hot-swappable WebAssembly handler plugins.
 #[derive(Parser)]
-#[command(name = "kaleidoscope", version, after_long_help = config::env_help())]
+#[command(name = "kaleidoscope", version, after_long_help = config::SETTINGS_POINTER)]
 pub struct Cli {
     /// TOML configuration file; environment variables override its values.
     #[arg(long, global = true, env = "KALEIDOSCOPE_CONFIG", value_name = "FILE")]
@@ -53,11 +53,11 @@ pub enum Command {
         wait_for_deps: Option<std::time::Duration>,
     },
     /// Apply the database migrations and exit.
-    #[command(after_long_help = config::env_help())]
+    #[command(after_long_help = config::SETTINGS_POINTER)]
     Migrate,
     /// Show streams (length, lag, pending, oldest pending, consumers), dead letters by kind,
     /// running hosts with their plugins and grants, and failed plugin loads. Exits 1 when unhealthy.
-    #[command(after_long_help = config::env_help())]
+    #[command(after_long_help = config::SETTINGS_POINTER)]
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -80,18 +80,21 @@ pub enum Command {
     Config(ConfigCommand),
     /// Publish a processing request to the ML services (the seed's producer side) and record it
     /// for tracking. Exits non-zero, naming the stream, when a critical stream cannot be reached.
-    #[command(subcommand, after_long_help = config::env_help())]
+    #[command(subcommand, after_long_help = config::SETTINGS_POINTER)]
     Publish(PublishCommand),
     /// Show the whole system at work: recreate a demo database, create sample users, posts and
     /// media, publish their requests, run the ML simulator and the host in-process until every
     /// request is answered, and print what was stored. The demo database is dropped and
     /// recreated; its name must contain "demo".
-    #[command(after_long_help = config::env_help())]
+    #[command(after_long_help = config::SETTINGS_POINTER)]
     Demo {
+        /// Sample users to create (each gets a profile picture to process).
         #[arg(long, default_value_t = 5)]
         users: i64,
+        /// Sample posts to create, spread over the users.
         #[arg(long, default_value_t = 20)]
         posts: i64,
+        /// Images per post (each one a post-image request).
         #[arg(long, default_value_t = 3)]
         media_per_post: i64,
         /// Fraction of requests the simulator answers with an error.
@@ -113,7 +116,7 @@ pub enum Command {
     /// consumer (bench/baseline/consumer.py, in a Python virtual environment it creates) does the
     /// same work in the same run. The bench database is dropped and recreated; its name must
     /// contain "bench".
-    #[command(after_long_help = config::env_help())]
+    #[command(after_long_help = config::SETTINGS_POINTER)]
     Bench {
         /// How many entries to load.
         #[arg(long, default_value_t = 200_000)]
@@ -143,7 +146,7 @@ pub enum Command {
     },
     /// Run a reference ML service: consume the request streams and publish results in the real
     /// producers' shapes, until SIGTERM or Ctrl-C.
-    #[command(name = "simulate-ml", after_long_help = config::env_help())]
+    #[command(name = "simulate-ml", after_long_help = config::SETTINGS_POINTER)]
     SimulateMl {
         /// Fraction of requests (0.0 to 1.0) answered with an error instead of results.
         #[arg(long, default_value_t = 0.0, value_parser = fraction)]
@@ -158,11 +161,15 @@ pub enum Command {
 #[derive(Subcommand)]
 pub enum PublishCommand {
     /// A new post image (`post-image-processing`).
+    #[command(after_long_help = config::SETTINGS_POINTER)]
     PostImage(ImageArgs),
     /// A new profile picture (`profile-picture-processing`).
+    #[command(after_long_help = config::SETTINGS_POINTER)]
     ProfilePicture {
+        /// The user whose profile picture it is (`userId` on the wire).
         #[arg(long)]
         user_id: i64,
+        /// Where the ML service fetches the picture (`imageUrl` on the wire).
         #[arg(long)]
         image_url: String,
         /// Correlation id (generated when absent).
@@ -170,6 +177,7 @@ pub enum PublishCommand {
         correlation_id: Option<String>,
     },
     /// An updated post image (`post-update-processing`).
+    #[command(after_long_help = config::SETTINGS_POINTER)]
     PostUpdate(ImageArgs),
 }
 
@@ -204,13 +212,16 @@ impl ImageArgs {
 /// The flags of a post-image request (new or updated).
 #[derive(clap::Args)]
 pub struct ImageArgs {
+    /// The post the image belongs to (`postId` on the wire).
     #[arg(long)]
     pub post_id: i64,
+    /// The image's media id (`mediaId` on the wire): results are stored under it.
     #[arg(long)]
     pub media_id: i64,
     /// Where the ML service fetches the image (`mediaUrl` on the wire).
     #[arg(long)]
     pub media_url: String,
+    /// The user who uploaded it (`uploaderId` on the wire), if known.
     #[arg(long)]
     pub uploader_id: Option<i64>,
     /// Correlation id (generated when absent).
@@ -235,7 +246,7 @@ pub enum ConfigCommand {
 #[derive(Subcommand)]
 pub enum DlqCommand {
     /// List dead letters, oldest first.
-    #[command(after_long_help = config::env_help())]
+    #[command(after_long_help = config::SETTINGS_POINTER)]
     List {
         /// Only dead letters from this source stream.
         #[arg(long)]
@@ -252,7 +263,7 @@ pub enum DlqCommand {
         json: bool,
     },
     /// Show one dead letter in full: every field, the whole error, the original entry's fields.
-    #[command(after_long_help = config::env_help())]
+    #[command(after_long_help = config::SETTINGS_POINTER)]
     Show {
         /// The dead letter's id (as shown by `dlq list`).
         id: String,
@@ -262,7 +273,7 @@ pub enum DlqCommand {
     },
     /// Re-publish dead letters onto their source stream (new entry ids), then delete them from
     /// the dead-letter stream. Select them by id, or with --stream/--kind, or all with --all.
-    #[command(after_long_help = config::env_help())]
+    #[command(after_long_help = config::SETTINGS_POINTER)]
     Replay {
         /// Dead-letter ids (as shown by `dlq list`).
         ids: Vec<String>,
@@ -317,7 +328,7 @@ pub enum PluginCommand {
     },
     /// Build the project in DIR and deploy it into the running hosts, then again on every save,
     /// showing what each host made of it and how the plugin's new entries come out.
-    #[command(after_long_help = config::env_help())]
+    #[command(after_long_help = config::SETTINGS_POINTER)]
     Dev {
         /// The project (default: the current directory).
         #[arg(default_value = ".")]
@@ -329,7 +340,7 @@ pub enum PluginCommand {
     /// Install a plugin file into the plugins directory (atomically: copied beside it, then
     /// renamed) and wait until every running host of the group reports it loaded — or why it did
     /// not load (exit 1).
-    #[command(after_long_help = config::env_help())]
+    #[command(after_long_help = config::SETTINGS_POINTER)]
     Deploy {
         /// The `.wasm` component.
         file: PathBuf,
