@@ -896,41 +896,31 @@ impl super::bindings::kaleidoscope::handler::config::Host for CallState {
     }
 }
 
-impl super::bindings_v0_2::kaleidoscope::handler::log::Host for CallState {
-    fn log(
-        &mut self,
-        level: super::bindings_v0_2::kaleidoscope::handler::log::Level,
-        message: String,
-    ) {
-        use super::bindings_v0_2::kaleidoscope::handler::log::Level as Old;
-        let level = match level {
-            Old::Trace => Level::Trace,
-            Old::Debug => Level::Debug,
-            Old::Info => Level::Info,
-            Old::Warn => Level::Warn,
-            Old::Error => Level::Error,
-        };
-        wit_log::Host::log(self, level, message);
-    }
+/// An older contract's `log` import, forwarded to the current one (the levels are the same).
+macro_rules! older_log_host {
+    ($bindings:ident) => {
+        impl super::$bindings::kaleidoscope::handler::log::Host for CallState {
+            fn log(
+                &mut self,
+                level: super::$bindings::kaleidoscope::handler::log::Level,
+                message: String,
+            ) {
+                use super::$bindings::kaleidoscope::handler::log::Level as Old;
+                let level = match level {
+                    Old::Trace => Level::Trace,
+                    Old::Debug => Level::Debug,
+                    Old::Info => Level::Info,
+                    Old::Warn => Level::Warn,
+                    Old::Error => Level::Error,
+                };
+                wit_log::Host::log(self, level, message);
+            }
+        }
+    };
 }
 
-impl super::bindings_v0_1::kaleidoscope::handler::log::Host for CallState {
-    fn log(
-        &mut self,
-        level: super::bindings_v0_1::kaleidoscope::handler::log::Level,
-        message: String,
-    ) {
-        use super::bindings_v0_1::kaleidoscope::handler::log::Level as Old;
-        let level = match level {
-            Old::Trace => Level::Trace,
-            Old::Debug => Level::Debug,
-            Old::Info => Level::Info,
-            Old::Warn => Level::Warn,
-            Old::Error => Level::Error,
-        };
-        wit_log::Host::log(self, level, message);
-    }
-}
+older_log_host!(bindings_v0_2);
+older_log_host!(bindings_v0_1);
 
 impl wit_log::Host for CallState {
     fn log(&mut self, level: Level, message: String) {
