@@ -237,7 +237,12 @@ impl StreamConsumer {
     /// Logs `error`, drops the connection (the next round opens a new one) and waits before the
     /// next round, twice as long each time up to [`MAX_BACKOFF`]; a stop ends the wait.
     async fn back_off(&mut self, error: &anyhow::Error, stop: &mut watch::Receiver<bool>) {
-        error!(stream = self.stream, retry_in = ?self.backoff, "{}", crate::text::causes(error));
+        if self.delivery.health.just_stalled() {
+            // A read that timed out while the host itself was stopped: not news.
+            info!(stream = self.stream, retry_in = ?self.backoff, "after the host's own stall: {}", crate::text::causes(error));
+        } else {
+            error!(stream = self.stream, retry_in = ?self.backoff, "{}", crate::text::causes(error));
+        }
         self.connection = None;
         tokio::select! {
             _ = tokio::time::sleep(self.backoff) => {}

@@ -80,6 +80,12 @@ async fn published_requests_are_answered_by_the_simulator_and_completed() {
             String::from_utf8_lossy(&output.stderr)
         );
         assert!(String::from_utf8_lossy(&output.stdout).contains("correlationId="));
+        // Said once: on stdout, not again in the log.
+        assert!(
+            !String::from_utf8_lossy(&output.stderr).contains("published request"),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     let publisher = Publisher::new(Arc::new(env.config.clone()), env.pool.clone()).unwrap();
     for media in [3, 4] {

@@ -46,7 +46,8 @@ fn init_logging(cli: &Cli) {
     // The demo draws a progress bar; only warnings would interrupt it.
     // PostgreSQL's notices ("relation … already exists, skipping" on every migration run) are
     // not news; warnings from the server still show.
-    let default_filter = if matches!(cli.command, Command::Demo { .. }) {
+    // `publish` prints its result on stdout; the library's INFO line would say it twice.
+    let default_filter = if matches!(cli.command, Command::Demo { .. } | Command::Publish(_)) {
         "warn"
     } else {
         // The file watcher's bookkeeping (a watched directory that vanished) is not news either.

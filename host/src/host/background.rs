@@ -55,7 +55,21 @@ pub(super) fn spawn_all(
             let state = state.clone();
             move || relay_outbox(state.clone())
         })),
+        tokio::spawn(watch_for_stalls(state.clone(), stop.subscribe())),
     ]
+}
+
+/// Notices the host's own stalls (a tick that comes seconds late: the process was stopped,
+/// swapped out or starved), so the timeouts they cause are not reported as outages of Redis or
+/// PostgreSQL (see [`crate::health::Health::tick`]).
+async fn watch_for_stalls(state: Arc<HostState>, mut stop: signal::Receiver<bool>) {
+    state.health.tick();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(health::STALL_TICK) => state.health.tick(),
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 /// Runs `round` after every `interval` until `stop` turns true (or its sender goes). A round in
