@@ -165,8 +165,8 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "http_addr",
         env: "KALEIDOSCOPE_HTTP_ADDR",
-        default: "",
-        help: "Address for /metrics, /healthz and /readyz (e.g. 127.0.0.1:9464); no HTTP endpoint when empty.",
+        default: "127.0.0.1:9464",
+        help: "Address for /metrics, /healthz and /readyz: this machine only by default; 0.0.0.0:9464 for a container or a remote Prometheus; empty for no HTTP endpoint. Bound before anything else, so a busy port fails at once.",
     },
     Setting {
         key: "critical_streams",
@@ -776,7 +776,7 @@ mod tests {
             config.database_timeouts,
             crate::persist::Timeouts::default()
         );
-        assert!(config.http_addr.is_none());
+        assert_eq!(config.http_addr.as_deref(), Some("127.0.0.1:9464"));
     }
 
     #[test]

@@ -186,7 +186,7 @@ impl Publisher {
         correlation_id: Option<String>,
     ) -> Option<(String, Vec<(String, String)>)> {
         if !self.config.processing_enabled {
-            info!(
+            warn!(
                 stream = request.stream(),
                 "ML processing is disabled (ML_PROCESSING_ENABLED=false); not publishing the request"
             );

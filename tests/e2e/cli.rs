@@ -4,8 +4,11 @@ use crate::support::{Options, TestEnv, eventually, unique};
 use kaleidoscope::config::SETTINGS;
 use std::process::{Command, Stdio};
 
+/// The binary, without the HTTP endpoint (tests run in parallel; one default port would clash).
 fn binary() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kaleidoscope"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kaleidoscope"));
+    command.env("KALEIDOSCOPE_HTTP_ADDR", "");
+    command
 }
 
 #[test]
@@ -333,6 +336,7 @@ fn config_check_prints_every_setting_with_its_origin_or_names_the_bad_one() {
         .arg(&file)
         .env("KALEIDOSCOPE_BATCH_SIZE", "20")
         .env("REDIS_PASSWORD", "hunter2")
+        .env_remove("KALEIDOSCOPE_HTTP_ADDR")
         .output()
         .unwrap();
     assert!(
@@ -365,6 +369,8 @@ fn config_check_prints_every_setting_with_its_origin_or_names_the_bad_one() {
         find("ML_RETRY_ATTEMPTS")["origin"],
         "(the built-in default)"
     );
+    // Metrics on by default, on this machine only.
+    assert_eq!(find("KALEIDOSCOPE_HTTP_ADDR")["value"], "127.0.0.1:9464");
     assert!(!String::from_utf8_lossy(&output.stdout).contains("hunter2"));
 
     let output = binary()

@@ -103,6 +103,8 @@ impl Options {
     pub fn new(plugins: &[&'static str]) -> Self {
         let mut env = BTreeMap::new();
         env.insert("KALEIDOSCOPE_POLL_TIMEOUT_MS".into(), "200".into());
+        // No HTTP endpoint unless a test asks (parallel hosts would clash on the default port).
+        env.insert("KALEIDOSCOPE_HTTP_ADDR".into(), String::new());
         // Compiled components are shared between tests (content-addressed, written atomically).
         env.insert(
             "KALEIDOSCOPE_CACHE_DIR".into(),
@@ -420,6 +422,8 @@ impl TestEnv {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kaleidoscope"));
         command
             .args(args)
+            // Off unless a test asks: hosts of parallel tests would clash on the default port.
+            .env("KALEIDOSCOPE_HTTP_ADDR", "")
             .env("KALEIDOSCOPE_CONFIG", &self.config_file)
             .env("DATABASE_URL", &self.database_url)
             .env("KALEIDOSCOPE_STREAM_PREFIX", &self.prefix)
