@@ -170,8 +170,9 @@ impl HostState {
 
     /// Why this host is not ready to do its work (empty when it is): PostgreSQL or Redis out, no
     /// plugin loaded, a plugin file that did not load (its stream is unread), or a stream this
-    /// host consumed that lost its plugin (its entries wait). The one readiness of the host: `/readyz`, the `kaleidoscope_ready`
-    /// gauge and the heartbeat that `kaleidoscope status` reads all answer from it.
+    /// host consumed that lost its plugin (its entries wait). The one readiness of the host:
+    /// `/readyz`, the `kaleidoscope_ready` gauge and the heartbeat that `kaleidoscope status`
+    /// reads all answer from it.
     pub fn not_ready(&self) -> Vec<String> {
         let mut problems = self.health.problems();
         let plugins = self.registry.snapshot();

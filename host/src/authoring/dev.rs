@@ -35,7 +35,7 @@ pub async fn run(config: &Config, dir: &Path, deploy_timeout: Duration) -> Resul
         // version changes). Events that leave them so — the build's own writes, an editor
         // touching a file — do not start another build.
         let mut built_from = fingerprint(dir);
-        let mut since = chrono_now(pool.as_ref()).await;
+        let mut since = database_now(pool.as_ref()).await;
         println!("watching {} for changes (Ctrl-C to stop)", dir.display());
         loop {
             tokio::select! {
@@ -108,7 +108,7 @@ async fn build_and_deploy(config: &Config, dir: &Path, timeout: Duration) -> Opt
 }
 
 /// The database's clock (the ledger's), or nothing without a database.
-async fn chrono_now(pool: Option<&sqlx::PgPool>) -> Option<String> {
+async fn database_now(pool: Option<&sqlx::PgPool>) -> Option<String> {
     let pool = pool?;
     sqlx::query_scalar("SELECT now()::text")
         .fetch_one(pool)

@@ -43,7 +43,10 @@ impl HostState {
             return Ok(());
         }
         let handler = plugin.clone();
-        let settings = self.policy(&plugin.name).settings;
+        // The grants and settings in force for this batch: read once, used by every call and
+        // every check of the batch.
+        let policy = self.policy(&plugin.name);
+        let settings = policy.settings.clone();
         let batch_span = tracing::Span::current();
         // One blocking thread runs the batch's calls one after the other, in one session (one
         // instance, while calls return normally); the runtime's timers drive their deadlines.
@@ -75,7 +78,7 @@ impl HostState {
             outcomes.push((index, outcome, elapsed));
         }
 
-        self.decide(plugin, items, outcomes).await
+        self.decide(plugin, &policy, items, outcomes).await
     }
 
     /// Turns each handler outcome into the entry's decision: commands that pass validation are
@@ -84,11 +87,11 @@ impl HostState {
     async fn decide(
         &self,
         plugin: &Plugin,
+        policy: &crate::plugin::policy::PluginPolicy,
         items: &mut [Item],
         outcomes: Vec<(usize, HandlerOutcome, std::time::Duration)>,
     ) -> Result<()> {
         let mut catalog = self.catalog();
-        let policy = self.policy(&plugin.name);
         for (index, outcome, elapsed) in outcomes {
             self.metrics.observe(
                 "kaleidoscope_handler_duration_seconds",
@@ -104,7 +107,7 @@ impl HostState {
                     if !validate::all_known(&commands, &catalog) && self.refresh_catalog().await? {
                         catalog = self.catalog();
                     }
-                    match validate::validate(&plugin.name, &policy, commands, &catalog) {
+                    match validate::validate(&plugin.name, policy, commands, &catalog) {
                         Ok(statements) => Decision::Persist(statements),
                         Err(rejection) => Decision::DeadLetter(
                             FailureKind::ForbiddenCommand,
