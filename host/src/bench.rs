@@ -12,10 +12,10 @@
 //!   what counts.
 
 use crate::persist;
+use crate::progress::Progress;
 use anyhow::{Context, Result, bail};
 use redis::aio::MultiplexedConnection;
 use sqlx::PgPool;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -467,6 +467,16 @@ async fn add_entries(
     let total = data.len();
     let started = Instant::now();
     let mut sent = 0;
+    let verb = if rate.is_some() {
+        "offering"
+    } else {
+        "loading"
+    };
+    let mut progress = Progress::new(
+        &format!("{:<13} {verb:<9}", subject.name()),
+        total as u64,
+        "entries",
+    );
     let chunk = match rate {
         Some(rate) => (rate / 100).max(1) as usize,
         None => 500,
@@ -491,13 +501,9 @@ async fn add_entries(
             .await
             .context("XADD of the bench entries failed")?;
         sent = end;
-        let verb = if rate.is_some() {
-            "offering"
-        } else {
-            "loading"
-        };
-        progress(subject, verb, sent, total, started.elapsed());
+        progress.update(sent as u64, total as u64, "");
     }
+    progress.finish(sent as u64, total as u64, "");
     Ok(())
 }
 
@@ -554,16 +560,16 @@ async fn drain(
 ) -> Result<Drained> {
     let started = Instant::now();
     let mut samples = Vec::new();
+    let label = format!("{:<13} {:<9}", subject.name(), "draining");
+    let mut progress = Progress::new(&label, total as u64, "entries");
     loop {
         let done = acknowledged(redis, prefix, subject).await?;
         samples.push((Instant::now(), done));
-        progress(subject, "draining", done, total, started.elapsed());
         if done >= total {
-            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                eprintln!();
-            }
+            progress.finish(done as u64, total as u64, "");
             return Ok(Drained::from_samples(started, &samples, total));
         }
+        progress.update(done as u64, total as u64, "");
         if let Some(status) = child.try_wait()? {
             bail!(
                 "the {} subject exited ({status}) with {done} of {total} entries done; see {}",
@@ -581,42 +587,6 @@ async fn drain(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// A progress line on stderr: redrawn in place on a terminal (at most ten times a second), else
-/// written every five seconds.
-fn progress(subject: Subject, verb: &str, done: usize, total: usize, elapsed: Duration) {
-    use std::io::IsTerminal;
-    use std::sync::Mutex;
-    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
-    const WIDTH: usize = 30;
-    let terminal = std::io::stderr().is_terminal();
-    let finished = done >= total;
-    {
-        let mut last = LAST.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let every = if terminal {
-            Duration::from_millis(100)
-        } else {
-            Duration::from_secs(5)
-        };
-        if !finished && last.is_some_and(|at| at.elapsed() < every) {
-            return;
-        }
-        *last = if finished { None } else { Some(Instant::now()) };
-    }
-    let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH);
-    let rate = done as f64 / elapsed.as_secs_f64().max(1e-9);
-    eprint!(
-        "{}{:<13} {verb:<9} [{}{}] {done:>8}/{total} {rate:>8.0}/s",
-        if terminal { "\r" } else { "" },
-        subject.name(),
-        "#".repeat(filled),
-        ".".repeat(WIDTH - filled)
-    );
-    if !terminal || (verb != "draining" && finished) {
-        eprintln!();
-    }
-    let _ = std::io::stderr().flush();
 }
 
 /// The child's peak resident memory (VmHWM), in MB.

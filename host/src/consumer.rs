@@ -166,8 +166,8 @@ impl StreamConsumer {
                 info!(
                     stream = self.stream,
                     consumer,
-                    "removed a consumer idle for longer than {:?} with no pending entries",
-                    config.consumer_expiry
+                    "removed a consumer idle for longer than {} with no pending entries",
+                    humantime::format_duration(config.consumer_expiry)
                 );
             }
         }
@@ -210,11 +210,11 @@ impl StreamConsumer {
         let config = &self.delivery.config;
         warn!(stream = self.stream, key = self.key, group = %config.consumer_group,
             "the consumer group is missing (Redis lost its data, or the group was deleted); recreating it: {}", crate::text::causes(cause));
-        self.delivery.metrics.add(
-            "kaleidoscope_consumer_groups_recreated_total",
-            crate::metrics::labels(&[("stream", &self.stream)]),
-            1,
-        );
+        self.delivery
+            .metrics
+            .groups_recreated
+            .get_or_create(&crate::metrics::ByStream::new(&self.stream))
+            .inc();
         let conn = self.connection.as_mut().context("no connection to Redis")?;
         // Redis lost its data: the ledger identity went with it. Put this host's back, so hosts
         // starting now share it instead of making another.
@@ -239,9 +239,19 @@ impl StreamConsumer {
     async fn back_off(&mut self, error: &anyhow::Error, stop: &mut watch::Receiver<bool>) {
         if self.delivery.health.just_stalled() {
             // A read that timed out while the host itself was stopped: not news.
-            info!(stream = self.stream, retry_in = ?self.backoff, "after the host's own stall: {}", crate::text::causes(error));
+            info!(
+                stream = self.stream,
+                retry_in_ms = self.backoff.as_millis() as u64,
+                "after the host's own stall: {}",
+                crate::text::causes(error)
+            );
         } else {
-            error!(stream = self.stream, retry_in = ?self.backoff, "{}", crate::text::causes(error));
+            error!(
+                stream = self.stream,
+                retry_in_ms = self.backoff.as_millis() as u64,
+                "{}",
+                crate::text::causes(error)
+            );
         }
         self.connection = None;
         tokio::select! {
@@ -376,16 +386,24 @@ async fn finish_until_done(
         let isolate = failures >= FINISH_ATTEMPTS;
         match finish_once(delivery, &mut batch, isolate, deadline).await {
             Ok(report) => {
-                tracing::debug!(stream, ?report, "batch done");
+                tracing::debug!(
+                    stream,
+                    processed = report.processed,
+                    redelivered = report.redelivered,
+                    dead_lettered = report.dead_lettered,
+                    retrying = report.retrying,
+                    sentinels = report.sentinels,
+                    "batch done"
+                );
                 delivery.health.observe(Dependency::Database, Ok(()));
                 return;
             }
             Err(error) => {
-                delivery.metrics.add(
-                    "kaleidoscope_batch_failures_total",
-                    crate::metrics::labels(&[("stream", &stream)]),
-                    1,
-                );
+                delivery
+                    .metrics
+                    .batch_failures
+                    .get_or_create(&crate::metrics::ByStream::new(&stream))
+                    .inc();
                 let outage = health::blame(&error).or_else(|| {
                     error
                         .downcast_ref::<Unanswered>()
@@ -396,7 +414,13 @@ async fn finish_until_done(
                         delivery
                             .health
                             .failed(dependency, &crate::text::causes(&error));
-                        error!(stream, retry_in = ?backoff, entries = batch.len(), "{}", crate::text::causes(&error));
+                        error!(
+                            stream,
+                            retry_in_ms = backoff.as_millis() as u64,
+                            entries = batch.len(),
+                            "{}",
+                            crate::text::causes(&error)
+                        );
                     }
                     None if isolate => {
                         error!(

@@ -14,7 +14,6 @@ use anyhow::{Result, bail};
 use serde::Serialize;
 use sqlx::PgPool;
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -221,8 +220,7 @@ async fn wait_for_answers(
     started: Instant,
 ) -> Result<()> {
     let mut conn = redis_connection::open(&config.redis_url).await?;
-    let terminal = std::io::stderr().is_terminal();
-    let mut last_line = Instant::now();
+    let mut progress = crate::progress::Progress::new("requests answered", 0, "");
     loop {
         let requests = status::requests_by_status(pool).await?;
         let total: i64 = requests.values().sum();
@@ -243,24 +241,12 @@ async fn wait_for_answers(
             backlog += report.pending + report.lag.unwrap_or(report.length);
         }
         let done = total > 0 && answered == total && backlog == 0;
-        if terminal {
-            let width = 30;
-            let filled = if total == 0 {
-                0
-            } else {
-                (answered * width / total) as usize
-            };
-            eprint!(
-                "\r[{}{}] {answered}/{total} requests answered, {backlog} results in flight   ",
-                "#".repeat(filled),
-                "-".repeat(width as usize - filled)
-            );
-            if done {
-                eprintln!();
-            }
-        } else if done || last_line.elapsed() >= Duration::from_secs(2) {
-            eprintln!("{answered}/{total} requests answered, {backlog} results in flight");
-            last_line = Instant::now();
+        let in_flight = format!("{backlog} results in flight");
+        let (answered, total) = (answered as u64, total as u64);
+        if done {
+            progress.finish(answered, total, &in_flight);
+        } else {
+            progress.update(answered, total, &in_flight);
         }
         if done {
             return Ok(());

@@ -186,8 +186,9 @@ pub async fn write(delivery: &HostState, streams: &[String], started_at: SystemT
         .arg(HEARTBEAT_TTL_SECONDS)
         .query_async(&mut redis)
         .await;
-    if let Err(error) = written {
-        tracing::warn!("cannot publish the host status: {error}");
+    match written {
+        Ok(()) => delivery.note_heartbeat_written(),
+        Err(error) => tracing::warn!("cannot publish the host status: {error}"),
     }
 }
 

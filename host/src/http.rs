@@ -4,7 +4,6 @@
 //! Three GET routes do not justify an HTTP framework in the dependency tree: requests are read up
 //! to the end of their headers and answered with `Connection: close`.
 
-use crate::metrics::{Gauge, labels};
 use crate::state::HostState;
 use crate::status;
 use anyhow::{Context, Result};
@@ -87,7 +86,7 @@ async fn answer(mut stream: TcpStream, delivery: &HostState) -> Result<()> {
         }
         ("GET", "/metrics") => (
             "200 OK",
-            "text/plain; version=0.0.4",
+            crate::metrics::CONTENT_TYPE,
             metrics(delivery).await,
         ),
         ("GET", _) => (
@@ -110,110 +109,82 @@ async fn answer(mut stream: TcpStream, delivery: &HostState) -> Result<()> {
     Ok(())
 }
 
+/// Measures the scrape-time gauges, then renders every series.
 async fn metrics(delivery: &HostState) -> String {
+    use crate::metrics::{ByDeadLetterKind, ByStatus, ByStream};
+    let metrics = &delivery.metrics;
+    let _one_scrape_at_a_time = metrics.scrape_lock().await;
+    let scraped = &metrics.scraped;
     let snapshot = delivery.registry.snapshot();
-    let ready = if delivery.not_ready().is_empty() {
-        1.0
-    } else {
-        0.0
-    };
-    let mut gauges = vec![
-        Gauge::single(
-            "kaleidoscope_ready",
-            "1 when PostgreSQL and Redis are reachable and plugins are loaded.",
-            ready,
-        ),
-        Gauge::single(
-            "kaleidoscope_plugins_loaded",
-            "Plugins currently loaded.",
-            snapshot.plugins().len() as f64,
-        ),
-        Gauge::single(
-            "kaleidoscope_plugin_load_failures",
-            "Plugin files that currently fail to load.",
-            snapshot.failures().len() as f64,
-        ),
-        Gauge {
-            name: "kaleidoscope_build_info",
-            help: "The host's version and the versions of the plugin contract it serves (always 1).",
-            samples: vec![(
-                labels(&[
-                    ("version", env!("CARGO_PKG_VERSION")),
-                    ("contract", "0.3.0"),
-                    ("contracts_loaded", "0.1.0,0.2.0,0.3.0"),
-                ]),
-                1.0,
-            )],
-        },
-    ];
-    gauges.extend(crate::metrics::process_gauges());
-    let mut pending = Vec::new();
-    let mut lag = Vec::new();
-    let mut length = Vec::new();
-    let mut oldest = Vec::new();
+    scraped
+        .ready
+        .set(i64::from(delivery.not_ready().is_empty()));
+    scraped
+        .heartbeat_age
+        .set(delivery.heartbeat_age().as_secs_f64());
+    scraped.plugins_loaded.set(snapshot.plugins().len() as i64);
+    scraped
+        .plugin_load_failures
+        .set(snapshot.failures().len() as i64);
     let mut redis = delivery.redis.clone();
+    // Streams come and go with their plugins: only those served now have series.
+    for family in [
+        &scraped.stream_pending,
+        &scraped.stream_lag,
+        &scraped.stream_length,
+    ] {
+        family.clear();
+    }
+    scraped.stream_oldest_pending_age.clear();
     for stream in snapshot.streams() {
         if let Ok(report) = status::stream_report(&mut redis, &delivery.config, stream).await {
-            pending.push((labels(&[("stream", stream)]), report.pending as f64));
+            let labels = ByStream::new(stream);
+            scraped
+                .stream_pending
+                .get_or_create(&labels)
+                .set(report.pending);
             // 0 with nothing pending, so the series exists and an alert can compare it.
             let age_ms = report.oldest_pending_age_ms.unwrap_or(0);
-            oldest.push((labels(&[("stream", stream)]), age_ms as f64 / 1000.0));
-            length.push((labels(&[("stream", stream)]), report.length as f64));
-            if let Some(l) = report.lag {
-                lag.push((labels(&[("stream", stream)]), l as f64));
+            scraped
+                .stream_oldest_pending_age
+                .get_or_create(&labels)
+                .set(age_ms as f64 / 1000.0);
+            scraped
+                .stream_length
+                .get_or_create(&labels)
+                .set(report.length);
+            if let Some(lag) = report.lag {
+                scraped.stream_lag.get_or_create(&labels).set(lag);
             }
         }
     }
-    gauges.push(Gauge {
-        name: "kaleidoscope_stream_pending",
-        help: "Entries delivered to the group and not yet acknowledged.",
-        samples: pending,
-    });
-    gauges.push(Gauge {
-        name: "kaleidoscope_stream_oldest_pending_age_seconds",
-        help: "Age of the oldest entry delivered and not acknowledged (0 when none): the stuck-consumer signal.",
-        samples: oldest,
-    });
-    gauges.push(Gauge {
-        name: "kaleidoscope_stream_lag",
-        help: "Entries not yet delivered to the group.",
-        samples: lag,
-    });
-    gauges.push(Gauge {
-        name: "kaleidoscope_stream_length",
-        help: "Entries in the stream.",
-        samples: length,
-    });
     if let Ok(dead) = status::dead_letter_report(&mut redis, &delivery.config).await {
         // Every kind, 0 included, so an alert on one kind has a series from the start.
-        let samples = crate::dead_letter::FailureKind::ALL
-            .iter()
-            .map(|kind| {
-                let n = dead.by_kind.get(kind.as_str()).copied().unwrap_or(0);
-                (labels(&[("kind", kind.as_str())]), n as f64)
-            })
-            .collect();
-        gauges.push(Gauge {
-            name: "kaleidoscope_dead_letters",
-            help: "Entries in the dead-letter stream, by failure kind (of the newest 10,000).",
-            samples,
-        });
-    }
-    // While PostgreSQL is down the last counts stand (the series does not vanish).
-    let requests = match status::requests_by_status(&delivery.pool).await {
-        Ok(requests) => {
-            delivery.remember_requests(&requests);
-            requests
+        for kind in crate::dead_letter::FailureKind::ALL {
+            let n = dead.by_kind.get(kind.as_str()).copied().unwrap_or(0);
+            scraped
+                .dead_letters
+                .get_or_create(&ByDeadLetterKind {
+                    kind: kind.as_str(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        Err(_) => delivery.last_requests(),
-    };
-    gauges.push(Gauge {
-        name: "kaleidoscope_requests",
-        help: "Tracked ML requests by status.",
-        samples: requests
-            .into_iter()
-            .map(|(status, n)| (vec![("status", status)], n as f64))
-            .collect(),
-    });
-    delivery.metrics.render(&gauges)
+    }
+    // While PostgreSQL is down the last counts stand (the series do not vanish).
+    if let Ok(requests) = status::requests_by_status(&delivery.pool).await {
+        scraped.requests.clear();
+        // Every status, 0 included, so the series exist before the first request.
+        for status in status::REQUEST_STATUSES {
+            scraped
+                .requests
+                .get_or_create(&ByStatus {
+                    status: status.to_string(),
+                })
+                .set(0);
+        }
+        for (status, n) in requests {
+            scraped.requests.get_or_create(&ByStatus { status }).set(n);
+        }
+    }
+    metrics.render()
 }

@@ -29,7 +29,7 @@
 //!   until their results arrive; [`simulate`]: a reference ML service for demos and tests;
 //! - **CLI** — [`cli`]: one function per subcommand; [`dead_letter::admin`] (`dlq list/replay`),
 //!   [`toolkit`] (`plugin check/exec`), [`deploy`] (`plugin deploy`), [`bench`](mod@bench),
-//!   [`demo`];
+//!   [`demo`] (both show [`progress`]);
 //! - [`text`]: making outside text (plugin reasons, log lines) safe to store.
 
 pub mod authoring;
@@ -45,9 +45,11 @@ pub mod health;
 pub mod heartbeat;
 pub mod host;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod persist;
 pub mod plugin;
+pub mod progress;
 pub mod redis_connection;
 pub mod requests;
 pub mod simulate;

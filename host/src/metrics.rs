@@ -1,14 +1,26 @@
-//! Prometheus metrics, kept in-process and rendered in the text exposition format.
+//! Prometheus metrics through the official client, `prometheus-client`.
 //!
-//! Counters and histograms are updated by the delivery protocol as it works; gauges that describe
-//! the outside world (pending entries, lag, requests by status) are read at scrape time by the
-//! HTTP endpoint, so they are never stale. A small hand-written registry keeps the dependency
-//! tree lean; the format is simple and stable.
+//! Three kinds of series, one registry:
+//! - counters and histograms the delivery protocol updates as it works ([`Metrics`]' public
+//!   families; typed label sets, so a misspelt label is a compile error, not a new series);
+//! - gauges describing the outside world (pending entries, lag, dead letters, requests by status)
+//!   that [`crate::http`] measures at scrape time into [`Scraped`], so they are never stale;
+//! - the standard `process_*` metrics, read from `/proc/self` by a [`Collector`] on each scrape.
+//!
+//! The exposition is the Prometheus text format (0.0.4), which every scraper reads.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::time::Duration;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::AtomicU64;
+
+/// The `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Histogram bucket upper bounds, in seconds (0.25 ms to 60 s: past the default plugin
 /// deadline of 30 s, so a call cut off at its deadline lands in a bucket of its own).
@@ -17,220 +29,282 @@ const BUCKETS: [f64; 17] = [
     30.0, 60.0,
 ];
 
-/// Label pairs, in a fixed order.
-pub type Labels = Vec<(&'static str, String)>;
-
-#[derive(Default, Clone)]
-struct Histogram {
-    buckets: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+/// A series per stream.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByStream {
+    pub stream: String,
 }
 
-/// Every metric family's help text, so the rendering can describe what it exposes.
-const HELP: &[(&str, &str, &str)] = &[
-    (
-        "kaleidoscope_entries_processed_total",
-        "counter",
-        "Entries whose commands were committed.",
-    ),
-    (
-        "kaleidoscope_entries_redelivered_total",
-        "counter",
-        "Entries delivered again after they were finished (acknowledged without running again).",
-    ),
-    (
-        "kaleidoscope_entries_retried_total",
-        "counter",
-        "Entries left pending for another delivery, by reason (`retryable`: the plugin asked to retry, a row it needs is missing, or a statement hit a passing condition such as a lock timeout; otherwise the plugin failure that will be reported if retries run out).",
-    ),
-    (
-        "kaleidoscope_entries_dead_lettered_total",
-        "counter",
-        "Entries sent to the dead-letter stream, by failure kind.",
-    ),
-    (
-        "kaleidoscope_sentinels_total",
-        "counter",
-        "`init` sentinel entries acknowledged and skipped.",
-    ),
-    (
-        "kaleidoscope_batch_failures_total",
-        "counter",
-        "Failed attempts to commit and acknowledge a batch (outages and other errors); the batch is retried.",
-    ),
-    (
-        "kaleidoscope_consumer_groups_recreated_total",
-        "counter",
-        "Consumer groups found missing (Redis lost its data, or the group was deleted) and created again.",
-    ),
-    (
-        "kaleidoscope_plugin_load_failures_total",
-        "counter",
-        "Failed loads of plugin files, by file.",
-    ),
-    (
-        "kaleidoscope_batch_duration_seconds",
-        "histogram",
-        "Time to run one batch through the delivery protocol (handlers, commit, publish, acknowledge).",
-    ),
-    (
-        "kaleidoscope_handler_duration_seconds",
-        "histogram",
-        "Time of one plugin `handle` call, including instantiation.",
-    ),
-];
-
-/// A gauge measured at scrape time by the caller of [`Metrics::render`].
-pub struct Gauge {
-    pub name: &'static str,
-    pub help: &'static str,
-    pub samples: Vec<(Labels, f64)>,
-}
-
-impl Gauge {
-    /// A gauge with one unlabelled sample.
-    pub fn single(name: &'static str, help: &'static str, value: f64) -> Self {
+impl ByStream {
+    pub fn new(stream: &str) -> Self {
         Self {
-            name,
-            help,
-            samples: vec![(Vec::new(), value)],
+            stream: stream.to_string(),
         }
     }
 }
 
-/// The host's metrics registry.
-#[derive(Default)]
+/// A series per stream and the plugin that serves it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByPlugin {
+    pub stream: String,
+    pub plugin: String,
+}
+
+/// A dead-lettered entry's series: its stream, plugin and failure kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByKind {
+    pub stream: String,
+    pub plugin: String,
+    pub kind: &'static str,
+}
+
+/// A retried entry's series: `reason` is [`retry_reason`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByReason {
+    pub stream: String,
+    pub plugin: String,
+    pub reason: &'static str,
+}
+
+/// A plugin's call-time series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByPluginName {
+    pub plugin: String,
+}
+
+/// A plugin file's load-failure series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByFile {
+    pub file: String,
+}
+
+/// A series per dead-letter failure kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByDeadLetterKind {
+    pub kind: &'static str,
+}
+
+/// A series per request status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByStatus {
+    pub status: String,
+}
+
+/// A gauge holding seconds (or any fraction).
+pub type FloatGauge = Gauge<f64, AtomicU64>;
+/// Latency histograms with [`BUCKETS`].
+pub type Timings<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn timings<L: Clone + std::hash::Hash + Eq>() -> Timings<L> {
+    Family::new_with_constructor(|| Histogram::new(BUCKETS))
+}
+
+/// The host's metrics: the families the delivery protocol updates, and the registry that
+/// renders them with the scrape-time gauges.
 pub struct Metrics {
-    counters: Mutex<BTreeMap<(&'static str, Labels), u64>>,
-    histograms: Mutex<BTreeMap<(&'static str, Labels), Histogram>>,
+    registry: Registry,
+    /// Entries whose commands were committed.
+    pub processed: Family<ByPlugin, Counter>,
+    /// Entries delivered again after they were finished.
+    pub redelivered: Family<ByStream, Counter>,
+    /// Entries left pending for another delivery.
+    pub retried: Family<ByReason, Counter>,
+    /// Entries sent to the dead-letter stream.
+    pub dead_lettered: Family<ByKind, Counter>,
+    /// `init` sentinels acknowledged and skipped.
+    pub sentinels: Family<ByStream, Counter>,
+    /// Failed attempts to commit and acknowledge a batch.
+    pub batch_failures: Family<ByStream, Counter>,
+    /// Consumer groups found missing and created again.
+    pub groups_recreated: Family<ByStream, Counter>,
+    /// Failed loads of plugin files.
+    pub load_failures: Family<ByFile, Counter>,
+    /// Time of one batch through the delivery protocol.
+    pub batch_duration: Timings<ByStream>,
+    /// Time of one plugin call.
+    pub handler_duration: Timings<ByPluginName>,
+    /// The gauges measured at scrape time.
+    pub scraped: Scraped,
+    /// One scrape at a time: a scrape clears and refills [`Scraped`] before rendering.
+    scrape: tokio::sync::Mutex<()>,
+}
+
+/// Gauges [`crate::http`] measures at each scrape (under [`Metrics::scrape_lock`]).
+#[derive(Default)]
+pub struct Scraped {
+    pub ready: Gauge,
+    pub heartbeat_age: FloatGauge,
+    pub plugins_loaded: Gauge,
+    pub plugin_load_failures: Gauge,
+    pub stream_pending: Family<ByStream, Gauge>,
+    pub stream_oldest_pending_age: Family<ByStream, FloatGauge>,
+    pub stream_lag: Family<ByStream, Gauge>,
+    pub stream_length: Family<ByStream, Gauge>,
+    pub dead_letters: Family<ByDeadLetterKind, Gauge>,
+    pub requests: Family<ByStatus, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut metrics = Metrics {
+            registry: Registry::default(),
+            processed: Family::default(),
+            redelivered: Family::default(),
+            retried: Family::default(),
+            dead_lettered: Family::default(),
+            sentinels: Family::default(),
+            batch_failures: Family::default(),
+            groups_recreated: Family::default(),
+            load_failures: Family::default(),
+            batch_duration: timings(),
+            handler_duration: timings(),
+            scraped: Scraped::default(),
+            scrape: tokio::sync::Mutex::new(()),
+        };
+        metrics.register();
+        metrics
+    }
 }
 
 impl Metrics {
-    /// Adds `by` to a counter.
-    pub fn add(&self, name: &'static str, labels: Labels, by: u64) {
-        if by == 0 {
-            return;
-        }
-        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        *counters.entry((name, labels)).or_insert(0) += by;
+    /// Puts every family into the registry, with its help text (the client adds the final
+    /// period, and `_total` to counters).
+    fn register(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "kaleidoscope_entries_processed",
+            "Entries whose commands were committed",
+            self.processed.clone(),
+        );
+        r.register(
+            "kaleidoscope_entries_redelivered",
+            "Entries delivered again after they were finished (acknowledged without running again)",
+            self.redelivered.clone(),
+        );
+        r.register(
+            "kaleidoscope_entries_retried",
+            "Entries left pending for another delivery, by reason (`retryable`: the plugin asked to retry, a row it needs is missing, or a statement hit a passing condition such as a lock timeout; otherwise the plugin failure that will be reported if retries run out)",
+            self.retried.clone(),
+        );
+        r.register(
+            "kaleidoscope_entries_dead_lettered",
+            "Entries sent to the dead-letter stream, by failure kind",
+            self.dead_lettered.clone(),
+        );
+        r.register(
+            "kaleidoscope_sentinels",
+            "`init` sentinel entries acknowledged and skipped",
+            self.sentinels.clone(),
+        );
+        r.register(
+            "kaleidoscope_batch_failures",
+            "Failed attempts to commit and acknowledge a batch (outages and other errors); the batch is retried",
+            self.batch_failures.clone(),
+        );
+        r.register(
+            "kaleidoscope_consumer_groups_recreated",
+            "Consumer groups found missing (Redis lost its data, or the group was deleted) and created again",
+            self.groups_recreated.clone(),
+        );
+        r.register(
+            "kaleidoscope_plugin_load_failures",
+            "Failed loads of plugin files, by file",
+            self.load_failures.clone(),
+        );
+        r.register_with_unit(
+            "kaleidoscope_batch_duration",
+            "Time to run one batch through the delivery protocol (handlers, commit, publish, acknowledge)",
+            Unit::Seconds,
+            self.batch_duration.clone(),
+        );
+        r.register_with_unit(
+            "kaleidoscope_handler_duration",
+            "Time of one plugin `handle` call, including instantiation",
+            Unit::Seconds,
+            self.handler_duration.clone(),
+        );
+        let s = &self.scraped;
+        r.register(
+            "kaleidoscope_ready",
+            "1 when PostgreSQL and Redis are reachable and every consumed stream has its plugin",
+            s.ready.clone(),
+        );
+        r.register_with_unit(
+            "kaleidoscope_heartbeat_age",
+            "Time since this host last wrote its heartbeat to Redis (since start, before the first): what `kaleidoscope status` judges a host by",
+            Unit::Seconds,
+            s.heartbeat_age.clone(),
+        );
+        r.register(
+            "kaleidoscope_plugins_loaded",
+            "Plugins currently loaded",
+            s.plugins_loaded.clone(),
+        );
+        // Not `kaleidoscope_plugin_load_failures`: that is the counter above.
+        r.register(
+            "kaleidoscope_plugin_files_failing",
+            "Plugin files that currently fail to load",
+            s.plugin_load_failures.clone(),
+        );
+        r.register(
+            "kaleidoscope_stream_pending",
+            "Entries delivered to the group and not yet acknowledged",
+            s.stream_pending.clone(),
+        );
+        r.register_with_unit(
+            "kaleidoscope_stream_oldest_pending_age",
+            "Age of the oldest entry delivered and not acknowledged (0 when none): the stuck-consumer signal",
+            Unit::Seconds,
+            s.stream_oldest_pending_age.clone(),
+        );
+        r.register(
+            "kaleidoscope_stream_lag",
+            "Entries not yet delivered to the group",
+            s.stream_lag.clone(),
+        );
+        r.register(
+            "kaleidoscope_stream_length",
+            "Entries in the stream",
+            s.stream_length.clone(),
+        );
+        r.register(
+            "kaleidoscope_dead_letters",
+            "Entries in the dead-letter stream, by failure kind (of the newest 10,000)",
+            s.dead_letters.clone(),
+        );
+        r.register(
+            "kaleidoscope_requests",
+            "Tracked ML requests by status (the last counts read while PostgreSQL is unavailable)",
+            s.requests.clone(),
+        );
+        r.register(
+            "kaleidoscope_build",
+            "The host's version and the plugin contracts it serves (always 1)",
+            Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("contract", crate::plugin::CONTRACT_VERSION),
+                ("contracts_loaded", crate::plugin::CONTRACTS_LOADED),
+            ]),
+        );
+        r.register_collector(Box::new(ProcessCollector));
     }
 
-    /// Makes a counter's series exist (at 0) before its first increment, so dashboards and alerts
-    /// (`rate`, `increase`) see it from the start.
-    pub fn touch(&self, name: &'static str, labels: Labels) {
-        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        counters.entry((name, labels)).or_insert(0);
+    /// Held by a scrape while it refills [`Metrics::scraped`] and renders, so two scrapes at
+    /// once cannot interleave a clear with the other's values.
+    pub async fn scrape_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.scrape.lock().await
     }
 
-    /// Records one observation of a histogram.
-    pub fn observe(&self, name: &'static str, labels: Labels, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
-        let mut histograms = self.histograms.lock().unwrap_or_else(|p| p.into_inner());
-        let histogram = histograms.entry((name, labels)).or_default();
-        for (slot, bound) in histogram.buckets.iter_mut().zip(BUCKETS) {
-            if seconds <= bound {
-                *slot += 1;
-            }
-        }
-        histogram.count += 1;
-        histogram.sum += seconds;
-    }
-
-    /// The current value of a counter (for tests and the demo's summary).
-    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        counters
-            .iter()
-            .filter(|((n, l), _)| {
-                *n == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
-            })
-            .map(|(_, value)| value)
-            .sum()
-    }
-
-    /// Counters and histograms in the Prometheus text format, followed by `gauges`
-    /// (name, help, samples) measured by the caller.
-    pub fn render(&self, gauges: &[Gauge]) -> String {
+    /// Every series in the Prometheus text format.
+    pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters = self
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let histograms = self
-            .histograms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        for (name, kind, help) in HELP {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            if *kind == "counter" {
-                for ((_, labels), value) in counters.iter().filter(|((n, _), _)| n == name) {
-                    let _ = writeln!(out, "{name}{} {value}", format_labels(labels, None));
-                }
-            } else {
-                for ((_, labels), h) in histograms.iter().filter(|((n, _), _)| n == name) {
-                    for (bound, count) in BUCKETS.iter().zip(h.buckets) {
-                        let _ = writeln!(
-                            out,
-                            "{name}_bucket{} {count}",
-                            format_labels(labels, Some(&bound.to_string()))
-                        );
-                    }
-                    let _ = writeln!(
-                        out,
-                        "{name}_bucket{} {}",
-                        format_labels(labels, Some("+Inf")),
-                        h.count
-                    );
-                    let _ = writeln!(out, "{name}_sum{} {}", format_labels(labels, None), h.sum);
-                    let _ = writeln!(
-                        out,
-                        "{name}_count{} {}",
-                        format_labels(labels, None),
-                        h.count
-                    );
-                }
-            }
-        }
-        for Gauge {
-            name,
-            help,
-            samples,
-        } in gauges
+        // Writing to a String cannot fail; an encoding error would be a bug in a metric.
+        if let Err(error) =
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
         {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{} {value}", format_labels(labels, None));
-            }
+            tracing::error!("cannot render the metrics: {error}");
         }
         out
-    }
-}
-
-fn format_labels(labels: &Labels, le: Option<&str>) -> String {
-    let mut parts: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| {
-            format!(
-                "{k}=\"{}\"",
-                v.replace('\\', "\\\\")
-                    .replace('"', "\\\"")
-                    .replace('\n', "\\n")
-            )
-        })
-        .collect();
-    if let Some(le) = le {
-        parts.push(format!("le=\"{le}\""));
-    }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", parts.join(","))
     }
 }
 
@@ -244,71 +318,105 @@ pub fn retry_reason(kind: crate::dead_letter::FailureKind) -> &'static str {
     }
 }
 
-/// The series a stream served by `plugin` has from the start (at 0): processed, and dead-lettered
-/// by every kind.
+/// The series a stream served by `plugin` has from the start (at 0) — processed, redelivered,
+/// retried, dead-lettered by every kind, batch failures, recreated groups, and both latency
+/// histograms — so dashboards and alerts (`rate`, `increase`) see them before the first entry.
 pub fn touch_stream(metrics: &Metrics, stream: &str, plugin: &str) {
-    metrics.touch(
-        "kaleidoscope_entries_processed_total",
-        labels(&[("stream", stream), ("plugin", plugin)]),
-    );
+    let by_stream = ByStream::new(stream);
+    let _ = metrics.processed.get_or_create(&ByPlugin {
+        stream: stream.to_string(),
+        plugin: plugin.to_string(),
+    });
+    let _ = metrics.retried.get_or_create(&ByReason {
+        stream: stream.to_string(),
+        plugin: plugin.to_string(),
+        reason: retry_reason(crate::dead_letter::FailureKind::RetriesExhausted),
+    });
     for kind in crate::dead_letter::FailureKind::ALL {
-        metrics.touch(
-            "kaleidoscope_entries_dead_lettered_total",
-            labels(&[
-                ("stream", stream),
-                ("plugin", plugin),
-                ("kind", kind.as_str()),
-            ]),
-        );
+        let _ = metrics.dead_lettered.get_or_create(&ByKind {
+            stream: stream.to_string(),
+            plugin: plugin.to_string(),
+            kind: kind.as_str(),
+        });
     }
+    for family in [
+        &metrics.redelivered,
+        &metrics.sentinels,
+        &metrics.batch_failures,
+        &metrics.groups_recreated,
+    ] {
+        let _ = family.get_or_create(&by_stream);
+    }
+    let _ = metrics.batch_duration.get_or_create(&by_stream);
+    let _ = metrics.handler_duration.get_or_create(&ByPluginName {
+        plugin: plugin.to_string(),
+    });
 }
 
-/// The standard `process_*` metrics (Linux: read from `/proc/self`); none elsewhere.
-pub fn process_gauges() -> Vec<Gauge> {
-    let mut gauges = Vec::new();
-    let page = page_size();
-    if let Some(rss_pages) = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
-    {
-        gauges.push(Gauge::single(
-            "process_resident_memory_bytes",
-            "Resident memory size in bytes.",
-            rss_pages * page,
-        ));
-    }
-    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-        // After the command name (which may contain spaces) in parentheses.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = clock_ticks();
-        let field = |n: usize| fields.get(n).and_then(|f| f.parse::<f64>().ok());
-        // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the name and state.
-        if let (Some(user), Some(system)) = (field(11), field(12)) {
-            gauges.push(Gauge::single(
-                "process_cpu_seconds_total",
-                "Total user and system CPU time spent in seconds.",
-                (user + system) / ticks,
-            ));
+/// The standard `process_*` metrics (Linux: read from `/proc/self` at each scrape; none
+/// elsewhere).
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge = |encoder: &mut DescriptorEncoder, name: &str, help: &str, unit, value: f64| {
+            let gauge = ConstGauge::new(value);
+            let metric = encoder.encode_descriptor(name, help, unit, gauge.metric_type())?;
+            gauge.encode(metric)
+        };
+        if let Some(rss_pages) = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+        {
+            gauge(
+                &mut encoder,
+                "process_resident_memory",
+                "Resident memory size in bytes.",
+                Some(&Unit::Bytes),
+                rss_pages * page_size(),
+            )?;
         }
-        if let (Some(start), Some(boot)) = (field(19), boot_time()) {
-            gauges.push(Gauge::single(
-                "process_start_time_seconds",
-                "Start time of the process since the Unix epoch in seconds.",
-                boot + start / ticks,
-            ));
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // After the command name (which may contain spaces) in parentheses.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.split_whitespace().collect())
+                .unwrap_or_default();
+            let ticks = clock_ticks();
+            let field = |n: usize| fields.get(n).and_then(|f| f.parse::<f64>().ok());
+            // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the name and state.
+            if let (Some(user), Some(system)) = (field(11), field(12)) {
+                let counter = ConstCounter::new((user + system) / ticks);
+                let metric = encoder.encode_descriptor(
+                    "process_cpu",
+                    "Total user and system CPU time spent in seconds.",
+                    Some(&Unit::Seconds),
+                    counter.metric_type(),
+                )?;
+                counter.encode(metric)?;
+            }
+            if let (Some(start), Some(boot)) = (field(19), boot_time()) {
+                gauge(
+                    &mut encoder,
+                    "process_start_time",
+                    "Start time of the process since the Unix epoch in seconds.",
+                    Some(&Unit::Seconds),
+                    boot + start / ticks,
+                )?;
+            }
         }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            gauge(
+                &mut encoder,
+                "process_open_fds",
+                "Number of open file descriptors.",
+                None,
+                fds.count() as f64,
+            )?;
+        }
+        Ok(())
     }
-    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-        gauges.push(Gauge::single(
-            "process_open_fds",
-            "Number of open file descriptors.",
-            fds.count() as f64,
-        ));
-    }
-    gauges
 }
 
 fn page_size() -> f64 {
@@ -332,56 +440,44 @@ fn boot_time() -> Option<f64> {
         .and_then(|t| t.trim().parse().ok())
 }
 
-/// `[("stream", s)]`-style label lists without the noise.
-pub fn labels(pairs: &[(&'static str, &str)]) -> Labels {
-    pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn renders_counters_histograms_and_gauges() {
+    fn renders_counters_histograms_gauges_and_process_metrics() {
         let metrics = Metrics::default();
-        metrics.add(
-            "kaleidoscope_entries_processed_total",
-            labels(&[("stream", "s"), ("plugin", "p")]),
-            3,
-        );
-        metrics.observe(
-            "kaleidoscope_batch_duration_seconds",
-            labels(&[("stream", "s")]),
-            Duration::from_millis(3),
-        );
-        let text = metrics.render(&[Gauge::single("kaleidoscope_ready", "Ready.", 1.0)]);
-        assert!(
-            text.contains("kaleidoscope_entries_processed_total{stream=\"s\",plugin=\"p\"} 3"),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "kaleidoscope_batch_duration_seconds_bucket{stream=\"s\",le=\"0.0025\"} 0"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "kaleidoscope_batch_duration_seconds_bucket{stream=\"s\",le=\"0.005\"} 1"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains("kaleidoscope_batch_duration_seconds_count{stream=\"s\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("# TYPE kaleidoscope_ready gauge\nkaleidoscope_ready 1"),
-            "{text}"
-        );
-        assert_eq!(
-            metrics.counter("kaleidoscope_entries_processed_total", &[("stream", "s")]),
-            3
-        );
+        touch_stream(&metrics, "quiet", "p");
+        metrics
+            .processed
+            .get_or_create(&ByPlugin {
+                stream: "s".into(),
+                plugin: "p".into(),
+            })
+            .inc_by(3);
+        metrics
+            .batch_duration
+            .get_or_create(&ByStream::new("s"))
+            .observe(0.003);
+        metrics.scraped.ready.set(1);
+        let text = metrics.render();
+        for expected in [
+            "# TYPE kaleidoscope_entries_processed_total counter\n",
+            "kaleidoscope_entries_processed_total{stream=\"s\",plugin=\"p\"} 3\n",
+            "kaleidoscope_batch_duration_seconds_bucket{stream=\"s\",le=\"0.0025\"} 0\n",
+            "kaleidoscope_batch_duration_seconds_bucket{stream=\"s\",le=\"0.005\"} 1\n",
+            "kaleidoscope_batch_duration_seconds_bucket{stream=\"s\",le=\"60\"} 1\n",
+            "kaleidoscope_batch_duration_seconds_count{stream=\"s\"} 1\n",
+            "# TYPE kaleidoscope_ready gauge\nkaleidoscope_ready 1\n",
+            "kaleidoscope_build_info{version=\"",
+            "# TYPE process_cpu_seconds_total counter\n",
+            "process_resident_memory_bytes ",
+            // A served stream's series exist before anything happens on it.
+            "kaleidoscope_entries_redelivered_total{stream=\"quiet\"} 0\n",
+            "kaleidoscope_batch_duration_seconds_count{stream=\"quiet\"} 0\n",
+            "kaleidoscope_entries_dead_lettered_total{stream=\"quiet\",plugin=\"p\",kind=\"timeout\"} 0\n",
+        ] {
+            assert!(text.contains(expected), "lacks {expected:?}:\n{text}");
+        }
     }
 }

@@ -239,7 +239,14 @@ impl Publisher {
                     }));
                 }
                 Err(error) if attempt < attempts => {
-                    warn!(stream, correlation_id, attempt, retry_in = ?delay, "publishing failed: {}", crate::text::causes(&error));
+                    warn!(
+                        stream,
+                        correlation_id,
+                        attempt,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "publishing failed: {}",
+                        crate::text::causes(&error)
+                    );
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }

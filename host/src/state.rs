@@ -39,8 +39,8 @@ pub struct HostState {
     /// Every stream this host has consumed since it started: one that loses its plugin stays
     /// here, so readiness says its entries wait unread.
     consumed: std::sync::Mutex<std::collections::BTreeSet<String>>,
-    /// The last request counts read, shown while PostgreSQL cannot be asked.
-    requests: std::sync::Mutex<BTreeMap<String, i64>>,
+    /// When this host last wrote its heartbeat (its start, before the first).
+    heartbeat_written: std::sync::Mutex<Instant>,
 }
 
 impl HostState {
@@ -64,22 +64,26 @@ impl HostState {
             catalog: RwLock::new((Arc::new(catalog), Instant::now())),
             config,
             consumed: Default::default(),
-            requests: Default::default(),
+            heartbeat_written: std::sync::Mutex::new(Instant::now()),
         }
     }
 
-    /// Keeps the request counts just read for [`HostState::last_requests`].
-    pub fn remember_requests(&self, counts: &BTreeMap<String, i64>) {
-        let mut kept = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        kept.clone_from(counts);
+    /// Notes that the heartbeat was just written (see [`HostState::heartbeat_age`]).
+    pub fn note_heartbeat_written(&self) {
+        let mut written = self
+            .heartbeat_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *written = Instant::now();
     }
 
-    /// The request counts last read.
-    pub fn last_requests(&self) -> BTreeMap<String, i64> {
-        self.requests
+    /// Time since this host last wrote its heartbeat: `status` calls a host stale past
+    /// [`crate::heartbeat::STALE_AFTER`], so `/metrics` exports the same age for alerts.
+    pub fn heartbeat_age(&self) -> Duration {
+        self.heartbeat_written
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .elapsed()
     }
 
     /// Records that this host consumes `stream` (see [`HostState::not_ready`]).

@@ -147,6 +147,7 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
         "KaleidoscopeDeadLettersRising",
         "KaleidoscopePluginLoadFailed",
         "KaleidoscopeNotReady",
+        "KaleidoscopeHeartbeatStale",
     ] {
         assert!(alerts.contains(&format!("alert: {alert}")), "{alert}");
         assert!(

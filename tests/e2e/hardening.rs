@@ -4,6 +4,7 @@
 
 use crate::support::{Options, TestEnv, eventually};
 use kaleidoscope::health::Dependency;
+use kaleidoscope::metrics::ByStream;
 
 const SCRIPTED: &str = "scripted";
 
@@ -147,7 +148,9 @@ async fn an_error_at_commit_dead_letters_the_culprit_and_commits_the_rest() {
     assert!(
         state
             .metrics
-            .counter("kaleidoscope_batch_failures_total", &[("stream", SCRIPTED)])
+            .batch_failures
+            .get_or_create(&ByStream::new(SCRIPTED))
+            .get()
             >= 3,
         "the batch was retried before it was split"
     );
@@ -213,10 +216,13 @@ async fn a_lost_consumer_group_is_recreated_and_reported() {
     env.await_processed(SCRIPTED, &after).await;
     env.await_no_pending(SCRIPTED).await;
     assert!(
-        env.host().delivery().metrics.counter(
-            "kaleidoscope_consumer_groups_recreated_total",
-            &[("stream", SCRIPTED)]
-        ) >= 1
+        env.host()
+            .delivery()
+            .metrics
+            .groups_recreated
+            .get_or_create(&ByStream::new(SCRIPTED))
+            .get()
+            >= 1
     );
     env.finish().await;
 }
@@ -399,10 +405,13 @@ async fn a_dead_letter_replayed_twice_is_applied_once() {
         "applied once"
     );
     assert!(
-        env.host().delivery().metrics.counter(
-            "kaleidoscope_entries_redelivered_total",
-            &[("stream", "mock-panic")]
-        ) >= 1,
+        env.host()
+            .delivery()
+            .metrics
+            .redelivered
+            .get_or_create(&ByStream::new("mock-panic"))
+            .get()
+            >= 1,
         "the second copy was recognised"
     );
     env.finish().await;

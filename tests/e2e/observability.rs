@@ -93,7 +93,8 @@ async fn metrics_health_and_readiness_are_served_over_http() {
         "kaleidoscope_stream_lag{stream=\"ml-insights-results\"} 0",
         "kaleidoscope_stream_oldest_pending_age_seconds{stream=\"ml-insights-results\"} ",
         "kaleidoscope_requests{status=\"PENDING\"} 1",
-        "kaleidoscope_plugin_load_failures 0",
+        "kaleidoscope_plugin_files_failing 0",
+        "kaleidoscope_heartbeat_age_seconds ",
         "kaleidoscope_dead_letters{kind=\"malformed\"} 1",
         // Series exist from the start, at 0.
         "kaleidoscope_dead_letters{kind=\"timeout\"} 0",
@@ -359,7 +360,7 @@ async fn a_redirected_log_has_no_colour_codes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_logs_carry_the_entry_span_with_its_correlation_id() {
+async fn json_logs_are_flat_with_the_spans_fields_and_typed_values() {
     let env = TestEnv::prepare(Options::new(&["insights"])).await;
     env.seed_media(1, &[1]).await;
     let log = env.plugins_dir.with_extension("json.log");
@@ -389,18 +390,43 @@ async fn json_logs_carry_the_entry_span_with_its_correlation_id() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
-    let processed = lines
-        .iter()
-        .find(|l| l["fields"]["message"] == "processed")
-        .unwrap_or_else(|| panic!("no `processed` line in:\n{text}"));
-    let spans = processed["spans"].to_string();
-    assert!(
-        spans.contains("c-json-7")
-            && spans.contains(&id)
-            && spans.contains("\"version\":\"0.1.0\"")
-            && spans.contains("ml-insights-results"),
+    let line = |message: &str| {
+        lines
+            .iter()
+            .find(|l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message))
+            })
+            .unwrap_or_else(|| panic!("no `{message}` line in:\n{text}"))
+    };
+    // Flat: the batch and entry spans' fields are top-level fields of the line.
+    let processed = line("processed");
+    assert_eq!(processed["plugin"], "insights", "{processed}");
+    assert_eq!(processed["version"], "0.1.0", "{processed}");
+    assert_eq!(processed["stream"], "ml-insights-results", "{processed}");
+    assert_eq!(processed["entry"], id.as_str(), "{processed}");
+    assert_eq!(processed["correlation_id"], "c-json-7", "{processed}");
+    assert_eq!(processed["level"], "DEBUG", "{processed}");
+    assert_eq!(
+        processed["spans"],
+        serde_json::json!(["batch", "entry"]),
         "{processed}"
     );
+    // Lists are lists, numbers are numbers.
+    let loaded = line("loaded plugin insights@0.1.0");
+    assert_eq!(loaded["plugin"], "insights", "{loaded}");
+    assert_eq!(loaded["version"], "0.1.0", "{loaded}");
+    assert_eq!(
+        loaded["streams"],
+        serde_json::json!(["ml-insights-results"]),
+        "{loaded}"
+    );
+    assert!(loaded["load_ms"].is_u64(), "{loaded}");
+    let serving = line("host is serving");
+    assert!(serving["streams"].is_array(), "{serving}");
+    let shutting_down = line("shutting down");
+    assert!(shutting_down["timeout_ms"].is_u64(), "{shutting_down}");
     let _ = std::fs::remove_file(log);
     env.finish().await;
 }

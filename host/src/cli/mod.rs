@@ -65,9 +65,8 @@ fn init_logging(cli: &Cli) {
     match cli.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
+            .fmt_fields(crate::logging::json_fields())
+            .event_format(crate::logging::JsonLines)
             .init(),
     }
 }

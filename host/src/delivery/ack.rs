@@ -1,7 +1,6 @@
 //! Step 5: after commit, publish the outbox and acknowledge what is finished.
 
 use super::{BatchReport, Decision, Item, PreparedBatch};
-use crate::metrics::labels;
 use crate::persist::outbox::{self, OutboxMessage};
 use crate::plugin::Plugin;
 use crate::state::HostState;
@@ -52,8 +51,8 @@ impl HostState {
                     report.retrying += 1;
                     warn!(stream, entry = %entry.id, correlation_id, gives_up_as = %kind, deliveries = entry.deliveries,
                         attempts = self.config.retry_attempts,
-                        "attempt {} of {} failed; retrying after the reclaim idle time ({:?}): {reason}",
-                        entry.deliveries, self.config.retry_attempts, self.config.reclaim_idle);
+                        "attempt {} of {} failed; retrying after the reclaim idle time ({}): {reason}",
+                        entry.deliveries, self.config.retry_attempts, humantime::format_duration(self.config.reclaim_idle));
                 }
                 None => {}
             }
@@ -78,43 +77,46 @@ impl HostState {
 
     /// Updates the counters once a batch is acknowledged.
     fn count(&self, stream: &str, plugin: &Plugin, items: &[Item], sentinels: usize) {
+        use crate::metrics::{ByKind, ByPlugin, ByReason, ByStream};
         let m = &self.metrics;
-        m.add(
-            "kaleidoscope_sentinels_total",
-            labels(&[("stream", stream)]),
-            sentinels as u64,
-        );
+        if sentinels > 0 {
+            m.sentinels
+                .get_or_create(&ByStream::new(stream))
+                .inc_by(sentinels as u64);
+        }
+        let processed = items
+            .iter()
+            .filter(|item| matches!(item.decision, Some(Decision::Persist(_))))
+            .count();
+        if processed > 0 {
+            let labels = ByPlugin {
+                stream: stream.to_string(),
+                plugin: plugin.name.clone(),
+            };
+            m.processed.get_or_create(&labels).inc_by(processed as u64);
+        }
         for item in items {
             match &item.decision {
-                Some(Decision::Persist(_)) => m.add(
-                    "kaleidoscope_entries_processed_total",
-                    labels(&[("stream", stream), ("plugin", &plugin.name)]),
-                    1,
-                ),
-                Some(Decision::Redelivered) => m.add(
-                    "kaleidoscope_entries_redelivered_total",
-                    labels(&[("stream", stream)]),
-                    1,
-                ),
-                Some(Decision::DeadLetter(kind, _)) => m.add(
-                    "kaleidoscope_entries_dead_lettered_total",
-                    labels(&[
-                        ("stream", stream),
-                        ("plugin", &plugin.name),
-                        ("kind", kind.as_str()),
-                    ]),
-                    1,
-                ),
-                Some(Decision::Retry(kind, _)) => m.add(
-                    "kaleidoscope_entries_retried_total",
-                    labels(&[
-                        ("stream", stream),
-                        ("plugin", &plugin.name),
-                        ("reason", crate::metrics::retry_reason(*kind)),
-                    ]),
-                    1,
-                ),
-                None => {}
+                Some(Decision::Redelivered) => {
+                    m.redelivered.get_or_create(&ByStream::new(stream)).inc();
+                }
+                Some(Decision::DeadLetter(kind, _)) => {
+                    let labels = ByKind {
+                        stream: stream.to_string(),
+                        plugin: plugin.name.clone(),
+                        kind: kind.as_str(),
+                    };
+                    m.dead_lettered.get_or_create(&labels).inc();
+                }
+                Some(Decision::Retry(kind, _)) => {
+                    let labels = ByReason {
+                        stream: stream.to_string(),
+                        plugin: plugin.name.clone(),
+                        reason: crate::metrics::retry_reason(*kind),
+                    };
+                    m.retried.get_or_create(&labels).inc();
+                }
+                Some(Decision::Persist(_)) | None => {}
             }
         }
     }

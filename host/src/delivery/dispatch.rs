@@ -3,7 +3,6 @@
 
 use super::{Decision, Item};
 use crate::dead_letter::FailureKind;
-use crate::metrics::labels;
 use crate::persist::validate;
 use crate::plugin::{HandlerOutcome, Plugin, wit};
 use crate::state::HostState;
@@ -92,12 +91,14 @@ impl HostState {
         outcomes: Vec<(usize, HandlerOutcome, std::time::Duration)>,
     ) -> Result<()> {
         let mut catalog = self.catalog();
+        let call_time =
+            self.metrics
+                .handler_duration
+                .get_or_create_owned(&crate::metrics::ByPluginName {
+                    plugin: plugin.name.clone(),
+                });
         for (index, outcome, elapsed) in outcomes {
-            self.metrics.observe(
-                "kaleidoscope_handler_duration_seconds",
-                labels(&[("plugin", &plugin.name)]),
-                elapsed,
-            );
+            call_time.observe(elapsed.as_secs_f64());
             let deliveries = items[index].entry.deliveries;
             let decision = match outcome.into_commands(plugin.limits().memory_bytes) {
                 Ok(commands) => {

@@ -27,7 +27,6 @@ mod triage;
 pub use triage::REPLAY_OF_FIELD;
 
 use crate::dead_letter::FailureKind;
-use crate::metrics::labels;
 use crate::persist::validate::Statement;
 use crate::plugin::Plugin;
 use crate::state::HostState;
@@ -169,11 +168,10 @@ impl HostState {
     pub async fn finish(&self, batch: &mut PreparedBatch) -> Result<BatchReport> {
         let span = batch.span.clone();
         let report = self.commit_and_ack(batch).instrument(span).await?;
-        self.metrics.observe(
-            "kaleidoscope_batch_duration_seconds",
-            labels(&[("stream", &batch.stream)]),
-            batch.started.elapsed(),
-        );
+        self.metrics
+            .batch_duration
+            .get_or_create(&crate::metrics::ByStream::new(&batch.stream))
+            .observe(batch.started.elapsed().as_secs_f64());
         Ok(report)
     }
 

@@ -203,9 +203,12 @@ pub async fn run(
 ) -> Result<()> {
     let timeout = config.shutdown_timeout;
     let host = RunningHost::start(config).await?;
-    info!(streams = ?host.streams().await, "host is serving");
+    info!(streams = %crate::logging::List(&host.streams().await), "host is serving");
     shutdown.await;
-    info!(timeout = ?timeout, "shutting down: finishing the batches in flight (signal again to exit at once)");
+    info!(
+        timeout_ms = timeout.as_millis() as u64,
+        "shutting down: finishing the batches in flight (signal again to exit at once)"
+    );
     tokio::select! {
         _ = host.shutdown() => {
             info!("shut down cleanly");

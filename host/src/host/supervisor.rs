@@ -185,9 +185,9 @@ pub(super) fn count_load_failure(delivery: &HostState, failure: &crate::plugin::
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    delivery.metrics.add(
-        "kaleidoscope_plugin_load_failures_total",
-        crate::metrics::labels(&[("file", &file)]),
-        1,
-    );
+    delivery
+        .metrics
+        .load_failures
+        .get_or_create(&crate::metrics::ByFile { file })
+        .inc();
 }

@@ -53,6 +53,11 @@ pub use bindings::kaleidoscope::handler::types as wit;
 
 pub use registry::{LoadFailure, PluginRegistry, PluginSet};
 
+/// The contract new plugins are built against (`wit/handler.wit`).
+pub const CONTRACT_VERSION: &str = "0.3.0";
+/// Every contract version the host loads, oldest first (for `kaleidoscope_build_info`).
+pub const CONTRACTS_LOADED: &str = "0.1.0,0.2.0,0.3.0";
+
 /// The SHA-256 of a plugin file, hex: how plugins are told apart (unchanged files are not
 /// reloaded, compiled components are cached under it, status shows it).
 pub fn sha256_hex(bytes: &[u8]) -> String {

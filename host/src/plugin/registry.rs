@@ -5,6 +5,7 @@
 //! new snapshot and swaps it in atomically. Readers never wait for a compile.
 
 use super::runtime::{Plugin, PluginRuntime, SandboxLimits};
+use crate::logging::List;
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -180,7 +181,8 @@ impl PluginSet {
         }
         for old in &current.plugins {
             if next.loaded_from(&old.file).is_none() && !old.file.exists() {
-                tracing::info!(file = %old.file.display(), "unloaded plugin {}@{} (file removed); its streams {:?} wait in Redis", old.name, old.version, old.streams);
+                tracing::info!(file = %old.file.display(), plugin = %old.name, version = %old.version,
+                    streams = %List(&old.streams), "unloaded plugin {}@{} (file removed); its streams wait in Redis", old.name, old.version);
             }
         }
         Ok(next)
@@ -223,14 +225,17 @@ fn log_loaded(old: Option<&Plugin>, plugin: &Plugin) {
     } else {
         "compiled"
     };
+    let took = format!("{:.1?}", plugin.load_time);
     match old {
         Some(old) => {
-            tracing::info!(file = %plugin.file.display(), "replaced plugin {}@{} with {}@{} streams={:?} ({how} in {:?})",
-            old.name, old.version, plugin.name, plugin.version, plugin.streams, plugin.load_time)
+            tracing::info!(file = %plugin.file.display(), plugin = %plugin.name, version = %plugin.version,
+                streams = %List(&plugin.streams), replaced_version = %old.version, load_ms = plugin.load_time.as_millis() as u64,
+                "replaced plugin {}@{} with {}@{} ({how} in {took})", old.name, old.version, plugin.name, plugin.version)
         }
         None => {
-            tracing::info!(file = %plugin.file.display(), "loaded plugin {}@{} streams={:?} ({how} in {:?})",
-            plugin.name, plugin.version, plugin.streams, plugin.load_time)
+            tracing::info!(file = %plugin.file.display(), plugin = %plugin.name, version = %plugin.version,
+                streams = %List(&plugin.streams), load_ms = plugin.load_time.as_millis() as u64,
+                "loaded plugin {}@{} ({how} in {took})", plugin.name, plugin.version)
         }
     }
 }

@@ -410,7 +410,7 @@ enum Contract {
 impl Contract {
     fn version(&self) -> &'static str {
         match self {
-            Contract::Current(_) => "0.3.0",
+            Contract::Current(_) => super::CONTRACT_VERSION,
             Contract::V0_2(_) => "0.2.0",
             Contract::V0_1(_) => "0.1.0",
         }

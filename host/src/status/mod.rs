@@ -28,6 +28,9 @@ pub const DEFAULT_STREAMS: [&str; 4] = [
     "ml-error-results",
 ];
 
+/// Every status a tracked request can have (the `CHECK` of `ml_requests.status`).
+pub const REQUEST_STATUSES: [&str; 4] = ["PENDING", "COMPLETED", "FAILED", "TIMED_OUT"];
+
 /// Tracked ML requests by status (`ml_requests`).
 pub async fn requests_by_status(pool: &sqlx::PgPool) -> Result<BTreeMap<String, i64>> {
     let rows: Vec<(String, i64)> =
