@@ -355,6 +355,10 @@ impl Config {
                 let value = match setting.key {
                     "redis_password" if !value.is_empty() => "***".to_string(),
                     "redis_url" | "database_url" => crate::persist::redact(&value),
+                    "plugins_dir" | "cache_dir" | "migrations_dir" if !value.is_empty() => raw
+                        .path(setting.key)
+                        .map(|path| path.display().to_string())
+                        .unwrap_or(value),
                     _ => value,
                 };
                 ResolvedSetting {
@@ -549,6 +553,25 @@ impl RawSettings {
         Ok(value)
     }
 
+    /// A directory setting as an absolute path: relative to the configuration file's directory
+    /// when the file gave it (so a file means the same wherever the host is started), to the
+    /// working directory when a variable or flag did, and for the built-in defaults to
+    /// [`default_base`].
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        let value = PathBuf::from(self.non_empty(key)?);
+        let base = match self.get(key) {
+            Some((_, Origin::File(file))) => file.parent().map(Path::to_path_buf),
+            Some(_) => None,
+            None => default_base(),
+        };
+        let joined = match base {
+            Some(base) if value.is_relative() => base.join(value),
+            _ => value,
+        };
+        // Absolute, so `status` and the heartbeat show a path that means something elsewhere.
+        Ok(std::path::absolute(&joined).unwrap_or(joined))
+    }
+
     /// The Redis URL: `REDIS_URL` from the environment, else the seed's host/port/password
     /// variables, else the file's URL, else the file's parts, else the default.
     fn redis_url(&self) -> Result<String> {
@@ -602,7 +625,7 @@ impl RawSettings {
             retry_attempts: self.positive("retry_attempts")?,
             timeout_seconds,
             processing_enabled: self.boolean("processing_enabled")?,
-            plugins_dir: PathBuf::from(self.non_empty("plugins_dir")?),
+            plugins_dir: self.path("plugins_dir")?,
             consumer_group: self.non_empty("consumer_group")?,
             consumer_name: match self.get("consumer_name") {
                 Some(_) => self.non_empty("consumer_name")?,
@@ -626,9 +649,10 @@ impl RawSettings {
                 self.parse("wait_for_deps_ms", "a number of milliseconds")?,
             ),
             http_addr: Some(self.string("http_addr").trim().to_string()).filter(|a| !a.is_empty()),
-            migrations_dir: Some(self.string("migrations_dir").trim().to_string())
-                .filter(|d| !d.is_empty())
-                .map(PathBuf::from),
+            migrations_dir: match self.string("migrations_dir").trim() {
+                "" => None,
+                _ => Some(self.path("migrations_dir")?),
+            },
             critical_streams: self
                 .string("critical_streams")
                 .split(',')
@@ -646,7 +670,7 @@ impl RawSettings {
                 ),
                 keepalive_idle: Duration::from_millis(self.positive("pg_keepalive_idle_ms")?),
             },
-            cache_dir: PathBuf::from(self.non_empty("cache_dir")?),
+            cache_dir: self.path("cache_dir")?,
             plugins: self.plugins.clone(),
             file: None,
         })
@@ -687,6 +711,20 @@ const IGNORED_ENV: &[&str] = &[
     "KALEIDOSCOPE_LOG_FORMAT",
     "KALEIDOSCOPE_COMPONENTIZE_PY",
 ];
+
+/// Where the built-in relative defaults (`target/plugins`, `target/plugin-cache`) resolve: the
+/// checkout the binary was built in, when it runs from there (`<checkout>/target/release/`),
+/// so `kaleidoscope run` finds what `./scripts/build-plugins` built from any working directory;
+/// else (an installed binary) the working directory.
+fn default_base() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?.canonicalize().ok()?;
+    let target = exe.parent()?.parent()?;
+    if target.file_name()? == "target" {
+        target.parent().map(Path::to_path_buf)
+    } else {
+        None
+    }
+}
 
 /// The host name: stable across restarts of one instance, distinct between machines.
 fn default_consumer_name() -> String {
@@ -911,7 +949,10 @@ mod tests {
         let flags = BTreeMap::from([("consumer_name", "flag".to_string())]);
         let config = Config::from_sources(Some(&file), &environment, &flags).unwrap();
         assert_eq!(config.consumer_name, "flag");
-        assert_eq!(config.plugins_dir, PathBuf::from("env-dir"));
+        assert_eq!(
+            config.plugins_dir,
+            std::env::current_dir().unwrap().join("env-dir")
+        );
         assert_eq!(config.batch_size, 5);
         assert_eq!(
             config.consumer_group,
@@ -923,5 +964,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("--migrate"), "{error}");
+    }
+
+    #[test]
+    fn relative_directories_resolve_against_the_file_that_names_them() {
+        let dir =
+            std::env::temp_dir().join(format!("kaleidoscope-config-paths-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("host.toml");
+        std::fs::write(
+            &file,
+            "plugins_dir = \"plugins\"\nmigrations_dir = \"sql\"\ncache_dir = \"/var/cache/k\"\n",
+        )
+        .unwrap();
+        let config = Config::from_sources(Some(&file), &env(&[]), &BTreeMap::new()).unwrap();
+        // From the file's directory, not the working directory; absolute paths stay as given.
+        assert_eq!(config.plugins_dir, dir.join("plugins"));
+        assert_eq!(config.migrations_dir, Some(dir.join("sql")));
+        assert_eq!(config.cache_dir, PathBuf::from("/var/cache/k"));
+        // A variable's relative path is the working directory's, as on any command line.
+        let environment = env(&[("KALEIDOSCOPE_PLUGINS_DIR", "here")]);
+        let config = Config::from_sources(Some(&file), &environment, &BTreeMap::new()).unwrap();
+        assert_eq!(
+            config.plugins_dir,
+            std::env::current_dir().unwrap().join("here")
+        );
+        // The defaults are absolute too (`status` shows them to people on other machines).
+        let config = Config::from_sources(None, &env(&[]), &BTreeMap::new()).unwrap();
+        assert!(config.plugins_dir.is_absolute() && config.plugins_dir.ends_with("target/plugins"));
+        assert!(config.cache_dir.ends_with("target/plugin-cache"));
     }
 }

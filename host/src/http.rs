@@ -1,22 +1,26 @@
 //! The host's small HTTP endpoint: `/metrics` (Prometheus), `/healthz` (the process is alive) and
-//! `/readyz` (PostgreSQL and Redis reachable, plugins loaded). Enabled by `KALEIDOSCOPE_HTTP_ADDR`.
+//! `/readyz` (PostgreSQL and Redis reachable, every consumed stream served). Enabled by
+//! `KALEIDOSCOPE_HTTP_ADDR`.
 //!
-//! Three GET routes do not justify an HTTP framework in the dependency tree: requests are read up
-//! to the end of their headers and answered with `Connection: close`.
+//! HTTP/1.1 through `hyper` (keep-alive for Prometheus, `HEAD`, malformed requests refused by a
+//! parser that has seen the world): three routes need no framework on top, so there is none.
 
 use crate::state::HostState;
 use crate::status;
 use anyhow::{Context, Result};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// The largest request head accepted.
-const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// How long a client may take to send its request.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send a request's head (a connection that trickles bytes is
+/// closed).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds `addr`, so the caller learns the port (e.g. for `:0`) and a busy port fails before
 /// anything else starts; [`serve`] then answers on it.
@@ -41,8 +45,18 @@ pub async fn serve(
             Ok((stream, _)) => {
                 let delivery = delivery.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = answer(stream, &delivery).await {
-                        tracing::debug!("HTTP request failed: {error:#}");
+                    let service = hyper::service::service_fn(move |request| {
+                        let delivery = delivery.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(answer(request, &delivery).await)
+                        }
+                    });
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_READ_TIMEOUT)
+                        .serve_connection(TokioIo::new(stream), service);
+                    if let Err(error) = connection.await {
+                        tracing::debug!("HTTP connection failed: {error}");
                     }
                 });
             }
@@ -54,59 +68,39 @@ pub async fn serve(
     }
 }
 
-async fn answer(mut stream: TcpStream, delivery: &HostState) -> Result<()> {
-    let mut head = Vec::new();
-    let mut buffer = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let read = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buffer))
-            .await
-            .context("request timed out")??;
-        if read == 0 || head.len() > MAX_REQUEST_BYTES {
-            break;
-        }
-        head.extend_from_slice(&buffer[..read]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", "/readyz") => {
+/// One request's answer.
+async fn answer(request: Request<Incoming>, delivery: &HostState) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| (status, "text/plain; charset=utf-8", body);
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+        (&Method::GET | &Method::HEAD, "/readyz") => {
             let problems = delivery.not_ready();
             if problems.is_empty() {
-                ("200 OK", "text/plain", "ready\n".to_string())
+                text(StatusCode::OK, "ready\n".into())
             } else {
-                (
-                    "503 Service Unavailable",
-                    "text/plain",
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
                     format!("not ready:\n{}\n", problems.join("\n")),
                 )
             }
         }
-        ("GET", "/metrics") => (
-            "200 OK",
+        (&Method::GET | &Method::HEAD, "/metrics") => (
+            StatusCode::OK,
             crate::metrics::CONTENT_TYPE,
             metrics(delivery).await,
         ),
-        ("GET", _) => (
-            "404 Not Found",
-            "text/plain",
-            "not found: try /metrics, /healthz or /readyz\n".to_string(),
+        (&Method::GET | &Method::HEAD, _) => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz or /readyz\n".into(),
         ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET\n".to_string(),
-        ),
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into()),
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await?;
-    Ok(())
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
 }
 
 /// Measures the scrape-time gauges, then renders every series.

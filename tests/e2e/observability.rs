@@ -7,7 +7,11 @@ use std::sync::Arc;
 
 fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -115,6 +119,31 @@ async fn metrics_health_and_readiness_are_served_over_http() {
         );
     }
     assert_eq!(get(addr, "/nowhere").0, 404);
+    // HTTP/1.1 as scrapers speak it: two requests on one connection, the second a HEAD.
+    let mut connection = std::net::TcpStream::connect(addr).unwrap();
+    write!(connection, "GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut first = Vec::new();
+    let mut byte = [0u8; 1];
+    while !first.ends_with(b"ok\n") {
+        assert_eq!(
+            connection.read(&mut byte).unwrap(),
+            1,
+            "the connection closed early"
+        );
+        first.push(byte[0]);
+    }
+    write!(
+        connection,
+        "HEAD /readyz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut second = String::new();
+    connection.read_to_string(&mut second).unwrap();
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert!(
+        second.ends_with("\r\n\r\n"),
+        "a HEAD answer has no body: {second}"
+    );
     env.finish().await;
 }
 
