@@ -273,20 +273,45 @@ async fn readiness_is_false_while_a_stream_lacks_its_plugin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_host_is_seen_as_stale_and_its_lag_against_a_threshold() {
-    let env = TestEnv::prepare(Options::new(&["insights"])).await;
+    let env =
+        TestEnv::prepare(Options::new(&["insights"]).set("KALEIDOSCOPE_HTTP_ADDR", "127.0.0.1:0"))
+            .await;
     let log = env.plugins_dir.with_extension("paused.log");
     let mut host = HostProcess::spawn(
         env.binary(&["run"])
+            .env("KALEIDOSCOPE_CONSUMER_NAME", "paused-host")
             .stderr(std::fs::File::create(&log).unwrap()),
     );
+    let paused = |report: &serde_json::Value| {
+        report["hosts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|h| h["consumer"] == "paused-host")
+            .cloned()
+    };
     crate::support::eventually("the host's first heartbeat", || async {
-        let (report, _) = env.status();
-        (report["hosts"].as_array().is_some_and(|h| h.len() == 1)).then_some(())
+        paused(&env.status().0).map(|_| ())
     })
     .await;
     crate::support::signal(&host, "STOP");
-    // A stream with a group but no plugin: its entries wait undelivered (its lag).
+    // The entry it was working on when it froze: delivered to it, never acknowledged.
     let mut redis = env.redis.clone();
+    env.publish("ml-insights-results", &[("mediaId", "1"), ("caption", "x")])
+        .await;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(&env.config.consumer_group)
+        .arg("paused-host")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(env.key("ml-insights-results"))
+        .arg(">")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // A stream with a group but no plugin: its entries wait undelivered (its lag).
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(env.key("ml-error-results"))
@@ -310,7 +335,12 @@ async fn a_paused_host_is_seen_as_stale_and_its_lag_against_a_threshold() {
         (stale && !healthy).then_some(report)
     })
     .await;
-    assert!(report["hosts"][0]["heartbeat_age_ms"].as_u64().unwrap() > 25_000);
+    assert!(
+        paused(&report).unwrap()["heartbeat_age_ms"]
+            .as_u64()
+            .unwrap()
+            > 25_000
+    );
     let output = env.command(&["status", "--max-lag", "2"]);
     assert!(!output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
@@ -318,11 +348,28 @@ async fn a_paused_host_is_seen_as_stale_and_its_lag_against_a_threshold() {
         text.contains("3 entries wait undelivered (threshold 2)"),
         "{text}"
     );
+    // What Prometheus sees from the other hosts: the entry the paused one holds gets older.
+    let env = env.with_host().await;
+    let addr = env.host().http_addr().expect("HTTP is enabled");
+    eventually("the stuck entry's age in /metrics", || async move {
+        let (_, metrics) = get(addr, "/metrics");
+        let age: f64 = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "kaleidoscope_stream_oldest_pending_age_seconds{stream=\"ml-insights-results\"} ",
+                )
+            })?
+            .parse()
+            .ok()?;
+        (age >= 1.0).then_some(())
+    })
+    .await;
     crate::support::signal(&host, "CONT");
     crate::support::eventually("the host to be fresh and ready again", || async {
-        let (report, _) = env.status();
-        let age = report["hosts"][0]["heartbeat_age_ms"].as_u64()?;
-        (age < 25_000 && report["hosts"][0]["ready"] == true).then_some(())
+        let host = paused(&env.status().0)?;
+        let age = host["heartbeat_age_ms"].as_u64()?;
+        (age < 25_000 && host["ready"] == true).then_some(())
     })
     .await;
     // The reads it had in flight timed out during its own pause: that is not a Redis outage.
