@@ -105,7 +105,7 @@ async fn answer(request: Request<Incoming>, delivery: &HostState) -> Response<Fu
 
 /// Measures the scrape-time gauges, then renders every series.
 async fn metrics(delivery: &HostState) -> String {
-    use crate::metrics::{ByDeadLetterKind, ByStatus, ByStream};
+    use crate::metrics::{ByDeadLetterKind, ByGroup, ByStatus, ByStream};
     let metrics = &delivery.metrics;
     let _one_scrape_at_a_time = metrics.scrape_lock().await;
     let scraped = &metrics.scraped;
@@ -150,6 +150,32 @@ async fn metrics(delivery: &HostState) -> String {
             if let Some(lag) = report.lag {
                 scraped.stream_lag.get_or_create(&labels).set(lag);
             }
+        }
+    }
+    scraped.request_stream_length.clear();
+    scraped.request_stream_lag.clear();
+    scraped.request_stream_pending.clear();
+    for stream in status::REQUEST_STREAMS {
+        let Ok(report) = status::request_stream_report(&mut redis, &delivery.config, stream).await
+        else {
+            continue;
+        };
+        scraped
+            .request_stream_length
+            .get_or_create(&ByStream::new(stream))
+            .set(report.length);
+        for group in report.groups {
+            let labels = ByGroup {
+                stream: stream.to_string(),
+                group: group.name,
+            };
+            if let Some(lag) = group.lag {
+                scraped.request_stream_lag.get_or_create(&labels).set(lag);
+            }
+            scraped
+                .request_stream_pending
+                .get_or_create(&labels)
+                .set(group.pending);
         }
     }
     if let Ok(dead) = status::dead_letter_report(&mut redis, &delivery.config).await {

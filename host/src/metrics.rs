@@ -78,6 +78,13 @@ pub struct ByFile {
     pub file: String,
 }
 
+/// A request stream's series per consumer group (the ML services').
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByGroup {
+    pub stream: String,
+    pub group: String,
+}
+
 /// A series per dead-letter failure kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ByDeadLetterKind {
@@ -142,6 +149,9 @@ pub struct Scraped {
     pub stream_length: Family<ByStream, Gauge>,
     pub dead_letters: Family<ByDeadLetterKind, Gauge>,
     pub requests: Family<ByStatus, Gauge>,
+    pub request_stream_length: Family<ByStream, Gauge>,
+    pub request_stream_lag: Family<ByGroup, Gauge>,
+    pub request_stream_pending: Family<ByGroup, Gauge>,
 }
 
 impl Default for Metrics {
@@ -276,6 +286,21 @@ impl Metrics {
             "kaleidoscope_requests",
             "Tracked ML requests by status (the last counts read while PostgreSQL is unavailable)",
             s.requests.clone(),
+        );
+        r.register(
+            "kaleidoscope_request_stream_length",
+            "Entries in a request stream (this host to the ML services)",
+            s.request_stream_length.clone(),
+        );
+        r.register(
+            "kaleidoscope_request_stream_lag",
+            "Requests not yet delivered to an ML service's consumer group: is the ML side keeping up",
+            s.request_stream_lag.clone(),
+        );
+        r.register(
+            "kaleidoscope_request_stream_pending",
+            "Requests an ML service's consumer group has read and not acknowledged",
+            s.request_stream_pending.clone(),
         );
         r.register(
             "kaleidoscope_build",

@@ -102,6 +102,17 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
         TestEnv::start(Options::new(&["insights"]).set("KALEIDOSCOPE_HTTP_ADDR", "127.0.0.1:0"))
             .await;
     let addr = env.host().http_addr().expect("HTTP is enabled");
+    // An ML service's group on a request stream, as in production (its lag is a series).
+    let mut redis = env.redis.clone();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(env.key("post-image-processing"))
+        .arg("ml-side")
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
     let exposition = {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(addr).unwrap();
@@ -148,6 +159,7 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
         "KaleidoscopePluginLoadFailed",
         "KaleidoscopeNotReady",
         "KaleidoscopeHeartbeatStale",
+        "KaleidoscopeRequestsNotConsumed",
     ] {
         assert!(alerts.contains(&format!("alert: {alert}")), "{alert}");
         assert!(

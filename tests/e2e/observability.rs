@@ -97,6 +97,8 @@ async fn metrics_health_and_readiness_are_served_over_http() {
         "kaleidoscope_stream_lag{stream=\"ml-insights-results\"} 0",
         "kaleidoscope_stream_oldest_pending_age_seconds{stream=\"ml-insights-results\"} ",
         "kaleidoscope_requests{status=\"PENDING\"} 1",
+        "kaleidoscope_requests{status=\"FAILED\"} 0",
+        "kaleidoscope_request_stream_length{stream=\"post-image-processing\"} 1",
         "kaleidoscope_plugin_files_failing 0",
         "kaleidoscope_heartbeat_age_seconds ",
         "kaleidoscope_dead_letters{kind=\"malformed\"} 1",
@@ -190,6 +192,36 @@ async fn status_json_reports_streams_dead_letters_requests_and_plugins() {
     );
     assert_eq!(report["dead_letters"]["by_kind"]["malformed"], 1);
     assert_eq!(report["requests"]["PENDING"], 1);
+    // The request went out; nothing on the ML side consumes its stream yet.
+    let requests_out = |report: &serde_json::Value| {
+        report["request_streams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stream"] == "profile-picture-processing")
+            .cloned()
+            .unwrap()
+    };
+    let out = requests_out(&report);
+    assert_eq!(out["length"], 1, "{out}");
+    assert_eq!(out["groups"], serde_json::json!([]), "{out}");
+    let mut redis = env.redis.clone();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(env.key("profile-picture-processing"))
+        .arg("ml-side")
+        .arg("0")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let out = requests_out(&env.status().0);
+    assert_eq!(
+        out["groups"],
+        serde_json::json!([{"name": "ml-side", "lag": 1, "pending": 0, "consumers": 0}]),
+        "{out}"
+    );
+    let table = String::from_utf8(env.command(&["status"]).stdout).unwrap();
+    assert!(table.contains("ml-side (1/0/0)"), "{table}");
     let plugins = report["hosts"][0]["plugins"].as_array().unwrap();
     let insights_plugin = plugins.iter().find(|p| p["name"] == "insights").unwrap();
     assert_eq!(insights_plugin["version"], "0.1.0");

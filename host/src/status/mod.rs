@@ -50,6 +50,8 @@ pub struct Report {
     pub requests: Option<BTreeMap<String, i64>>,
     pub hosts: Vec<HostStatus>,
     pub streams: Vec<StreamReport>,
+    /// The streams requests are published to, with the ML side's groups.
+    pub request_streams: Vec<RequestStreamReport>,
     pub dead_letters: DeadLetterReport,
 }
 
@@ -84,6 +86,34 @@ pub struct DeadLetterReport {
     pub by_kind: BTreeMap<String, u64>,
     pub scanned: usize,
 }
+
+/// A request stream (this host → the ML services) and the groups that consume it: whether the
+/// ML side keeps up is the other half of "why has nothing arrived?".
+#[derive(Debug, Serialize)]
+pub struct RequestStreamReport {
+    pub stream: String,
+    pub key: String,
+    pub length: i64,
+    /// The ML side's consumer groups; none means nothing consumes the stream yet.
+    pub groups: Vec<GroupReport>,
+}
+
+/// One consumer group of a request stream.
+#[derive(Debug, Serialize)]
+pub struct GroupReport {
+    pub name: String,
+    /// Entries not yet delivered to the group (`None` when Redis cannot tell, after a trim).
+    pub lag: Option<i64>,
+    pub pending: i64,
+    pub consumers: i64,
+}
+
+/// The request streams `status` and `/metrics` report.
+pub const REQUEST_STREAMS: [&str; 3] = [
+    crate::requests::POST_IMAGE_STREAM,
+    crate::requests::PROFILE_PICTURE_STREAM,
+    crate::requests::POST_UPDATE_STREAM,
+];
 
 /// When `status` calls a stream unhealthy (its exit code).
 #[derive(Clone, Copy, Debug)]
@@ -171,6 +201,10 @@ pub async fn collect<C: ConnectionLike + Send>(
         }
         streams.push(report);
     }
+    let mut request_streams = Vec::new();
+    for stream in REQUEST_STREAMS {
+        request_streams.push(request_stream_report(conn, config, stream).await?);
+    }
     let dead_letters = dead_letter_report(conn, config).await?;
     let requests = match pool {
         Some(pool) => match requests_by_status(pool).await {
@@ -188,6 +222,7 @@ pub async fn collect<C: ConnectionLike + Send>(
         requests,
         hosts,
         streams,
+        request_streams,
         dead_letters,
     })
 }
@@ -265,6 +300,40 @@ pub async fn stream_report<C: ConnectionLike + Send>(
         })
         .collect();
     Ok(report)
+}
+
+/// A request stream's length and every consumer group on it (the ML services').
+pub async fn request_stream_report<C: ConnectionLike + Send>(
+    conn: &mut C,
+    config: &Config,
+    stream: &str,
+) -> Result<RequestStreamReport> {
+    let key = config.stream_key(stream);
+    let length: i64 = redis::cmd("XLEN").arg(&key).query_async(conn).await?;
+    let exists: i64 = redis::cmd("EXISTS").arg(&key).query_async(conn).await?;
+    let groups: Vec<HashMap<String, Value>> = if exists == 0 {
+        Vec::new()
+    } else {
+        redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&key)
+            .query_async(conn)
+            .await?
+    };
+    Ok(RequestStreamReport {
+        stream: stream.to_string(),
+        key,
+        length,
+        groups: groups
+            .into_iter()
+            .map(|g| GroupReport {
+                name: g.get("name").and_then(text).unwrap_or_default(),
+                lag: g.get("lag").and_then(int),
+                pending: g.get("pending").and_then(int).unwrap_or(0),
+                consumers: g.get("consumers").and_then(int).unwrap_or(0),
+            })
+            .collect(),
+    })
 }
 
 /// The dead-letter stream's length and its newest entries counted by failure kind.

@@ -22,6 +22,30 @@ pub fn render(report: &Report) -> String {
     for stream in &report.streams {
         out.push_str(&stream_line(stream));
     }
+    out.push_str("\nrequests to the ML services:\n");
+    out.push_str(&format!(
+        "  {:<40} {:>8}  groups (lag/pending/consumers)\n",
+        "stream", "length"
+    ));
+    for stream in &report.request_streams {
+        let groups = if stream.groups.is_empty() {
+            "(no group: nothing consumes it yet)".to_string()
+        } else {
+            stream
+                .groups
+                .iter()
+                .map(|g| {
+                    let lag = g.lag.map_or("-".to_string(), |l| l.to_string());
+                    format!("{} ({lag}/{}/{})", g.name, g.pending, g.consumers)
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!(
+            "  {:<40} {:>8}  {groups}\n",
+            stream.stream, stream.length
+        ));
+    }
     let kinds = counts(&report.dead_letters.by_kind);
     out.push_str(&format!(
         "\ndead letters ({}): {} {}\n",
@@ -64,11 +88,11 @@ pub fn render(report: &Report) -> String {
             .unwrap_or(0);
         for p in &host.plugins {
             out.push_str(&format!(
-                "    {:<name_width$} {:<version_width$} {}  {:?}{}\n      grants: {}\n",
+                "    {:<name_width$} {:<version_width$} {}  {}{}\n      grants: {}\n",
                 p.name,
                 p.version,
                 &p.sha256[..p.sha256.len().min(12)],
-                p.streams,
+                p.streams.join(", "),
                 if p.from_cache { "  (cached)" } else { "" },
                 p.grants.summary()
             ));
