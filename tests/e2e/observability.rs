@@ -538,3 +538,38 @@ async fn json_logs_are_flat_with_the_spans_fields_and_typed_values() {
     let _ = std::fs::remove_file(log);
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_is_logged_on_one_line_with_its_panic_message_first() {
+    let env = TestEnv::prepare(Options::new(&["scripted"]).retries(1, 60_000)).await;
+    let log = env.plugins_dir.with_extension("trap.log");
+    let mut host = HostProcess::spawn(
+        env.binary(&["run"])
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    let id = env
+        .publish("scripted", &[("action", "panic"), ("note", "kaboom")])
+        .await;
+    env.await_dead_letter("scripted", &id).await;
+    crate::support::signal(&host, "TERM");
+    assert!(crate::support::await_exit(&mut host).await.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let about_it: Vec<&str> = text.lines().filter(|l| l.contains("kaboom")).collect();
+    assert_eq!(about_it.len(), 1, "one line for the trap:\n{text}");
+    let line = about_it[0];
+    let (before, after) = line
+        .split_once("plugin trapped: panicked at ")
+        .unwrap_or_else(|| panic!("the panic message comes first in the reason: {line}"));
+    assert!(before.contains("dead-lettered"), "{line}");
+    assert!(after.contains("scripted panic: kaboom"), "{line}");
+    assert!(after.contains("in behaviours::perform < handle"), "{line}");
+    // Nothing of a multi-line backtrace or its hints anywhere in the log.
+    assert!(
+        !text.contains("stack backtrace")
+            && !text.contains("RUST_BACKTRACE")
+            && !text.contains("\n    at "),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(log);
+    env.finish().await;
+}

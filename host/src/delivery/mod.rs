@@ -204,7 +204,14 @@ impl HostState {
         if deliveries >= self.config.retry_attempts {
             Decision::DeadLetter(
                 kind,
-                format!("{reason} (gave up after {deliveries} deliveries)"),
+                format!(
+                    "{reason} (gave up after {deliveries} {})",
+                    if deliveries == 1 {
+                        "delivery"
+                    } else {
+                        "deliveries"
+                    }
+                ),
             )
         } else {
             Decision::Retry(kind, reason)
