@@ -39,6 +39,9 @@ pub struct HostState {
     /// Every stream this host has consumed since it started: one that loses its plugin stays
     /// here, so readiness says its entries wait unread.
     consumed: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The `[plugins.<name>]` section names of the configuration file, read with the grants
+    /// (at start and at each reload) rather than at every heartbeat.
+    plugin_sections: RwLock<Arc<std::collections::BTreeSet<String>>>,
     /// When this host last wrote its heartbeat (its start, before the first).
     heartbeat_written: std::sync::Mutex<Instant>,
 }
@@ -53,6 +56,11 @@ impl HostState {
         registry: Arc<PluginRegistry>,
         catalog: Catalog,
     ) -> Self {
+        let plugin_sections = config
+            .file
+            .as_deref()
+            .and_then(|file| Config::plugin_section_names(file).ok())
+            .unwrap_or_default();
         Self {
             policies: RwLock::new(Arc::new(config.plugins.clone())),
             source,
@@ -65,6 +73,7 @@ impl HostState {
             config,
             consumed: Default::default(),
             heartbeat_written: std::sync::Mutex::new(Instant::now()),
+            plugin_sections: RwLock::new(Arc::new(plugin_sections)),
         }
     }
 
@@ -121,6 +130,13 @@ impl HostState {
                 return false;
             }
         };
+        if let Ok(names) = Config::plugin_section_names(file) {
+            let mut sections = match self.plugin_sections.write() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            *sections = Arc::new(names);
+        }
         let mut guard = match self.policies.write() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -137,16 +153,15 @@ impl HostState {
     /// plugin: a typo in the name, or a plugin not deployed yet. Reported (heartbeat, `status`,
     /// a warning at each load), never an error: granting before deploying is the usual order.
     pub fn unmatched_plugin_sections(&self) -> Vec<String> {
-        let Some(file) = &self.config.file else {
-            return Vec::new();
-        };
-        let Ok(names) = Config::plugin_section_names(file) else {
-            return Vec::new();
+        let names = match self.plugin_sections.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         };
         let snapshot = self.registry.snapshot();
         names
-            .into_iter()
-            .filter(|name| !snapshot.plugins().iter().any(|p| &p.name == name))
+            .iter()
+            .filter(|name| !snapshot.plugins().iter().any(|p| &p.name == *name))
+            .cloned()
             .collect()
     }
 

@@ -220,7 +220,12 @@ pub(super) async fn simulate_ml(
         let _ = stop.send(true);
     });
     let stats = simulate::run(config, &options, stopped).await?;
-    tracing::info!(?stats, "simulator stopped");
+    tracing::info!(
+        requests = stats.requests,
+        errors = stats.errors,
+        results = stats.results,
+        "simulator stopped"
+    );
     Ok(ExitCode::SUCCESS)
 }
 

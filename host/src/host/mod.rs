@@ -215,7 +215,8 @@ pub async fn run(
             Ok(())
         }
         _ = tokio::time::sleep(timeout) => Err(anyhow::anyhow!(
-            "batches in flight did not finish within {timeout:?}; exiting anyway (their entries stay pending and will be reclaimed)"
+            "batches in flight did not finish within {}; exiting anyway (their entries stay pending and will be reclaimed)",
+            humantime::format_duration(timeout)
         )),
         _ = force => Err(anyhow::anyhow!(
             "second signal: exiting at once (entries not finished stay pending and will be reclaimed)"
