@@ -416,3 +416,20 @@ fn subcommand_help_shows_its_flags_and_points_to_the_settings() {
         assert!(undescribed.is_empty(), "{args:?}: {undescribed:?}");
     }
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_the_command_quietly() {
+    // `kaleidoscope config check | head -0`: the reader is gone before the first line.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = binary()
+        .args(["config", "check"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+}

@@ -19,6 +19,9 @@ use std::process::ExitCode;
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
+    if prints_and_exits(&cli.command) {
+        die_quietly_on_a_closed_pipe();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -38,6 +41,31 @@ pub fn main() -> ExitCode {
             eprintln!("error: {}", crate::text::causes(&error));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Whether `command` is a short one whose output people pipe into `head` or `grep`, rather
+/// than a long-running service.
+fn prints_and_exits(command: &Command) -> bool {
+    !matches!(
+        command,
+        Command::Run { .. }
+            | Command::SimulateMl { .. }
+            | Command::Demo { .. }
+            | Command::Bench { .. }
+            | Command::Plugin(args::PluginCommand::Dev { .. })
+    )
+}
+
+/// `kaleidoscope status | head` ends like any Unix tool when `head` has read enough, instead
+/// of panicking in `println!` (Rust ignores SIGPIPE, so a write to the closed pipe is an error
+/// that `println!` turns into a panic). Only for the short commands: a host must never die
+/// because whoever read its output went away; its sockets are unaffected either way (they
+/// write with `MSG_NOSIGNAL`).
+fn die_quietly_on_a_closed_pipe() {
+    // SAFETY: restoring a signal's default disposition, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
