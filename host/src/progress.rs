@@ -28,9 +28,15 @@ impl Progress {
         } else {
             format!(" {unit}")
         };
-        let template = format!("{{prefix}} [{{bar:30}}] {{pos}}/{{len}}{unit} {{per_sec}} {{msg}}");
+        let template = format!("{{prefix}} [{{bar:30}}] {{pos}}/{{len}}{unit} {{rate}} {{msg}}");
         let style = ProgressStyle::with_template(&template)
             .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .with_key(
+                "rate",
+                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0}/s", state.per_sec());
+                },
+            )
             .progress_chars("#>.");
         bar.set_style(style);
         bar.set_prefix(label.to_string());
@@ -69,10 +75,13 @@ impl Progress {
     fn plain_line(&mut self, done: u64, total: u64, message: &str) {
         let elapsed = self.bar.elapsed().as_secs_f64().max(1e-9);
         let rate = done as f64 / elapsed;
-        eprintln!(
-            "{}: {done}/{total}{} ({rate:.0}/s) {message}",
-            self.label, self.unit
+        // The bar's label is padded into columns; a log line needs none of that.
+        let label = self.label.split_whitespace().collect::<Vec<_>>().join(" ");
+        let line = format!(
+            "{label}: {done}/{total}{} ({rate:.0}/s) {message}",
+            self.unit
         );
+        eprintln!("{}", line.trim_end());
         self.last_line = Some(Instant::now());
     }
 }
