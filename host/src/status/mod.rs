@@ -310,8 +310,12 @@ pub async fn request_stream_report<C: ConnectionLike + Send>(
 ) -> Result<RequestStreamReport> {
     let key = config.stream_key(stream);
     let length: i64 = redis::cmd("XLEN").arg(&key).query_async(conn).await?;
-    let exists: i64 = redis::cmd("EXISTS").arg(&key).query_async(conn).await?;
-    let groups: Vec<HashMap<String, Value>> = if exists == 0 {
+    // An empty stream may still exist (with its groups); a missing one has none to ask about.
+    let exists = length > 0 || {
+        let exists: i64 = redis::cmd("EXISTS").arg(&key).query_async(conn).await?;
+        exists > 0
+    };
+    let groups: Vec<HashMap<String, Value>> = if !exists {
         Vec::new()
     } else {
         redis::cmd("XINFO")
