@@ -130,6 +130,8 @@ pub struct Metrics {
     pub batch_duration: Timings<ByStream>,
     /// Time of one plugin call.
     pub handler_duration: Timings<ByPluginName>,
+    /// Plugin calls running now, per plugin (see [`CallInFlight`]).
+    pub calls_in_flight: Family<ByPluginName, Gauge>,
     /// The gauges measured at scrape time.
     pub scraped: Scraped,
     /// One scrape at a time: a scrape clears and refills [`Scraped`] before rendering.
@@ -168,6 +170,7 @@ impl Default for Metrics {
             load_failures: Family::default(),
             batch_duration: timings(),
             handler_duration: timings(),
+            calls_in_flight: Family::default(),
             scraped: Scraped::default(),
             scrape: tokio::sync::Mutex::new(()),
         };
@@ -232,6 +235,11 @@ impl Metrics {
             "Time of one plugin `handle` call, including instantiation",
             Unit::Seconds,
             self.handler_duration.clone(),
+        );
+        r.register(
+            "kaleidoscope_handler_calls_in_flight",
+            "Plugin calls running now (a call stuck until its deadline shows here)",
+            self.calls_in_flight.clone(),
         );
         let s = &self.scraped;
         r.register(
@@ -333,6 +341,23 @@ impl Metrics {
     }
 }
 
+/// One plugin call counted in [`Metrics::calls_in_flight`] for as long as this value lives
+/// (however the call ends).
+pub struct CallInFlight(Gauge);
+
+impl CallInFlight {
+    pub fn start(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The `reason` label of a retry: one the plugin asked for, a missing row, or a passing database
 /// condition is an ordinary wait (`retryable`), not yet a failure — only if the attempts run out
 /// does it become `retries-exhausted`; anything else is the plugin failure kind it will be.
@@ -373,9 +398,11 @@ pub fn touch_stream(metrics: &Metrics, stream: &str, plugin: &str) {
         let _ = family.get_or_create(&by_stream);
     }
     let _ = metrics.batch_duration.get_or_create(&by_stream);
-    let _ = metrics.handler_duration.get_or_create(&ByPluginName {
+    let by_plugin = ByPluginName {
         plugin: plugin.to_string(),
-    });
+    };
+    let _ = metrics.handler_duration.get_or_create(&by_plugin);
+    let _ = metrics.calls_in_flight.get_or_create(&by_plugin);
 }
 
 /// The standard `process_*` metrics (Linux: read from `/proc/self` at each scrape; none

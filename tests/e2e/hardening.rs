@@ -239,8 +239,19 @@ async fn a_busy_consumer_does_not_hold_up_a_reload() {
     let busy = env
         .publish(SCRIPTED, &[("action", "block"), ("millis", "15000")])
         .await;
-    eventually("the blocking call to start", || async {
-        (env.pending(SCRIPTED).await == 1).then_some(())
+    // Running, not only delivered: a reload landing before the batch took its plugin would
+    // leave the entry pending for a plugin that no longer exists.
+    let calls = env
+        .host()
+        .delivery()
+        .metrics
+        .calls_in_flight
+        .get_or_create_owned(&kaleidoscope::metrics::ByPluginName {
+            plugin: SCRIPTED.to_string(),
+        });
+    eventually("the blocking call to start", || {
+        let calls = calls.clone();
+        async move { (calls.get() == 1).then_some(()) }
     })
     .await;
     std::fs::remove_file(env.plugins_dir.join("scripted.wasm")).expect("remove the plugin");

@@ -101,6 +101,7 @@ async fn metrics_health_and_readiness_are_served_over_http() {
         "kaleidoscope_request_stream_length{stream=\"post-image-processing\"} 1",
         "kaleidoscope_plugin_files_failing 0",
         "kaleidoscope_heartbeat_age_seconds ",
+        "kaleidoscope_handler_calls_in_flight{plugin=\"insights\"} 0",
         "kaleidoscope_dead_letters{kind=\"malformed\"} 1",
         // Series exist from the start, at 0.
         "kaleidoscope_dead_letters{kind=\"timeout\"} 0",

@@ -47,6 +47,12 @@ impl HostState {
         let policy = self.policy(&plugin.name);
         let settings = policy.settings.clone();
         let batch_span = tracing::Span::current();
+        let in_flight =
+            self.metrics
+                .calls_in_flight
+                .get_or_create_owned(&crate::metrics::ByPluginName {
+                    plugin: plugin.name.clone(),
+                });
         // One blocking thread runs the batch's calls one after the other, in one session (one
         // instance, while calls return normally); the runtime's timers drive their deadlines.
         let runtime = tokio::runtime::Handle::current();
@@ -63,7 +69,9 @@ impl HostState {
                         .unwrap_or("");
                     let span = tracing::info_span!(parent: &batch_span, "entry", entry = %entry.id, correlation_id);
                     let started = Instant::now();
+                    let counted = crate::metrics::CallInFlight::start(&in_flight);
                     let outcome = session.handle(&entry, &settings).instrument(span).await;
+                    drop(counted);
                     calls.push((index, entry.fields, outcome, started.elapsed()));
                 }
                 calls
