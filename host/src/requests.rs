@@ -30,6 +30,13 @@ pub const POST_IMAGE_STREAM: &str = "post-image-processing";
 pub const PROFILE_PICTURE_STREAM: &str = "profile-picture-processing";
 /// The request stream for an updated post image.
 pub const POST_UPDATE_STREAM: &str = "post-update-processing";
+/// Every request stream: what the simulator consumes, the request tracker may republish to,
+/// and `status` and `/metrics` report.
+pub const REQUEST_STREAMS: [&str; 3] = [
+    POST_IMAGE_STREAM,
+    PROFILE_PICTURE_STREAM,
+    POST_UPDATE_STREAM,
+];
 
 /// First pause between publishing attempts; doubled after each failure.
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
@@ -397,13 +404,7 @@ pub struct Sweep {
 /// publishes to the request streams, and only fields it can read. Such a row can only have been
 /// forged (a plugin granted the whole table) or damaged.
 fn unpublishable(stream: &str, fields: &str) -> Result<Vec<(String, String)>, String> {
-    if ![
-        POST_IMAGE_STREAM,
-        PROFILE_PICTURE_STREAM,
-        POST_UPDATE_STREAM,
-    ]
-    .contains(&stream)
-    {
+    if !REQUEST_STREAMS.contains(&stream) {
         return Err(format!(
             "not republished: {stream:?} is not a request stream"
         ));

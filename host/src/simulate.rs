@@ -8,7 +8,7 @@
 //! deterministic, derived from its id.
 
 use crate::config::Config;
-use crate::requests::{POST_IMAGE_STREAM, POST_UPDATE_STREAM, PROFILE_PICTURE_STREAM};
+use crate::requests::{PROFILE_PICTURE_STREAM, REQUEST_STREAMS};
 use crate::streams::{self, StreamEntry};
 use anyhow::{Context, Result};
 use redis::aio::MultiplexedConnection;
@@ -59,14 +59,10 @@ pub async fn run(
     let mut conn = crate::redis_connection::open(&config.redis_url)
         .await
         .context("the simulator cannot connect to Redis")?;
-    let keys: Vec<String> = [
-        POST_IMAGE_STREAM,
-        PROFILE_PICTURE_STREAM,
-        POST_UPDATE_STREAM,
-    ]
-    .iter()
-    .map(|s| config.stream_key(s))
-    .collect();
+    let keys: Vec<String> = REQUEST_STREAMS
+        .iter()
+        .map(|s| config.stream_key(s))
+        .collect();
     for key in &keys {
         streams::ensure_group(&mut conn, key, &options.group).await?;
     }

@@ -108,12 +108,7 @@ pub struct GroupReport {
     pub consumers: i64,
 }
 
-/// The request streams `status` and `/metrics` report.
-pub const REQUEST_STREAMS: [&str; 3] = [
-    crate::requests::POST_IMAGE_STREAM,
-    crate::requests::PROFILE_PICTURE_STREAM,
-    crate::requests::POST_UPDATE_STREAM,
-];
+pub use crate::requests::REQUEST_STREAMS;
 
 /// When `status` calls a stream unhealthy (its exit code).
 #[derive(Clone, Copy, Debug)]
