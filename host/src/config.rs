@@ -112,19 +112,19 @@ pub const SETTINGS: &[Setting] = &[
         key: "batch_size",
         env: "KALEIDOSCOPE_BATCH_SIZE",
         default: "10",
-        help: "Entries asked for by the first XREADGROUP of a stream (seed: batch-size); while reads come back full (a backlog), each read asks for twice as many, up to max_batch_size.",
+        help: "Entries asked for by the first XREADGROUP of a stream (seed: batch-size); while reads come back full (a backlog), each read asks for twice as many, up to max_batch_size. At most 10,000.",
     },
     Setting {
         key: "max_batch_size",
         env: "KALEIDOSCOPE_MAX_BATCH_SIZE",
         default: "250",
-        help: "The most entries one read (and so one batch transaction) takes when a stream has a backlog.",
+        help: "The most entries one read (and so one batch transaction) takes when a stream has a backlog. At most 10,000.",
     },
     Setting {
         key: "max_in_flight",
         env: "KALEIDOSCOPE_MAX_IN_FLIGHT",
         default: "2",
-        help: "Batches per stream between read and acknowledgement at once: the next batch is read and handled while earlier ones commit.",
+        help: "Batches per stream between read and acknowledgement at once: the next batch is read and handled while earlier ones commit. At most 64.",
     },
     Setting {
         key: "poll_timeout_ms",
@@ -535,6 +535,17 @@ impl RawSettings {
         Ok(value)
     }
 
+    /// A positive integer no larger than `max`: settings that size queues, semaphores and
+    /// buffers, where an absurd value would not fail here but panic or exhaust memory later.
+    fn positive_at_most(&self, key: &str, max: usize, why: &str) -> Result<usize> {
+        let value: usize = self.positive(key)?;
+        if value > max {
+            let (text, origin) = self.value(key).unwrap_or_default();
+            bail!("invalid value {text:?} for `{key}` {origin}: at most {max} ({why})");
+        }
+        Ok(value)
+    }
+
     fn boolean(&self, key: &str) -> Result<bool> {
         let (value, origin) = self.value(key).unwrap_or_default();
         match value.trim().to_ascii_lowercase().as_str() {
@@ -633,9 +644,21 @@ impl RawSettings {
             },
             reclaim_idle: Duration::from_millis(self.positive("reclaim_idle_ms")?),
             dlq_stream: self.non_empty("dlq_stream")?,
-            batch_size: self.positive("batch_size")?,
-            max_batch_size: self.positive("max_batch_size")?,
-            max_in_flight: self.positive("max_in_flight")?,
+            batch_size: self.positive_at_most(
+                "batch_size",
+                MAX_BATCH_SIZE,
+                "one batch is one transaction held in memory",
+            )?,
+            max_batch_size: self.positive_at_most(
+                "max_batch_size",
+                MAX_BATCH_SIZE,
+                "one batch is one transaction held in memory",
+            )?,
+            max_in_flight: self.positive_at_most(
+                "max_in_flight",
+                MAX_IN_FLIGHT,
+                "each batch in flight holds its entries and their commands in memory",
+            )?,
             poll_timeout: Duration::from_millis(self.positive("poll_timeout_ms")?),
             stream_prefix: self.string("stream_prefix"),
             plugin_timeout: Duration::from_millis(plugin_timeout_ms),
@@ -676,6 +699,13 @@ impl RawSettings {
         })
     }
 }
+
+/// The largest `batch_size` and `max_batch_size`: with the per-batch output cap this bounds what
+/// one batch holds in memory.
+pub const MAX_BATCH_SIZE: usize = 10_000;
+
+/// The largest `max_in_flight`: batches in flight per stream each hold a batch in memory.
+pub const MAX_IN_FLIGHT: usize = 64;
 
 /// The default of `key` as declared in [`SETTINGS`], when it is a value; `None` when it is
 /// computed (written as `<host name>` or as a formula such as `timeout_seconds × 1000`).

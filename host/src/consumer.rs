@@ -51,6 +51,14 @@ pub async fn consume(
     let mut consumer = StreamConsumer::new(delivery, client, stream);
     let config = &consumer.delivery.config;
     info!(stream = consumer.stream, key = consumer.key, group = %config.consumer_group, consumer = %config.consumer_name, "consuming");
+    // Its own task: the consumer's loop waits for free slots, and entries in flight must stay
+    // fresh however long it waits.
+    let keep_alive = tokio::spawn(keep_in_flight_fresh(
+        consumer.delivery.clone(),
+        consumer.stream.clone(),
+        consumer.working.clone(),
+        consumer.reclaim_every,
+    ));
     while !*stop.borrow() {
         // Reap the batches that are done, so the set does not grow.
         while consumer.finishing.try_join_next().is_some() {}
@@ -80,7 +88,46 @@ pub async fn consume(
         }
     }
     while consumer.finishing.join_next().await.is_some() {}
+    keep_alive.abort();
     info!(stream = consumer.stream, "stopped consuming");
+}
+
+/// Touches the entries of this consumer's batches in flight every `every` (a quarter of the
+/// reclaim idle time), so no host reclaims an entry that is still being worked on: not while a
+/// slow batch runs, not while every slot is busy and the consumer's loop waits for one, not while
+/// a batch waits out a PostgreSQL outage (which must never cost an entry an attempt). Touching
+/// (`XCLAIM ... JUSTID`) does not count as a delivery.
+async fn keep_in_flight_fresh(
+    delivery: Arc<HostState>,
+    stream: String,
+    working: Working,
+    every: Duration,
+) {
+    let config = &delivery.config;
+    let key = config.stream_key(&stream);
+    let mut redis = delivery.redis.clone();
+    loop {
+        tokio::time::sleep(every).await;
+        let mine: Vec<String> = lock(&working).iter().cloned().collect();
+        if mine.is_empty() {
+            continue;
+        }
+        if let Err(error) = streams::touch(
+            &mut redis,
+            &key,
+            &config.consumer_group,
+            &config.consumer_name,
+            &mine,
+        )
+        .await
+        {
+            // A lost group is the consumer loop's to recreate; an outage its to report.
+            tracing::debug!(
+                stream,
+                "cannot keep the entries in flight fresh (XCLAIM): {error}"
+            );
+        }
+    }
 }
 
 /// One stream's consumer: its connection, its schedule of reclaims and expiry checks, and the
@@ -231,7 +278,9 @@ impl StreamConsumer {
                 "cannot restore the ledger identity: {error}"
             );
         }
-        streams::ensure_group(conn, &self.key, &config.consumer_group).await
+        // Not at 0: entries the ledger has forgotten would run a second time.
+        let horizon = self.delivery.refresh_horizons(Some(&self.stream)).await?;
+        streams::ensure_group(conn, &self.key, &config.consumer_group, horizon).await
     }
 
     /// Logs `error`, drops the connection (the next round opens a new one) and waits before the
@@ -463,7 +512,8 @@ async fn finish_until_done(
 }
 
 /// One attempt at finishing `batch`: set-based, or entry by entry when `isolate`. Work that gets
-/// no answer within `deadline` is an [`Unanswered`] error: a statement would have been cancelled
+/// no answer for `deadline` (since its last statement was answered, see
+/// [`crate::persist::answers`]) is an [`Unanswered`] error: a statement would have been cancelled
 /// by the server long ago, so the connection is lost without an error (half-open), an outage.
 async fn finish_once(
     delivery: &HostState,
@@ -478,7 +528,7 @@ async fn finish_once(
             delivery.finish(batch).await
         }
     };
-    match tokio::time::timeout(deadline, attempt).await {
+    match crate::persist::answers::watch(deadline, attempt).await {
         Ok(outcome) => outcome,
         Err(_) => Err(anyhow::Error::new(Unanswered(deadline))),
     }
@@ -498,19 +548,19 @@ async fn wait_to_retry(delivery: &HostState, backoff: Duration, stop: &mut watch
     }
 }
 
-/// A batch's work got no answer within the deadline, long after the server would have cancelled
+/// A batch's work got no answer for the deadline, long after the server would have cancelled
 /// any one statement: the connection is lost without an error (half-open). An outage.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "PostgreSQL gave no answer to the batch's work within {0:?}; the connection is presumed lost and nothing was acknowledged"
+    "PostgreSQL gave no answer to the batch's work for {0:?}; the connection is presumed lost and nothing was acknowledged"
 )]
 struct Unanswered(Duration);
 
 /// Reclaims every entry idle for longer than the reclaim time and runs it through the protocol.
 ///
-/// Entries of this consumer's own batches in flight are touched first, so a batch that takes
-/// longer than the reclaim time (a slow plugin, an outage being waited out) is never reclaimed
-/// and run a second time beside itself, and its delivery counts do not grow while it waits.
+/// Entries of this consumer's own batches in flight are never idle that long: they are kept fresh
+/// by [`keep_in_flight_fresh`], so a batch that takes longer than the reclaim time (a slow
+/// plugin, an outage being waited out) is never reclaimed and run a second time beside itself.
 async fn reclaim(
     delivery: &Arc<HostState>,
     conn: &mut MultiplexedConnection,
@@ -522,16 +572,6 @@ async fn reclaim(
 ) -> Result<()> {
     let config = &delivery.config;
     let key = config.stream_key(stream);
-    let mine: Vec<String> = lock(working).iter().cloned().collect();
-    streams::touch(
-        conn,
-        &key,
-        &config.consumer_group,
-        &config.consumer_name,
-        &mine,
-    )
-    .await
-    .with_context(|| format!("XCLAIM (keeping entries in flight) on {key:?} failed"))?;
     let mut cursor = "0-0".to_string();
     loop {
         let permit = in_flight

@@ -64,7 +64,7 @@ pub async fn run(
         .map(|s| config.stream_key(s))
         .collect();
     for key in &keys {
-        streams::ensure_group(&mut conn, key, &options.group).await?;
+        streams::ensure_group(&mut conn, key, &options.group, None).await?;
     }
     info!(group = %options.group, error_rate = options.error_rate, "ML simulator consuming requests");
     let mut stats = SimulatorStats::default();

@@ -8,6 +8,7 @@ use crate::health::{Dependency, PROBE_INTERVAL};
 use crate::metrics::Metrics;
 use crate::persist::schema::Catalog;
 use crate::plugin::PluginRegistry;
+use crate::streams::EntryId;
 use anyhow::Result;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
@@ -23,7 +24,7 @@ const CATALOG_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 pub struct HostState {
     pub config: Arc<Config>,
     /// This deployment's identity in the processed-entry ledger (see
-    /// [`crate::streams::source_identity`]): entries are recorded as (source, stream, id).
+    /// [`crate::persist::ledger::identity`]): entries are recorded as (source, stream, id).
     pub source: String,
     /// Outages of PostgreSQL and Redis, for readiness.
     pub health: crate::health::Health,
@@ -44,6 +45,10 @@ pub struct HostState {
     plugin_sections: RwLock<Arc<std::collections::BTreeSet<String>>>,
     /// When this host last wrote its heartbeat (its start, before the first).
     heartbeat_written: std::sync::Mutex<Instant>,
+    /// Per stream, the newest entry id the ledger has forgotten (see
+    /// [`crate::persist::ledger::horizons`]); refreshed by every pruning round and whenever a
+    /// group is created.
+    horizons: RwLock<std::collections::HashMap<String, EntryId>>,
 }
 
 impl HostState {
@@ -74,7 +79,27 @@ impl HostState {
             consumed: Default::default(),
             heartbeat_written: std::sync::Mutex::new(Instant::now()),
             plugin_sections: RwLock::new(Arc::new(plugin_sections)),
+            horizons: RwLock::default(),
         }
+    }
+
+    /// The ledger's horizon of `stream` as last read: entries at or before it were finished and
+    /// must not run again, whatever Redis delivers.
+    pub fn horizon(&self, stream: &str) -> Option<EntryId> {
+        self.horizons
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(stream)
+            .copied()
+    }
+
+    /// Reads every stream's horizon from the ledger (other hosts' pruning moves them too) and
+    /// returns `stream`'s.
+    pub async fn refresh_horizons(&self, stream: Option<&str>) -> Result<Option<EntryId>> {
+        let horizons = crate::persist::ledger::horizons(&self.pool, &self.source).await?;
+        let wanted = stream.and_then(|s| horizons.get(s).copied());
+        *self.horizons.write().unwrap_or_else(|p| p.into_inner()) = horizons;
+        Ok(wanted)
     }
 
     /// Notes that the heartbeat was just written (see [`HostState::heartbeat_age`]).

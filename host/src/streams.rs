@@ -14,10 +14,38 @@ use std::time::Duration;
 #[derive(Clone, Debug)]
 pub struct StreamEntry {
     pub id: String,
-    /// Field names and raw values, in the producer's order.
+    /// Field names and raw values, in the producer's order. A name that is not UTF-8 is held
+    /// with U+FFFD in place of its bad bytes, and listed in `lossy_names`.
     pub fields: Vec<(String, Vec<u8>)>,
+    /// Field names (as held in `fields`) whose bytes were not UTF-8: such an entry is malformed,
+    /// since no handler can be told the name the producer wrote.
+    pub lossy_names: Vec<String>,
     /// How many times the group has delivered this entry, including this delivery.
     pub deliveries: u32,
+}
+
+/// A stream entry id, `<milliseconds>-<sequence>`, ordered as Redis orders them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl EntryId {
+    /// Parses `<ms>-<seq>`; `None` for anything else.
+    pub fn parse(id: &str) -> Option<EntryId> {
+        let (ms, seq) = id.split_once('-')?;
+        Some(EntryId {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
 }
 
 /// Errors a caller reacts to differently from "Redis failed".
@@ -44,38 +72,6 @@ impl StreamError {
     }
 }
 
-/// This deployment's identity in the processed-entry ledger: a random id kept in Redis at `key`
-/// (under the stream prefix). Every host reading the same Redis database with the same prefix
-/// shares it; a deployment on another Redis, database or prefix has its own, so two deployments
-/// sharing one PostgreSQL never take each other's entries for processed. If Redis loses its
-/// data, a new identity is made: the entries of the old one are gone with it.
-pub async fn source_identity<C: ConnectionLike>(conn: &mut C, key: &str) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let seed = format!(
-        "{:?} {} {key}",
-        std::time::SystemTime::now(),
-        std::process::id()
-    );
-    let candidate: String = Sha256::digest(seed.as_bytes())
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let _: Option<String> = redis::cmd("SET")
-        .arg(key)
-        .arg(&candidate)
-        .arg("NX")
-        .query_async(conn)
-        .await
-        .with_context(|| format!("cannot create the ledger identity at {key:?}"))?;
-    let identity: Option<String> = redis::cmd("GET")
-        .arg(key)
-        .query_async(conn)
-        .await
-        .with_context(|| format!("cannot read the ledger identity at {key:?}"))?;
-    Ok(identity.unwrap_or(candidate))
-}
-
 /// Whether `error`'s chain says a consumer group (or its stream) does not exist (`NOGROUP`),
 /// whichever command hit it.
 pub fn is_no_group(error: &anyhow::Error) -> bool {
@@ -89,20 +85,28 @@ pub fn is_no_group(error: &anyhow::Error) -> bool {
     })
 }
 
-/// Creates the consumer group at id 0 (so entries written before the group existed are read),
-/// creating the stream if needed. An existing group is left as it is.
-pub async fn ensure_group<C: ConnectionLike>(conn: &mut C, key: &str, group: &str) -> Result<()> {
+/// Creates the consumer group just after `after` (the ledger's horizon of the stream, see
+/// [`crate::persist::ledger::horizons`]), or at id 0 when there is none, so entries written
+/// before the group existed are read but none the ledger has forgotten; creates the stream if
+/// needed. An existing group is left as it is.
+pub async fn ensure_group<C: ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    group: &str,
+    after: Option<EntryId>,
+) -> Result<()> {
+    let start = after.map_or_else(|| "0".to_string(), |id| id.to_string());
     let result: redis::RedisResult<()> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(key)
         .arg(group)
-        .arg("0")
+        .arg(&start)
         .arg("MKSTREAM")
         .query_async(conn)
         .await;
     match result {
         Ok(()) => {
-            tracing::info!(stream = key, group, "created consumer group");
+            tracing::info!(stream = key, group, after = %start, "created consumer group");
             Ok(())
         }
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
@@ -366,7 +370,7 @@ pub async fn oldest_pending<C: ConnectionLike>(
     conn: &mut C,
     key: &str,
     group: &str,
-) -> Result<Option<i64>> {
+) -> Result<Option<u64>> {
     let reply: Value = match redis::cmd("XPENDING")
         .arg(key)
         .arg(group)
@@ -488,14 +492,23 @@ fn parse_entry(item: Value, deliveries: u32) -> Result<Result<StreamEntry, Strin
         }
     };
     let mut fields = Vec::with_capacity(values.len() / 2);
+    let mut lossy_names = Vec::new();
     let mut values = values.into_iter();
     while let (Some(name), Some(value)) = (values.next(), values.next()) {
-        let name = String::from_utf8_lossy(&bytes(name)).into_owned();
+        let name = match String::from_utf8(bytes(name)) {
+            Ok(name) => name,
+            Err(error) => {
+                let name = String::from_utf8_lossy(error.as_bytes()).into_owned();
+                lossy_names.push(name.clone());
+                name
+            }
+        };
         fields.push((name, bytes(value)));
     }
     Ok(Ok(StreamEntry {
         id,
         fields,
+        lossy_names,
         deliveries,
     }))
 }

@@ -7,6 +7,7 @@
 #![allow(clippy::type_complexity)]
 mod support;
 
+mod attacks;
 mod authoring;
 mod batches;
 mod bench;

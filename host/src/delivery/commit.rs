@@ -193,6 +193,34 @@ impl HostState {
                 Err(error) if crate::health::blame(&error).is_some() => return Err(error),
                 Err(error) => error,
             };
+            // Contention (a lock wait past `lock_timeout`, a deadlock, a serialisation failure)
+            // is nobody's fault: the entry is retried, counting against its attempts, and only
+            // then given up.
+            if let Some(Contention(reason)) = error.downcast_ref::<Contention>() {
+                let deliveries = item[0].entry.deliveries;
+                item[0].decision = Some(self.retry_or_give_up(
+                    FailureKind::RetriesExhausted,
+                    reason.clone(),
+                    deliveries,
+                ));
+                tracing::warn!(stream, entry = %item[0].entry.id, "{reason}; the entry is retried");
+                if !matches!(item[0].decision, Some(Decision::DeadLetter(..))) {
+                    continue;
+                }
+                match self.commit_pass(stream, plugin, item, true).await {
+                    Ok(committed) => messages.extend(committed.unwrap_or_default()),
+                    Err(error) if crate::health::blame(&error).is_some() => return Err(error),
+                    Err(error) => {
+                        tracing::error!(stream, entry = %item[0].entry.id,
+                            "cannot dead-letter the entry, it stays pending: {}", crate::text::causes(&error));
+                        item[0].decision = Some(Decision::Retry(
+                            FailureKind::RetriesExhausted,
+                            reason.clone(),
+                        ));
+                    }
+                }
+                continue;
+            }
             // Before blaming the entry, make sure the database itself answers: an error no
             // classification foresaw may still be an outage, and an outage must never cost an
             // entry its place.
@@ -304,10 +332,20 @@ impl HostState {
                 );
             }
         }
-        tx.commit()
-            .await
-            .context("cannot commit the batch transaction")?;
-        Ok(Some(messages))
+        match tx.commit().await {
+            Ok(()) => Ok(Some(messages)),
+            Err(error) => match execute::classify(error) {
+                ExecError::Retry(reason) => Err(anyhow::Error::new(Contention(format!(
+                    "COMMIT failed: {reason}"
+                )))),
+                ExecError::Unavailable(error) => {
+                    Err(error).context("cannot commit the batch transaction")
+                }
+                ExecError::Permanent(reason) => Err(anyhow::anyhow!(
+                    "cannot commit the batch transaction: {reason}"
+                )),
+            },
+        }
     }
 
     /// Records a dead-lettered entry in the ledger and writes its dead letter to the outbox; an
@@ -407,10 +445,9 @@ fn dead_letter(
 }
 
 async fn savepoint(conn: &mut PgConnection, sql: &'static str) -> Result<()> {
-    sqlx::query(sql)
-        .execute(conn)
-        .await
-        .with_context(|| format!("`{sql}` failed"))?;
+    let done = sqlx::query(sql).execute(conn).await;
+    crate::persist::answers::answered();
+    done.with_context(|| format!("`{sql}` failed"))?;
     Ok(())
 }
 
@@ -477,8 +514,18 @@ async fn lock_every_table(tx: &mut PgConnection, items: &[Item]) -> Result<()> {
         .map_err(|error| match error {
             ExecError::Unavailable(error) => anyhow::Error::new(error)
                 .context("the database failed during the batch; nothing was acknowledged"),
-            ExecError::Retry(reason) | ExecError::Permanent(reason) => {
+            ExecError::Retry(reason) => anyhow::Error::new(Contention(format!(
+                "cannot lock the batch's tables: {reason}"
+            ))),
+            ExecError::Permanent(reason) => {
                 anyhow::anyhow!("cannot lock the batch's tables: {reason}")
             }
         })
 }
+
+/// A transaction failed on contention with other transactions (a lock wait past `lock_timeout`,
+/// a deadlock, a serialisation failure at COMMIT), not on anything its entries hold: retried,
+/// never dead-lettered as the entry's fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Contention(String);

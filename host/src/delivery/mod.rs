@@ -30,7 +30,7 @@ use crate::dead_letter::FailureKind;
 use crate::persist::validate::Statement;
 use crate::plugin::Plugin;
 use crate::state::HostState;
-use crate::streams::StreamEntry;
+use crate::streams::{EntryId, StreamEntry};
 use anyhow::Result;
 use std::sync::Arc;
 use std::time::Instant;
@@ -140,13 +140,40 @@ impl HostState {
         };
         let span = tracing::info_span!("batch", stream, plugin = %plugin.name, version = %plugin.version, size = entries.len());
         let mut sentinels = Vec::new();
-        let mut items = Vec::new();
+        let mut items: Vec<Item> = Vec::new();
+        let mut identities = std::collections::HashSet::new();
+        let horizon = self.horizon(stream);
+        let mut behind_horizon = 0;
         for entry in entries {
             if triage::is_init_sentinel(&entry) {
                 sentinels.push(entry.id);
                 continue;
             }
-            items.push(self.triage(entry));
+            let mut item = self.triage(entry);
+            // Two copies of one replayed dead letter share a ledger identity: the batch's single
+            // ledger claim would return it once and let both apply. The first copy is the entry;
+            // the others are redeliveries of it, whatever becomes of the first.
+            if !identities.insert(item.ledger_id.clone()) {
+                item.decision = Some(Decision::Redelivered);
+            }
+            // At or before the ledger's horizon: finished long ago, and the ledger no longer
+            // knows it. Delivered again only by a rewind (`XGROUP SETID`), which must not
+            // apply it twice.
+            if let (Some(horizon), Some(id)) = (&horizon, EntryId::parse(&item.entry.id))
+                && id <= *horizon
+            {
+                behind_horizon += 1;
+                item.decision = Some(Decision::Redelivered);
+            }
+            items.push(item);
+        }
+        if behind_horizon > 0 {
+            warn!(
+                stream,
+                count = behind_horizon,
+                horizon = %horizon.map(|h| h.to_string()).unwrap_or_default(),
+                "entries at or before the ledger's horizon were delivered again (the group was rewound past the ledger retention?); they were finished before and are acknowledged without running"
+            );
         }
         self.dispatch(stream, &plugin, &mut items)
             .instrument(span.clone())

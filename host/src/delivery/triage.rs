@@ -17,7 +17,9 @@ impl HostState {
 /// character (which no PostgreSQL text can store), and entries delivered more often than
 /// `retry_attempts` (e.g. ones that crashed a host every time).
 fn triage(mut entry: StreamEntry, retry_attempts: u32) -> Item {
-    let mut lossy_fields = Vec::new();
+    // A field whose name lost bytes lost them as much as one whose value did: replay must not
+    // pretend it has the original.
+    let mut lossy_fields = entry.lossy_names.clone();
     let mut nul_field = None;
     // The values move from bytes to text without a copy; the raw bytes are not needed again.
     let fields: Vec<(String, String)> = std::mem::take(&mut entry.fields)
@@ -53,7 +55,15 @@ fn triage(mut entry: StreamEntry, retry_attempts: u32) -> Item {
         .find(|(k, _)| k == "correlationId")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    let decision = if let Some(field) = lossy_fields.first() {
+    let decision = if let Some(name) = entry.lossy_names.first() {
+        Some(Decision::DeadLetter(
+            FailureKind::Malformed,
+            format!(
+                "the name of field `{}` is not valid UTF-8",
+                text::sanitize(name.clone())
+            ),
+        ))
+    } else if let Some(field) = lossy_fields.first() {
         Some(Decision::DeadLetter(
             FailureKind::Malformed,
             format!("field `{field}` is not valid UTF-8"),
@@ -115,6 +125,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_vec()))
                 .collect(),
+            lossy_names: Vec::new(),
             deliveries,
         }
     }

@@ -122,6 +122,11 @@ async fn prune_ledger(state: Arc<HostState>, stop: signal::Receiver<bool>) {
         Ok(pruned) => tracing::debug!(pruned, "pruned the processed-entry ledger"),
         Err(error) => warn!("ledger pruning: {}", crate::text::causes(&error)),
     }
+    // However pruning went, learn how far every stream's ledger reaches now, including what
+    // other hosts pruned: entries before that are refused (see `HostState::prepare`).
+    if let Err(error) = state.refresh_horizons(None).await {
+        warn!("ledger horizons: {}", crate::text::causes(&error));
+    }
 }
 
 /// Deletes expired ledger rows chunk by chunk, yielding between chunks, keeping the rows of

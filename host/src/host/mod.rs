@@ -16,7 +16,6 @@ use crate::persist::{self, ledger, schema::Catalog};
 use crate::plugin::{PluginRegistry, PluginRuntime, PluginSet, SandboxLimits, watch};
 use crate::redis_connection;
 use crate::state::HostState;
-use crate::streams;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -61,7 +60,13 @@ impl RunningHost {
         let catalog = Catalog::load(&pool).await?;
         let client = redis_connection::client(&config.redis_url)?;
         let mut redis = wait_for("Redis", deadline, || redis_connection::shared(&client)).await?;
-        let source = streams::source_identity(&mut redis, &config.source_identity_key()).await?;
+        let source = ledger::identity(
+            &pool,
+            &mut redis,
+            &config.source_identity_key(),
+            &ledger::deployment(&config.redis_url, &config.stream_prefix),
+        )
+        .await?;
         let adopted = ledger::adopt_legacy_rows(&pool, &source).await?;
         if adopted > 0 {
             info!(

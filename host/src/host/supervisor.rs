@@ -116,10 +116,12 @@ impl Supervisor {
         }
         for stream in missing {
             let mut redis = self.delivery.redis.clone();
+            let horizon = self.delivery.refresh_horizons(Some(&stream)).await?;
             streams::ensure_group(
                 &mut redis,
                 &config.stream_key(&stream),
                 &config.consumer_group,
+                horizon,
             )
             .await?;
             self.delivery.note_consumed(&stream);

@@ -533,11 +533,9 @@ async fn run_sql(
     sql: String,
     arrays: Vec<Array>,
 ) -> Result<(), ExecError> {
-    query(sql, arrays)
-        .execute(conn)
-        .await
-        .map(drop)
-        .map_err(execute::classify)
+    let done = query(sql, arrays).execute(conn).await;
+    super::answers::answered();
+    done.map(drop).map_err(execute::classify)
 }
 
 /// Runs an update `RETURNING u.n` and collects the (1-based) positions of the rows that matched.
@@ -547,10 +545,9 @@ async fn fetch_positions(
     arrays: Vec<Array>,
 ) -> Result<BTreeSet<i64>, ExecError> {
     use sqlx::Row;
-    let rows = query(sql, arrays)
-        .fetch_all(conn)
-        .await
-        .map_err(execute::classify)?;
+    let rows = query(sql, arrays).fetch_all(conn).await;
+    super::answers::answered();
+    let rows = rows.map_err(execute::classify)?;
     rows.iter()
         .map(|row| row.try_get::<i64, _>(0).map_err(execute::classify))
         .collect()

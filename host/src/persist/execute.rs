@@ -188,16 +188,16 @@ fn bound(sql: String, binds: Vec<Bind>) -> Query<'static, Postgres, PgArguments>
 
 /// Runs a statement; returns how many rows it affected.
 async fn run(conn: &mut PgConnection, sql: String, binds: Vec<Bind>) -> Result<u64, ExecError> {
-    bound(sql, binds)
-        .execute(conn)
-        .await
-        .map(|done| done.rows_affected())
-        .map_err(classify)
+    let done = bound(sql, binds).execute(conn).await;
+    super::answers::answered();
+    done.map(|done| done.rows_affected()).map_err(classify)
 }
 
 /// Runs a statement that returns one count (`SELECT count(*) ...`).
 async fn count(conn: &mut PgConnection, sql: String, binds: Vec<Bind>) -> Result<u64, ExecError> {
-    let row = bound(sql, binds).fetch_one(conn).await.map_err(classify)?;
+    let row = bound(sql, binds).fetch_one(conn).await;
+    super::answers::answered();
+    let row = row.map_err(classify)?;
     let counted: i64 = row.try_get(0).map_err(classify)?;
     Ok(u64::try_from(counted).unwrap_or(0))
 }

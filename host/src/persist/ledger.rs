@@ -11,9 +11,10 @@
 //!
 //! Its companion, the transactional outbox, is [`super::outbox`].
 
+use crate::streams::EntryId;
 use anyhow::{Context, Result};
 use sqlx::{PgConnection, PgPool};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 /// How an entry was finished.
@@ -57,13 +58,15 @@ pub async fn record(
     .bind(outcome.as_str())
     .bind(source)
     .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .await;
+    super::answers::answered();
+    Ok(done?.rows_affected() == 1)
 }
 
 /// Claims the ledger rows of a whole batch in one statement: `(entry id, outcome)` pairs in, the
 /// ids that were newly recorded out. An id not returned was finished before (an earlier delivery,
-/// or another host that won the race): its effects must not be applied again. Ids are inserted in
+/// another host that won the race, or an entry at or before the stream's [horizon](horizons)
+/// whose row was pruned): its effects must not be applied again. Ids are inserted in
 /// sorted order so concurrent batches lock ledger rows in the same order.
 pub async fn claim(
     conn: &mut PgConnection,
@@ -80,10 +83,16 @@ pub async fn claim(
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let ids: Vec<&str> = sorted.iter().map(|(id, _)| id.as_str()).collect();
     let outcomes: Vec<&str> = sorted.iter().map(|(_, o)| o.as_str()).collect();
-    let rows: Vec<(String,)> = sqlx::query_as(
+    let rows: Result<Vec<(String,)>, sqlx::Error> = sqlx::query_as(
         "INSERT INTO processed_entries (source, stream, entry_id, plugin, plugin_version, outcome)
          SELECT $6, $1, u.id, $2, $3, u.outcome
            FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS u(id, outcome, n)
+           LEFT JOIN ledger_horizons h ON h.source = $6 AND h.stream = $1
+          WHERE NOT COALESCE(
+                    CASE WHEN u.id ~ '^[0-9]{1,20}-[0-9]{1,20}$'
+                         THEN ARRAY[split_part(u.id, '-', 1)::numeric,
+                                    split_part(u.id, '-', 2)::numeric] END <= h.through,
+                    false)
           ORDER BY u.n
          ON CONFLICT (source, stream, entry_id) DO NOTHING
          RETURNING entry_id",
@@ -95,8 +104,110 @@ pub async fn claim(
     .bind(outcomes)
     .bind(source)
     .fetch_all(conn)
-    .await?;
-    Ok(rows.into_iter().map(|(id,)| id).collect())
+    .await;
+    super::answers::answered();
+    Ok(rows?.into_iter().map(|(id,)| id).collect())
+}
+
+/// This deployment's identity in the ledger: a random id kept in Redis at `key` (under the stream
+/// prefix), so every host reading the same Redis database with the same prefix shares it, and a
+/// deployment on another Redis, database or prefix has its own (two deployments sharing one
+/// PostgreSQL never take each other's entries for processed).
+///
+/// It is also remembered in PostgreSQL (`ledger_sources`) under `deployment` (see
+/// [`deployment`]): when Redis lost its data, a starting host restores the remembered identity
+/// instead of making a new one, so the entries recorded under it are still recognised. A change
+/// of identity all the same (Redis lost it and a host of another address made one) is logged as
+/// an error.
+pub async fn identity<C: redis::aio::ConnectionLike>(
+    pool: &PgPool,
+    redis: &mut C,
+    key: &str,
+    deployment: &str,
+) -> Result<String> {
+    let in_redis: Option<String> = redis::cmd("GET")
+        .arg(key)
+        .query_async(redis)
+        .await
+        .with_context(|| format!("cannot read the ledger identity at {key:?}"))?;
+    let identity = match in_redis {
+        Some(identity) => identity,
+        None => {
+            let remembered: Option<String> =
+                sqlx::query_scalar("SELECT source FROM ledger_sources WHERE deployment = $1")
+                    .bind(deployment)
+                    .fetch_optional(pool)
+                    .await
+                    .context("cannot read the remembered ledger identity")?;
+            let candidate = remembered.clone().unwrap_or_else(new_identity);
+            let _: Option<String> = redis::cmd("SET")
+                .arg(key)
+                .arg(&candidate)
+                .arg("NX")
+                .query_async(redis)
+                .await
+                .with_context(|| format!("cannot create the ledger identity at {key:?}"))?;
+            let identity: Option<String> = redis::cmd("GET")
+                .arg(key)
+                .query_async(redis)
+                .await
+                .with_context(|| format!("cannot read the ledger identity at {key:?}"))?;
+            let identity = identity.unwrap_or(candidate);
+            if remembered.as_deref() == Some(identity.as_str()) {
+                tracing::warn!(
+                    key,
+                    source = identity,
+                    "Redis had lost the ledger identity (and with it, its data?); restored the one PostgreSQL remembers for this deployment"
+                );
+            }
+            identity
+        }
+    };
+    let previous: Option<Option<String>> = sqlx::query_scalar(
+        "WITH before AS (SELECT source FROM ledger_sources WHERE deployment = $1)
+         INSERT INTO ledger_sources (deployment, source) VALUES ($1, $2)
+         ON CONFLICT (deployment) DO UPDATE SET source = EXCLUDED.source, seen_at = now()
+         RETURNING (SELECT source FROM before)",
+    )
+    .bind(deployment)
+    .bind(&identity)
+    .fetch_optional(pool)
+    .await
+    .context("cannot remember the ledger identity")?;
+    if let Some(Some(previous)) = previous
+        && previous != identity
+    {
+        tracing::error!(
+            deployment,
+            previous,
+            source = identity,
+            "the ledger identity of this deployment changed: entries recorded under the previous one are not recognised as finished (a rewind or a lost consumer group would run them again)"
+        );
+    }
+    Ok(identity)
+}
+
+/// A fresh random ledger identity.
+fn new_identity() -> String {
+    use sha2::{Digest, Sha256};
+    let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
+    Sha256::digest(seed.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The deployment a ledger identity belongs to: the Redis server and database as configured,
+/// without credentials or options, and the stream prefix.
+pub fn deployment(redis_url: &str, stream_prefix: &str) -> String {
+    let (scheme, rest) = redis_url.split_once("://").unwrap_or(("", redis_url));
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    format!("{scheme}://{host}/{path} prefix={stream_prefix}")
 }
 
 /// How many ledger rows one pruning statement deletes at most; small, so pruning never holds
@@ -137,36 +248,100 @@ pub async fn streams(pool: &PgPool, source: &str) -> Result<Vec<String>> {
 
 /// Deletes up to [`PRUNE_CHUNK`] ledger rows older than `retention`, except rows of entries that
 /// may still be delivered again: `oldest_pending` gives, per stream, the millisecond part of its
-/// oldest pending entry id, and no row of that stream at or after it is touched. Returns how many
-/// rows went.
+/// oldest pending entry id, and no row of that stream at or after it is touched. Rows of replayed
+/// dead letters (`<id>/replay`) are kept: they are few, and their identity says nothing about
+/// where in the stream the replay sits. Returns how many rows went.
+///
+/// In the same statement the stream's [horizon](horizons) moves up to the newest id deleted, so
+/// what the ledger forgets is never run again. Ids are compared as numbers (Redis ids are
+/// unsigned 64-bit, past `bigint`).
 pub async fn prune(
     pool: &PgPool,
     source: &str,
     retention: Duration,
-    oldest_pending: &[(String, i64)],
+    oldest_pending: &[(String, u64)],
 ) -> Result<u64> {
     let streams: Vec<&str> = oldest_pending.iter().map(|(s, _)| s.as_str()).collect();
-    let oldest: Vec<i64> = oldest_pending.iter().map(|(_, ms)| *ms).collect();
-    let done = sqlx::query(
-        "DELETE FROM processed_entries WHERE ctid = ANY(ARRAY(
-             SELECT l.ctid FROM processed_entries l
-              WHERE l.source = $5
-                AND l.processed_at < now() - make_interval(secs => $1)
-                AND NOT EXISTS (
-                    SELECT 1 FROM unnest($2::text[], $3::int8[]) AS p(stream, oldest)
-                     WHERE p.stream = l.stream
-                       AND (l.entry_id !~ '^[0-9]+-[0-9]+'
-                            OR split_part(l.entry_id, '-', 1)::int8 >= p.oldest))
-              LIMIT $4
-              FOR UPDATE SKIP LOCKED))",
+    let oldest: Vec<String> = oldest_pending
+        .iter()
+        .map(|(_, ms)| ms.to_string())
+        .collect();
+    let (pruned,): (i64,) = sqlx::query_as(
+        "WITH gone AS (
+             DELETE FROM processed_entries WHERE ctid = ANY(ARRAY(
+                 SELECT l.ctid FROM processed_entries l
+                  WHERE l.source = $5
+                    AND l.processed_at < now() - make_interval(secs => $1)
+                    AND l.entry_id ~ '^[0-9]{1,20}-[0-9]{1,20}$'
+                    AND NOT EXISTS (
+                        SELECT 1 FROM unnest($2::text[], $3::text[]::numeric[]) AS p(stream, oldest)
+                         WHERE p.stream = l.stream
+                           AND split_part(l.entry_id, '-', 1)::numeric >= p.oldest)
+                  LIMIT $4
+                  FOR UPDATE SKIP LOCKED))
+             RETURNING stream, entry_id),
+         horizon AS (
+             INSERT INTO ledger_horizons (source, stream, through)
+             SELECT $5, stream, max(ARRAY[split_part(entry_id, '-', 1)::numeric,
+                                          split_part(entry_id, '-', 2)::numeric])
+               FROM gone GROUP BY stream
+             ON CONFLICT (source, stream)
+             DO UPDATE SET through = GREATEST(ledger_horizons.through, EXCLUDED.through))
+         SELECT count(*) FROM gone",
     )
     .bind(retention.as_secs_f64())
     .bind(streams)
     .bind(oldest)
     .bind(PRUNE_CHUNK)
     .bind(source)
-    .execute(pool)
+    .fetch_one(pool)
     .await
     .context("cannot prune the processed-entry ledger")?;
-    Ok(done.rows_affected())
+    Ok(pruned as u64)
+}
+
+/// Per stream of `source`, the newest entry id whose ledger row was pruned: every entry at or
+/// before it was finished, and the ledger can no longer tell a redelivery of one of them (see
+/// migration `ledger_horizon`). Streams that never lost a row are absent.
+pub async fn horizons(pool: &PgPool, source: &str) -> Result<HashMap<String, EntryId>> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT stream, through[1]::text, through[2]::text FROM ledger_horizons WHERE source = $1",
+    )
+    .bind(source)
+    .fetch_all(pool)
+    .await
+    .context("cannot read the ledger's horizons")?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(stream, ms, seq)| {
+            Some((
+                stream,
+                EntryId {
+                    ms: ms.parse().ok()?,
+                    seq: seq.parse().ok()?,
+                },
+            ))
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deployment_is_named_without_credentials_or_options() {
+        assert_eq!(
+            deployment("redis://:hunter2@cache:6380/2?protocol=resp3", "kt:"),
+            "redis://cache:6380/2 prefix=kt:"
+        );
+        assert_eq!(
+            deployment("redis://127.0.0.1:6379", ""),
+            "redis://127.0.0.1:6379/ prefix="
+        );
+        assert_eq!(
+            deployment("redis+unix:///run/redis.sock?pass=x", "p"),
+            "redis+unix:///run/redis.sock prefix=p"
+        );
+    }
 }

@@ -1,5 +1,7 @@
 //! Everything the host does with PostgreSQL.
 //!
+//! - [`answers`]: when PostgreSQL last answered a batch's work (the response deadline counts from
+//!   there);
 //! - [`schema`]: the live catalogue of tables, columns and unique keys that commands are checked
 //!   against;
 //! - [`validate`]: turns a plugin's commands into checked statements, or rejects them naming
@@ -13,6 +15,7 @@
 //! - [`operator_migrations`]: the operator's own SQL migrations, for plugins' new tables;
 //! - [`outbox`]: the transactional outbox, which makes publishing after commit safe, and its relay.
 
+pub mod answers;
 pub mod batch;
 pub mod execute;
 pub mod ledger;
@@ -58,9 +61,9 @@ impl Default for Timeouts {
 }
 
 impl Timeouts {
-    /// How long a batch's database work may go without an answer before the host assumes the
-    /// connection is lost: well past the point where the server would have cancelled any one
-    /// statement.
+    /// How long a batch's database work may go without an answer (see [`answers`]) before the
+    /// host assumes the connection is lost: well past the point where the server would have
+    /// cancelled any one statement.
     pub fn response_deadline(&self) -> Duration {
         self.statement * 4 + self.lock
     }

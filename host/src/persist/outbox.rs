@@ -41,7 +41,7 @@ pub async fn enqueue_all(
         .iter()
         .map(|(_, f)| serde_json::to_string(f).unwrap_or_else(|_| "[]".into()))
         .collect();
-    let mut ids: Vec<(i64,)> = sqlx::query_as(
+    let ids: Result<Vec<(i64,)>, _> = sqlx::query_as(
         "INSERT INTO outbox (stream, fields)
          SELECT u.stream, CAST(u.fields AS json)
            FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(stream, fields, n)
@@ -51,7 +51,9 @@ pub async fn enqueue_all(
     .bind(streams)
     .bind(fields)
     .fetch_all(conn)
-    .await?;
+    .await;
+    super::answers::answered();
+    let mut ids = ids?;
     // Ids come from one sequence in insertion order, so sorted ids follow the order given.
     ids.sort_unstable();
     Ok(ids
@@ -72,13 +74,15 @@ pub async fn enqueue(
     fields: Vec<(String, String)>,
 ) -> Result<OutboxMessage, sqlx::Error> {
     let json = serde_json::to_string(&fields).unwrap_or_else(|_| "[]".into());
-    let (id,): (i64,) = sqlx::query_as(
+    let id: Result<(i64,), _> = sqlx::query_as(
         "INSERT INTO outbox (stream, fields) VALUES ($1, CAST($2 AS json)) RETURNING id",
     )
     .bind(stream_key)
     .bind(json)
     .fetch_one(conn)
-    .await?;
+    .await;
+    super::answers::answered();
+    let (id,) = id?;
     Ok(OutboxMessage {
         id,
         stream_key: stream_key.to_string(),

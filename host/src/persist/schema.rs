@@ -11,6 +11,8 @@ use std::collections::{BTreeSet, HashMap};
 /// may name them, and no grant may include them.
 pub const HOST_TABLES: &[&str] = &[
     "processed_entries",
+    "ledger_horizons",
+    "ledger_sources",
     "outbox",
     "_sqlx_migrations",
     "operator_migrations",

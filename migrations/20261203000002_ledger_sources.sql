@@ -1,0 +1,11 @@
+-- The ledger identity (`processed_entries.source`) lives in Redis, so every host of a deployment
+-- shares it. When Redis loses its data it loses the identity too; a host starting then must not
+-- make a new one (entries recorded under the old identity would run again on a rewind). So each
+-- identity is also remembered here, by the deployment it belongs to: the Redis server and
+-- database as configured (without credentials) and the stream prefix. A host that finds no
+-- identity in Redis restores the one remembered for its deployment.
+CREATE TABLE ledger_sources (
+    deployment TEXT PRIMARY KEY,
+    source     TEXT NOT NULL,
+    seen_at    TIMESTAMPTZ NOT NULL DEFAULT now()
+);

@@ -1,0 +1,396 @@
+//! The attacks of "Hardening II": ways a producer, an operator, a hostile plugin or plain
+//! concurrency made the host apply an entry twice, stall, dead-letter the innocent or leak. Each
+//! test reproduces one attack against the real host and asserts what must happen instead.
+
+use crate::support::{Options, TestEnv, eventually, output_within_deadline};
+use kaleidoscope::delivery::REPLAY_OF_FIELD;
+use kaleidoscope::health::Dependency;
+use kaleidoscope::metrics::ByStream;
+
+const SCRIPTED: &str = "scripted";
+
+/// Two copies of one replayed dead letter read in the *same* batch are applied once: the batch's
+/// single ledger claim returns their shared identity once, and only the first copy may use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_of_a_replayed_dead_letter_in_one_batch_are_applied_once() {
+    let env = TestEnv::prepare(Options::new(&[SCRIPTED])).await;
+    // Both copies are in the stream before the host starts, so its first read takes both.
+    for note in ["copy one", "copy two"] {
+        env.publish(
+            SCRIPTED,
+            &[("action", "ok"), ("note", note), (REPLAY_OF_FIELD, "1-1")],
+        )
+        .await;
+    }
+    let env = env.with_host().await;
+    env.await_processed(SCRIPTED, "1-1/replay").await;
+    env.await_drained(SCRIPTED).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM ml_processing_errors").await,
+        1,
+        "the replayed dead letter was applied once"
+    );
+    env.finish().await;
+}
+
+/// A field *name* that is not UTF-8 makes the entry malformed, as a value does: the handler
+/// would otherwise see a name the producer never wrote (U+FFFD in place of its bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_field_name_that_is_not_utf8_makes_the_entry_malformed() {
+    let env = TestEnv::start(Options::new(&[SCRIPTED])).await;
+    let id: String = redis::cmd("XADD")
+        .arg(env.key(SCRIPTED))
+        .arg("*")
+        .arg("action")
+        .arg("ok")
+        .arg(&b"no\xfftext"[..])
+        .arg("value")
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("XADD");
+    let letter = env.await_dead_letter(SCRIPTED, &id).await;
+    assert_eq!(letter["failureKind"], "malformed", "{letter:?}");
+    assert!(
+        letter["error"].contains("name of field") && letter["error"].contains("UTF-8"),
+        "{}",
+        letter["error"]
+    );
+    assert!(
+        letter.contains_key("bytesLost"),
+        "replay must not pretend: {letter:?}"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM ml_processing_errors").await,
+        0
+    );
+    env.finish().await;
+}
+
+/// A setting that sizes a semaphore or a buffer is refused when absurd, naming the variable,
+/// instead of passing validation and panicking every consumer task later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_in_flight_limit_is_refused_at_start() {
+    let env = TestEnv::prepare(Options::new(&[SCRIPTED])).await;
+    for command in [&["config", "check"][..], &["run"][..]] {
+        let output = output_within_deadline(
+            env.binary(command)
+                .env("KALEIDOSCOPE_MAX_IN_FLIGHT", "2305843009213693952"),
+        )
+        .await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "{command:?} accepted it: {stderr}"
+        );
+        assert!(
+            stderr.contains("KALEIDOSCOPE_MAX_IN_FLIGHT") && stderr.contains("at most 64"),
+            "{command:?}: {stderr}"
+        );
+    }
+    env.finish().await;
+}
+
+/// A host whose every in-flight slot is busy (slow calls) keeps its entries fresh in the pending
+/// list: another host never reclaims them, so nothing the owner handles fine is run twice or
+/// dead-lettered `retries-exhausted` behind its back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_with_every_slot_busy_keeps_its_entries() {
+    let options = Options::new(&[SCRIPTED])
+        .retries(1, 300)
+        .set("KALEIDOSCOPE_MAX_IN_FLIGHT", 1)
+        .set("KALEIDOSCOPE_BATCH_SIZE", 5);
+    let env = TestEnv::prepare(options).await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(
+            env.publish(
+                SCRIPTED,
+                &[
+                    ("action", "sleep"),
+                    ("millis", "700"),
+                    ("note", &n.to_string()),
+                ],
+            )
+            .await,
+        );
+    }
+    let env = env.with_host().await;
+    // The first host has taken all five (one batch, its only slot busy for seconds) ...
+    eventually("the first host to take the batch", || async {
+        (env.pending(SCRIPTED).await == 5).then_some(())
+    })
+    .await;
+    // ... and a second host, reclaiming every 75 ms whatever is idle for 300 ms, joins.
+    let _other = env.spawn_host("other");
+    for id in &ids {
+        env.await_processed(SCRIPTED, id).await;
+    }
+    env.await_drained(SCRIPTED).await;
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "{:?}",
+        env.dead_letters().await
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM ml_processing_errors").await,
+        5
+    );
+    env.finish().await;
+}
+
+/// The response deadline is on the silence between answers, not on the batch: a long batch of
+/// quick statements (here entry by entry, each row slowed by a trigger) is not a lost connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_batch_of_quick_statements_is_not_taken_for_a_lost_connection() {
+    let options = Options::new(&[SCRIPTED])
+        .set("KALEIDOSCOPE_PG_STATEMENT_TIMEOUT_MS", 100)
+        .set("KALEIDOSCOPE_PG_LOCK_TIMEOUT_MS", 100)
+        .set("KALEIDOSCOPE_BATCH_SIZE", 250);
+    let env = TestEnv::prepare(options).await;
+    // 5 ms a row: the set-based insert of 200 rows passes the statement timeout (and the batch
+    // goes entry by entry); entry by entry takes a second, twice the 500 ms deadline.
+    for sql in [
+        "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS
+         $$ BEGIN PERFORM pg_sleep(0.005); RETURN NEW; END $$",
+        "CREATE TRIGGER slow_row BEFORE INSERT ON ml_processing_errors
+         FOR EACH ROW EXECUTE FUNCTION slow_row()",
+    ] {
+        sqlx::query(sql).execute(&env.pool).await.expect(sql);
+    }
+    let entries: Vec<Vec<(String, String)>> = (0..200)
+        .map(|n| {
+            vec![
+                ("action".into(), "ok".into()),
+                ("note".into(), n.to_string()),
+            ]
+        })
+        .collect();
+    env.publish_many(SCRIPTED, &entries).await;
+    let env = env.with_host().await;
+    env.await_drained(SCRIPTED).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM ml_processing_errors").await,
+        200
+    );
+    let state = env.host().delivery();
+    assert_eq!(
+        state
+            .metrics
+            .batch_failures
+            .get_or_create(&ByStream::new(SCRIPTED))
+            .get(),
+        0,
+        "no attempt was taken for an outage"
+    );
+    assert!(state.health.outage(Dependency::Database).is_none());
+    env.finish().await;
+}
+
+/// A table lock held elsewhere past `lock_timeout` is contention: the entry is retried, never
+/// dead-lettered `database` on its first delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_lock_contention_is_retried_not_dead_lettered() {
+    let options = Options::new(&[SCRIPTED])
+        .retries(10, 300)
+        .set("KALEIDOSCOPE_PG_LOCK_TIMEOUT_MS", 100);
+    let env = TestEnv::start(options).await;
+    // Another session holds the host's lock on the table.
+    let mut holder = env.pool.acquire().await.expect("a connection");
+    sqlx::query(
+        "SELECT pg_advisory_lock(hashtextextended('kaleidoscope.table.ml_processing_errors', 0))",
+    )
+    .execute(&mut *holder)
+    .await
+    .expect("take the table's lock");
+    let id = env.publish(SCRIPTED, &[("action", "ok")]).await;
+    // Until the entry has been delivered a second time (retried) or dead-lettered.
+    eventually("a retry or a dead letter", || async {
+        if !env.dead_letters().await.is_empty() {
+            return Some(());
+        }
+        (delivery_count(&env, SCRIPTED, &id).await >= 2).then_some(())
+    })
+    .await;
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "{:?}",
+        env.dead_letters().await
+    );
+    sqlx::query(
+        "SELECT pg_advisory_unlock(hashtextextended('kaleidoscope.table.ml_processing_errors', 0))",
+    )
+    .execute(&mut *holder)
+    .await
+    .expect("release the table's lock");
+    env.await_processed(SCRIPTED, &id).await;
+    drop(holder);
+    env.finish().await;
+}
+
+/// How many times the group has delivered `id` (0 when it is not pending).
+async fn delivery_count(env: &TestEnv, stream: &str, id: &str) -> i64 {
+    let reply: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
+        .arg(env.key(stream))
+        .arg(&env.config.consumer_group)
+        .arg(id)
+        .arg(id)
+        .arg(1)
+        .query_async(&mut env.redis.clone())
+        .await
+        .unwrap_or_default();
+    reply.first().map_or(0, |(_, _, _, count)| *count)
+}
+
+/// Five entries processed and then forgotten by the ledger (retention 1 ms): neither a lost
+/// consumer group (recreated) nor a rewind (`XGROUP SETID 0`) runs them a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_the_ledger_has_forgotten_never_run_again() {
+    let options = Options::new(&[SCRIPTED]).set("KALEIDOSCOPE_LEDGER_RETENTION_MS", 1);
+    let env = TestEnv::start(options).await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(
+            env.publish(SCRIPTED, &[("action", "ok"), ("note", &n.to_string())])
+                .await,
+        );
+    }
+    env.await_drained(SCRIPTED).await;
+    eventually("the ledger to forget the five", || async {
+        (env.ledger_count(SCRIPTED).await == 0).then_some(())
+    })
+    .await;
+    let mut redis = env.redis.clone();
+    // The group vanishes (a failover to a replica without it, an operator's mistake).
+    let _: () = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(env.key(SCRIPTED))
+        .arg(&env.config.consumer_group)
+        .query_async(&mut redis)
+        .await
+        .expect("XGROUP DESTROY");
+    env.publish(SCRIPTED, &[("action", "ok"), ("note", "after")])
+        .await;
+    // (Ledger rows go within milliseconds here: the rows written say what ran.)
+    await_rows(&env, "after").await;
+    env.await_drained(SCRIPTED).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM ml_processing_errors").await,
+        6,
+        "the recreated group did not start at 0"
+    );
+    // A rewind: the group is set back to the beginning.
+    let _: () = redis::cmd("XGROUP")
+        .arg("SETID")
+        .arg(env.key(SCRIPTED))
+        .arg(&env.config.consumer_group)
+        .arg("0")
+        .query_async(&mut redis)
+        .await
+        .expect("XGROUP SETID");
+    env.publish(SCRIPTED, &[("action", "ok"), ("note", "last")])
+        .await;
+    await_rows(&env, "last").await;
+    env.await_drained(SCRIPTED).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM ml_processing_errors").await,
+        7,
+        "the rewound entries were not run again"
+    );
+    env.finish().await;
+}
+
+/// Waits until the scripted plugin has written the row of the entry whose note is `note`.
+async fn await_rows(env: &TestEnv, note: &str) {
+    eventually(&format!("the row of {note:?}"), || async {
+        let found: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM ml_processing_errors WHERE error = $1")
+                .bind(note)
+                .fetch_one(&env.pool)
+                .await
+                .ok()?;
+        (found > 0).then_some(())
+    })
+    .await;
+}
+
+/// Ledger pruning copes with entry ids past the signed 64-bit range (a producer may write them)
+/// and keeps pruning every other stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_pruning_survives_entry_ids_past_bigint() {
+    let options = Options::new(&[SCRIPTED]).set("KALEIDOSCOPE_LEDGER_RETENTION_MS", 1);
+    let env = TestEnv::start(options).await;
+    let huge: String = redis::cmd("XADD")
+        .arg(env.key(SCRIPTED))
+        .arg("18446744073709551614-0")
+        .arg("action")
+        .arg("ok")
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("XADD with a huge id");
+    env.await_drained(SCRIPTED).await;
+    // A row of another stream, old enough to go.
+    sqlx::query(
+        "INSERT INTO processed_entries (source, stream, entry_id, plugin, plugin_version, outcome, processed_at)
+         SELECT source, 'other', '1-1', 'p', '1', 'processed', now() - interval '1 hour'
+           FROM processed_entries LIMIT 1",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("an old row of another stream");
+    eventually("both rows pruned", || async {
+        (env.count("SELECT count(*) FROM processed_entries").await == 0).then_some(())
+    })
+    .await;
+    let horizon: String = sqlx::query_scalar(
+        "SELECT through[1]::text || '-' || through[2]::text FROM ledger_horizons WHERE stream = $1",
+    )
+    .bind(SCRIPTED)
+    .fetch_one(&env.pool)
+    .await
+    .expect("the stream's horizon");
+    assert_eq!(horizon, huge);
+    env.finish().await;
+}
+
+/// Redis loses its data (here: every key of the deployment deleted) while no host runs; the next
+/// host restores the ledger identity PostgreSQL remembers instead of making a second one, so the
+/// entries recorded before are still recognised when Redis delivers them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_started_after_redis_lost_its_data_keeps_the_ledger_identity() {
+    let env = TestEnv::start(Options::new(&[SCRIPTED])).await;
+    let first = env.publish(SCRIPTED, &[("action", "ok")]).await;
+    env.await_processed(SCRIPTED, &first).await;
+    let before = env.host().delivery().source.clone();
+    let mut env = env;
+    if let Some(host) = env.host.take() {
+        host.shutdown().await;
+    }
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", env.prefix))
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("KEYS");
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("DEL");
+    // The same entry comes back (a producer retrying, a restore from an older backup).
+    let _: String = redis::cmd("XADD")
+        .arg(env.key(SCRIPTED))
+        .arg(&first)
+        .arg("action")
+        .arg("ok")
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("XADD the same id");
+    let env = env.with_host().await;
+    assert_eq!(env.host().delivery().source, before);
+    env.await_drained(SCRIPTED).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM ml_processing_errors").await,
+        1,
+        "recognised as finished"
+    );
+    env.finish().await;
+}
