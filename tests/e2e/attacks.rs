@@ -394,3 +394,152 @@ async fn a_host_started_after_redis_lost_its_data_keeps_the_ledger_identity() {
     );
     env.finish().await;
 }
+
+/// The scripted plugin with grants on `tables` (besides its usual one).
+fn scripted_writing(tables: &[&str]) -> Options {
+    let mut options = Options::new(&[SCRIPTED]);
+    let mut granted = vec!["\"ml_processing_errors\"".to_string()];
+    granted.extend(tables.iter().map(|t| format!("\"{t}\"")));
+    options.plugin_sections.insert(
+        SCRIPTED.to_string(),
+        vec![format!("tables = [{}]", granted.join(", "))],
+    );
+    options
+}
+
+/// A scripted entry running `commands` (see the `commands` action of the mock plugins).
+fn commands(json: &str) -> Vec<(String, String)> {
+    vec![
+        ("action".to_string(), "commands".to_string()),
+        ("commands".to_string(), json.to_string()),
+    ]
+}
+
+async fn run_sql(env: &TestEnv, statements: &[&str]) {
+    for sql in statements {
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .execute(&env.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+}
+
+/// A batch equals applying its entries one by one, also across tables tied by `ON DELETE
+/// CASCADE`: a child inserted after its parent was deleted and re-created survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_keeps_the_order_of_writes_on_tables_tied_by_a_cascade() {
+    let env = TestEnv::prepare(scripted_writing(&["parent", "child"])).await;
+    run_sql(
+        &env,
+        &[
+            "CREATE TABLE parent (id BIGINT PRIMARY KEY)",
+            "CREATE TABLE child (id BIGINT PRIMARY KEY,
+                                 parent_id BIGINT NOT NULL REFERENCES parent (id) ON DELETE CASCADE)",
+        ],
+    )
+    .await;
+    let entries = [
+        commands(r#"[{"insert": "parent", "values": {"id": 1}}]"#),
+        commands(r#"[{"insert": "child", "values": {"id": 1, "parent_id": 1}}]"#),
+        commands(r#"[{"delete": "parent", "key": {"id": 1}}]"#),
+        commands(r#"[{"insert": "parent", "values": {"id": 1}}]"#),
+        commands(r#"[{"insert": "child", "values": {"id": 2, "parent_id": 1}}]"#),
+    ];
+    // In the stream before the host starts: one read, one batch.
+    env.publish_many(SCRIPTED, &entries).await;
+    let env = env.with_host().await;
+    env.await_drained(SCRIPTED).await;
+    assert!(env.dead_letters().await.is_empty(), "{:?}", env.dead_letters().await);
+    let children: Vec<i64> = sqlx::query_scalar("SELECT id FROM child ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .expect("children");
+    assert_eq!(children, [2], "what applying the entries one by one leaves");
+    env.finish().await;
+}
+
+/// Two streams' batches write two tables in opposite orders, each row slowed by a trigger so
+/// their row locks overlap: the batches run their stages in table order, and PostgreSQL counts
+/// no deadlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_writing_tables_in_opposite_orders_never_deadlock() {
+    let env = TestEnv::prepare(scripted_writing(&["left_side", "right_side"])).await;
+    run_sql(
+        &env,
+        &[
+            "CREATE TABLE left_side (id BIGINT PRIMARY KEY, note TEXT)",
+            "CREATE TABLE right_side (id BIGINT PRIMARY KEY, note TEXT)",
+            "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM pg_sleep(0.05); RETURN NEW; END $$",
+            "CREATE TRIGGER slow_left BEFORE INSERT OR UPDATE ON left_side
+             FOR EACH ROW EXECUTE FUNCTION slow_row()",
+            "CREATE TRIGGER slow_right BEFORE INSERT OR UPDATE ON right_side
+             FOR EACH ROW EXECUTE FUNCTION slow_row()",
+        ],
+    )
+    .await;
+    let env = env.with_host().await;
+    let upsert = |table: &str, id: u32, note: &str| {
+        format!(r#"{{"upsert": "{table}", "key": {{"id": {id}}}, "set": {{"note": "{note}"}}}}"#)
+    };
+    for round in 0..12 {
+        // One entry each, published together: the two consumers run them side by side.
+        let right_first = commands(&format!(
+            "[{}, {}]",
+            upsert("right_side", round, "a"),
+            upsert("left_side", round, "a")
+        ));
+        let left_first = commands(&format!(
+            "[{}, {}]",
+            upsert("left_side", round, "b"),
+            upsert("right_side", round, "b")
+        ));
+        let mut pipe = redis::pipe();
+        for (stream, fields) in [(SCRIPTED, &right_first), ("scripted-2", &left_first)] {
+            let cmd = pipe.cmd("XADD").arg(env.key(stream)).arg("*");
+            for (k, v) in fields {
+                cmd.arg(k).arg(v);
+            }
+        }
+        let _: Vec<String> = pipe
+            .query_async(&mut env.redis.clone())
+            .await
+            .expect("XADD both");
+    }
+    env.await_drained(SCRIPTED).await;
+    env.await_drained("scripted-2").await;
+    assert!(env.dead_letters().await.is_empty(), "{:?}", env.dead_letters().await);
+    assert_eq!(deadlocks_after_stopping(env).await, 0);
+}
+
+/// Stops the host and waits until every session of the test database is gone (a session's
+/// statistics reach `pg_stat_database` when it ends), then reads the database's deadlock count.
+async fn deadlocks_after_stopping(mut env: TestEnv) -> i64 {
+    if let Some(host) = env.host.take() {
+        host.shutdown().await;
+    }
+    env.pool.close().await;
+    let admin = sqlx::PgPool::connect(crate::support::ADMIN_URL)
+        .await
+        .expect("admin connection");
+    let database = env.database.clone();
+    eventually("every session of the test database to end", || async {
+        let sessions: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+                .bind(&database)
+                .fetch_one(&admin)
+                .await
+                .ok()?;
+        (sessions == 0).then_some(())
+    })
+    .await;
+    let deadlocks: i64 =
+        sqlx::query_scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = $1")
+            .bind(&database)
+            .fetch_one(&admin)
+            .await
+            .expect("pg_stat_database");
+    admin.close().await;
+    env.finish().await;
+    deadlocks
+}

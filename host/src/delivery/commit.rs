@@ -2,7 +2,8 @@
 
 use super::{Decision, Item};
 use crate::dead_letter::{DeadLetter, FailureKind};
-use crate::persist::batch::{self, PlanFailure, TableLock};
+use crate::persist::batch::{self, PlanFailure};
+use crate::persist::schema::Links;
 use crate::persist::execute::{self, ExecError};
 use crate::persist::ledger::{self, Outcome};
 use crate::persist::outbox::{self, OutboxMessage};
@@ -122,17 +123,19 @@ impl HostState {
         };
         mark_redelivered(items, &claimed);
 
-        let (plan, emits) =
-            plan::plan(
-                items
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(index, item)| match &item.decision {
-                        Some(Decision::Persist(statements)) => Some((index, statements.as_slice())),
-                        _ => None,
-                    }),
-            );
-        let outcome = match batch::lock_tables(&mut tx, &batch::table_locks(&plan)).await {
+        let catalog = self.catalog();
+        let (plan, emits) = plan::plan(
+            items
+                .iter()
+                .enumerate()
+                .filter_map(|(index, item)| match &item.decision {
+                    Some(Decision::Persist(statements)) => Some((index, statements.as_slice())),
+                    _ => None,
+                }),
+            catalog.links(),
+        );
+        let locks = batch::table_locks(&plan, catalog.links());
+        let outcome = match batch::lock_tables(&mut tx, &locks).await {
             Ok(()) => batch::run(&mut tx, &plan).await,
             Err(error) => Err(PlanFailure::from(error)),
         };
@@ -278,7 +281,7 @@ impl HostState {
             .begin()
             .await
             .context("cannot begin the batch transaction")?;
-        lock_every_table(&mut tx, items).await?;
+        lock_every_table(&mut tx, items, self.catalog().links()).await?;
         let mut messages = Vec::new();
         for item in items.iter_mut() {
             if let Some(Decision::Persist(statements)) = &item.decision {
@@ -499,7 +502,7 @@ fn certain_culprits(
 
 /// Takes every table the batch writes exclusively: entry by entry, rows are not locked in key
 /// order, so concurrent batches must not interleave on them.
-async fn lock_every_table(tx: &mut PgConnection, items: &[Item]) -> Result<()> {
+async fn lock_every_table(tx: &mut PgConnection, items: &[Item], links: &Links) -> Result<()> {
     let tables = items.iter().flat_map(|item| match &item.decision {
         Some(Decision::Persist(statements)) => statements
             .iter()
@@ -508,7 +511,7 @@ async fn lock_every_table(tx: &mut PgConnection, items: &[Item]) -> Result<()> {
             .collect::<Vec<_>>(),
         _ => Vec::new(),
     });
-    let locks = tables.map(|table| (table, TableLock::Exclusive)).collect();
+    let locks = batch::entry_by_entry_locks(tables, links);
     batch::lock_tables(tx, &locks)
         .await
         .map_err(|error| match error {

@@ -9,6 +9,7 @@
 
 use super::execute::{self, ExecError, dedup, ident, union};
 use super::plan::{InsertRow, KeyedRow, Plan, Stage};
+use super::schema::Links;
 use super::validate::{Param, SetOp, SetParam};
 use crate::plugin::wit;
 use sqlx::postgres::PgArguments;
@@ -47,28 +48,77 @@ pub enum TableLock {
     Exclusive,
 }
 
-/// The lock each table of `plan` needs: shared where the plan writes it with one statement,
-/// exclusive otherwise.
-pub fn table_locks(plan: &Plan) -> BTreeMap<&str, TableLock> {
+/// The lock each table of `plan` needs: shared where the plan writes it with one statement and
+/// the stages run in table-name order (so row locks are taken in one global order: table, then
+/// key), exclusive otherwise. Beyond the tables written: a delete (or a key change) takes every
+/// table its referential actions reach exclusively, and every table written is joined by the
+/// tables it references, shared (its foreign-key checks lock their rows, in its own key order,
+/// which must not meet a delete of those rows).
+pub fn table_locks<'p>(plan: &'p Plan, links: &'p Links) -> BTreeMap<&'p str, TableLock> {
     let mut statements: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut reached = Vec::new();
     for stage in &plan.stages {
         let count = match stage {
             Stage::Upsert { rows, .. } | Stage::Update { rows, .. } => by_shape(rows).len(),
             Stage::Delete { .. } | Stage::Insert { .. } | Stage::Single { .. } => 1,
         };
         *statements.entry(stage.table()).or_default() += count;
+        let changes_keys = match stage {
+            Stage::Delete { .. } | Stage::Single { .. } => true,
+            Stage::Update { changed_key, .. } => !changed_key.is_empty(),
+            Stage::Upsert { .. } | Stage::Insert { .. } => false,
+        };
+        if changes_keys {
+            reached.extend(links.reach(stage.table()));
+        }
     }
-    statements
-        .into_iter()
-        .map(|(table, count)| {
-            let lock = if count == 1 {
+    let mut locks: BTreeMap<&str, TableLock> = statements
+        .iter()
+        .map(|(&table, &count)| {
+            let lock = if count == 1 && plan.in_table_order {
                 TableLock::Shared
             } else {
                 TableLock::Exclusive
             };
             (table, lock)
         })
-        .collect()
+        .collect();
+    add_linked_locks(&mut locks, statements.into_keys(), reached, links);
+    locks
+}
+
+/// The locks of the entry-by-entry pass, which writes `tables` in no particular row order: each
+/// exclusively, with what its deletes may reach (exclusive) and the tables it references
+/// (shared), as in [`table_locks`].
+pub fn entry_by_entry_locks<'a>(
+    tables: impl IntoIterator<Item = &'a str>,
+    links: &'a Links,
+) -> BTreeMap<&'a str, TableLock> {
+    let mut locks: BTreeMap<&str, TableLock> = tables
+        .into_iter()
+        .map(|table| (table, TableLock::Exclusive))
+        .collect();
+    let written: Vec<&str> = locks.keys().copied().collect();
+    let reached = written.iter().flat_map(|t| links.reach(t)).collect();
+    add_linked_locks(&mut locks, written, reached, links);
+    locks
+}
+
+/// Adds `reached` (exclusive) and the parents of `written` (shared, unless taken already).
+fn add_linked_locks<'a>(
+    locks: &mut BTreeMap<&'a str, TableLock>,
+    written: impl IntoIterator<Item = &'a str>,
+    reached: Vec<&'a str>,
+    links: &'a Links,
+) {
+    for table in reached {
+        locks.insert(table, TableLock::Exclusive);
+    }
+    for table in written {
+        for parent in links.parents(table) {
+            locks.entry(parent).or_insert(TableLock::Shared);
+        }
+    }
 }
 
 /// Takes the host's transaction-scoped advisory lock on each table, in name order.

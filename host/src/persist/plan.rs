@@ -17,10 +17,18 @@
 //! - commands whose rows the host cannot tell apart reliably (an update keyed on a column type
 //!   whose text form is not canonical, or one that changes its own key columns) run as a stage of
 //!   their own, as single statements;
-//! - tables are independent of each other, except through foreign keys and triggers: a foreign
-//!   key that is violated because of the changed order between tables fails the statement, and
-//!   the batch then falls back to running entry by entry (see `delivery`).
+//! - a command joins an earlier stage only if it does not jump over a command on a *related*
+//!   table ([`Links::related`]: one's writes reach, through `ON DELETE CASCADE` and the like,
+//!   what the other writes or checks); commands on unrelated tables commute, so their stages may
+//!   be run in any order;
+//! - the stages are then run table by table in name order where no relation forbids it, so every
+//!   batch takes its row locks in one global order (table name, then key) and concurrent batches
+//!   never wait for each other in a cycle (see [`super::batch::table_locks`]).
+//!
+//! Triggers that write other tables are not seen: their effects follow the order of the writes
+//! that fire them.
 
+use super::schema::Links;
 use super::validate::{Param, SetOp, SetParam, Statement};
 use crate::plugin::wit;
 use std::collections::HashMap;
@@ -29,6 +37,9 @@ use std::collections::HashMap;
 #[derive(Debug, Default)]
 pub struct Plan {
     pub stages: Vec<Stage>,
+    /// Whether the stages run in table-name order (always, unless related tables of the batch
+    /// had to keep an order of their own): the condition for sharing table locks.
+    pub in_table_order: bool,
 }
 
 /// One step: commands of one kind on one table whose rows do not interact.
@@ -110,8 +121,14 @@ pub struct PlannedEmit {
 /// not SQL on a plugin's table.
 pub fn plan<'a>(
     entries: impl IntoIterator<Item = (usize, &'a [Statement])>,
+    links: &Links,
 ) -> (Plan, Vec<PlannedEmit>) {
-    let mut builder = Builder::default();
+    let mut builder = Builder {
+        links,
+        stages: Vec::new(),
+        keys: Vec::new(),
+        last_on_table: HashMap::new(),
+    };
     let mut emits = Vec::new();
     for (entry, statements) in entries {
         for statement in statements {
@@ -125,8 +142,26 @@ pub fn plan<'a>(
             }
         }
     }
+    let mut stages = builder.stages;
+    // Commands on unrelated tables commute: run the stages table by table in name order (stable,
+    // so one table's stages keep theirs). With related tables among them, their order stays.
+    let tables: Vec<&str> = {
+        let mut tables: Vec<&str> = stages.iter().map(Stage::table).collect();
+        tables.sort_unstable();
+        tables.dedup();
+        tables
+    };
+    let independent = tables
+        .iter()
+        .enumerate()
+        .all(|(i, a)| tables[i + 1..].iter().all(|b| !links.related(a, b)));
+    if independent {
+        stages.sort_by(|a, b| a.table().cmp(b.table()));
+    }
+    let in_table_order = stages.windows(2).all(|w| w[0].table() <= w[1].table());
     let mut plan = Plan {
-        stages: builder.stages,
+        stages,
+        in_table_order,
     };
     for stage in &mut plan.stages {
         // Rows of one stage are locked in the order of their keys, whichever batch or host runs
@@ -141,8 +176,8 @@ pub fn plan<'a>(
     (plan, emits)
 }
 
-#[derive(Default)]
-struct Builder {
+struct Builder<'l> {
+    links: &'l Links,
     stages: Vec<Stage>,
     /// Per stage, the position of each key among its rows (for folding).
     keys: Vec<HashMap<String, usize>>,
@@ -150,7 +185,7 @@ struct Builder {
     last_on_table: HashMap<String, usize>,
 }
 
-impl Builder {
+impl Builder<'_> {
     /// Adds one statement of `entry`: to the last stage on its table when that stage takes it,
     /// else to a new stage (so the order of statements on a table is kept).
     fn add(&mut self, entry: usize, statement: &Statement) {
@@ -316,12 +351,14 @@ impl Builder {
         }
     }
 
-    /// The last stage on `table`, if it is one `accepts` takes.
+    /// The last stage on `table`, if it is one `accepts` takes and joining it does not move the
+    /// command ahead of a later stage on a related table.
     fn find(&self, table: &str, accepts: impl Fn(&Stage) -> bool) -> Option<usize> {
-        self.last_on_table
-            .get(table)
-            .copied()
-            .filter(|&index| accepts(&self.stages[index]))
+        let index = *self.last_on_table.get(table)?;
+        let jumps_a_related_write = self.stages[index + 1..]
+            .iter()
+            .any(|later| self.links.related(table, later.table()));
+        (accepts(&self.stages[index]) && !jumps_a_related_write).then_some(index)
     }
 
     fn open(&mut self, stage: Stage) -> usize {
@@ -518,7 +555,7 @@ mod tests {
             ],
         )];
         let third = [upsert(2, vec![assign("b", wit::Value::Integer(3))])];
-        let (plan, _) = plan([(0, &first[..]), (1, &second[..]), (2, &third[..])]);
+        let (plan, _) = plan([(0, &first[..]), (1, &second[..]), (2, &third[..])], &Links::default());
         assert_eq!(plan.stages.len(), 1);
         let Stage::Upsert { rows, .. } = &plan.stages[0] else {
             panic!("{plan:?}")
@@ -539,7 +576,7 @@ mod tests {
             key: key(1),
         }];
         let c = [upsert(1, vec![assign("a", wit::Value::Text("y".into()))])];
-        let (plan, _) = plan([(0, &a[..]), (1, &b[..]), (2, &c[..])]);
+        let (plan, _) = plan([(0, &a[..]), (1, &b[..]), (2, &c[..])], &Links::default());
         let kinds: Vec<&str> = plan
             .stages
             .iter()
@@ -563,7 +600,7 @@ mod tests {
             }],
         )];
         let b = [upsert(1, vec![append("s", &["b", "a"])])];
-        let (plan, _) = plan([(0, &a[..]), (1, &b[..])]);
+        let (plan, _) = plan([(0, &a[..]), (1, &b[..])], &Links::default());
         let Stage::Upsert { rows, .. } = &plan.stages[0] else {
             panic!()
         };
@@ -586,7 +623,7 @@ mod tests {
             if_missing: wit::IfMissing::Skip,
             only_if: Vec::new(),
         }];
-        let (plan, _) = plan([(0, &a[..]), (1, &b[..])]);
+        let (plan, _) = plan([(0, &a[..]), (1, &b[..])], &Links::default());
         let Stage::Upsert { rows, .. } = &plan.stages[0] else {
             panic!()
         };
@@ -624,8 +661,52 @@ mod tests {
         let a = [fail("a")];
         let b = [fail("b")];
         let c = [fail("a")];
-        let (plan, _) = plan([(0, &a[..]), (1, &b[..]), (2, &c[..])]);
+        let (plan, _) = plan([(0, &a[..]), (1, &b[..]), (2, &c[..])], &Links::default());
         assert_eq!(plan.stages.len(), 2, "{plan:?}");
         assert!(matches!(&plan.stages[0], Stage::Update { rows, .. } if rows.len() == 2));
+    }
+
+    fn insert(table: &str, id: i64) -> Statement {
+        Statement::Insert {
+            table: table.into(),
+            values: key(id),
+            ignore_conflict: false,
+        }
+    }
+
+    fn delete(table: &str, id: i64) -> Statement {
+        Statement::Delete {
+            table: table.into(),
+            key: key(id),
+        }
+    }
+
+    #[test]
+    fn a_command_never_jumps_over_a_command_on_a_related_table() {
+        // child references parent ON DELETE CASCADE: deleting parent 1 between two child inserts
+        // removes the first child only.
+        let links = Links::new(&[("child".into(), "parent".into(), true)]);
+        let a = [insert("child", 1)];
+        let b = [delete("parent", 1)];
+        let c = [insert("child", 2)];
+        let (related, _) = plan([(0, &a[..]), (1, &b[..]), (2, &c[..])], &links);
+        let tables: Vec<&str> = related.stages.iter().map(Stage::table).collect();
+        assert_eq!(tables, ["child", "parent", "child"]);
+        assert!(!related.in_table_order);
+        // Without the relation the two inserts share a stage, and stages go in table order.
+        let (unrelated, _) = plan([(0, &a[..]), (1, &b[..]), (2, &c[..])], &Links::default());
+        let tables: Vec<&str> = unrelated.stages.iter().map(Stage::table).collect();
+        assert_eq!(tables, ["child", "parent"]);
+        assert!(unrelated.in_table_order);
+    }
+
+    #[test]
+    fn stages_of_unrelated_tables_run_in_table_name_order() {
+        let a = [insert("zebra", 1), insert("apple", 1)];
+        let b = [insert("zebra", 2), insert("mango", 2)];
+        let (plan, _) = plan([(0, &a[..]), (1, &b[..])], &Links::default());
+        let tables: Vec<&str> = plan.stages.iter().map(Stage::table).collect();
+        assert_eq!(tables, ["apple", "mango", "zebra"]);
+        assert!(plan.in_table_order);
     }
 }

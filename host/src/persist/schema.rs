@@ -74,6 +74,102 @@ pub struct Table {
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
     tables: HashMap<String, Table>,
+    /// How writes to one table can reach others through foreign keys.
+    links: Links,
+}
+
+/// The foreign keys between the schema's tables, as far as they make writes to two tables
+/// interact: a write to a table *reaches* the tables its referential actions (`ON DELETE` /
+/// `ON UPDATE` `CASCADE`, `SET NULL`, `SET DEFAULT`) change, transitively, and *checks* the rows
+/// its constraints look at (the tables it references, and those that reference it).
+///
+/// Two tables are related when one's writes reach what the other writes or checks. The batch plan
+/// keeps the order of commands on related tables (and may reorder the rest), and a batch's locks
+/// cover what its writes reach and check. Triggers that write other tables are not seen.
+#[derive(Clone, Debug, Default)]
+pub struct Links {
+    /// Per table in any foreign key: the tables its writes reach (itself included).
+    reach: HashMap<String, BTreeSet<String>>,
+    /// Per table in any foreign key: the tables the writes of what it reaches check.
+    checks: HashMap<String, BTreeSet<String>>,
+    /// Per table: the tables it references.
+    parents: HashMap<String, BTreeSet<String>>,
+}
+
+impl Links {
+    /// Builds the links from `(child, parent, acts)` foreign keys, where `acts` says a change
+    /// to the parent changes the child (a referential action other than `NO ACTION` /
+    /// `RESTRICT`).
+    pub fn new(foreign_keys: &[(String, String, bool)]) -> Links {
+        let mut parents: HashMap<String, BTreeSet<String>> = HashMap::new();
+        let mut children: HashMap<String, BTreeSet<String>> = HashMap::new();
+        let mut acting: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for (child, parent, acts) in foreign_keys {
+            parents.entry(child.clone()).or_default().insert(parent.clone());
+            children.entry(parent.clone()).or_default().insert(child.clone());
+            if *acts {
+                acting.entry(parent.clone()).or_default().insert(child.clone());
+            }
+        }
+        let tables: BTreeSet<&String> = parents.keys().chain(children.keys()).collect();
+        let mut reach = HashMap::new();
+        let mut checks = HashMap::new();
+        for &table in &tables {
+            let mut reached = BTreeSet::from([table.clone()]);
+            let mut queue = vec![table.clone()];
+            while let Some(next) = queue.pop() {
+                for child in acting.get(&next).into_iter().flatten() {
+                    if reached.insert(child.clone()) {
+                        queue.push(child.clone());
+                    }
+                }
+            }
+            let mut checked = BTreeSet::new();
+            for t in &reached {
+                checked.extend(parents.get(t).into_iter().flatten().cloned());
+                checked.extend(children.get(t).into_iter().flatten().cloned());
+            }
+            reach.insert(table.clone(), reached);
+            checks.insert(table.clone(), checked);
+        }
+        Links {
+            reach,
+            checks,
+            parents,
+        }
+    }
+
+    /// Whether writes to `a` and to `b` can change each other's outcome, so that their order
+    /// matters: the same table, or one's writes reach what the other writes or checks.
+    pub fn related(&self, a: &str, b: &str) -> bool {
+        if a == b {
+            return true;
+        }
+        let (Some(reach_a), Some(reach_b)) = (self.reach.get(a), self.reach.get(b)) else {
+            return false;
+        };
+        let empty = BTreeSet::new();
+        let checks_a = self.checks.get(a).unwrap_or(&empty);
+        let checks_b = self.checks.get(b).unwrap_or(&empty);
+        reach_a
+            .iter()
+            .any(|t| reach_b.contains(t) || checks_b.contains(t))
+            || reach_b.iter().any(|t| checks_a.contains(t))
+    }
+
+    /// The tables `table` references: its writes take key-share locks on their rows.
+    pub fn parents(&self, table: &str) -> impl Iterator<Item = &str> {
+        self.parents.get(table).into_iter().flatten().map(String::as_str)
+    }
+
+    /// The tables a delete (or key change) in `table` changes through referential actions,
+    /// `table` itself included.
+    pub fn reach(&self, table: &str) -> Vec<&str> {
+        match self.reach.get(table) {
+            Some(reached) => reached.iter().map(String::as_str).collect(),
+            None => Vec::new(),
+        }
+    }
 }
 
 impl Catalog {
@@ -138,7 +234,28 @@ impl Catalog {
                 table.unique_keys.push(columns.into_iter().collect());
             }
         }
-        Ok(Catalog { tables })
+
+        let foreign_keys: Vec<(String, String, bool)> = sqlx::query_as(
+            "SELECT child.relname::text, parent.relname::text,
+                    c.confdeltype NOT IN ('a', 'r') OR c.confupdtype NOT IN ('a', 'r')
+               FROM pg_constraint c
+               JOIN pg_class child ON child.oid = c.conrelid
+               JOIN pg_class parent ON parent.oid = c.confrelid
+               JOIN pg_namespace n ON n.oid = child.relnamespace
+              WHERE c.contype = 'f' AND n.nspname = current_schema()",
+        )
+        .fetch_all(pool)
+        .await
+        .context("cannot read the foreign keys")?;
+        Ok(Catalog {
+            tables,
+            links: Links::new(&foreign_keys),
+        })
+    }
+
+    /// How writes to the schema's tables reach each other through foreign keys.
+    pub fn links(&self) -> &Links {
+        &self.links
     }
 
     /// A catalogue of the given tables, for unit tests of what is checked against it.
@@ -146,6 +263,7 @@ impl Catalog {
     pub(crate) fn from_tables(tables: Vec<Table>) -> Catalog {
         Catalog {
             tables: tables.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            links: Links::default(),
         }
     }
 
@@ -181,5 +299,36 @@ fn column_kind(type_name: &str, type_mod: i32) -> ColumnKind {
         "_float4" | "_float8" | "_numeric" => ColumnKind::FloatArray,
         "timestamp" | "timestamptz" => ColumnKind::Timestamp,
         _ => ColumnKind::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fk(child: &str, parent: &str, acts: bool) -> (String, String, bool) {
+        (child.into(), parent.into(), acts)
+    }
+
+    #[test]
+    fn tables_are_related_through_what_their_writes_reach_and_check() {
+        let links = Links::new(&[
+            fk("faces", "media", true),
+            fk("insights", "media", true),
+            fk("child", "parent", true),
+            fk("grandchild", "child", true),
+            fk("note", "parent", false),
+        ]);
+        // Siblings only check their common parent: independent unless it is written.
+        assert!(!links.related("faces", "insights"));
+        assert!(links.related("faces", "media"));
+        // A cascade reaches through a table nobody writes.
+        assert!(links.related("parent", "grandchild"));
+        // A reference without action: deleting the parent checks the child.
+        assert!(links.related("parent", "note"));
+        assert!(!links.related("note", "grandchild"));
+        assert!(!links.related("faces", "unlinked"));
+        assert_eq!(links.reach("parent"), vec!["child", "grandchild", "parent"]);
+        assert_eq!(links.parents("faces").collect::<Vec<_>>(), vec!["media"]);
     }
 }

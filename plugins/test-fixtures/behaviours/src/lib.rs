@@ -23,6 +23,9 @@
 //!   (`<unset>` when there is none);
 //! - `count`: like `ok`, with the error being how many entries this instance has handled,
 //!   this one included (1 on a fresh instance);
+//! - `commands`: the commands written in the `commands` field, a JSON list of
+//!   `{"insert": table, "values": {column: value}}`, `{"upsert": table, "key": {…}, "set": {…}}`
+//!   and `{"delete": table, "key": {…}}` (JSON numbers become integers or floats, strings text);
 //! - `touch`: upsert `ml_processing_errors` keyed by (`touched`, `note`), setting `received_at`
 //!   to the contract's `now`.
 
@@ -143,6 +146,7 @@ pub fn perform(action: &str, entry: &Entry) -> Result<Vec<Command>, Failure> {
             commands.push(sdk::emit(fields.required("target")?, [("note", "a\0b")]));
             Ok(commands)
         }
+        "commands" => written_commands(fields.required("commands")?),
         "malformed" => Err(sdk::malformed(note)),
         "retry" => Err(sdk::retry(note)),
         "write-table" => Ok(vec![
@@ -177,4 +181,56 @@ pub fn perform(action: &str, entry: &Entry) -> Result<Vec<Command>, Failure> {
             "field `action`: unknown action {other:?}"
         ))),
     }
+}
+
+/// The commands of the `commands` action (see the crate's documentation).
+fn written_commands(text: &str) -> Result<Vec<Command>, Failure> {
+    use serde_json::Value as Json;
+    let bad = |what: &str| sdk::malformed(format!("field `commands`: {what}"));
+    let list: Vec<Json> = serde_json::from_str(text).map_err(|e| bad(&e.to_string()))?;
+    let value = |json: &Json| -> sdk::Value {
+        match json {
+            Json::Number(n) => match n.as_i64() {
+                Some(i) => i.into(),
+                None => n.as_f64().unwrap_or_default().into(),
+            },
+            Json::String(s) => s.as_str().into(),
+            Json::Bool(b) => (*b).into(),
+            _ => sdk::Value::Null,
+        }
+    };
+    let pairs = |command: &Json, part: &str| -> Vec<(String, sdk::Value)> {
+        command[part]
+            .as_object()
+            .map(|o| o.iter().map(|(k, v)| (k.clone(), value(v))).collect())
+            .unwrap_or_default()
+    };
+    let mut commands = Vec::new();
+    for command in &list {
+        if let Some(table) = command["insert"].as_str() {
+            let mut insert = sdk::insert(table);
+            for (column, v) in pairs(command, "values") {
+                insert = insert.value(&column, v);
+            }
+            commands.push(insert.into());
+        } else if let Some(table) = command["upsert"].as_str() {
+            let mut upsert = sdk::upsert(table);
+            for (column, v) in pairs(command, "key") {
+                upsert = upsert.key(&column, v);
+            }
+            for (column, v) in pairs(command, "set") {
+                upsert = upsert.set(&column, v);
+            }
+            commands.push(upsert.into());
+        } else if let Some(table) = command["delete"].as_str() {
+            let mut delete = sdk::delete(table);
+            for (column, v) in pairs(command, "key") {
+                delete = delete.key(&column, v);
+            }
+            commands.push(delete.into());
+        } else {
+            return Err(bad(&format!("unknown command {command}")));
+        }
+    }
+    Ok(commands)
 }
