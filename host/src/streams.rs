@@ -433,36 +433,52 @@ pub async fn add<C: ConnectionLike>(
 }
 
 /// Publishes messages and then acknowledges entries, in one round trip (a pipeline keeps the
-/// order: every XADD runs before the XACK).
+/// order: every XADD runs before the XACK). Returns the messages Redis refused (their positions
+/// and Redis's error), e.g. an XADD to a key that holds another type: the others are published
+/// all the same. An `Err` is Redis failing as a whole, or refusing the XACK.
 pub async fn publish_outbox_then_ack<C: ConnectionLike>(
     conn: &mut C,
     messages: &[(String, Vec<(String, String)>)],
     key: &str,
     group: &str,
     ids: &[String],
-) -> Result<()> {
+) -> Result<Vec<(usize, String)>> {
+    if messages.is_empty() && ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut pipe = redis::pipe();
+    pipe.ignore_errors();
     for (stream_key, fields) in messages {
         let cmd = pipe.cmd("XADD").arg(stream_key).arg("*");
         for (k, v) in fields {
             cmd.arg(k).arg(v);
         }
-        cmd.ignore();
     }
     if !ids.is_empty() {
-        pipe.cmd("XACK").arg(key).arg(group).arg(ids).ignore();
+        pipe.cmd("XACK").arg(key).arg(group).arg(ids);
     }
-    if messages.is_empty() && ids.is_empty() {
-        return Ok(());
-    }
-    let _: () = pipe.query_async(conn).await.with_context(|| {
+    let mut replies: Vec<Value> = pipe.query_async(conn).await.with_context(|| {
         format!(
             "publishing {} message(s) and acknowledging {} entr(ies) of {key:?} failed",
             messages.len(),
             ids.len()
         )
     })?;
-    Ok(())
+    if !ids.is_empty()
+        && let Some(Value::ServerError(error)) = replies.pop()
+    {
+        let error = redis::RedisError::from(error);
+        return Err(StreamError::from_redis(error, key))
+            .with_context(|| format!("XACK of {} entr(ies) of {key:?} failed", ids.len()));
+    }
+    Ok(replies
+        .into_iter()
+        .enumerate()
+        .filter_map(|(at, reply)| match reply {
+            Value::ServerError(error) => Some((at, error.to_string())),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Parses `[id, [field, value, ...]]`; an entry without fields (trimmed while pending) is

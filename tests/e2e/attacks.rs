@@ -449,7 +449,11 @@ async fn a_batch_keeps_the_order_of_writes_on_tables_tied_by_a_cascade() {
     env.publish_many(SCRIPTED, &entries).await;
     let env = env.with_host().await;
     env.await_drained(SCRIPTED).await;
-    assert!(env.dead_letters().await.is_empty(), "{:?}", env.dead_letters().await);
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "{:?}",
+        env.dead_letters().await
+    );
     let children: Vec<i64> = sqlx::query_scalar("SELECT id FROM child ORDER BY id")
         .fetch_all(&env.pool)
         .await
@@ -508,7 +512,11 @@ async fn concurrent_batches_writing_tables_in_opposite_orders_never_deadlock() {
     }
     env.await_drained(SCRIPTED).await;
     env.await_drained("scripted-2").await;
-    assert!(env.dead_letters().await.is_empty(), "{:?}", env.dead_letters().await);
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "{:?}",
+        env.dead_letters().await
+    );
     assert_eq!(deadlocks_after_stopping(env).await, 0);
 }
 
@@ -542,4 +550,82 @@ async fn deadlocks_after_stopping(mut env: TestEnv) -> i64 {
     admin.close().await;
     env.finish().await;
     deadlocks
+}
+
+/// One outbox message Redis refuses (an emit to a key holding another type) blocks nothing: the
+/// messages of its batch and the relay's rows behind it go out, and it stays in the outbox with
+/// its error, to be tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_message_redis_refuses_blocks_nothing_behind_it() {
+    let mut options = Options::new(&[SCRIPTED]);
+    options.plugin_sections.insert(
+        SCRIPTED.to_string(),
+        vec![
+            "tables = [\"ml_processing_errors\"]".to_string(),
+            "emit = [\"scripted-out\", \"blocked-out\"]".to_string(),
+        ],
+    );
+    let env = TestEnv::prepare(options).await;
+    let mut redis = env.redis.clone();
+    let _: () = redis::cmd("SET")
+        .arg(env.key("blocked-out"))
+        .arg("not a stream")
+        .query_async(&mut redis)
+        .await
+        .expect("SET");
+    // One batch: the refused emit first, a good one behind it.
+    for (target, note) in [("blocked-out", "refused"), ("scripted-out", "fine")] {
+        env.publish(
+            SCRIPTED,
+            &[("action", "emit"), ("target", target), ("note", note)],
+        )
+        .await;
+    }
+    // And a row the relay must publish (its writer crashed before publishing it), behind the
+    // refused one.
+    sqlx::query(
+        "INSERT INTO outbox (stream, fields, created_at)
+         VALUES ($1, '[[\"note\", \"relayed\"]]', now() - interval '1 hour')",
+    )
+    .bind(env.key("scripted-out"))
+    .execute(&env.pool)
+    .await
+    .expect("a stale outbox row");
+    let env = env.with_host().await;
+    env.await_drained(SCRIPTED).await;
+    let notes = eventually("both good messages published", || async {
+        let notes: Vec<String> = env
+            .entries("scripted-out")
+            .await
+            .into_iter()
+            .flat_map(|(_, fields)| fields.into_iter().map(|(_, v)| v))
+            .collect();
+        (notes.len() >= 2).then_some(notes)
+    })
+    .await;
+    assert!(
+        notes.contains(&"fine".to_string()) && notes.contains(&"relayed".to_string()),
+        "{notes:?}"
+    );
+    let left: Vec<(String, i32, Option<String>)> =
+        eventually("only the refused row left", || async {
+            let rows: Vec<(String, i32, Option<String>)> =
+                sqlx::query_as("SELECT stream, refusals, last_error FROM outbox")
+                    .fetch_all(&env.pool)
+                    .await
+                    .ok()?;
+            (rows.len() == 1).then_some(rows)
+        })
+        .await;
+    assert_eq!(left[0].0, env.key("blocked-out"));
+    assert!(left[0].1 >= 1);
+    assert!(
+        left[0]
+            .2
+            .as_deref()
+            .unwrap_or_default()
+            .contains("WRONGTYPE"),
+        "{left:?}"
+    );
+    env.finish().await;
 }

@@ -63,10 +63,23 @@ impl HostState {
             .map(|m| (m.stream_key.clone(), m.fields.clone()))
             .collect();
         let mut redis = self.redis.clone();
-        streams::publish_outbox_then_ack(&mut redis, &to_publish, &key, &self.config.consumer_group, &acks)
+        let refused = streams::publish_outbox_then_ack(&mut redis, &to_publish, &key, &self.config.consumer_group, &acks)
             .await
             .context("entries are committed; their outbox messages will be published by the relay and the entries acknowledged on redelivery")?;
-        let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
+        // A message Redis refused stays in the outbox, marked, for the relay to try again later;
+        // the rest went out.
+        for (at, error) in &refused {
+            let message = &messages[*at];
+            if let Err(failure) = outbox::refused(&self.pool, message.id, error).await {
+                warn!("{}", crate::text::causes(&failure));
+            }
+        }
+        let ids: Vec<i64> = messages
+            .iter()
+            .enumerate()
+            .filter(|(at, _)| !refused.iter().any(|(r, _)| r == at))
+            .map(|(_, m)| m.id)
+            .collect();
         if let Err(error) = outbox::remove(&self.pool, &ids).await {
             // Harmless: the relay publishes them again later (at-least-once).
             warn!("{}", crate::text::causes(&error));

@@ -3,11 +3,11 @@
 use super::{Decision, Item};
 use crate::dead_letter::{DeadLetter, FailureKind};
 use crate::persist::batch::{self, PlanFailure};
-use crate::persist::schema::Links;
 use crate::persist::execute::{self, ExecError};
 use crate::persist::ledger::{self, Outcome};
 use crate::persist::outbox::{self, OutboxMessage};
 use crate::persist::plan::{self, Stage};
+use crate::persist::schema::Links;
 use crate::persist::validate::Statement;
 use crate::plugin::Plugin;
 use crate::state::HostState;

@@ -103,8 +103,9 @@ pub async fn remove<'c, E: sqlx::PgExecutor<'c>>(executor: E, ids: &[i64]) -> Re
     Ok(())
 }
 
-/// Messages older than `age` (left behind by a crash or a failed publish), locked for this
-/// transaction so two hosts do not publish the same rows at once.
+/// Messages older than `age` (left behind by a crash or a failed publish) and not waiting out a
+/// refusal (see [`refused`]), locked for this transaction so two hosts do not publish the same
+/// rows at once.
 pub async fn claim_stale(
     conn: &mut PgConnection,
     age: Duration,
@@ -113,6 +114,7 @@ pub async fn claim_stale(
     let rows: Vec<(i64, String, String)> = sqlx::query_as(
         "SELECT id, stream, fields::text FROM outbox
           WHERE created_at < now() - make_interval(secs => $1)
+            AND (retry_at IS NULL OR retry_at <= now())
           ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
     )
     .bind(age.as_secs_f64())
@@ -149,6 +151,9 @@ fn to_messages(rows: Vec<(i64, String, String)>) -> Vec<OutboxMessage> {
 /// after commit (it crashed, or Redis failed at that moment), then deletes them. Rows are locked
 /// while they are published, so two hosts never relay the same message at once. Returns how
 /// many went out.
+///
+/// A message Redis refuses (not an outage: an answer, such as `WRONGTYPE`) does not stop the
+/// round: it is marked ([`refused`]) and tried again later, and the messages behind it go out.
 pub async fn relay(pool: &PgPool, redis: &ConnectionManager) -> Result<usize> {
     let mut tx = pool.begin().await?;
     let messages = claim_stale(&mut tx, RELAY_MIN_AGE, RELAY_BATCH).await?;
@@ -156,11 +161,47 @@ pub async fn relay(pool: &PgPool, redis: &ConnectionManager) -> Result<usize> {
         return Ok(0);
     }
     let mut redis = redis.clone();
+    let mut published = Vec::new();
     for message in &messages {
-        streams::add(&mut redis, &message.stream_key, &message.fields).await?;
+        match streams::add(&mut redis, &message.stream_key, &message.fields).await {
+            Ok(_) => published.push(message.id),
+            Err(error) if crate::health::blame(&error).is_some() => {
+                // Redis is gone: keep what went out, stop the round.
+                remove(&mut *tx, &published).await?;
+                tx.commit().await?;
+                return Err(error);
+            }
+            Err(error) => refused(&mut *tx, message.id, &crate::text::causes(&error)).await?,
+        }
     }
-    let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
-    remove(&mut *tx, &ids).await?;
+    remove(&mut *tx, &published).await?;
     tx.commit().await?;
-    Ok(ids.len())
+    Ok(published.len())
+}
+
+/// Records that Redis refused outbox message `id` with `error`: it is tried again after a pause
+/// that doubles with each refusal (from 5 s up to an hour), and the refusal is logged with the
+/// target stream, so an operator can mend the key.
+pub async fn refused<'c, E: sqlx::PgExecutor<'c>>(executor: E, id: i64, error: &str) -> Result<()> {
+    let row: Option<(String, i32)> = sqlx::query_as(
+        "UPDATE outbox
+            SET refusals = refusals + 1, last_error = $2,
+                retry_at = now() + make_interval(secs => least(3600, 5 * 2 ^ least(refusals, 12)))
+          WHERE id = $1
+          RETURNING stream, refusals",
+    )
+    .bind(id)
+    .bind(error)
+    .fetch_optional(executor)
+    .await
+    .context("cannot mark a refused outbox message")?;
+    if let Some((stream, refusals)) = row {
+        tracing::warn!(
+            outbox_id = id,
+            stream,
+            refusals,
+            "Redis refused an outbox message; it is kept and tried again later, the messages behind it go on: {error}"
+        );
+    }
+    Ok(())
 }

@@ -555,7 +555,10 @@ mod tests {
             ],
         )];
         let third = [upsert(2, vec![assign("b", wit::Value::Integer(3))])];
-        let (plan, _) = plan([(0, &first[..]), (1, &second[..]), (2, &third[..])], &Links::default());
+        let (plan, _) = plan(
+            [(0, &first[..]), (1, &second[..]), (2, &third[..])],
+            &Links::default(),
+        );
         assert_eq!(plan.stages.len(), 1);
         let Stage::Upsert { rows, .. } = &plan.stages[0] else {
             panic!("{plan:?}")

@@ -105,10 +105,19 @@ impl Links {
         let mut children: HashMap<String, BTreeSet<String>> = HashMap::new();
         let mut acting: HashMap<String, BTreeSet<String>> = HashMap::new();
         for (child, parent, acts) in foreign_keys {
-            parents.entry(child.clone()).or_default().insert(parent.clone());
-            children.entry(parent.clone()).or_default().insert(child.clone());
+            parents
+                .entry(child.clone())
+                .or_default()
+                .insert(parent.clone());
+            children
+                .entry(parent.clone())
+                .or_default()
+                .insert(child.clone());
             if *acts {
-                acting.entry(parent.clone()).or_default().insert(child.clone());
+                acting
+                    .entry(parent.clone())
+                    .or_default()
+                    .insert(child.clone());
             }
         }
         let tables: BTreeSet<&String> = parents.keys().chain(children.keys()).collect();
@@ -159,7 +168,11 @@ impl Links {
 
     /// The tables `table` references: its writes take key-share locks on their rows.
     pub fn parents(&self, table: &str) -> impl Iterator<Item = &str> {
-        self.parents.get(table).into_iter().flatten().map(String::as_str)
+        self.parents
+            .get(table)
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
     }
 
     /// The tables a delete (or key change) in `table` changes through referential actions,
