@@ -22,6 +22,14 @@ use tokio::sync::watch;
 /// closed).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Connections served at once. The endpoint is for a scraper, probes and an operator's curl;
+/// beyond this, a new connection is answered `503` and closed at once, so idle clients can never
+/// take the process's file descriptors (systemd's default limit is 1,024).
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long one connection may live, idle keep-alive included; the client reconnects.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Binds `addr`, so the caller learns the port (e.g. for `:0`) and a busy port fails before
 /// anything else starts; [`serve`] then answers on it.
 pub async fn bind(addr: &str) -> Result<TcpListener> {
@@ -36,15 +44,22 @@ pub async fn serve(
     delivery: Arc<HostState>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stop.changed() => return,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "{MAX_CONNECTIONS} HTTP connections open already; refusing one");
+                    tokio::spawn(refuse(stream));
+                    continue;
+                };
                 let delivery = delivery.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let service = hyper::service::service_fn(move |request| {
                         let delivery = delivery.clone();
                         async move {
@@ -55,8 +70,10 @@ pub async fn serve(
                         .timer(TokioTimer::new())
                         .header_read_timeout(HEADER_READ_TIMEOUT)
                         .serve_connection(TokioIo::new(stream), service);
-                    if let Err(error) = connection.await {
-                        tracing::debug!("HTTP connection failed: {error}");
+                    match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => tracing::debug!("HTTP connection failed: {error}"),
+                        Err(_) => tracing::debug!("HTTP connection closed after its lifetime"),
                     }
                 });
             }
@@ -66,6 +83,13 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// Answers a connection beyond [`MAX_CONNECTIONS`] with `503` and closes it.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 21\r\n\r\ntoo many connections\n";
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;
 }
 
 /// One request's answer.

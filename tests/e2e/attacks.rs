@@ -629,3 +629,70 @@ async fn an_outbox_message_redis_refuses_blocks_nothing_behind_it() {
     );
     env.finish().await;
 }
+
+/// Idle keep-alive clients cannot take the host's file descriptors: past the connection limit a
+/// new connection is answered 503 and closed, and the endpoint still answers once they go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http_clients_cannot_exhaust_the_hosts_descriptors() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = TestEnv::prepare(Options::new(&[SCRIPTED])).await;
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        probe.local_addr().expect("its address").to_string()
+    };
+    let log = std::fs::File::create(env.host_log("http")).expect("log file");
+    let host = crate::support::HostProcess::spawn(
+        env.binary(&["run"])
+            .env("KALEIDOSCOPE_HTTP_ADDR", &addr)
+            .stdout(std::process::Stdio::null())
+            .stderr(log),
+    );
+    let get = |addr: String| async move {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.ok()?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        Some((String::from_utf8_lossy(&head).to_string(), stream))
+    };
+    eventually("the endpoint to answer", || get(addr.clone())).await;
+    let descriptors = || {
+        std::fs::read_dir(format!("/proc/{}/fd", host.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let before = descriptors();
+    let mut kept = Vec::new();
+    let (mut served, mut refused) = (0, 0);
+    for _ in 0..150 {
+        let (status, stream) = get(addr.clone()).await.expect("an answer");
+        match status.as_str() {
+            "HTTP/1.1 200" => served += 1,
+            "HTTP/1.1 503" => refused += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+        // Kept open and idle.
+        kept.push(stream);
+    }
+    let during = descriptors();
+    assert!(served <= http_limit(), "{served} served at once");
+    assert!(refused > 0);
+    assert!(
+        during <= before + http_limit() + 8,
+        "{before} descriptors before, {during} with 150 idle clients"
+    );
+    drop(kept);
+    eventually("the endpoint to answer again", || async {
+        let (status, _) = get(addr.clone()).await?;
+        (status == "HTTP/1.1 200").then_some(())
+    })
+    .await;
+    drop(host);
+    env.finish().await;
+}
+
+fn http_limit() -> usize {
+    kaleidoscope::http::MAX_CONNECTIONS
+}
