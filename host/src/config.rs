@@ -375,9 +375,7 @@ impl Config {
     pub fn plugin_section_names(file: &Path) -> Result<BTreeSet<String>> {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read {}", file.display()))?;
-        let table: toml::Table = text
-            .parse()
-            .with_context(|| format!("{} is not valid TOML", file.display()))?;
+        let table = parse_toml(&text, file)?;
         Ok(table
             .get("plugins")
             .and_then(toml::Value::as_table)
@@ -398,12 +396,28 @@ impl Config {
         )?;
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read configuration file {}", file.display()))?;
-        let table: toml::Table = text
-            .parse()
-            .with_context(|| format!("configuration file {} is not valid TOML", file.display()))?;
+        let table = parse_toml(&text, file)?;
         policy::read_plugins_table(&mut policies, &table, file)?;
         Ok(policies)
     }
+}
+
+/// Parses a configuration file. A syntax error names the file, line and column and what is
+/// wrong, but never quotes the line: it may be the one holding a password.
+fn parse_toml(text: &str, file: &Path) -> Result<toml::Table> {
+    text.parse::<toml::Table>().map_err(|error| {
+        let at = error.span().map_or(String::new(), |span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.chars().rev().take_while(|c| *c != '\n').count() + 1;
+            format!(" at line {line}, column {column}")
+        });
+        anyhow::anyhow!(
+            "configuration file {} is not valid TOML{at}: {}",
+            file.display(),
+            error.message().trim()
+        )
+    })
 }
 
 /// Where a raw value came from, so an error can name it.
@@ -438,9 +452,7 @@ impl RawSettings {
     fn read_file(&mut self, path: &Path) -> Result<()> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read configuration file {}", path.display()))?;
-        let table: toml::Table = text
-            .parse()
-            .with_context(|| format!("configuration file {} is not valid TOML", path.display()))?;
+        let table = parse_toml(&text, path)?;
         policy::read_plugins_table(&mut self.plugins, &table, path)?;
         for (key, value) in table {
             if key == "plugins" {
@@ -603,7 +615,10 @@ impl RawSettings {
                     .get("redis_url")
                     .map(|(_, o)| o.to_string())
                     .unwrap_or_default();
-                format!("invalid value {url:?} for `redis_url` {origin}: not a redis:// URL")
+                format!(
+                    "invalid value {:?} for `redis_url` {origin}: not a redis:// URL",
+                    crate::persist::redact(&url)
+                )
             })?;
             return Ok(url);
         }

@@ -696,3 +696,63 @@ async fn idle_http_clients_cannot_exhaust_the_hosts_descriptors() {
 fn http_limit() -> usize {
     kaleidoscope::http::MAX_CONNECTIONS
 }
+
+/// No password reaches a message: not in a TOML syntax error (which used to quote the line), an
+/// invalid `REDIS_URL`, a `redis+unix://` socket URL's `pass=`, or an unparsable demo database
+/// URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_never_reach_a_message() {
+    const SECRET: &str = "hunter2";
+    let env = TestEnv::prepare(Options::new(&[SCRIPTED])).await;
+    let broken = env.plugins_dir.with_extension("broken.toml");
+    std::fs::write(
+        &broken,
+        format!("redis_password = \"{SECRET}\nbatch_size = 5\n"),
+    )
+    .expect("write a broken configuration file");
+    let cases: Vec<(&str, std::process::Command)> = vec![
+        ("a TOML syntax error", {
+            let mut c = env.binary(&["config", "check"]);
+            c.env("KALEIDOSCOPE_CONFIG", &broken);
+            c
+        }),
+        ("an invalid REDIS_URL", {
+            let mut c = env.binary(&["config", "check"]);
+            c.env("REDIS_URL", format!("redis//:{SECRET}@cache:6379"));
+            c
+        }),
+        ("a redis+unix URL", {
+            let mut c = env.binary(&["config", "check", "--json"]);
+            c.env(
+                "REDIS_URL",
+                format!("redis+unix:///tmp/redis.sock?db=0&pass={SECRET}"),
+            );
+            c
+        }),
+        ("an unparsable demo database URL", {
+            let mut c = env.binary(&["demo", "--database-url"]);
+            c.arg(format!("postgres//demo:{SECRET}@db:5432/demo"));
+            c
+        }),
+    ];
+    for (case, mut command) in cases {
+        let output = output_within_deadline(&mut command).await;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!said.contains(SECRET), "{case}: {said}");
+        assert!(!said.is_empty(), "{case}: said nothing");
+    }
+    // The syntax error still says where.
+    let output = output_within_deadline(
+        env.binary(&["config", "check"])
+            .env("KALEIDOSCOPE_CONFIG", &broken),
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 1"), "{stderr}");
+    let _ = std::fs::remove_file(&broken);
+    env.finish().await;
+}

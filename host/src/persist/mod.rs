@@ -161,7 +161,7 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 /// not contain `guard` (`"demo"`, `"bench"`), so a mistyped URL can never drop real data.
 pub async fn drop_database(url: &str, guard: &str) -> Result<()> {
     let options = PgConnectOptions::from_str(url)
-        .with_context(|| format!("invalid {guard} database URL {url:?}"))?;
+        .with_context(|| format!("invalid {guard} database URL {:?}", redact(url)))?;
     let name = options.get_database().unwrap_or_default().to_string();
     if !name.contains(guard) {
         anyhow::bail!(
@@ -231,22 +231,29 @@ async fn ensure_database(options: &PgConnectOptions) -> Result<()> {
 /// user part and any `password=` parameter become `***`. Errs on the side of hiding too much.
 pub fn redact(url: &str) -> String {
     let mut out = url.to_string();
-    if let (Some(scheme), Some(at)) = (out.find("://"), out.rfind('@')) {
-        let start = scheme + 3;
+    // The user part: after `scheme://`, or after `//` in a URL too broken to have a scheme.
+    let authority = out
+        .find("://")
+        .map(|i| i + 3)
+        .or_else(|| out.find("//").map(|i| i + 2));
+    if let (Some(start), Some(at)) = (authority, out.rfind('@')) {
         if at > start
             && let Some(colon) = out[start..at].find(':')
         {
             out.replace_range(start + colon + 1..at, "***");
         }
     }
-    let mut search = 0;
-    while let Some(found) = out[search..].to_ascii_lowercase().find("password=") {
-        let value = search + found + "password=".len();
-        let end = out[value..]
-            .find(['&', ' ', '"', '\'', '#'])
-            .map_or(out.len(), |i| value + i);
-        out.replace_range(value..end, "***");
-        search = value + 3;
+    // `password=` (PostgreSQL), `pass=` (a Redis `redis+unix://` socket URL).
+    for parameter in ["password=", "pass="] {
+        let mut search = 0;
+        while let Some(found) = out[search..].to_ascii_lowercase().find(parameter) {
+            let value = search + found + parameter.len();
+            let end = out[value..]
+                .find(['&', ' ', '"', '\'', '#'])
+                .map_or(out.len(), |i| value + i);
+            out.replace_range(value..end, "***");
+            search = value + 3;
+        }
     }
     out
 }
@@ -284,5 +291,10 @@ mod tests {
             "redis://:***@host:6379/0"
         );
         assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact("postgres//u:S3cret@db"), "postgres//u:***@db");
+        assert_eq!(
+            redact("redis+unix:///run/redis.sock?db=1&pass=S3cret"),
+            "redis+unix:///run/redis.sock?db=1&pass=***"
+        );
     }
 }
