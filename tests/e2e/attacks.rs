@@ -756,3 +756,40 @@ async fn passwords_never_reach_a_message() {
     let _ = std::fs::remove_file(&broken);
     env.finish().await;
 }
+
+/// An operator migration edited after it was applied is reported and skipped; it neither stops
+/// the host at start nor holds up the files after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_operator_migration_is_reported_not_fatal() {
+    let env = TestEnv::prepare(Options::new(&[SCRIPTED]).operator_migrations()).await;
+    let dir = env.migrations_dir();
+    std::fs::write(dir.join("001_first.sql"), "CREATE TABLE first_table (id BIGINT);")
+        .expect("write a migration");
+    let mut env = env.with_host().await;
+    if let Some(host) = env.host.take() {
+        host.shutdown().await;
+    }
+    std::fs::write(
+        dir.join("001_first.sql"),
+        "CREATE TABLE first_table (id BIGINT, edited TEXT);",
+    )
+    .expect("edit the migration");
+    std::fs::write(dir.join("002_second.sql"), "CREATE TABLE second_table (id BIGINT);")
+        .expect("write another migration");
+    let env = env.with_host().await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM pg_tables WHERE tablename = 'second_table'")
+            .await,
+        1,
+        "the file after the edited one was applied"
+    );
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'first_table' AND column_name = 'edited'"
+        )
+        .await,
+        0,
+        "the edited file was not run again"
+    );
+    env.finish().await;
+}

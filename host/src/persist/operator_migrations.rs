@@ -5,10 +5,11 @@
 //!
 //! Each file runs in a transaction of its own together with its record in `operator_migrations`
 //! (name and SHA-256), so it is applied exactly once even with several hosts starting at once. A
-//! file whose content changed after it was applied is reported, never run again: write a new
-//! file instead, as with any migration tool.
+//! file whose content changed after it was applied is reported (a warning) and never run again,
+//! and the files after it are applied as usual: write a new file instead, as with any migration
+//! tool.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use sqlx::PgPool;
 use std::path::Path;
 
@@ -51,10 +52,15 @@ pub async fn apply(pool: &PgPool, dir: &Path) -> Result<Vec<String>> {
                 .await?;
         match recorded {
             Some(hash) if hash == sha256 => continue,
-            Some(_) => bail!(
-                "migration {} was changed after it was applied; it is not run again (add a new file for further changes)",
-                file.display()
-            ),
+            // Reported, never run again, and no reason to hold up the files after it (or the
+            // host): what it says was applied in its first form.
+            Some(_) => {
+                tracing::warn!(
+                    migration = %file.display(),
+                    "the operator's migration was changed after it was applied; it is not run again (add a new file for further changes)"
+                );
+                continue;
+            }
             None => {}
         }
         // Audited: the operator's own SQL, from a directory only the operator controls.
