@@ -763,8 +763,11 @@ async fn passwords_never_reach_a_message() {
 async fn an_edited_operator_migration_is_reported_not_fatal() {
     let env = TestEnv::prepare(Options::new(&[SCRIPTED]).operator_migrations()).await;
     let dir = env.migrations_dir();
-    std::fs::write(dir.join("001_first.sql"), "CREATE TABLE first_table (id BIGINT);")
-        .expect("write a migration");
+    std::fs::write(
+        dir.join("001_first.sql"),
+        "CREATE TABLE first_table (id BIGINT);",
+    )
+    .expect("write a migration");
     let mut env = env.with_host().await;
     if let Some(host) = env.host.take() {
         host.shutdown().await;
@@ -774,8 +777,11 @@ async fn an_edited_operator_migration_is_reported_not_fatal() {
         "CREATE TABLE first_table (id BIGINT, edited TEXT);",
     )
     .expect("edit the migration");
-    std::fs::write(dir.join("002_second.sql"), "CREATE TABLE second_table (id BIGINT);")
-        .expect("write another migration");
+    std::fs::write(
+        dir.join("002_second.sql"),
+        "CREATE TABLE second_table (id BIGINT);",
+    )
+    .expect("write another migration");
     let env = env.with_host().await;
     assert_eq!(
         env.count("SELECT count(*) FROM pg_tables WHERE tablename = 'second_table'")
@@ -791,5 +797,29 @@ async fn an_edited_operator_migration_is_reported_not_fatal() {
         0,
         "the edited file was not run again"
     );
+    env.finish().await;
+}
+
+/// A plugin's `timeout_ms` changed in the configuration file applies at the next reload, like
+/// its grants: the same plugin file, now cut off at the new deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_call_deadline_applies_on_reload() {
+    let options = Options::new(&[SCRIPTED])
+        .retries(1, 200)
+        .plugin_setting(SCRIPTED, "timeout_ms = 20000");
+    let env = TestEnv::start(options).await;
+    let slow = [("action", "sleep"), ("millis", "1500")];
+    let first = env.publish(SCRIPTED, &slow).await;
+    env.await_processed(SCRIPTED, &first).await;
+    std::fs::write(
+        &env.config_file,
+        "[plugins.scripted]\ntables = [\"ml_processing_errors\"]\ntimeout_ms = 300\n",
+    )
+    .expect("rewrite the configuration file");
+    env.host().reload_plugins().await.expect("reload");
+    let second = env.publish(SCRIPTED, &slow).await;
+    let letter = env.await_dead_letter(SCRIPTED, &second).await;
+    assert_eq!(letter["failureKind"], "timeout", "{letter:?}");
+    assert!(letter["error"].contains("300ms"), "{}", letter["error"]);
     env.finish().await;
 }

@@ -53,11 +53,13 @@ impl Supervisor {
         self.delivery.apply_operator_migrations().await;
         let current = self.delivery.registry.snapshot();
         let runtime = self.runtime.clone();
-        let config = self.delivery.config.clone();
+        let delivery = self.delivery.clone();
         let previous = current.clone();
+        // Limits as the configuration file says now (re-read above), like the grants.
         let next = tokio::task::spawn_blocking(move || {
+            let config = &delivery.config;
             PluginSet::rescan(&runtime, &config.plugins_dir, &current, &|name| {
-                SandboxLimits::for_plugin(&config, name)
+                SandboxLimits::from_policy(config, &delivery.policy(name))
             })
         })
         .await

@@ -129,7 +129,20 @@ impl PluginSet {
             let sha256 = super::sha256_hex(&bytes);
             match current.loaded_from(&file) {
                 Some(old) if old.sha256 == sha256 => {
-                    if let Err(failure) = next.insert(old.clone()) {
+                    // Unchanged, but its limits may have been changed in the configuration file.
+                    let limits = runtime.fit(&old.name, limits_for(&old.name));
+                    let plugin = if old.limits() == limits {
+                        old.clone()
+                    } else {
+                        tracing::info!(
+                            plugin = old.name,
+                            timeout_ms = limits.call_timeout.as_millis() as u64,
+                            memory_mib = limits.memory_bytes >> 20,
+                            "plugin limits changed"
+                        );
+                        Arc::new(old.with_limits(limits))
+                    };
+                    if let Err(failure) = next.insert(plugin) {
                         next.fail(failure);
                     }
                 }

@@ -55,7 +55,7 @@ const TABLE_ELEMENTS_LIMIT: usize = 100_000;
 pub type Settings = Arc<BTreeMap<String, String>>;
 
 /// The resource limits applied to every plugin call.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SandboxLimits {
     /// Wall-clock deadline of one `handle` or `manifest` call.
     pub call_timeout: Duration,
@@ -67,7 +67,15 @@ impl SandboxLimits {
     /// The limits of the plugin called `name` under `config`: its `[plugins.<name>]` overrides,
     /// else the defaults.
     pub fn for_plugin(config: &crate::config::Config, name: &str) -> Self {
-        let policy = config.policy(name);
+        Self::from_policy(config, &config.policy(name))
+    }
+
+    /// The limits `policy` (a plugin's `[plugins.<name>]` section as in force now) gives, else
+    /// `config`'s defaults.
+    pub fn from_policy(
+        config: &crate::config::Config,
+        policy: &crate::config::PluginPolicy,
+    ) -> Self {
         SandboxLimits {
             call_timeout: policy.timeout.unwrap_or(config.plugin_timeout),
             memory_bytes: policy.memory_bytes.unwrap_or(config.plugin_memory_bytes),
@@ -149,6 +157,8 @@ pub struct PluginRuntime {
     engine: Engine,
     linker: Arc<Linker<CallState>>,
     limits: SandboxLimits,
+    /// The largest memory cap the pool's slots can honour (fixed when the engine is made).
+    memory_capacity: usize,
     cache: Option<CompiledCache>,
 }
 
@@ -182,6 +192,11 @@ impl PluginRuntime {
         max_memory_bytes: usize,
         cache_dir: Option<&Path>,
     ) -> Result<Self> {
+        let largest_cap = max_memory_bytes.max(limits.memory_bytes);
+        let slot_size = largest_cap.saturating_mul(2).clamp(16 << 20, 4 << 30);
+        // What a cap raised after start can get: half a slot (the other half is the room for
+        // the failing growth attempt), or the largest cap configured at start.
+        let memory_capacity = (slot_size / 2).max(largest_cap);
         let mut pool = PoolingAllocationConfig::default();
         // A fresh instance per call: resetting a slot with the kernel's pagemap scan and keeping
         // its first MiB resident costs a few microseconds instead of tens (measured; see
@@ -196,12 +211,7 @@ impl PluginRuntime {
             // The pool's slots hold the cap plus room for the one failing growth attempt, which
             // the limiter below refuses and records — up to the 4 GiB a 32-bit memory can reach
             // (and the engine reserves per memory).
-            .max_memory_size(
-                max_memory_bytes
-                    .max(limits.memory_bytes)
-                    .saturating_mul(2)
-                    .clamp(16 << 20, 4 << 30),
-            );
+            .max_memory_size(slot_size);
         let mut config = wasmtime::Config::new();
         config
             .epoch_interruption(true)
@@ -263,6 +273,7 @@ impl PluginRuntime {
             engine,
             linker: Arc::new(linker),
             limits,
+            memory_capacity,
             cache,
         })
     }
@@ -318,6 +329,22 @@ impl PluginRuntime {
             .max()
             .unwrap_or(0);
         Self::new(defaults, largest, cache_dir)
+    }
+
+    /// `limits` as this runtime can honour them: a memory cap larger than the pool's slots were
+    /// sized for at start (a `memory_mib` raised in the configuration file since) is lowered to
+    /// what they hold, with a warning naming the plugin; a restart applies the larger one.
+    pub fn fit(&self, plugin: &str, mut limits: SandboxLimits) -> SandboxLimits {
+        if limits.memory_bytes > self.memory_capacity {
+            tracing::warn!(
+                plugin,
+                memory_mib = limits.memory_bytes >> 20,
+                capacity_mib = self.memory_capacity >> 20,
+                "the plugin's memory cap is larger than the host's memory pool was sized for at start; it gets the pool's size until the host restarts"
+            );
+            limits.memory_bytes = self.memory_capacity;
+        }
+        limits
     }
 
     /// Reads, compiles and validates the plugin in `path`. Blocking and CPU-heavy (tens to
@@ -389,7 +416,7 @@ impl PluginRuntime {
         };
         let manifest = plugin.call_manifest()?;
         validate_manifest(&manifest)?;
-        plugin.limits = limits_for(&manifest.name);
+        plugin.limits = self.fit(&manifest.name, limits_for(&manifest.name));
         plugin.name = manifest.name;
         plugin.version = manifest.version;
         plugin.streams = manifest.streams;
@@ -457,6 +484,29 @@ impl Plugin {
     /// The limits this plugin's calls run under.
     pub fn limits(&self) -> SandboxLimits {
         self.limits
+    }
+
+    /// This plugin, compiled once, under other `limits` (the configuration file changed its
+    /// `timeout_ms` or `memory_mib`): the next batches run under them, no recompilation.
+    pub fn with_limits(&self, limits: SandboxLimits) -> Plugin {
+        Plugin {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            streams: self.streams.clone(),
+            file: self.file.clone(),
+            sha256: self.sha256.clone(),
+            size: self.size,
+            load_time: self.load_time,
+            from_cache: self.from_cache,
+            imports: self.imports.clone(),
+            pre: match &self.pre {
+                Contract::Current(pre) => Contract::Current(pre.clone()),
+                Contract::V0_2(pre) => Contract::V0_2(pre.clone()),
+                Contract::V0_1(pre) => Contract::V0_1(pre.clone()),
+            },
+            engine: self.engine.clone(),
+            limits,
+        }
     }
 
     /// The version of the contract (`kaleidoscope:handler`) the plugin was built against.
