@@ -4,8 +4,9 @@
 //! The file is copied beside the plugins directory's other files under a hidden temporary name
 //! (which no host loads), then renamed into place, so a host never sees it half-written. The
 //! answer comes from the hosts' [heartbeats](crate::heartbeat), which they rewrite right after
-//! every reload: a host has loaded the file when it reports a plugin with the file's SHA-256, and
-//! has refused it when it reports a failed load of that file with that hash.
+//! every reload: a host has loaded the file when it reports a plugin loaded from that file name
+//! with the file's SHA-256, and has refused it when it reports a failed load of that file with
+//! that hash.
 
 use crate::config::Config;
 use crate::heartbeat;
@@ -87,15 +88,23 @@ pub async fn await_hosts<C: ConnectionLike + Send>(
         let hosts = heartbeat::read_all(conn, config).await?;
         let mut answers = Vec::new();
         let mut waiting = Vec::new();
+        let named = |path: &str| {
+            Path::new(path)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                == file_name
+        };
         for host in &hosts {
-            let loaded = host.plugins.iter().find(|p| p.sha256 == sha256);
-            let failed = host.failed_loads.iter().find(|f| {
-                f.sha256.as_deref() == Some(sha256)
-                    && Path::new(&f.file)
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        == file_name
-            });
+            // This file, with these bytes: the same bytes loaded from another file name say
+            // nothing about this one (which may have been refused, say for a name clash).
+            let loaded = host
+                .plugins
+                .iter()
+                .find(|p| p.sha256 == sha256 && named(&p.file));
+            let failed = host
+                .failed_loads
+                .iter()
+                .find(|f| f.sha256.as_deref() == Some(sha256) && named(&f.file));
             match (loaded, failed) {
                 (Some(plugin), _) => answers.push(HostAnswer {
                     host: host.consumer.clone(),

@@ -823,3 +823,31 @@ async fn a_changed_call_deadline_applies_on_reload() {
     assert!(letter["error"].contains("300ms"), "{}", letter["error"]);
     env.finish().await;
 }
+
+/// `plugin deploy` of bytes a host already serves from another file: the new file is refused
+/// (the name is taken), and deploy says so instead of "loaded".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploying_served_bytes_under_another_name_reports_the_refusal() {
+    let env = TestEnv::start(Options::new(&[SCRIPTED])).await;
+    let elsewhere = env.plugins_dir.with_extension("upload");
+    std::fs::create_dir_all(&elsewhere).expect("a directory for the upload");
+    let copy = elsewhere.join("scripted-copy.wasm");
+    std::fs::copy(crate::support::plugin_file(SCRIPTED), &copy).expect("copy the plugin");
+    let output = output_within_deadline(&mut env.binary(&[
+        "plugin",
+        "deploy",
+        copy.to_str().expect("a UTF-8 path"),
+        "--timeout",
+        "30",
+    ]))
+    .await;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!output.status.success(), "{said}");
+    assert!(said.contains("failed"), "{said}");
+    let _ = std::fs::remove_dir_all(&elsewhere);
+    env.finish().await;
+}
