@@ -369,7 +369,21 @@ fn start_batch(
     finishing.spawn(async move {
         let count = entries.len();
         match delivery.prepare(&stream, entries).await {
-            Ok(Some(batch)) => finish_until_done(&delivery, batch, stop).await,
+            Ok(Some(mut batch)) => loop {
+                let finished = finish_until_done(&delivery, &mut batch, stop.clone()).await;
+                if !finished || !batch.has_unhandled() || *stop.borrow() {
+                    break;
+                }
+                // The batch stopped calling its handler at the output budget: the rest now.
+                if let Err(error) = delivery.handle_rest(&mut batch).await {
+                    error!(
+                        stream,
+                        "cannot handle the rest of the batch; its entries stay pending: {}",
+                        crate::text::causes(&error)
+                    );
+                    break;
+                }
+            },
             Ok(None) => {}
             // Nothing was written or acknowledged: the entries stay pending and are reclaimed
             // after the idle time.
@@ -422,18 +436,19 @@ fn lock(working: &Working) -> std::sync::MutexGuard<'_, std::collections::HashSe
 /// the batch is committed entry by entry, each in a transaction of its own, so that the entry
 /// at fault is dead-lettered alone; if even that fails, the batch is given up and its entries
 /// stay pending, to be delivered again (counting against their attempts) after the reclaim time.
+/// Returns whether the batch was finished (`false`: given up, or the host is stopping).
 async fn finish_until_done(
     delivery: &HostState,
-    mut batch: PreparedBatch,
+    batch: &mut PreparedBatch,
     mut stop: watch::Receiver<bool>,
-) {
+) -> bool {
     let stream = batch.stream().to_string();
     let deadline = delivery.config.database_timeouts.response_deadline();
     let mut backoff = FIRST_BACKOFF;
     let mut failures = 0;
     loop {
         let isolate = failures >= FINISH_ATTEMPTS;
-        match finish_once(delivery, &mut batch, isolate, deadline).await {
+        match finish_once(delivery, batch, isolate, deadline).await {
             Ok(report) => {
                 tracing::debug!(
                     stream,
@@ -445,7 +460,7 @@ async fn finish_until_done(
                     "batch done"
                 );
                 delivery.health.observe(Dependency::Database, Ok(()));
-                return;
+                return true;
             }
             Err(error) => {
                 delivery
@@ -478,7 +493,7 @@ async fn finish_until_done(
                             "giving up on the batch after {failures} attempts and an entry-by-entry pass; its entries stay pending and are delivered again after the reclaim idle time: {}",
                             crate::text::causes(&error)
                         );
-                        return;
+                        return false;
                     }
                     None => {
                         failures += 1;
@@ -504,7 +519,7 @@ async fn finish_until_done(
                 entries = batch.len(),
                 "stopping with a batch unfinished; its entries stay pending"
             );
-            return;
+            return false;
         }
         wait_to_retry(delivery, backoff, &mut stop).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);

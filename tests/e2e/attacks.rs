@@ -851,3 +851,55 @@ async fn deploying_served_bytes_under_another_name_reports_the_refusal() {
     let _ = std::fs::remove_dir_all(&elsewhere);
     env.finish().await;
 }
+
+/// What plugins return is bounded in the host: one call may return at most 16 MiB of commands (a
+/// `forbidden-command` dead letter beyond), and a batch whose commands reach 32 MiB commits what
+/// it has before handling the rest, so 40 answers of 12 MiB never sit in memory at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_plugins_return_is_bounded_per_call_and_per_batch() {
+    let options = Options::new(&[SCRIPTED])
+        .set("KALEIDOSCOPE_BATCH_SIZE", 50)
+        .set("KALEIDOSCOPE_PLUGIN_MEMORY_MIB", 128);
+    let env = TestEnv::prepare(options).await;
+    let twelve_mib = (12 << 20).to_string();
+    let entries: Vec<Vec<(String, String)>> = (0..40)
+        .map(|_| {
+            vec![
+                ("action".to_string(), "big".to_string()),
+                ("bytes".to_string(), twelve_mib.clone()),
+            ]
+        })
+        .collect();
+    env.publish_many(SCRIPTED, &entries).await;
+    let too_big = env
+        .publish(
+            SCRIPTED,
+            &[("action", "big"), ("bytes", &(17 << 20).to_string())],
+        )
+        .await;
+    // A host of its own, so its peak memory is its alone.
+    let mut host = env.spawn_host("bounded");
+    env.await_drained(SCRIPTED).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", host.id())).expect("status");
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    let _ = host.kill();
+    let letter = env.await_dead_letter(SCRIPTED, &too_big).await;
+    assert_eq!(letter["failureKind"], "forbidden-command", "{letter:?}");
+    assert!(letter["error"].contains("16 MiB"), "{}", letter["error"]);
+    assert_eq!(
+        env.count("SELECT count(*) FROM ml_processing_errors").await,
+        40
+    );
+    assert!(
+        // Several copies of what a batch holds (statements, set-based arrays, the wire) and a
+        // plugin instance's memory: hundreds of MiB, not the gigabytes of 40 answers at once.
+        peak_kib < 1 << 20,
+        "the host peaked at {} MiB for 480 MiB of answers",
+        peak_kib >> 10
+    );
+    env.finish().await;
+}

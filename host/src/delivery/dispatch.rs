@@ -4,7 +4,7 @@
 use super::{Decision, Item};
 use crate::dead_letter::FailureKind;
 use crate::persist::validate;
-use crate::plugin::{HandlerOutcome, Plugin, wit};
+use crate::plugin::{HandlerOutcome, Plugin, output, wit};
 use crate::state::HostState;
 use anyhow::{Context as _, Result};
 use std::sync::Arc;
@@ -56,11 +56,19 @@ impl HostState {
         // One blocking thread runs the batch's calls one after the other, in one session (one
         // instance, while calls return normally); the runtime's timers drive their deadlines.
         let runtime = tokio::runtime::Handle::current();
-        let calls = tokio::task::spawn_blocking(move || {
+        let (calls, deferred) = tokio::task::spawn_blocking(move || {
             runtime.block_on(async move {
                 let mut session = handler.session();
                 let mut calls = Vec::with_capacity(inputs.len());
+                let mut deferred = Vec::new();
+                let mut weight = 0;
                 for (index, entry) in inputs {
+                    // The batch holds what it has been given until it commits: past the budget,
+                    // the rest waits for the part handled so far to commit.
+                    if weight >= output::MAX_BATCH_OUTPUT_BYTES {
+                        deferred.push((index, entry.fields));
+                        continue;
+                    }
                     let correlation_id = entry
                         .fields
                         .iter()
@@ -72,13 +80,27 @@ impl HostState {
                     let counted = crate::metrics::CallInFlight::start(&in_flight);
                     let outcome = session.handle(&entry, &settings).instrument(span).await;
                     drop(counted);
+                    if let HandlerOutcome::Commands(commands) = &outcome {
+                        weight += output::weight(commands);
+                    }
                     calls.push((index, entry.fields, outcome, started.elapsed()));
                 }
-                calls
+                (calls, deferred)
             })
         })
         .await
         .context("the plugin call thread failed")?;
+        if !deferred.is_empty() {
+            tracing::info!(
+                handled = calls.len(),
+                waiting = deferred.len(),
+                "the batch's commands reached {} MiB; the entries handled so far commit first, then the rest are handled",
+                output::MAX_BATCH_OUTPUT_BYTES >> 20
+            );
+        }
+        for (index, fields) in deferred {
+            items[index].fields = fields;
+        }
         let mut outcomes = Vec::with_capacity(calls.len());
         for (index, fields, outcome, elapsed) in calls {
             items[index].fields = fields;
@@ -109,6 +131,17 @@ impl HostState {
             call_time.observe(elapsed.as_secs_f64());
             let deliveries = items[index].entry.deliveries;
             let decision = match outcome.into_commands(plugin.limits().memory_bytes) {
+                Ok(commands) if output::weight(&commands) > output::MAX_CALL_OUTPUT_BYTES => {
+                    Decision::DeadLetter(
+                        FailureKind::ForbiddenCommand,
+                        format!(
+                            "the plugin returned {} commands weighing about {} MiB, more than the {} MiB one call may return",
+                            commands.len(),
+                            output::weight(&commands) >> 20,
+                            output::MAX_CALL_OUTPUT_BYTES >> 20
+                        ),
+                    )
+                }
                 Ok(commands) => {
                     // A table or column the catalogue does not know may have been created since
                     // it was read (a migration, or a plugin author's new table): read it again

@@ -85,6 +85,13 @@ impl PreparedBatch {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether entries of the batch are still to be handled: their handler calls were put off
+    /// because the batch's commands reached [`crate::plugin::output::MAX_BATCH_OUTPUT_BYTES`].
+    /// See [`HostState::handle_rest`].
+    pub fn has_unhandled(&self) -> bool {
+        self.items.iter().any(|item| item.decision.is_none())
+    }
 }
 
 /// One entry on its way through the batch.
@@ -200,6 +207,19 @@ impl HostState {
             .get_or_create(&crate::metrics::ByStream::new(&batch.stream))
             .observe(batch.started.elapsed().as_secs_f64());
         Ok(report)
+    }
+
+    /// After [`HostState::finish`] of a batch whose handler calls stopped at the output budget:
+    /// drops the finished entries (and their commands) and handles the rest, ready for another
+    /// `finish`. In stream order, so the batch still equals applying its entries one by one.
+    pub async fn handle_rest(&self, batch: &mut PreparedBatch) -> Result<()> {
+        batch.items.retain(|item| item.decision.is_none());
+        batch.sentinels.clear();
+        let span = batch.span.clone();
+        let plugin = batch.plugin.clone();
+        self.dispatch(&batch.stream, &plugin, &mut batch.items)
+            .instrument(span)
+            .await
     }
 
     /// [`HostState::finish`] for a batch that failed it repeatedly for a reason other than an

@@ -9,6 +9,7 @@
 //! - [`policy`] is what the operator allows each plugin (grants and limits).
 
 mod older_contracts;
+pub mod output;
 pub mod policy;
 pub mod registry;
 pub mod runtime;

@@ -23,6 +23,7 @@
 //!   (`<unset>` when there is none);
 //! - `count`: like `ok`, with the error being how many entries this instance has handled,
 //!   this one included (1 on a fresh instance);
+//! - `big`: like `ok`, with an error text of `bytes` bytes (a large answer);
 //! - `commands`: the commands written in the `commands` field, a JSON list of
 //!   `{"insert": table, "values": {column: value}}`, `{"upsert": table, "key": {…}, "set": {…}}`
 //!   and `{"delete": table, "key": {…}}` (JSON numbers become integers or floats, strings text);
@@ -147,6 +148,10 @@ pub fn perform(action: &str, entry: &Entry) -> Result<Vec<Command>, Failure> {
             Ok(commands)
         }
         "commands" => written_commands(fields.required("commands")?),
+        "big" => {
+            let bytes = fields.i64("bytes")?.unwrap_or(1 << 20).max(0) as usize;
+            Ok(recording(&"x".repeat(bytes)))
+        }
         "malformed" => Err(sdk::malformed(note)),
         "retry" => Err(sdk::retry(note)),
         "write-table" => Ok(vec![
