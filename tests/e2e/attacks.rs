@@ -903,3 +903,79 @@ async fn what_plugins_return_is_bounded_per_call_and_per_batch() {
     );
     env.finish().await;
 }
+
+/// One plugin with sixteen streams and slow calls wants far more instances at once than the
+/// engine's pool holds: it waits for its own share, and another plugin's entry is handled
+/// meanwhile, never dead-lettered for want of an instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_hungry_for_instances_never_takes_another_plugins() {
+    let mut options = Options::new(&["many-streams", SCRIPTED])
+        .retries(1, 60_000)
+        .set("KALEIDOSCOPE_BATCH_SIZE", 1)
+        .set("KALEIDOSCOPE_MAX_BATCH_SIZE", 1)
+        .set("KALEIDOSCOPE_MAX_IN_FLIGHT", 20)
+        .set("KALEIDOSCOPE_SHUTDOWN_TIMEOUT_MS", 1000);
+    options.plugin_sections.insert(
+        "many-streams".to_string(),
+        vec!["tables = [\"ml_processing_errors\"]".to_string()],
+    );
+    let env = TestEnv::prepare(options).await;
+    // 16 streams × 20 batches in flight = 320 calls blocked for 2 s each at once, if allowed.
+    for stream in 1..=16 {
+        let entries: Vec<Vec<(String, String)>> = (0..20)
+            .map(|_| {
+                vec![
+                    ("action".to_string(), "block".to_string()),
+                    ("millis".to_string(), "2000".to_string()),
+                ]
+            })
+            .collect();
+        env.publish_many(&format!("many-{stream}"), &entries).await;
+    }
+    let env = env.with_host().await;
+    let state = env.host().delivery().clone();
+    let calls = |plugin: &str| {
+        state
+            .metrics
+            .calls_in_flight
+            .get_or_create(&kaleidoscope::metrics::ByPluginName {
+                plugin: plugin.to_string(),
+            })
+            .get()
+    };
+    eventually("the hungry plugin to take its share", || async {
+        (calls("many-streams") >= 32).then_some(())
+    })
+    .await;
+    let other = env.publish(SCRIPTED, &[("action", "ok")]).await;
+    env.await_processed(SCRIPTED, &other).await;
+    assert!(calls("many-streams") <= 32, "{}", calls("many-streams"));
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "{:?}",
+        env.dead_letters().await
+    );
+    env.finish().await;
+}
+
+/// A manifest may declare at most sixteen streams (each costs a task, a Redis connection and a
+/// consumer group): one with seventeen does not load, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_with_too_many_streams_does_not_load() {
+    let env = TestEnv::start(Options::new(&["too-many-streams"])).await;
+    let failures = env
+        .host()
+        .delivery()
+        .registry
+        .snapshot()
+        .failures()
+        .to_vec();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(
+        failures[0].reason.contains("17 streams") && failures[0].reason.contains("at most 16"),
+        "{}",
+        failures[0].reason
+    );
+    assert!(env.serving("too-many-1").is_none());
+    env.finish().await;
+}

@@ -53,10 +53,14 @@ impl HostState {
                 .get_or_create_owned(&crate::metrics::ByPluginName {
                     plugin: plugin.name.clone(),
                 });
+        // One instance at a time per batch, within the plugin's share of the pool: waiting here,
+        // not failing to instantiate, when the plugin's other batches hold its share.
+        let slot = plugin.instance_slot().await?;
         // One blocking thread runs the batch's calls one after the other, in one session (one
         // instance, while calls return normally); the runtime's timers drive their deadlines.
         let runtime = tokio::runtime::Handle::current();
         let (calls, deferred) = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             runtime.block_on(async move {
                 let mut session = handler.session();
                 let mut calls = Vec::with_capacity(inputs.len());

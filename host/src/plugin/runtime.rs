@@ -31,6 +31,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
     Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap,
@@ -152,6 +153,18 @@ impl HandlerOutcome {
     }
 }
 
+/// The most streams one manifest may declare.
+pub const MAX_STREAMS_PER_PLUGIN: usize = 16;
+
+/// Instances one plugin may have at once (its batches in flight on all its streams): a plugin
+/// with many streams and slow calls waits for its own, and never takes another plugin's.
+pub const MAX_INSTANCES_PER_PLUGIN: usize = 32;
+
+/// Component instances of the engine's pool; calls beyond wait for one to be free, and a few are
+/// kept for loading plugins (`manifest()`).
+const POOL_INSTANCES: u32 = 256;
+const INSTANCES_FOR_CALLS: usize = 240;
+
 /// Compiles components and owns the engine, linker and epoch ticker they share.
 pub struct PluginRuntime {
     engine: Engine,
@@ -159,6 +172,8 @@ pub struct PluginRuntime {
     limits: SandboxLimits,
     /// The largest memory cap the pool's slots can honour (fixed when the engine is made).
     memory_capacity: usize,
+    /// The pool's instances that calls may take, shared by every plugin.
+    instances: Arc<Semaphore>,
     cache: Option<CompiledCache>,
 }
 
@@ -204,7 +219,7 @@ impl PluginRuntime {
         pool.linear_memory_keep_resident(1 << 20)
             .table_keep_resident(64 << 10)
             .pagemap_scan(wasmtime::Enabled::Auto);
-        pool.total_component_instances(256)
+        pool.total_component_instances(POOL_INSTANCES)
             .total_core_instances(1024)
             .total_memories(512)
             .total_tables(512)
@@ -274,6 +289,7 @@ impl PluginRuntime {
             linker: Arc::new(linker),
             limits,
             memory_capacity,
+            instances: Arc::new(Semaphore::new(INSTANCES_FOR_CALLS)),
             cache,
         })
     }
@@ -413,6 +429,8 @@ impl PluginRuntime {
             pre,
             engine: self.engine.clone(),
             limits: self.limits,
+            own_instances: Arc::new(Semaphore::new(MAX_INSTANCES_PER_PLUGIN)),
+            pool_instances: self.instances.clone(),
         };
         let manifest = plugin.call_manifest()?;
         validate_manifest(&manifest)?;
@@ -467,6 +485,17 @@ pub struct Plugin {
     pre: Contract,
     engine: Engine,
     limits: SandboxLimits,
+    /// This plugin's share of instances ([`MAX_INSTANCES_PER_PLUGIN`]).
+    own_instances: Arc<Semaphore>,
+    /// The engine's pool, shared by all plugins.
+    pool_instances: Arc<Semaphore>,
+}
+
+/// The right to hold one instance of a plugin (a batch's session): this plugin's share and one
+/// of the pool's.
+pub struct InstanceSlot {
+    _own: OwnedSemaphorePermit,
+    _pool: OwnedSemaphorePermit,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -506,7 +535,30 @@ impl Plugin {
             },
             engine: self.engine.clone(),
             limits,
+            own_instances: self.own_instances.clone(),
+            pool_instances: self.pool_instances.clone(),
         }
+    }
+
+    /// Waits for an instance this plugin may use: first its own share (so a plugin that wants
+    /// too many waits for itself), then the pool's. Held by a batch for its session.
+    pub async fn instance_slot(&self) -> Result<InstanceSlot> {
+        let own = self
+            .own_instances
+            .clone()
+            .acquire_owned()
+            .await
+            .context("the plugin's instance limit was closed")?;
+        let pool = self
+            .pool_instances
+            .clone()
+            .acquire_owned()
+            .await
+            .context("the instance pool was closed")?;
+        Ok(InstanceSlot {
+            _own: own,
+            _pool: pool,
+        })
     }
 
     /// The version of the contract (`kaleidoscope:handler`) the plugin was built against.
@@ -856,6 +908,13 @@ fn validate_manifest(manifest: &wit::Manifest) -> Result<()> {
     }
     if manifest.streams.is_empty() {
         bail!("manifest of {:?} declares no streams", manifest.name);
+    }
+    if manifest.streams.len() > MAX_STREAMS_PER_PLUGIN {
+        bail!(
+            "manifest of {:?} declares {} streams; a plugin may consume at most {MAX_STREAMS_PER_PLUGIN} (each costs the host a task, a Redis connection and a consumer group)",
+            manifest.name,
+            manifest.streams.len()
+        );
     }
     for stream in &manifest.streams {
         if !valid_name(stream) {
