@@ -979,3 +979,25 @@ async fn a_manifest_with_too_many_streams_does_not_load() {
     assert!(env.serving("too-many-1").is_none());
     env.finish().await;
 }
+
+/// Grants are bound to a name the operator chose, the file's: a file of another name whose
+/// manifest claims a granted name (`scripted` here) is refused instead of inheriting the grants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_claiming_another_plugins_name_does_not_inherit_its_grants() {
+    let env = TestEnv::start(Options::new(&["insights"])).await;
+    env.install_plugin(SCRIPTED, "team-b");
+    env.host().reload_plugins().await.expect("reload");
+    let snapshot = env.host().delivery().registry.snapshot();
+    let failure = snapshot
+        .failures()
+        .iter()
+        .find(|f| f.file.ends_with("team-b.wasm"))
+        .expect("the file is refused");
+    assert!(
+        failure.reason.contains("scripted.wasm") && failure.reason.contains("named after"),
+        "{}",
+        failure.reason
+    );
+    assert!(env.serving(SCRIPTED).is_none());
+    env.finish().await;
+}

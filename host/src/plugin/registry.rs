@@ -165,6 +165,10 @@ impl PluginSet {
                 }),
                 (None, Ok(bytes)) => runtime
                     .load_bytes(&bytes, sha256.clone(), &file, limits_for)
+                    .and_then(|plugin| {
+                        named_after_its_file(&plugin)?;
+                        Ok(plugin)
+                    })
                     .map_err(|error| LoadFailure {
                         file: file.clone(),
                         reason: crate::text::causes(&error),
@@ -290,4 +294,25 @@ impl PluginRegistry {
             Err(poisoned) => *poisoned.into_inner() = set,
         }
     }
+}
+
+/// A plugin's grants and limits (`[plugins.<name>]`) are bound to its name, so the name must be
+/// one the operator chose: the file's. A file `team-b.wasm` whose manifest says `ml-errors`
+/// would otherwise take `ml-errors`'s grants. Cargo's `_` for `-` is accepted
+/// (`my_plugin.wasm` holds `my-plugin`).
+fn named_after_its_file(plugin: &Plugin) -> anyhow::Result<()> {
+    let stem = plugin
+        .file
+        .file_stem()
+        .map(|s| s.to_string_lossy().replace('_', "-"))
+        .unwrap_or_default();
+    if stem == plugin.name.replace('_', "-") {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "the file {} holds the plugin {:?}; a plugin's file must be named after it ({}.wasm), because its grants and limits are bound to the name",
+        plugin.file.display(),
+        plugin.name,
+        plugin.name
+    )
 }
