@@ -14,9 +14,40 @@ pub fn sanitize(text: String) -> String {
     }
 }
 
+/// `text` as one line with no control characters, for a log line or a one-line reason: a
+/// plugin's newline could otherwise forge a log line of its own, and a terminal escape recolour
+/// or rewrite an operator's screen. Newlines and carriage returns become `\n` and `\r`, other
+/// control characters (C0 but tab, DEL, C1) `\u{..}`; NUL becomes U+FFFD as in [`sanitize`].
+pub fn one_line(text: String) -> String {
+    if !text.chars().any(|c| c.is_control() && c != '\t') {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\0' => out.push('\u{FFFD}'),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push('\t'),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::sanitize;
+    use super::{one_line, sanitize};
+
+    #[test]
+    fn one_line_escapes_line_breaks_and_terminal_escapes() {
+        assert_eq!(
+            one_line("a\nINFO forged\r\u{1b}[31mred\u{9b}\0\tok".into()),
+            "a\\nINFO forged\\r\\u{1b}[31mred\\u{9b}\u{FFFD}\tok"
+        );
+        assert_eq!(one_line("plain ünïcode".into()), "plain ünïcode");
+    }
 
     #[test]
     fn sanitize_replaces_nul_and_keeps_everything_else() {

@@ -1001,3 +1001,34 @@ async fn a_file_claiming_another_plugins_name_does_not_inherit_its_grants() {
     assert!(env.serving(SCRIPTED).is_none());
     env.finish().await;
 }
+
+/// A plugin's log line cannot forge a line of the host's log or send terminal escapes: line
+/// breaks and control characters arrive escaped, on the plugin's own line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_log_lines_cannot_forge_lines_or_escape_to_the_terminal() {
+    let env = TestEnv::prepare(Options::new(&[SCRIPTED])).await;
+    let id = env
+        .publish(
+            SCRIPTED,
+            &[
+                ("action", "log"),
+                ("note", "hello\n2026-01-01T00:00:00Z  INFO forged: all good\x1b[2J"),
+            ],
+        )
+        .await;
+    let host = env.spawn_host("logging");
+    env.await_processed(SCRIPTED, &id).await;
+    let log = eventually("the plugin's line in the host's log", || async {
+        let log = std::fs::read_to_string(env.host_log("logging")).ok()?;
+        log.contains("hello").then_some(log)
+    })
+    .await;
+    drop(host);
+    assert!(!log.contains('\x1b'), "{log}");
+    assert!(
+        !log.lines().any(|line| line.contains("INFO forged") && !line.contains("hello")),
+        "{log}"
+    );
+    assert!(log.contains("hello\\n"), "{log}");
+    env.finish().await;
+}

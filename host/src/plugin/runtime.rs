@@ -768,9 +768,9 @@ impl CallSession<'_> {
         match result {
             Ok(commands) => HandlerOutcome::Commands(commands),
             Err(wit::Failure::Malformed(reason)) => {
-                HandlerOutcome::Malformed(text::sanitize(reason))
+                HandlerOutcome::Malformed(text::one_line(reason))
             }
-            Err(wit::Failure::Retry(reason)) => HandlerOutcome::Retry(text::sanitize(reason)),
+            Err(wit::Failure::Retry(reason)) => HandlerOutcome::Retry(text::one_line(reason)),
         }
     }
 }
@@ -1041,7 +1041,7 @@ impl wit_log::Host for CallState {
             }
             return;
         }
-        let mut message = text::sanitize(message);
+        let mut message = text::one_line(message);
         if message.len() > LOG_LINE_BYTES {
             let mut cut = LOG_LINE_BYTES;
             while !message.is_char_boundary(cut) {

@@ -23,6 +23,7 @@
 //!   (`<unset>` when there is none);
 //! - `count`: like `ok`, with the error being how many entries this instance has handled,
 //!   this one included (1 on a fresh instance);
+//! - `log`: log the `note` field as a warning, then like `ok`;
 //! - `big`: like `ok`, with an error text of `bytes` bytes (a large answer);
 //! - `commands`: the commands written in the `commands` field, a JSON list of
 //!   `{"insert": table, "values": {column: value}}`, `{"upsert": table, "key": {…}, "set": {…}}`
@@ -148,6 +149,10 @@ pub fn perform(action: &str, entry: &Entry) -> Result<Vec<Command>, Failure> {
             Ok(commands)
         }
         "commands" => written_commands(fields.required("commands")?),
+        "log" => {
+            sdk::log::warn(&note);
+            Ok(ok())
+        }
         "big" => {
             let bytes = fields.i64("bytes")?.unwrap_or(1 << 20).max(0) as usize;
             Ok(recording(&"x".repeat(bytes)))
