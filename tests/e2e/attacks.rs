@@ -1012,7 +1012,10 @@ async fn plugin_log_lines_cannot_forge_lines_or_escape_to_the_terminal() {
             SCRIPTED,
             &[
                 ("action", "log"),
-                ("note", "hello\n2026-01-01T00:00:00Z  INFO forged: all good\x1b[2J"),
+                (
+                    "note",
+                    "hello\n2026-01-01T00:00:00Z  INFO forged: all good\x1b[2J",
+                ),
             ],
         )
         .await;
@@ -1026,9 +1029,40 @@ async fn plugin_log_lines_cannot_forge_lines_or_escape_to_the_terminal() {
     drop(host);
     assert!(!log.contains('\x1b'), "{log}");
     assert!(
-        !log.lines().any(|line| line.contains("INFO forged") && !line.contains("hello")),
+        !log.lines()
+            .any(|line| line.contains("INFO forged") && !line.contains("hello")),
         "{log}"
     );
     assert!(log.contains("hello\\n"), "{log}");
+    env.finish().await;
+}
+
+/// Anyone with Redis access can write to the dead-letter stream; one value that is not UTF-8
+/// there does not break `status` or `dlq list`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_dead_letter_that_is_not_utf8_breaks_no_listing() {
+    let env = TestEnv::start(Options::new(&["panicking"]).retries(1, 200)).await;
+    let failed = env.publish("mock-panic", &[("note", "x")]).await;
+    env.await_dead_letter("mock-panic", &failed).await;
+    let _: String = redis::cmd("XADD")
+        .arg(env.key(&env.config.dlq_stream))
+        .arg("*")
+        .arg("failureKind")
+        .arg(&b"odd\xff"[..])
+        .arg("sourceStream")
+        .arg("mock-panic")
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("XADD a foreign entry");
+    for args in [&["dlq", "list"][..], &["status", "--json"][..]] {
+        let output = output_within_deadline(&mut env.binary(args)).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !stderr.contains("UTF-8") && !stderr.contains("utf-8"),
+            "{args:?}: {stderr}"
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains("plugin-trap"), "{args:?}: {stdout}{stderr}");
+    }
     env.finish().await;
 }

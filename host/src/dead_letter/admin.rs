@@ -13,7 +13,6 @@ use crate::delivery::REPLAY_OF_FIELD;
 use anyhow::{Context, Result};
 use redis::aio::ConnectionLike;
 use serde::Serialize;
-use std::collections::HashMap;
 
 /// Entries read per XRANGE page.
 const PAGE: usize = 500;
@@ -65,7 +64,7 @@ pub async fn list<C: ConnectionLike + Send>(
     let mut found = Vec::new();
     let mut start = "-".to_string();
     loop {
-        let page: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        let page: super::RawEntries = redis::cmd("XRANGE")
             .arg(&key)
             .arg(&start)
             .arg("+")
@@ -74,6 +73,7 @@ pub async fn list<C: ConnectionLike + Send>(
             .query_async(conn)
             .await
             .with_context(|| format!("cannot read the dead-letter stream {key:?}"))?;
+        let page = super::decode_lossy(page);
         let done = page.len() < PAGE;
         if let Some((last, _)) = page.last() {
             start = format!("({last}");
@@ -290,7 +290,7 @@ pub async fn show<C: ConnectionLike + Send>(
     id: &str,
 ) -> Result<StoredDeadLetter> {
     let key = config.dlq_key();
-    let found: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+    let found: super::RawEntries = redis::cmd("XRANGE")
         .arg(&key)
         .arg(id)
         .arg(id)
@@ -299,7 +299,7 @@ pub async fn show<C: ConnectionLike + Send>(
         .with_context(|| {
             format!("cannot read dead letter {id:?} from {key:?} (ids look like 1764000000000-0)")
         })?;
-    found
+    super::decode_lossy(found)
         .into_iter()
         .next()
         .map(|(id, fields)| StoredDeadLetter::from_stream_fields(id, fields))

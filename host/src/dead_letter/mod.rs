@@ -200,6 +200,29 @@ impl StoredDeadLetter {
     }
 }
 
+/// One page of a stream read as raw bytes (`XRANGE` / `XREVRANGE`).
+pub type RawEntries = Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>;
+
+/// Entries of the dead-letter stream as text. Anyone with access to Redis can write there; a name
+/// or value that is not UTF-8 is read with U+FFFD in place of its bad bytes, so one odd entry
+/// cannot make `status`, `dlq list` or `dlq show` fail.
+pub fn decode_lossy(page: RawEntries) -> Vec<(String, std::collections::HashMap<String, String>)> {
+    page.into_iter()
+        .map(|(id, fields)| {
+            let fields = fields
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        String::from_utf8_lossy(&k).into_owned(),
+                        String::from_utf8_lossy(&v).into_owned(),
+                    )
+                })
+                .collect();
+            (id, fields)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -342,7 +342,7 @@ pub async fn dead_letter_report<C: ConnectionLike + Send>(
 ) -> Result<DeadLetterReport> {
     let key = config.dlq_key();
     let length: i64 = redis::cmd("XLEN").arg(&key).query_async(conn).await?;
-    let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
+    let entries: crate::dead_letter::RawEntries = redis::cmd("XREVRANGE")
         .arg(&key)
         .arg("+")
         .arg("-")
@@ -350,6 +350,7 @@ pub async fn dead_letter_report<C: ConnectionLike + Send>(
         .arg(DLQ_SCAN_LIMIT)
         .query_async(conn)
         .await?;
+    let entries = crate::dead_letter::decode_lossy(entries);
     let mut by_kind = BTreeMap::new();
     for (_, fields) in &entries {
         let kind = fields
