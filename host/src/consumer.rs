@@ -474,6 +474,18 @@ async fn finish_until_done(
                         .map(|_| Dependency::Database)
                 });
                 match outage {
+                    // Every connection of the pool is in use: waited out like an outage (it
+                    // costs no entry an attempt), but PostgreSQL is not down because this host is
+                    // busy; the health probe, on a connection of its own, says whether it is.
+                    Some(_) if health::pool_busy(&error) => {
+                        warn!(
+                            stream,
+                            retry_in_ms = backoff.as_millis() as u64,
+                            entries = batch.len(),
+                            "every connection to PostgreSQL is busy; the batch waits for one: {}",
+                            crate::text::causes(&error)
+                        );
+                    }
                     Some(dependency) => {
                         delivery
                             .health

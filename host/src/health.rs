@@ -216,6 +216,18 @@ pub fn blame(error: &anyhow::Error) -> Option<Dependency> {
     })
 }
 
+/// Whether `error` is a wait for one of the pool's connections that timed out: the host's own
+/// connections are all busy. Not by itself an outage (see [`blame`], which waits it out all the
+/// same): the probe, on a connection of its own, tells whether PostgreSQL answers.
+pub fn pool_busy(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::PoolTimedOut)
+        )
+    })
+}
+
 /// A dependency found not answering (a failed probe), whatever the error it gave: an outage
 /// even if its cause is not one [`blame`] would recognise.
 #[derive(Debug, thiserror::Error)]

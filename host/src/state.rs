@@ -31,6 +31,8 @@ pub struct HostState {
     /// Counters and latency histograms for `/metrics`.
     pub metrics: Metrics,
     pub pool: PgPool,
+    /// The health probe's own connection (see [`crate::persist::probe_pool`]).
+    probe: PgPool,
     pub redis: ConnectionManager,
     pub registry: Arc<PluginRegistry>,
     catalog: RwLock<(Arc<Catalog>, Instant)>,
@@ -52,6 +54,11 @@ pub struct HostState {
 }
 
 impl HostState {
+    /// Whether PostgreSQL answers, asked on the probe's own connection.
+    pub async fn database_answers(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.probe).await.map(drop)
+    }
+
     /// Shares the connections, configuration, plugins and catalogue among consumer tasks.
     pub fn new(
         config: Arc<Config>,
@@ -66,7 +73,14 @@ impl HostState {
             .as_deref()
             .and_then(|file| Config::plugin_section_names(file).ok())
             .unwrap_or_default();
+        let probe = crate::persist::probe_pool(
+            &config.database_url,
+            &config.database_timeouts,
+            PROBE_INTERVAL,
+        )
+        .unwrap_or_else(|| pool.clone());
         Self {
+            probe,
             policies: RwLock::new(Arc::new(config.plugins.clone())),
             source,
             health: crate::health::Health::default(),
@@ -247,14 +261,15 @@ impl HostState {
         problems
     }
 
-    /// Asks PostgreSQL and Redis whether they answer (within [`PROBE_INTERVAL`] each) and
+    /// Asks PostgreSQL (on a connection of the probe's own, not the delivery path's pool) and
+    /// Redis whether they answer (within [`PROBE_INTERVAL`] each) and
     /// records the result in [`Self::health`], so readiness reflects an outage even when no
     /// traffic arrives to hit it. Returns whether readiness changed.
     pub async fn probe_dependencies(&self) -> bool {
         let before = self.health.problems().len();
         let unanswered = |_| "no answer within the probe interval".to_string();
         let database =
-            tokio::time::timeout(PROBE_INTERVAL, sqlx::query("SELECT 1").execute(&self.pool))
+            tokio::time::timeout(PROBE_INTERVAL, sqlx::query("SELECT 1").execute(&self.probe))
                 .await
                 .map_err(unanswered)
                 .and_then(|done| done.map(drop).map_err(|e| e.to_string()));

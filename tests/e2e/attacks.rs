@@ -1066,3 +1066,53 @@ async fn a_foreign_dead_letter_that_is_not_utf8_breaks_no_listing() {
     }
     env.finish().await;
 }
+
+/// Every connection of the host's pool held by slow batches is the host being busy, not
+/// PostgreSQL being down: the batches waiting for a connection wait without cost, and PostgreSQL
+/// is never reported unavailable (the probe has a connection of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_connection_pool_is_not_a_postgresql_outage() {
+    let env = TestEnv::prepare(Options::new(&[SCRIPTED]).retries(1, 60_000)).await;
+    // 11 s a row: the pool's 16 connections are held past its 10 s wait for a connection.
+    run_sql(
+        &env,
+        &[
+            "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM pg_sleep(11); RETURN NEW; END $$",
+            "CREATE TRIGGER slow_row BEFORE INSERT ON ml_processing_errors
+             FOR EACH ROW EXECUTE FUNCTION slow_row()",
+        ],
+    )
+    .await;
+    for stream in [SCRIPTED, "scripted-2"] {
+        let entries: Vec<Vec<(String, String)>> = (0..10)
+            .map(|_| vec![("action".to_string(), "ok".to_string())])
+            .collect();
+        env.publish_many(stream, &entries).await;
+    }
+    let log = std::fs::File::create(env.host_log("busy")).expect("log file");
+    let mut host = crate::support::HostProcess::spawn(
+        env.binary(&["run"])
+            .env("KALEIDOSCOPE_CONSUMER_NAME", "busy")
+            .env("KALEIDOSCOPE_BATCH_SIZE", "1")
+            .env("KALEIDOSCOPE_MAX_BATCH_SIZE", "1")
+            .env("KALEIDOSCOPE_MAX_IN_FLIGHT", "10")
+            .stdout(std::process::Stdio::null())
+            .stderr(log),
+    );
+    eventually("all twenty rows", || async {
+        (env.count("SELECT count(*) FROM ml_processing_errors").await == 20).then_some(())
+    })
+    .await;
+    env.await_drained(SCRIPTED).await;
+    env.await_drained("scripted-2").await;
+    let _ = host.kill();
+    let log = std::fs::read_to_string(env.host_log("busy")).expect("the host's log");
+    assert!(
+        log.contains("pool timed out"),
+        "the pool ran out as intended: {log}"
+    );
+    assert!(!log.contains("PostgreSQL is reachable again"), "{log}");
+    assert!(env.dead_letters().await.is_empty());
+    env.finish().await;
+}

@@ -227,7 +227,7 @@ impl HostState {
             // Before blaming the entry, make sure the database itself answers: an error no
             // classification foresaw may still be an outage, and an outage must never cost an
             // entry its place.
-            if let Err(probe) = sqlx::query("SELECT 1").execute(&self.pool).await {
+            if let Err(probe) = self.database_answers().await {
                 return Err(anyhow::Error::new(crate::health::KnownOutage(
                     crate::health::Dependency::Database,
                     format!(

@@ -110,6 +110,22 @@ pub async fn connect(url: &str, max_connections: u32, timeouts: &Timeouts) -> Re
         .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))
 }
 
+/// One connection of its own for the health probe, made on first use: the delivery path's pool
+/// may be busy (every connection held by batches), which says nothing about whether PostgreSQL
+/// answers. `None` for a URL that does not parse (the caller then probes through its pool).
+pub fn probe_pool(url: &str, timeouts: &Timeouts, wait: Duration) -> Option<PgPool> {
+    let options = PgConnectOptions::from_str(url)
+        .ok()?
+        .disable_statement_logging()
+        .options(timeouts.session_options());
+    Some(
+        PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(wait)
+            .connect_lazy_with(options),
+    )
+}
+
 /// A small pool on an existing database, for tools that only read (`kaleidoscope status`):
 /// never creates the database, and gives up within seconds so the tool can carry on without it.
 pub async fn connect_existing(url: &str, timeouts: &Timeouts) -> Result<PgPool> {
