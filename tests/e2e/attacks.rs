@@ -857,10 +857,7 @@ async fn deploying_served_bytes_under_another_name_reports_the_refusal() {
 /// it has before handling the rest, so 40 answers of 12 MiB never sit in memory at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_plugins_return_is_bounded_per_call_and_per_batch() {
-    let options = Options::new(&[SCRIPTED])
-        .set("KALEIDOSCOPE_BATCH_SIZE", 50)
-        .set("KALEIDOSCOPE_PLUGIN_MEMORY_MIB", 128);
-    let env = TestEnv::prepare(options).await;
+    let env = TestEnv::prepare(Options::new(&[SCRIPTED])).await;
     let twelve_mib = (12 << 20).to_string();
     let entries: Vec<Vec<(String, String)>> = (0..40)
         .map(|_| {
@@ -877,8 +874,16 @@ async fn what_plugins_return_is_bounded_per_call_and_per_batch() {
             &[("action", "big"), ("bytes", &(17 << 20).to_string())],
         )
         .await;
-    // A host of its own, so its peak memory is its alone.
-    let mut host = env.spawn_host("bounded");
+    // A host of its own, so its peak memory is its alone; one read takes all 41.
+    let log = std::fs::File::create(env.host_log("bounded")).expect("log file");
+    let mut host = crate::support::HostProcess::spawn(
+        env.binary(&["run"])
+            .env("KALEIDOSCOPE_CONSUMER_NAME", "bounded")
+            .env("KALEIDOSCOPE_BATCH_SIZE", "50")
+            .env("KALEIDOSCOPE_PLUGIN_MEMORY_MIB", "128")
+            .stdout(std::process::Stdio::null())
+            .stderr(log),
+    );
     env.await_drained(SCRIPTED).await;
     let status = std::fs::read_to_string(format!("/proc/{}/status", host.id())).expect("status");
     let peak_kib: u64 = status
