@@ -418,10 +418,17 @@ fn unpublishable(stream: &str, fields: &str) -> Result<Vec<(String, String)>, St
 /// Republishes requests that have waited longer than `ML_TIMEOUT_SECONDS` for their results
 /// (or were never published), and marks those published `ML_RETRY_ATTEMPTS` times as timed out.
 /// Safe to run on several hosts at once (rows are locked with SKIP LOCKED).
+///
+/// The due rows are decided and marked (published now, one more attempt) in one short
+/// transaction, and only then published: no row lock is held while Redis is talked to, so a slow
+/// Redis never holds up the batches that record results on these rows. A request whose
+/// publication then fails gets its marks back; a crash between the two leaves it marked, and it
+/// is published again after the timeout.
 pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) -> Result<Sweep> {
     let mut tx = pool.begin().await?;
-    let due: Vec<(String, String, String, i32)> = sqlx::query_as(
-        "SELECT correlation_id, stream, fields::text, attempts FROM ml_requests
+    let due: Vec<(String, String, String, i32, String)> = sqlx::query_as(
+        "SELECT correlation_id, stream, fields::text, attempts, coalesce(last_published_at::text, '')
+           FROM ml_requests
           WHERE status = 'PENDING'
             AND coalesce(last_published_at, created_at) < now() - make_interval(secs => $1)
           ORDER BY coalesce(last_published_at, created_at)
@@ -432,9 +439,8 @@ pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) ->
     .await
     .context("cannot read pending requests")?;
     let mut sweep = Sweep::default();
-    let mut failed = None;
-    let mut redis = redis.clone();
-    for (correlation_id, stream, fields, attempts) in due {
+    let mut claimed = Vec::new();
+    for (correlation_id, stream, fields, attempts, published_at) in due {
         if attempts >= config.retry_attempts as i32 {
             sqlx::query(
                 "UPDATE ml_requests SET status = 'TIMED_OUT', error = $2 WHERE correlation_id = $1",
@@ -468,16 +474,35 @@ pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) ->
                 continue;
             }
         };
-        // A Redis failure ends the sweep, but what was published so far is recorded, so it is
-        // not published again next time.
-        if let Err(error) = streams::add(&mut redis, &config.stream_key(&stream), &fields).await {
-            failed = Some(error);
-            break;
-        }
         sqlx::query("UPDATE ml_requests SET attempts = attempts + 1, last_published_at = now() WHERE correlation_id = $1")
             .bind(&correlation_id)
             .execute(&mut *tx)
             .await?;
+        claimed.push((correlation_id, stream, fields, attempts, published_at));
+    }
+    tx.commit().await?;
+
+    let mut redis = redis.clone();
+    for (at, (correlation_id, stream, fields, attempts, _)) in claimed.iter().enumerate() {
+        if let Err(error) = streams::add(&mut redis, &config.stream_key(stream), fields).await {
+            // Not published: these keep the marks they had, for the next sweep.
+            for (correlation_id, _, _, _, published_at) in &claimed[at..] {
+                let restored = sqlx::query(
+                    "UPDATE ml_requests
+                        SET attempts = attempts - 1,
+                            last_published_at = NULLIF($2, '')::timestamptz
+                      WHERE correlation_id = $1 AND status = 'PENDING'",
+                )
+                .bind(correlation_id)
+                .bind(published_at)
+                .execute(pool)
+                .await;
+                if let Err(failure) = restored {
+                    warn!(correlation_id, "cannot restore an unpublished request's marks: {failure}");
+                }
+            }
+            return Err(error.context("republishing pending requests stopped"));
+        }
         info!(
             stream,
             correlation_id,
@@ -486,9 +511,5 @@ pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) ->
         );
         sweep.republished += 1;
     }
-    tx.commit().await?;
-    match failed {
-        Some(error) => Err(error.context("republishing pending requests stopped")),
-        None => Ok(sweep),
-    }
+    Ok(sweep)
 }

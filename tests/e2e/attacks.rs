@@ -1121,3 +1121,59 @@ async fn a_busy_connection_pool_is_not_a_postgresql_outage() {
     assert!(env.dead_letters().await.is_empty());
     env.finish().await;
 }
+
+/// The request tracker decides and marks the requests it republishes before it talks to Redis:
+/// while Redis stalls, no row lock of `ml_requests` is held (a batch recording a result on the
+/// row goes through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_tracker_holds_no_row_lock_while_it_talks_to_redis() {
+    let env = TestEnv::start(Options::new(&[SCRIPTED]).set("ML_TIMEOUT_SECONDS", 1)).await;
+    let mut redis = env.redis.clone();
+    // Redis accepts no writes for a while: the tracker's XADD waits.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(5000)
+        .arg("WRITE")
+        .query_async(&mut redis)
+        .await
+        .expect("CLIENT PAUSE");
+    sqlx::query(
+        "INSERT INTO ml_requests (correlation_id, stream, fields, expected_results, created_at)
+         VALUES ('stalled', 'post-image-processing', '[[\"postId\", \"1\"]]', '{insights}',
+                 now() - interval '1 hour')",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("a request due for republication");
+    eventually("the tracker to take the request", || async {
+        let attempts: i32 =
+            sqlx::query_scalar("SELECT attempts FROM ml_requests WHERE correlation_id = 'stalled'")
+                .fetch_one(&env.pool)
+                .await
+                .ok()?;
+        (attempts >= 1).then_some(())
+    })
+    .await;
+    let published: i64 = redis::cmd("XLEN")
+        .arg(env.key("post-image-processing"))
+        .query_async(&mut redis)
+        .await
+        .expect("XLEN");
+    let mut tx = env.pool.begin().await.expect("a transaction");
+    sqlx::query("SET LOCAL lock_timeout = '300ms'")
+        .execute(&mut *tx)
+        .await
+        .expect("SET LOCAL");
+    let touched = sqlx::query("UPDATE ml_requests SET error = 'touched' WHERE correlation_id = 'stalled'")
+        .execute(&mut *tx)
+        .await;
+    drop(tx);
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut redis)
+        .await
+        .expect("CLIENT UNPAUSE");
+    assert_eq!(published, 0, "taken before it was published");
+    assert!(touched.is_ok(), "the row was locked: {touched:?}");
+    env.finish().await;
+}
