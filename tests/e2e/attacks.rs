@@ -1177,3 +1177,31 @@ async fn the_request_tracker_holds_no_row_lock_while_it_talks_to_redis() {
     assert!(touched.is_ok(), "the row was locked: {touched:?}");
     env.finish().await;
 }
+
+/// Looping entries cannot hold the rest of their batch for one deadline each: after a call runs
+/// to its deadline, what the batch handled so far commits before the next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn looping_entries_do_not_hold_their_batch_for_a_deadline_each() {
+    let options = Options::new(&[SCRIPTED])
+        .retries(1, 60_000)
+        .plugin_setting(SCRIPTED, "timeout_ms = 1500");
+    let env = TestEnv::prepare(options).await;
+    let first = env.publish(SCRIPTED, &[("action", "ok")]).await;
+    for _ in 0..3 {
+        env.publish(SCRIPTED, &[("action", "loop")]).await;
+    }
+    let env = env.with_host().await;
+    env.await_processed(SCRIPTED, &first).await;
+    let decided: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM processed_entries WHERE outcome = 'dead-lettered'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("ledger");
+    assert!(
+        decided < 3,
+        "the first entry committed only after all three loops ({decided} decided)"
+    );
+    env.await_drained(SCRIPTED).await;
+    env.finish().await;
+}

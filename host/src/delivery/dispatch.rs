@@ -66,10 +66,13 @@ impl HostState {
                 let mut calls = Vec::with_capacity(inputs.len());
                 let mut deferred = Vec::new();
                 let mut weight = 0;
+                let mut timed_out = false;
                 for (index, entry) in inputs {
                     // The batch holds what it has been given until it commits: past the budget,
-                    // the rest waits for the part handled so far to commit.
-                    if weight >= output::MAX_BATCH_OUTPUT_BYTES {
+                    // or after a call that ran to its deadline (so N looping entries cannot hold
+                    // the others for N deadlines), the rest waits for the part handled so far to
+                    // commit.
+                    if weight >= output::MAX_BATCH_OUTPUT_BYTES || timed_out {
                         deferred.push((index, entry.fields));
                         continue;
                     }
@@ -84,8 +87,10 @@ impl HostState {
                     let counted = crate::metrics::CallInFlight::start(&in_flight);
                     let outcome = session.handle(&entry, &settings).instrument(span).await;
                     drop(counted);
-                    if let HandlerOutcome::Commands(commands) = &outcome {
-                        weight += output::weight(commands);
+                    match &outcome {
+                        HandlerOutcome::Commands(commands) => weight += output::weight(commands),
+                        HandlerOutcome::Timeout(_) => timed_out = true,
+                        _ => {}
                     }
                     calls.push((index, entry.fields, outcome, started.elapsed()));
                 }
@@ -98,7 +103,7 @@ impl HostState {
             tracing::info!(
                 handled = calls.len(),
                 waiting = deferred.len(),
-                "the batch's commands reached {} MiB; the entries handled so far commit first, then the rest are handled",
+                "a call ran to its deadline or the batch's commands reached {} MiB; the entries handled so far commit first, then the rest are handled",
                 output::MAX_BATCH_OUTPUT_BYTES >> 20
             );
         }

@@ -87,7 +87,8 @@ impl PreparedBatch {
     }
 
     /// Whether entries of the batch are still to be handled: their handler calls were put off
-    /// because the batch's commands reached [`crate::plugin::output::MAX_BATCH_OUTPUT_BYTES`].
+    /// because the batch's commands reached [`crate::plugin::output::MAX_BATCH_OUTPUT_BYTES`] or
+    /// a call ran to its deadline.
     /// See [`HostState::handle_rest`].
     pub fn has_unhandled(&self) -> bool {
         self.items.iter().any(|item| item.decision.is_none())
@@ -209,7 +210,8 @@ impl HostState {
         Ok(report)
     }
 
-    /// After [`HostState::finish`] of a batch whose handler calls stopped at the output budget:
+    /// After [`HostState::finish`] of a batch whose handler calls stopped early (the output
+    /// budget, a call that ran to its deadline):
     /// drops the finished entries (and their commands) and handles the rest, ready for another
     /// `finish`. In stream order, so the batch still equals applying its entries one by one.
     pub async fn handle_rest(&self, batch: &mut PreparedBatch) -> Result<()> {
