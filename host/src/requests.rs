@@ -498,7 +498,10 @@ pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) ->
                 .execute(pool)
                 .await;
                 if let Err(failure) = restored {
-                    warn!(correlation_id, "cannot restore an unpublished request's marks: {failure}");
+                    warn!(
+                        correlation_id,
+                        "cannot restore an unpublished request's marks: {failure}"
+                    );
                 }
             }
             return Err(error.context("republishing pending requests stopped"));

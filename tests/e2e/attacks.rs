@@ -1164,9 +1164,10 @@ async fn the_request_tracker_holds_no_row_lock_while_it_talks_to_redis() {
         .execute(&mut *tx)
         .await
         .expect("SET LOCAL");
-    let touched = sqlx::query("UPDATE ml_requests SET error = 'touched' WHERE correlation_id = 'stalled'")
-        .execute(&mut *tx)
-        .await;
+    let touched =
+        sqlx::query("UPDATE ml_requests SET error = 'touched' WHERE correlation_id = 'stalled'")
+            .execute(&mut *tx)
+            .await;
     drop(tx);
     let _: () = redis::cmd("CLIENT")
         .arg("UNPAUSE")
@@ -1203,5 +1204,55 @@ async fn looping_entries_do_not_hold_their_batch_for_a_deadline_each() {
         "the first entry committed only after all three loops ({decided} decided)"
     );
     env.await_drained(SCRIPTED).await;
+    env.finish().await;
+}
+
+/// A batch's outbox rows can look old to the relay the moment they commit (the rows' time is the
+/// transaction's start, and a transaction can be long): the relay and the batch then both want to
+/// publish them, and one of them must win. Here Redis stalls while both wait on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emit_is_published_once_when_the_relay_reaches_it_too() {
+    let env = TestEnv::start(Options::new(&[SCRIPTED])).await;
+    // Every outbox row looks an hour old (a long transaction), and commits a second late.
+    run_sql(
+        &env,
+        &[
+            "CREATE FUNCTION old_and_slow() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM pg_sleep(1); NEW.created_at := now() - interval '1 hour'; RETURN NEW; END $$",
+            "CREATE TRIGGER old_and_slow BEFORE INSERT ON outbox
+             FOR EACH ROW EXECUTE FUNCTION old_and_slow()",
+        ],
+    )
+    .await;
+    let mut redis = env.redis.clone();
+    env.publish(
+        SCRIPTED,
+        &[
+            ("action", "emit"),
+            ("target", "scripted-out"),
+            ("note", "once"),
+        ],
+    )
+    .await;
+    eventually("the entry to be read", || async {
+        (env.pending(SCRIPTED).await == 1).then_some(())
+    })
+    .await;
+    // Redis takes no writes for longer than a relay round (5 s): the batch's publish after its
+    // commit and the relay's both wait.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(7000)
+        .arg("WRITE")
+        .query_async(&mut redis)
+        .await
+        .expect("CLIENT PAUSE");
+    env.await_drained(SCRIPTED).await;
+    eventually("the outbox to empty", || async {
+        (env.count("SELECT count(*) FROM outbox").await == 0).then_some(())
+    })
+    .await;
+    let emitted = env.entries("scripted-out").await;
+    assert_eq!(emitted.len(), 1, "{emitted:?}");
     env.finish().await;
 }

@@ -58,6 +58,26 @@ impl HostState {
             }
         }
 
+        // The batch's outbox rows, locked for as long as they are published: the relay skips
+        // locked rows, so a row it could already take (its transaction began long ago) is
+        // published once, by one of them. Rows the relay holds or has published are left to it.
+        let mut claim = None;
+        let messages = if messages.is_empty() {
+            messages
+        } else {
+            let mut tx = self
+                .pool
+                .begin()
+                .await
+                .context("cannot begin the outbox transaction; the entries are committed and acknowledged on redelivery")?;
+            let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
+            let mine = outbox::lock(&mut tx, &ids).await?;
+            claim = Some(tx);
+            messages
+                .into_iter()
+                .filter(|m| mine.contains(&m.id))
+                .collect()
+        };
         let to_publish: Vec<(String, Vec<(String, String)>)> = messages
             .iter()
             .map(|m| (m.stream_key.clone(), m.fields.clone()))
@@ -66,23 +86,30 @@ impl HostState {
         let refused = streams::publish_outbox_then_ack(&mut redis, &to_publish, &key, &self.config.consumer_group, &acks)
             .await
             .context("entries are committed; their outbox messages will be published by the relay and the entries acknowledged on redelivery")?;
-        // A message Redis refused stays in the outbox, marked, for the relay to try again later;
-        // the rest went out.
-        for (at, error) in &refused {
-            let message = &messages[*at];
-            if let Err(failure) = outbox::refused(&self.pool, message.id, error).await {
-                warn!("{}", crate::text::causes(&failure));
+        if let Some(mut tx) = claim {
+            // A message Redis refused stays in the outbox, marked, for the relay to try again
+            // later; the rest went out.
+            for (at, error) in &refused {
+                if let Err(failure) = outbox::refused(&mut *tx, messages[*at].id, error).await {
+                    warn!("{}", crate::text::causes(&failure));
+                }
             }
-        }
-        let ids: Vec<i64> = messages
-            .iter()
-            .enumerate()
-            .filter(|(at, _)| !refused.iter().any(|(r, _)| r == at))
-            .map(|(_, m)| m.id)
-            .collect();
-        if let Err(error) = outbox::remove(&self.pool, &ids).await {
-            // Harmless: the relay publishes them again later (at-least-once).
-            warn!("{}", crate::text::causes(&error));
+            let published: Vec<i64> = messages
+                .iter()
+                .enumerate()
+                .filter(|(at, _)| !refused.iter().any(|(r, _)| r == at))
+                .map(|(_, m)| m.id)
+                .collect();
+            let removed = async {
+                outbox::remove(&mut *tx, &published).await?;
+                tx.commit()
+                    .await
+                    .context("cannot commit the outbox's removals")
+            };
+            if let Err(error) = removed.await {
+                // Harmless: the relay publishes them again later (at-least-once).
+                warn!("{}", crate::text::causes(&error));
+            }
         }
         self.count(stream, plugin, items, report.sentinels);
         Ok(report)

@@ -90,6 +90,18 @@ pub async fn enqueue(
     })
 }
 
+/// Locks the outbox rows `ids` for the caller's transaction and returns those it got: rows the
+/// relay holds (or has published and removed) are not returned.
+pub async fn lock(conn: &mut PgConnection, ids: &[i64]) -> Result<std::collections::HashSet<i64>> {
+    let rows: Vec<(i64,)> =
+        sqlx::query_as("SELECT id FROM outbox WHERE id = ANY($1) FOR UPDATE SKIP LOCKED")
+            .bind(ids)
+            .fetch_all(conn)
+            .await
+            .context("cannot lock the batch's outbox messages")?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
 /// Removes published messages.
 pub async fn remove<'c, E: sqlx::PgExecutor<'c>>(executor: E, ids: &[i64]) -> Result<()> {
     if ids.is_empty() {
