@@ -1256,3 +1256,24 @@ async fn an_emit_is_published_once_when_the_relay_reaches_it_too() {
     assert_eq!(emitted.len(), 1, "{emitted:?}");
     env.finish().await;
 }
+
+/// A huge entry cannot make a dead letter larger than a dead letter may be (one Redis might
+/// refuse, blocking the entry): its large values are cut, and the letter says which, so replay
+/// refuses to pass the cut text off as the original.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_entry_makes_a_bounded_dead_letter() {
+    let env = TestEnv::start(Options::new(&[SCRIPTED]).retries(1, 200)).await;
+    let huge = "y".repeat(20 << 20);
+    let id = env
+        .publish(SCRIPTED, &[("action", "malformed"), ("payload", &huge)])
+        .await;
+    let letter = env.await_dead_letter(SCRIPTED, &id).await;
+    assert!(
+        letter["fields"].len() <= kaleidoscope::dead_letter::MAX_FIELDS_BYTES,
+        "{} bytes of fields",
+        letter["fields"].len()
+    );
+    assert_eq!(letter.get("bytesLost").map(String::as_str), Some("payload"));
+    assert!(letter["fields"].contains("bytes cut"));
+    env.finish().await;
+}

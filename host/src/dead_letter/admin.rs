@@ -144,7 +144,7 @@ pub async fn replay<C: ConnectionLike + Send>(
 ) -> Result<Vec<Replayed>> {
     if !force && let Some(lossy) = entries.iter().find(|e| !e.bytes_lost.is_empty()) {
         anyhow::bail!(
-            "dead letter {} (entry {} of {}) lost the original bytes of field(s) {}: they were not UTF-8 and are stored with U+FFFD in their place; replaying would process that text as the producer's. Have the producer send the entry again, or replay with --force",
+            "dead letter {} (entry {} of {}) lost the original bytes of field(s) {}: they were not UTF-8 and are stored with U+FFFD in their place, or too large for a dead letter and cut; replaying would process that text as the producer's. Have the producer send the entry again, or replay with --force",
             lossy.id,
             lossy.source_id,
             lossy.source_stream,

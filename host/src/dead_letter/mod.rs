@@ -122,19 +122,59 @@ pub struct DeadLetter {
     pub lossy_fields: Vec<String>,
 }
 
+/// The most the original fields may take in a dead letter (as JSON). An entry Redis accepted can
+/// still make a dead letter Redis refuses (JSON escapes a control character in six bytes), and
+/// a dead letter that cannot be written blocks its entry; beyond this, the large values are cut
+/// and listed in `bytesLost`, so `dlq replay` will not pass the cut text off as the original.
+pub const MAX_FIELDS_BYTES: usize = 16 << 20;
+
+/// The most of a failure reason a dead letter keeps.
+pub const MAX_ERROR_BYTES: usize = 64 << 10;
+
+/// How much of a cut value a dead letter keeps.
+const KEPT_OF_A_CUT_VALUE: usize = 1024;
+
 impl DeadLetter {
     /// The fields of the dead-letter stream entry.
     pub fn to_stream_fields(&self) -> Vec<(String, String)> {
-        let original: serde_json::Map<String, serde_json::Value> = self
-            .fields
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-            .collect();
+        let mut lossy = self.lossy_fields.clone();
+        let json = |cut: bool, lossy: &mut Vec<String>| -> String {
+            let original: serde_json::Map<String, serde_json::Value> = self
+                .fields
+                .iter()
+                .map(|(k, v)| {
+                    let v = if cut && v.len() > KEPT_OF_A_CUT_VALUE {
+                        if !lossy.contains(k) {
+                            lossy.push(k.clone());
+                        }
+                        format!(
+                            "{}… ({} bytes cut: the dead letter keeps at most {} MiB of fields)",
+                            prefix(v, KEPT_OF_A_CUT_VALUE),
+                            v.len(),
+                            MAX_FIELDS_BYTES >> 20
+                        )
+                    } else {
+                        v.clone()
+                    };
+                    (k.clone(), serde_json::Value::String(v))
+                })
+                .collect();
+            serde_json::Value::Object(original).to_string()
+        };
+        let mut original = json(false, &mut lossy);
+        if original.len() > MAX_FIELDS_BYTES {
+            original = json(true, &mut lossy);
+        }
+        let error = if self.error.len() > MAX_ERROR_BYTES {
+            format!("{}… (cut)", prefix(&self.error, MAX_ERROR_BYTES))
+        } else {
+            self.error.clone()
+        };
         let mut fields = vec![
             (field::SOURCE_STREAM.into(), self.source_stream.clone()),
             (field::SOURCE_ID.into(), self.source_id.clone()),
             (field::FAILURE_KIND.into(), self.kind.as_str().into()),
-            (field::ERROR.into(), self.error.clone()),
+            (field::ERROR.into(), error),
             (field::PLUGIN.into(), self.plugin.clone()),
             (field::PLUGIN_VERSION.into(), self.plugin_version.clone()),
             (field::DELIVERIES.into(), self.deliveries.to_string()),
@@ -142,16 +182,22 @@ impl DeadLetter {
                 field::FAILED_AT.into(),
                 humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             ),
-            (
-                field::FIELDS.into(),
-                serde_json::Value::Object(original).to_string(),
-            ),
+            (field::FIELDS.into(), original),
         ];
-        if !self.lossy_fields.is_empty() {
-            fields.push((field::BYTES_LOST.into(), self.lossy_fields.join(",")));
+        if !lossy.is_empty() {
+            fields.push((field::BYTES_LOST.into(), lossy.join(",")));
         }
         fields
     }
+}
+
+/// The longest prefix of `text` of at most `bytes` bytes that ends on a character boundary.
+fn prefix(text: &str, bytes: usize) -> &str {
+    let mut end = bytes.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// One dead letter as read back from the dead-letter stream. Lenient: a field that is missing
