@@ -1277,3 +1277,31 @@ async fn a_huge_entry_makes_a_bounded_dead_letter() {
     assert!(letter["fields"].contains("bytes cut"));
     env.finish().await;
 }
+
+/// A column dropped while the host runs: the catalogue it checks commands against is read again,
+/// and an entry still writing the column is dead-lettered as a forbidden command naming it, not
+/// as whatever error the stale check let through to the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_column_is_seen_by_the_checks() {
+    let env = TestEnv::prepare(scripted_writing(&["notes"]).retries(3, 200)).await;
+    run_sql(
+        &env,
+        &["CREATE TABLE notes (id BIGSERIAL PRIMARY KEY, body TEXT, extra TEXT)"],
+    )
+    .await;
+    let env = env.with_host().await;
+    let write_extra = [
+        ("action", "write-table"),
+        ("table", "notes"),
+        ("column", "extra"),
+        ("note", "x"),
+    ];
+    let first = env.publish(SCRIPTED, &write_extra).await;
+    env.await_processed(SCRIPTED, &first).await;
+    run_sql(&env, &["ALTER TABLE notes DROP COLUMN extra"]).await;
+    let second = env.publish(SCRIPTED, &write_extra).await;
+    let letter = env.await_dead_letter(SCRIPTED, &second).await;
+    assert_eq!(letter["failureKind"], "forbidden-command", "{letter:?}");
+    assert!(letter["error"].contains("extra"), "{}", letter["error"]);
+    env.finish().await;
+}

@@ -129,6 +129,11 @@ impl HostState {
         items: &mut [Item],
         outcomes: Vec<(usize, HandlerOutcome, std::time::Duration)>,
     ) -> Result<()> {
+        // A statement found the schema changed under the catalogue (a dropped column): read it
+        // again before checking anything against it.
+        if crate::persist::schema::schema_changed() {
+            self.reload_catalog().await?;
+        }
         let mut catalog = self.catalog();
         let call_time =
             self.metrics

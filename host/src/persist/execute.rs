@@ -124,6 +124,15 @@ pub fn classify(error: sqlx::Error) -> ExecError {
         .unwrap_or_default();
     let message = crate::text::sanitize(format!("{}{detail} [SQLSTATE {code}]", db.message()));
     match code.as_str() {
+        // undefined_column, undefined_table, invalid_column_reference (an ON CONFLICT key that
+        // is no longer unique), datatype_mismatch: the schema changed since the catalogue was
+        // read, so the commands were checked against a table that is not there any more. The
+        // catalogue is read again and the entry retried: checked against the schema as it is,
+        // it then passes, or is dead-lettered naming what is missing.
+        "42703" | "42P01" | "42P10" | "42804" => {
+            super::schema::note_schema_changed();
+            ExecError::Retry(format!("the schema changed under the command: {message}"))
+        }
         // foreign_key_violation: the referenced row (e.g. the media) may appear later.
         // serialization_failure, deadlock_detected, lock_not_available: transient contention.
         // query_canceled (statement_timeout), idle_in_transaction_session_timeout, and the

@@ -6,6 +6,7 @@
 use anyhow::{Context, Result};
 use sqlx::PgPool;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Tables that only the host writes (its ledger, outbox and migration record); no plugin command
 /// may name them, and no grant may include them.
@@ -17,6 +18,21 @@ pub const HOST_TABLES: &[&str] = &[
     "_sqlx_migrations",
     "operator_migrations",
 ];
+
+/// Set when a statement failed because the schema is not what the catalogue says (a column or
+/// table dropped, a unique key removed, a type changed): the next check reads the catalogue
+/// again (see [`schema_changed`]). Process-wide: a second read of the catalogue is harmless.
+static SCHEMA_CHANGED: AtomicBool = AtomicBool::new(false);
+
+/// Notes that a statement found the schema changed under the catalogue.
+pub fn note_schema_changed() {
+    SCHEMA_CHANGED.store(true, Ordering::Relaxed);
+}
+
+/// Whether a statement found the schema changed since this was last asked.
+pub fn schema_changed() -> bool {
+    SCHEMA_CHANGED.swap(false, Ordering::Relaxed)
+}
 
 /// What kind of value a column accepts, derived from its SQL type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
