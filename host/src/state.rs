@@ -26,6 +26,9 @@ pub struct HostState {
     /// This deployment's identity in the processed-entry ledger (see
     /// [`crate::persist::ledger::identity`]): entries are recorded as (source, stream, id).
     pub source: String,
+    /// The secret that proves `dlq replay`'s marks (see
+    /// [`crate::persist::ledger::replay_secret`]).
+    pub replay_secret: String,
     /// Outages of PostgreSQL and Redis, for readiness.
     pub health: crate::health::Health,
     /// Counters and latency histograms for `/metrics`.
@@ -63,6 +66,7 @@ impl HostState {
     pub fn new(
         config: Arc<Config>,
         source: String,
+        replay_secret: String,
         pool: PgPool,
         redis: ConnectionManager,
         registry: Arc<PluginRegistry>,
@@ -83,6 +87,7 @@ impl HostState {
             probe,
             policies: RwLock::new(Arc::new(config.plugins.clone())),
             source,
+            replay_secret,
             health: crate::health::Health::default(),
             metrics: Metrics::default(),
             pool,

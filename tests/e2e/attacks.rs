@@ -3,9 +3,10 @@
 //! test reproduces one attack against the real host and asserts what must happen instead.
 
 use crate::support::{Options, TestEnv, eventually, output_within_deadline};
-use kaleidoscope::delivery::REPLAY_OF_FIELD;
+use kaleidoscope::delivery::{REPLAY_OF_FIELD, REPLAY_PROOF_FIELD};
 use kaleidoscope::health::Dependency;
 use kaleidoscope::metrics::ByStream;
+use kaleidoscope::persist::ledger;
 
 const SCRIPTED: &str = "scripted";
 
@@ -14,11 +15,30 @@ const SCRIPTED: &str = "scripted";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_copies_of_a_replayed_dead_letter_in_one_batch_are_applied_once() {
     let env = TestEnv::prepare(Options::new(&[SCRIPTED])).await;
+    // The deployment's identity and replay secret, made before the host starts (which finds
+    // them), so the copies carry the proof `dlq replay` gives them.
+    let source = ledger::identity(
+        &env.pool,
+        &mut env.redis.clone(),
+        &env.config.source_identity_key(),
+        &ledger::deployment(&env.config.redis_url, &env.config.stream_prefix),
+    )
+    .await
+    .expect("the ledger identity");
+    let secret = ledger::replay_secret(&env.pool, &source)
+        .await
+        .expect("the replay secret");
+    let proof = ledger::replay_proof(&secret, SCRIPTED, "1-1");
     // Both copies are in the stream before the host starts, so its first read takes both.
     for note in ["copy one", "copy two"] {
         env.publish(
             SCRIPTED,
-            &[("action", "ok"), ("note", note), (REPLAY_OF_FIELD, "1-1")],
+            &[
+                ("action", "ok"),
+                ("note", note),
+                (REPLAY_OF_FIELD, "1-1"),
+                (REPLAY_PROOF_FIELD, &proof),
+            ],
         )
         .await;
     }
@@ -1303,5 +1323,32 @@ async fn a_dropped_column_is_seen_by_the_checks() {
     let letter = env.await_dead_letter(SCRIPTED, &second).await;
     assert_eq!(letter["failureKind"], "forbidden-command", "{letter:?}");
     assert!(letter["error"].contains("extra"), "{}", letter["error"]);
+    env.finish().await;
+}
+
+/// A producer cannot make its entries vanish by marking them as replays of another entry: a mark
+/// without the proof only `dlq replay` can make is ignored, and each entry is itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_replay_mark_cannot_make_entries_vanish() {
+    let env = TestEnv::start(Options::new(&[SCRIPTED])).await;
+    for note in ["first", "second"] {
+        let id = env
+            .publish(
+                SCRIPTED,
+                &[
+                    ("action", "ok"),
+                    ("note", note),
+                    (REPLAY_OF_FIELD, "1-1"),
+                    (REPLAY_PROOF_FIELD, "0000"),
+                ],
+            )
+            .await;
+        env.await_processed(SCRIPTED, &id).await;
+    }
+    assert_eq!(
+        env.count("SELECT count(*) FROM ml_processing_errors").await,
+        2,
+        "both entries were applied"
+    );
     env.finish().await;
 }

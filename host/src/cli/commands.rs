@@ -125,7 +125,8 @@ pub(super) async fn dlq(config: &Config, command: DlqCommand) -> Result<ExitCode
         } => {
             let filter = dlq::Filter::new(ids, stream, kind)?;
             let entries = dlq::select_for_replay(&mut conn, config, &filter, all).await?;
-            let replayed = dlq::replay(&mut conn, config, &entries, force).await?;
+            let secret = replay_secret(&mut conn, config).await?;
+            let replayed = dlq::replay(&mut conn, config, &secret, &entries, force).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&replayed)?);
             } else {
@@ -441,4 +442,26 @@ fn signals() -> Result<(
         }
     });
     Ok((first, second))
+}
+
+/// The deployment's replay secret: its ledger identity from Redis, the secret from PostgreSQL.
+async fn replay_secret(
+    conn: &mut redis::aio::MultiplexedConnection,
+    config: &crate::config::Config,
+) -> Result<String> {
+    let key = config.source_identity_key();
+    let source: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(conn)
+        .await
+        .with_context(|| format!("cannot read the ledger identity at {key:?}"))?;
+    let source = source.with_context(|| {
+        format!("no ledger identity at {key:?}: start a host of this deployment first (replays are recorded under it)")
+    })?;
+    let pool = crate::persist::connect_existing(&config.database_url, &config.database_timeouts)
+        .await
+        .context("dlq replay signs its replays with a secret kept in PostgreSQL")?;
+    let secret = crate::persist::ledger::replay_secret(&pool, &source).await;
+    pool.close().await;
+    secret
 }

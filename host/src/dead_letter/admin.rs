@@ -9,7 +9,7 @@
 
 use super::StoredDeadLetter;
 use crate::config::Config;
-use crate::delivery::REPLAY_OF_FIELD;
+use crate::delivery::{REPLAY_OF_FIELD, REPLAY_PROOF_FIELD};
 use anyhow::{Context, Result};
 use redis::aio::ConnectionLike;
 use serde::Serialize;
@@ -136,9 +136,13 @@ pub struct Replayed {
 /// Refuses, before replaying anything, a dead letter whose original bytes were lost (a value that
 /// was not UTF-8 is stored with U+FFFD in its place): replaying it would process corrupted text as
 /// if it were the producer's. `force` replays it anyway.
+///
+/// Each replay carries the id of the entry it replays and its proof, made with the deployment's
+/// `replay_secret` (see [`crate::persist::ledger::replay_proof`]).
 pub async fn replay<C: ConnectionLike + Send>(
     conn: &mut C,
     config: &Config,
+    replay_secret: &str,
     entries: &[StoredDeadLetter],
     force: bool,
 ) -> Result<Vec<Replayed>> {
@@ -176,6 +180,14 @@ pub async fn replay<C: ConnectionLike + Send>(
             })
             .collect();
         fields.push((REPLAY_OF_FIELD.to_string(), entry.source_id.clone()));
+        fields.push((
+            REPLAY_PROOF_FIELD.to_string(),
+            crate::persist::ledger::replay_proof(
+                replay_secret,
+                &entry.source_stream,
+                &entry.source_id,
+            ),
+        ));
         let target = config.stream_key(&entry.source_stream);
         let new_id = crate::streams::add(conn, &target, &fields)
             .await

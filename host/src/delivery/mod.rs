@@ -24,7 +24,7 @@ mod commit;
 mod dispatch;
 mod triage;
 
-pub use triage::REPLAY_OF_FIELD;
+pub use triage::{REPLAY_OF_FIELD, REPLAY_PROOF_FIELD};
 
 use crate::dead_letter::FailureKind;
 use crate::persist::validate::Statement;
@@ -157,7 +157,7 @@ impl HostState {
                 sentinels.push(entry.id);
                 continue;
             }
-            let mut item = self.triage(entry);
+            let mut item = self.triage(stream, entry);
             // Two copies of one replayed dead letter share a ledger identity: the batch's single
             // ledger claim would return it once and let both apply. The first copy is the entry;
             // the others are redeliveries of it, whatever becomes of the first.

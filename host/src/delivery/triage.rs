@@ -7,16 +7,25 @@ use crate::streams::StreamEntry;
 use crate::text;
 
 impl HostState {
-    /// Decodes an entry and decides what needs no handler (see [`triage`]).
-    pub(super) fn triage(&self, entry: StreamEntry) -> Item {
-        triage(entry, self.config.retry_attempts)
+    /// Decodes an entry of `stream` and decides what needs no handler (see [`triage`]).
+    pub(super) fn triage(&self, stream: &str, entry: StreamEntry) -> Item {
+        triage(
+            entry,
+            self.config.retry_attempts,
+            &|original: &str, proof: &str| {
+                crate::persist::ledger::replay_proof(&self.replay_secret, stream, original) == proof
+            },
+        )
     }
 }
+
+/// Whether a replay mark (the original entry's id and its proof) was made by `dlq replay`.
+type ReplayCheck<'a> = &'a dyn Fn(&str, &str) -> bool;
 
 /// Decodes an entry and decides what needs no handler: values that are not UTF-8 or hold a NUL
 /// character (which no PostgreSQL text can store), and entries delivered more often than
 /// `retry_attempts` (e.g. ones that crashed a host every time).
-fn triage(mut entry: StreamEntry, retry_attempts: u32) -> Item {
+fn triage(mut entry: StreamEntry, retry_attempts: u32, genuine: ReplayCheck) -> Item {
     // A field whose name lost bytes lost them as much as one whose value did: replay must not
     // pretend it has the original.
     let mut lossy_fields = entry.lossy_names.clone();
@@ -38,16 +47,31 @@ fn triage(mut entry: StreamEntry, retry_attempts: u32) -> Item {
             }
         })
         .collect();
-    // A replayed dead letter carries the id of the entry it replays; it is recorded in the
-    // ledger under that identity (not under its own new id), and the marker is not the
-    // handler's business.
+    // A replayed dead letter carries the id of the entry it replays and the proof that
+    // `dlq replay` wrote it; it is recorded in the ledger under that identity (not under its own
+    // new id). A mark without a valid proof (a producer's, forged or mistaken) is ignored: the
+    // entry is itself. Neither field is the handler's business.
     let mut fields = fields;
-    let replay_of = fields
-        .iter()
-        .position(|(k, _)| k == REPLAY_OF_FIELD)
-        .map(|at| fields.remove(at).1);
-    let ledger_id = match replay_of {
-        Some(original) if is_entry_id(&original) => format!("{original}/replay"),
+    let mut take = |name: &str| {
+        fields
+            .iter()
+            .position(|(k, _)| k == name)
+            .map(|at| fields.remove(at).1)
+    };
+    let replay_of = take(REPLAY_OF_FIELD);
+    let proof = take(REPLAY_PROOF_FIELD);
+    let ledger_id = match (replay_of, proof) {
+        (Some(original), Some(proof)) if is_entry_id(&original) && genuine(&original, &proof) => {
+            format!("{original}/replay")
+        }
+        (Some(original), _) => {
+            tracing::warn!(
+                entry = %entry.id,
+                replay_of = %text::sanitize(original),
+                "the entry says it replays another but carries no valid proof from `dlq replay`; processed as itself"
+            );
+            entry.id.clone()
+        }
         _ => entry.id.clone(),
     };
     let correlation_id = fields
@@ -98,6 +122,10 @@ fn triage(mut entry: StreamEntry, retry_attempts: u32) -> Item {
 /// was dead-lettered.
 pub const REPLAY_OF_FIELD: &str = "kaleidoscope-replay-of";
 
+/// The field with the proof that `dlq replay` wrote the mark
+/// ([`crate::persist::ledger::replay_proof`]).
+pub const REPLAY_PROOF_FIELD: &str = "kaleidoscope-replay-proof";
+
 /// Whether `id` looks like a Redis stream entry id (`<ms>-<seq>`).
 fn is_entry_id(id: &str) -> bool {
     id.split_once('-').is_some_and(|(ms, seq)| {
@@ -130,6 +158,10 @@ mod tests {
         }
     }
 
+    fn no_proof(_: &str, _: &str) -> bool {
+        false
+    }
+
     fn reason(item: &Item) -> (FailureKind, String) {
         match &item.decision {
             Some(Decision::DeadLetter(kind, reason)) => (*kind, reason.clone()),
@@ -142,6 +174,7 @@ mod tests {
         let item = triage(
             entry("1-0", &[("mediaId", b"7"), ("correlationId", b"c-1")], 3),
             3,
+            &no_proof,
         );
         assert!(item.decision.is_none());
         assert_eq!(item.ledger_id, "1-0");
@@ -151,10 +184,14 @@ mod tests {
 
     #[test]
     fn bytes_no_text_column_can_hold_make_the_entry_malformed_naming_the_field() {
-        let (kind, why) = reason(&triage(entry("1-0", &[("a", b"ok"), ("b", &[0xff])], 1), 3));
+        let (kind, why) = reason(&triage(
+            entry("1-0", &[("a", b"ok"), ("b", &[0xff])], 1),
+            3,
+            &no_proof,
+        ));
         assert_eq!(kind, FailureKind::Malformed);
         assert!(why.contains("`b`") && why.contains("UTF-8"), "{why}");
-        let (kind, why) = reason(&triage(entry("1-0", &[("c", b"x\0y")], 1), 3));
+        let (kind, why) = reason(&triage(entry("1-0", &[("c", b"x\0y")], 1), 3, &no_proof));
         assert_eq!(kind, FailureKind::Malformed);
         assert!(why.contains("`c`") && why.contains("NUL"), "{why}");
     }
@@ -162,25 +199,55 @@ mod tests {
     #[test]
     fn an_entry_delivered_more_often_than_allowed_is_given_up_without_a_handler() {
         assert!(
-            triage(entry("1-0", &[("a", b"x")], 3), 3)
+            triage(entry("1-0", &[("a", b"x")], 3), 3, &no_proof)
                 .decision
                 .is_none()
         );
-        let (kind, why) = reason(&triage(entry("1-0", &[("a", b"x")], 4), 3));
+        let (kind, why) = reason(&triage(entry("1-0", &[("a", b"x")], 4), 3, &no_proof));
         assert_eq!(kind, FailureKind::RetriesExhausted);
         assert!(why.contains("delivered 4 times"), "{why}");
     }
 
     #[test]
     fn a_replayed_dead_letter_takes_the_ledger_identity_of_the_entry_it_replays() {
+        let genuine = |original: &str, proof: &str| proof == format!("ok:{original}");
         let item = triage(
-            entry("9-0", &[("a", b"x"), (REPLAY_OF_FIELD, b"1-5")], 1),
+            entry(
+                "9-0",
+                &[
+                    ("a", b"x"),
+                    (REPLAY_OF_FIELD, b"1-5"),
+                    (REPLAY_PROOF_FIELD, b"ok:1-5"),
+                ],
+                1,
+            ),
             3,
+            &genuine,
         );
         assert_eq!(item.ledger_id, "1-5/replay");
         assert_eq!(item.fields, vec![("a".to_string(), "x".to_string())]);
+        // A mark without a valid proof (a producer's) is ignored: the entry is itself.
+        for proof in [&b"forged"[..], &b"ok:1-6"[..]] {
+            let item = triage(
+                entry(
+                    "9-0",
+                    &[(REPLAY_OF_FIELD, b"1-5"), (REPLAY_PROOF_FIELD, proof)],
+                    1,
+                ),
+                3,
+                &genuine,
+            );
+            assert_eq!(item.ledger_id, "9-0");
+            assert!(item.fields.is_empty());
+        }
+        let item = triage(entry("9-0", &[(REPLAY_OF_FIELD, b"1-5")], 1), 3, &genuine);
+        assert_eq!(item.ledger_id, "9-0");
         // A marker that is not an entry id is dropped and the entry keeps its own identity.
-        let item = triage(entry("9-0", &[(REPLAY_OF_FIELD, b"1-5/replay")], 1), 3);
+        let item = triage(
+            entry("9-0", &[(REPLAY_OF_FIELD, b"1-5/replay")], 1),
+            3,
+            &genuine,
+        );
         assert_eq!(item.ledger_id, "9-0");
         assert!(item.fields.is_empty());
     }

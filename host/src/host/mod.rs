@@ -77,9 +77,11 @@ impl RunningHost {
         let runtime = Arc::new(PluginRuntime::for_config(&config, Some(&config.cache_dir))?);
         let plugins = load_plugins(&runtime, &config).await?;
         let registry = Arc::new(PluginRegistry::new(plugins));
+        let replay_secret = ledger::replay_secret(&pool, &source).await?;
         let delivery = Arc::new(HostState::new(
             config.clone(),
             source,
+            replay_secret,
             pool,
             redis,
             registry,

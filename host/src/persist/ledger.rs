@@ -187,6 +187,31 @@ pub async fn identity<C: redis::aio::ConnectionLike>(
     Ok(identity)
 }
 
+/// The secret with which `dlq replay` proves a replay mark to the hosts of deployment `source`
+/// (see [`replay_proof`]); made on first use, kept in PostgreSQL, which producers cannot read.
+pub async fn replay_secret(pool: &PgPool, source: &str) -> Result<String> {
+    sqlx::query("INSERT INTO replay_secrets (source) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(source)
+        .execute(pool)
+        .await
+        .context("cannot create the replay secret")?;
+    sqlx::query_scalar("SELECT secret FROM replay_secrets WHERE source = $1")
+        .bind(source)
+        .fetch_one(pool)
+        .await
+        .context("cannot read the replay secret")
+}
+
+/// The proof that entry `original` of `stream` is being replayed by `dlq replay`, made with the
+/// deployment's [`replay_secret`].
+pub fn replay_proof(secret: &str, stream: &str, original: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(format!("kaleidoscope replay\n{secret}\n{stream}\n{original}").as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A fresh random ledger identity.
 fn new_identity() -> String {
     use sha2::{Digest, Sha256};

@@ -14,6 +14,7 @@ pub const HOST_TABLES: &[&str] = &[
     "processed_entries",
     "ledger_horizons",
     "ledger_sources",
+    "replay_secrets",
     "outbox",
     "_sqlx_migrations",
     "operator_migrations",
