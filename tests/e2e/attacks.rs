@@ -276,8 +276,11 @@ async fn entries_the_ledger_has_forgotten_never_run_again() {
         ]
     };
     let emitted = || async { env.entries("scripted-out").await.len() };
-    env.publish_many(SCRIPTED, &(0..5).map(|n| emit(&n.to_string())).collect::<Vec<_>>())
-        .await;
+    env.publish_many(
+        SCRIPTED,
+        &(0..5).map(|n| emit(&n.to_string())).collect::<Vec<_>>(),
+    )
+    .await;
     env.await_drained(SCRIPTED).await;
     eventually("the ledger to forget the five", || async {
         (env.ledger_count(SCRIPTED).await == 0).then_some(())
@@ -1123,6 +1126,7 @@ async fn a_busy_connection_pool_is_not_a_postgresql_outage() {
         log.contains("pool timed out"),
         "the pool ran out as intended: {log}"
     );
+    assert!(!log.contains("PostgreSQL is unavailable"), "{log}");
     assert!(!log.contains("PostgreSQL is reachable again"), "{log}");
     assert!(env.dead_letters().await.is_empty());
     env.finish().await;

@@ -207,20 +207,12 @@ impl HostState {
                     deliveries,
                 ));
                 tracing::warn!(stream, entry = %item[0].entry.id, "{reason}; the entry is retried");
-                if !matches!(item[0].decision, Some(Decision::DeadLetter(..))) {
-                    continue;
-                }
-                match self.commit_pass(stream, plugin, item, true).await {
-                    Ok(committed) => messages.extend(committed.unwrap_or_default()),
-                    Err(error) if crate::health::blame(&error).is_some() => return Err(error),
-                    Err(error) => {
-                        tracing::error!(stream, entry = %item[0].entry.id,
-                            "cannot dead-letter the entry, it stays pending: {}", crate::text::causes(&error));
-                        item[0].decision = Some(Decision::Retry(
-                            FailureKind::RetriesExhausted,
-                            reason.clone(),
-                        ));
-                    }
+                if matches!(item[0].decision, Some(Decision::DeadLetter(..))) {
+                    let pending = Decision::Retry(FailureKind::RetriesExhausted, reason.clone());
+                    messages.extend(
+                        self.commit_dead_letter_alone(stream, plugin, item, pending)
+                            .await?,
+                    );
                 }
                 continue;
             }
@@ -242,19 +234,35 @@ impl HostState {
             ));
             tracing::warn!(stream, entry = %item[0].entry.id, "{reason}; dead-lettering it");
             item[0].decision = Some(Decision::DeadLetter(FailureKind::Database, reason.clone()));
-            match self.commit_pass(stream, plugin, item, true).await {
-                Ok(committed) => messages.extend(committed.unwrap_or_default()),
-                Err(error) if crate::health::blame(&error).is_some() => return Err(error),
-                // Not even its dead letter can be written: it stays pending, and is delivered
-                // again after the reclaim idle time.
-                Err(error) => {
-                    tracing::error!(stream, entry = %item[0].entry.id,
-                        "cannot dead-letter the entry either, it stays pending: {}", crate::text::causes(&error));
-                    item[0].decision = Some(Decision::Retry(FailureKind::Database, reason));
-                }
-            }
+            let pending = Decision::Retry(FailureKind::Database, reason);
+            messages.extend(
+                self.commit_dead_letter_alone(stream, plugin, item, pending)
+                    .await?,
+            );
         }
         Ok(messages)
+    }
+
+    /// Commits the dead letter of the one entry in `item` in a transaction of its own. When not
+    /// even that can be written (and PostgreSQL is not down), the entry stays pending as
+    /// `pending`, delivered again after the reclaim idle time.
+    async fn commit_dead_letter_alone(
+        &self,
+        stream: &str,
+        plugin: &Plugin,
+        item: &mut [Item],
+        pending: Decision,
+    ) -> Result<Vec<OutboxMessage>> {
+        match self.commit_pass(stream, plugin, item, true).await {
+            Ok(committed) => Ok(committed.unwrap_or_default()),
+            Err(error) if crate::health::blame(&error).is_some() => Err(error),
+            Err(error) => {
+                tracing::error!(stream, entry = %item[0].entry.id,
+                    "cannot dead-letter the entry either, it stays pending: {}", crate::text::causes(&error));
+                item[0].decision = Some(pending);
+                Ok(Vec::new())
+            }
+        }
     }
 
     /// One attempt at the batch transaction. Without `isolate`, returns `None` (and rolls back)
