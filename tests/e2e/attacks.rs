@@ -1223,18 +1223,23 @@ async fn looping_entries_do_not_hold_their_batch_for_a_deadline_each() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_emit_is_published_once_when_the_relay_reaches_it_too() {
     let env = TestEnv::start(Options::new(&[SCRIPTED])).await;
-    // Every outbox row looks an hour old (a long transaction), and commits a second late.
+    // Every outbox row looks an hour old (a long transaction), and commits half a second late.
     run_sql(
         &env,
         &[
             "CREATE FUNCTION old_and_slow() RETURNS trigger LANGUAGE plpgsql AS
-             $$ BEGIN PERFORM pg_sleep(1); NEW.created_at := now() - interval '1 hour'; RETURN NEW; END $$",
+             $$ BEGIN PERFORM pg_sleep(0.5); NEW.created_at := now() - interval '1 hour'; RETURN NEW; END $$",
             "CREATE TRIGGER old_and_slow BEFORE INSERT ON outbox
              FOR EACH ROW EXECUTE FUNCTION old_and_slow()",
         ],
     )
     .await;
     let mut redis = env.redis.clone();
+    let relay_redis = redis::aio::ConnectionManager::new(
+        redis::Client::open(crate::support::REDIS_URL).expect("redis url"),
+    )
+    .await
+    .expect("a connection for the relay");
     env.publish(
         SCRIPTED,
         &[
@@ -1248,15 +1253,22 @@ async fn an_emit_is_published_once_when_the_relay_reaches_it_too() {
         (env.pending(SCRIPTED).await == 1).then_some(())
     })
     .await;
-    // Redis takes no writes for longer than a relay round (5 s): the batch's publish after its
-    // commit and the relay's both wait.
+    // Redis takes no writes for a moment: the batch's publish after its commit waits, and so does
+    // the relay's, run here as soon as the row is committed.
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
-        .arg(7000)
+        .arg(3000)
         .arg("WRITE")
         .query_async(&mut redis)
         .await
         .expect("CLIENT PAUSE");
+    eventually("the batch to commit its outbox row", || async {
+        (env.count("SELECT count(*) FROM outbox").await >= 1).then_some(())
+    })
+    .await;
+    kaleidoscope::persist::outbox::relay(&env.pool, &relay_redis)
+        .await
+        .expect("a relay round");
     env.await_drained(SCRIPTED).await;
     eventually("the outbox to empty", || async {
         (env.count("SELECT count(*) FROM outbox").await == 0).then_some(())
