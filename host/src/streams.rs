@@ -24,10 +24,13 @@ pub struct StreamEntry {
     pub deliveries: u32,
 }
 
-/// A stream entry id, `<milliseconds>-<sequence>`, ordered as Redis orders them.
+/// A stream entry id, `<milliseconds>-<sequence>`, ordered as Redis orders them: the ledger's
+/// horizons compare ids, and text comparison would put `10-0` before `9-0`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EntryId {
+    /// The milliseconds part (the producer's clock, for ids Redis made).
     pub ms: u64,
+    /// The sequence within the millisecond.
     pub seq: u64,
 }
 
