@@ -1235,8 +1235,9 @@ async fn an_emit_is_published_once_when_the_relay_reaches_it_too() {
     )
     .await;
     let mut redis = env.redis.clone();
-    let relay_redis = redis::aio::ConnectionManager::new(
-        redis::Client::open(crate::support::REDIS_URL).expect("redis url"),
+    // The host's own kind of connection (patient enough to outlast the pause below).
+    let relay_redis = kaleidoscope::redis_connection::shared(
+        &kaleidoscope::redis_connection::client(crate::support::REDIS_URL).expect("redis url"),
     )
     .await
     .expect("a connection for the relay");
