@@ -252,12 +252,11 @@ pub fn redact(url: &str) -> String {
         .find("://")
         .map(|i| i + 3)
         .or_else(|| out.find("//").map(|i| i + 2));
-    if let (Some(start), Some(at)) = (authority, out.rfind('@')) {
-        if at > start
-            && let Some(colon) = out[start..at].find(':')
-        {
-            out.replace_range(start + colon + 1..at, "***");
-        }
+    if let (Some(start), Some(at)) = (authority, out.rfind('@'))
+        && at > start
+        && let Some(colon) = out[start..at].find(':')
+    {
+        out.replace_range(start + colon + 1..at, "***");
     }
     // `password=` (PostgreSQL), `pass=` (a Redis `redis+unix://` socket URL).
     for parameter in ["password=", "pass="] {
