@@ -279,7 +279,8 @@ impl StreamConsumer {
             );
         }
         // Not at 0: entries the ledger has forgotten would run a second time.
-        let horizon = self.delivery.refresh_horizons(Some(&self.stream)).await?;
+        self.delivery.refresh_horizons().await?;
+        let horizon = self.delivery.horizon(&self.stream);
         streams::ensure_group(conn, &self.key, &config.consumer_group, horizon).await
     }
 

@@ -112,13 +112,12 @@ impl HostState {
             .copied()
     }
 
-    /// Reads every stream's horizon from the ledger (other hosts' pruning moves them too) and
-    /// returns `stream`'s.
-    pub async fn refresh_horizons(&self, stream: Option<&str>) -> Result<Option<EntryId>> {
+    /// Reads every stream's horizon from the ledger again (other hosts' pruning moves them too);
+    /// [`HostState::horizon`] then answers from it.
+    pub async fn refresh_horizons(&self) -> Result<()> {
         let horizons = crate::persist::ledger::horizons(&self.pool, &self.source).await?;
-        let wanted = stream.and_then(|s| horizons.get(s).copied());
         *self.horizons.write().unwrap_or_else(|p| p.into_inner()) = horizons;
-        Ok(wanted)
+        Ok(())
     }
 
     /// Notes that the heartbeat was just written (see [`HostState::heartbeat_age`]).

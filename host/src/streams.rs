@@ -393,7 +393,7 @@ pub async fn oldest_pending<C: ConnectionLike>(
         (Some(Value::Int(count)), Some(id)) if *count > 0 => text(id),
         _ => None,
     };
-    Ok(oldest.and_then(|id| id.split('-').next().and_then(|ms| ms.parse().ok())))
+    Ok(oldest.and_then(|id| EntryId::parse(&id)).map(|id| id.ms))
 }
 
 /// Acknowledges entries.

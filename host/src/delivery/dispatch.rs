@@ -87,12 +87,22 @@ impl HostState {
                     let counted = crate::metrics::CallInFlight::start(&in_flight);
                     let outcome = session.handle(&entry, &settings).instrument(span).await;
                     drop(counted);
-                    match &outcome {
-                        HandlerOutcome::Commands(commands) => weight += output::weight(commands),
-                        HandlerOutcome::Timeout(_) => timed_out = true,
-                        _ => {}
-                    }
-                    calls.push((index, entry.fields, outcome, started.elapsed()));
+                    // Weighed once, here: the batch's budget and the per-call cap both use it.
+                    let weighs = match &outcome {
+                        HandlerOutcome::Commands(commands) => output::weight(commands),
+                        HandlerOutcome::Timeout(_) => {
+                            timed_out = true;
+                            0
+                        }
+                        _ => 0,
+                    };
+                    weight += weighs;
+                    let call = Call {
+                        outcome,
+                        elapsed: started.elapsed(),
+                        weight: weighs,
+                    };
+                    calls.push((index, entry.fields, call));
                 }
                 (calls, deferred)
             })
@@ -111,9 +121,9 @@ impl HostState {
             items[index].fields = fields;
         }
         let mut outcomes = Vec::with_capacity(calls.len());
-        for (index, fields, outcome, elapsed) in calls {
+        for (index, fields, call) in calls {
             items[index].fields = fields;
-            outcomes.push((index, outcome, elapsed));
+            outcomes.push((index, call));
         }
 
         self.decide(plugin, &policy, items, outcomes).await
@@ -127,7 +137,7 @@ impl HostState {
         plugin: &Plugin,
         policy: &crate::plugin::policy::PluginPolicy,
         items: &mut [Item],
-        outcomes: Vec<(usize, HandlerOutcome, std::time::Duration)>,
+        outcomes: Vec<(usize, Call)>,
     ) -> Result<()> {
         // A statement found the schema changed under the catalogue (a dropped column): read it
         // again before checking anything against it.
@@ -141,21 +151,24 @@ impl HostState {
                 .get_or_create_owned(&crate::metrics::ByPluginName {
                     plugin: plugin.name.clone(),
                 });
-        for (index, outcome, elapsed) in outcomes {
+        for (index, call) in outcomes {
+            let Call {
+                outcome,
+                elapsed,
+                weight,
+            } = call;
             call_time.observe(elapsed.as_secs_f64());
             let deliveries = items[index].entry.deliveries;
             let decision = match outcome.into_commands(plugin.limits().memory_bytes) {
-                Ok(commands) if output::weight(&commands) > output::MAX_CALL_OUTPUT_BYTES => {
-                    Decision::DeadLetter(
-                        FailureKind::ForbiddenCommand,
-                        format!(
-                            "the plugin returned {} commands weighing about {} MiB, more than the {} MiB one call may return",
-                            commands.len(),
-                            output::weight(&commands) >> 20,
-                            output::MAX_CALL_OUTPUT_BYTES >> 20
-                        ),
-                    )
-                }
+                Ok(commands) if weight > output::MAX_CALL_OUTPUT_BYTES => Decision::DeadLetter(
+                    FailureKind::ForbiddenCommand,
+                    format!(
+                        "the plugin returned {} commands weighing about {} MiB, more than the {} MiB one call may return",
+                        commands.len(),
+                        weight >> 20,
+                        output::MAX_CALL_OUTPUT_BYTES >> 20
+                    ),
+                ),
                 Ok(commands) => {
                     // A table or column the catalogue does not know may have been created since
                     // it was read (a migration, or a plugin author's new table): read it again
@@ -180,4 +193,12 @@ impl HostState {
         }
         Ok(())
     }
+}
+
+/// One handler call's outcome, how long it took, and what its commands weigh
+/// ([`output::weight`], 0 for anything but commands).
+struct Call {
+    outcome: HandlerOutcome,
+    elapsed: std::time::Duration,
+    weight: usize,
 }

@@ -124,7 +124,7 @@ async fn prune_ledger(state: Arc<HostState>, stop: signal::Receiver<bool>) {
     }
     // However pruning went, learn how far every stream's ledger reaches now, including what
     // other hosts pruned: entries before that are refused (see `HostState::prepare`).
-    if let Err(error) = state.refresh_horizons(None).await {
+    if let Err(error) = state.refresh_horizons().await {
         warn!("ledger horizons: {}", crate::text::causes(&error));
     }
 }

@@ -116,9 +116,13 @@ impl Supervisor {
             stopping.retain(|(_, task)| !task.is_finished());
             stopping.push((stream, consumer.task));
         }
+        // Groups are created just after the ledger's horizons, read once for all of them.
+        if !missing.is_empty() {
+            self.delivery.refresh_horizons().await?;
+        }
         for stream in missing {
             let mut redis = self.delivery.redis.clone();
-            let horizon = self.delivery.refresh_horizons(Some(&stream)).await?;
+            let horizon = self.delivery.horizon(&stream);
             streams::ensure_group(
                 &mut redis,
                 &config.stream_key(&stream),

@@ -205,22 +205,17 @@ pub async fn replay_secret(pool: &PgPool, source: &str) -> Result<String> {
 /// The proof that entry `original` of `stream` is being replayed by `dlq replay`, made with the
 /// deployment's [`replay_secret`].
 pub fn replay_proof(secret: &str, stream: &str, original: &str) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(format!("kaleidoscope replay\n{secret}\n{stream}\n{original}").as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::plugin::sha256_hex(
+        format!("kaleidoscope replay\n{secret}\n{stream}\n{original}").as_bytes(),
+    )
 }
 
 /// A fresh random ledger identity.
 fn new_identity() -> String {
-    use sha2::{Digest, Sha256};
     let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
-    Sha256::digest(seed.as_bytes())
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mut identity = crate::plugin::sha256_hex(seed.as_bytes());
+    identity.truncate(16);
+    identity
 }
 
 /// The deployment a ledger identity belongs to: the Redis server and database as configured,

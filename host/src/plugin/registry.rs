@@ -130,10 +130,11 @@ impl PluginSet {
             match current.loaded_from(&file) {
                 Some(old) if old.sha256 == sha256 => {
                     // Unchanged, but its limits may have been changed in the configuration file.
-                    let limits = runtime.fit(&old.name, limits_for(&old.name));
-                    let plugin = if old.limits() == limits {
+                    let wanted = limits_for(&old.name);
+                    let plugin = if old.limits() == runtime.fit(wanted) {
                         old.clone()
                     } else {
+                        let limits = runtime.apply_limits(&old.name, wanted);
                         tracing::info!(
                             plugin = old.name,
                             timeout_ms = limits.call_timeout.as_millis() as u64,

@@ -347,20 +347,28 @@ impl PluginRuntime {
         Self::new(defaults, largest, cache_dir)
     }
 
-    /// `limits` as this runtime can honour them: a memory cap larger than the pool's slots were
+    /// `wanted` as this runtime can honour them: a memory cap larger than the pool's slots were
     /// sized for at start (a `memory_mib` raised in the configuration file since) is lowered to
-    /// what they hold, with a warning naming the plugin; a restart applies the larger one.
-    pub fn fit(&self, plugin: &str, mut limits: SandboxLimits) -> SandboxLimits {
-        if limits.memory_bytes > self.memory_capacity {
+    /// what they hold; a restart applies the larger one. Asked at every rescan, so it says
+    /// nothing: [`PluginRuntime::apply_limits`] warns when limits are applied.
+    pub fn fit(&self, mut wanted: SandboxLimits) -> SandboxLimits {
+        wanted.memory_bytes = wanted.memory_bytes.min(self.memory_capacity);
+        wanted
+    }
+
+    /// [`PluginRuntime::fit`] for limits about to be applied to `plugin`, with a warning naming
+    /// it when its memory cap had to be lowered.
+    pub fn apply_limits(&self, plugin: &str, wanted: SandboxLimits) -> SandboxLimits {
+        let fitted = self.fit(wanted);
+        if fitted != wanted {
             tracing::warn!(
                 plugin,
-                memory_mib = limits.memory_bytes >> 20,
-                capacity_mib = self.memory_capacity >> 20,
+                memory_mib = wanted.memory_bytes >> 20,
+                capacity_mib = fitted.memory_bytes >> 20,
                 "the plugin's memory cap is larger than the host's memory pool was sized for at start; it gets the pool's size until the host restarts"
             );
-            limits.memory_bytes = self.memory_capacity;
         }
-        limits
+        fitted
     }
 
     /// Reads, compiles and validates the plugin in `path`. Blocking and CPU-heavy (tens to
@@ -434,7 +442,7 @@ impl PluginRuntime {
         };
         let manifest = plugin.call_manifest()?;
         validate_manifest(&manifest)?;
-        plugin.limits = self.fit(&manifest.name, limits_for(&manifest.name));
+        plugin.limits = self.apply_limits(&manifest.name, limits_for(&manifest.name));
         plugin.name = manifest.name;
         plugin.version = manifest.version;
         plugin.streams = manifest.streams;
