@@ -25,17 +25,10 @@ use std::time::{Duration, Instant};
 const BASELINE_SCRIPT: &str = include_str!("../../bench/baseline/consumer.py");
 /// Where the baseline's Python environment is created on first use.
 const BASELINE_VENV: &str = "target/bench-venv";
-const INSIGHTS: &str = "ml-insights-results";
-const FACES: &str = "face-detection-results";
-const ERRORS: &str = "ml-error-results";
-/// The per-service messages of the real producers, in the order they are generated.
-const SERVICES: [&str; 5] = [
-    "moderation",
-    "tagging",
-    "scene_recognition",
-    "image_captioning",
-    "image_embedding",
-];
+use crate::ml::{
+    ERROR_RESULTS as ERRORS, FACE_DETECTION_RESULTS as FACES, INSIGHTS_RESULTS as INSIGHTS,
+    INSIGHTS_SERVICES as SERVICES,
+};
 
 /// Which messages the bench generates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -305,7 +298,7 @@ impl Drained {
 /// Drops and recreates the bench database, migrated. Refuses names without "bench".
 async fn fresh_database(url: &str) -> Result<PgPool> {
     persist::drop_database(url, "bench").await?;
-    let pool = persist::connect(url, 4, &persist::Timeouts::default()).await?;
+    let pool = persist::connect(url, 4, &crate::config::DatabaseTimeouts::default()).await?;
     persist::migrate(&pool).await?;
     Ok(pool)
 }

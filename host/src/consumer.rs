@@ -8,9 +8,11 @@
 //! use it too, while batches acknowledge and publish through the shared connection manager.
 //! A slow or failing plugin on one stream therefore never delays another stream.
 
+use crate::backoff::Backoff;
 use crate::delivery::PreparedBatch;
-use crate::health::{self, Dependency};
+use crate::failure::{self, Class, Dependency, Unanswered};
 use crate::redis_connection;
+use crate::shutdown::Shutdown;
 use crate::state::HostState;
 use crate::streams::{self, StreamEntry};
 use anyhow::{Context, Result};
@@ -18,14 +20,13 @@ use redis::Client;
 use redis::aio::MultiplexedConnection;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-/// The longest pause between attempts after failures (Redis or PostgreSQL unreachable).
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// The first pause after a failure.
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// The pauses between attempts after failures (Redis or PostgreSQL unreachable): from 100 ms,
+/// doubling, up to 30 s.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
 /// How often each consumer task looks for consumers of the group that are gone for good.
 const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 /// How often a batch is retried after failures that are not outages before it is committed entry
@@ -42,49 +43,44 @@ const OUTAGE_POLL: Duration = Duration::from_millis(200);
 /// task of its own, which keeps retrying through an outage (with the same delivery counts, so an
 /// outage never uses up an entry's retry attempts) until it succeeds or the host stops. When all
 /// of them are stuck, reading pauses.
-pub async fn consume(
-    delivery: Arc<HostState>,
-    client: Client,
-    stream: String,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut consumer = StreamConsumer::new(delivery, client, stream);
-    let config = &consumer.delivery.config;
+pub async fn consume(state: Arc<HostState>, client: Client, stream: String, mut stop: Shutdown) {
+    let mut consumer = StreamConsumer::new(state, client, stream);
+    let config = &consumer.state.config;
     info!(stream = consumer.stream, key = consumer.key, group = %config.consumer_group, consumer = %config.consumer_name, "consuming");
     // Its own task: the consumer's loop waits for free slots, and entries in flight must stay
     // fresh however long it waits.
     let keep_alive = tokio::spawn(keep_in_flight_fresh(
-        consumer.delivery.clone(),
+        consumer.state.clone(),
         consumer.stream.clone(),
         consumer.working.clone(),
         consumer.reclaim_every,
     ));
-    while !*stop.borrow() {
+    while !stop.requested() {
         // Reap the batches that are done, so the set does not grow.
         while consumer.finishing.try_join_next().is_some() {}
-        match consumer.round(&mut stop).await {
-            Ok(()) => {
-                consumer.backoff = FIRST_BACKOFF;
-                consumer.delivery.health.observe(Dependency::Redis, Ok(()));
-            }
+        let Err(error) = consumer.round(&mut stop).await else {
+            consumer.backoff.reset();
+            consumer.state.health.observe(Dependency::Redis, Ok(()));
+            continue;
+        };
+        match failure::classify(&error) {
             // Whichever command noticed it (a read, a reclaim, keeping entries in flight): the
             // group is gone, because Redis lost its data (a restart without persistence) or
             // someone deleted it. Recreate it at once, or nothing new is ever read again.
-            Err(error) if streams::is_no_group(&error) => {
+            Class::LostGroup => {
                 if let Err(error) = consumer.recreate_group(&error).await {
                     let error = error.context("cannot recreate the consumer group");
                     consumer.back_off(&error, &mut stop).await;
                 }
             }
-            Err(error) => {
-                if let Some(dependency) = health::blame(&error) {
-                    consumer
-                        .delivery
-                        .health
-                        .failed(dependency, &crate::text::causes(&error));
-                }
+            Class::Outage(dependency) => {
+                consumer
+                    .state
+                    .health
+                    .failed(dependency, &crate::text::causes(&error));
                 consumer.back_off(&error, &mut stop).await;
             }
+            Class::Retryable | Class::Permanent => consumer.back_off(&error, &mut stop).await,
         }
     }
     while consumer.finishing.join_next().await.is_some() {}
@@ -98,14 +94,14 @@ pub async fn consume(
 /// a batch waits out a PostgreSQL outage (which must never cost an entry an attempt). Touching
 /// (`XCLAIM ... JUSTID`) does not count as a delivery.
 async fn keep_in_flight_fresh(
-    delivery: Arc<HostState>,
+    state: Arc<HostState>,
     stream: String,
     working: Working,
     every: Duration,
 ) {
-    let config = &delivery.config;
+    let config = &state.config;
     let key = config.stream_key(&stream);
-    let mut redis = delivery.redis.clone();
+    let mut redis = state.redis.clone();
     loop {
         tokio::time::sleep(every).await;
         let mine: Vec<String> = lock(&working).iter().cloned().collect();
@@ -133,14 +129,14 @@ async fn keep_in_flight_fresh(
 /// One stream's consumer: its connection, its schedule of reclaims and expiry checks, and the
 /// batches it has in flight.
 struct StreamConsumer {
-    delivery: Arc<HostState>,
+    state: Arc<HostState>,
     client: Client,
     stream: String,
     key: String,
     /// The Redis client name of its connection (see [`read_connection`]).
     name: String,
     connection: Option<MultiplexedConnection>,
-    backoff: Duration,
+    backoff: Backoff,
     next_reclaim: Instant,
     reclaim_every: Duration,
     next_expiry: Instant,
@@ -153,13 +149,13 @@ struct StreamConsumer {
 }
 
 impl StreamConsumer {
-    fn new(delivery: Arc<HostState>, client: Client, stream: String) -> Self {
-        let config = &delivery.config;
+    fn new(state: Arc<HostState>, client: Client, stream: String) -> Self {
+        let config = &state.config;
         Self {
             key: config.stream_key(&stream),
             name: connection_name(&[&config.consumer_name, &stream]),
             connection: None,
-            backoff: FIRST_BACKOFF,
+            backoff: BACKOFF,
             next_reclaim: Instant::now(),
             reclaim_every: (config.reclaim_idle / 4)
                 .clamp(Duration::from_millis(50), Duration::from_secs(5)),
@@ -172,14 +168,14 @@ impl StreamConsumer {
             working: Arc::default(),
             client,
             stream,
-            delivery,
+            state,
         }
     }
 
     /// One turn: reclaim overdue entries and remove expired consumers when their time has come,
     /// then read a batch (waiting for a free slot first) and start finishing it.
-    async fn round(&mut self, stop: &mut watch::Receiver<bool>) -> Result<()> {
-        let config = self.delivery.config.clone();
+    async fn round(&mut self, stop: &mut Shutdown) -> Result<()> {
+        let config = self.state.config.clone();
         let conn = match self.connection.as_mut() {
             Some(conn) => conn,
             None => self
@@ -188,7 +184,7 @@ impl StreamConsumer {
         };
         if Instant::now() >= self.next_reclaim {
             reclaim(
-                &self.delivery,
+                &self.state,
                 conn,
                 &self.stream,
                 &self.in_flight,
@@ -221,7 +217,7 @@ impl StreamConsumer {
         // A slot for the batch about to be read; waits while every slot is taken.
         let permit = tokio::select! {
             permit = self.in_flight.clone().acquire_owned() => permit.context("the in-flight limit was closed")?,
-            _ = stop.changed() => return Ok(()),
+            _ = stop.wait() => return Ok(()),
         };
         // A read is never cut short by a stop signal: Redis may already have handed its entries
         // to this consumer, and a batch that has been read is always finished, committed and
@@ -239,7 +235,7 @@ impl StreamConsumer {
         self.read_size.observe(entries.len());
         if !entries.is_empty() {
             start_batch(
-                &self.delivery,
+                &self.state,
                 &self.stream,
                 entries,
                 permit,
@@ -254,10 +250,10 @@ impl StreamConsumer {
     /// Recreates the lost consumer group (and the ledger identity Redis lost with it), counting
     /// and reporting it.
     async fn recreate_group(&mut self, cause: &anyhow::Error) -> Result<()> {
-        let config = &self.delivery.config;
+        let config = &self.state.config;
         warn!(stream = self.stream, key = self.key, group = %config.consumer_group,
             "the consumer group is missing (Redis lost its data, or the group was deleted); recreating it: {}", crate::text::causes(cause));
-        self.delivery
+        self.state
             .metrics
             .groups_recreated
             .get_or_create(&crate::metrics::ByStream::new(&self.stream))
@@ -268,7 +264,7 @@ impl StreamConsumer {
         let identity_key = config.source_identity_key();
         let kept: redis::RedisResult<Option<String>> = redis::cmd("SET")
             .arg(&identity_key)
-            .arg(&self.delivery.source)
+            .arg(&self.state.source)
             .arg("NX")
             .query_async(conn)
             .await;
@@ -279,36 +275,35 @@ impl StreamConsumer {
             );
         }
         // Not at 0: entries the ledger has forgotten would run a second time.
-        self.delivery.refresh_horizons().await?;
-        let horizon = self.delivery.horizon(&self.stream);
+        self.state.refresh_horizons().await?;
+        let horizon = self.state.horizon(&self.stream);
         streams::ensure_group(conn, &self.key, &config.consumer_group, horizon).await
     }
 
     /// Logs `error`, drops the connection (the next round opens a new one) and waits before the
-    /// next round, twice as long each time up to [`MAX_BACKOFF`]; a stop ends the wait.
-    async fn back_off(&mut self, error: &anyhow::Error, stop: &mut watch::Receiver<bool>) {
-        if self.delivery.health.just_stalled() {
+    /// next round ([`BACKOFF`]); a stop ends the wait.
+    async fn back_off(&mut self, error: &anyhow::Error, stop: &mut Shutdown) {
+        if self.state.health.just_stalled() {
             // A read that timed out while the host itself was stopped: not news.
             info!(
                 stream = self.stream,
-                retry_in_ms = self.backoff.as_millis() as u64,
+                retry_in_ms = self.backoff.upcoming().as_millis() as u64,
                 "after the host's own stall: {}",
                 crate::text::causes(error)
             );
         } else {
             error!(
                 stream = self.stream,
-                retry_in_ms = self.backoff.as_millis() as u64,
+                retry_in_ms = self.backoff.upcoming().as_millis() as u64,
                 "{}",
                 crate::text::causes(error)
             );
         }
         self.connection = None;
         tokio::select! {
-            _ = tokio::time::sleep(self.backoff) => {}
-            _ = stop.changed() => {}
+            _ = tokio::time::sleep(self.backoff.pause()) => {}
+            _ = stop.wait() => {}
         }
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -349,15 +344,15 @@ impl ReadSize {
 /// back to reading. Batches in flight therefore overlap in every step: one runs its handlers
 /// while another commits.
 fn start_batch(
-    delivery: &Arc<HostState>,
+    state: &Arc<HostState>,
     stream: &str,
     entries: Vec<StreamEntry>,
     permit: OwnedSemaphorePermit,
     working: &Working,
     finishing: &mut JoinSet<()>,
-    stop: &watch::Receiver<bool>,
+    stop: &Shutdown,
 ) {
-    let delivery = delivery.clone();
+    let state = state.clone();
     let stop = stop.clone();
     let stream = stream.to_string();
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
@@ -369,14 +364,14 @@ fn start_batch(
     };
     finishing.spawn(async move {
         let count = entries.len();
-        match delivery.prepare(&stream, entries).await {
+        match state.prepare(&stream, entries).await {
             Ok(Some(mut batch)) => loop {
-                let finished = finish_until_done(&delivery, &mut batch, stop.clone()).await;
-                if !finished || !batch.has_unhandled() || *stop.borrow() {
+                let finished = finish_until_done(&state, &mut batch, stop.clone()).await;
+                if !finished || !batch.has_unhandled() || stop.requested() {
                     break;
                 }
                 // The batch stopped calling its handler at the output budget: the rest now.
-                if let Err(error) = delivery.handle_rest(&mut batch).await {
+                if let Err(error) = state.handle_rest(&mut batch).await {
                     error!(
                         stream,
                         "cannot handle the rest of the batch; its entries stay pending: {}",
@@ -389,8 +384,8 @@ fn start_batch(
             // Nothing was written or acknowledged: the entries stay pending and are reclaimed
             // after the idle time.
             Err(error) => {
-                if let Some(dependency) = health::blame(&error) {
-                    delivery
+                if let Some(dependency) = failure::outage(&error) {
+                    state
                         .health
                         .failed(dependency, &crate::text::causes(&error));
                 }
@@ -432,24 +427,28 @@ fn lock(working: &Working) -> std::sync::MutexGuard<'_, std::collections::HashSe
 }
 
 /// Commits and acknowledges `batch`. Through an outage (PostgreSQL or Redis unreachable, see
-/// [`health::blame`]) it retries until it succeeds or the host stops (its entries then stay
+/// [`failure::classify`]) it retries until it succeeds or the host stops (its entries then stay
 /// pending, to be delivered again). Any other failure is retried [`FINISH_ATTEMPTS`] times, then
 /// the batch is committed entry by entry, each in a transaction of its own, so that the entry
 /// at fault is dead-lettered alone; if even that fails, the batch is given up and its entries
 /// stay pending, to be delivered again (counting against their attempts) after the reclaim time.
 /// Returns whether the batch was finished (`false`: given up, or the host is stopping).
 async fn finish_until_done(
-    delivery: &HostState,
+    state: &HostState,
     batch: &mut PreparedBatch,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) -> bool {
     let stream = batch.stream().to_string();
-    let deadline = delivery.config.database_timeouts.response_deadline();
-    let mut backoff = FIRST_BACKOFF;
+    let deadline = state.config.database_timeouts.response_deadline();
+    let mut backoff = BACKOFF;
     let mut failures = 0;
     loop {
-        let isolate = failures >= FINISH_ATTEMPTS;
-        match finish_once(delivery, batch, isolate, deadline).await {
+        let pass = if failures >= FINISH_ATTEMPTS {
+            Pass::EachAlone
+        } else {
+            Pass::SetBased
+        };
+        let error = match finish_once(state, batch, pass, deadline).await {
             Ok(report) => {
                 tracing::debug!(
                     stream,
@@ -460,73 +459,24 @@ async fn finish_until_done(
                     sentinels = report.sentinels,
                     "batch done"
                 );
-                delivery.health.observe(Dependency::Database, Ok(()));
+                state.health.observe(Dependency::Database, Ok(()));
                 return true;
             }
-            Err(error) => {
-                delivery
-                    .metrics
-                    .batch_failures
-                    .get_or_create(&crate::metrics::ByStream::new(&stream))
-                    .inc();
-                let outage = health::blame(&error).or_else(|| {
-                    error
-                        .downcast_ref::<Unanswered>()
-                        .map(|_| Dependency::Database)
-                });
-                match outage {
-                    // Every connection of the pool is in use: waited out like an outage (it
-                    // costs no entry an attempt), but PostgreSQL is not down because this host is
-                    // busy; the health probe, on a connection of its own, says whether it is.
-                    Some(_) if health::pool_busy(&error) => {
-                        warn!(
-                            stream,
-                            retry_in_ms = backoff.as_millis() as u64,
-                            entries = batch.len(),
-                            "every connection to PostgreSQL is busy; the batch waits for one: {}",
-                            crate::text::causes(&error)
-                        );
-                    }
-                    Some(dependency) => {
-                        delivery
-                            .health
-                            .failed(dependency, &crate::text::causes(&error));
-                        error!(
-                            stream,
-                            retry_in_ms = backoff.as_millis() as u64,
-                            entries = batch.len(),
-                            "{}",
-                            crate::text::causes(&error)
-                        );
-                    }
-                    None if isolate => {
-                        error!(
-                            stream,
-                            entries = batch.len(),
-                            "giving up on the batch after {failures} attempts and an entry-by-entry pass; its entries stay pending and are delivered again after the reclaim idle time: {}",
-                            crate::text::causes(&error)
-                        );
-                        return false;
-                    }
-                    None => {
-                        failures += 1;
-                        let next = if failures >= FINISH_ATTEMPTS {
-                            "committing it entry by entry next"
-                        } else {
-                            "retrying it"
-                        };
-                        warn!(
-                            stream,
-                            entries = batch.len(),
-                            attempt = failures,
-                            "the batch failed, {next}: {}",
-                            crate::text::causes(&error)
-                        );
-                    }
-                }
-            }
+            Err(error) => error,
+        };
+        state
+            .metrics
+            .batch_failures
+            .get_or_create(&crate::metrics::ByStream::new(&stream))
+            .inc();
+        let next = AfterFailure::of(&error, pass);
+        report_failure(state, batch, &error, next, failures + 1, backoff.upcoming());
+        match next {
+            AfterFailure::GiveUp => return false,
+            AfterFailure::Retry => failures += 1,
+            AfterFailure::WaitForDatabase | AfterFailure::WaitForPool => {}
         }
-        if *stop.borrow() {
+        if stop.requested() {
             warn!(
                 stream,
                 entries = batch.len(),
@@ -534,26 +484,106 @@ async fn finish_until_done(
             );
             return false;
         }
-        wait_to_retry(delivery, backoff, &mut stop).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        wait_to_retry(state, backoff.pause(), &mut stop).await;
     }
 }
 
-/// One attempt at finishing `batch`: set-based, or entry by entry when `isolate`. Work that gets
-/// no answer for `deadline` (since its last statement was answered, see
-/// [`crate::persist::answers`]) is an [`Unanswered`] error: a statement would have been cancelled
-/// by the server long ago, so the connection is lost without an error (half-open), an outage.
+/// How a batch is committed: set-based first; entry by entry, each entry in a transaction of its
+/// own, once set-based attempts keep failing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    SetBased,
+    EachAlone,
+}
+
+/// What a failed attempt at a batch leads to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AfterFailure {
+    /// An outage: waited out without limit, costing no entry an attempt.
+    WaitForDatabase,
+    /// Every connection of the pool is in use: waited out like an outage, but PostgreSQL is not
+    /// down because this host is busy (the health probe, on a connection of its own, says
+    /// whether it is).
+    WaitForPool,
+    /// Tried again: set-based while attempts remain, then entry by entry.
+    Retry,
+    /// Even entry by entry it failed: the entries stay pending, delivered again after the
+    /// reclaim idle time.
+    GiveUp,
+}
+
+impl AfterFailure {
+    /// The decision after `error` on a `pass`.
+    fn of(error: &anyhow::Error, pass: Pass) -> Self {
+        match failure::classify(error) {
+            Class::Outage(_) if failure::pool_busy(error) => AfterFailure::WaitForPool,
+            Class::Outage(_) => AfterFailure::WaitForDatabase,
+            _ if pass == Pass::EachAlone => AfterFailure::GiveUp,
+            _ => AfterFailure::Retry,
+        }
+    }
+}
+
+/// Logs (and for an outage, reports to health) the `attempt`th failed attempt in a row at
+/// `batch`.
+fn report_failure(
+    state: &HostState,
+    batch: &PreparedBatch,
+    error: &anyhow::Error,
+    next: AfterFailure,
+    attempt: u32,
+    retry_in: Duration,
+) {
+    let stream = batch.stream();
+    let entries = batch.len();
+    let retry_in_ms = retry_in.as_millis() as u64;
+    let causes = crate::text::causes(error);
+    match next {
+        AfterFailure::WaitForPool => warn!(
+            stream,
+            retry_in_ms,
+            entries,
+            "every connection to PostgreSQL is busy; the batch waits for one: {causes}"
+        ),
+        AfterFailure::WaitForDatabase => {
+            if let Some(dependency) = failure::outage(error) {
+                state.health.failed(dependency, &causes);
+            }
+            error!(stream, retry_in_ms, entries, "{causes}");
+        }
+        AfterFailure::GiveUp => error!(
+            stream,
+            entries,
+            "giving up on the batch after {FINISH_ATTEMPTS} attempts and an entry-by-entry pass; its entries stay pending and are delivered again after the reclaim idle time: {causes}"
+        ),
+        AfterFailure::Retry => {
+            let next = if attempt >= FINISH_ATTEMPTS {
+                "committing it entry by entry next"
+            } else {
+                "retrying it"
+            };
+            warn!(
+                stream,
+                entries, attempt, "the batch failed, {next}: {causes}"
+            );
+        }
+    }
+}
+
+/// One attempt at finishing `batch` by `pass`. Work that gets no answer for `deadline` (since
+/// its last statement was answered, see [`crate::persist::answers`]) is an [`Unanswered`] error:
+/// a statement would have been cancelled by the server long ago, so the connection is lost
+/// without an error (half-open), an outage.
 async fn finish_once(
-    delivery: &HostState,
+    state: &HostState,
     batch: &mut PreparedBatch,
-    isolate: bool,
+    pass: Pass,
     deadline: Duration,
 ) -> Result<crate::delivery::BatchReport> {
     let attempt = async {
-        if isolate {
-            delivery.finish_isolated(batch).await
-        } else {
-            delivery.finish(batch).await
+        match pass {
+            Pass::SetBased => state.finish(batch).await,
+            Pass::EachAlone => state.finish_each_alone(batch).await,
         }
     };
     match crate::persist::answers::watch(deadline, attempt).await {
@@ -563,26 +593,18 @@ async fn finish_once(
 }
 
 /// Waits `backoff`, then for as long as PostgreSQL is known to be down; a stop ends the wait.
-async fn wait_to_retry(delivery: &HostState, backoff: Duration, stop: &mut watch::Receiver<bool>) {
+async fn wait_to_retry(state: &HostState, backoff: Duration, stop: &mut Shutdown) {
     let waited = async {
         tokio::time::sleep(backoff).await;
-        while delivery.health.outage(Dependency::Database).is_some() {
+        while state.health.outage(Dependency::Database).is_some() {
             tokio::time::sleep(OUTAGE_POLL).await;
         }
     };
     tokio::select! {
         _ = waited => {}
-        _ = stop.changed() => {}
+        _ = stop.wait() => {}
     }
 }
-
-/// A batch's work got no answer for the deadline, long after the server would have cancelled
-/// any one statement: the connection is lost without an error (half-open). An outage.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "PostgreSQL gave no answer to the batch's work for {0:?}; the connection is presumed lost and nothing was acknowledged"
-)]
-struct Unanswered(Duration);
 
 /// Reclaims every entry idle for longer than the reclaim time and runs it through the protocol.
 ///
@@ -590,15 +612,15 @@ struct Unanswered(Duration);
 /// by [`keep_in_flight_fresh`], so a batch that takes longer than the reclaim time (a slow
 /// plugin, an outage being waited out) is never reclaimed and run a second time beside itself.
 async fn reclaim(
-    delivery: &Arc<HostState>,
+    state: &Arc<HostState>,
     conn: &mut MultiplexedConnection,
     stream: &str,
     in_flight: &Arc<Semaphore>,
     working: &Working,
     finishing: &mut JoinSet<()>,
-    stop: &watch::Receiver<bool>,
+    stop: &Shutdown,
 ) -> Result<()> {
-    let config = &delivery.config;
+    let config = &state.config;
     let key = config.stream_key(stream);
     let mut cursor = "0-0".to_string();
     loop {
@@ -633,7 +655,7 @@ async fn reclaim(
                 "reclaimed pending entries"
             );
             start_batch(
-                delivery,
+                state,
                 stream,
                 claimed.entries,
                 permit,

@@ -8,6 +8,7 @@
 use crate::config::Config;
 use crate::host::RunningHost;
 use crate::requests::{Publisher, Request};
+use crate::shutdown::StopSwitch;
 use crate::simulate::{self, SimulatorOptions};
 use crate::{persist, redis_connection, status};
 use anyhow::{Result, bail};
@@ -113,7 +114,8 @@ pub async fn run(base: &Config, options: &DemoOptions) -> Result<Summary> {
 
     let host = RunningHost::start(config.clone()).await?;
     let pool = persist::connect(&config.database_url, 4, &config.database_timeouts).await?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = StopSwitch::new();
+    let stopped = stop.subscribe();
     let simulator_config = config.clone();
     let simulator_options = SimulatorOptions {
         error_rate: options.error_rate,
@@ -128,7 +130,7 @@ pub async fn run(base: &Config, options: &DemoOptions) -> Result<Summary> {
     let processing = Instant::now();
     let outcome = wait_for_answers(&pool, &config, options, started).await;
     let processing = processing.elapsed();
-    let _ = stop.send(true);
+    stop.stop();
     host.shutdown().await;
     match simulator.await {
         Ok(Ok(_)) => {}
@@ -230,13 +232,7 @@ async fn wait_for_answers(
             .map(|(_, n)| n)
             .sum();
         let mut backlog = 0;
-        for stream in [
-            "ml-insights-results",
-            "face-detection-results",
-            "face-recognition-results",
-            "ml-error-results",
-            "user-profile-face-embedding-results",
-        ] {
+        for stream in crate::ml::RESULT_STREAMS {
             let report = status::stream_report(&mut conn, config, stream).await?;
             backlog += report.pending + report.lag.unwrap_or(report.length);
         }

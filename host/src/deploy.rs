@@ -19,14 +19,35 @@ use std::time::{Duration, Instant};
 /// How often the heartbeats are read while waiting.
 const POLL: Duration = Duration::from_millis(200);
 
+/// Whether a host took the deployed file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The host runs the plugin from the file now.
+    Loaded,
+    /// The host refused the file (the detail says why) and keeps what it ran.
+    Failed,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            Outcome::Loaded => "loaded",
+            Outcome::Failed => "failed",
+        })
+    }
+}
+
 /// What one host made of the deployed file.
 #[derive(Debug, Serialize)]
 pub struct HostAnswer {
     pub host: String,
-    /// `loaded` or `failed`.
-    pub outcome: &'static str,
-    /// The plugin's name and version when loaded, the reason when not.
+    pub outcome: Outcome,
+    /// The plugin's name, version and streams when loaded, the reason when not.
     pub detail: String,
+    /// The name of the plugin loaded from the file (`None` when refused).
+    #[serde(skip)]
+    pub plugin: Option<String>,
 }
 
 /// The outcome of a deploy.
@@ -42,7 +63,7 @@ pub struct Deployed {
 impl Deployed {
     /// Whether every host that answered loaded the file.
     pub fn ok(&self) -> bool {
-        self.hosts.iter().all(|h| h.outcome == "loaded")
+        self.hosts.iter().all(|h| h.outcome == Outcome::Loaded)
     }
 }
 
@@ -108,13 +129,15 @@ pub async fn await_hosts<C: ConnectionLike + Send>(
             match (loaded, failed) {
                 (Some(plugin), _) => answers.push(HostAnswer {
                     host: host.consumer.clone(),
-                    outcome: "loaded",
+                    outcome: Outcome::Loaded,
                     detail: format!("{} {} {:?}", plugin.name, plugin.version, plugin.streams),
+                    plugin: Some(plugin.name.clone()),
                 }),
                 (None, Some(failure)) => answers.push(HostAnswer {
                     host: host.consumer.clone(),
-                    outcome: "failed",
+                    outcome: Outcome::Failed,
                     detail: failure.reason.clone(),
+                    plugin: None,
                 }),
                 (None, None) => waiting.push(host.consumer.clone()),
             }

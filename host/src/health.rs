@@ -5,6 +5,7 @@
 //! [`PROBE_INTERVAL`], so an outage shows even when no traffic arrives. `kaleidoscope status`
 //! shows the result (and the HTTP readiness endpoint, where enabled, answers from it).
 
+use crate::failure::Dependency;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -16,25 +17,6 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 pub struct Outage {
     pub since: SystemTime,
     pub error: String,
-}
-
-/// The dependencies a host needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dependency {
-    /// PostgreSQL: where results are persisted.
-    Database,
-    /// Redis: where entries are read and acknowledged.
-    Redis,
-}
-
-impl Dependency {
-    /// The name operators know it by.
-    pub fn name(self) -> &'static str {
-        match self {
-            Dependency::Database => "PostgreSQL",
-            Dependency::Redis => "Redis",
-        }
-    }
 }
 
 /// Current outages, shared by every task of the host.
@@ -116,7 +98,6 @@ impl Health {
         }
     }
 
-    /// The current outage of `dependency`, if any.
     /// The host itself did not run for `gap` (stopped with SIGSTOP, swapped out, starved of CPU):
     /// the timeouts of the requests it had in flight are its own doing, not its dependencies'.
     /// Clears the outages that began during the stall and ignores new errors for
@@ -131,7 +112,7 @@ impl Health {
             .stall_grace_until
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now() + STALL_GRACE);
-        for dependency in [Dependency::Database, Dependency::Redis] {
+        for dependency in Dependency::ALL {
             let mut slot = self
                 .slot(dependency)
                 .lock()
@@ -167,6 +148,7 @@ impl Health {
             .is_some_and(|until| std::time::Instant::now() < until)
     }
 
+    /// The current outage of `dependency`, if any.
     pub fn outage(&self, dependency: Dependency) -> Option<Outage> {
         self.slot(dependency)
             .lock()
@@ -176,75 +158,20 @@ impl Health {
 
     /// Human-readable reasons why the host is not ready; empty when it is.
     pub fn problems(&self) -> Vec<String> {
-        [
-            (Dependency::Database, "PostgreSQL"),
-            (Dependency::Redis, "Redis"),
-        ]
-        .into_iter()
-        .filter_map(|(dependency, name)| {
-            self.outage(dependency).map(|outage| {
-                format!(
-                    "{name} unavailable since {}: {}",
-                    humantime::format_rfc3339_seconds(outage.since),
-                    outage.error
-                )
+        Dependency::ALL
+            .into_iter()
+            .filter_map(|dependency| {
+                self.outage(dependency).map(|outage| {
+                    format!(
+                        "{} unavailable since {}: {}",
+                        dependency.name(),
+                        humantime::format_rfc3339_seconds(outage.since),
+                        outage.error
+                    )
+                })
             })
-        })
-        .collect()
+            .collect()
     }
-}
-
-/// Which dependency is out, if `error`'s chain says one cannot be reached: a lost or refused
-/// connection to PostgreSQL ([`crate::persist::execute::is_outage`]) or to Redis (I/O errors,
-/// refused or dropped connections, timeouts). Any other error — a statement PostgreSQL rejected,
-/// a command Redis refused — is about the work, not the dependency, and blames nothing.
-pub fn blame(error: &anyhow::Error) -> Option<Dependency> {
-    error.chain().find_map(|cause| {
-        if let Some(KnownOutage(dependency, _)) = cause.downcast_ref::<KnownOutage>() {
-            Some(*dependency)
-        } else if let Some(error) = cause.downcast_ref::<sqlx::Error>() {
-            crate::persist::execute::is_outage(error).then_some(Dependency::Database)
-        } else if let Some(error) = cause.downcast_ref::<redis::RedisError>() {
-            redis_outage(error).then_some(Dependency::Redis)
-        } else if let Some(crate::streams::StreamError::Redis(error)) =
-            cause.downcast_ref::<crate::streams::StreamError>()
-        {
-            redis_outage(error).then_some(Dependency::Redis)
-        } else {
-            None
-        }
-    })
-}
-
-/// Whether `error` is a wait for one of the pool's connections that timed out: the host's own
-/// connections are all busy. Not by itself an outage (see [`blame`], which waits it out all the
-/// same): the probe, on a connection of its own, tells whether PostgreSQL answers.
-pub fn pool_busy(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<sqlx::Error>(),
-            Some(sqlx::Error::PoolTimedOut)
-        )
-    })
-}
-
-/// A dependency found not answering (a failed probe), whatever the error it gave: an outage
-/// even if its cause is not one [`blame`] would recognise.
-#[derive(Debug, thiserror::Error)]
-#[error("{name} does not answer: {detail}", name = .0.name(), detail = .1)]
-pub struct KnownOutage(pub Dependency, pub String);
-
-/// Whether a Redis error means Redis cannot be reached (rather than that it refused a command).
-fn redis_outage(error: &redis::RedisError) -> bool {
-    error.is_io_error()
-        || error.is_connection_refusal()
-        || error.is_connection_dropped()
-        || error.is_timeout()
-        || error.is_unrecoverable_error()
-        || matches!(
-            error.code(),
-            Some("LOADING" | "MASTERDOWN" | "TRYAGAIN" | "BUSY")
-        )
 }
 
 #[cfg(test)]

@@ -134,10 +134,10 @@ fn now_rfc3339() -> String {
 }
 
 /// Writes this host's heartbeat (best effort: reporting must never stop the host).
-pub async fn write(delivery: &HostState, streams: &[String], started_at: SystemTime) {
-    let config = &delivery.config;
-    let snapshot = delivery.registry.snapshot();
-    let not_ready = delivery.not_ready();
+pub async fn write(state: &HostState, streams: &[String], started_at: SystemTime) {
+    let config = &state.config;
+    let snapshot = state.registry.snapshot();
+    let not_ready = state.not_ready();
     let status = HostStatus {
         consumer: config.consumer_name.clone(),
         group: config.consumer_group.clone(),
@@ -145,7 +145,7 @@ pub async fn write(delivery: &HostState, streams: &[String], started_at: SystemT
         started_at: humantime::format_rfc3339_millis(started_at).to_string(),
         updated_at: now_rfc3339(),
         heartbeat_age_ms: None,
-        unmatched_plugin_sections: delivery.unmatched_plugin_sections(),
+        unmatched_plugin_sections: state.unmatched_plugin_sections(),
         plugins_dir: config.plugins_dir.display().to_string(),
         ready: not_ready.is_empty(),
         not_ready,
@@ -162,7 +162,7 @@ pub async fn write(delivery: &HostState, streams: &[String], started_at: SystemT
                 size: p.size,
                 from_cache: p.from_cache,
                 load_ms: p.load_time.as_secs_f64() * 1000.0,
-                grants: Grants::of(&delivery.policy(&p.name)),
+                grants: Grants::of(&state.policy(&p.name)),
             })
             .collect(),
         failed_loads: snapshot
@@ -178,7 +178,7 @@ pub async fn write(delivery: &HostState, streams: &[String], started_at: SystemT
     let Ok(json) = serde_json::to_string(&status) else {
         return;
     };
-    let mut redis = delivery.redis.clone();
+    let mut redis = state.redis.clone();
     let written: redis::RedisResult<()> = redis::cmd("SET")
         .arg(host_key(config, &config.consumer_name))
         .arg(json)
@@ -187,16 +187,16 @@ pub async fn write(delivery: &HostState, streams: &[String], started_at: SystemT
         .query_async(&mut redis)
         .await;
     match written {
-        Ok(()) => delivery.note_heartbeat_written(),
+        Ok(()) => state.note_heartbeat_written(),
         Err(error) => tracing::warn!("cannot publish the host status: {error}"),
     }
 }
 
 /// Removes this host's heartbeat at shutdown, so `status` stops listing it at once.
-pub async fn withdraw(delivery: &HostState) {
-    let mut redis = delivery.redis.clone();
+pub async fn withdraw(state: &HostState) {
+    let mut redis = state.redis.clone();
     let _: redis::RedisResult<()> = redis::cmd("DEL")
-        .arg(host_key(&delivery.config, &delivery.config.consumer_name))
+        .arg(host_key(&state.config, &state.config.consumer_name))
         .query_async(&mut redis)
         .await;
 }

@@ -5,6 +5,7 @@
 //! HTTP/1.1 through `hyper` (keep-alive for Prometheus, `HEAD`, malformed requests refused by a
 //! parser that has seen the world): three routes need no framework on top, so there is none.
 
+use crate::shutdown::Shutdown;
 use crate::state::HostState;
 use crate::status;
 use anyhow::{Context, Result};
@@ -16,7 +17,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 /// How long a client may take to send a request's head (a connection that trickles bytes is
 /// closed).
@@ -39,16 +39,12 @@ pub async fn bind(addr: &str) -> Result<TcpListener> {
 }
 
 /// Answers requests on `listener` until `stop` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    delivery: Arc<HostState>,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: TcpListener, state: Arc<HostState>, mut stop: Shutdown) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -57,14 +53,12 @@ pub async fn serve(
                     tokio::spawn(refuse(stream));
                     continue;
                 };
-                let delivery = delivery.clone();
+                let state = state.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
                     let service = hyper::service::service_fn(move |request| {
-                        let delivery = delivery.clone();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(answer(request, &delivery).await)
-                        }
+                        let state = state.clone();
+                        async move { Ok::<_, std::convert::Infallible>(answer(request, &state).await) }
                     });
                     let connection = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
@@ -93,12 +87,12 @@ async fn refuse(mut stream: tokio::net::TcpStream) {
 }
 
 /// One request's answer.
-async fn answer(request: Request<Incoming>, delivery: &HostState) -> Response<Full<Bytes>> {
+async fn answer(request: Request<Incoming>, state: &HostState) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| (status, "text/plain; charset=utf-8", body);
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
         (&Method::GET | &Method::HEAD, "/readyz") => {
-            let problems = delivery.not_ready();
+            let problems = state.not_ready();
             if problems.is_empty() {
                 text(StatusCode::OK, "ready\n".into())
             } else {
@@ -111,7 +105,7 @@ async fn answer(request: Request<Incoming>, delivery: &HostState) -> Response<Fu
         (&Method::GET | &Method::HEAD, "/metrics") => (
             StatusCode::OK,
             crate::metrics::CONTENT_TYPE,
-            metrics(delivery).await,
+            metrics(state).await,
         ),
         (&Method::GET | &Method::HEAD, _) => text(
             StatusCode::NOT_FOUND,
@@ -128,23 +122,21 @@ async fn answer(request: Request<Incoming>, delivery: &HostState) -> Response<Fu
 }
 
 /// Measures the scrape-time gauges, then renders every series.
-async fn metrics(delivery: &HostState) -> String {
+async fn metrics(state: &HostState) -> String {
     use crate::metrics::{ByDeadLetterKind, ByGroup, ByStatus, ByStream};
-    let metrics = &delivery.metrics;
+    let metrics = &state.metrics;
     let _one_scrape_at_a_time = metrics.scrape_lock().await;
     let scraped = &metrics.scraped;
-    let snapshot = delivery.registry.snapshot();
-    scraped
-        .ready
-        .set(i64::from(delivery.not_ready().is_empty()));
+    let snapshot = state.registry.snapshot();
+    scraped.ready.set(i64::from(state.not_ready().is_empty()));
     scraped
         .heartbeat_age
-        .set(delivery.heartbeat_age().as_secs_f64());
+        .set(state.heartbeat_age().as_secs_f64());
     scraped.plugins_loaded.set(snapshot.plugins().len() as i64);
     scraped
         .plugin_load_failures
         .set(snapshot.failures().len() as i64);
-    let mut redis = delivery.redis.clone();
+    let mut redis = state.redis.clone();
     // Streams come and go with their plugins: only those served now have series.
     for family in [
         &scraped.stream_pending,
@@ -155,7 +147,7 @@ async fn metrics(delivery: &HostState) -> String {
     }
     scraped.stream_oldest_pending_age.clear();
     for stream in snapshot.streams() {
-        if let Ok(report) = status::stream_report(&mut redis, &delivery.config, stream).await {
+        if let Ok(report) = status::stream_report(&mut redis, &state.config, stream).await {
             let labels = ByStream::new(stream);
             scraped
                 .stream_pending
@@ -179,8 +171,8 @@ async fn metrics(delivery: &HostState) -> String {
     scraped.request_stream_length.clear();
     scraped.request_stream_lag.clear();
     scraped.request_stream_pending.clear();
-    for stream in status::REQUEST_STREAMS {
-        let Ok(report) = status::request_stream_report(&mut redis, &delivery.config, stream).await
+    for stream in crate::ml::REQUEST_STREAMS {
+        let Ok(report) = status::request_stream_report(&mut redis, &state.config, stream).await
         else {
             continue;
         };
@@ -202,7 +194,7 @@ async fn metrics(delivery: &HostState) -> String {
                 .set(group.pending);
         }
     }
-    if let Ok(dead) = status::dead_letter_report(&mut redis, &delivery.config).await {
+    if let Ok(dead) = status::dead_letter_report(&mut redis, &state.config).await {
         // Every kind, 0 included, so an alert on one kind has a series from the start.
         for kind in crate::dead_letter::FailureKind::ALL {
             let n = dead.by_kind.get(kind.as_str()).copied().unwrap_or(0);
@@ -215,7 +207,7 @@ async fn metrics(delivery: &HostState) -> String {
         }
     }
     // While PostgreSQL is down the last counts stand (the series do not vanish).
-    if let Ok(requests) = status::requests_by_status(&delivery.pool).await {
+    if let Ok(requests) = status::requests_by_status(&state.pool).await {
         scraped.requests.clear();
         // Every status, 0 included, so the series exist before the first request.
         for status in status::REQUEST_STATUSES {

@@ -33,6 +33,7 @@
 //! - [`text`]: making outside text (plugin reasons, log lines) safe to store.
 
 pub mod authoring;
+pub mod backoff;
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -41,17 +42,20 @@ pub mod dead_letter;
 pub mod delivery;
 pub mod demo;
 pub mod deploy;
+pub mod failure;
 pub mod health;
 pub mod heartbeat;
 pub mod host;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod ml;
 pub mod persist;
 pub mod plugin;
 pub mod progress;
 pub mod redis_connection;
 pub mod requests;
+pub mod shutdown;
 pub mod simulate;
 pub mod state;
 pub mod status;

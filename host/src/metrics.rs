@@ -196,7 +196,7 @@ impl Metrics {
         );
         r.register(
             "kaleidoscope_entries_retried",
-            "Entries left pending for another delivery, by reason (`retryable`: the plugin asked to retry, a row it needs is missing, or a statement hit a passing condition such as a lock timeout; otherwise the plugin failure that will be reported if retries run out)",
+            "Entries left pending for another state, by reason (`retryable`: the plugin asked to retry, a row it needs is missing, or a statement hit a passing condition such as a lock timeout; otherwise the plugin failure that will be reported if retries run out)",
             self.retried.clone(),
         );
         r.register(
@@ -226,7 +226,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "kaleidoscope_batch_duration",
-            "Time to run one batch through the delivery protocol (handlers, commit, publish, acknowledge)",
+            "Time to run one batch through the state protocol (handlers, commit, publish, acknowledge)",
             Unit::Seconds,
             self.batch_duration.clone(),
         );

@@ -10,7 +10,7 @@
 //!
 //! Every error names the server (with its password redacted), so "cannot connect" says where.
 
-use crate::persist::redact;
+use crate::text::redact;
 use anyhow::{Context, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client};

@@ -15,6 +15,10 @@
 //!   backend published before committing, and the ML side could not find the rows.
 
 use crate::config::Config;
+use crate::ml::{
+    INSIGHTS_SERVICES, POST_IMAGE_STREAM, POST_UPDATE_STREAM, PROFILE_PICTURE_STREAM,
+    REQUEST_STREAMS,
+};
 use crate::persist::outbox;
 use crate::streams;
 use anyhow::{Context, Result, bail};
@@ -23,20 +27,6 @@ use sqlx::{PgConnection, PgPool};
 use std::io::Read;
 use std::time::{Duration, SystemTime};
 use tracing::{info, warn};
-
-/// The request stream for a new post image (backend → ML services; the seed's name).
-pub const POST_IMAGE_STREAM: &str = "post-image-processing";
-/// The request stream for a new profile picture.
-pub const PROFILE_PICTURE_STREAM: &str = "profile-picture-processing";
-/// The request stream for an updated post image.
-pub const POST_UPDATE_STREAM: &str = "post-update-processing";
-/// Every request stream: what the simulator consumes, the request tracker may republish to,
-/// and `status` and `/metrics` report.
-pub const REQUEST_STREAMS: [&str; 3] = [
-    POST_IMAGE_STREAM,
-    PROFILE_PICTURE_STREAM,
-    POST_UPDATE_STREAM,
-];
 
 /// First pause between publishing attempts; doubled after each failure.
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
@@ -75,17 +65,14 @@ impl Request {
     /// The results that complete this request (names the result plugins record).
     pub fn expected_results(&self) -> Vec<String> {
         let names: &[&str] = match self {
-            Request::PostImage { .. } | Request::PostUpdate { .. } => &[
-                "moderation",
-                "tagging",
-                "scene_recognition",
-                "image_captioning",
-                "image_embedding",
-                "face_detection",
-            ],
-            Request::ProfilePicture { .. } => &["profile_face_embedding"],
+            Request::PostImage { .. } | Request::PostUpdate { .. } => &["face_detection"],
+            Request::ProfilePicture { .. } => return vec!["profile_face_embedding".to_string()],
         };
-        names.iter().map(|s| s.to_string()).collect()
+        INSIGHTS_SERVICES
+            .iter()
+            .chain(names)
+            .map(|s| s.to_string())
+            .collect()
     }
 
     /// The fields as the real producers write them (wire-format page, outbound section).

@@ -8,13 +8,16 @@
 //! deterministic, derived from its id.
 
 use crate::config::Config;
-use crate::requests::{PROFILE_PICTURE_STREAM, REQUEST_STREAMS};
+use crate::ml::{
+    ERROR_RESULTS, FACE_DETECTION_RESULTS, FACE_RECOGNITION_RESULTS, INSIGHTS_RESULTS,
+    PROFILE_EMBEDDING_RESULTS, PROFILE_PICTURE_STREAM, REQUEST_STREAMS,
+};
+use crate::shutdown::Shutdown;
 use crate::streams::{self, StreamEntry};
 use anyhow::{Context, Result};
 use redis::aio::MultiplexedConnection;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
-use tokio::sync::watch;
 use tracing::{info, warn};
 
 /// How the simulator behaves.
@@ -53,7 +56,7 @@ pub struct SimulatorStats {
 pub async fn run(
     config: &Config,
     options: &SimulatorOptions,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) -> Result<SimulatorStats> {
     // Its reads block for half a second at most; the usual response timeout covers that.
     let mut conn = crate::redis_connection::open(&config.redis_url)
@@ -68,7 +71,7 @@ pub async fn run(
     }
     info!(group = %options.group, error_rate = options.error_rate, "ML simulator consuming requests");
     let mut stats = SimulatorStats::default();
-    while !*stop.borrow() {
+    while !stop.requested() {
         let read = streams::read_new_from(
             &mut conn,
             &keys,
@@ -79,7 +82,7 @@ pub async fn run(
         );
         let entries = tokio::select! {
             entries = read => entries,
-            _ = stop.changed() => break,
+            _ = stop.wait() => break,
         };
         let entries = match entries {
             Ok(entries) => entries,
@@ -132,7 +135,7 @@ async fn answer(
     let messages: Vec<(&str, Vec<(String, String)>)> = if rng.chance(options.error_rate) {
         stats.errors += 1;
         vec![(
-            "ml-error-results",
+            ERROR_RESULTS,
             vec![
                 ("correlationId".into(), correlation_id.clone()),
                 (
@@ -152,7 +155,7 @@ async fn answer(
             floats(&mut rng, options.embedding_dims)
         };
         vec![(
-            "user-profile-face-embedding-results",
+            PROFILE_EMBEDDING_RESULTS,
             vec![
                 ("userId".into(), subject.to_string()),
                 ("faceEmbedding".into(), embedding),
@@ -249,7 +252,7 @@ fn image_results(
     );
     let mut messages = vec![
         (
-            "ml-insights-results",
+            INSIGHTS_RESULTS,
             with(
                 common("moderation"),
                 vec![
@@ -262,22 +265,22 @@ fn image_results(
             ),
         ),
         (
-            "ml-insights-results",
+            INSIGHTS_RESULTS,
             with(common("tagging"), vec![("tags", json_strings(&tags))]),
         ),
         (
-            "ml-insights-results",
+            INSIGHTS_RESULTS,
             with(
                 common("scene_recognition"),
                 vec![("scenes", json_strings(&scenes))],
             ),
         ),
         (
-            "ml-insights-results",
+            INSIGHTS_RESULTS,
             with(common("image_captioning"), vec![("caption", caption)]),
         ),
         (
-            "ml-insights-results",
+            INSIGHTS_RESULTS,
             with(
                 common("image_embedding"),
                 vec![("imageEmbedding", floats(rng, options.embedding_dims))],
@@ -306,7 +309,7 @@ fn image_results(
         face_ids.push(face_id);
     }
     messages.push((
-        "face-detection-results",
+        FACE_DETECTION_RESULTS,
         vec![
             ("mediaId".into(), media_id.to_string()),
             ("postId".into(), post_id.to_string()),
@@ -321,7 +324,7 @@ fn image_results(
         for face_id in face_ids {
             if rng.chance(0.5) {
                 messages.push((
-                    "face-recognition-results",
+                    FACE_RECOGNITION_RESULTS,
                     vec![
                         ("mediaId".into(), media_id.to_string()),
                         ("postId".into(), post_id.to_string()),

@@ -4,7 +4,8 @@
 //! protocol ([`crate::delivery`]) is written as its methods.
 
 use crate::config::{Config, PluginPolicy};
-use crate::health::{Dependency, PROBE_INTERVAL};
+use crate::failure::Dependency;
+use crate::health::PROBE_INTERVAL;
 use crate::metrics::Metrics;
 use crate::persist::schema::Catalog;
 use crate::plugin::PluginRegistry;

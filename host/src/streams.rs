@@ -54,11 +54,16 @@ impl std::fmt::Display for EntryId {
 /// Errors a caller reacts to differently from "Redis failed".
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    /// The consumer group (or the stream) vanished; recreate it.
-    #[error("consumer group missing on {0}")]
-    NoGroup(String),
-    /// Redis failed or could not be reached (an outage for [`crate::health::blame`]).
-    #[error(transparent)]
+    /// The consumer group (or the stream) vanished; recreate it ([`crate::failure::Class::LostGroup`]).
+    #[error("consumer group missing on {key}")]
+    NoGroup {
+        key: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    /// Redis failed or could not be reached (an outage for [`crate::failure::classify`] when it
+    /// could not be reached). The error itself is the source, so the classification sees it.
+    #[error("{0}")]
     Redis(#[from] redis::RedisError),
     /// Redis answered with a shape this host does not understand (a bug or another server).
     #[error("unexpected reply from Redis: {0}")]
@@ -67,25 +72,15 @@ pub enum StreamError {
 
 impl StreamError {
     fn from_redis(error: redis::RedisError, key: &str) -> Self {
-        if error.code() == Some("NOGROUP") {
-            StreamError::NoGroup(key.to_string())
+        if crate::failure::is_lost_group(&error) {
+            StreamError::NoGroup {
+                key: key.to_string(),
+                source: error,
+            }
         } else {
             StreamError::Redis(error)
         }
     }
-}
-
-/// Whether `error`'s chain says a consumer group (or its stream) does not exist (`NOGROUP`),
-/// whichever command hit it.
-pub fn is_no_group(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<StreamError>(),
-            Some(StreamError::NoGroup(_))
-        ) || cause
-            .downcast_ref::<redis::RedisError>()
-            .is_some_and(|e| e.code() == Some("NOGROUP"))
-    })
 }
 
 /// Creates the consumer group just after `after` (the ledger's horizon of the stream, see

@@ -36,6 +36,36 @@ pub fn one_line(text: String) -> String {
     out
 }
 
+/// The URL (or any text containing it) without its password, for messages: the password of the
+/// user part and any `password=` parameter become `***`. Errs on the side of hiding too much.
+pub fn redact(url: &str) -> String {
+    let mut out = url.to_string();
+    // The user part: after `scheme://`, or after `//` in a URL too broken to have a scheme.
+    let authority = out
+        .find("://")
+        .map(|i| i + 3)
+        .or_else(|| out.find("//").map(|i| i + 2));
+    if let (Some(start), Some(at)) = (authority, out.rfind('@'))
+        && at > start
+        && let Some(colon) = out[start..at].find(':')
+    {
+        out.replace_range(start + colon + 1..at, "***");
+    }
+    // `password=` (PostgreSQL), `pass=` (a Redis `redis+unix://` socket URL).
+    for parameter in ["password=", "pass="] {
+        let mut search = 0;
+        while let Some(found) = out[search..].to_ascii_lowercase().find(parameter) {
+            let value = search + found + parameter.len();
+            let end = out[value..]
+                .find(['&', ' ', '"', '\'', '#'])
+                .map_or(out.len(), |i| value + i);
+            out.replace_range(value..end, "***");
+            search = value + 3;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::{one_line, sanitize};
@@ -91,6 +121,37 @@ mod causes_tests {
         assert_eq!(
             causes(&error),
             "cannot connect: error communicating with database: refused (os error 111)"
+        );
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_passwords_in_the_user_part_and_in_parameters() {
+        assert_eq!(
+            redact("postgres://postgres:S3cret@db:5432/k?sslmode=bogus"),
+            "postgres://postgres:***@db:5432/k?sslmode=bogus"
+        );
+        assert_eq!(
+            redact("postgres://u@db/k?sslmode=require&password=S3cret&x=1"),
+            "postgres://u@db/k?sslmode=require&password=***&x=1"
+        );
+        assert_eq!(
+            redact("error in \"postgres://db/k?Password=S3cret\": bad"),
+            "error in \"postgres://db/k?Password=***\": bad"
+        );
+        assert_eq!(
+            redact("redis://:p@ss@host:6379/0"),
+            "redis://:***@host:6379/0"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact("postgres//u:S3cret@db"), "postgres//u:***@db");
+        assert_eq!(
+            redact("redis+unix:///run/redis.sock?db=1&pass=S3cret"),
+            "redis+unix:///run/redis.sock?db=1&pass=***"
         );
     }
 }

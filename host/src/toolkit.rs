@@ -7,7 +7,7 @@
 use crate::config::Config;
 use crate::persist::schema::Catalog;
 use crate::persist::validate;
-use crate::plugin::{Plugin, PluginRuntime, SandboxLimits, wit};
+use crate::plugin::{Plugin, wit};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::{Value as Json, json};
@@ -15,8 +15,9 @@ use std::path::Path;
 
 /// Loads `file` the way the host would (without the compiled cache, so compile time is real).
 pub fn load(config: &Config, file: &Path) -> Result<Plugin> {
-    PluginRuntime::for_config(config, None)?
-        .load(file, &|name| SandboxLimits::for_plugin(config, name))
+    config
+        .plugin_runtime(None)?
+        .load(file, &|name| config.sandbox_limits(name))
 }
 
 /// What `plugin check` prints about a loadable plugin.
@@ -100,7 +101,10 @@ pub fn exec(
     };
     let policy = config.policy(&plugin.name);
     let outcome = plugin.handle(&entry, &policy.settings);
-    let (described, ok) = match outcome.into_commands(plugin.limits().memory_bytes) {
+    let (described, ok) = match crate::delivery::outcome::commands_of(
+        outcome,
+        plugin.limits().memory_bytes,
+    ) {
         Ok(commands) => {
             let described: Vec<Json> = commands.iter().map(command_json).collect();
             match catalog {
@@ -229,13 +233,44 @@ pub fn value_json(value: &wit::Value) -> Json {
     }
 }
 
+/// How one recorded entry of `plugin test` compares with what is expected of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// As expected.
+    Ok,
+    /// Not as expected: the test fails.
+    Differs,
+    /// Nothing is expected of it yet (run with `--update`): the test fails.
+    New,
+    /// `--update` wrote what it does now as what is expected.
+    Updated,
+}
+
+impl Verdict {
+    /// Whether the case makes `plugin test` fail.
+    pub fn fails(self) -> bool {
+        matches!(self, Verdict::Differs | Verdict::New)
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            Verdict::Ok => "ok",
+            Verdict::Differs => "differs",
+            Verdict::New => "new",
+            Verdict::Updated => "updated",
+        })
+    }
+}
+
 /// One recorded entry of `plugin test` and how it came out.
 #[derive(Debug, Serialize)]
 pub struct CaseResult {
     /// `file:line` of the recorded entry.
     pub case: String,
-    /// `ok`, `differs`, `new` (no expected outcome yet) or `updated`.
-    pub verdict: &'static str,
+    pub verdict: Verdict,
     /// What `plugin exec` reports for the entry now.
     pub actual: Json,
     /// What the expected file says (absent for `new`).
@@ -303,10 +338,10 @@ pub fn test_dir(
             }
             let expected = expected.get(actuals.len()).cloned();
             let verdict = match (&expected, update) {
-                (_, true) => "updated",
-                (None, false) => "new",
-                (Some(expected), false) if *expected == actual => "ok",
-                (Some(_), false) => "differs",
+                (_, true) => Verdict::Updated,
+                (None, false) => Verdict::New,
+                (Some(expected), false) if *expected == actual => Verdict::Ok,
+                (Some(_), false) => Verdict::Differs,
             };
             actuals.push(actual.clone());
             results.push(CaseResult {

@@ -3,8 +3,8 @@
 //! test reproduces one attack against the real host and asserts what must happen instead.
 
 use crate::support::{Options, TestEnv, eventually, output_within_deadline};
-use kaleidoscope::delivery::{REPLAY_OF_FIELD, REPLAY_PROOF_FIELD};
-use kaleidoscope::health::Dependency;
+use kaleidoscope::dead_letter::{REPLAY_OF_FIELD, REPLAY_PROOF_FIELD};
+use kaleidoscope::failure::Dependency;
 use kaleidoscope::metrics::ByStream;
 use kaleidoscope::persist::ledger;
 
@@ -193,7 +193,7 @@ async fn a_long_batch_of_quick_statements_is_not_taken_for_a_lost_connection() {
         env.count("SELECT count(*) FROM ml_processing_errors").await,
         200
     );
-    let state = env.host().delivery();
+    let state = env.host().state();
     assert_eq!(
         state
             .metrics
@@ -337,7 +337,7 @@ async fn ledger_pruning_survives_entry_ids_past_bigint() {
     eventually("the entry to wait for its retry", || async {
         let retried = env
             .host()
-            .delivery()
+            .state()
             .metrics
             .retried
             .get_or_create(&kaleidoscope::metrics::ByReason {
@@ -351,7 +351,7 @@ async fn ledger_pruning_survives_entry_ids_past_bigint() {
     .await;
     // Old ledger rows with ids past bigint: one on the stream with the pending entry, two on
     // another stream.
-    let source = env.host().delivery().source.clone();
+    let source = env.host().state().source.clone();
     for (stream, id) in [
         (SCRIPTED, "18446744073709551614-0"),
         ("other", "9-9"),
@@ -407,7 +407,7 @@ async fn a_host_started_after_redis_lost_its_data_keeps_the_ledger_identity() {
     let env = TestEnv::start(Options::new(&[SCRIPTED])).await;
     let first = env.publish(SCRIPTED, &[("action", "ok")]).await;
     env.await_processed(SCRIPTED, &first).await;
-    let before = env.host().delivery().source.clone();
+    let before = env.host().state().source.clone();
     let mut env = env;
     if let Some(host) = env.host.take() {
         host.shutdown().await;
@@ -432,7 +432,7 @@ async fn a_host_started_after_redis_lost_its_data_keeps_the_ledger_identity() {
         .await
         .expect("XADD the same id");
     let env = env.with_host().await;
-    assert_eq!(env.host().delivery().source, before);
+    assert_eq!(env.host().state().source, before);
     env.await_drained(SCRIPTED).await;
     assert_eq!(
         env.count("SELECT count(*) FROM ml_processing_errors").await,
@@ -986,7 +986,7 @@ async fn a_plugin_hungry_for_instances_never_takes_another_plugins() {
         env.publish_many(&format!("many-{stream}"), &entries).await;
     }
     let env = env.with_host().await;
-    let state = env.host().delivery().clone();
+    let state = env.host().state().clone();
     let calls = |plugin: &str| {
         state
             .metrics
@@ -1016,13 +1016,7 @@ async fn a_plugin_hungry_for_instances_never_takes_another_plugins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manifest_with_too_many_streams_does_not_load() {
     let env = TestEnv::start(Options::new(&["too-many-streams"])).await;
-    let failures = env
-        .host()
-        .delivery()
-        .registry
-        .snapshot()
-        .failures()
-        .to_vec();
+    let failures = env.host().state().registry.snapshot().failures().to_vec();
     assert_eq!(failures.len(), 1, "{failures:?}");
     assert!(
         failures[0].reason.contains("17 streams") && failures[0].reason.contains("at most 16"),
@@ -1040,7 +1034,7 @@ async fn a_file_claiming_another_plugins_name_does_not_inherit_its_grants() {
     let env = TestEnv::start(Options::new(&["insights"])).await;
     env.install_plugin(SCRIPTED, "team-b");
     env.host().reload_plugins().await.expect("reload");
-    let snapshot = env.host().delivery().registry.snapshot();
+    let snapshot = env.host().state().registry.snapshot();
     let failure = snapshot
         .failures()
         .iter()

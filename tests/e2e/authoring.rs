@@ -71,8 +71,8 @@ async fn operator_adds(env: &TestEnv, project: &Path, name: &str) {
         .unwrap();
     }
     eventually("the grant and the table to reach the host", || async {
-        let granted = env.host().delivery().policy(name).tables.contains(&table);
-        (granted && env.host().delivery().knows_table(&table)).then_some(())
+        let granted = env.host().state().policy(name).tables.contains(&table);
+        (granted && env.host().state().knows_table(&table)).then_some(())
     })
     .await;
 }

@@ -42,13 +42,8 @@ async fn settings_reach_the_plugin_and_follow_the_configuration_file() {
     assert_ne!(config, changed, "the setting line is missing: {config}");
     std::fs::write(&env.config_file, changed).unwrap();
     eventually("the host to reload the settings", || async {
-        (env.host()
-            .delivery()
-            .policy(SCRIPTED)
-            .settings
-            .get("colour")
-            == Some(&"green".to_string()))
-        .then_some(())
+        (env.host().state().policy(SCRIPTED).settings.get("colour") == Some(&"green".to_string()))
+            .then_some(())
     })
     .await;
     assert_eq!(setting("colour").await, "green");
@@ -102,7 +97,7 @@ async fn a_plugin_built_against_contract_0_2_0_runs_unchanged_on_fresh_instances
     let env = env.with_host().await;
     let plugin = env
         .host()
-        .delivery()
+        .state()
         .registry
         .snapshot()
         .for_stream("mock-v0-2")

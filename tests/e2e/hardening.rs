@@ -3,7 +3,7 @@
 //! group's pending list empty.
 
 use crate::support::{Options, TestEnv, eventually};
-use kaleidoscope::health::Dependency;
+use kaleidoscope::failure::Dependency;
 use kaleidoscope::metrics::ByStream;
 
 const SCRIPTED: &str = "scripted";
@@ -143,7 +143,7 @@ async fn an_error_at_commit_dead_letters_the_culprit_and_commits_the_rest() {
         env.count("SELECT count(*) FROM ml_processing_errors").await,
         6
     );
-    let state = env.host().delivery();
+    let state = env.host().state();
     assert!(state.health.outage(Dependency::Database).is_none());
     assert!(
         state
@@ -187,7 +187,7 @@ async fn a_statement_timeout_is_retried_then_dead_lettered_not_waited_out() {
     env.await_no_pending(SCRIPTED).await;
     assert!(
         env.host()
-            .delivery()
+            .state()
             .health
             .outage(Dependency::Database)
             .is_none()
@@ -217,7 +217,7 @@ async fn a_lost_consumer_group_is_recreated_and_reported() {
     env.await_no_pending(SCRIPTED).await;
     assert!(
         env.host()
-            .delivery()
+            .state()
             .metrics
             .groups_recreated
             .get_or_create(&ByStream::new(SCRIPTED))
@@ -243,7 +243,7 @@ async fn a_busy_consumer_does_not_hold_up_a_reload() {
     // leave the entry pending for a plugin that no longer exists.
     let calls = env
         .host()
-        .delivery()
+        .state()
         .metrics
         .calls_in_flight
         .get_or_create_owned(&kaleidoscope::metrics::ByPluginName {
@@ -417,7 +417,7 @@ async fn a_dead_letter_replayed_twice_is_applied_once() {
     );
     assert!(
         env.host()
-            .delivery()
+            .state()
             .metrics
             .redelivered
             .get_or_create(&ByStream::new("mock-panic"))
@@ -485,7 +485,7 @@ async fn deployments_sharing_a_database_do_not_take_each_others_entries_for_proc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_is_one_answer_everywhere() {
     let env = TestEnv::start(Options::new(&[])).await;
-    let state = env.host().delivery();
+    let state = env.host().state();
     assert_eq!(state.not_ready(), ["no plugin is loaded"]);
     let (report, ok) = env.status();
     assert!(!ok, "status exits non-zero for a host that is not ready");
@@ -557,7 +557,7 @@ async fn the_request_tracker_never_publishes_a_forged_or_broken_row() {
         .await
         .expect("insert a request row");
     }
-    let state = env.host().delivery();
+    let state = env.host().state();
     let sweep = kaleidoscope::requests::sweep(&state.pool, &state.redis, &state.config)
         .await
         .expect("sweep");
@@ -584,7 +584,7 @@ async fn the_request_tracker_never_publishes_a_forged_or_broken_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_built_against_contract_0_1_0_runs_unchanged() {
     let env = TestEnv::start(Options::new(&["contract-v0-1", SCRIPTED])).await;
-    let plugins = env.host().delivery().registry.snapshot();
+    let plugins = env.host().state().registry.snapshot();
     let old = plugins
         .for_stream("mock-v0-1")
         .expect("the 0.1.0 plugin is loaded");

@@ -184,7 +184,7 @@ async fn a_plugin_claiming_a_served_stream_is_refused() {
     // Same streams under another file name: the serving plugin keeps its stream.
     env.install_plugin("insights-next", "zz-insights-copy");
     env.host().reload_plugins().await.unwrap();
-    let snapshot = env.host().delivery().registry.snapshot();
+    let snapshot = env.host().state().registry.snapshot();
     let failure = snapshot
         .failures()
         .iter()
@@ -278,7 +278,7 @@ async fn a_restart_with_unchanged_plugins_does_not_recompile() {
     let env = TestEnv::start(options).await;
     let first: Vec<bool> = env
         .host()
-        .delivery()
+        .state()
         .registry
         .snapshot()
         .plugins()
@@ -293,7 +293,7 @@ async fn a_restart_with_unchanged_plugins_does_not_recompile() {
     };
     let second: Vec<bool> = env
         .host()
-        .delivery()
+        .state()
         .registry
         .snapshot()
         .plugins()
@@ -361,13 +361,7 @@ async fn plugins_that_would_stall_loading_are_refused_within_their_limits() {
     drop(huge);
     env.host().reload_plugins().await.unwrap();
 
-    let failures = env
-        .host()
-        .delivery()
-        .registry
-        .snapshot()
-        .failures()
-        .to_vec();
+    let failures = env.host().state().registry.snapshot().failures().to_vec();
     let reason = |file: &str| {
         failures
             .iter()
@@ -416,7 +410,7 @@ async fn a_grant_added_to_the_configuration_file_applies_without_a_restart() {
     std::fs::write(&env.config_file, granted).unwrap();
     eventually("the host to reload the grants", || async {
         env.host()
-            .delivery()
+            .state()
             .policy("scripted")
             .emit
             .contains("granted-later")
@@ -441,7 +435,7 @@ async fn a_grant_added_to_the_configuration_file_applies_without_a_restart() {
     env.host().reload_plugins().await.unwrap();
     assert!(
         env.host()
-            .delivery()
+            .state()
             .policy("scripted")
             .emit
             .contains("granted-later")
@@ -490,12 +484,12 @@ async fn a_new_table_and_its_grant_reach_a_running_host_without_a_rebuild() {
     eventually("the table and the grant to arrive", || async {
         let granted = env
             .host()
-            .delivery()
+            .state()
             .policy("scripted")
             .tables
             .contains("caption_quality");
         // Applied, and the host has re-read the schema.
-        let known = env.host().delivery().knows_table("caption_quality");
+        let known = env.host().state().knows_table("caption_quality");
         (granted && known).then_some(())
     })
     .await;

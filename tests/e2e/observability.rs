@@ -297,7 +297,7 @@ async fn readiness_is_false_while_a_stream_lacks_its_plugin() {
         "{body}"
     );
     // The plugin served two streams; both wait.
-    assert_eq!(env.host().delivery().not_ready().len(), 2);
+    assert_eq!(env.host().state().not_ready().len(), 2);
     env.install_plugin("scripted", "scripted");
     env.host().reload_plugins().await.unwrap();
     assert_eq!(get(addr, "/readyz").0, 200);

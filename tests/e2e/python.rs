@@ -22,7 +22,7 @@ async fn the_python_example_persists_flags_and_dead_letters_like_any_plugin() {
     let env = env.with_host().await;
     let plugin = env
         .host()
-        .delivery()
+        .state()
         .registry
         .snapshot()
         .for_stream(STREAM)

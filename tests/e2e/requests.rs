@@ -3,6 +3,7 @@
 
 use crate::support::{Options, TestEnv, eventually};
 use kaleidoscope::requests::{Publisher, Request};
+use kaleidoscope::shutdown::StopSwitch;
 use kaleidoscope::simulate::{self, SimulatorOptions};
 use std::sync::Arc;
 
@@ -28,10 +29,11 @@ fn start_simulator(
     env: &TestEnv,
     error_rate: f64,
 ) -> (
-    tokio::sync::watch::Sender<bool>,
+    StopSwitch,
     tokio::task::JoinHandle<simulate::SimulatorStats>,
 ) {
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = StopSwitch::new();
+    let stopped = stop.subscribe();
     let config = env.config.clone();
     let options = SimulatorOptions {
         error_rate,
@@ -167,7 +169,7 @@ async fn published_requests_are_answered_by_the_simulator_and_completed() {
         "{:?}",
         env.dead_letters().await
     );
-    let _ = stop.send(true);
+    stop.stop();
     let stats = simulator.await.unwrap();
     assert_eq!(stats.requests, 5);
     env.finish().await;
@@ -217,7 +219,7 @@ async fn requests_answered_with_an_error_are_marked_failed() {
         r.as_deref()
             .is_some_and(|r| r.contains("simulated failure"))
     }));
-    let _ = stop.send(true);
+    stop.stop();
     assert_eq!(simulator.await.unwrap().errors as usize, failed.len());
     env.finish().await;
 }

@@ -386,7 +386,7 @@ impl TestEnv {
     /// The name and version of the plugin serving `stream` right now, if any.
     pub fn serving(&self, stream: &str) -> Option<(String, String)> {
         self.host()
-            .delivery()
+            .state()
             .registry
             .snapshot()
             .for_stream(stream)

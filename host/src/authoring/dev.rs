@@ -26,7 +26,7 @@ pub async fn run(config: &Config, dir: &Path, deploy_timeout: Duration) -> Resul
     if pool.is_none() {
         println!(
             "(cannot reach {}: entry outcomes will not be shown)",
-            crate::persist::redact(&config.database_url)
+            crate::text::redact(&config.database_url)
         );
     }
     loop {
@@ -94,8 +94,8 @@ async fn build_and_deploy(config: &Config, dir: &Path, timeout: Duration) -> Opt
             let mut loaded = None;
             for host in hosts {
                 println!("{}: {} {}", host.host, host.outcome, host.detail);
-                if host.outcome == "loaded" {
-                    loaded = host.detail.split_whitespace().next().map(str::to_string);
+                if host.outcome == crate::deploy::Outcome::Loaded {
+                    loaded = host.plugin;
                 }
             }
             loaded

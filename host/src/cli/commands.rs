@@ -3,9 +3,10 @@
 
 use super::args::{DlqCommand, PluginCommand, PublishCommand};
 use super::{load_config, load_config_with};
-use crate::config::Config;
+use crate::config::{Config, Key};
 use crate::dead_letter::admin as dlq;
 use crate::persist::schema::Catalog;
+use crate::shutdown::StopSwitch;
 use crate::{bench, demo, persist, redis_connection, requests, simulate, status, toolkit};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
@@ -24,16 +25,16 @@ pub(super) async fn run(
 ) -> Result<ExitCode> {
     let mut flags = BTreeMap::new();
     if let Some(dir) = plugins_dir {
-        flags.insert("plugins_dir", dir.display().to_string());
+        flags.insert(Key::PluginsDir, dir.display().to_string());
     }
     if let Some(name) = consumer_name {
-        flags.insert("consumer_name", name);
+        flags.insert(Key::ConsumerName, name);
     }
     if no_migrate {
-        flags.insert("migrate", "false".to_string());
+        flags.insert(Key::Migrate, "false".to_string());
     }
     if let Some(wait) = wait_for_deps {
-        flags.insert("wait_for_deps_ms", wait.as_millis().to_string());
+        flags.insert(Key::WaitForDepsMs, wait.as_millis().to_string());
     }
     let config = load_config_with(file, &flags)?;
     let (first, second) = signals()?;
@@ -215,10 +216,11 @@ pub(super) async fn simulate_ml(
         ..Default::default()
     };
     let (first, _second) = signals()?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = StopSwitch::new();
+    let stopped = stop.subscribe();
     tokio::spawn(async move {
         let _ = first.await;
-        let _ = stop.send(true);
+        stop.stop();
     });
     let stats = simulate::run(config, &options, stopped).await?;
     tracing::info!(
@@ -339,34 +341,28 @@ pub(super) fn plugin(
             let plugin = toolkit::load(&config, &file)
                 .with_context(|| format!("{} would not load", file.display()))?;
             let results = toolkit::test_dir(&config, &plugin, &dir, update, catalog)?;
-            let mut passed = true;
             for result in &results {
                 println!("{:<8} {}", result.verdict, result.case);
                 match result.verdict {
-                    "differs" => {
-                        passed = false;
+                    toolkit::Verdict::Differs => {
                         println!(
                             "  expected: {}",
                             result.expected.clone().unwrap_or_default()
                         );
                         println!("  actual:   {}", result.actual);
                     }
-                    "new" => {
-                        passed = false;
+                    toolkit::Verdict::New => {
                         println!(
                             "  actual:   {} (no expected outcome: run with --update)",
                             result.actual
                         );
                     }
-                    _ => {}
+                    toolkit::Verdict::Ok | toolkit::Verdict::Updated => {}
                 }
             }
-            let failed = results
-                .iter()
-                .filter(|r| matches!(r.verdict, "differs" | "new"))
-                .count();
+            let failed = results.iter().filter(|r| r.verdict.fails()).count();
             println!("{} case(s), {failed} failed", results.len());
-            Ok(if passed {
+            Ok(if failed == 0 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

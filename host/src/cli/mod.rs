@@ -7,7 +7,7 @@ mod commands;
 
 pub use args::Cli;
 
-use crate::config::Config;
+use crate::config::{Config, Key};
 use anyhow::{Context, Result};
 use args::{Command, LogFormat};
 use clap::Parser;
@@ -240,7 +240,7 @@ fn load_config(file: Option<&Path>) -> Result<Config> {
 }
 
 /// The configuration from `file`, the environment, and the command-line `flags` (which win).
-fn load_config_with(file: Option<&Path>, flags: &BTreeMap<&'static str, String>) -> Result<Config> {
+fn load_config_with(file: Option<&Path>, flags: &BTreeMap<Key, String>) -> Result<Config> {
     let env: BTreeMap<String, String> = std::env::vars().collect();
     Config::from_sources(file, &env, flags)
 }

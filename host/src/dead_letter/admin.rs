@@ -9,7 +9,7 @@
 
 use super::StoredDeadLetter;
 use crate::config::Config;
-use crate::delivery::{REPLAY_OF_FIELD, REPLAY_PROOF_FIELD};
+use crate::dead_letter::{REPLAY_OF_FIELD, REPLAY_PROOF_FIELD};
 use anyhow::{Context, Result};
 use redis::aio::ConnectionLike;
 use serde::Serialize;

@@ -39,6 +39,14 @@ pub mod field {
     pub const BYTES_LOST: &str = "bytesLost";
 }
 
+/// The field with which `dlq replay` marks a re-published dead letter: the id of the entry that
+/// was dead-lettered.
+pub const REPLAY_OF_FIELD: &str = "kaleidoscope-replay-of";
+
+/// The field with the proof that `dlq replay` wrote the mark
+/// ([`crate::persist::ledger::replay_proof`]).
+pub const REPLAY_PROOF_FIELD: &str = "kaleidoscope-replay-proof";
+
 /// Why an entry was dead-lettered. The names are part of the operator interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FailureKind {

@@ -2,8 +2,9 @@
 
 use super::{Decision, Item};
 use crate::dead_letter::{DeadLetter, FailureKind};
+use crate::failure::{self, Class, Contention, Dependency, StatementError, Unreachable};
 use crate::persist::batch::{self, PlanFailure};
-use crate::persist::execute::{self, ExecError};
+use crate::persist::execute;
 use crate::persist::ledger::{self, Outcome};
 use crate::persist::outbox::{self, OutboxMessage};
 use crate::persist::plan::{self, Stage};
@@ -24,19 +25,21 @@ enum SetBased {
     /// Committed; these outbox messages are to be published.
     Committed(Vec<OutboxMessage>),
     /// Rolled back: these entries (batch positions) need a row that is not there.
-    Missing(Vec<(usize, ExecError)>),
+    Missing(Vec<(usize, StatementError)>),
     /// Rolled back: a statement failed inside the database, entry unknown.
     Failed(String),
 }
 
 /// An error from a set-based step: an outage stops the batch, anything else sends it to the
 /// entry-by-entry pass.
-fn set_based_error(error: ExecError, step: &str) -> Result<SetBased> {
+fn set_based_error(error: StatementError, step: &str) -> Result<SetBased> {
     match error {
-        ExecError::Unavailable(error) => Err(error).with_context(|| {
+        StatementError::Unavailable(error) => Err(error).with_context(|| {
             format!("the database failed while writing {step}; nothing was acknowledged")
         }),
-        ExecError::Retry(reason) | ExecError::Permanent(reason) => Ok(SetBased::Failed(reason)),
+        StatementError::Retry(reason) | StatementError::Permanent(reason) => {
+            Ok(SetBased::Failed(reason))
+        }
     }
 }
 
@@ -61,15 +64,15 @@ impl HostState {
                     for (index, error) in culprits {
                         let deliveries = items[index].entry.deliveries;
                         items[index].decision = Some(match error {
-                            ExecError::Permanent(reason) => {
+                            StatementError::Permanent(reason) => {
                                 Decision::DeadLetter(FailureKind::Database, reason)
                             }
-                            ExecError::Retry(reason) => self.retry_or_give_up(
+                            StatementError::Retry(reason) => self.retry_or_give_up(
                                 FailureKind::RetriesExhausted,
                                 reason,
                                 deliveries,
                             ),
-                            ExecError::Unavailable(error) => self.retry_or_give_up(
+                            StatementError::Unavailable(error) => self.retry_or_give_up(
                                 FailureKind::RetriesExhausted,
                                 error.to_string(),
                                 deliveries,
@@ -86,9 +89,7 @@ impl HostState {
                 }
             }
         }
-        self.commit_pass(stream, plugin, items, true)
-            .await?
-            .context("the isolated pass asked for isolation")
+        self.commit_with_savepoints(stream, plugin, items).await
     }
 
     /// One set-based attempt at the batch transaction: claim the ledger rows, run the plan, write
@@ -119,7 +120,7 @@ impl HostState {
         .await
         {
             Ok(claimed) => claimed,
-            Err(error) => return set_based_error(execute::classify(error), "the ledger"),
+            Err(error) => return set_based_error(execute::statement_failed(error), "the ledger"),
         };
         mark_redelivered(items, &claimed);
 
@@ -141,11 +142,7 @@ impl HostState {
         };
         match outcome {
             Ok(()) => {}
-            Err(PlanFailure::Unavailable(error)) => {
-                return Err(error)
-                    .context("the database failed during the batch; nothing was acknowledged");
-            }
-            Err(PlanFailure::Failed(reason)) => return Ok(SetBased::Failed(reason)),
+            Err(PlanFailure::Statement(error)) => return set_based_error(error, "the batch"),
             Err(PlanFailure::Missing(culprits)) => {
                 return Ok(SetBased::Missing(certain_culprits(&plan, culprits)));
             }
@@ -163,13 +160,13 @@ impl HostState {
         }
         let messages = match outbox::enqueue_all(&mut tx, outbox).await {
             Ok(messages) => messages,
-            Err(error) => return set_based_error(execute::classify(error), "the outbox"),
+            Err(error) => return set_based_error(execute::statement_failed(error), "the outbox"),
         };
         // COMMIT can fail for reasons of the batch's own (a deferred constraint, a serialisation
         // failure): like any other statement, that sends the batch to the entry-by-entry pass.
         match tx.commit().await {
             Ok(()) => Ok(SetBased::Committed(messages)),
-            Err(error) => set_based_error(execute::classify(error), "COMMIT"),
+            Err(error) => set_based_error(execute::statement_failed(error), "COMMIT"),
         }
     }
 
@@ -179,7 +176,7 @@ impl HostState {
     /// fails is dead-lettered as `database` with the error, so the rest commit and the stream goes
     /// on. Only an outage (PostgreSQL unreachable) stops the pass; what committed before it stays
     /// committed, and the ledger makes it a redelivery next time.
-    pub(super) async fn commit_isolated(
+    pub(super) async fn commit_each_alone(
         &self,
         stream: &str,
         plugin: &Plugin,
@@ -188,40 +185,44 @@ impl HostState {
         let mut messages = Vec::new();
         for index in 0..items.len() {
             let item = &mut items[index..=index];
-            let error = match self.commit_pass(stream, plugin, item, true).await {
+            let error = match self.commit_with_savepoints(stream, plugin, item).await {
                 Ok(committed) => {
-                    messages.extend(committed.unwrap_or_default());
+                    messages.extend(committed);
                     continue;
                 }
-                Err(error) if crate::health::blame(&error).is_some() => return Err(error),
                 Err(error) => error,
             };
-            // Contention (a lock wait past `lock_timeout`, a deadlock, a serialisation failure)
-            // is nobody's fault: the entry is retried, counting against its attempts, and only
-            // then given up.
-            if let Some(Contention(reason)) = error.downcast_ref::<Contention>() {
-                let deliveries = item[0].entry.deliveries;
-                item[0].decision = Some(self.retry_or_give_up(
-                    FailureKind::RetriesExhausted,
-                    reason.clone(),
-                    deliveries,
-                ));
-                tracing::warn!(stream, entry = %item[0].entry.id, "{reason}; the entry is retried");
-                if matches!(item[0].decision, Some(Decision::DeadLetter(..))) {
-                    let pending = Decision::Retry(FailureKind::RetriesExhausted, reason.clone());
-                    messages.extend(
-                        self.commit_dead_letter_alone(stream, plugin, item, pending)
-                            .await?,
-                    );
+            match failure::classify(&error) {
+                Class::Outage(_) => return Err(error),
+                // Contention (a lock wait past `lock_timeout`, a deadlock, a serialisation
+                // failure) is nobody's fault: the entry is retried, counting against its
+                // attempts, and only then given up.
+                Class::Retryable => {
+                    let reason = crate::text::causes(&error);
+                    let deliveries = item[0].entry.deliveries;
+                    item[0].decision = Some(self.retry_or_give_up(
+                        FailureKind::RetriesExhausted,
+                        reason.clone(),
+                        deliveries,
+                    ));
+                    tracing::warn!(stream, entry = %item[0].entry.id, "{reason}; the entry is retried");
+                    if matches!(item[0].decision, Some(Decision::DeadLetter(..))) {
+                        let pending = Decision::Retry(FailureKind::RetriesExhausted, reason);
+                        messages.extend(
+                            self.commit_dead_letter_alone(stream, plugin, item, pending)
+                                .await?,
+                        );
+                    }
+                    continue;
                 }
-                continue;
+                Class::Permanent | Class::LostGroup => {}
             }
             // Before blaming the entry, make sure the database itself answers: an error no
             // classification foresaw may still be an outage, and an outage must never cost an
             // entry its place.
             if let Err(probe) = self.database_answers().await {
-                return Err(anyhow::Error::new(crate::health::KnownOutage(
-                    crate::health::Dependency::Database,
+                return Err(anyhow::Error::new(Unreachable(
+                    Dependency::Database,
                     format!(
                         "{probe} (the batch waits; its last error: {})",
                         crate::text::causes(&error)
@@ -253,9 +254,9 @@ impl HostState {
         item: &mut [Item],
         pending: Decision,
     ) -> Result<Vec<OutboxMessage>> {
-        match self.commit_pass(stream, plugin, item, true).await {
-            Ok(committed) => Ok(committed.unwrap_or_default()),
-            Err(error) if crate::health::blame(&error).is_some() => Err(error),
+        match self.commit_with_savepoints(stream, plugin, item).await {
+            Ok(committed) => Ok(committed),
+            Err(error) if failure::outage(&error).is_some() => Err(error),
             Err(error) => {
                 tracing::error!(stream, entry = %item[0].entry.id,
                     "cannot dead-letter the entry either, it stays pending: {}", crate::text::causes(&error));
@@ -265,16 +266,14 @@ impl HostState {
         }
     }
 
-    /// One attempt at the batch transaction. Without `isolate`, returns `None` (and rolls back)
-    /// as soon as an entry fails inside the database; with it, each entry runs in a savepoint
-    /// and a failing entry is rolled back alone and decided (retry or dead letter).
-    async fn commit_pass(
+    /// The batch transaction entry by entry: each entry runs in a savepoint, so a failing entry
+    /// is rolled back alone and decided (retry or dead letter) while the rest commit.
+    async fn commit_with_savepoints(
         &self,
         stream: &str,
         plugin: &Plugin,
         items: &mut [Item],
-        isolate: bool,
-    ) -> Result<Option<Vec<OutboxMessage>>> {
+    ) -> Result<Vec<OutboxMessage>> {
         let needs_db = items.iter().any(|item| {
             matches!(
                 item.decision,
@@ -282,7 +281,7 @@ impl HostState {
             )
         });
         if !needs_db {
-            return Ok(Some(Vec::new()));
+            return Ok(Vec::new());
         }
         let mut tx = self
             .pool
@@ -293,36 +292,26 @@ impl HostState {
         let mut messages = Vec::new();
         for item in items.iter_mut() {
             if let Some(Decision::Persist(statements)) = &item.decision {
-                if isolate {
-                    savepoint(&mut tx, "SAVEPOINT entry").await?;
-                }
+                savepoint(&mut tx, "SAVEPOINT entry").await?;
                 let outcome = self
                     .persist_entry(&mut tx, stream, plugin, &item.ledger_id, statements)
                     .await;
                 match outcome {
                     Ok(Some(emitted)) => {
-                        if isolate {
-                            savepoint(&mut tx, "RELEASE SAVEPOINT entry").await?;
-                        }
+                        savepoint(&mut tx, "RELEASE SAVEPOINT entry").await?;
                         messages.extend(emitted);
                     }
                     // Already in the ledger: nothing of this entry was written.
                     Ok(None) => {
-                        if isolate {
-                            savepoint(&mut tx, "RELEASE SAVEPOINT entry").await?;
-                        }
+                        savepoint(&mut tx, "RELEASE SAVEPOINT entry").await?;
                         item.decision = Some(Decision::Redelivered);
                     }
-                    Err(ExecError::Unavailable(error)) => {
+                    Err(StatementError::Unavailable(error)) => {
                         return Err(error).context(
                             "the database failed during the batch; nothing was acknowledged",
                         );
                     }
-                    // The transaction is aborted; dropping it rolls back.
-                    Err(ExecError::Retry(_) | ExecError::Permanent(_)) if !isolate => {
-                        return Ok(None);
-                    }
-                    Err(ExecError::Retry(reason)) => {
+                    Err(StatementError::Retry(reason)) => {
                         savepoint(&mut tx, "ROLLBACK TO SAVEPOINT entry").await?;
                         item.decision = Some(self.retry_or_give_up(
                             FailureKind::RetriesExhausted,
@@ -330,7 +319,7 @@ impl HostState {
                             item.entry.deliveries,
                         ));
                     }
-                    Err(ExecError::Permanent(reason)) => {
+                    Err(StatementError::Permanent(reason)) => {
                         savepoint(&mut tx, "ROLLBACK TO SAVEPOINT entry").await?;
                         item.decision = Some(Decision::DeadLetter(FailureKind::Database, reason));
                     }
@@ -344,17 +333,19 @@ impl HostState {
             }
         }
         match tx.commit().await {
-            Ok(()) => Ok(Some(messages)),
-            Err(error) => match execute::classify(error) {
-                ExecError::Retry(reason) => Err(anyhow::Error::new(Contention(format!(
+            Ok(()) => Ok(messages),
+            Err(error) => match execute::statement_failed(error) {
+                StatementError::Retry(reason) => Err(anyhow::Error::new(Contention(format!(
                     "COMMIT failed: {reason}"
                 )))),
-                ExecError::Unavailable(error) => {
+                StatementError::Unavailable(error) => {
                     Err(error).context("cannot commit the batch transaction")
                 }
-                ExecError::Permanent(reason) => Err(anyhow::anyhow!(
-                    "cannot commit the batch transaction: {reason}"
-                )),
+                StatementError::Permanent(reason) => {
+                    Err(anyhow::Error::new(StatementError::Permanent(format!(
+                        "cannot commit the batch transaction: {reason}"
+                    ))))
+                }
             },
         }
     }
@@ -402,7 +393,7 @@ impl HostState {
         plugin: &Plugin,
         entry_id: &str,
         statements: &[Statement],
-    ) -> Result<Option<Vec<OutboxMessage>>, ExecError> {
+    ) -> Result<Option<Vec<OutboxMessage>>, StatementError> {
         let recorded = ledger::record(
             conn,
             &self.source,
@@ -413,7 +404,7 @@ impl HostState {
             Outcome::Processed,
         )
         .await
-        .map_err(execute::classify)?;
+        .map_err(execute::statement_failed)?;
         if !recorded {
             return Ok(None);
         }
@@ -424,7 +415,7 @@ impl HostState {
                     let message =
                         outbox::enqueue(conn, &self.config.stream_key(target), fields.clone())
                             .await
-                            .map_err(execute::classify)?;
+                            .map_err(execute::statement_failed)?;
                     emitted.push(message);
                 }
                 other => execute::execute(conn, other).await?,
@@ -494,8 +485,8 @@ fn mark_redelivered(items: &mut [Item], claimed: &std::collections::HashSet<Stri
 /// certain, and the next attempt finds the others.
 fn certain_culprits(
     plan: &plan::Plan,
-    mut culprits: Vec<(usize, ExecError)>,
-) -> Vec<(usize, ExecError)> {
+    mut culprits: Vec<(usize, StatementError)>,
+) -> Vec<(usize, StatementError)> {
     let exact = !plan
         .stages
         .iter()
@@ -523,20 +514,13 @@ async fn lock_every_table(tx: &mut PgConnection, items: &[Item], links: &Links) 
     batch::lock_tables(tx, &locks)
         .await
         .map_err(|error| match error {
-            ExecError::Unavailable(error) => anyhow::Error::new(error)
+            StatementError::Unavailable(error) => anyhow::Error::new(error)
                 .context("the database failed during the batch; nothing was acknowledged"),
-            ExecError::Retry(reason) => anyhow::Error::new(Contention(format!(
+            StatementError::Retry(reason) => anyhow::Error::new(Contention(format!(
                 "cannot lock the batch's tables: {reason}"
             ))),
-            ExecError::Permanent(reason) => {
+            StatementError::Permanent(reason) => {
                 anyhow::anyhow!("cannot lock the batch's tables: {reason}")
             }
         })
 }
-
-/// A transaction failed on contention with other transactions (a lock wait past `lock_timeout`,
-/// a deadlock, a serialisation failure at COMMIT), not on anything its entries hold: retried,
-/// never dead-lettered as the entry's fault.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Contention(String);

@@ -135,7 +135,7 @@ impl HostState {
     async fn decide(
         &self,
         plugin: &Plugin,
-        policy: &crate::plugin::policy::PluginPolicy,
+        policy: &crate::config::PluginPolicy,
         items: &mut [Item],
         outcomes: Vec<(usize, Call)>,
     ) -> Result<()> {
@@ -159,7 +159,8 @@ impl HostState {
             } = call;
             call_time.observe(elapsed.as_secs_f64());
             let deliveries = items[index].entry.deliveries;
-            let decision = match outcome.into_commands(plugin.limits().memory_bytes) {
+            let decision = match super::outcome::commands_of(outcome, plugin.limits().memory_bytes)
+            {
                 Ok(commands) if weight > output::MAX_CALL_OUTPUT_BYTES => Decision::DeadLetter(
                     FailureKind::ForbiddenCommand,
                     format!(

@@ -22,9 +22,8 @@
 mod ack;
 mod commit;
 mod dispatch;
+pub mod outcome;
 mod triage;
-
-pub use triage::{REPLAY_OF_FIELD, REPLAY_PROOF_FIELD};
 
 use crate::dead_letter::FailureKind;
 use crate::persist::validate::Statement;
@@ -227,11 +226,11 @@ impl HostState {
     /// [`HostState::finish`] for a batch that failed it repeatedly for a reason other than an
     /// outage: each entry is committed in a transaction of its own, and an entry that fails alone
     /// is dead-lettered with the error, so one bad entry cannot hold up the rest.
-    pub async fn finish_isolated(&self, batch: &mut PreparedBatch) -> Result<BatchReport> {
+    pub async fn finish_each_alone(&self, batch: &mut PreparedBatch) -> Result<BatchReport> {
         let span = batch.span.clone();
         async {
             let messages = self
-                .commit_isolated(&batch.stream, &batch.plugin, &mut batch.items)
+                .commit_each_alone(&batch.stream, &batch.plugin, &mut batch.items)
                 .await?;
             self.acknowledge(batch, messages).await
         }

@@ -2,6 +2,7 @@
 
 use super::{Decision, Item};
 use crate::dead_letter::FailureKind;
+use crate::dead_letter::{REPLAY_OF_FIELD, REPLAY_PROOF_FIELD};
 use crate::state::HostState;
 use crate::streams::StreamEntry;
 use crate::text;
@@ -117,14 +118,6 @@ fn triage(mut entry: StreamEntry, retry_attempts: u32, genuine: ReplayCheck) -> 
         lossy_fields,
     }
 }
-
-/// The field with which `dlq replay` marks a re-published dead letter: the id of the entry that
-/// was dead-lettered.
-pub const REPLAY_OF_FIELD: &str = "kaleidoscope-replay-of";
-
-/// The field with the proof that `dlq replay` wrote the mark
-/// ([`crate::persist::ledger::replay_proof`]).
-pub const REPLAY_PROOF_FIELD: &str = "kaleidoscope-replay-proof";
 
 /// Whether `id` looks like a Redis stream entry id (`<ms>-<seq>`).
 fn is_entry_id(id: &str) -> bool {

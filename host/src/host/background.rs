@@ -7,13 +7,13 @@ use crate::health;
 use crate::heartbeat;
 use crate::persist::{ledger, outbox};
 use crate::requests;
+use crate::shutdown::{Shutdown, StopSwitch};
 use crate::state::HostState;
 use crate::streams;
 use anyhow::Result;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch as signal;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -23,11 +23,8 @@ const RELAY_INTERVAL: Duration = Duration::from_secs(5);
 const LEDGER_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Starts every chore; each ends when `stop` turns true.
-pub(super) fn spawn_all(
-    supervisor: &Arc<Supervisor>,
-    stop: &signal::Sender<bool>,
-) -> Vec<JoinHandle<()>> {
-    let state = &supervisor.delivery;
+pub(super) fn spawn_all(supervisor: &Arc<Supervisor>, stop: &StopSwitch) -> Vec<JoinHandle<()>> {
+    let state = &supervisor.state;
     let config = &state.config;
     let tracking = (Duration::from_secs(config.timeout_seconds) / 4)
         .clamp(Duration::from_millis(250), Duration::from_secs(10));
@@ -62,19 +59,19 @@ pub(super) fn spawn_all(
 /// Notices the host's own stalls (a tick that comes seconds late: the process was stopped,
 /// swapped out or starved), so the timeouts they cause are not reported as outages of Redis or
 /// PostgreSQL (see [`crate::health::Health::tick`]).
-async fn watch_for_stalls(state: Arc<HostState>, mut stop: signal::Receiver<bool>) {
+async fn watch_for_stalls(state: Arc<HostState>, mut stop: Shutdown) {
     state.health.tick();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(health::STALL_TICK) => state.health.tick(),
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         }
     }
 }
 
 /// Runs `round` after every `interval` until `stop` turns true (or its sender goes). A round in
 /// progress is finished, never cut off; the next interval starts when it ends.
-pub(super) async fn every<F, R>(interval: Duration, mut stop: signal::Receiver<bool>, mut round: F)
+pub(super) async fn every<F, R>(interval: Duration, mut stop: Shutdown, mut round: F)
 where
     F: FnMut() -> R,
     R: Future<Output = ()>,
@@ -82,9 +79,9 @@ where
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         }
-        if *stop.borrow() {
+        if stop.requested() {
             return;
         }
         round().await;
@@ -99,7 +96,7 @@ async fn write_heartbeat(supervisor: Arc<Supervisor>) {
 /// Checks PostgreSQL and Redis, so readiness reflects an outage even without traffic; writes
 /// the heartbeat when readiness changed.
 async fn probe(supervisor: Arc<Supervisor>) {
-    if supervisor.delivery.probe_dependencies().await {
+    if supervisor.state.probe_dependencies().await {
         supervisor.write_heartbeat().await;
     }
 }
@@ -116,7 +113,7 @@ async fn track_requests(state: Arc<HostState>) {
 }
 
 /// Keeps the processed-entry ledger to its retention window (see [`ledger::prune`]).
-async fn prune_ledger(state: Arc<HostState>, stop: signal::Receiver<bool>) {
+async fn prune_ledger(state: Arc<HostState>, stop: Shutdown) {
     match prune_expired(&state, &stop).await {
         Ok(0) => {}
         Ok(pruned) => tracing::debug!(pruned, "pruned the processed-entry ledger"),
@@ -131,7 +128,7 @@ async fn prune_ledger(state: Arc<HostState>, stop: signal::Receiver<bool>) {
 
 /// Deletes expired ledger rows chunk by chunk, yielding between chunks, keeping the rows of
 /// entries still pending. Returns how many went.
-async fn prune_expired(state: &HostState, stop: &signal::Receiver<bool>) -> Result<u64> {
+async fn prune_expired(state: &HostState, stop: &Shutdown) -> Result<u64> {
     let config = &state.config;
     let mut redis = state.redis.clone();
     let mut oldest_pending = Vec::new();
@@ -153,7 +150,7 @@ async fn prune_expired(state: &HostState, stop: &signal::Receiver<bool>) -> Resu
         )
         .await?;
         total += pruned;
-        if pruned < ledger::PRUNE_CHUNK as u64 || *stop.borrow() {
+        if pruned < ledger::PRUNE_CHUNK as u64 || stop.requested() {
             return Ok(total);
         }
         tokio::task::yield_now().await;

@@ -13,15 +13,16 @@ mod supervisor;
 use crate::config::Config;
 use crate::heartbeat;
 use crate::persist::{self, ledger, schema::Catalog};
-use crate::plugin::{PluginRegistry, PluginRuntime, PluginSet, SandboxLimits, watch};
+use crate::plugin::{PluginRegistry, PluginRuntime, PluginSet, watch};
 use crate::redis_connection;
+use crate::shutdown::StopSwitch;
 use crate::state::HostState;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 use supervisor::Supervisor;
-use tokio::sync::{Mutex, watch as signal};
+use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -29,7 +30,7 @@ use tracing::{info, warn};
 pub struct RunningHost {
     supervisor: Arc<Supervisor>,
     http_addr: Option<std::net::SocketAddr>,
-    stop: signal::Sender<bool>,
+    stop: StopSwitch,
     background: Vec<JoinHandle<()>>,
     _watcher: Option<notify::RecommendedWatcher>,
 }
@@ -74,11 +75,11 @@ impl RunningHost {
                 source, "adopted ledger rows written before the ledger recorded their source"
             );
         }
-        let runtime = Arc::new(PluginRuntime::for_config(&config, Some(&config.cache_dir))?);
+        let runtime = Arc::new(config.plugin_runtime(Some(&config.cache_dir))?);
         let plugins = load_plugins(&runtime, &config).await?;
         let registry = Arc::new(PluginRegistry::new(plugins));
         let replay_secret = ledger::replay_secret(&pool, &source).await?;
-        let delivery = Arc::new(HostState::new(
+        let state = Arc::new(HostState::new(
             config.clone(),
             source,
             replay_secret,
@@ -87,12 +88,12 @@ impl RunningHost {
             registry,
             catalog,
         ));
-        delivery.warn_unmatched_plugin_sections();
-        for failure in delivery.registry.snapshot().failures() {
-            supervisor::count_load_failure(&delivery, failure);
+        state.warn_unmatched_plugin_sections();
+        for failure in state.registry.snapshot().failures() {
+            supervisor::count_load_failure(&state, failure);
         }
         let supervisor = Arc::new(Supervisor {
-            delivery: delivery.clone(),
+            state: state.clone(),
             runtime,
             client,
             consumers: Mutex::new(BTreeMap::new()),
@@ -103,7 +104,7 @@ impl RunningHost {
         supervisor.reconcile_consumers().await?;
         supervisor.write_heartbeat().await;
 
-        let (stop, _) = signal::channel(false);
+        let stop = StopSwitch::new();
         let mut background = background::spawn_all(&supervisor, &stop);
         let mut http_addr = None;
         if let Some(listener) = listener {
@@ -111,7 +112,7 @@ impl RunningHost {
             info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
             background.push(tokio::spawn(crate::http::serve(
                 listener,
-                delivery.clone(),
+                state.clone(),
                 stop.subscribe(),
             )));
         }
@@ -164,8 +165,8 @@ impl RunningHost {
     }
 
     /// The shared protocol state (configuration, pool, registry).
-    pub fn delivery(&self) -> &Arc<HostState> {
-        &self.supervisor.delivery
+    pub fn state(&self) -> &Arc<HostState> {
+        &self.supervisor.state
     }
 
     /// Rescans the plugins directory now (the watcher does this on its own; tests and operators
@@ -176,10 +177,10 @@ impl RunningHost {
 
     /// Stops reading, lets every batch in flight finish (commit and acknowledge), then returns.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
+        self.stop.stop();
         let consumers = std::mem::take(&mut *self.supervisor.consumers.lock().await);
         for consumer in consumers.values() {
-            let _ = consumer.stop.send(true);
+            consumer.stop.stop();
         }
         let stopping = std::mem::take(&mut *self.supervisor.stopping.lock().await);
         let tasks = consumers
@@ -194,8 +195,8 @@ impl RunningHost {
         for task in self.background {
             let _ = task.await;
         }
-        heartbeat::withdraw(&self.supervisor.delivery).await;
-        self.supervisor.delivery.pool.close().await;
+        heartbeat::withdraw(&self.supervisor.state).await;
+        self.supervisor.state.pool.close().await;
     }
 }
 
@@ -239,7 +240,7 @@ async fn load_plugins(runtime: &Arc<PluginRuntime>, config: &Arc<Config>) -> Res
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
             PluginSet::load_dir(&runtime, &config.plugins_dir, &|name| {
-                SandboxLimits::for_plugin(&config, name)
+                config.sandbox_limits(name)
             })
         })
         .await

@@ -3,14 +3,15 @@
 
 use crate::consumer;
 use crate::heartbeat;
-use crate::plugin::{PluginRuntime, PluginSet, SandboxLimits};
+use crate::plugin::{PluginRuntime, PluginSet};
+use crate::shutdown::{Shutdown, StopSwitch};
 use crate::state::HostState;
 use crate::streams;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::{Mutex, watch as signal};
+use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
@@ -23,13 +24,13 @@ const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// One running consumer task and the switch that stops it.
 pub(super) struct Consumer {
-    pub(super) stop: signal::Sender<bool>,
+    pub(super) stop: StopSwitch,
     pub(super) task: JoinHandle<()>,
 }
 
 /// The parts of a running host that reloads and shutdown act on.
 pub(super) struct Supervisor {
-    pub(super) delivery: Arc<HostState>,
+    pub(super) state: Arc<HostState>,
     pub(super) runtime: Arc<PluginRuntime>,
     pub(super) client: redis::Client,
     pub(super) consumers: Mutex<BTreeMap<String, Consumer>>,
@@ -49,17 +50,17 @@ impl Supervisor {
     /// arrive together.
     pub(super) async fn reload(&self) -> Result<()> {
         let _one_at_a_time = self.reloading.lock().await;
-        self.delivery.reload_policies();
-        self.delivery.apply_operator_migrations().await;
-        let current = self.delivery.registry.snapshot();
+        self.state.reload_policies();
+        self.state.apply_operator_migrations().await;
+        let current = self.state.registry.snapshot();
         let runtime = self.runtime.clone();
-        let delivery = self.delivery.clone();
+        let state = self.state.clone();
         let previous = current.clone();
         // Limits as the configuration file says now (re-read above), like the grants.
         let next = tokio::task::spawn_blocking(move || {
-            let config = &delivery.config;
+            let config = &state.config;
             PluginSet::rescan(&runtime, &config.plugins_dir, &current, &|name| {
-                SandboxLimits::from_policy(config, &delivery.policy(name))
+                config.limits_under(&state.policy(name))
             })
         })
         .await
@@ -71,10 +72,10 @@ impl Supervisor {
                 .any(|old| old.file == f.file && old.sha256 == f.sha256)
         });
         for failure in new_failures {
-            count_load_failure(&self.delivery, failure);
+            count_load_failure(&self.state, failure);
         }
-        self.delivery.registry.replace(next);
-        self.delivery.warn_unmatched_plugin_sections();
+        self.state.registry.replace(next);
+        self.state.warn_unmatched_plugin_sections();
         self.reconcile_consumers().await?;
         self.write_heartbeat().await;
         Ok(())
@@ -85,9 +86,9 @@ impl Supervisor {
     /// finish their batches in flight on their own. No lock is held across a Redis call or a
     /// wait for a consumer.
     pub(super) async fn reconcile_consumers(&self) -> Result<()> {
-        let snapshot = self.delivery.registry.snapshot();
+        let snapshot = self.state.registry.snapshot();
         let wanted: Vec<String> = snapshot.streams().map(str::to_string).collect();
-        let config = &self.delivery.config;
+        let config = &self.state.config;
         let (missing, gone) = {
             let mut consumers = self.consumers.lock().await;
             let missing: Vec<String> = wanted
@@ -111,18 +112,18 @@ impl Supervisor {
                 stream,
                 "no plugin handles this stream any more; its entries wait in Redis"
             );
-            let _ = consumer.stop.send(true);
+            consumer.stop.stop();
             let mut stopping = self.stopping.lock().await;
             stopping.retain(|(_, task)| !task.is_finished());
             stopping.push((stream, consumer.task));
         }
         // Groups are created just after the ledger's horizons, read once for all of them.
         if !missing.is_empty() {
-            self.delivery.refresh_horizons().await?;
+            self.state.refresh_horizons().await?;
         }
         for stream in missing {
-            let mut redis = self.delivery.redis.clone();
-            let horizon = self.delivery.horizon(&stream);
+            let mut redis = self.state.redis.clone();
+            let horizon = self.state.horizon(&stream);
             streams::ensure_group(
                 &mut redis,
                 &config.stream_key(&stream),
@@ -130,13 +131,14 @@ impl Supervisor {
                 horizon,
             )
             .await?;
-            self.delivery.note_consumed(&stream);
+            self.state.note_consumed(&stream);
             if let Some(plugin) = snapshot.for_stream(&stream) {
-                crate::metrics::touch_stream(&self.delivery.metrics, &stream, &plugin.name);
+                crate::metrics::touch_stream(&self.state.metrics, &stream, &plugin.name);
             }
-            let (stop, stopped) = signal::channel(false);
+            let stop = StopSwitch::new();
+            let stopped = stop.subscribe();
             let task = tokio::spawn(consumer::consume(
-                self.delivery.clone(),
+                self.state.clone(),
                 self.client.clone(),
                 stream.clone(),
                 stopped,
@@ -152,7 +154,7 @@ impl Supervisor {
     /// Writes this host's heartbeat with the streams it consumes now.
     pub(super) async fn write_heartbeat(&self) {
         let streams: Vec<String> = self.consumers.lock().await.keys().cloned().collect();
-        heartbeat::write(&self.delivery, &streams, self.started_at).await;
+        heartbeat::write(&self.state, &streams, self.started_at).await;
     }
 }
 
@@ -160,7 +162,7 @@ impl Supervisor {
 pub(super) async fn watch_plugins(
     supervisor: Arc<Supervisor>,
     mut changes: tokio::sync::mpsc::UnboundedReceiver<()>,
-    mut stop: signal::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     loop {
         tokio::select! {
@@ -177,7 +179,7 @@ pub(super) async fn watch_plugins(
                 }
             }
             _ = tokio::time::sleep(RESCAN_INTERVAL) => {}
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         }
         if let Err(error) = supervisor.reload().await {
             error!("reloading plugins failed: {}", crate::text::causes(&error));
@@ -187,13 +189,13 @@ pub(super) async fn watch_plugins(
 
 /// Counts a failed load of a plugin file, labelled by the file's name (the plugin's own name is
 /// unknown when its manifest could not be read).
-pub(super) fn count_load_failure(delivery: &HostState, failure: &crate::plugin::LoadFailure) {
+pub(super) fn count_load_failure(state: &HostState, failure: &crate::plugin::LoadFailure) {
     let file = failure
         .file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    delivery
+    state
         .metrics
         .load_failures
         .get_or_create(&crate::metrics::ByFile { file })

@@ -7,10 +7,11 @@
 //! (a `text[]` or `real[]` column) travel as their text form, because PostgreSQL has no arrays of
 //! arrays of different lengths.
 
-use super::execute::{self, ExecError, dedup, ident, union};
+use super::execute::{self, dedup, ident, union};
 use super::plan::{InsertRow, KeyedRow, Plan, Stage};
 use super::schema::Links;
 use super::validate::{Param, SetOp, SetParam};
+use crate::failure::StatementError;
 use crate::plugin::wit;
 use sqlx::postgres::PgArguments;
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, query::Query};
@@ -21,19 +22,14 @@ use std::collections::{BTreeMap, BTreeSet};
 pub enum PlanFailure {
     /// `update`s with `if-missing = retry` or `fail` found no row: these entries (batch positions)
     /// must be decided on their own, with the error each would have had.
-    Missing(Vec<(usize, ExecError)>),
-    /// A statement failed inside the database; which entry is to blame is not known.
-    Failed(String),
-    /// The database is unreachable or failing as a whole.
-    Unavailable(sqlx::Error),
+    Missing(Vec<(usize, StatementError)>),
+    /// A statement failed; which entry is to blame is not known.
+    Statement(StatementError),
 }
 
-impl From<ExecError> for PlanFailure {
-    fn from(error: ExecError) -> Self {
-        match error {
-            ExecError::Unavailable(error) => PlanFailure::Unavailable(error),
-            ExecError::Retry(reason) | ExecError::Permanent(reason) => PlanFailure::Failed(reason),
-        }
+impl From<StatementError> for PlanFailure {
+    fn from(error: StatementError) -> Self {
+        PlanFailure::Statement(error)
     }
 }
 
@@ -132,7 +128,7 @@ fn add_linked_locks<'a>(
 pub async fn lock_tables(
     conn: &mut PgConnection,
     locks: &BTreeMap<&str, TableLock>,
-) -> Result<(), ExecError> {
+) -> Result<(), StatementError> {
     if locks.is_empty() {
         return Ok(());
     }
@@ -153,7 +149,7 @@ pub async fn lock_tables(
     .execute(conn)
     .await
     .map(drop)
-    .map_err(execute::classify)
+    .map_err(execute::statement_failed)
 }
 
 /// Runs every stage of `plan`, in order, inside the caller's transaction.
@@ -196,9 +192,9 @@ pub async fn run(conn: &mut PgConnection, plan: &Plan) -> Result<(), PlanFailure
                                 entry,
                                 match if_missing {
                                     wit::IfMissing::Fail => {
-                                        ExecError::Permanent(format!("no row in {which}"))
+                                        StatementError::Permanent(format!("no row in {which}"))
                                     }
-                                    _ => ExecError::Retry(format!("no row in {which} yet")),
+                                    _ => StatementError::Retry(format!("no row in {which} yet")),
                                 },
                             ));
                         }
@@ -582,10 +578,10 @@ async fn run_sql(
     conn: &mut PgConnection,
     sql: String,
     arrays: Vec<Array>,
-) -> Result<(), ExecError> {
+) -> Result<(), StatementError> {
     let done = query(sql, arrays).execute(conn).await;
     super::answers::answered();
-    done.map(drop).map_err(execute::classify)
+    done.map(drop).map_err(execute::statement_failed)
 }
 
 /// Runs an update `RETURNING u.n` and collects the (1-based) positions of the rows that matched.
@@ -593,13 +589,13 @@ async fn fetch_positions(
     conn: &mut PgConnection,
     sql: String,
     arrays: Vec<Array>,
-) -> Result<BTreeSet<i64>, ExecError> {
+) -> Result<BTreeSet<i64>, StatementError> {
     use sqlx::Row;
     let rows = query(sql, arrays).fetch_all(conn).await;
     super::answers::answered();
-    let rows = rows.map_err(execute::classify)?;
+    let rows = rows.map_err(execute::statement_failed)?;
     rows.iter()
-        .map(|row| row.try_get::<i64, _>(0).map_err(execute::classify))
+        .map(|row| row.try_get::<i64, _>(0).map_err(execute::statement_failed))
         .collect()
 }
 

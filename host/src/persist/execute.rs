@@ -5,29 +5,14 @@
 //! entry is ever interpolated into SQL text.
 
 use super::validate::{Condition, Param, SetOp, SetParam, Statement};
+use crate::failure::{self, StatementError};
 use crate::plugin::wit;
-use sqlx::postgres::{PgArguments, PgDatabaseError};
+use sqlx::postgres::PgArguments;
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row, query::Query};
-
-/// Why a statement (and so its entry) failed inside the database.
-#[derive(Debug, thiserror::Error)]
-pub enum ExecError {
-    /// May succeed later: a referenced row does not exist yet (foreign key), an `update` with
-    /// `if-missing = retry` found no row, or a serialisation conflict / deadlock.
-    #[error("{0}")]
-    Retry(String),
-    /// Can never succeed as written (constraint or data error, `if-missing = fail`, insert
-    /// conflict with `on-conflict = error`).
-    #[error("{0}")]
-    Permanent(String),
-    /// The database itself is unreachable or failing; the whole batch is abandoned unacknowledged.
-    #[error("database unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
-}
 
 /// Runs one statement inside the caller's transaction. `Emit` statements are not SQL and must be
 /// handled by the caller (they go to the outbox).
-pub async fn execute(conn: &mut PgConnection, statement: &Statement) -> Result<(), ExecError> {
+pub async fn execute(conn: &mut PgConnection, statement: &Statement) -> Result<(), StatementError> {
     match statement {
         Statement::Upsert { table, key, set } => {
             let (sql, binds) = upsert_sql(table, key, set);
@@ -55,8 +40,12 @@ pub async fn execute(conn: &mut PgConnection, statement: &Statement) -> Result<(
             let which = describe_key(table, key);
             match if_missing {
                 wit::IfMissing::Skip => Ok(()),
-                wit::IfMissing::Retry => Err(ExecError::Retry(format!("no row in {which} yet"))),
-                wit::IfMissing::Fail => Err(ExecError::Permanent(format!("no row in {which}"))),
+                wit::IfMissing::Retry => {
+                    Err(StatementError::Retry(format!("no row in {which} yet")))
+                }
+                wit::IfMissing::Fail => {
+                    Err(StatementError::Permanent(format!("no row in {which}")))
+                }
             }
         }
         Statement::Insert {
@@ -80,70 +69,13 @@ pub async fn execute(conn: &mut PgConnection, statement: &Statement) -> Result<(
     }
 }
 
-/// Whether `error` means PostgreSQL cannot be reached: the connection failed or was lost, or the
-/// server is shutting down or refuses connections. Only this is an outage, waited out without
-/// limit; every other error is about the work itself and is retried a bounded number of times.
-pub fn is_outage(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // connection_exception; admin_shutdown, crash_shutdown, cannot_connect_now;
-            // too_many_connections; and what refuses a new connection: authentication failed,
-            // the database does not exist, or does not accept connections (`ALLOW_CONNECTIONS
-            // false`, SQLSTATE 55000 with that message).
-            code.starts_with("08")
-                || matches!(
-                    &*code,
-                    "57P01" | "57P02" | "57P03" | "53300" | "28000" | "28P01" | "3D000"
-                )
-                || (code == "55000" && db.message().contains("accepting connections"))
-        }),
-        _ => false,
+/// The class of a failed statement's error (see [`crate::failure::classify_statement`]); a
+/// changed schema also has the catalogue read again.
+pub fn statement_failed(error: sqlx::Error) -> StatementError {
+    if failure::schema_changed(&error) {
+        super::schema::note_schema_changed();
     }
-}
-
-/// Sorts a database error into retry, permanent or unavailable, keeping PostgreSQL's message and
-/// detail (which names the table, constraint and key). Unavailable is [`is_outage`] only.
-pub fn classify(error: sqlx::Error) -> ExecError {
-    if is_outage(&error) {
-        return ExecError::Unavailable(error);
-    }
-    let sqlx::Error::Database(db) = &error else {
-        return ExecError::Retry(format!("{error}"));
-    };
-    let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-    let detail = db
-        .try_downcast_ref::<PgDatabaseError>()
-        .and_then(|e| e.detail())
-        .map(|d| format!(" ({d})"))
-        .unwrap_or_default();
-    let message = crate::text::sanitize(format!("{}{detail} [SQLSTATE {code}]", db.message()));
-    match code.as_str() {
-        // undefined_column, undefined_table, invalid_column_reference (an ON CONFLICT key that
-        // is no longer unique), datatype_mismatch: the schema changed since the catalogue was
-        // read, so the commands were checked against a table that is not there any more. The
-        // catalogue is read again and the entry retried: checked against the schema as it is,
-        // it then passes, or is dead-lettered naming what is missing.
-        "42703" | "42P01" | "42P10" | "42804" => {
-            super::schema::note_schema_changed();
-            ExecError::Retry(format!("the schema changed under the command: {message}"))
-        }
-        // foreign_key_violation: the referenced row (e.g. the media) may appear later.
-        // serialization_failure, deadlock_detected, lock_not_available: transient contention.
-        // query_canceled (statement_timeout), idle_in_transaction_session_timeout, and the
-        // server's own trouble (insufficient resources, system errors, internal errors): may
-        // pass, but each retry counts against the entry's attempts.
-        "23503" | "40001" | "40P01" | "55P03" | "57014" | "25P03" => ExecError::Retry(message),
-        c if c.starts_with("53") || c.starts_with("58") || c.starts_with("XX") => {
-            ExecError::Retry(message)
-        }
-        _ => ExecError::Permanent(message),
-    }
+    failure::classify_statement(error)
 }
 
 /// A value to bind, owned so the query can outlive the statement borrow.
@@ -196,18 +128,27 @@ fn bound(sql: String, binds: Vec<Bind>) -> Query<'static, Postgres, PgArguments>
 }
 
 /// Runs a statement; returns how many rows it affected.
-async fn run(conn: &mut PgConnection, sql: String, binds: Vec<Bind>) -> Result<u64, ExecError> {
+async fn run(
+    conn: &mut PgConnection,
+    sql: String,
+    binds: Vec<Bind>,
+) -> Result<u64, StatementError> {
     let done = bound(sql, binds).execute(conn).await;
     super::answers::answered();
-    done.map(|done| done.rows_affected()).map_err(classify)
+    done.map(|done| done.rows_affected())
+        .map_err(statement_failed)
 }
 
 /// Runs a statement that returns one count (`SELECT count(*) ...`).
-async fn count(conn: &mut PgConnection, sql: String, binds: Vec<Bind>) -> Result<u64, ExecError> {
+async fn count(
+    conn: &mut PgConnection,
+    sql: String,
+    binds: Vec<Bind>,
+) -> Result<u64, StatementError> {
     let row = bound(sql, binds).fetch_one(conn).await;
     super::answers::answered();
-    let row = row.map_err(classify)?;
-    let counted: i64 = row.try_get(0).map_err(classify)?;
+    let row = row.map_err(statement_failed)?;
+    let counted: i64 = row.try_get(0).map_err(statement_failed)?;
     Ok(u64::try_from(counted).unwrap_or(0))
 }
 

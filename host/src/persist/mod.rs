@@ -25,6 +25,8 @@ pub mod plan;
 pub mod schema;
 pub mod validate;
 
+use crate::config::DatabaseTimeouts;
+use crate::text::redact;
 use anyhow::{Context, Result};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
@@ -34,61 +36,34 @@ use std::time::Duration;
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
-/// The session limits of the host's PostgreSQL connections, so that no lock wait, runaway
-/// statement, forgotten transaction or vanished peer can hold a batch (or another host's batch)
-/// without limit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Timeouts {
-    /// `statement_timeout`.
-    pub statement: Duration,
-    /// `lock_timeout`.
-    pub lock: Duration,
-    /// `idle_in_transaction_session_timeout`.
-    pub idle_in_transaction: Duration,
-    /// `tcp_keepalives_idle` (probes then go out every 10 s, 3 at most).
-    pub keepalive_idle: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            statement: Duration::from_secs(30),
-            lock: Duration::from_secs(10),
-            idle_in_transaction: Duration::from_secs(60),
-            keepalive_idle: Duration::from_secs(30),
-        }
-    }
-}
-
-impl Timeouts {
-    /// How long a batch's database work may go without an answer (see [`answers`]) before the
-    /// host assumes the connection is lost: well past the point where the server would have
-    /// cancelled any one statement.
-    pub fn response_deadline(&self) -> Duration {
-        self.statement * 4 + self.lock
-    }
-
-    fn session_options(&self) -> [(&'static str, String); 6] {
-        [
-            ("statement_timeout", self.statement.as_millis().to_string()),
-            ("lock_timeout", self.lock.as_millis().to_string()),
-            (
-                "idle_in_transaction_session_timeout",
-                self.idle_in_transaction.as_millis().to_string(),
-            ),
-            (
-                "tcp_keepalives_idle",
-                self.keepalive_idle.as_secs().max(1).to_string(),
-            ),
-            ("tcp_keepalives_interval", "10".to_string()),
-            ("tcp_keepalives_count", "3".to_string()),
-        ]
-    }
+/// The session options that carry `timeouts` to every connection the host opens.
+fn session_options(timeouts: &DatabaseTimeouts) -> [(&'static str, String); 6] {
+    [
+        (
+            "statement_timeout",
+            timeouts.statement.as_millis().to_string(),
+        ),
+        ("lock_timeout", timeouts.lock.as_millis().to_string()),
+        (
+            "idle_in_transaction_session_timeout",
+            timeouts.idle_in_transaction.as_millis().to_string(),
+        ),
+        (
+            "tcp_keepalives_idle",
+            timeouts.keepalive_idle.as_secs().max(1).to_string(),
+        ),
+        ("tcp_keepalives_interval", "10".to_string()),
+        ("tcp_keepalives_count", "3".to_string()),
+    ]
 }
 
 /// Connects to the database of `url`, creating the database first if it does not exist (so a
 /// fresh machine needs no manual set-up). Every session gets `timeouts`.
-pub async fn connect(url: &str, max_connections: u32, timeouts: &Timeouts) -> Result<PgPool> {
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+    timeouts: &DatabaseTimeouts,
+) -> Result<PgPool> {
     let options = PgConnectOptions::from_str(url).map_err(|error| {
         anyhow::anyhow!(
             "DATABASE_URL {} is not a valid PostgreSQL URL: {}",
@@ -101,7 +76,7 @@ pub async fn connect(url: &str, max_connections: u32, timeouts: &Timeouts) -> Re
     // second as a "slow statement" warning. Statement timing lives in the metrics instead.
     let options = options
         .disable_statement_logging()
-        .options(timeouts.session_options());
+        .options(session_options(timeouts));
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
@@ -113,11 +88,11 @@ pub async fn connect(url: &str, max_connections: u32, timeouts: &Timeouts) -> Re
 /// One connection of its own for the health probe, made on first use: the delivery path's pool
 /// may be busy (every connection held by batches), which says nothing about whether PostgreSQL
 /// answers. `None` for a URL that does not parse (the caller then probes through its pool).
-pub fn probe_pool(url: &str, timeouts: &Timeouts, wait: Duration) -> Option<PgPool> {
+pub fn probe_pool(url: &str, timeouts: &DatabaseTimeouts, wait: Duration) -> Option<PgPool> {
     let options = PgConnectOptions::from_str(url)
         .ok()?
         .disable_statement_logging()
-        .options(timeouts.session_options());
+        .options(session_options(timeouts));
     Some(
         PgPoolOptions::new()
             .max_connections(1)
@@ -128,7 +103,7 @@ pub fn probe_pool(url: &str, timeouts: &Timeouts, wait: Duration) -> Option<PgPo
 
 /// A small pool on an existing database, for tools that only read (`kaleidoscope status`):
 /// never creates the database, and gives up within seconds so the tool can carry on without it.
-pub async fn connect_existing(url: &str, timeouts: &Timeouts) -> Result<PgPool> {
+pub async fn connect_existing(url: &str, timeouts: &DatabaseTimeouts) -> Result<PgPool> {
     let options = PgConnectOptions::from_str(url)
         .map_err(|error| {
             anyhow::anyhow!(
@@ -138,7 +113,7 @@ pub async fn connect_existing(url: &str, timeouts: &Timeouts) -> Result<PgPool> 
             )
         })?
         .disable_statement_logging()
-        .options(timeouts.session_options());
+        .options(session_options(timeouts));
     PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(3))
@@ -243,39 +218,9 @@ async fn ensure_database(options: &PgConnectOptions) -> Result<()> {
     }
 }
 
-/// The URL (or any text containing it) without its password, for messages: the password of the
-/// user part and any `password=` parameter become `***`. Errs on the side of hiding too much.
-pub fn redact(url: &str) -> String {
-    let mut out = url.to_string();
-    // The user part: after `scheme://`, or after `//` in a URL too broken to have a scheme.
-    let authority = out
-        .find("://")
-        .map(|i| i + 3)
-        .or_else(|| out.find("//").map(|i| i + 2));
-    if let (Some(start), Some(at)) = (authority, out.rfind('@'))
-        && at > start
-        && let Some(colon) = out[start..at].find(':')
-    {
-        out.replace_range(start + colon + 1..at, "***");
-    }
-    // `password=` (PostgreSQL), `pass=` (a Redis `redis+unix://` socket URL).
-    for parameter in ["password=", "pass="] {
-        let mut search = 0;
-        while let Some(found) = out[search..].to_ascii_lowercase().find(parameter) {
-            let value = search + found + parameter.len();
-            let end = out[value..]
-                .find(['&', ' ', '"', '\'', '#'])
-                .map_or(out.len(), |i| value + i);
-            out.replace_range(value..end, "***");
-            search = value + 3;
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{redact, with_database};
+    use super::with_database;
 
     #[test]
     fn with_database_replaces_only_the_database_name() {
@@ -285,31 +230,5 @@ mod tests {
         );
         assert_eq!(with_database("postgres://h", "demo"), "postgres://h/demo");
         assert_eq!(with_database("postgres://h/", "demo"), "postgres://h/demo");
-    }
-
-    #[test]
-    fn redact_hides_passwords_in_the_user_part_and_in_parameters() {
-        assert_eq!(
-            redact("postgres://postgres:S3cret@db:5432/k?sslmode=bogus"),
-            "postgres://postgres:***@db:5432/k?sslmode=bogus"
-        );
-        assert_eq!(
-            redact("postgres://u@db/k?sslmode=require&password=S3cret&x=1"),
-            "postgres://u@db/k?sslmode=require&password=***&x=1"
-        );
-        assert_eq!(
-            redact("error in \"postgres://db/k?Password=S3cret\": bad"),
-            "error in \"postgres://db/k?Password=***\": bad"
-        );
-        assert_eq!(
-            redact("redis://:p@ss@host:6379/0"),
-            "redis://:***@host:6379/0"
-        );
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-        assert_eq!(redact("postgres//u:S3cret@db"), "postgres//u:***@db");
-        assert_eq!(
-            redact("redis+unix:///run/redis.sock?db=1&pass=S3cret"),
-            "redis+unix:///run/redis.sock?db=1&pass=***"
-        );
     }
 }

@@ -177,7 +177,7 @@ pub async fn relay(pool: &PgPool, redis: &ConnectionManager) -> Result<usize> {
     for message in &messages {
         match streams::add(&mut redis, &message.stream_key, &message.fields).await {
             Ok(_) => published.push(message.id),
-            Err(error) if crate::health::blame(&error).is_some() => {
+            Err(error) if crate::failure::outage(&error).is_some() => {
                 // Redis is gone: keep what went out, stop the round.
                 remove(&mut *tx, &published).await?;
                 tx.commit().await?;

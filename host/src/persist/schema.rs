@@ -8,18 +8,6 @@ use sqlx::PgPool;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Tables that only the host writes (its ledger, outbox and migration record); no plugin command
-/// may name them, and no grant may include them.
-pub const HOST_TABLES: &[&str] = &[
-    "processed_entries",
-    "ledger_horizons",
-    "ledger_sources",
-    "replay_secrets",
-    "outbox",
-    "_sqlx_migrations",
-    "operator_migrations",
-];
-
 /// Set when a statement failed because the schema is not what the catalogue says (a column or
 /// table dropped, a unique key removed, a type changed): the next check reads the catalogue
 /// again (see [`schema_changed`]). Process-wide: a second read of the catalogue is harmless.

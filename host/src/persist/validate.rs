@@ -7,18 +7,38 @@
 //! names the plugin, the command, the table and the column — the entry is then dead-lettered as
 //! `forbidden-command` instead of failing somewhere inside PostgreSQL.
 
-use super::schema::HOST_TABLES;
 use super::schema::{Catalog, Column, ColumnKind, Table};
-use crate::plugin::policy::PluginPolicy;
+use crate::config::HOST_TABLES;
+use crate::config::PluginPolicy;
 use crate::plugin::wit;
 use std::collections::BTreeSet;
 
 /// The most commands one entry may produce.
 pub const MAX_COMMANDS_PER_ENTRY: usize = 100_000;
 
+/// The kind of a table command, as a rejection names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandKind {
+    Upsert,
+    Update,
+    Insert,
+    Delete,
+}
+
+impl std::fmt::Display for CommandKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CommandKind::Upsert => "upsert",
+            CommandKind::Update => "update",
+            CommandKind::Insert => "insert",
+            CommandKind::Delete => "delete",
+        })
+    }
+}
+
 /// Why a command was refused: the rule it broke, for callers and tests that branch on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rejected {
+pub enum Rule {
     /// More than [`MAX_COMMANDS_PER_ENTRY`] commands for one entry.
     TooManyCommands,
     /// The table belongs to the host (ledger, outbox, migrations).
@@ -57,7 +77,7 @@ pub enum Rejected {
 /// (stored as the dead letter's reason).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
-    pub kind: Rejected,
+    pub rule: Rule,
     pub message: String,
 }
 
@@ -183,7 +203,7 @@ pub fn validate(
 ) -> Result<Vec<Statement>, Rejection> {
     if commands.len() > MAX_COMMANDS_PER_ENTRY {
         return Err(Rejection {
-            kind: Rejected::TooManyCommands,
+            rule: Rule::TooManyCommands,
             message: format!(
                 "plugin `{plugin}` returned {} commands for one entry (limit {MAX_COMMANDS_PER_ENTRY})",
                 commands.len()
@@ -215,13 +235,13 @@ struct Checker<'a> {
 impl Checker<'_> {
     fn fail(
         &self,
-        kind: Rejected,
-        what: &str,
+        rule: Rule,
+        what: CommandKind,
         table: &str,
         problem: impl std::fmt::Display,
     ) -> Rejection {
         Rejection {
-            kind,
+            rule,
             message: format!(
                 "plugin `{}` command {} ({what} on table `{table}`): {problem}",
                 self.plugin, self.index
@@ -232,7 +252,7 @@ impl Checker<'_> {
     /// A rejection of an `emit` command (which has a target stream, not a table).
     fn fail_emit(&self, target: &str, problem: impl std::fmt::Display) -> Rejection {
         Rejection {
-            kind: Rejected::Emit,
+            rule: Rule::Emit,
             message: format!(
                 "plugin `{}` command {} (emit to `{}`): {problem}",
                 self.plugin,
@@ -247,8 +267,8 @@ impl Checker<'_> {
             wit::Command::Upsert(upsert) => self.upsert(upsert),
             wit::Command::Update(update) => self.update(update),
             wit::Command::Insert(insert) => {
-                let table = self.table("insert", &insert.table)?;
-                let values = self.params("insert", table, insert.values)?;
+                let table = self.table(CommandKind::Insert, &insert.table)?;
+                let values = self.params(CommandKind::Insert, table, insert.values)?;
                 Ok(Statement::Insert {
                     table: table.name.clone(),
                     values,
@@ -256,8 +276,8 @@ impl Checker<'_> {
                 })
             }
             wit::Command::Delete(delete) => {
-                let table = self.table("delete", &delete.table)?;
-                let key = self.key("delete", table, delete.key)?;
+                let table = self.table(CommandKind::Delete, &delete.table)?;
+                let key = self.key(CommandKind::Delete, table, delete.key)?;
                 Ok(Statement::Delete {
                     table: table.name.clone(),
                     key,
@@ -269,12 +289,12 @@ impl Checker<'_> {
 
     /// An upsert's key must be a unique key of its table, and stay out of `set`.
     fn upsert(&self, upsert: wit::Upsert) -> Result<Statement, Rejection> {
-        let table = self.table("upsert", &upsert.table)?;
-        let key = self.key("upsert", table, upsert.key)?;
+        let table = self.table(CommandKind::Upsert, &upsert.table)?;
+        let key = self.key(CommandKind::Upsert, table, upsert.key)?;
         let key_columns: BTreeSet<String> = key.iter().map(|p| p.column.clone()).collect();
         if !table.unique_keys.contains(&key_columns) {
-            return Err(self.fail(Rejected::NotAUniqueKey,
-                "upsert",
+            return Err(self.fail(Rule::NotAUniqueKey,
+                CommandKind::Upsert,
                 &table.name,
                 format!(
                     "key columns {key_columns:?} are not a primary key or unique constraint (unique keys: {:?})",
@@ -282,7 +302,7 @@ impl Checker<'_> {
                 ),
             ));
         }
-        let set = self.set("upsert", table, upsert.set, &key_columns)?;
+        let set = self.set(CommandKind::Upsert, table, upsert.set, &key_columns)?;
         Ok(Statement::Upsert {
             table: table.name.clone(),
             key,
@@ -293,20 +313,25 @@ impl Checker<'_> {
     /// An update sets something, only granted columns under an `update_columns` grant, and its
     /// guard compares columns that exist with values that fit them.
     fn update(&self, update: wit::Update) -> Result<Statement, Rejection> {
-        let table = self.table("update", &update.table)?;
-        let key = self.key("update", table, update.key)?;
+        let table = self.table(CommandKind::Update, &update.table)?;
+        let key = self.key(CommandKind::Update, table, update.key)?;
         // An update may change a column it selects on (`SET status = 'FAILED' WHERE
         // status = 'PENDING'`); only an upsert's conflict key must stay out of `set`.
-        let set = self.set("update", table, update.set, &BTreeSet::new())?;
+        let set = self.set(CommandKind::Update, table, update.set, &BTreeSet::new())?;
         if set.is_empty() {
-            return Err(self.fail(Rejected::EmptySet, "update", &table.name, "`set` is empty"));
+            return Err(self.fail(
+                Rule::EmptySet,
+                CommandKind::Update,
+                &table.name,
+                "`set` is empty",
+            ));
         }
         if !self.policy.tables.contains(&table.name)
             && let Some(granted) = self.policy.update_columns.get(&table.name)
             && let Some(column) = set.iter().find(|s| !granted.contains(&s.column))
         {
-            return Err(self.fail(Rejected::ColumnNotGranted,
-                "update",
+            return Err(self.fail(Rule::ColumnNotGranted,
+                CommandKind::Update,
                 &table.name,
                 format_args!(
                     "column `{}` is not granted (granted: {granted:?}, `update_columns` in [plugins.{}])",
@@ -320,8 +345,8 @@ impl Checker<'_> {
                 wit::Condition::Equals(value) => (value, true),
                 wit::Condition::Differs(value) => (value, false),
             };
-            let column = self.column("update", table, &value.column)?;
-            self.fits("update", table, column, &value.value)?;
+            let column = self.column(CommandKind::Update, table, &value.column)?;
+            self.fits(CommandKind::Update, table, column, &value.value)?;
             only_if.push(Condition {
                 param: Param {
                     column: column.name.clone(),
@@ -369,10 +394,10 @@ impl Checker<'_> {
         })
     }
 
-    fn table(&self, what: &str, name: &str) -> Result<&Table, Rejection> {
+    fn table(&self, what: CommandKind, name: &str) -> Result<&Table, Rejection> {
         if HOST_TABLES.contains(&name) {
             return Err(self.fail(
-                Rejected::HostTable,
+                Rule::HostTable,
                 what,
                 name,
                 "the table belongs to the host and cannot be written by plugins",
@@ -380,8 +405,8 @@ impl Checker<'_> {
         }
         if !self.policy.tables.contains(name) {
             if let Some(columns) = self.policy.update_columns.get(name) {
-                if what != "update" {
-                    return Err(self.fail(Rejected::UpdateOnly,
+                if what != CommandKind::Update {
+                    return Err(self.fail(Rule::UpdateOnly,
                         what,
                         name,
                         format_args!(
@@ -392,7 +417,7 @@ impl Checker<'_> {
                 }
             } else {
                 return Err(self.fail(
-                    Rejected::TableNotGranted,
+                    Rule::TableNotGranted,
                     what,
                     name,
                     format_args!(
@@ -402,25 +427,20 @@ impl Checker<'_> {
                 ));
             }
         }
-        self.catalog.table(name).ok_or_else(|| {
-            self.fail(
-                Rejected::UnknownTable,
-                what,
-                name,
-                "the table does not exist",
-            )
-        })
+        self.catalog
+            .table(name)
+            .ok_or_else(|| self.fail(Rule::UnknownTable, what, name, "the table does not exist"))
     }
 
     fn column<'t>(
         &self,
-        what: &str,
+        what: CommandKind,
         table: &'t Table,
         name: &str,
     ) -> Result<&'t Column, Rejection> {
         let column = table.columns.get(name).ok_or_else(|| {
             self.fail(
-                Rejected::UnknownColumn,
+                Rule::UnknownColumn,
                 what,
                 &table.name,
                 format!("column `{name}` does not exist"),
@@ -428,7 +448,7 @@ impl Checker<'_> {
         })?;
         if column.generated {
             return Err(self.fail(
-                Rejected::GeneratedColumn,
+                Rule::GeneratedColumn,
                 what,
                 &table.name,
                 format!("column `{name}` is generated and cannot be written"),
@@ -439,7 +459,7 @@ impl Checker<'_> {
 
     fn params(
         &self,
-        what: &str,
+        what: CommandKind,
         table: &Table,
         values: Vec<wit::ColumnValue>,
     ) -> Result<Vec<Param>, Rejection> {
@@ -449,7 +469,7 @@ impl Checker<'_> {
             .map(|cv| {
                 if !seen.insert(cv.column.clone()) {
                     return Err(self.fail(
-                        Rejected::DuplicateColumn,
+                        Rule::DuplicateColumn,
                         what,
                         &table.name,
                         format!("column `{}` appears twice", cv.column),
@@ -468,17 +488,17 @@ impl Checker<'_> {
 
     fn key(
         &self,
-        what: &str,
+        what: CommandKind,
         table: &Table,
         key: Vec<wit::ColumnValue>,
     ) -> Result<Vec<Param>, Rejection> {
         if key.is_empty() {
-            return Err(self.fail(Rejected::EmptyKey, what, &table.name, "the key is empty"));
+            return Err(self.fail(Rule::EmptyKey, what, &table.name, "the key is empty"));
         }
         let params = self.params(what, table, key)?;
         if let Some(null) = params.iter().find(|p| matches!(p.value, wit::Value::Null)) {
             return Err(self.fail(
-                Rejected::NullKey,
+                Rule::NullKey,
                 what,
                 &table.name,
                 format!("key column `{}` is null", null.column),
@@ -489,7 +509,7 @@ impl Checker<'_> {
 
     fn set(
         &self,
-        what: &str,
+        what: CommandKind,
         table: &Table,
         set: Vec<wit::ColumnSet>,
         key_columns: &BTreeSet<String>,
@@ -499,7 +519,7 @@ impl Checker<'_> {
             .map(|cs| {
                 if key_columns.contains(&cs.column) {
                     return Err(self.fail(
-                        Rejected::KeyInSet,
+                        Rule::KeyInSet,
                         what,
                         &table.name,
                         format!("column `{}` is both in the key and in `set`", cs.column),
@@ -507,7 +527,7 @@ impl Checker<'_> {
                 }
                 if !seen.insert(cs.column.clone()) {
                     return Err(self.fail(
-                        Rejected::DuplicateColumn,
+                        Rule::DuplicateColumn,
                         what,
                         &table.name,
                         format!("column `{}` appears twice in `set`", cs.column),
@@ -522,7 +542,7 @@ impl Checker<'_> {
                     wit::ColumnOp::AppendUnique(items) => {
                         if column.kind != ColumnKind::TextArray {
                             return Err(self.fail(
-                                Rejected::TypeMismatch,
+                                Rule::TypeMismatch,
                                 what,
                                 &table.name,
                                 format!(
@@ -533,7 +553,7 @@ impl Checker<'_> {
                         }
                         if let Some(item) = items.iter().find(|s| s.contains('\0')) {
                             return Err(self.fail(
-                                Rejected::TypeMismatch,
+                                Rule::TypeMismatch,
                                 what,
                                 &table.name,
                                 format!(
@@ -556,7 +576,7 @@ impl Checker<'_> {
 
     fn fits(
         &self,
-        what: &str,
+        what: CommandKind,
         table: &Table,
         column: &Column,
         value: &wit::Value,
@@ -564,7 +584,7 @@ impl Checker<'_> {
         use wit::Value as V;
         let mismatch = |detail: String| {
             Err(self.fail(
-                Rejected::TypeMismatch,
+                Rule::TypeMismatch,
                 what,
                 &table.name,
                 format!("column `{}` ({}): {detail}", column.name, column.sql_type),
@@ -891,11 +911,7 @@ mod tests {
             ("other", V::Text("a\0".into()), "text value does not fit"),
         ] {
             let rejection = rejected(set_media(column, value.clone()));
-            assert_eq!(
-                rejection.kind,
-                Rejected::TypeMismatch,
-                "{column} = {value:?}"
-            );
+            assert_eq!(rejection.rule, Rule::TypeMismatch, "{column} = {value:?}");
             assert!(
                 rejection.message.contains(&format!("column `{column}`"))
                     && rejection.message.contains(detail)
@@ -917,48 +933,48 @@ mod tests {
         for (command, kind, words) in [
             (
                 set_media("nope", V::Null),
-                Rejected::UnknownColumn,
+                Rule::UnknownColumn,
                 "column `nope` does not exist",
             ),
-            (generated, Rejected::GeneratedColumn, "generated"),
+            (generated, Rule::GeneratedColumn, "generated"),
             (
                 upsert("ghost", id(), vec![]),
-                Rejected::TableNotGranted,
+                Rule::TableNotGranted,
                 "not granted",
             ),
             (
                 upsert("outbox", id(), vec![]),
-                Rejected::HostTable,
+                Rule::HostTable,
                 "belongs to the host",
             ),
             (
                 upsert("requests", id(), vec![assign("status", V::Null)]),
-                Rejected::UpdateOnly,
+                Rule::UpdateOnly,
                 "may only update",
             ),
             (
                 update("requests", vec![assign("payload", V::Null)]),
-                Rejected::ColumnNotGranted,
+                Rule::ColumnNotGranted,
                 "column `payload` is not granted",
             ),
             (
                 upsert("media", vec![], vec![]),
-                Rejected::EmptyKey,
+                Rule::EmptyKey,
                 "key is empty",
             ),
             (
                 upsert("media", vec![cv("score", V::Null)], vec![]),
-                Rejected::NullKey,
+                Rule::NullKey,
                 "key column `score` is null",
             ),
             (
                 upsert("media", vec![cv("score", V::Float(1.0))], vec![]),
-                Rejected::NotAUniqueKey,
+                Rule::NotAUniqueKey,
                 "not a primary key",
             ),
             (
                 upsert("media", id(), vec![assign("id", V::Integer(2))]),
-                Rejected::KeyInSet,
+                Rule::KeyInSet,
                 "both in the key and in `set`",
             ),
             (
@@ -967,7 +983,7 @@ mod tests {
                     id(),
                     vec![assign("score", V::Null), assign("score", V::Null)],
                 ),
-                Rejected::DuplicateColumn,
+                Rule::DuplicateColumn,
                 "appears twice in `set`",
             ),
             (
@@ -976,14 +992,10 @@ mod tests {
                     values: vec![cv("id", V::Integer(1)), cv("id", V::Integer(2))],
                     on_conflict: wit::OnConflict::Error,
                 }),
-                Rejected::DuplicateColumn,
+                Rule::DuplicateColumn,
                 "appears twice",
             ),
-            (
-                update("media", vec![]),
-                Rejected::EmptySet,
-                "`set` is empty",
-            ),
+            (update("media", vec![]), Rule::EmptySet, "`set` is empty"),
             (
                 upsert(
                     "media",
@@ -993,23 +1005,19 @@ mod tests {
                         op: ColumnOp::AppendUnique(vec!["x".into()]),
                     }],
                 ),
-                Rejected::TypeMismatch,
+                Rule::TypeMismatch,
                 "append-unique needs a text[] column",
             ),
             (
                 emit("bad name", &[("a", "b")]),
-                Rejected::Emit,
+                Rule::Emit,
                 "invalid target",
             ),
-            (
-                emit("elsewhere", &[("a", "b")]),
-                Rejected::Emit,
-                "not granted",
-            ),
-            (emit("out", &[]), Rejected::Emit, "at least one field"),
+            (emit("elsewhere", &[("a", "b")]), Rule::Emit, "not granted"),
+            (emit("out", &[]), Rule::Emit, "at least one field"),
         ] {
             let rejection = rejected(command);
-            assert_eq!(rejection.kind, kind, "{rejection}");
+            assert_eq!(rejection.rule, kind, "{rejection}");
             assert!(rejection.message.contains(words), "{kind:?}: {rejection}");
         }
         let unknown = validate(
@@ -1022,7 +1030,7 @@ mod tests {
             &catalog(),
         )
         .expect_err("unknown table");
-        assert_eq!(unknown.kind, Rejected::UnknownTable);
+        assert_eq!(unknown.rule, Rule::UnknownTable);
     }
 
     #[test]
@@ -1037,8 +1045,8 @@ mod tests {
         assert!(rejection.message.contains("command 1"), "{rejection}");
         let many = vec![emit("out", &[("a", "b")]); MAX_COMMANDS_PER_ENTRY + 1];
         assert_eq!(
-            check(many).expect_err("too many").kind,
-            Rejected::TooManyCommands
+            check(many).expect_err("too many").rule,
+            Rule::TooManyCommands
         );
     }
 }

@@ -10,7 +10,6 @@
 
 mod older_contracts;
 pub mod output;
-pub mod policy;
 pub mod registry;
 pub mod runtime;
 pub mod watch;
@@ -68,6 +67,4 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
-pub use runtime::{
-    CallSession, HandlerFailure, HandlerOutcome, Plugin, PluginRuntime, SandboxLimits, Settings,
-};
+pub use runtime::{CallSession, HandlerOutcome, Plugin, PluginRuntime, SandboxLimits, Settings};

@@ -64,26 +64,6 @@ pub struct SandboxLimits {
     pub memory_bytes: usize,
 }
 
-impl SandboxLimits {
-    /// The limits of the plugin called `name` under `config`: its `[plugins.<name>]` overrides,
-    /// else the defaults.
-    pub fn for_plugin(config: &crate::config::Config, name: &str) -> Self {
-        Self::from_policy(config, &config.policy(name))
-    }
-
-    /// The limits `policy` (a plugin's `[plugins.<name>]` section as in force now) gives, else
-    /// `config`'s defaults.
-    pub fn from_policy(
-        config: &crate::config::Config,
-        policy: &crate::config::PluginPolicy,
-    ) -> Self {
-        SandboxLimits {
-            call_timeout: policy.timeout.unwrap_or(config.plugin_timeout),
-            memory_bytes: policy.memory_bytes.unwrap_or(config.plugin_memory_bytes),
-        }
-    }
-}
-
 /// What one `handle` call came to. The host maps each case onto the delivery protocol.
 #[derive(Debug)]
 pub enum HandlerOutcome {
@@ -103,54 +83,6 @@ pub enum HandlerOutcome {
         /// The memory size the plugin asked for, in bytes.
         requested: usize,
     },
-}
-
-/// A handler call that produced no commands, as the host treats it. The one mapping from
-/// [`HandlerOutcome`] to a failure kind, shared by delivery and `plugin exec`, so what a plugin
-/// author sees is what the host does.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HandlerFailure {
-    pub kind: crate::dead_letter::FailureKind,
-    /// The reason as it is logged and stored in the dead letter.
-    pub reason: String,
-    /// Whether another delivery may succeed (the entry is retried until `ML_RETRY_ATTEMPTS`),
-    /// or the entry is dead-lettered at once.
-    pub retryable: bool,
-}
-
-impl HandlerOutcome {
-    /// The commands, or the failure as the host treats it; `memory_cap` (the plugin's cap, in
-    /// bytes) goes into the reason of a memory-limit failure.
-    pub fn into_commands(self, memory_cap: usize) -> Result<Vec<wit::Command>, HandlerFailure> {
-        use crate::dead_letter::FailureKind;
-        let (kind, reason, retryable) = match self {
-            HandlerOutcome::Commands(commands) => return Ok(commands),
-            HandlerOutcome::Malformed(reason) => (FailureKind::Malformed, reason, false),
-            HandlerOutcome::Retry(reason) => (FailureKind::RetriesExhausted, reason, true),
-            HandlerOutcome::Trap(message) => (
-                FailureKind::PluginTrap,
-                format!("plugin trapped: {message}"),
-                true,
-            ),
-            HandlerOutcome::Timeout(after) => (
-                FailureKind::Timeout,
-                format!("plugin did not return within {after:?}"),
-                true,
-            ),
-            HandlerOutcome::MemoryLimit { requested } => (
-                FailureKind::MemoryLimit,
-                format!(
-                    "plugin tried to grow its memory to {requested} bytes, over the cap of {memory_cap} bytes"
-                ),
-                true,
-            ),
-        };
-        Err(HandlerFailure {
-            kind,
-            reason,
-            retryable,
-        })
-    }
 }
 
 /// The most streams one manifest may declare.
@@ -329,22 +261,6 @@ impl PluginRuntime {
             }
         }
         Ok((component, false))
-    }
-
-    /// A runtime for `config`: its default limits, memory slots large enough for every plugin's
-    /// own cap, and compiled components cached in `cache_dir` when given.
-    pub fn for_config(config: &crate::config::Config, cache_dir: Option<&Path>) -> Result<Self> {
-        let defaults = SandboxLimits {
-            call_timeout: config.plugin_timeout,
-            memory_bytes: config.plugin_memory_bytes,
-        };
-        let largest = config
-            .plugins
-            .values()
-            .filter_map(|p| p.memory_bytes)
-            .max()
-            .unwrap_or(0);
-        Self::new(defaults, largest, cache_dir)
     }
 
     /// `wanted` as this runtime can honour them: a memory cap larger than the pool's slots were

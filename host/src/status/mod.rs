@@ -20,14 +20,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// How many dead letters `status` reads to count them by kind.
 const DLQ_SCAN_LIMIT: usize = 10_000;
 
-/// The streams reported even when no host is running (the seed's inbound streams).
-pub const DEFAULT_STREAMS: [&str; 4] = [
-    "ml-insights-results",
-    "face-detection-results",
-    "face-recognition-results",
-    "ml-error-results",
-];
-
 /// Every status a tracked request can have (the `CHECK` of `ml_requests.status`).
 pub const REQUEST_STATUSES: [&str; 4] = ["PENDING", "COMPLETED", "FAILED", "TIMED_OUT"];
 
@@ -108,8 +100,6 @@ pub struct GroupReport {
     pub consumers: i64,
 }
 
-pub use crate::requests::REQUEST_STREAMS;
-
 /// When `status` calls a stream unhealthy (its exit code).
 #[derive(Clone, Copy, Debug)]
 pub struct Thresholds {
@@ -156,8 +146,10 @@ pub async fn collect<C: ConnectionLike + Send>(
             ));
         }
     }
-    let mut stream_names: BTreeSet<String> =
-        DEFAULT_STREAMS.iter().map(|s| s.to_string()).collect();
+    let mut stream_names: BTreeSet<String> = crate::ml::SEED_RESULT_STREAMS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let served: BTreeSet<String> = hosts
         .iter()
         .flat_map(|h| h.streams.iter().cloned())
@@ -197,7 +189,7 @@ pub async fn collect<C: ConnectionLike + Send>(
         streams.push(report);
     }
     let mut request_streams = Vec::new();
-    for stream in REQUEST_STREAMS {
+    for stream in crate::ml::REQUEST_STREAMS {
         request_streams.push(request_stream_report(conn, config, stream).await?);
     }
     let dead_letters = dead_letter_report(conn, config).await?;

@@ -1,13 +1,24 @@
 //! What the operator allows each plugin: the tables it may write, the columns it may update, the
 //! streams it may emit to, and its sandbox limits where they differ from the defaults. Read from
 //! the `[plugins.<name>]` sections of `config/default-plugins.toml` (the shipped plugins'
-//! grants) and of the operator's configuration file; enforced by [`crate::persist::validate`].
+//! grants) and of the operator's configuration file; enforced by `persist::validate`.
 
-use crate::persist::schema::HOST_TABLES;
 use anyhow::{Context, Result, bail};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
+
+/// Tables that only the host writes (its ledger, outbox and migration record); no plugin command
+/// may name them, and no grant may include them.
+pub const HOST_TABLES: &[&str] = &[
+    "processed_entries",
+    "ledger_horizons",
+    "ledger_sources",
+    "replay_secrets",
+    "outbox",
+    "_sqlx_migrations",
+    "operator_migrations",
+];
 
 /// What the operator allows one plugin, and its sandbox limits if they differ from the defaults.
 /// A plugin without a policy may write nothing.
@@ -24,7 +35,7 @@ pub struct PluginPolicy {
     /// Deadline of one call, overriding `plugin_timeout_ms`.
     pub timeout: Option<Duration>,
     /// Memory cap in bytes, overriding `plugin_memory_mib` (at most
-    /// [`crate::config::MAX_PLUGIN_MEMORY_MIB`]).
+    /// [`super::MAX_PLUGIN_MEMORY_MIB`]).
     pub memory_bytes: Option<usize>,
     /// The operator's settings for the plugin (`[plugins.<name>.settings]`), read by the handler
     /// through the contract's `config` import: how one build serves producers that differ (e.g.
@@ -123,7 +134,7 @@ fn read_key(policy: &mut PluginPolicy, key: &str, value: &toml::Value, at: &str)
             }
         }
         "memory_mib" => {
-            let max = crate::config::MAX_PLUGIN_MEMORY_MIB;
+            let max = super::MAX_PLUGIN_MEMORY_MIB;
             let mib = usize::try_from(positive()?)
                 .ok()
                 .filter(|m| *m <= max)
