@@ -14,6 +14,7 @@
 //!   the commit. The request exists only if the rows it refers to were committed — the original
 //!   backend published before committing, and the ML side could not find the rows.
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::ml::{
     INSIGHTS_SERVICES, POST_IMAGE_STREAM, POST_UPDATE_STREAM, PROFILE_PICTURE_STREAM,
@@ -28,8 +29,8 @@ use std::io::Read;
 use std::time::{Duration, SystemTime};
 use tracing::{info, warn};
 
-/// First pause between publishing attempts; doubled after each failure.
-const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
+/// The pauses between publishing attempts: from 200 ms, doubling, up to 30 s.
+const PUBLISH_BACKOFF: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
 
 /// One processing request, as the seed's events describe them.
 #[derive(Clone, Debug, PartialEq)]
@@ -214,7 +215,7 @@ impl Publisher {
             .with_context(|| format!("cannot record request {correlation_id} for {stream}"))?;
 
         let key = self.config.stream_key(stream);
-        let mut delay = FIRST_RETRY_DELAY;
+        let mut backoff = PUBLISH_BACKOFF;
         let attempts = self.config.retry_attempts;
         for attempt in 1..=attempts {
             let added = match self.redis().await {
@@ -237,12 +238,11 @@ impl Publisher {
                         stream,
                         correlation_id,
                         attempt,
-                        retry_in_ms = delay.as_millis() as u64,
+                        retry_in_ms = backoff.upcoming().as_millis() as u64,
                         "publishing failed: {}",
                         crate::text::causes(&error)
                     );
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
+                    tokio::time::sleep(backoff.pause()).await;
                 }
                 Err(error) if self.critical(stream) => {
                     return Err(error).with_context(|| {

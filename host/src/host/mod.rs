@@ -10,6 +10,7 @@
 mod background;
 mod supervisor;
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::heartbeat;
 use crate::persist::{self, ledger, schema::Catalog};
@@ -20,7 +21,7 @@ use crate::state::HostState;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use supervisor::Supervisor;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -259,18 +260,18 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(1));
     loop {
         match connect().await {
             Ok(connected) => return Ok(connected),
-            Err(error) if std::time::Instant::now() + RETRY_EVERY < deadline => {
+            Err(error) if std::time::Instant::now() + backoff.upcoming() < deadline => {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
                 warn!(
                     "waiting for {what} ({}s left): {}",
                     left.as_secs(),
                     crate::text::causes(&error)
                 );
-                tokio::time::sleep(RETRY_EVERY).await;
+                tokio::time::sleep(backoff.pause()).await;
             }
             Err(error) => return Err(error),
         }

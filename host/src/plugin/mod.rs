@@ -1,17 +1,25 @@
 //! Handler plugins: WebAssembly components implementing `wit/handler.wit`.
 //!
-//! - [`runtime`] compiles components and calls them inside the sandbox (epoch deadline, memory
-//!   cap, no file system, network or environment; an instance reused within a batch, fresh after
-//!   any trap);
+//! - [`engine`] compiles components and loads them (one engine, every supported contract, a
+//!   cache of compiled components);
+//! - [`call`] calls them inside the [`sandbox`] (epoch deadline, memory cap, no file system,
+//!   network or environment; an instance reused within a batch, fresh after any trap), and
+//!   [`trap`] reports a call that trapped;
 //! - [`registry`] holds the set of loaded plugins, swappable as a whole so a reload never
 //!   disturbs a batch in flight, and computes the next set when files change;
-//! - [`watch`] notices those changes;
-//! - [`policy`] is what the operator allows each plugin (grants and limits).
+//! - [`watch`] notices those changes.
+//!
+//! What the operator allows each plugin (grants, limits) is configuration
+//! ([`crate::config::PluginPolicy`]); what a call's outcome means for its entry is the delivery
+//! protocol's ([`crate::delivery::outcome`]). This layer depends on neither.
 
+pub mod call;
+pub mod engine;
 mod older_contracts;
 pub mod output;
 pub mod registry;
-pub mod runtime;
+pub mod sandbox;
+pub mod trap;
 pub mod watch;
 
 /// Bindings generated from `wit/handler.wit`; the types of the contract (entries, commands,
@@ -67,4 +75,6 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
-pub use runtime::{CallSession, HandlerOutcome, Plugin, PluginRuntime, SandboxLimits, Settings};
+pub use call::{CallSession, HandlerOutcome, Plugin};
+pub use engine::PluginRuntime;
+pub use sandbox::{SandboxLimits, Settings};

@@ -4,7 +4,7 @@
 //! when it starts and keeps using that plugin version until it finishes, while a reload builds a
 //! new snapshot and swaps it in atomically. Readers never wait for a compile.
 
-use super::runtime::{Plugin, PluginRuntime, SandboxLimits};
+use super::{Plugin, PluginRuntime, SandboxLimits};
 use crate::logging::List;
 use anyhow::Result;
 use std::collections::BTreeMap;
