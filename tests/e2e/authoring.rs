@@ -4,13 +4,13 @@
 //! the configuration file, `plugin deploy` — into a host that is never restarted — and an entry
 //! of the new stream landing in the new table. In Rust and in Python.
 
-use crate::support::{Options, TestEnv, eventually, unique, workspace};
+use crate::support::{Options, OutputByDeadline, TestEnv, eventually, unique, workspace};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Runs `command`, failing the test with its output when it fails; returns its stdout.
 fn run(command: &mut Command) -> String {
-    let output = command.output().expect("run the command");
+    let output = command.output_by_deadline().expect("run the command");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),

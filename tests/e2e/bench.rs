@@ -1,7 +1,7 @@
 //! `kaleidoscope bench` runs end to end on a small mixed load: it starts the real host as a
 //! child process, drains every entry, verifies the rows and reports its figures.
 
-use crate::support::{Options, TestEnv};
+use crate::support::{Options, OutputByDeadline, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_drains_verifies_and_reports_a_mixed_load() {
@@ -19,7 +19,7 @@ async fn bench_drains_verifies_and_reports_a_mixed_load() {
             &url,
             "--json",
         ])
-        .output()
+        .output_by_deadline()
         .expect("run kaleidoscope bench");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "bench failed: {stderr}");

@@ -1,6 +1,6 @@
 //! The `kaleidoscope` binary: `run` against an empty database, `--help`, configuration errors.
 
-use crate::support::{Options, TestEnv, eventually, unique};
+use crate::support::{Options, OutputByDeadline, TestEnv, eventually, unique};
 use kaleidoscope::config::SETTINGS;
 use std::process::{Command, Stdio};
 
@@ -13,7 +13,10 @@ fn binary() -> Command {
 
 #[test]
 fn help_documents_every_flag_and_variable() {
-    let output = binary().args(["run", "--help"]).output().unwrap();
+    let output = binary()
+        .args(["run", "--help"])
+        .output_by_deadline()
+        .unwrap();
     assert!(output.status.success());
     let help = String::from_utf8(output.stdout).unwrap();
     for setting in SETTINGS {
@@ -49,7 +52,7 @@ fn run_nowhere() -> Command {
 fn invalid_configuration_is_an_error_naming_the_variable() {
     let output = run_nowhere()
         .env("KALEIDOSCOPE_BATCH_SIZE", "ten")
-        .output()
+        .output_by_deadline()
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -60,7 +63,7 @@ fn invalid_configuration_is_an_error_naming_the_variable() {
 
     let output = run_nowhere()
         .env("KALEIDOSCOPE_BATCH_SIZ", "5")
-        .output()
+        .output_by_deadline()
         .unwrap();
     assert!(!output.status.success());
     assert!(
@@ -70,7 +73,7 @@ fn invalid_configuration_is_an_error_naming_the_variable() {
 
     let output = run_nowhere()
         .env("KALEIDOSCOPE_PLUGIN_MEMORY_MIB", "100000")
-        .output()
+        .output_by_deadline()
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -83,7 +86,7 @@ fn invalid_configuration_is_an_error_naming_the_variable() {
         .args(["plugin", "check"])
         .arg(crate::support::plugin_file("insights"))
         .env("KALEIDOSCOPE_PLUGIN_MEMORY_MIB", "4096")
-        .output()
+        .output_by_deadline()
         .unwrap();
     assert!(
         output.status.success(),
@@ -207,7 +210,7 @@ fn passwords_never_appear_in_error_messages() {
             .arg(command)
             .env(variable, url)
             .env_remove("KALEIDOSCOPE_CONFIG")
-            .output()
+            .output_by_deadline()
             .unwrap();
         assert!(!output.status.success(), "{command} with {url} must fail");
         let printed = format!(
@@ -337,7 +340,7 @@ fn config_check_prints_every_setting_with_its_origin_or_names_the_bad_one() {
         .env("KALEIDOSCOPE_BATCH_SIZE", "20")
         .env("REDIS_PASSWORD", "hunter2")
         .env_remove("KALEIDOSCOPE_HTTP_ADDR")
-        .output()
+        .output_by_deadline()
         .unwrap();
     assert!(
         output.status.success(),
@@ -376,7 +379,7 @@ fn config_check_prints_every_setting_with_its_origin_or_names_the_bad_one() {
     let output = binary()
         .args(["config", "check"])
         .env("KALEIDOSCOPE_BATCH_SIZE", "many")
-        .output()
+        .output_by_deadline()
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -395,7 +398,7 @@ fn subcommand_help_shows_its_flags_and_points_to_the_settings() {
         vec!["publish", "post-image", "--help"],
         vec!["plugin", "deploy", "--help"],
     ] {
-        let output = binary().args(&args).output().unwrap();
+        let output = binary().args(&args).output_by_deadline().unwrap();
         let help = String::from_utf8(output.stdout).unwrap();
         assert!(
             help.contains("kaleidoscope config check"),
@@ -426,7 +429,7 @@ fn output_into_a_closed_pipe_ends_the_command_quietly() {
         .args(["config", "check"])
         .stdout(writer)
         .stderr(Stdio::piped())
-        .output()
+        .output_by_deadline()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");

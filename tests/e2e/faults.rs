@@ -174,6 +174,8 @@ async fn sigterm_under_load_exits_zero_with_nothing_half_done() {
 async fn two_hosts_racing_on_one_entry_apply_it_once() {
     // Host A takes the entry into a slow handler and is frozen there; host B reclaims it and
     // finishes it; A then wakes up, finishes its call, and must find the entry in the ledger.
+    // The handler's row has a unique key, so a second application could hide there; its emitted
+    // message cannot: each application publishes one, so the output stream counts them.
     let env = TestEnv::prepare(Options::new(&["slow"]).retries(5, 300)).await;
     let log_a = env.host_log("racer-a");
     let mut a = HostProcess::spawn(
@@ -183,7 +185,10 @@ async fn two_hosts_racing_on_one_entry_apply_it_once() {
             .stderr(std::fs::File::create(&log_a).unwrap()),
     );
     let id = env
-        .publish("mock-slow", &[("millis", "2000"), ("note", "once")])
+        .publish(
+            "mock-slow",
+            &[("millis", "2000"), ("note", "once"), ("target", "slow-out")],
+        )
         .await;
     eventually("racer-a to hold the entry", || async {
         (env.pending_for("mock-slow", "racer-a").await == 1).then_some(())
@@ -213,6 +218,12 @@ async fn two_hosts_racing_on_one_entry_apply_it_once() {
     assert_eq!(rows, 1, "the entry's row was written once");
     assert_eq!(env.ledger_count("mock-slow").await, 1);
     env.await_no_pending("mock-slow").await;
+    let emitted = env.entries("slow-out").await;
+    assert_eq!(
+        emitted.len(),
+        1,
+        "the entry was applied once, so its message was published once: {emitted:?}"
+    );
     assert!(env.dead_letters().await.is_empty());
     for host in [&mut a, &mut b] {
         signal(host, "TERM");

@@ -323,8 +323,19 @@ async fn a_batch_in_flight_finishes_on_the_version_it_started_with() {
     let early = env
         .publish("mock-slow", &[("millis", "2000"), ("note", "early")])
         .await;
-    eventually("the early entry to be in the 0.1.0 handler", || async {
-        (env.pending("mock-slow").await == 1).then_some(())
+    // In the handler, not only delivered: a batch read but not yet dispatched when the swap lands
+    // would (rightly) run on the new version, and the test would prove nothing.
+    let calls = env
+        .host()
+        .state()
+        .metrics
+        .calls_in_flight
+        .get_or_create_owned(&kaleidoscope::metrics::ByPluginName {
+            plugin: "slow".to_string(),
+        });
+    eventually("the early entry to be in the 0.1.0 handler", || {
+        let calls = calls.clone();
+        async move { (calls.get() == 1).then_some(()) }
     })
     .await;
     env.install_plugin("slow-next", "slow");

@@ -1,26 +1,9 @@
 //! What operators see: `/metrics`, `/healthz`, `/readyz`, `status --json`, JSON logs.
 
-use crate::support::{HostProcess, Options, TestEnv, eventually};
+use crate::support::{HostProcess, Options, TestEnv, eventually, http_get as get};
 use kaleidoscope::requests::{Publisher, Request};
 use std::io::{Read, Write};
 use std::sync::Arc;
-
-fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
 
 /// One processed entry, one dead letter, and one tracked request.
 async fn some_traffic(env: &TestEnv, request: Request) {

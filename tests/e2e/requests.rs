@@ -1,7 +1,7 @@
 //! The other half: publishing requests, the ML simulator, and tracking every request until its
 //! results arrive (or it fails, or times out).
 
-use crate::support::{Options, TestEnv, eventually};
+use crate::support::{Options, OutputByDeadline, TestEnv, eventually};
 use kaleidoscope::requests::{Publisher, Request};
 use kaleidoscope::shutdown::StopSwitch;
 use kaleidoscope::simulate::{self, SimulatorOptions};
@@ -324,7 +324,7 @@ async fn publishing_failures_are_errors_only_on_critical_streams() {
         env.binary(args)
             .env("REDIS_URL", "redis://127.0.0.1:1")
             .env("ML_RETRY_ATTEMPTS", "2")
-            .output()
+            .output_by_deadline()
             .unwrap()
     };
     let critical = unreachable(&[
@@ -373,7 +373,7 @@ async fn publishing_failures_are_errors_only_on_critical_streams() {
             "u",
         ])
         .env("ML_PROCESSING_ENABLED", "false")
-        .output()
+        .output_by_deadline()
         .unwrap();
     assert!(disabled.status.success());
     assert!(String::from_utf8_lossy(&disabled.stderr).contains("ML_PROCESSING_ENABLED=false"));

@@ -85,7 +85,10 @@ const FIXTURE_GRANTS: &[(&str, &str)] = &[
     ("panicking", "tables = [\"ml_processing_errors\"]"),
     ("looping", "tables = [\"ml_processing_errors\"]"),
     ("memory-hog", "tables = [\"ml_processing_errors\"]"),
-    ("slow", "tables = [\"ml_processing_errors\"]"),
+    (
+        "slow",
+        "tables = [\"ml_processing_errors\"]\nemit = [\"slow-out\"]",
+    ),
     ("contract-v0-1", "tables = [\"ml_processing_errors\"]"),
 ];
 
@@ -445,7 +448,9 @@ impl TestEnv {
 
     /// Runs the `kaleidoscope` binary with this environment's configuration.
     pub fn command(&self, args: &[&str]) -> std::process::Output {
-        self.binary(args).output().expect("run kaleidoscope")
+        self.binary(args)
+            .output_by_deadline()
+            .expect("run kaleidoscope")
     }
 
     /// Starts `kaleidoscope run` as a separate process with its own consumer name; its log goes
@@ -764,6 +769,67 @@ impl TestEnv {
     }
 }
 
+/// The longest a command a test runs may take (a plugin build included) before the test fails
+/// and the command is killed: one hung command must not hang the suite.
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(300);
+
+/// [`std::process::Command::output`] under [`COMMAND_DEADLINE`], for tests that are not async.
+pub trait OutputByDeadline {
+    /// Runs the command to completion with its output captured (stdin empty, as `output` has it);
+    /// panics, killing the process, when it has not exited within [`COMMAND_DEADLINE`].
+    fn output_by_deadline(&mut self) -> std::io::Result<std::process::Output>;
+}
+
+impl OutputByDeadline for std::process::Command {
+    fn output_by_deadline(&mut self) -> std::io::Result<std::process::Output> {
+        use std::io::Read;
+        use std::process::Stdio;
+        let mut child = self
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
+                bytes
+            })
+        };
+        let stdout = drain(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let stderr = drain(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if start.elapsed() > COMMAND_DEADLINE {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{self:?} did not finish within {COMMAND_DEADLINE:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(std::process::Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        })
+    }
+}
+
 /// Runs `command` to completion and returns its output, failing the test (and killing the
 /// process) if it has not exited within [`DEADLINE`].
 pub async fn output_within_deadline(command: &mut std::process::Command) -> std::process::Output {
@@ -812,4 +878,24 @@ fn text(value: redis::Value) -> String {
         redis::Value::Int(i) => i.to_string(),
         _ => String::new(),
     }
+}
+
+/// `GET path` from the host's HTTP endpoint at `addr`: the status and the body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }

@@ -1,12 +1,12 @@
 //! `kaleidoscope plugin check` and `plugin exec`, as a plugin author uses them.
 
-use crate::support::plugin_file;
+use crate::support::{OutputByDeadline, plugin_file};
 use std::process::Command;
 
 fn kaleidoscope(args: &[&str]) -> (serde_json::Value, std::process::Output) {
     let output = Command::new(env!("CARGO_BIN_EXE_kaleidoscope"))
         .args(args)
-        .output()
+        .output_by_deadline()
         .unwrap();
     let json = serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
     (json, output)
@@ -263,7 +263,7 @@ fn plugin_test_compares_recorded_entries_with_expected_outcomes() {
         args.extend_from_slice(extra);
         let output = Command::new(env!("CARGO_BIN_EXE_kaleidoscope"))
             .args(&args)
-            .output()
+            .output_by_deadline()
             .unwrap();
         (
             output.status.success(),

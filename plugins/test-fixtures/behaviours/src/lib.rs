@@ -8,7 +8,8 @@
 //! - `panic`: panic with the `note` field in the message (a trap in the host);
 //! - `loop`: spin forever (the host's epoch deadline must stop it);
 //! - `grow`: allocate without bound (the host's memory cap must stop it);
-//! - `sleep`: busy-wait `millis` milliseconds (default 200), then behave like `ok`;
+//! - `sleep`: busy-wait `millis` milliseconds (default 200), then behave like `ok`, and when the
+//!   entry has a `target` field also emit `note` to that stream (a write a double would show);
 //! - `block`: sleep through WASI (`std::thread::sleep`, a host call the epoch deadline cannot
 //!   interrupt) for `millis` milliseconds (default 600,000), then behave like `ok`;
 //! - `malformed` / `retry`: return that failure with the `note`;
@@ -132,7 +133,11 @@ pub fn perform(action: &str, entry: &Entry) -> Result<Vec<Command>, Failure> {
             while start.elapsed() < Duration::from_millis(millis) {
                 std::hint::spin_loop();
             }
-            Ok(ok())
+            let mut commands = ok();
+            if let Some(target) = fields.get("target") {
+                commands.push(sdk::emit(target, [("note", note.as_str())]));
+            }
+            Ok(commands)
         }
         "block" => {
             let millis = fields.i64("millis")?.unwrap_or(600_000).max(0) as u64;
