@@ -123,7 +123,6 @@ async fn answer(request: Request<Incoming>, state: &HostState) -> Response<Full<
 
 /// Measures the scrape-time gauges, then renders every series.
 async fn metrics(state: &HostState) -> String {
-    use crate::metrics::{ByDeadLetterKind, ByGroup, ByStatus, ByStream};
     let metrics = &state.metrics;
     let _one_scrape_at_a_time = metrics.scrape_lock().await;
     let scraped = &metrics.scraped;
@@ -137,6 +136,21 @@ async fn metrics(state: &HostState) -> String {
         .plugin_load_failures
         .set(snapshot.failures().len() as i64);
     let mut redis = state.redis.clone();
+    measure_streams(state, &mut redis, snapshot.streams()).await;
+    measure_request_streams(state, &mut redis).await;
+    measure_dead_letters(state, &mut redis).await;
+    measure_requests(state).await;
+    metrics.render()
+}
+
+/// The consumed streams' pending entries, their age, lag and length.
+async fn measure_streams<'s>(
+    state: &HostState,
+    redis: &mut redis::aio::ConnectionManager,
+    streams: impl Iterator<Item = &'s str>,
+) {
+    use crate::metrics::ByStream;
+    let scraped = &state.metrics.scraped;
     // Streams come and go with their plugins: only those served now have series.
     for family in [
         &scraped.stream_pending,
@@ -146,8 +160,8 @@ async fn metrics(state: &HostState) -> String {
         family.clear();
     }
     scraped.stream_oldest_pending_age.clear();
-    for stream in snapshot.streams() {
-        if let Ok(report) = status::stream_report(&mut redis, &state.config, stream).await {
+    for stream in streams {
+        if let Ok(report) = status::stream_report(redis, &state.config, stream).await {
             let labels = ByStream::new(stream);
             scraped
                 .stream_pending
@@ -168,12 +182,17 @@ async fn metrics(state: &HostState) -> String {
             }
         }
     }
+}
+
+/// The request streams' length, and per ML consumer group its lag and pending requests.
+async fn measure_request_streams(state: &HostState, redis: &mut redis::aio::ConnectionManager) {
+    use crate::metrics::{ByGroup, ByStream};
+    let scraped = &state.metrics.scraped;
     scraped.request_stream_length.clear();
     scraped.request_stream_lag.clear();
     scraped.request_stream_pending.clear();
     for stream in crate::ml::REQUEST_STREAMS {
-        let Ok(report) = status::request_stream_report(&mut redis, &state.config, stream).await
-        else {
+        let Ok(report) = status::request_stream_report(redis, &state.config, stream).await else {
             continue;
         };
         scraped
@@ -194,7 +213,13 @@ async fn metrics(state: &HostState) -> String {
                 .set(group.pending);
         }
     }
-    if let Ok(dead) = status::dead_letter_report(&mut redis, &state.config).await {
+}
+
+/// The dead letters by failure kind.
+async fn measure_dead_letters(state: &HostState, redis: &mut redis::aio::ConnectionManager) {
+    use crate::metrics::ByDeadLetterKind;
+    let scraped = &state.metrics.scraped;
+    if let Ok(dead) = status::dead_letter_report(redis, &state.config).await {
         // Every kind, 0 included, so an alert on one kind has a series from the start.
         for kind in crate::dead_letter::FailureKind::ALL {
             let n = dead.by_kind.get(kind.as_str()).copied().unwrap_or(0);
@@ -206,6 +231,12 @@ async fn metrics(state: &HostState) -> String {
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
+}
+
+/// The tracked requests by status.
+async fn measure_requests(state: &HostState) {
+    use crate::metrics::ByStatus;
+    let scraped = &state.metrics.scraped;
     // While PostgreSQL is down the last counts stand (the series do not vanish).
     if let Ok(requests) = status::requests_by_status(&state.pool).await {
         scraped.requests.clear();
@@ -222,5 +253,4 @@ async fn metrics(state: &HostState) -> String {
             scraped.requests.get_or_create(&ByStatus { status }).set(n);
         }
     }
-    metrics.render()
 }

@@ -183,6 +183,22 @@ impl Metrics {
     /// Puts every family into the registry, with its help text (the client adds the final
     /// period, and `_total` to counters).
     fn register(&mut self) {
+        self.register_counters();
+        self.register_scraped();
+        self.registry.register(
+            "kaleidoscope_build",
+            "The host's version and the plugin contracts it serves (always 1)",
+            Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("contract", crate::plugin::CONTRACT_VERSION),
+                ("contracts_loaded", crate::plugin::CONTRACTS_LOADED),
+            ]),
+        );
+        self.registry.register_collector(Box::new(ProcessCollector));
+    }
+
+    /// The families the delivery protocol updates as it works.
+    fn register_counters(&mut self) {
         let r = &mut self.registry;
         r.register(
             "kaleidoscope_entries_processed",
@@ -196,7 +212,7 @@ impl Metrics {
         );
         r.register(
             "kaleidoscope_entries_retried",
-            "Entries left pending for another state, by reason (`retryable`: the plugin asked to retry, a row it needs is missing, or a statement hit a passing condition such as a lock timeout; otherwise the plugin failure that will be reported if retries run out)",
+            "Entries left pending for another delivery, by reason (`retryable`: the plugin asked to retry, a row it needs is missing, or a statement hit a passing condition such as a lock timeout; otherwise the plugin failure that will be reported if retries run out)",
             self.retried.clone(),
         );
         r.register(
@@ -226,7 +242,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "kaleidoscope_batch_duration",
-            "Time to run one batch through the state protocol (handlers, commit, publish, acknowledge)",
+            "Time to run one batch through the delivery protocol (handlers, commit, publish, acknowledge)",
             Unit::Seconds,
             self.batch_duration.clone(),
         );
@@ -241,6 +257,11 @@ impl Metrics {
             "Plugin calls running now (a call stuck until its deadline shows here)",
             self.calls_in_flight.clone(),
         );
+    }
+
+    /// The gauges measured at each scrape.
+    fn register_scraped(&mut self) {
+        let r = &mut self.registry;
         let s = &self.scraped;
         r.register(
             "kaleidoscope_ready",
@@ -310,16 +331,6 @@ impl Metrics {
             "Requests an ML service's consumer group has read and not acknowledged",
             s.request_stream_pending.clone(),
         );
-        r.register(
-            "kaleidoscope_build",
-            "The host's version and the plugin contracts it serves (always 1)",
-            Info::new(vec![
-                ("version", env!("CARGO_PKG_VERSION")),
-                ("contract", crate::plugin::CONTRACT_VERSION),
-                ("contracts_loaded", crate::plugin::CONTRACTS_LOADED),
-            ]),
-        );
-        r.register_collector(Box::new(ProcessCollector));
     }
 
     /// Held by a scrape while it refills [`Metrics::scraped`] and renders, so two scrapes at

@@ -173,8 +173,17 @@ async fn answer(
         )
     };
     stats.results += messages.len() as u64;
+    publish(conn, config, &messages).await
+}
+
+/// Adds `messages` to their streams (capped, as a producer would), in one round trip.
+async fn publish(
+    conn: &mut MultiplexedConnection,
+    config: &Config,
+    messages: &[(&str, Vec<(String, String)>)],
+) -> Result<()> {
     let mut pipe = redis::pipe();
-    for (stream, fields) in &messages {
+    for (stream, fields) in messages {
         let cmd = pipe
             .cmd("XADD")
             .arg(config.stream_key(stream))
@@ -224,21 +233,49 @@ fn image_results(
     uploader_id: &str,
     correlation_id: &str,
 ) -> Vec<(&'static str, Vec<(String, String)>)> {
-    let timestamp = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
-    let common = |service: &str| -> Vec<(String, String)> {
-        vec![
-            ("mediaId".into(), media_id.to_string()),
-            ("postId".into(), post_id.to_string()),
-            ("service".into(), service.to_string()),
-            ("correlationId".into(), correlation_id.to_string()),
-            ("timestamp".into(), timestamp.clone()),
-            ("version".into(), "1".into()),
-        ]
+    let image = Image {
+        post_id,
+        media_id,
+        uploader_id,
+        correlation_id,
+        timestamp: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
     };
-    let with = |mut fields: Vec<(String, String)>, extra: Vec<(&str, String)>| {
+    let mut messages = insight_messages(rng, options, &image);
+    messages.extend(face_messages(rng, options, &image));
+    messages
+}
+
+/// What every result about one image carries.
+struct Image<'a> {
+    post_id: &'a str,
+    media_id: i64,
+    uploader_id: &'a str,
+    correlation_id: &'a str,
+    timestamp: String,
+}
+
+impl Image<'_> {
+    /// The fields common to every per-service insights message, then `extra`.
+    fn service_fields(&self, service: &str, extra: Vec<(&str, String)>) -> Vec<(String, String)> {
+        let mut fields = vec![
+            ("mediaId".into(), self.media_id.to_string()),
+            ("postId".into(), self.post_id.to_string()),
+            ("service".into(), service.to_string()),
+            ("correlationId".into(), self.correlation_id.to_string()),
+            ("timestamp".into(), self.timestamp.clone()),
+            ("version".into(), "1".into()),
+        ];
         fields.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
         fields
-    };
+    }
+}
+
+/// One insights message per service, as the real producers write them.
+fn insight_messages(
+    rng: &mut Rng,
+    options: &SimulatorOptions,
+    image: &Image<'_>,
+) -> Vec<(&'static str, Vec<(String, String)>)> {
     let tags: Vec<&str> = (0..2 + rng.below(3))
         .map(|_| TAGS[rng.below(TAGS.len())])
         .collect();
@@ -250,44 +287,33 @@ fn image_results(
         SUBJECTS[rng.below(SUBJECTS.len())],
         PLACES[rng.below(PLACES.len())]
     );
-    let mut messages = vec![
+    let moderation = vec![
+        ("isSafe", (!rng.chance(0.1)).to_string()),
         (
-            INSIGHTS_RESULTS,
-            with(
-                common("moderation"),
-                vec![
-                    ("isSafe", (!rng.chance(0.1)).to_string()),
-                    (
-                        "moderationConfidence",
-                        format!("{:.4}", 0.5 + rng.unit() / 2.0),
-                    ),
-                ],
-            ),
-        ),
-        (
-            INSIGHTS_RESULTS,
-            with(common("tagging"), vec![("tags", json_strings(&tags))]),
-        ),
-        (
-            INSIGHTS_RESULTS,
-            with(
-                common("scene_recognition"),
-                vec![("scenes", json_strings(&scenes))],
-            ),
-        ),
-        (
-            INSIGHTS_RESULTS,
-            with(common("image_captioning"), vec![("caption", caption)]),
-        ),
-        (
-            INSIGHTS_RESULTS,
-            with(
-                common("image_embedding"),
-                vec![("imageEmbedding", floats(rng, options.embedding_dims))],
-            ),
+            "moderationConfidence",
+            format!("{:.4}", 0.5 + rng.unit() / 2.0),
         ),
     ];
+    let embedding = floats(rng, options.embedding_dims);
+    [
+        image.service_fields("moderation", moderation),
+        image.service_fields("tagging", vec![("tags", json_strings(&tags))]),
+        image.service_fields("scene_recognition", vec![("scenes", json_strings(&scenes))]),
+        image.service_fields("image_captioning", vec![("caption", caption)]),
+        image.service_fields("image_embedding", vec![("imageEmbedding", embedding)]),
+    ]
+    .into_iter()
+    .map(|fields| (INSIGHTS_RESULTS, fields))
+    .collect()
+}
 
+/// The faces detected in the image (0–3, with embeddings), and for an uploader, a recognition
+/// for about half of them.
+fn face_messages(
+    rng: &mut Rng,
+    options: &SimulatorOptions,
+    image: &Image<'_>,
+) -> Vec<(&'static str, Vec<(String, String)>)> {
     let face_count = rng.below(4);
     let mut faces = Vec::new();
     let mut face_ids = Vec::new();
@@ -308,37 +334,41 @@ fn image_results(
         ));
         face_ids.push(face_id);
     }
-    messages.push((
+    let mut messages = vec![(
         FACE_DETECTION_RESULTS,
         vec![
-            ("mediaId".into(), media_id.to_string()),
-            ("postId".into(), post_id.to_string()),
+            ("mediaId".into(), image.media_id.to_string()),
+            ("postId".into(), image.post_id.to_string()),
             ("facesDetected".into(), face_count.to_string()),
             ("faces".into(), format!("[{}]", faces.join(", "))),
-            ("correlationId".into(), correlation_id.to_string()),
-            ("timestamp".into(), timestamp.clone()),
+            ("correlationId".into(), image.correlation_id.to_string()),
+            ("timestamp".into(), image.timestamp.clone()),
             ("version".into(), "1".into()),
         ],
-    ));
-    if !uploader_id.is_empty() {
-        for face_id in face_ids {
-            if rng.chance(0.5) {
-                messages.push((
-                    FACE_RECOGNITION_RESULTS,
-                    vec![
-                        ("mediaId".into(), media_id.to_string()),
-                        ("postId".into(), post_id.to_string()),
-                        ("faceId".into(), face_id),
-                        ("suggestedUserId".into(), uploader_id.to_string()),
-                        ("matchedUsername".into(), format!("user{uploader_id}")),
-                        (
-                            "confidenceScore".into(),
-                            format!("{:.4}", 0.7 + rng.unit() * 0.3),
-                        ),
-                        ("correlationId".into(), correlation_id.to_string()),
-                    ],
-                ));
-            }
+    )];
+    if image.uploader_id.is_empty() {
+        return messages;
+    }
+    for face_id in face_ids {
+        if rng.chance(0.5) {
+            messages.push((
+                FACE_RECOGNITION_RESULTS,
+                vec![
+                    ("mediaId".into(), image.media_id.to_string()),
+                    ("postId".into(), image.post_id.to_string()),
+                    ("faceId".into(), face_id),
+                    ("suggestedUserId".into(), image.uploader_id.to_string()),
+                    (
+                        "matchedUsername".into(),
+                        format!("user{}", image.uploader_id),
+                    ),
+                    (
+                        "confidenceScore".into(),
+                        format!("{:.4}", 0.7 + rng.unit() * 0.3),
+                    ),
+                    ("correlationId".into(), image.correlation_id.to_string()),
+                ],
+            ));
         }
     }
     messages

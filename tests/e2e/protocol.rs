@@ -151,7 +151,7 @@ async fn a_result_whose_media_appears_later_succeeds_on_retry() {
             ],
         )
         .await;
-    eventually("the first state to fail", || async {
+    eventually("the first delivery to fail", || async {
         (env.pending(INSIGHTS).await == 1).then_some(())
     })
     .await;

@@ -310,11 +310,11 @@ pub(super) fn plugin(
                 dir,
             };
             let dir = crate::authoring::scaffold::create(&request)?;
+            let guide = dir.join("README.md");
             println!(
-                "created {} ({:?}); next: see {}",
+                "created {} ({lang:?}); next: see {}",
                 dir.display(),
-                lang,
-                dir.join("README.md").display()
+                guide.display()
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -328,46 +328,7 @@ pub(super) fn plugin(
             dir,
             update,
             database: _,
-        } => {
-            let (file, dir) = if file.is_dir() {
-                let cases = dir.unwrap_or_else(|| file.join("tests"));
-                (crate::authoring::build(&file)?, cases)
-            } else {
-                let dir = dir.context(
-                    "give the directory of recorded entries after the component (or give a project folder)",
-                )?;
-                (file, dir)
-            };
-            let plugin = toolkit::load(&config, &file)
-                .with_context(|| format!("{} would not load", file.display()))?;
-            let results = toolkit::test_dir(&config, &plugin, &dir, update, catalog)?;
-            for result in &results {
-                println!("{:<8} {}", result.verdict, result.case);
-                match result.verdict {
-                    toolkit::Verdict::Differs => {
-                        println!(
-                            "  expected: {}",
-                            result.expected.clone().unwrap_or_default()
-                        );
-                        println!("  actual:   {}", result.actual);
-                    }
-                    toolkit::Verdict::New => {
-                        println!(
-                            "  actual:   {} (no expected outcome: run with --update)",
-                            result.actual
-                        );
-                    }
-                    toolkit::Verdict::Ok | toolkit::Verdict::Updated => {}
-                }
-            }
-            let failed = results.iter().filter(|r| r.verdict.fails()).count();
-            println!("{} case(s), {failed} failed", results.len());
-            Ok(if failed == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        } => plugin_test(&config, &file, dir, update, catalog),
         PluginCommand::Check { file } => {
             let plugin = toolkit::load(&config, &file)
                 .with_context(|| format!("{} would not load", file.display()))?;
@@ -385,31 +346,93 @@ pub(super) fn plugin(
             deliveries,
             database: _,
         } => {
-            let fields = fields
-                .iter()
-                .map(|pair| {
-                    pair.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .with_context(|| format!("--field {pair:?} is not NAME=VALUE"))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let plugin = toolkit::load(&config, &file)
-                .with_context(|| format!("{} would not load", file.display()))?;
             let entry = toolkit::ExecEntry {
                 stream: stream.as_deref(),
                 id: &id,
                 deliveries,
-                fields,
+                fields: name_value_pairs(&fields)?,
             };
-            let (outcome, ok) = toolkit::exec(&config, &plugin, entry, catalog)?;
-            println!("{}", serde_json::to_string_pretty(&outcome)?);
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            })
+            plugin_exec(&config, &file, entry, catalog)
         }
     }
+}
+
+/// `plugin exec`: one entry through the component `file`, its outcome as JSON; exit code 2 when
+/// the host would not persist it.
+fn plugin_exec(
+    config: &Config,
+    file: &Path,
+    entry: toolkit::ExecEntry<'_>,
+    catalog: Option<&Catalog>,
+) -> Result<ExitCode> {
+    let plugin = toolkit::load(config, file)
+        .with_context(|| format!("{} would not load", file.display()))?;
+    let (outcome, ok) = toolkit::exec(config, &plugin, entry, catalog)?;
+    println!("{}", serde_json::to_string_pretty(&outcome)?);
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+/// `--field NAME=VALUE` arguments as pairs, naming the one that is not.
+fn name_value_pairs(fields: &[String]) -> Result<Vec<(String, String)>> {
+    fields
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--field {pair:?} is not NAME=VALUE"))
+        })
+        .collect()
+}
+
+/// `plugin test`: the recorded entries of `dir` (or of a project folder's `tests`) through the
+/// component `file` (or the project, built first), one line per case; fails when any case does.
+fn plugin_test(
+    config: &Config,
+    file: &Path,
+    dir: Option<PathBuf>,
+    update: bool,
+    catalog: Option<&Catalog>,
+) -> Result<ExitCode> {
+    let (file, dir) = if file.is_dir() {
+        let cases = dir.unwrap_or_else(|| file.join("tests"));
+        (crate::authoring::build(file)?, cases)
+    } else {
+        let dir = dir.context(
+            "give the directory of recorded entries after the component (or give a project folder)",
+        )?;
+        (file.to_path_buf(), dir)
+    };
+    let plugin = toolkit::load(config, &file)
+        .with_context(|| format!("{} would not load", file.display()))?;
+    let results = toolkit::test_dir(config, &plugin, &dir, update, catalog)?;
+    for result in &results {
+        println!("{:<8} {}", result.verdict, result.case);
+        match result.verdict {
+            toolkit::Verdict::Differs => {
+                println!(
+                    "  expected: {}",
+                    result.expected.clone().unwrap_or_default()
+                );
+                println!("  actual:   {}", result.actual);
+            }
+            toolkit::Verdict::New => println!(
+                "  actual:   {} (no expected outcome: run with --update)",
+                result.actual
+            ),
+            toolkit::Verdict::Ok | toolkit::Verdict::Updated => {}
+        }
+    }
+    let failed = results.iter().filter(|r| r.verdict.fails()).count();
+    println!("{} case(s), {failed} failed", results.len());
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Two futures: the first completes on the first SIGTERM or Ctrl-C, the second on the next one.

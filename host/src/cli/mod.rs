@@ -122,25 +122,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             commands::status(&load_config(file)?, json, thresholds).await
         }
         Command::Dlq(command) => commands::dlq(&load_config(file)?, command).await,
-        Command::Config(args::ConfigCommand::Check { json }) => {
-            let env: BTreeMap<String, String> = std::env::vars().collect();
-            let settings = Config::resolved_settings(file, &env, &BTreeMap::new())?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&settings)?);
-            } else {
-                let width = settings.iter().map(|s| s.env.len()).max().unwrap_or(0);
-                for s in &settings {
-                    let origin = if s.origin.is_empty() {
-                        "(not set)"
-                    } else {
-                        &s.origin
-                    };
-                    println!("{:<width$}  {:<24}  {origin}", s.env, s.value);
-                }
-                println!("configuration ok");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Config(args::ConfigCommand::Check { json }) => config_check(file, json),
         Command::Publish(command) => commands::publish(load_config(file)?, command).await,
         Command::Demo {
             users,
@@ -157,9 +139,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 posts,
                 media_per_post,
                 error_rate,
-                database_url: database_url.unwrap_or_else(|| {
-                    crate::persist::with_database(&config.database_url, "kaleidoscope_demo")
-                }),
+                database_url: own_database(&config, database_url, "kaleidoscope_demo"),
                 stream_prefix,
                 deadline: std::time::Duration::from_secs(55),
             };
@@ -182,9 +162,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 baseline,
                 mix,
                 embedding_dims,
-                database_url: database_url.unwrap_or_else(|| {
-                    crate::persist::with_database(&config.database_url, "kaleidoscope_bench")
-                }),
+                database_url: own_database(&config, database_url, "kaleidoscope_bench"),
                 redis_url: config.redis_url.clone(),
                 host_binary: std::env::current_exe()
                     .context("cannot find this executable to start the host")?,
@@ -196,11 +174,45 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             error_rate,
             embedding_dims,
         } => commands::simulate_ml(&load_config(file)?, error_rate, embedding_dims).await,
-        Command::Plugin(args::PluginCommand::Deploy {
+        Command::Plugin(command) => plugin(file, command).await,
+    }
+}
+
+/// The database a demo or bench works in: `given`, else `name` on the configured server (never
+/// the configured database itself, which holds real data).
+fn own_database(config: &Config, given: Option<String>, name: &str) -> String {
+    given.unwrap_or_else(|| crate::persist::with_database(&config.database_url, name))
+}
+
+/// `kaleidoscope config check`: every setting in force and where it came from.
+fn config_check(file: Option<&Path>, json: bool) -> Result<ExitCode> {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let settings = Config::resolved_settings(file, &env, &BTreeMap::new())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&settings)?);
+    } else {
+        let width = settings.iter().map(|s| s.env.len()).max().unwrap_or(0);
+        for s in &settings {
+            let origin = if s.origin.is_empty() {
+                "(not set)"
+            } else {
+                &s.origin
+            };
+            println!("{:<width$}  {:<24}  {origin}", s.env, s.value);
+        }
+        println!("configuration ok");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kaleidoscope plugin …`.
+async fn plugin(file: Option<&Path>, command: args::PluginCommand) -> Result<ExitCode> {
+    match command {
+        args::PluginCommand::Deploy {
             file: plugin,
             timeout,
-        }) => commands::deploy(&load_config(file)?, &plugin, timeout).await,
-        Command::Plugin(args::PluginCommand::Dev { dir, timeout }) => {
+        } => commands::deploy(&load_config(file)?, &plugin, timeout).await,
+        args::PluginCommand::Dev { dir, timeout } => {
             crate::authoring::dev::run(
                 &load_config(file)?,
                 &dir,
@@ -209,7 +221,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plugin(command) => {
+        command => {
             // The schema to check `plugin exec`'s commands against is read here, where the
             // database can be awaited.
             let catalog = match &command {

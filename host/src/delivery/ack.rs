@@ -28,33 +28,8 @@ impl HostState {
         let items = &batch.items;
 
         for item in items {
-            let entry = &item.entry;
-            let correlation_id = item.correlation_id.as_str();
-            let _entry = tracing::info_span!("entry", entry = %entry.id, correlation_id).entered();
-            match &item.decision {
-                Some(Decision::Persist(_)) => {
-                    report.processed += 1;
-                    acks.push(entry.id.clone());
-                    debug!(stream, entry = %entry.id, correlation_id, plugin = %plugin.name, version = %plugin.version, "processed");
-                }
-                Some(Decision::Redelivered) => {
-                    report.redelivered += 1;
-                    acks.push(entry.id.clone());
-                    debug!(stream, entry = %entry.id, correlation_id, "already processed; acknowledged without running again");
-                }
-                Some(Decision::DeadLetter(kind, reason)) => {
-                    report.dead_lettered += 1;
-                    acks.push(entry.id.clone());
-                    warn!(stream, entry = %entry.id, correlation_id, kind = %kind, deliveries = entry.deliveries, "dead-lettered: {reason}");
-                }
-                Some(Decision::Retry(kind, reason)) => {
-                    report.retrying += 1;
-                    warn!(stream, entry = %entry.id, correlation_id, gives_up_as = %kind, deliveries = entry.deliveries,
-                        attempts = self.config.retry_attempts,
-                        "attempt {} of {} failed; retrying after the reclaim idle time ({}): {reason}",
-                        entry.deliveries, self.config.retry_attempts, humantime::format_duration(self.config.reclaim_idle));
-                }
-                None => {}
+            if self.report_decision(stream, plugin, item, &mut report) {
+                acks.push(item.entry.id.clone());
             }
         }
 
@@ -86,33 +61,50 @@ impl HostState {
         let refused = streams::publish_outbox_then_ack(&mut redis, &to_publish, &key, &self.config.consumer_group, &acks)
             .await
             .context("entries are committed; their outbox messages will be published by the relay and the entries acknowledged on redelivery")?;
-        if let Some(mut tx) = claim {
-            // A message Redis refused stays in the outbox, marked, for the relay to try again
-            // later; the rest went out.
-            for (at, error) in &refused {
-                if let Err(failure) = outbox::refused(&mut *tx, messages[*at].id, error).await {
-                    warn!("{}", crate::text::causes(&failure));
-                }
-            }
-            let published: Vec<i64> = messages
-                .iter()
-                .enumerate()
-                .filter(|(at, _)| !refused.iter().any(|(r, _)| r == at))
-                .map(|(_, m)| m.id)
-                .collect();
-            let removed = async {
-                outbox::remove(&mut *tx, &published).await?;
-                tx.commit()
-                    .await
-                    .context("cannot commit the outbox's removals")
-            };
-            if let Err(error) = removed.await {
-                // Harmless: the relay publishes them again later (at-least-once).
-                warn!("{}", crate::text::causes(&error));
-            }
+        if let Some(tx) = claim {
+            settle_outbox(tx, &messages, &refused).await;
         }
         self.count(stream, plugin, items, report.sentinels);
         Ok(report)
+    }
+
+    /// Counts and logs `item`'s decision in `report`; whether the entry is to be acknowledged.
+    fn report_decision(
+        &self,
+        stream: &str,
+        plugin: &Plugin,
+        item: &Item,
+        report: &mut BatchReport,
+    ) -> bool {
+        let entry = &item.entry;
+        let correlation_id = item.correlation_id.as_str();
+        let _entry = tracing::info_span!("entry", entry = %entry.id, correlation_id).entered();
+        match &item.decision {
+            Some(Decision::Persist(_)) => {
+                report.processed += 1;
+                debug!(stream, entry = %entry.id, correlation_id, plugin = %plugin.name, version = %plugin.version, "processed");
+                true
+            }
+            Some(Decision::Redelivered) => {
+                report.redelivered += 1;
+                debug!(stream, entry = %entry.id, correlation_id, "already processed; acknowledged without running again");
+                true
+            }
+            Some(Decision::DeadLetter(kind, reason)) => {
+                report.dead_lettered += 1;
+                warn!(stream, entry = %entry.id, correlation_id, kind = %kind, deliveries = entry.deliveries, "dead-lettered: {reason}");
+                true
+            }
+            Some(Decision::Retry(kind, reason)) => {
+                report.retrying += 1;
+                warn!(stream, entry = %entry.id, correlation_id, gives_up_as = %kind, deliveries = entry.deliveries,
+                    attempts = self.config.retry_attempts,
+                    "attempt {} of {} failed; retrying after the reclaim idle time ({}): {reason}",
+                    entry.deliveries, self.config.retry_attempts, humantime::format_duration(self.config.reclaim_idle));
+                false
+            }
+            None => false,
+        }
     }
 
     /// Updates the counters once a batch is acknowledged.
@@ -159,5 +151,38 @@ impl HostState {
                 Some(Decision::Persist(_)) | None => {}
             }
         }
+    }
+}
+
+/// After publishing: a message Redis refused stays in the outbox, marked, for the relay to try
+/// again later; the rest went out and are removed. Failing here is harmless: the relay publishes
+/// them again later (at-least-once).
+async fn settle_outbox(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    messages: &[OutboxMessage],
+    refused: &[(usize, String)],
+) {
+    // A message Redis refused stays in the outbox, marked, for the relay to try again
+    // later; the rest went out.
+    for (at, error) in refused {
+        if let Err(failure) = outbox::refused(&mut *tx, messages[*at].id, error).await {
+            warn!("{}", crate::text::causes(&failure));
+        }
+    }
+    let published: Vec<i64> = messages
+        .iter()
+        .enumerate()
+        .filter(|(at, _)| !refused.iter().any(|(r, _)| r == at))
+        .map(|(_, m)| m.id)
+        .collect();
+    let removed = async {
+        outbox::remove(&mut *tx, &published).await?;
+        tx.commit()
+            .await
+            .context("cannot commit the outbox's removals")
+    };
+    if let Err(error) = removed.await {
+        // Harmless: the relay publishes them again later (at-least-once).
+        warn!("{}", crate::text::causes(&error));
     }
 }

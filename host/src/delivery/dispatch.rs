@@ -61,51 +61,13 @@ impl HostState {
         let runtime = tokio::runtime::Handle::current();
         let (calls, deferred) = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            runtime.block_on(async move {
-                let mut session = handler.session();
-                let mut calls = Vec::with_capacity(inputs.len());
-                let mut deferred = Vec::new();
-                let mut weight = 0;
-                let mut timed_out = false;
-                for (index, entry) in inputs {
-                    // The batch holds what it has been given until it commits: past the budget,
-                    // or after a call that ran to its deadline (so N looping entries cannot hold
-                    // the others for N deadlines), the rest waits for the part handled so far to
-                    // commit.
-                    if weight >= output::MAX_BATCH_OUTPUT_BYTES || timed_out {
-                        deferred.push((index, entry.fields));
-                        continue;
-                    }
-                    let correlation_id = entry
-                        .fields
-                        .iter()
-                        .find(|(k, _)| k == "correlationId")
-                        .map(|(_, v)| v.as_str())
-                        .unwrap_or("");
-                    let span = tracing::info_span!(parent: &batch_span, "entry", entry = %entry.id, correlation_id);
-                    let started = Instant::now();
-                    let counted = crate::metrics::CallInFlight::start(&in_flight);
-                    let outcome = session.handle(&entry, &settings).instrument(span).await;
-                    drop(counted);
-                    // Weighed once, here: the batch's budget and the per-call cap both use it.
-                    let weighs = match &outcome {
-                        HandlerOutcome::Commands(commands) => output::weight(commands),
-                        HandlerOutcome::Timeout(_) => {
-                            timed_out = true;
-                            0
-                        }
-                        _ => 0,
-                    };
-                    weight += weighs;
-                    let call = Call {
-                        outcome,
-                        elapsed: started.elapsed(),
-                        weight: weighs,
-                    };
-                    calls.push((index, entry.fields, call));
-                }
-                (calls, deferred)
-            })
+            runtime.block_on(call_each(
+                &handler,
+                inputs,
+                &settings,
+                &batch_span,
+                &in_flight,
+            ))
         })
         .await
         .context("the plugin call thread failed")?;
@@ -194,6 +156,63 @@ impl HostState {
         }
         Ok(())
     }
+}
+
+/// The fields of an entry, moved into a call and back out.
+type Fields = Vec<(String, String)>;
+
+/// Runs the batch's calls one after the other in one session (one instance, while calls return
+/// normally). Returns each call with its entry's fields, and the entries left for later: the
+/// batch holds what it has been given until it commits, so past the output budget, or after a
+/// call that ran to its deadline (so N looping entries cannot hold the others for N deadlines),
+/// the rest waits for the part handled so far to commit.
+async fn call_each(
+    handler: &Plugin,
+    inputs: Vec<(usize, wit::Entry)>,
+    settings: &crate::plugin::Settings,
+    batch_span: &tracing::Span,
+    in_flight: &prometheus_client::metrics::gauge::Gauge,
+) -> (Vec<(usize, Fields, Call)>, Vec<(usize, Fields)>) {
+    let mut session = handler.session();
+    let mut calls = Vec::with_capacity(inputs.len());
+    let mut deferred = Vec::new();
+    let mut weight = 0;
+    let mut timed_out = false;
+    for (index, entry) in inputs {
+        if weight >= output::MAX_BATCH_OUTPUT_BYTES || timed_out {
+            deferred.push((index, entry.fields));
+            continue;
+        }
+        let correlation_id = entry
+            .fields
+            .iter()
+            .find(|(k, _)| k == "correlationId")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("");
+        let span =
+            tracing::info_span!(parent: batch_span, "entry", entry = %entry.id, correlation_id);
+        let started = Instant::now();
+        let counted = crate::metrics::CallInFlight::start(in_flight);
+        let outcome = session.handle(&entry, settings).instrument(span).await;
+        drop(counted);
+        // Weighed once, here: the batch's budget and the per-call cap both use it.
+        let weighs = match &outcome {
+            HandlerOutcome::Commands(commands) => output::weight(commands),
+            HandlerOutcome::Timeout(_) => {
+                timed_out = true;
+                0
+            }
+            _ => 0,
+        };
+        weight += weighs;
+        let call = Call {
+            outcome,
+            elapsed: started.elapsed(),
+            weight: weighs,
+        };
+        calls.push((index, entry.fields, call));
+    }
+    (calls, deferred)
 }
 
 /// One handler call's outcome, how long it took, and what its commands weigh

@@ -116,7 +116,6 @@ pub async fn collect<C: ConnectionLike + Send>(
     pool: Option<&sqlx::PgPool>,
     thresholds: Thresholds,
 ) -> Result<Report> {
-    let max_pending_age = thresholds.max_pending_age;
     let mut problems = Vec::new();
     let hosts = heartbeat::read_all(conn, config).await?;
     if hosts.is_empty() {
@@ -126,25 +125,7 @@ pub async fn collect<C: ConnectionLike + Send>(
         ));
     }
     for host in &hosts {
-        if let Some(age) = host.heartbeat_age_ms
-            && age > heartbeat::STALE_AFTER.as_millis() as u64
-        {
-            problems.push(format!(
-                "host {}: last heartbeat {} ago (rewritten every {}): the host is stalled or paused",
-                host.consumer,
-                humantime::format_duration(Duration::from_secs(age / 1000)),
-                humantime::format_duration(heartbeat::HEARTBEAT)
-            ));
-        }
-        for reason in &host.not_ready {
-            problems.push(format!("host {} is not ready: {reason}", host.consumer));
-        }
-        for failure in &host.failed_loads {
-            problems.push(format!(
-                "host {}: plugin {} failed to load: {}",
-                host.consumer, failure.file, failure.reason
-            ));
-        }
+        problems.extend(host_problems(host));
     }
     let mut stream_names: BTreeSet<String> = crate::ml::SEED_RESULT_STREAMS
         .iter()
@@ -159,33 +140,13 @@ pub async fn collect<C: ConnectionLike + Send>(
     let mut streams = Vec::new();
     for stream in stream_names {
         let report = stream_report(conn, config, &stream).await?;
-        if served.contains(&stream) && !report.group_exists {
-            problems.push(format!(
-                "stream {stream}: consumer group {:?} is missing",
-                config.consumer_group
-            ));
-        }
-        if let Some(age) = report.oldest_pending_age_ms
-            && age > max_pending_age.as_millis() as u64
-        {
-            problems.push(format!(
-                "stream {stream}: oldest pending entry is {} old (threshold {})",
-                humantime::format_duration(Duration::from_millis(age / 1000 * 1000)),
-                humantime::format_duration(max_pending_age)
-            ));
-        }
-        if let (Some(max), Some(lag)) = (thresholds.max_lag, report.lag)
-            && u64::try_from(lag).unwrap_or(0) > max
-        {
-            problems.push(format!(
-                "stream {stream}: {lag} entries wait undelivered (threshold {max})"
-            ));
-        }
-        if !served.contains(&stream) && report.length > 0 && !hosts.is_empty() {
-            problems.push(format!(
-                "stream {stream}: has entries but no loaded plugin handles it"
-            ));
-        }
+        problems.extend(stream_problems(
+            config,
+            &thresholds,
+            &report,
+            served.contains(&stream),
+            !hosts.is_empty(),
+        ));
         streams.push(report);
     }
     let mut request_streams = Vec::new();
@@ -212,6 +173,72 @@ pub async fn collect<C: ConnectionLike + Send>(
         request_streams,
         dead_letters,
     })
+}
+
+/// What is wrong with one host, as its heartbeat says.
+fn host_problems(host: &HostStatus) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(age) = host.heartbeat_age_ms
+        && age > heartbeat::STALE_AFTER.as_millis() as u64
+    {
+        problems.push(format!(
+            "host {}: last heartbeat {} ago (rewritten every {}): the host is stalled or paused",
+            host.consumer,
+            humantime::format_duration(Duration::from_secs(age / 1000)),
+            humantime::format_duration(heartbeat::HEARTBEAT)
+        ));
+    }
+    for reason in &host.not_ready {
+        problems.push(format!("host {} is not ready: {reason}", host.consumer));
+    }
+    for failure in &host.failed_loads {
+        problems.push(format!(
+            "host {}: plugin {} failed to load: {}",
+            host.consumer, failure.file, failure.reason
+        ));
+    }
+    problems
+}
+
+/// What is wrong with one stream: a missing group where a plugin serves it, entries pending or
+/// waiting past the thresholds, or entries nothing would handle.
+fn stream_problems(
+    config: &Config,
+    thresholds: &Thresholds,
+    report: &StreamReport,
+    served: bool,
+    hosts_running: bool,
+) -> Vec<String> {
+    let stream = &report.stream;
+    let mut problems = Vec::new();
+    if served && !report.group_exists {
+        problems.push(format!(
+            "stream {stream}: consumer group {:?} is missing",
+            config.consumer_group
+        ));
+    }
+    if let Some(age) = report.oldest_pending_age_ms
+        && age > thresholds.max_pending_age.as_millis() as u64
+    {
+        problems.push(format!(
+            "stream {stream}: oldest pending entry is {} old (threshold {})",
+            humantime::format_duration(Duration::from_millis(age / 1000 * 1000)),
+            humantime::format_duration(thresholds.max_pending_age)
+        ));
+    }
+    if let (Some(max), Some(lag)) = (thresholds.max_lag, report.lag)
+        && u64::try_from(lag).unwrap_or(0) > max
+    {
+        problems.push(format!(
+            "stream {stream}: {lag} entries wait undelivered (threshold {max})"
+        ));
+    }
+    if !served && report.length > 0 && hosts_running {
+        problems.push(format!(
+            "stream {stream}: has entries but no loaded plugin handles it"
+        ));
+    }
+    problems
 }
 
 /// What Redis knows about one stream and the group on it.
