@@ -412,6 +412,19 @@ fn unpublishable(stream: &str, fields: &str) -> Result<Vec<(String, String)>, St
 /// publication then fails gets its marks back; a crash between the two leaves it marked, and it
 /// is published again after the timeout.
 pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) -> Result<Sweep> {
+    let mut sweep = Sweep::default();
+    let claimed = claim_due(pool, config, &mut sweep).await?;
+    republish(pool, redis, config, &claimed, &mut sweep).await?;
+    Ok(sweep)
+}
+
+/// A pending request due again: correlation id, stream, fields, attempts so far, and when it was
+/// last published (empty: never).
+type Due = (String, String, Vec<(String, String)>, i32, String);
+
+/// In one transaction: times out the due requests out of attempts, fails those that cannot be
+/// published (naming why), and marks the rest as published once more; returns the rest.
+async fn claim_due(pool: &PgPool, config: &Config, sweep: &mut Sweep) -> Result<Vec<Due>> {
     let mut tx = pool.begin().await?;
     let due: Vec<(String, String, String, i32, String)> = sqlx::query_as(
         "SELECT correlation_id, stream, fields::text, attempts, coalesce(last_published_at::text, '')
@@ -425,7 +438,6 @@ pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) ->
     .fetch_all(&mut *tx)
     .await
     .context("cannot read pending requests")?;
-    let mut sweep = Sweep::default();
     let mut claimed = Vec::new();
     for (correlation_id, stream, fields, attempts, published_at) in due {
         if attempts >= config.retry_attempts as i32 {
@@ -469,6 +481,18 @@ pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) ->
     }
     tx.commit().await?;
 
+    Ok(claimed)
+}
+
+/// Publishes the claimed requests in order; when Redis refuses one, it and the ones after it get
+/// their marks back (for the next sweep) and the sweep stops.
+async fn republish(
+    pool: &PgPool,
+    redis: &ConnectionManager,
+    config: &Config,
+    claimed: &[Due],
+    sweep: &mut Sweep,
+) -> Result<()> {
     let mut redis = redis.clone();
     for (at, (correlation_id, stream, fields, attempts, _)) in claimed.iter().enumerate() {
         if let Err(error) = streams::add(&mut redis, &config.stream_key(stream), fields).await {
@@ -501,5 +525,5 @@ pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) ->
         );
         sweep.republished += 1;
     }
-    Ok(sweep)
+    Ok(())
 }

@@ -249,6 +249,9 @@ impl RawSettings {
         })
     }
 
+    /// The configuration these settings give, each checked as it is read (an error names the
+    /// setting and where its value came from). Long on purpose: one line per field of
+    /// [`Config`], in the order of its declaration, so a setting cannot be forgotten unseen.
     pub(super) fn resolve(&self) -> Result<Config> {
         let timeout_seconds: u64 = self.positive(Key::TimeoutSeconds)?;
         let plugin_timeout_ms: u64 = match self.get(Key::PluginTimeoutMs) {

@@ -332,22 +332,8 @@ impl HostState {
                 );
             }
         }
-        match tx.commit().await {
-            Ok(()) => Ok(messages),
-            Err(error) => match execute::statement_failed(error) {
-                StatementError::Retry(reason) => Err(anyhow::Error::new(Contention(format!(
-                    "COMMIT failed: {reason}"
-                )))),
-                StatementError::Unavailable(error) => {
-                    Err(error).context("cannot commit the batch transaction")
-                }
-                StatementError::Permanent(reason) => {
-                    Err(anyhow::Error::new(StatementError::Permanent(format!(
-                        "cannot commit the batch transaction: {reason}"
-                    ))))
-                }
-            },
-        }
+        tx.commit().await.map_err(commit_failed)?;
+        Ok(messages)
     }
 
     /// Records a dead-lettered entry in the ledger and writes its dead letter to the outbox; an
@@ -422,6 +408,22 @@ impl HostState {
             }
         }
         Ok(Some(emitted))
+    }
+}
+
+/// A failed COMMIT of an entry-by-entry pass, classified: contention is retried, an outage
+/// waited out, anything else is the pass's own failure.
+fn commit_failed(error: sqlx::Error) -> anyhow::Error {
+    match execute::statement_failed(error) {
+        StatementError::Retry(reason) => {
+            anyhow::Error::new(Contention(format!("COMMIT failed: {reason}")))
+        }
+        StatementError::Unavailable(error) => {
+            anyhow::Error::new(error).context("cannot commit the batch transaction")
+        }
+        StatementError::Permanent(reason) => anyhow::Error::new(StatementError::Permanent(
+            format!("cannot commit the batch transaction: {reason}"),
+        )),
     }
 }
 

@@ -48,11 +48,33 @@ fn triage(mut entry: StreamEntry, retry_attempts: u32, genuine: ReplayCheck) -> 
             }
         })
         .collect();
-    // A replayed dead letter carries the id of the entry it replays and the proof that
-    // `dlq replay` wrote it; it is recorded in the ledger under that identity (not under its own
-    // new id). A mark without a valid proof (a producer's, forged or mistaken) is ignored: the
-    // entry is itself. Neither field is the handler's business.
     let mut fields = fields;
+    let ledger_id = ledger_identity(&entry.id, &mut fields, genuine);
+    let correlation_id = fields
+        .iter()
+        .find(|(k, _)| k == "correlationId")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let decision = unreadable_or_overdue(&entry, &lossy_fields, nul_field, retry_attempts);
+    Item {
+        entry,
+        ledger_id,
+        fields,
+        correlation_id,
+        decision,
+        lossy_fields,
+    }
+}
+
+/// The identity the ledger records `own_id` under. A replayed dead letter carries the id of the
+/// entry it replays and the proof that `dlq replay` wrote it; it is recorded under that identity
+/// (not under its own new id). A mark without a valid proof (a producer's, forged or mistaken)
+/// is ignored: the entry is itself. Neither field is the handler's business: both are removed.
+fn ledger_identity(
+    own_id: &str,
+    fields: &mut Vec<(String, String)>,
+    genuine: ReplayCheck,
+) -> String {
     let mut take = |name: &str| {
         fields
             .iter()
@@ -61,26 +83,31 @@ fn triage(mut entry: StreamEntry, retry_attempts: u32, genuine: ReplayCheck) -> 
     };
     let replay_of = take(REPLAY_OF_FIELD);
     let proof = take(REPLAY_PROOF_FIELD);
-    let ledger_id = match (replay_of, proof) {
+    match (replay_of, proof) {
         (Some(original), Some(proof)) if is_entry_id(&original) && genuine(&original, &proof) => {
             format!("{original}/replay")
         }
         (Some(original), _) => {
             tracing::warn!(
-                entry = %entry.id,
+                entry = %own_id,
                 replay_of = %text::sanitize(original),
                 "the entry says it replays another but carries no valid proof from `dlq replay`; processed as itself"
             );
-            entry.id.clone()
+            own_id.to_string()
         }
-        _ => entry.id.clone(),
-    };
-    let correlation_id = fields
-        .iter()
-        .find(|(k, _)| k == "correlationId")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
-    let decision = if let Some(name) = entry.lossy_names.first() {
+        _ => own_id.to_string(),
+    }
+}
+
+/// The dead letter an entry gets without a handler: a field name or value that is not UTF-8, a
+/// NUL character, or more deliveries than `retry_attempts` (say, it crashed a host every time).
+fn unreadable_or_overdue(
+    entry: &StreamEntry,
+    lossy_fields: &[String],
+    nul_field: Option<String>,
+    retry_attempts: u32,
+) -> Option<Decision> {
+    if let Some(name) = entry.lossy_names.first() {
         Some(Decision::DeadLetter(
             FailureKind::Malformed,
             format!(
@@ -108,14 +135,6 @@ fn triage(mut entry: StreamEntry, retry_attempts: u32, genuine: ReplayCheck) -> 
         ))
     } else {
         None
-    };
-    Item {
-        entry,
-        ledger_id,
-        fields,
-        correlation_id,
-        decision,
-        lossy_fields,
     }
 }
 

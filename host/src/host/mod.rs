@@ -48,47 +48,7 @@ impl RunningHost {
             Some(addr) => Some(crate::http::bind(addr).await?),
             None => None,
         };
-        let deadline = std::time::Instant::now() + config.wait_for_deps;
-        let pool = wait_for("PostgreSQL", deadline, || {
-            persist::connect(&config.database_url, 16, &config.database_timeouts)
-        })
-        .await?;
-        if config.migrate {
-            persist::migrate(&pool).await?;
-            if let Some(dir) = &config.migrations_dir {
-                persist::operator_migrations::apply(&pool, dir).await?;
-            }
-        }
-        let catalog = Catalog::load(&pool).await?;
-        let client = redis_connection::client(&config.redis_url)?;
-        let mut redis = wait_for("Redis", deadline, || redis_connection::shared(&client)).await?;
-        let source = ledger::identity(
-            &pool,
-            &mut redis,
-            &config.source_identity_key(),
-            &ledger::deployment(&config.redis_url, &config.stream_prefix),
-        )
-        .await?;
-        let adopted = ledger::adopt_legacy_rows(&pool, &source).await?;
-        if adopted > 0 {
-            info!(
-                adopted,
-                source, "adopted ledger rows written before the ledger recorded their source"
-            );
-        }
-        let runtime = Arc::new(config.plugin_runtime(Some(&config.cache_dir))?);
-        let plugins = load_plugins(&runtime, &config).await?;
-        let registry = Arc::new(PluginRegistry::new(plugins));
-        let replay_secret = ledger::replay_secret(&pool, &source).await?;
-        let state = Arc::new(HostState::new(
-            config.clone(),
-            source,
-            replay_secret,
-            pool,
-            redis,
-            registry,
-            catalog,
-        ));
+        let (state, client, runtime) = connect_and_load(&config).await?;
         state.warn_unmatched_plugin_sections();
         for failure in state.registry.snapshot().failures() {
             supervisor::count_load_failure(&state, failure);
@@ -231,6 +191,56 @@ pub async fn run(
             "second signal: exiting at once (entries not finished stay pending and will be reclaimed)"
         )),
     }
+}
+
+/// Start-up's first half: waits for PostgreSQL and Redis, migrates, reads the catalogue and the
+/// ledger identity, and loads the plugins; the shared state, the Redis client the consumers read
+/// with, and the plugin runtime.
+async fn connect_and_load(
+    config: &Arc<Config>,
+) -> Result<(Arc<HostState>, redis::Client, Arc<PluginRuntime>)> {
+    let deadline = std::time::Instant::now() + config.wait_for_deps;
+    let pool = wait_for("PostgreSQL", deadline, || {
+        persist::connect(&config.database_url, 16, &config.database_timeouts)
+    })
+    .await?;
+    if config.migrate {
+        persist::migrate(&pool).await?;
+        if let Some(dir) = &config.migrations_dir {
+            persist::operator_migrations::apply(&pool, dir).await?;
+        }
+    }
+    let catalog = Catalog::load(&pool).await?;
+    let client = redis_connection::client(&config.redis_url)?;
+    let mut redis = wait_for("Redis", deadline, || redis_connection::shared(&client)).await?;
+    let source = ledger::identity(
+        &pool,
+        &mut redis,
+        &config.source_identity_key(),
+        &ledger::deployment(&config.redis_url, &config.stream_prefix),
+    )
+    .await?;
+    let adopted = ledger::adopt_legacy_rows(&pool, &source).await?;
+    if adopted > 0 {
+        info!(
+            adopted,
+            source, "adopted ledger rows written before the ledger recorded their source"
+        );
+    }
+    let runtime = Arc::new(config.plugin_runtime(Some(&config.cache_dir))?);
+    let plugins = load_plugins(&runtime, &config).await?;
+    let registry = Arc::new(PluginRegistry::new(plugins));
+    let replay_secret = ledger::replay_secret(&pool, &source).await?;
+    let state = Arc::new(HostState::new(
+        config.clone(),
+        source,
+        replay_secret,
+        pool,
+        redis,
+        registry,
+        catalog,
+    ));
+    Ok((state, client, runtime))
 }
 
 /// Loads every plugin in the configured directory (on a blocking thread: compiling a component

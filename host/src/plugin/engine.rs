@@ -82,78 +82,12 @@ impl PluginRuntime {
         // What a cap raised after start can get: half a slot (the other half is the room for
         // the failing growth attempt), or the largest cap configured at start.
         let memory_capacity = (slot_size / 2).max(largest_cap);
-        let mut pool = PoolingAllocationConfig::default();
-        // A fresh instance per call: resetting a slot with the kernel's pagemap scan and keeping
-        // its first MiB resident costs a few microseconds instead of tens (measured; see
-        // ../shared/reference/wasmtime-notes.md).
-        pool.linear_memory_keep_resident(1 << 20)
-            .table_keep_resident(64 << 10)
-            .pagemap_scan(wasmtime::Enabled::Auto);
-        pool.total_component_instances(POOL_INSTANCES)
-            .total_core_instances(1024)
-            .total_memories(512)
-            .total_tables(512)
-            // The pool's slots hold the cap plus room for the one failing growth attempt, which
-            // the limiter below refuses and records — up to the 4 GiB a 32-bit memory can reach
-            // (and the engine reserves per memory).
-            .max_memory_size(slot_size);
-        let mut config = wasmtime::Config::new();
-        config
-            .epoch_interruption(true)
-            .wasm_component_model(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config)
-            .map_err(anyhow::Error::from)
-            .context("cannot create the WebAssembly engine")?;
-
-        let mut linker = Linker::<CallState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .map_err(anyhow::Error::from)
-            .context("cannot link WASI")?;
-        ResultHandler::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| state)
-            .map_err(anyhow::Error::from)
-            .context("cannot link the handler's log interface")?;
-        ResultHandlerV0_2::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| {
-            state
-        })
-        .map_err(anyhow::Error::from)
-        .context("cannot link the handler's log interface (contract 0.2.0)")?;
-        ResultHandlerV0_1::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| {
-            state
-        })
-        .map_err(anyhow::Error::from)
-        .context("cannot link the handler's log interface (contract 0.1.0)")?;
-
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("wasm-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(EPOCH_TICK);
-                }
-            })
-            .context("cannot start the epoch ticker thread")?;
-
-        let cache = match cache_dir {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).with_context(|| {
-                    format!(
-                        "cannot create the compiled-plugin cache directory {}",
-                        dir.display()
-                    )
-                })?;
-                let mut hasher = DefaultHasher::new();
-                engine.precompile_compatibility_hash().hash(&mut hasher);
-                Some(CompiledCache {
-                    dir: dir.to_path_buf(),
-                    engine_key: hasher.finish(),
-                })
-            }
-            None => None,
-        };
-
+        let engine = pooling_engine(slot_size)?;
+        let linker = linker(&engine)?;
+        start_epoch_ticker(&engine)?;
+        let cache = cache_dir
+            .map(|dir| CompiledCache::open(dir, &engine))
+            .transpose()?;
         Ok(Self {
             engine,
             linker: Arc::new(linker),
@@ -381,4 +315,87 @@ pub(super) fn validate_manifest(manifest: &wit::Manifest) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The engine: epoch interruption (call deadlines), the component model, and a pooling allocator
+/// whose memory slots hold `slot_size` bytes.
+fn pooling_engine(slot_size: usize) -> Result<Engine> {
+    let mut pool = PoolingAllocationConfig::default();
+    // A fresh instance per call: resetting a slot with the kernel's pagemap scan and keeping
+    // its first MiB resident costs a few microseconds instead of tens (measured when this was
+    // chosen; BENCHMARKS.md has the host's figures).
+    pool.linear_memory_keep_resident(1 << 20)
+        .table_keep_resident(64 << 10)
+        .pagemap_scan(wasmtime::Enabled::Auto);
+    pool.total_component_instances(POOL_INSTANCES)
+        .total_core_instances(1024)
+        .total_memories(512)
+        .total_tables(512)
+        // The pool's slots hold the cap plus room for the one failing growth attempt, which
+        // the sandbox's limiter refuses and records — up to the 4 GiB a 32-bit memory can reach
+        // (and the engine reserves per memory).
+        .max_memory_size(slot_size);
+    let mut config = wasmtime::Config::new();
+    config
+        .epoch_interruption(true)
+        .wasm_component_model(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    let engine = Engine::new(&config)
+        .map_err(anyhow::Error::from)
+        .context("cannot create the WebAssembly engine")?;
+    Ok(engine)
+}
+
+/// The linker of every supported contract: WASI (without file system, network or environment,
+/// see the sandbox) and the handler's host interfaces.
+fn linker(engine: &Engine) -> Result<Linker<CallState>> {
+    let mut linker = Linker::<CallState>::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .map_err(anyhow::Error::from)
+        .context("cannot link WASI")?;
+    ResultHandler::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| state)
+        .map_err(anyhow::Error::from)
+        .context("cannot link the handler's log interface")?;
+    ResultHandlerV0_2::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| state)
+        .map_err(anyhow::Error::from)
+        .context("cannot link the handler's log interface (contract 0.2.0)")?;
+    ResultHandlerV0_1::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| state)
+        .map_err(anyhow::Error::from)
+        .context("cannot link the handler's log interface (contract 0.1.0)")?;
+    Ok(linker)
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] for as long as the engine lives: what call
+/// deadlines are measured in.
+fn start_epoch_ticker(engine: &Engine) -> Result<()> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("wasm-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .context("cannot start the epoch ticker thread")?;
+    Ok(())
+}
+
+impl CompiledCache {
+    /// The cache in `dir` (created if missing), keyed to what `engine` can load.
+    fn open(dir: &Path, engine: &Engine) -> Result<CompiledCache> {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "cannot create the compiled-plugin cache directory {}",
+                dir.display()
+            )
+        })?;
+        let mut hasher = DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        Ok(CompiledCache {
+            dir: dir.to_path_buf(),
+            engine_key: hasher.finish(),
+        })
+    }
 }

@@ -129,20 +129,7 @@ impl PluginSet {
             let sha256 = super::sha256_hex(&bytes);
             match current.loaded_from(&file) {
                 Some(old) if old.sha256 == sha256 => {
-                    // Unchanged, but its limits may have been changed in the configuration file.
-                    let wanted = limits_for(&old.name);
-                    let plugin = if old.limits() == runtime.fit(wanted) {
-                        old.clone()
-                    } else {
-                        let limits = runtime.apply_limits(&old.name, wanted);
-                        tracing::info!(
-                            plugin = old.name,
-                            timeout_ms = limits.call_timeout.as_millis() as u64,
-                            memory_mib = limits.memory_bytes >> 20,
-                            "plugin limits changed"
-                        );
-                        Arc::new(old.with_limits(limits))
-                    };
+                    let plugin = with_current_limits(runtime, old, limits_for(&old.name));
                     if let Err(failure) = next.insert(plugin) {
                         next.fail(failure);
                     }
@@ -164,21 +151,8 @@ impl PluginSet {
                     reason,
                     sha256,
                 }),
-                (None, Ok(bytes)) => runtime
-                    .load_bytes(&bytes, sha256.clone(), &file, limits_for)
-                    .and_then(|plugin| {
-                        named_after_its_file(&plugin)?;
-                        Ok(plugin)
-                    })
-                    .map_err(|error| LoadFailure {
-                        file: file.clone(),
-                        reason: crate::text::causes(&error),
-                        sha256: sha256.clone(),
-                    })
-                    .and_then(|plugin| {
-                        let plugin = Arc::new(plugin);
-                        next.insert(plugin.clone()).map(|()| plugin)
-                    }),
+                (None, Ok(bytes)) => load_changed(runtime, &bytes, sha256, &file, limits_for)
+                    .and_then(|plugin| next.insert(plugin.clone()).map(|()| plugin)),
             };
             match outcome {
                 Ok(plugin) => log_loaded(old.as_deref(), &plugin),
@@ -205,6 +179,47 @@ impl PluginSet {
         }
         Ok(next)
     }
+}
+
+/// An unchanged plugin with the limits the configuration gives it now (`wanted`, as far as the
+/// runtime can honour them): itself when they are the same, else a copy with the new limits.
+fn with_current_limits(
+    runtime: &PluginRuntime,
+    old: &Arc<Plugin>,
+    wanted: SandboxLimits,
+) -> Arc<Plugin> {
+    if old.limits() == runtime.fit(wanted) {
+        return old.clone();
+    }
+    let limits = runtime.apply_limits(&old.name, wanted);
+    tracing::info!(
+        plugin = old.name,
+        timeout_ms = limits.call_timeout.as_millis() as u64,
+        memory_mib = limits.memory_bytes >> 20,
+        "plugin limits changed"
+    );
+    Arc::new(old.with_limits(limits))
+}
+
+/// Compiles and checks a new or changed plugin file; a failure names the file.
+fn load_changed(
+    runtime: &PluginRuntime,
+    bytes: &[u8],
+    sha256: Option<String>,
+    file: &Path,
+    limits_for: &dyn Fn(&str) -> SandboxLimits,
+) -> Result<Arc<Plugin>, LoadFailure> {
+    runtime
+        .load_bytes(bytes, sha256.clone(), file, limits_for)
+        .and_then(|plugin| {
+            named_after_its_file(&plugin)?;
+            Ok(Arc::new(plugin))
+        })
+        .map_err(|error| LoadFailure {
+            file: file.to_path_buf(),
+            reason: crate::text::causes(&error),
+            sha256,
+        })
 }
 
 /// The `.wasm` files of the plugins directory, in name order.

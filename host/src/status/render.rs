@@ -4,7 +4,8 @@ use super::Report;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// The report as a human-readable table.
+/// The report as a human-readable table. Long on purpose: it is the report's layout, section
+/// after section, top to bottom as the operator reads it; split up it would only be harder to see.
 pub fn render(report: &Report) -> String {
     let mut out = String::new();
     out.push_str(&format!(
