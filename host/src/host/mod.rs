@@ -228,7 +228,7 @@ async fn connect_and_load(
         );
     }
     let runtime = Arc::new(config.plugin_runtime(Some(&config.cache_dir))?);
-    let plugins = load_plugins(&runtime, &config).await?;
+    let plugins = load_plugins(&runtime, config).await?;
     let registry = Arc::new(PluginRegistry::new(plugins));
     let replay_secret = ledger::replay_secret(&pool, &source).await?;
     let state = Arc::new(HostState::new(
