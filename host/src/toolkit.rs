@@ -393,3 +393,15 @@ fn recorded_entry(line: &str) -> Result<Recorded> {
         fields,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_difference_or_a_missing_expectation_fails_a_plugin_test() {
+        assert!(Verdict::Differs.fails() && Verdict::New.fails());
+        assert!(!Verdict::Ok.fails() && !Verdict::Updated.fails());
+        assert_eq!(format!("{:<8}|", Verdict::New), "new     |");
+    }
+}

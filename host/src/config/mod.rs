@@ -286,6 +286,15 @@ mod tests {
     }
 
     #[test]
+    fn every_key_names_its_own_row_of_the_table() {
+        for setting in SETTINGS {
+            assert_eq!(setting.id.setting().key, setting.key);
+            assert_eq!(Key::from_name(setting.key), Some(setting.id));
+        }
+        assert_eq!(Key::from_name("batch_sise"), None);
+    }
+
+    #[test]
     fn every_default_is_declared_once_and_valid() {
         // Only these two are computed; every other default is a value in SETTINGS, and an empty
         // configuration resolves to exactly those values.

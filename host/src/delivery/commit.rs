@@ -526,3 +526,106 @@ async fn lock_every_table(tx: &mut PgConnection, items: &[Item], links: &Links) 
             }
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::streams::StreamEntry;
+    use std::collections::HashSet;
+
+    fn item(id: &str, decision: Option<Decision>) -> Item {
+        Item {
+            entry: StreamEntry {
+                id: id.to_string(),
+                fields: Vec::new(),
+                lossy_names: Vec::new(),
+                deliveries: 1,
+            },
+            ledger_id: id.to_string(),
+            fields: Vec::new(),
+            correlation_id: String::new(),
+            decision,
+            lossy_fields: Vec::new(),
+        }
+    }
+
+    fn persist() -> Option<Decision> {
+        Some(Decision::Persist(Vec::new()))
+    }
+
+    #[test]
+    fn the_ledger_claims_what_is_persisted_or_dead_lettered_and_nothing_else() {
+        let items = [
+            item("1-0", persist()),
+            item(
+                "2-0",
+                Some(Decision::DeadLetter(FailureKind::Malformed, "x".into())),
+            ),
+            item(
+                "3-0",
+                Some(Decision::Retry(FailureKind::Timeout, "x".into())),
+            ),
+            item("4-0", Some(Decision::Redelivered)),
+            item("5-0", None),
+        ];
+        let claims = ledger_claims(&items);
+        assert_eq!(
+            claims,
+            [
+                ("1-0".to_string(), Outcome::Processed),
+                ("2-0".to_string(), Outcome::DeadLettered)
+            ]
+        );
+    }
+
+    #[test]
+    fn entries_the_ledger_did_not_newly_claim_become_redeliveries() {
+        let mut items = [
+            item("1-0", persist()),
+            item("2-0", persist()),
+            item(
+                "3-0",
+                Some(Decision::Retry(FailureKind::Timeout, "x".into())),
+            ),
+        ];
+        let claimed: HashSet<String> = ["1-0".to_string()].into();
+        mark_redelivered(&mut items, &claimed);
+        assert!(matches!(items[0].decision, Some(Decision::Persist(_))));
+        assert!(matches!(items[1].decision, Some(Decision::Redelivered)));
+        // Not finished by this batch, so not the ledger's to decide.
+        assert!(matches!(items[2].decision, Some(Decision::Retry(..))));
+    }
+
+    fn culprits(indexes: &[usize]) -> Vec<(usize, StatementError)> {
+        indexes
+            .iter()
+            .map(|&i| (i, StatementError::Retry(format!("no row for {i}"))))
+            .collect()
+    }
+
+    #[test]
+    fn without_deletes_every_entry_that_missed_its_row_is_certain_to_miss_it_alone() {
+        let plan = plan::Plan {
+            stages: Vec::new(),
+            in_table_order: true,
+        };
+        let certain = certain_culprits(&plan, culprits(&[4, 1, 4, 2]));
+        let indexes: Vec<usize> = certain.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indexes, [1, 2, 4], "sorted, each once");
+    }
+
+    #[test]
+    fn with_a_delete_in_the_batch_only_the_first_culprit_is_certain() {
+        let plan = plan::Plan {
+            stages: vec![Stage::Delete {
+                table: "media".into(),
+                key_columns: vec!["id".into()],
+                rows: Vec::new(),
+            }],
+            in_table_order: true,
+        };
+        let certain = certain_culprits(&plan, culprits(&[3, 1]));
+        let indexes: Vec<usize> = certain.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indexes, [1]);
+    }
+}

@@ -249,20 +249,54 @@ impl HostState {
 
     /// A retry while attempts remain, else a dead letter of `kind` with the last error.
     fn retry_or_give_up(&self, kind: FailureKind, reason: String, deliveries: u32) -> Decision {
-        if deliveries >= self.config.retry_attempts {
-            Decision::DeadLetter(
-                kind,
-                format!(
-                    "{reason} (gave up after {deliveries} {})",
-                    if deliveries == 1 {
-                        "delivery"
-                    } else {
-                        "deliveries"
-                    }
-                ),
-            )
-        } else {
-            Decision::Retry(kind, reason)
-        }
+        retry_or_give_up(self.config.retry_attempts, kind, reason, deliveries)
+    }
+}
+
+/// A retry while the entry's `deliveries` are fewer than `attempts`, else a dead letter of
+/// `kind` with the last error and how often it was tried.
+fn retry_or_give_up(attempts: u32, kind: FailureKind, reason: String, deliveries: u32) -> Decision {
+    if deliveries < attempts {
+        return Decision::Retry(kind, reason);
+    }
+    let times = if deliveries == 1 {
+        "delivery"
+    } else {
+        "deliveries"
+    };
+    Decision::DeadLetter(
+        kind,
+        format!("{reason} (gave up after {deliveries} {times})"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_is_retried_until_its_last_attempt_then_dead_lettered_saying_so() {
+        let kind = FailureKind::RetriesExhausted;
+        assert!(matches!(
+            retry_or_give_up(3, kind, "not yet".into(), 2),
+            Decision::Retry(FailureKind::RetriesExhausted, reason) if reason == "not yet"
+        ));
+        let Decision::DeadLetter(given_up, reason) = retry_or_give_up(3, kind, "not yet".into(), 3)
+        else {
+            panic!("the third delivery of three is the last");
+        };
+        assert_eq!(given_up, FailureKind::RetriesExhausted);
+        assert_eq!(reason, "not yet (gave up after 3 deliveries)");
+    }
+
+    #[test]
+    fn a_single_attempt_gives_up_at_once_in_the_singular() {
+        let Decision::DeadLetter(kind, reason) =
+            retry_or_give_up(1, FailureKind::PluginTrap, "boom".into(), 1)
+        else {
+            panic!("one attempt means no retry");
+        };
+        assert_eq!(kind, FailureKind::PluginTrap);
+        assert_eq!(reason, "boom (gave up after 1 delivery)");
     }
 }

@@ -393,3 +393,84 @@ fn int(value: &Value) -> Option<i64> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(stream: &str) -> StreamReport {
+        StreamReport {
+            stream: stream.to_string(),
+            key: stream.to_string(),
+            length: 0,
+            group_exists: true,
+            lag: Some(0),
+            pending: 0,
+            oldest_pending_age_ms: None,
+            consumers: Vec::new(),
+        }
+    }
+
+    fn config() -> Config {
+        Config::from_sources(None, &Default::default(), &Default::default()).unwrap()
+    }
+
+    fn thresholds() -> Thresholds {
+        Thresholds {
+            max_pending_age: Duration::from_secs(60),
+            max_lag: Some(100),
+        }
+    }
+
+    #[test]
+    fn a_healthy_stream_has_no_problem_and_each_threshold_names_its_stream() {
+        let config = config();
+        assert!(stream_problems(&config, &thresholds(), &report("s"), true, true).is_empty());
+        let mut stuck = report("s");
+        stuck.oldest_pending_age_ms = Some(120_000);
+        stuck.lag = Some(101);
+        let problems = stream_problems(&config, &thresholds(), &stuck, true, true);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("stream s: oldest pending entry is 2m old"));
+        assert!(problems[1].starts_with("stream s: 101 entries wait undelivered"));
+    }
+
+    #[test]
+    fn a_missing_group_matters_where_a_plugin_serves_and_unserved_entries_where_hosts_run() {
+        let config = config();
+        let mut lost = report("s");
+        lost.group_exists = false;
+        assert_eq!(
+            stream_problems(&config, &thresholds(), &lost, true, true).len(),
+            1
+        );
+        assert!(stream_problems(&config, &thresholds(), &lost, false, true).is_empty());
+        let mut waiting = report("s");
+        waiting.length = 3;
+        let unserved = stream_problems(&config, &thresholds(), &waiting, false, true);
+        assert_eq!(
+            unserved,
+            ["stream s: has entries but no loaded plugin handles it"]
+        );
+        assert!(stream_problems(&config, &thresholds(), &waiting, false, false).is_empty());
+    }
+
+    #[test]
+    fn a_host_is_reported_for_a_stale_heartbeat_unreadiness_and_failed_loads() {
+        let host: HostStatus = serde_json::from_value(serde_json::json!({
+            "consumer": "h1", "group": "g", "pid": 1, "started_at": "", "updated_at": "",
+            "heartbeat_age_ms": 3_600_000, "plugins_dir": "/p", "ready": false,
+            "not_ready": ["PostgreSQL unavailable"], "streams": [], "plugins": [],
+            "failed_loads": [{"file": "bad.wasm", "reason": "not a component"}]
+        }))
+        .unwrap();
+        let problems = host_problems(&host);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("host h1: last heartbeat 1h ago"));
+        assert_eq!(problems[1], "host h1 is not ready: PostgreSQL unavailable");
+        assert_eq!(
+            problems[2],
+            "host h1: plugin bad.wasm failed to load: not a component"
+        );
+    }
+}

@@ -9,13 +9,17 @@
 //! A slow or failing plugin on one stream therefore never delays another stream.
 
 use crate::backoff::Backoff;
-use crate::delivery::PreparedBatch;
-use crate::failure::{self, Class, Dependency, Unanswered};
+mod finish;
+mod in_flight;
+
+use crate::failure::{self, Class, Dependency};
 use crate::redis_connection;
 use crate::shutdown::Shutdown;
 use crate::state::HostState;
 use crate::streams::{self, StreamEntry};
 use anyhow::{Context, Result};
+use finish::finish_until_done;
+use in_flight::{InFlight, Working, keep_in_flight_fresh, lock};
 use redis::Client;
 use redis::aio::MultiplexedConnection;
 use std::sync::Arc;
@@ -86,44 +90,6 @@ pub async fn consume(state: Arc<HostState>, client: Client, stream: String, mut 
     while consumer.finishing.join_next().await.is_some() {}
     keep_alive.abort();
     info!(stream = consumer.stream, "stopped consuming");
-}
-
-/// Touches the entries of this consumer's batches in flight every `every` (a quarter of the
-/// reclaim idle time), so no host reclaims an entry that is still being worked on: not while a
-/// slow batch runs, not while every slot is busy and the consumer's loop waits for one, not while
-/// a batch waits out a PostgreSQL outage (which must never cost an entry an attempt). Touching
-/// (`XCLAIM ... JUSTID`) does not count as a delivery.
-async fn keep_in_flight_fresh(
-    state: Arc<HostState>,
-    stream: String,
-    working: Working,
-    every: Duration,
-) {
-    let config = &state.config;
-    let key = config.stream_key(&stream);
-    let mut redis = state.redis.clone();
-    loop {
-        tokio::time::sleep(every).await;
-        let mine: Vec<String> = lock(&working).iter().cloned().collect();
-        if mine.is_empty() {
-            continue;
-        }
-        if let Err(error) = streams::touch(
-            &mut redis,
-            &key,
-            &config.consumer_group,
-            &config.consumer_name,
-            &mine,
-        )
-        .await
-        {
-            // A lost group is the consumer loop's to recreate; an outage its to report.
-            tracing::debug!(
-                stream,
-                "cannot keep the entries in flight fresh (XCLAIM): {error}"
-            );
-        }
-    }
 }
 
 /// One stream's consumer: its connection, its schedule of reclaims and expiry checks, and the
@@ -402,210 +368,6 @@ fn start_batch(
     });
 }
 
-/// Entries registered in [`Working`] for as long as this value lives.
-struct InFlight {
-    working: Working,
-    ids: Vec<String>,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let mut working = lock(&self.working);
-        for id in &self.ids {
-            working.remove(id);
-        }
-    }
-}
-
-/// The ids of the entries this consumer has read and not yet finished.
-type Working = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
-
-fn lock(working: &Working) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
-    working
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Commits and acknowledges `batch`. Through an outage (PostgreSQL or Redis unreachable, see
-/// [`failure::classify`]) it retries until it succeeds or the host stops (its entries then stay
-/// pending, to be delivered again). Any other failure is retried [`FINISH_ATTEMPTS`] times, then
-/// the batch is committed entry by entry, each in a transaction of its own, so that the entry
-/// at fault is dead-lettered alone; if even that fails, the batch is given up and its entries
-/// stay pending, to be delivered again (counting against their attempts) after the reclaim time.
-/// Returns whether the batch was finished (`false`: given up, or the host is stopping).
-async fn finish_until_done(
-    state: &HostState,
-    batch: &mut PreparedBatch,
-    mut stop: Shutdown,
-) -> bool {
-    let stream = batch.stream().to_string();
-    let deadline = state.config.database_timeouts.response_deadline();
-    let mut backoff = BACKOFF;
-    let mut failures = 0;
-    loop {
-        let pass = if failures >= FINISH_ATTEMPTS {
-            Pass::EachAlone
-        } else {
-            Pass::SetBased
-        };
-        let error = match finish_once(state, batch, pass, deadline).await {
-            Ok(report) => {
-                tracing::debug!(
-                    stream,
-                    processed = report.processed,
-                    redelivered = report.redelivered,
-                    dead_lettered = report.dead_lettered,
-                    retrying = report.retrying,
-                    sentinels = report.sentinels,
-                    "batch done"
-                );
-                state.health.observe(Dependency::Database, Ok(()));
-                return true;
-            }
-            Err(error) => error,
-        };
-        state
-            .metrics
-            .batch_failures
-            .get_or_create(&crate::metrics::ByStream::new(&stream))
-            .inc();
-        let next = AfterFailure::of(&error, pass);
-        report_failure(state, batch, &error, next, failures + 1, backoff.upcoming());
-        match next {
-            AfterFailure::GiveUp => return false,
-            AfterFailure::Retry => failures += 1,
-            AfterFailure::WaitForDatabase | AfterFailure::WaitForPool => {}
-        }
-        if stop.requested() {
-            warn!(
-                stream,
-                entries = batch.len(),
-                "stopping with a batch unfinished; its entries stay pending"
-            );
-            return false;
-        }
-        wait_to_retry(state, backoff.pause(), &mut stop).await;
-    }
-}
-
-/// How a batch is committed: set-based first; entry by entry, each entry in a transaction of its
-/// own, once set-based attempts keep failing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pass {
-    SetBased,
-    EachAlone,
-}
-
-/// What a failed attempt at a batch leads to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum AfterFailure {
-    /// An outage: waited out without limit, costing no entry an attempt.
-    WaitForDatabase,
-    /// Every connection of the pool is in use: waited out like an outage, but PostgreSQL is not
-    /// down because this host is busy (the health probe, on a connection of its own, says
-    /// whether it is).
-    WaitForPool,
-    /// Tried again: set-based while attempts remain, then entry by entry.
-    Retry,
-    /// Even entry by entry it failed: the entries stay pending, delivered again after the
-    /// reclaim idle time.
-    GiveUp,
-}
-
-impl AfterFailure {
-    /// The decision after `error` on a `pass`.
-    fn of(error: &anyhow::Error, pass: Pass) -> Self {
-        match failure::classify(error) {
-            Class::Outage(_) if failure::pool_busy(error) => AfterFailure::WaitForPool,
-            Class::Outage(_) => AfterFailure::WaitForDatabase,
-            _ if pass == Pass::EachAlone => AfterFailure::GiveUp,
-            _ => AfterFailure::Retry,
-        }
-    }
-}
-
-/// Logs (and for an outage, reports to health) the `attempt`th failed attempt in a row at
-/// `batch`.
-fn report_failure(
-    state: &HostState,
-    batch: &PreparedBatch,
-    error: &anyhow::Error,
-    next: AfterFailure,
-    attempt: u32,
-    retry_in: Duration,
-) {
-    let stream = batch.stream();
-    let entries = batch.len();
-    let retry_in_ms = retry_in.as_millis() as u64;
-    let causes = crate::text::causes(error);
-    match next {
-        AfterFailure::WaitForPool => warn!(
-            stream,
-            retry_in_ms,
-            entries,
-            "every connection to PostgreSQL is busy; the batch waits for one: {causes}"
-        ),
-        AfterFailure::WaitForDatabase => {
-            if let Some(dependency) = failure::outage(error) {
-                state.health.failed(dependency, &causes);
-            }
-            error!(stream, retry_in_ms, entries, "{causes}");
-        }
-        AfterFailure::GiveUp => error!(
-            stream,
-            entries,
-            "giving up on the batch after {FINISH_ATTEMPTS} attempts and an entry-by-entry pass; its entries stay pending and are delivered again after the reclaim idle time: {causes}"
-        ),
-        AfterFailure::Retry => {
-            let next = if attempt >= FINISH_ATTEMPTS {
-                "committing it entry by entry next"
-            } else {
-                "retrying it"
-            };
-            warn!(
-                stream,
-                entries, attempt, "the batch failed, {next}: {causes}"
-            );
-        }
-    }
-}
-
-/// One attempt at finishing `batch` by `pass`. Work that gets no answer for `deadline` (since
-/// its last statement was answered, see [`crate::persist::answers`]) is an [`Unanswered`] error:
-/// a statement would have been cancelled by the server long ago, so the connection is lost
-/// without an error (half-open), an outage.
-async fn finish_once(
-    state: &HostState,
-    batch: &mut PreparedBatch,
-    pass: Pass,
-    deadline: Duration,
-) -> Result<crate::delivery::BatchReport> {
-    let attempt = async {
-        match pass {
-            Pass::SetBased => state.finish(batch).await,
-            Pass::EachAlone => state.finish_each_alone(batch).await,
-        }
-    };
-    match crate::persist::answers::watch(deadline, attempt).await {
-        Ok(outcome) => outcome,
-        Err(_) => Err(anyhow::Error::new(Unanswered(deadline))),
-    }
-}
-
-/// Waits `backoff`, then for as long as PostgreSQL is known to be down; a stop ends the wait.
-async fn wait_to_retry(state: &HostState, backoff: Duration, stop: &mut Shutdown) {
-    let waited = async {
-        tokio::time::sleep(backoff).await;
-        while state.health.outage(Dependency::Database).is_some() {
-            tokio::time::sleep(OUTAGE_POLL).await;
-        }
-    };
-    tokio::select! {
-        _ = waited => {}
-        _ = stop.wait() => {}
-    }
-}
-
 /// Reclaims every entry idle for longer than the reclaim time and runs it through the protocol.
 ///
 /// Entries of this consumer's own batches in flight are never idle that long: they are kept fresh
@@ -737,4 +499,42 @@ async fn expire_idle_consumers(
         .await
         .with_context(|| format!("cannot expire idle consumers on {key:?}"))?;
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_read_size_doubles_while_reads_come_back_full_up_to_the_maximum() {
+        let mut size = ReadSize::new(100, 500);
+        assert_eq!(size.get(), 100);
+        size.observe(100);
+        assert_eq!(size.get(), 200);
+        size.observe(200);
+        size.observe(400);
+        assert_eq!(size.get(), 500, "never past the maximum");
+        size.observe(500);
+        assert_eq!(size.get(), 500);
+    }
+
+    #[test]
+    fn the_read_size_falls_back_once_the_backlog_is_gone() {
+        let mut size = ReadSize::new(100, 10_000);
+        size.observe(100);
+        size.observe(200);
+        assert_eq!(size.get(), 400);
+        size.observe(7);
+        assert_eq!(size.get(), 100);
+        // A maximum below the minimum is the minimum.
+        assert_eq!(ReadSize::new(50, 10).max, 50);
+    }
+
+    #[test]
+    fn connection_names_have_no_spaces() {
+        assert_eq!(
+            connection_name(&["host one", "ml insights"]),
+            "kaleidoscope:host_one:ml_insights"
+        );
+    }
 }

@@ -1,0 +1,264 @@
+//! `kaleidoscope bench`: end-to-end throughput and latency on this machine, with the host's
+//! defaults, against a hand-written reference consumer measured in the same run.
+//!
+//! Each subject (the host, then the baseline) gets a fresh database and stream prefix, the same
+//! generated entries, and runs as a child process so its memory is its own. The bench waits
+//! until the ledger holds every entry, checks what was stored, and prints one table.
+//!
+//! - Pre-loaded (default): every entry is in Redis before the subject starts; the drain rate is
+//!   entries / time from the first to the last committed entry.
+//! - `--rate R`: the subject runs first and entries are added at R per second; the latency from
+//!   XADD (the entry id's time) to the entry's ledger row (written in the batch transaction) is
+//!   what counts.
+//!
+//! [`traffic`] generates and adds the entries, [`process`] starts and measures the subjects,
+//! [`measure`] watches them work; this module runs the subjects in turn and renders the table.
+
+use anyhow::Result;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+mod measure;
+mod process;
+mod traffic;
+
+use measure::*;
+use process::*;
+use traffic::*;
+
+/// Which messages the bench generates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mix {
+    /// 35% seed all-in-one insights, 45% real per-service insights (embeddings included), 15%
+    /// face detections with 0–3 faces and their embeddings, 5% errors.
+    Mixed,
+    /// Only the seed's all-in-one insights message (the shape of the first measurements).
+    SeedInsights,
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub entries: usize,
+    /// Entries per second to offer instead of pre-loading.
+    pub rate: Option<u64>,
+    pub baseline: bool,
+    pub mix: Mix,
+    pub embedding_dims: usize,
+    /// The bench database (dropped and recreated for each subject).
+    pub database_url: String,
+    pub redis_url: String,
+    /// The host binary (this executable).
+    pub host_binary: PathBuf,
+    /// Give up on a subject after this long.
+    pub timeout: Duration,
+}
+
+/// The figures of one subject.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Figures {
+    pub subject: String,
+    pub entries: usize,
+    pub entries_per_second: f64,
+    pub seconds: f64,
+    pub latency_ms: Option<[f64; 3]>,
+    pub peak_rss_mb: Option<f64>,
+    /// CPU time the subject's own process used per entry, in microseconds (user + system):
+    /// steadier than entries/s on a shared machine, and blind to the database's share.
+    pub cpu_us_per_entry: Option<f64>,
+    /// Share of the drain time spent inside plugin calls (host only).
+    pub plugin_share: Option<f64>,
+    /// What was stored, checked against what the entries say.
+    pub verified: Result<String, String>,
+    /// Deadlocks PostgreSQL reported while the subject ran.
+    pub deadlocks: i64,
+    /// Drain rate over the first and the last tenth of the entries (a rate that falls over the
+    /// run means something grows: the ledger, an index, memory).
+    /// Only when pre-loaded (offered at a rate, the rate decides).
+    pub first_tenth_per_second: Option<f64>,
+    pub last_tenth_per_second: Option<f64>,
+}
+
+/// Runs the bench and returns the figures of each subject (the host first).
+pub async fn run(options: &BenchOptions) -> Result<Vec<Figures>> {
+    let data = Generated::new(options.entries, options.mix, options.embedding_dims);
+    let mut results = vec![run_subject(options, &data, Subject::Host).await?];
+    if options.baseline {
+        results.push(run_subject(options, &data, Subject::Baseline).await?);
+    }
+    Ok(results)
+}
+
+/// Renders the figures as a table, with the ratio to the baseline when there is one.
+pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
+    let mut out = String::new();
+    let mode = match options.rate {
+        Some(rate) => format!("{rate} entries/s offered"),
+        None => "pre-loaded".into(),
+    };
+    out.push_str(&format!(
+        "{} entries ({:?} mix, {mode}), {} cores\n\n",
+        options.entries,
+        options.mix,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    ));
+    out.push_str(&format!(
+        "{:<14} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9}  {}\n",
+        "subject",
+        "entries/s",
+        "seconds",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "peak RSS",
+        "CPU/entry",
+        "plugins",
+        "deadlocks",
+        "rows"
+    ));
+    for r in results {
+        let latency = |i: usize| {
+            r.latency_ms
+                .map_or("-".to_string(), |l| format!("{:.1}", l[i]))
+        };
+        out.push_str(&format!(
+            "{:<14} {:>10.0} {:>9.2} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9}  {}\n",
+            r.subject,
+            r.entries_per_second,
+            r.seconds,
+            latency(0),
+            latency(1),
+            latency(2),
+            r.peak_rss_mb
+                .map_or("-".to_string(), |m| format!("{m:.0} MB")),
+            r.cpu_us_per_entry
+                .map_or("-".to_string(), |us| format!("{us:.0} µs")),
+            r.plugin_share
+                .map_or("-".to_string(), |s| format!("{:.1}%", s * 100.0)),
+            r.deadlocks,
+            match &r.verified {
+                Ok(summary) => format!("ok ({summary})"),
+                Err(problem) => format!("WRONG: {problem}"),
+            }
+        ));
+    }
+    out.push('\n');
+    for r in results {
+        if let (Some(first), Some(last)) = (r.first_tenth_per_second, r.last_tenth_per_second) {
+            out.push_str(&format!(
+                "{}: first tenth of the entries {first:.0}/s, last tenth {last:.0}/s\n",
+                r.subject
+            ));
+        }
+    }
+    if let [host, baseline] = results {
+        out.push_str(&format!(
+            "\nhost / baseline: {:.2}x the entries/s\n",
+            host.entries_per_second / baseline.entries_per_second.max(f64::MIN_POSITIVE)
+        ));
+    }
+    out
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Subject {
+    Host,
+    Baseline,
+}
+
+impl Subject {
+    /// The consumer group the subject reads with.
+    fn group(self) -> &'static str {
+        match self {
+            Subject::Host => "backend-group",
+            Subject::Baseline => "baseline-group",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Subject::Host => "kaleidoscope",
+            Subject::Baseline => "baseline",
+        }
+    }
+}
+
+async fn run_subject(
+    options: &BenchOptions,
+    data: &Generated,
+    subject: Subject,
+) -> Result<Figures> {
+    let prefix = format!("bench-{}-{}:", std::process::id(), subject.name());
+    let pool = fresh_database(&options.database_url).await?;
+    data.seed(&pool).await?;
+    let mut redis = crate::redis_connection::open(&options.redis_url).await?;
+    delete_keys(&mut redis, &prefix).await?;
+    let deadlocks_before = deadlocks(&pool).await?;
+
+    if options.rate.is_none() {
+        add_entries(&mut redis, &prefix, data, None, subject).await?;
+    }
+    let metrics_port = free_port()?;
+    let log = std::env::temp_dir().join(format!("kaleidoscope-bench-{}.log", subject.name()));
+    let mut child = spawn(options, subject, &prefix, metrics_port, &log)?;
+    let mut offered_at = None;
+    let outcome = async {
+        if let Some(rate) = options.rate {
+            wait_for_groups(&mut redis, &prefix, subject, &mut child).await?;
+            offered_at = Some(Instant::now());
+            add_entries(&mut redis, &prefix, data, Some(rate), subject).await?;
+        }
+        drain(
+            options,
+            &mut redis,
+            &prefix,
+            data.len(),
+            subject,
+            &mut child,
+            &log,
+        )
+        .await
+    }
+    .await;
+    let peak_rss_mb = peak_rss_mb(&child);
+    let cpu_seconds = cpu_seconds(&child);
+    let plugin_seconds = match subject {
+        Subject::Host => scrape_plugin_seconds(metrics_port).await,
+        Subject::Baseline => None,
+    };
+    stop(&mut child);
+    let drained = outcome?;
+    let first_to_last = drained.first_to_last;
+
+    let latency_ms = match options.rate {
+        Some(_) => Some(latency_percentiles(&pool).await?),
+        None => None,
+    };
+    let verified = data.verify(&pool, &mut redis, &prefix, subject).await;
+    let deadlocks = deadlocks(&pool).await? - deadlocks_before;
+    delete_keys(&mut redis, &prefix).await?;
+    pool.close().await;
+    // Offered at a rate: from the first entry offered to the last one finished (the rate
+    // itself, if the subject keeps up). Pre-loaded: from the first entry finished to the last.
+    let (drain, tenths) = match offered_at {
+        Some(at) => (at.elapsed().as_secs_f64(), None),
+        None => (
+            first_to_last,
+            Some((drained.first_tenth, drained.last_tenth)),
+        ),
+    };
+    Ok(Figures {
+        subject: subject.name().into(),
+        entries: data.len(),
+        entries_per_second: data.len() as f64 / drain.max(1e-9),
+        seconds: drain,
+        latency_ms,
+        peak_rss_mb,
+        cpu_us_per_entry: cpu_seconds.map(|s| s * 1e6 / data.len().max(1) as f64),
+        plugin_share: plugin_seconds.map(|s| s / drain.max(1e-9)),
+        verified,
+        deadlocks,
+        first_tenth_per_second: tenths.map(|t| t.0),
+        last_tenth_per_second: tenths.map(|t| t.1),
+    })
+}

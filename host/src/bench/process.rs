@@ -1,0 +1,156 @@
+//! The bench's child processes: the host or the reference consumer, started on a free port,
+//! measured (peak memory, CPU time, time in plugin calls) and stopped.
+
+use super::*;
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The reference consumer (`bench/baseline/consumer.py`), embedded so the bench runs from any
+/// directory.
+pub(super) const BASELINE_SCRIPT: &str = include_str!("../../../bench/baseline/consumer.py");
+/// Where the baseline's Python environment is created on first use.
+pub(super) const BASELINE_VENV: &str = "target/bench-venv";
+
+pub(super) fn free_port() -> Result<u16> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free local port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Starts the subject as a child process, its stderr to `log`.
+pub(super) fn spawn(
+    options: &BenchOptions,
+    subject: Subject,
+    prefix: &str,
+    metrics_port: u16,
+    log: &Path,
+) -> Result<Child> {
+    let log_file =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let mut command = match subject {
+        Subject::Host => {
+            let mut command = Command::new(&options.host_binary);
+            command
+                .arg("run")
+                .env(
+                    "KALEIDOSCOPE_HTTP_ADDR",
+                    format!("127.0.0.1:{metrics_port}"),
+                )
+                .env("KALEIDOSCOPE_CONSUMER_NAME", "bench")
+                .env("KALEIDOSCOPE_WATCH_PLUGINS", "false")
+                .env("KALEIDOSCOPE_LOG_FORMAT", "text");
+            command
+        }
+        Subject::Baseline => {
+            let python = baseline_python()?;
+            let script = std::env::temp_dir().join("kaleidoscope-bench-baseline.py");
+            std::fs::write(&script, BASELINE_SCRIPT)
+                .with_context(|| format!("cannot write {}", script.display()))?;
+            let mut command = Command::new(python);
+            command.arg(script);
+            command
+        }
+    };
+    command
+        .env("DATABASE_URL", &options.database_url)
+        .env("REDIS_URL", &options.redis_url)
+        .env("KALEIDOSCOPE_STREAM_PREFIX", prefix)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    command
+        .spawn()
+        .with_context(|| format!("cannot start the {} subject", subject.name()))
+}
+
+/// The baseline's Python, from a virtual environment created (with `redis` and `psycopg`) on
+/// first use.
+pub(super) fn baseline_python() -> Result<PathBuf> {
+    let venv = PathBuf::from(BASELINE_VENV);
+    let python = venv.join("bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", "import redis, psycopg"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ready {
+        return Ok(python);
+    }
+    eprintln!("setting up the baseline's Python environment in {BASELINE_VENV} (once)");
+    let created = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .context("cannot run python3 (the baseline needs Python 3.9 or newer)")?;
+    if !created.success() {
+        bail!("`python3 -m venv {BASELINE_VENV}` failed");
+    }
+    let installed = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "redis>=5", "psycopg[binary]>=3.1"])
+        .status()
+        .context("cannot run pip in the baseline's environment")?;
+    if !installed.success() {
+        bail!("installing redis and psycopg into {BASELINE_VENV} failed");
+    }
+    Ok(python)
+}
+
+/// The child's peak resident memory (VmHWM), in MB.
+pub(super) fn peak_rss_mb(child: &Child) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// The CPU time the child has used so far (user + system), in seconds.
+pub(super) fn cpu_seconds(child: &Child) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // Clock ticks; 100 per second on Linux.
+    Some((utime + stime) / 100.0)
+}
+
+/// Seconds spent in plugin calls, from the host's `/metrics`.
+pub(super) async fn scrape_plugin_seconds(port: u16) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    let sum = body
+        .lines()
+        .filter(|l| l.starts_with("kaleidoscope_handler_duration_seconds_sum"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Some(sum)
+}
+
+pub(super) fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
