@@ -226,11 +226,7 @@ async fn wait_for_answers(
     loop {
         let requests = status::requests_by_status(pool).await?;
         let total: i64 = requests.values().sum();
-        let answered: i64 = requests
-            .iter()
-            .filter(|(s, _)| *s != "PENDING")
-            .map(|(_, n)| n)
-            .sum();
+        let answered = total - requests.get(status::PENDING).copied().unwrap_or(0);
         let mut backlog = 0;
         for stream in crate::ml::RESULT_STREAMS {
             let report = status::stream_report(&mut conn, config, stream).await?;

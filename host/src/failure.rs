@@ -10,9 +10,10 @@
 //! | [`Class::Retryable`]      | contention or a passing condition                | retry, counted against the entry's attempts      |
 //! | [`Class::Permanent`]      | the work can never succeed as written            | dead-letter the entry, with the reason           |
 //!
-//! The consumer, the commit, the health probe and the request tracker all ask [`classify`] (or,
-//! for one SQL statement, [`classify_statement`]) instead of deciding for themselves, so an
-//! outage means the same thing everywhere: README's "Failure handling" is this table.
+//! The consumer, the commit and the outbox relay ask [`classify`] (or, for one SQL statement,
+//! [`classify_statement`]) instead of deciding for themselves, and what they find an outage is
+//! what [`crate::health`] reports, so an outage means the same thing everywhere. README's "Outages and everything else" tells operators
+//! the same in their terms.
 
 use std::time::Duration;
 
@@ -147,13 +148,18 @@ pub fn database_unreachable(error: &sqlx::Error) -> bool {
             // connection_exception; admin_shutdown, crash_shutdown, cannot_connect_now;
             // too_many_connections; and what refuses a new connection: authentication failed,
             // the database does not exist, or does not accept connections (`ALLOW_CONNECTIONS
-            // false`, SQLSTATE 55000 with that message).
+            // false`: SQLSTATE 55000 raised by the server's connection check, told by the
+            // routine that raised it, which unlike the message is never translated).
             code.starts_with("08")
                 || matches!(
                     &*code,
                     "57P01" | "57P02" | "57P03" | "53300" | "28000" | "28P01" | "3D000"
                 )
-                || (code == "55000" && db.message().contains("accepting connections"))
+                || (code == "55000"
+                    && db
+                        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                        .and_then(|e| e.routine())
+                        == Some("CheckMyDatabase"))
         }),
         _ => false,
     }

@@ -3,34 +3,40 @@
 //! commands the handler returns into PostgreSQL — exactly once, acknowledging an entry only after
 //! its effects have committed.
 //!
-//! One entry's way through the code:
-//! 1. **read** — [`consumer`]: one task per stream reads (`XREADGROUP`) and reclaims
-//!    (`XAUTOCLAIM`) entries, using the commands in [`streams`];
-//! 2. **triage** — `delivery/triage.rs`: entries already in the ledger, unreadable, or replayed;
-//! 3. **dispatch** — `delivery/dispatch.rs`: the plugin's `handle` runs in its sandbox
-//!    ([`plugin`]);
-//! 4. **commit** — `delivery/commit.rs`: the batch's commands are checked
-//!    ([`persist::validate`]), planned ([`persist::plan`]) and executed ([`persist::batch`])
-//!    in one transaction with the [`persist::ledger`] rows and [`persist::outbox`] messages;
-//!    failures become retries or [`dead_letter`]s;
-//! 5. **ack** — `delivery/ack.rs`: outbox messages are published, then the entries acknowledged.
+//! One entry's way through the code: [`consumer`] reads it (`XREADGROUP`, or `XAUTOCLAIM` when
+//! it is overdue) with the commands in [`streams`]; [`delivery`] runs the protocol on its batch —
+//! triage, the plugin's `handle` in its sandbox ([`plugin`]), checking and planning the commands
+//! ([`persist`]), one transaction with the ledger and outbox rows, publishing and acknowledging.
+//! The steps are told once, in [`delivery`]'s docs; what a failure means is [`failure`]'s.
 //!
 //! Around it:
 //! - [`host`]: start-up, shutdown, plugin **reload** and the consumers that follow it, and the
 //!   background chores (heartbeat, probe, request tracker, ledger pruning, **outbox relay**);
 //! - [`state`]: what a running host shares — configuration, connections, plugins, health,
 //!   metrics, schema catalogue;
-//! - [`config`]: settings from file, environment and flags; [`redis_connection`] and
-//!   [`persist::connect`]: the one way to open connections;
+//! - [`config`]: settings from file, environment and flags, and what the operator allows each
+//!   plugin; [`redis_connection`] and [`persist::connect`]: the one way to open connections;
+//! - [`failure`]: what a failure means (an outage, a lost group, retryable, permanent), decided in
+//!   one place; [`backoff`]: the one schedule of pauses after failures; [`shutdown`]: telling tasks
+//!   to stop;
 //! - [`heartbeat`]: the document each host keeps fresh in Redis; [`status`]: what
 //!   `kaleidoscope status` makes of those and of the streams; [`health`]: whether PostgreSQL and
 //!   Redis answer; [`metrics`] and [`http`]: `/metrics`, `/healthz`, `/readyz`;
 //! - [`requests`]: the other direction — publishing requests to the ML services and tracking them
-//!   until their results arrive; [`simulate`]: a reference ML service for demos and tests;
+//!   until their results arrive; [`ml`]: the ML side's stream and service names, listed once;
+//!   [`simulate`]: a reference ML service for demos and tests;
 //! - **CLI** — [`cli`]: one function per subcommand; [`dead_letter::admin`] (`dlq list/replay`),
 //!   [`toolkit`] (`plugin check/exec`), [`deploy`] (`plugin deploy`), [`bench`](mod@bench),
 //!   [`demo`] (both show [`progress`]);
 //! - [`text`]: making outside text (plugin reasons, log lines) safe to store.
+//!
+//! The modules form layers, each using only those below it (a test checks that no import cycle
+//! forms): the leaves ([`text`], [`failure`], [`backoff`], [`shutdown`], [`ml`], [`logging`]);
+//! [`plugin`] (which knows nothing of configuration or the protocol); [`config`]; [`streams`],
+//! [`redis_connection`], [`health`]; [`persist`]; [`dead_letter`]; [`metrics`], [`heartbeat`];
+//! [`state`]; [`delivery`]; [`consumer`]; [`host`], [`requests`], [`status`], [`http`]; and the
+//! tools on top ([`cli`], [`bench`](mod@bench), [`demo`], [`simulate`], [`authoring`],
+//! [`toolkit`], [`deploy`]).
 
 pub mod authoring;
 pub mod backoff;
@@ -62,3 +68,6 @@ pub mod status;
 pub mod streams;
 pub mod text;
 pub mod toolkit;
+
+#[cfg(test)]
+mod layout_tests;

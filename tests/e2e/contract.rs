@@ -143,3 +143,40 @@ async fn now_is_the_time_of_the_transaction_that_persists_the_entry() {
     assert!(second > first, "{first} then {second}");
     env.finish().await;
 }
+
+/// The contract changed compatibly (0.2.0 added guarded updates): a plugin built against 0.1.0
+/// loads and runs unchanged beside plugins built against 0.2.0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_built_against_contract_0_1_0_runs_unchanged() {
+    let env = TestEnv::start(Options::new(&["contract-v0-1", SCRIPTED])).await;
+    let plugins = env.host().state().registry.snapshot();
+    let old = plugins
+        .for_stream("mock-v0-1")
+        .expect("the 0.1.0 plugin is loaded");
+    assert_eq!(old.contract(), "0.1.0");
+    assert!(
+        old.imports
+            .iter()
+            .any(|i| i.contains("kaleidoscope:handler/types@0.1.0")),
+        "{:?}",
+        old.imports
+    );
+    assert_eq!(
+        plugins.for_stream(SCRIPTED).expect("scripted").contract(),
+        "0.3.0"
+    );
+    let id = env.publish("mock-v0-1", &[("note", "old contract")]).await;
+    env.await_processed("mock-v0-1", &id).await;
+    let (error, status): (String, String) =
+        sqlx::query_as("SELECT error, status FROM ml_processing_errors WHERE entry_id = $1")
+            .bind(&id)
+            .fetch_one(&env.pool)
+            .await
+            .expect("the row");
+    assert_eq!(
+        (error.as_str(), status.as_str()),
+        ("old contract", "CONTRACT-0.1.0")
+    );
+    crate::support::stream_goes_on(&env).await;
+    env.finish().await;
+}

@@ -319,3 +319,59 @@ async fn a_dead_letter_whose_bytes_were_lost_is_not_replayed_without_force() {
     assert_eq!(replayed.as_array().map(Vec::len), Some(1));
     env.finish().await;
 }
+
+/// Two copies of one dead letter (the relay republished it after a crash, or an operator replayed
+/// twice) are applied once: a replay carries the identity of the entry it replays, and the
+/// ledger knows it. A kind alone selects what to replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_replayed_twice_is_applied_once() {
+    let env = TestEnv::start(Options::new(&["panicking"]).retries(1, 200)).await;
+    let failed = env.publish("mock-panic", &[("note", "once")]).await;
+    let letter = env.await_dead_letter("mock-panic", &failed).await;
+    // The copy a crash between the relay's XADD and its DELETE leaves behind.
+    let mut copy = redis::cmd("XADD");
+    copy.arg(env.key(&env.config.dlq_stream)).arg("*");
+    for (k, v) in &letter {
+        copy.arg(k).arg(v);
+    }
+    let _: String = copy
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("XADD the copy");
+
+    env.install_plugin("panicking-fixed", "panicking");
+    env.await_serving("mock-panic", "0.2.0").await;
+    let replay = env.command(&["dlq", "replay", "--kind", "plugin-trap", "--json"]);
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let replayed: serde_json::Value = serde_json::from_slice(&replay.stdout).unwrap();
+    let new_ids: Vec<String> = replayed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["new_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(new_ids.len(), 2, "both copies were replayed: {replayed}");
+    env.await_processed("mock-panic", &format!("{failed}/replay"))
+        .await;
+    env.await_drained("mock-panic").await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM ml_processing_errors").await,
+        1,
+        "applied once"
+    );
+    assert!(
+        env.host()
+            .state()
+            .metrics
+            .redelivered
+            .get_or_create(&kaleidoscope::metrics::ByStream::new("mock-panic"))
+            .get()
+            >= 1,
+        "the second copy was recognised"
+    );
+    env.finish().await;
+}

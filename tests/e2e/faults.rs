@@ -512,3 +512,166 @@ async fn a_second_signal_or_the_shutdown_timeout_ends_a_stuck_shutdown() {
     assert_eq!(env.pending("mock-loop").await, 2);
     env.finish().await;
 }
+
+/// A deferred constraint fails at COMMIT, where no statement is to blame, for the set-based
+/// transaction and for the entry-by-entry one alike: only a transaction per entry finds the
+/// culprit. It is dead-lettered as `database`; its neighbours commit; PostgreSQL is never
+/// reported unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_at_commit_dead_letters_the_culprit_and_commits_the_rest() {
+    let env = TestEnv::prepare(Options::new(&[crate::support::SCRIPTED])).await;
+    for sql in [
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.error = 'poison' THEN RAISE EXCEPTION 'poison refused at commit'; END IF;
+           RETURN NEW;
+         END $$",
+        "CREATE CONSTRAINT TRIGGER refuse_poison AFTER INSERT ON ml_processing_errors
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    ] {
+        sqlx::query(sql).execute(&env.pool).await.expect(sql);
+    }
+    let mut good = Vec::new();
+    for n in 0..3 {
+        good.push(
+            env.publish(
+                crate::support::SCRIPTED,
+                &[("action", "ok"), ("note", &format!("g{n}"))],
+            )
+            .await,
+        );
+    }
+    let poison = env
+        .publish(
+            crate::support::SCRIPTED,
+            &[("action", "ok"), ("note", "poison")],
+        )
+        .await;
+    for n in 3..6 {
+        good.push(
+            env.publish(
+                crate::support::SCRIPTED,
+                &[("action", "ok"), ("note", &format!("g{n}"))],
+            )
+            .await,
+        );
+    }
+    let env = env.with_host().await;
+    let letter = env
+        .await_dead_letter(crate::support::SCRIPTED, &poison)
+        .await;
+    assert_eq!(letter["failureKind"], "database", "{letter:?}");
+    assert!(
+        letter["error"].contains("poison refused at commit"),
+        "{}",
+        letter["error"]
+    );
+    for id in &good {
+        env.await_processed(crate::support::SCRIPTED, id).await;
+    }
+    env.await_no_pending(crate::support::SCRIPTED).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM ml_processing_errors").await,
+        6
+    );
+    let state = env.host().state();
+    assert!(
+        state
+            .health
+            .outage(kaleidoscope::failure::Dependency::Database)
+            .is_none()
+    );
+    assert!(
+        state
+            .metrics
+            .batch_failures
+            .get_or_create(&kaleidoscope::metrics::ByStream::new(
+                crate::support::SCRIPTED
+            ))
+            .get()
+            >= 3,
+        "the batch was retried before it was split"
+    );
+    env.finish().await;
+}
+
+/// A statement cancelled by `statement_timeout` is about the entry, not an outage: it is retried
+/// like any failed statement, then dead-lettered, and the rest of the stream flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_timeout_is_retried_then_dead_lettered_not_waited_out() {
+    let options = Options::new(&[crate::support::SCRIPTED])
+        .retries(2, 200)
+        .set("KALEIDOSCOPE_PG_STATEMENT_TIMEOUT_MS", 300);
+    let env = TestEnv::prepare(options).await;
+    for sql in [
+        "CREATE FUNCTION dawdle() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.error = 'slow' THEN PERFORM pg_sleep(5); END IF;
+           RETURN NEW;
+         END $$",
+        "CREATE TRIGGER dawdle BEFORE INSERT ON ml_processing_errors
+         FOR EACH ROW EXECUTE FUNCTION dawdle()",
+    ] {
+        sqlx::query(sql).execute(&env.pool).await.expect(sql);
+    }
+    let env = env.with_host().await;
+    let slow = env
+        .publish(
+            crate::support::SCRIPTED,
+            &[("action", "ok"), ("note", "slow")],
+        )
+        .await;
+    let letter = env.await_dead_letter(crate::support::SCRIPTED, &slow).await;
+    assert_eq!(letter["failureKind"], "retries-exhausted", "{letter:?}");
+    assert!(letter["error"].contains("57014"), "{}", letter["error"]);
+    crate::support::stream_goes_on(&env).await;
+    env.await_no_pending(crate::support::SCRIPTED).await;
+    assert!(
+        env.host()
+            .state()
+            .health
+            .outage(kaleidoscope::failure::Dependency::Database)
+            .is_none()
+    );
+    env.finish().await;
+}
+
+/// Redis restarted without persistence: the stream and its group are gone. Whichever command of
+/// the consumer meets `NOGROUP` first (with a short reclaim time, the reclaim), the group is
+/// recreated and new entries flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_consumer_group_is_recreated_and_reported() {
+    let env = TestEnv::start(Options::new(&[crate::support::SCRIPTED]).retries(3, 200)).await;
+    let first = env
+        .publish(
+            crate::support::SCRIPTED,
+            &[("action", "ok"), ("note", "before")],
+        )
+        .await;
+    env.await_processed(crate::support::SCRIPTED, &first).await;
+    let _: () = redis::cmd("DEL")
+        .arg(env.key(crate::support::SCRIPTED))
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("DEL");
+    let after = env
+        .publish(
+            crate::support::SCRIPTED,
+            &[("action", "ok"), ("note", "after")],
+        )
+        .await;
+    env.await_processed(crate::support::SCRIPTED, &after).await;
+    env.await_no_pending(crate::support::SCRIPTED).await;
+    assert!(
+        env.host()
+            .state()
+            .metrics
+            .groups_recreated
+            .get_or_create(&kaleidoscope::metrics::ByStream::new(
+                crate::support::SCRIPTED
+            ))
+            .get()
+            >= 1
+    );
+    env.finish().await;
+}

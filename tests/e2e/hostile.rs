@@ -250,3 +250,68 @@ async fn an_entry_trimmed_while_pending_is_reported_and_not_looped_on() {
     assert!(crate::support::await_exit(&mut host).await.success());
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_characters_from_a_plugin_never_block_the_stream() {
+    let env = TestEnv::start(Options::new(&[crate::support::SCRIPTED])).await;
+    // A NUL in a log line and in the failure reason: the reason is stored with U+FFFD.
+    let bad = env
+        .publish(
+            crate::support::SCRIPTED,
+            &[("action", "nul"), ("note", "n1")],
+        )
+        .await;
+    let letter = env.await_dead_letter(crate::support::SCRIPTED, &bad).await;
+    assert_eq!(letter["failureKind"], "malformed");
+    assert_eq!(letter["error"], "bad \u{FFFD} reason: n1");
+    // A NUL in an emitted field is data: the outbox carries it to the target stream unchanged.
+    let emitting = env
+        .publish(
+            crate::support::SCRIPTED,
+            &[("action", "emit-nul"), ("target", "scripted-out")],
+        )
+        .await;
+    env.await_processed(crate::support::SCRIPTED, &emitting)
+        .await;
+    let out_key = env.key("scripted-out");
+    let emitted: Vec<(String, Vec<(String, Vec<u8>)>)> =
+        crate::support::eventually("the emitted message", || {
+            let mut redis = env.redis.clone();
+            let key = out_key.clone();
+            async move {
+                let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut redis)
+                    .await
+                    .ok()?;
+                (!entries.is_empty()).then_some(entries)
+            }
+        })
+        .await;
+    assert_eq!(emitted[0].1, vec![("note".to_string(), b"a\0b".to_vec())]);
+    crate::support::stream_goes_on(&env).await;
+    env.await_no_pending(crate::support::SCRIPTED).await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producers_nul_is_malformed_and_names_the_field() {
+    let env = TestEnv::start(Options::new(&[crate::support::SCRIPTED])).await;
+    let bad = env
+        .publish_bytes(
+            crate::support::SCRIPTED,
+            &[("action", b"ok"), ("note", b"a\0b")],
+        )
+        .await;
+    let letter = env.await_dead_letter(crate::support::SCRIPTED, &bad).await;
+    assert_eq!(letter["failureKind"], "malformed", "{letter:?}");
+    assert!(
+        letter["error"].contains("`note`") && letter["error"].contains("NUL"),
+        "{}",
+        letter["error"]
+    );
+    crate::support::stream_goes_on(&env).await;
+    env.finish().await;
+}

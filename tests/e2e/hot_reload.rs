@@ -554,3 +554,45 @@ async fn plugin_deploy_waits_for_the_hosts_to_report_the_load_or_the_reason() {
     );
     env.finish().await;
 }
+
+/// A consumer busy with a long plugin call must not hold up a reload (nor the heartbeat, which
+/// needs the same list of consumers): the reload that removes its plugin returns while the call
+/// is still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_consumer_does_not_hold_up_a_reload() {
+    let options = Options::new(&[crate::support::SCRIPTED])
+        .set("KALEIDOSCOPE_WATCH_PLUGINS", "false")
+        .plugin_setting(crate::support::SCRIPTED, "timeout_ms = 20000");
+    let env = TestEnv::start(options).await;
+    let busy = env
+        .publish(
+            crate::support::SCRIPTED,
+            &[("action", "block"), ("millis", "15000")],
+        )
+        .await;
+    // Running, not only delivered: a reload landing before the batch took its plugin would
+    // leave the entry pending for a plugin that no longer exists.
+    let calls = env
+        .host()
+        .state()
+        .metrics
+        .calls_in_flight
+        .get_or_create_owned(&kaleidoscope::metrics::ByPluginName {
+            plugin: crate::support::SCRIPTED.to_string(),
+        });
+    eventually("the blocking call to start", || {
+        let calls = calls.clone();
+        async move { (calls.get() == 1).then_some(()) }
+    })
+    .await;
+    std::fs::remove_file(env.plugins_dir.join("scripted.wasm")).expect("remove the plugin");
+    env.host().reload_plugins().await.expect("reload");
+    assert_eq!(
+        env.ledger_outcome(crate::support::SCRIPTED, &busy).await,
+        None,
+        "the reload returned before the busy call ended"
+    );
+    // The stopped consumer still finishes its batch.
+    env.await_processed(crate::support::SCRIPTED, &busy).await;
+    env.finish().await;
+}

@@ -74,3 +74,55 @@ async fn old_ledger_rows_are_pruned_except_those_of_pending_entries() {
     );
     env.finish().await;
 }
+
+/// The ledger tells deployments apart: two hosts with different stream prefixes sharing one
+/// PostgreSQL each process their own entry with the same stream and id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_sharing_a_database_do_not_take_each_others_entries_for_processed() {
+    let options = || {
+        let mut options = Options::new(&[crate::support::SCRIPTED]);
+        options.plugin_sections.insert(
+            crate::support::SCRIPTED.to_string(),
+            vec!["tables = [\"deployment_notes\"]".to_string()],
+        );
+        options
+    };
+    let first = TestEnv::prepare(options()).await;
+    sqlx::query("CREATE TABLE deployment_notes (id bigserial PRIMARY KEY, note text NOT NULL)")
+        .execute(&first.pool)
+        .await
+        .expect("create the notes table");
+    let first = first.with_host().await;
+    // A second deployment: its own prefix (and so its own ledger identity), the same database.
+    let mut second = TestEnv::prepare(options()).await;
+    second.config.database_url = first.database_url.clone();
+    let second = second.with_host().await;
+    let id = "1700000000000-0";
+    for env in [&first, &second] {
+        let _: String = redis::cmd("XADD")
+            .arg(env.key(crate::support::SCRIPTED))
+            .arg(id)
+            .arg("action")
+            .arg("write-table")
+            .arg("table")
+            .arg("deployment_notes")
+            .arg("column")
+            .arg("note")
+            .arg("note")
+            .arg(&env.prefix)
+            .query_async(&mut env.redis.clone())
+            .await
+            .expect("XADD with an explicit id");
+    }
+    first.await_drained(crate::support::SCRIPTED).await;
+    second.await_drained(crate::support::SCRIPTED).await;
+    let notes: Vec<String> = sqlx::query_scalar("SELECT note FROM deployment_notes ORDER BY note")
+        .fetch_all(&first.pool)
+        .await
+        .expect("notes");
+    let mut expected = vec![first.prefix.clone(), second.prefix.clone()];
+    expected.sort();
+    assert_eq!(notes, expected, "each deployment processed its own entry");
+    second.finish().await;
+    first.finish().await;
+}

@@ -20,7 +20,6 @@ mod face_detection;
 mod face_recognition;
 mod faults;
 mod fuzz;
-mod hardening;
 mod hostile;
 mod hot_reload;
 mod insights;

@@ -557,3 +557,29 @@ async fn a_trap_is_logged_on_one_line_with_its_panic_message_first() {
     let _ = std::fs::remove_file(log);
     env.finish().await;
 }
+
+/// One readiness: a host with no plugin is not ready, and `/readyz`, the metrics gauge and the
+/// heartbeat `status` reads all say so (the heartbeat used to say ready).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_one_answer_everywhere() {
+    let env = TestEnv::start(Options::new(&[]).set("KALEIDOSCOPE_HTTP_ADDR", "127.0.0.1:0")).await;
+    let state = env.host().state();
+    assert_eq!(state.not_ready(), ["no plugin is loaded"]);
+    let addr = env.host().http_addr().expect("HTTP is enabled");
+    let (code, body) = crate::support::http_get(addr, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("no plugin is loaded"), "{body}");
+    let (_, metrics) = crate::support::http_get(addr, "/metrics");
+    assert!(
+        metrics.lines().any(|line| line == "kaleidoscope_ready 0"),
+        "the readiness gauge says not ready: {metrics}"
+    );
+    let (report, ok) = env.status();
+    assert!(!ok, "status exits non-zero for a host that is not ready");
+    assert_eq!(report["hosts"][0]["ready"], false, "{report}");
+    assert_eq!(
+        report["hosts"][0]["not_ready"],
+        serde_json::json!(["no plugin is loaded"])
+    );
+    env.finish().await;
+}

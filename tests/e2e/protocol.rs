@@ -352,3 +352,142 @@ async fn an_entry_failing_in_the_database_does_not_fail_its_batch_neighbours() {
     env.await_no_pending(INSIGHTS).await;
     env.finish().await;
 }
+
+/// The delivery counts of reclaimed entries are read exactly, however many other entries the
+/// consumer has pending between them: an over-delivered entry cannot pass for a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaimed_entries_get_their_exact_delivery_counts() {
+    let env = TestEnv::prepare(Options::new(&[crate::support::SCRIPTED]).retries(3, 60_000)).await;
+    let key = env.key(crate::support::SCRIPTED);
+    let (group, consumer) = (&env.config.consumer_group, &env.config.consumer_name);
+    let mut redis = env.redis.clone();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&key)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut redis)
+        .await
+        .expect("XGROUP CREATE");
+    let first = env
+        .publish(
+            crate::support::SCRIPTED,
+            &[("action", "ok"), ("note", "first")],
+        )
+        .await;
+    for n in 0..100 {
+        env.publish(
+            crate::support::SCRIPTED,
+            &[("action", "ok"), ("note", &format!("filler {n}"))],
+        )
+        .await;
+    }
+    let last = env
+        .publish(
+            crate::support::SCRIPTED,
+            &[("action", "ok"), ("note", "last")],
+        )
+        .await;
+    // Everything is delivered to this host's consumer; the fillers stay fresh (not reclaimed),
+    // the first and last look like entries delivered five times long ago.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(200)
+        .arg("STREAMS")
+        .arg(&key)
+        .arg(">")
+        .query_async(&mut redis)
+        .await
+        .expect("XREADGROUP");
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(&key)
+        .arg(group)
+        .arg(consumer)
+        .arg(0)
+        .arg(&first)
+        .arg(&last)
+        .arg("IDLE")
+        .arg(120_000)
+        .arg("RETRYCOUNT")
+        .arg(5)
+        .arg("JUSTID")
+        .query_async(&mut redis)
+        .await
+        .expect("XCLAIM");
+    let env = env.with_host().await;
+    for id in [&first, &last] {
+        let letter = env.await_dead_letter(crate::support::SCRIPTED, id).await;
+        assert_eq!(letter["failureKind"], "retries-exhausted", "{letter:?}");
+        assert_eq!(letter["deliveries"], "6", "{letter:?}");
+    }
+    env.finish().await;
+}
+
+/// A graceful stop never cuts a read short: an entry Redis hands out while the host is stopping
+/// is finished, not left pending to a consumer that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_leaves_no_entry_delivered_and_unfinished() {
+    let options =
+        Options::new(&[crate::support::SCRIPTED]).set("KALEIDOSCOPE_POLL_TIMEOUT_MS", 2000);
+    let mut env = TestEnv::start(options).await;
+    let warm = env
+        .publish(
+            crate::support::SCRIPTED,
+            &[("action", "ok"), ("note", "warm")],
+        )
+        .await;
+    env.await_processed(crate::support::SCRIPTED, &warm).await;
+    // Wait until the consumer is blocked in XREADGROUP (for up to two seconds): then the stop
+    // comes while a read is in flight, and the entry published next is handed to that read. (Not
+    // waiting would let the stop fall between two reads, where nothing is delivered and the test
+    // would prove nothing.)
+    let reader = format!(
+        "name=kaleidoscope:{}:{} ",
+        env.config.consumer_name,
+        crate::support::SCRIPTED
+    );
+    eventually("the consumer to block in XREADGROUP", || async {
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut env.redis.clone())
+            .await
+            .expect("CLIENT LIST");
+        clients
+            .lines()
+            .any(|line| {
+                format!("{line} ").contains(&reader)
+                    && line.contains("cmd=xreadgroup")
+                    && line
+                        .split(' ')
+                        .any(|f| f.starts_with("flags=") && f.contains('b'))
+            })
+            .then_some(())
+    })
+    .await;
+    let host = env.host.take().expect("the host is running");
+    let stopping = tokio::spawn(host.shutdown());
+    let late = env
+        .publish(
+            crate::support::SCRIPTED,
+            &[("action", "ok"), ("note", "late")],
+        )
+        .await;
+    stopping.await.expect("shutdown");
+    assert_eq!(
+        env.pending(crate::support::SCRIPTED).await,
+        0,
+        "nothing is left pending"
+    );
+    assert_eq!(
+        env.ledger_outcome(crate::support::SCRIPTED, &late)
+            .await
+            .as_deref(),
+        Some("processed"),
+        "the entry handed to the read in flight during the stop was finished"
+    );
+    env.finish().await;
+}

@@ -410,3 +410,87 @@ async fn the_relay_publishes_what_a_crashed_writer_left_in_the_outbox() {
     .await;
     env.finish().await;
 }
+
+/// Grants per column: a plugin that may mark requests (`update_columns`) cannot create one, so it
+/// cannot make the request tracker publish what it likes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_granted_request_columns_cannot_forge_a_request() {
+    let mut options = Options::new(&[crate::support::SCRIPTED]);
+    options.plugin_sections.insert(
+        crate::support::SCRIPTED.to_string(),
+        vec![
+            "tables = [\"ml_processing_errors\"]".to_string(),
+            "update_columns = { ml_requests = [\"status\"] }".to_string(),
+        ],
+    );
+    let env = TestEnv::start(options).await;
+    let forged = env
+        .publish(
+            crate::support::SCRIPTED,
+            &[
+                ("action", "write-table"),
+                ("table", "ml_requests"),
+                ("column", "correlation_id"),
+                ("note", "forged"),
+            ],
+        )
+        .await;
+    let letter = env
+        .await_dead_letter(crate::support::SCRIPTED, &forged)
+        .await;
+    assert_eq!(letter["failureKind"], "forbidden-command", "{letter:?}");
+    assert!(
+        letter["error"].contains("may only update"),
+        "{}",
+        letter["error"]
+    );
+    assert_eq!(env.count("SELECT count(*) FROM ml_requests").await, 0);
+    env.finish().await;
+}
+
+/// The request tracker publishes only to the request streams, and a row it cannot publish is
+/// failed with the reason instead of stopping (or repeating) the sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_tracker_never_publishes_a_forged_or_broken_row() {
+    let env = TestEnv::start(Options::new(&[crate::support::SCRIPTED])).await;
+    for (id, stream, fields) in [
+        ("forged", "ml-results-dlq", r#"[["sourceStream", "x"]]"#),
+        ("broken", "post-image-processing", r#"{"not": "pairs"}"#),
+        (
+            "fine",
+            "post-image-processing",
+            r#"[["postId", "1"], ["correlationId", "fine"]]"#,
+        ),
+    ] {
+        sqlx::query(
+            "INSERT INTO ml_requests (correlation_id, stream, fields, expected_results, created_at)
+             VALUES ($1, $2, CAST($3 AS jsonb), ARRAY['moderation'], now() - interval '1 hour')",
+        )
+        .bind(id)
+        .bind(stream)
+        .bind(fields)
+        .execute(&env.pool)
+        .await
+        .expect("insert a request row");
+    }
+    let state = env.host().state();
+    let sweep = kaleidoscope::requests::sweep(&state.pool, &state.redis, &state.config)
+        .await
+        .expect("sweep");
+    assert_eq!((sweep.republished, sweep.refused), (1, 2), "{sweep:?}");
+    let rows: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("SELECT correlation_id, status, error FROM ml_requests ORDER BY 1")
+            .fetch_all(&env.pool)
+            .await
+            .expect("rows");
+    assert_eq!(rows[0].0, "broken");
+    assert_eq!(rows[0].1, "FAILED");
+    assert_eq!(rows[1], ("fine".into(), "PENDING".into(), None));
+    assert_eq!(rows[2].0, "forged");
+    assert_eq!(rows[2].1, "FAILED");
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "nothing was published to the DLQ"
+    );
+    env.finish().await;
+}

@@ -255,3 +255,28 @@ async fn plugins_see_no_environment_no_file_system_and_no_network() {
     assert_eq!(report, "env=0 fs=denied net=denied");
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_blocked_in_a_host_call_is_cut_off_at_its_deadline() {
+    let options = Options::new(&[crate::support::SCRIPTED])
+        .retries(2, 200)
+        .plugin_setting(crate::support::SCRIPTED, "timeout_ms = 500");
+    let env = TestEnv::start(options).await;
+    // `std::thread::sleep` is a WASI poll: the host call blocks, no Wasm code runs, and the
+    // epoch deadline alone would never fire.
+    let blocked = env
+        .publish(
+            crate::support::SCRIPTED,
+            &[("action", "block"), ("millis", "600000")],
+        )
+        .await;
+    let letter = env
+        .await_dead_letter(crate::support::SCRIPTED, &blocked)
+        .await;
+    assert_eq!(letter["failureKind"], "timeout", "{letter:?}");
+    assert_eq!(letter["deliveries"], "2");
+    assert!(letter["error"].contains("500ms"), "{}", letter["error"]);
+    crate::support::stream_goes_on(&env).await;
+    env.await_no_pending(crate::support::SCRIPTED).await;
+    env.finish().await;
+}

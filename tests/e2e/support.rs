@@ -899,3 +899,14 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// The scripted mock plugin's stream: each entry's `action` field says what the handler does.
+pub const SCRIPTED: &str = "scripted";
+
+/// Publishes a harmless entry after a culprit and waits until it is stored: the stream goes on.
+pub async fn stream_goes_on(env: &TestEnv) {
+    let next = env
+        .publish(SCRIPTED, &[("action", "ok"), ("note", "after")])
+        .await;
+    env.await_processed(SCRIPTED, &next).await;
+}

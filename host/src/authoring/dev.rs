@@ -135,7 +135,9 @@ async fn print_outcomes(
     .unwrap_or_default();
     let mut latest = since;
     for (stream, entry_id, version, outcome, at) in rows {
-        let hint = if outcome == "dead-lettered" {
+        let dead_lettered = crate::persist::ledger::Outcome::parse(&outcome)
+            == Some(crate::persist::ledger::Outcome::DeadLettered);
+        let hint = if dead_lettered {
             format!("  (kaleidoscope dlq list --stream {stream})")
         } else {
             String::new()

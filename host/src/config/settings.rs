@@ -282,12 +282,12 @@ pub(super) const IGNORED_ENV: &[&str] = &[
     "KALEIDOSCOPE_COMPONENTIZE_PY",
 ];
 
-/// The environment-variable reference shown at the end of `kaleidoscope run --help`.
 /// What subcommands' `--help` says about settings: where to find them, not all ~50 of them.
 pub const SETTINGS_POINTER: &str = "Settings (Redis, PostgreSQL, streams, limits) come from the environment and the --config file, \
 the same for every command: `kaleidoscope run --help` lists them all, `kaleidoscope config check` shows \
 the values in force and where each came from, README.md \"Configuration\" is the reference.";
 
+/// The environment-variable reference shown at the end of `kaleidoscope run --help`.
 pub fn env_help() -> String {
     let mut text = String::from(
         "Configuration (environment wins over the --config file; flags win over both):\n",

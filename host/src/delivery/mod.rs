@@ -1,23 +1,46 @@
-//! The delivery protocol for one batch of entries from one stream, in the order of its steps.
-//! Reading is [`crate::consumer`]'s job; from there a batch goes through
+//! The delivery protocol: what happens to one batch of entries read from one stream. This is the
+//! one telling of its steps; README's "The delivery protocol" summarises it for operators.
 //!
-//! 1. `triage.rs`: `init` sentinels are set aside (acknowledged, never recorded); entries with
-//!    non-UTF-8 or NUL values or delivered more often than allowed are decided without a handler,
-//!    and a replayed dead letter gets the ledger identity of the entry it replays;
-//! 2. `dispatch.rs`: every other entry goes to the handler plugin of its stream, on a blocking
-//!    thread, each on a fresh instance (a trap, timeout or memory-limit hit fails that entry
-//!    only), and the commands it returns are validated against the live schema;
-//! 3. plan ([`crate::persist::plan`]): the commands of all entries become a few set-based stages;
-//! 4. `commit.rs`: one transaction claims the ledger rows (an entry already there is a
-//!    redelivery and runs nothing), runs the plan and writes the outbox (emits and dead letters);
-//!    a database error in one entry falls back to a savepoint per entry, so it fails alone;
-//! 5. `ack.rs`: after commit, outbox messages are published and the finished entries acknowledged.
+//! Reading is [`crate::consumer`]'s job (one task per stream; up to `max_in_flight` batches in
+//! flight, so one batch commits while the next is read and handled). From there a batch goes
+//! through:
+//!
+//! 1. **triage** (`triage.rs`): `init` sentinels (the original backend's start-up marker) are set
+//!    aside, acknowledged and never recorded. An entry with a field name or value that is not
+//!    UTF-8 or holds a NUL, or delivered more often than `ML_RETRY_ATTEMPTS`, is decided without
+//!    a handler (dead letter `malformed` / `retries-exhausted`). A replayed dead letter with a
+//!    valid proof from `dlq replay` gets the ledger identity of the entry it replays.
+//! 2. **dispatch** (`dispatch.rs`): every other entry goes to the handler plugin of its stream, on
+//!    a blocking thread, one call after the other on one instance of the plugin (at most 32
+//!    instances per plugin at once; a batch waits for one rather than fail). A trap, timeout or
+//!    memory-limit hit retires the instance and fails that entry only; what each outcome means
+//!    is [`outcome`]. The commands returned are checked against the live schema and the plugin's
+//!    grants ([`crate::persist::validate`]); a failed check, or an answer over 16 MiB, is a dead
+//!    letter `forbidden-command` naming plugin, table and column. The batch stops calling its
+//!    handler once its commands reach 32 MiB, or after a call that ran to its deadline: the part
+//!    handled so far commits, then the rest is handled ([`HostState::handle_rest`]).
+//! 3. **plan** ([`crate::persist::plan`]): the commands of all entries become a few set-based
+//!    stages (same kind, same table; two commands on one key folded into one row), equal in
+//!    effect to applying the entries one by one in stream order. A command never moves ahead of
+//!    one on a related table (foreign keys); stages of unrelated tables run in table-name order.
+//! 4. **commit** (`commit.rs`): one transaction takes the batch's table locks (advisory, in name
+//!    order, so concurrent batches and hosts never deadlock), claims the ledger rows (an entry
+//!    already there is a redelivery and runs nothing), runs the plan, and writes the outbox (emits
+//!    and dead letters). An `update` that needs its row and finds none decides its entry (retry or
+//!    dead letter) and the batch runs again without it; a statement failing inside the database
+//!    sends the batch to a savepoint per entry, so the failing entry is rolled back and decided
+//!    alone. What a failure means is [`crate::failure`]'s to say.
+//! 5. **ack** (`ack.rs`): after commit, the batch's outbox rows are locked while their messages are
+//!    published, then the finished entries are acknowledged, in one pipelined round trip. What
+//!    could not be published is left to the outbox relay.
 //!
 //! Steps 1–2 ([`HostState::prepare`]) need no database, so a consumer runs them for the next batch
 //! while steps 3–5 ([`HostState::finish`]) run for the previous one. Entries that should be
 //! retried are not acknowledged; they stay pending and the reclaim loop delivers them again after
 //! the idle time, until `ML_RETRY_ATTEMPTS` deliveries, when they are dead-lettered with their
-//! last error.
+//! last error. A batch whose transaction keeps failing for a reason no statement was blamed for is
+//! committed entry by entry, each in a transaction of its own ([`HostState::finish_each_alone`]);
+//! through an outage it waits, costing no entry an attempt (`consumer/finish.rs`).
 
 mod ack;
 mod commit;

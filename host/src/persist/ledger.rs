@@ -27,11 +27,19 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn as_str(self) -> &'static str {
+    /// As the ledger's `outcome` column holds it.
+    pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Processed => "processed",
             Outcome::DeadLettered => "dead-lettered",
         }
+    }
+
+    /// The outcome a ledger row holds (`None` for a value this host does not write).
+    pub fn parse(text: &str) -> Option<Outcome> {
+        [Outcome::Processed, Outcome::DeadLettered]
+            .into_iter()
+            .find(|outcome| outcome.as_str() == text)
     }
 }
 

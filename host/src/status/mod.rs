@@ -1,7 +1,7 @@
 //! What `kaleidoscope status` reports: the hosts' [heartbeats](crate::heartbeat) combined with
 //! what Redis knows about each stream (length, group lag, pending entries, consumers), the
-//! dead-letter stream, and the tracked requests. Shared by the CLI, `/status`-style HTTP views and
-//! the demo; [`render`] turns a report into a table for people.
+//! dead-letter stream, and the tracked requests. Shared by the CLI, the `/metrics` scrape and the
+//! demo; [`render`] turns a report into a table for people.
 
 mod render;
 
@@ -21,7 +21,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const DLQ_SCAN_LIMIT: usize = 10_000;
 
 /// Every status a tracked request can have (the `CHECK` of `ml_requests.status`).
-pub const REQUEST_STATUSES: [&str; 4] = ["PENDING", "COMPLETED", "FAILED", "TIMED_OUT"];
+pub const REQUEST_STATUSES: [&str; 4] = [PENDING, "COMPLETED", "FAILED", "TIMED_OUT"];
+/// A request still waiting for its results.
+pub const PENDING: &str = "PENDING";
 
 /// Tracked ML requests by status (`ml_requests`).
 pub async fn requests_by_status(pool: &sqlx::PgPool) -> Result<BTreeMap<String, i64>> {
