@@ -429,7 +429,7 @@ fn output_into_a_closed_pipe_ends_the_command_quietly() {
         .args(["config", "check"])
         .stdout(writer)
         .stderr(Stdio::piped())
-        .output_by_deadline()
+        .finish_by_deadline()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");

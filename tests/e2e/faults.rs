@@ -260,7 +260,11 @@ async fn host_connections(env: &TestEnv) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_redis_connections_and_a_paused_redis_lose_and_double_nothing() {
     const COUNT: i64 = 600;
-    let env = TestEnv::start(Options::new(&["insights"])).await;
+    // A kill can land while a read's reply is on the wire: Redis has handed the entries to this
+    // consumer, the host never saw them, and only the reclaim brings them back. A reclaim idle
+    // time well inside the test's deadline lets the test see that happen instead of timing out.
+    let env =
+        TestEnv::start(Options::new(&["insights"]).set("KALEIDOSCOPE_RECLAIM_IDLE_MS", 3000)).await;
     let media: Vec<i64> = (1..=COUNT).collect();
     env.seed_media(1, &media).await;
     let all: Vec<Vec<(String, String)>> = media.iter().map(|m| caption(*m)).collect();

@@ -778,17 +778,24 @@ pub trait OutputByDeadline {
     /// Runs the command to completion with its output captured (stdin empty, as `output` has it);
     /// panics, killing the process, when it has not exited within [`COMMAND_DEADLINE`].
     fn output_by_deadline(&mut self) -> std::io::Result<std::process::Output>;
+
+    /// The same with the standard streams as the caller set them up: only those set to
+    /// `Stdio::piped()` are captured (say, stderr, while stdout goes into a closed pipe).
+    fn finish_by_deadline(&mut self) -> std::io::Result<std::process::Output>;
 }
 
 impl OutputByDeadline for std::process::Command {
     fn output_by_deadline(&mut self) -> std::io::Result<std::process::Output> {
-        use std::io::Read;
         use std::process::Stdio;
-        let mut child = self
-            .stdin(Stdio::null())
+        self.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .spawn()?;
+            .finish_by_deadline()
+    }
+
+    fn finish_by_deadline(&mut self) -> std::io::Result<std::process::Output> {
+        use std::io::Read;
+        let mut child = self.spawn()?;
         let drain = |pipe: Option<Box<dyn Read + Send>>| {
             std::thread::spawn(move || {
                 let mut bytes = Vec::new();
