@@ -14,7 +14,7 @@ use std::time::Duration;
 pub(super) async fn keep_in_flight_fresh(
     state: Arc<HostState>,
     stream: String,
-    working: Working,
+    entries_in_flight: EntriesInFlight,
     every: Duration,
 ) {
     let config = &state.config;
@@ -22,7 +22,7 @@ pub(super) async fn keep_in_flight_fresh(
     let mut redis = state.redis.clone();
     loop {
         tokio::time::sleep(every).await;
-        let mine: Vec<String> = lock(&working).iter().cloned().collect();
+        let mine: Vec<String> = lock(&entries_in_flight).iter().cloned().collect();
         if mine.is_empty() {
             continue;
         }
@@ -44,28 +44,28 @@ pub(super) async fn keep_in_flight_fresh(
     }
 }
 
-/// Entries registered in [`Working`] for as long as this value lives.
-pub(super) struct InFlight {
-    pub(super) working: Working,
+/// Entries registered in [`EntriesInFlight`] for as long as this value lives.
+pub(super) struct HeldEntries {
+    pub(super) entries_in_flight: EntriesInFlight,
     pub(super) ids: Vec<String>,
 }
 
-impl Drop for InFlight {
+impl Drop for HeldEntries {
     fn drop(&mut self) {
-        let mut working = lock(&self.working);
+        let mut entries_in_flight = lock(&self.entries_in_flight);
         for id in &self.ids {
-            working.remove(id);
+            entries_in_flight.remove(id);
         }
     }
 }
 
 /// The ids of the entries this consumer has read and not yet finished.
-pub(super) type Working = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+pub(super) type EntriesInFlight = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
 
 pub(super) fn lock(
-    working: &Working,
+    entries_in_flight: &EntriesInFlight,
 ) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
-    working
+    entries_in_flight
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

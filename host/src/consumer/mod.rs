@@ -19,7 +19,7 @@ use crate::state::HostState;
 use crate::streams::{self, StreamEntry};
 use anyhow::{Context, Result};
 use finish::finish_until_done;
-use in_flight::{InFlight, Working, keep_in_flight_fresh, lock};
+use in_flight::{EntriesInFlight, HeldEntries, keep_in_flight_fresh, lock};
 use redis::Client;
 use redis::aio::MultiplexedConnection;
 use std::sync::Arc;
@@ -56,7 +56,7 @@ pub async fn consume(state: Arc<HostState>, client: Client, stream: String, mut 
     let keep_alive = tokio::spawn(keep_in_flight_fresh(
         consumer.state.clone(),
         consumer.stream.clone(),
-        consumer.working.clone(),
+        consumer.entries_in_flight.clone(),
         consumer.reclaim_every,
     ));
     while !stop.requested() {
@@ -108,10 +108,10 @@ struct StreamConsumer {
     next_expiry: Instant,
     expiry_every: Duration,
     read_size: ReadSize,
-    in_flight: Arc<Semaphore>,
+    batch_slots: Arc<Semaphore>,
     finishing: JoinSet<()>,
     /// The ids of the entries in those batches, kept fresh in the pending list (see `reclaim`).
-    working: Working,
+    entries_in_flight: EntriesInFlight,
 }
 
 impl StreamConsumer {
@@ -129,9 +129,9 @@ impl StreamConsumer {
             expiry_every: (config.consumer_expiry / 2)
                 .clamp(Duration::from_millis(50), EXPIRY_CHECK_INTERVAL),
             read_size: ReadSize::new(config.batch_size, config.max_batch_size),
-            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+            batch_slots: Arc::new(Semaphore::new(config.max_in_flight)),
             finishing: JoinSet::new(),
-            working: Arc::default(),
+            entries_in_flight: Arc::default(),
             client,
             stream,
             state,
@@ -153,8 +153,8 @@ impl StreamConsumer {
                 &self.state,
                 conn,
                 &self.stream,
-                &self.in_flight,
-                &self.working,
+                &self.batch_slots,
+                &self.entries_in_flight,
                 &mut self.finishing,
                 stop,
             )
@@ -182,7 +182,7 @@ impl StreamConsumer {
         }
         // A slot for the batch about to be read; waits while every slot is taken.
         let permit = tokio::select! {
-            permit = self.in_flight.clone().acquire_owned() => permit.context("the in-flight limit was closed")?,
+            permit = self.batch_slots.clone().acquire_owned() => permit.context("the in-flight limit was closed")?,
             _ = stop.wait() => return Ok(()),
         };
         // A read is never cut short by a stop signal: Redis may already have handed its entries
@@ -205,7 +205,7 @@ impl StreamConsumer {
                 &self.stream,
                 entries,
                 permit,
-                &self.working,
+                &self.entries_in_flight,
                 &mut self.finishing,
                 stop,
             );
@@ -314,7 +314,7 @@ fn start_batch(
     stream: &str,
     entries: Vec<StreamEntry>,
     permit: OwnedSemaphorePermit,
-    working: &Working,
+    entries_in_flight: &EntriesInFlight,
     finishing: &mut JoinSet<()>,
     stop: &Shutdown,
 ) {
@@ -322,10 +322,10 @@ fn start_batch(
     let stop = stop.clone();
     let stream = stream.to_string();
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-    lock(working).extend(ids.iter().cloned());
+    lock(entries_in_flight).extend(ids.iter().cloned());
     // Released when the task ends, however it ends.
-    let working = InFlight {
-        working: working.clone(),
+    let entries_in_flight = HeldEntries {
+        entries_in_flight: entries_in_flight.clone(),
         ids,
     };
     finishing.spawn(async move {
@@ -363,7 +363,7 @@ fn start_batch(
                 );
             }
         }
-        drop(working);
+        drop(entries_in_flight);
         drop(permit);
     });
 }
@@ -377,8 +377,8 @@ async fn reclaim(
     state: &Arc<HostState>,
     conn: &mut MultiplexedConnection,
     stream: &str,
-    in_flight: &Arc<Semaphore>,
-    working: &Working,
+    batch_slots: &Arc<Semaphore>,
+    entries_in_flight: &EntriesInFlight,
     finishing: &mut JoinSet<()>,
     stop: &Shutdown,
 ) -> Result<()> {
@@ -386,7 +386,7 @@ async fn reclaim(
     let key = config.stream_key(stream);
     let mut cursor = "0-0".to_string();
     loop {
-        let permit = in_flight
+        let permit = batch_slots
             .clone()
             .acquire_owned()
             .await
@@ -421,7 +421,7 @@ async fn reclaim(
                 stream,
                 claimed.entries,
                 permit,
-                working,
+                entries_in_flight,
                 finishing,
                 stop,
             );
