@@ -14,10 +14,12 @@
 //! guest code.
 
 use super::bindings::ResultHandler;
-use super::engine::*;
+use super::engine::{Contract, EPOCH_TICK};
 use super::older_contracts::{v0_1, v0_2};
-use super::sandbox::*;
-use super::trap::*;
+use super::sandbox::{
+    CallState, LogContext, MemoryCap, STDERR_CAPTURE_BYTES, SandboxLimits, Settings,
+};
+use super::trap::trap_report;
 use super::wit;
 use crate::text;
 use anyhow::{Context, Result, bail};

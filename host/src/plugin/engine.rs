@@ -9,8 +9,8 @@ use super::bindings_v0_1::{
 use super::bindings_v0_2::{
     ResultHandler as ResultHandlerV0_2, ResultHandlerPre as ResultHandlerPreV0_2,
 };
-use super::call::*;
-use super::sandbox::*;
+use super::call::Plugin;
+use super::sandbox::{CallState, SandboxLimits};
 use super::wit;
 use anyhow::{Context, Result, bail};
 use std::hash::{DefaultHasher, Hash, Hasher};
