@@ -71,19 +71,7 @@ async fn dead_letters_are_listed_and_replayed_after_the_plugin_is_fixed() {
     // Deploy the fix, then replay what failed under the old version.
     env.install_plugin("panicking-fixed", "panicking");
     env.await_serving("mock-panic", "0.2.0").await;
-    let replay = env.command(&["dlq", "replay", "--stream", "mock-panic", "--json"]);
-    assert!(
-        replay.status.success(),
-        "{}",
-        String::from_utf8_lossy(&replay.stderr)
-    );
-    let replayed: serde_json::Value = serde_json::from_slice(&replay.stdout).unwrap();
-    let new_ids: Vec<String> = replayed
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["new_id"].as_str().unwrap().to_string())
-        .collect();
+    let new_ids = env.replay(&["--stream", "mock-panic"]);
     assert_eq!(new_ids.len(), 2);
     // A replay is recorded under the identity of the entry it replays.
     for id in [&first, &second] {
@@ -341,20 +329,8 @@ async fn a_dead_letter_replayed_twice_is_applied_once() {
 
     env.install_plugin("panicking-fixed", "panicking");
     env.await_serving("mock-panic", "0.2.0").await;
-    let replay = env.command(&["dlq", "replay", "--kind", "plugin-trap", "--json"]);
-    assert!(
-        replay.status.success(),
-        "{}",
-        String::from_utf8_lossy(&replay.stderr)
-    );
-    let replayed: serde_json::Value = serde_json::from_slice(&replay.stdout).unwrap();
-    let new_ids: Vec<String> = replayed
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["new_id"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(new_ids.len(), 2, "both copies were replayed: {replayed}");
+    let new_ids = env.replay(&["--kind", "plugin-trap"]);
+    assert_eq!(new_ids.len(), 2, "both copies were replayed: {new_ids:?}");
     env.await_processed("mock-panic", &format!("{failed}/replay"))
         .await;
     env.await_drained("mock-panic").await;

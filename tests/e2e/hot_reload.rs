@@ -325,19 +325,7 @@ async fn a_batch_in_flight_finishes_on_the_version_it_started_with() {
         .await;
     // In the handler, not only delivered: a batch read but not yet dispatched when the swap lands
     // would (rightly) run on the new version, and the test would prove nothing.
-    let calls = env
-        .host()
-        .state()
-        .metrics
-        .calls_in_flight
-        .get_or_create_owned(&kaleidoscope::metrics::ByPluginName {
-            plugin: "slow".to_string(),
-        });
-    eventually("the early entry to be in the 0.1.0 handler", || {
-        let calls = calls.clone();
-        async move { (calls.get() == 1).then_some(()) }
-    })
-    .await;
+    env.await_call_running("slow").await;
     env.install_plugin("slow-next", "slow");
     env.host().reload_plugins().await.unwrap();
     env.await_serving("mock-slow", "0.2.0").await;
@@ -572,19 +560,7 @@ async fn a_busy_consumer_does_not_hold_up_a_reload() {
         .await;
     // Running, not only delivered: a reload landing before the batch took its plugin would
     // leave the entry pending for a plugin that no longer exists.
-    let calls = env
-        .host()
-        .state()
-        .metrics
-        .calls_in_flight
-        .get_or_create_owned(&kaleidoscope::metrics::ByPluginName {
-            plugin: crate::support::SCRIPTED.to_string(),
-        });
-    eventually("the blocking call to start", || {
-        let calls = calls.clone();
-        async move { (calls.get() == 1).then_some(()) }
-    })
-    .await;
+    env.await_call_running(crate::support::SCRIPTED).await;
     std::fs::remove_file(env.plugins_dir.join("scripted.wasm")).expect("remove the plugin");
     env.host().reload_plugins().await.expect("reload");
     assert_eq!(

@@ -465,6 +465,44 @@ impl TestEnv {
         )
     }
 
+    /// Waits until a call of `plugin` is running in the handler (the calls-in-flight gauge): in
+    /// the handler, not only delivered, which is what a test racing a reload must wait for.
+    pub async fn await_call_running(&self, plugin: &str) {
+        let calls = self
+            .host()
+            .state()
+            .metrics
+            .calls_in_flight
+            .get_or_create_owned(&kaleidoscope::metrics::ByPluginName {
+                plugin: plugin.to_string(),
+            });
+        eventually(&format!("a call of {plugin} to be in the handler"), || {
+            let calls = calls.clone();
+            async move { (calls.get() >= 1).then_some(()) }
+        })
+        .await;
+    }
+
+    /// `kaleidoscope dlq replay <selection> --json`, which must succeed: the new entry ids.
+    pub fn replay(&self, selection: &[&str]) -> Vec<String> {
+        let mut args = vec!["dlq", "replay"];
+        args.extend_from_slice(selection);
+        args.push("--json");
+        let replay = self.command(&args);
+        assert!(
+            replay.status.success(),
+            "{}",
+            String::from_utf8_lossy(&replay.stderr)
+        );
+        let replayed: serde_json::Value = serde_json::from_slice(&replay.stdout).unwrap();
+        replayed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["new_id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     /// The operator migrations directory of [`Options::operator_migrations`].
     pub fn migrations_dir(&self) -> PathBuf {
         self.plugins_dir.join("migrations")
