@@ -232,25 +232,18 @@ impl HostState {
     }
 
     /// Why this host is not ready to do its work (empty when it is): PostgreSQL or Redis out, no
-    /// plugin loaded, a plugin file that did not load (its stream is unread), or a stream this
-    /// host consumed that lost its plugin (its entries wait). The one readiness of the host:
-    /// `/readyz`, the `kaleidoscope_ready` gauge and the heartbeat that `kaleidoscope status`
-    /// reads all answer from it.
+    /// plugin loaded, or a stream this host consumed that lost its plugin (its entries wait). The
+    /// one readiness of the host: `/readyz`, the `kaleidoscope_ready` gauge and the heartbeat that
+    /// `kaleidoscope status` reads all answer from it.
+    ///
+    /// A plugin file that did not load is not a reason: a refused deploy leaves the host serving
+    /// what it served, and must not page anyone (it shows in `status`, in
+    /// `kaleidoscope_plugin_files_failing` and in the deploy's own answer).
     pub fn not_ready(&self) -> Vec<String> {
         let mut problems = self.health.problems();
         let plugins = self.registry.snapshot();
         if plugins.plugins().is_empty() {
             problems.push("no plugin is loaded".to_string());
-        }
-        // A file that did not load serves nothing: whatever stream it was meant for is unread.
-        for failure in plugins.failures() {
-            if !plugins.plugins().iter().any(|p| p.file == failure.file) {
-                let reason = failure.reason.lines().next().unwrap_or_default();
-                problems.push(format!(
-                    "plugin file {} did not load: {reason}",
-                    failure.file.display()
-                ));
-            }
         }
         let consumed = match self.consumed.lock() {
             Ok(guard) => guard.clone(),

@@ -572,3 +572,50 @@ async fn a_busy_consumer_does_not_hold_up_a_reload() {
     env.await_processed(crate::support::SCRIPTED, &busy).await;
     env.finish().await;
 }
+
+/// A deploy the host refuses changes nothing: the plugin that served the stream keeps serving it
+/// and the host stays ready. A file refused because its stream was taken is not refused for good:
+/// once the plugin that held the stream is gone, the next scan loads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_refused_for_a_taken_stream_loads_once_the_stream_is_free() {
+    let env = TestEnv::start(Options::new(&["slow"])).await;
+    env.await_serving("mock-slow", "0.1.0").await;
+    env.install_plugin("rival", "rival");
+    env.host().reload_plugins().await.unwrap();
+    let state = env.host().state();
+    let refused = state.registry.snapshot().failures().to_vec();
+    assert!(
+        refused
+            .iter()
+            .any(|f| f.file.ends_with("rival.wasm") && f.reason.contains("already handled")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        env.serving("mock-slow").map(|(name, _)| name).as_deref(),
+        Some("slow"),
+        "the plugin that served the stream keeps serving it"
+    );
+    assert!(
+        state.not_ready().is_empty(),
+        "a refused file pages no one: {:?}",
+        state.not_ready()
+    );
+    let kept = env
+        .publish("mock-slow", &[("millis", "0"), ("note", "kept")])
+        .await;
+    env.await_processed("mock-slow", &kept).await;
+
+    // The holder goes; the refused file is tried again, with nothing changed about it.
+    std::fs::remove_file(env.plugins_dir.join("slow.wasm")).unwrap();
+    env.host().reload_plugins().await.unwrap();
+    assert_eq!(
+        env.serving("mock-slow").map(|(name, _)| name).as_deref(),
+        Some("rival"),
+        "{:?}",
+        state.registry.snapshot().failures()
+    );
+    assert!(state.registry.snapshot().failures().is_empty());
+    let taken = env.publish("mock-slow", &[("note", "rival")]).await;
+    env.await_processed("mock-slow", &taken).await;
+    env.finish().await;
+}

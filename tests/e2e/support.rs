@@ -90,6 +90,7 @@ const FIXTURE_GRANTS: &[(&str, &str)] = &[
         "tables = [\"ml_processing_errors\"]\nemit = [\"slow-out\"]",
     ),
     ("contract-v0-1", "tables = [\"ml_processing_errors\"]"),
+    ("rival", "tables = [\"ml_processing_errors\"]"),
 ];
 
 /// Settings a test may change before the host starts.

@@ -24,6 +24,26 @@ pub struct LoadFailure {
     /// SHA-256 of the file's content when it was read, so an unchanged broken file is not
     /// retried on every scan.
     pub sha256: Option<String>,
+    /// When the file was last written, as read with it: a file written again (a redeploy of the
+    /// same bytes, a `touch`) is tried again, whatever its content.
+    pub modified: Option<std::time::SystemTime>,
+    /// The file loaded, but its name or a stream of it was taken by another plugin. Such a
+    /// failure depends on the rest of the set, not on the file, so it is tried again at every
+    /// scan: once the other plugin is gone, it loads.
+    pub clash: bool,
+}
+
+impl LoadFailure {
+    /// Whether this failure can be reported again for the file as it is now (its content
+    /// `sha256`, written at `modified`) without trying it: only a failure of the file itself, of
+    /// the same bytes, not written since.
+    fn still_holds(&self, sha256: Option<&str>, modified: Option<std::time::SystemTime>) -> bool {
+        !self.clash
+            && self.sha256.is_some()
+            && self.sha256.as_deref() == sha256
+            && self.modified.is_some()
+            && self.modified == modified
+    }
 }
 
 /// An immutable snapshot of the loaded plugins.
@@ -66,6 +86,8 @@ impl PluginSet {
             file: plugin.file.clone(),
             reason,
             sha256: Some(plugin.sha256.clone()),
+            modified: None,
+            clash: true,
         };
         if let Some(other) = self.plugins.iter().find(|p| p.name == plugin.name) {
             return Err(clash(format!(
@@ -119,10 +141,11 @@ impl PluginSet {
         let mut changed = Vec::new();
         // Unchanged files first, so a new file can never take a stream from a serving plugin.
         for file in wasm_files(dir)? {
+            let modified = std::fs::metadata(&file).and_then(|m| m.modified()).ok();
             let bytes = match read_limited(&file) {
                 Ok(bytes) => bytes,
                 Err(reason) => {
-                    changed.push((file, Err(reason), None));
+                    changed.push((file, Err(reason), None, modified));
                     continue;
                 }
             };
@@ -134,25 +157,30 @@ impl PluginSet {
                         next.fail(failure);
                     }
                 }
-                _ => changed.push((file, Ok(bytes), Some(sha256))),
+                _ => changed.push((file, Ok(bytes), Some(sha256), modified)),
             }
         }
-        for (file, bytes, sha256) in changed {
+        for (file, bytes, sha256, modified) in changed {
             let old = current.loaded_from(&file).cloned();
             let known_failure = current
                 .failures
                 .iter()
-                .find(|f| f.file == file && f.sha256.is_some() && f.sha256 == sha256);
+                .find(|f| f.file == file && f.still_holds(sha256.as_deref(), modified));
             let outcome = match (known_failure, bytes) {
-                // Unchanged since it last failed: report it again without recompiling.
+                // Unchanged and not written since it last failed on its own: report it again
+                // without recompiling.
                 (Some(failure), _) => Err(failure.clone()),
                 (None, Err(reason)) => Err(LoadFailure {
                     file: file.clone(),
                     reason,
                     sha256,
+                    modified,
+                    clash: false,
                 }),
-                (None, Ok(bytes)) => load_changed(runtime, &bytes, sha256, &file, limits_for)
-                    .and_then(|plugin| next.insert(plugin.clone()).map(|()| plugin)),
+                (None, Ok(bytes)) => {
+                    load_changed(runtime, &bytes, sha256, modified, &file, limits_for)
+                        .and_then(|plugin| next.insert(plugin.clone()).map(|()| plugin))
+                }
             };
             match outcome {
                 Ok(plugin) => log_loaded(old.as_deref(), &plugin),
@@ -206,6 +234,7 @@ fn load_changed(
     runtime: &PluginRuntime,
     bytes: &[u8],
     sha256: Option<String>,
+    modified: Option<std::time::SystemTime>,
     file: &Path,
     limits_for: &dyn Fn(&str) -> SandboxLimits,
 ) -> Result<Arc<Plugin>, LoadFailure> {
@@ -219,6 +248,8 @@ fn load_changed(
             file: file.to_path_buf(),
             reason: crate::text::causes(&error),
             sha256,
+            modified,
+            clash: false,
         })
 }
 
