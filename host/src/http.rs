@@ -136,7 +136,18 @@ async fn metrics(state: &HostState) -> String {
         .plugin_load_failures
         .set(snapshot.failures().len() as i64);
     let mut redis = state.redis.clone();
-    measure_streams(state, &mut redis, snapshot.streams()).await;
+    // Every stream consumed since start, served or not: a stream that lost its plugin keeps its
+    // series (and says so), so the lag and stuck-consumer alerts can fire for it.
+    let mut streams: std::collections::BTreeSet<String> =
+        snapshot.streams().map(str::to_string).collect();
+    streams.extend(state.consumed_streams());
+    for stream in &streams {
+        scraped
+            .stream_unserved
+            .get_or_create(&crate::metrics::ByStream::new(stream))
+            .set(i64::from(snapshot.for_stream(stream).is_none()));
+    }
+    measure_streams(state, &mut redis, streams.iter().map(String::as_str)).await;
     measure_request_streams(state, &mut redis).await;
     measure_dead_letters(state, &mut redis).await;
     measure_requests(state).await;
@@ -151,7 +162,7 @@ async fn measure_streams<'s>(
 ) {
     use crate::metrics::ByStream;
     let scraped = &state.metrics.scraped;
-    // Streams come and go with their plugins: only those served now have series.
+    // Streams come and go: only those consumed since start (served now or not) have series.
     for family in [
         &scraped.stream_pending,
         &scraped.stream_lag,

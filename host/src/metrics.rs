@@ -149,6 +149,7 @@ pub struct Scraped {
     pub stream_oldest_pending_age: Family<ByStream, FloatGauge>,
     pub stream_lag: Family<ByStream, Gauge>,
     pub stream_length: Family<ByStream, Gauge>,
+    pub stream_unserved: Family<ByStream, Gauge>,
     pub dead_letters: Family<ByDeadLetterKind, Gauge>,
     pub requests: Family<ByStatus, Gauge>,
     pub request_stream_length: Family<ByStream, Gauge>,
@@ -305,6 +306,11 @@ impl Metrics {
             "kaleidoscope_stream_length",
             "Entries in the stream",
             s.stream_length.clone(),
+        );
+        r.register(
+            "kaleidoscope_stream_unserved",
+            "1 for a stream this host consumed that has no loaded plugin now (its entries wait unread), else 0",
+            s.stream_unserved.clone(),
         );
         r.register(
             "kaleidoscope_dead_letters",

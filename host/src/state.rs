@@ -139,6 +139,16 @@ impl HostState {
             .elapsed()
     }
 
+    /// Every stream this host has consumed since it started, served or not now: what `/metrics`
+    /// keeps series for, so a stream that lost its plugin still shows its lag and pending entries.
+    pub fn consumed_streams(&self) -> Vec<String> {
+        let consumed = match self.consumed.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        consumed.iter().cloned().collect()
+    }
+
     /// Records that this host consumes `stream` (see [`HostState::not_ready`]).
     pub fn note_consumed(&self, stream: &str) {
         let mut consumed = match self.consumed.lock() {

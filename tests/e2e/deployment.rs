@@ -155,6 +155,7 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
     }
     for alert in [
         "KaleidoscopeStuckConsumer",
+        "KaleidoscopeStreamUnserved",
         "KaleidoscopeDeadLettersRising",
         "KaleidoscopePluginLoadFailed",
         "KaleidoscopeNotReady",

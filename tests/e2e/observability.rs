@@ -285,10 +285,57 @@ async fn readiness_is_false_while_a_stream_lacks_its_plugin() {
     );
     // The plugin served two streams; both wait.
     assert_eq!(env.host().state().not_ready().len(), 2);
+    // The unserved stream keeps its series, says it is unserved, and the alert on it fires.
+    let (_, metrics) = get(addr, "/metrics");
+    for series in [
+        "kaleidoscope_stream_unserved{stream=\"scripted\"} 1",
+        "kaleidoscope_stream_unserved{stream=\"ml-insights-results\"} 0",
+        "kaleidoscope_stream_lag{stream=\"scripted\"} ",
+        "kaleidoscope_stream_pending{stream=\"scripted\"} ",
+        "kaleidoscope_stream_oldest_pending_age_seconds{stream=\"scripted\"} ",
+    ] {
+        assert!(metrics.contains(series), "{series} in {metrics}");
+    }
+    assert_eq!(
+        firing("KaleidoscopeStreamUnserved", &metrics),
+        ["stream=\"scripted\"", "stream=\"scripted-2\""]
+    );
     env.install_plugin("scripted", "scripted");
     env.host().reload_plugins().await.unwrap();
     assert_eq!(get(addr, "/readyz").0, 200);
+    let (_, metrics) = get(addr, "/metrics");
+    assert!(firing("KaleidoscopeStreamUnserved", &metrics).is_empty());
     env.finish().await;
+}
+
+/// The label sets for which the alert `name` of `ops/prometheus/alerts.yml` fires on the
+/// `exposition`, for rules of the form `max by (<labels>) (<metric>) > <threshold>`: enough to
+/// prove a rule and the series it reads agree (the `for:` duration aside).
+fn firing(name: &str, exposition: &str) -> Vec<String> {
+    let rules =
+        std::fs::read_to_string(crate::support::workspace().join("ops/prometheus/alerts.yml"))
+            .expect("read the alert rules");
+    let expr = rules
+        .split("- alert: ")
+        .find(|rule| rule.starts_with(name))
+        .and_then(|rule| rule.lines().find_map(|l| l.trim().strip_prefix("expr: ")))
+        .unwrap_or_else(|| panic!("no rule {name}"));
+    let (query, threshold) = expr.rsplit_once(" > ").expect("a threshold");
+    let threshold: f64 = threshold.trim().parse().expect("a number");
+    let metric = query
+        .rsplit_once('(')
+        .and_then(|(_, inner)| inner.split(')').next())
+        .expect("a metric in the query");
+    let mut firing: Vec<String> = exposition
+        .lines()
+        .filter_map(|line| line.strip_prefix(metric)?.strip_prefix('{'))
+        .filter_map(|rest| {
+            let (labels, value) = rest.split_once("} ")?;
+            (value.trim().parse::<f64>().ok()? > threshold).then(|| labels.to_string())
+        })
+        .collect();
+    firing.sort();
+    firing
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
