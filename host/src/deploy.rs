@@ -6,7 +6,10 @@
 //! answer comes from the hosts' [heartbeats](crate::heartbeat), which they rewrite right after
 //! every reload: a host has loaded the file when it reports a plugin loaded from that file name
 //! with the file's SHA-256, and has refused it when it reports a failed load of that file with
-//! that hash.
+//! that hash — in a heartbeat whose plugin scan began after the file was in place, so an answer
+//! about an earlier copy of the same bytes is never taken for this one. A host whose heartbeat is
+//! stale (paused, stopped, gone) is named as such and not counted; a deploy no live host answered
+//! is not a success.
 
 use crate::config::Config;
 use crate::heartbeat;
@@ -27,6 +30,9 @@ pub enum Outcome {
     Loaded,
     /// The host refused the file (the detail says why) and keeps what it ran.
     Failed,
+    /// The host's heartbeat is older than [`heartbeat::STALE_AFTER`]: it is paused, stopped or
+    /// gone, and cannot answer; it is not counted.
+    Stale,
 }
 
 impl std::fmt::Display for Outcome {
@@ -34,6 +40,7 @@ impl std::fmt::Display for Outcome {
         f.pad(match self {
             Outcome::Loaded => "loaded",
             Outcome::Failed => "failed",
+            Outcome::Stale => "stale",
         })
     }
 }
@@ -61,14 +68,26 @@ pub struct Deployed {
 }
 
 impl Deployed {
-    /// Whether every host that answered loaded the file.
+    /// Whether the deploy took: at least one live host loaded the file and none refused it.
     pub fn ok(&self) -> bool {
-        self.hosts.iter().all(|h| h.outcome == Outcome::Loaded)
+        self.hosts.iter().any(|h| h.outcome == Outcome::Loaded)
+            && !self.hosts.iter().any(|h| h.outcome == Outcome::Failed)
     }
 }
 
+/// A plugin file put in place by [`install`].
+#[derive(Debug)]
+pub struct Installed {
+    /// Where it is now.
+    pub file: PathBuf,
+    pub sha256: String,
+    /// Taken just before the file was moved into place: a plugin scan that began at or after it
+    /// and reports on the file has seen this copy (one that began earlier, only an older one).
+    pub at: std::time::SystemTime,
+}
+
 /// Copies `source` into the plugins directory atomically.
-pub fn install(config: &Config, source: &Path) -> Result<(PathBuf, String)> {
+pub fn install(config: &Config, source: &Path) -> Result<Installed> {
     let bytes =
         std::fs::read(source).with_context(|| format!("cannot read {}", source.display()))?;
     let Some(name) = source
@@ -84,6 +103,7 @@ pub fn install(config: &Config, source: &Path) -> Result<(PathBuf, String)> {
     let staging = dir.join(format!(".{}.deploying", name.to_string_lossy()));
     std::fs::write(&staging, &bytes)
         .with_context(|| format!("cannot write {}", staging.display()))?;
+    let at = std::time::SystemTime::now();
     std::fs::rename(&staging, &target).with_context(|| {
         format!(
             "cannot move {} into place as {}",
@@ -91,19 +111,23 @@ pub fn install(config: &Config, source: &Path) -> Result<(PathBuf, String)> {
             target.display()
         )
     })?;
-    Ok((target, crate::plugin::sha256_hex(&bytes)))
+    Ok(Installed {
+        file: target,
+        sha256: crate::plugin::sha256_hex(&bytes),
+        at,
+    })
 }
 
-/// Waits until every running host of the group has loaded or refused the file with `sha256`
-/// (or `timeout` passes: an error naming the hosts that have not answered).
+/// Waits until every live host of the group has loaded or refused the `installed` file (or
+/// `timeout` passes: an error naming the hosts that have not answered).
 pub async fn await_hosts<C: ConnectionLike + Send>(
     conn: &mut C,
     config: &Config,
-    file: &Path,
-    sha256: &str,
+    installed: &Installed,
     timeout: Duration,
 ) -> Result<Vec<HostAnswer>> {
     let deadline = Instant::now() + timeout;
+    let (file, sha256) = (installed.file.as_path(), installed.sha256.as_str());
     let file_name = file.file_name().map(|n| n.to_string_lossy().into_owned());
     loop {
         let hosts = heartbeat::read_all(conn, config).await?;
@@ -116,6 +140,34 @@ pub async fn await_hosts<C: ConnectionLike + Send>(
                 == file_name
         };
         for host in &hosts {
+            if host
+                .heartbeat_age_ms
+                .is_none_or(|age| age > heartbeat::STALE_AFTER.as_millis() as u64)
+            {
+                answers.push(HostAnswer {
+                    host: host.consumer.clone(),
+                    outcome: Outcome::Stale,
+                    detail: format!(
+                        "its heartbeat is {} old (paused, stopped or gone); not counted",
+                        host.heartbeat_age_ms
+                            .map_or("of unknown age".to_string(), |ms| {
+                                humantime::format_duration(Duration::from_secs(ms / 1000))
+                                    .to_string()
+                            })
+                    ),
+                    plugin: None,
+                });
+                continue;
+            }
+            let scanned_since = host
+                .plugins_scanned_at
+                .as_deref()
+                .and_then(|at| humantime::parse_rfc3339_weak(at).ok())
+                .is_some_and(|at| at >= installed.at);
+            if !scanned_since {
+                waiting.push(host.consumer.clone());
+                continue;
+            }
             // This file, with these bytes: the same bytes loaded from another file name say
             // nothing about this one (which may have been refused, say for a name clash).
             let loaded = host

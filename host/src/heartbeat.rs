@@ -45,6 +45,10 @@ pub struct HostStatus {
     pub streams: Vec<String>,
     pub plugins: Vec<PluginStatus>,
     pub failed_loads: Vec<FailedLoad>,
+    /// When the scan of the plugins directory that made the loaded set began (RFC 3339): an
+    /// answer about a file deployed after it says nothing yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugins_scanned_at: Option<String>,
 }
 
 /// A loaded plugin.
@@ -174,6 +178,9 @@ pub async fn write(state: &HostState, streams: &[String], started_at: SystemTime
                 sha256: f.sha256.clone(),
             })
             .collect(),
+        plugins_scanned_at: snapshot
+            .scanned_at()
+            .map(|at| humantime::format_rfc3339_millis(at).to_string()),
     };
     let Ok(json) = serde_json::to_string(&status) else {
         return;

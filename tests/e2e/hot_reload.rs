@@ -619,3 +619,66 @@ async fn a_file_refused_for_a_taken_stream_loads_once_the_stream_is_free() {
     env.await_processed("mock-slow", &taken).await;
     env.finish().await;
 }
+
+/// `plugin deploy` counts only live hosts: a host whose heartbeat is stale (paused, stopped,
+/// gone) is named as such and not waited for, and a deploy no live host answered fails — its
+/// file is in place, but nothing runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_deploy_names_stale_hosts_and_fails_when_no_live_host_answers() {
+    let deploy = |env: &TestEnv| {
+        let file = crate::support::plugin_file("scripted");
+        let output = env.command(&[
+            "plugin",
+            "deploy",
+            file.to_str().unwrap(),
+            "--timeout",
+            "30",
+        ]);
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let env = TestEnv::start(Options::new(&["insights"])).await;
+    // A host that stopped writing its heartbeat an hour ago.
+    let heartbeat_key = |consumer: &str| {
+        env.key(&format!(
+            "kaleidoscope:hosts:{}:{consumer}",
+            env.config.consumer_group
+        ))
+    };
+    let mut redis = env.redis.clone();
+    let live: String = redis::cmd("GET")
+        .arg(heartbeat_key(&env.config.consumer_name))
+        .query_async(&mut redis)
+        .await
+        .expect("the host's heartbeat");
+    let mut ghost: serde_json::Value = serde_json::from_str(&live).unwrap();
+    ghost["consumer"] = "ghost".into();
+    let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    ghost["updated_at"] = humantime::format_rfc3339_millis(an_hour_ago)
+        .to_string()
+        .into();
+    let _: () = redis::cmd("SET")
+        .arg(heartbeat_key("ghost"))
+        .arg(ghost.to_string())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let (ok, text) = deploy(&env);
+    assert!(ok, "the live host loaded it: {text}");
+    assert!(text.contains("ghost: stale"), "{text}");
+    assert!(
+        text.contains(&format!("{}: loaded scripted", env.config.consumer_name)),
+        "{text}"
+    );
+    env.finish().await;
+
+    // Nobody running at all (or a wrong prefix in the author's shell): not a success.
+    let env = TestEnv::prepare(Options::new(&["insights"])).await;
+    let (ok, text) = deploy(&env);
+    assert!(!ok, "{text}");
+    assert!(text.contains("no live host"), "{text}");
+    env.finish().await;
+}

@@ -77,10 +77,11 @@ async fn build_and_deploy(config: &Config, dir: &Path, timeout: Duration) -> Opt
         }
     };
     let deployed = async {
-        let (target, sha256) = crate::deploy::install(config, &file)?;
-        println!("deployed {} (sha256 {})", target.display(), &sha256[..12]);
+        let installed = crate::deploy::install(config, &file)?;
+        let short = &installed.sha256[..12];
+        println!("deployed {} (sha256 {short})", installed.file.display());
         let mut conn = crate::redis_connection::open(&config.redis_url).await?;
-        crate::deploy::await_hosts(&mut conn, config, &target, &sha256, timeout).await
+        crate::deploy::await_hosts(&mut conn, config, &installed, timeout).await
     };
     match deployed.await {
         Ok(hosts) if hosts.is_empty() => {

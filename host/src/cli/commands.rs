@@ -234,30 +234,30 @@ pub(super) async fn simulate_ml(
 
 /// `kaleidoscope plugin deploy`: exit 1 when a host refused the file or did not answer.
 pub(super) async fn deploy(config: &Config, file: &Path, timeout: u64) -> Result<ExitCode> {
-    let (target, sha256) = crate::deploy::install(config, file)?;
-    println!("installed {} (sha256 {})", target.display(), &sha256[..12]);
+    let installed = crate::deploy::install(config, file)?;
+    let short = &installed.sha256[..12];
+    println!("installed {} (sha256 {short})", installed.file.display());
     let mut conn = redis_connection::open(&config.redis_url).await?;
-    let hosts = crate::deploy::await_hosts(
-        &mut conn,
-        config,
-        &target,
-        &sha256,
-        Duration::from_secs(timeout),
-    )
-    .await?;
+    let hosts =
+        crate::deploy::await_hosts(&mut conn, config, &installed, Duration::from_secs(timeout))
+            .await?;
     let deployed = crate::deploy::Deployed {
-        file: target,
-        sha256,
+        file: installed.file,
+        sha256: installed.sha256,
         hosts,
     };
-    if deployed.hosts.is_empty() {
-        println!(
-            "no host of group {:?} is running; the file is in place for the next one",
-            config.consumer_group
-        );
-    }
     for host in &deployed.hosts {
         println!("{}: {} {}", host.host, host.outcome, host.detail);
+    }
+    let answered = deployed
+        .hosts
+        .iter()
+        .any(|h| h.outcome != crate::deploy::Outcome::Stale);
+    if !answered {
+        println!(
+            "no live host of group {:?} (stream prefix {:?}) answered; the file is in place for the next one to start",
+            config.consumer_group, config.stream_prefix
+        );
     }
     Ok(if deployed.ok() {
         ExitCode::SUCCESS

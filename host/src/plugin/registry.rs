@@ -52,6 +52,9 @@ pub struct PluginSet {
     by_stream: BTreeMap<String, Arc<Plugin>>,
     plugins: Vec<Arc<Plugin>>,
     failures: Vec<LoadFailure>,
+    /// When the scan that made this set began: every file in place by then was seen by it. How
+    /// `plugin deploy` tells an answer about its file from an older one.
+    scanned_at: Option<std::time::SystemTime>,
 }
 
 impl PluginSet {
@@ -74,6 +77,11 @@ impl PluginSet {
     /// serving).
     pub fn failures(&self) -> &[LoadFailure] {
         &self.failures
+    }
+
+    /// When the scan that made this set began (`None` for a set no scan made).
+    pub fn scanned_at(&self) -> Option<std::time::SystemTime> {
+        self.scanned_at
     }
 
     fn loaded_from(&self, file: &Path) -> Option<&Arc<Plugin>> {
@@ -137,7 +145,10 @@ impl PluginSet {
         current: &PluginSet,
         limits_for: &dyn Fn(&str) -> SandboxLimits,
     ) -> Result<PluginSet> {
-        let mut next = PluginSet::default();
+        let mut next = PluginSet {
+            scanned_at: Some(std::time::SystemTime::now()),
+            ..PluginSet::default()
+        };
         let mut changed = Vec::new();
         // Unchanged files first, so a new file can never take a stream from a serving plugin.
         for file in wasm_files(dir)? {
