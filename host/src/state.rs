@@ -46,6 +46,9 @@ pub struct HostState {
     /// Every stream this host has consumed since it started: one that loses its plugin stays
     /// here, so readiness says its entries wait unread.
     consumed: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The unmatched `[plugins.<name>]` sections at the last warning: a section is warned about
+    /// when it becomes one, not at every rescan.
+    warned_unmatched: std::sync::Mutex<Vec<String>>,
     /// The `[plugins.<name>]` section names of the configuration file, read with the grants
     /// (at start and at each reload) rather than at every heartbeat.
     plugin_sections: RwLock<Arc<std::collections::BTreeSet<String>>>,
@@ -97,6 +100,7 @@ impl HostState {
             catalog: RwLock::new((Arc::new(catalog), Instant::now())),
             config,
             consumed: Default::default(),
+            warned_unmatched: Default::default(),
             heartbeat_written: std::sync::Mutex::new(Instant::now()),
             plugin_sections: RwLock::new(Arc::new(plugin_sections)),
             horizons: RwLock::default(),
@@ -219,10 +223,24 @@ impl HostState {
             .collect()
     }
 
-    /// Logs a warning for each of [`HostState::unmatched_plugin_sections`].
+    /// Logs a warning for each section of [`HostState::unmatched_plugin_sections`] that has just
+    /// become one (it was not at the last call), not for the same section at every rescan.
     pub fn warn_unmatched_plugin_sections(&self) {
         let unmatched = self.unmatched_plugin_sections();
-        if unmatched.is_empty() {
+        let newly: Vec<String> = {
+            let mut warned = match self.warned_unmatched.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let newly = unmatched
+                .iter()
+                .filter(|name| !warned.contains(name))
+                .cloned()
+                .collect();
+            warned.clone_from(&unmatched);
+            newly
+        };
+        if newly.is_empty() {
             return;
         }
         let loaded: Vec<String> = self
@@ -232,7 +250,7 @@ impl HostState {
             .iter()
             .map(|p| p.name.clone())
             .collect();
-        for name in unmatched {
+        for name in newly {
             tracing::warn!(
                 file = %self.config.file.as_deref().map(|f| f.display().to_string()).unwrap_or_default(),
                 "[plugins.{name}] names no loaded plugin (loaded: {}): a typo, or a plugin not deployed yet",

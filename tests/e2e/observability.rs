@@ -634,3 +634,49 @@ async fn readiness_is_one_answer_everywhere() {
     );
     env.finish().await;
 }
+
+/// The warning about a `[plugins.<name>]` section that names no loaded plugin is said when the
+/// section shows up, not again at every rescan: a host that reloads every few seconds must not
+/// fill its log with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmatched_configuration_section_is_warned_about_once() {
+    let env = TestEnv::prepare(
+        Options::new(&["insights"]).plugin_setting("insihgts", "tables = [\"media_ai_insights\"]"),
+    )
+    .await;
+    let mut host = env.spawn_host("warner");
+    let log = env.host_log("warner");
+    let count = |text: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches(text)
+            .count()
+    };
+    let warning = "[plugins.insihgts] names no loaded plugin";
+    eventually("the warning", || async {
+        (count(warning) == 1).then_some(())
+    })
+    .await;
+    // Two reloads: a plugin added, then removed.
+    env.install_plugin("scripted", "scripted");
+    eventually("the new plugin to load", || async {
+        (count("loaded plugin scripted") == 1).then_some(())
+    })
+    .await;
+    std::fs::remove_file(env.plugins_dir.join("scripted.wasm")).unwrap();
+    eventually("the plugin to be unloaded", || async {
+        (count("unloaded plugin scripted") == 1).then_some(())
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(count(warning), 1, "said once, not at every reload: {text}");
+    // The section of the plugin that went away is news, and said (once more than at start).
+    assert_eq!(
+        count("[plugins.scripted] names no loaded plugin"),
+        2,
+        "{text}"
+    );
+    crate::support::signal(&host, "TERM");
+    assert!(crate::support::await_exit(&mut host).await.success());
+    env.finish().await;
+}
