@@ -3,4 +3,11 @@
 //! far more instances at once than a plugin may have.
 //! See the `behaviours` crate for what each action does.
 
-behaviours::mock_plugin!("many-streams", ["many-1", "many-2", "many-3", "many-4", "many-5", "many-6", "many-7", "many-8", "many-9", "many-10", "many-11", "many-12", "many-13", "many-14", "many-15", "many-16"], scripted);
+behaviours::mock_plugin!(
+    "many-streams",
+    [
+        "many-1", "many-2", "many-3", "many-4", "many-5", "many-6", "many-7", "many-8", "many-9",
+        "many-10", "many-11", "many-12", "many-13", "many-14", "many-15", "many-16"
+    ],
+    scripted
+);
