@@ -176,10 +176,7 @@ fn sql_class(error: &sqlx::Error) -> Class {
         return Class::Retryable;
     };
     match db.code().as_deref().unwrap_or_default() {
-        // undefined_column, undefined_table, invalid_column_reference (an ON CONFLICT key that is
-        // no longer unique), datatype_mismatch: the schema changed since the catalogue was read
-        // (see [`schema_changed`]).
-        "42703" | "42P01" | "42P10" | "42804" => Class::Retryable,
+        code if SCHEMA_CHANGED.contains(&code) => Class::Retryable,
         // foreign_key_violation: the referenced row (e.g. the media) may appear later.
         // serialization_failure, deadlock_detected, lock_not_available: transient contention.
         // query_canceled (statement_timeout), idle_in_transaction_session_timeout, and the
@@ -197,11 +194,14 @@ pub fn schema_changed(error: &sqlx::Error) -> bool {
     let sqlx::Error::Database(db) = error else {
         return false;
     };
-    matches!(
-        db.code().as_deref(),
-        Some("42703" | "42P01" | "42P10" | "42804")
-    )
+    db.code()
+        .is_some_and(|code| SCHEMA_CHANGED.contains(&code.as_ref()))
 }
+
+/// undefined_column, undefined_table, invalid_column_reference (an ON CONFLICT key that is no
+/// longer unique), datatype_mismatch: the schema changed since the catalogue was read, so a
+/// command checked against it failed; read it again and retry.
+const SCHEMA_CHANGED: [&str; 4] = ["42703", "42P01", "42P10", "42804"];
 
 /// Why one statement (and so its entry) failed inside the database.
 #[derive(Debug, thiserror::Error)]
@@ -223,9 +223,9 @@ pub enum StatementError {
 /// Sorts a database error from one statement into retry, permanent or unavailable, keeping
 /// PostgreSQL's message and detail (which names the table, constraint and key).
 pub fn classify_statement(error: sqlx::Error) -> StatementError {
-    match sql_class(&error) {
-        Class::Outage(_) => return StatementError::Unavailable(error),
-        Class::Permanent | Class::Retryable | Class::LostGroup => {}
+    let class = sql_class(&error);
+    if let Class::Outage(_) = class {
+        return StatementError::Unavailable(error);
     }
     let sqlx::Error::Database(db) = &error else {
         return StatementError::Retry(format!("{error}"));
@@ -240,7 +240,7 @@ pub fn classify_statement(error: sqlx::Error) -> StatementError {
     if schema_changed(&error) {
         return StatementError::Retry(format!("the schema changed under the command: {message}"));
     }
-    match sql_class(&error) {
+    match class {
         Class::Permanent => StatementError::Permanent(message),
         _ => StatementError::Retry(message),
     }

@@ -141,6 +141,7 @@ async fn metrics(state: &HostState) -> String {
     let mut streams: std::collections::BTreeSet<String> =
         snapshot.streams().map(str::to_string).collect();
     streams.extend(state.consumed_streams());
+    scraped.stream_unserved.clear();
     for stream in &streams {
         scraped
             .stream_unserved

@@ -273,11 +273,7 @@ impl HostState {
         if plugins.plugins().is_empty() {
             problems.push("no plugin is loaded".to_string());
         }
-        let consumed = match self.consumed.lock() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
-        for stream in consumed {
+        for stream in self.consumed_streams() {
             if plugins.for_stream(&stream).is_none() {
                 problems.push(format!(
                     "stream {stream} has no loaded plugin any more: its entries wait unread"

@@ -881,20 +881,8 @@ async fn deploying_served_bytes_under_another_name_reports_the_refusal() {
     std::fs::create_dir_all(&elsewhere).expect("a directory for the upload");
     let copy = elsewhere.join("scripted-copy.wasm");
     std::fs::copy(crate::support::plugin_file(SCRIPTED), &copy).expect("copy the plugin");
-    let output = output_within_deadline(&mut env.binary(&[
-        "plugin",
-        "deploy",
-        copy.to_str().expect("a UTF-8 path"),
-        "--timeout",
-        "30",
-    ]))
-    .await;
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(!output.status.success(), "{said}");
+    let (ok, said) = env.deploy(&copy);
+    assert!(!ok, "{said}");
     assert!(said.contains("failed"), "{said}");
     let _ = std::fs::remove_dir_all(&elsewhere);
     env.finish().await;

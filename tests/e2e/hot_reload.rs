@@ -511,21 +511,7 @@ async fn a_new_table_and_its_grant_reach_a_running_host_without_a_rebuild() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_deploy_waits_for_the_hosts_to_report_the_load_or_the_reason() {
     let env = TestEnv::start(Options::new(&["insights"])).await;
-    let deploy = |plugin: &str| {
-        let file = crate::support::plugin_file(plugin);
-        let output = env.command(&[
-            "plugin",
-            "deploy",
-            file.to_str().unwrap(),
-            "--timeout",
-            "30",
-        ]);
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned()
-                + &String::from_utf8_lossy(&output.stderr),
-        )
-    };
+    let deploy = |plugin: &str| env.deploy(&crate::support::plugin_file(plugin));
     let (ok, text) = deploy("scripted");
     assert!(ok, "{text}");
     assert!(
@@ -625,21 +611,7 @@ async fn a_file_refused_for_a_taken_stream_loads_once_the_stream_is_free() {
 /// file is in place, but nothing runs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_deploy_names_stale_hosts_and_fails_when_no_live_host_answers() {
-    let deploy = |env: &TestEnv| {
-        let file = crate::support::plugin_file("scripted");
-        let output = env.command(&[
-            "plugin",
-            "deploy",
-            file.to_str().unwrap(),
-            "--timeout",
-            "30",
-        ]);
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned()
-                + &String::from_utf8_lossy(&output.stderr),
-        )
-    };
+    let deploy = |env: &TestEnv| env.deploy(&crate::support::plugin_file("scripted"));
     let env = TestEnv::start(Options::new(&["insights"])).await;
     // A host that stopped writing its heartbeat an hour ago.
     let heartbeat_key = |consumer: &str| {

@@ -484,6 +484,23 @@ impl TestEnv {
         .await;
     }
 
+    /// `kaleidoscope plugin deploy FILE --timeout 30`: whether it succeeded, and what it printed
+    /// (stdout, then stderr).
+    pub fn deploy(&self, file: &Path) -> (bool, String) {
+        let output = self.command(&[
+            "plugin",
+            "deploy",
+            file.to_str().expect("a UTF-8 path"),
+            "--timeout",
+            "30",
+        ]);
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    }
+
     /// `kaleidoscope dlq replay <selection> --json`, which must succeed: the new entry ids.
     pub fn replay(&self, selection: &[&str]) -> Vec<String> {
         let mut args = vec!["dlq", "replay"];

@@ -59,7 +59,7 @@ pub(super) async fn finish_until_done(
         match next {
             AfterFailure::GiveUp => return false,
             AfterFailure::Retry => failures += 1,
-            AfterFailure::WaitForDatabase | AfterFailure::WaitForPool => {}
+            AfterFailure::WaitOutOutage(_) | AfterFailure::WaitForPool => {}
         }
         if stop.requested() {
             warn!(
@@ -84,8 +84,8 @@ pub(super) enum Pass {
 /// What a failed attempt at a batch leads to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum AfterFailure {
-    /// An outage: waited out without limit, costing no entry an attempt.
-    WaitForDatabase,
+    /// An outage of the dependency: waited out without limit, costing no entry an attempt.
+    WaitOutOutage(Dependency),
     /// Every connection of the pool is in use: waited out like an outage, but PostgreSQL is not
     /// down because this host is busy (the health probe, on a connection of its own, says
     /// whether it is).
@@ -102,7 +102,7 @@ impl AfterFailure {
     fn of(error: &anyhow::Error, pass: Pass) -> Self {
         match failure::classify(error) {
             Class::Outage(_) if failure::pool_busy(error) => AfterFailure::WaitForPool,
-            Class::Outage(_) => AfterFailure::WaitForDatabase,
+            Class::Outage(dependency) => AfterFailure::WaitOutOutage(dependency),
             _ if pass == Pass::EachAlone => AfterFailure::GiveUp,
             _ => AfterFailure::Retry,
         }
@@ -130,10 +130,8 @@ pub(super) fn report_failure(
             entries,
             "every connection to PostgreSQL is busy; the batch waits for one: {causes}"
         ),
-        AfterFailure::WaitForDatabase => {
-            if let Some(dependency) = failure::outage(error) {
-                state.health.failed(dependency, &causes);
-            }
+        AfterFailure::WaitOutOutage(dependency) => {
+            state.health.failed(dependency, &causes);
             error!(stream, retry_in_ms, entries, "{causes}");
         }
         AfterFailure::GiveUp => error!(
@@ -202,13 +200,13 @@ mod tests {
         for pass in [Pass::SetBased, Pass::EachAlone] {
             assert_eq!(
                 AfterFailure::of(&outage, pass),
-                AfterFailure::WaitForDatabase
+                AfterFailure::WaitOutOutage(Dependency::Database)
             );
         }
         let silent = anyhow::Error::new(Unanswered(Duration::from_secs(130)));
         assert_eq!(
             AfterFailure::of(&silent, Pass::EachAlone),
-            AfterFailure::WaitForDatabase
+            AfterFailure::WaitOutOutage(Dependency::Database)
         );
     }
 

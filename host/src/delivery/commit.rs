@@ -332,7 +332,12 @@ impl HostState {
                 );
             }
         }
-        tx.commit().await.map_err(commit_failed)?;
+        tx.commit().await.map_err(|error| {
+            pass_failed(
+                execute::statement_failed(error),
+                "cannot commit the batch transaction",
+            )
+        })?;
         Ok(messages)
     }
 
@@ -411,19 +416,20 @@ impl HostState {
     }
 }
 
-/// A failed COMMIT of an entry-by-entry pass, classified: contention is retried, an outage
-/// waited out, anything else is the pass's own failure.
-fn commit_failed(error: sqlx::Error) -> anyhow::Error {
-    match execute::statement_failed(error) {
+/// A step of an entry-by-entry pass (`what` it was doing) that failed in the database,
+/// classified: contention is retried, an outage waited out, anything else is the pass's own
+/// failure.
+fn pass_failed(error: StatementError, what: &str) -> anyhow::Error {
+    match error {
         StatementError::Retry(reason) => {
-            anyhow::Error::new(Contention(format!("COMMIT failed: {reason}")))
+            anyhow::Error::new(Contention(format!("{what}: {reason}")))
         }
         StatementError::Unavailable(error) => {
-            anyhow::Error::new(error).context("cannot commit the batch transaction")
+            anyhow::Error::new(error).context(format!("{what}; nothing was acknowledged"))
         }
-        StatementError::Permanent(reason) => anyhow::Error::new(StatementError::Permanent(
-            format!("cannot commit the batch transaction: {reason}"),
-        )),
+        StatementError::Permanent(reason) => {
+            anyhow::Error::new(StatementError::Permanent(format!("{what}: {reason}")))
+        }
     }
 }
 
@@ -515,16 +521,7 @@ async fn lock_every_table(tx: &mut PgConnection, items: &[Item], links: &Links) 
     let locks = batch::entry_by_entry_locks(tables, links);
     batch::lock_tables(tx, &locks)
         .await
-        .map_err(|error| match error {
-            StatementError::Unavailable(error) => anyhow::Error::new(error)
-                .context("the database failed during the batch; nothing was acknowledged"),
-            StatementError::Retry(reason) => anyhow::Error::new(Contention(format!(
-                "cannot lock the batch's tables: {reason}"
-            ))),
-            StatementError::Permanent(reason) => {
-                anyhow::anyhow!("cannot lock the batch's tables: {reason}")
-            }
-        })
+        .map_err(|error| pass_failed(error, "cannot lock the batch's tables"))
 }
 
 #[cfg(test)]
