@@ -141,6 +141,15 @@ async fn metrics(state: &HostState) -> String {
     let mut streams: std::collections::BTreeSet<String> =
         snapshot.streams().map(str::to_string).collect();
     streams.extend(state.consumed_streams());
+    let latent = state.latent_failures();
+    for cause in crate::state::Latent::ALL {
+        scraped
+            .restart_would_fail
+            .get_or_create(&crate::metrics::ByCause {
+                cause: cause.as_str().to_string(),
+            })
+            .set(i64::from(latent.contains_key(&cause)));
+    }
     scraped.stream_unserved.clear();
     for stream in &streams {
         scraped

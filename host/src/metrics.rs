@@ -72,6 +72,12 @@ pub struct ByPluginName {
     pub plugin: String,
 }
 
+/// A latent failure's series (see [`crate::state::Latent`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByCause {
+    pub cause: String,
+}
+
 /// A plugin file's load-failure series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ByFile {
@@ -150,6 +156,7 @@ pub struct Scraped {
     pub stream_lag: Family<ByStream, Gauge>,
     pub stream_length: Family<ByStream, Gauge>,
     pub stream_unserved: Family<ByStream, Gauge>,
+    pub restart_would_fail: Family<ByCause, Gauge>,
     pub dead_letters: Family<ByDeadLetterKind, Gauge>,
     pub requests: Family<ByStatus, Gauge>,
     pub request_stream_length: Family<ByStream, Gauge>,
@@ -311,6 +318,11 @@ impl Metrics {
             "kaleidoscope_stream_unserved",
             "1 for a stream this host consumed that has no loaded plugin now (its entries wait unread), else 0",
             s.stream_unserved.clone(),
+        );
+        r.register(
+            "kaleidoscope_restart_would_fail",
+            "1 while something this host runs without would stop its next start (cause: a configuration file that does not parse, an operator migration that fails), else 0",
+            s.restart_would_fail.clone(),
         );
         r.register(
             "kaleidoscope_dead_letters",

@@ -58,6 +58,32 @@ pub struct HostState {
     /// [`crate::persist::ledger::horizons`]); refreshed by every pruning round and whenever a
     /// group is created.
     horizons: RwLock<std::collections::HashMap<String, EntryId>>,
+    /// Failures that do not stop this host but would stop its next start (a configuration file
+    /// that no longer parses, an operator migration that fails), by cause: reported now, in
+    /// readiness, a metric and `status`, instead of as a crash loop at the next restart.
+    latent: std::sync::Mutex<BTreeMap<Latent, String>>,
+}
+
+/// What a latent failure is about (see [`HostState::latent_failures`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Latent {
+    /// The configuration file does not parse, or holds an invalid value.
+    Configuration,
+    /// An operator migration fails.
+    Migration,
+}
+
+impl Latent {
+    /// The name metrics label it with.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Latent::Configuration => "configuration",
+            Latent::Migration => "migration",
+        }
+    }
+
+    /// Every cause, so each has a series (0 or 1).
+    pub const ALL: [Latent; 2] = [Latent::Configuration, Latent::Migration];
 }
 
 impl HostState {
@@ -104,6 +130,41 @@ impl HostState {
             heartbeat_written: std::sync::Mutex::new(Instant::now()),
             plugin_sections: RwLock::new(Arc::new(plugin_sections)),
             horizons: RwLock::default(),
+            latent: Default::default(),
+        }
+    }
+
+    /// The latent failures now: what would stop this host's next start, by cause.
+    pub fn latent_failures(&self) -> BTreeMap<Latent, String> {
+        match self.latent.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Records (`Some`) or clears (`None`) the latent failure of `cause`, logging a change: an
+    /// ERROR when it appears or changes, INFO when it is mended.
+    pub fn note_latent(&self, cause: Latent, failure: Option<String>) {
+        let mut latent = match self.latent.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match failure {
+            Some(failure) => {
+                if latent.get(&cause) != Some(&failure) {
+                    tracing::error!(cause = cause.as_str(), "{failure}");
+                    latent.insert(cause, failure);
+                }
+            }
+            None => {
+                if latent.remove(&cause).is_some() {
+                    tracing::info!(
+                        cause = cause.as_str(),
+                        "mended: the next start would no longer fail on the {}",
+                        cause.as_str()
+                    );
+                }
+            }
         }
     }
 
@@ -178,10 +239,22 @@ impl HostState {
         let Some(file) = &self.config.file else {
             return false;
         };
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        let restart = Config::from_sources(Some(file), &env, &BTreeMap::new()).err();
+        self.note_latent(
+            Latent::Configuration,
+            restart.map(|error| {
+                format!(
+                    "the configuration file {} would stop the next start: {} (this host goes on with the configuration it has)",
+                    file.display(),
+                    crate::text::causes(&error)
+                )
+            }),
+        );
         let fresh = match Config::read_policies(file) {
             Ok(fresh) => fresh,
             Err(error) => {
-                tracing::error!(
+                tracing::debug!(
                     "plugin grants not reloaded, the ones in force stay: {}",
                     crate::text::causes(&error)
                 );
@@ -260,7 +333,8 @@ impl HostState {
     }
 
     /// Why this host is not ready to do its work (empty when it is): PostgreSQL or Redis out, no
-    /// plugin loaded, or a stream this host consumed that lost its plugin (its entries wait). The
+    /// plugin loaded, a [latent failure](Self::latent_failures) that would stop its next start,
+    /// or a stream this host consumed that lost its plugin (its entries wait). The
     /// one readiness of the host: `/readyz`, the `kaleidoscope_ready` gauge and the heartbeat that
     /// `kaleidoscope status` reads all answer from it.
     ///
@@ -273,6 +347,7 @@ impl HostState {
         if plugins.plugins().is_empty() {
             problems.push("no plugin is loaded".to_string());
         }
+        problems.extend(self.latent_failures().into_values());
         for stream in self.consumed_streams() {
             if plugins.for_stream(&stream).is_none() {
                 problems.push(format!(
@@ -322,13 +397,21 @@ impl HostState {
             return;
         };
         match crate::persist::operator_migrations::apply(&self.pool, dir).await {
-            Ok(applied) if applied.is_empty() => {}
-            Ok(_) => {
-                if let Err(error) = self.reload_catalog().await {
+            Ok(applied) => {
+                self.note_latent(Latent::Migration, None);
+                if !applied.is_empty()
+                    && let Err(error) = self.reload_catalog().await
+                {
                     tracing::warn!("cannot re-read the schema: {}", crate::text::causes(&error));
                 }
             }
-            Err(error) => tracing::error!("{}", crate::text::causes(&error)),
+            Err(error) => self.note_latent(
+                Latent::Migration,
+                Some(format!(
+                    "{} (the next start would stop on it; this host goes on serving)",
+                    crate::text::causes(&error)
+                )),
+            ),
         }
     }
 

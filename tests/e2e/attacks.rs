@@ -872,18 +872,25 @@ async fn a_changed_call_deadline_applies_on_reload() {
     env.finish().await;
 }
 
-/// `plugin deploy` of bytes a host already serves from another file: the new file is refused
-/// (the name is taken), and deploy says so instead of "loaded".
+/// `plugin deploy` of bytes a host already serves, from a file of another name: deployed as the
+/// plugin its manifest names (a file name grants nothing), so it is a redeploy of that plugin,
+/// and no second copy appears in the plugins directory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deploying_served_bytes_under_another_name_reports_the_refusal() {
+async fn deploying_served_bytes_under_another_name_redeploys_the_plugin_they_hold() {
     let env = TestEnv::start(Options::new(&[SCRIPTED])).await;
     let elsewhere = env.plugins_dir.with_extension("upload");
     std::fs::create_dir_all(&elsewhere).expect("a directory for the upload");
     let copy = elsewhere.join("scripted-copy.wasm");
     std::fs::copy(crate::support::plugin_file(SCRIPTED), &copy).expect("copy the plugin");
     let (ok, said) = env.deploy(&copy);
-    assert!(!ok, "{said}");
-    assert!(said.contains("failed"), "{said}");
+    assert!(ok, "{said}");
+    assert!(said.contains("loaded scripted"), "{said}");
+    assert!(!env.plugins_dir.join("scripted-copy.wasm").exists());
+    assert_eq!(
+        env.count("SELECT count(*) FROM plugin_store WHERE name = 'scripted'")
+            .await,
+        1
+    );
     let _ = std::fs::remove_dir_all(&elsewhere);
     env.finish().await;
 }

@@ -156,6 +156,7 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
     for alert in [
         "KaleidoscopeStuckConsumer",
         "KaleidoscopeStreamUnserved",
+        "KaleidoscopeRestartWouldFail",
         "KaleidoscopeDeadLettersRising",
         "KaleidoscopePluginLoadFailed",
         "KaleidoscopeNotReady",

@@ -520,12 +520,14 @@ async fn plugin_deploy_waits_for_the_hosts_to_report_the_load_or_the_reason() {
     );
     assert!(env.serving("scripted").is_some(), "the host serves it");
 
+    // A file no host could load is refused by the deploy itself, before anything changes.
     let (ok, text) = deploy("manifest-trap");
     assert!(!ok, "a refused plugin fails the deploy: {text}");
     assert!(
-        text.contains("failed") && text.contains("manifest()"),
+        text.contains("would not load; nothing was deployed") && text.contains("manifest()"),
         "{text}"
     );
+    assert_eq!(env.count("SELECT count(*) FROM plugin_store").await, 1);
     env.finish().await;
 }
 

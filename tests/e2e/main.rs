@@ -26,6 +26,7 @@ mod insights;
 mod ledger;
 mod ml_errors;
 mod observability;
+mod plugin_store;
 mod protocol;
 mod python;
 mod requests;

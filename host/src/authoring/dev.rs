@@ -76,30 +76,16 @@ async fn build_and_deploy(config: &Config, dir: &Path, timeout: Duration) -> Opt
             return None;
         }
     };
-    let deployed = async {
-        let installed = crate::deploy::install(config, &file)?;
-        let short = &installed.sha256[..12];
-        println!("deployed {} (sha256 {short})", installed.file.display());
-        let mut conn = crate::redis_connection::open(&config.redis_url).await?;
-        crate::deploy::await_hosts(&mut conn, config, &installed, timeout).await
-    };
-    match deployed.await {
-        Ok(hosts) if hosts.is_empty() => {
+    match crate::deploy::deploy(config, &file, timeout).await {
+        Ok(deployed) => {
             println!(
-                "no host of group {:?} is running: start one with `kaleidoscope run`",
-                config.consumer_group
+                "deployed {} {} (build {})",
+                deployed.name,
+                deployed.version,
+                crate::deploy::short(&deployed.sha256)
             );
-            None
-        }
-        Ok(hosts) => {
-            let mut loaded = None;
-            for host in hosts {
-                println!("{}: {} {}", host.host, host.outcome, host.detail);
-                if host.outcome == crate::deploy::Outcome::Loaded {
-                    loaded = host.plugin;
-                }
-            }
-            loaded
+            print!("{}", deployed.report(config));
+            deployed.ok().then_some(deployed.name)
         }
         Err(error) => {
             println!("deploy failed: {error:#}");
@@ -125,7 +111,7 @@ async fn print_outcomes(
 ) -> Option<String> {
     let since = since?;
     let rows: Vec<(String, String, String, String, String)> = sqlx::query_as(
-        "SELECT stream, entry_id, plugin_version, outcome, processed_at::text FROM processed_entries
+        "SELECT stream, entry_id, plugin_version || COALESCE(' build ' || plugin_build, ''), outcome, processed_at::text FROM processed_entries
           WHERE plugin = $1 AND processed_at > $2::timestamptz ORDER BY processed_at LIMIT $3",
     )
     .bind(plugin)

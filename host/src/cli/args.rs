@@ -337,9 +337,11 @@ pub enum PluginCommand {
         #[arg(long, default_value_t = 60, value_name = "SECONDS")]
         timeout: u64,
     },
-    /// Install a plugin file into the plugins directory (atomically: copied beside it, then
-    /// renamed) and wait until every running host of the group reports it loaded — or why it did
-    /// not load (exit 1).
+    /// Deploy a plugin to every host of the fleet (the hosts of this stream prefix and consumer
+    /// group) through the plugin store in PostgreSQL, as the plugin its manifest names, and wait
+    /// until every live host reports it loaded. The file is loaded here first: one no host could
+    /// load changes nothing. A deploy some host refuses is undone (the previous build stays);
+    /// exit 1 then, and when no live host answered.
     #[command(after_long_help = config::SETTINGS_POINTER)]
     Deploy {
         /// The `.wasm` component.
@@ -347,6 +349,13 @@ pub enum PluginCommand {
         /// Give up waiting for the hosts after this many seconds (exit 1).
         #[arg(long, default_value_t = 60, value_name = "SECONDS")]
         timeout: u64,
+    },
+    /// Take a deployed plugin out of the fleet's plugin store: every host removes the file the
+    /// store wrote and stops consuming its streams (their entries wait in Redis).
+    #[command(after_long_help = config::SETTINGS_POINTER)]
+    Remove {
+        /// The plugin's name (as `status` shows it).
+        name: String,
     },
     /// Run a plugin on recorded entries (`*.jsonl`, one `{"fields": {…}}` per line) and compare
     /// each outcome (what `plugin exec` prints) with `<name>.expected.jsonl`. Exits 1 when one

@@ -232,38 +232,44 @@ pub(super) async fn simulate_ml(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `kaleidoscope plugin deploy`: exit 1 when a host refused the file or did not answer.
+/// `kaleidoscope plugin deploy`: exit 1 when the file would not load, a host refused it (the
+/// deploy is undone) or no live host answered.
 pub(super) async fn deploy(config: &Config, file: &Path, timeout: u64) -> Result<ExitCode> {
-    let installed = crate::deploy::install(config, file)?;
-    let short = &installed.sha256[..12];
-    println!("installed {} (sha256 {short})", installed.file.display());
-    let mut conn = redis_connection::open(&config.redis_url).await?;
-    let hosts =
-        crate::deploy::await_hosts(&mut conn, config, &installed, Duration::from_secs(timeout))
-            .await?;
-    let deployed = crate::deploy::Deployed {
-        file: installed.file,
-        sha256: installed.sha256,
-        hosts,
-    };
-    for host in &deployed.hosts {
-        println!("{}: {} {}", host.host, host.outcome, host.detail);
-    }
-    let answered = deployed
-        .hosts
-        .iter()
-        .any(|h| h.outcome != crate::deploy::Outcome::Stale);
-    if !answered {
-        println!(
-            "no live host of group {:?} (stream prefix {:?}) answered; the file is in place for the next one to start",
-            config.consumer_group, config.stream_prefix
-        );
-    }
+    let deployed = crate::deploy::deploy(config, file, Duration::from_secs(timeout)).await?;
+    println!(
+        "deployed {} {} (build {}) to the plugin store of fleet {:?}",
+        deployed.name,
+        deployed.version,
+        crate::deploy::short(&deployed.sha256),
+        crate::persist::plugin_store::fleet(&config.stream_prefix, &config.consumer_group)
+    );
+    print!("{}", deployed.report(config));
     Ok(if deployed.ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `kaleidoscope plugin remove`: exit 1 when the store has no such plugin.
+pub(super) async fn remove(config: &Config, name: &str) -> Result<ExitCode> {
+    let pool = persist::connect_existing(&config.database_url, &config.database_timeouts)
+        .await
+        .context("plugin remove edits the plugin store, in PostgreSQL")?;
+    let fleet = persist::plugin_store::fleet(&config.stream_prefix, &config.consumer_group);
+    let removed = persist::plugin_store::remove(&pool, &fleet, name).await;
+    pool.close().await;
+    if removed? {
+        println!(
+            "removed {name} from the plugin store of fleet {fleet:?}; every host unloads it within seconds"
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "the plugin store of fleet {fleet:?} has no plugin {name:?} (a file dropped into a plugins directory by hand is removed by hand)"
+        );
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 /// The schema of the database at `url`, as the host would check commands against it.
@@ -292,8 +298,8 @@ pub(super) fn plugin(
     let config = load_config(config_file.or(project_config.as_deref()))?;
     match command {
         // Async, so run by `execute` directly.
-        PluginCommand::Deploy { .. } | PluginCommand::Dev { .. } => {
-            anyhow::bail!("plugin deploy and dev run on the async runtime")
+        PluginCommand::Deploy { .. } | PluginCommand::Remove { .. } | PluginCommand::Dev { .. } => {
+            anyhow::bail!("plugin deploy, remove and dev run on the async runtime")
         }
         PluginCommand::New {
             name,

@@ -119,9 +119,9 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 max_pending_age: std::time::Duration::from_secs(max_pending_age),
                 max_lag,
             };
-            commands::status(&load_config(file)?, json, thresholds).await
+            commands::status(&load_config_for_a_tool(file)?, json, thresholds).await
         }
-        Command::Dlq(command) => commands::dlq(&load_config(file)?, command).await,
+        Command::Dlq(command) => commands::dlq(&load_config_for_a_tool(file)?, command).await,
         Command::Config(args::ConfigCommand::Check { json }) => config_check(file, json),
         Command::Publish(command) => commands::publish(load_config(file)?, command).await,
         Command::Demo {
@@ -184,15 +184,35 @@ fn own_database(config: &Config, given: Option<String>, name: &str) -> String {
     given.unwrap_or_else(|| crate::persist::with_database(&config.database_url, name))
 }
 
-/// `kaleidoscope config check`: every setting in force and where it came from.
+/// `kaleidoscope config check`: every setting in force and where it came from. With a file that
+/// does not parse or holds a bad value: the error, then the settings without the file, exit 1.
 fn config_check(file: Option<&Path>, json: bool) -> Result<ExitCode> {
     let env: BTreeMap<String, String> = std::env::vars().collect();
-    let settings = Config::resolved_settings(file, &env, &BTreeMap::new())?;
+    let settings = match Config::resolved_settings(file, &env, &BTreeMap::new()) {
+        Ok(settings) => settings,
+        Err(error) if file.is_some() => {
+            eprintln!("error: {}", crate::text::causes(&error));
+            eprintln!("the settings without the file:");
+            let settings = Config::resolved_settings(None, &env, &BTreeMap::new())?;
+            print_settings(&settings, json)?;
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(error) => return Err(error),
+    };
+    print_settings(&settings, json)?;
+    if !json {
+        println!("configuration ok");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints resolved settings, as a table or JSON.
+fn print_settings(settings: &[crate::config::ResolvedSetting], json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&settings)?);
     } else {
         let width = settings.iter().map(|s| s.env.len()).max().unwrap_or(0);
-        for s in &settings {
+        for s in settings {
             let origin = if s.origin.is_empty() {
                 "(not set)"
             } else {
@@ -200,9 +220,8 @@ fn config_check(file: Option<&Path>, json: bool) -> Result<ExitCode> {
             };
             println!("{:<width$}  {:<24}  {origin}", s.env, s.value);
         }
-        println!("configuration ok");
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// `kaleidoscope plugin …`.
@@ -212,6 +231,7 @@ async fn plugin(file: Option<&Path>, command: args::PluginCommand) -> Result<Exi
             file: plugin,
             timeout,
         } => commands::deploy(&load_config(file)?, &plugin, timeout).await,
+        args::PluginCommand::Remove { name } => commands::remove(&load_config(file)?, &name).await,
         args::PluginCommand::Dev { dir, timeout } => {
             crate::authoring::dev::run(
                 &load_config(file)?,
@@ -243,6 +263,24 @@ async fn plugin(file: Option<&Path>, command: args::PluginCommand) -> Result<Exi
             .await
             .context("the plugin command thread failed")?
         }
+    }
+}
+
+/// The configuration for an operator tool (`status`, `dlq`), which must work best when something
+/// is broken: as [`load_config`], but a configuration file that does not parse or holds a bad
+/// value is reported and left out (the environment and the defaults still say where Redis and
+/// PostgreSQL are), instead of stopping the tool.
+fn load_config_for_a_tool(file: Option<&Path>) -> Result<Config> {
+    match load_config(file) {
+        Ok(config) => Ok(config),
+        Err(error) if file.is_some() => {
+            eprintln!(
+                "warning: {}; going on without the file (only the environment and defaults apply)",
+                crate::text::causes(&error)
+            );
+            load_config(None)
+        }
+        Err(error) => Err(error),
     }
 }
 

@@ -18,6 +18,7 @@ pub const HOST_TABLES: &[&str] = &[
     "outbox",
     "_sqlx_migrations",
     "operator_migrations",
+    "plugin_store",
 ];
 
 /// What the operator allows one plugin, and its sandbox limits if they differ from the defaults.

@@ -244,6 +244,7 @@ pub fn render_one(letter: &StoredDeadLetter) -> String {
         ("kind", &letter.failure_kind),
         ("plugin", &letter.plugin),
         ("plugin version", &letter.plugin_version),
+        ("plugin build", &letter.plugin_build),
         ("failed at", &letter.failed_at),
     ] {
         out.push_str(&format!("{name:<15} {value}\n"));

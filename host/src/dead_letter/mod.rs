@@ -28,6 +28,8 @@ pub mod field {
     pub const PLUGIN: &str = "plugin";
     /// That plugin's version, so a fix can be told from the version that failed.
     pub const PLUGIN_VERSION: &str = "pluginVersion";
+    /// The build of the plugin (the first 12 hex digits of its file's SHA-256).
+    pub const PLUGIN_BUILD: &str = "pluginBuild";
     /// How often the entry was delivered.
     pub const DELIVERIES: &str = "deliveries";
     /// When it was dead-lettered (RFC 3339).
@@ -123,6 +125,9 @@ pub struct DeadLetter {
     pub error: String,
     pub plugin: String,
     pub plugin_version: String,
+    /// The first 12 hex digits of the plugin file's SHA-256: which build, when several carry
+    /// the same version.
+    pub plugin_build: String,
     pub deliveries: u32,
     /// The original fields; values that are not UTF-8 are shown with replacement characters.
     pub fields: Vec<(String, String)>,
@@ -185,6 +190,7 @@ impl DeadLetter {
             (field::ERROR.into(), error),
             (field::PLUGIN.into(), self.plugin.clone()),
             (field::PLUGIN_VERSION.into(), self.plugin_version.clone()),
+            (field::PLUGIN_BUILD.into(), self.plugin_build.clone()),
             (field::DELIVERIES.into(), self.deliveries.to_string()),
             (
                 field::FAILED_AT.into(),
@@ -221,6 +227,7 @@ pub struct StoredDeadLetter {
     pub error: String,
     pub plugin: String,
     pub plugin_version: String,
+    pub plugin_build: String,
     pub deliveries: u32,
     pub failed_at: String,
     /// The original entry's fields.
@@ -242,6 +249,7 @@ impl StoredDeadLetter {
             error: take(field::ERROR),
             plugin: take(field::PLUGIN),
             plugin_version: take(field::PLUGIN_VERSION),
+            plugin_build: take(field::PLUGIN_BUILD),
             deliveries: take(field::DELIVERIES).parse().unwrap_or(0),
             failed_at: take(field::FAILED_AT),
             fields: serde_json::from_str(&original).unwrap_or_default(),
@@ -290,6 +298,7 @@ mod tests {
             error: "boom".into(),
             plugin: "insights".into(),
             plugin_version: "1.2.3".into(),
+            plugin_build: "0123456789ab".into(),
             deliveries: 3,
             fields: vec![
                 ("mediaId".into(), "7".into()),

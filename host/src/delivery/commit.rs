@@ -109,15 +109,8 @@ impl HostState {
             .begin()
             .await
             .context("cannot begin the batch transaction")?;
-        let claimed = match ledger::claim(
-            &mut tx,
-            &self.source,
-            stream,
-            &plugin.name,
-            &plugin.version,
-            &claims,
-        )
-        .await
+        let claimed = match ledger::claim(&mut tx, &self.source, stream, handler(plugin), &claims)
+            .await
         {
             Ok(claimed) => claimed,
             Err(error) => return set_based_error(execute::statement_failed(error), "the ledger"),
@@ -358,8 +351,7 @@ impl HostState {
             &self.source,
             stream,
             &item.ledger_id,
-            &plugin.name,
-            &plugin.version,
+            handler(plugin),
             Outcome::DeadLettered,
         )
         .await
@@ -390,8 +382,7 @@ impl HostState {
             &self.source,
             stream,
             entry_id,
-            &plugin.name,
-            &plugin.version,
+            handler(plugin),
             Outcome::Processed,
         )
         .await
@@ -433,6 +424,15 @@ fn pass_failed(error: StatementError, what: &str) -> anyhow::Error {
     }
 }
 
+/// The ledger's record of the plugin that handled an entry.
+fn handler(plugin: &Plugin) -> ledger::Handler<'_> {
+    ledger::Handler {
+        name: &plugin.name,
+        version: &plugin.version,
+        build: plugin.build(),
+    }
+}
+
 /// The dead letter of `item`.
 fn dead_letter(
     stream: &str,
@@ -448,6 +448,7 @@ fn dead_letter(
         error: reason.to_string(),
         plugin: plugin.name.clone(),
         plugin_version: plugin.version.clone(),
+        plugin_build: plugin.build().to_string(),
         deliveries: item.entry.deliveries,
         fields: item.fields.clone(),
         lossy_fields: item.lossy_fields.clone(),

@@ -1,6 +1,6 @@
 //! The periodic chores of a running host, each one round of work run [`every`] so often until
-//! the host stops: the heartbeat, the dependency probe, the request tracker, ledger pruning and
-//! the outbox relay.
+//! the host stops: the heartbeat, the plugin store's sync, the dependency probe, the request
+//! tracker, ledger pruning and the outbox relay.
 
 use super::supervisor::Supervisor;
 use crate::health;
@@ -34,6 +34,10 @@ pub(super) fn spawn_all(supervisor: &Arc<Supervisor>, stop: &StopSwitch) -> Vec<
         tokio::spawn(every(heartbeat::HEARTBEAT, stop.subscribe(), {
             let supervisor = supervisor.clone();
             move || write_heartbeat(supervisor.clone())
+        })),
+        tokio::spawn(every(super::store_sync::SYNC_INTERVAL, stop.subscribe(), {
+            let supervisor = supervisor.clone();
+            move || sync_store(supervisor.clone())
         })),
         tokio::spawn(every(health::PROBE_INTERVAL, stop.subscribe(), {
             let supervisor = supervisor.clone();
@@ -91,6 +95,11 @@ where
 /// Keeps this host's heartbeat fresh for `kaleidoscope status`.
 async fn write_heartbeat(supervisor: Arc<Supervisor>) {
     supervisor.write_heartbeat().await;
+}
+
+/// Brings the plugins directory in step with the fleet's plugin store.
+async fn sync_store(supervisor: Arc<Supervisor>) {
+    supervisor.sync_store().await;
 }
 
 /// Checks PostgreSQL and Redis, so readiness reflects an outage even without traffic; writes

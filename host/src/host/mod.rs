@@ -8,6 +8,7 @@
 //!   relay, each run every so often until the host stops.
 
 mod background;
+mod store_sync;
 mod supervisor;
 
 use crate::backoff::Backoff;
@@ -48,7 +49,7 @@ impl RunningHost {
             Some(addr) => Some(crate::http::bind(addr).await?),
             None => None,
         };
-        let (state, client, runtime) = connect_and_load(&config).await?;
+        let (state, client, runtime, store) = connect_and_load(&config).await?;
         state.warn_unmatched_plugin_sections();
         for failure in state.registry.snapshot().failures() {
             supervisor::count_load_failure(&state, failure);
@@ -57,6 +58,7 @@ impl RunningHost {
             state: state.clone(),
             runtime,
             client,
+            store,
             consumers: Mutex::new(BTreeMap::new()),
             stopping: Mutex::new(Vec::new()),
             reloading: Mutex::new(()),
@@ -194,11 +196,17 @@ pub async fn run(
 }
 
 /// Start-up's first half: waits for PostgreSQL and Redis, migrates, reads the catalogue and the
-/// ledger identity, and loads the plugins; the shared state, the Redis client the consumers read
-/// with, and the plugin runtime.
+/// ledger identity, writes the fleet's deployed plugins into the plugins directory and loads the
+/// plugins; the shared state, the Redis client the consumers read with, the plugin runtime and
+/// the store's sync.
 async fn connect_and_load(
     config: &Arc<Config>,
-) -> Result<(Arc<HostState>, redis::Client, Arc<PluginRuntime>)> {
+) -> Result<(
+    Arc<HostState>,
+    redis::Client,
+    Arc<PluginRuntime>,
+    store_sync::StoreSync,
+)> {
     let deadline = std::time::Instant::now() + config.wait_for_deps;
     let pool = wait_for("PostgreSQL", deadline, || {
         persist::connect(&config.database_url, 16, &config.database_timeouts)
@@ -227,8 +235,16 @@ async fn connect_and_load(
             source, "adopted ledger rows written before the ledger recorded their source"
         );
     }
+    let store = store_sync::StoreSync::new(
+        persist::plugin_store::fleet(&config.stream_prefix, &config.consumer_group),
+        config.plugins_dir.clone(),
+    );
+    store
+        .sync(&pool, &PluginSet::default())
+        .await
+        .context("cannot write the fleet's deployed plugins into the plugins directory")?;
     let runtime = Arc::new(config.plugin_runtime(Some(&config.cache_dir))?);
-    let plugins = load_plugins(&runtime, config).await?;
+    let plugins = load_plugins(&runtime, config, store.files()).await?;
     let registry = Arc::new(PluginRegistry::new(plugins));
     let replay_secret = ledger::replay_secret(&pool, &source).await?;
     let state = Arc::new(HostState::new(
@@ -240,17 +256,21 @@ async fn connect_and_load(
         registry,
         catalog,
     ));
-    Ok((state, client, runtime))
+    Ok((state, client, runtime, store))
 }
 
 /// Loads every plugin in the configured directory (on a blocking thread: compiling a component
 /// takes seconds of CPU), warning when there is none.
-async fn load_plugins(runtime: &Arc<PluginRuntime>, config: &Arc<Config>) -> Result<PluginSet> {
+async fn load_plugins(
+    runtime: &Arc<PluginRuntime>,
+    config: &Arc<Config>,
+    deployed: std::collections::BTreeSet<std::path::PathBuf>,
+) -> Result<PluginSet> {
     let plugins = {
         let runtime = runtime.clone();
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
-            PluginSet::load_dir(&runtime, &config.plugins_dir, &|name| {
+            PluginSet::load_dir(&runtime, &config.plugins_dir, &deployed, &|name| {
                 config.sandbox_limits(name)
             })
         })

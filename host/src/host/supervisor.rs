@@ -33,6 +33,8 @@ pub(super) struct Supervisor {
     pub(super) state: Arc<HostState>,
     pub(super) runtime: Arc<PluginRuntime>,
     pub(super) client: redis::Client,
+    /// Writes the fleet's deployed plugins into the plugins directory.
+    pub(super) store: super::store_sync::StoreSync,
     pub(super) consumers: Mutex<BTreeMap<String, Consumer>>,
     /// Consumers told to stop (their stream lost its plugin) that may still be finishing their
     /// batches; shutdown waits for them. Nothing else ever waits for a consumer, so a stuck one
@@ -56,12 +58,17 @@ impl Supervisor {
         let runtime = self.runtime.clone();
         let state = self.state.clone();
         let previous = current.clone();
+        let deployed = self.store.files();
         // Limits as the configuration file says now (re-read above), like the grants.
         let next = tokio::task::spawn_blocking(move || {
             let config = &state.config;
-            PluginSet::rescan(&runtime, &config.plugins_dir, &current, &|name| {
-                config.limits_under(&state.policy(name))
-            })
+            PluginSet::rescan(
+                &runtime,
+                &config.plugins_dir,
+                &current,
+                &deployed,
+                &|name| config.limits_under(&state.policy(name)),
+            )
         })
         .await
         .context("the plugin loading thread failed")??;
@@ -149,6 +156,24 @@ impl Supervisor {
                 .insert(stream, Consumer { stop, task });
         }
         Ok(())
+    }
+
+    /// Writes what the fleet's plugin store deployed or removed since the last round into the
+    /// plugins directory, and reloads when that changed anything.
+    pub(super) async fn sync_store(&self) {
+        let serving = self.state.registry.snapshot();
+        match self.store.sync(&self.state.pool, &serving).await {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Err(error) = self.reload().await {
+                    error!("reloading plugins failed: {}", crate::text::causes(&error));
+                }
+            }
+            Err(error) => tracing::warn!(
+                "plugin store not synced (the plugins loaded keep serving): {}",
+                crate::text::causes(&error)
+            ),
+        }
     }
 
     /// Writes this host's heartbeat with the streams it consumes now.

@@ -43,6 +43,16 @@ impl Outcome {
     }
 }
 
+/// The handler an entry is recorded against: the plugin's name, its manifest version, and its
+/// build (the first 12 hex digits of the file's SHA-256), since every build during development
+/// carries the same version.
+#[derive(Clone, Copy, Debug)]
+pub struct Handler<'a> {
+    pub name: &'a str,
+    pub version: &'a str,
+    pub build: &'a str,
+}
+
 /// Records an entry as finished. Returns `false` when it was already recorded (by an earlier
 /// delivery or by another host that won the race), in which case the caller must not apply its
 /// effects.
@@ -51,20 +61,20 @@ pub async fn record(
     source: &str,
     stream: &str,
     entry_id: &str,
-    plugin: &str,
-    plugin_version: &str,
+    handler: Handler<'_>,
     outcome: Outcome,
 ) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
-        "INSERT INTO processed_entries (source, stream, entry_id, plugin, plugin_version, outcome)
-         VALUES ($6, $1, $2, $3, $4, $5) ON CONFLICT (source, stream, entry_id) DO NOTHING",
+        "INSERT INTO processed_entries (source, stream, entry_id, plugin, plugin_version, plugin_build, outcome)
+         VALUES ($6, $1, $2, $3, $4, $7, $5) ON CONFLICT (source, stream, entry_id) DO NOTHING",
     )
     .bind(stream)
     .bind(entry_id)
-    .bind(plugin)
-    .bind(plugin_version)
+    .bind(handler.name)
+    .bind(handler.version)
     .bind(outcome.as_str())
     .bind(source)
+    .bind(handler.build)
     .execute(conn)
     .await;
     super::answers::answered();
@@ -80,8 +90,7 @@ pub async fn claim(
     conn: &mut PgConnection,
     source: &str,
     stream: &str,
-    plugin: &str,
-    plugin_version: &str,
+    handler: Handler<'_>,
     entries: &[(String, Outcome)],
 ) -> Result<HashSet<String>, sqlx::Error> {
     if entries.is_empty() {
@@ -92,8 +101,8 @@ pub async fn claim(
     let ids: Vec<&str> = sorted.iter().map(|(id, _)| id.as_str()).collect();
     let outcomes: Vec<&str> = sorted.iter().map(|(_, o)| o.as_str()).collect();
     let rows: Result<Vec<(String,)>, sqlx::Error> = sqlx::query_as(
-        "INSERT INTO processed_entries (source, stream, entry_id, plugin, plugin_version, outcome)
-         SELECT $6, $1, u.id, $2, $3, u.outcome
+        "INSERT INTO processed_entries (source, stream, entry_id, plugin, plugin_version, plugin_build, outcome)
+         SELECT $6, $1, u.id, $2, $3, $7, u.outcome
            FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS u(id, outcome, n)
            LEFT JOIN ledger_horizons h ON h.source = $6 AND h.stream = $1
           WHERE NOT COALESCE(
@@ -106,11 +115,12 @@ pub async fn claim(
          RETURNING entry_id",
     )
     .bind(stream)
-    .bind(plugin)
-    .bind(plugin_version)
+    .bind(handler.name)
+    .bind(handler.version)
     .bind(ids)
     .bind(outcomes)
     .bind(source)
+    .bind(handler.build)
     .fetch_all(conn)
     .await;
     super::answers::answered();

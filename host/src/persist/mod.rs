@@ -22,6 +22,7 @@ pub mod ledger;
 pub mod operator_migrations;
 pub mod outbox;
 pub mod plan;
+pub mod plugin_store;
 pub mod schema;
 pub mod validate;
 

@@ -64,15 +64,16 @@ pub async fn apply(pool: &PgPool, dir: &Path) -> Result<Vec<String>> {
             None => {}
         }
         // Audited: the operator's own SQL, from a directory only the operator controls.
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        if let Err(error) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
             .execute(&mut *tx)
             .await
-            .with_context(|| {
-                format!(
-                    "migration {} failed; nothing of it was applied",
-                    file.display()
-                )
-            })?;
+        {
+            anyhow::bail!(
+                "migration {} failed; nothing of it was applied: {}",
+                file.display(),
+                sql_error(&error, &sql)
+            );
+        }
         sqlx::query("INSERT INTO operator_migrations (name, sha256) VALUES ($1, $2)")
             .bind(&name)
             .bind(&sha256)
@@ -83,4 +84,48 @@ pub async fn apply(pool: &PgPool, dir: &Path) -> Result<Vec<String>> {
         applied.push(name);
     }
     Ok(applied)
+}
+
+/// What PostgreSQL said about a migration's SQL, placed in the file: its message, SQLSTATE and
+/// the line and column of the file it points at. (The error's own "line" is the line of
+/// PostgreSQL's C source that raised it, which means nothing to whoever wrote the file.)
+fn sql_error(error: &sqlx::Error, sql: &str) -> String {
+    let Some(database) = error.as_database_error() else {
+        return error.to_string();
+    };
+    let Some(postgres) = database.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() else {
+        return database.message().to_string();
+    };
+    let mut said = format!("{} (SQLSTATE {})", postgres.message(), postgres.code());
+    if let Some(sqlx::postgres::PgErrorPosition::Original(position)) = postgres.position() {
+        let (line, column) = line_and_column(sql, position);
+        said.push_str(&format!(" at line {line}, column {column} of the file"));
+    }
+    if let Some(detail) = postgres.detail() {
+        said.push_str(&format!("; {detail}"));
+    }
+    said
+}
+
+/// The 1-based line and column of the `position`th character (1-based, as PostgreSQL counts)
+/// of `text`.
+fn line_and_column(text: &str, position: usize) -> (usize, usize) {
+    let before: String = text.chars().take(position.saturating_sub(1)).collect();
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::line_and_column;
+
+    #[test]
+    fn positions_count_characters_from_one() {
+        let sql = "CREATE TABLE t (a int);\nALTER TABLE nope ADD b int;\n";
+        assert_eq!(line_and_column(sql, 1), (1, 1));
+        let nope = sql.find("nope").unwrap() + 1;
+        assert_eq!(line_and_column(sql, nope), (2, 13));
+        assert_eq!(line_and_column("é\nx", 3), (2, 1));
+    }
 }

@@ -7,7 +7,7 @@
 use super::{Plugin, PluginRuntime, SandboxLimits};
 use crate::logging::List;
 use anyhow::Result;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -130,19 +130,26 @@ impl PluginSet {
     pub fn load_dir(
         runtime: &PluginRuntime,
         dir: &Path,
+        preferred: &BTreeSet<PathBuf>,
         limits_for: &dyn Fn(&str) -> SandboxLimits,
     ) -> Result<PluginSet> {
-        Self::rescan(runtime, dir, &PluginSet::default(), limits_for)
+        Self::rescan(runtime, dir, &PluginSet::default(), preferred, limits_for)
     }
 
     /// The set that should serve after the files in `dir` changed, given the `current` one:
     /// unchanged files keep their loaded plugin (no recompilation), new and changed files are
     /// loaded and validated, removed files are unloaded. A file that fails any check is recorded
     /// with the reason, and its previous version, if any, keeps serving. Blocking.
+    ///
+    /// Who gets a stream (or a plugin name) two files claim is never decided by file order: a
+    /// plugin serving it keeps it; else a `preferred` file (one the fleet's plugin store
+    /// deployed) gets it; else none of the new claimants does, each refused naming the others,
+    /// until one is removed. So a restart cannot hand a stream to a plugin that was refused it.
     pub fn rescan(
         runtime: &PluginRuntime,
         dir: &Path,
         current: &PluginSet,
+        preferred: &BTreeSet<PathBuf>,
         limits_for: &dyn Fn(&str) -> SandboxLimits,
     ) -> Result<PluginSet> {
         let mut next = PluginSet {
@@ -171,6 +178,7 @@ impl PluginSet {
                 _ => changed.push((file, Ok(bytes), Some(sha256), modified)),
             }
         }
+        let mut loaded = Vec::new();
         for (file, bytes, sha256, modified) in changed {
             let old = current.loaded_from(&file).cloned();
             let known_failure = current
@@ -190,9 +198,26 @@ impl PluginSet {
                 }),
                 (None, Ok(bytes)) => {
                     load_changed(runtime, &bytes, sha256, modified, &file, limits_for)
-                        .and_then(|plugin| next.insert(plugin.clone()).map(|()| plugin))
                 }
             };
+            loaded.push((file, old, outcome));
+        }
+        // The fleet's deployed builds first, then new versions of serving files (so a new file
+        // cannot take their streams), then new files; stable, otherwise in file-name order,
+        // which decides nothing (see `contested`).
+        loaded.sort_by_key(|(file, old, _)| (!preferred.contains(file), old.is_none()));
+        let contested = contested(&loaded, current, preferred);
+        for (file, old, outcome) in loaded {
+            let outcome = outcome.and_then(|plugin| match contested.get(&file) {
+                Some(reason) => Err(LoadFailure {
+                    file: file.clone(),
+                    reason: reason.clone(),
+                    sha256: Some(plugin.sha256.clone()),
+                    modified: None,
+                    clash: true,
+                }),
+                None => next.insert(plugin.clone()).map(|()| plugin),
+            });
             match outcome {
                 Ok(plugin) => log_loaded(old.as_deref(), &plugin),
                 Err(failure) => {
@@ -238,6 +263,68 @@ fn with_current_limits(
         "plugin limits changed"
     );
     Arc::new(old.with_limits(limits))
+}
+
+/// A new or changed plugin's outcome in a rescan: its file, the version it replaces, and the
+/// plugin or why it did not load.
+type Loaded = (
+    PathBuf,
+    Option<Arc<Plugin>>,
+    Result<Arc<Plugin>, LoadFailure>,
+);
+
+/// The new plugins of a rescan refused because another new one claims the same stream or name
+/// and neither is `preferred` nor served by anyone (`current`): file → reason. Picking one
+/// would let file-name order decide what serves production.
+fn contested(
+    loaded: &[Loaded],
+    current: &PluginSet,
+    preferred: &BTreeSet<PathBuf>,
+) -> BTreeMap<PathBuf, String> {
+    let served = |stream: &str| current.by_stream.contains_key(stream);
+    let decided_stream = |stream: &str| {
+        loaded.iter().any(|(file, _, outcome)| {
+            preferred.contains(file)
+                && outcome
+                    .as_ref()
+                    .is_ok_and(|p| p.streams.iter().any(|s| s == stream))
+        })
+    };
+    let candidates: Vec<&Arc<Plugin>> = loaded
+        .iter()
+        .filter(|(file, _, _)| !preferred.contains(file))
+        .filter_map(|(_, _, outcome)| outcome.as_ref().ok())
+        .collect();
+    let mut refused = BTreeMap::new();
+    for plugin in &candidates {
+        let rivals: Vec<&&Arc<Plugin>> = candidates
+            .iter()
+            .filter(|other| other.file != plugin.file)
+            .filter(|other| {
+                (other.name == plugin.name
+                    && !current.plugins.iter().any(|p| p.name == plugin.name))
+                    || other
+                        .streams
+                        .iter()
+                        .any(|s| plugin.streams.contains(s) && !served(s) && !decided_stream(s))
+            })
+            .collect();
+        if rivals.is_empty() {
+            continue;
+        }
+        let named: Vec<String> = std::iter::once(plugin)
+            .chain(rivals.iter().copied())
+            .map(|p| format!("{:?} ({})", p.name, p.file.display()))
+            .collect();
+        refused.insert(
+            plugin.file.clone(),
+            format!(
+                "plugins {} claim the same stream or name and none serves it yet: none of them loads until all but one are removed (file order never decides; deploy the one you want with `kaleidoscope plugin deploy`)",
+                named.join(" and ")
+            ),
+        );
+    }
+    refused
 }
 
 /// Compiles and checks a new or changed plugin file; a failure names the file.
@@ -304,12 +391,12 @@ fn log_loaded(old: Option<&Plugin>, plugin: &Plugin) {
     match old {
         Some(old) => {
             tracing::info!(file = %plugin.file.display(), plugin = %plugin.name, version = %plugin.version,
-                streams = %List(&plugin.streams), replaced_version = %old.version, load_ms = plugin.load_time.as_millis() as u64,
+                build = %plugin.build(), streams = %List(&plugin.streams), replaced_version = %old.version, load_ms = plugin.load_time.as_millis() as u64,
                 "replaced plugin {}@{} with {}@{} ({how} in {took})", old.name, old.version, plugin.name, plugin.version)
         }
         None => {
             tracing::info!(file = %plugin.file.display(), plugin = %plugin.name, version = %plugin.version,
-                streams = %List(&plugin.streams), load_ms = plugin.load_time.as_millis() as u64,
+                build = %plugin.build(), streams = %List(&plugin.streams), load_ms = plugin.load_time.as_millis() as u64,
                 "loaded plugin {}@{} ({how} in {took})", plugin.name, plugin.version)
         }
     }
