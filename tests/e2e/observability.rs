@@ -680,3 +680,84 @@ async fn an_unmatched_configuration_section_is_warned_about_once() {
     assert!(crate::support::await_exit(&mut host).await.success());
     env.finish().await;
 }
+
+/// What would stop the next start is reported while the host runs on: a failing operator
+/// migration (placed in its file: line and column, not PostgreSQL's source line) and a
+/// configuration file that no longer parses each make a readiness reason and set
+/// `kaleidoscope_restart_would_fail`, whose alert fires; the operator tools still run with the
+/// broken file; mending both makes the host ready again. Meanwhile the stream is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_migration_or_a_broken_configuration_is_reported_while_serving() {
+    let env = TestEnv::start(
+        Options::new(&["scripted"])
+            .operator_migrations()
+            .set("KALEIDOSCOPE_HTTP_ADDR", "127.0.0.1:0"),
+    )
+    .await;
+    let addr = env.host().http_addr().expect("HTTP is enabled");
+    let migration = env.migrations_dir().join("0001_broken.sql");
+    std::fs::write(
+        &migration,
+        "CREATE TABLE fine (id INT);\nALTER TABLE fine ADDD COLUMN x INT;\n",
+    )
+    .unwrap();
+    let reason = eventually("the failing migration to be reported", || async {
+        let (status, body) = get(addr, "/readyz");
+        (status == 503 && body.contains("0001_broken.sql")).then_some(body)
+    })
+    .await;
+    assert!(reason.contains("syntax error"), "{reason}");
+    assert!(reason.contains("line 2, column 18 of the file"), "{reason}");
+    assert!(reason.contains("next start"), "{reason}");
+    let original = std::fs::read_to_string(&env.config_file).unwrap();
+    std::fs::write(&env.config_file, format!("{original}\n[plugins.scripted\n")).unwrap();
+    let (_, metrics) = eventually("the broken configuration to be reported", || async {
+        let (_, metrics) = get(addr, "/metrics");
+        metrics
+            .contains("kaleidoscope_restart_would_fail{cause=\"configuration\"} 1")
+            .then_some(((), metrics))
+    })
+    .await;
+    assert!(
+        metrics.contains("kaleidoscope_restart_would_fail{cause=\"migration\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        firing("KaleidoscopeRestartWouldFail", &metrics),
+        vec!["cause=\"configuration\"", "cause=\"migration\""]
+    );
+    // Still serving.
+    let entry = env.publish("scripted", &[("action", "ok")]).await;
+    env.await_processed("scripted", &entry).await;
+
+    // The tools: status and dlq go on without the file, saying so; config check says what is
+    // wrong and fails.
+    let status = env.command(&["status"]);
+    let said = String::from_utf8_lossy(&status.stdout).into_owned()
+        + &String::from_utf8_lossy(&status.stderr);
+    assert!(said.contains("going on without the file"), "{said}");
+    assert!(said.contains("next start"), "{said}");
+    let dlq = env.command(&["dlq", "list"]);
+    assert!(dlq.status.success(), "{dlq:?}");
+    let check = env.command(&["config", "check"]);
+    assert!(!check.status.success());
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        said.contains(&env.config_file.display().to_string()),
+        "{said}"
+    );
+
+    // Mended: ready again.
+    std::fs::write(&env.config_file, original).unwrap();
+    std::fs::write(
+        env.migrations_dir().join("0001_broken.sql"),
+        "CREATE TABLE fine (id INT);\n",
+    )
+    .unwrap();
+    eventually("the host to be ready again", || async {
+        let (status, _) = get(addr, "/readyz");
+        (status == 200).then_some(())
+    })
+    .await;
+    env.finish().await;
+}
