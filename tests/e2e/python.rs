@@ -72,3 +72,34 @@ async fn the_python_example_persists_flags_and_dead_letters_like_any_plugin() {
     );
     env.finish().await;
 }
+
+/// A bug in a Python handler (an exception other than `malformed` or `retry`) is reported as
+/// the exception and where it was raised, not as componentize-py's bare "Python function threw
+/// an unexpected exception": in the dead letter and in `plugin exec`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exception_in_a_python_handler_is_named_with_its_message_and_frames() {
+    let env = TestEnv::start(Options::new(&["python-raising"]).retries(1, 200)).await;
+    let entry = env.publish("mock-python", &[("key", "label")]).await;
+    let letter = env.await_dead_letter("mock-python", &entry).await;
+    assert_eq!(letter["failureKind"], "plugin-trap", "{letter:?}");
+    let error = &letter["error"];
+    assert!(error.contains("KeyError: 'label'"), "{error}");
+    assert!(
+        error.contains("app.py:13 in label_of < app.py:22 in handle"),
+        "{error}"
+    );
+    assert!(!error.contains("unexpected exception"), "{error}");
+
+    let exec = env.command(&[
+        "plugin",
+        "exec",
+        crate::support::plugin_file("python-raising")
+            .to_str()
+            .unwrap(),
+        "-f",
+        "key=label",
+    ]);
+    let said = String::from_utf8_lossy(&exec.stdout);
+    assert!(said.contains("KeyError: 'label' at app.py:13"), "{said}");
+    env.finish().await;
+}

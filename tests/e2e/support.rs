@@ -91,6 +91,7 @@ const FIXTURE_GRANTS: &[(&str, &str)] = &[
     ),
     ("contract-v0-1", "tables = [\"ml_processing_errors\"]"),
     ("rival", "tables = [\"ml_processing_errors\"]"),
+    ("python-raising", "tables = [\"ml_processing_errors\"]"),
 ];
 
 /// Settings a test may change before the host starts.

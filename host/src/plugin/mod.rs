@@ -15,6 +15,7 @@
 
 pub mod call;
 pub mod engine;
+mod function_cache;
 mod older_contracts;
 pub mod output;
 pub mod registry;
