@@ -227,3 +227,86 @@ fn the_guide_names_the_commands_the_test_follows() {
         );
     }
 }
+
+/// `plugin up` on a fresh scaffold from an empty shell (only `PATH`, `HOME` and where
+/// componentize-py is): it makes the project's database and prefix, applies its migration and
+/// grant, builds and deploys it, and prints the `XADD` to try — which, run as printed, lands an
+/// entry in the project's table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_up_runs_a_fresh_project_from_an_empty_shell() {
+    let env = TestEnv::prepare(Options::new(&[])).await;
+    let name = format!(
+        "up-{}",
+        env.database.trim_start_matches("kt_").replace('_', "-")
+    );
+    let project = new_project(&env, "python", &name);
+    let output = project.parent().unwrap().join("up.out");
+    let mut up = crate::support::HostProcess::spawn(
+        Command::new(env!("CARGO_BIN_EXE_kaleidoscope"))
+            .args(["plugin", "up", project.to_str().unwrap()])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+            .env(
+                "KALEIDOSCOPE_COMPONENTIZE_PY",
+                workspace().join("target/python-env/bin/componentize-py"),
+            )
+            .current_dir(project.parent().unwrap())
+            .stdout(std::fs::File::create(&output).unwrap())
+            .stderr(std::process::Stdio::null()),
+    );
+    let database = format!("kaleidoscope_dev_{}", name.replace('-', "_"));
+    let xadd = eventually("plugin up to print the XADD to try", || async {
+        std::fs::read_to_string(&output).ok().and_then(|out| {
+            out.lines()
+                .find(|l| l.trim_start().starts_with("redis-cli") && l.contains(" XADD "))
+                .map(|l| l.trim().to_string())
+        })
+    })
+    .await;
+    assert!(
+        xadd.contains(&format!("'dev:{name}:{name}-results'")),
+        "{xadd}"
+    );
+    let published = Command::new("sh")
+        .args(["-c", &xadd])
+        .output_by_deadline()
+        .expect("run the printed XADD");
+    assert!(published.status.success(), "{published:?}");
+    let url = format!("postgres://postgres@127.0.0.1:5432/{database}");
+    let pool = sqlx::PgPool::connect(&url)
+        .await
+        .expect("the project's database");
+    let table = name.replace('-', "_");
+    let landed = eventually("the entry to land in the project's table", || async {
+        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+            .fetch_one(&pool)
+            .await
+            .ok()
+            .filter(|count| *count > 0)
+    })
+    .await;
+    assert_eq!(landed, 1);
+    pool.close().await;
+    crate::support::signal(&up, "TERM");
+    crate::support::await_exit(&mut up).await;
+    // The project's own database and keys go with the test.
+    if let Ok(admin) = sqlx::PgPool::connect(crate::support::ADMIN_URL).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await;
+    }
+    let mut redis = env.redis.clone();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("dev:{name}:*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await;
+    }
+    let _ = std::fs::remove_dir_all(project.parent().unwrap());
+    env.finish().await;
+}

@@ -121,12 +121,131 @@ fn componentize_py(dir: &Path) -> Result<PathBuf> {
     })
 }
 
+/// Directories that are not sources: build output, environments, caches, version control.
+const NOT_SOURCES: [&str; 4] = [".git", "target", ".venv", "__pycache__"];
+
+/// Whether `path` (relative to the project) is outside the sources.
+pub(super) fn not_a_source(path: &Path) -> bool {
+    path.components().any(
+        |c| matches!(c, std::path::Component::Normal(name) if NOT_SOURCES.iter().any(|n| name == *n)),
+    ) || path
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+}
+
+/// The project's source files (not its build output, environments, caches or hidden files), in
+/// name order.
+pub(super) fn source_files(dir: &Path) -> Vec<PathBuf> {
+    let mut pending = vec![dir.to_path_buf()];
+    let mut files = Vec::new();
+    while let Some(next) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&next) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if not_a_source(path.strip_prefix(dir).unwrap_or(&path)) {
+                continue;
+            }
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_dir() => pending.push(path),
+                Ok(_) => files.push(path),
+                Err(_) => {}
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// The SHA-256 of everything a Python build is made of: the sources (names and contents), the
+/// contract and SDK it would use, and the tool. componentize-py's output differs from build to
+/// build even from the same input; keyed by this, an unchanged project is not rebuilt, so its
+/// component — and the compiled cache of the hosts and tools — stays the same.
+fn python_inputs(dir: &Path, wit: Option<&Path>, tool: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let mut add = |label: &str, bytes: &[u8]| {
+        hasher.update((label.len() as u64).to_le_bytes());
+        hasher.update(label.as_bytes());
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
+    for file in source_files(dir) {
+        let relative = file.strip_prefix(dir).unwrap_or(&file).to_string_lossy();
+        add(&relative, &std::fs::read(&file).unwrap_or_default());
+    }
+    match wit {
+        Some(wit) => {
+            for file in source_files(wit) {
+                add("wit", &std::fs::read(&file).unwrap_or_default());
+            }
+        }
+        None => add("wit", super::scaffold::WIT.as_bytes()),
+    }
+    add("sdk", super::scaffold::PYTHON_SDK.as_bytes());
+    add("tool", tool.to_string_lossy().as_bytes());
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// componentize-py for the project in `dir`: [`componentize_py`]'s, or, when there is none and
+/// the project has a `requirements.txt`, one installed into the project's `.venv` on this first
+/// build (as `pip` would by hand).
+fn componentize_py_or_install(dir: &Path) -> Result<PathBuf> {
+    let found = componentize_py(dir);
+    let requirements = dir.join("requirements.txt");
+    if found.is_ok() || !requirements.is_file() {
+        return found;
+    }
+    let venv = dir.join(".venv");
+    eprintln!(
+        "creating the project's Python environment {} (first build only)",
+        venv.display()
+    );
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .stdout(Stdio::null())
+        .status()
+        .context(
+            "cannot run python3 to create the project's environment (is Python 3 installed?)",
+        )?;
+    if !made.success() {
+        bail!("`python3 -m venv {}` failed", venv.display());
+    }
+    let installed = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(&requirements)
+        .status()
+        .with_context(|| format!("cannot run {}", venv.join("bin/pip").display()))?;
+    if !installed.success() {
+        bail!(
+            "`{} install -r {}` failed (its errors are above)",
+            venv.join("bin/pip").display(),
+            requirements.display()
+        );
+    }
+    componentize_py(dir)
+}
+
 fn build_python(dir: &Path) -> Result<PathBuf> {
-    let tool = componentize_py(dir)?;
+    let tool = componentize_py_or_install(dir)?;
     let name = std::fs::canonicalize(dir)
         .ok()
         .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "plugin".into());
+    let out_dir = dir.join("target");
+    let out = out_dir.join(format!("{name}.wasm"));
+    let inputs_file = out_dir.join(format!(".{name}.inputs"));
+    let own_wit = dir.join("wit");
+    let inputs = python_inputs(dir, own_wit.is_dir().then_some(&*own_wit), &tool);
+    if out.is_file() && std::fs::read_to_string(&inputs_file).is_ok_and(|known| known == inputs) {
+        return Ok(out);
+    }
     // The contract and helpers the project lacks come from this host's copy.
     let scratch = std::env::temp_dir().join(format!("kaleidoscope-build-{}", std::process::id()));
     std::fs::create_dir_all(scratch.join("wit"))
@@ -141,10 +260,8 @@ fn build_python(dir: &Path) -> Result<PathBuf> {
         scratch.join("kaleidoscope_sdk.py"),
         super::scaffold::PYTHON_SDK,
     )?;
-    let out_dir = dir.join("target");
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let out = out_dir.join(format!("{name}.wasm"));
     let partial = out_dir.join(format!(".{name}.wasm.tmp"));
     // The project's own folder first, so its `kaleidoscope_sdk.py` (if any) wins.
     let status = Command::new(&tool)
@@ -168,5 +285,7 @@ fn build_python(dir: &Path) -> Result<PathBuf> {
         );
     }
     std::fs::rename(&partial, &out).with_context(|| format!("cannot write {}", out.display()))?;
+    // Best effort: without it, the next build just builds.
+    let _ = std::fs::write(&inputs_file, inputs);
     Ok(out)
 }

@@ -6,7 +6,7 @@
 use crate::config::Config;
 use anyhow::{Context, Result};
 use notify::{EventKind, RecursiveMode, Watcher};
-use std::path::{Component, Path};
+use std::path::Path;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -135,41 +135,19 @@ async fn print_outcomes(
     Some(latest)
 }
 
-/// Directories that are not sources: build output, environments, caches, version control.
-const NOT_SOURCES: [&str; 4] = [".git", "target", ".venv", "__pycache__"];
-
-/// Whether `path` (relative to the project) is outside the sources.
-fn not_a_source(path: &Path) -> bool {
-    path.components()
-        .any(|c| matches!(c, Component::Normal(name) if NOT_SOURCES.iter().any(|n| name == *n)))
-        || path
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-}
-
 /// A hash of the sources' names, sizes and modification times.
 fn fingerprint(dir: &Path) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    let mut pending = vec![dir.to_path_buf()];
-    let mut files = Vec::new();
-    while let Some(next) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&next) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if not_a_source(path.strip_prefix(dir).unwrap_or(&path)) {
-                continue;
-            }
-            match entry.metadata() {
-                Ok(meta) if meta.is_dir() => pending.push(path),
-                Ok(meta) => files.push((path, meta.len(), meta.modified().ok())),
-                Err(_) => {}
-            }
-        }
-    }
-    files.sort();
+    let files: Vec<_> = super::build::source_files(dir)
+        .into_iter()
+        .map(|path| {
+            let meta = std::fs::metadata(&path).ok();
+            let size = meta.as_ref().map(|m| m.len());
+            let modified = meta.and_then(|m| m.modified().ok());
+            (path, size, modified)
+        })
+        .collect();
     files.hash(&mut hasher);
     hasher.finish()
 }
@@ -179,7 +157,8 @@ fn fingerprint(dir: &Path) -> u64 {
 fn watch_sources(dir: &Path) -> Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
     let (tx, rx) = mpsc::unbounded_channel();
     let root = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let ignored = move |path: &Path| not_a_source(path.strip_prefix(&root).unwrap_or(path));
+    let ignored =
+        move |path: &Path| super::build::not_a_source(path.strip_prefix(&root).unwrap_or(path));
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
             && !matches!(event.kind, EventKind::Access(_))

@@ -157,8 +157,16 @@ pub fn create(request: &NewPlugin) -> Result<PathBuf> {
             .map(|(path, text)| (path.to_string(), fill(text)))
             .collect(),
     };
+    // Named by the time it was made, like the host's own: every plugin's migrations end up in
+    // one directory of the operator's, applied in name order, where `0001_<table>.sql` of two
+    // plugins would collide.
+    let made: String = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
     let migration = (
-        format!("migrations/0001_{table}.sql"),
+        format!("migrations/{made}_{table}.sql"),
         fill(include_str!("../../templates/common/migration.sql")),
     );
     for (path, text) in files

@@ -350,6 +350,19 @@ pub enum PluginCommand {
         #[arg(long, default_value_t = 60, value_name = "SECONDS")]
         timeout: u64,
     },
+    /// Run the project in DIR with nothing else running: a host of its own in this process (its
+    /// database `kaleidoscope_dev_<project>` and stream prefix `dev:<project>:` made for it, its
+    /// migrations and `kaleidoscope.toml` grants applied) and `plugin dev` on it; prints the
+    /// `XADD` to try once the plugin serves. Needs only Redis and PostgreSQL where the
+    /// environment (or the defaults) say.
+    Up {
+        /// The project (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Give up waiting for the host after this many seconds per deploy.
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        timeout: u64,
+    },
     /// Take a deployed plugin out of the fleet's plugin store: every host removes the file the
     /// store wrote and stops consuming its streams (their entries wait in Redis).
     #[command(after_long_help = config::SETTINGS_POINTER)]

@@ -298,8 +298,11 @@ pub(super) fn plugin(
     let config = load_config(config_file.or(project_config.as_deref()))?;
     match command {
         // Async, so run by `execute` directly.
-        PluginCommand::Deploy { .. } | PluginCommand::Remove { .. } | PluginCommand::Dev { .. } => {
-            anyhow::bail!("plugin deploy, remove and dev run on the async runtime")
+        PluginCommand::Deploy { .. }
+        | PluginCommand::Remove { .. }
+        | PluginCommand::Dev { .. }
+        | PluginCommand::Up { .. } => {
+            anyhow::bail!("plugin deploy, remove, dev and up run on the async runtime")
         }
         PluginCommand::New {
             name,
@@ -442,7 +445,7 @@ fn plugin_test(
 }
 
 /// Two futures: the first completes on the first SIGTERM or Ctrl-C, the second on the next one.
-fn signals() -> Result<(
+pub(super) fn signals() -> Result<(
     tokio::sync::oneshot::Receiver<()>,
     tokio::sync::oneshot::Receiver<()>,
 )> {

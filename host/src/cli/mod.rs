@@ -54,6 +54,7 @@ fn prints_and_exits(command: &Command) -> bool {
             | Command::Demo { .. }
             | Command::Bench { .. }
             | Command::Plugin(args::PluginCommand::Dev { .. })
+            | Command::Plugin(args::PluginCommand::Up { .. })
     )
 }
 
@@ -231,6 +232,21 @@ async fn plugin(file: Option<&Path>, command: args::PluginCommand) -> Result<Exi
             file: plugin,
             timeout,
         } => commands::deploy(&load_config(file)?, &plugin, timeout).await,
+        args::PluginCommand::Up { dir, timeout } => {
+            let env: BTreeMap<String, String> = std::env::vars().collect();
+            let config = crate::authoring::up::config(&dir, &env)?;
+            let (first, _second) = commands::signals()?;
+            crate::authoring::up::run(
+                config,
+                &dir,
+                std::time::Duration::from_secs(timeout),
+                async {
+                    let _ = first.await;
+                },
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
         args::PluginCommand::Remove { name } => commands::remove(&load_config(file)?, &name).await,
         args::PluginCommand::Dev { dir, timeout } => {
             crate::authoring::dev::run(

@@ -57,6 +57,7 @@ pub(super) fn spawn_all(supervisor: &Arc<Supervisor>, stop: &StopSwitch) -> Vec<
             move || relay_outbox(state.clone())
         })),
         tokio::spawn(watch_for_stalls(state.clone(), stop.subscribe())),
+        tokio::spawn(listen_for_deploys(supervisor.clone(), stop.subscribe())),
     ]
 }
 
@@ -95,6 +96,48 @@ where
 /// Keeps this host's heartbeat fresh for `kaleidoscope status`.
 async fn write_heartbeat(supervisor: Arc<Supervisor>) {
     supervisor.write_heartbeat().await;
+}
+
+/// Syncs the plugin store as soon as a deploy announces a change of this fleet's plugins, so a
+/// deploy reaches every host in milliseconds, not at its next periodic round. A listener that
+/// cannot be set up is retried; the periodic round covers the gap.
+async fn listen_for_deploys(supervisor: Arc<Supervisor>, mut stop: Shutdown) {
+    use crate::persist::plugin_store::CHANGES;
+    loop {
+        let listening = async {
+            let mut listener =
+                sqlx::postgres::PgListener::connect_with(&supervisor.state.pool).await?;
+            listener.listen(CHANGES).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = match listening.await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::debug!(
+                    "cannot listen for plugin deploys (the periodic sync goes on): {error}"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(super::store_sync::SYNC_INTERVAL) => continue,
+                    _ = stop.wait() => return,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                announced = listener.recv() => match announced {
+                    Ok(change) if change.payload() == supervisor.store.fleet() => {
+                        supervisor.sync_store().await
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::debug!("stopped listening for plugin deploys: {error}");
+                        break;
+                    }
+                },
+                _ = stop.wait() => return,
+            }
+        }
+    }
 }
 
 /// Brings the plugins directory in step with the fleet's plugin store.

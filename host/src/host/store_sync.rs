@@ -17,8 +17,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// How often a running host reads the store: a deploy reaches every host within about this.
-pub(super) const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often a running host reads the store besides when a deploy announces a change (see
+/// [`plugin_store::CHANGES`]): the bound on how late a host can be when an announcement was
+/// missed (its listening connection was being re-established).
+pub(super) const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A deployed build as written into the directory: its SHA-256 and deploy time, and the file's
 /// modification time after writing, so a file changed by hand is noticed (and replaced: the
@@ -36,14 +38,22 @@ pub(super) struct StoreSync {
     dir: PathBuf,
     /// Plugin name → the build last written for it.
     written: Mutex<BTreeMap<String, Written>>,
+    /// One round at a time (an announced deploy and the periodic round may coincide).
+    round: tokio::sync::Mutex<()>,
 }
 
 impl StoreSync {
+    /// The fleet whose store this host follows.
+    pub(super) fn fleet(&self) -> &str {
+        &self.fleet
+    }
+
     pub(super) fn new(fleet: String, dir: PathBuf) -> StoreSync {
         StoreSync {
             fleet,
             dir,
             written: Mutex::new(BTreeMap::new()),
+            round: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -71,6 +81,7 @@ impl StoreSync {
     /// longer has, and removes other files holding a deployed plugin's name (`serving` says
     /// which file holds which plugin). Returns whether the directory changed.
     pub(super) async fn sync(&self, pool: &PgPool, serving: &PluginSet) -> Result<bool> {
+        let _one_at_a_time = self.round.lock().await;
         let stored = plugin_store::list(pool, &self.fleet).await?;
         let before = self.written().clone();
         let mut changed = false;

@@ -9,6 +9,21 @@
 use anyhow::{Context, Result};
 use sqlx::PgPool;
 
+/// The PostgreSQL channel a change of the store is announced on (the fleet as the payload), so
+/// hosts sync at once rather than at their next periodic round.
+pub const CHANGES: &str = "kaleidoscope_plugin_store";
+
+/// Announces a change of `fleet`'s plugins (delivered when `executor`'s transaction commits).
+async fn announce<'c, E: sqlx::PgExecutor<'c>>(executor: E, fleet: &str) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANGES)
+        .bind(fleet)
+        .execute(executor)
+        .await
+        .context("cannot announce the change of the plugin store")?;
+    Ok(())
+}
+
 /// The fleet a host or tool with this stream prefix and consumer group belongs to.
 pub fn fleet(stream_prefix: &str, consumer_group: &str) -> String {
     format!("{stream_prefix}{consumer_group}")
@@ -103,6 +118,7 @@ pub async fn put(
     .fetch_one(&mut *tx)
     .await
     .with_context(context)?;
+    announce(&mut *tx, fleet).await?;
     tx.commit().await.with_context(context)?;
     Ok((stored, previous))
 }
@@ -148,6 +164,7 @@ pub async fn restore(
         .await
         .with_context(context)?,
     };
+    announce(pool, fleet).await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -159,5 +176,6 @@ pub async fn remove(pool: &PgPool, fleet: &str, name: &str) -> Result<bool> {
         .execute(pool)
         .await
         .with_context(|| format!("cannot remove plugin {name:?} from the plugin store"))?;
+    announce(pool, fleet).await?;
     Ok(done.rows_affected() == 1)
 }

@@ -1,5 +1,5 @@
 //! Handler for `{{stream}}`: one row per media in `{{table}}` (created by
-//! `migrations/0001_{{table}}.sql`).
+//! `migrations/<time>_{{table}}.sql`).
 //!
 //! Fields: `mediaId` (integer, required), `label` (text, required). Setting `prefix`
 //! (`[plugins.{{name}}.settings]`, default none): prepended to every label.
