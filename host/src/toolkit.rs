@@ -206,15 +206,32 @@ pub fn command_json(command: &wit::Command) -> Json {
             json!({"upsert": {"table": u.table, "key": columns(&u.key), "set": set(&u.set)}})
         }
         wit::Command::Update(u) => {
-            json!({"update": {"table": u.table, "key": columns(&u.key), "set": set(&u.set), "if_missing": format!("{:?}", u.if_missing).to_lowercase()}})
+            json!({"update": {"table": u.table, "key": columns(&u.key), "set": set(&u.set), "if_missing": if_missing_name(u.if_missing)}})
         }
         wit::Command::Insert(i) => {
-            json!({"insert": {"table": i.table, "values": columns(&i.values), "on_conflict": format!("{:?}", i.on_conflict).to_lowercase()}})
+            json!({"insert": {"table": i.table, "values": columns(&i.values), "on_conflict": on_conflict_name(i.on_conflict)}})
         }
         wit::Command::Delete(d) => json!({"delete": {"table": d.table, "key": columns(&d.key)}}),
         wit::Command::Emit(e) => {
             json!({"emit": {"target": e.target, "fields": Json::Object(e.fields.iter().map(|(k, v)| (k.clone(), Json::String(v.clone()))).collect())}})
         }
+    }
+}
+
+/// An `if-missing` as the contract spells it (golden files depend on these names).
+fn if_missing_name(if_missing: wit::IfMissing) -> &'static str {
+    match if_missing {
+        wit::IfMissing::Retry => "retry",
+        wit::IfMissing::Skip => "skip",
+        wit::IfMissing::Fail => "fail",
+    }
+}
+
+/// An `on-conflict` as the contract spells it (golden files depend on these names).
+fn on_conflict_name(on_conflict: wit::OnConflict) -> &'static str {
+    match on_conflict {
+        wit::OnConflict::Ignore => "ignore",
+        wit::OnConflict::Error => "error",
     }
 }
 

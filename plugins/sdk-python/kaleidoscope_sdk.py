@@ -95,6 +95,18 @@ def log_warn(message: str) -> None:
     _log.log(_log.Level.WARN, message)
 
 
+_QUOTE_LIMIT = 60
+"""How much of a bad value an error quotes (as the Rust SDK does)."""
+
+
+def _quote(v: str) -> str:
+    """A value quoted for an error message the way the Rust SDK quotes it: in double quotes,
+    cut to a readable length with its size in bytes."""
+    if len(v) > _QUOTE_LIMIT:
+        return f"{json.dumps(v[:_QUOTE_LIMIT], ensure_ascii=False)}… ({len(v.encode())} bytes)"
+    return json.dumps(v, ensure_ascii=False)
+
+
 class Fields:
     """An entry's fields by name. Absent, empty and `"null"` values count as missing, as the
     real producers send them; errors name the field."""
@@ -123,7 +135,7 @@ class Fields:
         try:
             return int(v)
         except ValueError:
-            raise malformed(f"field `{name}`: expected an integer, got {v!r}")
+            raise malformed(f"field `{name}`: expected an integer, got {_quote(v)}")
 
     def required_int(self, name: str) -> int:
         self.required(name)
@@ -136,9 +148,9 @@ class Fields:
         try:
             f = float(v)
         except ValueError:
-            raise malformed(f"field `{name}`: expected a number, got {v!r}")
+            f = math.nan
         if not math.isfinite(f):
-            raise malformed(f"field `{name}`: expected a finite number, got {v!r}")
+            raise malformed(f"field `{name}`: expected a finite number, got {_quote(v)}")
         return f
 
     def required_float(self, name: str) -> float:

@@ -29,7 +29,10 @@ const DEPLOYMENT_FILES: [&str; 4] = [
 
 #[test]
 fn every_variable_the_deployment_files_set_is_a_setting() {
-    let known: BTreeSet<&str> = SETTINGS.iter().map(|s| s.env).collect();
+    let mut known: BTreeSet<&str> = SETTINGS.iter().map(|s| s.env).collect();
+    // The command line's own: where the configuration file is.
+    assert!(read("host/src/cli/args.rs").contains("env = \"KALEIDOSCOPE_CONFIG\""));
+    known.insert("KALEIDOSCOPE_CONFIG");
     for file in DEPLOYMENT_FILES {
         let text = read(file);
         let variables =
@@ -71,10 +74,29 @@ fn ports_probes_paths_and_grace_match_the_host() {
             "the host serves no {path}"
         );
     }
-    // The plugins the init container seeds are where the image puts them, and where the
-    // container reads them.
-    assert!(kubernetes.contains("/opt/kaleidoscope/plugins/*.wasm"));
+    // The plugins the init container copies are where the image puts them, refreshed at every
+    // start (a new image updates them) into a scratch volume, never a per-pod disk that would let
+    // pods drift: deployed plugins come from the plugin store.
+    assert!(kubernetes.contains("cp /opt/kaleidoscope/plugins/*.wasm /plugins/"));
+    assert!(!kubernetes.contains("cp -n"));
+    assert!(kubernetes.contains("{name: plugins, emptyDir: {}}"));
+    assert!(!kubernetes.contains("volumeClaimTemplates"));
     assert!(docker.contains("KALEIDOSCOPE_PLUGINS_DIR=/opt/kaleidoscope/plugins"));
+    // The host's user can write its plugins directory (the store's plugins go there).
+    assert!(docker.contains("--chown=kaleidoscope:kaleidoscope /src/target/plugins"));
+    // The operator's configuration file and migrations are set wherever the host is deployed.
+    for (file, text) in [
+        ("Dockerfile", &docker),
+        ("ops/kubernetes/kaleidoscope.yaml", &kubernetes),
+        (
+            "ops/systemd/kaleidoscope.service",
+            &read("ops/systemd/kaleidoscope.service"),
+        ),
+    ] {
+        for setting in ["KALEIDOSCOPE_CONFIG", "KALEIDOSCOPE_MIGRATIONS_DIR"] {
+            assert!(text.contains(setting), "{file} does not set {setting}");
+        }
+    }
     // Termination grace longer than the shutdown timeout the manifest sets.
     let number_after = |text: &str, key: &str| -> u64 {
         let start = text.find(key).unwrap_or_else(|| panic!("no {key}")) + key.len();

@@ -288,14 +288,18 @@ pub(super) fn plugin(
     command: PluginCommand,
     catalog: Option<&Catalog>,
 ) -> Result<ExitCode> {
-    // A project's own grants when no configuration is given.
+    // A project's own grants unless a configuration is given on the command line: the shell's
+    // `KALEIDOSCOPE_CONFIG` is an operator's host's, not the project's.
+    let given = config_file.filter(|file| {
+        std::env::var_os("KALEIDOSCOPE_CONFIG").as_deref() != Some(file.as_os_str())
+    });
     let project_config = match &command {
-        PluginCommand::Test { file, .. } if file.is_dir() && config_file.is_none() => {
+        PluginCommand::Test { file, .. } if file.is_dir() && given.is_none() => {
             Some(file.join("kaleidoscope.toml")).filter(|f| f.is_file())
         }
         _ => None,
     };
-    let config = load_config(config_file.or(project_config.as_deref()))?;
+    let config = load_config(project_config.as_deref().or(config_file))?;
     match command {
         // Async, so run by `execute` directly.
         PluginCommand::Deploy { .. }

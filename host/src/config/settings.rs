@@ -236,7 +236,7 @@ settings! {
         key: "cache_dir",
         env: "KALEIDOSCOPE_CACHE_DIR",
         default: "target/plugin-cache",
-        help: "Directory of compiled plugins, keyed by content hash, so restarts and reloads of unchanged files do not recompile. Only the host should write it.",
+        help: "Directory of compiled plugins (keyed by content hash) and of their compiled functions, so restarts, reloads and the plugin tools never recompile an unchanged file and a changed build compiles only the functions that changed. Only the host and its tools should write it.",
     },
 }
 
