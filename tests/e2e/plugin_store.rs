@@ -69,26 +69,40 @@ fn spawn_on(env: &TestEnv, consumer: &str, dir: &Path) -> crate::support::HostPr
 async fn a_deploy_reaches_every_host_and_a_refused_one_changes_nothing() {
     let env = TestEnv::prepare(Options::new(&["insights", "slow"])).await;
     let alpha_dir = directory_of(&env, "alpha", &["insights", "slow"]);
-    let beta_dir = directory_of(&env, "beta", &["insights", "slow"]);
+    // Beta's directory holds another build of insights: the fleet has drifted, and status says so.
+    let beta_dir = directory_of(&env, "beta", &["slow"]);
+    std::fs::copy(
+        crate::support::plugin_file("insights-next"),
+        beta_dir.join("insights.wasm"),
+    )
+    .expect("copy a plugin");
     let _alpha = spawn_on(&env, "alpha", &alpha_dir);
     let _beta = spawn_on(&env, "beta", &beta_dir);
-    eventually("alpha and beta to be ready", || async {
+    let report = eventually("alpha and beta to be ready", || async {
         let (report, _) = env.status();
-        (ready(&report, "alpha") && ready(&report, "beta")).then_some(())
+        (ready(&report, "alpha") && ready(&report, "beta")).then_some(report)
     })
     .await;
+    let drift = report["problems"].to_string();
+    assert!(
+        drift.contains("plugin insights: the hosts run different builds"),
+        "{drift}"
+    );
 
     let (ok, said) = env.deploy(&crate::support::plugin_file("insights-next"));
     assert!(ok, "{said}");
     assert!(said.contains("alpha: loaded insights 0.2.0"), "{said}");
     assert!(said.contains("beta: loaded insights 0.2.0"), "{said}");
-    let (report, _) = env.status();
+    let (report, healthy) = env.status();
     let deployed = reported(&report, "alpha", "insights").expect("alpha runs insights");
     assert_eq!(deployed.0, "0.2.0");
     assert_eq!(
         reported(&report, "beta", "insights"),
         Some(deployed.clone())
     );
+    assert!(healthy, "one build everywhere: {}", report["problems"]);
+    assert_eq!(report["deployed"][0]["name"], "insights", "{report}");
+    assert_eq!(report["deployed"][0]["sha256"], deployed.1.as_str());
     for dir in [&alpha_dir, &beta_dir] {
         assert!(dir.join("insights.wasm").exists());
         assert!(

@@ -30,7 +30,7 @@ pub fn fleet(stream_prefix: &str, consumer_group: &str) -> String {
 }
 
 /// One deployed plugin, without its bytes.
-#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
 pub struct Stored {
     pub name: String,
     pub version: String,

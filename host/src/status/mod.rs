@@ -47,6 +47,9 @@ pub struct Report {
     /// The streams requests are published to, with the ML side's groups.
     pub request_streams: Vec<RequestStreamReport>,
     pub dead_letters: DeadLetterReport,
+    /// The fleet's plugin store (see [`crate::persist::plugin_store`]); absent when the database
+    /// could not be asked.
+    pub deployed: Option<Vec<crate::persist::plugin_store::Stored>>,
 }
 
 /// One inbound stream as Redis sees it.
@@ -166,15 +169,86 @@ pub async fn collect<C: ConnectionLike + Send>(
         },
         None => None,
     };
+    let deployed = match pool {
+        Some(pool) => {
+            let fleet =
+                crate::persist::plugin_store::fleet(&config.stream_prefix, &config.consumer_group);
+            match crate::persist::plugin_store::list(pool, &fleet).await {
+                Ok(deployed) => Some(deployed),
+                Err(error) => {
+                    problems.push(format!("plugin store: {}", crate::text::causes(&error)));
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    problems.extend(build_problems(
+        &hosts,
+        deployed.as_deref().unwrap_or_default(),
+    ));
     Ok(Report {
         healthy: problems.is_empty(),
         problems,
         requests,
+        deployed,
         hosts,
         streams,
         request_streams,
         dead_letters,
     })
+}
+
+/// Live hosts that run another build of a plugin than the plugin store deployed (a host that
+/// cannot write its plugins directory), or, for plugins not deployed through the store, hosts
+/// that run different builds of one plugin: the fleet drifted.
+fn build_problems(
+    hosts: &[HostStatus],
+    deployed: &[crate::persist::plugin_store::Stored],
+) -> Vec<String> {
+    let live: Vec<&HostStatus> = hosts
+        .iter()
+        .filter(|h| {
+            h.heartbeat_age_ms
+                .is_some_and(|age| age <= heartbeat::STALE_AFTER.as_millis() as u64)
+        })
+        .collect();
+    let short = |sha: &str| sha[..sha.len().min(12)].to_string();
+    let mut problems = Vec::new();
+    let mut builds: BTreeMap<&str, BTreeMap<String, Vec<&str>>> = BTreeMap::new();
+    for host in &live {
+        for plugin in &host.plugins {
+            builds
+                .entry(plugin.name.as_str())
+                .or_default()
+                .entry(short(&plugin.sha256))
+                .or_default()
+                .push(host.consumer.as_str());
+        }
+    }
+    for (name, by_build) in &builds {
+        match deployed.iter().find(|d| d.name == *name) {
+            Some(stored) => {
+                for (build, hosts) in by_build.iter().filter(|(b, _)| **b != short(&stored.sha256)) {
+                    problems.push(format!(
+                        "plugin {name}: host(s) {} run build {build}, the plugin store deployed {} (a host syncs within seconds; longer means it cannot write its plugins directory)",
+                        hosts.join(", "),
+                        short(&stored.sha256)
+                    ));
+                }
+            }
+            None if by_build.len() > 1 => problems.push(format!(
+                "plugin {name}: the hosts run different builds ({}); deploy one with `kaleidoscope plugin deploy` so all run the same",
+                by_build
+                    .iter()
+                    .map(|(build, hosts)| format!("{build} on {}", hosts.join(", ")))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )),
+            None => {}
+        }
+    }
+    problems
 }
 
 /// What is wrong with one host, as its heartbeat says.

@@ -57,6 +57,23 @@ pub fn render(report: &Report) -> String {
         Some(requests) => out.push_str(&format!("requests: {}\n", counts(requests))),
         None => out.push_str("requests: (database unavailable)\n"),
     }
+    if let Some(deployed) = &report.deployed {
+        out.push_str("\nplugin store (deployed to every host):\n");
+        if deployed.is_empty() {
+            out.push_str("  (none: the hosts run what their plugins directories hold)\n");
+        }
+        for plugin in deployed {
+            out.push_str(&format!(
+                "  {} {} build {}  {:?}  by {} at {}\n",
+                plugin.name,
+                plugin.version,
+                &plugin.sha256[..plugin.sha256.len().min(12)],
+                plugin.streams,
+                plugin.deployed_by,
+                plugin.deployed_at
+            ));
+        }
+    }
     out.push_str("\nhosts:\n");
     if report.hosts.is_empty() {
         out.push_str("  (none running)\n");
