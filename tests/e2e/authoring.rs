@@ -218,6 +218,8 @@ fn the_guide_names_the_commands_the_test_follows() {
         "kaleidoscope plugin test",
         "kaleidoscope plugin deploy",
         "kaleidoscope plugin dev",
+        "kaleidoscope plugin up",
+        "kaleidoscope plugin remove",
         "KALEIDOSCOPE_MIGRATIONS_DIR",
         "--lang python",
     ] {

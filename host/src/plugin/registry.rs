@@ -156,8 +156,32 @@ impl PluginSet {
             scanned_at: Some(std::time::SystemTime::now()),
             ..PluginSet::default()
         };
-        let mut changed = Vec::new();
         // Unchanged files first, so a new file can never take a stream from a serving plugin.
+        let changed = next.keep_unchanged(runtime, dir, current, limits_for)?;
+        let loaded = changed
+            .into_iter()
+            .map(|change| load_change(runtime, current, change, limits_for))
+            .collect();
+        next.admit(loaded, current, preferred);
+        for old in &current.plugins {
+            if next.loaded_from(&old.file).is_none() && !old.file.exists() {
+                tracing::info!(file = %old.file.display(), plugin = %old.name, version = %old.version,
+                    streams = %List(&old.streams), "unloaded plugin {}@{} (file removed); its streams wait in Redis", old.name, old.version);
+            }
+        }
+        Ok(next)
+    }
+
+    /// Puts the plugins of `dir`'s files that `current` serves unchanged into this set; returns
+    /// the other files (new, changed or unreadable) with what was read of them.
+    fn keep_unchanged(
+        &mut self,
+        runtime: &PluginRuntime,
+        dir: &Path,
+        current: &PluginSet,
+        limits_for: &dyn Fn(&str) -> SandboxLimits,
+    ) -> Result<Vec<Change>> {
+        let mut changed = Vec::new();
         for file in wasm_files(dir)? {
             let modified = std::fs::metadata(&file).and_then(|m| m.modified()).ok();
             let bytes = match read_limited(&file) {
@@ -171,40 +195,34 @@ impl PluginSet {
             match current.loaded_from(&file) {
                 Some(old) if old.sha256 == sha256 => {
                     let plugin = with_current_limits(runtime, old, limits_for(&old.name));
-                    if let Err(failure) = next.insert(plugin) {
-                        next.fail(failure);
+                    match self.insert(plugin) {
+                        Err(failure) => self.fail(failure),
+                        // The file failed before (a broken build over it) and holds the serving
+                        // build again: say the failure is over, as a new load would.
+                        Ok(()) if current.failures.iter().any(|f| f.file == file) => {
+                            tracing::info!(file = %file.display(), plugin = %old.name, version = %old.version,
+                                build = %old.build(), "plugin file repaired: it holds the build that serves again");
+                        }
+                        Ok(()) => {}
                     }
                 }
                 _ => changed.push((file, Ok(bytes), Some(sha256), modified)),
             }
         }
-        let mut loaded = Vec::new();
-        for (file, bytes, sha256, modified) in changed {
-            let old = current.loaded_from(&file).cloned();
-            let known_failure = current
-                .failures
-                .iter()
-                .find(|f| f.file == file && f.still_holds(sha256.as_deref(), modified));
-            let outcome = match (known_failure, bytes) {
-                // Unchanged and not written since it last failed on its own: report it again
-                // without recompiling.
-                (Some(failure), _) => Err(failure.clone()),
-                (None, Err(reason)) => Err(LoadFailure {
-                    file: file.clone(),
-                    reason,
-                    sha256,
-                    modified,
-                    clash: false,
-                }),
-                (None, Ok(bytes)) => {
-                    load_changed(runtime, &bytes, sha256, modified, &file, limits_for)
-                }
-            };
-            loaded.push((file, old, outcome));
-        }
-        // The fleet's deployed builds first, then new versions of serving files (so a new file
-        // cannot take their streams), then new files; stable, otherwise in file-name order,
-        // which decides nothing (see `contested`).
+        Ok(changed)
+    }
+
+    /// Adds the new and changed plugins that may serve: the fleet's deployed builds first, then
+    /// new versions of serving files (so a new file cannot take their streams), then new files;
+    /// stable, otherwise in file-name order, which decides nothing (see `contested`). A plugin
+    /// that may not is recorded as a failure, and the version it would have replaced keeps
+    /// serving.
+    fn admit(
+        &mut self,
+        mut loaded: Vec<Loaded>,
+        current: &PluginSet,
+        preferred: &BTreeSet<PathBuf>,
+    ) {
         loaded.sort_by_key(|(file, old, _)| (!preferred.contains(file), old.is_none()));
         let contested = contested(&loaded, current, preferred);
         for (file, old, outcome) in loaded {
@@ -216,33 +234,61 @@ impl PluginSet {
                     modified: None,
                     clash: true,
                 }),
-                None => next.insert(plugin.clone()).map(|()| plugin),
+                None => self.insert(plugin.clone()).map(|()| plugin),
             });
             match outcome {
                 Ok(plugin) => log_loaded(old.as_deref(), &plugin),
                 Err(failure) => {
-                    let already_reported = known_failure_reported(current, &failure);
-                    if already_reported {
-                        next.failures.push(failure);
+                    if known_failure_reported(current, &failure) {
+                        self.failures.push(failure);
                     } else {
-                        next.fail(failure);
+                        self.fail(failure);
                     }
                     if let Some(old) = old
-                        && let Err(clash) = next.insert(old)
+                        && let Err(clash) = self.insert(old)
                     {
-                        next.fail(clash);
+                        self.fail(clash);
                     }
                 }
             }
         }
-        for old in &current.plugins {
-            if next.loaded_from(&old.file).is_none() && !old.file.exists() {
-                tracing::info!(file = %old.file.display(), plugin = %old.name, version = %old.version,
-                    streams = %List(&old.streams), "unloaded plugin {}@{} (file removed); its streams wait in Redis", old.name, old.version);
-            }
-        }
-        Ok(next)
     }
+}
+
+/// A file of the plugins directory that is not served unchanged: its path, its bytes (or why they
+/// could not be read), their SHA-256 and the file's modification time.
+type Change = (
+    PathBuf,
+    Result<Vec<u8>, String>,
+    Option<String>,
+    Option<std::time::SystemTime>,
+);
+
+/// Loads a changed file (`current` says what it replaces), unless it failed before on its own
+/// and was not written since: that failure is reported again without recompiling.
+fn load_change(
+    runtime: &PluginRuntime,
+    current: &PluginSet,
+    (file, bytes, sha256, modified): Change,
+    limits_for: &dyn Fn(&str) -> SandboxLimits,
+) -> Loaded {
+    let old = current.loaded_from(&file).cloned();
+    let known_failure = current
+        .failures
+        .iter()
+        .find(|f| f.file == file && f.still_holds(sha256.as_deref(), modified));
+    let outcome = match (known_failure, bytes) {
+        (Some(failure), _) => Err(failure.clone()),
+        (None, Err(reason)) => Err(LoadFailure {
+            file: file.clone(),
+            reason,
+            sha256,
+            modified,
+            clash: false,
+        }),
+        (None, Ok(bytes)) => load_changed(runtime, &bytes, sha256, modified, &file, limits_for),
+    };
+    (file, old, outcome)
 }
 
 /// An unchanged plugin with the limits the configuration gives it now (`wanted`, as far as the
