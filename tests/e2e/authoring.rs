@@ -230,10 +230,10 @@ fn the_guide_names_the_commands_the_test_follows() {
     }
 }
 
-/// `plugin up` on a fresh scaffold from an empty shell (only `PATH`, `HOME` and where
-/// componentize-py is): it makes the project's database and prefix, applies its migration and
-/// grant, builds and deploys it, and prints the `XADD` to try — which, run as printed, lands an
-/// entry in the project's table.
+/// `plugin up` on a fresh Python scaffold from an empty shell (a system `PATH` and `HOME`,
+/// nothing else): it makes the project's Python environment, database and prefix, applies its
+/// migration and grant, builds and deploys it, and prints the `XADD` to try — which, run as
+/// printed, lands an entry in the project's table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_up_runs_a_fresh_project_from_an_empty_shell() {
     let env = TestEnv::prepare(Options::new(&[])).await;
@@ -243,16 +243,13 @@ async fn plugin_up_runs_a_fresh_project_from_an_empty_shell() {
     );
     let project = new_project(&env, "python", &name);
     let output = project.parent().unwrap().join("up.out");
+    // No componentize-py anywhere it looks: `plugin build` makes the project's environment.
     let mut up = crate::support::HostProcess::spawn(
         Command::new(env!("CARGO_BIN_EXE_kaleidoscope"))
             .args(["plugin", "up", project.to_str().unwrap()])
             .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("HOME", std::env::var_os("HOME").unwrap_or_default())
-            .env(
-                "KALEIDOSCOPE_COMPONENTIZE_PY",
-                workspace().join("target/python-env/bin/componentize-py"),
-            )
             .current_dir(project.parent().unwrap())
             .stdout(std::fs::File::create(&output).unwrap())
             .stderr(std::process::Stdio::null()),
@@ -289,6 +286,7 @@ async fn plugin_up_runs_a_fresh_project_from_an_empty_shell() {
     })
     .await;
     assert_eq!(landed, 1);
+    assert!(project.join(".venv/bin/componentize-py").is_file());
     pool.close().await;
     crate::support::signal(&up, "TERM");
     crate::support::await_exit(&mut up).await;
@@ -309,6 +307,44 @@ async fn plugin_up_runs_a_fresh_project_from_an_empty_shell() {
     if !keys.is_empty() {
         let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await;
     }
+    let _ = std::fs::remove_dir_all(project.parent().unwrap());
+    env.finish().await;
+}
+
+/// A Python build is keyed by what it is made of: building unchanged sources again gives the same
+/// component (componentize-py alone would not), so the compiled cache of `plugin check` (and of
+/// every host) hits; a changed source is built anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_python_project_builds_to_the_same_bytes_and_hits_the_compiled_cache() {
+    let env = TestEnv::prepare(Options::new(&[])).await;
+    let project = new_project(&env, "python", "cached-py");
+    let build = || {
+        let path = run(&mut tool(
+            &env,
+            &["plugin", "build", project.to_str().unwrap()],
+        ));
+        let path = PathBuf::from(path.trim());
+        std::fs::read(&path).expect("the built component")
+    };
+    let check = || {
+        run(&mut tool(
+            &env,
+            &[
+                "plugin",
+                "check",
+                project.join("target/cached-py.wasm").to_str().unwrap(),
+            ],
+        ))
+    };
+    let first = build();
+    assert!(check().contains("\"from_cache\": false"));
+    let second = build();
+    assert!(first == second, "an unchanged project built to other bytes");
+    assert!(check().contains("\"from_cache\": true"));
+    let app = project.join("app.py");
+    let source = std::fs::read_to_string(&app).unwrap();
+    std::fs::write(&app, format!("{source}\n# changed\n")).unwrap();
+    assert!(build() != first, "a changed project was not rebuilt");
     let _ = std::fs::remove_dir_all(project.parent().unwrap());
     env.finish().await;
 }
