@@ -214,6 +214,22 @@ impl HostState {
         consumed.iter().cloned().collect()
     }
 
+    /// Forgets that this host consumed `stream`: its plugin was taken out of the fleet's plugin
+    /// store on purpose (`plugin remove`, or a refused deploy undone), so its entries waiting
+    /// unread is what was asked for, not a fault to page anyone about.
+    pub fn forget_consumed(&self, stream: &str) {
+        let mut consumed = match self.consumed.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if consumed.remove(stream) {
+            tracing::info!(
+                stream,
+                "no longer consumed here: its plugin was taken out of the plugin store"
+            );
+        }
+    }
+
     /// Records that this host consumes `stream` (see [`HostState::not_ready`]).
     pub fn note_consumed(&self, stream: &str) {
         let mut consumed = match self.consumed.lock() {

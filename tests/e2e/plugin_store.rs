@@ -111,8 +111,8 @@ async fn a_deploy_reaches_every_host_and_a_refused_one_changes_nothing() {
         );
     }
 
-    // A host started later, with only `slow` in its directory, gets it at start.
-    let gamma_dir = directory_of(&env, "gamma", &["slow"]);
+    // A host started later, with nothing in its directory, gets it at start.
+    let gamma_dir = directory_of(&env, "gamma", &[]);
     let _gamma = spawn_on(&env, "gamma", &gamma_dir);
     let gamma = eventually("gamma to report insights", || async {
         reported(&env.status().0, "gamma", "insights")
@@ -120,8 +120,9 @@ async fn a_deploy_reaches_every_host_and_a_refused_one_changes_nothing() {
     .await;
     assert_eq!(gamma, deployed, "the same build as the rest of the fleet");
 
-    // `rival` claims the stream `slow` serves on every host: they refuse it, and the deploy is
-    // undone, so no host started later meets it either.
+    // `rival` claims the stream `slow` serves on alpha and beta: they refuse it, and the deploy
+    // is undone. Gamma, which has no `slow`, loaded it and unloads it again — and stays ready:
+    // a stream whose plugin the store took back is not a stream that lost its plugin.
     let (ok, said) = env.deploy(&crate::support::plugin_file("rival"));
     assert!(!ok, "{said}");
     assert!(said.contains("alpha: failed"), "{said}");
@@ -240,7 +241,8 @@ async fn a_contested_stream_is_decided_by_the_store_never_by_file_order() {
 }
 
 /// A plugin taken out of the store is removed from every host's directory (the file the store
-/// wrote, nothing else) and stops being served.
+/// wrote, nothing else) and stops being served, the host staying ready: its stream is no longer
+/// consumed on purpose.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_plugin_leaves_every_host() {
     let env = TestEnv::start(Options::new(&["insights"])).await;
@@ -256,6 +258,12 @@ async fn a_removed_plugin_leaves_every_host() {
     })
     .await;
     assert!(!env.plugins_dir.join("scripted.wasm").exists());
+    let state = env.host().state();
+    assert!(
+        state.not_ready().is_empty(),
+        "a plugin removed on purpose pages no one: {:?}",
+        state.not_ready()
+    );
     assert!(
         env.serving("ml-insights-results").is_some(),
         "the rest stays"

@@ -30,6 +30,16 @@ struct Written {
     sha256: String,
     deployed_at: String,
     modified: Option<std::time::SystemTime>,
+    streams: Vec<String>,
+}
+
+/// What one round of [`StoreSync::sync`] did.
+#[derive(Debug, Default)]
+pub(super) struct Synced {
+    /// The plugins directory changed: a reload is due.
+    pub(super) changed: bool,
+    /// The streams of plugins the store no longer has (removed, or a refused deploy undone).
+    pub(super) removed_streams: Vec<String>,
 }
 
 /// What this host last wrote from the store.
@@ -79,8 +89,8 @@ impl StoreSync {
 
     /// One round: writes what the store deployed since the last round, removes what it no
     /// longer has, and removes other files holding a deployed plugin's name (`serving` says
-    /// which file holds which plugin). Returns whether the directory changed.
-    pub(super) async fn sync(&self, pool: &PgPool, serving: &PluginSet) -> Result<bool> {
+    /// which file holds which plugin).
+    pub(super) async fn sync(&self, pool: &PgPool, serving: &PluginSet) -> Result<Synced> {
         let _one_at_a_time = self.round.lock().await;
         let stored = plugin_store::list(pool, &self.fleet).await?;
         let before = self.written().clone();
@@ -108,15 +118,24 @@ impl StoreSync {
                     sha256: plugin.sha256.clone(),
                     deployed_at: plugin.deployed_at.clone(),
                     modified: modified(&target),
+                    streams: plugin.streams.clone(),
                 },
             );
             changed |= self.remove_other_copies(plugin, &target, serving);
         }
-        for (name, Written { sha256, .. }) in &before {
+        let mut removed_streams = Vec::new();
+        for (
+            name,
+            Written {
+                sha256, streams, ..
+            },
+        ) in &before
+        {
             if stored.iter().any(|p| &p.name == name) {
                 continue;
             }
             self.written().remove(name);
+            removed_streams.extend(streams.iter().cloned());
             let file = self.file_of(name);
             // Only the build the store wrote: a file put there by hand since stays.
             if file_sha256(&file).as_deref() == Some(sha256.as_str()) {
@@ -127,7 +146,10 @@ impl StoreSync {
                 changed = true;
             }
         }
-        Ok(changed)
+        Ok(Synced {
+            changed,
+            removed_streams,
+        })
     }
 
     /// Writes `plugin`'s deployed build to `target` unless (on this host's first sight of it)

@@ -163,11 +163,18 @@ impl Supervisor {
     pub(super) async fn sync_store(&self) {
         let serving = self.state.registry.snapshot();
         match self.store.sync(&self.state.pool, &serving).await {
-            Ok(false) => {}
-            Ok(true) => {
+            Ok(synced) if !synced.changed => {}
+            Ok(synced) => {
                 if let Err(error) = self.reload().await {
                     error!("reloading plugins failed: {}", crate::text::causes(&error));
                 }
+                let now = self.state.registry.snapshot();
+                for stream in &synced.removed_streams {
+                    if now.for_stream(stream).is_none() {
+                        self.state.forget_consumed(stream);
+                    }
+                }
+                self.write_heartbeat().await;
             }
             Err(error) => tracing::warn!(
                 "plugin store not synced (the plugins loaded keep serving): {}",
