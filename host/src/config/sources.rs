@@ -204,6 +204,15 @@ impl RawSettings {
             Some(_) => None,
             None => default_base(),
         };
+        // An installed binary's compiled cache goes to the user's cache directory, not into
+        // whatever directory a tool (`plugin check`, `deploy`) happens to run in.
+        if key == Key::CacheDir
+            && self.get(key).is_none()
+            && base.is_none()
+            && let Some(cache) = user_cache_dir()
+        {
+            return Ok(cache.join("kaleidoscope/plugin-cache"));
+        }
         let joined = match base {
             Some(base) if value.is_relative() => base.join(value),
             _ => value,
@@ -348,6 +357,14 @@ fn default_base() -> Option<PathBuf> {
     } else {
         None
     }
+}
+
+/// The user's cache directory (`$XDG_CACHE_HOME`, else `~/.cache`), if there is one.
+fn user_cache_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|dir| dir.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
 }
 
 /// The host name: stable across restarts of one instance, distinct between machines.
