@@ -256,7 +256,7 @@ impl HostState {
             return false;
         };
         let env: BTreeMap<String, String> = std::env::vars().collect();
-        let restart = Config::from_sources(Some(file), &env, &BTreeMap::new()).err();
+        let restart = Config::from_sources(Some(file), &env, &self.config.flags).err();
         self.note_latent(
             Latent::Configuration,
             restart.map(|error| {

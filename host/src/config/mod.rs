@@ -102,6 +102,10 @@ pub struct Config {
     pub plugins: BTreeMap<String, PluginPolicy>,
     /// The configuration file the settings were read from, if any.
     pub file: Option<PathBuf>,
+    /// The command-line overrides the settings were resolved with, so a running host can resolve
+    /// its file again exactly as its next start would (see
+    /// [`crate::state::HostState::reload_policies`]).
+    pub flags: BTreeMap<Key, String>,
 }
 
 impl Config {
@@ -181,6 +185,7 @@ impl Config {
         }
         let mut config = raw.resolve()?;
         config.file = file.map(Path::to_path_buf);
+        config.flags = flags.clone();
         Ok(config)
     }
 

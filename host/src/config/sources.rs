@@ -341,6 +341,7 @@ impl RawSettings {
             cache_dir: self.path(Key::CacheDir)?,
             plugins: self.plugins.clone(),
             file: None,
+            flags: BTreeMap::new(),
         })
     }
 }
