@@ -1,7 +1,7 @@
-//! `plugin dev DIR`: the inner loop. Builds the project, deploys the component into the running
-//! hosts' plugins directory and shows what each host made of it, then shows how the new entries
-//! of the plugin come out (processed, or dead-lettered with the reason) — and starts again on
-//! every save.
+//! `plugin dev DIR`: the inner loop. Builds the project, deploys the component to the running
+//! hosts (through the fleet's plugin store, as `plugin deploy` does) and shows what each host made
+//! of it, then shows how the new entries of the plugin come out (processed, or dead-lettered with
+//! the reason) — and starts again on every save.
 
 use crate::config::Config;
 use anyhow::{Context, Result};
