@@ -219,7 +219,7 @@ pub struct Deploy {
 /// Writes `candidate` to the fleet's plugin store, unless another deployed plugin handles one of
 /// its streams (then nothing changes: two plugins for one stream is never decided by chance).
 pub async fn store(pool: &PgPool, config: &Config, candidate: &Candidate) -> Result<Deploy> {
-    let fleet = plugin_store::fleet(&config.stream_prefix, &config.consumer_group);
+    let fleet = plugin_store::fleet(config);
     let deployed = plugin_store::list(pool, &fleet).await?;
     let plugin = &candidate.plugin;
     for other in deployed.iter().filter(|other| other.name != plugin.name) {
@@ -250,7 +250,7 @@ pub async fn store(pool: &PgPool, config: &Config, candidate: &Candidate) -> Res
 /// Puts back what `deploy` replaced, unless another deploy replaced it since. Returns a line
 /// saying what the store holds now.
 pub async fn undo(pool: &PgPool, config: &Config, deploy: &Deploy) -> Result<String> {
-    let fleet = plugin_store::fleet(&config.stream_prefix, &config.consumer_group);
+    let fleet = plugin_store::fleet(config);
     let undone =
         plugin_store::restore(pool, &fleet, &deploy.stored, deploy.previous.as_ref()).await?;
     let name = &deploy.stored.name;
@@ -259,17 +259,12 @@ pub async fn undo(pool: &PgPool, config: &Config, deploy: &Deploy) -> Result<Str
         (Some(previous), true) => format!(
             "the plugin store is back to {name} {} (build {}); every host keeps serving what it served",
             previous.plugin.version,
-            short(&previous.plugin.sha256)
+            crate::plugin::build_of(&previous.plugin.sha256)
         ),
         (None, true) => format!(
             "plugin {name} was taken out of the plugin store again; every host keeps serving what it served"
         ),
     })
-}
-
-/// A build's short identity: the first 12 hex digits of its SHA-256.
-pub fn short(sha256: &str) -> &str {
-    &sha256[..sha256.len().min(12)]
 }
 
 /// Waits until every live host of the group has loaded or refused the `installed` build (or
@@ -294,10 +289,7 @@ pub async fn await_hosts<C: ConnectionLike + Send>(
                 == file_name
         };
         for host in &hosts {
-            if host
-                .heartbeat_age_ms
-                .is_none_or(|age| age > heartbeat::STALE_AFTER.as_millis() as u64)
-            {
+            if !host.fresh() {
                 answers.push(HostAnswer {
                     host: host.consumer.clone(),
                     outcome: Outcome::Stale,

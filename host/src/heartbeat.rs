@@ -51,6 +51,15 @@ pub struct HostStatus {
     pub plugins_scanned_at: Option<String>,
 }
 
+impl HostStatus {
+    /// Whether its heartbeat is younger than [`STALE_AFTER`]: the host is alive and answering
+    /// (a paused, stopped or gone host is not, and cannot be waited for or compared).
+    pub fn fresh(&self) -> bool {
+        self.heartbeat_age_ms
+            .is_some_and(|age| age <= STALE_AFTER.as_millis() as u64)
+    }
+}
+
 /// A loaded plugin.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PluginStatus {

@@ -28,10 +28,12 @@
 //! - **CLI** — [`cli`]: one function per subcommand; [`dead_letter::admin`] (`dlq list/replay`),
 //!   [`toolkit`] (`plugin check/exec`), [`deploy`] (`plugin deploy`), [`bench`](mod@bench),
 //!   [`demo`] (both show [`progress`]);
-//! - [`text`]: making outside text (plugin reasons, log lines) safe to store.
+//! - [`text`]: making outside text (plugin reasons, log lines) safe to store; [`python_env`]:
+//!   the Python environments the tools make on first use.
 //!
 //! The modules form layers, each using only those below it (a test checks that no import cycle
-//! forms): the leaves ([`text`], [`failure`], [`backoff`], [`shutdown`], [`ml`], [`logging`]);
+//! forms): the leaves ([`text`], [`failure`], [`backoff`], [`shutdown`], [`ml`], [`logging`],
+//! [`python_env`]);
 //! [`plugin`] (which knows nothing of configuration or the protocol); [`config`]; [`streams`],
 //! [`redis_connection`], [`health`]; [`persist`]; [`dead_letter`]; [`metrics`], [`heartbeat`];
 //! [`state`]; [`delivery`]; [`consumer`]; [`host`], [`requests`], [`status`], [`http`]; and the
@@ -59,6 +61,7 @@ pub mod ml;
 pub mod persist;
 pub mod plugin;
 pub mod progress;
+pub mod python_env;
 pub mod redis_connection;
 pub mod requests;
 pub mod shutdown;

@@ -163,13 +163,13 @@ pub(super) fn source_files(dir: &Path) -> Vec<PathBuf> {
 /// build even from the same input; keyed by this, an unchanged project is not rebuilt, so its
 /// component — and the compiled cache of the hosts and tools — stays the same.
 fn python_inputs(dir: &Path, wit: Option<&Path>, tool: &Path) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
+    // Each part with its label and length, so no two sets of inputs read as the same bytes.
+    let mut inputs = Vec::new();
     let mut add = |label: &str, bytes: &[u8]| {
-        hasher.update((label.len() as u64).to_le_bytes());
-        hasher.update(label.as_bytes());
-        hasher.update((bytes.len() as u64).to_le_bytes());
-        hasher.update(bytes);
+        inputs.extend((label.len() as u64).to_le_bytes());
+        inputs.extend(label.as_bytes());
+        inputs.extend((bytes.len() as u64).to_le_bytes());
+        inputs.extend(bytes);
     };
     for file in source_files(dir) {
         let relative = file.strip_prefix(dir).unwrap_or(&file).to_string_lossy();
@@ -185,11 +185,7 @@ fn python_inputs(dir: &Path, wit: Option<&Path>, tool: &Path) -> String {
     }
     add("sdk", super::scaffold::PYTHON_SDK.as_bytes());
     add("tool", tool.to_string_lossy().as_bytes());
-    hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::plugin::sha256_hex(&inputs)
 }
 
 /// componentize-py for the project in `dir`: [`componentize_py`]'s, or, when there is none and
@@ -206,29 +202,10 @@ fn componentize_py_or_install(dir: &Path) -> Result<PathBuf> {
         "creating the project's Python environment {} (first build only)",
         venv.display()
     );
-    let made = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .stdout(Stdio::null())
-        .status()
-        .context(
-            "cannot run python3 to create the project's environment (is Python 3 installed?)",
-        )?;
-    if !made.success() {
-        bail!("`python3 -m venv {}` failed", venv.display());
-    }
-    let installed = Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
-        .arg(&requirements)
-        .status()
-        .with_context(|| format!("cannot run {}", venv.join("bin/pip").display()))?;
-    if !installed.success() {
-        bail!(
-            "`{} install -r {}` failed (its errors are above)",
-            venv.join("bin/pip").display(),
-            requirements.display()
-        );
-    }
+    crate::python_env::create(
+        &venv,
+        &[std::ffi::OsStr::new("-r"), requirements.as_os_str()],
+    )?;
     componentize_py(dir)
 }
 

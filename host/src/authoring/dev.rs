@@ -82,7 +82,7 @@ async fn build_and_deploy(config: &Config, dir: &Path, timeout: Duration) -> Opt
                 "deployed {} {} (build {})",
                 deployed.name,
                 deployed.version,
-                crate::deploy::short(&deployed.sha256)
+                crate::plugin::build_of(&deployed.sha256)
             );
             print!("{}", deployed.report(config));
             deployed.ok().then_some(deployed.name)

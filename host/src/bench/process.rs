@@ -2,7 +2,7 @@
 //! measured (peak memory, CPU time, time in plugin calls) and stopped.
 
 use super::*;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -79,21 +79,8 @@ pub(super) fn baseline_python() -> Result<PathBuf> {
         return Ok(python);
     }
     eprintln!("setting up the baseline's Python environment in {BASELINE_VENV} (once)");
-    let created = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .context("cannot run python3 (the baseline needs Python 3.9 or newer)")?;
-    if !created.success() {
-        bail!("`python3 -m venv {BASELINE_VENV}` failed");
-    }
-    let installed = Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "redis>=5", "psycopg[binary]>=3.1"])
-        .status()
-        .context("cannot run pip in the baseline's environment")?;
-    if !installed.success() {
-        bail!("installing redis and psycopg into {BASELINE_VENV} failed");
-    }
+    crate::python_env::create(&venv, &["redis>=5", "psycopg[binary]>=3.1"])
+        .context("the baseline needs Python 3.9 or newer with redis and psycopg")?;
     Ok(python)
 }
 

@@ -240,8 +240,8 @@ pub(super) async fn deploy(config: &Config, file: &Path, timeout: u64) -> Result
         "deployed {} {} (build {}) to the plugin store of fleet {:?}",
         deployed.name,
         deployed.version,
-        crate::deploy::short(&deployed.sha256),
-        crate::persist::plugin_store::fleet(&config.stream_prefix, &config.consumer_group)
+        crate::plugin::build_of(&deployed.sha256),
+        crate::persist::plugin_store::fleet(config)
     );
     print!("{}", deployed.report(config));
     Ok(if deployed.ok() {
@@ -256,7 +256,7 @@ pub(super) async fn remove(config: &Config, name: &str) -> Result<ExitCode> {
     let pool = persist::connect_existing(&config.database_url, &config.database_timeouts)
         .await
         .context("plugin remove edits the plugin store, in PostgreSQL")?;
-    let fleet = persist::plugin_store::fleet(&config.stream_prefix, &config.consumer_group);
+    let fleet = persist::plugin_store::fleet(config);
     let removed = persist::plugin_store::remove(&pool, &fleet, name).await;
     pool.close().await;
     if removed? {

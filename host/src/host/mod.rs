@@ -236,7 +236,7 @@ async fn connect_and_load(
         );
     }
     let store = store_sync::StoreSync::new(
-        persist::plugin_store::fleet(&config.stream_prefix, &config.consumer_group),
+        persist::plugin_store::fleet(config),
         config.plugins_dir.clone(),
     );
     store

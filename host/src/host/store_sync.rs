@@ -1,6 +1,6 @@
 //! Keeping this host's plugins directory in step with the fleet's plugin store
 //! ([`crate::persist::plugin_store`]): every deployed plugin is written into the directory as
-//! `<name>.wasm` (atomically: a hidden temporary file renamed into place), a plugin removed from
+//! `<name>.wasm` (atomically: see [`crate::plugin::write_atomically`]), a plugin removed from
 //! the store is removed from it, and the usual rescan loads what changed. So every host of the
 //! fleet runs the store's builds whatever its directory held, and one started later has them
 //! before it loads anything.
@@ -104,23 +104,22 @@ impl StoreSync {
                     && last.modified.is_some()
                     && last.modified == modified(&target)
             });
-            if unchanged {
-                changed |= self.remove_other_copies(plugin, &target, serving);
-                continue;
+            if !unchanged {
+                // New to this host or deployed again: rescan even when the file already held
+                // the bytes, so the deploy gets its answer at once (and a refused file is tried
+                // again).
+                self.write(pool, plugin, &target, last.is_some()).await?;
+                changed = true;
+                self.written().insert(
+                    plugin.name.clone(),
+                    Written {
+                        sha256: plugin.sha256.clone(),
+                        deployed_at: plugin.deployed_at.clone(),
+                        modified: modified(&target),
+                        streams: plugin.streams.clone(),
+                    },
+                );
             }
-            // New to this host or deployed again: rescan even when the file already held the
-            // bytes, so the deploy gets its answer at once (and a refused file is tried again).
-            self.write(pool, plugin, &target, last.is_some()).await?;
-            changed = true;
-            self.written().insert(
-                plugin.name.clone(),
-                Written {
-                    sha256: plugin.sha256.clone(),
-                    deployed_at: plugin.deployed_at.clone(),
-                    modified: modified(&target),
-                    streams: plugin.streams.clone(),
-                },
-            );
             changed |= self.remove_other_copies(plugin, &target, serving);
         }
         let mut removed_streams = Vec::new();
@@ -155,40 +154,31 @@ impl StoreSync {
     /// Writes `plugin`'s deployed build to `target` unless (on this host's first sight of it)
     /// the file there already holds it. A build seen before is written again even when its bytes
     /// are the same: a redeploy tries a refused file again (its modification time changes).
-    /// Returns whether it wrote.
     async fn write(
         &self,
         pool: &PgPool,
         plugin: &Stored,
         target: &Path,
         seen_before: bool,
-    ) -> Result<bool> {
+    ) -> Result<()> {
         if !seen_before && file_sha256(target).as_deref() == Some(plugin.sha256.as_str()) {
-            return Ok(false);
+            return Ok(());
         }
         let Some(bytes) =
             plugin_store::bytes(pool, &self.fleet, &plugin.name, &plugin.sha256).await?
         else {
             // Replaced since the list was read: the next round writes the newer one.
-            return Ok(false);
+            return Ok(());
         };
-        let staging = self.dir.join(format!(".{}.wasm.syncing", plugin.name));
         std::fs::create_dir_all(&self.dir).with_context(|| {
             format!("cannot create the plugins directory {}", self.dir.display())
         })?;
-        std::fs::write(&staging, &bytes)
-            .with_context(|| format!("cannot write {}", staging.display()))?;
-        std::fs::rename(&staging, target).with_context(|| {
-            format!(
-                "cannot move {} into place as {}",
-                staging.display(),
-                target.display()
-            )
-        })?;
+        crate::plugin::write_atomically(target, &bytes)
+            .with_context(|| format!("cannot write {}", target.display()))?;
         tracing::info!(file = %target.display(), plugin = %plugin.name, version = %plugin.version,
-            build = %&plugin.sha256[..plugin.sha256.len().min(12)], deployed_by = %plugin.deployed_by,
+            build = %crate::plugin::build_of(&plugin.sha256), deployed_by = %plugin.deployed_by,
             "wrote plugin {}@{} from the plugin store", plugin.name, plugin.version);
-        Ok(true)
+        Ok(())
     }
 
     /// Removes files other than `target` that hold `plugin` (by the loaded set, or by cargo's

@@ -168,13 +168,18 @@ impl Supervisor {
                 if let Err(error) = self.reload().await {
                     error!("reloading plugins failed: {}", crate::text::causes(&error));
                 }
+                // After the reload, which wrote the heartbeat: written again only when a stream
+                // given up on purpose changed readiness.
                 let now = self.state.registry.snapshot();
+                let mut readiness_changed = false;
                 for stream in &synced.removed_streams {
                     if now.for_stream(stream).is_none() {
-                        self.state.forget_consumed(stream);
+                        readiness_changed |= self.state.forget_consumed(stream);
                     }
                 }
-                self.write_heartbeat().await;
+                if readiness_changed {
+                    self.write_heartbeat().await;
+                }
             }
             Err(error) => tracing::warn!(
                 "plugin store not synced (the plugins loaded keep serving): {}",

@@ -24,9 +24,10 @@ async fn announce<'c, E: sqlx::PgExecutor<'c>>(executor: E, fleet: &str) -> Resu
     Ok(())
 }
 
-/// The fleet a host or tool with this stream prefix and consumer group belongs to.
-pub fn fleet(stream_prefix: &str, consumer_group: &str) -> String {
-    format!("{stream_prefix}{consumer_group}")
+/// The fleet a host or tool belongs to: its stream prefix and consumer group, the hosts whose
+/// heartbeats a deploy waits for.
+pub fn fleet(config: &crate::config::Config) -> String {
+    format!("{}{}", config.stream_prefix, config.consumer_group)
 }
 
 /// One deployed plugin, without its bytes.
@@ -134,7 +135,7 @@ pub async fn restore(
 ) -> Result<bool> {
     let context = || format!("cannot undo the deploy of plugin {:?}", deployed.name);
     let same_deploy = "fleet = $1 AND name = $2 AND sha256 = $3
-        AND to_char(deployed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') = $4";
+        AND deployed_at = $4::timestamptz";
     let done = match previous {
         None => sqlx::query(sqlx::AssertSqlSafe(format!(
             "DELETE FROM plugin_store WHERE {same_deploy}"

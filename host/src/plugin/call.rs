@@ -101,11 +101,9 @@ impl std::fmt::Debug for Plugin {
 }
 
 impl Plugin {
-    /// This build's identity: the first 12 hex digits of its file's SHA-256. Every build made
-    /// during development carries the same manifest version; the ledger, dead letters and
-    /// `status` tell them apart by this.
+    /// This build's identity (see [`super::build_of`]).
     pub fn build(&self) -> &str {
-        &self.sha256[..self.sha256.len().min(12)]
+        super::build_of(&self.sha256)
     }
 
     /// The limits this plugin's calls run under.

@@ -127,12 +127,7 @@ impl PluginRuntime {
             let written = component
                 .serialize()
                 .map_err(anyhow::Error::from)
-                .and_then(|artefact| {
-                    let partial = path.with_extension(format!("tmp{}", std::process::id()));
-                    std::fs::write(&partial, artefact)?;
-                    std::fs::rename(&partial, &path)?;
-                    Ok(())
-                });
+                .and_then(|artefact| Ok(super::write_atomically(&path, &artefact)?));
             if let Err(error) = written {
                 tracing::warn!(file = %path.display(), "cannot cache the compiled plugin: {error:#}");
             }

@@ -42,10 +42,6 @@ impl CacheStore for FunctionCache {
         let Some(parent) = path.parent() else {
             return false;
         };
-        // Written aside and renamed, so a reader never sees half an entry.
-        let partial = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::create_dir_all(parent).is_ok()
-            && std::fs::write(&partial, value).is_ok()
-            && std::fs::rename(&partial, &path).is_ok()
+        std::fs::create_dir_all(parent).is_ok() && super::write_atomically(&path, &value).is_ok()
     }
 }

@@ -67,6 +67,27 @@ pub const CONTRACT_VERSION: &str = "0.3.0";
 /// Every contract version the host loads, oldest first (for `kaleidoscope_build_info`).
 pub const CONTRACTS_LOADED: &str = "0.1.0,0.2.0,0.3.0";
 
+/// Writes `bytes` to `path` so that no reader ever sees part of them: into a file beside it (its
+/// name never ends in `.wasm`, and is unique to this write, so concurrent writers of one path
+/// never share it), then renamed over `path`. How plugin files, compiled components and
+/// compiled functions are written.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = path.with_extension(format!("tmp{}-{write}", std::process::id()));
+    std::fs::write(&partial, bytes)?;
+    std::fs::rename(&partial, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&partial);
+    })
+}
+
+/// A build's short identity: the first 12 hex digits of its [`sha256_hex`]. Every build made
+/// during development carries the same manifest version; the ledger, dead letters, logs,
+/// `status` and `plugin deploy` tell them apart by this.
+pub fn build_of(sha256: &str) -> &str {
+    &sha256[..sha256.len().min(12)]
+}
+
 /// The SHA-256 of a plugin file, hex: how plugins are told apart (unchanged files are not
 /// reloaded, compiled components are cached under it, status shows it).
 pub fn sha256_hex(bytes: &[u8]) -> String {

@@ -171,8 +171,7 @@ pub async fn collect<C: ConnectionLike + Send>(
     };
     let deployed = match pool {
         Some(pool) => {
-            let fleet =
-                crate::persist::plugin_store::fleet(&config.stream_prefix, &config.consumer_group);
+            let fleet = crate::persist::plugin_store::fleet(config);
             match crate::persist::plugin_store::list(pool, &fleet).await {
                 Ok(deployed) => Some(deployed),
                 Err(error) => {
@@ -206,22 +205,15 @@ fn build_problems(
     hosts: &[HostStatus],
     deployed: &[crate::persist::plugin_store::Stored],
 ) -> Vec<String> {
-    let live: Vec<&HostStatus> = hosts
-        .iter()
-        .filter(|h| {
-            h.heartbeat_age_ms
-                .is_some_and(|age| age <= heartbeat::STALE_AFTER.as_millis() as u64)
-        })
-        .collect();
-    let short = |sha: &str| sha[..sha.len().min(12)].to_string();
+    let build_of = crate::plugin::build_of;
     let mut problems = Vec::new();
-    let mut builds: BTreeMap<&str, BTreeMap<String, Vec<&str>>> = BTreeMap::new();
-    for host in &live {
+    let mut builds: BTreeMap<&str, BTreeMap<&str, Vec<&str>>> = BTreeMap::new();
+    for host in hosts.iter().filter(|h| h.fresh()) {
         for plugin in &host.plugins {
             builds
                 .entry(plugin.name.as_str())
                 .or_default()
-                .entry(short(&plugin.sha256))
+                .entry(build_of(&plugin.sha256))
                 .or_default()
                 .push(host.consumer.as_str());
         }
@@ -229,11 +221,14 @@ fn build_problems(
     for (name, by_build) in &builds {
         match deployed.iter().find(|d| d.name == *name) {
             Some(stored) => {
-                for (build, hosts) in by_build.iter().filter(|(b, _)| **b != short(&stored.sha256)) {
+                for (build, hosts) in by_build
+                    .iter()
+                    .filter(|(b, _)| **b != build_of(&stored.sha256))
+                {
                     problems.push(format!(
                         "plugin {name}: host(s) {} run build {build}, the plugin store deployed {} (a host syncs within seconds; longer means it cannot write its plugins directory)",
                         hosts.join(", "),
-                        short(&stored.sha256)
+                        build_of(&stored.sha256)
                     ));
                 }
             }

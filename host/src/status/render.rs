@@ -67,7 +67,7 @@ pub fn render(report: &Report) -> String {
                 "  {} {} build {}  {:?}  by {} at {}\n",
                 plugin.name,
                 plugin.version,
-                &plugin.sha256[..plugin.sha256.len().min(12)],
+                crate::plugin::build_of(&plugin.sha256),
                 plugin.streams,
                 plugin.deployed_by,
                 plugin.deployed_at
@@ -109,7 +109,7 @@ pub fn render(report: &Report) -> String {
                 "    {:<name_width$} {:<version_width$} {}  {}{}\n      grants: {}\n",
                 p.name,
                 p.version,
-                &p.sha256[..p.sha256.len().min(12)],
+                crate::plugin::build_of(&p.sha256),
                 p.streams.join(", "),
                 if p.from_cache { "  (cached)" } else { "" },
                 p.grants.summary()
