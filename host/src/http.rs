@@ -150,6 +150,16 @@ async fn metrics(state: &HostState) -> String {
             })
             .set(i64::from(latent.contains_key(&cause)));
     }
+    scraped.rollout_percent.clear();
+    for active in state.rollouts.snapshot().active.values() {
+        scraped
+            .rollout_percent
+            .get_or_create(&crate::metrics::ByRolloutMode {
+                plugin: active.row.plugin.clone(),
+                mode: active.mode.as_str().to_string(),
+            })
+            .set(active.row.percent);
+    }
     scraped.stream_unserved.clear();
     for stream in &streams {
         scraped

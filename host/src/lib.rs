@@ -64,6 +64,7 @@ pub mod progress;
 pub mod python_env;
 pub mod redis_connection;
 pub mod requests;
+pub mod rollout;
 pub mod shutdown;
 pub mod simulate;
 pub mod state;

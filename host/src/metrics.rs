@@ -72,6 +72,38 @@ pub struct ByPluginName {
     pub plugin: String,
 }
 
+/// A canary's finished entries: the plugin, the version that handled them (`live` or
+/// `candidate`) and how they ended (`processed` or `dead-lettered`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByRolloutOutcome {
+    pub plugin: String,
+    pub version: String,
+    pub outcome: String,
+}
+
+/// A shadow's comparisons: the plugin, and how the candidate's outcome compared
+/// ([`crate::rollout::compare::Verdict`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByVerdict {
+    pub plugin: String,
+    pub verdict: String,
+}
+
+/// An automatic rollback: the plugin, and the threshold broken
+/// ([`crate::rollout::guard::Breach::kind`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByRollback {
+    pub plugin: String,
+    pub reason: String,
+}
+
+/// A rollout followed now: the plugin and its mode.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByRolloutMode {
+    pub plugin: String,
+    pub mode: String,
+}
+
 /// A latent failure's series (see [`crate::state::Latent`]).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ByCause {
@@ -138,6 +170,12 @@ pub struct Metrics {
     pub handler_duration: Timings<ByPluginName>,
     /// Plugin calls running now, per plugin (see [`CallInFlight`]).
     pub calls_in_flight: Family<ByPluginName, Gauge>,
+    /// Entries a canary finished, by version and outcome.
+    pub rollout_entries: Family<ByRolloutOutcome, Counter>,
+    /// Entries a shadow compared, by verdict.
+    pub rollout_comparisons: Family<ByVerdict, Counter>,
+    /// Rollouts this host rolled back, by the threshold broken.
+    pub rollout_rollbacks: Family<ByRollback, Counter>,
     /// The gauges measured at scrape time.
     pub scraped: Scraped,
     /// One scrape at a time: a scrape clears and refills [`Scraped`] before rendering.
@@ -157,6 +195,7 @@ pub struct Scraped {
     pub stream_length: Family<ByStream, Gauge>,
     pub stream_unserved: Family<ByStream, Gauge>,
     pub restart_would_fail: Family<ByCause, Gauge>,
+    pub rollout_percent: Family<ByRolloutMode, FloatGauge>,
     pub dead_letters: Family<ByDeadLetterKind, Gauge>,
     pub requests: Family<ByStatus, Gauge>,
     pub request_stream_length: Family<ByStream, Gauge>,
@@ -179,6 +218,9 @@ impl Default for Metrics {
             batch_duration: timings(),
             handler_duration: timings(),
             calls_in_flight: Family::default(),
+            rollout_entries: Family::default(),
+            rollout_comparisons: Family::default(),
+            rollout_rollbacks: Family::default(),
             scraped: Scraped::default(),
             scrape: tokio::sync::Mutex::new(()),
         };
@@ -265,6 +307,21 @@ impl Metrics {
             "Plugin calls running now (a call stuck until its deadline shows here)",
             self.calls_in_flight.clone(),
         );
+        r.register(
+            "kaleidoscope_rollout_entries",
+            "Entries a canary rollout finished, by the version that handled them (live, candidate) and outcome (processed, dead-lettered)",
+            self.rollout_entries.clone(),
+        );
+        r.register(
+            "kaleidoscope_rollout_comparisons",
+            "Entries a shadow rollout's candidate ran on beside the live version, by how its outcome compared (same, different, candidate-failed, candidate-succeeded, candidate-rejected)",
+            self.rollout_comparisons.clone(),
+        );
+        r.register(
+            "kaleidoscope_rollout_rollbacks",
+            "Rollouts this host rolled back automatically, by the threshold the candidate broke (failure-rate, rejected, latency, differences)",
+            self.rollout_rollbacks.clone(),
+        );
     }
 
     /// The gauges measured at each scrape.
@@ -323,6 +380,11 @@ impl Metrics {
             "kaleidoscope_restart_would_fail",
             "1 while something this host runs without would stop its next start (cause: a configuration file that does not parse, an operator migration that fails), else 0",
             s.restart_would_fail.clone(),
+        );
+        r.register(
+            "kaleidoscope_rollout_percent",
+            "The share of entries (percent, by key) a rollout's candidate takes on this host now, by plugin and mode (shadow, canary); no series when no rollout runs",
+            s.rollout_percent.clone(),
         );
         r.register(
             "kaleidoscope_dead_letters",

@@ -39,6 +39,8 @@ pub struct HostState {
     probe: PgPool,
     pub redis: ConnectionManager,
     pub registry: Arc<PluginRegistry>,
+    /// The rollouts of candidate versions this host follows (see [`crate::rollout`]).
+    pub rollouts: crate::rollout::Rollouts,
     catalog: RwLock<(Arc<Catalog>, Instant)>,
     /// The plugins' grants: [`Config::plugins`] at start, then whatever the configuration file
     /// says after each change (see [`HostState::reload_policies`]).
@@ -123,6 +125,7 @@ impl HostState {
             pool,
             redis,
             registry,
+            rollouts: Default::default(),
             catalog: RwLock::new((Arc::new(catalog), Instant::now())),
             config,
             consumed: Default::default(),

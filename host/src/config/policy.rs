@@ -19,6 +19,9 @@ pub const HOST_TABLES: &[&str] = &[
     "_sqlx_migrations",
     "operator_migrations",
     "plugin_store",
+    "rollouts",
+    "rollout_tallies",
+    "rollout_differences",
 ];
 
 /// What the operator allows one plugin, and its sandbox limits if they differ from the defaults.

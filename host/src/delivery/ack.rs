@@ -65,6 +65,7 @@ impl HostState {
             settle_outbox(tx, &messages, &refused).await;
         }
         self.count(stream, plugin, items, report.sentinels);
+        super::candidate::count(&self.metrics, batch.rollout.as_deref(), items);
         Ok(report)
     }
 

@@ -1,6 +1,6 @@
 //! Step 4: the batch transaction — set-based first, entry by entry when a statement fails.
 
-use super::{Decision, Item};
+use super::{Decision, Handlers, Item, Role};
 use crate::dead_letter::{DeadLetter, FailureKind};
 use crate::failure::{self, Class, Contention, Dependency, StatementError, Unreachable};
 use crate::persist::batch::{self, PlanFailure};
@@ -54,11 +54,11 @@ impl HostState {
     pub(super) async fn commit(
         &self,
         stream: &str,
-        plugin: &Plugin,
+        handlers: Handlers<'_>,
         items: &mut [Item],
     ) -> Result<Vec<OutboxMessage>> {
         for _ in 0..SET_BASED_ATTEMPTS {
-            match self.commit_set_based(stream, plugin, items).await? {
+            match self.commit_set_based(stream, handlers, items).await? {
                 SetBased::Committed(messages) => return Ok(messages),
                 SetBased::Missing(culprits) => {
                     for (index, error) in culprits {
@@ -89,7 +89,7 @@ impl HostState {
                 }
             }
         }
-        self.commit_with_savepoints(stream, plugin, items).await
+        self.commit_with_savepoints(stream, handlers, items).await
     }
 
     /// One set-based attempt at the batch transaction: claim the ledger rows, run the plan, write
@@ -97,7 +97,7 @@ impl HostState {
     async fn commit_set_based(
         &self,
         stream: &str,
-        plugin: &Plugin,
+        handlers: Handlers<'_>,
         items: &mut [Item],
     ) -> Result<SetBased> {
         let claims = ledger_claims(items);
@@ -109,12 +109,21 @@ impl HostState {
             .begin()
             .await
             .context("cannot begin the batch transaction")?;
-        let claimed = match ledger::claim(&mut tx, &self.source, stream, handler(plugin), &claims)
-            .await
-        {
-            Ok(claimed) => claimed,
-            Err(error) => return set_based_error(execute::statement_failed(error), "the ledger"),
-        };
+        // One claim per version that handled entries of the batch (two under a canary), each
+        // recording its build.
+        let mut claimed = std::collections::HashSet::new();
+        for (role, claims) in claims {
+            let plugin = match (role, handlers.rollout) {
+                (Role::Candidate, Some(rollout)) => &*rollout.candidate,
+                _ => handlers.live,
+            };
+            match ledger::claim(&mut tx, &self.source, stream, handler(plugin), &claims).await {
+                Ok(ids) => claimed.extend(ids),
+                Err(error) => {
+                    return set_based_error(execute::statement_failed(error), "the ledger");
+                }
+            }
+        }
         mark_redelivered(items, &claimed);
 
         let catalog = self.catalog();
@@ -147,7 +156,7 @@ impl HostState {
         }
         for item in items.iter() {
             if let Some(Decision::DeadLetter(kind, reason)) = &item.decision {
-                let letter = dead_letter(stream, plugin, item, *kind, reason);
+                let letter = dead_letter(stream, handlers.of_item(item), item, *kind, reason);
                 outbox.push((self.config.dlq_key(), letter.to_stream_fields()));
             }
         }
@@ -155,6 +164,12 @@ impl HostState {
             Ok(messages) => messages,
             Err(error) => return set_based_error(execute::statement_failed(error), "the outbox"),
         };
+        if let Err(error) = self
+            .tally_rollout(&mut tx, stream, handlers.rollout, items)
+            .await
+        {
+            return set_based_error(execute::statement_failed(error), "the rollout's tally");
+        }
         // COMMIT can fail for reasons of the batch's own (a deferred constraint, a serialisation
         // failure): like any other statement, that sends the batch to the entry-by-entry pass.
         match tx.commit().await {
@@ -172,13 +187,13 @@ impl HostState {
     pub(super) async fn commit_each_alone(
         &self,
         stream: &str,
-        plugin: &Plugin,
+        handlers: Handlers<'_>,
         items: &mut [Item],
     ) -> Result<Vec<OutboxMessage>> {
         let mut messages = Vec::new();
         for index in 0..items.len() {
             let item = &mut items[index..=index];
-            let error = match self.commit_with_savepoints(stream, plugin, item).await {
+            let error = match self.commit_with_savepoints(stream, handlers, item).await {
                 Ok(committed) => {
                     messages.extend(committed);
                     continue;
@@ -202,7 +217,7 @@ impl HostState {
                     if matches!(item[0].decision, Some(Decision::DeadLetter(..))) {
                         let pending = Decision::Retry(FailureKind::RetriesExhausted, reason);
                         messages.extend(
-                            self.commit_dead_letter_alone(stream, plugin, item, pending)
+                            self.commit_dead_letter_alone(stream, handlers, item, pending)
                                 .await?,
                         );
                     }
@@ -230,7 +245,7 @@ impl HostState {
             item[0].decision = Some(Decision::DeadLetter(FailureKind::Database, reason.clone()));
             let pending = Decision::Retry(FailureKind::Database, reason);
             messages.extend(
-                self.commit_dead_letter_alone(stream, plugin, item, pending)
+                self.commit_dead_letter_alone(stream, handlers, item, pending)
                     .await?,
             );
         }
@@ -243,11 +258,11 @@ impl HostState {
     async fn commit_dead_letter_alone(
         &self,
         stream: &str,
-        plugin: &Plugin,
+        handlers: Handlers<'_>,
         item: &mut [Item],
         pending: Decision,
     ) -> Result<Vec<OutboxMessage>> {
-        match self.commit_with_savepoints(stream, plugin, item).await {
+        match self.commit_with_savepoints(stream, handlers, item).await {
             Ok(committed) => Ok(committed),
             Err(error) if failure::outage(&error).is_some() => Err(error),
             Err(error) => {
@@ -264,7 +279,7 @@ impl HostState {
     async fn commit_with_savepoints(
         &self,
         stream: &str,
-        plugin: &Plugin,
+        handlers: Handlers<'_>,
         items: &mut [Item],
     ) -> Result<Vec<OutboxMessage>> {
         let needs_db = items.iter().any(|item| {
@@ -286,6 +301,7 @@ impl HostState {
         for item in items.iter_mut() {
             if let Some(Decision::Persist(statements)) = &item.decision {
                 savepoint(&mut tx, "SAVEPOINT entry").await?;
+                let plugin = handlers.of_item(item);
                 let outcome = self
                     .persist_entry(&mut tx, stream, plugin, &item.ledger_id, statements)
                     .await;
@@ -320,11 +336,19 @@ impl HostState {
             }
             if matches!(item.decision, Some(Decision::DeadLetter(..))) {
                 messages.extend(
-                    self.record_dead_letter(&mut tx, stream, plugin, item)
+                    self.record_dead_letter(&mut tx, stream, handlers, item)
                         .await?,
                 );
             }
         }
+        self.tally_rollout(&mut tx, stream, handlers.rollout, items)
+            .await
+            .map_err(|error| {
+                pass_failed(
+                    execute::statement_failed(error),
+                    "cannot count the batch in its rollout's tally",
+                )
+            })?;
         tx.commit().await.map_err(|error| {
             pass_failed(
                 execute::statement_failed(error),
@@ -340,12 +364,13 @@ impl HostState {
         &self,
         tx: &mut PgConnection,
         stream: &str,
-        plugin: &Plugin,
+        handlers: Handlers<'_>,
         item: &mut Item,
     ) -> Result<Option<OutboxMessage>> {
         let Some(Decision::DeadLetter(kind, reason)) = &item.decision else {
             return Ok(None);
         };
+        let plugin = handlers.of_item(item);
         let recorded = ledger::record(
             &mut *tx,
             &self.source,
@@ -462,16 +487,24 @@ async fn savepoint(conn: &mut PgConnection, sql: &'static str) -> Result<()> {
     Ok(())
 }
 
-/// The ledger rows a batch claims: every entry decided to be persisted or dead-lettered.
-fn ledger_claims(items: &[Item]) -> Vec<(String, Outcome)> {
-    items
-        .iter()
-        .filter_map(|item| match item.decision {
-            Some(Decision::Persist(_)) => Some((item.ledger_id.clone(), Outcome::Processed)),
-            Some(Decision::DeadLetter(..)) => Some((item.ledger_id.clone(), Outcome::DeadLettered)),
-            _ => None,
-        })
-        .collect()
+/// The ledger rows a batch claims: every entry decided to be persisted or dead-lettered, by the
+/// version that handled it (live first).
+fn ledger_claims(items: &[Item]) -> Vec<(Role, Vec<(String, Outcome)>)> {
+    let mut claims: Vec<(Role, Vec<(String, Outcome)>)> = Vec::new();
+    for item in items {
+        let outcome = match item.decision {
+            Some(Decision::Persist(_)) => Outcome::Processed,
+            Some(Decision::DeadLetter(..)) => Outcome::DeadLettered,
+            _ => continue,
+        };
+        let claim = (item.ledger_id.clone(), outcome);
+        match claims.iter_mut().find(|(role, _)| *role == item.role) {
+            Some((_, of_role)) => of_role.push(claim),
+            None => claims.push((item.role, vec![claim])),
+        }
+    }
+    claims.sort_by_key(|(role, _)| *role != Role::Live);
+    claims
 }
 
 /// Entries whose ledger row was not newly `claimed` were finished before (an earlier delivery,
@@ -544,6 +577,8 @@ mod tests {
             correlation_id: String::new(),
             decision,
             lossy_fields: Vec::new(),
+            role: Role::Live,
+            shadow: None,
         }
     }
 
@@ -569,10 +604,13 @@ mod tests {
         let claims = ledger_claims(&items);
         assert_eq!(
             claims,
-            [
-                ("1-0".to_string(), Outcome::Processed),
-                ("2-0".to_string(), Outcome::DeadLettered)
-            ]
+            [(
+                Role::Live,
+                vec![
+                    ("1-0".to_string(), Outcome::Processed),
+                    ("2-0".to_string(), Outcome::DeadLettered)
+                ]
+            )]
         );
     }
 

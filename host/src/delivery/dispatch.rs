@@ -1,10 +1,11 @@
 //! Step 2: the handler plugin turns each entry into commands, which are checked before anything
 //! runs.
 
-use super::{Decision, Item};
+use super::{Decision, Item, Role};
 use crate::dead_letter::FailureKind;
 use crate::persist::validate;
 use crate::plugin::{HandlerOutcome, Plugin, output, wit};
+use crate::rollout::{compare, guard};
 use crate::state::HostState;
 use anyhow::{Context as _, Result};
 use std::sync::Arc;
@@ -12,39 +13,55 @@ use std::time::Instant;
 use tracing::Instrument;
 
 impl HostState {
-    /// Calls the handler for every entry not decided by triage (on a blocking thread) and
-    /// validates the commands it returns against the live schema and the plugin's grants.
+    /// Calls `plugin`'s handler for every entry of `role` not decided yet (on a blocking thread)
+    /// and validates the commands it returns against the live schema and the plugin's grants.
+    /// Returns each call as a rollout's guard counts it.
     pub(super) async fn dispatch(
         &self,
         stream: &str,
         plugin: &Arc<Plugin>,
+        role: Role,
         items: &mut [Item],
-    ) -> Result<()> {
+    ) -> Result<Vec<guard::Call>> {
         // The fields move into the call and back out, so large values (1408-float embeddings)
         // are never copied on the host side.
         let inputs: Vec<(usize, wit::Entry)> = items
             .iter_mut()
             .enumerate()
-            .filter(|(_, item)| item.decision.is_none())
+            .filter(|(_, item)| item.decision.is_none() && item.role == role)
             .map(|(index, item)| {
-                (
-                    index,
-                    wit::Entry {
-                        source: stream.to_string(),
-                        id: item.entry.id.clone(),
-                        fields: std::mem::take(&mut item.fields),
-                        deliveries: item.entry.deliveries,
-                    },
-                )
+                let fields = std::mem::take(&mut item.fields);
+                (index, entry(stream, &item.entry, fields))
             })
             .collect();
         if inputs.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        let handler = plugin.clone();
         // The grants and settings in force for this batch: read once, used by every call and
         // every check of the batch.
         let policy = self.policy(&plugin.name);
+        let (calls, deferred) = self.call(plugin, &policy, inputs).await?;
+        for (index, fields) in deferred {
+            items[index].fields = fields;
+        }
+        let mut outcomes = Vec::with_capacity(calls.len());
+        for (index, fields, call) in calls {
+            items[index].fields = fields;
+            outcomes.push((index, call));
+        }
+        self.decide(plugin, &policy, items, outcomes).await
+    }
+
+    /// Runs `plugin`'s handler on `inputs`, one call after the other on one instance, on a
+    /// blocking thread. Returns each call with its entry's fields, and the entries put off (see
+    /// [`call_each`]).
+    pub(super) async fn call(
+        &self,
+        plugin: &Arc<Plugin>,
+        policy: &crate::config::PluginPolicy,
+        inputs: Vec<(usize, wit::Entry)>,
+    ) -> Result<(Vec<(usize, Fields, Call)>, Vec<(usize, Fields)>)> {
+        let handler = plugin.clone();
         let settings = policy.settings.clone();
         let batch_span = tracing::Span::current();
         let in_flight =
@@ -79,87 +96,184 @@ impl HostState {
                 output::MAX_BATCH_OUTPUT_BYTES >> 20
             );
         }
-        for (index, fields) in deferred {
-            items[index].fields = fields;
-        }
-        let mut outcomes = Vec::with_capacity(calls.len());
-        for (index, fields, call) in calls {
-            items[index].fields = fields;
-            outcomes.push((index, call));
-        }
-
-        self.decide(plugin, &policy, items, outcomes).await
+        Ok((calls, deferred))
     }
 
     /// Turns each handler outcome into the entry's decision: commands that pass validation are
     /// persisted, commands that do not are dead-lettered as `forbidden-command`, failures are
-    /// retried or dead-lettered by their kind.
+    /// retried or dead-lettered by their kind. An entry a shadow runs on keeps the live
+    /// outcome, to compare.
     async fn decide(
         &self,
         plugin: &Plugin,
         policy: &crate::config::PluginPolicy,
         items: &mut [Item],
         outcomes: Vec<(usize, Call)>,
-    ) -> Result<()> {
+    ) -> Result<Vec<guard::Call>> {
+        let mut judge = self.judge(plugin, policy, true).await?;
+        let mut calls = Vec::with_capacity(outcomes.len());
+        for (index, call) in outcomes {
+            let deliveries = items[index].entry.deliveries;
+            let capture = items[index].shadow.is_some();
+            let (decision, seen) = judge.decide(call, deliveries, capture).await?;
+            calls.push(guard::Call {
+                failed: !matches!(decision, Decision::Persist(_)),
+                elapsed: seen.elapsed,
+            });
+            if let (Some(shadow), Some(outcome)) = (&mut items[index].shadow, seen.outcome) {
+                shadow.live = Some(outcome);
+            }
+            items[index].decision = Some(decision);
+        }
+        Ok(calls)
+    }
+
+    /// A [`Judge`] of `plugin`'s outcomes under `policy`, against the catalogue as it is now;
+    /// `timed`: its calls count in the plugin's handler time (a shadow's do not: they serve no
+    /// entry).
+    pub(super) async fn judge<'a>(
+        &'a self,
+        plugin: &'a Plugin,
+        policy: &'a crate::config::PluginPolicy,
+        timed: bool,
+    ) -> Result<Judge<'a>> {
         // A statement found the schema changed under the catalogue (a dropped column): read it
         // again before checking anything against it.
         if crate::persist::schema::schema_changed() {
             self.reload_catalog().await?;
         }
-        let mut catalog = self.catalog();
-        let call_time =
+        let call_time = timed.then(|| {
             self.metrics
                 .handler_duration
                 .get_or_create_owned(&crate::metrics::ByPluginName {
                     plugin: plugin.name.clone(),
-                });
-        for (index, call) in outcomes {
-            let Call {
-                outcome,
-                elapsed,
-                weight,
-            } = call;
+                })
+        });
+        Ok(Judge {
+            state: self,
+            plugin,
+            policy,
+            catalog: self.catalog(),
+            call_time,
+        })
+    }
+}
+
+/// Decides what handler calls mean for their entries, one call at a time, with the batch's
+/// catalogue (read again when commands name something it does not know).
+pub(super) struct Judge<'a> {
+    state: &'a HostState,
+    plugin: &'a Plugin,
+    policy: &'a crate::config::PluginPolicy,
+    catalog: Arc<crate::persist::schema::Catalog>,
+    call_time: Option<prometheus_client::metrics::histogram::Histogram>,
+}
+
+/// What a rollout needs of a call besides its decision: how long it took, and (when asked for)
+/// the outcome in the form a shadow compares.
+pub(super) struct Seen {
+    pub(super) elapsed: std::time::Duration,
+    pub(super) outcome: Option<compare::Outcome>,
+}
+
+impl Judge<'_> {
+    /// The decision for an entry delivered `deliveries` times whose call came out as `call`; with
+    /// `capture`, also its outcome in canonical form.
+    pub(super) async fn decide(
+        &mut self,
+        call: Call,
+        deliveries: u32,
+        capture: bool,
+    ) -> Result<(Decision, Seen)> {
+        let Call {
+            outcome,
+            elapsed,
+            weight,
+        } = call;
+        if let Some(call_time) = &self.call_time {
             call_time.observe(elapsed.as_secs_f64());
-            let deliveries = items[index].entry.deliveries;
-            let decision = match super::outcome::commands_of(outcome, plugin.limits().memory_bytes)
-            {
-                Ok(commands) if weight > output::MAX_CALL_OUTPUT_BYTES => Decision::DeadLetter(
-                    FailureKind::ForbiddenCommand,
-                    format!(
-                        "the plugin returned {} commands weighing about {} MiB, more than the {} MiB one call may return",
-                        commands.len(),
-                        weight >> 20,
-                        output::MAX_CALL_OUTPUT_BYTES >> 20
-                    ),
-                ),
-                Ok(commands) => {
-                    // A table or column the catalogue does not know may have been created since
-                    // it was read (a migration, or a plugin author's new table): read it again
-                    // first, so the commands are checked once, without copying them.
-                    if !validate::all_known(&commands, &catalog) && self.refresh_catalog().await? {
-                        catalog = self.catalog();
-                    }
-                    match validate::validate(&plugin.name, policy, commands, &catalog) {
-                        Ok(statements) => Decision::Persist(statements),
-                        Err(rejection) => Decision::DeadLetter(
-                            FailureKind::ForbiddenCommand,
-                            rejection.to_string(),
-                        ),
-                    }
-                }
-                Err(failure) if failure.retryable => {
-                    self.retry_or_give_up(failure.kind, failure.reason, deliveries)
-                }
-                Err(failure) => Decision::DeadLetter(failure.kind, failure.reason),
-            };
-            items[index].decision = Some(decision);
         }
-        Ok(())
+        let mut seen = Seen {
+            elapsed,
+            outcome: None,
+        };
+        let plugin = self.plugin;
+        let decision = match super::outcome::commands_of(outcome, plugin.limits().memory_bytes) {
+            Ok(commands) if weight > output::MAX_CALL_OUTPUT_BYTES => {
+                let reason = format!(
+                    "the plugin returned {} commands weighing about {} MiB, more than the {} MiB one call may return",
+                    commands.len(),
+                    weight >> 20,
+                    output::MAX_CALL_OUTPUT_BYTES >> 20
+                );
+                if capture {
+                    seen.outcome = Some(compare::Outcome::Rejected {
+                        commands: Vec::new(),
+                        reason: reason.clone(),
+                    });
+                }
+                Decision::DeadLetter(FailureKind::ForbiddenCommand, reason)
+            }
+            Ok(commands) => {
+                // A table or column the catalogue does not know may have been created since
+                // it was read (a migration, or a plugin author's new table): read it again
+                // first, so the commands are checked once, without copying them.
+                if !validate::all_known(&commands, &self.catalog)
+                    && self.state.refresh_catalog().await?
+                {
+                    self.catalog = self.state.catalog();
+                }
+                let canonical = capture.then(|| compare::Outcome::canonical(&commands));
+                match validate::validate(&plugin.name, self.policy, commands, &self.catalog) {
+                    Ok(statements) => {
+                        seen.outcome = canonical.map(compare::Outcome::Commands);
+                        Decision::Persist(statements)
+                    }
+                    Err(rejection) => {
+                        let reason = rejection.to_string();
+                        seen.outcome = canonical.map(|commands| compare::Outcome::Rejected {
+                            commands,
+                            reason: reason.clone(),
+                        });
+                        Decision::DeadLetter(FailureKind::ForbiddenCommand, reason)
+                    }
+                }
+            }
+            Err(failure) => {
+                if capture {
+                    seen.outcome = Some(compare::Outcome::Failed {
+                        kind: failure.kind,
+                        reason: failure.reason.clone(),
+                    });
+                }
+                if failure.retryable {
+                    self.state
+                        .retry_or_give_up(failure.kind, failure.reason, deliveries)
+                } else {
+                    Decision::DeadLetter(failure.kind, failure.reason)
+                }
+            }
+        };
+        Ok((decision, seen))
+    }
+}
+
+/// The entry a handler is called with.
+pub(super) fn entry(
+    stream: &str,
+    entry: &crate::streams::StreamEntry,
+    fields: Fields,
+) -> wit::Entry {
+    wit::Entry {
+        source: stream.to_string(),
+        id: entry.id.clone(),
+        fields,
+        deliveries: entry.deliveries,
     }
 }
 
 /// The fields of an entry, moved into a call and back out.
-type Fields = Vec<(String, String)>;
+pub(super) type Fields = Vec<(String, String)>;
 
 /// Runs the batch's calls one after the other in one session (one instance, while calls return
 /// normally). Returns each call with its entry's fields, and the entries left for later: the
@@ -217,7 +331,7 @@ async fn call_each(
 
 /// One handler call's outcome, how long it took, and what its commands weigh
 /// ([`output::weight`], 0 for anything but commands).
-struct Call {
+pub(super) struct Call {
     outcome: HandlerOutcome,
     elapsed: std::time::Duration,
     weight: usize,

@@ -43,6 +43,7 @@
 //! through an outage it waits, costing no entry an attempt (`consumer/finish.rs`).
 
 mod ack;
+mod candidate;
 mod commit;
 mod dispatch;
 pub mod outcome;
@@ -51,6 +52,7 @@ mod triage;
 use crate::dead_letter::FailureKind;
 use crate::persist::validate::Statement;
 use crate::plugin::Plugin;
+use crate::rollout::Active;
 use crate::state::HostState;
 use crate::streams::{EntryId, StreamEntry};
 use anyhow::Result;
@@ -85,6 +87,9 @@ enum Decision {
 pub struct PreparedBatch {
     stream: String,
     plugin: Arc<Plugin>,
+    /// The rollout of the plugin this batch follows, taken once with the plugin (see
+    /// `candidate.rs`).
+    rollout: Option<Arc<Active>>,
     items: Vec<Item>,
     /// Ids of `init` sentinels, acknowledged with the rest.
     sentinels: Vec<String>,
@@ -131,6 +136,54 @@ struct Item {
     /// Fields whose value was not UTF-8: their text in `fields` has U+FFFD where bytes were, and
     /// the original bytes are gone. A dead letter says so, and replay refuses it.
     lossy_fields: Vec<String>,
+    /// Which version handles the entry: the live one, or a canary's candidate.
+    role: Role,
+    /// In a shadow rollout: the candidate's run on the entry beside the live one.
+    shadow: Option<candidate::Shadow>,
+}
+
+/// Which version of the plugin handles an entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Role {
+    #[default]
+    Live,
+    /// A canary rollout's candidate.
+    Candidate,
+}
+
+impl Role {
+    /// As rollout tallies and metrics name it.
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Live => "live",
+            Role::Candidate => "candidate",
+        }
+    }
+}
+
+/// The versions that handle a batch's entries: the live plugin, and a rollout's candidate.
+#[derive(Clone, Copy)]
+struct Handlers<'a> {
+    live: &'a Plugin,
+    rollout: Option<&'a Active>,
+}
+
+impl<'a> Handlers<'a> {
+    /// A batch's handlers (its fields, so the batch's items can be borrowed beside them).
+    fn of(live: &'a Arc<Plugin>, rollout: &'a Option<Arc<Active>>) -> Handlers<'a> {
+        Handlers {
+            live,
+            rollout: rollout.as_deref(),
+        }
+    }
+
+    /// The plugin that handled `item` (what its ledger row and dead letter name).
+    fn of_item(&self, item: &Item) -> &'a Plugin {
+        match (item.role, self.rollout) {
+            (Role::Candidate, Some(rollout)) => &rollout.candidate,
+            _ => self.live,
+        }
+    }
 }
 
 impl HostState {
@@ -205,12 +258,14 @@ impl HostState {
                 "entries at or before the ledger's horizon were delivered again (the group was rewound past the ledger retention?); they were finished before and are acknowledged without running"
             );
         }
-        self.dispatch(stream, &plugin, &mut items)
+        let rollout = self.rollouts.snapshot().for_live(&plugin);
+        self.handle(stream, &plugin, rollout.as_ref(), &mut items)
             .instrument(span.clone())
             .await?;
         Ok(Some(PreparedBatch {
             stream: stream.to_string(),
             plugin,
+            rollout,
             items,
             sentinels,
             started,
@@ -241,7 +296,8 @@ impl HostState {
         batch.sentinels.clear();
         let span = batch.span.clone();
         let plugin = batch.plugin.clone();
-        self.dispatch(&batch.stream, &plugin, &mut batch.items)
+        let rollout = batch.rollout.clone();
+        self.handle(&batch.stream, &plugin, rollout.as_ref(), &mut batch.items)
             .instrument(span)
             .await
     }
@@ -252,8 +308,9 @@ impl HostState {
     pub async fn finish_each_alone(&self, batch: &mut PreparedBatch) -> Result<BatchReport> {
         let span = batch.span.clone();
         async {
+            let handlers = Handlers::of(&batch.plugin, &batch.rollout);
             let messages = self
-                .commit_each_alone(&batch.stream, &batch.plugin, &mut batch.items)
+                .commit_each_alone(&batch.stream, handlers, &mut batch.items)
                 .await?;
             self.acknowledge(batch, messages).await
         }
@@ -264,8 +321,9 @@ impl HostState {
     /// [`HostState::finish`] inside the batch's span: [`commit`](HostState::commit), then
     /// [`acknowledge`](HostState::acknowledge).
     async fn commit_and_ack(&self, batch: &mut PreparedBatch) -> Result<BatchReport> {
+        let handlers = Handlers::of(&batch.plugin, &batch.rollout);
         let messages = self
-            .commit(&batch.stream, &batch.plugin, &mut batch.items)
+            .commit(&batch.stream, handlers, &mut batch.items)
             .await?;
         self.acknowledge(batch, messages).await
     }

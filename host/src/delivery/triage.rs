@@ -1,6 +1,6 @@
 //! Step 1: what can be decided about an entry without its handler.
 
-use super::{Decision, Item};
+use super::{Decision, Item, Role};
 use crate::dead_letter::FailureKind;
 use crate::dead_letter::{REPLAY_OF_FIELD, REPLAY_PROOF_FIELD};
 use crate::state::HostState;
@@ -63,6 +63,8 @@ fn triage(mut entry: StreamEntry, retry_attempts: u32, genuine: ReplayCheck) -> 
         correlation_id,
         decision,
         lossy_fields,
+        role: Role::Live,
+        shadow: None,
     }
 }
 

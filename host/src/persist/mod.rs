@@ -13,7 +13,9 @@
 //!   catalogue) — the per-entry fallback when a set-based statement fails;
 //! - [`ledger`]: the processed-entry ledger, which makes redelivery harmless;
 //! - [`operator_migrations`]: the operator's own SQL migrations, for plugins' new tables;
-//! - [`outbox`]: the transactional outbox, which makes publishing after commit safe, and its relay.
+//! - [`outbox`]: the transactional outbox, which makes publishing after commit safe, and its relay;
+//! - [`plugin_store`]: the fleet's deployed plugins;
+//! - [`rollouts`]: the fleet's rollouts of candidate versions, their tallies and differences.
 
 pub mod answers;
 pub mod batch;
@@ -23,6 +25,7 @@ pub mod operator_migrations;
 pub mod outbox;
 pub mod plan;
 pub mod plugin_store;
+pub mod rollouts;
 pub mod schema;
 pub mod validate;
 

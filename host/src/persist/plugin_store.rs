@@ -13,8 +13,9 @@ use sqlx::PgPool;
 /// hosts sync at once rather than at their next periodic round.
 pub const CHANGES: &str = "kaleidoscope_plugin_store";
 
-/// Announces a change of `fleet`'s plugins (delivered when `executor`'s transaction commits).
-async fn announce<'c, E: sqlx::PgExecutor<'c>>(executor: E, fleet: &str) -> Result<()> {
+/// Announces a change of `fleet`'s plugins or rollouts (delivered when `executor`'s transaction
+/// commits).
+pub(super) async fn announce<'c, E: sqlx::PgExecutor<'c>>(executor: E, fleet: &str) -> Result<()> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(CHANGES)
         .bind(fleet)
@@ -93,6 +94,20 @@ pub async fn put(
 ) -> Result<(Stored, Option<StoredBuild>)> {
     let context = || format!("cannot deploy plugin {:?} to the plugin store", plugin.name);
     let mut tx = pool.begin().await.with_context(context)?;
+    let put = put_in(&mut tx, fleet, plugin, bytes).await?;
+    tx.commit().await.with_context(context)?;
+    Ok(put)
+}
+
+/// [`put`] inside the caller's transaction (a rollout's promotion writes the store and ends the
+/// rollout in one).
+pub(super) async fn put_in(
+    tx: &mut sqlx::PgConnection,
+    fleet: &str,
+    plugin: &Stored,
+    bytes: &[u8],
+) -> Result<(Stored, Option<StoredBuild>)> {
+    let context = || format!("cannot deploy plugin {:?} to the plugin store", plugin.name);
     let previous: Option<StoredBuild> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS}, bytes FROM plugin_store WHERE fleet = $1 AND name = $2 FOR UPDATE"
     )))
@@ -120,7 +135,6 @@ pub async fn put(
     .await
     .with_context(context)?;
     announce(&mut *tx, fleet).await?;
-    tx.commit().await.with_context(context)?;
     Ok((stored, previous))
 }
 

@@ -18,6 +18,7 @@ pub mod engine;
 mod function_cache;
 mod older_contracts;
 pub mod output;
+pub mod readable;
 pub mod registry;
 pub mod sandbox;
 pub mod trap;
