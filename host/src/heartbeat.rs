@@ -49,6 +49,26 @@ pub struct HostStatus {
     /// answer about a file deployed after it says nothing yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugins_scanned_at: Option<String>,
+    /// The fleet's running rollouts as this host follows them (or why it cannot).
+    #[serde(default)]
+    pub rollouts: Vec<RolloutFollowed>,
+}
+
+/// A running rollout as one host follows it: the plan's revision it applies, or why it cannot
+/// (its candidate would not load here, or the host serves another live build). How `plugin
+/// deploy --canary`, `rollout set` and `rollout promote` learn that every host has moved.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RolloutFollowed {
+    pub id: i64,
+    pub plugin: String,
+    pub revision: i32,
+    pub mode: String,
+    pub percent: f64,
+    pub candidate_version: String,
+    pub candidate_sha256: String,
+    /// Why the host does not follow it (`None`: it does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 impl HostStatus {
@@ -190,6 +210,7 @@ pub async fn write(state: &HostState, streams: &[String], started_at: SystemTime
         plugins_scanned_at: snapshot
             .scanned_at()
             .map(|at| humantime::format_rfc3339_millis(at).to_string()),
+        rollouts: rollouts_followed(state),
     };
     let Ok(json) = serde_json::to_string(&status) else {
         return;
@@ -206,6 +227,35 @@ pub async fn write(state: &HostState, streams: &[String], started_at: SystemTime
         Ok(()) => state.note_heartbeat_written(),
         Err(error) => tracing::warn!("cannot publish the host status: {error}"),
     }
+}
+
+/// The rollouts this host follows or refused, as its heartbeat reports them.
+fn rollouts_followed(state: &HostState) -> Vec<RolloutFollowed> {
+    let followed = state.rollouts.snapshot();
+    let report =
+        |row: &crate::persist::rollouts::RolloutRow, refused: Option<String>| RolloutFollowed {
+            id: row.id,
+            plugin: row.plugin.clone(),
+            revision: row.revision,
+            mode: row.mode.clone(),
+            percent: row.percent,
+            candidate_version: row.candidate_version.clone(),
+            candidate_sha256: row.candidate_sha256.clone(),
+            refused,
+        };
+    let mut reports: Vec<RolloutFollowed> = followed
+        .active
+        .values()
+        .map(|active| report(&active.row, None))
+        .chain(
+            followed
+                .refused
+                .values()
+                .map(|(row, reason)| report(row, Some(reason.clone()))),
+        )
+        .collect();
+    reports.sort_by(|a, b| a.plugin.cmp(&b.plugin));
+    reports
 }
 
 /// Removes this host's heartbeat at shutdown, so `status` stops listing it at once.

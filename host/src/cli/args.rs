@@ -75,6 +75,10 @@ pub enum Command {
     /// Inspect and replay dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Follow and steer rollouts of candidate versions started with `plugin deploy --shadow` or
+    /// `--canary`.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -296,6 +300,109 @@ pub enum DlqCommand {
     },
 }
 
+/// How `plugin deploy` starts a rollout instead of replacing the live version.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RolloutArgs {
+    /// Run the file as a shadow of the live version: on PERCENT of the entries (by key; 100 when
+    /// no value is given) it runs beside it, and its commands are compared, never executed.
+    /// See `kaleidoscope rollout diff`.
+    #[arg(long, value_name = "PERCENT", num_args = 0..=1, default_missing_value = "100",
+        value_parser = percent, conflicts_with = "canary")]
+    pub shadow: Option<f64>,
+    /// Run the file as a canary: it handles PERCENT of the entries (by key), for real.
+    #[arg(long, value_name = "PERCENT", value_parser = percent)]
+    pub canary: Option<f64>,
+    /// The entry field that routes an entry to the candidate (a key keeps its version); entries
+    /// without it go by entry id.
+    #[arg(long, value_name = "FIELD", default_value = "mediaId")]
+    pub key: String,
+    /// Roll back when the candidate fails (or is dead-lettered) more often than the live version
+    /// by more than this many percentage points...
+    #[arg(long, value_name = "POINTS", default_value_t = 5.0)]
+    pub max_failure_points: f64,
+    /// ...over a window of its last this many entries (each host judges its own).
+    #[arg(long, value_name = "ENTRIES", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub window: u32,
+    /// Roll back when the candidate's handler time p99 is over this many times the live one's
+    /// (and more than 5 ms over it).
+    #[arg(long, value_name = "FACTOR", default_value_t = 3.0)]
+    pub max_latency_factor: f64,
+    /// Shadow: roll back when more than this percentage of the entries compared differ (no limit
+    /// unless given).
+    #[arg(long, value_name = "PERCENT", value_parser = percent)]
+    pub max_differences: Option<f64>,
+}
+
+/// `kaleidoscope rollout …`.
+#[derive(Subcommand)]
+pub enum RolloutCommand {
+    /// Show the latest rollout of every plugin (or of NAME): mode, share, thresholds, entries per
+    /// version and outcome (per host too), differences, state and reason, and how each host
+    /// follows it.
+    #[command(after_long_help = config::SETTINGS_POINTER)]
+    Status {
+        /// The plugin.
+        name: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the running rollout of NAME: its share, or its mode with it (a shadow can become
+    /// a canary); waits until every host follows.
+    #[command(after_long_help = config::SETTINGS_POINTER)]
+    Set {
+        /// The plugin.
+        name: String,
+        /// Make it a canary on PERCENT of the entries.
+        #[arg(long, value_name = "PERCENT", value_parser = percent, conflicts_with = "shadow", required_unless_present = "shadow")]
+        canary: Option<f64>,
+        /// Make it a shadow on PERCENT of the entries.
+        #[arg(long, value_name = "PERCENT", value_parser = percent)]
+        shadow: Option<f64>,
+        /// Give up waiting for the hosts after this many seconds (exit 1).
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        timeout: u64,
+    },
+    /// Make the candidate of NAME's running rollout the live version of every host (through the
+    /// plugin store, in the transaction that ends the rollout); waits until every host loaded it.
+    #[command(after_long_help = config::SETTINGS_POINTER)]
+    Promote {
+        /// The plugin.
+        name: String,
+        /// Give up waiting for the hosts after this many seconds (exit 1).
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        timeout: u64,
+    },
+    /// End NAME's running rollout: the live version handles every entry again. What a canary
+    /// wrote stays written.
+    #[command(after_long_help = config::SETTINGS_POINTER)]
+    Abort {
+        /// The plugin.
+        name: String,
+    },
+    /// Show the entries on which NAME's shadow differed from the live version (a sample of the
+    /// first 100): per table and column, the live value → the candidate's.
+    #[command(after_long_help = config::SETTINGS_POINTER)]
+    Diff {
+        /// The plugin.
+        name: String,
+        /// At most this many entries.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        /// Print JSON (both command lists and the column changes) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A percentage from 0 to 100.
+fn percent(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (0.0..=100.0).contains(&value) => Ok(value),
+        _ => Err(format!("expected a percentage from 0 to 100, got {text:?}")),
+    }
+}
+
 /// `kaleidoscope plugin …`.
 #[derive(Subcommand)]
 pub enum PluginCommand {
@@ -341,7 +448,9 @@ pub enum PluginCommand {
     /// group) through the plugin store in PostgreSQL, as the plugin its manifest names, and wait
     /// until every live host reports it loaded. The file is loaded here first: one no host could
     /// load changes nothing. A deploy some host refuses is undone (the previous build stays);
-    /// exit 1 then, and when no live host answered.
+    /// exit 1 then, and when no live host answered. With `--shadow` or `--canary`, the file
+    /// becomes the candidate of a rollout beside the live version instead (see `kaleidoscope
+    /// rollout`); exit 1 when a host cannot follow it (the rollout is aborted).
     #[command(after_long_help = config::SETTINGS_POINTER)]
     Deploy {
         /// The `.wasm` component.
@@ -349,6 +458,8 @@ pub enum PluginCommand {
         /// Give up waiting for the hosts after this many seconds (exit 1).
         #[arg(long, default_value_t = 60, value_name = "SECONDS")]
         timeout: u64,
+        #[command(flatten)]
+        rollout: RolloutArgs,
     },
     /// Run the project in DIR with nothing else running: a host of its own in this process (its
     /// database `kaleidoscope_dev_<project>` and stream prefix `dev:<project>:` made for it, its

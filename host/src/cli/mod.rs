@@ -1,9 +1,10 @@
 //! The `kaleidoscope` command line: `args.rs` is its grammar, `commands.rs` has one function per
-//! subcommand, and [`main`] sets up logging and the async runtime, runs one, and turns its result
+//! subcommand (`rollout.rs` those of `kaleidoscope rollout`), and [`main`] sets up logging and the async runtime, runs one, and turns its result
 //! into an exit code and a one-line error.
 
 mod args;
 mod commands;
+mod rollout;
 
 pub use args::Cli;
 
@@ -123,6 +124,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             commands::status(&load_config_for_a_tool(file)?, json, thresholds).await
         }
         Command::Dlq(command) => commands::dlq(&load_config_for_a_tool(file)?, command).await,
+        Command::Rollout(command) => rollout::run(&load_config_for_a_tool(file)?, command).await,
         Command::Config(args::ConfigCommand::Check { json }) => config_check(file, json),
         Command::Publish(command) => commands::publish(load_config(file)?, command).await,
         Command::Demo {
@@ -231,7 +233,11 @@ async fn plugin(file: Option<&Path>, command: args::PluginCommand) -> Result<Exi
         args::PluginCommand::Deploy {
             file: plugin,
             timeout,
-        } => commands::deploy(&load_config(file)?, &plugin, timeout).await,
+            rollout,
+        } => match rollout::plan(&rollout) {
+            Some(plan) => rollout::start(&load_config(file)?, &plugin, &plan, timeout).await,
+            None => commands::deploy(&load_config(file)?, &plugin, timeout).await,
+        },
         args::PluginCommand::Up { dir, timeout } => {
             let env: BTreeMap<String, String> = std::env::vars().collect();
             let config = crate::authoring::up::config(&dir, &env)?;

@@ -8,6 +8,7 @@
 //!   relay, each run every so often until the host stops.
 
 mod background;
+mod rollout_sync;
 mod store_sync;
 mod supervisor;
 
@@ -62,8 +63,11 @@ impl RunningHost {
             consumers: Mutex::new(BTreeMap::new()),
             stopping: Mutex::new(Vec::new()),
             reloading: Mutex::new(()),
+            following: Mutex::new(()),
             started_at: SystemTime::now(),
         });
+        // Before any consumer reads: a host restarted in the middle of a rollout resumes it.
+        supervisor.sync_rollouts().await;
         supervisor.reconcile_consumers().await?;
         supervisor.write_heartbeat().await;
 

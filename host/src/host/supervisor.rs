@@ -42,6 +42,8 @@ pub(super) struct Supervisor {
     pub(super) stopping: Mutex<Vec<(String, JoinHandle<()>)>>,
     /// Serialises reloads (a watch event and the periodic rescan may coincide).
     pub(super) reloading: Mutex<()>,
+    /// Serialises rounds of following the rollouts.
+    pub(super) following: Mutex<()>,
     pub(super) started_at: SystemTime,
 }
 
@@ -159,9 +161,11 @@ impl Supervisor {
     }
 
     /// Writes what the fleet's plugin store deployed or removed since the last round into the
-    /// plugins directory, and reloads when that changed anything.
+    /// plugins directory, and reloads when that changed anything; then follows the fleet's
+    /// rollouts (after the reload, so a promoted candidate is live before its rollout is let go).
     pub(super) async fn sync_store(&self) {
         let serving = self.state.registry.snapshot();
+        let mut heartbeat_due = false;
         match self.store.sync(&self.state.pool, &serving).await {
             Ok(synced) if !synced.changed => {}
             Ok(synced) => {
@@ -171,20 +175,35 @@ impl Supervisor {
                 // After the reload, which wrote the heartbeat: written again only when a stream
                 // given up on purpose changed readiness.
                 let now = self.state.registry.snapshot();
-                let mut readiness_changed = false;
                 for stream in &synced.removed_streams {
                     if now.for_stream(stream).is_none() {
-                        readiness_changed |= self.state.forget_consumed(stream);
+                        heartbeat_due |= self.state.forget_consumed(stream);
                     }
-                }
-                if readiness_changed {
-                    self.write_heartbeat().await;
                 }
             }
             Err(error) => tracing::warn!(
                 "plugin store not synced (the plugins loaded keep serving): {}",
                 crate::text::causes(&error)
             ),
+        }
+        heartbeat_due |= self.sync_rollouts().await;
+        if heartbeat_due {
+            self.write_heartbeat().await;
+        }
+    }
+
+    /// Follows the fleet's rollouts; whether what this host follows changed.
+    pub(super) async fn sync_rollouts(&self) -> bool {
+        let _one_at_a_time = self.following.lock().await;
+        match super::rollout_sync::sync(&self.state, &self.runtime).await {
+            Ok(changed) => changed,
+            Err(error) => {
+                tracing::warn!(
+                    "rollouts not followed this round (what this host follows stays as it was): {}",
+                    crate::text::causes(&error)
+                );
+                false
+            }
         }
     }
 

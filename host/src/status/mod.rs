@@ -4,6 +4,7 @@
 //! demo; [`render`] turns a report into a table for people.
 
 mod render;
+pub mod rollouts;
 
 pub use render::render;
 
@@ -50,6 +51,8 @@ pub struct Report {
     /// The fleet's plugin store (see [`crate::persist::plugin_store`]); absent when the database
     /// could not be asked.
     pub deployed: Option<Vec<crate::persist::plugin_store::Stored>>,
+    /// The rollouts in progress; absent when the database could not be asked.
+    pub rollouts: Option<Vec<rollouts::RolloutReport>>,
 }
 
 /// One inbound stream as Redis sees it.
@@ -182,15 +185,27 @@ pub async fn collect<C: ConnectionLike + Send>(
         }
         None => None,
     };
+    let rollouts = match pool {
+        Some(pool) => match rollouts::collect(pool, config, &hosts, None, true).await {
+            Ok(rollouts) => Some(rollouts),
+            Err(error) => {
+                problems.push(format!("rollouts: {}", crate::text::causes(&error)));
+                None
+            }
+        },
+        None => None,
+    };
     problems.extend(build_problems(
         &hosts,
         deployed.as_deref().unwrap_or_default(),
+        rollouts.as_deref().unwrap_or_default(),
     ));
     Ok(Report {
         healthy: problems.is_empty(),
         problems,
         requests,
         deployed,
+        rollouts,
         hosts,
         streams,
         request_streams,
@@ -200,13 +215,26 @@ pub async fn collect<C: ConnectionLike + Send>(
 
 /// Live hosts that run another build of a plugin than the plugin store deployed (a host that
 /// cannot write its plugins directory), or, for plugins not deployed through the store, hosts
-/// that run different builds of one plugin: the fleet drifted.
+/// that run different builds of one plugin: the fleet drifted. Likewise a host that cannot follow
+/// a running rollout.
 fn build_problems(
     hosts: &[HostStatus],
     deployed: &[crate::persist::plugin_store::Stored],
+    rollouts: &[rollouts::RolloutReport],
 ) -> Vec<String> {
     let build_of = crate::plugin::build_of;
     let mut problems = Vec::new();
+    for report in rollouts {
+        for host in report.hosts.iter().filter(|h| h.state == "refused") {
+            problems.push(format!(
+                "rollout {} of {}: host {} cannot follow it: {}",
+                report.rollout.id,
+                report.rollout.plugin,
+                host.host,
+                host.reason.as_deref().unwrap_or_default()
+            ));
+        }
+    }
     let mut builds: BTreeMap<&str, BTreeMap<&str, Vec<&str>>> = BTreeMap::new();
     for host in hosts.iter().filter(|h| h.fresh()) {
         for plugin in &host.plugins {

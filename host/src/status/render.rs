@@ -74,6 +74,12 @@ pub fn render(report: &Report) -> String {
             ));
         }
     }
+    if let Some(rollouts) = report.rollouts.as_deref().filter(|r| !r.is_empty()) {
+        out.push_str("\nrollouts in progress:\n");
+        for line in super::rollouts::render(rollouts).lines() {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
     out.push_str("\nhosts:\n");
     if report.hosts.is_empty() {
         out.push_str("  (none running)\n");

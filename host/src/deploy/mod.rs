@@ -17,6 +17,8 @@
 //! loses the plugin if it is new), so every host, and every host started later, keeps serving
 //! what it served.
 
+pub mod rollout;
+
 use crate::config::Config;
 use crate::heartbeat;
 use crate::persist::plugin_store::{self, Stored, StoredBuild};
@@ -233,6 +235,19 @@ pub async fn store(pool: &PgPool, config: &Config, candidate: &Candidate) -> Res
                 other.name
             );
         }
+    }
+    let rollouts = crate::persist::rollouts::running(pool, &fleet).await?;
+    if let Some(running) = rollouts.iter().find(|r| r.plugin == plugin.name) {
+        bail!(
+            "rollout {} of {} ({} → {}, {}) is running; nothing was deployed (`kaleidoscope rollout promote {}` or `rollout abort {}` first)",
+            running.id,
+            running.plugin,
+            running.live_version,
+            running.candidate_version,
+            running.mode,
+            running.plugin,
+            running.plugin
+        );
     }
     let at = std::time::SystemTime::now();
     let (stored, previous) = plugin_store::put(pool, &fleet, plugin, &candidate.bytes).await?;
