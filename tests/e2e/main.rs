@@ -30,6 +30,7 @@ mod plugin_store;
 mod protocol;
 mod python;
 mod requests;
+mod rollouts;
 mod sandbox;
 mod toolkit;
 mod user_face_embeddings;

@@ -129,6 +129,10 @@ pub struct Call {
 #[derive(Debug)]
 pub struct Guard {
     thresholds: Thresholds,
+    /// Whether the candidate's failures (and refused commands) roll it back: in a canary they
+    /// reach the data and the dead-letter stream; a shadow is there to show them, and only its
+    /// cost to the live path (latency) and an operator's limit on differences end it.
+    judge_failures: bool,
     candidate: Window<Call>,
     live: Window<Call>,
     /// Shadow: whether each compared entry differed.
@@ -136,9 +140,11 @@ pub struct Guard {
 }
 
 impl Guard {
-    pub fn new(thresholds: Thresholds) -> Guard {
+    /// A guard with empty windows; `judge_failures`: see the field.
+    pub fn new(thresholds: Thresholds, judge_failures: bool) -> Guard {
         Guard {
             thresholds,
+            judge_failures,
             candidate: Window::new(thresholds.window),
             live: Window::new(thresholds.window),
             compared: Window::new(thresholds.window),
@@ -180,7 +186,7 @@ impl Guard {
         }
         let candidate = percent_of(self.candidate.items.iter().map(|c| c.failed));
         let live = percent_of(self.live.items.iter().map(|c| c.failed));
-        if candidate - live > t.max_failure_points {
+        if self.judge_failures && candidate - live > t.max_failure_points {
             return Some(Breach::FailureRate {
                 candidate,
                 live,
@@ -234,10 +240,13 @@ mod tests {
     }
 
     fn guard(window: usize) -> Guard {
-        Guard::new(Thresholds {
-            window,
-            ..Thresholds::default()
-        })
+        Guard::new(
+            Thresholds {
+                window,
+                ..Thresholds::default()
+            },
+            true,
+        )
     }
 
     #[test]
@@ -261,6 +270,22 @@ mod tests {
             }
             other => panic!("expected a failure-rate breach, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_shadow_reports_failures_rather_than_ending_on_them() {
+        let mut shadow = Guard::new(
+            Thresholds {
+                window: 10,
+                ..Thresholds::default()
+            },
+            false,
+        );
+        for _ in 0..10 {
+            shadow.live(call(false, 1));
+            shadow.candidate(call(true, 1));
+        }
+        assert_eq!(shadow.check(), None);
     }
 
     #[test]
@@ -291,11 +316,14 @@ mod tests {
     #[test]
     fn differences_count_only_when_the_operator_set_a_limit() {
         let mut unlimited = guard(10);
-        let mut limited = Guard::new(Thresholds {
-            window: 10,
-            max_difference_percent: Some(20.0),
-            ..Thresholds::default()
-        });
+        let mut limited = Guard::new(
+            Thresholds {
+                window: 10,
+                max_difference_percent: Some(20.0),
+                ..Thresholds::default()
+            },
+            false,
+        );
         for i in 0..10 {
             unlimited.compared(i < 5);
             limited.compared(i < 5);

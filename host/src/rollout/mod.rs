@@ -80,7 +80,7 @@ impl Active {
     pub fn new(row: RolloutRow, candidate: Arc<Plugin>) -> Option<Active> {
         let mode = Mode::parse(&row.mode)?;
         Some(Active {
-            guard: Mutex::new(Guard::new(thresholds(&row))),
+            guard: Mutex::new(Guard::new(thresholds(&row), mode == Mode::Canary)),
             mode,
             row,
             candidate,

@@ -50,6 +50,7 @@ impl Handler for FaceDetection {
     }
 }
 
+#[cfg(feature = "export")]
 sdk::export_handler!(FaceDetection);
 
 /// How a `bbox` list is laid out (setting `bbox`).
