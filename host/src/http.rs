@@ -151,14 +151,19 @@ async fn metrics(state: &HostState) -> String {
             .set(i64::from(latent.contains_key(&cause)));
     }
     scraped.rollout_percent.clear();
-    for active in state.rollouts.snapshot().active.values() {
+    let followed = state.rollouts.snapshot();
+    for plugin in snapshot.plugins() {
+        let active = followed.for_live(plugin);
         scraped
             .rollout_percent
             .get_or_create(&crate::metrics::ByRolloutMode {
-                plugin: active.row.plugin.clone(),
-                mode: active.mode.as_str().to_string(),
+                plugin: plugin.name.clone(),
+                mode: active
+                    .as_ref()
+                    .map_or("none", |a| a.mode.as_str())
+                    .to_string(),
             })
-            .set(active.row.percent);
+            .set(active.map_or(0.0, |a| a.row.percent));
     }
     scraped.stream_unserved.clear();
     for stream in &streams {

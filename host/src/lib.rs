@@ -25,9 +25,11 @@
 //! - [`requests`]: the other direction — publishing requests to the ML services and tracking them
 //!   until their results arrive; [`ml`]: the ML side's stream and service names, listed once;
 //!   [`simulate`]: a reference ML service for demos and tests;
+//! - [`rollout`]: a candidate version beside the live one — shadow, canary by key, automatic
+//!   rollback; it enters the protocol in `delivery/candidate.rs`;
 //! - **CLI** — [`cli`]: one function per subcommand; [`dead_letter::admin`] (`dlq list/replay`),
-//!   [`toolkit`] (`plugin check/exec`), [`deploy`] (`plugin deploy`), [`bench`](mod@bench),
-//!   [`demo`] (both show [`progress`]);
+//!   [`toolkit`] (`plugin check/exec`), [`deploy`] (`plugin deploy`, `rollout …`),
+//!   [`bench`](mod@bench), [`demo`] (both show [`progress`]);
 //! - [`text`]: making outside text (plugin reasons, log lines) safe to store; [`python_env`]:
 //!   the Python environments the tools make on first use.
 //!
@@ -35,7 +37,8 @@
 //! forms): the leaves ([`text`], [`failure`], [`backoff`], [`shutdown`], [`ml`], [`logging`],
 //! [`python_env`]);
 //! [`plugin`] (which knows nothing of configuration or the protocol); [`config`]; [`streams`],
-//! [`redis_connection`], [`health`]; [`persist`]; [`dead_letter`]; [`metrics`], [`heartbeat`];
+//! [`redis_connection`], [`health`]; [`persist`]; [`dead_letter`]; [`rollout`]; [`metrics`],
+//! [`heartbeat`];
 //! [`state`]; [`delivery`]; [`consumer`]; [`host`], [`requests`], [`status`], [`http`]; and the
 //! tools on top ([`cli`], [`bench`](mod@bench), [`demo`], [`simulate`], [`authoring`],
 //! [`toolkit`], [`deploy`]).

@@ -383,7 +383,7 @@ impl Metrics {
         );
         r.register(
             "kaleidoscope_rollout_percent",
-            "The share of entries (percent, by key) a rollout's candidate takes on this host now, by plugin and mode (shadow, canary); no series when no rollout runs",
+            "The share of entries (percent, by key) a rollout's candidate takes on this host now, by plugin and mode (shadow, canary; `none` and 0 when no rollout of the plugin runs here)",
             s.rollout_percent.clone(),
         );
         r.register(
@@ -462,6 +462,33 @@ pub fn retry_reason(kind: crate::dead_letter::FailureKind) -> &'static str {
 /// The series a stream served by `plugin` has from the start (at 0) — processed, redelivered,
 /// retried, dead-lettered by every kind, batch failures, recreated groups, and both latency
 /// histograms — so dashboards and alerts (`rate`, `increase`) see them before the first entry.
+/// Creates the rollout series of `plugin` at 0, so the first rollback of a rollout shows as an
+/// increase (`increase()` cannot see the first sample of a new series) and the dashboard's rollout
+/// row has its series before the first rollout.
+fn touch_rollouts(metrics: &Metrics, plugin: &str) {
+    for reason in crate::rollout::guard::Breach::KINDS {
+        let _ = metrics.rollout_rollbacks.get_or_create(&ByRollback {
+            plugin: plugin.to_string(),
+            reason: reason.to_string(),
+        });
+    }
+    for version in ["live", "candidate"] {
+        for outcome in ["processed", "dead-lettered"] {
+            let _ = metrics.rollout_entries.get_or_create(&ByRolloutOutcome {
+                plugin: plugin.to_string(),
+                version: version.to_string(),
+                outcome: outcome.to_string(),
+            });
+        }
+    }
+    for verdict in crate::rollout::compare::Verdict::ALL {
+        let _ = metrics.rollout_comparisons.get_or_create(&ByVerdict {
+            plugin: plugin.to_string(),
+            verdict: verdict.as_str().to_string(),
+        });
+    }
+}
+
 pub fn touch_stream(metrics: &Metrics, stream: &str, plugin: &str) {
     let by_stream = ByStream::new(stream);
     let _ = metrics.processed.get_or_create(&ByPlugin {
@@ -493,6 +520,7 @@ pub fn touch_stream(metrics: &Metrics, stream: &str, plugin: &str) {
         plugin: plugin.to_string(),
     };
     let _ = metrics.handler_duration.get_or_create(&by_plugin);
+    touch_rollouts(metrics, plugin);
     let _ = metrics.calls_in_flight.get_or_create(&by_plugin);
 }
 

@@ -179,6 +179,7 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
         "KaleidoscopeStuckConsumer",
         "KaleidoscopeStreamUnserved",
         "KaleidoscopeRestartWouldFail",
+        "KaleidoscopeRolloutRolledBack",
         "KaleidoscopeDeadLettersRising",
         "KaleidoscopePluginLoadFailed",
         "KaleidoscopeNotReady",

@@ -14,7 +14,8 @@
 //! [`traffic`] generates and adds the entries, [`process`] starts and measures the subjects,
 //! [`measure`] watches them work; this module runs the subjects in turn and renders the table.
 
-use anyhow::Result;
+use crate::rollout::Mode;
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,17 @@ pub struct BenchOptions {
     pub host_binary: PathBuf,
     /// Give up on a subject after this long.
     pub timeout: Duration,
+    /// A candidate build of one of the host's plugins, and the live build it is rolled out
+    /// against: the host is then measured three times, without a rollout, with the candidate
+    /// as a shadow on every entry, and as a canary on half of them.
+    pub rollout: Option<BenchRollout>,
+}
+
+/// The two builds a bench's rollout compares (both loaded as `plugin deploy` loads them).
+#[derive(Clone, Debug)]
+pub struct BenchRollout {
+    pub live: crate::deploy::Candidate,
+    pub candidate: crate::deploy::Candidate,
 }
 
 /// The figures of one subject.
@@ -82,7 +94,12 @@ pub struct Figures {
 /// Runs the bench and returns the figures of each subject (the host first).
 pub async fn run(options: &BenchOptions) -> Result<Vec<Figures>> {
     let data = Generated::new(options.entries, options.mix, options.embedding_dims);
-    let mut results = vec![run_subject(options, &data, Subject::Host).await?];
+    let mut results = vec![run_subject(options, &data, Subject::Host(None)).await?];
+    if options.rollout.is_some() {
+        for rollout in [(Mode::Shadow, 100.0), (Mode::Canary, 50.0)] {
+            results.push(run_subject(options, &data, Subject::Host(Some(rollout))).await?);
+        }
+    }
     if options.baseline {
         results.push(run_subject(options, &data, Subject::Baseline).await?);
     }
@@ -160,9 +177,11 @@ pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
     out
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// What is measured: the host (with a rollout of a candidate, in a mode on a share of the
+/// entries), or the hand-written reference consumer.
+#[derive(Clone, Copy, PartialEq)]
 enum Subject {
-    Host,
+    Host(Option<(Mode, f64)>),
     Baseline,
 }
 
@@ -170,15 +189,26 @@ impl Subject {
     /// The consumer group the subject reads with.
     fn group(self) -> &'static str {
         match self {
-            Subject::Host => "backend-group",
+            Subject::Host(_) => "backend-group",
             Subject::Baseline => "baseline-group",
         }
     }
 
+    /// Its name in logs, file names and the table.
     fn name(self) -> &'static str {
         match self {
-            Subject::Host => "kaleidoscope",
+            Subject::Host(None) => "kaleidoscope",
+            Subject::Host(Some((Mode::Shadow, _))) => "+shadow",
+            Subject::Host(Some((Mode::Canary, _))) => "+canary",
             Subject::Baseline => "baseline",
+        }
+    }
+
+    /// Its name in the figures: with the rollout's share.
+    fn label(self) -> String {
+        match self {
+            Subject::Host(Some((mode, percent))) => format!("+{} {percent}%", mode.as_str()),
+            _ => self.name().to_string(),
         }
     }
 }
@@ -194,6 +224,9 @@ async fn run_subject(
     let mut redis = crate::redis_connection::open(&options.redis_url).await?;
     delete_keys(&mut redis, &prefix).await?;
     let deadlocks_before = deadlocks(&pool).await?;
+    if let (Subject::Host(Some((mode, percent))), Some(rollout)) = (subject, &options.rollout) {
+        start_rollout(&pool, &prefix, rollout, mode, percent).await?;
+    }
 
     if options.rate.is_none() {
         add_entries(&mut redis, &prefix, data, None, subject).await?;
@@ -223,7 +256,7 @@ async fn run_subject(
     let peak_rss_mb = peak_rss_mb(&child);
     let cpu_seconds = cpu_seconds(&child);
     let plugin_seconds = match subject {
-        Subject::Host => scrape_plugin_seconds(metrics_port).await,
+        Subject::Host(_) => scrape_plugin_seconds(metrics_port).await,
         Subject::Baseline => None,
     };
     stop(&mut child);
@@ -248,7 +281,7 @@ async fn run_subject(
         ),
     };
     Ok(Figures {
-        subject: subject.name().into(),
+        subject: subject.label(),
         entries: data.len(),
         entries_per_second: data.len() as f64 / drain.max(1e-9),
         seconds: drain,
@@ -261,4 +294,37 @@ async fn run_subject(
         first_tenth_per_second: tenths.map(|t| t.0),
         last_tenth_per_second: tenths.map(|t| t.1),
     })
+}
+
+/// Plans `rollout` for the host about to start: it follows it from its first batch.
+async fn start_rollout(
+    pool: &sqlx::PgPool,
+    prefix: &str,
+    rollout: &BenchRollout,
+    mode: Mode,
+    percent: f64,
+) -> Result<()> {
+    let (live, candidate) = (&rollout.live.plugin, &rollout.candidate.plugin);
+    let new = crate::persist::rollouts::NewRollout {
+        plugin: candidate.name.clone(),
+        live_version: live.version.clone(),
+        live_sha256: live.sha256.clone(),
+        candidate_version: candidate.version.clone(),
+        candidate_sha256: candidate.sha256.clone(),
+        candidate_streams: candidate.streams.clone(),
+        mode: mode.as_str().to_string(),
+        percent,
+        key_field: Some("mediaId".to_string()),
+        max_failure_points: 5.0,
+        window_entries: 200,
+        // Measured, not judged: a slow shadow must show in the figures, not end the run.
+        max_latency_factor: f64::MAX,
+        max_difference_percent: None,
+        started_by: "bench".to_string(),
+    };
+    let fleet = format!("{prefix}{}", Subject::Host(None).group());
+    crate::persist::rollouts::start(pool, &fleet, &new, &rollout.candidate.bytes)
+        .await
+        .context("cannot plan the bench's rollout")?;
+    Ok(())
 }

@@ -30,7 +30,7 @@ pub(super) fn spawn(
     let log_file =
         std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let mut command = match subject {
-        Subject::Host => {
+        Subject::Host(_) => {
             let mut command = Command::new(&options.host_binary);
             command
                 .arg("run")

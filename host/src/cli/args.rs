@@ -144,6 +144,10 @@ pub enum Command {
         /// Give up on a subject that has not finished after this many seconds.
         #[arg(long, default_value_t = 1800)]
         timeout: u64,
+        /// A candidate build of one of the plugins (say `insights-next.wasm`): measure the host
+        /// also with it rolled out as a shadow on every entry and as a canary on half of them.
+        #[arg(long, value_name = "FILE")]
+        candidate: Option<PathBuf>,
         /// Print the figures as JSON.
         #[arg(long)]
         json: bool,

@@ -258,6 +258,15 @@ pub(super) async fn remove(config: &Config, name: &str) -> Result<ExitCode> {
         .context("plugin remove edits the plugin store, in PostgreSQL")?;
     let fleet = persist::plugin_store::fleet(config);
     let removed = persist::plugin_store::remove(&pool, &fleet, name).await;
+    // A rollout of a plugin no host serves any more has nothing to compare: it ends with it.
+    if let Ok(true) = removed {
+        let running = persist::rollouts::running(&pool, &fleet).await?;
+        for rollout in running.iter().filter(|r| r.plugin == name) {
+            let reason = format!("plugin {name} was removed from the plugin store");
+            persist::rollouts::finish(&pool, &fleet, rollout.id, "aborted", &reason).await?;
+            println!("aborted rollout {} of {name}: {reason}", rollout.id);
+        }
+    }
     pool.close().await;
     if removed? {
         println!(

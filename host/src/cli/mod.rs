@@ -156,9 +156,14 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             embedding_dims,
             database_url,
             timeout,
+            candidate,
             json,
         } => {
             let config = load_config(file)?;
+            let rollout = match candidate {
+                Some(candidate) => Some(bench_rollout(&config, &candidate).await?),
+                None => None,
+            };
             let options = crate::bench::BenchOptions {
                 entries,
                 rate: rate.filter(|r| *r > 0),
@@ -170,6 +175,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 host_binary: std::env::current_exe()
                     .context("cannot find this executable to start the host")?,
                 timeout: std::time::Duration::from_secs(timeout),
+                rollout,
             };
             commands::bench(&options, json).await
         }
@@ -179,6 +185,24 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
         } => commands::simulate_ml(&load_config(file)?, error_rate, embedding_dims).await,
         Command::Plugin(command) => plugin(file, command).await,
     }
+}
+
+/// The candidate file of `bench --candidate` and the live build of its plugin in the plugins
+/// directory, both loaded as `plugin deploy` loads them.
+async fn bench_rollout(config: &Config, candidate: &Path) -> Result<crate::bench::BenchRollout> {
+    let config = config.clone();
+    let candidate = candidate.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let candidate = crate::deploy::inspect(&config, &candidate)?;
+        let live_file = config
+            .plugins_dir
+            .join(format!("{}.wasm", candidate.plugin.name));
+        let live = crate::deploy::inspect(&config, &live_file)
+            .with_context(|| format!("the live build of {}", candidate.plugin.name))?;
+        Ok(crate::bench::BenchRollout { live, candidate })
+    })
+    .await
+    .context("the plugin loading thread failed")?
 }
 
 /// The database a demo or bench works in: `given`, else `name` on the configured server (never

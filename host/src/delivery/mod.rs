@@ -18,7 +18,10 @@
 //!    grants ([`crate::persist::validate`]); a failed check, or an answer over 16 MiB, is a dead
 //!    letter `forbidden-command` naming plugin, table and column. The batch stops calling its
 //!    handler once its commands reach 32 MiB, or after a call that ran to its deadline: the part
-//!    handled so far commits, then the rest is handled ([`HostState::handle_rest`]).
+//!    handled so far commits, then the rest is handled ([`HostState::handle_rest`]). Under a
+//!    rollout of the plugin ([`crate::rollout`], `candidate.rs`), a canary's share of the
+//!    entries goes to the candidate version instead, and a shadow's candidate runs beside the
+//!    live one on copies of the entries, its commands compared and dropped.
 //! 3. **plan** ([`crate::persist::plan`]): the commands of all entries become a few set-based
 //!    stages (same kind, same table; two commands on one key folded into one row), equal in
 //!    effect to applying the entries one by one in stream order. A command never moves ahead of
@@ -26,7 +29,7 @@
 //! 4. **commit** (`commit.rs`): one transaction takes the batch's table locks (advisory, in name
 //!    order, so concurrent batches and hosts never deadlock), claims the ledger rows (an entry
 //!    already there is a redelivery and runs nothing), runs the plan, and writes the outbox (emits
-//!    and dead letters). An `update` that needs its row and finds none decides its entry (retry or
+//!    and dead letters), and under a rollout its tally. An `update` that needs its row and finds none decides its entry (retry or
 //!    dead letter) and the batch runs again without it; a statement failing inside the database
 //!    sends the batch to a savepoint per entry, so the failing entry is rolled back and decided
 //!    alone. What a failure means is [`crate::failure`]'s to say.

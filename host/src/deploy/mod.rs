@@ -164,7 +164,7 @@ pub struct Installed {
 }
 
 /// A plugin file checked the way a host will load it: what the store keeps of it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Candidate {
     pub plugin: Stored,
     pub bytes: Vec<u8>,

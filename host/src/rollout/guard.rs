@@ -54,6 +54,9 @@ pub enum Breach {
 }
 
 impl Breach {
+    /// Every kind of breach, as [`Breach::kind`] names them.
+    pub const KINDS: [&'static str; 4] = ["failure-rate", "rejected", "latency", "differences"];
+
     /// The breach's kind, for the metric's label.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -173,7 +176,7 @@ impl Guard {
         if let Some(limit) = t.max_difference_percent
             && self.compared.full()
         {
-            let percent = percent_of(self.compared.items.iter().map(|d| *d));
+            let percent = percent_of(self.compared.items.iter().copied());
             if percent > limit {
                 return Some(Breach::Differences {
                     percent,

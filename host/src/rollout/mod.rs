@@ -89,9 +89,14 @@ impl Active {
     }
 
     /// The same rollout under a changed plan (a new share or mode): the candidate stays loaded
-    /// and the guard starts a new window.
+    /// and the guard starts a new window. A rollout this host rolled back stays ended here,
+    /// whatever the plan says (its end may not have reached PostgreSQL).
     pub fn revised(&self, row: RolloutRow) -> Option<Active> {
-        Active::new(row, self.candidate.clone())
+        let revised = Active::new(row, self.candidate.clone())?;
+        revised
+            .ended
+            .store(self.ended.load(Ordering::Acquire), Ordering::Release);
+        Some(revised)
     }
 
     /// Whether the rollout applies to a batch handled by `live`: it still runs here, and `live` is
