@@ -4,7 +4,7 @@
 
 use crate::support::{Options, TestEnv, eventually};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The plugin `name` as host `consumer` reports it in `status`: (version, sha256).
 fn reported(report: &Value, consumer: &str, name: &str) -> Option<(String, String)> {
@@ -31,36 +31,6 @@ fn ready(report: &Value, consumer: &str) -> bool {
         .any(|h| h["consumer"] == consumer && h["ready"] == true)
 }
 
-/// A plugins directory of its own next to the environment's (removed with it), holding copies
-/// of `plugins`.
-fn directory_of(env: &TestEnv, host: &str, plugins: &[&str]) -> PathBuf {
-    let name = env.plugins_dir.file_name().unwrap().to_string_lossy();
-    let dir = env
-        .plugins_dir
-        .with_file_name(format!("{name}.{host}-plugins"));
-    std::fs::create_dir_all(&dir).expect("a plugins directory");
-    for plugin in plugins {
-        std::fs::copy(
-            crate::support::plugin_file(plugin),
-            dir.join(format!("{plugin}.wasm")),
-        )
-        .expect("copy a plugin");
-    }
-    dir
-}
-
-/// Starts `kaleidoscope run` as `consumer` on the plugins directory `dir`.
-fn spawn_on(env: &TestEnv, consumer: &str, dir: &Path) -> crate::support::HostProcess {
-    let log = std::fs::File::create(env.host_log(consumer)).expect("host log file");
-    crate::support::HostProcess::spawn(
-        env.binary(&["run"])
-            .env("KALEIDOSCOPE_CONSUMER_NAME", consumer)
-            .env("KALEIDOSCOPE_PLUGINS_DIR", dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(log),
-    )
-}
-
 /// Two hosts with plugins directories of their own: a deploy reaches both (an upgrade built
 /// under another file name, `insights-next.wasm`, replaces the plugin its manifest names); a
 /// third host started later loads it at start; a deploy they refuse is undone, and both stay
@@ -68,16 +38,16 @@ fn spawn_on(env: &TestEnv, consumer: &str, dir: &Path) -> crate::support::HostPr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deploy_reaches_every_host_and_a_refused_one_changes_nothing() {
     let env = TestEnv::prepare(Options::new(&["insights", "slow"])).await;
-    let alpha_dir = directory_of(&env, "alpha", &["insights", "slow"]);
+    let alpha_dir = env.directory_of("alpha", &["insights", "slow"]);
     // Beta's directory holds another build of insights: the fleet has drifted, and status says so.
-    let beta_dir = directory_of(&env, "beta", &["slow"]);
+    let beta_dir = env.directory_of("beta", &["slow"]);
     std::fs::copy(
         crate::support::plugin_file("insights-next"),
         beta_dir.join("insights.wasm"),
     )
     .expect("copy a plugin");
-    let _alpha = spawn_on(&env, "alpha", &alpha_dir);
-    let _beta = spawn_on(&env, "beta", &beta_dir);
+    let _alpha = env.spawn_on("alpha", &alpha_dir);
+    let _beta = env.spawn_on("beta", &beta_dir);
     let report = eventually("alpha and beta to be ready", || async {
         let (report, _) = env.status();
         (ready(&report, "alpha") && ready(&report, "beta")).then_some(report)
@@ -112,8 +82,8 @@ async fn a_deploy_reaches_every_host_and_a_refused_one_changes_nothing() {
     }
 
     // A host started later, with nothing in its directory, gets it at start.
-    let gamma_dir = directory_of(&env, "gamma", &[]);
-    let _gamma = spawn_on(&env, "gamma", &gamma_dir);
+    let gamma_dir = env.directory_of("gamma", &[]);
+    let _gamma = env.spawn_on("gamma", &gamma_dir);
     let gamma = eventually("gamma to report insights", || async {
         reported(&env.status().0, "gamma", "insights")
     })

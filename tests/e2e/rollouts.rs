@@ -8,7 +8,6 @@
 use crate::support::{Options, TestEnv, eventually, plugin_file};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 
 const STREAM: &str = "face-detection-results";
 const PLUGIN: &str = "face-detection";
@@ -158,7 +157,7 @@ async fn a_shadow_compares_every_entry_and_changes_nothing_the_live_version_writ
     let alone = TestEnv::start(Options::new(&[PLUGIN])).await;
     let shadowed = TestEnv::start(Options::new(&[PLUGIN])).await;
     let printed = start_rollout(&shadowed, &["--shadow"]);
-    assert!(printed.contains("as a shadow on 100%"), "{printed}");
+    assert!(printed.contains("shadow on 100% by mediaId"), "{printed}");
 
     // 20 in the real shape (the candidate reads their boxes differently), 37 in the seed's
     // shape (the same), one the candidate answers with a table it may not write, two malformed
@@ -273,29 +272,6 @@ async fn a_shadow_compares_every_entry_and_changes_nothing_the_live_version_writ
     shadowed.finish().await;
 }
 
-/// A plugins directory of its own next to the environment's (removed with it).
-fn directory_of(env: &TestEnv, host: &str) -> PathBuf {
-    let name = env.plugins_dir.file_name().unwrap().to_string_lossy();
-    let dir = env
-        .plugins_dir
-        .with_file_name(format!("{name}.{host}-plugins"));
-    std::fs::create_dir_all(&dir).expect("a plugins directory");
-    std::fs::copy(plugin_file(PLUGIN), dir.join(format!("{PLUGIN}.wasm"))).expect("copy");
-    dir
-}
-
-/// Starts `kaleidoscope run` as `consumer` on the plugins directory `dir`.
-fn spawn_on(env: &TestEnv, consumer: &str, dir: &Path) -> crate::support::HostProcess {
-    let log = std::fs::File::create(env.host_log(consumer)).expect("host log file");
-    crate::support::HostProcess::spawn(
-        env.binary(&["run"])
-            .env("KALEIDOSCOPE_CONSUMER_NAME", consumer)
-            .env("KALEIDOSCOPE_PLUGINS_DIR", dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(log),
-    )
-}
-
 /// Waits until both hosts report serving the plugin.
 async fn await_hosts(env: &TestEnv, hosts: &[&str]) {
     eventually("the hosts to serve face-detection", || async {
@@ -325,15 +301,27 @@ fn keys_of(ids: &[String], media_ids: &[i64]) -> BTreeMap<String, i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_takes_its_share_by_key_on_every_host_grows_by_key_and_is_promoted() {
     let env = TestEnv::prepare(Options::new(&[])).await;
-    let alpha_dir = directory_of(&env, "alpha");
-    let beta_dir = directory_of(&env, "beta");
-    let _alpha = spawn_on(&env, "alpha", &alpha_dir);
-    let _beta = spawn_on(&env, "beta", &beta_dir);
+    let alpha_dir = env.directory_of("alpha", &[PLUGIN]);
+    let beta_dir = env.directory_of("beta", &[PLUGIN]);
+    let _alpha = env.spawn_on("alpha", &alpha_dir);
+    let _beta = env.spawn_on("beta", &beta_dir);
     await_hosts(&env, &["alpha", "beta"]).await;
     let printed = start_rollout(&env, &["--canary", "25", "--key", "mediaId"]);
     assert!(
         printed.contains("alpha: loaded") && printed.contains("beta: loaded"),
         "{printed}"
+    );
+    let (_, status) = run(&env, &["status"]);
+    assert!(status.contains("rollouts in progress:"), "{status}");
+    assert!(
+        status.contains("rollout 1 of face-detection: 0.1.0 → 0.2.0")
+            && status.contains("canary on 25% by mediaId, running"),
+        "{status}"
+    );
+    let (_, text) = run(&env, &["rollout", "status", PLUGIN]);
+    assert!(
+        text.contains("host alpha: following") && text.contains("host beta: following"),
+        "{text}"
     );
 
     // Round 1 at 25%: 300 media ids, two entries each.
@@ -432,10 +420,10 @@ async fn a_canary_takes_its_share_by_key_on_every_host_grows_by_key_and_is_promo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_failing_a_third_of_its_entries_is_rolled_back_on_every_host() {
     let env = TestEnv::prepare(Options::new(&[]).set("KALEIDOSCOPE_BATCH_SIZE", 20)).await;
-    let alpha_dir = directory_of(&env, "alpha");
-    let beta_dir = directory_of(&env, "beta");
-    let _alpha = spawn_on(&env, "alpha", &alpha_dir);
-    let _beta = spawn_on(&env, "beta", &beta_dir);
+    let alpha_dir = env.directory_of("alpha", &[PLUGIN]);
+    let beta_dir = env.directory_of("beta", &[PLUGIN]);
+    let _alpha = env.spawn_on("alpha", &alpha_dir);
+    let _beta = env.spawn_on("beta", &beta_dir);
     await_hosts(&env, &["alpha", "beta"]).await;
     start_rollout(&env, &["--canary", "50", "--window", "30"]);
 

@@ -467,6 +467,33 @@ impl TestEnv {
         )
     }
 
+    /// A plugins directory of its own next to the environment's (removed with it), holding
+    /// copies of `plugins`: what a host on another machine has.
+    pub fn directory_of(&self, host: &str, plugins: &[&str]) -> PathBuf {
+        let name = self.plugins_dir.file_name().unwrap().to_string_lossy();
+        let dir = self
+            .plugins_dir
+            .with_file_name(format!("{name}.{host}-plugins"));
+        std::fs::create_dir_all(&dir).expect("a plugins directory");
+        for plugin in plugins {
+            std::fs::copy(plugin_file(plugin), dir.join(format!("{plugin}.wasm")))
+                .expect("copy a plugin");
+        }
+        dir
+    }
+
+    /// Starts `kaleidoscope run` as `consumer` on the plugins directory `dir`.
+    pub fn spawn_on(&self, consumer: &str, dir: &Path) -> HostProcess {
+        let log = std::fs::File::create(self.host_log(consumer)).expect("host log file");
+        HostProcess::spawn(
+            self.binary(&["run"])
+                .env("KALEIDOSCOPE_CONSUMER_NAME", consumer)
+                .env("KALEIDOSCOPE_PLUGINS_DIR", dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(log),
+        )
+    }
+
     /// Waits until a call of `plugin` is running in the handler (the calls-in-flight gauge): in
     /// the handler, not only delivered, which is what a test racing a reload must wait for.
     pub async fn await_call_running(&self, plugin: &str) {

@@ -40,18 +40,7 @@ pub(super) async fn start(
     timeout: u64,
 ) -> Result<ExitCode> {
     let changed = rollout::start(config, file, plan, Duration::from_secs(timeout)).await?;
-    let row = &changed.rollout;
-    println!(
-        "started rollout {} of {}: {} → {} (build {}) as a {} on {}% of the entries by {}",
-        row.id,
-        row.plugin,
-        row.live_version,
-        row.candidate_version,
-        crate::plugin::build_of(&row.candidate_sha256),
-        row.mode,
-        row.percent,
-        row.key_field.as_deref().unwrap_or("entry id")
-    );
+    println!("started {}", changed.rollout.summary());
     Ok(answered(&changed))
 }
 

@@ -11,6 +11,7 @@ use crate::persist::plan::{self, Stage};
 use crate::persist::schema::Links;
 use crate::persist::validate::Statement;
 use crate::plugin::Plugin;
+use crate::rollout::Mode;
 use crate::state::HostState;
 use anyhow::{Context as _, Result};
 use sqlx::PgConnection;
@@ -109,21 +110,10 @@ impl HostState {
             .begin()
             .await
             .context("cannot begin the batch transaction")?;
-        // One claim per version that handled entries of the batch (two under a canary), each
-        // recording its build.
-        let mut claimed = std::collections::HashSet::new();
-        for (role, claims) in claims {
-            let plugin = match (role, handlers.rollout) {
-                (Role::Candidate, Some(rollout)) => &*rollout.candidate,
-                _ => handlers.live,
-            };
-            match ledger::claim(&mut tx, &self.source, stream, handler(plugin), &claims).await {
-                Ok(ids) => claimed.extend(ids),
-                Err(error) => {
-                    return set_based_error(execute::statement_failed(error), "the ledger");
-                }
-            }
-        }
+        let claimed = match self.claim(&mut tx, stream, handlers, claims).await {
+            Ok(claimed) => claimed,
+            Err(error) => return set_based_error(execute::statement_failed(error), "the ledger"),
+        };
         mark_redelivered(items, &claimed);
 
         let catalog = self.catalog();
@@ -164,10 +154,9 @@ impl HostState {
             Ok(messages) => messages,
             Err(error) => return set_based_error(execute::statement_failed(error), "the outbox"),
         };
-        if let Err(error) = self
-            .tally_rollout(&mut tx, stream, handlers.rollout, items)
-            .await
-        {
+        // A canary's tally was added by its claim; a shadow's is added here.
+        let shadow = handlers.rollout.filter(|r| r.mode == Mode::Shadow);
+        if let Err(error) = self.tally_rollout(&mut tx, stream, shadow, items).await {
             return set_based_error(execute::statement_failed(error), "the rollout's tally");
         }
         // COMMIT can fail for reasons of the batch's own (a deferred constraint, a serialisation
@@ -176,6 +165,35 @@ impl HostState {
             Ok(()) => Ok(SetBased::Committed(messages)),
             Err(error) => set_based_error(execute::statement_failed(error), "COMMIT"),
         }
+    }
+
+    /// Claims the ledger rows of `claims` (by the version that handled them): one statement,
+    /// which under a canary also adds the rollout's tally. Returns the ids newly claimed.
+    async fn claim(
+        &self,
+        tx: &mut PgConnection,
+        stream: &str,
+        handlers: Handlers<'_>,
+        mut claims: Claims,
+    ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+        let source = &self.source;
+        let canary = handlers.rollout.filter(|r| r.mode == Mode::Canary);
+        let Some(rollout) = canary else {
+            let live = claims.remove(&Role::Live).unwrap_or_default();
+            return ledger::claim(tx, source, stream, handler(handlers.live), &live).await;
+        };
+        let live = claims.remove(&Role::Live).unwrap_or_default();
+        let candidate = claims.remove(&Role::Candidate).unwrap_or_default();
+        ledger::claim_canary(
+            tx,
+            source,
+            stream,
+            (handler(handlers.live), &live),
+            (handler(&rollout.candidate), &candidate),
+            rollout.row.id,
+            &self.config.consumer_name,
+        )
+        .await
     }
 
     /// The last resort for a batch whose transaction keeps failing for a reason no single
@@ -487,23 +505,24 @@ async fn savepoint(conn: &mut PgConnection, sql: &'static str) -> Result<()> {
     Ok(())
 }
 
+/// The ledger rows of a batch, by the version that handled their entries.
+type Claims = std::collections::BTreeMap<Role, Vec<(String, Outcome)>>;
+
 /// The ledger rows a batch claims: every entry decided to be persisted or dead-lettered, by the
-/// version that handled it (live first).
-fn ledger_claims(items: &[Item]) -> Vec<(Role, Vec<(String, Outcome)>)> {
-    let mut claims: Vec<(Role, Vec<(String, Outcome)>)> = Vec::new();
+/// version that handled it.
+fn ledger_claims(items: &[Item]) -> Claims {
+    let mut claims = Claims::new();
     for item in items {
         let outcome = match item.decision {
             Some(Decision::Persist(_)) => Outcome::Processed,
             Some(Decision::DeadLetter(..)) => Outcome::DeadLettered,
             _ => continue,
         };
-        let claim = (item.ledger_id.clone(), outcome);
-        match claims.iter_mut().find(|(role, _)| *role == item.role) {
-            Some((_, of_role)) => of_role.push(claim),
-            None => claims.push((item.role, vec![claim])),
-        }
+        claims
+            .entry(item.role)
+            .or_default()
+            .push((item.ledger_id.clone(), outcome));
     }
-    claims.sort_by_key(|(role, _)| *role != Role::Live);
     claims
 }
 
@@ -604,13 +623,13 @@ mod tests {
         let claims = ledger_claims(&items);
         assert_eq!(
             claims,
-            [(
+            Claims::from([(
                 Role::Live,
                 vec![
                     ("1-0".to_string(), Outcome::Processed),
                     ("2-0".to_string(), Outcome::DeadLettered)
                 ]
-            )]
+            )])
         );
     }
 

@@ -146,7 +146,7 @@ struct Item {
 }
 
 /// Which version of the plugin handles an entry.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 enum Role {
     #[default]
     Live,

@@ -238,16 +238,7 @@ pub async fn store(pool: &PgPool, config: &Config, candidate: &Candidate) -> Res
     }
     let rollouts = crate::persist::rollouts::running(pool, &fleet).await?;
     if let Some(running) = rollouts.iter().find(|r| r.plugin == plugin.name) {
-        bail!(
-            "rollout {} of {} ({} → {}, {}) is running; nothing was deployed (`kaleidoscope rollout promote {}` or `rollout abort {}` first)",
-            running.id,
-            running.plugin,
-            running.live_version,
-            running.candidate_version,
-            running.mode,
-            running.plugin,
-            running.plugin
-        );
+        bail!("{}", running.in_the_way("nothing was deployed"));
     }
     let at = std::time::SystemTime::now();
     let (stored, previous) = plugin_store::put(pool, &fleet, plugin, &candidate.bytes).await?;

@@ -96,35 +96,104 @@ pub async fn claim(
     if entries.is_empty() {
         return Ok(HashSet::new());
     }
-    let mut sorted: Vec<&(String, Outcome)> = entries.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let ids: Vec<&str> = sorted.iter().map(|(id, _)| id.as_str()).collect();
-    let outcomes: Vec<&str> = sorted.iter().map(|(_, o)| o.as_str()).collect();
-    let rows: Result<Vec<(String,)>, sqlx::Error> = sqlx::query_as(
-        "INSERT INTO processed_entries (source, stream, entry_id, plugin, plugin_version, plugin_build, outcome)
-         SELECT $6, $1, u.id, $2, $3, $7, u.outcome
-           FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS u(id, outcome, n)
-           LEFT JOIN ledger_horizons h ON h.source = $6 AND h.stream = $1
-          WHERE NOT COALESCE(
-                    CASE WHEN u.id ~ '^[0-9]{1,20}-[0-9]{1,20}$'
-                         THEN ARRAY[split_part(u.id, '-', 1)::numeric,
-                                    split_part(u.id, '-', 2)::numeric] END <= h.through,
-                    false)
-          ORDER BY u.n
-         ON CONFLICT (source, stream, entry_id) DO NOTHING
-         RETURNING entry_id",
-    )
+    let (ids, outcomes) = sorted(entries);
+    let rows: Result<Vec<(String,)>, sqlx::Error> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{} RETURNING entry_id",
+        claim_rows(["$3", "$4", "$5"], "$6", "$7")
+    )))
+    .bind(source)
     .bind(stream)
     .bind(handler.name)
     .bind(handler.version)
+    .bind(handler.build)
     .bind(ids)
     .bind(outcomes)
-    .bind(source)
-    .bind(handler.build)
     .fetch_all(conn)
     .await;
     super::answers::answered();
     Ok(rows?.into_iter().map(|(id,)| id).collect())
+}
+
+/// [`claim`] for a batch two versions handled (a canary rollout): each version's entries are
+/// recorded against its own build, and what was newly claimed is added to the rollout's tally
+/// (`rollout_id`, this `host`; see [`super::rollouts`]) — in one statement, so a canary costs
+/// the batch no extra round trip, and the tally counts exactly the rows the ledger took.
+#[allow(clippy::too_many_arguments)]
+pub async fn claim_canary(
+    conn: &mut PgConnection,
+    source: &str,
+    stream: &str,
+    (live, live_entries): (Handler<'_>, &[(String, Outcome)]),
+    (candidate, candidate_entries): (Handler<'_>, &[(String, Outcome)]),
+    rollout_id: i64,
+    host: &str,
+) -> Result<HashSet<String>, sqlx::Error> {
+    let (live_ids, live_outcomes) = sorted(live_entries);
+    let (candidate_ids, candidate_outcomes) = sorted(candidate_entries);
+    let rows: Result<Vec<(String,)>, sqlx::Error> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "WITH live AS ({} RETURNING entry_id, outcome),
+              candidate AS ({} RETURNING entry_id, outcome),
+              tally AS (
+                INSERT INTO rollout_tallies (rollout_id, host, role, outcome, entries)
+                SELECT $13, $14, role, outcome, count(*)
+                  FROM (SELECT 'live' AS role, outcome FROM live
+                        UNION ALL SELECT 'candidate', outcome FROM candidate) AS claimed
+                 GROUP BY role, outcome ORDER BY role, outcome
+                ON CONFLICT (rollout_id, host, role, outcome)
+                DO UPDATE SET entries = rollout_tallies.entries + EXCLUDED.entries)
+         SELECT entry_id FROM live UNION ALL SELECT entry_id FROM candidate",
+        claim_rows(["$3", "$4", "$5"], "$6", "$7"),
+        claim_rows(["$8", "$9", "$10"], "$11", "$12")
+    )))
+    .bind(source)
+    .bind(stream)
+    .bind(live.name)
+    .bind(live.version)
+    .bind(live.build)
+    .bind(live_ids)
+    .bind(live_outcomes)
+    .bind(candidate.name)
+    .bind(candidate.version)
+    .bind(candidate.build)
+    .bind(candidate_ids)
+    .bind(candidate_outcomes)
+    .bind(rollout_id)
+    .bind(host)
+    .fetch_all(conn)
+    .await;
+    super::answers::answered();
+    Ok(rows?.into_iter().map(|(id,)| id).collect())
+}
+
+/// The ids and outcomes of `entries`, sorted by id: concurrent batches lock ledger rows in the
+/// same order.
+fn sorted(entries: &[(String, Outcome)]) -> (Vec<&str>, Vec<&str>) {
+    let mut sorted: Vec<&(String, Outcome)> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    sorted
+        .iter()
+        .map(|(id, outcome)| (id.as_str(), outcome.as_str()))
+        .unzip()
+}
+
+/// The `INSERT` of a claim (`$1` the source, `$2` the stream; the handler's name, version and
+/// build, and the ids' and outcomes' arrays, at the placeholders given), without its
+/// `RETURNING`: rows already there, or at or before the stream's horizon, are not inserted.
+fn claim_rows(handler: [&str; 3], ids: &str, outcomes: &str) -> String {
+    let [name, version, build] = handler;
+    format!(
+        "INSERT INTO processed_entries (source, stream, entry_id, plugin, plugin_version, plugin_build, outcome)
+         SELECT $1, $2, u.id, {name}, {version}, {build}, u.outcome
+           FROM unnest({ids}::text[], {outcomes}::text[]) WITH ORDINALITY AS u(id, outcome, n)
+           LEFT JOIN ledger_horizons h ON h.source = $1 AND h.stream = $2
+          WHERE NOT COALESCE(
+                    CASE WHEN u.id ~ '^[0-9]{{1,20}}-[0-9]{{1,20}}$'
+                         THEN ARRAY[split_part(u.id, '-', 1)::numeric,
+                                    split_part(u.id, '-', 2)::numeric] END <= h.through,
+                    false)
+          ORDER BY u.n
+         ON CONFLICT (source, stream, entry_id) DO NOTHING"
+    )
 }
 
 /// This deployment's identity in the ledger: a random id kept in Redis at `key` (under the stream

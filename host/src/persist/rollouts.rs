@@ -39,6 +39,39 @@ pub struct RolloutRow {
     pub updated_at: String,
 }
 
+impl RolloutRow {
+    /// The rollout in one line: `rollout 3 of faces: 1.2.0 → 1.3.0 (build …), canary on 25% by
+    /// mediaId`.
+    pub fn summary(&self) -> String {
+        format!(
+            "rollout {} of {}: {} → {} (build {}), {} on {}% by {}",
+            self.id,
+            self.plugin,
+            self.live_version,
+            self.candidate_version,
+            crate::plugin::build_of(&self.candidate_sha256),
+            self.mode,
+            self.percent,
+            self.key_field.as_deref().unwrap_or("entry id")
+        )
+    }
+
+    /// Why a change that needs the plugin without a running rollout was refused (`what` says
+    /// what did not happen), and what to do.
+    pub fn in_the_way(&self, what: &str) -> String {
+        format!(
+            "rollout {} of {} ({} → {}, {}) is running; {what} (`kaleidoscope rollout promote {}` or `rollout abort {}` first)",
+            self.id,
+            self.plugin,
+            self.live_version,
+            self.candidate_version,
+            self.mode,
+            self.plugin,
+            self.plugin
+        )
+    }
+}
+
 const COLUMNS: &str = "id, plugin, live_version, live_sha256, candidate_version, candidate_sha256,
     candidate_streams, mode, percent, key_field, max_failure_points, window_entries,
     max_latency_factor, max_difference_percent, state, reason, revision, started_by,
@@ -107,16 +140,7 @@ pub async fn start(
 ) -> Result<RolloutRow> {
     let mut tx = pool.begin().await.context("cannot start the rollout")?;
     if let Some(running) = running_of(&mut tx, fleet, &new.plugin).await? {
-        bail!(
-            "rollout {} of {} ({} → {}, {}) is already running; `kaleidoscope rollout promote {}` or `rollout abort {}` first",
-            running.id,
-            running.plugin,
-            running.live_version,
-            running.candidate_version,
-            running.mode,
-            running.plugin,
-            running.plugin
-        );
+        bail!("{}", running.in_the_way("no other rollout was started"));
     }
     let row: RolloutRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "INSERT INTO rollouts (fleet, plugin, live_version, live_sha256, candidate_version,

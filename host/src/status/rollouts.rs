@@ -140,18 +140,7 @@ pub fn render(reports: &[RolloutReport]) -> String {
     let mut out = String::new();
     for report in reports {
         let row = &report.rollout;
-        out.push_str(&format!(
-            "rollout {} of {}: {} → {} (build {}), {} on {}% by {}, {}\n",
-            row.id,
-            row.plugin,
-            row.live_version,
-            row.candidate_version,
-            crate::plugin::build_of(&row.candidate_sha256),
-            row.mode,
-            row.percent,
-            row.key_field.as_deref().unwrap_or("entry id"),
-            row.state
-        ));
+        out.push_str(&format!("{}, {}\n", row.summary(), row.state));
         if let Some(reason) = &row.reason {
             out.push_str(&format!("  reason: {reason}\n"));
         }
