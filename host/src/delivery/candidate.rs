@@ -17,7 +17,7 @@ use super::{Decision, Item, Role};
 use crate::dead_letter::FailureKind;
 use crate::persist::rollouts::{self, Difference};
 use crate::plugin::{Plugin, wit};
-use crate::rollout::compare::{self, Verdict};
+use crate::rollout::compare::{self, Verdict, View};
 use crate::rollout::guard::{Breach, Call};
 use crate::rollout::{Active, Mode};
 use crate::state::HostState;
@@ -34,10 +34,25 @@ pub const DIFFERENCES_KEPT: i64 = 100;
 pub(super) struct Shadow {
     /// A copy of the entry's fields for the candidate (the live call takes the entry's own).
     fields: Fields,
-    /// The live version's outcome, kept by its call.
-    pub(super) live: Option<compare::Outcome>,
-    /// How the candidate's outcome compares, once it ran.
-    verdict: Option<(Verdict, compare::Outcome)>,
+    /// Once the candidate ran: how its outcome compares with the live one's, and the
+    /// candidate's own decision (kept to show in the sample of differences; never carried out).
+    verdict: Option<(Verdict, Decision)>,
+}
+
+impl Decision {
+    /// The decision as a rollout compares it (`None`: not the handler's, say a redelivery).
+    fn view(&self) -> Option<View<'_>> {
+        match self {
+            Decision::Persist(statements) => Some(View::Writes(statements)),
+            Decision::DeadLetter(FailureKind::ForbiddenCommand, reason) => {
+                Some(View::Rejected(reason))
+            }
+            Decision::DeadLetter(kind, reason) | Decision::Retry(kind, reason) => {
+                Some(View::Failed(*kind, reason))
+            }
+            Decision::Redelivered => None,
+        }
+    }
 }
 
 impl HostState {
@@ -146,7 +161,7 @@ impl HostState {
             .enumerate()
             .filter_map(|(index, item)| {
                 let shadow = item.shadow.as_mut()?;
-                if item.decision.is_none() || shadow.verdict.is_some() || shadow.live.is_none() {
+                if item.decision.is_none() || shadow.verdict.is_some() {
                     return None;
                 }
                 let fields = std::mem::take(&mut shadow.fields);
@@ -165,25 +180,27 @@ impl HostState {
             }
         }
         let mut judge = self.judge(candidate, &policy, false).await?;
-        let (mut seen_calls, mut compared) = (Vec::new(), Vec::new());
+        let (mut seen, mut compared) = (Vec::new(), Vec::new());
         for (index, _fields, call) in calls {
-            let deliveries = items[index].entry.deliveries;
-            let (_, seen) = judge.decide(call, deliveries, true).await?;
-            let Some(shadow) = &mut items[index].shadow else {
+            let item = &mut items[index];
+            let (decision, elapsed) = judge.decide(call, item.entry.deliveries).await?;
+            let (Some(live), Some(candidate)) = (
+                item.decision.as_ref().and_then(Decision::view),
+                decision.view(),
+            ) else {
                 continue;
             };
-            let (Some(live), Some(outcome)) = (&shadow.live, seen.outcome) else {
-                continue;
-            };
-            let verdict = compare::compare(live, &outcome);
-            seen_calls.push(Call {
-                failed: !matches!(outcome, compare::Outcome::Commands(_)),
-                elapsed: seen.elapsed,
+            let verdict = compare::compare(live, candidate);
+            seen.push(Call {
+                failed: !matches!(decision, Decision::Persist(_)),
+                elapsed,
             });
             compared.push(verdict != Verdict::Same);
-            shadow.verdict = Some((verdict, outcome));
+            if let Some(shadow) = &mut item.shadow {
+                shadow.verdict = Some((verdict, decision));
+            }
         }
-        Ok((seen_calls, compared))
+        Ok((seen, compared))
     }
 
     /// Ends `rollout` for a `breach`: at once on this host, then for the fleet (the plan in
@@ -251,13 +268,16 @@ impl HostState {
             match rollout.mode {
                 Mode::Canary => *counts.entry((item.role.as_str(), outcome)).or_default() += 1,
                 Mode::Shadow => {
-                    let Some(shadow) = &item.shadow else { continue };
-                    let (Some(live), Some((verdict, candidate))) = (&shadow.live, &shadow.verdict)
+                    let Some((verdict, candidate)) =
+                        item.shadow.as_ref().and_then(|s| s.verdict.as_ref())
                     else {
                         continue;
                     };
                     *counts.entry(("shadow", verdict.as_str())).or_default() += 1;
-                    if *verdict != Verdict::Same {
+                    let views = item.decision.as_ref().and_then(Decision::view);
+                    if let (false, Some(live), Some(candidate)) =
+                        (*verdict == Verdict::Same, views, candidate.view())
+                    {
                         differences.push(Difference {
                             stream: stream.to_string(),
                             entry_id: item.ledger_id.clone(),

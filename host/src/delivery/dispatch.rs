@@ -5,7 +5,7 @@ use super::{Decision, Item, Role};
 use crate::dead_letter::FailureKind;
 use crate::persist::validate;
 use crate::plugin::{HandlerOutcome, Plugin, output, wit};
-use crate::rollout::{compare, guard};
+use crate::rollout::guard;
 use crate::state::HostState;
 use anyhow::{Context as _, Result};
 use std::sync::Arc;
@@ -101,8 +101,7 @@ impl HostState {
 
     /// Turns each handler outcome into the entry's decision: commands that pass validation are
     /// persisted, commands that do not are dead-lettered as `forbidden-command`, failures are
-    /// retried or dead-lettered by their kind. An entry a shadow runs on keeps the live
-    /// outcome, to compare.
+    /// retried or dead-lettered by their kind.
     async fn decide(
         &self,
         plugin: &Plugin,
@@ -114,15 +113,11 @@ impl HostState {
         let mut calls = Vec::with_capacity(outcomes.len());
         for (index, call) in outcomes {
             let deliveries = items[index].entry.deliveries;
-            let capture = items[index].shadow.is_some();
-            let (decision, seen) = judge.decide(call, deliveries, capture).await?;
+            let (decision, elapsed) = judge.decide(call, deliveries).await?;
             calls.push(guard::Call {
                 failed: !matches!(decision, Decision::Persist(_)),
-                elapsed: seen.elapsed,
+                elapsed,
             });
-            if let (Some(shadow), Some(outcome)) = (&mut items[index].shadow, seen.outcome) {
-                shadow.live = Some(outcome);
-            }
             items[index].decision = Some(decision);
         }
         Ok(calls)
@@ -169,22 +164,14 @@ pub(super) struct Judge<'a> {
     call_time: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
-/// What a rollout needs of a call besides its decision: how long it took, and (when asked for)
-/// the outcome in the form a shadow compares.
-pub(super) struct Seen {
-    pub(super) elapsed: std::time::Duration,
-    pub(super) outcome: Option<compare::Outcome>,
-}
-
 impl Judge<'_> {
-    /// The decision for an entry delivered `deliveries` times whose call came out as `call`; with
-    /// `capture`, also its outcome in canonical form.
+    /// The decision for an entry delivered `deliveries` times whose call came out as `call`,
+    /// and how long the call took.
     pub(super) async fn decide(
         &mut self,
         call: Call,
         deliveries: u32,
-        capture: bool,
-    ) -> Result<(Decision, Seen)> {
+    ) -> Result<(Decision, std::time::Duration)> {
         let Call {
             outcome,
             elapsed,
@@ -193,27 +180,17 @@ impl Judge<'_> {
         if let Some(call_time) = &self.call_time {
             call_time.observe(elapsed.as_secs_f64());
         }
-        let mut seen = Seen {
-            elapsed,
-            outcome: None,
-        };
         let plugin = self.plugin;
         let decision = match super::outcome::commands_of(outcome, plugin.limits().memory_bytes) {
-            Ok(commands) if weight > output::MAX_CALL_OUTPUT_BYTES => {
-                let reason = format!(
+            Ok(commands) if weight > output::MAX_CALL_OUTPUT_BYTES => Decision::DeadLetter(
+                FailureKind::ForbiddenCommand,
+                format!(
                     "the plugin returned {} commands weighing about {} MiB, more than the {} MiB one call may return",
                     commands.len(),
                     weight >> 20,
                     output::MAX_CALL_OUTPUT_BYTES >> 20
-                );
-                if capture {
-                    seen.outcome = Some(compare::Outcome::Rejected {
-                        commands: Vec::new(),
-                        reason: reason.clone(),
-                    });
-                }
-                Decision::DeadLetter(FailureKind::ForbiddenCommand, reason)
-            }
+                ),
+            ),
             Ok(commands) => {
                 // A table or column the catalogue does not know may have been created since
                 // it was read (a migration, or a plugin author's new table): read it again
@@ -223,38 +200,20 @@ impl Judge<'_> {
                 {
                     self.catalog = self.state.catalog();
                 }
-                let canonical = capture.then(|| compare::Outcome::canonical(&commands));
                 match validate::validate(&plugin.name, self.policy, commands, &self.catalog) {
-                    Ok(statements) => {
-                        seen.outcome = canonical.map(compare::Outcome::Commands);
-                        Decision::Persist(statements)
-                    }
+                    Ok(statements) => Decision::Persist(statements),
                     Err(rejection) => {
-                        let reason = rejection.to_string();
-                        seen.outcome = canonical.map(|commands| compare::Outcome::Rejected {
-                            commands,
-                            reason: reason.clone(),
-                        });
-                        Decision::DeadLetter(FailureKind::ForbiddenCommand, reason)
+                        Decision::DeadLetter(FailureKind::ForbiddenCommand, rejection.to_string())
                     }
                 }
             }
-            Err(failure) => {
-                if capture {
-                    seen.outcome = Some(compare::Outcome::Failed {
-                        kind: failure.kind,
-                        reason: failure.reason.clone(),
-                    });
-                }
-                if failure.retryable {
-                    self.state
-                        .retry_or_give_up(failure.kind, failure.reason, deliveries)
-                } else {
-                    Decision::DeadLetter(failure.kind, failure.reason)
-                }
+            Err(failure) if failure.retryable => {
+                self.state
+                    .retry_or_give_up(failure.kind, failure.reason, deliveries)
             }
+            Err(failure) => Decision::DeadLetter(failure.kind, failure.reason),
         };
-        Ok((decision, seen))
+        Ok((decision, elapsed))
     }
 }
 

@@ -34,6 +34,8 @@ pub mod bindings {
         // Calls are async so that a plugin blocked inside a host call (a WASI sleep or poll) can
         // be cut off at its deadline: the call is a future the host stops polling.
         exports: { default: async },
+        // A rollout's shadow compares two versions' values.
+        additional_derives: [PartialEq],
     });
 }
 

@@ -47,7 +47,7 @@ pub fn command_json(command: &wit::Command) -> Json {
 }
 
 /// An `if-missing` as the contract spells it (golden files depend on these names).
-fn if_missing_name(if_missing: wit::IfMissing) -> &'static str {
+pub fn if_missing_name(if_missing: wit::IfMissing) -> &'static str {
     match if_missing {
         wit::IfMissing::Retry => "retry",
         wit::IfMissing::Skip => "skip",
