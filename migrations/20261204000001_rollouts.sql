@@ -39,14 +39,17 @@ CREATE UNIQUE INDEX rollouts_one_running ON rollouts (fleet, plugin) WHERE state
 -- What each host finished under a rollout, written in the transaction that finished the entries,
 -- so the counts are exact (a redelivery counts nothing). Canary: `role` live or candidate,
 -- `outcome` processed or dead-lettered. Shadow: `role` shadow, `outcome` the comparison (same,
--- different, candidate-failed, candidate-succeeded, candidate-rejected).
+-- different, candidate-failed, candidate-succeeded, candidate-rejected). A host spreads its
+-- batches over 16 `shard`s, so two of its batches committing at once never wait for each other on
+-- one counter row; readers add them up.
 CREATE TABLE rollout_tallies (
-    rollout_id BIGINT NOT NULL REFERENCES rollouts (id) ON DELETE CASCADE,
-    host       TEXT   NOT NULL,
-    role       TEXT   NOT NULL,
-    outcome    TEXT   NOT NULL,
-    entries    BIGINT NOT NULL,
-    PRIMARY KEY (rollout_id, host, role, outcome)
+    rollout_id BIGINT   NOT NULL REFERENCES rollouts (id) ON DELETE CASCADE,
+    host       TEXT     NOT NULL,
+    shard      SMALLINT NOT NULL,
+    role       TEXT     NOT NULL,
+    outcome    TEXT     NOT NULL,
+    entries    BIGINT   NOT NULL,
+    PRIMARY KEY (rollout_id, host, shard, role, outcome)
 );
 
 -- A bounded sample of the entries on which a shadow candidate's outcome differed from the live

@@ -55,7 +55,7 @@ pub struct BenchOptions {
     pub timeout: Duration,
     /// A candidate build of one of the host's plugins, and the live build it is rolled out
     /// against: the host is then measured three times, without a rollout, with the candidate
-    /// as a shadow on every entry, and as a canary on half of them.
+    /// as a shadow (on every entry, unless told otherwise), and as a canary on half of them.
     pub rollout: Option<BenchRollout>,
 }
 
@@ -64,6 +64,8 @@ pub struct BenchOptions {
 pub struct BenchRollout {
     pub live: crate::deploy::Candidate,
     pub candidate: crate::deploy::Candidate,
+    /// The share of the entries the shadow runs on (the canary takes half).
+    pub shadow_percent: f64,
 }
 
 /// The figures of one subject.
@@ -95,8 +97,8 @@ pub struct Figures {
 pub async fn run(options: &BenchOptions) -> Result<Vec<Figures>> {
     let data = Generated::new(options.entries, options.mix, options.embedding_dims);
     let mut results = vec![run_subject(options, &data, Subject::Host(None)).await?];
-    if options.rollout.is_some() {
-        for rollout in [(Mode::Shadow, 100.0), (Mode::Canary, 50.0)] {
+    if let Some(planned) = &options.rollout {
+        for rollout in [(Mode::Shadow, planned.shadow_percent), (Mode::Canary, 50.0)] {
             results.push(run_subject(options, &data, Subject::Host(Some(rollout))).await?);
         }
     }

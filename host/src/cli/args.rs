@@ -148,6 +148,9 @@ pub enum Command {
         /// also with it rolled out as a shadow on every entry and as a canary on half of them.
         #[arg(long, value_name = "FILE")]
         candidate: Option<PathBuf>,
+        /// With --candidate: the share of the entries the shadow runs on.
+        #[arg(long, value_name = "PERCENT", default_value_t = 100.0, value_parser = percent)]
+        shadow_percent: f64,
         /// Print the figures as JSON.
         #[arg(long)]
         json: bool,

@@ -157,11 +157,12 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             database_url,
             timeout,
             candidate,
+            shadow_percent,
             json,
         } => {
             let config = load_config(file)?;
             let rollout = match candidate {
-                Some(candidate) => Some(bench_rollout(&config, &candidate).await?),
+                Some(candidate) => Some(bench_rollout(&config, &candidate, shadow_percent).await?),
                 None => None,
             };
             let options = crate::bench::BenchOptions {
@@ -189,7 +190,11 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
 
 /// The candidate file of `bench --candidate` and the live build of its plugin in the plugins
 /// directory, both loaded as `plugin deploy` loads them.
-async fn bench_rollout(config: &Config, candidate: &Path) -> Result<crate::bench::BenchRollout> {
+async fn bench_rollout(
+    config: &Config,
+    candidate: &Path,
+    shadow_percent: f64,
+) -> Result<crate::bench::BenchRollout> {
     let config = config.clone();
     let candidate = candidate.to_path_buf();
     tokio::task::spawn_blocking(move || {
@@ -199,7 +204,11 @@ async fn bench_rollout(config: &Config, candidate: &Path) -> Result<crate::bench
             .join(format!("{}.wasm", candidate.plugin.name));
         let live = crate::deploy::inspect(&config, &live_file)
             .with_context(|| format!("the live build of {}", candidate.plugin.name))?;
-        Ok(crate::bench::BenchRollout { live, candidate })
+        Ok(crate::bench::BenchRollout {
+            live,
+            candidate,
+            shadow_percent,
+        })
     })
     .await
     .context("the plugin loading thread failed")?

@@ -134,12 +134,12 @@ pub async fn claim_canary(
         "WITH live AS ({} RETURNING entry_id, outcome),
               candidate AS ({} RETURNING entry_id, outcome),
               tally AS (
-                INSERT INTO rollout_tallies (rollout_id, host, role, outcome, entries)
-                SELECT $13, $14, role, outcome, count(*)
+                INSERT INTO rollout_tallies (rollout_id, host, shard, role, outcome, entries)
+                SELECT $13, $14, $15, role, outcome, count(*)
                   FROM (SELECT 'live' AS role, outcome FROM live
                         UNION ALL SELECT 'candidate', outcome FROM candidate) AS claimed
                  GROUP BY role, outcome ORDER BY role, outcome
-                ON CONFLICT (rollout_id, host, role, outcome)
+                ON CONFLICT (rollout_id, host, shard, role, outcome)
                 DO UPDATE SET entries = rollout_tallies.entries + EXCLUDED.entries)
          SELECT entry_id FROM live UNION ALL SELECT entry_id FROM candidate",
         claim_rows(["$3", "$4", "$5"], "$6", "$7"),
@@ -159,6 +159,7 @@ pub async fn claim_canary(
     .bind(candidate_outcomes)
     .bind(rollout_id)
     .bind(host)
+    .bind(super::rollouts::next_shard())
     .fetch_all(conn)
     .await;
     super::answers::answered();

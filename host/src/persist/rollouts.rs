@@ -314,6 +314,16 @@ pub struct Tally {
     pub entries: i64,
 }
 
+/// How many counter rows a host spreads its tally over (see the migration).
+const SHARDS: u64 = 16;
+
+/// The tally shard of the next batch: consecutive batches take different ones, so the batches a
+/// host has in flight never wait on one counter row.
+pub fn next_shard() -> i16 {
+    static BATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    (BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SHARDS) as i16
+}
+
 /// Adds `counts` (role, outcome, entries) to `host`'s tally of rollout `id`, in the caller's
 /// transaction (the one that finishes the entries counted).
 pub async fn add_tallies(
@@ -326,11 +336,11 @@ pub async fn add_tallies(
     let outcomes: Vec<&str> = counts.iter().map(|(_, outcome, _)| *outcome).collect();
     let entries: Vec<i64> = counts.iter().map(|(_, _, n)| *n).collect();
     let done = sqlx::query(
-        "INSERT INTO rollout_tallies (rollout_id, host, role, outcome, entries)
-         SELECT $1, $2, u.role, u.outcome, u.entries
+        "INSERT INTO rollout_tallies (rollout_id, host, shard, role, outcome, entries)
+         SELECT $1, $2, $6, u.role, u.outcome, u.entries
            FROM unnest($3::text[], $4::text[], $5::bigint[]) AS u(role, outcome, entries)
           ORDER BY u.role, u.outcome
-         ON CONFLICT (rollout_id, host, role, outcome)
+         ON CONFLICT (rollout_id, host, shard, role, outcome)
          DO UPDATE SET entries = rollout_tallies.entries + EXCLUDED.entries",
     )
     .bind(id)
@@ -338,6 +348,7 @@ pub async fn add_tallies(
     .bind(roles)
     .bind(outcomes)
     .bind(entries)
+    .bind(next_shard())
     .execute(conn)
     .await;
     super::answers::answered();
@@ -347,8 +358,9 @@ pub async fn add_tallies(
 /// Every host's tally of the rollouts `ids`.
 pub async fn tallies(pool: &PgPool, ids: &[i64]) -> Result<Vec<Tally>> {
     sqlx::query_as(
-        "SELECT rollout_id, host, role, outcome, entries FROM rollout_tallies
-          WHERE rollout_id = ANY($1) ORDER BY rollout_id, host, role, outcome",
+        "SELECT rollout_id, host, role, outcome, sum(entries)::bigint AS entries
+           FROM rollout_tallies WHERE rollout_id = ANY($1)
+          GROUP BY rollout_id, host, role, outcome ORDER BY rollout_id, host, role, outcome",
     )
     .bind(ids)
     .fetch_all(pool)
