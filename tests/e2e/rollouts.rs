@@ -548,3 +548,98 @@ async fn a_restarted_host_resumes_the_rollout_it_was_in() {
     assert!(handled.values().any(|v| v == "0.2.0") && handled.values().any(|v| v == "0.1.0"));
     env.finish().await;
 }
+
+/// The rollout commands refuse what would leave two answers to "which version runs": a rollout
+/// of the live build itself, a second rollout, a plain deploy during one; `abort` ends it on the
+/// host, and a change of an ended rollout is refused naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_commands_refuse_what_would_be_ambiguous_and_abort_ends_it() {
+    let env = TestEnv::start(Options::new(&[PLUGIN])).await;
+    let live = plugin_file(PLUGIN);
+    let (ok, printed) = run(
+        &env,
+        &[
+            "plugin",
+            "deploy",
+            live.to_str().unwrap(),
+            "--canary",
+            "10",
+            "--timeout",
+            "30",
+        ],
+    );
+    assert!(
+        !ok && printed.contains("is the live build already"),
+        "{printed}"
+    );
+
+    start_rollout(&env, &["--shadow", "50"]);
+    let candidate = plugin_file("face-detection-next");
+    let candidate = candidate.to_str().unwrap();
+    let (ok, printed) = run(&env, &["plugin", "deploy", candidate, "--timeout", "30"]);
+    assert!(
+        !ok && printed.contains("rollout 1 of face-detection"),
+        "{printed}"
+    );
+    assert!(printed.contains("nothing was deployed"), "{printed}");
+    let (ok, printed) = run(
+        &env,
+        &[
+            "plugin",
+            "deploy",
+            candidate,
+            "--canary",
+            "10",
+            "--timeout",
+            "30",
+        ],
+    );
+    assert!(
+        !ok && printed.contains("no other rollout was started"),
+        "{printed}"
+    );
+
+    let (ok, printed) = run(
+        &env,
+        &[
+            "rollout",
+            "set",
+            PLUGIN,
+            "--canary",
+            "10",
+            "--timeout",
+            "30",
+        ],
+    );
+    assert!(ok, "{printed}");
+    let followed = env.host().state().rollouts.snapshot();
+    assert_eq!(followed.active[PLUGIN].row.mode, "canary");
+    assert_eq!(followed.active[PLUGIN].row.percent, 10.0);
+
+    let (ok, printed) = run(&env, &["rollout", "abort", PLUGIN]);
+    assert!(ok && printed.contains("aborted rollout 1"), "{printed}");
+    let report = rollout_status(&env);
+    assert_eq!(report["state"], "aborted");
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("aborted by ")
+    );
+    eventually("the host to let the rollout go", || async {
+        env.host()
+            .state()
+            .rollouts
+            .snapshot()
+            .active
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let (ok, printed) = run(&env, &["rollout", "set", PLUGIN, "--canary", "20"]);
+    assert!(
+        !ok && printed.contains("no rollout of \"face-detection\" is running"),
+        "{printed}"
+    );
+    env.finish().await;
+}
