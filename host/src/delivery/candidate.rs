@@ -32,11 +32,14 @@ pub const DIFFERENCES_KEPT: i64 = 100;
 /// A shadow's run on one entry.
 #[derive(Debug, Default)]
 pub(super) struct Shadow {
-    /// A copy of the entry's fields for the candidate (the live call takes the entry's own).
-    fields: Fields,
-    /// Once the candidate ran: how its outcome compares with the live one's, and the
-    /// candidate's own decision (kept to show in the sample of differences; never carried out).
-    verdict: Option<(Verdict, Decision)>,
+    /// A copy of the entry's fields for the candidate (the live call takes the entry's own),
+    /// until the candidate is called with it.
+    fields: Option<Fields>,
+    /// The candidate's decision (kept to compare and to show in the sample of differences;
+    /// never carried out).
+    candidate: Option<Decision>,
+    /// How the candidate's outcome compares with the live one's, once both are known.
+    verdict: Option<Verdict>,
 }
 
 impl Decision {
@@ -122,6 +125,9 @@ impl HostState {
         Ok(())
     }
 
+    /// A shadow: the candidate is called on copies of the entries while the live version
+    /// handles them (two blocking threads: the batch waits for the slower, not for both), then
+    /// the two outcomes are compared.
     async fn handle_shadowed(
         &self,
         stream: &str,
@@ -135,72 +141,52 @@ impl HostState {
         {
             if rollout.takes(&item.entry.id, &item.fields) {
                 item.shadow = Some(Shadow {
-                    fields: item.fields.clone(),
+                    fields: Some(item.fields.clone()),
                     ..Shadow::default()
                 });
             }
         }
-        let live_calls = self.dispatch(stream, live, Role::Live, items).await?;
-        let (candidate_calls, compared) = self.run_shadow(stream, rollout, items).await?;
-        if let Some(breach) = rollout.observe(&live_calls, &candidate_calls, &compared) {
-            self.roll_back(rollout, &breach).await;
-        }
-        Ok(())
-    }
-
-    /// Runs the candidate on the shadow copies of the entries the live version has handled, and
-    /// compares. Returns the candidate's calls and, per comparison, whether it differed.
-    async fn run_shadow(
-        &self,
-        stream: &str,
-        rollout: &Active,
-        items: &mut [Item],
-    ) -> Result<(Vec<Call>, Vec<bool>)> {
         let inputs: Vec<(usize, wit::Entry)> = items
             .iter_mut()
             .enumerate()
             .filter_map(|(index, item)| {
-                let shadow = item.shadow.as_mut()?;
-                if item.decision.is_none() || shadow.verdict.is_some() {
-                    return None;
-                }
-                let fields = std::mem::take(&mut shadow.fields);
+                let fields = item.shadow.as_mut()?.fields.take()?;
                 Some((index, dispatch::entry(stream, &item.entry, fields)))
             })
             .collect();
-        if inputs.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
-        }
         let candidate = &rollout.candidate;
         let policy = self.policy(&candidate.name);
-        let (calls, deferred) = self.call(candidate, &policy, inputs).await?;
+        let (live_calls, candidate_run) =
+            tokio::join!(self.dispatch(stream, live, Role::Live, items), async {
+                if inputs.is_empty() {
+                    return Ok((Vec::new(), Vec::new()));
+                }
+                self.call(candidate, &policy, inputs).await
+            });
+        let live_calls = live_calls?;
+        let (calls, deferred) = candidate_run?;
         for (index, fields) in deferred {
             if let Some(shadow) = &mut items[index].shadow {
-                shadow.fields = fields;
+                shadow.fields = Some(fields);
             }
         }
         let mut judge = self.judge(candidate, &policy, false).await?;
-        let (mut seen, mut compared) = (Vec::new(), Vec::new());
+        let mut candidate_calls = Vec::with_capacity(calls.len());
         for (index, _fields, call) in calls {
-            let item = &mut items[index];
-            let (decision, elapsed) = judge.decide(call, item.entry.deliveries).await?;
-            let (Some(live), Some(candidate)) = (
-                item.decision.as_ref().and_then(Decision::view),
-                decision.view(),
-            ) else {
-                continue;
-            };
-            let verdict = compare::compare(live, candidate);
-            seen.push(Call {
+            let (decision, elapsed) = judge.decide(call, items[index].entry.deliveries).await?;
+            candidate_calls.push(Call {
                 failed: !matches!(decision, Decision::Persist(_)),
                 elapsed,
             });
-            compared.push(verdict != Verdict::Same);
-            if let Some(shadow) = &mut item.shadow {
-                shadow.verdict = Some((verdict, decision));
+            if let Some(shadow) = &mut items[index].shadow {
+                shadow.candidate = Some(decision);
             }
         }
-        Ok((seen, compared))
+        let compared = compare_shadowed(items);
+        if let Some(breach) = rollout.observe(&live_calls, &candidate_calls, &compared) {
+            self.roll_back(rollout, &breach).await;
+        }
+        Ok(())
     }
 
     /// Ends `rollout` for a `breach`: at once on this host, then for the fleet (the plan in
@@ -268,8 +254,11 @@ impl HostState {
             match rollout.mode {
                 Mode::Canary => *counts.entry((item.role.as_str(), outcome)).or_default() += 1,
                 Mode::Shadow => {
-                    let Some((verdict, candidate)) =
-                        item.shadow.as_ref().and_then(|s| s.verdict.as_ref())
+                    let Some(Shadow {
+                        verdict: Some(verdict),
+                        candidate: Some(candidate),
+                        ..
+                    }) = &item.shadow
                     else {
                         continue;
                     };
@@ -334,7 +323,7 @@ pub(super) fn count(metrics: &crate::metrics::Metrics, rollout: Option<&Active>,
                     .inc();
             }
             Mode::Shadow => {
-                if let Some((verdict, _)) = item.shadow.as_ref().and_then(|s| s.verdict.as_ref()) {
+                if let Some(verdict) = item.shadow.as_ref().and_then(|s| s.verdict.as_ref()) {
                     metrics
                         .rollout_comparisons
                         .get_or_create(&crate::metrics::ByVerdict {
@@ -346,4 +335,28 @@ pub(super) fn count(metrics: &crate::metrics::Metrics, rollout: Option<&Active>,
             }
         }
     }
+}
+
+/// Compares the entries both versions have now decided and that were not compared yet; per
+/// comparison, whether the outcomes differed.
+fn compare_shadowed(items: &mut [Item]) -> Vec<bool> {
+    let mut compared = Vec::new();
+    for item in items.iter_mut() {
+        let Some(shadow) = &mut item.shadow else {
+            continue;
+        };
+        if shadow.verdict.is_some() {
+            continue;
+        }
+        let views = (
+            item.decision.as_ref().and_then(Decision::view),
+            shadow.candidate.as_ref().and_then(Decision::view),
+        );
+        if let (Some(live), Some(candidate)) = views {
+            let verdict = compare::compare(live, candidate);
+            compared.push(verdict != Verdict::Same);
+            shadow.verdict = Some(verdict);
+        }
+    }
+    compared
 }
