@@ -208,6 +208,85 @@ async fn plugin_dev_redeploys_on_save_and_shows_how_entries_come_out() {
     env.finish().await;
 }
 
+/// `plugin dev --shadow`: the edited build runs as a shadow of the deployed one on the host's
+/// entries, the loop prints what it would write differently (per table and column) while the
+/// live version's rows stay as they are, and Ctrl-C ends the shadow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_dev_shadow_shows_what_an_edit_would_write_differently() {
+    let name = "guide-shadow";
+    let table = name.replace('-', "_");
+    let env = TestEnv::start(Options::new(&[]).operator_migrations()).await;
+    let project = new_project(&env, "rust", name);
+    operator_adds(&env, &project, name).await;
+    let built = run(&mut tool(
+        &env,
+        &["plugin", "build", project.to_str().unwrap()],
+    ));
+    let (deployed, printed) = env.deploy(Path::new(built.trim()));
+    assert!(deployed, "{printed}");
+    // The edit: labels in capitals.
+    let handler = project.join("src/lib.rs");
+    let source = std::fs::read_to_string(&handler).unwrap();
+    assert!(source.contains("None => label.to_string(),"));
+    std::fs::write(
+        &handler,
+        source.replace(
+            "None => label.to_string(),",
+            "None => label.to_uppercase(),",
+        ),
+    )
+    .unwrap();
+
+    let output = project.parent().unwrap().join("dev.out");
+    let mut dev = tool(
+        &env,
+        &["plugin", "dev", project.to_str().unwrap(), "--shadow"],
+    )
+    .stdout(std::fs::File::create(&output).unwrap())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("start plugin dev");
+    let printed = |text: String| {
+        let output = output.clone();
+        async move {
+            eventually(&format!("plugin dev to print {text:?}"), || async {
+                std::fs::read_to_string(&output)
+                    .ok()
+                    .filter(|out| out.contains(&text))
+            })
+            .await
+        }
+    };
+    printed("started rollout 1 of guide-shadow".to_string()).await;
+    let id = env
+        .publish(
+            &format!("{name}-results"),
+            &[("mediaId", "1"), ("label", "cat")],
+        )
+        .await;
+    env.await_processed(&format!("{name}-results"), &id).await;
+    printed(format!(r#"{table}.label: "cat" → "CAT""#)).await;
+    printed("compared with the live version so far: 1 different".to_string()).await;
+    let label: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT label FROM {table} WHERE media_id = 1"
+    )))
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(label, "cat", "the shadow wrote nothing");
+
+    crate::support::signal(&dev, "INT");
+    crate::support::await_exit(&mut dev).await;
+    printed("ended shadow rollout 1".to_string()).await;
+    let state: String = sqlx::query_scalar("SELECT state FROM rollouts WHERE id = 1")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "aborted");
+    let _ = std::fs::remove_dir_all(project.parent().unwrap());
+    env.finish().await;
+}
+
 /// A project is where the guide says it is.
 #[test]
 fn the_guide_names_the_commands_the_test_follows() {

@@ -2,6 +2,11 @@
 //! hosts (through the fleet's plugin store, as `plugin deploy` does) and shows what each host made
 //! of it, then shows how the new entries of the plugin come out (processed, or dead-lettered with
 //! the reason) — and starts again on every save.
+//!
+//! With `--shadow`, each build is rolled out as a shadow of the live version instead (see
+//! [`crate::rollout`]): the hosts run it beside the live one on production entries, nothing of it
+//! is written, and the loop prints how its outcomes differ, per table and column. Each save
+//! replaces the session's shadow; Ctrl-C ends it.
 
 use crate::config::Config;
 use anyhow::{Context, Result};
@@ -17,8 +22,14 @@ const OUTCOMES_EVERY: Duration = Duration::from_secs(1);
 /// The most outcome lines printed per look, so a backlog does not flood the terminal.
 const OUTCOME_LINES: i64 = 20;
 
-/// Runs until interrupted.
-pub async fn run(config: &Config, dir: &Path, deploy_timeout: Duration) -> Result<()> {
+/// Runs until interrupted; with `shadow`, deploys each build as a shadow rollout (ended when
+/// interrupted) instead of as the live version.
+pub async fn run(
+    config: &Config,
+    dir: &Path,
+    deploy_timeout: Duration,
+    shadow: bool,
+) -> Result<()> {
     let (_watcher, mut changes) = watch_sources(dir)?;
     let pool = crate::persist::connect_existing(&config.database_url, &config.database_timeouts)
         .await
@@ -29,8 +40,15 @@ pub async fn run(config: &Config, dir: &Path, deploy_timeout: Duration) -> Resul
             crate::text::redact(&config.database_url)
         );
     }
+    let mut session = Shadowing::default();
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     loop {
-        let deployed = build_and_deploy(config, dir, deploy_timeout).await;
+        let deployed = if shadow {
+            session.start(config, dir, deploy_timeout).await
+        } else {
+            build_and_deploy(config, dir, deploy_timeout).await
+        };
         // The sources as built (after the build: cargo itself rewrites `Cargo.lock` when the
         // version changes). Events that leave them so — the build's own writes, an editor
         // touching a file — do not start another build.
@@ -51,31 +69,41 @@ pub async fn run(config: &Config, dir: &Path, deploy_timeout: Duration) -> Resul
                     built_from = now;
                 }
                 _ = tokio::time::sleep(OUTCOMES_EVERY) => {
-                    if let (Some(pool), Some(name)) = (&pool, &deployed) {
-                        since = print_outcomes(pool, name, since).await;
+                    match (&pool, &deployed) {
+                        (Some(pool), Some(_)) if shadow => session.print_differences(pool).await,
+                        (Some(pool), Some(name)) => since = print_outcomes(pool, name, since).await,
+                        _ => {}
                     }
+                }
+                _ = &mut interrupted => {
+                    session.end(config, "ended by plugin dev").await;
+                    return Ok(());
                 }
             }
         }
     }
 }
 
-/// Builds and deploys; returns the plugin's name when some host loaded it.
-async fn build_and_deploy(config: &Config, dir: &Path, timeout: Duration) -> Option<String> {
+/// Builds the project; the component, or nothing (the failure printed).
+async fn build(dir: &Path) -> Option<std::path::PathBuf> {
     println!("building {}", dir.display());
     let project = dir.to_path_buf();
-    let built = tokio::task::spawn_blocking(move || super::build(&project)).await;
-    let file = match built {
-        Ok(Ok(file)) => file,
+    match tokio::task::spawn_blocking(move || super::build(&project)).await {
+        Ok(Ok(file)) => Some(file),
         Ok(Err(error)) => {
             println!("build failed: {error:#}");
-            return None;
+            None
         }
         Err(error) => {
             println!("build failed: {error}");
-            return None;
+            None
         }
-    };
+    }
+}
+
+/// Builds and deploys; returns the plugin's name when some host loaded it.
+async fn build_and_deploy(config: &Config, dir: &Path, timeout: Duration) -> Option<String> {
+    let file = build(dir).await?;
     match crate::deploy::deploy(config, &file, timeout).await {
         Ok(deployed) => {
             println!(
@@ -90,6 +118,100 @@ async fn build_and_deploy(config: &Config, dir: &Path, timeout: Duration) -> Opt
         Err(error) => {
             println!("deploy failed: {error:#}");
             None
+        }
+    }
+}
+
+/// The shadow rollout a `plugin dev --shadow` session runs, and how much of its sample of
+/// differences it has printed.
+#[derive(Default)]
+struct Shadowing {
+    rollout: Option<i64>,
+    shown: usize,
+    compared: String,
+}
+
+impl Shadowing {
+    /// Builds the project and rolls it out as a shadow, ending the session's previous one;
+    /// returns the plugin's name when the hosts follow it.
+    async fn start(&mut self, config: &Config, dir: &Path, timeout: Duration) -> Option<String> {
+        let file = build(dir).await?;
+        self.end(config, "replaced by a newer build from plugin dev")
+            .await;
+        let plan = crate::deploy::rollout::Plan {
+            mode: crate::rollout::Mode::Shadow,
+            percent: 100.0,
+            key_field: Some("mediaId".to_string()),
+            thresholds: Default::default(),
+        };
+        match crate::deploy::rollout::start(config, &file, &plan, timeout).await {
+            Ok(changed) => {
+                println!("started {}", changed.rollout.summary());
+                print!("{}", changed.report());
+                self.rollout = Some(changed.rollout.id);
+                self.shown = 0;
+                self.compared.clear();
+                changed.ok().then(|| changed.rollout.plugin.clone())
+            }
+            Err(error) => {
+                println!("shadow not started: {error:#}");
+                None
+            }
+        }
+    }
+
+    /// Ends the session's shadow, if it runs (the live version goes on alone).
+    async fn end(&mut self, config: &Config, why: &str) {
+        let Some(id) = self.rollout.take() else {
+            return;
+        };
+        let fleet = crate::persist::plugin_store::fleet(config);
+        let ended = async {
+            let pool =
+                crate::persist::connect_existing(&config.database_url, &config.database_timeouts)
+                    .await?;
+            let ended = crate::persist::rollouts::finish(&pool, &fleet, id, "aborted", why).await;
+            pool.close().await;
+            ended
+        };
+        match ended.await {
+            Ok(_) => println!("ended shadow rollout {id} ({why})"),
+            Err(error) => println!(
+                "could not end shadow rollout {id}: {error:#} (`kaleidoscope rollout abort` ends it)"
+            ),
+        }
+    }
+
+    /// Prints the differences sampled since the last look, and the counts when they changed.
+    async fn print_differences(&mut self, pool: &sqlx::PgPool) {
+        use crate::persist::rollouts;
+        let Some(id) = self.rollout else { return };
+        let limit = crate::delivery::DIFFERENCES_KEPT;
+        let differences = rollouts::differences(pool, id, limit)
+            .await
+            .unwrap_or_default();
+        for d in differences.iter().skip(self.shown) {
+            for line in crate::rollout::diff::render(
+                &d.stream,
+                &d.entry_id,
+                &d.verdict,
+                &d.live,
+                &d.candidate,
+            ) {
+                println!("{line}");
+            }
+        }
+        self.shown = self.shown.max(differences.len());
+        let tallies = rollouts::tallies(pool, &[id]).await.unwrap_or_default();
+        let mut counts = std::collections::BTreeMap::<&str, i64>::new();
+        for tally in &tallies {
+            *counts.entry(tally.outcome.as_str()).or_default() += tally.entries;
+        }
+        let compared: Vec<String> = counts.iter().map(|(v, n)| format!("{n} {v}")).collect();
+        let compared = compared.join(", ");
+        if !compared.is_empty() && compared != self.compared {
+            println!("compared with the live version so far: {compared}");
+            self.compared = compared;
         }
     }
 }

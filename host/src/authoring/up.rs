@@ -101,7 +101,7 @@ pub async fn run(
         std::future::pending::<()>().await
     };
     let outcome = tokio::select! {
-        outcome = super::dev::run(&config, dir, deploy_timeout) => outcome,
+        outcome = super::dev::run(&config, dir, deploy_timeout, false) => outcome,
         () = try_it => Ok(()),
         () = stop => Ok(()),
     };

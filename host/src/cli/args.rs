@@ -450,6 +450,11 @@ pub enum PluginCommand {
         /// Give up waiting for the hosts after this many seconds per deploy.
         #[arg(long, default_value_t = 60, value_name = "SECONDS")]
         timeout: u64,
+        /// Run each build as a shadow of the live version on the hosts' real entries instead of
+        /// deploying it: nothing of it is written, and what it would write differently is shown
+        /// per table and column. Ctrl-C ends the shadow.
+        #[arg(long)]
+        shadow: bool,
     },
     /// Deploy a plugin to every host of the fleet (the hosts of this stream prefix and consumer
     /// group) through the plugin store in PostgreSQL, as the plugin its manifest names, and wait

@@ -287,11 +287,16 @@ async fn plugin(file: Option<&Path>, command: args::PluginCommand) -> Result<Exi
             Ok(ExitCode::SUCCESS)
         }
         args::PluginCommand::Remove { name } => commands::remove(&load_config(file)?, &name).await,
-        args::PluginCommand::Dev { dir, timeout } => {
+        args::PluginCommand::Dev {
+            dir,
+            timeout,
+            shadow,
+        } => {
             crate::authoring::dev::run(
                 &load_config(file)?,
                 &dir,
                 std::time::Duration::from_secs(timeout),
+                shadow,
             )
             .await?;
             Ok(ExitCode::SUCCESS)

@@ -47,6 +47,7 @@
 
 mod ack;
 mod candidate;
+pub use candidate::DIFFERENCES_KEPT;
 mod commit;
 mod dispatch;
 pub mod outcome;
