@@ -420,10 +420,19 @@ async fn a_canary_takes_its_share_by_key_on_every_host_grows_by_key_and_is_promo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_failing_a_third_of_its_entries_is_rolled_back_on_every_host() {
     let env = TestEnv::prepare(Options::new(&[]).set("KALEIDOSCOPE_BATCH_SIZE", 20)).await;
-    let alpha_dir = env.directory_of("alpha", &[PLUGIN]);
-    let beta_dir = env.directory_of("beta", &[PLUGIN]);
-    let _alpha = env.spawn_on("alpha", &alpha_dir);
-    let _beta = env.spawn_on("beta", &beta_dir);
+    // Each host serves /metrics on a port of its own.
+    let mut ports = BTreeMap::new();
+    let mut hosts = Vec::new();
+    for host in ["alpha", "beta"] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let dir = env.directory_of(host, &[PLUGIN]);
+        hosts.push(env.spawn_with(host, &dir, &[("KALEIDOSCOPE_HTTP_ADDR", &addr)]));
+        ports.insert(host, addr);
+    }
     await_hosts(&env, &["alpha", "beta"]).await;
     start_rollout(&env, &["--canary", "50", "--window", "30"]);
 
@@ -465,6 +474,17 @@ async fn a_canary_failing_a_third_of_its_entries_is_rolled_back_on_every_host() 
         .then_some(())
     })
     .await;
+    // The host that judged it counts it.
+    for (host, addr) in &ports {
+        let log = std::fs::read_to_string(env.host_log(host)).unwrap_or_default();
+        if log.contains("rolled back rollout") {
+            let (_, metrics) = crate::support::http_get(addr.parse().unwrap(), "/metrics");
+            assert!(
+                metrics.contains(r#"kaleidoscope_rollout_rollbacks_total{plugin="face-detection",reason="failure-rate"} 1"#),
+                "{host}: {metrics}"
+            );
+        }
+    }
 
     // After the rollback, the live version handles every entry.
     let entries: Vec<_> = (601..=700)

@@ -484,14 +484,22 @@ impl TestEnv {
 
     /// Starts `kaleidoscope run` as `consumer` on the plugins directory `dir`.
     pub fn spawn_on(&self, consumer: &str, dir: &Path) -> HostProcess {
+        self.spawn_with(consumer, dir, &[])
+    }
+
+    /// [`TestEnv::spawn_on`] with more settings (`name`, `value`), which win.
+    pub fn spawn_with(&self, consumer: &str, dir: &Path, settings: &[(&str, &str)]) -> HostProcess {
         let log = std::fs::File::create(self.host_log(consumer)).expect("host log file");
-        HostProcess::spawn(
-            self.binary(&["run"])
-                .env("KALEIDOSCOPE_CONSUMER_NAME", consumer)
-                .env("KALEIDOSCOPE_PLUGINS_DIR", dir)
-                .stdout(std::process::Stdio::null())
-                .stderr(log),
-        )
+        let mut command = self.binary(&["run"]);
+        command
+            .env("KALEIDOSCOPE_CONSUMER_NAME", consumer)
+            .env("KALEIDOSCOPE_PLUGINS_DIR", dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(log);
+        for (name, value) in settings {
+            command.env(name, value);
+        }
+        HostProcess::spawn(&mut command)
     }
 
     /// Waits until a call of `plugin` is running in the handler (the calls-in-flight gauge): in
