@@ -78,6 +78,19 @@ impl HostStatus {
         self.heartbeat_age_ms
             .is_some_and(|age| age <= STALE_AFTER.as_millis() as u64)
     }
+
+    /// Whether the host serves plugin `name` (only such hosts take part in its rollouts).
+    pub fn serves(&self, name: &str) -> bool {
+        self.plugins.iter().any(|p| p.name == name)
+    }
+
+    /// How the host follows rollout `id` at `revision` or later (`None`: it has not caught up,
+    /// or does not take part).
+    pub fn following(&self, id: i64, revision: i32) -> Option<&RolloutFollowed> {
+        self.rollouts
+            .iter()
+            .find(|r| r.id == id && r.revision >= revision)
+    }
 }
 
 /// A loaded plugin.

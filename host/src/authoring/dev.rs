@@ -203,12 +203,7 @@ impl Shadowing {
         }
         self.shown = self.shown.max(differences.len());
         let tallies = rollouts::tallies(pool, &[id]).await.unwrap_or_default();
-        let mut counts = std::collections::BTreeMap::<&str, i64>::new();
-        for tally in &tallies {
-            *counts.entry(tally.outcome.as_str()).or_default() += tally.entries;
-        }
-        let compared: Vec<String> = counts.iter().map(|(v, n)| format!("{n} {v}")).collect();
-        let compared = compared.join(", ");
+        let compared = crate::status::rollouts::compared(&tallies);
         if !compared.is_empty() && compared != self.compared {
             println!("compared with the live version so far: {compared}");
             self.compared = compared;

@@ -175,19 +175,7 @@ async fn diff(config: &Config, name: &str, limit: i64, json: bool) -> Result<Exi
         println!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let compared: Vec<String> = tallies
-        .iter()
-        .filter(|t| t.role == "shadow")
-        .fold(
-            std::collections::BTreeMap::<&str, i64>::new(),
-            |mut sums, t| {
-                *sums.entry(t.outcome.as_str()).or_default() += t.entries;
-                sums
-            },
-        )
-        .into_iter()
-        .map(|(verdict, n)| format!("{n} {verdict}"))
-        .collect();
+    let compared = crate::status::rollouts::compared(&tallies);
     println!(
         "rollout {} of {}: {} → {} ({}, {}); compared: {}",
         row.id,
@@ -197,9 +185,9 @@ async fn diff(config: &Config, name: &str, limit: i64, json: bool) -> Result<Exi
         row.mode,
         row.state,
         if compared.is_empty() {
-            "none".to_string()
+            "none"
         } else {
-            compared.join(", ")
+            &compared
         }
     );
     for d in &differences {

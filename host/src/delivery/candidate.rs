@@ -246,10 +246,8 @@ impl HostState {
         let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
         let mut differences = Vec::new();
         for item in items {
-            let outcome = match item.decision {
-                Some(Decision::Persist(_)) => "processed",
-                Some(Decision::DeadLetter(..)) => "dead-lettered",
-                _ => continue,
+            let Some(outcome) = item.finished().map(|o| o.as_str()) else {
+                continue;
             };
             match rollout.mode {
                 Mode::Canary => *counts.entry((item.role.as_str(), outcome)).or_default() += 1,
@@ -306,10 +304,8 @@ pub(super) fn count(metrics: &crate::metrics::Metrics, rollout: Option<&Active>,
     let Some(rollout) = rollout else { return };
     let plugin = &rollout.row.plugin;
     for item in items {
-        let outcome = match item.decision {
-            Some(Decision::Persist(_)) => "processed",
-            Some(Decision::DeadLetter(..)) => "dead-lettered",
-            _ => continue,
+        let Some(outcome) = item.finished().map(|o| o.as_str()) else {
+            continue;
         };
         match rollout.mode {
             Mode::Canary => {

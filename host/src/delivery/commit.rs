@@ -513,10 +513,8 @@ type Claims = std::collections::BTreeMap<Role, Vec<(String, Outcome)>>;
 fn ledger_claims(items: &[Item]) -> Claims {
     let mut claims = Claims::new();
     for item in items {
-        let outcome = match item.decision {
-            Some(Decision::Persist(_)) => Outcome::Processed,
-            Some(Decision::DeadLetter(..)) => Outcome::DeadLettered,
-            _ => continue,
+        let Some(outcome) = item.finished() else {
+            continue;
         };
         claims
             .entry(item.role)

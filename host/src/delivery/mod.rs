@@ -146,6 +146,20 @@ struct Item {
     shadow: Option<candidate::Shadow>,
 }
 
+impl Item {
+    /// How this batch finishes the entry in the ledger: persisted or dead-lettered (`None`:
+    /// retried, redelivered, or not decided yet). What the ledger claims, and what a rollout's
+    /// tally and metrics count.
+    fn finished(&self) -> Option<crate::persist::ledger::Outcome> {
+        use crate::persist::ledger::Outcome;
+        match self.decision {
+            Some(Decision::Persist(_)) => Some(Outcome::Processed),
+            Some(Decision::DeadLetter(..)) => Some(Outcome::DeadLettered),
+            _ => None,
+        }
+    }
+}
+
 /// Which version of the plugin handles an entry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 enum Role {

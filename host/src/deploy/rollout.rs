@@ -223,18 +223,14 @@ async fn await_revision(
         let mut answers = Vec::new();
         let mut waiting = Vec::new();
         for host in heartbeat::read_all(conn, config).await? {
-            if !host.plugins.iter().any(|p| p.name == row.plugin) {
+            if !host.serves(&row.plugin) {
                 continue;
             }
             if !host.fresh() {
                 answers.push(stale(&host));
                 continue;
             }
-            let followed = host
-                .rollouts
-                .iter()
-                .find(|r| r.id == row.id && r.revision >= row.revision);
-            match followed {
+            match host.following(row.id, row.revision) {
                 Some(followed) => answers.push(HostAnswer {
                     host: host.consumer.clone(),
                     outcome: if followed.refused.is_some() {

@@ -103,13 +103,9 @@ fn following(row: &RolloutRow, hosts: &[HostStatus]) -> Vec<HostFollowing> {
     }
     hosts
         .iter()
-        .filter(|host| host.fresh() && host.plugins.iter().any(|p| p.name == row.plugin))
+        .filter(|host| host.fresh() && host.serves(&row.plugin))
         .map(|host| {
-            let seen = host
-                .rollouts
-                .iter()
-                .find(|r| r.id == row.id && r.revision >= row.revision);
-            let (state, reason) = match seen {
+            let (state, reason) = match host.following(row.id, row.revision) {
                 Some(seen) if seen.refused.is_some() => ("refused", seen.refused.clone()),
                 Some(_) => ("following", None),
                 None => ("not-yet", None),
@@ -121,6 +117,17 @@ fn following(row: &RolloutRow, hosts: &[HostStatus]) -> Vec<HostFollowing> {
             }
         })
         .collect()
+}
+
+/// What a shadow compared so far, from its tallies (every host's): `n verdict, …`, empty when
+/// nothing was.
+pub fn compared(tallies: &[rollouts::Tally]) -> String {
+    let mut sums: BTreeMap<&str, i64> = BTreeMap::new();
+    for tally in tallies.iter().filter(|t| t.role == "shadow") {
+        *sums.entry(tally.outcome.as_str()).or_default() += tally.entries;
+    }
+    let sums: Vec<String> = sums.iter().map(|(v, n)| format!("{n} {v}")).collect();
+    sums.join(", ")
 }
 
 /// `n outcome, …` of one role's counts.
