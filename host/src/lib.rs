@@ -66,6 +66,7 @@ pub mod plugin;
 pub mod progress;
 pub mod python_env;
 pub mod redis_connection;
+pub mod reprocess;
 pub mod requests;
 pub mod rollout;
 pub mod shutdown;

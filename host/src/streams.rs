@@ -113,6 +113,62 @@ pub async fn ensure_group<C: ConnectionLike>(
     }
 }
 
+/// Reads up to `count` entries of `key` from `start` to `end` (`XRANGE` bounds: an id, `(id`
+/// for after it, `-`, `+`), outside any consumer group: history, as a reprocessing run reads it.
+/// Each comes as its first delivery.
+pub async fn range<C: ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    start: &str,
+    end: &str,
+    count: usize,
+) -> Result<Vec<StreamEntry>, StreamError> {
+    let reply: Value = redis::cmd("XRANGE")
+        .arg(key)
+        .arg(start)
+        .arg(end)
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await?;
+    entries_of(reply)
+}
+
+/// The entries of each id of `ids` in `key` (`None` where the stream no longer has it), in one
+/// pipelined round trip.
+pub async fn by_ids<C: ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    ids: &[String],
+) -> Result<Vec<Option<StreamEntry>>, StreamError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for id in ids {
+        pipe.cmd("XRANGE").arg(key).arg(id).arg(id);
+    }
+    let replies: Vec<Value> = pipe.query_async(conn).await?;
+    replies
+        .into_iter()
+        .map(|reply| Ok(entries_of(reply)?.into_iter().next()))
+        .collect()
+}
+
+/// The entries of an `XRANGE` reply.
+fn entries_of(reply: Value) -> Result<Vec<StreamEntry>, StreamError> {
+    let Value::Array(items) = reply else {
+        return Err(StreamError::Protocol(format!("XRANGE replied {reply:?}")));
+    };
+    let mut entries = Vec::with_capacity(items.len());
+    for item in items {
+        if let Ok(entry) = parse_entry(item, 1)? {
+            entries.push(entry);
+        }
+    }
+    Ok(entries)
+}
+
 /// Reads up to `count` new entries for `consumer`, blocking up to `block`.
 pub async fn read_new<C: ConnectionLike>(
     conn: &mut C,

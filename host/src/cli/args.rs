@@ -79,6 +79,13 @@ pub enum Command {
     /// `--canary`.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Run entries already in a stream again through a build of their plugin: backfill what a
+    /// new version writes (`--from 0`), or repair what a bad version wrote (`--handled-by
+    /// NAME@BAD --with GOOD`). Each entry is applied once per run (resumable with --resume after
+    /// a crash or Ctrl-C); emits are left out unless --emit; --dry-run writes nothing and shows
+    /// per table and column what would change.
+    #[command(after_long_help = config::SETTINGS_POINTER)]
+    Reprocess(ReprocessArgs),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -548,4 +555,58 @@ fn fraction(text: &str) -> Result<f64, String> {
         Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
         _ => Err(format!("expected a number from 0 to 1, got {text:?}")),
     }
+}
+
+/// `kaleidoscope reprocess`: a selection (a range, `--handled-by` or `--ids`) to start a run, or
+/// `--resume`, `--cancel` or `--list`.
+#[derive(clap::Args, Debug)]
+pub struct ReprocessArgs {
+    /// The stream (its logical name, e.g. ml-insights-results); default: the one stream the
+    /// plugin declares.
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// Select from this entry on: an entry id, milliseconds, or an RFC 3339 time; `0` for the
+    /// stream's start.
+    #[arg(long, value_name = "ID|TIME")]
+    pub from: Option<String>,
+    /// Select up to this entry (inclusive; a time takes in its whole millisecond); default: the
+    /// stream's end when the run starts.
+    #[arg(long, value_name = "ID|TIME")]
+    pub to: Option<String>,
+    /// Select the entries a version (or build) of a plugin handled, as the ledger recorded.
+    #[arg(long, value_name = "NAME@VERSION")]
+    pub handled_by: Option<String>,
+    /// Select these entries (comma-separated, or the flag repeated).
+    #[arg(long, value_name = "ID,...")]
+    pub ids: Vec<String>,
+    /// The build to run them through: a version or build (from the plugin store, a rollout's
+    /// candidate or the plugins directory) or a .wasm file; default: the live build.
+    #[arg(long, value_name = "VERSION|BUILD|FILE")]
+    pub with: Option<String>,
+    /// Publish the handler's emits (left out by default: history's requests went out already).
+    #[arg(long)]
+    pub emit: bool,
+    /// Write nothing: run the entries in transactions that are rolled back and report per table
+    /// and column what the run would change.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// At most this many entries per second (default: as fast as it goes).
+    #[arg(long, value_name = "ENTRIES_PER_SECOND")]
+    pub rate: Option<f64>,
+    /// Entries per batch (each batch is one transaction).
+    #[arg(long, default_value_t = crate::reprocess::DEFAULT_BATCH)]
+    pub batch: usize,
+    /// Go on with a run that was interrupted, crashed or failed, from where it stopped, with its
+    /// own build and selection.
+    #[arg(long, value_name = "RUN")]
+    pub resume: Option<i64>,
+    /// Cancel a run (a process applying it stops after its batch; what it applied stays).
+    #[arg(long, value_name = "RUN")]
+    pub cancel: Option<i64>,
+    /// List the runs not ended and those ended in the last day.
+    #[arg(long)]
+    pub list: bool,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -4,6 +4,7 @@
 
 mod args;
 mod commands;
+mod reprocess;
 mod rollout;
 
 pub use args::Cli;
@@ -125,6 +126,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
         }
         Command::Dlq(command) => commands::dlq(&load_config_for_a_tool(file)?, command).await,
         Command::Rollout(command) => rollout::run(&load_config_for_a_tool(file)?, command).await,
+        Command::Reprocess(args) => reprocess::run(load_config_for_a_tool(file)?, args).await,
         Command::Config(args::ConfigCommand::Check { json }) => config_check(file, json),
         Command::Publish(command) => commands::publish(load_config(file)?, command).await,
         Command::Demo {

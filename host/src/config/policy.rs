@@ -22,6 +22,7 @@ pub const HOST_TABLES: &[&str] = &[
     "rollouts",
     "rollout_tallies",
     "rollout_differences",
+    "reprocess_runs",
 ];
 
 /// What the operator allows one plugin, and its sandbox limits if they differ from the defaults.

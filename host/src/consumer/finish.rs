@@ -18,7 +18,7 @@ use tracing::{error, warn};
 /// at fault is dead-lettered alone; if even that fails, the batch is given up and its entries
 /// stay pending, to be delivered again (counting against their attempts) after the reclaim time.
 /// Returns whether the batch was finished (`false`: given up, or the host is stopping).
-pub(super) async fn finish_until_done(
+pub(crate) async fn finish_until_done(
     state: &HostState,
     batch: &mut PreparedBatch,
     mut stop: Shutdown,

@@ -18,7 +18,7 @@ use crate::shutdown::Shutdown;
 use crate::state::HostState;
 use crate::streams::{self, StreamEntry};
 use anyhow::{Context, Result};
-use finish::finish_until_done;
+pub(crate) use finish::finish_until_done;
 use in_flight::{EntriesInFlight, HeldEntries, keep_in_flight_fresh, lock};
 use redis::Client;
 use redis::aio::MultiplexedConnection;

@@ -160,6 +160,17 @@ pub async fn replay<C: ConnectionLike + Send>(
                 .join(", ")
         );
     }
+    if let Some(run) = entries.iter().find(|e| e.reprocess_run.is_some()) {
+        anyhow::bail!(
+            "dead letter {} (entry {} of {}) was written by reprocessing run {}: replaying it on the live stream would find the entry processed there already and apply nothing. Run it again through a run instead: `kaleidoscope reprocess --stream {} --ids {}`",
+            run.id,
+            run.source_id,
+            run.source_stream,
+            run.reprocess_run.unwrap_or_default(),
+            run.source_stream,
+            run.source_id
+        );
+    }
     let dlq = config.dlq_key();
     let mut replayed = Vec::new();
     for entry in entries {

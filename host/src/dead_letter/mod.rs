@@ -39,6 +39,10 @@ pub mod field {
     /// Present only when some original values were not UTF-8: the names of those fields
     /// (comma-separated), whose bytes `fields` cannot carry (they hold U+FFFD instead).
     pub const BYTES_LOST: &str = "bytesLost";
+    /// Present only for an entry a reprocessing run dead-lettered (`kaleidoscope reprocess`):
+    /// the run's id. Its live processing is not what failed, and `dlq replay` leaves it to the
+    /// run (`reprocess --ids`).
+    pub const REPROCESS_RUN: &str = "reprocessRun";
 }
 
 /// The field with which `dlq replay` marks a re-published dead letter: the id of the entry that
@@ -133,6 +137,8 @@ pub struct DeadLetter {
     pub fields: Vec<(String, String)>,
     /// The fields among them whose value was not UTF-8 (their bytes are lost).
     pub lossy_fields: Vec<String>,
+    /// The reprocessing run that dead-lettered the entry, if one did.
+    pub reprocess_run: Option<i64>,
 }
 
 /// The most the original fields may take in a dead letter (as JSON). An entry Redis accepted can
@@ -201,6 +207,9 @@ impl DeadLetter {
         if !lossy.is_empty() {
             fields.push((field::BYTES_LOST.into(), lossy.join(",")));
         }
+        if let Some(run) = self.reprocess_run {
+            fields.push((field::REPROCESS_RUN.into(), run.to_string()));
+        }
         fields
     }
 }
@@ -234,6 +243,8 @@ pub struct StoredDeadLetter {
     pub fields: serde_json::Map<String, serde_json::Value>,
     /// Fields whose original bytes were lost (not UTF-8); empty for almost every dead letter.
     pub bytes_lost: Vec<String>,
+    /// The reprocessing run that dead-lettered the entry (`None` for live processing).
+    pub reprocess_run: Option<i64>,
 }
 
 impl StoredDeadLetter {
@@ -258,6 +269,7 @@ impl StoredDeadLetter {
                 .filter(|name| !name.is_empty())
                 .map(str::to_string)
                 .collect(),
+            reprocess_run: take(field::REPROCESS_RUN).parse().ok(),
         }
     }
 }
@@ -305,6 +317,7 @@ mod tests {
                 ("odd".into(), "a\"b".into()),
             ],
             lossy_fields: vec!["odd".into()],
+            reprocess_run: Some(7),
         };
         let stored = StoredDeadLetter::from_stream_fields(
             "9-0".into(),
@@ -318,6 +331,7 @@ mod tests {
         assert_eq!(stored.plugin, "insights");
         assert_eq!(stored.plugin_version, "1.2.3");
         assert_eq!(stored.deliveries, 3);
+        assert_eq!(stored.reprocess_run, Some(7));
         assert!(!stored.failed_at.is_empty());
         assert_eq!(stored.fields["mediaId"], "7");
         assert_eq!(stored.fields["odd"], "a\"b");

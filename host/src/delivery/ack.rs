@@ -32,6 +32,11 @@ impl HostState {
                 acks.push(item.entry.id.clone());
             }
         }
+        // A reprocessing run reads history: the live consumers acknowledged these entries, or
+        // will; they are not the run's to acknowledge.
+        if batch.run.is_some() {
+            acks.clear();
+        }
 
         // The batch's outbox rows, locked for as long as they are published: the relay skips
         // locked rows, so a row it could already take (its transaction began long ago) is

@@ -115,6 +115,10 @@ impl HostState {
             Err(error) => return set_based_error(execute::statement_failed(error), "the ledger"),
         };
         mark_redelivered(items, &claimed);
+        let dry_run = match self.dry_run_before(&mut tx, handlers.run, items).await {
+            Ok(before) => before,
+            Err(error) => return set_based_error(execute::statement_failed(error), "the dry run"),
+        };
 
         let catalog = self.catalog();
         let (plan, emits) = plan::plan(
@@ -141,12 +145,14 @@ impl HostState {
         }
 
         let mut outbox = Vec::new();
-        for emit in emits {
-            outbox.push((self.config.stream_key(&emit.target), emit.fields));
+        if super::reprocessing::emits_allowed(handlers.run) {
+            for emit in emits {
+                outbox.push((self.config.stream_key(&emit.target), emit.fields));
+            }
         }
         for item in items.iter() {
             if let Some(Decision::DeadLetter(kind, reason)) = &item.decision {
-                let letter = dead_letter(stream, handlers.of_item(item), item, *kind, reason);
+                let letter = dead_letter(stream, handlers, item, *kind, reason);
                 outbox.push((self.config.dlq_key(), letter.to_stream_fields()));
             }
         }
@@ -158,6 +164,19 @@ impl HostState {
         let shadow = handlers.rollout.filter(|r| r.mode == Mode::Shadow);
         if let Err(error) = self.tally_rollout(&mut tx, stream, shadow, items).await {
             return set_based_error(execute::statement_failed(error), "the rollout's tally");
+        }
+        if let Err(error) = self.tally_run(&mut tx, handlers.run, items).await {
+            return set_based_error(execute::statement_failed(error), "the run's tally");
+        }
+        if let Some(before) = dry_run {
+            // A dry run: what the batch changed is read, and nothing of it stays.
+            if let Err(error) = self.dry_run_after(&mut tx, handlers.run, before).await {
+                return set_based_error(execute::statement_failed(error), "the dry run");
+            }
+            return match tx.rollback().await {
+                Ok(()) => Ok(SetBased::Committed(Vec::new())),
+                Err(error) => set_based_error(execute::statement_failed(error), "ROLLBACK"),
+            };
         }
         // COMMIT can fail for reasons of the batch's own (a deferred constraint, a serialisation
         // failure): like any other statement, that sends the batch to the entry-by-entry pass.
@@ -315,13 +334,18 @@ impl HostState {
             .await
             .context("cannot begin the batch transaction")?;
         lock_every_table(&mut tx, items, self.catalog().links()).await?;
+        let dry_run = self
+            .dry_run_before(&mut tx, handlers.run, items)
+            .await
+            .map_err(|error| pass_failed(execute::statement_failed(error), "the dry run"))?;
+        let emits = super::reprocessing::emits_allowed(handlers.run);
         let mut messages = Vec::new();
         for item in items.iter_mut() {
             if let Some(Decision::Persist(statements)) = &item.decision {
                 savepoint(&mut tx, "SAVEPOINT entry").await?;
                 let plugin = handlers.of_item(item);
                 let outcome = self
-                    .persist_entry(&mut tx, stream, plugin, &item.ledger_id, statements)
+                    .persist_entry(&mut tx, stream, plugin, &item.ledger_id, statements, emits)
                     .await;
                 match outcome {
                     Ok(Some(emitted)) => {
@@ -367,6 +391,23 @@ impl HostState {
                     "cannot count the batch in its rollout's tally",
                 )
             })?;
+        self.tally_run(&mut tx, handlers.run, items)
+            .await
+            .map_err(|error| {
+                pass_failed(
+                    execute::statement_failed(error),
+                    "cannot count the batch in its run's tally",
+                )
+            })?;
+        if let Some(before) = dry_run {
+            self.dry_run_after(&mut tx, handlers.run, before)
+                .await
+                .map_err(|error| pass_failed(execute::statement_failed(error), "the dry run"))?;
+            tx.rollback()
+                .await
+                .map_err(|error| pass_failed(execute::statement_failed(error), "ROLLBACK"))?;
+            return Ok(Vec::new());
+        }
         tx.commit().await.map_err(|error| {
             pass_failed(
                 execute::statement_failed(error),
@@ -403,15 +444,16 @@ impl HostState {
             item.decision = Some(Decision::Redelivered);
             return Ok(None);
         }
-        let letter = dead_letter(stream, plugin, item, *kind, reason);
+        let letter = dead_letter(stream, handlers, item, *kind, reason);
         let message = outbox::enqueue(tx, &self.config.dlq_key(), letter.to_stream_fields())
             .await
             .context("cannot write a dead letter to the outbox")?;
         Ok(Some(message))
     }
 
-    /// Ledger row (under `entry_id`, the entry's ledger identity), statements and emits of one
-    /// entry. `Ok(None)`: the ledger already had it.
+    /// Ledger row (under `entry_id`, the entry's ledger identity), statements and emits (unless
+    /// a reprocessing run leaves them out: `emits` false) of one entry. `Ok(None)`: the ledger
+    /// already had it.
     async fn persist_entry(
         &self,
         conn: &mut PgConnection,
@@ -419,6 +461,7 @@ impl HostState {
         plugin: &Plugin,
         entry_id: &str,
         statements: &[Statement],
+        emits: bool,
     ) -> Result<Option<Vec<OutboxMessage>>, StatementError> {
         let recorded = ledger::record(
             conn,
@@ -436,6 +479,7 @@ impl HostState {
         let mut emitted = Vec::new();
         for statement in statements {
             match statement {
+                Statement::Emit { .. } if !emits => {}
                 Statement::Emit { target, fields } => {
                     let message =
                         outbox::enqueue(conn, &self.config.stream_key(target), fields.clone())
@@ -476,15 +520,17 @@ fn handler(plugin: &Plugin) -> ledger::Handler<'_> {
     }
 }
 
-/// The dead letter of `item`.
+/// The dead letter of `item` (tagged with the reprocessing run, if the batch is one's).
 fn dead_letter(
     stream: &str,
-    plugin: &Plugin,
+    handlers: Handlers<'_>,
     item: &Item,
     kind: FailureKind,
     reason: &str,
 ) -> DeadLetter {
+    let plugin = handlers.of_item(item);
     DeadLetter {
+        reprocess_run: handlers.run.map(|run| run.run),
         source_stream: stream.to_string(),
         source_id: item.entry.id.clone(),
         kind,

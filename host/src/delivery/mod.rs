@@ -51,6 +51,8 @@ pub use candidate::DIFFERENCES_KEPT;
 mod commit;
 mod dispatch;
 pub mod outcome;
+mod reprocessing;
+pub use reprocessing::{LEDGER_MARK, Reprocessing, entry_of_identity};
 mod triage;
 
 use crate::dead_letter::FailureKind;
@@ -94,6 +96,9 @@ pub struct PreparedBatch {
     /// The rollout of the plugin this batch follows, taken once with the plugin (see
     /// `candidate.rs`).
     rollout: Option<Arc<Active>>,
+    /// The reprocessing run the batch belongs to (`None`: live delivery); see
+    /// `reprocessing.rs`.
+    run: Option<Arc<Reprocessing>>,
     items: Vec<Item>,
     /// Ids of `init` sentinels, acknowledged with the rest.
     sentinels: Vec<String>,
@@ -105,6 +110,62 @@ impl PreparedBatch {
     /// The stream the batch was read from (logical name).
     pub fn stream(&self) -> &str {
         &self.stream
+    }
+
+    /// The entries of the batch to be tried again (their decision a retry), each with one more
+    /// delivery: a reprocessing run, which has no consumer group to deliver them again, hands
+    /// them to [`HostState::prepare_reprocessing`] itself. `originals` are the entries as
+    /// read (the batch keeps their decoded fields only).
+    pub fn retries(&self, originals: &[StreamEntry]) -> Vec<StreamEntry> {
+        let retry: std::collections::HashSet<&str> = self
+            .items
+            .iter()
+            .filter(|item| matches!(item.decision, Some(Decision::Retry(..))))
+            .map(|item| item.entry.id.as_str())
+            .collect();
+        originals
+            .iter()
+            .filter(|entry| retry.contains(entry.id.as_str()))
+            .map(|entry| StreamEntry {
+                deliveries: entry.deliveries + 1,
+                ..entry.clone()
+            })
+            .collect()
+    }
+
+    /// How many entries of the batch this pass finished: `(persisted, dead-lettered)`.
+    pub fn finished_counts(&self) -> (usize, usize) {
+        use crate::persist::ledger::Outcome;
+        let count = |outcome| {
+            self.items
+                .iter()
+                .filter(|item| item.finished() == Some(outcome))
+                .count()
+        };
+        (count(Outcome::Processed), count(Outcome::DeadLettered))
+    }
+
+    /// How many entries of the batch the ledger found finished before (by this run, for a
+    /// reprocessing run).
+    pub fn redelivered(&self) -> usize {
+        self.items
+            .iter()
+            .filter(|item| matches!(item.decision, Some(Decision::Redelivered)))
+            .count()
+    }
+
+    /// Why each dead-lettered entry of the batch was, by entry id (a dry run's report of what
+    /// it would dead-letter).
+    pub fn dead_letters(&self) -> Vec<(String, String)> {
+        self.items
+            .iter()
+            .filter_map(|item| match &item.decision {
+                Some(Decision::DeadLetter(kind, reason)) => {
+                    Some((item.entry.id.clone(), format!("{}: {reason}", kind.as_str())))
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// How many entries the batch holds.
@@ -184,14 +245,20 @@ impl Role {
 struct Handlers<'a> {
     live: &'a Plugin,
     rollout: Option<&'a Active>,
+    run: Option<&'a Reprocessing>,
 }
 
 impl<'a> Handlers<'a> {
     /// A batch's handlers (its fields, so the batch's items can be borrowed beside them).
-    fn of(live: &'a Arc<Plugin>, rollout: &'a Option<Arc<Active>>) -> Handlers<'a> {
+    fn of(
+        live: &'a Arc<Plugin>,
+        rollout: &'a Option<Arc<Active>>,
+        run: &'a Option<Arc<Reprocessing>>,
+    ) -> Handlers<'a> {
         Handlers {
             live,
             rollout: rollout.as_deref(),
+            run: run.as_deref(),
         }
     }
 
@@ -230,7 +297,6 @@ impl HostState {
         stream: &str,
         entries: Vec<StreamEntry>,
     ) -> Result<Option<PreparedBatch>> {
-        let started = Instant::now();
         let Some(plugin) = self.registry.snapshot().for_stream(stream) else {
             warn!(
                 stream,
@@ -239,11 +305,29 @@ impl HostState {
             );
             return Ok(None);
         };
-        let span = tracing::info_span!("batch", stream, plugin = %plugin.name, version = %plugin.version, size = entries.len());
+        self.prepare_with(stream, plugin, None, entries)
+            .await
+            .map(Some)
+    }
+
+    /// [`HostState::prepare`] with `plugin`, for live delivery or for reprocessing `run`.
+    async fn prepare_with(
+        &self,
+        stream: &str,
+        plugin: Arc<Plugin>,
+        run: Option<Arc<Reprocessing>>,
+        entries: Vec<StreamEntry>,
+    ) -> Result<PreparedBatch> {
+        let started = Instant::now();
+        let span = match &run {
+            None => tracing::info_span!("batch", stream, plugin = %plugin.name, version = %plugin.version, size = entries.len()),
+            Some(run) => tracing::info_span!("batch", stream, plugin = %plugin.name, version = %plugin.version, size = entries.len(), run = run.run),
+        };
         let mut sentinels = Vec::new();
         let mut items: Vec<Item> = Vec::new();
         let mut identities = std::collections::HashSet::new();
-        let horizon = self.horizon(stream);
+        // A run's identities are its own: the horizon of live redeliveries does not apply.
+        let horizon = self.horizon(stream).filter(|_| run.is_none());
         let mut behind_horizon = 0;
         for entry in entries {
             if triage::is_init_sentinel(&entry) {
@@ -251,6 +335,9 @@ impl HostState {
                 continue;
             }
             let mut item = self.triage(stream, entry);
+            if let Some(run) = &run {
+                item.ledger_id = run.ledger_id(&item.ledger_id);
+            }
             // Two copies of one replayed dead letter share a ledger identity: the batch's single
             // ledger claim would return it once and let both apply. The first copy is the entry;
             // the others are redeliveries of it, whatever becomes of the first.
@@ -276,19 +363,24 @@ impl HostState {
                 "entries at or before the ledger's horizon were delivered again (the group was rewound past the ledger retention?); they were finished before and are acknowledged without running"
             );
         }
-        let rollout = self.rollouts.snapshot().for_live(&plugin);
+        // A run applies the build it chose, never a rollout's candidate.
+        let rollout = match run {
+            None => self.rollouts.snapshot().for_live(&plugin),
+            Some(_) => None,
+        };
         self.handle(stream, &plugin, rollout.as_ref(), &mut items)
             .instrument(span.clone())
             .await?;
-        Ok(Some(PreparedBatch {
+        Ok(PreparedBatch {
             stream: stream.to_string(),
             plugin,
             rollout,
+            run,
             items,
             sentinels,
             started,
             span,
-        }))
+        })
     }
 
     /// The second half: the batch transaction, then publishing its outbox messages and
@@ -326,7 +418,7 @@ impl HostState {
     pub async fn finish_each_alone(&self, batch: &mut PreparedBatch) -> Result<BatchReport> {
         let span = batch.span.clone();
         async {
-            let handlers = Handlers::of(&batch.plugin, &batch.rollout);
+            let handlers = Handlers::of(&batch.plugin, &batch.rollout, &batch.run);
             let messages = self
                 .commit_each_alone(&batch.stream, handlers, &mut batch.items)
                 .await?;
@@ -339,7 +431,7 @@ impl HostState {
     /// [`HostState::finish`] inside the batch's span: [`commit`](HostState::commit), then
     /// [`acknowledge`](HostState::acknowledge).
     async fn commit_and_ack(&self, batch: &mut PreparedBatch) -> Result<BatchReport> {
-        let handlers = Handlers::of(&batch.plugin, &batch.rollout);
+        let handlers = Handlers::of(&batch.plugin, &batch.rollout, &batch.run);
         let messages = self
             .commit(&batch.stream, handlers, &mut batch.items)
             .await?;

@@ -199,8 +199,8 @@ pub fn inspect(config: &Config, source: &Path) -> Result<Candidate> {
     })
 }
 
-/// Who deploys: `user@machine`, for the store's record.
-fn deployer() -> String {
+/// Who deploys (or starts a run): `user@machine`, for the record.
+pub fn deployer() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".into());

@@ -433,6 +433,86 @@ pub async fn horizons(pool: &PgPool, source: &str) -> Result<HashMap<String, Ent
         .collect())
 }
 
+/// The entries of `stream` the ledger of `source` says `plugin` at `version` (its manifest
+/// version, or its build) finished: live deliveries, replays and reprocessing runs alike, by
+/// entry id (each once, in no particular order). What `reprocess --handled-by` repairs.
+pub async fn handled_by(
+    pool: &PgPool,
+    source: &str,
+    stream: &str,
+    plugin: &str,
+    version: &str,
+) -> Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT split_part(entry_id, '/', 1) FROM processed_entries
+          WHERE source = $1 AND stream = $2 AND plugin = $3
+            AND (plugin_version = $4 OR plugin_build = $4)",
+    )
+    .bind(source)
+    .bind(stream)
+    .bind(plugin)
+    .bind(version)
+    .fetch_all(pool)
+    .await
+    .with_context(|| format!("cannot read which entries of {stream} {plugin} {version} handled"))
+}
+
+/// How many entries of `stream` with ids from `from` (inclusive) to `before` (exclusive) the
+/// ledger of `source` recorded as finished: what a stream trimmed below `before` had there, as
+/// far as the ledger still remembers.
+pub async fn count_between(
+    pool: &PgPool,
+    source: &str,
+    stream: &str,
+    from: Option<EntryId>,
+    before: EntryId,
+) -> Result<u64> {
+    let from = from.unwrap_or(EntryId { ms: 0, seq: 0 });
+    let (count,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM processed_entries
+          WHERE source = $1 AND stream = $2 AND entry_id ~ '^[0-9]{1,20}-[0-9]{1,20}$'
+            AND ARRAY[split_part(entry_id, '-', 1)::numeric, split_part(entry_id, '-', 2)::numeric]
+                >= ARRAY[$3::numeric, $4::numeric]
+            AND ARRAY[split_part(entry_id, '-', 1)::numeric, split_part(entry_id, '-', 2)::numeric]
+                < ARRAY[$5::numeric, $6::numeric]",
+    )
+    .bind(source)
+    .bind(stream)
+    .bind(from.ms.to_string())
+    .bind(from.seq.to_string())
+    .bind(before.ms.to_string())
+    .bind(before.seq.to_string())
+    .fetch_one(pool)
+    .await
+    .with_context(|| format!("cannot count the ledger's entries of {stream}"))?;
+    Ok(u64::try_from(count).unwrap_or(0))
+}
+
+/// Deletes up to [`PRUNE_CHUNK`] ledger rows of reprocessing runs (`<id>/reprocess:<run>`) that
+/// ended (finished or cancelled: no longer resumable) longer than `retention` ago. [`prune`]
+/// keeps every identity that is not a plain entry id, so without this a backfill of millions
+/// of entries would stay in the ledger for good. Returns how many rows went.
+pub async fn prune_runs(pool: &PgPool, source: &str, retention: Duration) -> Result<u64> {
+    let done = sqlx::query(
+        "DELETE FROM processed_entries WHERE ctid = ANY(ARRAY(
+             SELECT l.ctid FROM processed_entries l
+               JOIN reprocess_runs r
+                 ON r.id::text = substring(l.entry_id FROM '/reprocess:([0-9]{1,18})$')
+              WHERE l.source = $1 AND l.entry_id LIKE '%/reprocess:%'
+                AND r.state IN ('finished', 'cancelled')
+                AND r.finished_at < now() - make_interval(secs => $2)
+              LIMIT $3
+              FOR UPDATE OF l SKIP LOCKED))",
+    )
+    .bind(source)
+    .bind(retention.as_secs_f64())
+    .bind(PRUNE_CHUNK)
+    .execute(pool)
+    .await
+    .context("cannot prune the ledger rows of ended reprocessing runs")?;
+    Ok(done.rows_affected())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

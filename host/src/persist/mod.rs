@@ -19,12 +19,14 @@
 
 pub mod answers;
 pub mod batch;
+pub mod changes;
 pub mod execute;
 pub mod ledger;
 pub mod operator_migrations;
 pub mod outbox;
 pub mod plan;
 pub mod plugin_store;
+pub mod reprocess_runs;
 pub mod rollouts;
 pub mod schema;
 pub mod validate;

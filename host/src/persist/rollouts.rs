@@ -131,6 +131,29 @@ pub async fn candidate_bytes(pool: &PgPool, id: i64) -> Result<Option<Vec<u8>>> 
         .with_context(|| format!("cannot read the candidate of rollout {id}"))
 }
 
+/// The newest candidate of `plugin` in `fleet` whose version (or build, a prefix of its hash)
+/// is `version`: `(version, sha256, bytes)`. A rolled-back candidate stays here, which is how a
+/// reprocessing run can name the version that wrote what it repairs, or one never promoted.
+pub async fn candidate_build(
+    pool: &PgPool,
+    fleet: &str,
+    plugin: &str,
+    version: &str,
+) -> Result<Option<(String, String, Vec<u8>)>> {
+    sqlx::query_as(
+        "SELECT candidate_version, candidate_sha256, candidate_bytes FROM rollouts
+          WHERE fleet = $1 AND plugin = $2
+            AND (candidate_version = $3 OR (length($3) >= 6 AND candidate_sha256 LIKE $3 || '%'))
+          ORDER BY id DESC LIMIT 1",
+    )
+    .bind(fleet)
+    .bind(plugin)
+    .bind(version)
+    .fetch_optional(pool)
+    .await
+    .with_context(|| format!("cannot read the rollouts of {plugin}"))
+}
+
 /// Starts a rollout in `fleet`; refused while another rollout of the plugin runs.
 pub async fn start(
     pool: &PgPool,

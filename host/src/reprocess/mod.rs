@@ -1,0 +1,626 @@
+//! Reprocessing: entries already in a stream run again through a chosen build of their plugin
+//! (`kaleidoscope reprocess`). One engine for two needs: **backfill** (a new version writes
+//! something the old one did not: run history through it) and **repair** (a bad version wrote
+//! wrong values: run the entries it handled through a good one).
+//!
+//! A run goes through the normal delivery protocol ([`crate::delivery`]: validation, grants,
+//! set-based commit, dead letters), with the differences `delivery/reprocessing.rs` lists: its
+//! own ledger identities (`<id>/reprocess:<run>`, so each entry applies once per run however
+//! often the run is resumed, and a new run applies again), no acknowledgement, emits left out
+//! unless asked for, dead letters tagged with the run. The run is recorded in PostgreSQL
+//! ([`crate::persist::reprocess_runs`]) with the build's bytes, its selection and its position,
+//! so `--resume RUN` goes on after a crash or Ctrl-C with the same build; one process applies a
+//! run at a time (an advisory lock). A dry run writes nothing: each batch's transaction is
+//! rolled back after reading what it changed.
+//!
+//! The run is a process of its own, beside the hosts: it reads history with `XRANGE`, not
+//! through the consumer group, so the live consumers' reading is untouched; it lowers its own
+//! CPU priority and commits small batches, so they keep their latency (BENCHMARKS.md).
+
+pub mod build;
+pub mod report;
+pub mod select;
+
+use crate::config::Config;
+use crate::delivery::Reprocessing;
+use crate::persist::reprocess_runs::{self, NewRun, RunRow};
+use crate::persist::{self, changes, ledger};
+use crate::plugin::{Plugin, PluginRegistry, PluginSet};
+use crate::progress::Progress;
+use crate::shutdown::Shutdown;
+use crate::state::HostState;
+use crate::streams::{EntryId, StreamEntry};
+use anyhow::{Context, Result, bail};
+use select::{Selection, Spec, Survey};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Entries per batch by default: small, so a run's transactions hold the tables' locks briefly
+/// and live batches do not queue behind them.
+pub const DEFAULT_BATCH: usize = 100;
+
+/// How many changed rows per column a dry run shows.
+pub const EXAMPLES: usize = 5;
+
+/// What to reprocess.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The stream (logical name); `None`: the one stream the chosen build declares.
+    pub stream: Option<String>,
+    pub spec: Spec,
+    /// A version, build or `.wasm` file; `None`: the live build.
+    pub with: Option<String>,
+    pub emit: bool,
+    pub dry_run: bool,
+    /// Entries per second at most; `None`: as fast as it goes.
+    pub rate: Option<f64>,
+    pub batch: usize,
+}
+
+/// How a run (or a dry run) ended, and what it did.
+#[derive(Debug, serde::Serialize)]
+pub struct Outcome {
+    /// The run as recorded (`None` for a dry run).
+    pub run: Option<RunRow>,
+    pub stream: String,
+    pub plugin: String,
+    pub version: String,
+    pub build: String,
+    /// Where the build came from.
+    pub from: String,
+    pub selection: String,
+    pub survey: Survey,
+    pub ended: Ended,
+    /// What the run (this process's part of it) did; for a real run, `run` has the exact
+    /// totals.
+    pub counts: Counts,
+    /// A dry run's changes per table and column.
+    pub changes: Option<changes::Summary>,
+    /// A dry run's dead letters (entry id, kind and reason), the first few.
+    pub dead_letters: Vec<(String, String)>,
+}
+
+/// How a run stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ended {
+    /// Every selected entry is finished.
+    Finished,
+    /// Ctrl-C or SIGTERM: resumable.
+    Interrupted,
+    /// `reprocess --cancel` from elsewhere.
+    Cancelled,
+    /// A batch could not be committed (the log says why): resumable.
+    Failed,
+}
+
+/// What a run finished in this process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub processed: u64,
+    pub dead_lettered: u64,
+    /// Found applied by this run before (a resume reading them again).
+    pub skipped: u64,
+    /// Selected, but no longer in the stream.
+    pub missing: u64,
+}
+
+impl Counts {
+    fn done(&self) -> u64 {
+        self.processed + self.dead_lettered + self.skipped
+    }
+}
+
+/// The engine of a run: the delivery protocol without consumers, on connections of its own.
+async fn engine(config: &Arc<Config>) -> Result<Arc<HostState>> {
+    let pool = persist::connect(&config.database_url, 4, &config.database_timeouts).await?;
+    if config.migrate {
+        persist::migrate(&pool).await?;
+    }
+    let catalog = persist::schema::Catalog::load(&pool).await?;
+    let client = crate::redis_connection::client(&config.redis_url)?;
+    let mut redis = crate::redis_connection::shared(&client).await?;
+    let source = ledger::identity(
+        &pool,
+        &mut redis,
+        &config.source_identity_key(),
+        &ledger::deployment(&config.redis_url, &config.stream_prefix),
+    )
+    .await?;
+    let replay_secret = ledger::replay_secret(&pool, &source).await?;
+    Ok(Arc::new(HostState::new(
+        config.clone(),
+        source,
+        replay_secret,
+        pool,
+        redis,
+        Arc::new(PluginRegistry::new(PluginSet::default())),
+        catalog,
+    )))
+}
+
+/// Starts a run (or a dry run) and applies it until it ends or `stop`.
+pub async fn start(config: Arc<Config>, request: Request, stop: Shutdown) -> Result<Outcome> {
+    if request.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if request.rate.is_some_and(|rate| rate.is_nan() || rate <= 0.0) {
+        bail!("--rate must be a positive number of entries per second");
+    }
+    let state = engine(&config).await?;
+    let handled_by = match &request.spec {
+        Spec::HandledBy { plugin, .. } => Some(plugin.as_str()),
+        _ => None,
+    };
+    let wanted = build::Wanted {
+        stream: request.stream.as_deref(),
+        plugin: handled_by,
+    };
+    let chosen = build::choose(&config, &state.pool, &wanted, request.with.as_deref()).await?;
+    let plugin = chosen.plugin.clone();
+    let stream = match &request.stream {
+        Some(stream) => stream.clone(),
+        None => match plugin.streams.as_slice() {
+            [only] => only.clone(),
+            streams => bail!(
+                "{} declares streams {streams:?}: say which with --stream",
+                plugin.name
+            ),
+        },
+    };
+    let mut selection =
+        Selection::resolve(&state.pool, &state.source, &stream, &request.spec).await?;
+    let mut redis = state.redis.clone();
+    let key = config.stream_key(&stream);
+    let survey = select::survey(
+        &mut redis,
+        &state.pool,
+        &state.source,
+        &stream,
+        &key,
+        &mut selection,
+    )
+    .await?;
+    let fleet = persist::plugin_store::fleet(&config);
+    let described = request.spec.describe();
+    let mut outcome = Outcome {
+        run: None,
+        stream: stream.clone(),
+        plugin: plugin.name.clone(),
+        version: plugin.version.clone(),
+        build: plugin.build().to_string(),
+        from: chosen.from.clone(),
+        selection: described.clone(),
+        survey: survey.clone(),
+        ended: Ended::Finished,
+        counts: Counts::default(),
+        changes: None,
+        dead_letters: Vec::new(),
+    };
+    if request.dry_run {
+        let run = Arc::new(Reprocessing {
+            run: 0,
+            emit: request.emit,
+            dry_run: Some(Default::default()),
+        });
+        let applied = Applying {
+            state: &state,
+            plugin,
+            run: run.clone(),
+            stream: &stream,
+            key: &key,
+            selection: &selection,
+            rate: request.rate,
+            batch: request.batch,
+            record: None,
+        };
+        let label = format!("dry run of {stream}");
+        let (ended, counts, dead_letters) = applied.apply(None, &survey, &label, stop).await?;
+        outcome.ended = ended;
+        outcome.counts = counts;
+        outcome.changes = Some(run.changes(EXAMPLES));
+        outcome.dead_letters = dead_letters;
+        return Ok(outcome);
+    }
+    let started_by = crate::deploy::deployer();
+    let row = reprocess_runs::start(
+        &state.pool,
+        &NewRun {
+            fleet: &fleet,
+            source: &state.source,
+            stream: &stream,
+            plugin: &plugin.name,
+            plugin_version: &plugin.version,
+            plugin_sha256: &plugin.sha256,
+            plugin_bytes: &chosen.bytes,
+            selection: &described,
+            selection_spec: serde_json::to_value(&request.spec)?,
+            emit: request.emit,
+            rate: request.rate,
+            started_by: &started_by,
+        },
+    )
+    .await?;
+    let Some(lock) = reprocess_runs::take(&state.pool, row.id).await? else {
+        bail!("run {} was taken by another process at once", row.id);
+    };
+    reprocess_runs::selected(
+        &state.pool,
+        row.id,
+        i64::try_from(survey.selected).unwrap_or(i64::MAX),
+        i64::try_from(survey.missing).unwrap_or(i64::MAX),
+    )
+    .await?;
+    go_on(&state, row, plugin, &selection, survey, request.batch, stop, lock, outcome).await
+}
+
+/// Takes run `id` up again where it stopped, with the build and selection it was started with.
+pub async fn resume(config: Arc<Config>, id: i64, batch: usize, stop: Shutdown) -> Result<Outcome> {
+    let state = engine(&config).await?;
+    let fleet = persist::plugin_store::fleet(&config);
+    let Some(row) = reprocess_runs::get(&state.pool, &fleet, id).await? else {
+        bail!("there is no reprocessing run {id} in this fleet ({fleet})");
+    };
+    if !row.resumable() {
+        bail!(
+            "run {id} is {}: nothing to resume (start a new run to apply again)",
+            row.state
+        );
+    }
+    let Some(lock) = reprocess_runs::take(&state.pool, id).await? else {
+        bail!("run {id} is being applied by another process; it goes on there");
+    };
+    let spec: Spec = serde_json::from_value(row.selection_spec.0.clone())
+        .with_context(|| format!("run {id}'s selection cannot be read back"))?;
+    let bytes = reprocess_runs::plugin_bytes(&state.pool, id).await?;
+    let path = config.plugins_dir.join(format!("{}-run-{id}.wasm", row.plugin));
+    let chosen = build::load(&config, bytes, path, format!("run {id}'s record")).await?;
+    let mut selection = Selection::resolve(&state.pool, &state.source, &row.stream, &spec).await?;
+    let mut redis = state.redis.clone();
+    let key = config.stream_key(&row.stream);
+    let now = select::survey(
+        &mut redis,
+        &state.pool,
+        &state.source,
+        &row.stream,
+        &key,
+        &mut selection,
+    )
+    .await?;
+    reprocess_runs::set_state(
+        &state.pool,
+        id,
+        &["running", "interrupted", "failed"],
+        "running",
+        None,
+    )
+    .await?;
+    // What was selected at the start stays the run's total; what has been trimmed since
+    // the start (or the last resume) is counted as missing too.
+    let missing = u64::try_from(row.missing).unwrap_or(0);
+    if now.missing > missing {
+        let more = i64::try_from(now.missing - missing).unwrap_or(i64::MAX);
+        reprocess_runs::advance_missing(&state.pool, id, more).await?;
+    }
+    let survey = Survey {
+        selected: u64::try_from(row.selected).unwrap_or(0),
+        missing: missing.max(now.missing),
+        stream_starts: now.stream_starts,
+    };
+    let outcome = Outcome {
+        run: None,
+        stream: row.stream.clone(),
+        plugin: chosen.plugin.name.clone(),
+        version: chosen.plugin.version.clone(),
+        build: chosen.plugin.build().to_string(),
+        from: chosen.from.clone(),
+        selection: row.selection.clone(),
+        survey: survey.clone(),
+        ended: Ended::Finished,
+        counts: Counts::default(),
+        changes: None,
+        dead_letters: Vec::new(),
+    };
+    let plugin = chosen.plugin;
+    go_on(&state, row, plugin, &selection, survey, batch, stop, lock, outcome).await
+}
+
+/// Marks run `id` cancelled: a process applying it stops after its batch. What it applied
+/// stays applied.
+pub async fn cancel(config: &Config, id: i64) -> Result<RunRow> {
+    let pool = persist::connect(&config.database_url, 1, &config.database_timeouts).await?;
+    let fleet = persist::plugin_store::fleet(config);
+    let Some(row) = reprocess_runs::get(&pool, &fleet, id).await? else {
+        bail!("there is no reprocessing run {id} in this fleet ({fleet})");
+    };
+    let cancelled = reprocess_runs::set_state(
+        &pool,
+        id,
+        &["running", "interrupted", "failed"],
+        "cancelled",
+        Some("cancelled with `kaleidoscope reprocess --cancel`"),
+    )
+    .await?;
+    if !cancelled {
+        bail!("run {id} is {} already; nothing to cancel", row.state);
+    }
+    reprocess_runs::get(&pool, &fleet, id)
+        .await?
+        .context("the run vanished")
+}
+
+/// The runs of this fleet not ended, and those ended in the last day.
+pub async fn list(config: &Config) -> Result<Vec<RunRow>> {
+    let pool = persist::connect(&config.database_url, 1, &config.database_timeouts).await?;
+    reprocess_runs::recent(&pool, &persist::plugin_store::fleet(config), 24.0).await
+}
+
+/// Applies a recorded run from its position, records how it ended, and reads it back.
+#[allow(clippy::too_many_arguments)]
+async fn go_on(
+    state: &Arc<HostState>,
+    row: RunRow,
+    plugin: Arc<Plugin>,
+    selection: &Selection,
+    survey: Survey,
+    batch: usize,
+    stop: Shutdown,
+    lock: sqlx::PgConnection,
+    mut outcome: Outcome,
+) -> Result<Outcome> {
+    lower_priority();
+    let run = Arc::new(Reprocessing {
+        run: row.id,
+        emit: row.emit,
+        dry_run: None,
+    });
+    let key = state.config.stream_key(&row.stream);
+    let applying = Applying {
+        state,
+        plugin,
+        run,
+        stream: &row.stream,
+        key: &key,
+        selection,
+        rate: row.rate,
+        batch,
+        record: Some(row.id),
+    };
+    let position = row.position.as_deref().and_then(EntryId::parse);
+    let label = format!("run {}", row.id);
+    let applied = applying
+        .apply(position, &survey, &label, stop)
+        .await
+        .map(|(ended, counts, _)| (ended, counts));
+    let (ended, counts) = match applied {
+        Ok(done) => done,
+        Err(error) => {
+            let reason = crate::text::causes(&error);
+            let _ = reprocess_runs::set_state(
+                &state.pool,
+                row.id,
+                &["running"],
+                "failed",
+                Some(&reason),
+            )
+            .await;
+            return Err(error.context(format!(
+                "run {} failed; resume it with `kaleidoscope reprocess --resume {}`",
+                row.id, row.id
+            )));
+        }
+    };
+    let (state_now, reason) = match ended {
+        Ended::Finished => ("finished", None),
+        Ended::Interrupted => (
+            "interrupted",
+            Some(format!(
+                "interrupted; resume with `kaleidoscope reprocess --resume {}`",
+                row.id
+            )),
+        ),
+        Ended::Failed => (
+            "failed",
+            Some(format!(
+                "a batch could not be committed (see the log); resume with `kaleidoscope reprocess --resume {}`",
+                row.id
+            )),
+        ),
+        Ended::Cancelled => ("cancelled", None),
+    };
+    if ended != Ended::Cancelled {
+        reprocess_runs::set_state(&state.pool, row.id, &["running"], state_now, reason.as_deref())
+            .await?;
+    }
+    drop(lock);
+    let fleet = persist::plugin_store::fleet(&state.config);
+    outcome.run = reprocess_runs::get(&state.pool, &fleet, row.id).await?;
+    outcome.ended = ended;
+    outcome.counts = counts;
+    Ok(outcome)
+}
+
+/// Gives the run's own threads a lower CPU priority (nice 10), so that on a machine it shares
+/// with a host, the live consumers' handler calls go first.
+fn lower_priority() {
+    // SAFETY: setpriority on this process only changes its scheduling priority.
+    let done = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    if done != 0 {
+        tracing::debug!("cannot lower the run's CPU priority; it runs at the default one");
+    }
+}
+
+/// One run being applied.
+struct Applying<'a> {
+    state: &'a Arc<HostState>,
+    plugin: Arc<Plugin>,
+    run: Arc<Reprocessing>,
+    stream: &'a str,
+    key: &'a str,
+    selection: &'a Selection,
+    rate: Option<f64>,
+    batch: usize,
+    /// The run's id when it is recorded (`None`: a dry run).
+    record: Option<i64>,
+}
+
+/// How many of a dry run's dead letters are kept for its report.
+const DEAD_LETTERS_SHOWN: usize = 20;
+
+impl Applying<'_> {
+    /// Reads the selection after `position` page by page and applies each, until the end,
+    /// `stop`, or a cancel.
+    async fn apply(
+        &self,
+        mut position: Option<EntryId>,
+        survey: &Survey,
+        label: &str,
+        stop: Shutdown,
+    ) -> Result<(Ended, Counts, Vec<(String, String)>)> {
+        let mut redis = self.state.redis.clone();
+        let mut counts = Counts::default();
+        let mut dead_letters = Vec::new();
+        let mut progress = Progress::new(label, survey.selected, "entries");
+        let already = match self.record {
+            Some(id) => {
+                let fleet = persist::plugin_store::fleet(&self.state.config);
+                reprocess_runs::get(&self.state.pool, &fleet, id)
+                    .await?
+                    .map_or(0, |row| u64::try_from(row.done()).unwrap_or(0))
+            }
+            None => 0,
+        };
+        let started = Instant::now();
+        let mut read = 0u64;
+        loop {
+            if stop.requested() {
+                progress.finish(already + counts.done(), survey.selected, "interrupted");
+                return Ok((Ended::Interrupted, counts, dead_letters));
+            }
+            let Some(page) =
+                select::next_page(&mut redis, self.key, self.selection, position, self.batch)
+                    .await?
+            else {
+                break;
+            };
+            counts.missing += page.missing;
+            let entries = page.entries.len() as u64;
+            let before = counts;
+            if !page.entries.is_empty()
+                && !self
+                    .apply_page(page.entries, &stop, &mut counts, &mut dead_letters)
+                    .await?
+            {
+                let ended = if stop.requested() {
+                    Ended::Interrupted
+                } else {
+                    Ended::Failed
+                };
+                progress.finish(already + counts.done(), survey.selected, "stopped");
+                return Ok((ended, counts, dead_letters));
+            }
+            position = Some(page.last);
+            if let Some(id) = self.record {
+                let skipped = counts.skipped - before.skipped;
+                let state = reprocess_runs::advance(
+                    &self.state.pool,
+                    id,
+                    &page.last.to_string(),
+                    i64::try_from(skipped).unwrap_or(i64::MAX),
+                    i64::try_from(page.missing).unwrap_or(i64::MAX),
+                )
+                .await?;
+                if state == "cancelled" {
+                    progress.finish(already + counts.done(), survey.selected, "cancelled");
+                    return Ok((Ended::Cancelled, counts, dead_letters));
+                }
+            }
+            read += entries;
+            let message = progress_message(&counts, read, started.elapsed(), survey, already);
+            progress.update(already + counts.done(), survey.selected.max(read), &message);
+            if let Some(rate) = self.rate {
+                let due = started + Duration::from_secs_f64(read as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+            }
+        }
+        let message = progress_message(&counts, read, started.elapsed(), survey, already);
+        progress.finish(already + counts.done(), survey.selected.max(already + read), &message);
+        Ok((Ended::Finished, counts, dead_letters))
+    }
+
+    /// Applies one page's entries: a batch, then its entries to be retried as batches of their
+    /// own (with one more delivery each) until they are finished or dead-lettered. `false` when
+    /// a batch could not be finished (stopping, or given up).
+    async fn apply_page(
+        &self,
+        entries: Vec<StreamEntry>,
+        stop: &Shutdown,
+        counts: &mut Counts,
+        dead_letters: &mut Vec<(String, String)>,
+    ) -> Result<bool> {
+        let mut originals = entries;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let mut batch = self
+                .state
+                .prepare_reprocessing(
+                    self.stream,
+                    self.plugin.clone(),
+                    self.run.clone(),
+                    originals.clone(),
+                )
+                .await?;
+            let mut retries = Vec::new();
+            loop {
+                if !crate::consumer::finish_until_done(self.state, &mut batch, stop.clone()).await
+                {
+                    return Ok(false);
+                }
+                let (processed, dead_lettered) = batch.finished_counts();
+                counts.processed += processed as u64;
+                counts.dead_lettered += dead_lettered as u64;
+                counts.skipped += batch.redelivered() as u64;
+                for letter in batch.dead_letters() {
+                    if dead_letters.len() < DEAD_LETTERS_SHOWN {
+                        dead_letters.push(letter);
+                    }
+                }
+                retries.extend(batch.retries(&originals));
+                if !batch.has_unhandled() || stop.requested() {
+                    break;
+                }
+                self.state.handle_rest(&mut batch).await?;
+            }
+            if retries.is_empty() || stop.requested() {
+                return Ok(retries.is_empty());
+            }
+            // Entries asked to be tried again (a row not there yet, a call that timed out): after
+            // a pause, as the reclaim loop would deliver them again.
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+            originals = retries;
+        }
+    }
+}
+
+/// The progress line's message: what was applied and the time left.
+fn progress_message(
+    counts: &Counts,
+    read: u64,
+    elapsed: Duration,
+    survey: &Survey,
+    already: u64,
+) -> String {
+    let rate = read as f64 / elapsed.as_secs_f64().max(1e-3);
+    let left = survey.selected.saturating_sub(already + read);
+    let eta = if rate > 0.0 && left > 0 {
+        let seconds = (left as f64 / rate).ceil() as u64;
+        format!(", ETA {}", humantime::format_duration(Duration::from_secs(seconds)))
+    } else {
+        String::new()
+    };
+    format!(
+        "{} applied, {} dead-lettered, {} skipped{eta}",
+        counts.processed, counts.dead_lettered, counts.skipped
+    )
+}
