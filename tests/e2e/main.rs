@@ -29,6 +29,7 @@ mod observability;
 mod plugin_store;
 mod protocol;
 mod python;
+mod reprocess;
 mod requests;
 mod rollouts;
 mod sandbox;

@@ -77,6 +77,11 @@ fn request(args: &ReprocessArgs) -> Result<Request> {
         dry_run: args.dry_run,
         rate: args.rate,
         batch: args.batch,
+        examples: if args.json {
+            reprocess::EXAMPLES_IN_JSON
+        } else {
+            reprocess::EXAMPLES
+        },
     })
 }
 

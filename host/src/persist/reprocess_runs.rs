@@ -41,6 +41,8 @@ pub struct RunRow {
     /// Seconds since the run last wrote anything: a `running` run that has been silent for long
     /// is a process that died (see [`RunRow::stalled`]).
     pub silent_seconds: f64,
+    /// Seconds since the run finished or was cancelled (`None` while not ended).
+    pub ended_seconds_ago: Option<f64>,
 }
 
 /// A `running` run silent for this long has lost its process (a run writes its position after
@@ -58,9 +60,14 @@ impl RunRow {
         self.state == "running" && self.silent_seconds > STALLED_AFTER_SECONDS
     }
 
-    /// Whether `reprocess --resume` can take the run up again.
+    /// Whether `reprocess --resume` can take the run up again: one that stopped before its end,
+    /// or a finished one (read again from its start under its own identity, it applies nothing
+    /// twice). A cancelled run stays cancelled.
     pub fn resumable(&self) -> bool {
-        matches!(self.state.as_str(), "running" | "interrupted" | "failed")
+        matches!(
+            self.state.as_str(),
+            "running" | "interrupted" | "failed" | "finished"
+        )
     }
 
     /// The run in one line: `run 7 of ml-insights-results: --from 0 through insights 0.2.0
@@ -111,7 +118,8 @@ const COLUMNS: &str = "id, stream, plugin, plugin_version, plugin_sha256, select
     emits_suppressed, skipped, started_by,
     to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS started_at,
     to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS updated_at,
-    extract(epoch FROM clock_timestamp() - updated_at)::float8 AS silent_seconds";
+    extract(epoch FROM clock_timestamp() - updated_at)::float8 AS silent_seconds,
+    extract(epoch FROM clock_timestamp() - finished_at)::float8 AS ended_seconds_ago";
 
 /// Records a new run (state `running`).
 pub async fn start(pool: &PgPool, run: &NewRun<'_>) -> Result<RunRow> {

@@ -39,8 +39,12 @@ use std::time::{Duration, Instant};
 /// and live batches do not queue behind them.
 pub const DEFAULT_BATCH: usize = 100;
 
-/// How many changed rows per column a dry run shows.
+/// How many changed rows per column a dry run shows on a terminal (its JSON shows up to
+/// [`EXAMPLES_IN_JSON`]).
 pub const EXAMPLES: usize = 5;
+
+/// How many changed rows per column a dry run's JSON holds.
+pub const EXAMPLES_IN_JSON: usize = 10_000;
 
 /// What to reprocess.
 #[derive(Clone, Debug)]
@@ -55,6 +59,8 @@ pub struct Request {
     /// Entries per second at most; `None`: as fast as it goes.
     pub rate: Option<f64>,
     pub batch: usize,
+    /// How many changed rows per column a dry run reports.
+    pub examples: usize,
 }
 
 /// How a run (or a dry run) ended, and what it did.
@@ -218,7 +224,7 @@ pub async fn start(config: Arc<Config>, request: Request, stop: Shutdown) -> Res
         let (ended, counts, dead_letters) = applied.apply(None, &survey, &label, stop).await?;
         outcome.ended = ended;
         outcome.counts = counts;
-        outcome.changes = Some(run.changes(EXAMPLES));
+        outcome.changes = Some(run.changes(request.examples));
         outcome.dead_letters = dead_letters;
         return Ok(outcome);
     }
@@ -258,7 +264,7 @@ pub async fn start(config: Arc<Config>, request: Request, stop: Shutdown) -> Res
 pub async fn resume(config: Arc<Config>, id: i64, batch: usize, stop: Shutdown) -> Result<Outcome> {
     let state = engine(&config).await?;
     let fleet = persist::plugin_store::fleet(&config);
-    let Some(row) = reprocess_runs::get(&state.pool, &fleet, id).await? else {
+    let Some(mut row) = reprocess_runs::get(&state.pool, &fleet, id).await? else {
         bail!("there is no reprocessing run {id} in this fleet ({fleet})");
     };
     if !row.resumable() {
@@ -266,6 +272,18 @@ pub async fn resume(config: Arc<Config>, id: i64, batch: usize, stop: Shutdown) 
             "run {id} is {}: nothing to resume (start a new run to apply again)",
             row.state
         );
+    }
+    // A finished run is read again from its start: under its own identity, every entry it
+    // applied is skipped.
+    if row.state == "finished" {
+        let retention = config.ledger_retention.as_secs_f64();
+        if row.ended_seconds_ago.is_some_and(|ago| ago > retention) {
+            bail!(
+                "run {id} finished longer ago than the ledger retention ({}): its ledger rows may be pruned, so reading it again could apply entries twice; start a new run to apply again",
+                humantime::format_duration(config.ledger_retention)
+            );
+        }
+        row.position = None;
     }
     let Some(lock) = reprocess_runs::take(&state.pool, id).await? else {
         bail!("run {id} is being applied by another process; it goes on there");
@@ -290,7 +308,7 @@ pub async fn resume(config: Arc<Config>, id: i64, batch: usize, stop: Shutdown) 
     reprocess_runs::set_state(
         &state.pool,
         id,
-        &["running", "interrupted", "failed"],
+        &["running", "interrupted", "failed", "finished"],
         "running",
         None,
     )

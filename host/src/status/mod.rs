@@ -53,6 +53,9 @@ pub struct Report {
     pub deployed: Option<Vec<crate::persist::plugin_store::Stored>>,
     /// The rollouts in progress; absent when the database could not be asked.
     pub rollouts: Option<Vec<rollouts::RolloutReport>>,
+    /// Reprocessing runs not ended, and those ended in the last day (see
+    /// [`crate::reprocess`]); absent when the database could not be asked.
+    pub reprocessing: Option<Vec<crate::persist::reprocess_runs::RunRow>>,
 }
 
 /// One inbound stream as Redis sees it.
@@ -195,6 +198,19 @@ pub async fn collect<C: ConnectionLike + Send>(
         },
         None => None,
     };
+    let reprocessing = match pool {
+        Some(pool) => {
+            let fleet = crate::persist::plugin_store::fleet(config);
+            match crate::persist::reprocess_runs::recent(pool, &fleet, 24.0).await {
+                Ok(runs) => Some(runs),
+                Err(error) => {
+                    problems.push(format!("reprocessing runs: {}", crate::text::causes(&error)));
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     problems.extend(build_problems(
         &hosts,
         deployed.as_deref().unwrap_or_default(),
@@ -206,6 +222,7 @@ pub async fn collect<C: ConnectionLike + Send>(
         requests,
         deployed,
         rollouts,
+        reprocessing,
         hosts,
         streams,
         request_streams,

@@ -80,6 +80,12 @@ pub fn render(report: &Report) -> String {
             out.push_str(&format!("  {line}\n"));
         }
     }
+    if let Some(runs) = report.reprocessing.as_deref().filter(|r| !r.is_empty()) {
+        out.push_str("\nreprocessing runs (in progress, or ended in the last day):\n");
+        for run in runs {
+            out.push_str(&format!("  {}\n", run.summary()));
+        }
+    }
     out.push_str("\nhosts:\n");
     if report.hosts.is_empty() {
         out.push_str("  (none running)\n");

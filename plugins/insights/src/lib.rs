@@ -40,6 +40,7 @@ impl Handler for Insights {
     }
 }
 
+#[cfg(feature = "export")]
 sdk::export_handler!(Insights);
 
 /// The upsert for one insights message.
