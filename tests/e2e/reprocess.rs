@@ -194,3 +194,361 @@ async fn a_backfill_fills_a_new_column_for_every_row_once_per_run() {
     );
     env.finish().await;
 }
+
+/// A face-detection entry in the real producers' shape: one face with a corner `bbox`, which
+/// `face-detection-next` (0.2.0) reads wrongly as x/y/width/height (width 110 instead of 100).
+fn face_entry(media_id: i64) -> Vec<(String, String)> {
+    let faces =
+        format!(r#"[{{"faceId": "f-{media_id}", "bbox": [10, 20, 110, 220], "confidence": 0.9}}]"#);
+    vec![
+        ("mediaId".to_string(), media_id.to_string()),
+        ("postId".to_string(), "1".to_string()),
+        ("faces".to_string(), faces),
+    ]
+}
+
+/// Every face row: (media id, face id) → (width, height, updated_at as text).
+async fn faces(env: &TestEnv) -> BTreeMap<(i64, String), (f64, f64, String)> {
+    let rows: Vec<(i64, String, f64, f64, String)> = sqlx::query_as(
+        "SELECT media_id, face_id, bbox_width, bbox_height, updated_at::text FROM media_detected_faces",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("read faces");
+    rows.into_iter()
+        .map(|(m, f, w, h, at)| ((m, f), (w, h, at)))
+        .collect()
+}
+
+/// Media ids whose `media_ai_insights` row was updated after it was created.
+async fn insights_touched(env: &TestEnv) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT media_id FROM media_ai_insights WHERE updated_at <> created_at ORDER BY media_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("read insights")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repair_rewrites_exactly_the_rows_the_bad_version_wrote_as_its_dry_run_said() {
+    let env = TestEnv::start(Options::new(&["face-detection"])).await;
+    seed_media(&env, 60).await;
+    // 1–20 by the good version, 21–40 by the bad one, 41–60 by the good one again.
+    let shared = &env;
+    let publish = |range: std::ops::RangeInclusive<i64>| {
+        let entries: Vec<Vec<(String, String)>> = range.map(face_entry).collect();
+        async move { shared.publish_many(FACES, &entries).await }
+    };
+    publish(1..=20).await;
+    env.await_drained(FACES).await;
+    let (deployed, printed) = env.deploy(&plugin_file("face-detection-next"));
+    assert!(deployed, "{printed}");
+    env.await_serving(FACES, "0.2.0").await;
+    publish(21..=40).await;
+    env.await_drained(FACES).await;
+    let (deployed, printed) = env.deploy(&plugin_file("face-detection"));
+    assert!(deployed, "{printed}");
+    env.await_serving(FACES, "0.1.0").await;
+    publish(41..=60).await;
+    env.await_drained(FACES).await;
+    let before = faces(&env).await;
+    assert_eq!(before.len(), 60);
+    let wrong: Vec<i64> = before
+        .iter()
+        .filter(|(_, (w, h, _))| (*w, *h) != (100.0, 200.0))
+        .map(|((m, _), _)| *m)
+        .collect();
+    assert_eq!(wrong, (21..=40).collect::<Vec<_>>(), "what the bad version wrote");
+    assert!(insights_touched(&env).await.is_empty());
+
+    // The dry run says what the repair will change, and writes nothing.
+    let selection = ["--handled-by", "face-detection@0.2.0", "--with", "0.1.0"];
+    let mut dry_args = selection.to_vec();
+    dry_args.push("--dry-run");
+    let dry = reprocess(&env, &dry_args);
+    assert!(dry["run"].is_null(), "a dry run is not recorded: {dry}");
+    assert_eq!(dry["counts"]["processed"], 20, "{dry}");
+    assert_eq!(faces(&env).await, before, "a dry run writes nothing");
+    assert!(insights_touched(&env).await.is_empty(), "nothing at all");
+    let (ok, printed) = run(
+        &env,
+        &[
+            "reprocess",
+            "--handled-by",
+            "face-detection@0.2.0",
+            "--with",
+            "0.1.0",
+            "--dry-run",
+        ],
+    );
+    assert!(ok, "{printed}");
+    assert!(
+        printed.contains("media_detected_faces.bbox_width: 20 rows")
+            && printed.contains(r#"{"face_id":"f-21","media_id":21}: 110 → 100"#)
+            && printed.contains("media_detected_faces: 20 rows written — 20 changed, 0 added"),
+        "{printed}"
+    );
+
+    let outcome = reprocess(&env, &selection);
+    let (run_id, processed, dead_lettered, _) = run_of(&outcome);
+    assert_eq!((processed, dead_lettered), (20, 0), "{outcome}");
+    let after = faces(&env).await;
+    assert!(
+        after.values().all(|(w, h, _)| (*w, *h) == (100.0, 200.0)),
+        "every box right now"
+    );
+    let touched: Vec<i64> = after
+        .iter()
+        .filter(|(key, (_, _, at))| before[*key].2 != *at)
+        .map(|((m, _), _)| *m)
+        .collect();
+    assert_eq!(touched, (21..=40).collect::<Vec<_>>(), "exactly the bad version's rows");
+    assert_eq!(insights_touched(&env).await, (21..=40).collect::<Vec<_>>());
+
+    // What changed is what the dry run said, column by column, row by row.
+    let mut changed: BTreeMap<String, BTreeMap<String, (f64, f64)>> = BTreeMap::new();
+    for (key, (width, height, _)) in &after {
+        let (old_width, old_height, _) = &before[key];
+        let row = serde_json::json!({"face_id": key.1, "media_id": key.0}).to_string();
+        for (column, old, new) in [
+            ("bbox_width", old_width, width),
+            ("bbox_height", old_height, height),
+        ] {
+            if old != new {
+                changed
+                    .entry(column.to_string())
+                    .or_default()
+                    .insert(row.clone(), (*old, *new));
+            }
+        }
+    }
+    let tables = &dry["changes"]["tables"];
+    let mut reported: BTreeMap<String, BTreeMap<String, (f64, f64)>> = BTreeMap::new();
+    for (column, changes) in tables["media_detected_faces"]["columns"]
+        .as_object()
+        .expect("columns")
+    {
+        assert_eq!(changes["rows"], changes["examples"].as_array().unwrap().len());
+        for example in changes["examples"].as_array().unwrap() {
+            reported.entry(column.clone()).or_default().insert(
+                example["key"].to_string(),
+                (
+                    example["before"].as_f64().expect("a number"),
+                    example["after"].as_f64().expect("a number"),
+                ),
+            );
+        }
+    }
+    assert_eq!(reported, changed, "the dry run's changes are the run's");
+    assert_eq!(tables["media_ai_insights"]["unchanged"], 20, "{tables}");
+    assert_eq!(tables["media_ai_insights"]["changed"], 0, "{tables}");
+
+    // The ledger tells the run apart: the bad version's rows stay, the run's are its own.
+    assert_eq!(
+        run_ledger(&env, FACES, run_id).await,
+        BTreeMap::from([("0.1.0".to_string(), 20)])
+    );
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM processed_entries
+              WHERE entry_id NOT LIKE '%/%' AND plugin_version = '0.2.0'"
+        )
+        .await,
+        20
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_killed_mid_way_resumes_and_applies_every_entry_exactly_once() {
+    let env = TestEnv::start(Options::new(&["insights"])).await;
+    const ENTRIES: i64 = 3_000;
+    seed_media(&env, ENTRIES).await;
+    let entries: Vec<Vec<(String, String)>> =
+        (1..=ENTRIES).map(|m| caption_entry(m, 3)).collect();
+    env.publish_many(INSIGHTS, &entries).await;
+    env.await_drained(INSIGHTS).await;
+    add_caption_words(&env).await;
+
+    let file = plugin_file("insights-backfill");
+    let mut child = env
+        .binary(&[
+            "reprocess",
+            "--stream",
+            INSIGHTS,
+            "--from",
+            "0",
+            "--with",
+            file.to_str().unwrap(),
+            "--rate",
+            "400",
+            "--batch",
+            "20",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the run");
+    let run_id: i64 = eventually("the run to apply a few hundred entries", || async {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT id, processed FROM reprocess_runs ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&env.pool)
+        .await
+        .ok()
+        .flatten();
+        row.filter(|(_, processed)| *processed >= 300).map(|(id, _)| id)
+    })
+    .await;
+    let id = run_id.to_string();
+    let (ok, printed) = run(&env, &["reprocess", "--resume", &id]);
+    assert!(
+        !ok && printed.contains("being applied by another process"),
+        "one process applies a run: {printed}"
+    );
+    signal(&child, "KILL");
+    crate::support::await_exit(&mut child).await;
+    let state: String = sqlx::query_scalar("SELECT state FROM reprocess_runs WHERE id = $1")
+        .bind(run_id)
+        .fetch_one(&env.pool)
+        .await
+        .expect("the run");
+    assert_eq!(state, "running", "killed: nothing said it stopped");
+    let partial: i64 = sqlx::query_scalar("SELECT processed FROM reprocess_runs WHERE id = $1")
+        .bind(run_id)
+        .fetch_one(&env.pool)
+        .await
+        .expect("the run");
+    assert!(partial < ENTRIES, "killed in the middle ({partial})");
+
+    let outcome = reprocess(&env, &["--resume", &id]);
+    let (_, processed, dead_lettered, _) = run_of(&outcome);
+    assert_eq!((processed, dead_lettered), (ENTRIES, 0), "{outcome}");
+    assert_eq!(outcome["run"]["state"], "finished");
+    assert_eq!(
+        insight_writes(&env).await,
+        (0, ENTRIES),
+        "every row written, none twice"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM media_ai_insights WHERE caption_words IS DISTINCT FROM 3")
+            .await,
+        0
+    );
+    assert_eq!(
+        run_ledger(&env, INSIGHTS, run_id).await,
+        BTreeMap::from([("0.2.0".to_string(), ENTRIES)])
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partly_trimmed_selection_reports_what_is_gone_and_processes_the_rest() {
+    let env = TestEnv::start(Options::new(&["insights"])).await;
+    seed_media(&env, 100).await;
+    let entries: Vec<Vec<(String, String)>> = (1..=100).map(|m| caption_entry(m, 2)).collect();
+    let ids = env.publish_many(INSIGHTS, &entries).await;
+    env.await_drained(INSIGHTS).await;
+    add_caption_words(&env).await;
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(env.key(INSIGHTS))
+        .arg("MAXLEN")
+        .arg(60)
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("trim");
+
+    let file = plugin_file("insights-backfill");
+    let file = file.to_str().unwrap();
+    let outcome = reprocess(&env, &["--stream", INSIGHTS, "--from", "0", "--with", file]);
+    assert_eq!(outcome["survey"]["missing"], 40, "{outcome}");
+    assert_eq!(outcome["survey"]["selected"], 60);
+    assert_eq!(outcome["survey"]["stream_starts"], ids[40].as_str());
+    assert_eq!(run_of(&outcome).1, 60);
+    assert_eq!(outcome["run"]["missing"], 40);
+    assert_eq!(
+        env.count("SELECT count(*) FROM media_ai_insights WHERE caption_words = 2")
+            .await,
+        60,
+        "the rest was processed"
+    );
+
+    // Ids too: two trimmed, one there; said in the text report.
+    let listed = format!("{},{},{}", ids[0], ids[1], ids[70]);
+    let (ok, printed) = run(
+        &env,
+        &["reprocess", "--stream", INSIGHTS, "--ids", &listed, "--with", file],
+    );
+    assert!(ok, "{printed}");
+    assert!(
+        printed.contains(&format!(
+            "2 no longer there (trimmed or deleted; the stream now starts at {})",
+            ids[40]
+        )) && printed.contains("applied: 1 entries"),
+        "{printed}"
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_leaves_emits_out_unless_asked_and_tags_its_dead_letters() {
+    let env = TestEnv::start(Options::new(&["scripted"])).await;
+    let mut emit_ids = Vec::new();
+    for n in 0..3 {
+        emit_ids.push(
+            env.publish(
+                "scripted",
+                &[("action", "emit"), ("target", "scripted-out"), ("note", &n.to_string())],
+            )
+            .await,
+        );
+    }
+    env.publish("scripted", &[("action", "malformed"), ("note", "bad")])
+        .await;
+    env.publish("scripted", &[("action", "ok"), ("note", "once")])
+        .await;
+    env.await_drained("scripted").await;
+    let out_length = || async {
+        let length: i64 = redis::cmd("XLEN")
+            .arg(env.key("scripted-out"))
+            .query_async(&mut env.redis.clone())
+            .await
+            .expect("XLEN");
+        length
+    };
+    eventually("the live emits", || async { (out_length().await == 3).then_some(()) }).await;
+    assert_eq!(env.dead_letters().await.len(), 1);
+
+    let outcome = reprocess(&env, &["--stream", "scripted", "--from", "0"]);
+    let (run_id, processed, dead_lettered, _) = run_of(&outcome);
+    assert_eq!((processed, dead_lettered), (4, 1), "{outcome}");
+    assert_eq!(outcome["run"]["emits_suppressed"], 3);
+    let letters = eventually("the run's dead letters", || async {
+        let letters = env.dead_letters().await;
+        (letters.len() == 2).then_some(letters)
+    })
+    .await;
+    let tagged: Vec<&std::collections::HashMap<String, String>> = letters
+        .iter()
+        .filter(|l| l.get("reprocessRun") == Some(&run_id.to_string()))
+        .collect();
+    assert_eq!(tagged.len(), 1, "{letters:?}");
+    assert_eq!(out_length().await, 3, "no emit went out again");
+    let (ok, printed) = run(&env, &["reprocess", "--list"]);
+    assert!(ok && printed.contains(&format!("run {run_id} of scripted")), "{printed}");
+    let (_, printed) = run(&env, &["status"]);
+    assert!(printed.contains("reprocessing runs"), "{printed}");
+
+    let (ok, printed) = run(&env, &["dlq", "replay", "--stream", "scripted"]);
+    assert!(
+        ok && printed.contains("kaleidoscope reprocess --stream scripted --ids"),
+        "a run's dead letters are left to runs: {printed}"
+    );
+
+    let listed = emit_ids.join(",");
+    let again = reprocess(&env, &["--stream", "scripted", "--ids", &listed, "--emit"]);
+    assert_eq!(run_of(&again).1, 3, "{again}");
+    eventually("the run's emits", || async { (out_length().await == 6).then_some(()) }).await;
+    env.finish().await;
+}

@@ -160,15 +160,24 @@ pub async fn replay<C: ConnectionLike + Send>(
                 .join(", ")
         );
     }
-    if let Some(run) = entries.iter().find(|e| e.reprocess_run.is_some()) {
+    // A run's dead letter stands for an entry live delivery finished long ago: replayed on the
+    // stream, the ledger would find it processed and apply nothing. The run takes it again.
+    let (runs, entries): (Vec<&StoredDeadLetter>, Vec<&StoredDeadLetter>) =
+        entries.iter().partition(|e| e.reprocess_run.is_some());
+    for letter in &runs {
+        eprintln!(
+            "skipped dead letter {} (entry {} of {}): reprocessing run {} wrote it, and replaying it on the live stream would apply nothing; take it again with `kaleidoscope reprocess --stream {} --ids {}`",
+            letter.id,
+            letter.source_id,
+            letter.source_stream,
+            letter.reprocess_run.unwrap_or_default(),
+            letter.source_stream,
+            letter.source_id
+        );
+    }
+    if entries.is_empty() && !runs.is_empty() {
         anyhow::bail!(
-            "dead letter {} (entry {} of {}) was written by reprocessing run {}: replaying it on the live stream would find the entry processed there already and apply nothing. Run it again through a run instead: `kaleidoscope reprocess --stream {} --ids {}`",
-            run.id,
-            run.source_id,
-            run.source_stream,
-            run.reprocess_run.unwrap_or_default(),
-            run.source_stream,
-            run.source_id
+            "nothing replayed: every selected dead letter was written by a reprocessing run (see above)"
         );
     }
     let dlq = config.dlq_key();

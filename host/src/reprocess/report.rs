@@ -98,7 +98,7 @@ pub fn changes_text(summary: &Summary) -> String {
         let _ = writeln!(
             out,
             "{table}: {} rows written — {} changed, {} added, {} removed, {} unchanged",
-            changes.rows, changes.added, changes.changed, changes.removed, changes.unchanged
+            changes.rows, changes.changed, changes.added, changes.removed, changes.unchanged
         );
         for (column, column_changes) in &changes.columns {
             let _ = writeln!(out, "  {table}.{column}: {} rows", column_changes.rows);

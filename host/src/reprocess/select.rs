@@ -271,7 +271,7 @@ pub async fn survey<C: ConnectionLike>(
             ids.retain(|id| *id >= first);
             let missing = (before - ids.len()) as u64;
             Ok(Survey {
-                selected: ids.len() as u64 - missing,
+                selected: ids.len() as u64,
                 missing,
                 stream_starts,
             })
