@@ -145,7 +145,11 @@ async fn a_backfill_fills_a_new_column_for_every_row_once_per_run() {
 
     let outcome = reprocess(&env, &["--stream", INSIGHTS, "--from", "0"]);
     let (run, processed, dead_lettered, skipped) = run_of(&outcome);
-    assert_eq!((processed, dead_lettered, skipped), (ENTRIES, 0, 0), "{outcome}");
+    assert_eq!(
+        (processed, dead_lettered, skipped),
+        (ENTRIES, 0, 0),
+        "{outcome}"
+    );
     assert_eq!(outcome["run"]["state"], "finished");
     assert_eq!(outcome["version"], "0.2.0", "the live build: the store's");
     assert_eq!(outcome["survey"]["selected"], ENTRIES);
@@ -159,7 +163,11 @@ async fn a_backfill_fills_a_new_column_for_every_row_once_per_run() {
         0,
         "every row has its caption's word count"
     );
-    assert_eq!(insight_writes(&env).await, (0, ENTRIES), "each row written once");
+    assert_eq!(
+        insight_writes(&env).await,
+        (0, ENTRIES),
+        "each row written once"
+    );
     assert_eq!(
         run_ledger(&env, INSIGHTS, run).await,
         BTreeMap::from([("0.2.0".to_string(), ENTRIES)]),
@@ -180,7 +188,11 @@ async fn a_backfill_fills_a_new_column_for_every_row_once_per_run() {
     // The same run again (read from its start under its identity) applies nothing.
     let again = reprocess(&env, &["--resume", &run.to_string()]);
     assert_eq!(run_of(&again), (run, ENTRIES, 0, ENTRIES), "{again}");
-    assert_eq!(insight_writes(&env).await, (0, ENTRIES), "nothing written again");
+    assert_eq!(
+        insight_writes(&env).await,
+        (0, ENTRIES),
+        "nothing written again"
+    );
 
     // A new run applies again, on purpose.
     let second = reprocess(&env, &["--stream", INSIGHTS, "--from", "0"]);
@@ -259,7 +271,11 @@ async fn a_repair_rewrites_exactly_the_rows_the_bad_version_wrote_as_its_dry_run
         .filter(|(_, (w, h, _))| (*w, *h) != (100.0, 200.0))
         .map(|((m, _), _)| *m)
         .collect();
-    assert_eq!(wrong, (21..=40).collect::<Vec<_>>(), "what the bad version wrote");
+    assert_eq!(
+        wrong,
+        (21..=40).collect::<Vec<_>>(),
+        "what the bad version wrote"
+    );
     assert!(insights_touched(&env).await.is_empty());
 
     // The dry run says what the repair will change, and writes nothing.
@@ -303,7 +319,11 @@ async fn a_repair_rewrites_exactly_the_rows_the_bad_version_wrote_as_its_dry_run
         .filter(|(key, (_, _, at))| before[*key].2 != *at)
         .map(|((m, _), _)| *m)
         .collect();
-    assert_eq!(touched, (21..=40).collect::<Vec<_>>(), "exactly the bad version's rows");
+    assert_eq!(
+        touched,
+        (21..=40).collect::<Vec<_>>(),
+        "exactly the bad version's rows"
+    );
     assert_eq!(insights_touched(&env).await, (21..=40).collect::<Vec<_>>());
 
     // What changed is what the dry run said, column by column, row by row.
@@ -329,7 +349,10 @@ async fn a_repair_rewrites_exactly_the_rows_the_bad_version_wrote_as_its_dry_run
         .as_object()
         .expect("columns")
     {
-        assert_eq!(changes["rows"], changes["examples"].as_array().unwrap().len());
+        assert_eq!(
+            changes["rows"],
+            changes["examples"].as_array().unwrap().len()
+        );
         for example in changes["examples"].as_array().unwrap() {
             reported.entry(column.clone()).or_default().insert(
                 example["key"].to_string(),
@@ -365,8 +388,7 @@ async fn a_run_killed_mid_way_resumes_and_applies_every_entry_exactly_once() {
     let env = TestEnv::start(Options::new(&["insights"])).await;
     const ENTRIES: i64 = 3_000;
     seed_media(&env, ENTRIES).await;
-    let entries: Vec<Vec<(String, String)>> =
-        (1..=ENTRIES).map(|m| caption_entry(m, 3)).collect();
+    let entries: Vec<Vec<(String, String)>> = (1..=ENTRIES).map(|m| caption_entry(m, 3)).collect();
     env.publish_many(INSIGHTS, &entries).await;
     env.await_drained(INSIGHTS).await;
     add_caption_words(&env).await;
@@ -391,14 +413,14 @@ async fn a_run_killed_mid_way_resumes_and_applies_every_entry_exactly_once() {
         .spawn()
         .expect("start the run");
     let run_id: i64 = eventually("the run to apply a few hundred entries", || async {
-        let row: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT id, processed FROM reprocess_runs ORDER BY id DESC LIMIT 1",
-        )
-        .fetch_optional(&env.pool)
-        .await
-        .ok()
-        .flatten();
-        row.filter(|(_, processed)| *processed >= 300).map(|(id, _)| id)
+        let row: Option<(i64, i64)> =
+            sqlx::query_as("SELECT id, processed FROM reprocess_runs ORDER BY id DESC LIMIT 1")
+                .fetch_optional(&env.pool)
+                .await
+                .ok()
+                .flatten();
+        row.filter(|(_, processed)| *processed >= 300)
+            .map(|(id, _)| id)
     })
     .await;
     let id = run_id.to_string();
@@ -478,7 +500,15 @@ async fn a_partly_trimmed_selection_reports_what_is_gone_and_processes_the_rest(
     let listed = format!("{},{},{}", ids[0], ids[1], ids[70]);
     let (ok, printed) = run(
         &env,
-        &["reprocess", "--stream", INSIGHTS, "--ids", &listed, "--with", file],
+        &[
+            "reprocess",
+            "--stream",
+            INSIGHTS,
+            "--ids",
+            &listed,
+            "--with",
+            file,
+        ],
     );
     assert!(ok, "{printed}");
     assert!(
@@ -499,7 +529,11 @@ async fn a_run_leaves_emits_out_unless_asked_and_tags_its_dead_letters() {
         emit_ids.push(
             env.publish(
                 "scripted",
-                &[("action", "emit"), ("target", "scripted-out"), ("note", &n.to_string())],
+                &[
+                    ("action", "emit"),
+                    ("target", "scripted-out"),
+                    ("note", &n.to_string()),
+                ],
             )
             .await,
         );
@@ -517,7 +551,10 @@ async fn a_run_leaves_emits_out_unless_asked_and_tags_its_dead_letters() {
             .expect("XLEN");
         length
     };
-    eventually("the live emits", || async { (out_length().await == 3).then_some(()) }).await;
+    eventually("the live emits", || async {
+        (out_length().await == 3).then_some(())
+    })
+    .await;
     assert_eq!(env.dead_letters().await.len(), 1);
 
     let outcome = reprocess(&env, &["--stream", "scripted", "--from", "0"]);
@@ -536,7 +573,10 @@ async fn a_run_leaves_emits_out_unless_asked_and_tags_its_dead_letters() {
     assert_eq!(tagged.len(), 1, "{letters:?}");
     assert_eq!(out_length().await, 3, "no emit went out again");
     let (ok, printed) = run(&env, &["reprocess", "--list"]);
-    assert!(ok && printed.contains(&format!("run {run_id} of scripted")), "{printed}");
+    assert!(
+        ok && printed.contains(&format!("run {run_id} of scripted")),
+        "{printed}"
+    );
     let (_, printed) = run(&env, &["status"]);
     assert!(printed.contains("reprocessing runs"), "{printed}");
 
@@ -549,6 +589,9 @@ async fn a_run_leaves_emits_out_unless_asked_and_tags_its_dead_letters() {
     let listed = emit_ids.join(",");
     let again = reprocess(&env, &["--stream", "scripted", "--ids", &listed, "--emit"]);
     assert_eq!(run_of(&again).1, 3, "{again}");
-    eventually("the run's emits", || async { (out_length().await == 6).then_some(()) }).await;
+    eventually("the run's emits", || async {
+        (out_length().await == 6).then_some(())
+    })
+    .await;
     env.finish().await;
 }

@@ -21,7 +21,9 @@ pub(super) async fn run(config: Config, args: ReprocessArgs) -> Result<ExitCode>
         .filter(|on| **on)
         .count();
     if actions > 1 || (actions == 1 && selecting) {
-        bail!("give one of: a selection (--from/--to, --handled-by or --ids), --resume RUN, --cancel RUN or --list");
+        bail!(
+            "give one of: a selection (--from/--to, --handled-by or --ids), --resume RUN, --cancel RUN or --list"
+        );
     }
     if args.list {
         return list(&config, args.json).await;

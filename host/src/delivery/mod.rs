@@ -160,9 +160,10 @@ impl PreparedBatch {
         self.items
             .iter()
             .filter_map(|item| match &item.decision {
-                Some(Decision::DeadLetter(kind, reason)) => {
-                    Some((item.entry.id.clone(), format!("{}: {reason}", kind.as_str())))
-                }
+                Some(Decision::DeadLetter(kind, reason)) => Some((
+                    item.entry.id.clone(),
+                    format!("{}: {reason}", kind.as_str()),
+                )),
                 _ => None,
             })
             .collect()
@@ -320,8 +321,12 @@ impl HostState {
     ) -> Result<PreparedBatch> {
         let started = Instant::now();
         let span = match &run {
-            None => tracing::info_span!("batch", stream, plugin = %plugin.name, version = %plugin.version, size = entries.len()),
-            Some(run) => tracing::info_span!("batch", stream, plugin = %plugin.name, version = %plugin.version, size = entries.len(), run = run.run),
+            None => {
+                tracing::info_span!("batch", stream, plugin = %plugin.name, version = %plugin.version, size = entries.len())
+            }
+            Some(run) => {
+                tracing::info_span!("batch", stream, plugin = %plugin.name, version = %plugin.version, size = entries.len(), run = run.run)
+            }
         };
         let mut sentinels = Vec::new();
         let mut items: Vec<Item> = Vec::new();

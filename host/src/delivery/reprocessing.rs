@@ -122,7 +122,12 @@ impl HostState {
         let Some(run) = run.filter(|run| run.dry_run.is_none()) else {
             return Ok(());
         };
-        let count = |outcome| items.iter().filter(|i| i.finished() == Some(outcome)).count();
+        let count = |outcome| {
+            items
+                .iter()
+                .filter(|i| i.finished() == Some(outcome))
+                .count()
+        };
         use crate::persist::ledger::Outcome;
         let processed = count(Outcome::Processed);
         let dead_lettered = count(Outcome::DeadLettered);

@@ -208,7 +208,8 @@ async fn prune_expired(state: &HostState, stop: &Shutdown) -> Result<u64> {
         tokio::task::yield_now().await;
     }
     loop {
-        let pruned = ledger::prune_runs(&state.pool, &state.source, config.ledger_retention).await?;
+        let pruned =
+            ledger::prune_runs(&state.pool, &state.source, config.ledger_retention).await?;
         total += pruned;
         if pruned < ledger::PRUNE_CHUNK as u64 || stop.requested() {
             return Ok(total);

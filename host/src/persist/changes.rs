@@ -37,37 +37,39 @@ impl Lookups {
     pub fn of<'a>(statements: impl IntoIterator<Item = &'a Statement>) -> Lookups {
         let mut lookups = Lookups::default();
         for statement in statements {
-            let (table, key, written): (&str, Vec<(&str, &wit::Value)>, Vec<&str>) =
-                match statement {
-                    Statement::Upsert { table, key, set } => (
-                        table,
-                        key.iter().map(|p| (p.column.as_str(), &p.value)).collect(),
-                        key.iter()
-                            .map(|p| p.column.as_str())
-                            .chain(set.iter().map(|s| s.column.as_str()))
-                            .collect(),
-                    ),
-                    Statement::Update { table, key, set, .. } => (
-                        table,
-                        key.iter().map(|p| (p.column.as_str(), &p.value)).collect(),
-                        set.iter().map(|s| s.column.as_str()).collect(),
-                    ),
-                    Statement::Delete { table, key } => (
-                        table,
-                        key.iter().map(|p| (p.column.as_str(), &p.value)).collect(),
-                        Vec::new(),
-                    ),
-                    Statement::Insert { table, values, .. } => (
-                        table,
-                        values
-                            .iter()
-                            .filter(|p| !matches!(p.value, wit::Value::Null | wit::Value::Now))
-                            .map(|p| (p.column.as_str(), &p.value))
-                            .collect(),
-                        Vec::new(),
-                    ),
-                    Statement::Emit { .. } => continue,
-                };
+            let (table, key, written): (&str, Vec<(&str, &wit::Value)>, Vec<&str>) = match statement
+            {
+                Statement::Upsert { table, key, set } => (
+                    table,
+                    key.iter().map(|p| (p.column.as_str(), &p.value)).collect(),
+                    key.iter()
+                        .map(|p| p.column.as_str())
+                        .chain(set.iter().map(|s| s.column.as_str()))
+                        .collect(),
+                ),
+                Statement::Update {
+                    table, key, set, ..
+                } => (
+                    table,
+                    key.iter().map(|p| (p.column.as_str(), &p.value)).collect(),
+                    set.iter().map(|s| s.column.as_str()).collect(),
+                ),
+                Statement::Delete { table, key } => (
+                    table,
+                    key.iter().map(|p| (p.column.as_str(), &p.value)).collect(),
+                    Vec::new(),
+                ),
+                Statement::Insert { table, values, .. } => (
+                    table,
+                    values
+                        .iter()
+                        .filter(|p| !matches!(p.value, wit::Value::Null | wit::Value::Now))
+                        .map(|p| (p.column.as_str(), &p.value))
+                        .collect(),
+                    Vec::new(),
+                ),
+                Statement::Emit { .. } => continue,
+            };
             lookups.add(table, &key, written);
         }
         lookups
@@ -119,8 +121,11 @@ fn key_value(value: &wit::Value) -> Option<Json> {
 /// renders its key and its columns), or nothing.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    rows: BTreeMap<(String, Vec<String>), Vec<Option<(String, Map<String, Json>)>>>,
+    rows: BTreeMap<(String, Vec<String>), Vec<Option<Found>>>,
 }
+
+/// A row found: its key as PostgreSQL renders it, and its columns.
+type Found = (String, Map<String, Json>);
 
 /// Reads the rows `lookups` name, as `conn` sees them now.
 pub async fn snapshot(conn: &mut PgConnection, lookups: &Lookups) -> Result<Snapshot, sqlx::Error> {
@@ -194,7 +199,7 @@ impl Changes {
                 let Some(key) = was.as_ref().or(is.as_ref()).map(|(k, _)| k.clone()) else {
                     continue;
                 };
-                let keep = |row: Option<(String, Map<String, Json>)>| {
+                let keep = |row: Option<Found>| {
                     row.map(|(_, mut row)| {
                         row.retain(|column, _| written.contains(column));
                         row
@@ -328,7 +333,7 @@ mod tests {
             .collect()
     }
 
-    fn snapshot(lookups: &Lookups, rows: Vec<Option<(String, Map<String, Json>)>>) -> Snapshot {
+    fn snapshot(lookups: &Lookups, rows: Vec<Option<Found>>) -> Snapshot {
         let key = lookups.groups.keys().next().unwrap().clone();
         Snapshot {
             rows: BTreeMap::from([(key, rows)]),
@@ -375,7 +380,10 @@ mod tests {
                         ("updated_at", "t1".into()),
                     ]),
                 )),
-                Some((key(2), row(&[("media_id", 2.into()), ("caption", "x".into())]))),
+                Some((
+                    key(2),
+                    row(&[("media_id", 2.into()), ("caption", "x".into())]),
+                )),
             ],
         );
         let mut changes = Changes::default();

@@ -113,7 +113,8 @@ pub struct NewRun<'a> {
     pub started_by: &'a str,
 }
 
-const COLUMNS: &str = "id, stream, plugin, plugin_version, plugin_sha256, selection, selection_spec,
+const COLUMNS: &str =
+    "id, stream, plugin, plugin_version, plugin_sha256, selection, selection_spec,
     emit, rate, state, reason, position, selected, missing, processed, dead_lettered,
     emits_suppressed, skipped, started_by,
     to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS started_at,

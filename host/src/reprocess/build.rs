@@ -29,7 +29,9 @@ pub struct Wanted<'a> {
 impl Wanted<'_> {
     fn matches(&self, name: &str, streams: &[String]) -> bool {
         self.plugin.is_none_or(|plugin| plugin == name)
-            && self.stream.is_none_or(|stream| streams.iter().any(|s| s == stream))
+            && self
+                .stream
+                .is_none_or(|stream| streams.iter().any(|s| s == stream))
     }
 
     fn describe(&self) -> String {
@@ -82,11 +84,20 @@ pub async fn choose(
             return load(config, bytes, path, "the plugin store".to_string()).await;
         }
     }
-    if let (Some(with), Some(name)) = (with, stored.as_ref().map(|s| s.name.as_str()).or(wanted.plugin))
-        && let Some((version, _, bytes)) = rollouts::candidate_build(pool, &fleet, name, with).await?
+    if let (Some(with), Some(name)) = (
+        with,
+        stored.as_ref().map(|s| s.name.as_str()).or(wanted.plugin),
+    ) && let Some((version, _, bytes)) =
+        rollouts::candidate_build(pool, &fleet, name, with).await?
     {
         let path = config.plugins_dir.join(format!("{name}-{version}.wasm"));
-        return load(config, bytes, path, format!("a rollout's candidate ({version})")).await;
+        return load(
+            config,
+            bytes,
+            path,
+            format!("a rollout's candidate ({version})"),
+        )
+        .await;
     }
     // The plugins directory: single-machine set-ups and plugins shipped in the image.
     let directory = directory(config).await?;
@@ -94,12 +105,18 @@ pub async fn choose(
         .plugins()
         .iter()
         .filter(|p| wanted.matches(&p.name, &p.streams));
-    if let Some(plugin) = in_directory.find(|p| {
-        with.is_none_or(|with| matches_version(&p.version, &p.sha256, with))
-    }) {
+    if let Some(plugin) =
+        in_directory.find(|p| with.is_none_or(|with| matches_version(&p.version, &p.sha256, with)))
+    {
         let bytes = std::fs::read(&plugin.file)
             .with_context(|| format!("cannot read {}", plugin.file.display()))?;
-        return load(config, bytes, plugin.file.clone(), plugin.file.display().to_string()).await;
+        return load(
+            config,
+            bytes,
+            plugin.file.clone(),
+            plugin.file.display().to_string(),
+        )
+        .await;
     }
     known.extend(
         directory

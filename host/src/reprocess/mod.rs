@@ -150,7 +150,10 @@ pub async fn start(config: Arc<Config>, request: Request, stop: Shutdown) -> Res
     if request.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    if request.rate.is_some_and(|rate| rate.is_nan() || rate <= 0.0) {
+    if request
+        .rate
+        .is_some_and(|rate| rate.is_nan() || rate <= 0.0)
+    {
         bail!("--rate must be a positive number of entries per second");
     }
     let state = engine(&config).await?;
@@ -257,7 +260,18 @@ pub async fn start(config: Arc<Config>, request: Request, stop: Shutdown) -> Res
         i64::try_from(survey.missing).unwrap_or(i64::MAX),
     )
     .await?;
-    go_on(&state, row, plugin, &selection, survey, request.batch, stop, lock, outcome).await
+    go_on(
+        &state,
+        row,
+        plugin,
+        &selection,
+        survey,
+        request.batch,
+        stop,
+        lock,
+        outcome,
+    )
+    .await
 }
 
 /// Takes run `id` up again where it stopped, with the build and selection it was started with.
@@ -291,7 +305,9 @@ pub async fn resume(config: Arc<Config>, id: i64, batch: usize, stop: Shutdown) 
     let spec: Spec = serde_json::from_value(row.selection_spec.0.clone())
         .with_context(|| format!("run {id}'s selection cannot be read back"))?;
     let bytes = reprocess_runs::plugin_bytes(&state.pool, id).await?;
-    let path = config.plugins_dir.join(format!("{}-run-{id}.wasm", row.plugin));
+    let path = config
+        .plugins_dir
+        .join(format!("{}-run-{id}.wasm", row.plugin));
     let chosen = build::load(&config, bytes, path, format!("run {id}'s record")).await?;
     let mut selection = Selection::resolve(&state.pool, &state.source, &row.stream, &spec).await?;
     let mut redis = state.redis.clone();
@@ -340,7 +356,10 @@ pub async fn resume(config: Arc<Config>, id: i64, batch: usize, stop: Shutdown) 
         dead_letters: Vec::new(),
     };
     let plugin = chosen.plugin;
-    go_on(&state, row, plugin, &selection, survey, batch, stop, lock, outcome).await
+    go_on(
+        &state, row, plugin, &selection, survey, batch, stop, lock, outcome,
+    )
+    .await
 }
 
 /// Marks run `id` cancelled: a process applying it stops after its batch. What it applied
@@ -447,8 +466,14 @@ async fn go_on(
         Ended::Cancelled => ("cancelled", None),
     };
     if ended != Ended::Cancelled {
-        reprocess_runs::set_state(&state.pool, row.id, &["running"], state_now, reason.as_deref())
-            .await?;
+        reprocess_runs::set_state(
+            &state.pool,
+            row.id,
+            &["running"],
+            state_now,
+            reason.as_deref(),
+        )
+        .await?;
     }
     drop(lock);
     let fleet = persist::plugin_store::fleet(&state.config);
@@ -562,7 +587,11 @@ impl Applying<'_> {
             }
         }
         let message = progress_message(&counts, read, started.elapsed(), survey, already);
-        progress.finish(already + counts.done(), survey.selected.max(already + read), &message);
+        progress.finish(
+            already + counts.done(),
+            survey.selected.max(already + read),
+            &message,
+        );
         Ok((Ended::Finished, counts, dead_letters))
     }
 
@@ -590,8 +619,7 @@ impl Applying<'_> {
                 .await?;
             let mut retries = Vec::new();
             loop {
-                if !crate::consumer::finish_until_done(self.state, &mut batch, stop.clone()).await
-                {
+                if !crate::consumer::finish_until_done(self.state, &mut batch, stop.clone()).await {
                     return Ok(false);
                 }
                 let (processed, dead_lettered) = batch.finished_counts();
@@ -633,7 +661,10 @@ fn progress_message(
     let left = survey.selected.saturating_sub(already + read);
     let eta = if rate > 0.0 && left > 0 {
         let seconds = (left as f64 / rate).ceil() as u64;
-        format!(", ETA {}", humantime::format_duration(Duration::from_secs(seconds)))
+        format!(
+            ", ETA {}",
+            humantime::format_duration(Duration::from_secs(seconds))
+        )
     } else {
         String::new()
     };

@@ -25,16 +25,21 @@ pub fn text(outcome: &Outcome) -> String {
         outcome.from
     );
     let survey = &outcome.survey;
-    let missing = outcome.run.as_ref().map_or(
-        survey.missing + outcome.counts.missing,
-        |run| u64::try_from(run.missing).unwrap_or(0),
-    );
+    let missing = outcome
+        .run
+        .as_ref()
+        .map_or(survey.missing + outcome.counts.missing, |run| {
+            u64::try_from(run.missing).unwrap_or(0)
+        });
     let _ = write!(out, "selected: {} in the stream", survey.selected);
     if missing > 0 {
         let _ = write!(
             out,
             "; {missing} no longer there (trimmed or deleted; the stream now starts at {}) — they cannot be reprocessed",
-            survey.stream_starts.as_deref().unwrap_or("nothing: it is empty")
+            survey
+                .stream_starts
+                .as_deref()
+                .unwrap_or("nothing: it is empty")
         );
     }
     out.push('\n');

@@ -213,7 +213,10 @@ async fn stream_info<C: ConnectionLike>(redis: &mut C, key: &str) -> Result<Stre
         added: None,
     };
     let entry_id = |value: &Value| match value {
-        Value::Array(parts) => parts.first().and_then(streams::text).and_then(|id| EntryId::parse(&id)),
+        Value::Array(parts) => parts
+            .first()
+            .and_then(streams::text)
+            .and_then(|id| EntryId::parse(&id)),
         _ => None,
     };
     for (name, value) in &pairs {
@@ -416,7 +419,10 @@ mod tests {
             Some(format!("1700000000000-{}", u64::MAX).as_str())
         );
         let error = Spec::range(Some("yesterday"), None).unwrap_err();
-        assert!(error.to_string().contains("--from \"yesterday\""), "{error}");
+        assert!(
+            error.to_string().contains("--from \"yesterday\""),
+            "{error}"
+        );
         assert!(Spec::range(Some("5-0"), Some("4-0")).is_err());
     }
 

@@ -204,7 +204,10 @@ pub async fn collect<C: ConnectionLike + Send>(
             match crate::persist::reprocess_runs::recent(pool, &fleet, 24.0).await {
                 Ok(runs) => Some(runs),
                 Err(error) => {
-                    problems.push(format!("reprocessing runs: {}", crate::text::causes(&error)));
+                    problems.push(format!(
+                        "reprocessing runs: {}",
+                        crate::text::causes(&error)
+                    ));
                     None
                 }
             }
