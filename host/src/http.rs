@@ -176,6 +176,7 @@ async fn metrics(state: &HostState) -> String {
     measure_request_streams(state, &mut redis).await;
     measure_dead_letters(state, &mut redis).await;
     measure_requests(state).await;
+    measure_reprocessing(state).await;
     metrics.render()
 }
 
@@ -270,6 +271,56 @@ async fn measure_dead_letters(state: &HostState, redis: &mut redis::aio::Connect
 }
 
 /// The tracked requests by status.
+/// The fleet's reprocessing runs (not ended, or ended in the last day), from PostgreSQL.
+async fn measure_reprocessing(state: &HostState) {
+    use crate::metrics::{ByRunOutcome, ByRunState};
+    let scraped = &state.metrics.scraped;
+    let fleet = crate::persist::plugin_store::fleet(&state.config);
+    // While PostgreSQL is down the last figures stand (the series do not vanish).
+    let Ok(runs) = crate::persist::reprocess_runs::recent(&state.pool, &fleet, 24.0).await else {
+        return;
+    };
+    scraped.reprocess_entries.clear();
+    scraped.reprocess_runs.clear();
+    // Every state, 0 included, so an alert on `stalled` or `failed` has its series.
+    for run_state in crate::persist::reprocess_runs::STATES {
+        scraped
+            .reprocess_runs
+            .get_or_create(&ByRunState {
+                state: run_state.to_string(),
+            })
+            .set(0);
+    }
+    for run in &runs {
+        let run_state = if run.stalled() { "stalled" } else { &run.state };
+        scraped
+            .reprocess_runs
+            .get_or_create(&ByRunState {
+                state: run_state.to_string(),
+            })
+            .inc();
+        for (outcome, n) in [
+            ("selected", run.selected),
+            ("processed", run.processed),
+            ("dead-lettered", run.dead_lettered),
+            ("skipped", run.skipped),
+            ("missing", run.missing),
+            ("emits-suppressed", run.emits_suppressed),
+        ] {
+            scraped
+                .reprocess_entries
+                .get_or_create(&ByRunOutcome {
+                    run: run.id.to_string(),
+                    stream: run.stream.clone(),
+                    plugin: run.plugin.clone(),
+                    version: run.plugin_version.clone(),
+                    outcome: outcome.to_string(),
+                })
+                .set(n);
+        }
+    }
+}
+
 async fn measure_requests(state: &HostState) {
     use crate::metrics::ByStatus;
     let scraped = &state.metrics.scraped;

@@ -27,6 +27,8 @@
 //!   [`simulate`]: a reference ML service for demos and tests;
 //! - [`rollout`]: a candidate version beside the live one — shadow, canary by key, automatic
 //!   rollback; it enters the protocol in `delivery/candidate.rs`;
+//! - [`reprocess`]: entries already in a stream run again through a chosen build — backfill and
+//!   repair, once per run, resumable; it enters the protocol in `delivery/reprocessing.rs`;
 //! - **CLI** — [`cli`]: one function per subcommand; [`dead_letter::admin`] (`dlq list/replay`),
 //!   [`toolkit`] (`plugin check/exec`), [`deploy`] (`plugin deploy`, `rollout …`),
 //!   [`bench`](mod@bench), [`demo`] (both show [`progress`]);
@@ -41,7 +43,7 @@
 //! [`heartbeat`];
 //! [`state`]; [`delivery`]; [`consumer`]; [`host`], [`requests`], [`status`], [`http`]; and the
 //! tools on top ([`cli`], [`bench`](mod@bench), [`demo`], [`simulate`], [`authoring`],
-//! [`toolkit`], [`deploy`]).
+//! [`toolkit`], [`deploy`], [`reprocess`]).
 
 pub mod authoring;
 pub mod backoff;

@@ -104,6 +104,22 @@ pub struct ByRolloutMode {
     pub mode: String,
 }
 
+/// A reprocessing run's entries by outcome (see [`crate::reprocess`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByRunOutcome {
+    pub run: String,
+    pub stream: String,
+    pub plugin: String,
+    pub version: String,
+    pub outcome: String,
+}
+
+/// Reprocessing runs by state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByRunState {
+    pub state: String,
+}
+
 /// A latent failure's series (see [`crate::state::Latent`]).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ByCause {
@@ -196,6 +212,8 @@ pub struct Scraped {
     pub stream_unserved: Family<ByStream, Gauge>,
     pub restart_would_fail: Family<ByCause, Gauge>,
     pub rollout_percent: Family<ByRolloutMode, FloatGauge>,
+    pub reprocess_entries: Family<ByRunOutcome, Gauge>,
+    pub reprocess_runs: Family<ByRunState, Gauge>,
     pub dead_letters: Family<ByDeadLetterKind, Gauge>,
     pub requests: Family<ByStatus, Gauge>,
     pub request_stream_length: Family<ByStream, Gauge>,
@@ -385,6 +403,16 @@ impl Metrics {
             "kaleidoscope_rollout_percent",
             "The share of entries (percent, by key) a rollout's candidate takes on this host now, by plugin and mode (shadow, canary; `none` and 0 when no rollout of the plugin runs here)",
             s.rollout_percent.clone(),
+        );
+        r.register(
+            "kaleidoscope_reprocess_entries",
+            "Entries of each reprocessing run not ended or ended in the last day, by outcome: selected, processed, dead-lettered, skipped (applied by the run before), missing (trimmed from the stream), emits-suppressed (fleet-wide, from PostgreSQL: every host reports the same; use max)",
+            s.reprocess_entries.clone(),
+        );
+        r.register(
+            "kaleidoscope_reprocess_runs",
+            "Reprocessing runs not ended or ended in the last day, by state (running, stalled: running but silent for a minute, its process gone; interrupted, failed, finished, cancelled)",
+            s.reprocess_runs.clone(),
         );
         r.register(
             "kaleidoscope_dead_letters",

@@ -180,6 +180,7 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
         "KaleidoscopeStreamUnserved",
         "KaleidoscopeRestartWouldFail",
         "KaleidoscopeRolloutRolledBack",
+        "KaleidoscopeReprocessStopped",
         "KaleidoscopeDeadLettersRising",
         "KaleidoscopePluginLoadFailed",
         "KaleidoscopeNotReady",

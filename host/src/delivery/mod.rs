@@ -37,6 +37,11 @@
 //!    published, then the finished entries are acknowledged, in one pipelined round trip. What
 //!    could not be published is left to the outbox relay.
 //!
+//! A reprocessing run ([`crate::reprocess`]) sends entries it reads from the stream's history
+//! through the same steps, with the differences `reprocessing.rs` lists (the run's own ledger
+//! identities, no acknowledgement, emits left out, its dead letters tagged, a dry run's
+//! transactions rolled back).
+//!
 //! Steps 1–2 ([`HostState::prepare`]) need no database, so a consumer runs them for the next batch
 //! while steps 3–5 ([`HostState::finish`]) run for the previous one. Entries that should be
 //! retried are not acknowledged; they stay pending and the reclaim loop delivers them again after

@@ -45,6 +45,17 @@ pub struct RunRow {
     pub ended_seconds_ago: Option<f64>,
 }
 
+/// The states a run's metrics name (`stalled`: `running`, but silent for
+/// [`STALLED_AFTER_SECONDS`]).
+pub const STATES: [&str; 6] = [
+    "running",
+    "stalled",
+    "interrupted",
+    "failed",
+    "finished",
+    "cancelled",
+];
+
 /// A `running` run silent for this long has lost its process (a run writes its position after
 /// every batch, at most seconds apart).
 pub const STALLED_AFTER_SECONDS: f64 = 60.0;

@@ -181,7 +181,7 @@ pub async fn start(config: Arc<Config>, request: Request, stop: Shutdown) -> Res
         Selection::resolve(&state.pool, &state.source, &stream, &request.spec).await?;
     let mut redis = state.redis.clone();
     let key = config.stream_key(&stream);
-    let survey = select::survey(
+    let mut survey = select::survey(
         &mut redis,
         &state.pool,
         &state.source,
@@ -190,6 +190,12 @@ pub async fn start(config: Arc<Config>, request: Request, stop: Shutdown) -> Res
         &mut selection,
     )
     .await?;
+    if matches!(request.spec, Spec::HandledBy { .. }) {
+        survey.ledger_forgot_through = ledger::horizons(&state.pool, &state.source)
+            .await?
+            .get(&stream)
+            .map(ToString::to_string);
+    }
     let fleet = persist::plugin_store::fleet(&config);
     let described = request.spec.describe();
     let mut outcome = Outcome {
@@ -340,6 +346,7 @@ pub async fn resume(config: Arc<Config>, id: i64, batch: usize, stop: Shutdown) 
         selected: u64::try_from(row.selected).unwrap_or(0),
         missing: missing.max(now.missing),
         stream_starts: now.stream_starts,
+        ledger_forgot_through: None,
     };
     let outcome = Outcome {
         run: None,

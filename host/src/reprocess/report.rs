@@ -43,6 +43,12 @@ pub fn text(outcome: &Outcome) -> String {
         );
     }
     out.push('\n');
+    if let Some(horizon) = &survey.ledger_forgot_through {
+        let _ = writeln!(
+            out,
+            "note: the ledger has forgotten the entries up to {horizon} (KALEIDOSCOPE_LEDGER_RETENTION_MS); any the version handled before then are not selected — select them by time with --from/--to"
+        );
+    }
     match &outcome.run {
         Some(run) => {
             let _ = writeln!(

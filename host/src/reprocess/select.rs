@@ -165,6 +165,9 @@ pub struct Survey {
     pub missing: u64,
     /// The stream's first entry now (`None`: the stream is empty).
     pub stream_starts: Option<String>,
+    /// For a selection by the ledger (`--handled-by`): the newest entry the ledger has forgotten
+    /// (its retention), if any. Entries the version handled up to there are not selected.
+    pub ledger_forgot_through: Option<String>,
 }
 
 /// The stream's length, first and last entry, and how many entries it was ever given (Redis 7;
@@ -266,6 +269,7 @@ pub async fn survey<C: ConnectionLike>(
             selected: 0,
             missing,
             stream_starts,
+            ledger_forgot_through: None,
         });
     };
     match selection {
@@ -277,6 +281,7 @@ pub async fn survey<C: ConnectionLike>(
                 selected: ids.len() as u64,
                 missing,
                 stream_starts,
+                ledger_forgot_through: None,
             })
         }
         Selection::Range { from, to } => {
@@ -303,6 +308,7 @@ pub async fn survey<C: ConnectionLike>(
                 selected,
                 missing,
                 stream_starts,
+                ledger_forgot_through: None,
             })
         }
     }
