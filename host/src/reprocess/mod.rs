@@ -177,10 +177,10 @@ pub async fn start(config: Arc<Config>, request: Request, stop: Shutdown) -> Res
             ),
         },
     };
-    let mut selection =
-        Selection::resolve(&state.pool, &state.source, &stream, &request.spec).await?;
     let mut redis = state.redis.clone();
     let key = config.stream_key(&stream);
+    let spec = request.spec.clone();
+    let mut selection = Selection::resolve(&state.pool, &state.source, &stream, &spec).await?;
     let mut survey = select::survey(
         &mut redis,
         &state.pool,
@@ -190,6 +190,18 @@ pub async fn start(config: Arc<Config>, request: Request, stop: Shutdown) -> Res
         &mut selection,
     )
     .await?;
+    // A range to "the end" ends where the stream ends now: what arrives later is the live
+    // consumers' business.
+    let spec = spec.ending_at(survey.stream_ends.as_deref());
+    if let Selection::Range { to: to @ None, .. } = &mut selection {
+        *to = Some(
+            survey
+                .stream_ends
+                .as_deref()
+                .and_then(EntryId::parse)
+                .unwrap_or(EntryId { ms: 0, seq: 0 }),
+        );
+    }
     if matches!(request.spec, Spec::HandledBy { .. }) {
         survey.ledger_forgot_through = ledger::horizons(&state.pool, &state.source)
             .await?
@@ -249,7 +261,7 @@ pub async fn start(config: Arc<Config>, request: Request, stop: Shutdown) -> Res
             plugin_sha256: &plugin.sha256,
             plugin_bytes: &chosen.bytes,
             selection: &described,
-            selection_spec: serde_json::to_value(&request.spec)?,
+            selection_spec: serde_json::to_value(&spec)?,
             emit: request.emit,
             rate: request.rate,
             started_by: &started_by,
@@ -346,6 +358,7 @@ pub async fn resume(config: Arc<Config>, id: i64, batch: usize, stop: Shutdown) 
         selected: u64::try_from(row.selected).unwrap_or(0),
         missing: missing.max(now.missing),
         stream_starts: now.stream_starts,
+        stream_ends: now.stream_ends,
         ledger_forgot_through: None,
     };
     let outcome = Outcome {

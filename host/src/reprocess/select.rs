@@ -55,6 +55,17 @@ impl Spec {
         }
     }
 
+    /// A range without an end ends at `last` (the stream's last entry when the run starts).
+    pub fn ending_at(self, last: Option<&str>) -> Spec {
+        match self {
+            Spec::Range { from, to: None } => Spec::Range {
+                from,
+                to: Some(last.unwrap_or("0-0").to_string()),
+            },
+            other => other,
+        }
+    }
+
     /// `--ids A,B,…`: each an entry id.
     pub fn ids(ids: &[String]) -> Result<Spec> {
         let mut parsed = Vec::new();
@@ -165,6 +176,9 @@ pub struct Survey {
     pub missing: u64,
     /// The stream's first entry now (`None`: the stream is empty).
     pub stream_starts: Option<String>,
+    /// Its last entry now: where a range without `--to` ends, so a run does not chase the
+    /// entries the live consumers are handling.
+    pub stream_ends: Option<String>,
     /// For a selection by the ledger (`--handled-by`): the newest entry the ledger has forgotten
     /// (its retention), if any. Entries the version handled up to there are not selected.
     pub ledger_forgot_through: Option<String>,
@@ -269,6 +283,7 @@ pub async fn survey<C: ConnectionLike>(
             selected: 0,
             missing,
             stream_starts,
+            stream_ends: info.last.map(|id| id.to_string()),
             ledger_forgot_through: None,
         });
     };
@@ -281,6 +296,7 @@ pub async fn survey<C: ConnectionLike>(
                 selected: ids.len() as u64,
                 missing,
                 stream_starts,
+                stream_ends: info.last.map(|id| id.to_string()),
                 ledger_forgot_through: None,
             })
         }
@@ -308,6 +324,7 @@ pub async fn survey<C: ConnectionLike>(
                 selected,
                 missing,
                 stream_starts,
+                stream_ends: info.last.map(|id| id.to_string()),
                 ledger_forgot_through: None,
             })
         }
