@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 mod measure;
 mod process;
+mod reprocessing;
 mod traffic;
 
 use measure::*;
@@ -57,6 +58,9 @@ pub struct BenchOptions {
     /// against: the host is then measured three times, without a rollout, with the candidate
     /// as a shadow (on every entry, unless told otherwise), and as a canary on half of them.
     pub rollout: Option<BenchRollout>,
+    /// With `rate`: measure the live latency beside a full-speed reprocessing run of the
+    /// entries (see `reprocessing.rs`) instead of the host alone.
+    pub reprocess: bool,
 }
 
 /// The two builds a bench's rollout compares (both loaded as `plugin deploy` loads them).
@@ -96,6 +100,12 @@ pub struct Figures {
 /// Runs the bench and returns the figures of each subject (the host first).
 pub async fn run(options: &BenchOptions) -> Result<Vec<Figures>> {
     let data = Generated::new(options.entries, options.mix, options.embedding_dims);
+    if options.reprocess {
+        let Some(rate) = options.rate else {
+            anyhow::bail!("--reprocess measures the live latency beside a run: give --rate");
+        };
+        return reprocessing::live_beside_a_run(options, &data, rate).await;
+    }
     let mut results = vec![run_subject(options, &data, Subject::Host(None)).await?];
     if let Some(planned) = &options.rollout {
         for rollout in [(Mode::Shadow, planned.shadow_percent), (Mode::Canary, 50.0)] {

@@ -155,6 +155,11 @@ pub enum Command {
         /// also with it rolled out as a shadow on every entry and as a canary on half of them.
         #[arg(long, value_name = "FILE")]
         candidate: Option<PathBuf>,
+        /// With --rate: load the entries and drain them first, then offer them again at the rate
+        /// while `kaleidoscope reprocess --from 0` runs at full speed on the insights stream;
+        /// report the live latency beside the run and after it, and the run's entries/s.
+        #[arg(long, requires = "rate")]
+        reprocess: bool,
         /// With --candidate: the share of the entries the shadow runs on.
         #[arg(long, value_name = "PERCENT", default_value_t = 100.0, value_parser = percent)]
         shadow_percent: f64,

@@ -160,6 +160,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             timeout,
             candidate,
             shadow_percent,
+            reprocess,
             json,
         } => {
             let config = load_config(file)?;
@@ -179,6 +180,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                     .context("cannot find this executable to start the host")?,
                 timeout: std::time::Duration::from_secs(timeout),
                 rollout,
+                reprocess,
             };
             commands::bench(&options, json).await
         }
