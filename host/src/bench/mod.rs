@@ -61,6 +61,8 @@ pub struct BenchOptions {
     /// With `rate`: measure the live latency beside a full-speed reprocessing run of the
     /// entries (see `reprocessing.rs`) instead of the host alone.
     pub reprocess: bool,
+    /// The run's `--rate` (`None`: full speed).
+    pub reprocess_rate: Option<u64>,
 }
 
 /// The two builds a bench's rollout compares (both loaded as `plugin deploy` loads them).

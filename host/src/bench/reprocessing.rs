@@ -43,6 +43,13 @@ pub(super) async fn live_beside_a_run(
         .await?;
         let mut run = Command::new(&options.host_binary)
             .args(["reprocess", "--stream", INSIGHTS, "--from", "0", "--json"])
+            .args(
+                options
+                    .reprocess_rate
+                    .map(|rate| ["--rate".to_string(), rate.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("DATABASE_URL", &options.database_url)
             .env("REDIS_URL", &options.redis_url)
             .env("KALEIDOSCOPE_STREAM_PREFIX", &prefix)

@@ -160,6 +160,9 @@ pub enum Command {
         /// report the live latency beside the run and after it, and the run's entries/s.
         #[arg(long, requires = "rate")]
         reprocess: bool,
+        /// With --reprocess: the run's own --rate (default: full speed).
+        #[arg(long, value_name = "ENTRIES_PER_SECOND", requires = "reprocess")]
+        reprocess_rate: Option<u64>,
         /// With --candidate: the share of the entries the shadow runs on.
         #[arg(long, value_name = "PERCENT", default_value_t = 100.0, value_parser = percent)]
         shadow_percent: f64,

@@ -161,6 +161,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             candidate,
             shadow_percent,
             reprocess,
+            reprocess_rate,
             json,
         } => {
             let config = load_config(file)?;
@@ -181,6 +182,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 timeout: std::time::Duration::from_secs(timeout),
                 rollout,
                 reprocess,
+                reprocess_rate,
             };
             commands::bench(&options, json).await
         }
