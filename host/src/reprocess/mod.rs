@@ -147,6 +147,7 @@ async fn engine(config: &Arc<Config>) -> Result<Arc<HostState>> {
 
 /// Starts a run (or a dry run) and applies it until it ends or `stop`.
 pub async fn start(config: Arc<Config>, request: Request, stop: Shutdown) -> Result<Outcome> {
+    lower_priority();
     if request.batch == 0 {
         bail!("--batch must be at least 1");
     }
@@ -294,6 +295,7 @@ pub async fn start(config: Arc<Config>, request: Request, stop: Shutdown) -> Res
 
 /// Takes run `id` up again where it stopped, with the build and selection it was started with.
 pub async fn resume(config: Arc<Config>, id: i64, batch: usize, stop: Shutdown) -> Result<Outcome> {
+    lower_priority();
     let state = engine(&config).await?;
     let fleet = persist::plugin_store::fleet(&config);
     let Some(mut row) = reprocess_runs::get(&state.pool, &fleet, id).await? else {
@@ -425,7 +427,6 @@ async fn go_on(
     lock: sqlx::PgConnection,
     mut outcome: Outcome,
 ) -> Result<Outcome> {
-    lower_priority();
     let run = Arc::new(Reprocessing {
         run: row.id,
         emit: row.emit,
@@ -503,13 +504,28 @@ async fn go_on(
     Ok(outcome)
 }
 
-/// Gives the run's own threads a lower CPU priority (nice 10), so that on a machine it shares
-/// with a host, the live consumers' handler calls go first.
+/// Gives the run's threads a lower CPU priority (nice 10), so that on a machine it shares with
+/// a host, the live consumers' handler calls go first. Linux keeps a nice value per thread, and
+/// a new thread takes its creator's: every thread of the process now is lowered, so the threads
+/// they start later (blocking threads for handler calls) are too.
 fn lower_priority() {
-    // SAFETY: setpriority on this process only changes its scheduling priority.
-    let done = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
-    if done != 0 {
-        tracing::debug!("cannot lower the run's CPU priority; it runs at the default one");
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        tracing::debug!("cannot list the run's threads; it runs at the default priority");
+        return;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<libc::id_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: setpriority only changes the scheduling priority of a thread of this process.
+        let done = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 10) };
+        if done != 0 {
+            tracing::debug!(tid, "cannot lower a thread's CPU priority");
+        }
     }
 }
 
