@@ -39,7 +39,7 @@ fn set_based_error(error: StatementError, step: &str) -> Result<SetBased> {
             format!("the database failed while writing {step}; nothing was acknowledged")
         }),
         StatementError::Retry(reason) | StatementError::Permanent(reason) => {
-            Ok(SetBased::Failed(reason))
+            Ok(SetBased::Failed(format!("{step}: {reason}")))
         }
     }
 }

@@ -257,6 +257,11 @@ impl Array {
     /// one scalar kind, else their text forms (which PostgreSQL casts to the column's type).
     fn of(values: &[&wit::Value]) -> Array {
         use wit::Value as V;
+        // Only NULLs: text, which PostgreSQL casts to any column type (a `bool[]` of NULLs
+        // cannot become `real[]`, and the whole set-based statement would fail).
+        if values.iter().all(|v| matches!(v, V::Null)) {
+            return Array::Text(vec![None; values.len()]);
+        }
         if let Some(v) = all_of(values, |v| match v {
             V::Boolean(b) => Some(*b),
             _ => None,
@@ -620,6 +625,10 @@ mod tests {
         assert!(matches!(Array::of(&[&int, &null]), Array::Int(v) if v == [Some(2), None]));
         assert!(
             matches!(Array::of(&[&int, &float]), Array::Text(v) if v == [Some("2".to_string()), Some("0.1".to_string())])
+        );
+        assert!(
+            matches!(Array::of(&[&null, &null]), Array::Text(v) if v == [None, None]),
+            "only NULLs travel as text, which casts to any column type"
         );
         let floats = wit::Value::FloatArray(vec![1.5, 2.0]);
         assert!(
