@@ -11,16 +11,6 @@ use std::collections::BTreeMap;
 const INSIGHTS: &str = "ml-insights-results";
 const FACES: &str = "face-detection-results";
 
-/// Runs `kaleidoscope <args>`: whether it succeeded, and what it printed (stdout, then stderr).
-fn run(env: &TestEnv, args: &[&str]) -> (bool, String) {
-    let output = env.command(args);
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned()
-            + &String::from_utf8_lossy(&output.stderr),
-    )
-}
-
 /// `kaleidoscope reprocess <args> --json`, which must succeed: its outcome.
 fn reprocess(env: &TestEnv, args: &[&str]) -> Value {
     let mut all = vec!["reprocess"];
@@ -287,17 +277,14 @@ async fn a_repair_rewrites_exactly_the_rows_the_bad_version_wrote_as_its_dry_run
     assert_eq!(dry["counts"]["processed"], 20, "{dry}");
     assert_eq!(faces(&env).await, before, "a dry run writes nothing");
     assert!(insights_touched(&env).await.is_empty(), "nothing at all");
-    let (ok, printed) = run(
-        &env,
-        &[
-            "reprocess",
-            "--handled-by",
-            "face-detection@0.2.0",
-            "--with",
-            "0.1.0",
-            "--dry-run",
-        ],
-    );
+    let (ok, printed) = env.run(&[
+        "reprocess",
+        "--handled-by",
+        "face-detection@0.2.0",
+        "--with",
+        "0.1.0",
+        "--dry-run",
+    ]);
     assert!(ok, "{printed}");
     assert!(
         printed.contains("media_detected_faces.bbox_width: 20 rows")
@@ -424,7 +411,7 @@ async fn a_run_killed_mid_way_resumes_and_applies_every_entry_exactly_once() {
     })
     .await;
     let id = run_id.to_string();
-    let (ok, printed) = run(&env, &["reprocess", "--resume", &id]);
+    let (ok, printed) = env.run(&["reprocess", "--resume", &id]);
     assert!(
         !ok && printed.contains("being applied by another process"),
         "one process applies a run: {printed}"
@@ -498,18 +485,15 @@ async fn a_partly_trimmed_selection_reports_what_is_gone_and_processes_the_rest(
 
     // Ids too: two trimmed, one there; said in the text report.
     let listed = format!("{},{},{}", ids[0], ids[1], ids[70]);
-    let (ok, printed) = run(
-        &env,
-        &[
-            "reprocess",
-            "--stream",
-            INSIGHTS,
-            "--ids",
-            &listed,
-            "--with",
-            file,
-        ],
-    );
+    let (ok, printed) = env.run(&[
+        "reprocess",
+        "--stream",
+        INSIGHTS,
+        "--ids",
+        &listed,
+        "--with",
+        file,
+    ]);
     assert!(ok, "{printed}");
     assert!(
         printed.contains(&format!(
@@ -572,15 +556,15 @@ async fn a_run_leaves_emits_out_unless_asked_and_tags_its_dead_letters() {
         .collect();
     assert_eq!(tagged.len(), 1, "{letters:?}");
     assert_eq!(out_length().await, 3, "no emit went out again");
-    let (ok, printed) = run(&env, &["reprocess", "--list"]);
+    let (ok, printed) = env.run(&["reprocess", "--list"]);
     assert!(
         ok && printed.contains(&format!("run {run_id} of scripted")),
         "{printed}"
     );
-    let (_, printed) = run(&env, &["status"]);
+    let (_, printed) = env.run(&["status"]);
     assert!(printed.contains("reprocessing runs"), "{printed}");
 
-    let (ok, printed) = run(&env, &["dlq", "replay", "--stream", "scripted"]);
+    let (ok, printed) = env.run(&["dlq", "replay", "--stream", "scripted"]);
     assert!(
         ok && printed.contains("kaleidoscope reprocess --stream scripted --ids"),
         "a run's dead letters are left to runs: {printed}"

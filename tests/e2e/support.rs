@@ -448,6 +448,17 @@ impl TestEnv {
         command
     }
 
+    /// Runs `kaleidoscope <args>`: whether it succeeded, and what it printed (stdout, then
+    /// stderr).
+    pub fn run(&self, args: &[&str]) -> (bool, String) {
+        let output = self.command(args);
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    }
+
     /// Runs the `kaleidoscope` binary with this environment's configuration.
     pub fn command(&self, args: &[&str]) -> std::process::Output {
         self.binary(args)

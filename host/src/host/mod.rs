@@ -225,13 +225,7 @@ async fn connect_and_load(
     let catalog = Catalog::load(&pool).await?;
     let client = redis_connection::client(&config.redis_url)?;
     let mut redis = wait_for("Redis", deadline, || redis_connection::shared(&client)).await?;
-    let source = ledger::identity(
-        &pool,
-        &mut redis,
-        &config.source_identity_key(),
-        &ledger::deployment(&config.redis_url, &config.stream_prefix),
-    )
-    .await?;
+    let source = ledger::identity_of(&pool, &mut redis, config).await?;
     let adopted = ledger::adopt_legacy_rows(&pool, &source).await?;
     if adopted > 0 {
         info!(

@@ -275,6 +275,22 @@ pub async fn identity<C: redis::aio::ConnectionLike>(
     Ok(identity)
 }
 
+/// [`identity`] of the deployment `config` describes (its Redis server, database and stream
+/// prefix): what a host and a reprocessing run record entries under.
+pub async fn identity_of<C: redis::aio::ConnectionLike>(
+    pool: &PgPool,
+    redis: &mut C,
+    config: &crate::config::Config,
+) -> Result<String> {
+    identity(
+        pool,
+        redis,
+        &config.source_identity_key(),
+        &deployment(&config.redis_url, &config.stream_prefix),
+    )
+    .await
+}
+
 /// The secret with which `dlq replay` proves a replay mark to the hosts of deployment `source`
 /// (see [`replay_proof`]); made on first use, kept in PostgreSQL, which producers cannot read.
 pub async fn replay_secret(pool: &PgPool, source: &str) -> Result<String> {

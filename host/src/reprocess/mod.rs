@@ -126,13 +126,7 @@ async fn engine(config: &Arc<Config>) -> Result<Arc<HostState>> {
     let catalog = persist::schema::Catalog::load(&pool).await?;
     let client = crate::redis_connection::client(&config.redis_url)?;
     let mut redis = crate::redis_connection::shared(&client).await?;
-    let source = ledger::identity(
-        &pool,
-        &mut redis,
-        &config.source_identity_key(),
-        &ledger::deployment(&config.redis_url, &config.stream_prefix),
-    )
-    .await?;
+    let source = ledger::identity_of(&pool, &mut redis, config).await?;
     let replay_secret = ledger::replay_secret(&pool, &source).await?;
     Ok(Arc::new(HostState::new(
         config.clone(),
