@@ -579,3 +579,121 @@ async fn a_run_leaves_emits_out_unless_asked_and_tags_its_dead_letters() {
     .await;
     env.finish().await;
 }
+
+/// Polls the run's record until `ready` holds for it; returns its id.
+async fn await_run(env: &TestEnv, what: &str, ready: fn(&str, i64) -> bool) -> i64 {
+    eventually(what, || async {
+        let row: Option<(i64, String, i64)> = sqlx::query_as(
+            "SELECT id, state, processed FROM reprocess_runs ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&env.pool)
+        .await
+        .ok()
+        .flatten();
+        row.filter(|(_, state, processed)| ready(state, *processed))
+            .map(|(id, _, _)| id)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ctrl_c_leaves_a_run_resumable_a_cancel_stops_it_and_both_show_in_status_and_metrics() {
+    let env = TestEnv::start(
+        Options::new(&["insights"]).set("KALEIDOSCOPE_HTTP_ADDR", "127.0.0.1:0"),
+    )
+    .await;
+    const ENTRIES: i64 = 2_000;
+    seed_media(&env, ENTRIES).await;
+    let entries: Vec<Vec<(String, String)>> =
+        (1..=ENTRIES).map(|m| caption_entry(m, 4)).collect();
+    env.publish_many(INSIGHTS, &entries).await;
+    env.await_drained(INSIGHTS).await;
+    add_caption_words(&env).await;
+    let file = plugin_file("insights-backfill");
+    let slow_run = || {
+        env.binary(&[
+            "reprocess",
+            "--stream",
+            INSIGHTS,
+            "--from",
+            "0",
+            "--with",
+            file.to_str().unwrap(),
+            "--rate",
+            "200",
+            "--batch",
+            "20",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start a run")
+    };
+
+    // Ctrl-C: the batch in flight finishes, the run is interrupted and says how to resume.
+    let mut child = slow_run();
+    let first = await_run(&env, "the first run to apply some entries", |state, n| {
+        state == "running" && n >= 60
+    })
+    .await;
+    signal(&child, "INT");
+    let status = crate::support::await_exit(&mut child).await;
+    assert_eq!(status.code(), Some(130), "interrupted");
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut printed).unwrap();
+    assert!(
+        printed.contains(&format!("resume with `kaleidoscope reprocess --resume {first}`")),
+        "{printed}"
+    );
+    let (state, processed): (String, i64) =
+        sqlx::query_as("SELECT state, processed FROM reprocess_runs WHERE id = $1")
+            .bind(first)
+            .fetch_one(&env.pool)
+            .await
+            .expect("the run");
+    assert_eq!(state, "interrupted");
+    assert!(processed > 0 && processed < ENTRIES, "{processed}");
+    assert_eq!(
+        env.count("SELECT count(*) FROM media_ai_insights WHERE caption_words = 4")
+            .await,
+        processed,
+        "what it applied stays applied, counted exactly"
+    );
+
+    // Visible in status and in the hosts' metrics.
+    let (report, _) = env.status();
+    let runs = report["reprocessing"].as_array().expect("runs in status");
+    assert!(
+        runs.iter()
+            .any(|r| r["id"] == first && r["state"] == "interrupted"),
+        "{report}"
+    );
+    let addr = env.host().http_addr().expect("an HTTP address");
+    let (_, metrics) = crate::support::http_get(addr, "/metrics");
+    assert!(
+        metrics.contains(r#"kaleidoscope_reprocess_runs{state="interrupted"} 1"#)
+            && metrics.contains(&format!(
+                r#"kaleidoscope_reprocess_entries{{run="{first}",stream="ml-insights-results",plugin="insights",version="0.2.0",outcome="processed"}} {processed}"#
+            )),
+        "{metrics}"
+    );
+
+    // A cancel from elsewhere stops a running run after its batch; it cannot be resumed.
+    let mut child = slow_run();
+    let second = await_run(&env, "the second run to apply some entries", |state, n| {
+        state == "running" && n >= 40
+    })
+    .await;
+    assert_ne!(second, first);
+    let (ok, printed) = env.run(&["reprocess", "--cancel", &second.to_string()]);
+    assert!(ok && printed.contains(&format!("cancelled run {second}")), "{printed}");
+    let status = crate::support::await_exit(&mut child).await;
+    assert_eq!(status.code(), Some(1), "a cancelled run did not finish");
+    let (ok, printed) = env.run(&["reprocess", "--resume", &second.to_string()]);
+    assert!(!ok && printed.contains("is cancelled"), "{printed}");
+
+    // The interrupted one goes on to the end.
+    let outcome = reprocess(&env, &["--resume", &first.to_string()]);
+    assert_eq!(run_of(&outcome).1, ENTRIES, "{outcome}");
+    env.finish().await;
+}

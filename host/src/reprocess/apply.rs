@@ -57,13 +57,19 @@ impl Applying<'_> {
         };
         let started = Instant::now();
         let mut read = 0u64;
+        // Under a rate, pages of a tenth of a second's entries at most, so the run goes evenly
+        // rather than in bursts of a batch followed by long pauses.
+        let page_size = match self.rate {
+            Some(rate) => self.batch.min(((rate / 10.0).ceil() as usize).max(1)),
+            None => self.batch,
+        };
         loop {
             if stop.requested() {
                 progress.finish(already + counts.done(), survey.selected, "interrupted");
                 return Ok((Ended::Interrupted, counts, dead_letters));
             }
             let Some(page) =
-                select::next_page(&mut redis, self.key, self.selection, position, self.batch)
+                select::next_page(&mut redis, self.key, self.selection, position, page_size)
                     .await?
             else {
                 break;
@@ -105,7 +111,11 @@ impl Applying<'_> {
             progress.update(already + counts.done(), survey.selected.max(read), &message);
             if let Some(rate) = self.rate {
                 let due = started + Duration::from_secs_f64(read as f64 / rate);
-                tokio::time::sleep_until(due.into()).await;
+                let mut stopping = stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due.into()) => {}
+                    _ = stopping.wait() => {}
+                }
             }
         }
         let message = progress_message(&counts, read, started.elapsed(), survey, already);
