@@ -598,14 +598,12 @@ async fn await_run(env: &TestEnv, what: &str, ready: fn(&str, i64) -> bool) -> i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ctrl_c_leaves_a_run_resumable_a_cancel_stops_it_and_both_show_in_status_and_metrics() {
-    let env = TestEnv::start(
-        Options::new(&["insights"]).set("KALEIDOSCOPE_HTTP_ADDR", "127.0.0.1:0"),
-    )
-    .await;
+    let env =
+        TestEnv::start(Options::new(&["insights"]).set("KALEIDOSCOPE_HTTP_ADDR", "127.0.0.1:0"))
+            .await;
     const ENTRIES: i64 = 2_000;
     seed_media(&env, ENTRIES).await;
-    let entries: Vec<Vec<(String, String)>> =
-        (1..=ENTRIES).map(|m| caption_entry(m, 4)).collect();
+    let entries: Vec<Vec<(String, String)>> = (1..=ENTRIES).map(|m| caption_entry(m, 4)).collect();
     env.publish_many(INSIGHTS, &entries).await;
     env.await_drained(INSIGHTS).await;
     add_caption_words(&env).await;
@@ -642,7 +640,9 @@ async fn ctrl_c_leaves_a_run_resumable_a_cancel_stops_it_and_both_show_in_status
     let mut printed = String::new();
     std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut printed).unwrap();
     assert!(
-        printed.contains(&format!("resume with `kaleidoscope reprocess --resume {first}`")),
+        printed.contains(&format!(
+            "resume with `kaleidoscope reprocess --resume {first}`"
+        )),
         "{printed}"
     );
     let (state, processed): (String, i64) =
@@ -686,7 +686,10 @@ async fn ctrl_c_leaves_a_run_resumable_a_cancel_stops_it_and_both_show_in_status
     .await;
     assert_ne!(second, first);
     let (ok, printed) = env.run(&["reprocess", "--cancel", &second.to_string()]);
-    assert!(ok && printed.contains(&format!("cancelled run {second}")), "{printed}");
+    assert!(
+        ok && printed.contains(&format!("cancelled run {second}")),
+        "{printed}"
+    );
     let status = crate::support::await_exit(&mut child).await;
     assert_eq!(status.code(), Some(1), "a cancelled run did not finish");
     let (ok, printed) = env.run(&["reprocess", "--resume", &second.to_string()]);
