@@ -367,6 +367,49 @@ async fn a_repair_rewrites_exactly_the_rows_the_bad_version_wrote_as_its_dry_run
         .await,
         20
     );
+
+    // A version nothing holds is refused naming what is known; a rollout's candidate (an
+    // aborted one too) can be named.
+    let (ok, printed) = env.run(&[
+        "reprocess",
+        "--handled-by",
+        "face-detection@0.2.0",
+        "--with",
+        "0.2.0",
+        "--dry-run",
+    ]);
+    assert!(
+        !ok && printed.contains("--with 0.2.0: no build of plugin face-detection has that version")
+            && printed.contains("0.1.0 in the plugin store"),
+        "{printed}"
+    );
+    let file = plugin_file("face-detection-next");
+    let (ok, printed) = env.run(&[
+        "plugin",
+        "deploy",
+        file.to_str().unwrap(),
+        "--shadow",
+        "--timeout",
+        "30",
+    ]);
+    assert!(ok, "{printed}");
+    let (ok, printed) = env.run(&["rollout", "abort", "face-detection"]);
+    assert!(ok, "{printed}");
+    let again = reprocess(
+        &env,
+        &[
+            "--handled-by",
+            "face-detection@0.2.0",
+            "--with",
+            "0.2.0",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(again["from"], "a rollout's candidate (0.2.0)", "{again}");
+    assert_eq!(
+        again["changes"]["tables"]["media_detected_faces"]["columns"]["bbox_width"]["rows"], 20,
+        "the bad version would write its wrong boxes again: {again}"
+    );
     env.finish().await;
 }
 
