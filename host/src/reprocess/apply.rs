@@ -4,7 +4,7 @@
 
 use super::{Counts, Ended, select};
 use crate::delivery::Reprocessing;
-use crate::persist::{self, reprocess_runs};
+use crate::persist::reprocess_runs;
 use crate::plugin::Plugin;
 use crate::progress::Progress;
 use crate::shutdown::Shutdown;
@@ -34,10 +34,11 @@ const DEAD_LETTERS_SHOWN: usize = 20;
 
 impl Applying<'_> {
     /// Reads the selection after `position` page by page and applies each, until the end,
-    /// `stop`, or a cancel.
+    /// `stop`, or a cancel. `already`: the entries the run finished before `position`.
     pub(super) async fn apply(
         &self,
         mut position: Option<EntryId>,
+        already: u64,
         survey: &Survey,
         label: &str,
         stop: Shutdown,
@@ -46,15 +47,6 @@ impl Applying<'_> {
         let mut counts = Counts::default();
         let mut dead_letters = Vec::new();
         let mut progress = Progress::new(label, survey.selected, "entries");
-        let already = match self.record {
-            Some(id) => {
-                let fleet = persist::plugin_store::fleet(&self.state.config);
-                reprocess_runs::get(&self.state.pool, &fleet, id)
-                    .await?
-                    .map_or(0, |row| u64::try_from(row.done()).unwrap_or(0))
-            }
-            None => 0,
-        };
         let started = Instant::now();
         let mut read = 0u64;
         // Under a rate, pages of a tenth of a second's entries at most, so the run goes evenly

@@ -111,6 +111,26 @@ pub struct Counts {
     pub missing: u64,
 }
 
+impl Outcome {
+    /// The outcome of a run of `chosen` over `selection` of `stream`, before it is applied.
+    fn new(stream: &str, chosen: &build::Chosen, selection: &str, survey: &Survey) -> Outcome {
+        Outcome {
+            run: None,
+            stream: stream.to_string(),
+            plugin: chosen.plugin.name.clone(),
+            version: chosen.plugin.version.clone(),
+            build: chosen.plugin.build().to_string(),
+            from: chosen.from.clone(),
+            selection: selection.to_string(),
+            survey: survey.clone(),
+            ended: Ended::Finished,
+            counts: Counts::default(),
+            changes: None,
+            dead_letters: Vec::new(),
+        }
+    }
+}
+
 impl Counts {
     fn done(&self) -> u64 {
         self.processed + self.dead_lettered + self.skipped
@@ -205,20 +225,7 @@ pub async fn start(config: Arc<Config>, request: Request, stop: Shutdown) -> Res
     }
     let fleet = persist::plugin_store::fleet(&config);
     let described = request.spec.describe();
-    let mut outcome = Outcome {
-        run: None,
-        stream: stream.clone(),
-        plugin: plugin.name.clone(),
-        version: plugin.version.clone(),
-        build: plugin.build().to_string(),
-        from: chosen.from.clone(),
-        selection: described.clone(),
-        survey: survey.clone(),
-        ended: Ended::Finished,
-        counts: Counts::default(),
-        changes: None,
-        dead_letters: Vec::new(),
-    };
+    let mut outcome = Outcome::new(&stream, &chosen, &described, &survey);
     if request.dry_run {
         let run = Arc::new(Reprocessing {
             run: 0,
@@ -237,7 +244,7 @@ pub async fn start(config: Arc<Config>, request: Request, stop: Shutdown) -> Res
             record: None,
         };
         let label = format!("dry run of {stream}");
-        let (ended, counts, dead_letters) = applied.apply(None, &survey, &label, stop).await?;
+        let (ended, counts, dead_letters) = applied.apply(None, 0, &survey, &label, stop).await?;
         outcome.ended = ended;
         outcome.counts = counts;
         outcome.changes = Some(run.changes(request.examples));
@@ -357,20 +364,7 @@ pub async fn resume(config: Arc<Config>, id: i64, batch: usize, stop: Shutdown) 
         stream_ends: now.stream_ends,
         ledger_forgot_through: None,
     };
-    let outcome = Outcome {
-        run: None,
-        stream: row.stream.clone(),
-        plugin: chosen.plugin.name.clone(),
-        version: chosen.plugin.version.clone(),
-        build: chosen.plugin.build().to_string(),
-        from: chosen.from.clone(),
-        selection: row.selection.clone(),
-        survey: survey.clone(),
-        ended: Ended::Finished,
-        counts: Counts::default(),
-        changes: None,
-        dead_letters: Vec::new(),
-    };
+    let outcome = Outcome::new(&row.stream, &chosen, &row.selection, &survey);
     let plugin = chosen.plugin;
     go_on(
         &state, row, plugin, &selection, survey, batch, stop, lock, outcome,
@@ -439,9 +433,15 @@ async fn go_on(
         record: Some(row.id),
     };
     let position = row.position.as_deref().and_then(EntryId::parse);
+    // Read from where it stopped, the run has its entries before there done; read again from
+    // its start (a finished run), none.
+    let already = match position {
+        Some(_) => u64::try_from(row.done()).unwrap_or(0),
+        None => 0,
+    };
     let label = format!("run {}", row.id);
     let applied = applying
-        .apply(position, &survey, &label, stop)
+        .apply(position, already, &survey, &label, stop)
         .await
         .map(|(ended, counts, _)| (ended, counts));
     let (ended, counts) = match applied {
