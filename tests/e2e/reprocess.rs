@@ -413,6 +413,45 @@ async fn a_repair_rewrites_exactly_the_rows_the_bad_version_wrote_as_its_dry_run
     env.finish().await;
 }
 
+/// Polls the run's record until `ready` holds for it; returns its id.
+async fn await_run(env: &TestEnv, what: &str, ready: fn(&str, i64) -> bool) -> i64 {
+    eventually(what, || async {
+        let row: Option<(i64, String, i64)> = sqlx::query_as(
+            "SELECT id, state, processed FROM reprocess_runs ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&env.pool)
+        .await
+        .ok()
+        .flatten();
+        row.filter(|(_, state, processed)| ready(state, *processed))
+            .map(|(id, _, _)| id)
+    })
+    .await
+}
+
+/// Starts `reprocess --from 0` of the insights stream through insights-backfill at `rate`
+/// entries/s in batches of 20, as a process of its own (stdout piped, for its report).
+fn spawn_backfill(env: &TestEnv, rate: &str) -> std::process::Child {
+    let file = plugin_file("insights-backfill");
+    env.binary(&[
+        "reprocess",
+        "--stream",
+        INSIGHTS,
+        "--from",
+        "0",
+        "--with",
+        file.to_str().unwrap(),
+        "--rate",
+        rate,
+        "--batch",
+        "20",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("start a run")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_run_killed_mid_way_resumes_and_applies_every_entry_exactly_once() {
     let env = TestEnv::start(Options::new(&["insights"])).await;
@@ -423,35 +462,12 @@ async fn a_run_killed_mid_way_resumes_and_applies_every_entry_exactly_once() {
     env.await_drained(INSIGHTS).await;
     add_caption_words(&env).await;
 
-    let file = plugin_file("insights-backfill");
-    let mut child = env
-        .binary(&[
-            "reprocess",
-            "--stream",
-            INSIGHTS,
-            "--from",
-            "0",
-            "--with",
-            file.to_str().unwrap(),
-            "--rate",
-            "400",
-            "--batch",
-            "20",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start the run");
-    let run_id: i64 = eventually("the run to apply a few hundred entries", || async {
-        let row: Option<(i64, i64)> =
-            sqlx::query_as("SELECT id, processed FROM reprocess_runs ORDER BY id DESC LIMIT 1")
-                .fetch_optional(&env.pool)
-                .await
-                .ok()
-                .flatten();
-        row.filter(|(_, processed)| *processed >= 300)
-            .map(|(id, _)| id)
-    })
+    let mut child = spawn_backfill(&env, "400");
+    let run_id = await_run(
+        &env,
+        "the run to apply a few hundred entries",
+        |_, processed| processed >= 300,
+    )
     .await;
     let id = run_id.to_string();
     let (ok, printed) = env.run(&["reprocess", "--resume", &id]);
@@ -623,22 +639,6 @@ async fn a_run_leaves_emits_out_unless_asked_and_tags_its_dead_letters() {
     env.finish().await;
 }
 
-/// Polls the run's record until `ready` holds for it; returns its id.
-async fn await_run(env: &TestEnv, what: &str, ready: fn(&str, i64) -> bool) -> i64 {
-    eventually(what, || async {
-        let row: Option<(i64, String, i64)> = sqlx::query_as(
-            "SELECT id, state, processed FROM reprocess_runs ORDER BY id DESC LIMIT 1",
-        )
-        .fetch_optional(&env.pool)
-        .await
-        .ok()
-        .flatten();
-        row.filter(|(_, state, processed)| ready(state, *processed))
-            .map(|(id, _, _)| id)
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ctrl_c_leaves_a_run_resumable_a_cancel_stops_it_and_both_show_in_status_and_metrics() {
     let env =
@@ -650,29 +650,8 @@ async fn ctrl_c_leaves_a_run_resumable_a_cancel_stops_it_and_both_show_in_status
     env.publish_many(INSIGHTS, &entries).await;
     env.await_drained(INSIGHTS).await;
     add_caption_words(&env).await;
-    let file = plugin_file("insights-backfill");
-    let slow_run = || {
-        env.binary(&[
-            "reprocess",
-            "--stream",
-            INSIGHTS,
-            "--from",
-            "0",
-            "--with",
-            file.to_str().unwrap(),
-            "--rate",
-            "200",
-            "--batch",
-            "20",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start a run")
-    };
-
     // Ctrl-C: the batch in flight finishes, the run is interrupted and says how to resume.
-    let mut child = slow_run();
+    let mut child = spawn_backfill(&env, "200");
     let first = await_run(&env, "the first run to apply some entries", |state, n| {
         state == "running" && n >= 60
     })
@@ -722,7 +701,7 @@ async fn ctrl_c_leaves_a_run_resumable_a_cancel_stops_it_and_both_show_in_status
     );
 
     // A cancel from elsewhere stops a running run after its batch; it cannot be resumed.
-    let mut child = slow_run();
+    let mut child = spawn_backfill(&env, "200");
     let second = await_run(&env, "the second run to apply some entries", |state, n| {
         state == "running" && n >= 40
     })
