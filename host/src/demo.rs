@@ -152,14 +152,8 @@ pub async fn run(base: &Config, options: &DemoOptions) -> Result<Summary> {
 }
 
 async fn clear_streams(config: &Config) -> Result<()> {
-    let mut conn = redis_connection::open(&config.redis_url).await?;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*", config.stream_prefix))
-        .query_async(&mut conn)
-        .await?;
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
-    }
+    let mut conn = redis_connection::open(config).await?;
+    conn.delete_keys_with_prefix(&config.stream_prefix).await?;
     Ok(())
 }
 
@@ -221,7 +215,7 @@ async fn wait_for_answers(
     options: &DemoOptions,
     started: Instant,
 ) -> Result<()> {
-    let mut conn = redis_connection::open(&config.redis_url).await?;
+    let mut conn = redis_connection::open(config).await?;
     let mut progress = crate::progress::Progress::new("requests answered", 0, "");
     loop {
         let requests = status::requests_by_status(pool).await?;
@@ -263,7 +257,7 @@ async fn summarise(
 ) -> Result<Summary> {
     let count =
         |sql: &'static str| async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await };
-    let mut conn = redis_connection::open(&config.redis_url).await?;
+    let mut conn = redis_connection::open(config).await?;
     let dead_letters: i64 = redis::cmd("XLEN")
         .arg(config.dlq_key())
         .query_async(&mut conn)

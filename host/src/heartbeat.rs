@@ -5,9 +5,9 @@
 //! what the hosts of a group are doing without talking to them.
 
 use crate::config::Config;
+use crate::redis_connection::RedisConnection;
 use crate::state::HostState;
 use anyhow::{Context, Result};
-use redis::aio::ConnectionLike;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, SystemTime};
 
@@ -282,29 +282,11 @@ pub async fn withdraw(state: &HostState) {
 
 /// Every live heartbeat of the configured group, sorted by consumer name; documents that do not
 /// parse (another version's) are skipped.
-pub async fn read_all<C: ConnectionLike + Send>(
-    conn: &mut C,
-    config: &Config,
-) -> Result<Vec<HostStatus>> {
-    let pattern = host_key(config, "*");
-    let mut cursor = 0u64;
-    let mut keys = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(500)
-            .query_async(conn)
-            .await
-            .context("SCAN for host heartbeats failed")?;
-        keys.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+pub async fn read_all(conn: &mut RedisConnection, config: &Config) -> Result<Vec<HostStatus>> {
+    let keys = conn
+        .keys_matching(&host_key(config, "*"))
+        .await
+        .context("cannot list the host heartbeats")?;
     let mut hosts = Vec::new();
     for key in keys {
         let json: Option<String> = redis::cmd("GET").arg(&key).query_async(conn).await?;

@@ -172,6 +172,8 @@ async fn metrics(state: &HostState) -> String {
             .get_or_create(&crate::metrics::ByStream::new(stream))
             .set(i64::from(snapshot.for_stream(stream).is_none()));
     }
+    let consumed: Vec<String> = streams.iter().cloned().collect();
+    measure_cluster(state, &mut redis, &consumed).await;
     measure_streams(state, &mut redis, streams.iter().map(String::as_str)).await;
     measure_request_streams(state, &mut redis).await;
     measure_dead_letters(state, &mut redis).await;
@@ -180,10 +182,48 @@ async fn metrics(state: &HostState) -> String {
     metrics.render()
 }
 
+/// On a Redis Cluster: which node holds each consumed stream, and which nodes are up.
+async fn measure_cluster(
+    state: &HostState,
+    redis: &mut crate::redis_connection::RedisConnection,
+    streams: &[String],
+) {
+    use crate::metrics::{ByNode, ByStreamNode};
+    use crate::redis_connection::cluster;
+    let scraped = &state.metrics.scraped;
+    scraped.stream_node.clear();
+    scraped.redis_node_up.clear();
+    if !redis.is_cluster() {
+        return;
+    }
+    if let Ok(nodes) = cluster::nodes(redis).await {
+        for node in nodes {
+            let labels = ByNode {
+                node: node.node,
+                role: node.role,
+            };
+            scraped
+                .redis_node_up
+                .get_or_create(&labels)
+                .set(i64::from(node.up));
+        }
+    }
+    let keys: Vec<String> = streams.iter().map(|s| state.config.stream_key(s)).collect();
+    if let Ok(nodes) = cluster::nodes_of(redis, &keys).await {
+        for (stream, node) in streams.iter().zip(nodes) {
+            let labels = ByStreamNode {
+                stream: stream.clone(),
+                node: node.unwrap_or_else(|| "none".to_string()),
+            };
+            scraped.stream_node.get_or_create(&labels).set(1);
+        }
+    }
+}
+
 /// The consumed streams' pending entries, their age, lag and length.
 async fn measure_streams<'s>(
     state: &HostState,
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut crate::redis_connection::RedisConnection,
     streams: impl Iterator<Item = &'s str>,
 ) {
     use crate::metrics::ByStream;
@@ -222,7 +262,10 @@ async fn measure_streams<'s>(
 }
 
 /// The request streams' length, and per ML consumer group its lag and pending requests.
-async fn measure_request_streams(state: &HostState, redis: &mut redis::aio::ConnectionManager) {
+async fn measure_request_streams(
+    state: &HostState,
+    redis: &mut crate::redis_connection::RedisConnection,
+) {
     use crate::metrics::{ByGroup, ByStream};
     let scraped = &state.metrics.scraped;
     scraped.request_stream_length.clear();
@@ -253,7 +296,10 @@ async fn measure_request_streams(state: &HostState, redis: &mut redis::aio::Conn
 }
 
 /// The dead letters by failure kind.
-async fn measure_dead_letters(state: &HostState, redis: &mut redis::aio::ConnectionManager) {
+async fn measure_dead_letters(
+    state: &HostState,
+    redis: &mut crate::redis_connection::RedisConnection,
+) {
     use crate::metrics::ByDeadLetterKind;
     let scraped = &state.metrics.scraped;
     if let Ok(dead) = status::dead_letter_report(redis, &state.config).await {

@@ -139,6 +139,20 @@ pub struct ByGroup {
     pub group: String,
 }
 
+/// A stream's series per Redis Cluster node that holds it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByStreamNode {
+    pub stream: String,
+    pub node: String,
+}
+
+/// A series per Redis Cluster node.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByNode {
+    pub node: String,
+    pub role: String,
+}
+
 /// A series per dead-letter failure kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ByDeadLetterKind {
@@ -219,6 +233,8 @@ pub struct Scraped {
     pub request_stream_length: Family<ByStream, Gauge>,
     pub request_stream_lag: Family<ByGroup, Gauge>,
     pub request_stream_pending: Family<ByGroup, Gauge>,
+    pub stream_node: Family<ByStreamNode, Gauge>,
+    pub redis_node_up: Family<ByNode, Gauge>,
 }
 
 impl Default for Metrics {
@@ -438,6 +454,16 @@ impl Metrics {
             "kaleidoscope_request_stream_pending",
             "Requests an ML service's consumer group has read and not acknowledged",
             s.request_stream_pending.clone(),
+        );
+        r.register(
+            "kaleidoscope_stream_node",
+            "1 for the Redis Cluster node (primary) that holds a consumed stream: where its lag and pending entries live (absent on one Redis server)",
+            s.stream_node.clone(),
+        );
+        r.register(
+            "kaleidoscope_redis_node_up",
+            "1 while a Redis Cluster node is up, 0 while the cluster marks it failed or its link is down (absent on one Redis server)",
+            s.redis_node_up.clone(),
         );
     }
 

@@ -21,9 +21,9 @@ use crate::ml::{
     REQUEST_STREAMS,
 };
 use crate::persist::outbox;
+use crate::redis_connection::{RedisClient, RedisConnection};
 use crate::streams;
 use anyhow::{Context, Result, bail};
-use redis::aio::ConnectionManager;
 use sqlx::{PgConnection, PgPool};
 use std::io::Read;
 use std::time::{Duration, SystemTime};
@@ -146,17 +146,17 @@ pub struct Published {
 #[derive(Clone)]
 pub struct Publisher {
     config: std::sync::Arc<Config>,
-    client: redis::Client,
+    client: RedisClient,
     /// Connected on first use, so an unreachable Redis is one of the publishing attempts (and
     /// its error names the stream) rather than a failure to construct the publisher.
-    redis: std::sync::Arc<tokio::sync::OnceCell<ConnectionManager>>,
+    redis: std::sync::Arc<tokio::sync::OnceCell<RedisConnection>>,
     pool: PgPool,
 }
 
 impl Publisher {
     /// A publisher for the Redis of `config` and the database behind `pool`.
     pub fn new(config: std::sync::Arc<Config>, pool: PgPool) -> Result<Self> {
-        let client = crate::redis_connection::client(&config.redis_url)?;
+        let client = RedisClient::of(&config)?;
         Ok(Self {
             config,
             client,
@@ -165,11 +165,8 @@ impl Publisher {
         })
     }
 
-    async fn redis(&self) -> Result<ConnectionManager> {
-        let manager = self
-            .redis
-            .get_or_try_init(|| crate::redis_connection::shared(&self.client))
-            .await?;
+    async fn redis(&self) -> Result<RedisConnection> {
+        let manager = self.redis.get_or_try_init(|| self.client.shared()).await?;
         Ok(manager.clone())
     }
 
@@ -411,7 +408,7 @@ fn unpublishable(stream: &str, fields: &str) -> Result<Vec<(String, String)>, St
 /// Redis never holds up the batches that record results on these rows. A request whose
 /// publication then fails gets its marks back; a crash between the two leaves it marked, and it
 /// is published again after the timeout.
-pub async fn sweep(pool: &PgPool, redis: &ConnectionManager, config: &Config) -> Result<Sweep> {
+pub async fn sweep(pool: &PgPool, redis: &RedisConnection, config: &Config) -> Result<Sweep> {
     let mut sweep = Sweep::default();
     let claimed = claim_due(pool, config, &mut sweep).await?;
     republish(pool, redis, config, &claimed, &mut sweep).await?;
@@ -488,7 +485,7 @@ async fn claim_due(pool: &PgPool, config: &Config, sweep: &mut Sweep) -> Result<
 /// their marks back (for the next sweep) and the sweep stops.
 async fn republish(
     pool: &PgPool,
-    redis: &ConnectionManager,
+    redis: &RedisConnection,
     config: &Config,
     claimed: &[Due],
     sweep: &mut Sweep,

@@ -12,10 +12,10 @@ use crate::ml::{
     ERROR_RESULTS, FACE_DETECTION_RESULTS, FACE_RECOGNITION_RESULTS, INSIGHTS_RESULTS,
     PROFILE_EMBEDDING_RESULTS, PROFILE_PICTURE_STREAM, REQUEST_STREAMS,
 };
+use crate::redis_connection::RedisConnection;
 use crate::shutdown::Shutdown;
 use crate::streams::{self, StreamEntry};
 use anyhow::{Context, Result};
-use redis::aio::MultiplexedConnection;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 use tracing::{info, warn};
@@ -52,24 +52,44 @@ pub struct SimulatorStats {
     pub results: u64,
 }
 
-/// Runs until `stop` turns true.
+/// Runs until `stop` turns true: one reader per request stream, each on a connection of its
+/// own (a blocking read names one stream, so it also works on a Redis Cluster, where the
+/// streams may sit on different nodes).
 pub async fn run(
     config: &Config,
     options: &SimulatorOptions,
+    stop: Shutdown,
+) -> Result<SimulatorStats> {
+    let mut readers = tokio::task::JoinSet::new();
+    for stream in REQUEST_STREAMS {
+        let (config, options, stop) = (config.clone(), options.clone(), stop.clone());
+        readers.spawn(async move { answer_stream(&config, &options, stream, stop).await });
+    }
+    info!(group = %options.group, error_rate = options.error_rate, "ML simulator consuming requests");
+    let mut stats = SimulatorStats::default();
+    while let Some(done) = readers.join_next().await {
+        let done = done.context("a simulator task failed")??;
+        stats.requests += done.requests;
+        stats.errors += done.errors;
+        stats.results += done.results;
+    }
+    Ok(stats)
+}
+
+/// Answers the requests of one request stream until `stop` turns true.
+async fn answer_stream(
+    config: &Config,
+    options: &SimulatorOptions,
+    stream: &str,
     mut stop: Shutdown,
 ) -> Result<SimulatorStats> {
     // Its reads block for half a second at most; the usual response timeout covers that.
-    let mut conn = crate::redis_connection::open(&config.redis_url)
+    let mut conn = crate::redis_connection::open(config)
         .await
         .context("the simulator cannot connect to Redis")?;
-    let keys: Vec<String> = REQUEST_STREAMS
-        .iter()
-        .map(|s| config.stream_key(s))
-        .collect();
-    for key in &keys {
-        streams::ensure_group(&mut conn, key, &options.group, None).await?;
-    }
-    info!(group = %options.group, error_rate = options.error_rate, "ML simulator consuming requests");
+    let key = config.stream_key(stream);
+    streams::ensure_group(&mut conn, &key, &options.group, None).await?;
+    let keys = [key];
     let mut stats = SimulatorStats::default();
     while !stop.requested() {
         let read = streams::read_new_from(
@@ -87,7 +107,7 @@ pub async fn run(
         let entries = match entries {
             Ok(entries) => entries,
             Err(error) => {
-                warn!("simulator read failed: {error}; retrying");
+                warn!(stream, "simulator read failed: {error}; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
@@ -111,7 +131,7 @@ pub async fn run(
 /// Long on purpose: one branch per request stream, each writing the producers' real shapes
 /// field by field, reads more plainly than helpers that each build half a message.
 async fn answer(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     config: &Config,
     options: &SimulatorOptions,
     key: &str,
@@ -176,30 +196,37 @@ async fn answer(
     publish(conn, config, &messages).await
 }
 
-/// Adds `messages` to their streams (capped, as a producer would), in one round trip.
+/// Adds `messages` to their streams (capped, as a producer would), in one round trip (one per
+/// node on a cluster).
 async fn publish(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     config: &Config,
     messages: &[(&str, Vec<(String, String)>)],
 ) -> Result<()> {
-    let mut pipe = redis::pipe();
-    for (stream, fields) in messages {
-        let cmd = pipe
-            .cmd("XADD")
-            .arg(config.stream_key(stream))
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(100_000)
-            .arg("*");
-        for (k, v) in fields {
-            cmd.arg(k).arg(v);
-        }
-        cmd.ignore();
-    }
-    let _: () = pipe
-        .query_async(conn)
+    let commands = messages
+        .iter()
+        .map(|(stream, fields)| {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(config.stream_key(stream))
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(100_000)
+                .arg("*");
+            for (k, v) in fields {
+                cmd.arg(k).arg(v);
+            }
+            cmd
+        })
+        .collect();
+    let replies = conn
+        .pipelined(commands)
         .await
         .context("the simulator cannot publish results")?;
+    for (reply, (stream, _)) in replies.into_iter().zip(messages) {
+        if let redis::Value::ServerError(error) = reply {
+            anyhow::bail!("the simulator cannot publish to {stream:?}: {error}");
+        }
+    }
     Ok(())
 }
 

@@ -9,9 +9,9 @@ use crate::health::PROBE_INTERVAL;
 use crate::metrics::Metrics;
 use crate::persist::schema::Catalog;
 use crate::plugin::PluginRegistry;
+use crate::redis_connection::RedisConnection;
 use crate::streams::EntryId;
 use anyhow::Result;
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -37,7 +37,7 @@ pub struct HostState {
     pub pool: PgPool,
     /// The health probe's own connection (see [`crate::persist::probe_pool`]).
     probe: PgPool,
-    pub redis: ConnectionManager,
+    pub redis: RedisConnection,
     pub registry: Arc<PluginRegistry>,
     /// The rollouts of candidate versions this host follows (see [`crate::rollout`]).
     pub rollouts: crate::rollout::Rollouts,
@@ -100,7 +100,7 @@ impl HostState {
         source: String,
         replay_secret: String,
         pool: PgPool,
-        redis: ConnectionManager,
+        redis: RedisConnection,
         registry: Arc<PluginRegistry>,
         catalog: Catalog,
     ) -> Self {

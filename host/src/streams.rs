@@ -4,6 +4,7 @@
 //! keep fields in a hash map: the handler contract promises fields in the order the producer wrote
 //! them, and values as raw bytes so non-UTF-8 input can be reported instead of mangled.
 
+use crate::redis_connection::RedisConnection;
 use anyhow::{Context, Result, anyhow, bail};
 use redis::Value;
 use redis::aio::ConnectionLike;
@@ -487,11 +488,13 @@ pub async fn add<C: ConnectionLike>(
 }
 
 /// Publishes messages and then acknowledges entries, in one round trip (a pipeline keeps the
-/// order: every XADD runs before the XACK). Returns the messages Redis refused (their positions
-/// and Redis's error), e.g. an XADD to a key that holds another type: the others are published
-/// all the same. An `Err` is Redis failing as a whole, or refusing the XACK.
-pub async fn publish_outbox_then_ack<C: ConnectionLike>(
-    conn: &mut C,
+/// order: every XADD runs before the XACK; on a cluster, where the streams sit on several nodes,
+/// the XADDs go first, one pipeline per node, and the XACK once they are answered). Returns the
+/// messages Redis refused (their positions and Redis's error), e.g. an XADD to a key that holds
+/// another type: the others are published all the same. An `Err` is Redis failing as a whole,
+/// or refusing the XACK.
+pub async fn publish_outbox_then_ack(
+    conn: &mut RedisConnection,
     messages: &[(String, Vec<(String, String)>)],
     key: &str,
     group: &str,
@@ -500,24 +503,35 @@ pub async fn publish_outbox_then_ack<C: ConnectionLike>(
     if messages.is_empty() && ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    for (stream_key, fields) in messages {
-        let cmd = pipe.cmd("XADD").arg(stream_key).arg("*");
-        for (k, v) in fields {
-            cmd.arg(k).arg(v);
-        }
-    }
-    if !ids.is_empty() {
-        pipe.cmd("XACK").arg(key).arg(group).arg(ids);
-    }
-    let mut replies: Vec<Value> = pipe.query_async(conn).await.with_context(|| {
+    let mut commands: Vec<redis::Cmd> = messages
+        .iter()
+        .map(|(stream_key, fields)| {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(stream_key).arg("*");
+            for (k, v) in fields {
+                cmd.arg(k).arg(v);
+            }
+            cmd
+        })
+        .collect();
+    let ack = (!ids.is_empty()).then(|| redis::cmd("XACK").arg(key).arg(group).arg(ids).clone());
+    let failed = || {
         format!(
             "publishing {} message(s) and acknowledging {} entr(ies) of {key:?} failed",
             messages.len(),
             ids.len()
         )
-    })?;
+    };
+    let mut replies: Vec<Value> = if conn.is_cluster() && !commands.is_empty() {
+        let mut replies = conn.pipelined(commands).await.with_context(failed)?;
+        if let Some(ack) = ack {
+            replies.extend(conn.pipelined(vec![ack]).await.with_context(failed)?);
+        }
+        replies
+    } else {
+        commands.extend(ack);
+        conn.pipelined(commands).await.with_context(failed)?
+    };
     if !ids.is_empty()
         && let Some(Value::ServerError(error)) = replies.pop()
     {

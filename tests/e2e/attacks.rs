@@ -1264,11 +1264,12 @@ async fn an_emit_is_published_once_when_the_relay_reaches_it_too() {
     .await;
     let mut redis = env.redis.clone();
     // The host's own kind of connection (patient enough to outlast the pause below).
-    let relay_redis = kaleidoscope::redis_connection::shared(
-        &kaleidoscope::redis_connection::client(crate::support::REDIS_URL).expect("redis url"),
-    )
-    .await
-    .expect("a connection for the relay");
+    let relay_redis =
+        kaleidoscope::redis_connection::RedisClient::new(crate::support::REDIS_URL, &[])
+            .expect("redis url")
+            .shared()
+            .await
+            .expect("a connection for the relay");
     env.publish(
         SCRIPTED,
         &[

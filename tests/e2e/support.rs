@@ -8,7 +8,7 @@
 
 use kaleidoscope::config::Config;
 use kaleidoscope::host::RunningHost;
-use redis::aio::MultiplexedConnection;
+use kaleidoscope::redis_connection::{RedisClient, RedisConnection};
 use sqlx::PgPool;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -158,6 +158,11 @@ impl Options {
         self
     }
 
+    /// Runs against the Redis Cluster `cluster` instead of the machine's Redis.
+    pub fn on_cluster(self, cluster: &crate::redis_cluster::RedisCluster) -> Self {
+        self.set("REDIS_CLUSTER_NODES", cluster.seeds())
+    }
+
     /// Fast retries: reclaim after `idle_ms`, dead-letter after `attempts` deliveries.
     pub fn retries(self, attempts: u32, idle_ms: u64) -> Self {
         self.set("ML_RETRY_ATTEMPTS", attempts)
@@ -174,7 +179,9 @@ pub struct TestEnv {
     pub config_file: PathBuf,
     pub config: Config,
     pub pool: PgPool,
-    pub redis: MultiplexedConnection,
+    /// A connection to the environment's Redis (its cluster, on a cluster), as patient as the
+    /// tests need.
+    pub redis: RedisConnection,
     pub host: Option<RunningHost>,
     /// Set by [`TestEnv::finish`]; otherwise (a failed test) dropping the environment removes
     /// its database, keys and files.
@@ -187,10 +194,12 @@ impl Drop for TestEnv {
             return;
         }
         // A failed assertion unwinds through here: clean up without the test's runtime.
-        let (prefix, database, plugins_dir) = (
+        let (prefix, database, plugins_dir, redis_url, cluster_nodes) = (
             self.prefix.clone(),
             self.database.clone(),
             self.plugins_dir.clone(),
+            self.config.redis_url.clone(),
+            self.config.redis_cluster_nodes.clone(),
         );
         let _ = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
@@ -200,10 +209,8 @@ impl Drop for TestEnv {
                 return;
             };
             runtime.block_on(async move {
-                if let Ok(mut redis) = redis::Client::open(REDIS_URL)
-                    .expect("redis url")
-                    .get_multiplexed_async_connection()
-                    .await
+                if let Ok(client) = RedisClient::new(&redis_url, &cluster_nodes)
+                    && let Ok(mut redis) = client.dedicated(Duration::from_secs(10)).await
                 {
                     remove_keys(&mut redis, &prefix).await;
                 }
@@ -216,15 +223,8 @@ impl Drop for TestEnv {
 }
 
 /// Deletes every Redis key under `prefix`.
-async fn remove_keys(redis: &mut MultiplexedConnection, prefix: &str) {
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(redis)
-        .await
-        .unwrap_or_default();
-    if !keys.is_empty() {
-        let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(redis).await;
-    }
+async fn remove_keys(redis: &mut RedisConnection, prefix: &str) {
+    let _ = redis.delete_keys_with_prefix(prefix).await;
 }
 
 /// Drops a test database, whoever is still connected to it.
@@ -344,11 +344,9 @@ impl TestEnv {
             .await
             .expect("migrate the test database");
         // Patient: fault tests pause Redis for everyone for a moment.
-        let patient =
-            redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
-        let redis = redis::Client::open(redis_url.as_str())
+        let redis = RedisClient::new(&redis_url, &config.redis_cluster_nodes)
             .expect("redis url")
-            .get_multiplexed_async_connection_with_config(&patient)
+            .dedicated(Duration::from_secs(30))
             .await
             .expect("connect to Redis");
         TestEnv {
@@ -444,7 +442,11 @@ impl TestEnv {
                 self.config.reclaim_idle.as_millis().to_string(),
             )
             .env("ML_RETRY_ATTEMPTS", self.config.retry_attempts.to_string())
-            .env("REDIS_URL", &self.config.redis_url);
+            .env("REDIS_URL", &self.config.redis_url)
+            .env(
+                "REDIS_CLUSTER_NODES",
+                self.config.redis_cluster_nodes.join(","),
+            );
         command
     }
 

@@ -7,8 +7,8 @@ use crate::ml::{
 };
 use crate::persist;
 use crate::progress::Progress;
+use crate::redis_connection::RedisConnection;
 use anyhow::{Context, Result, bail};
-use redis::aio::MultiplexedConnection;
 use sqlx::PgPool;
 use std::path::Path;
 use std::process::Child;
@@ -54,19 +54,8 @@ pub(super) async fn fresh_database(url: &str) -> Result<PgPool> {
     Ok(pool)
 }
 
-pub(super) async fn delete_keys(redis: &mut MultiplexedConnection, prefix: &str) -> Result<()> {
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(redis)
-        .await
-        .context("KEYS failed")?;
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(redis)
-            .await
-            .context("DEL failed")?;
-    }
+pub(super) async fn delete_keys(redis: &mut RedisConnection, prefix: &str) -> Result<()> {
+    redis.delete_keys_with_prefix(prefix).await?;
     Ok(())
 }
 
@@ -83,7 +72,7 @@ pub(super) async fn deadlocks(pool: &PgPool) -> Result<i64> {
 /// only after commit). Asked of Redis, which answers in O(1): counting the ledger every few
 /// milliseconds would load the very database being measured.
 pub(super) async fn acknowledged(
-    redis: &mut MultiplexedConnection,
+    redis: &mut RedisConnection,
     prefix: &str,
     subject: Subject,
 ) -> Result<usize> {
@@ -123,7 +112,7 @@ pub(super) async fn acknowledged(
 /// Waits until the subject has acknowledged every entry (and so committed it).
 pub(super) async fn drain(
     options: &BenchOptions,
-    redis: &mut MultiplexedConnection,
+    redis: &mut RedisConnection,
     prefix: &str,
     total: usize,
     subject: Subject,

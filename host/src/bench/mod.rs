@@ -50,6 +50,8 @@ pub struct BenchOptions {
     /// The bench database (dropped and recreated for each subject).
     pub database_url: String,
     pub redis_url: String,
+    /// Seed nodes of the Redis Cluster to bench against (empty: the server of `redis_url`).
+    pub redis_cluster_nodes: Vec<String>,
     /// The host binary (this executable).
     pub host_binary: PathBuf,
     /// Give up on a subject after this long.
@@ -63,6 +65,15 @@ pub struct BenchOptions {
     pub reprocess: bool,
     /// The run's `--rate` (`None`: full speed).
     pub reprocess_rate: Option<u64>,
+}
+
+impl BenchOptions {
+    /// A connection to the Redis server or cluster the bench runs against.
+    pub(crate) async fn redis(&self) -> Result<crate::redis_connection::RedisConnection> {
+        crate::redis_connection::RedisClient::new(&self.redis_url, &self.redis_cluster_nodes)?
+            .dedicated(crate::redis_connection::RESPONSE_TIMEOUT)
+            .await
+    }
 }
 
 /// The two builds a bench's rollout compares (both loaded as `plugin deploy` loads them).
@@ -235,7 +246,7 @@ async fn run_subject(
     let prefix = format!("bench-{}-{}:", std::process::id(), subject.name());
     let pool = fresh_database(&options.database_url).await?;
     data.seed(&pool).await?;
-    let mut redis = crate::redis_connection::open(&options.redis_url).await?;
+    let mut redis = options.redis().await?;
     delete_keys(&mut redis, &prefix).await?;
     let deadlocks_before = deadlocks(&pool).await?;
     if let (Subject::Host(Some((mode, percent))), Some(rollout)) = (subject, &options.rollout) {

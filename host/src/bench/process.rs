@@ -56,6 +56,7 @@ pub(super) fn spawn(
     command
         .env("DATABASE_URL", &options.database_url)
         .env("REDIS_URL", &options.redis_url)
+        .env("REDIS_CLUSTER_NODES", options.redis_cluster_nodes.join(","))
         .env("KALEIDOSCOPE_STREAM_PREFIX", prefix)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

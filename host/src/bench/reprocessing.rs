@@ -23,7 +23,7 @@ pub(super) async fn live_beside_a_run(
     let prefix = format!("bench-{}-reprocess:", std::process::id());
     let pool = fresh_database(&options.database_url).await?;
     data.seed(&pool).await?;
-    let mut redis = crate::redis_connection::open(&options.redis_url).await?;
+    let mut redis = options.redis().await?;
     delete_keys(&mut redis, &prefix).await?;
     add_entries(&mut redis, &prefix, data, None, subject).await?;
     let metrics_port = free_port()?;
@@ -52,6 +52,7 @@ pub(super) async fn live_beside_a_run(
             )
             .env("DATABASE_URL", &options.database_url)
             .env("REDIS_URL", &options.redis_url)
+            .env("REDIS_CLUSTER_NODES", options.redis_cluster_nodes.join(","))
             .env("KALEIDOSCOPE_STREAM_PREFIX", &prefix)
             .env("KALEIDOSCOPE_LOG_FORMAT", "text")
             .stdin(Stdio::null())

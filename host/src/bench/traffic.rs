@@ -7,15 +7,15 @@ use crate::ml::{
     INSIGHTS_SERVICES as SERVICES,
 };
 use crate::progress::Progress;
+use crate::redis_connection::RedisConnection;
 use anyhow::{Context, Result, bail};
-use redis::aio::MultiplexedConnection;
 use sqlx::PgPool;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// Waits until the subject has created its consumer groups (it is ready to read).
 pub(super) async fn wait_for_groups(
-    redis: &mut MultiplexedConnection,
+    redis: &mut RedisConnection,
     prefix: &str,
     subject: Subject,
     child: &mut Child,
@@ -52,7 +52,7 @@ pub(super) async fn wait_for_groups(
 
 /// Adds the generated entries, all at once (pipelined) or at `rate` per second.
 pub(super) async fn add_entries(
-    redis: &mut MultiplexedConnection,
+    redis: &mut RedisConnection,
     prefix: &str,
     data: &Generated,
     rate: Option<u64>,
@@ -81,19 +81,27 @@ pub(super) async fn add_entries(
             tokio::time::sleep_until(due.into()).await;
         }
         let end = (sent + chunk).min(total);
-        let mut pipe = redis::pipe();
-        for i in sent..end {
-            let (stream, fields) = data.entry(i);
-            let cmd = pipe.cmd("XADD").arg(format!("{prefix}{stream}")).arg("*");
-            for (k, v) in &fields {
-                cmd.arg(k).arg(v);
-            }
-            cmd.ignore();
-        }
-        let _: () = pipe
-            .query_async(redis)
+        let commands = (sent..end)
+            .map(|i| {
+                let (stream, fields) = data.entry(i);
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(format!("{prefix}{stream}")).arg("*");
+                for (k, v) in &fields {
+                    cmd.arg(k).arg(v);
+                }
+                cmd
+            })
+            .collect();
+        let replies = redis
+            .pipelined(commands)
             .await
             .context("XADD of the bench entries failed")?;
+        if let Some(redis::Value::ServerError(error)) = replies
+            .iter()
+            .find(|reply| matches!(reply, redis::Value::ServerError(_)))
+        {
+            anyhow::bail!("XADD of the bench entries failed: {error}");
+        }
         sent = end;
         progress.update(sent as u64, total as u64, "");
     }
@@ -352,7 +360,7 @@ impl Generated {
     pub(super) async fn verify(
         &self,
         pool: &PgPool,
-        redis: &mut MultiplexedConnection,
+        redis: &mut RedisConnection,
         prefix: &str,
         subject: Subject,
     ) -> Result<String, String> {

@@ -68,7 +68,7 @@ pub(super) async fn status(
     json: bool,
     thresholds: status::Thresholds,
 ) -> Result<ExitCode> {
-    let mut conn = redis_connection::open(&config.redis_url).await?;
+    let mut conn = redis_connection::open(config).await?;
     // Requests by status come from the database; status still works without it.
     let pool = persist::connect_existing(&config.database_url, &config.database_timeouts).await;
     if let Err(error) = &pool {
@@ -92,7 +92,7 @@ pub(super) async fn status(
 
 /// `kaleidoscope dlq list`, `dlq show` and `dlq replay`.
 pub(super) async fn dlq(config: &Config, command: DlqCommand) -> Result<ExitCode> {
-    let mut conn = redis_connection::open(&config.redis_url).await?;
+    let mut conn = redis_connection::open(config).await?;
     match command {
         DlqCommand::List {
             stream,
@@ -487,7 +487,7 @@ pub(super) fn signals() -> Result<(
 
 /// The deployment's replay secret: its ledger identity from Redis, the secret from PostgreSQL.
 async fn replay_secret(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut crate::redis_connection::RedisConnection,
     config: &crate::config::Config,
 ) -> Result<String> {
     let key = config.source_identity_key();

@@ -177,6 +177,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 embedding_dims,
                 database_url: own_database(&config, database_url, "kaleidoscope_bench"),
                 redis_url: config.redis_url.clone(),
+                redis_cluster_nodes: config.redis_cluster_nodes.clone(),
                 host_binary: std::env::current_exe()
                     .context("cannot find this executable to start the host")?,
                 timeout: std::time::Duration::from_secs(timeout),

@@ -116,7 +116,7 @@ async fn status(config: &Config, name: Option<&str>, json: bool) -> Result<ExitC
     let pool = crate::persist::connect_existing(&config.database_url, &config.database_timeouts)
         .await
         .context("rollouts are kept in PostgreSQL")?;
-    let mut conn = crate::redis_connection::open(&config.redis_url).await?;
+    let mut conn = crate::redis_connection::open(config).await?;
     let hosts = crate::heartbeat::read_all(&mut conn, config).await?;
     let reports = crate::status::rollouts::collect(&pool, config, &hosts, name, false).await;
     pool.close().await;

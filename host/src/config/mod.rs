@@ -66,6 +66,8 @@ impl DatabaseTimeouts {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub redis_url: String,
+    /// Seed nodes (`host:port`) of the Redis Cluster to run against; empty for one server.
+    pub redis_cluster_nodes: Vec<String>,
     pub database_url: String,
     pub retry_attempts: u32,
     pub timeout_seconds: u64,

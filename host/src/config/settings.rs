@@ -40,6 +40,12 @@ settings! {
         default: "redis://127.0.0.1:6379",
         help: "Redis connection URL; a database index (`/3`) selects that database. Overrides redis_host/redis_port/redis_password.",
     },
+    RedisClusterNodes {
+        key: "redis_cluster_nodes",
+        env: "REDIS_CLUSTER_NODES",
+        default: "",
+        help: "Seed nodes of a Redis Cluster (`host:port,host:port,…`, like Spring's spring.data.redis.cluster.nodes); when set, the host runs against that cluster and redis_url gives only the scheme and credentials for every node.",
+    },
     RedisHost {
         key: "redis_host",
         env: "REDIS_HOST",

@@ -258,6 +258,27 @@ impl RawSettings {
         })
     }
 
+    /// The seed nodes of a Redis Cluster (none: one Redis server), each checked, with the URL
+    /// every node is reached with (credentials, database 0).
+    fn redis_cluster_nodes(&self) -> Result<Vec<String>> {
+        let nodes: Vec<String> = self
+            .string(Key::RedisClusterNodes)
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        if !nodes.is_empty() {
+            let origin = self
+                .get(Key::RedisClusterNodes)
+                .map(|(_, o)| o.to_string())
+                .unwrap_or_default();
+            crate::redis_connection::RedisClient::new(&self.redis_url()?, &nodes)
+                .with_context(|| format!("invalid value for `redis_cluster_nodes` {origin}"))?;
+        }
+        Ok(nodes)
+    }
+
     /// The configuration these settings give, each checked as it is read (an error names the
     /// setting and where its value came from). Long on purpose: one line per field of
     /// [`Config`], in the order of its declaration, so a setting cannot be forgotten unseen.
@@ -276,6 +297,7 @@ impl RawSettings {
         }
         Ok(Config {
             redis_url: self.redis_url()?,
+            redis_cluster_nodes: self.redis_cluster_nodes()?,
             database_url: self.non_empty(Key::DatabaseUrl)?,
             retry_attempts: self.positive(Key::RetryAttempts)?,
             timeout_seconds,

@@ -14,14 +14,13 @@ mod in_flight;
 
 use crate::failure::{self, Class, Dependency};
 use crate::redis_connection;
+use crate::redis_connection::{RedisClient, RedisConnection};
 use crate::shutdown::Shutdown;
 use crate::state::HostState;
 use crate::streams::{self, StreamEntry};
 use anyhow::{Context, Result};
 pub(crate) use finish::finish_until_done;
 use in_flight::{EntriesInFlight, HeldEntries, keep_in_flight_fresh, lock};
-use redis::Client;
-use redis::aio::MultiplexedConnection;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -47,7 +46,12 @@ const OUTAGE_POLL: Duration = Duration::from_millis(200);
 /// task of its own, which keeps retrying through an outage (with the same delivery counts, so an
 /// outage never uses up an entry's retry attempts) until it succeeds or the host stops. When all
 /// of them are stuck, reading pauses.
-pub async fn consume(state: Arc<HostState>, client: Client, stream: String, mut stop: Shutdown) {
+pub async fn consume(
+    state: Arc<HostState>,
+    client: RedisClient,
+    stream: String,
+    mut stop: Shutdown,
+) {
     let mut consumer = StreamConsumer::new(state, client, stream);
     let config = &consumer.state.config;
     info!(stream = consumer.stream, key = consumer.key, group = %config.consumer_group, consumer = %config.consumer_name, "consuming");
@@ -96,12 +100,12 @@ pub async fn consume(state: Arc<HostState>, client: Client, stream: String, mut 
 /// batches it has in flight.
 struct StreamConsumer {
     state: Arc<HostState>,
-    client: Client,
+    client: RedisClient,
     stream: String,
     key: String,
     /// The Redis client name of its connection (see [`read_connection`]).
     name: String,
-    connection: Option<MultiplexedConnection>,
+    connection: Option<RedisConnection>,
     backoff: Backoff,
     next_reclaim: Instant,
     reclaim_every: Duration,
@@ -115,7 +119,7 @@ struct StreamConsumer {
 }
 
 impl StreamConsumer {
-    fn new(state: Arc<HostState>, client: Client, stream: String) -> Self {
+    fn new(state: Arc<HostState>, client: RedisClient, stream: String) -> Self {
         let config = &state.config;
         Self {
             key: config.stream_key(&stream),
@@ -375,7 +379,7 @@ fn start_batch(
 /// plugin, an outage being waited out) is never reclaimed and run a second time beside itself.
 async fn reclaim(
     state: &Arc<HostState>,
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     stream: &str,
     batch_slots: &Arc<Semaphore>,
     entries_in_flight: &EntriesInFlight,
@@ -437,13 +441,13 @@ async fn reclaim(
 /// The connection is named `kaleidoscope:<consumer>:<stream>` so operators (and the fault tests)
 /// can find it in `CLIENT LIST`.
 async fn read_connection(
-    client: &Client,
+    client: &RedisClient,
     poll_timeout: Duration,
     name: &str,
-) -> Result<MultiplexedConnection> {
-    let mut conn =
-        redis_connection::dedicated(client, poll_timeout + redis_connection::RESPONSE_TIMEOUT)
-            .await?;
+) -> Result<RedisConnection> {
+    let mut conn = client
+        .dedicated(poll_timeout + redis_connection::RESPONSE_TIMEOUT)
+        .await?;
     let _: () = redis::cmd("CLIENT")
         .arg("SETNAME")
         .arg(name)
@@ -470,7 +474,7 @@ pub fn connection_name(parts: &[&str]) -> String {
 /// than `expiry` (hosts that are gone for good), never this one. Atomic in Redis, so a consumer
 /// that receives entries meanwhile is never removed with them.
 async fn expire_idle_consumers(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     key: &str,
     group: &str,
     me: &str,

@@ -22,8 +22,8 @@ pub mod rollout;
 use crate::config::Config;
 use crate::heartbeat;
 use crate::persist::plugin_store::{self, Stored, StoredBuild};
+use crate::redis_connection::RedisConnection;
 use anyhow::{Context, Result, bail};
-use redis::aio::ConnectionLike;
 use serde::Serialize;
 use sqlx::PgPool;
 use std::path::{Path, PathBuf};
@@ -137,7 +137,7 @@ async fn deploy_candidate(
     timeout: Duration,
 ) -> Result<Deployed> {
     let deploy = store(pool, config, candidate).await?;
-    let mut conn = crate::redis_connection::open(&config.redis_url).await?;
+    let mut conn = crate::redis_connection::open(config).await?;
     let hosts = await_hosts(&mut conn, config, &deploy.installed, timeout).await?;
     let mut deployed = Deployed {
         name: deploy.stored.name.clone(),
@@ -275,8 +275,8 @@ pub async fn undo(pool: &PgPool, config: &Config, deploy: &Deploy) -> Result<Str
 
 /// Waits until every live host of the group has loaded or refused the `installed` build (or
 /// `timeout` passes: an error naming the hosts that have not answered).
-pub async fn await_hosts<C: ConnectionLike + Send>(
-    conn: &mut C,
+pub async fn await_hosts(
+    conn: &mut RedisConnection,
     config: &Config,
     installed: &Installed,
     timeout: Duration,

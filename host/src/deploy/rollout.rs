@@ -61,11 +61,11 @@ impl Changed {
 }
 
 /// Opens the pool and a Redis connection a rollout command works with.
-async fn connect(config: &Config) -> Result<(PgPool, redis::aio::MultiplexedConnection)> {
+async fn connect(config: &Config) -> Result<(PgPool, crate::redis_connection::RedisConnection)> {
     let pool = crate::persist::connect_existing(&config.database_url, &config.database_timeouts)
         .await
         .context("rollouts are kept in PostgreSQL")?;
-    let conn = crate::redis_connection::open(&config.redis_url).await?;
+    let conn = crate::redis_connection::open(config).await?;
     Ok((pool, conn))
 }
 
@@ -179,7 +179,7 @@ async fn live_build(
 /// Waits until the hosts follow `row`'s revision; aborts the rollout when one cannot.
 async fn settle(
     pool: &PgPool,
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut crate::redis_connection::RedisConnection,
     config: &Config,
     row: RolloutRow,
     timeout: Duration,
@@ -213,7 +213,7 @@ async fn settle(
 /// Waits until every live host serving `row`'s plugin reports following `row`'s revision (or
 /// cannot, and says why). A stale host is named and not counted.
 async fn await_revision(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut crate::redis_connection::RedisConnection,
     config: &Config,
     row: &RolloutRow,
     timeout: Duration,

@@ -207,7 +207,7 @@ async fn connect_and_load(
     config: &Arc<Config>,
 ) -> Result<(
     Arc<HostState>,
-    redis::Client,
+    redis_connection::RedisClient,
     Arc<PluginRuntime>,
     store_sync::StoreSync,
 )> {
@@ -223,8 +223,8 @@ async fn connect_and_load(
         }
     }
     let catalog = Catalog::load(&pool).await?;
-    let client = redis_connection::client(&config.redis_url)?;
-    let mut redis = wait_for("Redis", deadline, || redis_connection::shared(&client)).await?;
+    let client = redis_connection::RedisClient::of(config)?;
+    let mut redis = wait_for("Redis", deadline, || client.shared()).await?;
     let source = ledger::identity_of(&pool, &mut redis, config).await?;
     let adopted = ledger::adopt_legacy_rows(&pool, &source).await?;
     if adopted > 0 {

@@ -32,7 +32,7 @@ pub(super) struct Consumer {
 pub(super) struct Supervisor {
     pub(super) state: Arc<HostState>,
     pub(super) runtime: Arc<PluginRuntime>,
-    pub(super) client: redis::Client,
+    pub(super) client: crate::redis_connection::RedisClient,
     /// Writes the fleet's deployed plugins into the plugins directory.
     pub(super) store: super::store_sync::StoreSync,
     pub(super) consumers: Mutex<BTreeMap<String, Consumer>>,

@@ -286,7 +286,10 @@ pub async fn identity_of<C: redis::aio::ConnectionLike>(
         pool,
         redis,
         &config.source_identity_key(),
-        &deployment(&config.redis_url, &config.stream_prefix),
+        &match config.redis_cluster_nodes.as_slice() {
+            [] => deployment(&config.redis_url, &config.stream_prefix),
+            nodes => cluster_deployment(nodes, &config.stream_prefix),
+        },
     )
     .await
 }
@@ -332,6 +335,14 @@ pub fn deployment(redis_url: &str, stream_prefix: &str) -> String {
         .rsplit_once('@')
         .map_or(authority, |(_, host)| host);
     format!("{scheme}://{host}/{path} prefix={stream_prefix}")
+}
+
+/// The deployment a ledger identity belongs to on a Redis Cluster: its seed nodes (sorted, so
+/// the order they are listed in does not matter) and the stream prefix.
+pub fn cluster_deployment(nodes: &[String], stream_prefix: &str) -> String {
+    let mut nodes = nodes.to_vec();
+    nodes.sort();
+    format!("cluster://{} prefix={stream_prefix}", nodes.join(","))
 }
 
 /// How many ledger rows one pruning statement deletes at most; small, so pruning never holds

@@ -6,9 +6,9 @@
 //! every host, publishes rows older than [`RELAY_MIN_AGE`] and deletes them, so a message is sent
 //! at least once and never before its transaction committed.
 
+use crate::redis_connection::RedisConnection;
 use crate::streams;
 use anyhow::{Context, Result};
-use redis::aio::ConnectionManager;
 use sqlx::{PgConnection, PgPool};
 use std::time::Duration;
 
@@ -166,7 +166,7 @@ fn to_messages(rows: Vec<(i64, String, String)>) -> Vec<OutboxMessage> {
 ///
 /// A message Redis refuses (not an outage: an answer, such as `WRONGTYPE`) does not stop the
 /// round: it is marked ([`refused`]) and tried again later, and the messages behind it go out.
-pub async fn relay(pool: &PgPool, redis: &ConnectionManager) -> Result<usize> {
+pub async fn relay(pool: &PgPool, redis: &RedisConnection) -> Result<usize> {
     let mut tx = pool.begin().await?;
     let messages = claim_stale(&mut tx, RELAY_MIN_AGE, RELAY_BATCH).await?;
     if messages.is_empty() {

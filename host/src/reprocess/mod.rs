@@ -144,8 +144,9 @@ async fn engine(config: &Arc<Config>) -> Result<Arc<HostState>> {
         persist::migrate(&pool).await?;
     }
     let catalog = persist::schema::Catalog::load(&pool).await?;
-    let client = crate::redis_connection::client(&config.redis_url)?;
-    let mut redis = crate::redis_connection::shared(&client).await?;
+    let mut redis = crate::redis_connection::RedisClient::of(config)?
+        .shared()
+        .await?;
     let source = ledger::identity_of(&pool, &mut redis, config).await?;
     let replay_secret = ledger::replay_secret(&pool, &source).await?;
     Ok(Arc::new(HostState::new(

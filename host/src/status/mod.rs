@@ -10,6 +10,7 @@ pub use render::render;
 
 use crate::config::Config;
 use crate::heartbeat::{self, HostStatus};
+use crate::redis_connection::RedisConnection;
 use crate::streams::text;
 use anyhow::{Context, Result};
 use redis::Value;
@@ -56,6 +57,9 @@ pub struct Report {
     /// Reprocessing runs not ended, and those ended in the last day (see
     /// [`crate::reprocess`]); absent when the database could not be asked.
     pub reprocessing: Option<Vec<crate::persist::reprocess_runs::RunRow>>,
+    /// The nodes of the Redis Cluster, failed ones included; absent on one Redis server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_nodes: Option<Vec<crate::redis_connection::cluster::NodeState>>,
 }
 
 /// One inbound stream as Redis sees it.
@@ -63,6 +67,14 @@ pub struct Report {
 pub struct StreamReport {
     pub stream: String,
     pub key: String,
+    /// The cluster node (`host:port` of the primary) that holds the stream; absent on one Redis
+    /// server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Why the stream could not be read (its node is down, say); only on a cluster, where the
+    /// other nodes' streams are reported all the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     pub length: i64,
     pub group_exists: bool,
     pub lag: Option<i64>,
@@ -121,8 +133,8 @@ pub struct Thresholds {
 }
 
 /// Collects the report, with the `thresholds` a stream must keep to be healthy.
-pub async fn collect<C: ConnectionLike + Send>(
-    conn: &mut C,
+pub async fn collect(
+    conn: &mut RedisConnection,
     config: &Config,
     pool: Option<&sqlx::PgPool>,
     thresholds: Thresholds,
@@ -148,9 +160,32 @@ pub async fn collect<C: ConnectionLike + Send>(
         .collect();
     stream_names.extend(served.iter().cloned());
 
+    let redis_nodes = if conn.is_cluster() {
+        let nodes = crate::redis_connection::cluster::nodes(conn).await?;
+        problems.extend(node_problems(&nodes));
+        Some(nodes)
+    } else {
+        None
+    };
+    let stream_names: Vec<String> = stream_names.into_iter().collect();
+    let keys: Vec<String> = stream_names.iter().map(|s| config.stream_key(s)).collect();
+    let nodes = crate::redis_connection::cluster::nodes_of(conn, &keys).await?;
     let mut streams = Vec::new();
-    for stream in stream_names {
-        let report = stream_report(conn, config, &stream).await?;
+    for (stream, node) in stream_names.into_iter().zip(nodes) {
+        let report = match stream_report(conn, config, &stream).await {
+            Ok(report) => report,
+            // On a cluster one node down hides only its own streams.
+            Err(error) if conn.is_cluster() => {
+                let error = crate::text::causes(&error);
+                problems.push(format!(
+                    "stream {stream}: cannot be read from node {}: {error}",
+                    node.as_deref().unwrap_or("(no node serves its slot)")
+                ));
+                StreamReport::unread(config, &stream, error)
+            }
+            Err(error) => return Err(error),
+        };
+        let report = StreamReport { node, ..report };
         problems.extend(stream_problems(
             config,
             &thresholds,
@@ -226,6 +261,7 @@ pub async fn collect<C: ConnectionLike + Send>(
         deployed,
         rollouts,
         reprocessing,
+        redis_nodes,
         hosts,
         streams,
         request_streams,
@@ -360,6 +396,47 @@ fn stream_problems(
     problems
 }
 
+impl StreamReport {
+    /// The row of a stream that could not be read, with why.
+    fn unread(config: &Config, stream: &str, error: String) -> StreamReport {
+        StreamReport {
+            stream: stream.to_string(),
+            key: config.stream_key(stream),
+            node: None,
+            error: Some(error),
+            length: 0,
+            group_exists: false,
+            lag: None,
+            pending: 0,
+            oldest_pending_age_ms: None,
+            consumers: Vec::new(),
+        }
+    }
+}
+
+/// Cluster nodes that are down, and slots no primary serves.
+fn node_problems(nodes: &[crate::redis_connection::cluster::NodeState]) -> Vec<String> {
+    let mut problems: Vec<String> = nodes
+        .iter()
+        .filter(|n| !n.up)
+        .map(|n| {
+            format!(
+                "Redis Cluster node {} ({}) is down ({})",
+                n.node, n.role, n.flags
+            )
+        })
+        .collect();
+    let served: u32 = nodes.iter().filter(|n| n.up).map(|n| n.slots).sum();
+    let all = u32::from(crate::redis_connection::cluster::SLOTS);
+    if served < all {
+        problems.push(format!(
+            "Redis Cluster: {} of {all} slots have no primary that is up (their streams cannot be read or written)",
+            all - served
+        ));
+    }
+    problems
+}
+
 /// What Redis knows about one stream and the group on it.
 pub async fn stream_report<C: ConnectionLike + Send>(
     conn: &mut C,
@@ -371,6 +448,8 @@ pub async fn stream_report<C: ConnectionLike + Send>(
     let mut report = StreamReport {
         stream: stream.to_string(),
         key: key.clone(),
+        node: None,
+        error: None,
         length,
         group_exists: false,
         lag: None,
@@ -521,6 +600,8 @@ mod tests {
         StreamReport {
             stream: stream.to_string(),
             key: stream.to_string(),
+            node: None,
+            error: None,
             length: 0,
             group_exists: true,
             lag: Some(0),

@@ -23,6 +23,17 @@ pub fn render(report: &Report) -> String {
     for stream in &report.streams {
         out.push_str(&stream_line(stream));
     }
+    if let Some(nodes) = &report.redis_nodes {
+        out.push_str("\nredis cluster nodes:\n");
+        for node in nodes {
+            let role = match &node.replica_of {
+                Some(primary) => format!("replica of {primary}"),
+                None => format!("{} ({} slots)", node.role, node.slots),
+            };
+            let state = if node.up { "up" } else { "DOWN" };
+            out.push_str(&format!("  {:<22} {:<4} {role}\n", node.node, state));
+        }
+    }
     out.push_str("\nrequests to the ML services:\n");
     out.push_str(&format!(
         "  {:<40} {:>8}  groups (lag/pending/consumers)\n",
@@ -157,6 +168,11 @@ fn stream_line(s: &super::StreamReport) -> String {
             })
             .collect::<Vec<_>>()
             .join(", ")
+    };
+    let consumers = match (&s.node, &s.error) {
+        (_, Some(error)) => format!("(cannot be read: {error})"),
+        (Some(node), None) => format!("{consumers}  [node {node}]"),
+        (None, None) => consumers,
     };
     format!(
         "  {:<40} {:>8} {:>6} {:>8} {:>14}  {}\n",

@@ -1,0 +1,460 @@
+//! What a Redis Cluster asks of the host beyond routing each command by its key: the seed
+//! nodes' URLs, the slot of a key, the cluster's topology (which primary serves a stream), walks
+//! over every key (`SCAN` runs on one node only), and pipelines whose keys sit on several nodes.
+//!
+//! The stream names come from the producers (the seed's `face-detection-results` and the
+//! others), so the streams are spread over the cluster by their own names: one stream is one key
+//! on one node. No command of the host's hot path names two keys; where a pipeline does (a
+//! batch's emits to other streams before its XACK), it is split per node here.
+
+use super::RedisConnection;
+use anyhow::{Context, Result, anyhow, bail};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, Value};
+use std::collections::BTreeMap;
+
+/// The number of hash slots of a Redis Cluster.
+pub const SLOTS: u16 = 16_384;
+
+/// The URL of each seed node `host:port` of `nodes`: `url`'s scheme and credentials with the
+/// node's address (a cluster has no database but 0, and no Unix sockets). An error names the
+/// bad node.
+pub(super) fn node_urls(url: &str, nodes: &[String]) -> Result<Vec<String>> {
+    super::check_cluster_url(url)?;
+    let base = redis::parse_redis_url(url)
+        .ok_or_else(|| anyhow!("invalid Redis URL {}", crate::text::redact(url)))?;
+    if !matches!(base.scheme(), "redis" | "rediss" | "valkey" | "valkeys") {
+        bail!(
+            "`redis_url` {} is a Unix socket; a Redis Cluster is reached over TCP",
+            crate::text::redact(url)
+        );
+    }
+    nodes
+        .iter()
+        .map(|node| {
+            let (host, port) = split_node(node)?;
+            let mut node_url = base.clone();
+            node_url
+                .set_host(Some(host))
+                .map_err(|e| anyhow!("invalid host in Redis Cluster node {node:?}: {e}"))?;
+            node_url
+                .set_port(Some(port))
+                .map_err(|()| anyhow!("invalid Redis Cluster node {node:?}"))?;
+            node_url.set_path("");
+            Ok(node_url.to_string())
+        })
+        .collect()
+}
+
+/// `host` and `port` of a node written `host:port` (`[v6]:port` for an IPv6 address).
+pub fn split_node(node: &str) -> Result<(&str, u16)> {
+    let (host, port) = node.rsplit_once(':').ok_or_else(|| {
+        anyhow!("invalid Redis Cluster node {node:?}: expected host:port, e.g. 10.0.0.5:6379")
+    })?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|port| *port != 0)
+        .ok_or_else(|| anyhow!("invalid port in Redis Cluster node {node:?}"))?;
+    if host.is_empty() {
+        bail!("invalid Redis Cluster node {node:?}: no host");
+    }
+    Ok((host, port))
+}
+
+/// The hash slot of `key`: CRC16 (XMODEM) of the key, or of its hash tag — the part between the
+/// first `{` and the next `}`, when that is not empty — modulo [`SLOTS`]. Keys with one tag sit on
+/// one node.
+pub fn slot_of(key: &[u8]) -> u16 {
+    let hashed = match key.iter().position(|&b| b == b'{') {
+        Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
+            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+            _ => key,
+        },
+        None => key,
+    };
+    crc16_xmodem(hashed) % SLOTS
+}
+
+fn crc16_xmodem(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// Which primary serves which slots, as `CLUSTER SLOTS` says now.
+#[derive(Clone, Debug, Default)]
+pub struct Topology {
+    /// `(first slot, last slot, primary host:port)`, sorted.
+    ranges: Vec<(u16, u16, String)>,
+}
+
+impl Topology {
+    /// The topology as the node `conn` asks says it is.
+    pub async fn read(conn: &mut ClusterConnection) -> Result<Topology> {
+        let reply: Value = conn
+            .route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await
+            .context("CLUSTER SLOTS failed")?;
+        Topology::parse(reply)
+    }
+
+    fn parse(reply: Value) -> Result<Topology> {
+        let Value::Array(ranges) = reply else {
+            bail!("CLUSTER SLOTS replied {reply:?}");
+        };
+        let mut parsed = Vec::new();
+        for range in ranges {
+            let Value::Array(parts) = range else {
+                bail!("CLUSTER SLOTS range is {range:?}");
+            };
+            let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(primary))) =
+                (parts.first(), parts.get(1), parts.get(2))
+            else {
+                bail!("CLUSTER SLOTS range is {parts:?}");
+            };
+            let (Some(host), Some(Value::Int(port))) = (primary.first(), primary.get(1)) else {
+                bail!("CLUSTER SLOTS node is {primary:?}");
+            };
+            let host: String = redis::from_redis_value(host.clone())
+                .map_err(|e| anyhow!("CLUSTER SLOTS node host: {e}"))?;
+            let slot = |n: i64| u16::try_from(n).map_err(|_| anyhow!("slot {n} out of range"));
+            parsed.push((slot(*first)?, slot(*last)?, format!("{host}:{port}")));
+        }
+        parsed.sort();
+        Ok(Topology { ranges: parsed })
+    }
+
+    /// The primary serving `slot` (`host:port`), if any does (a cluster losing a primary with
+    /// no replica to promote leaves its slots unserved).
+    pub fn primary_of(&self, slot: u16) -> Option<&str> {
+        self.ranges
+            .iter()
+            .find(|(first, last, _)| (*first..=*last).contains(&slot))
+            .map(|(_, _, node)| node.as_str())
+    }
+
+    /// Every primary, once each, sorted.
+    pub fn primaries(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = self.ranges.iter().map(|(_, _, n)| n.clone()).collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    }
+
+    /// Slots no primary serves (the cluster is down for their keys).
+    pub fn unserved_slots(&self) -> u32 {
+        let served: u32 = self
+            .ranges
+            .iter()
+            .map(|(first, last, _)| u32::from(*last) - u32::from(*first) + 1)
+            .sum();
+        u32::from(SLOTS).saturating_sub(served)
+    }
+}
+
+/// One node of the cluster as `CLUSTER NODES` describes it: for `status` and `/metrics`, which
+/// name a node that is down.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NodeState {
+    /// `host:port`.
+    pub node: String,
+    /// `primary` or `replica`.
+    pub role: String,
+    /// The primary a replica copies (`host:port`), if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica_of: Option<String>,
+    /// Slots it serves (a primary).
+    pub slots: u32,
+    /// False when the cluster marks it failed (`fail`, `fail?`) or its link is disconnected.
+    pub up: bool,
+    /// The flags as the cluster gives them (`master,fail`, `slave`, …).
+    pub flags: String,
+}
+
+/// Every node the cluster knows, failed ones included, sorted by address.
+pub async fn nodes(conn: &mut RedisConnection) -> Result<Vec<NodeState>> {
+    let RedisConnection::Cluster(cluster) = conn else {
+        return Ok(Vec::new());
+    };
+    let reply = cluster
+        .route_command(
+            redis::cmd("CLUSTER").arg("NODES").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        )
+        .await
+        .context("CLUSTER NODES failed")?;
+    let text: String =
+        redis::from_redis_value(reply).map_err(|e| anyhow!("CLUSTER NODES replied: {e}"))?;
+    Ok(parse_nodes(&text))
+}
+
+/// Parses `CLUSTER NODES`: `<id> <ip:port@bus[,host]> <flags> <primary id|-> <ping> <pong>
+/// <epoch> <link> <slot>…` per line.
+fn parse_nodes(text: &str) -> Vec<NodeState> {
+    let lines: Vec<Vec<&str>> = text
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| fields.len() >= 8)
+        .collect();
+    let address = |fields: &[&str]| -> String {
+        fields[1]
+            .split(['@', ','])
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let by_id: BTreeMap<&str, String> = lines.iter().map(|f| (f[0], address(f))).collect();
+    let mut nodes: Vec<NodeState> = lines
+        .iter()
+        .map(|fields| {
+            let flags = fields[2];
+            let primary = flags.split(',').any(|f| f == "master");
+            let slots = fields[8..]
+                .iter()
+                .filter(|range| !range.starts_with('['))
+                .map(|range| match range.split_once('-') {
+                    Some((first, last)) => {
+                        let first: u32 = first.parse().unwrap_or(0);
+                        let last: u32 = last.parse().unwrap_or(0);
+                        last.saturating_sub(first) + 1
+                    }
+                    None => 1,
+                })
+                .sum();
+            NodeState {
+                node: address(fields),
+                role: if primary { "primary" } else { "replica" }.to_string(),
+                replica_of: by_id.get(fields[3]).cloned(),
+                slots,
+                up: !flags
+                    .split(',')
+                    .any(|f| f == "fail" || f == "fail?" || f == "noaddr")
+                    && fields[7] == "connected",
+                flags: flags.to_string(),
+            }
+        })
+        .collect();
+    nodes.sort_by(|a, b| a.node.cmp(&b.node));
+    nodes
+}
+
+/// Every key matching `pattern` on every primary of the cluster.
+pub(super) async fn keys_matching(
+    conn: &mut ClusterConnection,
+    pattern: &str,
+) -> Result<Vec<String>> {
+    let mut keys = Vec::new();
+    for node in Topology::read(conn).await?.primaries() {
+        let (host, port) = split_node(&node)?;
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: host.to_string(),
+            port,
+        });
+        let mut cursor = 0u64;
+        loop {
+            let reply = conn
+                .route_command(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(500)
+                        .clone(),
+                    route.clone(),
+                )
+                .await
+                .with_context(|| format!("SCAN for keys matching {pattern:?} on {node} failed"))?;
+            let (next, batch): (u64, Vec<String>) = redis::from_redis_value(reply)
+                .map_err(|e| anyhow!("SCAN on {node} replied: {e}"))?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(keys)
+}
+
+/// Runs `commands` as one pipeline per slot, all at once, and returns their replies in the
+/// order of `commands` (a refused command as its [`Value::ServerError`]).
+pub(super) async fn pipelined_per_slot(
+    conn: &mut ClusterConnection,
+    commands: Vec<Cmd>,
+) -> redis::RedisResult<Vec<Value>> {
+    let count = commands.len();
+    let mut by_slot: BTreeMap<Option<u16>, (Vec<usize>, redis::Pipeline)> = BTreeMap::new();
+    for (at, command) in commands.into_iter().enumerate() {
+        let slot = first_key(&command).map(slot_of);
+        let (positions, pipe) = by_slot.entry(slot).or_insert_with(|| {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            (Vec::new(), pipe)
+        });
+        positions.push(at);
+        pipe.add_command(command);
+    }
+    let mut sent = tokio::task::JoinSet::new();
+    for (positions, pipe) in by_slot.into_values() {
+        let mut conn = conn.clone();
+        sent.spawn(async move {
+            let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+            Ok::<_, redis::RedisError>(positions.into_iter().zip(replies).collect::<Vec<_>>())
+        });
+    }
+    let mut replies = vec![Value::Nil; count];
+    while let Some(group) = sent.join_next().await {
+        let group = group.map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "pipeline task failed",
+                e.to_string(),
+            ))
+        })??;
+        for (at, reply) in group {
+            replies[at] = reply;
+        }
+    }
+    Ok(replies)
+}
+
+/// The key of a command whose key is its first argument (XADD, XACK, XRANGE, …).
+fn first_key(command: &Cmd) -> Option<&[u8]> {
+    match command.args_iter().nth(1)? {
+        redis::Arg::Simple(key) => Some(key),
+        _ => None,
+    }
+}
+
+/// The primary node serving each of `keys` (`None` for a key whose slot no primary serves),
+/// from one reading of the topology.
+pub async fn nodes_of(conn: &mut RedisConnection, keys: &[String]) -> Result<Vec<Option<String>>> {
+    let RedisConnection::Cluster(cluster) = conn else {
+        return Ok(vec![None; keys.len()]);
+    };
+    let topology = Topology::read(cluster).await?;
+    Ok(keys
+        .iter()
+        .map(|key| {
+            topology
+                .primary_of(slot_of(key.as_bytes()))
+                .map(str::to_string)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_redis_clusters_own() {
+        // Values from `CLUSTER KEYSLOT` of Redis 7.
+        assert_eq!(slot_of(b"123456789"), 12739);
+        assert_eq!(slot_of(b"foo"), 12182);
+        assert_eq!(
+            slot_of(b"face-detection-results"),
+            slot_of(b"face-detection-results")
+        );
+        assert_eq!(slot_of(b"{user1000}.following"), slot_of(b"user1000"));
+        assert_eq!(slot_of(b"foo{}{bar}"), slot_of(b"foo{}{bar}"));
+        assert_ne!(slot_of(b"foo{}{bar}"), slot_of(b"bar"));
+        assert_eq!(slot_of(b"foo{{bar}}zap"), slot_of(b"{bar"));
+    }
+
+    #[test]
+    fn node_urls_carry_the_scheme_and_credentials_of_the_url() {
+        let urls = node_urls(
+            "redis://user:p%40ss@ignored:1",
+            &["10.0.0.5:7000".into(), "redis-2.internal:7001".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            urls,
+            [
+                "redis://user:p%40ss@10.0.0.5:7000",
+                "redis://user:p%40ss@redis-2.internal:7001"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_node_or_a_database_index_is_named() {
+        let error = node_urls("redis://127.0.0.1", &["10.0.0.5".into()]).unwrap_err();
+        assert!(error.to_string().contains("\"10.0.0.5\""), "{error}");
+        let error = node_urls("redis://127.0.0.1", &["10.0.0.5:x".into()]).unwrap_err();
+        assert!(error.to_string().contains("port"), "{error}");
+        let error = node_urls("redis://127.0.0.1/3", &["10.0.0.5:7000".into()]).unwrap_err();
+        assert!(error.to_string().contains("database 3"), "{error:#}");
+    }
+
+    #[test]
+    fn cluster_nodes_name_roles_slots_and_failed_nodes() {
+        let text = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7001@17001 master,fail - 1 1 2 disconnected
+c3 127.0.0.1:7004@17004,redis-4 master - 0 5 7 connected 5461-10922 [5461->-a1]
+d4 127.0.0.1:7003@17003 slave a1 0 0 1 connected
+";
+        let nodes = parse_nodes(text);
+        let row = |n: &str| nodes.iter().find(|s| s.node == n).unwrap();
+        assert_eq!(
+            (
+                row("127.0.0.1:7000").role.as_str(),
+                row("127.0.0.1:7000").slots
+            ),
+            ("primary", 5461)
+        );
+        assert!(!row("127.0.0.1:7001").up);
+        assert_eq!(row("127.0.0.1:7004").slots, 5462);
+        assert_eq!(
+            row("127.0.0.1:7003").replica_of.as_deref(),
+            Some("127.0.0.1:7000")
+        );
+        assert!(row("127.0.0.1:7003").up);
+    }
+
+    #[test]
+    fn the_topology_names_the_primary_of_each_slot() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(5461),
+                Value::Int(16383),
+                node("127.0.0.1", 7001),
+            ]),
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node("127.0.0.1", 7000),
+                node("127.0.0.1", 7003),
+            ]),
+        ]);
+        let topology = Topology::parse(reply).unwrap();
+        assert_eq!(topology.primary_of(0), Some("127.0.0.1:7000"));
+        assert_eq!(topology.primary_of(5461), Some("127.0.0.1:7001"));
+        assert_eq!(topology.primaries(), ["127.0.0.1:7000", "127.0.0.1:7001"]);
+        assert_eq!(topology.unserved_slots(), 0);
+    }
+}

@@ -1,0 +1,305 @@
+//! The host on a Redis Cluster (3 primaries + 3 replicas of the test's own, see
+//! `redis_cluster`): the core protocol, two hosts and a SIGKILL, a primary's failover under load,
+//! and the tools.
+
+use crate::redis_cluster::RedisCluster;
+use crate::support::{Options, TestEnv, await_exit, eventually, signal};
+use std::collections::BTreeSet;
+
+const DETECTION: &str = "face-detection-results";
+const ERRORS: &str = "ml-error-results";
+
+/// A face-detection result with two faces for `media`.
+fn detection(media: i64) -> Vec<(String, String)> {
+    vec![
+        ("mediaId".into(), media.to_string()),
+        ("postId".into(), "1".into()),
+        ("facesDetected".into(), "2".into()),
+        (
+            "faces".into(),
+            format!(
+                r#"[{{"faceId": "{media}-a", "bbox": [0, 0, 10, 10], "confidence": 0.9}}, {{"faceId": "{media}-b", "bbox": [20, 20, 40, 40], "confidence": 0.8}}]"#
+            ),
+        ),
+        ("correlationId".into(), format!("c-{media}")),
+    ]
+}
+
+/// An error result in the seed's shape.
+fn error(n: i64) -> Vec<(String, String)> {
+    vec![
+        ("correlationId".into(), format!("req-{n}")),
+        ("error".into(), format!("model crashed {n}")),
+        ("status".into(), "FAILED".into()),
+    ]
+}
+
+/// Asserts the faces of `media` are stored exactly once each: two per media, none written
+/// twice, and no other media's.
+async fn assert_faces_exactly_once(env: &TestEnv, media: &BTreeSet<i64>) {
+    let stored: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT media_id, count(*) FROM media_detected_faces GROUP BY media_id ORDER BY media_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("faces per media");
+    let wrong: Vec<&(i64, i64)> = stored.iter().filter(|(_, faces)| *faces != 2).collect();
+    assert!(
+        wrong.is_empty(),
+        "media without exactly two faces: {wrong:?}"
+    );
+    let stored: BTreeSet<i64> = stored.into_iter().map(|(m, _)| m).collect();
+    assert!(
+        media.is_subset(&stored),
+        "confirmed media not stored: {:?}",
+        media.difference(&stored).take(20).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        env.rows_written_again("media_detected_faces").await,
+        0,
+        "no face was written by a second application of its entry (updated_at = created_at)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_consumes_every_stream_of_a_redis_cluster_exactly_once() {
+    let cluster = RedisCluster::start().await;
+    let plugins = [
+        "face-detection",
+        "face-recognition",
+        "insights",
+        "ml-errors",
+        "user-face-embeddings",
+    ];
+    let env = TestEnv::start(Options::new(&plugins).on_cluster(&cluster)).await;
+    let streams: Vec<String> = env
+        .host()
+        .state()
+        .registry
+        .snapshot()
+        .streams()
+        .map(str::to_string)
+        .collect();
+    assert!(streams.len() >= 5, "every plugin's streams: {streams:?}");
+    // The streams are spread over the cluster by their names: more than one node serves them.
+    let mut nodes = BTreeSet::new();
+    for stream in &streams {
+        nodes.insert(cluster.primary_of(&env.key(stream)).await);
+    }
+    assert!(
+        nodes.len() > 1,
+        "the streams all sit on one node: {nodes:?}"
+    );
+
+    let media: Vec<i64> = (1..=1000).collect();
+    env.seed_media(1, &media).await;
+    let detections: Vec<_> = media.iter().map(|m| detection(*m)).collect();
+    let errors: Vec<_> = (1..=500).map(error).collect();
+    env.publish_many(DETECTION, &detections).await;
+    env.publish_many(ERRORS, &errors).await;
+    let bad = env
+        .publish(DETECTION, &[("mediaId", "7"), ("faces", "not json")])
+        .await;
+
+    eventually("every detection and error to be processed", || async {
+        (env.ledger_count(DETECTION).await == 1001 && env.ledger_count(ERRORS).await == 500)
+            .then_some(())
+    })
+    .await;
+    assert_faces_exactly_once(&env, &media.iter().copied().collect()).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM ml_processing_errors").await,
+        500
+    );
+    assert_eq!(
+        env.count("SELECT count(DISTINCT correlation_id) FROM ml_processing_errors")
+            .await,
+        500
+    );
+    // The malformed entry went to the dead-letter stream (on its own node) with its reason.
+    let letter = env.await_dead_letter(DETECTION, &bad).await;
+    assert!(
+        letter.get("reason").is_some_and(|r| r.contains("faces")),
+        "{letter:?}"
+    );
+    env.await_no_pending(DETECTION).await;
+    env.await_no_pending(ERRORS).await;
+    // Every inbound stream has the group, on whichever node holds it.
+    for stream in &streams {
+        let groups: Vec<redis::Value> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(env.key(stream))
+            .query_async(&mut env.redis.clone())
+            .await
+            .unwrap_or_else(|e| panic!("XINFO GROUPS of {stream}: {e}"));
+        assert_eq!(groups.len(), 1, "{stream} has the host's group");
+    }
+
+    // `status` reads the cluster: the host, and which node serves each stream.
+    let (report, ok) = env.status();
+    assert!(ok, "status against the cluster: {report:#}");
+    let reported = report["streams"].as_array().expect("streams in the report");
+    let detection_row = reported
+        .iter()
+        .find(|s| s["stream"] == DETECTION)
+        .expect("the detection stream in the report");
+    let node = cluster.primary_of(&env.key(DETECTION)).await;
+    assert_eq!(
+        detection_row["node"].as_str(),
+        Some(format!("127.0.0.1:{node}").as_str()),
+        "{detection_row:#}"
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_on_a_cluster_survive_a_sigkill_of_one() {
+    const COUNT: i64 = 1500;
+    let cluster = RedisCluster::start().await;
+    let env = TestEnv::prepare(
+        Options::new(&["face-detection"])
+            .retries(5, 1500)
+            .on_cluster(&cluster),
+    )
+    .await;
+    let media: Vec<i64> = (1..=COUNT).collect();
+    env.seed_media(1, &media).await;
+    let mut victim = env.spawn_host("host-a");
+    let all: Vec<_> = media.iter().map(|m| detection(*m)).collect();
+    let (first, rest) = all.split_at(500);
+    env.publish_many(DETECTION, first).await;
+    eventually("the first host to have processed some entries", || async {
+        (env.ledger_count(DETECTION).await > 100).then_some(())
+    })
+    .await;
+    // A second host joins under load; the first is killed while it holds entries.
+    let mut survivor = env.spawn_host("host-b");
+    let mut chunks = rest.chunks(100);
+    let deadline = std::time::Instant::now() + crate::support::DEADLINE;
+    while env.pending_for(DETECTION, "host-a").await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first host never held an entry"
+        );
+        if let Some(chunk) = chunks.next() {
+            env.publish_many(DETECTION, chunk).await;
+        }
+        tokio::task::yield_now().await;
+    }
+    signal(&victim, "KILL");
+    await_exit(&mut victim).await;
+    for chunk in chunks {
+        env.publish_many(DETECTION, chunk).await;
+    }
+    eventually("every entry to be processed", || async {
+        (env.ledger_count(DETECTION).await == COUNT).then_some(())
+    })
+    .await;
+    assert_faces_exactly_once(&env, &media.iter().copied().collect()).await;
+    env.await_no_pending(DETECTION).await;
+    assert!(env.dead_letters().await.is_empty());
+    signal(&survivor, "TERM");
+    assert!(await_exit(&mut survivor).await.success());
+    env.finish().await;
+}
+
+/// Publishes `media`'s detections in one pipeline followed by `WAIT 1`: the media whose entries
+/// at least one replica acknowledged (all of them), or none when Redis failed or no replica
+/// answered in time (those entries may or may not survive a failover: the producer's concern).
+async fn publish_confirmed(
+    redis: &mut kaleidoscope::redis_connection::RedisConnection,
+    key: &str,
+    media: &[i64],
+) -> Vec<i64> {
+    let mut pipe = redis::pipe();
+    for m in media {
+        let cmd = pipe.cmd("XADD").arg(key).arg("*");
+        for (k, v) in detection(*m) {
+            cmd.arg(k).arg(v);
+        }
+        cmd.ignore();
+    }
+    pipe.cmd("WAIT").arg(1).arg(1000);
+    match pipe.query_async::<(i64,)>(redis).await {
+        Ok((replicas,)) if replicas >= 1 => media.to_vec(),
+        _ => Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_failover_under_load_loses_and_doubles_no_confirmed_entry() {
+    const COUNT: i64 = 2000;
+    let mut cluster = RedisCluster::start().await;
+    let env = TestEnv::prepare(
+        Options::new(&["face-detection"])
+            .retries(5, 1500)
+            .on_cluster(&cluster),
+    )
+    .await;
+    let media: Vec<i64> = (1..=COUNT).collect();
+    env.seed_media(1, &media).await;
+    let mut host = env.spawn_host("host-a");
+    let key = env.key(DETECTION);
+    let mut producer = env.redis.clone();
+    let mut confirmed = BTreeSet::new();
+    let mut chunks = media.chunks(50);
+    for chunk in chunks.by_ref().take(10) {
+        confirmed.extend(publish_confirmed(&mut producer, &key, chunk).await);
+    }
+    eventually("the host to have processed some entries", || async {
+        (env.ledger_count(DETECTION).await > 100).then_some(())
+    })
+    .await;
+
+    // The primary holding the stream dies with entries in flight; the producer keeps going.
+    let primary = cluster.primary_of(&key).await;
+    cluster.kill(primary);
+    let mut failed_over = None;
+    for chunk in chunks {
+        let published = publish_confirmed(&mut producer, &key, chunk).await;
+        if published.is_empty() && failed_over.is_none() {
+            failed_over = Some(cluster.await_failover(&key, primary).await);
+        }
+        confirmed.extend(published);
+    }
+    let new_primary = match failed_over {
+        Some(port) => port,
+        None => cluster.await_failover(&key, primary).await,
+    };
+    assert_ne!(new_primary, primary);
+    assert!(
+        confirmed.len() as i64 > COUNT / 2,
+        "most entries were confirmed: {}",
+        confirmed.len()
+    );
+
+    eventually("every confirmed entry to be stored", || async {
+        let stored: Vec<i64> =
+            sqlx::query_scalar("SELECT DISTINCT media_id FROM media_detected_faces")
+                .fetch_all(&env.pool)
+                .await
+                .unwrap_or_default();
+        let stored: BTreeSet<i64> = stored.into_iter().collect();
+        confirmed.is_subset(&stored).then_some(())
+    })
+    .await;
+    env.await_no_pending(DETECTION).await;
+    assert_faces_exactly_once(&env, &confirmed).await;
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "no dead letters: {:?}",
+        env.dead_letters().await
+    );
+    assert!(
+        host.try_wait().expect("the host's state").is_none(),
+        "the host still runs after the failover"
+    );
+    eventually("status to work against the cluster", || async {
+        let output = env.command(&["status", "--json"]);
+        output.status.success().then_some(())
+    })
+    .await;
+    signal(&host, "TERM");
+    assert!(await_exit(&mut host).await.success());
+    env.finish().await;
+}

@@ -1,0 +1,255 @@
+//! A Redis Cluster of the test's own: 3 primaries and 3 replicas, each a `redis-server` child on
+//! free local ports, created with `redis-cli --cluster create`, and killed (with its files
+//! removed) when the value is dropped. Tests that kill a node get a cluster of their own; the
+//! machine's Redis on 6379 is never touched.
+
+use crate::support::{DEADLINE, OutputByDeadline, eventually, unique};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Node timeout of the test cluster: a killed primary is failed over within a few seconds.
+const NODE_TIMEOUT_MS: u64 = 1_000;
+
+/// One `redis-server` of the cluster.
+struct Node {
+    port: u16,
+    child: Option<Child>,
+}
+
+/// A running 3 + 3 Redis Cluster.
+pub struct RedisCluster {
+    dir: PathBuf,
+    nodes: Vec<Node>,
+}
+
+impl RedisCluster {
+    /// Starts six nodes, joins them into a cluster of three primaries with a replica each, and
+    /// waits until every node sees all slots served and every replica is in sync.
+    pub async fn start() -> RedisCluster {
+        let dir = std::env::temp_dir().join(unique("redis-cluster"));
+        std::fs::create_dir_all(&dir).expect("a directory for the cluster's files");
+        let mut cluster = RedisCluster {
+            dir,
+            nodes: Vec::new(),
+        };
+        for port in free_ports(6) {
+            let child = cluster.spawn_node(port);
+            cluster.nodes.push(Node {
+                port,
+                child: Some(child),
+            });
+        }
+        for node in &cluster.nodes {
+            let url = format!("redis://127.0.0.1:{}", node.port);
+            eventually(&format!("redis-server on {} to answer", node.port), || {
+                let url = url.clone();
+                async move { ping(&url).await.then_some(()) }
+            })
+            .await;
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for node in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let created = create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output_by_deadline()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&created.stdout),
+            String::from_utf8_lossy(&created.stderr)
+        );
+        cluster.await_healthy().await;
+        cluster
+    }
+
+    fn spawn_node(&self, port: u16) -> Child {
+        let log = std::fs::File::create(self.dir.join(format!("{port}.log")))
+            .expect("a log file for a cluster node");
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+            .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+            // A replica may always take over, however long it was cut off.
+            .args(["--cluster-replica-validity-factor", "0"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (is it installed?)")
+    }
+
+    /// `REDIS_CLUSTER_NODES` for this cluster: every node's `host:port`.
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Waits until every running node reports `cluster_state:ok` with all slots served, and
+    /// every replica's link to its primary is up.
+    pub async fn await_healthy(&self) {
+        let ports: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.port)
+            .collect();
+        eventually("the test cluster to be healthy", || {
+            let ports = ports.clone();
+            async move {
+                for port in ports {
+                    let url = format!("redis://127.0.0.1:{port}");
+                    let cluster = info(&url, "CLUSTER", Some("INFO")).await?;
+                    if !cluster.contains("cluster_state:ok")
+                        || !cluster.contains("cluster_slots_ok:16384")
+                    {
+                        return None;
+                    }
+                    let replication = info(&url, "INFO", Some("replication")).await?;
+                    if replication.contains("role:slave")
+                        && !replication.contains("master_link_status:up")
+                    {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        })
+        .await;
+    }
+
+    /// The port of the primary that serves `key` now.
+    pub async fn primary_of(&self, key: &str) -> u16 {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .expect("a running node");
+        let url = format!("redis://127.0.0.1:{}", node.port);
+        let mut conn = connect(&url).await.expect("connect to a cluster node");
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("CLUSTER KEYSLOT");
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await
+            .expect("CLUSTER SLOTS");
+        for range in ranges {
+            let (first, last, port): (i64, i64, Vec<redis::Value>) =
+                redis::from_redis_value(range).expect("a CLUSTER SLOTS range");
+            if (first..=last).contains(&slot) {
+                let port: i64 = redis::from_redis_value(port[1].clone()).expect("a port");
+                return u16::try_from(port).expect("a port");
+            }
+        }
+        panic!("no primary serves slot {slot} of {key:?}");
+    }
+
+    /// Kills the node on `port` with SIGKILL (no chance to hand anything over).
+    pub fn kill(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node of this cluster");
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until a node other than `dead` serves `key` as primary (its replica was promoted),
+    /// and returns its port.
+    pub async fn await_failover(&self, key: &str, dead: u16) -> u16 {
+        let started = Instant::now();
+        loop {
+            let port = self.primary_of(key).await;
+            if port != dead {
+                return port;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "no replica took over {key:?} from {dead} within {DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `count` ports free now whose cluster bus ports (port + 10000) are free too.
+fn free_ports(count: usize) -> Vec<u16> {
+    let mut ports = Vec::new();
+    let mut held = Vec::new();
+    while ports.len() < count {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = listener.local_addr().expect("its address").port();
+        let bus_free = port
+            .checked_add(10_000)
+            .is_some_and(|bus| TcpListener::bind(("127.0.0.1", bus)).is_ok());
+        if bus_free && !ports.contains(&port) {
+            ports.push(port);
+        }
+        // Held until all are chosen, so the same port is not handed out twice.
+        held.push(listener);
+    }
+    ports
+}
+
+async fn connect(url: &str) -> Option<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    redis::Client::open(url)
+        .ok()?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .ok()
+}
+
+async fn ping(url: &str) -> bool {
+    let Some(mut conn) = connect(url).await else {
+        return false;
+    };
+    redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .is_ok()
+}
+
+/// The text of `command [section]` on the node at `url` (`CLUSTER INFO`, `INFO replication`).
+async fn info(url: &str, command: &str, section: Option<&str>) -> Option<String> {
+    let mut conn = connect(url).await?;
+    let mut cmd = redis::cmd(command);
+    if let Some(section) = section {
+        cmd.arg(section);
+    }
+    cmd.query_async::<String>(&mut conn).await.ok()
+}
