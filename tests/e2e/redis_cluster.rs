@@ -151,10 +151,14 @@ impl RedisCluster {
             .await
             .expect("CLUSTER SLOTS");
         for range in ranges {
-            let (first, last, port): (i64, i64, Vec<redis::Value>) =
+            let parts: Vec<redis::Value> =
                 redis::from_redis_value(range).expect("a CLUSTER SLOTS range");
+            let first: i64 = redis::from_redis_value(parts[0].clone()).expect("a slot");
+            let last: i64 = redis::from_redis_value(parts[1].clone()).expect("a slot");
             if (first..=last).contains(&slot) {
-                let port: i64 = redis::from_redis_value(port[1].clone()).expect("a port");
+                let primary: Vec<redis::Value> =
+                    redis::from_redis_value(parts[2].clone()).expect("a node");
+                let port: i64 = redis::from_redis_value(primary[1].clone()).expect("a port");
                 return u16::try_from(port).expect("a port");
             }
         }
@@ -172,6 +176,19 @@ impl RedisCluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Starts the node on `port` again (killed by [`RedisCluster::kill`]); it rejoins the cluster
+    /// from its nodes file, as a replica of whichever node took over its slots.
+    pub fn restart(&mut self, port: u16) {
+        let child = self.spawn_node(port);
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node of this cluster");
+        assert!(node.child.is_none(), "node {port} is running");
+        node.child = Some(child);
     }
 
     /// Waits until a node other than `dead` serves `key` as primary (its replica was promoted),
