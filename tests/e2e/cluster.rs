@@ -305,3 +305,131 @@ async fn a_primary_failover_under_load_loses_and_doubles_no_confirmed_entry() {
     assert!(await_exit(&mut host).await.success());
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tool_runs_against_a_redis_cluster() {
+    let cluster = RedisCluster::start().await;
+    let plugins = [
+        "face-detection",
+        "face-recognition",
+        "insights",
+        "ml-errors",
+        "user-face-embeddings",
+    ];
+    let env = TestEnv::start(Options::new(&plugins).on_cluster(&cluster)).await;
+    env.seed_media(1, &[1, 2]).await;
+    let ok = |(succeeded, printed): (bool, String), what: &str| {
+        assert!(succeeded, "{what} against the cluster failed: {printed}");
+        printed
+    };
+
+    // `simulate-ml` answers what `publish` asks, on request and result streams spread over
+    // the nodes; the host stores the answers.
+    let mut simulator = crate::support::HostProcess::spawn(
+        env.binary(&["simulate-ml", "--embedding-dims", "8"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
+    for media in ["1", "2"] {
+        ok(
+            env.run(&[
+                "publish",
+                "post-image",
+                "--post-id",
+                "1",
+                "--media-id",
+                media,
+                "--media-url",
+                "https://cdn.example/x.jpg",
+                "--uploader-id",
+                "1",
+            ]),
+            "publish",
+        );
+    }
+    eventually("the simulator's answers to be stored", || async {
+        (env.count("SELECT count(*) FROM ml_requests WHERE status = 'COMPLETED'")
+            .await
+            == 2)
+            .then_some(())
+    })
+    .await;
+    signal(&simulator, "TERM");
+    await_exit(&mut simulator).await;
+
+    // `dlq list`, `show` and `replay` of a dead letter.
+    let bad = env
+        .publish(DETECTION, &[("mediaId", "1"), ("faces", "not json")])
+        .await;
+    env.await_dead_letter(DETECTION, &bad).await;
+    let json = |args: &[&str]| {
+        let output = env.command(args);
+        assert!(
+            output.status.success(),
+            "{args:?} against the cluster failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).expect("JSON on stdout")
+    };
+    let letters = json(&["dlq", "list", "--json"]);
+    let id = letters[0]["id"]
+        .as_str()
+        .expect("a dead letter id")
+        .to_string();
+    ok(env.run(&["dlq", "show", &id]), "dlq show");
+    let replayed = json(&["dlq", "replay", &id, "--json"]);
+    let new_id = replayed[0]["new_id"]
+        .as_str()
+        .expect("the replayed entry's id");
+    env.await_dead_letter(DETECTION, new_id).await;
+
+    // `plugin deploy` reaches the host through its heartbeat on the cluster.
+    let (deployed, printed) = env.deploy(&crate::support::plugin_file("insights-next"));
+    assert!(deployed, "plugin deploy against the cluster: {printed}");
+    env.await_serving("ml-insights-results", "0.2.0").await;
+    let status = ok(env.run(&["status"]), "status");
+    assert!(status.contains("redis cluster nodes:"), "{status}");
+
+    // `demo` and `bench` run their own hosts on the cluster, under prefixes of their own.
+    let demo_database = format!("{}_demo", env.database);
+    ok(
+        env.run(&[
+            "demo",
+            "--database-url",
+            &format!("postgres://postgres@127.0.0.1:5432/{demo_database}"),
+            "--stream-prefix",
+            &format!("{}demo:", env.prefix),
+            "--users",
+            "2",
+            "--posts",
+            "2",
+            "--media-per-post",
+            "1",
+        ]),
+        "demo",
+    );
+    let bench_database = format!("{}_bench", env.database);
+    let bench = json(&[
+        "bench",
+        "--entries",
+        "300",
+        "--embedding-dims",
+        "8",
+        "--database-url",
+        &format!("postgres://postgres@127.0.0.1:5432/{bench_database}"),
+        "--json",
+    ]);
+    assert!(bench[0]["verified"]["Ok"].is_string(), "{bench}");
+    let admin = sqlx::PgPool::connect(crate::support::ADMIN_URL)
+        .await
+        .expect("the admin database");
+    for database in [demo_database, bench_database] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await
+        .expect("drop a tool's database");
+    }
+    env.finish().await;
+}
