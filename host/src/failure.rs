@@ -126,9 +126,11 @@ fn redis_class(error: &redis::RedisError) -> Option<Class> {
         || error.is_connection_dropped()
         || error.is_timeout()
         || error.is_unrecoverable_error()
+        || error.kind() == redis::ErrorKind::ClusterConnectionNotFound
+        // A cluster between topologies (a failover, slots moving): waited out like a restart.
         || matches!(
             error.code(),
-            Some("LOADING" | "MASTERDOWN" | "TRYAGAIN" | "BUSY")
+            Some("LOADING" | "MASTERDOWN" | "TRYAGAIN" | "BUSY" | "CLUSTERDOWN" | "MOVED" | "ASK")
         );
     unreachable.then_some(Class::Outage(Dependency::Redis))
 }
@@ -302,6 +304,14 @@ mod tests {
         let refused = anyhow::Error::new(server_error("WRONGTYPE"));
         assert_eq!(classify(&refused), Class::Permanent);
         assert_eq!(outage(&refused), None);
+    }
+
+    #[test]
+    fn a_cluster_between_topologies_is_an_outage_of_redis() {
+        for code in ["CLUSTERDOWN", "TRYAGAIN", "MOVED"] {
+            let error = anyhow::Error::new(server_error(code)).context("XADD failed");
+            assert_eq!(classify(&error), Class::Outage(Dependency::Redis), "{code}");
+        }
     }
 
     #[test]

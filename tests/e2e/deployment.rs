@@ -20,9 +20,10 @@ fn names_with_prefix(text: &str, prefixes: &[&str]) -> BTreeSet<String> {
         .collect()
 }
 
-const DEPLOYMENT_FILES: [&str; 4] = [
+const DEPLOYMENT_FILES: [&str; 5] = [
     "Dockerfile",
     "compose.yaml",
+    "ops/compose/cluster.yaml",
     "ops/kubernetes/kaleidoscope.yaml",
     "ops/systemd/kaleidoscope.service",
 ];
@@ -194,4 +195,28 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
         );
     }
     env.finish().await;
+}
+
+#[test]
+fn the_cluster_variant_seeds_its_hosts_with_nodes_it_runs() {
+    let compose = read("ops/compose/cluster.yaml");
+    let seeds: Vec<&str> = compose
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("REDIS_CLUSTER_NODES:"))
+        .collect();
+    assert_eq!(seeds.len(), 2, "both hosts name their seed nodes");
+    for seed in seeds.iter().flat_map(|s| s.trim().split(',')) {
+        let (host, port) = seed.split_once(':').expect("host:port");
+        assert_eq!(port, "6379", "{seed}");
+        assert!(
+            compose.contains(&format!("  {host}: {{<<: *redis-node, hostname: {host}}}")),
+            "{seed} is not a node of the cluster variant"
+        );
+    }
+    assert!(compose.contains("--cluster-enabled yes"));
+    assert!(compose.contains("--cluster-replicas 1"));
+    assert!(
+        !compose.contains("REDIS_URL"),
+        "a cluster is named by its nodes"
+    );
 }

@@ -277,6 +277,40 @@ pub struct ResolvedSetting {
     pub origin: String,
 }
 
+/// `host` and `port` of a node written `host:port` (`[v6]:port` for an IPv6 address).
+pub fn split_cluster_node(node: &str) -> Result<(&str, u16)> {
+    let (host, port) = node.rsplit_once(':').ok_or_else(|| {
+        anyhow::anyhow!(
+            "invalid Redis Cluster node {node:?}: expected host:port, e.g. 10.0.0.5:6379"
+        )
+    })?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|port| *port != 0)
+        .ok_or_else(|| anyhow::anyhow!("invalid port in Redis Cluster node {node:?}"))?;
+    if host.is_empty() {
+        anyhow::bail!("invalid Redis Cluster node {node:?}: no host");
+    }
+    Ok((host, port))
+}
+
+/// Refuses a cluster configuration that cannot work, naming the setting: a cluster has only
+/// database 0.
+pub fn check_cluster_url(url: &str) -> Result<()> {
+    let info = redis::IntoConnectionInfo::into_connection_info(url)
+        .with_context(|| format!("invalid Redis URL {}", crate::text::redact(url)))?;
+    if info.redis_settings().db() != 0 {
+        anyhow::bail!(
+            "`redis_url` {} selects database {}, but a Redis Cluster has only database 0 (remove the `/{}` or `redis_cluster_nodes`)",
+            crate::text::redact(url),
+            info.redis_settings().db(),
+            info.redis_settings().db()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -273,8 +273,11 @@ impl RawSettings {
                 .get(Key::RedisClusterNodes)
                 .map(|(_, o)| o.to_string())
                 .unwrap_or_default();
-            crate::redis_connection::RedisClient::new(&self.redis_url()?, &nodes)
-                .with_context(|| format!("invalid value for `redis_cluster_nodes` {origin}"))?;
+            super::check_cluster_url(&self.redis_url()?)?;
+            for node in &nodes {
+                super::split_cluster_node(node)
+                    .with_context(|| format!("invalid value for `redis_cluster_nodes` {origin}"))?;
+            }
         }
         Ok(nodes)
     }

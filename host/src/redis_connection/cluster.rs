@@ -21,7 +21,7 @@ pub const SLOTS: u16 = 16_384;
 /// node's address (a cluster has no database but 0, and no Unix sockets). An error names the
 /// bad node.
 pub(super) fn node_urls(url: &str, nodes: &[String]) -> Result<Vec<String>> {
-    super::check_cluster_url(url)?;
+    crate::config::check_cluster_url(url)?;
     let base = redis::parse_redis_url(url)
         .ok_or_else(|| anyhow!("invalid Redis URL {}", crate::text::redact(url)))?;
     if !matches!(base.scheme(), "redis" | "rediss" | "valkey" | "valkeys") {
@@ -33,7 +33,7 @@ pub(super) fn node_urls(url: &str, nodes: &[String]) -> Result<Vec<String>> {
     nodes
         .iter()
         .map(|node| {
-            let (host, port) = split_node(node)?;
+            let (host, port) = crate::config::split_cluster_node(node)?;
             let mut node_url = base.clone();
             node_url
                 .set_host(Some(host))
@@ -45,22 +45,6 @@ pub(super) fn node_urls(url: &str, nodes: &[String]) -> Result<Vec<String>> {
             Ok(node_url.to_string())
         })
         .collect()
-}
-
-/// `host` and `port` of a node written `host:port` (`[v6]:port` for an IPv6 address).
-pub fn split_node(node: &str) -> Result<(&str, u16)> {
-    let (host, port) = node.rsplit_once(':').ok_or_else(|| {
-        anyhow!("invalid Redis Cluster node {node:?}: expected host:port, e.g. 10.0.0.5:6379")
-    })?;
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|port| *port != 0)
-        .ok_or_else(|| anyhow!("invalid port in Redis Cluster node {node:?}"))?;
-    if host.is_empty() {
-        bail!("invalid Redis Cluster node {node:?}: no host");
-    }
-    Ok((host, port))
 }
 
 /// The hash slot of `key`: CRC16 (XMODEM) of the key, or of its hash tag — the part between the
@@ -259,7 +243,7 @@ pub(super) async fn keys_matching(
 ) -> Result<Vec<String>> {
     let mut keys = Vec::new();
     for node in Topology::read(conn).await?.primaries() {
-        let (host, port) = split_node(&node)?;
+        let (host, port) = crate::config::split_cluster_node(&node)?;
         let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
             host: host.to_string(),
             port,

@@ -292,19 +292,3 @@ impl ConnectionLike for RedisConnection {
         }
     }
 }
-
-/// Refuses a cluster configuration that cannot work, naming the setting: a cluster has only
-/// database 0.
-pub fn check_cluster_url(url: &str) -> Result<()> {
-    let info = redis::IntoConnectionInfo::into_connection_info(url)
-        .with_context(|| format!("invalid Redis URL {}", redact(url)))?;
-    if info.redis_settings().db() != 0 {
-        bail!(
-            "`redis_url` {} selects database {}, but a Redis Cluster has only database 0 (remove the `/{}` or `redis_cluster_nodes`)",
-            redact(url),
-            info.redis_settings().db(),
-            info.redis_settings().db()
-        );
-    }
-    Ok(())
-}
