@@ -238,7 +238,15 @@ async fn a_primary_failover_under_load_loses_and_doubles_no_confirmed_entry() {
     .await;
     let media: Vec<i64> = (1..=COUNT).collect();
     env.seed_media(1, &media).await;
-    let mut host = env.spawn_host("host-a");
+    let http = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        listener.local_addr().expect("its address")
+    };
+    let mut host = env.spawn_with(
+        "host-a",
+        &env.plugins_dir,
+        &[("KALEIDOSCOPE_HTTP_ADDR", &http.to_string())],
+    );
     let key = env.key(DETECTION);
     let mut producer = env.redis.clone();
     let mut confirmed = BTreeSet::new();
@@ -261,6 +269,30 @@ async fn a_primary_failover_under_load_loses_and_doubles_no_confirmed_entry() {
     }
     let new_primary = cluster.await_failover(&key, primary).await;
     assert_ne!(new_primary, primary);
+    // The dead node is named: by `status`, and by the host's metrics, which place the stream on
+    // the promoted replica.
+    let dead = format!("127.0.0.1:{primary}");
+    eventually("status to name the dead node", || async {
+        let (report, _) = env.status();
+        let problems = report["problems"].to_string();
+        problems
+            .contains(&format!("Redis Cluster node {dead} (primary) is down"))
+            .then_some(())
+    })
+    .await;
+    eventually(
+        "the metrics to name the dead node and the stream's new node",
+        || async {
+            let (_, metrics) = crate::support::http_get(http, "/metrics");
+            (metrics.contains(&format!(
+            "kaleidoscope_redis_node_up{{node=\"{dead}\",role=\"primary\"}} 0"
+        )) && metrics.contains(&format!(
+            "kaleidoscope_stream_node{{stream=\"{DETECTION}\",node=\"127.0.0.1:{new_primary}\"}} 1"
+        )))
+        .then_some(())
+        },
+    )
+    .await;
     for chunk in chunks.by_ref().take(5) {
         confirmed.extend(publish_confirmed(&mut producer, &key, chunk).await);
     }
