@@ -151,6 +151,9 @@ pub struct Publisher {
     /// its error names the stream) rather than a failure to construct the publisher.
     redis: std::sync::Arc<tokio::sync::OnceCell<RedisConnection>>,
     pool: PgPool,
+    /// Replicas that must hold a published request, and how long to wait for them (see
+    /// [`Publisher::waiting_for`]).
+    wait: Option<(u32, Duration)>,
 }
 
 impl Publisher {
@@ -162,7 +165,18 @@ impl Publisher {
             client,
             redis: Default::default(),
             pool,
+            wait: None,
         })
+    }
+
+    /// This publisher, counting a request as published only once `replicas` replicas of its
+    /// stream's primary hold it (`WAIT`, up to `timeout`): asynchronous replication loses what
+    /// a primary acknowledged but had not passed on when it fails over. Fewer replicas in time
+    /// is an error naming the entry; the request stays tracked (`ml_requests`), so the tracker
+    /// publishes it again if its results never come.
+    pub fn waiting_for(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait = Some((replicas, timeout));
+        self
     }
 
     async fn redis(&self) -> Result<RedisConnection> {
@@ -215,9 +229,24 @@ impl Publisher {
         let mut backoff = PUBLISH_BACKOFF;
         let attempts = self.config.retry_attempts;
         for attempt in 1..=attempts {
-            let added = match self.redis().await {
-                Ok(mut redis) => streams::add(&mut redis, &key, &fields).await,
-                Err(error) => Err(error),
+            let added = match (self.redis().await, self.wait) {
+                (Ok(mut redis), None) => streams::add(&mut redis, &key, &fields).await,
+                (Ok(mut redis), Some((replicas, timeout))) => {
+                    match streams::add_and_wait(&mut redis, &key, &fields, replicas, timeout).await
+                    {
+                        Ok((entry_id, held)) if held < replicas => {
+                            // Published all the same: tracked, and republished by the tracker
+                            // if it was lost. Not added again here, which could double it.
+                            mark_published(&self.pool, &correlation_id).await?;
+                            bail!(
+                                "request {correlation_id} was published to {stream:?} as {entry_id}, but only {held} of {replicas} replica(s) hold it after {}: it is lost if that primary fails over now; it stays tracked, and the request tracker publishes it again if its results do not come within ML_TIMEOUT_SECONDS",
+                                humantime::format_duration(timeout)
+                            );
+                        }
+                        added => added.map(|(entry_id, _)| entry_id),
+                    }
+                }
+                (Err(error), _) => Err(error),
             };
             match added {
                 Ok(entry_id) => {

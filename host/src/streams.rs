@@ -487,6 +487,33 @@ pub async fn add<C: ConnectionLike>(
         .with_context(|| format!("XADD to {key:?} failed"))
 }
 
+/// [`add`], then `WAIT replicas timeout` on the same connection (one pipeline, so on a cluster
+/// both go to the stream's primary): the new entry's id and how many replicas hold it.
+pub async fn add_and_wait(
+    conn: &mut RedisConnection,
+    key: &str,
+    fields: &[(String, String)],
+    replicas: u32,
+    timeout: std::time::Duration,
+) -> Result<(String, u32)> {
+    if fields.is_empty() {
+        bail!("cannot add an entry without fields to {key:?}");
+    }
+    let mut pipe = redis::pipe();
+    let add = pipe.cmd("XADD").arg(key).arg("*");
+    for (k, v) in fields {
+        add.arg(k).arg(v);
+    }
+    pipe.cmd("WAIT")
+        .arg(replicas)
+        .arg(timeout.as_millis() as u64);
+    let (entry_id, held): (String, u32) = pipe
+        .query_async(conn)
+        .await
+        .with_context(|| format!("XADD to {key:?} and WAIT for {replicas} replica(s) failed"))?;
+    Ok((entry_id, held))
+}
+
 /// Publishes messages and then acknowledges entries, in one round trip (a pipeline keeps the
 /// order: every XADD runs before the XACK; on a cluster, where the streams sit on several nodes,
 /// the XADDs go first, one pipeline per node, and the XACK once they are answered). Returns the

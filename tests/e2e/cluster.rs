@@ -363,19 +363,30 @@ async fn every_tool_runs_against_a_redis_cluster() {
             .stderr(std::process::Stdio::null()),
     );
     for media in ["1", "2"] {
+        // The second waits until a replica of the request stream's primary holds it.
+        let wait: &[&str] = if media == "2" {
+            &["--wait-replicas", "1"]
+        } else {
+            &[]
+        };
         ok(
-            env.run(&[
-                "publish",
-                "post-image",
-                "--post-id",
-                "1",
-                "--media-id",
-                media,
-                "--media-url",
-                "https://cdn.example/x.jpg",
-                "--uploader-id",
-                "1",
-            ]),
+            env.run(
+                &[
+                    &["publish", "post-image"][..],
+                    wait,
+                    &[
+                        "--post-id",
+                        "1",
+                        "--media-id",
+                        media,
+                        "--media-url",
+                        "https://cdn.example/x.jpg",
+                        "--uploader-id",
+                        "1",
+                    ][..],
+                ]
+                .concat(),
+            ),
             "publish",
         );
     }

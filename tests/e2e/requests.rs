@@ -494,3 +494,41 @@ async fn the_request_tracker_never_publishes_a_forged_or_broken_row() {
     );
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_waiting_for_replicas_a_server_without_any_says_so_and_keeps_the_request_tracked() {
+    let env = TestEnv::prepare(Options::new(&[])).await;
+    let (ok, printed) = env.run(&[
+        "publish",
+        "post-image",
+        "--post-id",
+        "1",
+        "--media-id",
+        "1",
+        "--media-url",
+        "https://cdn.example/x.jpg",
+        "--correlation-id",
+        "waited",
+        "--wait-replicas",
+        "1",
+        "--wait-timeout-ms",
+        "100",
+    ]);
+    assert!(!ok, "the machine's Redis has no replica: {printed}");
+    assert!(
+        printed.contains("request waited was published to \"post-image-processing\" as ")
+            && printed.contains("only 0 of 1 replica(s) hold it after 100ms"),
+        "{printed}"
+    );
+    // Published once, and tracked: the tracker republishes it if its results never come.
+    assert_eq!(
+        env.entries("post-image-processing").await.len(),
+        1,
+        "not added a second time"
+    );
+    assert_eq!(
+        statuses(&env).await,
+        [("waited".to_string(), "PENDING".to_string())]
+    );
+    env.finish().await;
+}

@@ -91,8 +91,8 @@ pub enum Command {
     Config(ConfigCommand),
     /// Publish a processing request to the ML services (the seed's producer side) and record it
     /// for tracking. Exits non-zero, naming the stream, when a critical stream cannot be reached.
-    #[command(subcommand, after_long_help = config::SETTINGS_POINTER)]
-    Publish(PublishCommand),
+    #[command(after_long_help = config::SETTINGS_POINTER)]
+    Publish(PublishArgs),
     /// Show the whole system at work: recreate a demo database, create sample users, posts and
     /// media, publish their requests, run the ML simulator and the host in-process until every
     /// request is answered, and print what was stored. The demo database is dropped and
@@ -183,7 +183,24 @@ pub enum Command {
     },
 }
 
-/// `kaleidoscope publish …`: one request kind each.
+/// `kaleidoscope publish …`: one request kind each, and how sure the publication must be.
+#[derive(clap::Args)]
+pub struct PublishArgs {
+    #[command(subcommand)]
+    pub command: PublishCommand,
+    /// Count the request as published only once this many replicas of its stream's primary
+    /// hold it (Redis `WAIT` after the `XADD`, on the same connection): an entry the primary
+    /// acknowledged but had not replicated is lost if it fails over. Fewer within
+    /// --wait-timeout-ms is an error (the request stays tracked, and the request tracker
+    /// publishes it again if its results never come). Default: no waiting.
+    #[arg(long, global = true, value_name = "REPLICAS")]
+    pub wait_replicas: Option<u32>,
+    /// How long --wait-replicas waits for the replicas.
+    #[arg(long, global = true, default_value_t = 1000, value_name = "MS")]
+    pub wait_timeout_ms: u64,
+}
+
+/// The request kinds `kaleidoscope publish` sends.
 #[derive(Subcommand)]
 pub enum PublishCommand {
     /// A new post image (`post-image-processing`).

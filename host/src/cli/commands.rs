@@ -1,7 +1,7 @@
 //! One function per subcommand: each reads its configuration, calls the module that does the
 //! work, prints the result (a table, or JSON with `--json`) and returns the exit code.
 
-use super::args::{DlqCommand, PluginCommand, PublishCommand};
+use super::args::{DlqCommand, PluginCommand, PublishArgs, PublishCommand};
 use super::{load_config, load_config_with};
 use crate::config::{Config, Key};
 use crate::dead_letter::admin as dlq;
@@ -142,9 +142,9 @@ pub(super) async fn dlq(config: &Config, command: DlqCommand) -> Result<ExitCode
 }
 
 /// `kaleidoscope publish …`: one processing request, recorded for tracking.
-pub(super) async fn publish(config: Config, command: PublishCommand) -> Result<ExitCode> {
+pub(super) async fn publish(config: Config, args: PublishArgs) -> Result<ExitCode> {
     let config = Arc::new(config);
-    let (request, correlation_id) = match command {
+    let (request, correlation_id) = match args.command {
         PublishCommand::PostImage(args) => args.into_request(false),
         PublishCommand::PostUpdate(args) => args.into_request(true),
         PublishCommand::ProfilePicture {
@@ -158,7 +158,10 @@ pub(super) async fn publish(config: Config, command: PublishCommand) -> Result<E
     };
     let pool = persist::connect(&config.database_url, 2, &config.database_timeouts).await?;
     persist::migrate(&pool).await?;
-    let publisher = requests::Publisher::new(config.clone(), pool)?;
+    let mut publisher = requests::Publisher::new(config.clone(), pool)?;
+    if let Some(replicas) = args.wait_replicas {
+        publisher = publisher.waiting_for(replicas, Duration::from_millis(args.wait_timeout_ms));
+    }
     match publisher.publish(&request, correlation_id).await? {
         Some(published) => println!(
             "published to {} as {} correlationId={}",
