@@ -154,8 +154,14 @@ async fn the_guide_takes_a_python_plugin_from_nothing_to_a_running_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_dev_redeploys_on_save_and_shows_how_entries_come_out() {
-    let name = "guide-dev";
-    let env = TestEnv::start(Options::new(&[]).operator_migrations()).await;
+    plugin_dev_loop(Options::new(&[]), "guide-dev").await;
+}
+
+/// `plugin dev` on a new project `name` with a host started with `options`: it loads the build,
+/// shows how entries come out, and redeploys on a save. Tests that run at once need names of
+/// their own: a project's build lands in a file named after it in the shared target directory.
+pub(crate) async fn plugin_dev_loop(options: Options, name: &str) {
+    let env = TestEnv::start(options.operator_migrations()).await;
     let project = new_project(&env, "rust", name);
     operator_adds(&env, &project, name).await;
     // A first build outside any deadline (cold, it compiles the SDK's dependencies).

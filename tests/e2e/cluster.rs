@@ -420,6 +420,18 @@ async fn every_tool_runs_against_a_redis_cluster() {
         .expect("a dead letter id")
         .to_string();
     ok(env.run(&["dlq", "show", &id]), "dlq show");
+    // `reprocess` reads history with XRANGE on the stream's node.
+    let reprocessed = ok(
+        env.run(&[
+            "reprocess",
+            "--stream",
+            "ml-insights-results",
+            "--from",
+            "0",
+        ]),
+        "reprocess",
+    );
+    assert!(reprocessed.contains("finished"), "{reprocessed}");
     let replayed = json(&["dlq", "replay", &id, "--json"]);
     let new_id = replayed[0]["new_id"]
         .as_str()
@@ -475,4 +487,11 @@ async fn every_tool_runs_against_a_redis_cluster() {
         .expect("drop a tool's database");
     }
     env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_dev_runs_against_a_redis_cluster() {
+    let cluster = RedisCluster::start().await;
+    crate::authoring::plugin_dev_loop(Options::new(&[]).on_cluster(&cluster), "guide-dev-cluster")
+        .await;
 }
