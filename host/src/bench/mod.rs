@@ -65,6 +65,8 @@ pub struct BenchOptions {
     pub reprocess: bool,
     /// The run's `--rate` (`None`: full speed).
     pub reprocess_rate: Option<u64>,
+    /// Host processes run side by side (the baseline is always one process).
+    pub hosts: usize,
 }
 
 impl BenchOptions {
@@ -113,6 +115,11 @@ pub struct Figures {
 /// Runs the bench and returns the figures of each subject (the host first).
 pub async fn run(options: &BenchOptions) -> Result<Vec<Figures>> {
     let data = Generated::new(options.entries, options.mix, options.embedding_dims);
+    if options.baseline && !options.redis_cluster_nodes.is_empty() {
+        anyhow::bail!(
+            "--baseline: the reference consumer reads one Redis server (REDIS_URL), not a Redis Cluster; run it without redis_cluster_nodes"
+        );
+    }
     if options.reprocess {
         let Some(rate) = options.rate else {
             anyhow::bail!("--reprocess measures the live latency beside a run: give --rate");
@@ -258,7 +265,21 @@ async fn run_subject(
     }
     let metrics_port = free_port()?;
     let log = std::env::temp_dir().join(format!("kaleidoscope-bench-{}.log", subject.name()));
-    let mut child = spawn(options, subject, &prefix, metrics_port, &log)?;
+    let mut child = spawn(options, subject, &prefix, "bench", metrics_port, &log)?;
+    // The rest of the fleet: the host only, each on a port and a log of its own.
+    let mut fleet = Vec::new();
+    if matches!(subject, Subject::Host(_)) {
+        for n in 2..=options.hosts {
+            let port = free_port()?;
+            let log =
+                std::env::temp_dir().join(format!("kaleidoscope-bench-{}-{n}.log", subject.name()));
+            let consumer = format!("bench-{n}");
+            fleet.push((
+                spawn(options, subject, &prefix, &consumer, port, &log)?,
+                port,
+            ));
+        }
+    }
     let mut offered_at = None;
     let outcome = async {
         if let Some(rate) = options.rate {
@@ -278,13 +299,19 @@ async fn run_subject(
         .await
     }
     .await;
-    let peak_rss_mb = peak_rss_mb(&child);
-    let cpu_seconds = cpu_seconds(&child);
-    let plugin_seconds = match subject {
+    let mut peak_rss_mb = peak_rss_mb(&child);
+    let mut cpu_seconds = cpu_seconds(&child);
+    let mut plugin_seconds = match subject {
         Subject::Host(_) => scrape_plugin_seconds(metrics_port).await,
         Subject::Baseline => None,
     };
     stop(&mut child);
+    for (mut host, port) in fleet {
+        peak_rss_mb = max_of(peak_rss_mb, process::peak_rss_mb(&host));
+        cpu_seconds = sum_of(cpu_seconds, process::cpu_seconds(&host));
+        plugin_seconds = sum_of(plugin_seconds, scrape_plugin_seconds(port).await);
+        stop(&mut host);
+    }
     let drained = outcome?;
     let first_to_last = drained.first_to_last;
 
@@ -306,7 +333,12 @@ async fn run_subject(
         ),
     };
     Ok(Figures {
-        subject: subject.label(),
+        subject: match subject {
+            Subject::Host(_) if options.hosts > 1 => {
+                format!("{} ×{}", subject.label(), options.hosts)
+            }
+            _ => subject.label(),
+        },
         entries: data.len(),
         entries_per_second: data.len() as f64 / drain.max(1e-9),
         seconds: drain,
@@ -319,6 +351,16 @@ async fn run_subject(
         first_tenth_per_second: tenths.map(|t| t.0),
         last_tenth_per_second: tenths.map(|t| t.1),
     })
+}
+
+/// Both figures summed, or nothing when either is unknown.
+fn sum_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    Some(a? + b?)
+}
+
+/// The larger figure, or nothing when either is unknown.
+fn max_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    Some(a?.max(b?))
 }
 
 /// Plans `rollout` for the host about to start: it follows it from its first batch.

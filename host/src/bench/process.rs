@@ -24,6 +24,7 @@ pub(super) fn spawn(
     options: &BenchOptions,
     subject: Subject,
     prefix: &str,
+    consumer: &str,
     metrics_port: u16,
     log: &Path,
 ) -> Result<Child> {
@@ -38,7 +39,7 @@ pub(super) fn spawn(
                     "KALEIDOSCOPE_HTTP_ADDR",
                     format!("127.0.0.1:{metrics_port}"),
                 )
-                .env("KALEIDOSCOPE_CONSUMER_NAME", "bench")
+                .env("KALEIDOSCOPE_CONSUMER_NAME", consumer)
                 .env("KALEIDOSCOPE_WATCH_PLUGINS", "false")
                 .env("KALEIDOSCOPE_LOG_FORMAT", "text");
             command

@@ -29,7 +29,7 @@ pub(super) async fn live_beside_a_run(
     let metrics_port = free_port()?;
     let log = std::env::temp_dir().join("kaleidoscope-bench-reprocess-host.log");
     let run_log = std::env::temp_dir().join("kaleidoscope-bench-reprocess-run.log");
-    let mut child = spawn(options, subject, &prefix, metrics_port, &log)?;
+    let mut child = spawn(options, subject, &prefix, "bench", metrics_port, &log)?;
     let outcome = async {
         drain(
             options,

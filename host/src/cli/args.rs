@@ -163,6 +163,11 @@ pub enum Command {
         /// With --reprocess: the run's own --rate (default: full speed).
         #[arg(long, value_name = "ENTRIES_PER_SECOND", requires = "reprocess")]
         reprocess_rate: Option<u64>,
+        /// Run this many host processes side by side (one consumer group, consumer names
+        /// `bench`, `bench-2`, …): the drain rate of a fleet on this machine. Their CPU time is
+        /// summed, their peak memory is the largest one's.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+        hosts: u16,
         /// With --candidate: the share of the entries the shadow runs on.
         #[arg(long, value_name = "PERCENT", default_value_t = 100.0, value_parser = percent)]
         shadow_percent: f64,

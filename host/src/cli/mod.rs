@@ -162,6 +162,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             shadow_percent,
             reprocess,
             reprocess_rate,
+            hosts,
             json,
         } => {
             let config = load_config(file)?;
@@ -184,6 +185,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 rollout,
                 reprocess,
                 reprocess_rate,
+                hosts: usize::from(hosts),
             };
             commands::bench(&options, json).await
         }
