@@ -20,11 +20,12 @@ fn names_with_prefix(text: &str, prefixes: &[&str]) -> BTreeSet<String> {
         .collect()
 }
 
-const DEPLOYMENT_FILES: [&str; 5] = [
+const DEPLOYMENT_FILES: [&str; 6] = [
     "Dockerfile",
     "compose.yaml",
     "ops/compose/cluster.yaml",
     "ops/kubernetes/kaleidoscope.yaml",
+    "ops/kubernetes/redis-cluster.patch.yaml",
     "ops/systemd/kaleidoscope.service",
 ];
 
