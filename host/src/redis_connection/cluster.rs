@@ -138,16 +138,6 @@ impl Topology {
         nodes.dedup();
         nodes
     }
-
-    /// Slots no primary serves (the cluster is down for their keys).
-    pub fn unserved_slots(&self) -> u32 {
-        let served: u32 = self
-            .ranges
-            .iter()
-            .map(|(first, last, _)| u32::from(*last) - u32::from(*first) + 1)
-            .sum();
-        u32::from(SLOTS).saturating_sub(served)
-    }
 }
 
 /// One node of the cluster as `CLUSTER NODES` describes it: for `status` and `/metrics`, which
@@ -439,6 +429,5 @@ d4 127.0.0.1:7003@17003 slave a1 0 0 1 connected
         assert_eq!(topology.primary_of(0), Some("127.0.0.1:7000"));
         assert_eq!(topology.primary_of(5461), Some("127.0.0.1:7001"));
         assert_eq!(topology.primaries(), ["127.0.0.1:7000", "127.0.0.1:7001"]);
-        assert_eq!(topology.unserved_slots(), 0);
     }
 }

@@ -88,16 +88,6 @@ impl RedisClient {
         RedisClient::new(&config.redis_url, &config.redis_cluster_nodes)
     }
 
-    /// Whether this is a Redis Cluster (commands are routed by key slot).
-    pub fn is_cluster(&self) -> bool {
-        matches!(self.servers, Servers::Cluster(_))
-    }
-
-    /// The server or cluster, for messages (`host:port`, never the password).
-    pub fn describe(&self) -> &str {
-        &self.description
-    }
-
     /// The reconnecting connection shared by a process's short commands, checked with a PING.
     pub async fn shared(&self) -> Result<RedisConnection> {
         let mut conn = match &self.servers {
@@ -198,18 +188,6 @@ impl RedisConnection {
                 }
                 pipe.query_async(self).await
             }
-        }
-    }
-
-    /// The primary node that holds `key` (`host:port`), or `None` on a single server.
-    pub async fn node_of(&mut self, key: &str) -> Result<Option<String>> {
-        match self {
-            RedisConnection::Cluster(conn) => {
-                let slot = cluster::slot_of(key.as_bytes());
-                let topology = cluster::Topology::read(conn).await?;
-                Ok(topology.primary_of(slot).map(str::to_string))
-            }
-            _ => Ok(None),
         }
     }
 
