@@ -495,3 +495,51 @@ async fn plugin_dev_runs_against_a_redis_cluster() {
     crate::authoring::plugin_dev_loop(Options::new(&[]).on_cluster(&cluster), "guide-dev-cluster")
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_group_on_a_cluster_node_is_recreated_and_nothing_runs_twice() {
+    let cluster = RedisCluster::start().await;
+    crate::faults::vanished_group_is_recreated(Options::new(&["insights"]).on_cluster(&cluster))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_moving_to_another_node_under_load_loses_and_doubles_nothing() {
+    const COUNT: i64 = 1500;
+    let cluster = RedisCluster::start().await;
+    let env = TestEnv::start(
+        Options::new(&["face-detection"])
+            .retries(5, 1500)
+            .on_cluster(&cluster),
+    )
+    .await;
+    let media: Vec<i64> = (1..=COUNT).collect();
+    env.seed_media(1, &media).await;
+    let key = env.key(DETECTION);
+    let all: Vec<_> = media.iter().map(|m| detection(*m)).collect();
+    let mut chunks = all.chunks(100);
+    for chunk in chunks.by_ref().take(5) {
+        env.publish_many(DETECTION, chunk).await;
+    }
+    eventually("the host to have processed some entries", || async {
+        (env.ledger_count(DETECTION).await > 100).then_some(())
+    })
+    .await;
+    // The stream's slot moves (its entries, its group and pending list with it) while the host
+    // reads and acknowledges: its commands meet ASK, then MOVED, and follow.
+    let before = cluster.primary_of(&key).await;
+    let after = cluster.move_slot_of(&key).await;
+    assert_ne!(before, after);
+    assert_eq!(cluster.primary_of(&key).await, after);
+    for chunk in chunks {
+        env.publish_many(DETECTION, chunk).await;
+    }
+    eventually("every entry to be processed", || async {
+        (env.ledger_count(DETECTION).await == COUNT).then_some(())
+    })
+    .await;
+    assert_faces_exactly_once(&env, &media.iter().copied().collect()).await;
+    env.await_no_pending(DETECTION).await;
+    assert!(env.dead_letters().await.is_empty());
+    env.finish().await;
+}

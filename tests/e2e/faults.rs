@@ -389,7 +389,13 @@ async fn postgres_refusing_connections_delays_but_loses_and_doubles_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_consumer_group_is_recreated_and_nothing_runs_twice() {
-    let env = TestEnv::start(Options::new(&["insights"])).await;
+    vanished_group_is_recreated(Options::new(&["insights"])).await;
+}
+
+/// Destroys the group of the insights stream under a host started with `options` (its plugins:
+/// insights): the host recreates it, the entry before is recognised, the one after stored.
+pub(crate) async fn vanished_group_is_recreated(options: Options) {
+    let env = TestEnv::start(options).await;
     env.seed_media(1, &[1, 2]).await;
     let first = env
         .publish(

@@ -165,6 +165,113 @@ impl RedisCluster {
         panic!("no primary serves slot {slot} of {key:?}");
     }
 
+    /// Moves the slot of `key`, with its keys, from the primary serving it to another primary
+    /// (as `redis-cli --cluster reshard` moves slots: IMPORTING, MIGRATING, MIGRATE, NODE), while
+    /// clients go on using it; returns the new primary's port.
+    pub async fn move_slot_of(&self, key: &str) -> u16 {
+        let from = self.primary_of(key).await;
+        let to = self
+            .primaries()
+            .await
+            .into_iter()
+            .find(|p| *p != from)
+            .expect("another primary");
+        let mut source = connect(&url(from)).await.expect("the source primary");
+        let mut target = connect(&url(to)).await.expect("the target primary");
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut source)
+            .await
+            .expect("CLUSTER KEYSLOT");
+        let id = |conn: &mut redis::aio::MultiplexedConnection| {
+            let mut conn = conn.clone();
+            async move {
+                redis::cmd("CLUSTER")
+                    .arg("MYID")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .expect("CLUSTER MYID")
+            }
+        };
+        let (source_id, target_id) = (id(&mut source).await, id(&mut target).await);
+        let set_slot = |conn: &mut redis::aio::MultiplexedConnection, state: &str, node: &str| {
+            let mut conn = conn.clone();
+            let (state, node) = (state.to_string(), node.to_string());
+            async move {
+                redis::cmd("CLUSTER")
+                    .arg("SETSLOT")
+                    .arg(slot)
+                    .arg(&state)
+                    .arg(&node)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .unwrap_or_else(|e| panic!("CLUSTER SETSLOT {slot} {state}: {e}"));
+            }
+        };
+        set_slot(&mut target, "IMPORTING", &source_id).await;
+        set_slot(&mut source, "MIGRATING", &target_id).await;
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(100)
+                .query_async(&mut source)
+                .await
+                .expect("CLUSTER GETKEYSINSLOT");
+            if keys.is_empty() {
+                break;
+            }
+            let _: () = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(10_000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query_async(&mut source)
+                .await
+                .expect("MIGRATE");
+        }
+        set_slot(&mut target, "NODE", &target_id).await;
+        set_slot(&mut source, "NODE", &target_id).await;
+        for port in self.running_ports() {
+            if let Some(mut other) = connect(&url(port)).await {
+                let _: redis::RedisResult<()> = redis::cmd("CLUSTER")
+                    .arg("SETSLOT")
+                    .arg(slot)
+                    .arg("NODE")
+                    .arg(&target_id)
+                    .query_async(&mut other)
+                    .await;
+            }
+        }
+        to
+    }
+
+    /// The ports of the running primaries.
+    async fn primaries(&self) -> Vec<u16> {
+        let mut primaries = Vec::new();
+        for port in self.running_ports() {
+            if info(&url(port), "INFO", Some("replication"))
+                .await
+                .is_some_and(|i| i.contains("role:master"))
+            {
+                primaries.push(port);
+            }
+        }
+        primaries
+    }
+
+    fn running_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.port)
+            .collect()
+    }
+
     /// Kills the node on `port` with SIGKILL (no chance to hand anything over).
     pub fn kill(&mut self, port: u16) {
         let node = self
@@ -238,6 +345,10 @@ fn free_ports(count: usize) -> Vec<u16> {
         held.push(listener);
     }
     ports
+}
+
+fn url(port: u16) -> String {
+    format!("redis://127.0.0.1:{port}")
 }
 
 async fn connect(url: &str) -> Option<redis::aio::MultiplexedConnection> {
