@@ -3,27 +3,19 @@
 //! and the tools.
 
 use crate::redis_cluster::RedisCluster;
-use crate::support::{Options, TestEnv, await_exit, eventually, signal};
+use crate::support::{Options, TestEnv, await_exit, detection, eventually, signal};
 use std::collections::BTreeSet;
 
 const DETECTION: &str = "face-detection-results";
 const ERRORS: &str = "ml-error-results";
-
-/// A face-detection result with two faces for `media`.
-fn detection(media: i64) -> Vec<(String, String)> {
-    vec![
-        ("mediaId".into(), media.to_string()),
-        ("postId".into(), "1".into()),
-        ("facesDetected".into(), "2".into()),
-        (
-            "faces".into(),
-            format!(
-                r#"[{{"faceId": "{media}-a", "bbox": [0, 0, 10, 10], "confidence": 0.9}}, {{"faceId": "{media}-b", "bbox": [20, 20, 40, 40], "confidence": 0.8}}]"#
-            ),
-        ),
-        ("correlationId".into(), format!("c-{media}")),
-    ]
-}
+/// Every shipped plugin: every inbound stream consumed.
+const ALL_PLUGINS: [&str; 5] = [
+    "face-detection",
+    "face-recognition",
+    "insights",
+    "ml-errors",
+    "user-face-embeddings",
+];
 
 /// An error result in the seed's shape.
 fn error(n: i64) -> Vec<(String, String)> {
@@ -32,6 +24,27 @@ fn error(n: i64) -> Vec<(String, String)> {
         ("error".into(), format!("model crashed {n}")),
         ("status".into(), "FAILED".into()),
     ]
+}
+
+/// A cluster of its own and an environment on it with the face-detection plugin (fast retries),
+/// `count` media seeded, their detections made; the host started when `host` says so.
+async fn detections_on_a_cluster(
+    count: i64,
+    host: bool,
+) -> (RedisCluster, TestEnv, Vec<i64>, Vec<Vec<(String, String)>>) {
+    let cluster = RedisCluster::start().await;
+    let options = Options::new(&["face-detection"])
+        .retries(5, 1500)
+        .on_cluster(&cluster);
+    let env = if host {
+        TestEnv::start(options).await
+    } else {
+        TestEnv::prepare(options).await
+    };
+    let media: Vec<i64> = (1..=count).collect();
+    env.seed_media(1, &media).await;
+    let entries = media.iter().map(|m| detection(*m)).collect();
+    (cluster, env, media, entries)
 }
 
 /// Asserts the faces of `media` are stored exactly once each: two per media, none written
@@ -64,14 +77,7 @@ async fn assert_faces_exactly_once(env: &TestEnv, media: &BTreeSet<i64>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_host_consumes_every_stream_of_a_redis_cluster_exactly_once() {
     let cluster = RedisCluster::start().await;
-    let plugins = [
-        "face-detection",
-        "face-recognition",
-        "insights",
-        "ml-errors",
-        "user-face-embeddings",
-    ];
-    let env = TestEnv::start(Options::new(&plugins).on_cluster(&cluster)).await;
+    let env = TestEnv::start(Options::new(&ALL_PLUGINS).on_cluster(&cluster)).await;
     let streams: Vec<String> = env
         .host()
         .state()
@@ -155,17 +161,8 @@ async fn the_host_consumes_every_stream_of_a_redis_cluster_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hosts_on_a_cluster_survive_a_sigkill_of_one() {
     const COUNT: i64 = 1500;
-    let cluster = RedisCluster::start().await;
-    let env = TestEnv::prepare(
-        Options::new(&["face-detection"])
-            .retries(5, 1500)
-            .on_cluster(&cluster),
-    )
-    .await;
-    let media: Vec<i64> = (1..=COUNT).collect();
-    env.seed_media(1, &media).await;
+    let (_cluster, env, media, all) = detections_on_a_cluster(COUNT, false).await;
     let mut victim = env.spawn_host("host-a");
-    let all: Vec<_> = media.iter().map(|m| detection(*m)).collect();
     let (first, rest) = all.split_at(500);
     env.publish_many(DETECTION, first).await;
     eventually("the first host to have processed some entries", || async {
@@ -174,23 +171,7 @@ async fn two_hosts_on_a_cluster_survive_a_sigkill_of_one() {
     .await;
     // A second host joins under load; the first is killed while it holds entries.
     let mut survivor = env.spawn_host("host-b");
-    let mut chunks = rest.chunks(100);
-    let deadline = std::time::Instant::now() + crate::support::DEADLINE;
-    while env.pending_for(DETECTION, "host-a").await == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the first host never held an entry"
-        );
-        if let Some(chunk) = chunks.next() {
-            env.publish_many(DETECTION, chunk).await;
-        }
-        tokio::task::yield_now().await;
-    }
-    signal(&victim, "KILL");
-    await_exit(&mut victim).await;
-    for chunk in chunks {
-        env.publish_many(DETECTION, chunk).await;
-    }
+    crate::support::kill_while_it_holds_entries(&env, DETECTION, &mut victim, "host-a", rest).await;
     eventually("every entry to be processed", || async {
         (env.ledger_count(DETECTION).await == COUNT).then_some(())
     })
@@ -229,15 +210,7 @@ async fn publish_confirmed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_failover_under_load_loses_and_doubles_no_confirmed_entry() {
     const COUNT: i64 = 2000;
-    let mut cluster = RedisCluster::start().await;
-    let env = TestEnv::prepare(
-        Options::new(&["face-detection"])
-            .retries(5, 1500)
-            .on_cluster(&cluster),
-    )
-    .await;
-    let media: Vec<i64> = (1..=COUNT).collect();
-    env.seed_media(1, &media).await;
+    let (mut cluster, env, media, _) = detections_on_a_cluster(COUNT, false).await;
     let http = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
         listener.local_addr().expect("its address")
@@ -341,14 +314,7 @@ async fn a_primary_failover_under_load_loses_and_doubles_no_confirmed_entry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_tool_runs_against_a_redis_cluster() {
     let cluster = RedisCluster::start().await;
-    let plugins = [
-        "face-detection",
-        "face-recognition",
-        "insights",
-        "ml-errors",
-        "user-face-embeddings",
-    ];
-    let env = TestEnv::start(Options::new(&plugins).on_cluster(&cluster)).await;
+    let env = TestEnv::start(Options::new(&ALL_PLUGINS).on_cluster(&cluster)).await;
     env.seed_media(1, &[1, 2]).await;
     let ok = |(succeeded, printed): (bool, String), what: &str| {
         assert!(succeeded, "{what} against the cluster failed: {printed}");
@@ -506,17 +472,8 @@ async fn a_vanished_group_on_a_cluster_node_is_recreated_and_nothing_runs_twice(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_moving_to_another_node_under_load_loses_and_doubles_nothing() {
     const COUNT: i64 = 1500;
-    let cluster = RedisCluster::start().await;
-    let env = TestEnv::start(
-        Options::new(&["face-detection"])
-            .retries(5, 1500)
-            .on_cluster(&cluster),
-    )
-    .await;
-    let media: Vec<i64> = (1..=COUNT).collect();
-    env.seed_media(1, &media).await;
+    let (cluster, env, media, all) = detections_on_a_cluster(COUNT, true).await;
     let key = env.key(DETECTION);
-    let all: Vec<_> = media.iter().map(|m| detection(*m)).collect();
     let mut chunks = all.chunks(100);
     for chunk in chunks.by_ref().take(5) {
         env.publish_many(DETECTION, chunk).await;

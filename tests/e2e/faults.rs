@@ -1,27 +1,13 @@
 //! Faults done for real: a host killed with SIGKILL, SIGTERM under load, Redis connections
 //! killed and Redis paused, PostgreSQL refusing connections.
 
-use crate::support::{ADMIN_URL, HostProcess, Options, TestEnv, await_exit, eventually, signal};
+use crate::support::{
+    ADMIN_URL, HostProcess, Options, TestEnv, await_exit, detection, eventually, signal,
+};
 use std::time::Duration;
 
 const DETECTION: &str = "face-detection-results";
 const INSIGHTS: &str = "ml-insights-results";
-
-/// A face-detection result with two faces for `media`.
-fn detection(media: i64) -> Vec<(String, String)> {
-    vec![
-        ("mediaId".into(), media.to_string()),
-        ("postId".into(), "1".into()),
-        ("facesDetected".into(), "2".into()),
-        (
-            "faces".into(),
-            format!(
-                r#"[{{"faceId": "{media}-a", "bbox": [0, 0, 10, 10], "confidence": 0.9}}, {{"faceId": "{media}-b", "bbox": [20, 20, 40, 40], "confidence": 0.8}}]"#
-            ),
-        ),
-        ("correlationId".into(), format!("c-{media}")),
-    ]
-}
 
 fn caption(media: i64) -> Vec<(String, String)> {
     vec![
@@ -72,25 +58,8 @@ async fn two_hosts_share_a_group_and_survive_a_sigkill_of_one() {
         (env.ledger_count(DETECTION).await > 200).then_some(())
     })
     .await;
-    // Kill the victim while it holds entries, so the survivor has something to reclaim: while it
-    // holds none, feed it more.
-    let mut chunks = rest.chunks(100);
-    let deadline = std::time::Instant::now() + crate::support::DEADLINE;
-    while env.pending_for(DETECTION, "host-a").await == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the victim never held an entry"
-        );
-        if let Some(chunk) = chunks.next() {
-            env.publish_many(DETECTION, chunk).await;
-        }
-        tokio::task::yield_now().await;
-    }
-    signal(&victim, "KILL");
-    await_exit(&mut victim).await;
-    for chunk in chunks {
-        env.publish_many(DETECTION, chunk).await;
-    }
+    // Kill the victim while it holds entries, so the survivor has something to reclaim.
+    crate::support::kill_while_it_holds_entries(&env, DETECTION, &mut victim, "host-a", rest).await;
 
     eventually("every entry to be processed", || async {
         (env.ledger_count(DETECTION).await == COUNT).then_some(())

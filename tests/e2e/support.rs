@@ -1022,3 +1022,45 @@ pub async fn stream_goes_on(env: &TestEnv) {
         .await;
     env.await_processed(SCRIPTED, &next).await;
 }
+
+/// A face-detection result with two faces for `media`.
+pub fn detection(media: i64) -> Vec<(String, String)> {
+    vec![
+        ("mediaId".into(), media.to_string()),
+        ("postId".into(), "1".into()),
+        ("facesDetected".into(), "2".into()),
+        (
+            "faces".into(),
+            format!(
+                r#"[{{"faceId": "{media}-a", "bbox": [0, 0, 10, 10], "confidence": 0.9}}, {{"faceId": "{media}-b", "bbox": [20, 20, 40, 40], "confidence": 0.8}}]"#
+            ),
+        ),
+        ("correlationId".into(), format!("c-{media}")),
+    ]
+}
+
+/// Publishes `entries` of `stream` in chunks of 100 until the host `victim` (consumer `name`)
+/// holds an entry, kills it with SIGKILL there, and publishes the rest: a kill that leaves the
+/// others something to reclaim.
+pub async fn kill_while_it_holds_entries(
+    env: &TestEnv,
+    stream: &str,
+    victim: &mut HostProcess,
+    name: &str,
+    entries: &[Vec<(String, String)>],
+) {
+    let mut chunks = entries.chunks(100);
+    let deadline = Instant::now() + DEADLINE;
+    while env.pending_for(stream, name).await == 0 {
+        assert!(Instant::now() < deadline, "{name} never held an entry");
+        if let Some(chunk) = chunks.next() {
+            env.publish_many(stream, chunk).await;
+        }
+        tokio::task::yield_now().await;
+    }
+    signal(victim, "KILL");
+    await_exit(victim).await;
+    for chunk in chunks {
+        env.publish_many(stream, chunk).await;
+    }
+}
