@@ -500,3 +500,53 @@ async fn a_stream_moving_to_another_node_under_load_loses_and_doubles_nothing() 
     assert!(env.dead_letters().await.is_empty());
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_a_node_that_is_down_and_reports_the_rest() {
+    // Without full coverage the other nodes serve on while one shard is gone altogether.
+    let mut cluster = RedisCluster::start_with(&["--cluster-require-full-coverage", "no"]).await;
+    let env = TestEnv::start(Options::new(&ALL_PLUGINS).on_cluster(&cluster)).await;
+    let heartbeat = format!(
+        "{}kaleidoscope:hosts:{}:{}",
+        env.prefix, env.config.consumer_group, env.config.consumer_name
+    );
+    let heartbeat_node = cluster.primary_of(&heartbeat).await;
+    // A stream on another primary than the heartbeat's: that shard goes down, primary and replica.
+    let mut lost = None;
+    for stream in ALL_PLUGINS
+        .iter()
+        .flat_map(|_| ["ml-insights-results", DETECTION, ERRORS])
+    {
+        let node = cluster.primary_of(&env.key(stream)).await;
+        if node != heartbeat_node {
+            lost = Some((stream, node));
+            break;
+        }
+    }
+    let (stream, node) = lost.expect("a stream on another node than the heartbeat");
+    let replica = cluster.replica_of(node).await;
+    cluster.kill(replica);
+    cluster.kill(node);
+    let dead = format!("127.0.0.1:{node}");
+    let report = eventually("status to name the node that is down", || async {
+        let output = env.command(&["status", "--json"]);
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        report["problems"]
+            .to_string()
+            .contains(&format!("Redis Cluster node {dead} (primary) is down"))
+            .then_some(report)
+    })
+    .await;
+    let problems = report["problems"].to_string();
+    assert!(
+        problems.contains(&format!("stream {stream}: cannot be read from node {dead}")),
+        "{problems}"
+    );
+    assert_eq!(
+        report["hosts"].as_array().map(Vec::len),
+        Some(1),
+        "{report:#}"
+    );
+    assert_eq!(report["healthy"], false);
+    env.finish().await;
+}

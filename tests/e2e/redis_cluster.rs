@@ -22,17 +22,25 @@ struct Node {
 pub struct RedisCluster {
     dir: PathBuf,
     nodes: Vec<Node>,
+    /// More `redis-server` options for every node.
+    options: Vec<String>,
 }
 
 impl RedisCluster {
     /// Starts six nodes, joins them into a cluster of three primaries with a replica each, and
     /// waits until every node sees all slots served and every replica is in sync.
     pub async fn start() -> RedisCluster {
+        RedisCluster::start_with(&[]).await
+    }
+
+    /// [`RedisCluster::start`] with more `redis-server` options (`["--name", "value"]`).
+    pub async fn start_with(options: &[&str]) -> RedisCluster {
         let dir = std::env::temp_dir().join(unique("redis-cluster"));
         std::fs::create_dir_all(&dir).expect("a directory for the cluster's files");
         let mut cluster = RedisCluster {
             dir,
             nodes: Vec::new(),
+            options: options.iter().map(|o| o.to_string()).collect(),
         };
         for port in free_ports(6) {
             let child = cluster.spawn_node(port);
@@ -79,6 +87,7 @@ impl RedisCluster {
             // A replica may always take over, however long it was cut off.
             .args(["--cluster-replica-validity-factor", "0"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(&self.options)
             .arg("--dir")
             .arg(&self.dir)
             .stdin(Stdio::null())
@@ -248,6 +257,21 @@ impl RedisCluster {
             }
         }
         to
+    }
+
+    /// The port of the replica of the primary on `port`.
+    pub async fn replica_of(&self, port: u16) -> u16 {
+        for other in self.running_ports() {
+            if info(&url(other), "INFO", Some("replication"))
+                .await
+                .is_some_and(|i| {
+                    i.contains("role:slave") && i.contains(&format!("master_port:{port}"))
+                })
+            {
+                return other;
+            }
+        }
+        panic!("no replica of {port}");
     }
 
     /// The ports of the running primaries.

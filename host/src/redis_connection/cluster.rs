@@ -226,43 +226,63 @@ fn parse_nodes(text: &str) -> Vec<NodeState> {
     nodes
 }
 
-/// Every key matching `pattern` on every primary of the cluster.
+/// Every key matching `pattern` on every primary of the cluster that answers. A primary that
+/// does not (down, and not failed over yet) is named in a warning and left out — its keys are
+/// not listed — so a listing (the hosts' heartbeats) still works with one node down; only when
+/// no primary answers is it an error.
 pub(super) async fn keys_matching(
     conn: &mut ClusterConnection,
     pattern: &str,
 ) -> Result<Vec<String>> {
     let mut keys = Vec::new();
-    for node in Topology::read(conn).await?.primaries() {
-        let (host, port) = crate::config::split_cluster_node(&node)?;
-        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-            host: host.to_string(),
-            port,
-        });
-        let mut cursor = 0u64;
-        loop {
-            let reply = conn
-                .route_command(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(500)
-                        .clone(),
-                    route.clone(),
-                )
-                .await
-                .with_context(|| format!("SCAN for keys matching {pattern:?} on {node} failed"))?;
-            let (next, batch): (u64, Vec<String>) = redis::from_redis_value(reply)
-                .map_err(|e| anyhow!("SCAN on {node} replied: {e}"))?;
-            keys.extend(batch);
-            if next == 0 {
-                break;
+    let mut failures = Vec::new();
+    let primaries = Topology::read(conn).await?.primaries();
+    for node in &primaries {
+        match scan_node(conn, node, pattern).await {
+            Ok(found) => keys.extend(found),
+            Err(error) => {
+                tracing::warn!(node, "keys matching {pattern:?} not listed: {error:#}");
+                failures.push(error);
             }
-            cursor = next;
         }
     }
-    Ok(keys)
+    match failures.pop() {
+        Some(error) if failures.len() + 1 == primaries.len() => Err(error),
+        _ => Ok(keys),
+    }
+}
+
+/// Every key matching `pattern` on the primary `node` (`host:port`).
+async fn scan_node(conn: &mut ClusterConnection, node: &str, pattern: &str) -> Result<Vec<String>> {
+    let (host, port) = crate::config::split_cluster_node(node)?;
+    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+        host: host.to_string(),
+        port,
+    });
+    let mut keys = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let reply = conn
+            .route_command(
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(500)
+                    .clone(),
+                route.clone(),
+            )
+            .await
+            .with_context(|| format!("SCAN for keys matching {pattern:?} on {node} failed"))?;
+        let (next, batch): (u64, Vec<String>) =
+            redis::from_redis_value(reply).map_err(|e| anyhow!("SCAN on {node} replied: {e}"))?;
+        keys.extend(batch);
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
+    }
 }
 
 /// Runs `commands` as one pipeline per slot, all at once, and returns their replies in the

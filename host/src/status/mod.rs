@@ -197,9 +197,33 @@ pub async fn collect(
     }
     let mut request_streams = Vec::new();
     for stream in crate::ml::REQUEST_STREAMS {
-        request_streams.push(request_stream_report(conn, config, stream).await?);
+        match request_stream_report(conn, config, stream).await {
+            Ok(report) => request_streams.push(report),
+            // On a cluster one node down hides only its own streams.
+            Err(error) if conn.is_cluster() => problems.push(format!(
+                "request stream {stream}: cannot be read: {}",
+                crate::text::causes(&error)
+            )),
+            Err(error) => return Err(error),
+        }
     }
-    let dead_letters = dead_letter_report(conn, config).await?;
+    let dead_letters = match dead_letter_report(conn, config).await {
+        Ok(report) => report,
+        Err(error) if conn.is_cluster() => {
+            problems.push(format!(
+                "dead-letter stream {}: cannot be read: {}",
+                config.dlq_stream,
+                crate::text::causes(&error)
+            ));
+            DeadLetterReport {
+                stream: config.dlq_stream.clone(),
+                length: 0,
+                by_kind: BTreeMap::new(),
+                scanned: 0,
+            }
+        }
+        Err(error) => return Err(error),
+    };
     let requests = match pool {
         Some(pool) => match requests_by_status(pool).await {
             Ok(requests) => Some(requests),
