@@ -477,14 +477,20 @@ pub async fn add<C: ConnectionLike>(
     if fields.is_empty() {
         bail!("cannot add an entry without fields to {key:?}");
     }
+    xadd(key, fields)
+        .query_async(conn)
+        .await
+        .with_context(|| format!("XADD to {key:?} failed"))
+}
+
+/// `XADD key * field value …`: one new entry with an id Redis chooses.
+pub fn xadd(key: &str, fields: &[(String, String)]) -> redis::Cmd {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(key).arg("*");
     for (k, v) in fields {
         cmd.arg(k).arg(v);
     }
-    cmd.query_async(conn)
-        .await
-        .with_context(|| format!("XADD to {key:?} failed"))
+    cmd
 }
 
 /// [`add`], then `WAIT replicas timeout` on the same connection (one pipeline, so on a cluster
@@ -500,10 +506,7 @@ pub async fn add_and_wait(
         bail!("cannot add an entry without fields to {key:?}");
     }
     let mut pipe = redis::pipe();
-    let add = pipe.cmd("XADD").arg(key).arg("*");
-    for (k, v) in fields {
-        add.arg(k).arg(v);
-    }
+    pipe.add_command(xadd(key, fields));
     pipe.cmd("WAIT")
         .arg(replicas)
         .arg(timeout.as_millis() as u64);
@@ -532,14 +535,7 @@ pub async fn publish_outbox_then_ack(
     }
     let mut commands: Vec<redis::Cmd> = messages
         .iter()
-        .map(|(stream_key, fields)| {
-            let mut cmd = redis::cmd("XADD");
-            cmd.arg(stream_key).arg("*");
-            for (k, v) in fields {
-                cmd.arg(k).arg(v);
-            }
-            cmd
-        })
+        .map(|(stream_key, fields)| xadd(stream_key, fields))
         .collect();
     let ack = (!ids.is_empty()).then(|| redis::cmd("XACK").arg(key).arg(group).arg(ids).clone());
     let failed = || {

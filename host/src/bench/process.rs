@@ -19,6 +19,20 @@ pub(super) fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// `command` (a subject, or a tool the bench runs beside it) pointed at the bench's database,
+/// Redis (server or cluster) and stream prefix.
+pub(super) fn with_deployment<'c>(
+    command: &'c mut Command,
+    options: &BenchOptions,
+    prefix: &str,
+) -> &'c mut Command {
+    command
+        .env("DATABASE_URL", &options.database_url)
+        .env("REDIS_URL", &options.redis_url)
+        .env("REDIS_CLUSTER_NODES", options.redis_cluster_nodes.join(","))
+        .env("KALEIDOSCOPE_STREAM_PREFIX", prefix)
+}
+
 /// Starts the subject as a child process, its stderr to `log`.
 pub(super) fn spawn(
     options: &BenchOptions,
@@ -54,11 +68,7 @@ pub(super) fn spawn(
             command
         }
     };
-    command
-        .env("DATABASE_URL", &options.database_url)
-        .env("REDIS_URL", &options.redis_url)
-        .env("REDIS_CLUSTER_NODES", options.redis_cluster_nodes.join(","))
-        .env("KALEIDOSCOPE_STREAM_PREFIX", prefix)
+    with_deployment(&mut command, options, prefix)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file);

@@ -41,19 +41,16 @@ pub(super) async fn live_beside_a_run(
             &log,
         )
         .await?;
-        let mut run = Command::new(&options.host_binary)
-            .args(["reprocess", "--stream", INSIGHTS, "--from", "0", "--json"])
+        let mut run = Command::new(&options.host_binary);
+        run.args(["reprocess", "--stream", INSIGHTS, "--from", "0", "--json"])
             .args(
                 options
                     .reprocess_rate
                     .map(|rate| ["--rate".to_string(), rate.to_string()])
                     .into_iter()
                     .flatten(),
-            )
-            .env("DATABASE_URL", &options.database_url)
-            .env("REDIS_URL", &options.redis_url)
-            .env("REDIS_CLUSTER_NODES", options.redis_cluster_nodes.join(","))
-            .env("KALEIDOSCOPE_STREAM_PREFIX", &prefix)
+            );
+        let mut run = process::with_deployment(&mut run, options, &prefix)
             .env("KALEIDOSCOPE_LOG_FORMAT", "text")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -84,12 +84,7 @@ pub(super) async fn add_entries(
         let commands = (sent..end)
             .map(|i| {
                 let (stream, fields) = data.entry(i);
-                let mut cmd = redis::cmd("XADD");
-                cmd.arg(format!("{prefix}{stream}")).arg("*");
-                for (k, v) in &fields {
-                    cmd.arg(k).arg(v);
-                }
-                cmd
+                crate::streams::xadd(&format!("{prefix}{stream}"), &fields)
             })
             .collect();
         let replies = redis
