@@ -196,27 +196,26 @@ async fn measure_cluster(
     if !redis.is_cluster() {
         return;
     }
-    if let Ok(nodes) = cluster::nodes(redis).await {
-        for node in nodes {
-            let labels = ByNode {
-                node: node.node,
-                role: node.role,
-            };
-            scraped
-                .redis_node_up
-                .get_or_create(&labels)
-                .set(i64::from(node.up));
-        }
+    let Ok(nodes) = cluster::nodes(redis).await else {
+        return;
+    };
+    for stream in streams {
+        let node = cluster::primary_for(&nodes, &state.config.stream_key(stream));
+        let labels = ByStreamNode {
+            stream: stream.clone(),
+            node: node.unwrap_or("none").to_string(),
+        };
+        scraped.stream_node.get_or_create(&labels).set(1);
     }
-    let keys: Vec<String> = streams.iter().map(|s| state.config.stream_key(s)).collect();
-    if let Ok(nodes) = cluster::nodes_of(redis, &keys).await {
-        for (stream, node) in streams.iter().zip(nodes) {
-            let labels = ByStreamNode {
-                stream: stream.clone(),
-                node: node.unwrap_or_else(|| "none".to_string()),
-            };
-            scraped.stream_node.get_or_create(&labels).set(1);
-        }
+    for node in nodes {
+        let labels = ByNode {
+            node: node.node,
+            role: node.role,
+        };
+        scraped
+            .redis_node_up
+            .get_or_create(&labels)
+            .set(i64::from(node.up));
     }
 }
 

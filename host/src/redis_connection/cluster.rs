@@ -76,72 +76,9 @@ fn crc16_xmodem(bytes: &[u8]) -> u16 {
     crc
 }
 
-/// Which primary serves which slots, as `CLUSTER SLOTS` says now.
-#[derive(Clone, Debug, Default)]
-pub struct Topology {
-    /// `(first slot, last slot, primary host:port)`, sorted.
-    ranges: Vec<(u16, u16, String)>,
-}
-
-impl Topology {
-    /// The topology as the node `conn` asks says it is.
-    pub async fn read(conn: &mut ClusterConnection) -> Result<Topology> {
-        let reply: Value = conn
-            .route_command(
-                redis::cmd("CLUSTER").arg("SLOTS").clone(),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-            )
-            .await
-            .context("CLUSTER SLOTS failed")?;
-        Topology::parse(reply)
-    }
-
-    fn parse(reply: Value) -> Result<Topology> {
-        let Value::Array(ranges) = reply else {
-            bail!("CLUSTER SLOTS replied {reply:?}");
-        };
-        let mut parsed = Vec::new();
-        for range in ranges {
-            let Value::Array(parts) = range else {
-                bail!("CLUSTER SLOTS range is {range:?}");
-            };
-            let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(primary))) =
-                (parts.first(), parts.get(1), parts.get(2))
-            else {
-                bail!("CLUSTER SLOTS range is {parts:?}");
-            };
-            let (Some(host), Some(Value::Int(port))) = (primary.first(), primary.get(1)) else {
-                bail!("CLUSTER SLOTS node is {primary:?}");
-            };
-            let host: String = redis::from_redis_value(host.clone())
-                .map_err(|e| anyhow!("CLUSTER SLOTS node host: {e}"))?;
-            let slot = |n: i64| u16::try_from(n).map_err(|_| anyhow!("slot {n} out of range"));
-            parsed.push((slot(*first)?, slot(*last)?, format!("{host}:{port}")));
-        }
-        parsed.sort();
-        Ok(Topology { ranges: parsed })
-    }
-
-    /// The primary serving `slot` (`host:port`), if any does (a cluster losing a primary with
-    /// no replica to promote leaves its slots unserved).
-    pub fn primary_of(&self, slot: u16) -> Option<&str> {
-        self.ranges
-            .iter()
-            .find(|(first, last, _)| (*first..=*last).contains(&slot))
-            .map(|(_, _, node)| node.as_str())
-    }
-
-    /// Every primary, once each, sorted.
-    pub fn primaries(&self) -> Vec<String> {
-        let mut nodes: Vec<String> = self.ranges.iter().map(|(_, _, n)| n.clone()).collect();
-        nodes.sort();
-        nodes.dedup();
-        nodes
-    }
-}
-
-/// One node of the cluster as `CLUSTER NODES` describes it: for `status` and `/metrics`, which
-/// name a node that is down.
+/// One node of the cluster as `CLUSTER NODES` describes it: which slots it serves (so which
+/// node holds a stream), whether it is up (`status` and `/metrics` name a node that is down, key
+/// walks leave it out).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct NodeState {
     /// `host:port`.
@@ -153,6 +90,9 @@ pub struct NodeState {
     pub replica_of: Option<String>,
     /// Slots it serves (a primary).
     pub slots: u32,
+    /// Those slots, as `(first, last)` ranges.
+    #[serde(skip)]
+    pub ranges: Vec<(u16, u16)>,
     /// False when the cluster marks it failed (`fail`, `fail?`) or its link is disconnected.
     pub up: bool,
     /// The flags as the cluster gives them (`master,fail`, `slave`, …).
@@ -197,23 +137,25 @@ fn parse_nodes(text: &str) -> Vec<NodeState> {
         .map(|fields| {
             let flags = fields[2];
             let primary = flags.split(',').any(|f| f == "master");
-            let slots = fields[8..]
+            let ranges: Vec<(u16, u16)> = fields[8..]
                 .iter()
+                // `[slot->-id]`, `[slot-<-id]`: a slot moving, still served here.
                 .filter(|range| !range.starts_with('['))
-                .map(|range| match range.split_once('-') {
-                    Some((first, last)) => {
-                        let first: u32 = first.parse().unwrap_or(0);
-                        let last: u32 = last.parse().unwrap_or(0);
-                        last.saturating_sub(first) + 1
-                    }
-                    None => 1,
+                .filter_map(|range| {
+                    let (first, last) = range.split_once('-').unwrap_or((range, range));
+                    Some((first.parse().ok()?, last.parse().ok()?))
                 })
+                .collect();
+            let slots = ranges
+                .iter()
+                .map(|(first, last)| u32::from(*last) - u32::from(*first) + 1)
                 .sum();
             NodeState {
                 node: address(fields),
                 role: if primary { "primary" } else { "replica" }.to_string(),
                 replica_of: by_id.get(fields[3]).cloned(),
                 slots,
+                ranges,
                 up: !flags
                     .split(',')
                     .any(|f| f == "fail" || f == "fail?" || f == "noaddr")
@@ -226,17 +168,38 @@ fn parse_nodes(text: &str) -> Vec<NodeState> {
     nodes
 }
 
-/// Every key matching `pattern` on every primary of the cluster that answers. A primary that
-/// does not (down, and not failed over yet) is named in a warning and left out — its keys are
-/// not listed — so a listing (the hosts' heartbeats) still works with one node down; only when
-/// no primary answers is it an error.
+/// The primary (`host:port`) that serves `key` among `nodes`, if any does (a cluster losing a
+/// primary with no replica to promote leaves its slots unserved).
+pub fn primary_for<'n>(nodes: &'n [NodeState], key: &str) -> Option<&'n str> {
+    let slot = slot_of(key.as_bytes());
+    nodes
+        .iter()
+        .find(|n| n.role == "primary" && n.ranges.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+        .map(|n| n.node.as_str())
+}
+
+/// Every key matching `pattern` on every primary of the cluster that is up and answers. A
+/// primary that is down, or does not answer (down, not yet marked so), is left out — its keys
+/// are not listed, the latter named in a warning — so a listing (the hosts' heartbeats) still
+/// works with one node down; only when no primary answers is it an error.
 pub(super) async fn keys_matching(
-    conn: &mut ClusterConnection,
+    conn: &mut RedisConnection,
     pattern: &str,
 ) -> Result<Vec<String>> {
+    let primaries: Vec<String> = nodes(conn)
+        .await?
+        .into_iter()
+        .filter(|n| n.role == "primary" && n.up && n.slots > 0)
+        .map(|n| n.node)
+        .collect();
+    let RedisConnection::Cluster(conn) = conn else {
+        bail!("not a Redis Cluster");
+    };
     let mut keys = Vec::new();
     let mut failures = Vec::new();
-    let primaries = Topology::read(conn).await?.primaries();
+    if primaries.is_empty() {
+        bail!("no primary of the Redis Cluster is up to list keys matching {pattern:?}");
+    }
     for node in &primaries {
         match scan_node(conn, node, pattern).await {
             Ok(found) => keys.extend(found),
@@ -335,23 +298,6 @@ fn first_key(command: &Cmd) -> Option<&[u8]> {
     }
 }
 
-/// The primary node serving each of `keys` (`None` for a key whose slot no primary serves),
-/// from one reading of the topology.
-pub async fn nodes_of(conn: &mut RedisConnection, keys: &[String]) -> Result<Vec<Option<String>>> {
-    let RedisConnection::Cluster(cluster) = conn else {
-        return Ok(vec![None; keys.len()]);
-    };
-    let topology = Topology::read(cluster).await?;
-    Ok(keys
-        .iter()
-        .map(|key| {
-            topology
-                .primary_of(slot_of(key.as_bytes()))
-                .map(str::to_string)
-        })
-        .collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,33 +367,16 @@ d4 127.0.0.1:7003@17003 slave a1 0 0 1 connected
             Some("127.0.0.1:7000")
         );
         assert!(row("127.0.0.1:7003").up);
-    }
-
-    #[test]
-    fn the_topology_names_the_primary_of_each_slot() {
-        let node = |host: &str, port: i64| {
-            Value::Array(vec![
-                Value::BulkString(host.as_bytes().to_vec()),
-                Value::Int(port),
-                Value::BulkString(b"id".to_vec()),
-            ])
+        // Which node holds a key: the primary whose ranges hold its slot (`foo` is slot 12182,
+        // served by no one in this listing).
+        let key_in = |slot: u16| {
+            (0..u32::MAX)
+                .map(|n| n.to_string())
+                .find(|k| slot_of(k.as_bytes()) == slot)
+                .unwrap()
         };
-        let reply = Value::Array(vec![
-            Value::Array(vec![
-                Value::Int(5461),
-                Value::Int(16383),
-                node("127.0.0.1", 7001),
-            ]),
-            Value::Array(vec![
-                Value::Int(0),
-                Value::Int(5460),
-                node("127.0.0.1", 7000),
-                node("127.0.0.1", 7003),
-            ]),
-        ]);
-        let topology = Topology::parse(reply).unwrap();
-        assert_eq!(topology.primary_of(0), Some("127.0.0.1:7000"));
-        assert_eq!(topology.primary_of(5461), Some("127.0.0.1:7001"));
-        assert_eq!(topology.primaries(), ["127.0.0.1:7000", "127.0.0.1:7001"]);
+        assert_eq!(primary_for(&nodes, &key_in(0)), Some("127.0.0.1:7000"));
+        assert_eq!(primary_for(&nodes, &key_in(5461)), Some("127.0.0.1:7004"));
+        assert_eq!(primary_for(&nodes, "foo"), None);
     }
 }

@@ -194,7 +194,7 @@ impl RedisConnection {
     /// Every key matching `pattern` (a `SCAN MATCH` glob), on every primary of a cluster.
     pub async fn keys_matching(&mut self, pattern: &str) -> Result<Vec<String>> {
         match self {
-            RedisConnection::Cluster(conn) => cluster::keys_matching(conn, pattern).await,
+            RedisConnection::Cluster(_) => cluster::keys_matching(self, pattern).await,
             _ => scan(self, pattern).await,
         }
     }

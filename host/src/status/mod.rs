@@ -167,11 +167,12 @@ pub async fn collect(
     } else {
         None
     };
-    let stream_names: Vec<String> = stream_names.into_iter().collect();
-    let keys: Vec<String> = stream_names.iter().map(|s| config.stream_key(s)).collect();
-    let nodes = crate::redis_connection::cluster::nodes_of(conn, &keys).await?;
     let mut streams = Vec::new();
-    for (stream, node) in stream_names.into_iter().zip(nodes) {
+    for stream in stream_names {
+        let node = redis_nodes.as_deref().and_then(|nodes| {
+            crate::redis_connection::cluster::primary_for(nodes, &config.stream_key(&stream))
+                .map(str::to_string)
+        });
         let report = match stream_report(conn, config, &stream).await {
             Ok(report) => report,
             // On a cluster one node down hides only its own streams.
