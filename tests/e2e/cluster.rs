@@ -47,6 +47,18 @@ async fn detections_on_a_cluster(
     (cluster, env, media, entries)
 }
 
+/// Waits until the detections of every one of `media` (all published) are processed, then
+/// asserts their faces are stored exactly once, nothing is pending and nothing dead-lettered.
+async fn await_every_detection_stored_once(env: &TestEnv, media: &[i64]) {
+    eventually("every entry to be processed", || async {
+        (env.ledger_count(DETECTION).await == media.len() as i64).then_some(())
+    })
+    .await;
+    assert_faces_exactly_once(env, &media.iter().copied().collect()).await;
+    env.await_no_pending(DETECTION).await;
+    assert!(env.dead_letters().await.is_empty());
+}
+
 /// Asserts the faces of `media` are stored exactly once each: two per media, none written
 /// twice, and no other media's.
 async fn assert_faces_exactly_once(env: &TestEnv, media: &BTreeSet<i64>) {
@@ -172,13 +184,7 @@ async fn two_hosts_on_a_cluster_survive_a_sigkill_of_one() {
     // A second host joins under load; the first is killed while it holds entries.
     let mut survivor = env.spawn_host("host-b");
     crate::support::kill_while_it_holds_entries(&env, DETECTION, &mut victim, "host-a", rest).await;
-    eventually("every entry to be processed", || async {
-        (env.ledger_count(DETECTION).await == COUNT).then_some(())
-    })
-    .await;
-    assert_faces_exactly_once(&env, &media.iter().copied().collect()).await;
-    env.await_no_pending(DETECTION).await;
-    assert!(env.dead_letters().await.is_empty());
+    await_every_detection_stored_once(&env, &media).await;
     signal(&survivor, "TERM");
     assert!(await_exit(&mut survivor).await.success());
     env.finish().await;
@@ -491,13 +497,7 @@ async fn a_stream_moving_to_another_node_under_load_loses_and_doubles_nothing() 
     for chunk in chunks {
         env.publish_many(DETECTION, chunk).await;
     }
-    eventually("every entry to be processed", || async {
-        (env.ledger_count(DETECTION).await == COUNT).then_some(())
-    })
-    .await;
-    assert_faces_exactly_once(&env, &media.iter().copied().collect()).await;
-    env.await_no_pending(DETECTION).await;
-    assert!(env.dead_letters().await.is_empty());
+    await_every_detection_stored_once(&env, &media).await;
     env.finish().await;
 }
 

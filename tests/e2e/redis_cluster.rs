@@ -50,7 +50,7 @@ impl RedisCluster {
             });
         }
         for node in &cluster.nodes {
-            let url = format!("redis://127.0.0.1:{}", node.port);
+            let url = url(node.port);
             eventually(&format!("redis-server on {} to answer", node.port), || {
                 let url = url.clone();
                 async move { ping(&url).await.then_some(()) }
@@ -109,17 +109,12 @@ impl RedisCluster {
     /// Waits until every running node reports `cluster_state:ok` with all slots served, and
     /// every replica's link to its primary is up.
     pub async fn await_healthy(&self) {
-        let ports: Vec<u16> = self
-            .nodes
-            .iter()
-            .filter(|n| n.child.is_some())
-            .map(|n| n.port)
-            .collect();
+        let ports = self.running_ports();
         eventually("the test cluster to be healthy", || {
             let ports = ports.clone();
             async move {
                 for port in ports {
-                    let url = format!("redis://127.0.0.1:{port}");
+                    let url = url(port);
                     let cluster = info(&url, "CLUSTER", Some("INFO")).await?;
                     if !cluster.contains("cluster_state:ok")
                         || !cluster.contains("cluster_slots_ok:16384")
@@ -141,13 +136,10 @@ impl RedisCluster {
 
     /// The port of the primary that serves `key` now.
     pub async fn primary_of(&self, key: &str) -> u16 {
-        let node = self
-            .nodes
-            .iter()
-            .find(|n| n.child.is_some())
-            .expect("a running node");
-        let url = format!("redis://127.0.0.1:{}", node.port);
-        let mut conn = connect(&url).await.expect("connect to a cluster node");
+        let node = *self.running_ports().first().expect("a running node");
+        let mut conn = connect(&url(node))
+            .await
+            .expect("connect to a cluster node");
         let slot: i64 = redis::cmd("CLUSTER")
             .arg("KEYSLOT")
             .arg(key)
@@ -261,31 +253,34 @@ impl RedisCluster {
 
     /// The port of the replica of the primary on `port`.
     pub async fn replica_of(&self, port: u16) -> u16 {
-        for other in self.running_ports() {
-            if info(&url(other), "INFO", Some("replication"))
-                .await
-                .is_some_and(|i| {
-                    i.contains("role:slave") && i.contains(&format!("master_port:{port}"))
-                })
-            {
-                return other;
-            }
-        }
-        panic!("no replica of {port}");
+        let primary = format!("master_port:{port}");
+        self.replication()
+            .await
+            .into_iter()
+            .find(|(_, info)| info.contains("role:slave") && info.contains(&primary))
+            .map(|(replica, _)| replica)
+            .unwrap_or_else(|| panic!("no replica of {port}"))
     }
 
     /// The ports of the running primaries.
     async fn primaries(&self) -> Vec<u16> {
-        let mut primaries = Vec::new();
+        self.replication()
+            .await
+            .into_iter()
+            .filter(|(_, info)| info.contains("role:master"))
+            .map(|(port, _)| port)
+            .collect()
+    }
+
+    /// `INFO replication` of every running node that answers.
+    async fn replication(&self) -> Vec<(u16, String)> {
+        let mut nodes = Vec::new();
         for port in self.running_ports() {
-            if info(&url(port), "INFO", Some("replication"))
-                .await
-                .is_some_and(|i| i.contains("role:master"))
-            {
-                primaries.push(port);
+            if let Some(info) = info(&url(port), "INFO", Some("replication")).await {
+                nodes.push((port, info));
             }
         }
-        primaries
+        nodes
     }
 
     fn running_ports(&self) -> Vec<u16> {
