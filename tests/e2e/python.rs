@@ -108,3 +108,57 @@ async fn an_exception_in_a_python_handler_is_named_with_its_message_and_frames()
     assert!(said.contains(&frames), "{said}");
     env.finish().await;
 }
+
+/// Compiling the Python example (18 MB of Wasm) takes the compiler hundreds of MB for seconds;
+/// the host runs every compile in a child process (`kaleidoscope compile-plugin`), so its own
+/// peak memory stays that of its work, and the compiled artefact lands in its cache as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiling_the_python_example_leaves_the_hosts_peak_memory_alone() {
+    let env = TestEnv::prepare(
+        Options::new(&["caption-quality"])
+            .operator_migrations()
+            .plugin_setting("caption-quality", "tables = [\"caption_quality\"]"),
+    )
+    .await;
+    std::fs::copy(
+        workspace().join("plugins/caption-quality/migrations/0001_caption_quality.sql"),
+        env.migrations_dir().join("0001_caption_quality.sql"),
+    )
+    .expect("copy the example's migration");
+    let migrations = env.migrations_dir().display().to_string();
+    // A cache of its own, empty: the host must compile (the shared one may hold the example).
+    let cache = env.plugins_dir.join("fresh-cache");
+    let host = env.spawn_with(
+        "compiling",
+        &env.plugins_dir,
+        &[
+            ("KALEIDOSCOPE_MIGRATIONS_DIR", &migrations),
+            ("KALEIDOSCOPE_CACHE_DIR", &cache.display().to_string()),
+        ],
+    );
+    let entry = env
+        .publish(STREAM, &[("mediaId", "7"), ("score", "0.9")])
+        .await;
+    env.await_processed(STREAM, &entry).await;
+
+    let status = std::fs::read_to_string(format!("/proc/{}/status", host.id()))
+        .expect("the host's /proc status");
+    let peak_mb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .expect("VmHWM in /proc status")
+        / 1024.0;
+    assert!(
+        peak_mb < 200.0,
+        "the host peaked at {peak_mb:.0} MB while compiling the Python example"
+    );
+    let compiled = std::fs::read_dir(&cache)
+        .expect("the compiled-plugin cache")
+        .flatten()
+        .filter(|f| f.path().extension().is_some_and(|e| e == "cwasm"))
+        .count();
+    assert_eq!(compiled, 1, "the compiled Python example is cached");
+    drop(host);
+    env.finish().await;
+}

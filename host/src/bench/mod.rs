@@ -1,9 +1,13 @@
 //! `kaleidoscope bench`: end-to-end throughput and latency on this machine, with the host's
-//! defaults, against a hand-written reference consumer measured in the same run.
+//! defaults, against hand-written reference consumers measured in the same run: a native one
+//! (Rust, no framework: the limit the host's overhead is measured against) and a tuned Python
+//! one (what a team writes instead of adopting the host).
 //!
-//! Each subject (the host, then the baseline) gets a fresh database and stream prefix, the same
+//! Each subject (the host, then each reference) gets a fresh database and stream prefix, the same
 //! generated entries, and runs as a child process so its memory is its own. The bench waits
-//! until the ledger holds every entry, checks what was stored, and prints one table.
+//! until the ledger holds every entry, checks what was stored, and prints one table. With
+//! `--rounds N` the subjects take turns N times (this machine is shared: one run's figure moves
+//! by ±10%), and each subject's median round is reported, with the ratios round by round.
 //!
 //! - Pre-loaded (default): every entry is in Redis before the subject starts; the drain rate is
 //!   entries / time from the first to the last committed entry.
@@ -38,13 +42,27 @@ pub enum Mix {
     SeedInsights,
 }
 
+/// A hand-written consumer doing the shipped plugins' work for the mix, measured beside the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Reference {
+    /// `bench/native/main.rs`, built beside the host from the same crates (redis, sqlx, tokio):
+    /// what the work costs without plugins, validation, dead letters, outbox or locks.
+    Native,
+    /// `bench/baseline/consumer.py` (redis-py with hiredis, psycopg 3), in a virtual
+    /// environment the bench creates on first use.
+    Python,
+}
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     pub entries: usize,
     /// Entries per second to offer instead of pre-loading.
     pub rate: Option<u64>,
-    pub baseline: bool,
+    /// The reference consumers to measure beside the host (each once per round).
+    pub references: Vec<Reference>,
+    /// How many times the subjects take turns.
+    pub rounds: usize,
     pub mix: Mix,
     pub embedding_dims: usize,
     /// The bench database (dropped and recreated for each subject).
@@ -65,7 +83,7 @@ pub struct BenchOptions {
     pub reprocess: bool,
     /// The run's `--rate` (`None`: full speed).
     pub reprocess_rate: Option<u64>,
-    /// Host processes run side by side (the baseline is always one process).
+    /// Host processes run side by side (a reference is always one process).
     pub hosts: usize,
 }
 
@@ -91,6 +109,8 @@ pub struct BenchRollout {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Figures {
     pub subject: String,
+    /// A reference consumer (not the host).
+    pub reference: bool,
     pub entries: usize,
     pub entries_per_second: f64,
     pub seconds: f64,
@@ -110,14 +130,21 @@ pub struct Figures {
     /// Only when pre-loaded (offered at a rate, the rate decides).
     pub first_tenth_per_second: Option<f64>,
     pub last_tenth_per_second: Option<f64>,
+    /// CPU time all PostgreSQL processes used while the subject drained, per entry: the
+    /// database's share of the work, which a subject's own CPU figure does not show.
+    pub postgres_cpu_us_per_entry: Option<f64>,
+    /// The same for the Redis server(s).
+    pub redis_cpu_us_per_entry: Option<f64>,
+    /// Entries/s of every round (the figures above are those of the median round).
+    pub rounds: Vec<f64>,
 }
 
 /// Runs the bench and returns the figures of each subject (the host first).
 pub async fn run(options: &BenchOptions) -> Result<Vec<Figures>> {
     let data = Generated::new(options.entries, options.mix, options.embedding_dims);
-    if options.baseline && !options.redis_cluster_nodes.is_empty() {
+    if !options.references.is_empty() && !options.redis_cluster_nodes.is_empty() {
         anyhow::bail!(
-            "--baseline: the reference consumer reads one Redis server (REDIS_URL), not a Redis Cluster; run it without redis_cluster_nodes"
+            "--reference: the reference consumers read one Redis server (REDIS_URL), not a Redis Cluster; run them without redis_cluster_nodes"
         );
     }
     if options.reprocess {
@@ -126,19 +153,60 @@ pub async fn run(options: &BenchOptions) -> Result<Vec<Figures>> {
         };
         return reprocessing::live_beside_a_run(options, &data, rate).await;
     }
-    let mut results = vec![run_subject(options, &data, Subject::Host(None)).await?];
+    let mut subjects = vec![Subject::Host(None)];
     if let Some(planned) = &options.rollout {
         for rollout in [(Mode::Shadow, planned.shadow_percent), (Mode::Canary, 50.0)] {
-            results.push(run_subject(options, &data, Subject::Host(Some(rollout))).await?);
+            subjects.push(Subject::Host(Some(rollout)));
         }
     }
-    if options.baseline {
-        results.push(run_subject(options, &data, Subject::Baseline).await?);
+    let mut references = options.references.clone();
+    references.sort();
+    references.dedup();
+    subjects.extend(references.into_iter().map(Subject::Reference));
+    // rounds[s][r]: subject s in round r.
+    let mut rounds: Vec<Vec<Figures>> = vec![Vec::new(); subjects.len()];
+    for round in 0..options.rounds.max(1) {
+        for (figures, subject) in rounds.iter_mut().zip(&subjects) {
+            if options.rounds > 1 {
+                eprintln!(
+                    "round {} of {}: {}",
+                    round + 1,
+                    options.rounds,
+                    subject.label()
+                );
+            }
+            figures.push(run_subject(options, &data, *subject).await?);
+        }
     }
-    Ok(results)
+    Ok(rounds.into_iter().map(median_round).collect())
 }
 
-/// Renders the figures as a table, with the ratio to the baseline when there is one.
+/// The figures of a subject's median round (by entries/s), with every round's entries/s.
+fn median_round(mut figures: Vec<Figures>) -> Figures {
+    let rates: Vec<f64> = figures.iter().map(|f| f.entries_per_second).collect();
+    figures.sort_by(|a, b| a.entries_per_second.total_cmp(&b.entries_per_second));
+    let mut median = figures.swap_remove(figures.len() / 2);
+    median.rounds = rates;
+    median
+}
+
+/// `a / b` of every round, as "min–max" (one round: its figure).
+fn round_ratios(a: &Figures, b: &Figures) -> String {
+    let ratios: Vec<f64> = a
+        .rounds
+        .iter()
+        .zip(&b.rounds)
+        .map(|(a, b)| a / b.max(f64::MIN_POSITIVE))
+        .collect();
+    let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = ratios.iter().copied().fold(0.0, f64::max);
+    if ratios.len() < 2 {
+        return String::new();
+    }
+    format!(" (round by round {min:.2}–{max:.2}x)")
+}
+
+/// Renders the figures as a table, with the host's ratio to each reference.
 pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
     let mut out = String::new();
     let mode = match options.rate {
@@ -152,7 +220,7 @@ pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     ));
     out.push_str(&format!(
-        "{:<14} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9}  {}\n",
+        "{:<14} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9}  {}\n",
         "subject",
         "entries/s",
         "seconds",
@@ -161,6 +229,8 @@ pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
         "p99 ms",
         "peak RSS",
         "CPU/entry",
+        "PG CPU/e",
+        "Redis/e",
         "plugins",
         "deadlocks",
         "rows"
@@ -171,7 +241,7 @@ pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
                 .map_or("-".to_string(), |l| format!("{:.1}", l[i]))
         };
         out.push_str(&format!(
-            "{:<14} {:>10.0} {:>9.2} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9}  {}\n",
+            "{:<14} {:>10.0} {:>9.2} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9}  {}\n",
             r.subject,
             r.entries_per_second,
             r.seconds,
@@ -180,8 +250,9 @@ pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
             latency(2),
             r.peak_rss_mb
                 .map_or("-".to_string(), |m| format!("{m:.0} MB")),
-            r.cpu_us_per_entry
-                .map_or("-".to_string(), |us| format!("{us:.0} µs")),
+            micros(r.cpu_us_per_entry),
+            micros(r.postgres_cpu_us_per_entry),
+            micros(r.redis_cpu_us_per_entry),
             r.plugin_share
                 .map_or("-".to_string(), |s| format!("{:.1}%", s * 100.0)),
             r.deadlocks,
@@ -200,21 +271,42 @@ pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
             ));
         }
     }
-    if let [host, baseline] = results {
+    if let Some(host) = results.first() {
+        for reference in results.iter().filter(|r| r.reference) {
+            out.push_str(&format!(
+                "\n{} / {}: {:.2}x the entries/s{}",
+                host.subject,
+                reference.subject,
+                host.entries_per_second / reference.entries_per_second.max(f64::MIN_POSITIVE),
+                round_ratios(host, reference)
+            ));
+        }
+        out.push('\n');
+    }
+    if options.rounds > 1 {
         out.push_str(&format!(
-            "\nhost / baseline: {:.2}x the entries/s\n",
-            host.entries_per_second / baseline.entries_per_second.max(f64::MIN_POSITIVE)
+            "\n{} rounds, subjects taking turns; each row is its subject's median round\n",
+            options.rounds
         ));
+        for r in results {
+            let rates: Vec<String> = r.rounds.iter().map(|e| format!("{e:.0}")).collect();
+            out.push_str(&format!("{}: {} entries/s\n", r.subject, rates.join(", ")));
+        }
     }
     out
 }
 
+/// Microseconds for the table ("-" when unknown).
+fn micros(us: Option<f64>) -> String {
+    us.map_or("-".to_string(), |us| format!("{us:.0} µs"))
+}
+
 /// What is measured: the host (with a rollout of a candidate, in a mode on a share of the
-/// entries), or the hand-written reference consumer.
+/// entries), or a hand-written reference consumer.
 #[derive(Clone, Copy, PartialEq)]
 enum Subject {
     Host(Option<(Mode, f64)>),
-    Baseline,
+    Reference(Reference),
 }
 
 impl Subject {
@@ -222,7 +314,8 @@ impl Subject {
     fn group(self) -> &'static str {
         match self {
             Subject::Host(_) => "backend-group",
-            Subject::Baseline => "baseline-group",
+            Subject::Reference(Reference::Native) => "native-group",
+            Subject::Reference(Reference::Python) => "baseline-group",
         }
     }
 
@@ -232,7 +325,8 @@ impl Subject {
             Subject::Host(None) => "kaleidoscope",
             Subject::Host(Some((Mode::Shadow, _))) => "+shadow",
             Subject::Host(Some((Mode::Canary, _))) => "+canary",
-            Subject::Baseline => "baseline",
+            Subject::Reference(Reference::Native) => "native",
+            Subject::Reference(Reference::Python) => "python",
         }
     }
 
@@ -265,6 +359,7 @@ async fn run_subject(
     }
     let metrics_port = free_port()?;
     let log = std::env::temp_dir().join(format!("kaleidoscope-bench-{}.log", subject.name()));
+    let servers_before = ServerCpu::read();
     let mut child = spawn(options, subject, &prefix, "bench", metrics_port, &log)?;
     // The rest of the fleet: the host only, each on a port and a log of its own.
     let mut fleet = Vec::new();
@@ -299,11 +394,12 @@ async fn run_subject(
         .await
     }
     .await;
+    let servers = ServerCpu::read().since(&servers_before);
     let mut peak_rss_mb = peak_rss_mb(&child);
     let mut cpu_seconds = cpu_seconds(&child);
     let mut plugin_seconds = match subject {
         Subject::Host(_) => scrape_plugin_seconds(metrics_port).await,
-        Subject::Baseline => None,
+        Subject::Reference(_) => None,
     };
     stop(&mut child);
     for (mut host, port) in fleet {
@@ -333,6 +429,7 @@ async fn run_subject(
         ),
     };
     Ok(Figures {
+        reference: matches!(subject, Subject::Reference(_)),
         subject: match subject {
             Subject::Host(_) if options.hosts > 1 => {
                 format!("{} ×{}", subject.label(), options.hosts)
@@ -350,6 +447,9 @@ async fn run_subject(
         deadlocks,
         first_tenth_per_second: tenths.map(|t| t.0),
         last_tenth_per_second: tenths.map(|t| t.1),
+        postgres_cpu_us_per_entry: Some(servers.postgres * 1e6 / data.len().max(1) as f64),
+        redis_cpu_us_per_entry: Some(servers.redis * 1e6 / data.len().max(1) as f64),
+        rounds: Vec::new(),
     })
 }
 

@@ -58,7 +58,11 @@ pub(super) fn spawn(
                 .env("KALEIDOSCOPE_LOG_FORMAT", "text");
             command
         }
-        Subject::Baseline => {
+        Subject::Reference(Reference::Native) => {
+            let binary = native_reference(&options.host_binary)?;
+            Command::new(binary)
+        }
+        Subject::Reference(Reference::Python) => {
             let python = baseline_python()?;
             let script = std::env::temp_dir().join("kaleidoscope-bench-baseline.py");
             std::fs::write(&script, BASELINE_SCRIPT)
@@ -77,13 +81,25 @@ pub(super) fn spawn(
         .with_context(|| format!("cannot start the {} subject", subject.name()))
 }
 
-/// The baseline's Python, from a virtual environment created (with `redis` and `psycopg`) on
-/// first use.
+/// The native reference consumer: the binary built beside the host (`bench/native/main.rs`).
+fn native_reference(host_binary: &Path) -> Result<PathBuf> {
+    let binary = host_binary.with_file_name("kaleidoscope-native-reference");
+    if !binary.is_file() {
+        anyhow::bail!(
+            "--reference native: {} is missing; it is built with the host (cargo build --release)",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+/// The Python reference's interpreter, from a virtual environment created (with `redis`,
+/// its C parser `hiredis`, and `psycopg`) on first use.
 pub(super) fn baseline_python() -> Result<PathBuf> {
     let venv = PathBuf::from(BASELINE_VENV);
     let python = venv.join("bin/python");
     let ready = Command::new(&python)
-        .args(["-c", "import redis, psycopg"])
+        .args(["-c", "import redis, hiredis, psycopg"])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
@@ -91,9 +107,58 @@ pub(super) fn baseline_python() -> Result<PathBuf> {
         return Ok(python);
     }
     eprintln!("setting up the baseline's Python environment in {BASELINE_VENV} (once)");
-    crate::python_env::create(&venv, &["redis>=5", "psycopg[binary]>=3.1"])
-        .context("the baseline needs Python 3.9 or newer with redis and psycopg")?;
+    crate::python_env::create(&venv, &["redis>=5", "hiredis>=2", "psycopg[binary]>=3.1"]).context(
+        "the Python reference needs Python 3.9 or newer with redis, hiredis and psycopg",
+    )?;
     Ok(python)
+}
+
+/// CPU time (user + system, including children that have exited) of every PostgreSQL and
+/// Redis server process on this machine, in seconds: read before and after a subject drains,
+/// the difference is the servers' share of its work (and of the bench's own few queries).
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct ServerCpu {
+    pub postgres: f64,
+    pub redis: f64,
+}
+
+impl ServerCpu {
+    pub(super) fn read() -> ServerCpu {
+        let mut cpu = ServerCpu::default();
+        let Ok(processes) = std::fs::read_dir("/proc") else {
+            return cpu;
+        };
+        for process in processes.flatten() {
+            let Ok(stat) = std::fs::read_to_string(process.path().join("stat")) else {
+                continue;
+            };
+            let Some((head, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let name = head.rsplit_once('(').map_or("", |(_, name)| name);
+            let slot = match name {
+                "postgres" => &mut cpu.postgres,
+                "redis-server" => &mut cpu.redis,
+                _ => continue,
+            };
+            // utime, stime, cutime, cstime: fields 14–17, the 12th–15th after the name.
+            let ticks: f64 = rest
+                .split_whitespace()
+                .skip(11)
+                .take(4)
+                .filter_map(|t| t.parse::<f64>().ok())
+                .sum();
+            *slot += ticks / 100.0;
+        }
+        cpu
+    }
+
+    pub(super) fn since(&self, before: &ServerCpu) -> ServerCpu {
+        ServerCpu {
+            postgres: (self.postgres - before.postgres).max(0.0),
+            redis: (self.redis - before.redis).max(0.0),
+        }
+    }
 }
 
 /// The child's peak resident memory (VmHWM), in MB.

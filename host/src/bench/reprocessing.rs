@@ -185,6 +185,10 @@ async fn figures(
             deadlocks: 0,
             first_tenth_per_second: None,
             last_tenth_per_second: None,
+            postgres_cpu_us_per_entry: None,
+            redis_cpu_us_per_entry: None,
+            reference: false,
+            rounds: Vec::new(),
         };
     let complete = if processed as usize == entries {
         Ok(format!("{processed} entries reprocessed"))

@@ -123,10 +123,12 @@ pub enum Command {
     },
     /// Measure the host: load entries into fresh streams and a fresh database, drain them with
     /// the host's defaults (as a child process), verify the rows, and print entries/s, latency,
-    /// peak memory and the share of time in plugins. With --baseline, a hand-written reference
-    /// consumer (bench/baseline/consumer.py, in a Python virtual environment it creates) does the
-    /// same work in the same run. The bench database is dropped and recreated; its name must
-    /// contain "bench".
+    /// peak memory, CPU per entry (its own, PostgreSQL's, Redis's) and the share of time in
+    /// plugins. With --reference, hand-written consumers do the same work in the same run, and
+    /// the host's ratio to each is printed: `native` (bench/native/main.rs, built with the host)
+    /// is the limit, `python` (bench/baseline/consumer.py, in a Python virtual environment it
+    /// creates) what a team writes instead. The bench database is dropped and recreated; its
+    /// name must contain "bench".
     #[command(after_long_help = config::SETTINGS_POINTER)]
     Bench {
         /// How many entries to load.
@@ -136,9 +138,17 @@ pub enum Command {
         /// latency), instead of pre-loading them.
         #[arg(long, value_name = "ENTRIES_PER_SECOND")]
         rate: Option<u64>,
-        /// Also run the reference consumer on the same entries and print the ratio.
+        /// Also run this hand-written consumer on the same entries and print the host's ratio to
+        /// it (repeat for both: `--reference native --reference python`).
+        #[arg(long, value_enum, value_name = "CONSUMER")]
+        reference: Vec<crate::bench::Reference>,
+        /// The same as `--reference python`.
         #[arg(long)]
         baseline: bool,
+        /// Let the subjects take turns this many times and report each one's median round
+        /// (a single run on a shared machine moves by ±10%).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=50))]
+        rounds: u16,
         /// Which messages to generate.
         #[arg(long, value_enum, default_value_t = crate::bench::Mix::Mixed)]
         mix: crate::bench::Mix,
@@ -174,6 +184,20 @@ pub enum Command {
         /// Print the figures as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Compile a component read from stdin for the host's engine and write the artefact: the
+    /// host runs this as its child for every compile, so the compiler's memory is not the host's.
+    #[command(name = "compile-plugin", hide = true)]
+    CompilePlugin {
+        /// The engine's memory slot size (the artefact must match the host's engine).
+        #[arg(long)]
+        slot_size: usize,
+        /// The compiled-plugin cache directory (its function cache is used and filled).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Where to write the compiled artefact.
+        #[arg(long)]
+        output: PathBuf,
     },
     /// Run a reference ML service: consume the request streams and publish results in the real
     /// producers' shapes, until SIGTERM or Ctrl-C.

@@ -20,6 +20,11 @@ use std::process::ExitCode;
 /// Parses the command line, runs the subcommand, and reports its error with every cause.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Ok(executable) = std::env::current_exe()
+        && !matches!(cli.command, Command::CompilePlugin { .. })
+    {
+        crate::plugin::compile_in_child_processes(executable);
+    }
     init_logging(&cli);
     if prints_and_exits(&cli.command) {
         die_quietly_on_a_closed_pipe();
@@ -153,7 +158,9 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Bench {
             entries,
             rate,
+            mut reference,
             baseline,
+            rounds,
             mix,
             embedding_dims,
             database_url,
@@ -173,7 +180,13 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             let options = crate::bench::BenchOptions {
                 entries,
                 rate: rate.filter(|r| *r > 0),
-                baseline,
+                references: {
+                    if baseline {
+                        reference.push(crate::bench::Reference::Python);
+                    }
+                    reference
+                },
+                rounds: usize::from(rounds),
                 mix,
                 embedding_dims,
                 database_url: own_database(&config, database_url, "kaleidoscope_bench"),
@@ -188,6 +201,14 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 hosts: usize::from(hosts),
             };
             commands::bench(&options, json).await
+        }
+        Command::CompilePlugin {
+            slot_size,
+            cache_dir,
+            output,
+        } => {
+            crate::plugin::compile_to_file(slot_size, cache_dir.as_deref(), &output)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::SimulateMl {
             error_rate,

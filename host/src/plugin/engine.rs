@@ -15,7 +15,7 @@ use super::wit;
 use anyhow::{Context, Result, bail};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -35,9 +35,50 @@ pub const MAX_INSTANCES_PER_PLUGIN: usize = 32;
 pub(super) const POOL_INSTANCES: u32 = 256;
 pub(super) const INSTANCES_FOR_CALLS: usize = 240;
 
+/// The executable that compiles components in a child process (`kaleidoscope compile-plugin`),
+/// once [`compile_in_child_processes`] named it.
+static COMPILER: OnceLock<PathBuf> = OnceLock::new();
+
+/// Compile components in child processes of `executable` (this `kaleidoscope` binary) from now
+/// on. Compiling a large component (a Python plugin: tens of MB of Wasm) takes the compiler
+/// hundreds of MB for seconds; in a child, that memory is the child's and is gone when it exits,
+/// so the host's own peak memory stays that of its work. Without it (tests that load plugins in
+/// their own process), components compile in this process.
+pub fn compile_in_child_processes(executable: PathBuf) {
+    let _ = COMPILER.set(executable);
+}
+
+/// `kaleidoscope compile-plugin`: compiles the component read from stdin for the engine the host
+/// makes with `slot_size` (and the function cache in `cache_dir`) and writes the artefact to
+/// `output`, which [`PluginRuntime::component`] then loads.
+pub fn compile_to_file(slot_size: usize, cache_dir: Option<&Path>, output: &Path) -> Result<()> {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+        .context("cannot read the component from stdin")?;
+    let engine = pooling_engine(slot_size, function_cache(cache_dir))?;
+    let artefact = engine
+        .precompile_component(&bytes)
+        .map_err(anyhow::Error::from)
+        .context("not a valid WebAssembly component (build it with `--target wasm32-wasip2`)")?;
+    super::write_atomically(output, &artefact)
+        .with_context(|| format!("cannot write {}", output.display()))
+}
+
+/// The store of compiled functions under the cache directory (incremental compilation).
+fn function_cache(cache_dir: Option<&Path>) -> Option<Arc<dyn wasmtime::CacheStore>> {
+    cache_dir.map(|dir| {
+        Arc::new(super::function_cache::FunctionCache::new(
+            &dir.join("functions"),
+        )) as Arc<dyn wasmtime::CacheStore>
+    })
+}
+
 /// Compiles components and owns the engine, linker and epoch ticker they share.
 pub struct PluginRuntime {
     pub(super) engine: Engine,
+    /// The size of the pool's memory slots: a child compiling for this engine makes its own
+    /// with the same (the artefact must match the engine's settings).
+    slot_size: usize,
     pub(super) linker: Arc<Linker<CallState>>,
     pub(super) limits: SandboxLimits,
     /// The largest memory cap the pool's slots can honour (fixed when the engine is made).
@@ -82,12 +123,7 @@ impl PluginRuntime {
         // What a cap raised after start can get: half a slot (the other half is the room for
         // the failing growth attempt), or the largest cap configured at start.
         let memory_capacity = (slot_size / 2).max(largest_cap);
-        let functions = cache_dir.map(|dir| {
-            Arc::new(super::function_cache::FunctionCache::new(
-                &dir.join("functions"),
-            )) as Arc<dyn wasmtime::CacheStore>
-        });
-        let engine = pooling_engine(slot_size, functions)?;
+        let engine = pooling_engine(slot_size, function_cache(cache_dir))?;
         let linker = linker(&engine)?;
         start_epoch_ticker(&engine)?;
         let cache = cache_dir
@@ -95,6 +131,7 @@ impl PluginRuntime {
             .transpose()?;
         Ok(Self {
             engine,
+            slot_size,
             linker: Arc::new(linker),
             limits,
             memory_capacity,
@@ -118,6 +155,11 @@ impl PluginRuntime {
                 }
             }
         }
+        if let Some(compiler) = COMPILER.get()
+            && let Some(component) = self.compile_in_child(compiler, bytes, cached.clone())?
+        {
+            return Ok((component, false));
+        }
         let component = Component::new(&self.engine, bytes)
             .map_err(anyhow::Error::from)
             .context("not a valid WebAssembly component (build it with `--target wasm32-wasip2`)");
@@ -133,6 +175,74 @@ impl PluginRuntime {
             }
         }
         Ok((component, false))
+    }
+
+    /// Compiles `bytes` in a child process of `compiler` into `cached` (or a temporary file when
+    /// there is no cache) and loads the artefact. `None` when the child cannot be started (the
+    /// executable replaced on disk by an upgrade, say): the caller compiles in this process.
+    fn compile_in_child(
+        &self,
+        compiler: &Path,
+        bytes: &[u8],
+        cached: Option<PathBuf>,
+    ) -> Result<Option<Component>> {
+        use std::io::Write as _;
+        use std::process::{Command, Stdio};
+        static COMPILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let temporary = cached.is_none();
+        let output = cached.unwrap_or_else(|| {
+            let n = COMPILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::env::temp_dir().join(format!(
+                "kaleidoscope-compiled-{}-{n}.cwasm",
+                std::process::id()
+            ))
+        });
+        let mut command = Command::new(compiler);
+        command
+            .arg("compile-plugin")
+            .arg("--slot-size")
+            .arg(self.slot_size.to_string())
+            .arg("--output")
+            .arg(&output);
+        if let Some(cache) = &self.cache {
+            command.arg("--cache-dir").arg(&cache.dir);
+        }
+        let mut child = match command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(error) => {
+                tracing::warn!(compiler = %compiler.display(), "cannot start the compiler process ({error}); compiling in this process");
+                return Ok(None);
+            }
+        };
+        let written = child
+            .stdin
+            .take()
+            .context("the compiler's stdin")?
+            .write_all(bytes);
+        let finished = child
+            .wait_with_output()
+            .context("the compiler process failed")?;
+        if !finished.status.success() {
+            let said = String::from_utf8_lossy(&finished.stderr);
+            let said = said.trim().trim_start_matches("error: ");
+            bail!("{said}");
+        }
+        written.context("cannot hand the component to the compiler")?;
+        // SAFETY: the compiler child wrote the file with `Engine::precompile_component` of an
+        // engine made with this one's settings (same executable, same slot size); wasmtime
+        // checks the header's compatibility and errors otherwise.
+        let component = unsafe { Component::deserialize_file(&self.engine, &output) }
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("cannot load the compiled plugin {}", output.display()));
+        if temporary {
+            let _ = std::fs::remove_file(&output);
+        }
+        component.map(Some)
     }
 
     /// `wanted` as this runtime can honour them: a memory cap larger than the pool's slots were

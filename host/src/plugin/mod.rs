@@ -101,5 +101,5 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 pub use call::{CallSession, HandlerOutcome, Plugin};
-pub use engine::PluginRuntime;
+pub use engine::{PluginRuntime, compile_in_child_processes, compile_to_file};
 pub use sandbox::{SandboxLimits, Settings};
