@@ -340,13 +340,19 @@ async fn plugin_up_runs_a_fresh_project_from_an_empty_shell() {
             .stderr(std::process::Stdio::null()),
     );
     let database = format!("kaleidoscope_dev_{}", name.replace('-', "_"));
-    let xadd = eventually("plugin up to print the XADD to try", || async {
-        std::fs::read_to_string(&output).ok().and_then(|out| {
-            out.lines()
-                .find(|l| l.trim_start().starts_with("redis-cli") && l.contains(" XADD "))
-                .map(|l| l.trim().to_string())
-        })
-    })
+    // A Python environment, a componentize-py build and an 18 MB compile: minutes, not seconds,
+    // when the rest of the suite shares the machine.
+    let xadd = crate::support::eventually_within(
+        std::time::Duration::from_secs(180),
+        "plugin up to print the XADD to try",
+        || async {
+            std::fs::read_to_string(&output).ok().and_then(|out| {
+                out.lines()
+                    .find(|l| l.trim_start().starts_with("redis-cli") && l.contains(" XADD "))
+                    .map(|l| l.trim().to_string())
+            })
+        },
+    )
     .await;
     assert!(
         xadd.contains(&format!("'dev:{name}:{name}-results'")),

@@ -5,13 +5,13 @@ use crate::support::{Options, TestEnv, workspace};
 
 const STREAM: &str = "caption-quality-results";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_python_example_persists_flags_and_dead_letters_like_any_plugin() {
+/// An environment (host not started) for the Python example: its table's migration in the
+/// operator migrations and the grant to write it.
+async fn the_example_with_its_table(options: Options) -> TestEnv {
     let env = TestEnv::prepare(
-        Options::new(&["caption-quality"])
+        options
             .operator_migrations()
-            .plugin_setting("caption-quality", "tables = [\"caption_quality\"]")
-            .plugin_setting("caption-quality", "settings = { min_score = 0.5 }"),
+            .plugin_setting("caption-quality", "tables = [\"caption_quality\"]"),
     )
     .await;
     std::fs::copy(
@@ -19,7 +19,18 @@ async fn the_python_example_persists_flags_and_dead_letters_like_any_plugin() {
         env.migrations_dir().join("0001_caption_quality.sql"),
     )
     .expect("copy the example's migration");
-    let env = env.with_host().await;
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_persists_flags_and_dead_letters_like_any_plugin() {
+    let env = the_example_with_its_table(
+        Options::new(&["caption-quality"])
+            .plugin_setting("caption-quality", "settings = { min_score = 0.5 }"),
+    )
+    .await
+    .with_host()
+    .await;
     let plugin = env
         .host()
         .state()
@@ -114,17 +125,7 @@ async fn an_exception_in_a_python_handler_is_named_with_its_message_and_frames()
 /// peak memory stays that of its work, and the compiled artefact lands in its cache as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiling_the_python_example_leaves_the_hosts_peak_memory_alone() {
-    let env = TestEnv::prepare(
-        Options::new(&["caption-quality"])
-            .operator_migrations()
-            .plugin_setting("caption-quality", "tables = [\"caption_quality\"]"),
-    )
-    .await;
-    std::fs::copy(
-        workspace().join("plugins/caption-quality/migrations/0001_caption_quality.sql"),
-        env.migrations_dir().join("0001_caption_quality.sql"),
-    )
-    .expect("copy the example's migration");
+    let env = the_example_with_its_table(Options::new(&["caption-quality"])).await;
     let migrations = env.migrations_dir().display().to_string();
     // A cache of its own, empty: the host must compile (the shared one may hold the example).
     let cache = env.plugins_dir.join("fresh-cache");

@@ -58,7 +58,18 @@ pub fn plugin_file(name: &str) -> PathBuf {
 }
 
 /// Polls `probe` until it yields `Some`, failing the test after [`DEADLINE`].
-pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    eventually_within(DEADLINE, what, probe).await
+}
+
+/// [`eventually`] with a deadline of its own, for the few waits that span whole builds (a
+/// Python environment made, a component built and compiled) on a machine busy with the rest
+/// of the suite.
+pub async fn eventually_within<T, F, Fut>(deadline: Duration, what: &str, mut probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -68,8 +79,8 @@ where
         if let Some(value) = probe().await {
             return value;
         }
-        if start.elapsed() > DEADLINE {
-            panic!("timed out after {DEADLINE:?} waiting for {what}");
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

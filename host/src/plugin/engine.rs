@@ -228,9 +228,14 @@ impl PluginRuntime {
             .wait_with_output()
             .context("the compiler process failed")?;
         if !finished.status.success() {
+            // Its last `error: …` line (log lines may come before it), else all it said.
             let said = String::from_utf8_lossy(&finished.stderr);
-            let said = said.trim().trim_start_matches("error: ");
-            bail!("{said}");
+            let error = said
+                .lines()
+                .rev()
+                .find_map(|line| line.strip_prefix("error: "))
+                .unwrap_or(said.trim());
+            bail!("{error}");
         }
         written.context("cannot hand the component to the compiler")?;
         // SAFETY: the compiler child wrote the file with `Engine::precompile_component` of an
