@@ -213,22 +213,21 @@ impl Builder<'_> {
 
     /// Upserts of one table and key columns share a stage; upserts of one key fold into one row.
     fn add_upsert(&mut self, entry: usize, table: &str, key: &[Param], set: &[SetParam]) {
-        let key_columns = columns(key);
         let stage = self.find(
             table,
-            |stage| matches!(stage, Stage::Upsert { key_columns: k, .. } if *k == key_columns),
+            |stage| matches!(stage, Stage::Upsert { key_columns: k, .. } if same_columns(k, key)),
         );
         let stage = stage.unwrap_or_else(|| {
             self.open(Stage::Upsert {
                 table: table.to_string(),
-                key_columns: key_columns.clone(),
+                key_columns: columns(key),
                 rows: Vec::new(),
             })
         });
         if !self.fold(stage, entry, key, key, set, true) {
             let stage = self.open(Stage::Upsert {
                 table: table.to_string(),
-                key_columns,
+                key_columns: columns(key),
                 rows: Vec::new(),
             });
             let folded = self.fold(stage, entry, key, key, set, true);
@@ -269,14 +268,13 @@ impl Builder<'_> {
             });
             return;
         }
-        let key_columns = columns(key);
         let wanted = |stage: &Stage| {
             matches!(stage, Stage::Update { key_columns: k, if_missing: m, changed_key: c, .. }
-                if *k == key_columns && *m == if_missing && *c == changed_key)
+                if same_columns(k, key) && *m == if_missing && *c == changed_key)
         };
         let new_stage = || Stage::Update {
             table: table.to_string(),
-            key_columns: key_columns.clone(),
+            key_columns: columns(key),
             if_missing,
             changed_key: changed_key.clone(),
             rows: Vec::new(),
@@ -392,10 +390,9 @@ impl Builder<'_> {
             Some(_) if !foldable => false,
             Some(&position) => {
                 let row = &mut rows[position];
-                let Some(merged) = fold_set(&row.set, set) else {
+                if !fold_set(&mut row.set, set) {
                     return false;
-                };
-                row.set = merged;
+                }
                 if row.entries.last() != Some(&entry) {
                     row.entries.push(entry);
                 }
@@ -415,31 +412,43 @@ impl Builder<'_> {
     }
 }
 
-/// What `earlier` then `later` leave in each column, as one `set`; `None` when that cannot be
-/// said as one set clause (an `append-unique` after an `assign` of something not a text array).
-fn fold_set(earlier: &[SetParam], later: &[SetParam]) -> Option<Vec<SetParam>> {
-    let mut merged = earlier.to_vec();
-    for next in later {
-        match merged.iter_mut().find(|s| s.column == next.column) {
-            None => merged.push(next.clone()),
-            Some(current) => {
-                current.op = match (&current.op, &next.op) {
-                    (_, SetOp::Assign(value)) => SetOp::Assign(value.clone()),
-                    (SetOp::AppendUnique(a), SetOp::AppendUnique(b)) => {
-                        SetOp::AppendUnique(ordered_union(a, b))
-                    }
-                    (SetOp::Assign(wit::Value::TextArray(a)), SetOp::AppendUnique(b)) => {
-                        SetOp::Assign(wit::Value::TextArray(ordered_union(a, b)))
-                    }
-                    (SetOp::Assign(wit::Value::Null), SetOp::AppendUnique(b)) => {
-                        SetOp::Assign(wit::Value::TextArray(ordered_union(&[], b)))
-                    }
-                    (SetOp::Assign(_), SetOp::AppendUnique(_)) => return None,
-                };
-            }
-        }
+/// Folds `later` into `earlier`, so that `earlier` says what the two leave in each column as one
+/// `set`; `false` (and `earlier` unchanged) when that cannot be said as one set clause (an
+/// `append-unique` after an `assign` of something not a text array). In place: most rows of a
+/// batch are folded into several times (one media, several messages), and copying the whole
+/// set at every fold was the plan's largest cost.
+fn fold_set(earlier: &mut Vec<SetParam>, later: &[SetParam]) -> bool {
+    let unfoldable = later.iter().any(|next| {
+        matches!(next.op, SetOp::AppendUnique(_))
+            && earlier.iter().any(|s| {
+                s.column == next.column
+                    && matches!(&s.op, SetOp::Assign(v)
+                        if !matches!(v, wit::Value::TextArray(_) | wit::Value::Null))
+            })
+    });
+    if unfoldable {
+        return false;
     }
-    Some(merged)
+    for next in later {
+        let Some(current) = earlier.iter_mut().find(|s| s.column == next.column) else {
+            earlier.push(next.clone());
+            continue;
+        };
+        current.op = match (&current.op, &next.op) {
+            (_, SetOp::Assign(value)) => SetOp::Assign(value.clone()),
+            (SetOp::AppendUnique(a), SetOp::AppendUnique(b)) => {
+                SetOp::AppendUnique(ordered_union(a, b))
+            }
+            (SetOp::Assign(wit::Value::TextArray(a)), SetOp::AppendUnique(b)) => {
+                SetOp::Assign(wit::Value::TextArray(ordered_union(a, b)))
+            }
+            (SetOp::Assign(_), SetOp::AppendUnique(b)) => {
+                // Null, by the check above.
+                SetOp::Assign(wit::Value::TextArray(ordered_union(&[], b)))
+            }
+        };
+    }
+    true
 }
 
 /// `a` followed by the items of `b` not already present, each item once, in first-seen order:
@@ -455,6 +464,11 @@ pub fn ordered_union(a: &[String], b: &[String]) -> Vec<String> {
 
 fn columns(params: &[Param]) -> Vec<String> {
     params.iter().map(|p| p.column.clone()).collect()
+}
+
+/// Whether `params` name exactly `columns`, in order (without building the list).
+fn same_columns(columns: &[String], params: &[Param]) -> bool {
+    columns.len() == params.len() && columns.iter().zip(params).all(|(c, p)| *c == p.column)
 }
 
 /// Whether equal text forms of this key value mean the same row and different ones different
