@@ -235,6 +235,10 @@ impl PluginRuntime {
                 .rev()
                 .find_map(|line| line.strip_prefix("error: "))
                 .unwrap_or(said.trim());
+            if error.is_empty() {
+                // Killed (out of memory, say) before it could say anything.
+                bail!("the compiler process ended with {}", finished.status);
+            }
             bail!("{error}");
         }
         written.context("cannot hand the component to the compiler")?;
