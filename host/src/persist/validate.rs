@@ -514,9 +514,13 @@ impl Checker<'_> {
         set: Vec<wit::ColumnSet>,
         key_columns: &BTreeSet<String>,
     ) -> Result<Vec<SetParam>, Rejection> {
-        let mut seen = BTreeSet::new();
+        // Where a column first appears a second time: found without a set of names, so the
+        // column names the plugin sent move into the parameters instead of being copied.
+        let first_repeat =
+            (0..set.len()).find(|&i| set[..i].iter().any(|e| e.column == set[i].column));
         set.into_iter()
-            .map(|cs| {
+            .enumerate()
+            .map(|(i, cs)| {
                 if key_columns.contains(&cs.column) {
                     return Err(self.fail(
                         Rule::KeyInSet,
@@ -525,7 +529,7 @@ impl Checker<'_> {
                         format!("column `{}` is both in the key and in `set`", cs.column),
                     ));
                 }
-                if !seen.insert(cs.column.clone()) {
+                if first_repeat == Some(i) {
                     return Err(self.fail(
                         Rule::DuplicateColumn,
                         what,
@@ -565,9 +569,10 @@ impl Checker<'_> {
                         SetOp::AppendUnique(items)
                     }
                 };
+                // The catalogue is keyed by name: the plugin's name is the column's.
                 Ok(SetParam {
-                    column: column.name.clone(),
                     sql_type: column.sql_type.clone(),
+                    column: cs.column,
                     op,
                 })
             })
