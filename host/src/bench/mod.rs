@@ -190,7 +190,7 @@ fn median_round(mut figures: Vec<Figures>) -> Figures {
     median
 }
 
-/// `a / b` of every round, as "min–max" (one round: its figure).
+/// `a / b` of every round, as " (round by round min–max)"; nothing for a single round.
 fn round_ratios(a: &Figures, b: &Figures) -> String {
     let ratios: Vec<f64> = a
         .rounds
