@@ -132,23 +132,14 @@ impl ServerCpu {
             let Ok(stat) = std::fs::read_to_string(process.path().join("stat")) else {
                 continue;
             };
-            let Some((head, rest)) = stat.rsplit_once(')') else {
+            let Some((name, seconds)) = stat_cpu(&stat, true) else {
                 continue;
             };
-            let name = head.rsplit_once('(').map_or("", |(_, name)| name);
-            let slot = match name {
-                "postgres" => &mut cpu.postgres,
-                "redis-server" => &mut cpu.redis,
-                _ => continue,
-            };
-            // utime, stime, cutime, cstime: fields 14–17, the 12th–15th after the name.
-            let ticks: f64 = rest
-                .split_whitespace()
-                .skip(11)
-                .take(4)
-                .filter_map(|t| t.parse::<f64>().ok())
-                .sum();
-            *slot += ticks / 100.0;
+            match name {
+                "postgres" => cpu.postgres += seconds,
+                "redis-server" => cpu.redis += seconds,
+                _ => {}
+            }
         }
         cpu
     }
@@ -172,13 +163,25 @@ pub(super) fn peak_rss_mb(child: &Child) -> Option<f64> {
 /// The CPU time the child has used so far (user + system), in seconds.
 pub(super) fn cpu_seconds(child: &Child) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).ok()?;
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat.rsplit_once(')')?.1;
+    stat_cpu(&stat, false).map(|(_, seconds)| seconds)
+}
+
+/// A process's command name and CPU time in seconds from its `/proc/<pid>/stat` text: user +
+/// system (utime, stime), and with `children` also that of its children it has waited for
+/// (cutime, cstime).
+fn stat_cpu(stat: &str, children: bool) -> Option<(&str, f64)> {
+    // The command name is in parentheses and may hold spaces; fields are counted after it.
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.rsplit_once('(').map_or("", |(_, name)| name);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // utime, stime, cutime, cstime: fields 14–17, the 12th–15th after the name.
+    let wanted = if children { 4 } else { 2 };
+    let mut ticks = 0.0;
+    for field in fields.get(11..11 + wanted)? {
+        ticks += field.parse::<f64>().ok()?;
+    }
     // Clock ticks; 100 per second on Linux.
-    Some((utime + stime) / 100.0)
+    Some((name, ticks / 100.0))
 }
 
 /// Seconds spent in plugin calls, from the host's `/metrics`.
