@@ -54,8 +54,8 @@ pub struct Handler<'a> {
 }
 
 /// Records an entry as finished. Returns `false` when it was already recorded (by an earlier
-/// delivery or by another host that won the race), in which case the caller must not apply its
-/// effects.
+/// delivery or by another host that won the race), or when a prune that raced this insert has
+/// just forgotten it (see [`forgotten`]), in which case the caller must not apply its effects.
 pub async fn record(
     conn: &mut PgConnection,
     source: &str,
@@ -64,9 +64,12 @@ pub async fn record(
     handler: Handler<'_>,
     outcome: Outcome,
 ) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "INSERT INTO processed_entries (source, stream, entry_id, plugin, plugin_version, plugin_build, outcome)
-         VALUES ($6, $1, $2, $3, $4, $7, $5) ON CONFLICT (source, stream, entry_id) DO NOTHING",
+    let done: Result<Option<(String, Option<Vec<String>>)>, sqlx::Error> = sqlx::query_as(
+        "WITH recorded AS (
+             INSERT INTO processed_entries (source, stream, entry_id, plugin, plugin_version, plugin_build, outcome)
+             VALUES ($6, $1, $2, $3, $4, $7, $5) ON CONFLICT (source, stream, entry_id) DO NOTHING
+             RETURNING entry_id)
+         SELECT entry_id, ledger_horizon_now($6, $1, ARRAY[entry_id])::text[] FROM recorded",
     )
     .bind(stream)
     .bind(entry_id)
@@ -75,10 +78,14 @@ pub async fn record(
     .bind(outcome.as_str())
     .bind(source)
     .bind(handler.build)
-    .execute(conn)
+    .fetch_optional(&mut *conn)
     .await;
     super::answers::answered();
-    Ok(done?.rows_affected() == 1)
+    let Some((id, horizon)) = done? else {
+        return Ok(false);
+    };
+    let claimed = unforget(conn, source, stream, vec![id], horizon).await?;
+    Ok(!claimed.is_empty())
 }
 
 /// Claims the ledger rows of a whole batch in one statement: `(entry id, outcome)` pairs in, the
@@ -97,21 +104,24 @@ pub async fn claim(
         return Ok(HashSet::new());
     }
     let (ids, outcomes) = sorted(entries);
-    let rows: Result<Vec<(String,)>, sqlx::Error> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{} RETURNING entry_id",
-        claim_rows(["$3", "$4", "$5"], "$6", "$7")
-    )))
-    .bind(source)
-    .bind(stream)
-    .bind(handler.name)
-    .bind(handler.version)
-    .bind(handler.build)
-    .bind(ids)
-    .bind(outcomes)
-    .fetch_all(conn)
-    .await;
+    let claimed: Result<(Vec<String>, Option<Vec<String>>), sqlx::Error> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "WITH claimed AS ({} RETURNING entry_id) {}",
+            claim_rows(["$3", "$4", "$5"], "$6", "$7"),
+            WITH_HORIZON_NOW
+        )))
+        .bind(source)
+        .bind(stream)
+        .bind(handler.name)
+        .bind(handler.version)
+        .bind(handler.build)
+        .bind(ids)
+        .bind(outcomes)
+        .fetch_one(&mut *conn)
+        .await;
     super::answers::answered();
-    Ok(rows?.into_iter().map(|(id,)| id).collect())
+    let (claimed, horizon) = claimed?;
+    unforget(conn, source, stream, claimed, horizon).await
 }
 
 /// [`claim`] for a batch two versions handled (a canary rollout): each version's entries are
@@ -130,8 +140,9 @@ pub async fn claim_canary(
 ) -> Result<HashSet<String>, sqlx::Error> {
     let (live_ids, live_outcomes) = sorted(live_entries);
     let (candidate_ids, candidate_outcomes) = sorted(candidate_entries);
-    let rows: Result<Vec<(String,)>, sqlx::Error> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "WITH live AS ({} RETURNING entry_id, outcome),
+    let claimed: Result<(Vec<String>, Option<Vec<String>>), sqlx::Error> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "WITH live AS ({} RETURNING entry_id, outcome),
               candidate AS ({} RETURNING entry_id, outcome),
               tally AS (
                 INSERT INTO rollout_tallies (rollout_id, host, shard, role, outcome, entries)
@@ -140,30 +151,92 @@ pub async fn claim_canary(
                         UNION ALL SELECT 'candidate', outcome FROM candidate) AS claimed
                  GROUP BY role, outcome ORDER BY role, outcome
                 ON CONFLICT (rollout_id, host, shard, role, outcome)
-                DO UPDATE SET entries = rollout_tallies.entries + EXCLUDED.entries)
-         SELECT entry_id FROM live UNION ALL SELECT entry_id FROM candidate",
-        claim_rows(["$3", "$4", "$5"], "$6", "$7"),
-        claim_rows(["$8", "$9", "$10"], "$11", "$12")
-    )))
-    .bind(source)
-    .bind(stream)
-    .bind(live.name)
-    .bind(live.version)
-    .bind(live.build)
-    .bind(live_ids)
-    .bind(live_outcomes)
-    .bind(candidate.name)
-    .bind(candidate.version)
-    .bind(candidate.build)
-    .bind(candidate_ids)
-    .bind(candidate_outcomes)
-    .bind(rollout_id)
-    .bind(host)
-    .bind(super::rollouts::next_shard())
-    .fetch_all(conn)
-    .await;
+                DO UPDATE SET entries = rollout_tallies.entries + EXCLUDED.entries),
+              claimed AS (SELECT entry_id FROM live UNION ALL SELECT entry_id FROM candidate)
+         {}",
+            claim_rows(["$3", "$4", "$5"], "$6", "$7"),
+            claim_rows(["$8", "$9", "$10"], "$11", "$12"),
+            WITH_HORIZON_NOW
+        )))
+        .bind(source)
+        .bind(stream)
+        .bind(live.name)
+        .bind(live.version)
+        .bind(live.build)
+        .bind(live_ids)
+        .bind(live_outcomes)
+        .bind(candidate.name)
+        .bind(candidate.version)
+        .bind(candidate.build)
+        .bind(candidate_ids)
+        .bind(candidate_outcomes)
+        .bind(rollout_id)
+        .bind(host)
+        .bind(super::rollouts::next_shard())
+        .fetch_one(&mut *conn)
+        .await;
     super::answers::answered();
-    Ok(rows?.into_iter().map(|(id,)| id).collect())
+    let (claimed, horizon) = claimed?;
+    unforget(conn, source, stream, claimed, horizon).await
+}
+
+/// The tail of a claim's statement, after a CTE `claimed` of the inserted `entry_id`s: the ids,
+/// and the stream's horizon as committed once they are in (`ledger_horizon_now` takes them as
+/// its argument so that it runs after the insert, with a snapshot of its own).
+const WITH_HORIZON_NOW: &str =
+    ", ids AS (SELECT coalesce(array_agg(entry_id), '{}') AS ids FROM claimed)
+     SELECT ids, ledger_horizon_now($1, $2, ids)::text[] FROM ids";
+
+/// The ids of `inserted` the ledger may take as new: those after the stream's `horizon` as it
+/// stood once they were inserted (a `{ms, seq}` pair, as `ledger_horizon_now` returns it).
+///
+/// A claim's insert that met the row of an entry a concurrent prune was deleting waited for
+/// the prune and inserted the row again; its own snapshot predates the prune's new horizon, so
+/// its `WHERE` let the entry through. Such ids (at or before the horizon) were finished before
+/// and must not run again: their new rows are deleted and they are left out. A race of a rewind
+/// with pruning; nearly always nothing to do. (Under a canary the rollout's tally, added in the
+/// claim's statement, still counts them: a rare overcount of one batch, left as it is.)
+async fn unforget(
+    conn: &mut PgConnection,
+    source: &str,
+    stream: &str,
+    inserted: Vec<String>,
+    horizon: Option<Vec<String>>,
+) -> Result<HashSet<String>, sqlx::Error> {
+    let (taken, forgotten) = forgotten(inserted, horizon.as_deref());
+    if !forgotten.is_empty() {
+        tracing::warn!(
+            stream,
+            count = forgotten.len(),
+            "entries delivered again while the ledger pruned them were finished before; they are acknowledged without running"
+        );
+        sqlx::query(
+            "DELETE FROM processed_entries WHERE source = $1 AND stream = $2 AND entry_id = ANY($3)",
+        )
+        .bind(source)
+        .bind(stream)
+        .bind(&forgotten)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(taken)
+}
+
+/// Splits `ids` into those after `horizon` and those at or before it (ids that are not
+/// `<ms>-<seq>`, such as replays', are never behind a horizon).
+fn forgotten(ids: Vec<String>, horizon: Option<&[String]>) -> (HashSet<String>, Vec<String>) {
+    let horizon = match horizon {
+        Some([ms, seq]) => ms.parse().ok().zip(seq.parse().ok()),
+        _ => None,
+    };
+    let Some((ms, seq)) = horizon else {
+        return (ids.into_iter().collect(), Vec::new());
+    };
+    let horizon = EntryId { ms, seq };
+    let (forgotten, taken): (Vec<String>, Vec<String>) = ids
+        .into_iter()
+        .partition(|id| EntryId::parse(id).is_some_and(|id| id <= horizon));
+    (taken.into_iter().collect(), forgotten)
 }
 
 /// The ids and outcomes of `entries`, sorted by id: concurrent batches lock ledger rows in the
@@ -187,7 +260,7 @@ fn claim_rows(handler: [&str; 3], ids: &str, outcomes: &str) -> String {
          SELECT $1, $2, u.id, {name}, {version}, {build}, u.outcome
            FROM unnest({ids}::text[], {outcomes}::text[]) WITH ORDINALITY AS u(id, outcome, n)
            LEFT JOIN ledger_horizons h ON h.source = $1 AND h.stream = $2
-          WHERE NOT COALESCE(
+          WHERE h.through IS NULL OR NOT COALESCE(
                     CASE WHEN u.id ~ '^[0-9]{{1,20}}-[0-9]{{1,20}}$'
                          THEN ARRAY[split_part(u.id, '-', 1)::numeric,
                                     split_part(u.id, '-', 2)::numeric] END <= h.through,
@@ -543,6 +616,23 @@ pub async fn prune_runs(pool: &PgPool, source: &str, retention: Duration) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_at_or_before_the_horizon_are_forgotten_and_the_rest_taken() {
+        let ids = ["9-9", "10-0", "10-1", "11-0", "10-0/replay"]
+            .map(String::from)
+            .to_vec();
+        let horizon = ["10".to_string(), "0".to_string()];
+        let (taken, behind) = forgotten(ids.clone(), Some(&horizon));
+        assert_eq!(behind, ["9-9", "10-0"]);
+        assert_eq!(
+            taken,
+            ["10-1", "11-0", "10-0/replay"].map(String::from).into()
+        );
+        let (taken, behind) = forgotten(ids.clone(), None);
+        assert!(behind.is_empty());
+        assert_eq!(taken.len(), ids.len());
+    }
 
     #[test]
     fn a_deployment_is_named_without_credentials_or_options() {
