@@ -129,6 +129,7 @@ def handle(cur, stream, entries):
             merge(int(f["mediaId"]), cols, service if service in SERVICES else None)
             result(f, service or "insights")
         upsert_insights(cur, rows)
+        update_requests(cur, results)
     elif stream == FACES:
         faces = {}
         for _, f in entries:
