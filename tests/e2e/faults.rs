@@ -81,7 +81,16 @@ async fn sigterm_under_load_exits_zero_with_nothing_half_done() {
     let env = TestEnv::prepare(Options::new(&["insights"])).await;
     let media: Vec<i64> = (1..=COUNT).collect();
     env.seed_media(1, &media).await;
-    let mut host = env.spawn_host("host-term");
+    // Batches of at most 100: the host holds a few hundred entries at a time, so the signal
+    // comes while most of the 3,000 are still unread (by default it reads 1,000 at a time).
+    let log = std::fs::File::create(env.host_log("host-term")).expect("host log file");
+    let mut host = HostProcess::spawn(
+        env.binary(&["run"])
+            .env("KALEIDOSCOPE_CONSUMER_NAME", "host-term")
+            .env("KALEIDOSCOPE_MAX_BATCH_SIZE", "100")
+            .stdout(std::process::Stdio::null())
+            .stderr(log),
+    );
     let all: Vec<Vec<(String, String)>> = media.iter().map(|m| caption(*m)).collect();
     env.publish_many(INSIGHTS, &all).await;
     eventually("the host to be busy", || async {

@@ -79,6 +79,8 @@ pub struct Config {
     pub dlq_stream: String,
     pub batch_size: usize,
     pub max_batch_size: usize,
+    /// The most field bytes one read of a backlog asks for (see `consumer::ReadSize`).
+    pub max_batch_bytes: usize,
     pub max_in_flight: usize,
     pub poll_timeout: Duration,
     pub stream_prefix: String,
@@ -348,7 +350,7 @@ mod tests {
         let config = load(&[]).unwrap();
         assert_eq!(config.plugin_timeout, Duration::from_secs(30));
         assert_eq!(config.consumer_group, "backend-group");
-        assert_eq!(config.max_batch_size, 250);
+        assert_eq!(config.max_batch_size, 1000);
         assert_eq!(config.ledger_retention, Duration::from_millis(86_400_000));
         assert_eq!(
             config.critical_streams,

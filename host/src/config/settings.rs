@@ -122,18 +122,24 @@ settings! {
         key: "batch_size",
         env: "KALEIDOSCOPE_BATCH_SIZE",
         default: "10",
-        help: "Entries asked for by the first XREADGROUP of a stream (seed: batch-size); while reads come back full (a backlog), each read asks for twice as many, up to max_batch_size. At most 10,000.",
+        help: "Entries asked for by the first XREADGROUP of a stream (seed: batch-size); while reads come back full (a backlog), each read asks for twice as many, up to max_batch_size, and a short read keeps the size (a read returns what is there at once, so a large size never delays an entry). At most 10,000.",
     },
     MaxBatchSize {
         key: "max_batch_size",
         env: "KALEIDOSCOPE_MAX_BATCH_SIZE",
-        default: "250",
+        default: "1000",
         help: "The most entries one read (and so one batch transaction) takes when a stream has a backlog. At most 10,000.",
+    },
+    MaxBatchBytes {
+        key: "max_batch_bytes",
+        env: "KALEIDOSCOPE_MAX_BATCH_BYTES",
+        default: "1048576",
+        help: "The most bytes of entries (field names and values) one read asks for, at the size per entry of the last read that found any: large entries (embeddings) make smaller batches, so memory stays bounded while small entries reach max_batch_size.",
     },
     MaxInFlight {
         key: "max_in_flight",
         env: "KALEIDOSCOPE_MAX_IN_FLIGHT",
-        default: "2",
+        default: "3",
         help: "Batches per stream between read and acknowledgement at once: the next batch is read and handled while earlier ones commit. At most 64.",
     },
     PollTimeoutMs {

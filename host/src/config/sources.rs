@@ -323,6 +323,7 @@ impl RawSettings {
                 MAX_BATCH_SIZE,
                 "one batch is one transaction held in memory",
             )?,
+            max_batch_bytes: self.positive(Key::MaxBatchBytes)?,
             max_in_flight: self.positive_at_most(
                 Key::MaxInFlight,
                 MAX_IN_FLIGHT,

@@ -53,6 +53,13 @@ pub struct Handler<'a> {
     pub build: &'a str,
 }
 
+/// An inserted ledger row's entry id, and the stream's horizon as committed after the insert
+/// (`{ms, seq}`, see [`unforget`]).
+type Inserted = (String, Option<Vec<String>>);
+
+/// A claim's inserted entry ids, and the stream's horizon as committed after the insert.
+type Claimed = (Vec<String>, Option<Vec<String>>);
+
 /// Records an entry as finished. Returns `false` when it was already recorded (by an earlier
 /// delivery or by another host that won the race), or when a prune that raced this insert has
 /// just forgotten it (see [`forgotten`]), in which case the caller must not apply its effects.
@@ -64,7 +71,7 @@ pub async fn record(
     handler: Handler<'_>,
     outcome: Outcome,
 ) -> Result<bool, sqlx::Error> {
-    let done: Result<Option<(String, Option<Vec<String>>)>, sqlx::Error> = sqlx::query_as(
+    let done: Result<Option<Inserted>, sqlx::Error> = sqlx::query_as(
         "WITH recorded AS (
              INSERT INTO processed_entries (source, stream, entry_id, plugin, plugin_version, plugin_build, outcome)
              VALUES ($6, $1, $2, $3, $4, $7, $5) ON CONFLICT (source, stream, entry_id) DO NOTHING
@@ -104,21 +111,20 @@ pub async fn claim(
         return Ok(HashSet::new());
     }
     let (ids, outcomes) = sorted(entries);
-    let claimed: Result<(Vec<String>, Option<Vec<String>>), sqlx::Error> =
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "WITH claimed AS ({} RETURNING entry_id) {}",
-            claim_rows(["$3", "$4", "$5"], "$6", "$7"),
-            WITH_HORIZON_NOW
-        )))
-        .bind(source)
-        .bind(stream)
-        .bind(handler.name)
-        .bind(handler.version)
-        .bind(handler.build)
-        .bind(ids)
-        .bind(outcomes)
-        .fetch_one(&mut *conn)
-        .await;
+    let claimed: Result<Claimed, sqlx::Error> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "WITH claimed AS ({} RETURNING entry_id) {}",
+        claim_rows(["$3", "$4", "$5"], "$6", "$7"),
+        WITH_HORIZON_NOW
+    )))
+    .bind(source)
+    .bind(stream)
+    .bind(handler.name)
+    .bind(handler.version)
+    .bind(handler.build)
+    .bind(ids)
+    .bind(outcomes)
+    .fetch_one(&mut *conn)
+    .await;
     super::answers::answered();
     let (claimed, horizon) = claimed?;
     unforget(conn, source, stream, claimed, horizon).await
@@ -140,9 +146,8 @@ pub async fn claim_canary(
 ) -> Result<HashSet<String>, sqlx::Error> {
     let (live_ids, live_outcomes) = sorted(live_entries);
     let (candidate_ids, candidate_outcomes) = sorted(candidate_entries);
-    let claimed: Result<(Vec<String>, Option<Vec<String>>), sqlx::Error> =
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "WITH live AS ({} RETURNING entry_id, outcome),
+    let claimed: Result<Claimed, sqlx::Error> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "WITH live AS ({} RETURNING entry_id, outcome),
               candidate AS ({} RETURNING entry_id, outcome),
               tally AS (
                 INSERT INTO rollout_tallies (rollout_id, host, shard, role, outcome, entries)
@@ -154,27 +159,27 @@ pub async fn claim_canary(
                 DO UPDATE SET entries = rollout_tallies.entries + EXCLUDED.entries),
               claimed AS (SELECT entry_id FROM live UNION ALL SELECT entry_id FROM candidate)
          {}",
-            claim_rows(["$3", "$4", "$5"], "$6", "$7"),
-            claim_rows(["$8", "$9", "$10"], "$11", "$12"),
-            WITH_HORIZON_NOW
-        )))
-        .bind(source)
-        .bind(stream)
-        .bind(live.name)
-        .bind(live.version)
-        .bind(live.build)
-        .bind(live_ids)
-        .bind(live_outcomes)
-        .bind(candidate.name)
-        .bind(candidate.version)
-        .bind(candidate.build)
-        .bind(candidate_ids)
-        .bind(candidate_outcomes)
-        .bind(rollout_id)
-        .bind(host)
-        .bind(super::rollouts::next_shard())
-        .fetch_one(&mut *conn)
-        .await;
+        claim_rows(["$3", "$4", "$5"], "$6", "$7"),
+        claim_rows(["$8", "$9", "$10"], "$11", "$12"),
+        WITH_HORIZON_NOW
+    )))
+    .bind(source)
+    .bind(stream)
+    .bind(live.name)
+    .bind(live.version)
+    .bind(live.build)
+    .bind(live_ids)
+    .bind(live_outcomes)
+    .bind(candidate.name)
+    .bind(candidate.version)
+    .bind(candidate.build)
+    .bind(candidate_ids)
+    .bind(candidate_outcomes)
+    .bind(rollout_id)
+    .bind(host)
+    .bind(super::rollouts::next_shard())
+    .fetch_one(&mut *conn)
+    .await;
     super::answers::answered();
     let (claimed, horizon) = claimed?;
     unforget(conn, source, stream, claimed, horizon).await
