@@ -190,6 +190,8 @@ pub struct Metrics {
     pub sentinels: Family<ByStream, Counter>,
     /// Failed attempts to commit and acknowledge a batch.
     pub batch_failures: Family<ByStream, Counter>,
+    /// Batches run again entry by entry after a set-based statement failed.
+    pub batches_entry_by_entry: Family<ByStream, Counter>,
     /// Consumer groups found missing and created again.
     pub groups_recreated: Family<ByStream, Counter>,
     /// Failed loads of plugin files.
@@ -247,6 +249,7 @@ impl Default for Metrics {
             dead_lettered: Family::default(),
             sentinels: Family::default(),
             batch_failures: Family::default(),
+            batches_entry_by_entry: Family::default(),
             groups_recreated: Family::default(),
             load_failures: Family::default(),
             batch_duration: timings(),
@@ -313,6 +316,11 @@ impl Metrics {
             "kaleidoscope_batch_failures",
             "Failed attempts to commit and acknowledge a batch (outages and other errors); the batch is retried",
             self.batch_failures.clone(),
+        );
+        r.register(
+            "kaleidoscope_batches_entry_by_entry",
+            "Batches whose set-based transaction failed inside the database and ran again entry by entry, a savepoint each (slower; one entry's commands fail, or a statement timed out)",
+            self.batches_entry_by_entry.clone(),
         );
         r.register(
             "kaleidoscope_consumer_groups_recreated",
@@ -565,6 +573,7 @@ pub fn touch_stream(metrics: &Metrics, stream: &str, plugin: &str) {
         &metrics.redelivered,
         &metrics.sentinels,
         &metrics.batch_failures,
+        &metrics.batches_entry_by_entry,
         &metrics.groups_recreated,
     ] {
         let _ = family.get_or_create(&by_stream);

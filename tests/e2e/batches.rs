@@ -245,3 +245,80 @@ async fn a_redelivered_entry_inside_a_batch_of_new_ones_runs_nothing_again() {
     assert!(env.dead_letters().await.is_empty());
     env.finish().await;
 }
+
+/// Float arrays (embeddings) travel to PostgreSQL in binary, every row's numbers in one array
+/// sliced per row: in one batch, each row gets its own numbers — `real[]` rounded as
+/// PostgreSQL rounds, `double precision[]` exact — a NULL stays NULL and an empty list is `{}`,
+/// through upserts (folded or not) and inserts alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn float_arrays_in_one_batch_keep_each_rows_own_numbers() {
+    let mut options = Options::new(&["scripted"]).set("KALEIDOSCOPE_BATCH_SIZE", 100);
+    options.plugin_sections.insert(
+        "scripted".to_string(),
+        vec!["tables = [\"vectors\"]".to_string()],
+    );
+    let env = TestEnv::prepare(options).await;
+    sqlx::query("CREATE TABLE vectors (id BIGINT PRIMARY KEY, v REAL[], w DOUBLE PRECISION[])")
+        .execute(&env.pool)
+        .await
+        .expect("create the table");
+    let commands = |json: &str| {
+        vec![
+            ("action".to_string(), "commands".to_string()),
+            ("commands".to_string(), json.to_string()),
+        ]
+    };
+    let entries = [
+        commands(r#"[{"upsert": "vectors", "key": {"id": 1}, "set": {"v": [9, 9], "w": [0.1]}}]"#),
+        commands(
+            r#"[{"upsert": "vectors", "key": {"id": 2}, "set": {"v": null, "w": [0.5, 0.25]}}]"#,
+        ),
+        commands(
+            r#"[{"upsert": "vectors", "key": {"id": 1}, "set": {"v": [1.5, -2.25, 0.00003]}}]"#,
+        ),
+        commands(r#"[{"upsert": "vectors", "key": {"id": 3}, "set": {"v": [], "w": [1e300]}}]"#),
+        commands(
+            r#"[{"insert": "vectors", "values": {"id": 4, "v": [0.1], "w": [0.30000000000000004]}}]"#,
+        ),
+        commands(r#"[{"insert": "vectors", "values": {"id": 5, "v": null, "w": []}}]"#),
+    ];
+    env.publish_many("scripted", &entries).await;
+    let env = env.with_host().await;
+    env.await_drained("scripted").await;
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "{:?}",
+        env.dead_letters().await
+    );
+    assert_eq!(transactions(&env, "scripted").await, 1, "one batch");
+    let entry_by_entry = env
+        .host()
+        .state()
+        .metrics
+        .batches_entry_by_entry
+        .get_or_create(&kaleidoscope::metrics::ByStream::new("scripted"))
+        .get();
+    assert_eq!(entry_by_entry, 0, "the set-based statements ran");
+    type Row = (i64, Option<Vec<f32>>, Option<Vec<f64>>);
+    let rows: Vec<Row> = sqlx::query_as("SELECT id, v, w FROM vectors ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .expect("the rows");
+    let expected: Vec<Row> = vec![
+        (
+            1,
+            Some(vec![1.5, -2.25, 0.00003_f64 as f32]),
+            Some(vec![0.1]),
+        ),
+        (2, None, Some(vec![0.5, 0.25])),
+        (3, Some(vec![]), Some(vec![1e300])),
+        (
+            4,
+            Some(vec![0.1_f64 as f32]),
+            Some(vec![0.30000000000000004]),
+        ),
+        (5, None, Some(vec![])),
+    ];
+    assert_eq!(rows, expected);
+    env.finish().await;
+}

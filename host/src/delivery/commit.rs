@@ -86,6 +86,10 @@ impl HostState {
                         stream,
                         "a set-based statement failed ({reason}); running the batch again entry by entry"
                     );
+                    self.metrics
+                        .batches_entry_by_entry
+                        .get_or_create(&crate::metrics::ByStream::new(stream))
+                        .inc();
                     break;
                 }
             }

@@ -250,6 +250,8 @@ enum Array {
     Int(Vec<Option<i64>>),
     Float(Vec<Option<f64>>),
     Text(Vec<Option<String>>),
+    /// The float arrays of every row, one after the other (see [`Columns::add`]).
+    Flat(Vec<f64>),
 }
 
 impl Array {
@@ -287,7 +289,7 @@ impl Array {
         match self {
             Array::Bool(_) => "bool[]",
             Array::Int(_) => "int8[]",
-            Array::Float(_) => "float8[]",
+            Array::Float(_) | Array::Flat(_) => "float8[]",
             Array::Text(_) => "text[]",
         }
     }
@@ -359,26 +361,48 @@ fn array_literal<'a>(items: impl Iterator<Item = &'a str>) -> String {
     out
 }
 
-/// The arrays of a statement and the `unnest(...) AS u(c0, c1, ...)` that spreads them.
+/// The arrays of a statement: those `unnest(...) AS u(c0, c1, ...)` spreads into rows, and
+/// before them (`$1`, `$2`, ...) the float arrays of a column, every row's end to end.
 #[derive(Default)]
 struct Columns {
+    flat: Vec<Vec<f64>>,
     arrays: Vec<Array>,
 }
 
 impl Columns {
     /// Adds a column; returns the expression that reads it, cast to `sql_type`.
+    ///
+    /// Float arrays (embeddings: 1408 numbers each) for a `real[]` or `double precision[]`
+    /// column travel in binary: every row's numbers in one `float8[]` parameter, and each row
+    /// its first and last position, so PostgreSQL slices them out instead of parsing a text
+    /// literal per row (and the host writes no text). The cast to the column's type is
+    /// PostgreSQL's own, out-of-range `real`s included.
     fn add(&mut self, values: &[&wit::Value], sql_type: &str) -> String {
+        if matches!(sql_type, "real[]" | "double precision[]")
+            && let Some((flat, first, last)) = float_slices(values)
+        {
+            self.flat.push(flat);
+            let param = self.flat.len();
+            self.arrays.push(Array::Int(first));
+            self.arrays.push(Array::Int(last));
+            let last = self.arrays.len() - 1;
+            let first = last - 1;
+            return format!(
+                "CAST((${param}::float8[])[u.c{first}::int4:u.c{last}::int4] AS {sql_type})"
+            );
+        }
         let array = Array::of(values);
         self.arrays.push(array);
         format!("CAST(u.c{} AS {sql_type})", self.arrays.len() - 1)
     }
 
     fn unnest(&self, ordinality: bool) -> String {
+        let before = self.flat.len();
         let params = self
             .arrays
             .iter()
             .enumerate()
-            .map(|(i, a)| format!("${}::{}", i + 1, a.sql_type()))
+            .map(|(i, a)| format!("${}::{}", before + i + 1, a.sql_type()))
             .collect::<Vec<_>>()
             .join(", ");
         let mut names: Vec<String> = (0..self.arrays.len()).map(|i| format!("c{i}")).collect();
@@ -392,6 +416,41 @@ impl Columns {
             format!("unnest({params}) AS u({})", names.join(", "))
         }
     }
+
+    /// The arrays to bind, in the order of their placeholders.
+    fn into_params(self) -> Vec<Array> {
+        self.flat
+            .into_iter()
+            .map(Array::Flat)
+            .chain(self.arrays)
+            .collect()
+    }
+}
+
+/// When every value is a float array or NULL: their numbers end to end, and each row's first
+/// and last (1-based) position in them (NULL for NULL; an empty array is `[k:k-1]`, which
+/// PostgreSQL slices to `{}`).
+type FloatSlices = (Vec<f64>, Vec<Option<i64>>, Vec<Option<i64>>);
+
+fn float_slices(values: &[&wit::Value]) -> Option<FloatSlices> {
+    let mut flat = Vec::new();
+    let mut first = Vec::with_capacity(values.len());
+    let mut last = Vec::with_capacity(values.len());
+    for value in values {
+        match value {
+            wit::Value::FloatArray(items) => {
+                first.push(Some(flat.len() as i64 + 1));
+                flat.extend_from_slice(items);
+                last.push(Some(flat.len() as i64));
+            }
+            wit::Value::Null => {
+                first.push(None);
+                last.push(None);
+            }
+            _ => return None,
+        }
+    }
+    Some((flat, first, last))
 }
 
 /// What a `set` column contributes to one row: the assigned value, or the items to append.
@@ -470,7 +529,7 @@ fn upsert_sql(table: &str, key_columns: &[String], rows: &[&KeyedRow]) -> (Strin
         reads.join(", "),
         columns.unnest(false),
     );
-    (sql, columns.arrays)
+    (sql, columns.into_params())
 }
 
 fn update_sql(
@@ -506,7 +565,7 @@ fn update_sql(
         columns.unnest(true),
         if returning { " RETURNING u.n" } else { "" }
     );
-    (sql, columns.arrays)
+    (sql, columns.into_params())
 }
 
 fn delete_sql(table: &str, key_columns: &[String], rows: &[&KeyedRow]) -> (String, Vec<Array>) {
@@ -522,7 +581,7 @@ fn delete_sql(table: &str, key_columns: &[String], rows: &[&KeyedRow]) -> (Strin
         ident(table),
         columns.unnest(false)
     );
-    (sql, columns.arrays)
+    (sql, columns.into_params())
 }
 
 fn insert_sql(
@@ -557,7 +616,7 @@ fn insert_sql(
             ""
         }
     );
-    (sql, columns.arrays)
+    (sql, columns.into_params())
 }
 
 fn param_type(param: &Param) -> &str {
@@ -574,6 +633,7 @@ fn query(sql: String, arrays: Vec<Array>) -> Query<'static, Postgres, PgArgument
             Array::Int(values) => query.bind(values),
             Array::Float(values) => query.bind(values),
             Array::Text(values) => query.bind(values),
+            Array::Flat(values) => query.bind(values),
         };
     }
     query
@@ -615,6 +675,32 @@ mod tests {
             r#"{"a","b \"c\"","d\\e","NULL",""}"#
         );
         assert_eq!(array_literal(std::iter::empty()), "{}");
+    }
+
+    #[test]
+    fn float_arrays_travel_end_to_end_with_each_rows_bounds() {
+        let a = wit::Value::FloatArray(vec![1.0, 2.0]);
+        let empty = wit::Value::FloatArray(vec![]);
+        let b = wit::Value::FloatArray(vec![3.0]);
+        let (flat, first, last) = float_slices(&[&a, &wit::Value::Null, &empty, &b]).unwrap();
+        assert_eq!(flat, [1.0, 2.0, 3.0]);
+        assert_eq!(first, [Some(1), None, Some(3), Some(3)]);
+        assert_eq!(last, [Some(2), None, Some(2), Some(3)]);
+        assert!(float_slices(&[&a, &wit::Value::Integer(1)]).is_none());
+        // Numbered before the unnest's arrays; other column types keep their text form.
+        let mut columns = Columns::default();
+        let key = wit::Value::Integer(7);
+        assert_eq!(columns.add(&[&key], "bigint"), "CAST(u.c0 AS bigint)");
+        assert_eq!(
+            columns.add(&[&a], "real[]"),
+            "CAST(($1::float8[])[u.c1::int4:u.c2::int4] AS real[])"
+        );
+        assert_eq!(columns.add(&[&a], "numeric[]"), "CAST(u.c3 AS numeric[])");
+        assert_eq!(
+            columns.unnest(false),
+            "unnest($2::int8[], $3::int8[], $4::int8[], $5::text[]) AS u(c0, c1, c2, c3)"
+        );
+        assert_eq!(columns.into_params().len(), 5);
     }
 
     #[test]

@@ -28,7 +28,8 @@
 //! - `big`: like `ok`, with an error text of `bytes` bytes (a large answer);
 //! - `commands`: the commands written in the `commands` field, a JSON list of
 //!   `{"insert": table, "values": {column: value}}`, `{"upsert": table, "key": {…}, "set": {…}}`
-//!   and `{"delete": table, "key": {…}}` (JSON numbers become integers or floats, strings text);
+//!   and `{"delete": table, "key": {…}}` (JSON numbers become integers or floats, strings text,
+//!   lists of numbers float arrays);
 //! - `touch`: upsert `ml_processing_errors` keyed by (`touched`, `note`), setting `received_at`
 //!   to the contract's `now`.
 
@@ -211,6 +212,11 @@ fn written_commands(text: &str) -> Result<Vec<Command>, Failure> {
             },
             Json::String(s) => s.as_str().into(),
             Json::Bool(b) => (*b).into(),
+            Json::Array(items) => items
+                .iter()
+                .map(|item| item.as_f64().unwrap_or_default())
+                .collect::<Vec<f64>>()
+                .into(),
             _ => sdk::Value::Null,
         }
     };
