@@ -36,7 +36,7 @@
 //!   the Python environments the tools make on first use.
 //!
 //! The modules form layers, each using only those below it (a test checks that no import cycle
-//! forms): the leaves ([`text`], [`failure`], [`backoff`], [`shutdown`], [`ml`], [`logging`],
+//! forms): the leaves ([`allocator`], [`text`], [`failure`], [`backoff`], [`shutdown`], [`ml`], [`logging`],
 //! [`python_env`]);
 //! [`plugin`] (which knows nothing of configuration or the protocol); [`config`]; [`streams`],
 //! [`redis_connection`], [`health`]; [`persist`]; [`dead_letter`]; [`rollout`]; [`metrics`],
@@ -45,6 +45,7 @@
 //! tools on top ([`cli`], [`bench`](mod@bench), [`demo`], [`simulate`], [`authoring`],
 //! [`toolkit`], [`deploy`], [`reprocess`]).
 
+pub mod allocator;
 pub mod authoring;
 pub mod backoff;
 pub mod bench;
