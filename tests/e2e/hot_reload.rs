@@ -427,6 +427,11 @@ async fn a_grant_added_to_the_configuration_file_applies_without_a_restart() {
         )
         .await;
     env.await_processed("scripted", &allowed).await;
+    // The outbox publishes it just after the commit.
+    eventually("the granted emit to arrive", || async {
+        (!env.entries("granted-later").await.is_empty()).then_some(())
+    })
+    .await;
     assert_eq!(env.entries("granted-later").await.len(), 1);
 
     // A broken file keeps the grants in force.
