@@ -153,7 +153,7 @@ pub async fn lock_tables(
 }
 
 /// Runs every stage of `plan`, in order, inside the caller's transaction.
-pub async fn run(conn: &mut PgConnection, plan: &Plan) -> Result<(), PlanFailure> {
+pub async fn run(conn: &mut PgConnection, plan: &Plan<'_>) -> Result<(), PlanFailure> {
     for stage in &plan.stages {
         match stage {
             Stage::Upsert {
@@ -186,7 +186,7 @@ pub async fn run(conn: &mut PgConnection, plan: &Plan) -> Result<(), PlanFailure
                         if found.contains(&(position as i64 + 1)) {
                             continue;
                         }
-                        let which = execute::describe_key(table, &row.key);
+                        let which = execute::describe_key(table, row.key);
                         for &entry in &row.entries {
                             missing.push((
                                 entry,
@@ -209,7 +209,7 @@ pub async fn run(conn: &mut PgConnection, plan: &Plan) -> Result<(), PlanFailure
                 key_columns,
                 rows,
             } => {
-                let refs: Vec<&KeyedRow> = rows.iter().collect();
+                let refs: Vec<&KeyedRow<'_>> = rows.iter().collect();
                 let (sql, arrays) = delete_sql(table, key_columns, &refs);
                 run_sql(conn, sql, arrays).await?;
             }
@@ -230,8 +230,8 @@ pub async fn run(conn: &mut PgConnection, plan: &Plan) -> Result<(), PlanFailure
 
 /// The rows of a stage grouped by which columns they set and how (each group is one statement),
 /// in a fixed order of shapes, rows keeping their (key) order within a group.
-fn by_shape(rows: &[KeyedRow]) -> Vec<Vec<&KeyedRow>> {
-    let mut groups: BTreeMap<Vec<(String, bool)>, Vec<&KeyedRow>> = BTreeMap::new();
+fn by_shape<'r, 's>(rows: &'r [KeyedRow<'s>]) -> Vec<Vec<&'r KeyedRow<'s>>> {
+    let mut groups: BTreeMap<Vec<(String, bool)>, Vec<&KeyedRow<'s>>> = BTreeMap::new();
     for row in rows {
         let mut shape: Vec<(String, bool)> = row
             .set
@@ -465,7 +465,7 @@ fn set_value(set: &SetParam) -> wit::Value {
 fn key_columns_of(
     columns: &mut Columns,
     key_columns: &[String],
-    rows: &[&KeyedRow],
+    rows: &[&KeyedRow<'_>],
 ) -> Vec<(String, String)> {
     key_columns
         .iter()
@@ -479,7 +479,10 @@ fn key_columns_of(
 }
 
 /// The set columns of a group (all rows share their shape), with their read expressions.
-fn set_columns_of<'r>(columns: &mut Columns, rows: &[&'r KeyedRow]) -> Vec<(&'r SetParam, String)> {
+fn set_columns_of<'r>(
+    columns: &mut Columns,
+    rows: &[&'r KeyedRow<'_>],
+) -> Vec<(&'r SetParam, String)> {
     let first = rows[0];
     let mut sets: Vec<&SetParam> = first.set.iter().collect();
     sets.sort_by(|a, b| a.column.cmp(&b.column));
@@ -502,7 +505,7 @@ fn set_columns_of<'r>(columns: &mut Columns, rows: &[&'r KeyedRow]) -> Vec<(&'r 
         .collect()
 }
 
-fn upsert_sql(table: &str, key_columns: &[String], rows: &[&KeyedRow]) -> (String, Vec<Array>) {
+fn upsert_sql(table: &str, key_columns: &[String], rows: &[&KeyedRow<'_>]) -> (String, Vec<Array>) {
     let mut columns = Columns::default();
     let keys = key_columns_of(&mut columns, key_columns, rows);
     let sets = set_columns_of(&mut columns, rows);
@@ -535,7 +538,7 @@ fn upsert_sql(table: &str, key_columns: &[String], rows: &[&KeyedRow]) -> (Strin
 fn update_sql(
     table: &str,
     key_columns: &[String],
-    rows: &[&KeyedRow],
+    rows: &[&KeyedRow<'_>],
     returning: bool,
 ) -> (String, Vec<Array>) {
     let mut columns = Columns::default();
@@ -568,7 +571,7 @@ fn update_sql(
     (sql, columns.into_params())
 }
 
-fn delete_sql(table: &str, key_columns: &[String], rows: &[&KeyedRow]) -> (String, Vec<Array>) {
+fn delete_sql(table: &str, key_columns: &[String], rows: &[&KeyedRow<'_>]) -> (String, Vec<Array>) {
     let mut columns = Columns::default();
     let keys = key_columns_of(&mut columns, key_columns, rows);
     let condition = keys
@@ -588,7 +591,7 @@ fn insert_sql(
     table: &str,
     names: &[String],
     ignore_conflict: bool,
-    rows: &[InsertRow],
+    rows: &[InsertRow<'_>],
 ) -> (String, Vec<Array>) {
     let mut columns = Columns::default();
     let reads: Vec<String> = names

@@ -31,12 +31,15 @@
 use super::schema::Links;
 use super::validate::{Param, SetOp, SetParam, Statement};
 use crate::plugin::wit;
+use std::borrow::Cow;
 use std::collections::HashMap;
 
-/// The set-based steps of one batch, in the order they must run.
+/// The set-based steps of one batch, in the order they must run. It borrows the values of the
+/// entries' statements (`'s`): a batch's rows are most of its memory, and copying each one out of
+/// its statement was the plan's largest cost.
 #[derive(Debug, Default)]
-pub struct Plan {
-    pub stages: Vec<Stage>,
+pub struct Plan<'s> {
+    pub stages: Vec<Stage<'s>>,
     /// Whether the stages run in table-name order (always, unless related tables of the batch
     /// had to keep an order of their own): the condition for sharing table locks.
     pub in_table_order: bool,
@@ -44,12 +47,12 @@ pub struct Plan {
 
 /// One step: commands of one kind on one table whose rows do not interact.
 #[derive(Debug)]
-pub enum Stage {
+pub enum Stage<'s> {
     /// Upserts keyed on the same columns; one row per key, folded.
     Upsert {
         table: String,
         key_columns: Vec<String>,
-        rows: Vec<KeyedRow>,
+        rows: Vec<KeyedRow<'s>>,
     },
     /// Updates keyed on the same columns with the same `if-missing`; one row per key, folded.
     Update {
@@ -58,26 +61,29 @@ pub enum Stage {
         if_missing: wit::IfMissing,
         /// Key columns that the updates also set; the other key columns identify the rows.
         changed_key: Vec<String>,
-        rows: Vec<KeyedRow>,
+        rows: Vec<KeyedRow<'s>>,
     },
     /// Deletes keyed on the same columns; one row per key.
     Delete {
         table: String,
         key_columns: Vec<String>,
-        rows: Vec<KeyedRow>,
+        rows: Vec<KeyedRow<'s>>,
     },
     /// Inserts of the same columns and conflict rule, in stream order.
     Insert {
         table: String,
         columns: Vec<String>,
         ignore_conflict: bool,
-        rows: Vec<InsertRow>,
+        rows: Vec<InsertRow<'s>>,
     },
     /// A command that must run alone, as it is.
-    Single { entry: usize, statement: Statement },
+    Single {
+        entry: usize,
+        statement: &'s Statement,
+    },
 }
 
-impl Stage {
+impl Stage<'_> {
     /// The table the stage writes.
     pub fn table(&self) -> &str {
         match self {
@@ -91,11 +97,12 @@ impl Stage {
 }
 
 /// A row addressed by key: the key, what to set, and the entries (batch positions) whose commands
-/// were folded into it.
+/// were folded into it. Borrowed from the first statement; `set` becomes the row's own only when
+/// a later statement is folded into it.
 #[derive(Debug)]
-pub struct KeyedRow {
-    pub key: Vec<Param>,
-    pub set: Vec<SetParam>,
+pub struct KeyedRow<'s> {
+    pub key: &'s [Param],
+    pub set: Cow<'s, [SetParam]>,
     pub entries: Vec<usize>,
     /// The key in text form, for folding and for a deterministic lock order.
     pub sort_key: String,
@@ -103,8 +110,8 @@ pub struct KeyedRow {
 
 /// A row to insert and the entry it belongs to.
 #[derive(Debug)]
-pub struct InsertRow {
-    pub values: Vec<Param>,
+pub struct InsertRow<'s> {
+    pub values: &'s [Param],
     pub entry: usize,
 }
 
@@ -119,10 +126,10 @@ pub struct PlannedEmit {
 /// Builds a plan from the statements of each entry, given in stream order as
 /// `(batch position, statements)`. `Emit` statements are returned apart: they are outbox rows,
 /// not SQL on a plugin's table.
-pub fn plan<'a>(
-    entries: impl IntoIterator<Item = (usize, &'a [Statement])>,
+pub fn plan<'s>(
+    entries: impl IntoIterator<Item = (usize, &'s [Statement])>,
     links: &Links,
-) -> (Plan, Vec<PlannedEmit>) {
+) -> (Plan<'s>, Vec<PlannedEmit>) {
     let mut builder = Builder {
         links,
         stages: Vec::new(),
@@ -176,19 +183,19 @@ pub fn plan<'a>(
     (plan, emits)
 }
 
-struct Builder<'l> {
+struct Builder<'l, 's> {
     links: &'l Links,
-    stages: Vec<Stage>,
+    stages: Vec<Stage<'s>>,
     /// Per stage, the position of each key among its rows (for folding).
     keys: Vec<HashMap<String, usize>>,
     /// The last stage touching each table.
     last_on_table: HashMap<String, usize>,
 }
 
-impl Builder<'_> {
+impl<'s> Builder<'_, 's> {
     /// Adds one statement of `entry`: to the last stage on its table when that stage takes it,
     /// else to a new stage (so the order of statements on a table is kept).
-    fn add(&mut self, entry: usize, statement: &Statement) {
+    fn add(&mut self, entry: usize, statement: &'s Statement) {
         match statement {
             Statement::Upsert { table, key, set } => self.add_upsert(entry, table, key, set),
             Statement::Update {
@@ -212,7 +219,7 @@ impl Builder<'_> {
     }
 
     /// Upserts of one table and key columns share a stage; upserts of one key fold into one row.
-    fn add_upsert(&mut self, entry: usize, table: &str, key: &[Param], set: &[SetParam]) {
+    fn add_upsert(&mut self, entry: usize, table: &str, key: &'s [Param], set: &'s [SetParam]) {
         let stage = self.find(
             table,
             |stage| matches!(stage, Stage::Upsert { key_columns: k, .. } if same_columns(k, key)),
@@ -241,10 +248,10 @@ impl Builder<'_> {
     fn add_update(
         &mut self,
         entry: usize,
-        statement: &Statement,
+        statement: &'s Statement,
         table: &str,
-        key: &[Param],
-        set: &[SetParam],
+        key: &'s [Param],
+        set: &'s [SetParam],
         if_missing: wit::IfMissing,
         guarded: bool,
     ) {
@@ -262,10 +269,7 @@ impl Builder<'_> {
             .collect();
         // A guarded update must tell "no row" from "the guard said no": it runs alone.
         if identity.is_empty() || !identity.iter().all(canonical_key) || guarded {
-            self.open(Stage::Single {
-                entry,
-                statement: statement.clone(),
-            });
+            self.open(Stage::Single { entry, statement });
             return;
         }
         let wanted = |stage: &Stage| {
@@ -293,7 +297,7 @@ impl Builder<'_> {
     }
 
     /// Deletes of one table and key columns share a stage; deleting a key twice is once.
-    fn add_delete(&mut self, entry: usize, table: &str, key: &[Param]) {
+    fn add_delete(&mut self, entry: usize, table: &str, key: &'s [Param]) {
         let key_columns = columns(key);
         let stage = self
             .find(
@@ -315,16 +319,13 @@ impl Builder<'_> {
     fn add_insert(
         &mut self,
         entry: usize,
-        statement: &Statement,
+        statement: &'s Statement,
         table: &str,
-        values: &[Param],
+        values: &'s [Param],
         ignore_conflict: bool,
     ) {
         if values.is_empty() {
-            self.open(Stage::Single {
-                entry,
-                statement: statement.clone(),
-            });
+            self.open(Stage::Single { entry, statement });
             return;
         }
         let insert_columns = columns(values);
@@ -342,16 +343,13 @@ impl Builder<'_> {
                 })
             });
         if let Stage::Insert { rows, .. } = &mut self.stages[stage] {
-            rows.push(InsertRow {
-                values: values.to_vec(),
-                entry,
-            });
+            rows.push(InsertRow { values, entry });
         }
     }
 
     /// The last stage on `table`, if it is one `accepts` takes and joining it does not move the
     /// command ahead of a later stage on a related table.
-    fn find(&self, table: &str, accepts: impl Fn(&Stage) -> bool) -> Option<usize> {
+    fn find(&self, table: &str, accepts: impl Fn(&Stage<'s>) -> bool) -> Option<usize> {
         let index = *self.last_on_table.get(table)?;
         let jumps_a_related_write = self.stages[index + 1..]
             .iter()
@@ -359,7 +357,7 @@ impl Builder<'_> {
         (accepts(&self.stages[index]) && !jumps_a_related_write).then_some(index)
     }
 
-    fn open(&mut self, stage: Stage) -> usize {
+    fn open(&mut self, stage: Stage<'s>) -> usize {
         let index = self.stages.len();
         self.last_on_table.insert(stage.table().to_string(), index);
         self.stages.push(stage);
@@ -374,9 +372,9 @@ impl Builder<'_> {
         &mut self,
         stage: usize,
         entry: usize,
-        key: &[Param],
+        key: &'s [Param],
         identity: &[Param],
-        set: &[SetParam],
+        set: &'s [SetParam],
         foldable: bool,
     ) -> bool {
         let sort_key = key_text(identity);
@@ -390,9 +388,10 @@ impl Builder<'_> {
             Some(_) if !foldable => false,
             Some(&position) => {
                 let row = &mut rows[position];
-                if !fold_set(&mut row.set, set) {
+                if !foldable_into(&row.set, set) {
                     return false;
                 }
+                fold_set(row.set.to_mut(), set);
                 if row.entries.last() != Some(&entry) {
                     row.entries.push(entry);
                 }
@@ -401,8 +400,8 @@ impl Builder<'_> {
             None => {
                 self.keys[stage].insert(sort_key.clone(), rows.len());
                 rows.push(KeyedRow {
-                    key: key.to_vec(),
-                    set: set.to_vec(),
+                    key,
+                    set: Cow::Borrowed(set),
                     entries: vec![entry],
                     sort_key,
                 });
@@ -412,23 +411,24 @@ impl Builder<'_> {
     }
 }
 
-/// Folds `later` into `earlier`, so that `earlier` says what the two leave in each column as one
-/// `set`; `false` (and `earlier` unchanged) when that cannot be said as one set clause (an
-/// `append-unique` after an `assign` of something not a text array). In place: most rows of a
-/// batch are folded into several times (one media, several messages), and copying the whole
-/// set at every fold was the plan's largest cost.
-fn fold_set(earlier: &mut Vec<SetParam>, later: &[SetParam]) -> bool {
-    let unfoldable = later.iter().any(|next| {
+/// Whether `later` can be folded into `earlier` as one `set` clause: not when it appends to a
+/// column that `earlier` assigns something other than a text array (or NULL).
+fn foldable_into(earlier: &[SetParam], later: &[SetParam]) -> bool {
+    !later.iter().any(|next| {
         matches!(next.op, SetOp::AppendUnique(_))
             && earlier.iter().any(|s| {
                 s.column == next.column
                     && matches!(&s.op, SetOp::Assign(v)
                         if !matches!(v, wit::Value::TextArray(_) | wit::Value::Null))
             })
-    });
-    if unfoldable {
-        return false;
-    }
+    })
+}
+
+/// Folds `later` into `earlier` (which [`foldable_into`] allowed), so that `earlier` says what
+/// the two leave in each column as one `set`. In place: most rows of a batch are folded into
+/// several times (one media, several messages), and copying the whole set at every fold was the
+/// plan's largest cost.
+fn fold_set(earlier: &mut Vec<SetParam>, later: &[SetParam]) {
     for next in later {
         let Some(current) = earlier.iter_mut().find(|s| s.column == next.column) else {
             earlier.push(next.clone());
@@ -443,12 +443,11 @@ fn fold_set(earlier: &mut Vec<SetParam>, later: &[SetParam]) -> bool {
                 SetOp::Assign(wit::Value::TextArray(ordered_union(a, b)))
             }
             (SetOp::Assign(_), SetOp::AppendUnique(b)) => {
-                // Null, by the check above.
+                // Null, by `foldable_into`.
                 SetOp::Assign(wit::Value::TextArray(ordered_union(&[], b)))
             }
         };
     }
-    true
 }
 
 /// `a` followed by the items of `b` not already present, each item once, in first-seen order:
