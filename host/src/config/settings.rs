@@ -133,7 +133,7 @@ settings! {
     MaxBatchBytes {
         key: "max_batch_bytes",
         env: "KALEIDOSCOPE_MAX_BATCH_BYTES",
-        default: "1048576",
+        default: "2097152",
         help: "The most bytes of entries (field names and values) one read asks for, at the size per entry of the last read that found any: large entries (embeddings) make smaller batches, so memory stays bounded while small entries reach max_batch_size.",
     },
     MaxInFlight {
