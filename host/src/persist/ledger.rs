@@ -53,12 +53,12 @@ pub struct Handler<'a> {
     pub build: &'a str,
 }
 
-/// An inserted ledger row's entry id, and the stream's horizon as committed after the insert
-/// (`{ms, seq}`, see [`unforget`]).
-type Inserted = (String, Option<Vec<String>>);
+/// An inserted ledger row's entry id, and the stream's horizon (`<ms>-<seq>`) as committed after
+/// the insert (see [`unforget`]).
+type Inserted = (String, Option<String>);
 
 /// A claim's inserted entry ids, and the stream's horizon as committed after the insert.
-type Claimed = (Vec<String>, Option<Vec<String>>);
+type Claimed = (Vec<String>, Option<String>);
 
 /// Records an entry as finished. Returns `false` when it was already recorded (by an earlier
 /// delivery or by another host that won the race), or when a prune that raced this insert has
@@ -76,7 +76,7 @@ pub async fn record(
              INSERT INTO processed_entries (source, stream, entry_id, plugin, plugin_version, plugin_build, outcome)
              VALUES ($6, $1, $2, $3, $4, $7, $5) ON CONFLICT (source, stream, entry_id) DO NOTHING
              RETURNING entry_id)
-         SELECT entry_id, ledger_horizon_now($6, $1, ARRAY[entry_id])::text[] FROM recorded",
+         SELECT entry_id, ledger_horizon_now($6, $1, ARRAY[entry_id]) FROM recorded",
     )
     .bind(stream)
     .bind(entry_id)
@@ -190,10 +190,10 @@ pub async fn claim_canary(
 /// its argument so that it runs after the insert, with a snapshot of its own).
 const WITH_HORIZON_NOW: &str =
     ", ids AS (SELECT coalesce(array_agg(entry_id), '{}') AS ids FROM claimed)
-     SELECT ids, ledger_horizon_now($1, $2, ids)::text[] FROM ids";
+     SELECT ids, ledger_horizon_now($1, $2, ids) FROM ids";
 
 /// The ids of `inserted` the ledger may take as new: those after the stream's `horizon` as it
-/// stood once they were inserted (a `{ms, seq}` pair, as `ledger_horizon_now` returns it).
+/// stood once they were inserted (`<ms>-<seq>`, as `ledger_horizon_now` returns it).
 ///
 /// A claim's insert that met the row of an entry a concurrent prune was deleting waited for
 /// the prune and inserted the row again; its own snapshot predates the prune's new horizon, so
@@ -206,9 +206,10 @@ async fn unforget(
     source: &str,
     stream: &str,
     inserted: Vec<String>,
-    horizon: Option<Vec<String>>,
+    horizon: Option<String>,
 ) -> Result<HashSet<String>, sqlx::Error> {
-    let (taken, forgotten) = forgotten(inserted, horizon.as_deref());
+    let horizon = horizon.as_deref().and_then(EntryId::parse);
+    let (taken, forgotten) = forgotten(inserted, horizon);
     if !forgotten.is_empty() {
         tracing::warn!(
             stream,
@@ -229,15 +230,10 @@ async fn unforget(
 
 /// Splits `ids` into those after `horizon` and those at or before it (ids that are not
 /// `<ms>-<seq>`, such as replays', are never behind a horizon).
-fn forgotten(ids: Vec<String>, horizon: Option<&[String]>) -> (HashSet<String>, Vec<String>) {
-    let horizon = match horizon {
-        Some([ms, seq]) => ms.parse().ok().zip(seq.parse().ok()),
-        _ => None,
-    };
-    let Some((ms, seq)) = horizon else {
+fn forgotten(ids: Vec<String>, horizon: Option<EntryId>) -> (HashSet<String>, Vec<String>) {
+    let Some(horizon) = horizon else {
         return (ids.into_iter().collect(), Vec::new());
     };
-    let horizon = EntryId { ms, seq };
     let (forgotten, taken): (Vec<String>, Vec<String>) = ids
         .into_iter()
         .partition(|id| EntryId::parse(id).is_some_and(|id| id <= horizon));
@@ -517,8 +513,8 @@ pub async fn prune(
 /// before it was finished, and the ledger can no longer tell a redelivery of one of them (see
 /// migration `ledger_horizon`). Streams that never lost a row are absent.
 pub async fn horizons(pool: &PgPool, source: &str) -> Result<HashMap<String, EntryId>> {
-    let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT stream, through[1]::text, through[2]::text FROM ledger_horizons WHERE source = $1",
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT stream, through[1]::text || '-' || through[2]::text FROM ledger_horizons WHERE source = $1",
     )
     .bind(source)
     .fetch_all(pool)
@@ -526,15 +522,7 @@ pub async fn horizons(pool: &PgPool, source: &str) -> Result<HashMap<String, Ent
     .context("cannot read the ledger's horizons")?;
     Ok(rows
         .into_iter()
-        .filter_map(|(stream, ms, seq)| {
-            Some((
-                stream,
-                EntryId {
-                    ms: ms.parse().ok()?,
-                    seq: seq.parse().ok()?,
-                },
-            ))
-        })
+        .filter_map(|(stream, through)| Some((stream, EntryId::parse(&through)?)))
         .collect())
 }
 
@@ -627,8 +615,7 @@ mod tests {
         let ids = ["9-9", "10-0", "10-1", "11-0", "10-0/replay"]
             .map(String::from)
             .to_vec();
-        let horizon = ["10".to_string(), "0".to_string()];
-        let (taken, behind) = forgotten(ids.clone(), Some(&horizon));
+        let (taken, behind) = forgotten(ids.clone(), EntryId::parse("10-0"));
         assert_eq!(behind, ["9-9", "10-0"]);
         assert_eq!(
             taken,
