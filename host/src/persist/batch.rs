@@ -15,6 +15,7 @@ use crate::failure::StatementError;
 use crate::plugin::wit;
 use sqlx::postgres::PgArguments;
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, query::Query};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Why a plan did not run to the end. The transaction must be rolled back in every case.
@@ -453,11 +454,12 @@ fn float_slices(values: &[&wit::Value]) -> Option<FloatSlices> {
     Some((flat, first, last))
 }
 
-/// What a `set` column contributes to one row: the assigned value, or the items to append.
-fn set_value(set: &SetParam) -> wit::Value {
+/// What a `set` column contributes to one row: the assigned value (borrowed: an embedding is
+/// copied once, into its column's array, not twice), or the items to append.
+fn set_value(set: &SetParam) -> Cow<'_, wit::Value> {
     match &set.op {
-        SetOp::Assign(value) => value.clone(),
-        SetOp::AppendUnique(items) => wit::Value::TextArray(dedup(items)),
+        SetOp::Assign(value) => Cow::Borrowed(value),
+        SetOp::AppendUnique(items) => Cow::Owned(wit::Value::TextArray(dedup(items))),
     }
 }
 
@@ -488,17 +490,16 @@ fn set_columns_of<'r>(
     sets.sort_by(|a, b| a.column.cmp(&b.column));
     sets.into_iter()
         .map(|set| {
-            let values: Vec<wit::Value> = rows
+            let values: Vec<Cow<'_, wit::Value>> = rows
                 .iter()
                 .map(|row| {
                     row.set
                         .iter()
                         .find(|s| s.column == set.column)
-                        .map(set_value)
-                        .unwrap_or(wit::Value::Null)
+                        .map_or(Cow::Owned(wit::Value::Null), set_value)
                 })
                 .collect();
-            let refs: Vec<&wit::Value> = values.iter().collect();
+            let refs: Vec<&wit::Value> = values.iter().map(|v| v.as_ref()).collect();
             let read = columns.add(&refs, &set.sql_type);
             (set, read)
         })
