@@ -414,7 +414,18 @@ async fn a_canary_failing_a_third_of_its_entries_is_rolled_back_on_every_host() 
             .port();
         let addr = format!("127.0.0.1:{port}");
         let dir = env.directory_of(host, &[PLUGIN]);
-        hosts.push(env.spawn_with(host, &dir, &[("KALEIDOSCOPE_HTTP_ADDR", &addr)]));
+        // Batches of 20, two in flight: what the bound on the candidate's entries below is
+        // made of (the defaults grow reads of a backlog to 1000, three in flight).
+        hosts.push(env.spawn_with(
+            host,
+            &dir,
+            &[
+                ("KALEIDOSCOPE_HTTP_ADDR", &addr),
+                ("KALEIDOSCOPE_BATCH_SIZE", "20"),
+                ("KALEIDOSCOPE_MAX_BATCH_SIZE", "20"),
+                ("KALEIDOSCOPE_MAX_IN_FLIGHT", "2"),
+            ],
+        ));
         ports.insert(host, addr);
     }
     await_hosts(&env, &["alpha", "beta"]).await;
@@ -440,7 +451,7 @@ async fn a_canary_failing_a_third_of_its_entries_is_rolled_back_on_every_host() 
     );
     await_ledger(&env, 600).await;
     // Within the window: each host judges its own window of 30 candidate entries, and may have
-    // handled its batches in flight (2 of 20 entries, the default) before it, or before the
+    // handled its batches in flight (2 of 20 entries, as the hosts were started) before it, or before the
     // other host's rollback reached it. Nothing beyond that.
     let candidate = tally(&rollout_status(&env), "candidate");
     let judged = candidate.values().sum::<i64>();
