@@ -322,3 +322,148 @@ async fn float_arrays_in_one_batch_keep_each_rows_own_numbers() {
     assert_eq!(rows, expected);
     env.finish().await;
 }
+
+/// Upserts of one table whose rows set different columns (a service's tags, another's caption)
+/// are written by one statement, so the batch takes the table shared like any other and runs
+/// beside other batches on it: it commits while another transaction holds the table's shared
+/// lock (a batch that had to have the table to itself would wait for it). And the one statement
+/// leaves what each row's own statement would: a new row gets the defaults of the columns it
+/// does not set, an existing row keeps them, a NULL that is set is written, and assigning and
+/// appending to one column mix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_setting_different_columns_share_one_statement_and_the_table() {
+    let mut options = Options::new(&["scripted"]).set("KALEIDOSCOPE_BATCH_SIZE", 100);
+    options.plugin_sections.insert(
+        "scripted".to_string(),
+        vec!["tables = [\"shaped\"]".to_string()],
+    );
+    let env = TestEnv::prepare(options).await;
+    sqlx::query(
+        "CREATE TABLE shaped (
+             id BIGINT PRIMARY KEY,
+             a TEXT,
+             b TEXT DEFAULT 'b-default',
+             labels TEXT[] NOT NULL DEFAULT '{}',
+             status TEXT NOT NULL DEFAULT 'PENDING',
+             seq BIGSERIAL
+         )",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("create the table");
+    sqlx::query(
+        "INSERT INTO shaped (id, a, b, labels, status) VALUES
+             (1, 'old-a', 'old-b', '{x}', 'DONE'),
+             (4, 'old-a', NULL, '{x,y}', 'DONE'),
+             (5, 'old-a', 'old-b', '{x}', 'DONE')",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("the existing rows");
+    let commands = |json: &str| {
+        vec![
+            ("action".to_string(), "commands".to_string()),
+            ("commands".to_string(), json.to_string()),
+        ]
+    };
+    let entries = [
+        commands(r#"[{"upsert": "shaped", "key": {"id": 1}, "set": {"a": "new-a"}}]"#),
+        commands(r#"[{"upsert": "shaped", "key": {"id": 2}, "set": {"b": "two"}}]"#),
+        commands(r#"[{"upsert": "shaped", "key": {"id": 3}, "append": {"labels": ["p", "q"]}}]"#),
+        commands(r#"[{"upsert": "shaped", "key": {"id": 4}, "append": {"labels": ["y", "z"]}}]"#),
+        commands(
+            r#"[{"upsert": "shaped", "key": {"id": 5}, "set": {"a": null, "labels": ["only"]}}]"#,
+        ),
+        commands(
+            r#"[{"upsert": "shaped", "key": {"id": 6}, "set": {"a": "six", "status": "DONE"}}]"#,
+        ),
+    ];
+    env.publish_many("scripted", &entries).await;
+
+    // Another writer of the table holds its shared lock throughout.
+    let mut other = env.pool.begin().await.expect("begin");
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock_shared(hashtextextended('kaleidoscope.table.shaped', 0))",
+    )
+    .execute(&mut *other)
+    .await
+    .expect("the table's shared lock");
+    let env = env.with_host().await;
+    env.await_drained("scripted").await;
+    other.rollback().await.expect("rollback");
+
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "{:?}",
+        env.dead_letters().await
+    );
+    assert_eq!(transactions(&env, "scripted").await, 1, "one batch");
+    let entry_by_entry = env
+        .host()
+        .state()
+        .metrics
+        .batches_entry_by_entry
+        .get_or_create(&kaleidoscope::metrics::ByStream::new("scripted"))
+        .get();
+    assert_eq!(entry_by_entry, 0, "the set-based statement ran");
+    type Row = (
+        i64,
+        Option<String>,
+        Option<String>,
+        Vec<String>,
+        String,
+        bool,
+    );
+    let rows: Vec<Row> =
+        sqlx::query_as("SELECT id, a, b, labels, status, seq IS NOT NULL FROM shaped ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .expect("the rows");
+    let text = |s: &str| Some(s.to_string());
+    let labels = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let expected: Vec<Row> = vec![
+        (
+            1,
+            text("new-a"),
+            text("old-b"),
+            labels(&["x"]),
+            "DONE".into(),
+            true,
+        ),
+        (2, None, text("two"), labels(&[]), "PENDING".into(), true),
+        (
+            3,
+            None,
+            text("b-default"),
+            labels(&["p", "q"]),
+            "PENDING".into(),
+            true,
+        ),
+        (
+            4,
+            text("old-a"),
+            None,
+            labels(&["x", "y", "z"]),
+            "DONE".into(),
+            true,
+        ),
+        (
+            5,
+            None,
+            text("old-b"),
+            labels(&["only"]),
+            "DONE".into(),
+            true,
+        ),
+        (
+            6,
+            text("six"),
+            text("b-default"),
+            labels(&[]),
+            "DONE".into(),
+            true,
+        ),
+    ];
+    assert_eq!(rows, expected);
+    env.finish().await;
+}

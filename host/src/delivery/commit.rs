@@ -135,9 +135,9 @@ impl HostState {
                 }),
             catalog.links(),
         );
-        let locks = batch::table_locks(&plan, catalog.links());
+        let locks = batch::table_locks(&plan, &catalog);
         let outcome = match batch::lock_tables(&mut tx, &locks).await {
-            Ok(()) => batch::run(&mut tx, &plan).await,
+            Ok(()) => batch::run(&mut tx, &plan, &catalog).await,
             Err(error) => Err(PlanFailure::from(error)),
         };
         match outcome {

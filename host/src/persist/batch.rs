@@ -8,8 +8,9 @@
 //! arrays of different lengths.
 
 use super::execute::{self, dedup, ident, union};
+use super::merged_upsert;
 use super::plan::{InsertRow, KeyedRow, Plan, Stage};
-use super::schema::Links;
+use super::schema::{Catalog, Links, Table};
 use super::validate::{Param, SetOp, SetParam};
 use crate::failure::StatementError;
 use crate::plugin::wit;
@@ -51,12 +52,16 @@ pub enum TableLock {
 /// table its referential actions reach exclusively, and every table written is joined by the
 /// tables it references, shared (its foreign-key checks lock their rows, in its own key order,
 /// which must not meet a delete of those rows).
-pub fn table_locks<'p>(plan: &'p Plan, links: &'p Links) -> BTreeMap<&'p str, TableLock> {
+pub fn table_locks<'p>(plan: &'p Plan<'_>, catalog: &'p Catalog) -> BTreeMap<&'p str, TableLock> {
+    let links = catalog.links();
     let mut statements: BTreeMap<&str, usize> = BTreeMap::new();
     let mut reached = Vec::new();
     for stage in &plan.stages {
         let count = match stage {
-            Stage::Upsert { rows, .. } | Stage::Update { rows, .. } => by_shape(rows).len(),
+            Stage::Upsert { table, rows, .. } => {
+                upsert_statements(catalog.table(table), rows).0.len()
+            }
+            Stage::Update { rows, .. } => by_shape(rows).len(),
             Stage::Delete { .. } | Stage::Insert { .. } | Stage::Single { .. } => 1,
         };
         *statements.entry(stage.table()).or_default() += count;
@@ -154,7 +159,11 @@ pub async fn lock_tables(
 }
 
 /// Runs every stage of `plan`, in order, inside the caller's transaction.
-pub async fn run(conn: &mut PgConnection, plan: &Plan<'_>) -> Result<(), PlanFailure> {
+pub async fn run(
+    conn: &mut PgConnection,
+    plan: &Plan<'_>,
+    catalog: &Catalog,
+) -> Result<(), PlanFailure> {
     for stage in &plan.stages {
         match stage {
             Stage::Upsert {
@@ -162,8 +171,12 @@ pub async fn run(conn: &mut PgConnection, plan: &Plan<'_>) -> Result<(), PlanFai
                 key_columns,
                 rows,
             } => {
-                for group in by_shape(rows) {
-                    let (sql, arrays) = upsert_sql(table, key_columns, &group);
+                let (groups, merged) = upsert_statements(catalog.table(table), rows);
+                for group in groups {
+                    let (sql, arrays) = match merged {
+                        Some(table) => merged_upsert::upsert_sql(table, key_columns, &group),
+                        None => upsert_sql(table, key_columns, &group),
+                    };
                     run_sql(conn, sql, arrays).await?;
                 }
             }
@@ -229,6 +242,23 @@ pub async fn run(conn: &mut PgConnection, plan: &Plan<'_>) -> Result<(), PlanFai
     Ok(())
 }
 
+/// The statements of an upsert stage, each with its rows: one when its rows set the same columns
+/// the same way, or when one statement can write them all (then with the table it needs,
+/// [`merged_upsert`]); else one per column shape.
+fn upsert_statements<'r, 's, 'c>(
+    table: Option<&'c Table>,
+    rows: &'r [KeyedRow<'s>],
+) -> (Vec<Vec<&'r KeyedRow<'s>>>, Option<&'c Table>) {
+    let groups = by_shape(rows);
+    if groups.len() > 1 {
+        let all: Vec<&KeyedRow<'s>> = rows.iter().collect();
+        if merged_upsert::possible(table, &all) {
+            return (vec![all], table);
+        }
+    }
+    (groups, None)
+}
+
 /// The rows of a stage grouped by which columns they set and how (each group is one statement),
 /// in a fixed order of shapes, rows keeping their (key) order within a group.
 fn by_shape<'r, 's>(rows: &'r [KeyedRow<'s>]) -> Vec<Vec<&'r KeyedRow<'s>>> {
@@ -246,7 +276,7 @@ fn by_shape<'r, 's>(rows: &'r [KeyedRow<'s>]) -> Vec<Vec<&'r KeyedRow<'s>>> {
 }
 
 /// One column's values across the rows of a statement, as one array of a single element type.
-enum Array {
+pub(super) enum Array {
     Bool(Vec<Option<bool>>),
     Int(Vec<Option<i64>>),
     Float(Vec<Option<f64>>),
@@ -365,9 +395,11 @@ fn array_literal<'a>(items: impl Iterator<Item = &'a str>) -> String {
 /// The arrays of a statement: those `unnest(...) AS u(c0, c1, ...)` spreads into rows, and
 /// before them (`$1`, `$2`, ...) the float arrays of a column, every row's end to end.
 #[derive(Default)]
-struct Columns {
+pub(super) struct Columns {
     flat: Vec<Vec<f64>>,
     arrays: Vec<Array>,
+    /// Arrays read on their own (`$n`), not spread by the `unnest`; numbered after its arrays.
+    loose: Vec<Array>,
 }
 
 impl Columns {
@@ -378,7 +410,8 @@ impl Columns {
     /// its first and last position, so PostgreSQL slices them out instead of parsing a text
     /// literal per row (and the host writes no text). The cast to the column's type is
     /// PostgreSQL's own, out-of-range `real`s included.
-    fn add(&mut self, values: &[&wit::Value], sql_type: &str) -> String {
+    pub(super) fn add(&mut self, values: &[&wit::Value], sql_type: &str) -> String {
+        debug_assert!(self.loose.is_empty(), "a column added after a loose array");
         if matches!(sql_type, "real[]" | "double precision[]")
             && let Some((flat, first, last)) = float_slices(values)
         {
@@ -397,7 +430,20 @@ impl Columns {
         format!("CAST(u.c{} AS {sql_type})", self.arrays.len() - 1)
     }
 
-    fn unnest(&self, ordinality: bool) -> String {
+    /// Adds an array read on its own; returns its placeholder (`$7::int8[]`). Its number
+    /// follows the `unnest`'s arrays, so every column is added before the first loose array.
+    pub(super) fn loose(&mut self, values: &[&wit::Value]) -> String {
+        let array = Array::of(values);
+        let placeholder = format!(
+            "${}::{}",
+            self.flat.len() + self.arrays.len() + self.loose.len() + 1,
+            array.sql_type()
+        );
+        self.loose.push(array);
+        placeholder
+    }
+
+    pub(super) fn unnest(&self, ordinality: bool) -> String {
         let before = self.flat.len();
         let params = self
             .arrays
@@ -419,11 +465,12 @@ impl Columns {
     }
 
     /// The arrays to bind, in the order of their placeholders.
-    fn into_params(self) -> Vec<Array> {
+    pub(super) fn into_params(self) -> Vec<Array> {
         self.flat
             .into_iter()
             .map(Array::Flat)
             .chain(self.arrays)
+            .chain(self.loose)
             .collect()
     }
 }
@@ -456,7 +503,7 @@ fn float_slices(values: &[&wit::Value]) -> Option<FloatSlices> {
 
 /// What a `set` column contributes to one row: the assigned value (borrowed: an embedding is
 /// copied once, into its column's array, not twice), or the items to append.
-fn set_value(set: &SetParam) -> Cow<'_, wit::Value> {
+pub(super) fn set_value(set: &SetParam) -> Cow<'_, wit::Value> {
     match &set.op {
         SetOp::Assign(value) => Cow::Borrowed(value),
         SetOp::AppendUnique(items) => Cow::Owned(wit::Value::TextArray(dedup(items))),
@@ -464,7 +511,7 @@ fn set_value(set: &SetParam) -> Cow<'_, wit::Value> {
 }
 
 /// Adds the key columns of `rows` and returns them with their read expressions.
-fn key_columns_of(
+pub(super) fn key_columns_of(
     columns: &mut Columns,
     key_columns: &[String],
     rows: &[&KeyedRow<'_>],

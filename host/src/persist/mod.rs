@@ -22,6 +22,7 @@ pub mod batch;
 pub mod changes;
 pub mod execute;
 pub mod ledger;
+mod merged_upsert;
 pub mod operator_migrations;
 pub mod outbox;
 pub mod plan;

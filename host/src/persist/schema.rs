@@ -64,6 +64,13 @@ pub struct Column {
     pub nullable: bool,
     /// Generated columns cannot be written.
     pub generated: bool,
+    /// The column's default as SQL (`now()`, `'PENDING'::text`), if it has one: what a row
+    /// inserted without the column gets, spelled out where one statement inserts rows that set
+    /// different columns ([`super::merged_upsert`]).
+    pub default: Option<String>,
+    /// The column's value when an insert leaves it out comes from somewhere no expression in
+    /// the statement can stand for: an identity column's sequence, its domain type's default.
+    pub implicit_default: bool,
 }
 
 /// One table with its columns and unique keys.
@@ -73,6 +80,9 @@ pub struct Table {
     pub columns: HashMap<String, Column>,
     /// Column sets of the primary key and of every non-partial unique index.
     pub unique_keys: Vec<BTreeSet<String>>,
+    /// Columns named by `UPDATE OF` triggers: such a trigger fires when its column is assigned,
+    /// even to its own value, so these are never assigned on rows that did not set them.
+    pub trigger_columns: BTreeSet<String>,
 }
 
 /// The tables of the current schema.
@@ -193,13 +203,27 @@ impl Links {
 impl Catalog {
     /// Reads the catalogue of the connection's current schema.
     pub async fn load(pool: &PgPool) -> Result<Catalog> {
-        let columns: Vec<(String, String, String, String, i32, bool, bool)> = sqlx::query_as(
+        type ColumnRow = (
+            String,
+            String,
+            String,
+            String,
+            i32,
+            bool,
+            bool,
+            Option<String>,
+            bool,
+        );
+        let columns: Vec<ColumnRow> = sqlx::query_as(
             "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod),
-                    t.typname::text, a.atttypmod, NOT a.attnotnull, a.attgenerated <> ''
+                    t.typname::text, a.atttypmod, NOT a.attnotnull, a.attgenerated <> '',
+                    CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END,
+                    a.attidentity <> '' OR (d.adbin IS NULL AND t.typtype = 'd')
                FROM pg_attribute a
                JOIN pg_class c ON c.oid = a.attrelid
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_type t ON t.oid = a.atttypid
+               LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
               WHERE n.nspname = current_schema()
                 AND c.relkind IN ('r', 'p')
                 AND a.attnum > 0
@@ -225,8 +249,31 @@ impl Catalog {
         .await
         .context("cannot read the unique keys")?;
 
+        let trigger_columns: Vec<(String, String)> = sqlx::query_as(
+            "SELECT DISTINCT c.relname::text, a.attname::text
+               FROM pg_trigger g
+               JOIN pg_class c ON c.oid = g.tgrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (g.tgattr)
+              WHERE n.nspname = current_schema() AND NOT g.tgisinternal",
+        )
+        .fetch_all(pool)
+        .await
+        .context("cannot read the triggers' columns")?;
+
         let mut tables: HashMap<String, Table> = HashMap::new();
-        for (table, name, sql_type, type_name, type_mod, nullable, generated) in columns {
+        for (
+            table,
+            name,
+            sql_type,
+            type_name,
+            type_mod,
+            nullable,
+            generated,
+            default,
+            implicit_default,
+        ) in columns
+        {
             let kind = column_kind(&type_name, type_mod);
             tables
                 .entry(table.clone())
@@ -234,6 +281,7 @@ impl Catalog {
                     name: table,
                     columns: HashMap::new(),
                     unique_keys: Vec::new(),
+                    trigger_columns: BTreeSet::new(),
                 })
                 .columns
                 .insert(
@@ -244,8 +292,15 @@ impl Catalog {
                         kind,
                         nullable,
                         generated,
+                        default,
+                        implicit_default,
                     },
                 );
+        }
+        for (table, column) in trigger_columns {
+            if let Some(table) = tables.get_mut(&table) {
+                table.trigger_columns.insert(column);
+            }
         }
         for (table, columns) in keys {
             if let Some(table) = tables.get_mut(&table) {

@@ -687,6 +687,8 @@ mod tests {
             kind,
             nullable,
             generated: false,
+            default: None,
+            implicit_default: false,
         }
     }
 
@@ -744,6 +746,7 @@ mod tests {
                 .map(|c| (c.name.clone(), c))
                 .collect::<HashMap<_, _>>(),
             unique_keys: vec![BTreeSet::from(["id".to_string()])],
+            trigger_columns: BTreeSet::new(),
         };
         Catalog::from_tables(vec![
             table("media", media),

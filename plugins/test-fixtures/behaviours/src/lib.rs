@@ -27,9 +27,10 @@
 //! - `log`: log the `note` field as a warning, then like `ok`;
 //! - `big`: like `ok`, with an error text of `bytes` bytes (a large answer);
 //! - `commands`: the commands written in the `commands` field, a JSON list of
-//!   `{"insert": table, "values": {column: value}}`, `{"upsert": table, "key": {…}, "set": {…}}`
-//!   and `{"delete": table, "key": {…}}` (JSON numbers become integers or floats, strings text,
-//!   lists of numbers float arrays);
+//!   `{"insert": table, "values": {column: value}}`, `{"upsert": table, "key": {…}, "set": {…},
+//!   "append": {column: [text, …]}}` (`append` is `append-unique`) and
+//!   `{"delete": table, "key": {…}}` (JSON numbers become integers or floats, strings text,
+//!   lists of numbers float arrays, lists with a string text arrays);
 //! - `touch`: upsert `ml_processing_errors` keyed by (`touched`, `note`), setting `received_at`
 //!   to the contract's `now`.
 
@@ -212,6 +213,11 @@ fn written_commands(text: &str) -> Result<Vec<Command>, Failure> {
             },
             Json::String(s) => s.as_str().into(),
             Json::Bool(b) => (*b).into(),
+            Json::Array(items) if items.iter().any(Json::is_string) => items
+                .iter()
+                .map(|item| item.as_str().unwrap_or_default().to_string())
+                .collect::<Vec<String>>()
+                .into(),
             Json::Array(items) => items
                 .iter()
                 .map(|item| item.as_f64().unwrap_or_default())
@@ -241,6 +247,12 @@ fn written_commands(text: &str) -> Result<Vec<Command>, Failure> {
             }
             for (column, v) in pairs(command, "set") {
                 upsert = upsert.set(&column, v);
+            }
+            if let Some(appends) = command["append"].as_object() {
+                for (column, items) in appends {
+                    let items = items.as_array().into_iter().flatten();
+                    upsert = upsert.append_unique(column, items.filter_map(Json::as_str));
+                }
             }
             commands.push(upsert.into());
         } else if let Some(table) = command["delete"].as_str() {
