@@ -14,10 +14,11 @@
 //! each such column asks whether the row's key is among the keys of the rows that set it
 //! (`(EXCLUDED.key) IN (SELECT … FROM unnest($n))`, a hash PostgreSQL builds once per statement).
 
-use super::batch::{Array, Columns, key_columns_of, set_value};
+use super::batch::{key_columns_of, set_value};
 use super::execute::{ident, union};
 use super::plan::KeyedRow;
 use super::schema::Table;
+use super::statement_arrays::{Array, Columns};
 use super::validate::SetOp;
 use crate::plugin::wit;
 use std::borrow::Cow;

@@ -30,6 +30,7 @@ pub mod plugin_store;
 pub mod reprocess_runs;
 pub mod rollouts;
 pub mod schema;
+mod statement_arrays;
 pub mod validate;
 
 use crate::config::DatabaseTimeouts;
