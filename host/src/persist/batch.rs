@@ -1,11 +1,7 @@
-//! Runs a [`Plan`] as set-based SQL: one statement per stage and column shape, the rows passed
-//! as arrays and spread out with `unnest`.
-//!
-//! Every value is still a bound parameter: each column travels as one array whose element type
-//! is spelled out in the SQL (`$2::float8[]`), and is cast to the column's type in the statement,
-//! so statements prepared for one set of value types are never reused for another. Array values
-//! (a `text[]` or `real[]` column) travel as their text form, because PostgreSQL has no arrays of
-//! arrays of different lengths.
+//! Runs a [`Plan`] as set-based SQL: one statement per stage (per column shape where one
+//! statement cannot write the stage's rows: [`merged_upsert`]), the rows passed as arrays and
+//! spread out with `unnest` ([`super::statement_arrays`]), and takes the table locks that keep
+//! concurrent batches from waiting for each other in a cycle.
 
 use super::execute::{self, dedup, ident, union};
 use super::merged_upsert;
