@@ -21,6 +21,63 @@ pub(super) struct Drained {
     /// Entries per second over the first and the last tenth of the entries.
     pub(super) first_tenth: f64,
     pub(super) last_tenth: f64,
+    /// CPU per entry over the first and the last tenth (when it could be read).
+    pub(super) tenths_cpu: Option<TenthsCpu>,
+}
+
+/// The subject's own and PostgreSQL's CPU time per entry, in microseconds, over the first and
+/// the last tenth of a drain: whether a rate that falls over a long run is the subject's doing
+/// (its own CPU per entry grows) or the database's.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct TenthsCpu {
+    pub own_first: f64,
+    pub own_last: f64,
+    pub postgres_first: f64,
+    pub postgres_last: f64,
+}
+
+/// CPU seconds used so far by the subject and by every PostgreSQL process, with how many
+/// entries were done when they were read.
+#[derive(Clone, Copy)]
+struct CpuMark {
+    done: usize,
+    own: f64,
+    postgres: f64,
+}
+
+impl CpuMark {
+    fn read(done: usize, child: &Child) -> Option<CpuMark> {
+        Some(CpuMark {
+            done,
+            own: process::cpu_seconds(child)?,
+            postgres: process::ServerCpu::read().postgres,
+        })
+    }
+
+    /// Own and PostgreSQL CPU per entry from `self` to `later`, in microseconds.
+    fn per_entry_until(self, later: CpuMark) -> Option<(f64, f64)> {
+        let entries = later.done.checked_sub(self.done).filter(|n| *n > 0)? as f64;
+        Some((
+            (later.own - self.own) * 1e6 / entries,
+            (later.postgres - self.postgres) * 1e6 / entries,
+        ))
+    }
+}
+
+/// Own and PostgreSQL CPU per entry over the first and the last tenth, from the marks read at
+/// the first entry done, a tenth, nine tenths and the end.
+fn tenths_cpu(marks: &[Option<CpuMark>]) -> Option<TenthsCpu> {
+    let [Some(start), Some(tenth), Some(nine_tenths), Some(end)] = marks else {
+        return None;
+    };
+    let (own_first, postgres_first) = start.per_entry_until(*tenth)?;
+    let (own_last, postgres_last) = nine_tenths.per_entry_until(*end)?;
+    Some(TenthsCpu {
+        own_first,
+        own_last,
+        postgres_first,
+        postgres_last,
+    })
 }
 
 impl Drained {
@@ -42,6 +99,7 @@ impl Drained {
             first_to_last: (end - first).as_secs_f64(),
             first_tenth: rate(Some((first, 0)), reached(tenth)),
             last_tenth: rate(reached(total - tenth), samples.last().copied()),
+            tenths_cpu: None,
         }
     }
 }
@@ -123,12 +181,21 @@ pub(super) async fn drain(
     let mut samples = Vec::new();
     let label = format!("{:<13} {:<9}", subject.name(), "draining");
     let mut progress = Progress::new(&label, total as u64, "entries");
+    // CPU read when the first entry is done, at a tenth, at nine tenths and at the end.
+    let tenth = (total / 10).max(1);
+    let thresholds = [1, tenth, total.saturating_sub(tenth).max(1), total];
+    let mut marks = Vec::with_capacity(thresholds.len());
     loop {
         let done = acknowledged(redis, prefix, subject).await?;
         samples.push((Instant::now(), done));
+        while marks.len() < thresholds.len() && done >= thresholds[marks.len()] {
+            marks.push(CpuMark::read(done, child));
+        }
         if done >= total {
             progress.finish(done as u64, total as u64, "");
-            return Ok(Drained::from_samples(started, &samples, total));
+            let mut drained = Drained::from_samples(started, &samples, total);
+            drained.tenths_cpu = tenths_cpu(&marks);
+            return Ok(drained);
         }
         progress.update(done as u64, total as u64, "");
         if let Some(status) = child.try_wait()? {

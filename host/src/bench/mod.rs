@@ -130,6 +130,8 @@ pub struct Figures {
     /// Only when pre-loaded (offered at a rate, the rate decides).
     pub first_tenth_per_second: Option<f64>,
     pub last_tenth_per_second: Option<f64>,
+    /// CPU per entry over those tenths: whose the slowing is.
+    pub tenths_cpu_us_per_entry: Option<measure::TenthsCpu>,
     /// CPU time all PostgreSQL processes used while the subject drained, per entry: the
     /// database's share of the work, which a subject's own CPU figure does not show.
     pub postgres_cpu_us_per_entry: Option<f64>,
@@ -266,9 +268,16 @@ pub fn render(options: &BenchOptions, results: &[Figures]) -> String {
     for r in results {
         if let (Some(first), Some(last)) = (r.first_tenth_per_second, r.last_tenth_per_second) {
             out.push_str(&format!(
-                "{}: first tenth of the entries {first:.0}/s, last tenth {last:.0}/s\n",
+                "{}: first tenth of the entries {first:.0}/s, last tenth {last:.0}/s",
                 r.subject
             ));
+            if let Some(cpu) = r.tenths_cpu_us_per_entry {
+                out.push_str(&format!(
+                    " (CPU per entry, first → last tenth: own {:.0} → {:.0} µs, PostgreSQL {:.0} → {:.0} µs)",
+                    cpu.own_first, cpu.own_last, cpu.postgres_first, cpu.postgres_last
+                ));
+            }
+            out.push('\n');
         }
     }
     if let Some(host) = results.first() {
@@ -425,7 +434,7 @@ async fn run_subject(
         Some(at) => (at.elapsed().as_secs_f64(), None),
         None => (
             first_to_last,
-            Some((drained.first_tenth, drained.last_tenth)),
+            Some((drained.first_tenth, drained.last_tenth, drained.tenths_cpu)),
         ),
     };
     Ok(Figures {
@@ -447,6 +456,7 @@ async fn run_subject(
         deadlocks,
         first_tenth_per_second: tenths.map(|t| t.0),
         last_tenth_per_second: tenths.map(|t| t.1),
+        tenths_cpu_us_per_entry: tenths.and_then(|t| t.2),
         postgres_cpu_us_per_entry: Some(servers.postgres * 1e6 / data.len().max(1) as f64),
         redis_cpu_us_per_entry: Some(servers.redis * 1e6 / data.len().max(1) as f64),
         rounds: Vec::new(),

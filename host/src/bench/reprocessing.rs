@@ -185,6 +185,7 @@ async fn figures(
             deadlocks: 0,
             first_tenth_per_second: None,
             last_tenth_per_second: None,
+            tenths_cpu_us_per_entry: None,
             postgres_cpu_us_per_entry: None,
             redis_cpu_us_per_entry: None,
             reference: false,
