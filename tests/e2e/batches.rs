@@ -19,6 +19,22 @@ async fn transactions(env: &TestEnv, stream: &str) -> i64 {
     .unwrap()
 }
 
+/// That `stream`'s entries were committed by one batch, through its set-based statements (not
+/// entry by entry), and none was dead-lettered.
+async fn assert_one_set_based_batch(env: &TestEnv, stream: &str) {
+    let dead_letters = env.dead_letters().await;
+    assert!(dead_letters.is_empty(), "{dead_letters:?}");
+    assert_eq!(transactions(env, stream).await, 1, "one batch");
+    let entry_by_entry = env
+        .host()
+        .state()
+        .metrics
+        .batches_entry_by_entry
+        .get_or_create(&kaleidoscope::metrics::ByStream::new(stream))
+        .get();
+    assert_eq!(entry_by_entry, 0, "the set-based statements ran");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_key_many_times_in_a_batch_equals_applying_the_entries_in_order() {
     let env =
@@ -285,20 +301,7 @@ async fn float_arrays_in_one_batch_keep_each_rows_own_numbers() {
     env.publish_many("scripted", &entries).await;
     let env = env.with_host().await;
     env.await_drained("scripted").await;
-    assert!(
-        env.dead_letters().await.is_empty(),
-        "{:?}",
-        env.dead_letters().await
-    );
-    assert_eq!(transactions(&env, "scripted").await, 1, "one batch");
-    let entry_by_entry = env
-        .host()
-        .state()
-        .metrics
-        .batches_entry_by_entry
-        .get_or_create(&kaleidoscope::metrics::ByStream::new("scripted"))
-        .get();
-    assert_eq!(entry_by_entry, 0, "the set-based statements ran");
+    assert_one_set_based_batch(&env, "scripted").await;
     type Row = (i64, Option<Vec<f32>>, Option<Vec<f64>>);
     let rows: Vec<Row> = sqlx::query_as("SELECT id, v, w FROM vectors ORDER BY id")
         .fetch_all(&env.pool)
@@ -392,20 +395,7 @@ async fn rows_setting_different_columns_share_one_statement_and_the_table() {
     env.await_drained("scripted").await;
     other.rollback().await.expect("rollback");
 
-    assert!(
-        env.dead_letters().await.is_empty(),
-        "{:?}",
-        env.dead_letters().await
-    );
-    assert_eq!(transactions(&env, "scripted").await, 1, "one batch");
-    let entry_by_entry = env
-        .host()
-        .state()
-        .metrics
-        .batches_entry_by_entry
-        .get_or_create(&kaleidoscope::metrics::ByStream::new("scripted"))
-        .get();
-    assert_eq!(entry_by_entry, 0, "the set-based statement ran");
+    assert_one_set_based_batch(&env, "scripted").await;
     type Row = (
         i64,
         Option<String>,

@@ -338,11 +338,7 @@ fn upsert_sql(table: &str, key_columns: &[String], rows: &[&KeyedRow<'_>]) -> (S
         .map(|(_, read)| read.as_str())
         .chain(sets.iter().map(|(_, read)| read.as_str()))
         .collect();
-    let conflict = key_columns
-        .iter()
-        .map(|c| ident(c))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let conflict = column_list(key_columns);
     let action = execute::conflict_action(sets.iter().map(|(set, _)| *set));
     let sql = format!(
         "INSERT INTO {} AS target ({}) SELECT {} FROM {} ON CONFLICT ({conflict}) {action}",
@@ -352,6 +348,15 @@ fn upsert_sql(table: &str, key_columns: &[String], rows: &[&KeyedRow<'_>]) -> (S
         columns.unnest(false),
     );
     (sql, columns.into_params())
+}
+
+/// `"a", "b"`: quoted column names, for a column list or a conflict target.
+pub(super) fn column_list(columns: &[String]) -> String {
+    columns
+        .iter()
+        .map(|c| ident(c))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn update_sql(

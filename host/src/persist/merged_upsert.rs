@@ -14,7 +14,7 @@
 //! each such column asks whether the row's key is among the keys of the rows that set it
 //! (`(EXCLUDED.key) IN (SELECT … FROM unnest($n))`, a hash PostgreSQL builds once per statement).
 
-use super::batch::{key_columns_of, set_value};
+use super::batch::{column_list, key_columns_of, set_value};
 use super::execute::{ident, union};
 use super::plan::KeyedRow;
 use super::schema::Table;
@@ -60,8 +60,8 @@ fn column_uses<'r>(rows: &[&'r KeyedRow<'_>]) -> BTreeMap<&'r str, ColumnUse<'r>
 
 /// Whether one statement can write `rows` on `table` as their own statements would: every
 /// column that some rows leave out has a default an expression can stand for (not an identity
-/// column nor a domain's default) and no `UPDATE OF` trigger (which would fire on the rows that leave it out, as the
-/// statement assigns them their own value).
+/// column nor a domain's default) and no `UPDATE OF` trigger (which would fire on the rows that
+/// leave it out, as the statement assigns them their own value).
 pub(super) fn possible(table: Option<&Table>, rows: &[&KeyedRow<'_>]) -> bool {
     let Some(table) = table else {
         return false;
@@ -178,11 +178,7 @@ pub(super) fn upsert_sql(
             format!("{name} = {value}")
         })
         .collect();
-    let conflict = key_columns
-        .iter()
-        .map(|c| ident(c))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let conflict = column_list(key_columns);
     let sql = format!(
         "INSERT INTO {} AS target ({}) SELECT {} FROM {} ON CONFLICT ({conflict}) DO UPDATE SET {}",
         ident(&table.name),
