@@ -281,6 +281,36 @@ pub async fn touch<C: ConnectionLike>(
     Ok(())
 }
 
+/// Hands entries back to the group: they stay pending with `consumer`, but as idle as `idle`
+/// (the reclaim time), so the next reclaim of any consumer of the group takes them.
+/// `XCLAIM … IDLE … JUSTID`: the delivery count is unchanged, as nothing was delivered to a
+/// handler.
+pub async fn hand_back<C: ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    group: &str,
+    consumer: &str,
+    ids: &[String],
+    idle: std::time::Duration,
+) -> Result<(), StreamError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let _: Value = redis::cmd("XCLAIM")
+        .arg(key)
+        .arg(group)
+        .arg(consumer)
+        .arg(0)
+        .arg(ids)
+        .arg("IDLE")
+        .arg(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX))
+        .arg("JUSTID")
+        .query_async(conn)
+        .await
+        .map_err(|e| StreamError::from_redis(e, key))?;
+    Ok(())
+}
+
 /// What one XAUTOCLAIM round returned.
 pub struct Claimed {
     /// Where the next round starts; `0-0` when the scan is complete.

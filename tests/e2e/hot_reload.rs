@@ -661,3 +661,58 @@ async fn plugin_deploy_names_stale_hosts_and_fails_when_no_live_host_answers() {
     assert!(text.contains("no live host"), "{text}");
     env.finish().await;
 }
+
+/// An entry that a consumer's last read takes after the stream's plugin has left the host (a
+/// read is never cut short, so this happens whenever an entry arrives as a plugin is removed) is
+/// handed back at once: still pending, but as idle as the reclaim time and with its delivery
+/// count unchanged, so a host that serves the stream reclaims it at its next pass instead of
+/// after the whole idle time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_read_after_its_plugin_left_is_handed_back_for_reclaim_at_once() {
+    const IDLE_MS: i64 = 60_000;
+    // A long poll, so that the consumer's read is still waiting when the plugin leaves.
+    let env = TestEnv::start(
+        Options::new(&["scripted"])
+            .set("KALEIDOSCOPE_POLL_TIMEOUT_MS", 30_000)
+            .set("KALEIDOSCOPE_RECLAIM_IDLE_MS", IDLE_MS),
+    )
+    .await;
+    let reader = format!("name=kaleidoscope:{}:scripted ", env.config.consumer_name);
+    eventually("the scripted consumer's read to wait", || async {
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut env.redis.clone())
+            .await
+            .expect("CLIENT LIST");
+        clients
+            .lines()
+            .any(|c| c.contains(&reader) && c.contains("cmd=xreadgroup"))
+            .then_some(())
+    })
+    .await;
+    std::fs::remove_file(env.plugins_dir.join("scripted.wasm")).expect("remove the plugin");
+    env.host().reload_plugins().await.expect("reload");
+    assert_eq!(env.serving("scripted"), None);
+
+    let entry = env.publish("scripted", &[("action", "ok")]).await;
+    let (consumer, deliveries) = eventually("the entry to be handed back", || async {
+        let pending: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
+            .arg(env.key("scripted"))
+            .arg(&env.config.consumer_group)
+            .arg("-")
+            .arg("+")
+            .arg(10)
+            .query_async(&mut env.redis.clone())
+            .await
+            .expect("XPENDING");
+        pending
+            .into_iter()
+            .find(|(id, _, idle, _)| *id == entry && *idle >= IDLE_MS)
+            .map(|(_, consumer, _, deliveries)| (consumer, deliveries))
+    })
+    .await;
+    assert_eq!(consumer, env.config.consumer_name);
+    assert_eq!(deliveries, 1, "handing back is not a delivery");
+    assert_eq!(env.ledger_count("scripted").await, 0, "nothing ran it");
+    env.finish().await;
+}

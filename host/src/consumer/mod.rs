@@ -369,6 +369,7 @@ fn start_batch(
     };
     finishing.spawn(async move {
         let count = entries.len();
+        let mut unserved = false;
         match state.prepare(&stream, entries).await {
             Ok(Some(mut batch)) => loop {
                 let finished = finish_until_done(&state, &mut batch, stop.clone()).await;
@@ -385,7 +386,8 @@ fn start_batch(
                     break;
                 }
             },
-            Ok(None) => {}
+            // No plugin handles the stream any more: it left after the read took the entries.
+            Ok(None) => unserved = true,
             // Nothing was written or acknowledged: the entries stay pending and are reclaimed
             // after the idle time.
             Err(error) => {
@@ -402,9 +404,43 @@ fn start_batch(
                 );
             }
         }
+        let unserved = unserved.then(|| entries_in_flight.ids.clone());
+        // No longer kept fresh from here on, so the idle time of a hand-back stands.
         drop(entries_in_flight);
+        if let Some(ids) = unserved {
+            hand_back(&state, &stream, &ids).await;
+        }
         drop(permit);
     });
+}
+
+/// Hands back entries read for a stream whose plugin has left this host since, so that a host
+/// that serves the stream reclaims them at its next pass, not after the reclaim idle time (which
+/// they would otherwise wait out, pending with a consumer that no longer reads the stream).
+async fn hand_back(state: &HostState, stream: &str, ids: &[String]) {
+    let config = &state.config;
+    let mut redis = state.redis.clone();
+    match streams::hand_back(
+        &mut redis,
+        &config.stream_key(stream),
+        &config.consumer_group,
+        &config.consumer_name,
+        ids,
+        config.reclaim_idle,
+    )
+    .await
+    {
+        Ok(()) => info!(
+            stream,
+            entries = ids.len(),
+            "no plugin handles this stream any more; handed its entries back for a host that does"
+        ),
+        Err(error) => warn!(
+            stream,
+            entries = ids.len(),
+            "no plugin handles this stream any more, and its entries could not be handed back; they are reclaimed after the idle time: {error}"
+        ),
+    }
 }
 
 /// Reclaims every entry idle for longer than the reclaim time and runs it through the protocol.

@@ -294,7 +294,7 @@ impl HostState {
 
     /// The first half of the protocol, which needs no database: triage, then the handlers and
     /// the validation of their commands. `None` when no plugin handles the stream (any more);
-    /// the entries then stay pending for when one does.
+    /// the entries then stay pending, for the caller to hand back to a host that serves it.
     ///
     /// Separate from [`HostState::finish`] so that a consumer can prepare the next batch while
     /// the previous one commits.
@@ -307,7 +307,7 @@ impl HostState {
             warn!(
                 stream,
                 count = entries.len(),
-                "no plugin handles this stream any more; entries stay pending"
+                "no plugin handles this stream any more; its entries stay pending"
             );
             return Ok(None);
         };
