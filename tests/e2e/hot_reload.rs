@@ -670,23 +670,32 @@ async fn plugin_deploy_names_stale_hosts_and_fails_when_no_live_host_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_read_after_its_plugin_left_is_handed_back_for_reclaim_at_once() {
     const IDLE_MS: i64 = 60_000;
-    // A long poll, so that the consumer's read is still waiting when the plugin leaves.
+    // `scripted` serves two streams. A long poll, so that each consumer's read is still waiting
+    // when the plugin leaves (an entry on each ends both reads, and the host stops at once).
+    let streams = ["scripted", "scripted-2"];
     let env = TestEnv::start(
         Options::new(&["scripted"])
             .set("KALEIDOSCOPE_POLL_TIMEOUT_MS", 30_000)
             .set("KALEIDOSCOPE_RECLAIM_IDLE_MS", IDLE_MS),
     )
     .await;
-    let reader = format!("name=kaleidoscope:{}:scripted ", env.config.consumer_name);
-    eventually("the scripted consumer's read to wait", || async {
+    let readers: Vec<String> = streams
+        .iter()
+        .map(|s| format!("name=kaleidoscope:{}:{s} ", env.config.consumer_name))
+        .collect();
+    eventually("both consumers' reads to wait", || async {
         let clients: String = redis::cmd("CLIENT")
             .arg("LIST")
             .query_async(&mut env.redis.clone())
             .await
             .expect("CLIENT LIST");
-        clients
-            .lines()
-            .any(|c| c.contains(&reader) && c.contains("cmd=xreadgroup"))
+        readers
+            .iter()
+            .all(|reader| {
+                clients
+                    .lines()
+                    .any(|c| c.contains(reader.as_str()) && c.contains("cmd=xreadgroup"))
+            })
             .then_some(())
     })
     .await;
@@ -694,25 +703,31 @@ async fn an_entry_read_after_its_plugin_left_is_handed_back_for_reclaim_at_once(
     env.host().reload_plugins().await.expect("reload");
     assert_eq!(env.serving("scripted"), None);
 
-    let entry = env.publish("scripted", &[("action", "ok")]).await;
-    let (consumer, deliveries) = eventually("the entry to be handed back", || async {
-        let pending: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
-            .arg(env.key("scripted"))
-            .arg(&env.config.consumer_group)
-            .arg("-")
-            .arg("+")
-            .arg(10)
-            .query_async(&mut env.redis.clone())
-            .await
-            .expect("XPENDING");
-        pending
-            .into_iter()
-            .find(|(id, _, idle, _)| *id == entry && *idle >= IDLE_MS)
-            .map(|(_, consumer, _, deliveries)| (consumer, deliveries))
-    })
-    .await;
-    assert_eq!(consumer, env.config.consumer_name);
-    assert_eq!(deliveries, 1, "handing back is not a delivery");
-    assert_eq!(env.ledger_count("scripted").await, 0, "nothing ran it");
+    for stream in streams {
+        let entry = env.publish(stream, &[("action", "ok")]).await;
+        let (consumer, deliveries) = eventually("the entry to be handed back", || async {
+            let pending: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
+                .arg(env.key(stream))
+                .arg(&env.config.consumer_group)
+                .arg("-")
+                .arg("+")
+                .arg(10)
+                .query_async(&mut env.redis.clone())
+                .await
+                .expect("XPENDING");
+            pending
+                .into_iter()
+                .find(|(id, _, idle, _)| *id == entry && *idle >= IDLE_MS)
+                .map(|(_, consumer, _, deliveries)| (consumer, deliveries))
+        })
+        .await;
+        assert_eq!(consumer, env.config.consumer_name, "{stream}");
+        assert_eq!(deliveries, 1, "{stream}: handing back is not a delivery");
+        assert_eq!(
+            env.ledger_count(stream).await,
+            0,
+            "{stream}: nothing ran it"
+        );
+    }
     env.finish().await;
 }
