@@ -255,37 +255,13 @@ fn parse_read_reply(reply: Value) -> Result<Vec<(String, StreamEntry)>, StreamEr
     Ok(entries)
 }
 
-/// Resets the idle time of entries this consumer is still working on (`XCLAIM ... JUSTID`, which
-/// leaves their delivery counts alone), so that no reclaim — this host's or another's — takes
-/// them over while a long batch is still committing.
-pub async fn touch<C: ConnectionLike>(
-    conn: &mut C,
-    key: &str,
-    group: &str,
-    consumer: &str,
-    ids: &[String],
-) -> Result<(), StreamError> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let _: Value = redis::cmd("XCLAIM")
-        .arg(key)
-        .arg(group)
-        .arg(consumer)
-        .arg(0)
-        .arg(ids)
-        .arg("JUSTID")
-        .query_async(conn)
-        .await
-        .map_err(|e| StreamError::from_redis(e, key))?;
-    Ok(())
-}
-
-/// Hands entries back to the group: they stay pending with `consumer`, but as idle as `idle`
-/// (the reclaim time), so the next reclaim of any consumer of the group takes them.
-/// `XCLAIM … IDLE … JUSTID`: the delivery count is unchanged, as nothing was delivered to a
-/// handler.
-pub async fn hand_back<C: ConnectionLike>(
+/// Sets the idle time of entries pending with `consumer` (`XCLAIM … IDLE … JUSTID`, which leaves
+/// their delivery counts alone). Two uses: zero, for entries this consumer is still working on,
+/// so that no reclaim — this host's or another's — takes them over while a long batch is still
+/// committing; the reclaim idle time, to hand entries back that this host cannot run (their
+/// stream's plugin left it after the read), so that the next reclaim of a consumer that serves
+/// the stream takes them.
+pub async fn set_idle<C: ConnectionLike>(
     conn: &mut C,
     key: &str,
     group: &str,

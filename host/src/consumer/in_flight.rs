@@ -26,12 +26,13 @@ pub(super) async fn keep_in_flight_fresh(
         if mine.is_empty() {
             continue;
         }
-        if let Err(error) = streams::touch(
+        if let Err(error) = streams::set_idle(
             &mut redis,
             &key,
             &config.consumer_group,
             &config.consumer_name,
             &mine,
+            Duration::ZERO,
         )
         .await
         {

@@ -420,7 +420,7 @@ fn start_batch(
 async fn hand_back(state: &HostState, stream: &str, ids: &[String]) {
     let config = &state.config;
     let mut redis = state.redis.clone();
-    match streams::hand_back(
+    match streams::set_idle(
         &mut redis,
         &config.stream_key(stream),
         &config.consumer_group,
