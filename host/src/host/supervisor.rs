@@ -53,6 +53,13 @@ impl Supervisor {
     /// the operator's new migrations applied first, so a plugin, its grant and its table can
     /// arrive together.
     pub(super) async fn reload(&self) -> Result<()> {
+        self.reload_given_up(&[]).await
+    }
+
+    /// [`Self::reload`], where the fleet's plugin store took the plugins of `given_up` streams
+    /// back on purpose: those the new set no longer serves are forgotten as consumed just before
+    /// it is swapped in, so readiness never shows them as lost, not even between the two.
+    async fn reload_given_up(&self, given_up: &[String]) -> Result<()> {
         let _one_at_a_time = self.reloading.lock().await;
         self.state.reload_policies();
         self.state.apply_operator_migrations().await;
@@ -82,6 +89,11 @@ impl Supervisor {
         });
         for failure in new_failures {
             count_load_failure(&self.state, failure);
+        }
+        for stream in given_up {
+            if next.for_stream(stream).is_none() {
+                self.state.forget_consumed(stream);
+            }
         }
         self.state.registry.replace(next);
         self.state.warn_unmatched_plugin_sections();
@@ -168,17 +180,10 @@ impl Supervisor {
         let mut heartbeat_due = false;
         match self.store.sync(&self.state.pool, &serving).await {
             Ok(synced) if !synced.changed => {}
+            // The reload writes the heartbeat, with the streams given up on purpose forgotten.
             Ok(synced) => {
-                if let Err(error) = self.reload().await {
+                if let Err(error) = self.reload_given_up(&synced.removed_streams).await {
                     error!("reloading plugins failed: {}", crate::text::causes(&error));
-                }
-                // After the reload, which wrote the heartbeat: written again only when a stream
-                // given up on purpose changed readiness.
-                let now = self.state.registry.snapshot();
-                for stream in &synced.removed_streams {
-                    if now.for_stream(stream).is_none() {
-                        heartbeat_due |= self.state.forget_consumed(stream);
-                    }
                 }
             }
             Err(error) => tracing::warn!(
