@@ -177,7 +177,6 @@ impl Supervisor {
     /// rollouts (after the reload, so a promoted candidate is live before its rollout is let go).
     pub(super) async fn sync_store(&self) {
         let serving = self.state.registry.snapshot();
-        let mut heartbeat_due = false;
         match self.store.sync(&self.state.pool, &serving).await {
             Ok(synced) if !synced.changed => {}
             // The reload writes the heartbeat, with the streams given up on purpose forgotten.
@@ -191,8 +190,7 @@ impl Supervisor {
                 crate::text::causes(&error)
             ),
         }
-        heartbeat_due |= self.sync_rollouts().await;
-        if heartbeat_due {
+        if self.sync_rollouts().await {
             self.write_heartbeat().await;
         }
     }
